@@ -1,0 +1,254 @@
+"""The CPU tier: the public Gradio UI and API, thin wiring over session/ and the transport.
+
+Every request is resolved to an identity (API key, session cookie, address),
+validated, checked against the client's in-flight cap, and forwarded with a
+freshly minted identity token and the caller's ``x-ip-token``, as per-call
+headers. The handlers are async generators with no concurrency limit, so the
+frontend has no first-in-first-out stage, and a caller who goes away closes
+the stream to the GPU tier, which drops the queued job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import httpx
+from fastapi import FastAPI
+from gradio import processing_utils, utils as gr_utils
+from starlette.middleware.cors import CORSMiddleware
+
+from session import ApiKeyring, Identity, IdentityResolver, IdentityTokens, SessionCookieMiddleware, SessionCookies
+from shared.errors import SplitspaceError
+from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
+from shared.quota_watch import QuotaWatcher
+from shared.schema import validate_request
+from shared.settings import Settings
+
+from .backends import BackendPool
+from .limits import InflightCaps
+from .transport import Transport
+
+log = logging.getLogger("splitspace.frontend")
+
+FALLBACK_DEFAULTS = {"steps": 4, "guidance_scale": 0.0}
+TINY_NOTE = (
+    "**Note:** this deployment serves `{model}`, a placeholder model with random weights: "
+    "its images are noise. Set `SPLITSPACE_MODEL` (e.g. `stabilityai/sd-turbo`) for real images."
+)
+
+
+def to_gradio_error(exc: SplitspaceError) -> gr.Error:
+    return gr.Error(exc.user_text(), title=exc.title, print_exception=False)
+
+
+def build_transports(settings: Settings) -> list[Transport]:
+    urls = settings.backend_urls
+    if settings.transport == "gradio_client":
+        from .gradio_client_transport import GradioClientTransport
+
+        return [GradioClientTransport(u, timeout_s=settings.backend_timeout_s) for u in urls]
+    from .httpx_transport import HttpxTransport
+
+    return [HttpxTransport(u, timeout_s=settings.backend_timeout_s) for u in urls]
+
+
+class Frontend:
+    """Everything the CPU tier holds, built once from settings."""
+
+    def __init__(self, settings: Settings, transports: list[Transport] | None = None) -> None:
+        if not settings.secrets:
+            raise ValueError("SPLITSPACE_SECRET is required (the tiers' shared secret)")
+        self.settings = settings
+        self.tokens = IdentityTokens(settings.secrets)
+        self.cookies = SessionCookies(settings.secrets)
+        self.watcher = QuotaWatcher(settings.quotas, on_change=self._on_quotas)
+        self.resolver = IdentityResolver(
+            cookies=self.cookies,
+            keyring=ApiKeyring(self.watcher.current.keys),
+            trusted_proxies=settings.trusted_proxies,
+        )
+        self.caps = InflightCaps(lambda: self.watcher.current)
+        self.pool = BackendPool(transports or build_transports(settings))
+        self.cache_dir = gr_utils.get_upload_folder()
+
+    def _on_quotas(self, config: Any) -> None:
+        self.resolver.keyring = ApiKeyring(config.keys)
+
+    def identity(self, request: gr.Request | None) -> Identity:
+        if request is None:
+            raise SplitspaceError("no request context", title="Error")
+        peer = request.client.host if request.client else None
+        return self.resolver.resolve(request.headers, request.cookies, peer)
+
+    def forward_headers(self, identity: Identity, request: gr.Request) -> dict[str, str]:
+        headers = {IDENTITY_HEADER: self.tokens.mint(identity)}
+        ip_token = request.headers.get(IP_TOKEN_HEADER)
+        if ip_token:
+            headers[IP_TOKEN_HEADER] = ip_token
+        return headers
+
+    def save_image(self, png_b64: str) -> str:
+        return processing_utils.save_bytes_to_cache(base64.b64decode(png_b64), "image.png", self.cache_dir)
+
+    def model_info(self) -> dict[str, Any]:
+        """The GPU tier's model and defaults, for building the UI (blocking, once at start)."""
+        for url in self.settings.backend_urls:
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                return httpx.get(f"{url}/health", timeout=3.0).raise_for_status().json()
+        log.warning("no GPU tier answered at start; the UI uses generic defaults")
+        return {}
+
+
+def build_blocks(fe: Frontend) -> gr.Blocks:
+    info = fe.model_info()
+    defaults = info.get("defaults") or FALLBACK_DEFAULTS
+    limits = fe.settings.limits
+
+    async def generate(
+        prompt: str,
+        negative_prompt: str = "",
+        width: int = 512,
+        height: int = 512,
+        steps: int = defaults["steps"],
+        guidance_scale: float = defaults["guidance_scale"],
+        seed: int = -1,
+        request: gr.Request = None,  # type: ignore[assignment]
+        progress: gr.Progress = gr.Progress(),
+    ) -> AsyncIterator[tuple[str | None, dict]]:
+        try:
+            identity = fe.identity(request)
+            req = validate_request(
+                prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
+                steps=steps, guidance_scale=guidance_scale, seed=seed, limits=limits,
+            )
+            with fe.caps.hold(identity):
+                data = [req.prompt, req.negative_prompt, req.width, req.height, req.steps,
+                        req.guidance_scale, req.seed]
+                async for update in fe.pool.stream("infer", data, fe.forward_headers(identity, request)):
+                    if update.get("status") == "done":
+                        yield fe.save_image(update["image_png_b64"]), update["info"]
+                        return
+                    if update.get("status") == "queued":
+                        progress(0.0, desc=f"position {update['position']}, about {update['eta_s']:.0f} s")
+                    else:
+                        progress(0.5, desc="generating")
+                    yield None, update
+        except SplitspaceError as exc:
+            raise to_gradio_error(exc) from None
+
+    async def quota(request: gr.Request = None) -> dict:  # type: ignore[assignment]
+        try:
+            identity = fe.identity(request)
+            headers = fe.forward_headers(identity, request)
+            result: dict[str, Any] = {}
+            async for update in fe.pool.stream("standing", [], headers):
+                result = update
+            result["in_flight_here"] = fe.caps.count(identity)
+            return result
+        except SplitspaceError as exc:
+            raise to_gradio_error(exc) from None
+
+    model = info.get("model", "unknown")
+    with gr.Blocks(title="splitspace", delete_cache=(3600, 3600)) as blocks:
+        gr.Markdown(f"# splitspace\nText to image on a shared GPU, scheduled fairly per client. Model: `{model}`.")
+        if info.get("placeholder_model"):
+            gr.Markdown(TINY_NOTE.format(model=model))
+        with gr.Row():
+            with gr.Column():
+                prompt = gr.Textbox(label="Prompt", max_length=limits.prompt_max_chars, lines=2)
+                with gr.Accordion("Advanced settings", open=False):
+                    negative = gr.Textbox(label="Negative prompt", max_length=limits.negative_prompt_max_chars)
+                    with gr.Row():
+                        width = gr.Slider(limits.min_side, limits.max_side, 512, step=limits.side_multiple, label="Width")
+                        height = gr.Slider(limits.min_side, limits.max_side, 512, step=limits.side_multiple, label="Height")
+                    steps = gr.Slider(limits.min_steps, limits.max_steps, defaults["steps"], step=1, label="Steps")
+                    guidance = gr.Slider(limits.min_guidance, limits.max_guidance, defaults["guidance_scale"], step=0.5, label="Guidance scale")
+                    seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
+                run = gr.Button("Generate", variant="primary")
+            with gr.Column():
+                image = gr.Image(label="Image", type="filepath", format="png", interactive=False)
+                info_box = gr.JSON(label="Info")
+                with gr.Accordion("Your quota", open=False):
+                    quota_box = gr.JSON(label="Quota")
+                    refresh = gr.Button("Refresh quota")
+        inputs = [prompt, negative, width, height, steps, guidance, seed]
+        run.click(generate, inputs, [image, info_box], api_name="generate", concurrency_limit=None)
+        prompt.submit(generate, inputs, [image, info_box], api_visibility="private", concurrency_limit=None)
+        refresh.click(quota, None, quota_box, api_name="quota", concurrency_limit=None)
+    return blocks
+
+
+def build_app(settings: Settings | None = None, transports: list[Transport] | None = None) -> FastAPI:
+    settings = settings or Settings()
+    fe = Frontend(settings, transports)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async def watch() -> None:
+            while True:
+                await asyncio.sleep(1.0)
+                fe.watcher.check()
+
+        task = asyncio.create_task(watch())
+        await fe.pool.start()
+        try:
+            yield
+        finally:
+            task.cancel()
+            await fe.pool.aclose()
+
+    app = FastAPI(lifespan=lifespan)
+    app.state.frontend = fe
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "backends": [
+                {"url": b.transport.base_url, "healthy": b.healthy, "outstanding": b.outstanding}
+                for b in fe.pool.backends
+            ],
+        }
+
+    blocks = build_blocks(fe)
+    blocks.max_threads = settings.max_threads
+    blocks.queue(default_concurrency_limit=None)
+    app = gr.mount_gradio_app(app, blocks, path="", ssr_mode=False, show_error=True)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origin_list,
+        allow_credentials=True,
+        allow_methods=["GET", "POST"],
+        allow_headers=["*"],
+    )
+    app.add_middleware(
+        SessionCookieMiddleware,
+        cookies=fe.cookies,
+        secure=settings.cookie_secure,
+        trust_forwarded_proto=settings.trusted_proxies > 0,
+    )
+    return app
+
+
+def create_app() -> FastAPI:
+    """App factory for uvicorn (``--reload`` needs an import string): settings from the environment."""
+    return build_app(Settings())
+
+
+def serve(host: str, port: int, *, reload: bool = False) -> None:
+    """Run this tier with uvicorn; settings come from the environment (``SPLITSPACE_*``)."""
+    import uvicorn
+
+    uvicorn.run(
+        f"{__name__}:create_app", factory=True, host=host, port=port, log_level="warning",
+        timeout_graceful_shutdown=2, reload=reload,
+        reload_dirs=[str(Path(__file__).resolve().parent.parent)] if reload else None,
+        reload_includes=["*.py"] if reload else None,
+    )

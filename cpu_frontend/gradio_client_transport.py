@@ -1,0 +1,97 @@
+"""The stock transport: one shared ``gradio_client.Client`` (the design card's path).
+
+Kept supported and tested because it is what most two-tier Spaces use. Per
+user values (the identity token, ``x-ip-token``) go in each call's
+``headers=``, never in the Client's constructor, whose headers would win
+over them (ANCHORS.md section 3). The client is built from the URL, never a
+Space id, so it never stores one user's ``x-ip-token`` for everyone.
+It is thread based: each call waits in a worker thread and is polled here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+
+from shared.errors import BackendUnavailable, SplitspaceError
+
+from .transport import NotStarted, Transport, error_from_backend
+
+POLL_S = 0.02
+
+
+class GradioClientTransport(Transport):
+    def __init__(self, base_url: str, *, timeout_s: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self._client: Client | None = None
+        self._lock = threading.Lock()
+
+    def _get_client(self) -> Client:
+        with self._lock:
+            if self._client is None:
+                try:
+                    self._client = Client(
+                        self.base_url + "/", verbose=False, download_files=False,
+                        analytics_enabled=False, httpx_kwargs={"timeout": self.timeout_s},
+                    )
+                except Exception as exc:  # connection refused, bad config ...
+                    raise NotStarted(f"cannot reach the GPU tier: {type(exc).__name__}") from exc
+            return self._client
+
+    async def health(self) -> dict[str, Any]:
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout_s) as c:
+                r = await c.get(f"{self.base_url}/health")
+                r.raise_for_status()
+                return r.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            raise BackendUnavailable(f"{self.base_url} did not answer its health check") from exc
+
+    async def stream(
+        self, api_name: str, data: list[Any], headers: dict[str, str]
+    ) -> AsyncIterator[dict[str, Any]]:
+        client = await asyncio.to_thread(self._get_client)
+        try:
+            job = await asyncio.to_thread(client.submit, *data, api_name=f"/{api_name}", headers=headers)
+        except Exception as exc:
+            raise NotStarted(f"cannot reach the GPU tier: {type(exc).__name__}") from exc
+        seen = 0
+        finished = False
+        loop = asyncio.get_running_loop()
+        last_news = loop.time()
+        try:
+            while True:
+                done = job.done()
+                outputs = job.outputs()
+                for out in outputs[seen:]:
+                    if isinstance(out, dict) and out.get("status") != "done":
+                        yield out
+                if len(outputs) > seen:
+                    seen, last_news = len(outputs), loop.time()
+                if done:
+                    break
+                if loop.time() - last_news > self.timeout_s:  # the GPU tier went silent
+                    raise BackendUnavailable(f"no word from the GPU tier for {self.timeout_s:g} s")
+                await asyncio.sleep(POLL_S)
+            try:
+                result = await asyncio.to_thread(job.result, self.timeout_s)
+            except AppError as exc:
+                raise error_from_backend(exc.message) from None
+            except SplitspaceError:
+                raise
+            except Exception as exc:
+                raise BackendUnavailable(f"lost the GPU tier mid-request: {type(exc).__name__}") from exc
+            finished = True
+            if not isinstance(result, dict) or result.get("status") != "done":
+                raise BackendUnavailable("the GPU tier cancelled the request")
+            yield result
+        finally:
+            if not finished and not job.done():
+                await asyncio.to_thread(job.cancel)

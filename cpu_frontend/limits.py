@@ -1,0 +1,51 @@
+"""The frontend's early per-client cap on requests in flight.
+
+No first-in-first-out stage may hold one client behind another's backlog,
+so the forwarding handler admits many requests at once; this cap refuses a
+client that already has ``max_running + max_queued`` requests in flight
+before anything is forwarded. Anonymous sessions share their address's cap,
+like at the GPU tier, so minting cookies mints no room.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from session.identity import Identity
+from shared.errors import QUEUE_FULL, Throttled
+from shared.quotas import QuotaConfig
+
+
+def subject_of(identity: Identity) -> str:
+    return identity.client_id if identity.kind == "key" else f"addr:{identity.address}"
+
+
+class InflightCaps:
+    def __init__(self, config: Callable[[], QuotaConfig]) -> None:
+        self._config = config
+        self._inflight: Counter[str] = Counter()
+
+    def count(self, identity: Identity) -> int:
+        return self._inflight[subject_of(identity)]
+
+    @contextmanager
+    def hold(self, identity: Identity) -> Iterator[None]:
+        subject = subject_of(identity)
+        limits = self._config().limits_for(identity.client_id, identity.tier)
+        cap = limits.max_running + limits.max_queued
+        if self._inflight[subject] >= cap:
+            raise Throttled(
+                QUEUE_FULL,
+                f"{self._inflight[subject]} requests already in flight "
+                f"(max_running + max_queued = {cap})",
+                1.0,
+            )
+        self._inflight[subject] += 1
+        try:
+            yield
+        finally:
+            self._inflight[subject] -= 1
+            if not self._inflight[subject]:
+                del self._inflight[subject]

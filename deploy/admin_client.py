@@ -1,0 +1,82 @@
+"""The client side of the admin API, for ``splitspace quota``.
+
+Talks to the GPU tier at ``SPLITSPACE_BACKEND_URL`` (the first URL) with
+``SPLITSPACE_ADMIN_TOKEN``; renders answers as rich tables. Errors become
+one clear line, never a traceback, and never echo the token.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+COLUMNS = ("client", "tier", "queued", "running", "used", "remaining", "resets_in_s", "overrides")
+
+
+class AdminClient:
+    def __init__(self, base_url: str, token: str, timeout_s: float = 10.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(timeout=timeout_s, headers={"authorization": f"Bearer {token}"})
+
+    @classmethod
+    def from_env(cls) -> "AdminClient":
+        url = (os.environ.get("SPLITSPACE_BACKEND_URL") or "http://127.0.0.1:7861").split(",")[0].strip()
+        token = os.environ.get("SPLITSPACE_ADMIN_TOKEN")
+        if not token:
+            raise typer.BadParameter("set SPLITSPACE_ADMIN_TOKEN to the GPU tier's admin token")
+        return cls(url, token)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            r = self._http.request(method, f"{self.base_url}/admin{path}", **kwargs)
+        except httpx.HTTPError as exc:
+            raise typer.BadParameter(f"cannot reach the GPU tier at {self.base_url}: {type(exc).__name__}") from None
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise typer.BadParameter(f"HTTP {r.status_code}: {detail}")
+        return r.json()
+
+    def list(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/clients")
+
+    def show(self, client: str) -> dict[str, Any]:
+        return self._call("GET", f"/clients/{quote(client, safe=':')}")
+
+    def set(self, client: str, values: dict[str, Any]) -> dict[str, Any]:
+        return self._call("PUT", f"/clients/{quote(client, safe=':')}", json=values)
+
+    def clear(self, client: str) -> dict[str, Any]:
+        return self._call("DELETE", f"/clients/{quote(client, safe=':')}")
+
+    def reset(self, client: str) -> dict[str, Any]:
+        return self._call("POST", f"/reset/{quote(client, safe=':')}")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+    return "-" if value is None else str(value)
+
+
+def render(data: Any) -> str:
+    rows = data if isinstance(data, list) else [data]
+    table = Table(*COLUMNS)
+    for row in rows:
+        table.add_row(*(_cell(row.get(c)) for c in COLUMNS))
+    out = io.StringIO()
+    Console(file=out, width=160).print(table)
+    if not isinstance(data, list) and data.get("limits"):
+        out.write("limits: " + _cell(data["limits"]) + "\n")
+    return out.getvalue()

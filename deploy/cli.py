@@ -1,0 +1,144 @@
+"""The ``splitspace`` command: run the tiers, run both for development, tune quotas.
+
+Typer at the edge: flags become ``SPLITSPACE_*`` settings (same names), and
+each subcommand hands off to the module that does the work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import typer
+
+app = typer.Typer(help="splitspace: serve one GPU fairly to many clients through Gradio.", no_args_is_help=True)
+quota_app = typer.Typer(help="Operators: per-client quotas on a running GPU tier (admin API).", no_args_is_help=True)
+app.add_typer(quota_app, name="quota")
+
+
+def _set_env(**values: Any) -> None:
+    for name, value in values.items():
+        if value is not None:
+            os.environ[f"SPLITSPACE_{name.upper()}"] = str(value)
+
+
+@app.command()
+def dev(
+    model: str = typer.Option("tiny", help="Model spec: tiny, sleep:MS, or a diffusers id/path."),
+    frontend_port: int = typer.Option(7860),
+    backend_port: int = typer.Option(7861),
+    quotas: Optional[str] = typer.Option(None, help="Operators' quota file (TOML)."),
+    reload: bool = typer.Option(False, "--reload", help="Restart a tier when its source changes."),
+) -> None:
+    """Run both tiers on this machine (separate processes, a fresh shared secret)."""
+    from .local import run_dev
+
+    env = {"SPLITSPACE_QUOTAS": quotas} if quotas else {}
+    raise typer.Exit(run_dev(model=model, frontend_port=frontend_port, backend_port=backend_port,
+                             extra_env=env, reload=reload))
+
+
+@app.command()
+def backend(
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(7861),
+    model: Optional[str] = typer.Option(None, help="Model spec (default: SPLITSPACE_MODEL or tiny)."),
+    reload: bool = typer.Option(False, "--reload"),
+) -> None:
+    """The GPU tier alone."""
+    _set_env(model=model)
+    from gpu_backend.app import serve
+
+    serve(host, port, reload=reload)
+
+
+@app.command()
+def frontend(
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(7860),
+    backend_url: Optional[str] = typer.Option(None, help="GPU tier URL(s), comma separated."),
+    reload: bool = typer.Option(False, "--reload"),
+) -> None:
+    """The CPU tier alone."""
+    _set_env(backend_url=backend_url)
+    from cpu_frontend.app import serve
+
+    serve(host, port, reload=reload)
+
+
+@app.command("hash-key")
+def hash_key_cmd(key: str) -> None:
+    """Print the sha256 of an API key, as the quota file stores it."""
+    from session.keys import hash_key
+
+    typer.echo(hash_key(key))
+
+
+# -- operators ------------------------------------------------------------------------------
+def _admin():  # type: ignore[no-untyped-def]
+    from .admin_client import AdminClient
+
+    return AdminClient.from_env()
+
+
+def _print(data: Any, as_json: bool) -> None:
+    from .admin_client import render
+
+    typer.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else render(data))
+
+
+@quota_app.command("list")
+def quota_list(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Active clients with tier, usage, queued and running."""
+    _print(_admin().list(), as_json)
+
+
+@quota_app.command("show")
+def quota_show(client: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """One client's limits, usage and overrides."""
+    _print(_admin().show(client), as_json)
+
+
+@quota_app.command("set")
+def quota_set(
+    client: str,
+    tier: Optional[str] = typer.Option(None),
+    weight: Optional[float] = typer.Option(None),
+    max_running: Optional[int] = typer.Option(None),
+    max_queued: Optional[int] = typer.Option(None),
+    gpu_seconds: Optional[float] = typer.Option(None),
+    window_s: Optional[float] = typer.Option(None),
+    address_gpu_seconds: Optional[float] = typer.Option(None),
+    requests_per_minute: Optional[int] = typer.Option(None),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Override a client's limits (applies to the next dispatch; survives restarts)."""
+    values = {k: v for k, v in dict(
+        tier=tier, weight=weight, max_running=max_running, max_queued=max_queued,
+        gpu_seconds=gpu_seconds, window_s=window_s, address_gpu_seconds=address_gpu_seconds,
+        requests_per_minute=requests_per_minute,
+    ).items() if v is not None}
+    if not values:
+        raise typer.BadParameter("give at least one of --tier, --weight, --max-queued, ...")
+    _print(_admin().set(client, values), as_json)
+
+
+@quota_app.command("clear")
+def quota_clear(client: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Drop a client's overrides."""
+    _print(_admin().clear(client), as_json)
+
+
+@quota_app.command("reset")
+def quota_reset(client: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """Reset a client's usage in the current window."""
+    _print(_admin().reset(client), as_json)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

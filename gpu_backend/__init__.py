@@ -1,0 +1,1 @@
+"""The GPU tier: admission, per-client fair scheduling, the model executor."""

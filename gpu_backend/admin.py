@@ -1,0 +1,117 @@
+"""The operators' admin API on the GPU tier (``/admin/...``), behind ``SPLITSPACE_ADMIN_TOKEN``.
+
+With no token configured the whole API answers 404: disabled, not open.
+Overrides are written through to the usage store (they survive restarts)
+and kept in memory for the scheduler, which reads limits at every admission
+and dispatch: a change applies to the next dispatch.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Request
+
+from shared.quotas import QuotaConfig, QuotaFileError, Tier, validate_overrides
+
+from .scheduler import ClientRef, FairScheduler
+from .usage import UsageStore
+
+
+class Overrides:
+    """Operator overrides per client id: an in-memory view written through to the store."""
+
+    def __init__(self, store: UsageStore) -> None:
+        self._store = store
+        self._cache: dict[str, dict[str, Any]] = dict(store.all_overrides())
+
+    def get(self, client_id: str) -> dict[str, Any]:
+        return self._cache.get(client_id, {})
+
+    def set(self, client_id: str, values: dict[str, Any]) -> dict[str, Any]:
+        self._store.set_overrides(client_id, values)
+        self._cache[client_id] = {**self._cache.get(client_id, {}), **values}
+        return self._cache[client_id]
+
+    def clear(self, client_id: str) -> None:
+        self._store.clear_overrides(client_id)
+        self._cache.pop(client_id, None)
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        return dict(self._cache)
+
+
+def limits_function(
+    config: Callable[[], QuotaConfig], overrides: Overrides
+) -> Callable[[ClientRef], Tier]:
+    """The scheduler's view of limits: the live quota file plus operator overrides."""
+
+    def limits(client: ClientRef) -> Tier:
+        return config().limits_for(client.client_id, client.tier, overrides.get(client.client_id))
+
+    return limits
+
+
+def admin_router(
+    *,
+    token: str | None,
+    scheduler: FairScheduler,
+    store: UsageStore,
+    overrides: Overrides,
+    config: Callable[[], QuotaConfig],
+    quota_status: Callable[[], dict[str, Any]],
+    extra_routes: Callable[[APIRouter], None] | None = None,
+) -> APIRouter:
+    def require_admin(request: Request) -> None:
+        if not token:
+            raise HTTPException(404, "admin API disabled (no SPLITSPACE_ADMIN_TOKEN)")
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise HTTPException(401, "admin token missing or wrong")
+
+    router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+    def describe(client_id: str) -> dict[str, Any]:
+        stats = dict(scheduler.client_stats(client_id))
+        stats["client"] = client_id
+        stats["overrides"] = overrides.get(client_id)
+        return stats
+
+    @router.get("/clients")
+    async def list_clients() -> list[dict[str, Any]]:
+        ids = {c["client"] for c in scheduler.clients()} | set(overrides.all())
+        return [describe(cid) for cid in sorted(ids)]
+
+    @router.get("/clients/{client_id:path}")
+    async def show_client(client_id: str) -> dict[str, Any]:
+        return describe(client_id)
+
+    @router.put("/clients/{client_id:path}")
+    async def set_client(client_id: str, values: dict[str, Any] = Body(...)) -> dict[str, Any]:
+        try:
+            checked = validate_overrides(values, config())
+        except QuotaFileError as exc:
+            raise HTTPException(422, str(exc)) from None
+        overrides.set(client_id, checked)
+        return describe(client_id)
+
+    @router.delete("/clients/{client_id:path}")
+    async def clear_client(client_id: str) -> dict[str, Any]:
+        overrides.clear(client_id)
+        return describe(client_id)
+
+    @router.post("/reset/{client_id:path}")
+    async def reset_client(client_id: str) -> dict[str, Any]:
+        store.reset(client_id)
+        return describe(client_id)
+
+    @router.get("/quotas")
+    async def quotas() -> dict[str, Any]:
+        return quota_status()
+
+    if extra_routes is not None:
+        extra_routes(router)
+    return router

@@ -1,0 +1,203 @@
+"""The GPU tier: a thin Gradio app over the runner, the scheduler and the model.
+
+Wiring only. Every call's identity token is verified before any work; the
+request is validated again (the GPU tier trusts nothing); admission, fair
+order and execution are the runner's. Gradio's own queue must not reorder
+what the scheduler decides, so the endpoints have no concurrency limit,
+``max_threads`` is raised well above what admission lets in, and
+``queue(api_open=False)`` closes the queue-skipping ``/gradio_api/run/`` route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+
+from session.token import IdentityTokens
+from shared.errors import SplitspaceError
+from shared.headers import IDENTITY_HEADER
+from shared.quota_watch import QuotaWatcher
+from shared.schema import request_from_dict
+from shared.settings import Settings
+
+from . import gpu
+from .admin import Overrides, admin_router, limits_function
+from .cost import CostModel
+from .metrics import CONTENT_TYPE, GpuMetrics
+from .model import ModelExecutor
+from .runner import GpuRunner, client_ref
+from .scheduler import FairScheduler
+from .usage import SqliteUsageStore
+
+log = logging.getLogger("splitspace.gpu")
+
+
+def to_gradio_error(exc: SplitspaceError) -> gr.Error:
+    return gr.Error(exc.user_text(), title=exc.title, print_exception=False)
+
+
+class GpuTier:
+    """Everything the GPU tier holds, built once from settings."""
+
+    def __init__(self, settings: Settings, executor: ModelExecutor | None = None) -> None:
+        self.settings = settings
+        self.tokens = IdentityTokens(settings.secrets)
+        if not self.tokens.configured:
+            log.warning("no SPLITSPACE_SECRET: the GPU tier refuses every call")
+        self.executor = executor or gpu.load_model(settings.model)
+        gpu.set_executor(self.executor)
+        self.watcher = QuotaWatcher(settings.quotas)
+        self.store = SqliteUsageStore(settings.state_path)
+        self.overrides = Overrides(self.store)
+        self.scheduler = FairScheduler(
+            clock=time.time,
+            limits=limits_function(lambda: self.watcher.current, self.overrides),
+            store=self.store,
+            capacity=1,
+        )
+        self.metrics = GpuMetrics(self.scheduler.depth_by_tier)
+        self.runner = GpuRunner(
+            self.scheduler,
+            CostModel(lambda s, w, h, b: gpu.current_executor().estimate_seconds(s, w, h, b)),
+            run_batch=gpu.generate_on_gpu,
+            resolve=lambda req, seed: gpu.current_executor().resolve(req, seed),
+            model_name=lambda: gpu.current_executor().name,
+            max_batch=settings.max_batch,
+            clock=time.time,
+            on_event=self.metrics.on_event,
+        )
+
+    def verify(self, request: gr.Request | None):  # type: ignore[no-untyped-def]
+        headers = request.headers if request is not None else {}
+        try:
+            return self.tokens.verify(headers.get(IDENTITY_HEADER))
+        except SplitspaceError as exc:
+            self.metrics.refuse("unauthorized")
+            raise to_gradio_error(exc) from None
+
+    def health(self) -> dict[str, Any]:
+        ex = gpu.current_executor()
+        depth = self.scheduler.depth_by_tier()
+        return {
+            "status": "ok",
+            "model": ex.name,
+            "placeholder_model": ex.is_placeholder,
+            "defaults": {"steps": ex.preset.steps, "guidance_scale": ex.preset.guidance_scale},
+            "queued": sum(q for q, _ in depth.values()),
+            "running": sum(r for _, r in depth.values()),
+        }
+
+
+def build_blocks(tier: GpuTier) -> gr.Blocks:
+    async def infer(
+        prompt: str,
+        negative_prompt: str = "",
+        width: int = 512,
+        height: int = 512,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int = -1,
+        request: gr.Request = None,  # type: ignore[assignment]
+    ) -> AsyncIterator[dict]:
+        """Generate one image for the identity in X-Splitspace-Identity (frontend only)."""
+        identity = tier.verify(request)
+        try:
+            req = request_from_dict(
+                dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
+                     steps=steps, guidance_scale=guidance_scale, seed=seed),
+                tier.settings.limits,
+            )
+            async for update in tier.runner.generate(identity, req):
+                yield update
+        except SplitspaceError as exc:
+            raise to_gradio_error(exc) from None
+
+    async def standing(request: gr.Request = None) -> dict:  # type: ignore[assignment]
+        """The caller's own quota standing (frontend only)."""
+        identity = tier.verify(request)
+        stats = dict(tier.scheduler.client_stats(identity.client_id))
+        stats.setdefault("tier", identity.tier)
+        stats["client"] = identity.client_id
+        return stats
+
+    with gr.Blocks(title="splitspace GPU tier") as blocks:
+        gr.Markdown("splitspace GPU tier. Not for the public: the frontend is its only caller.")
+        gr.api(infer, api_name="infer", concurrency_limit=None)
+        gr.api(standing, api_name="standing", concurrency_limit=None)
+    return blocks
+
+
+def build_app(settings: Settings | None = None, executor: ModelExecutor | None = None) -> FastAPI:
+    settings = settings or Settings()
+    tier = GpuTier(settings, executor)
+
+    async def watch_quotas() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            tier.watcher.check()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(watch_quotas())
+        try:
+            yield
+        finally:
+            task.cancel()
+            tier.runner.close()
+
+    app = FastAPI(lifespan=lifespan)
+    app.state.tier = tier
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return tier.health()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(tier.metrics.render(), media_type=CONTENT_TYPE)
+
+    admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    app.include_router(
+        admin_router(
+            token=admin_token,
+            scheduler=tier.scheduler,
+            store=tier.store,
+            overrides=tier.overrides,
+            config=lambda: tier.watcher.current,
+            quota_status=lambda: {
+                "path": str(tier.watcher.path) if tier.watcher.path else None,
+                "last_error": tier.watcher.last_error,
+            },
+        )
+    )
+
+    blocks = build_blocks(tier)
+    blocks.max_threads = settings.max_threads  # before queue(): the queue sizes its workers from it
+    blocks.queue(api_open=False, max_size=settings.queue_max_size, default_concurrency_limit=None)
+    return gr.mount_gradio_app(app, blocks, path="", ssr_mode=False, footer_links=["api"])
+
+
+def create_app() -> FastAPI:
+    """App factory for uvicorn (``--reload`` needs an import string): settings from the environment."""
+    return build_app(Settings())
+
+
+def serve(host: str, port: int, *, reload: bool = False) -> None:
+    """Run this tier with uvicorn; settings come from the environment (``SPLITSPACE_*``)."""
+    import uvicorn
+
+    uvicorn.run(
+        f"{__name__}:create_app", factory=True, host=host, port=port, log_level="warning",
+        timeout_graceful_shutdown=2, reload=reload,
+        reload_dirs=[str(Path(__file__).resolve().parent.parent)] if reload else None,
+        reload_includes=["*.py"] if reload else None,
+    )

@@ -1,0 +1,326 @@
+"""The model executor: turns a validated request and a seed into a PIL image.
+
+One class, :class:`ModelExecutor`, built once from a model spec (CONTRACT.md,
+"Model specs") and then called synchronously, one call at a time, by the GPU
+tier's scheduler:
+
+- ``tiny``: the seeded random-weight Stable Diffusion pipeline of
+  :mod:`gpu_backend.tiny`, float32. For tests and local runs; images are noise.
+- ``sleep:MS``: no model. Each call holds the executor for MS milliseconds and
+  returns a flat image whose colour comes from the seed. For load and fairness
+  benchmarks.
+- anything else: a diffusers model id or local folder, loaded with
+  ``AutoPipelineForText2Image.from_pretrained`` (float16 on CUDA).
+
+Determinism: every image gets its own ``torch.Generator(device="cpu")`` seeded
+with its seed, so the same (request, seed) gives the same pixels on a given
+machine and device, and a batch gives each image the latents it would get alone.
+
+Importing this module loads no model and does not import torch or diffusers;
+they are imported inside :meth:`ModelExecutor.from_spec`, so ``sleep:`` specs
+start instantly. On ZeroGPU, import ``spaces`` before calling ``from_spec``:
+it checks ``torch.cuda.is_available()`` when no device is given.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from shared.schema import MAX_SEED, GenerateRequest
+
+TINY = "tiny"
+SLEEP_PREFIX = "sleep:"
+
+_SPEC_HELP = "expected 'tiny', 'sleep:MS' (MS a whole number of milliseconds, 0 or more), a diffusers model id such as 'stabilityai/sd-turbo', or a local pipeline folder"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Defaults for a request's ``steps`` and ``guidance_scale`` when it leaves them None."""
+
+    steps: int
+    guidance_scale: float
+
+
+TINY_PRESET = Preset(steps=2, guidance_scale=0.0)
+SLEEP_PRESET = Preset(steps=1, guidance_scale=0.0)
+TURBO_PRESET = Preset(steps=1, guidance_scale=0.0)  # sd-turbo, sdxl-turbo: distilled, no guidance
+DEFAULT_PRESET = Preset(steps=25, guidance_scale=7.5)
+
+
+def preset_for(spec: str) -> Preset:
+    """The preset of a model spec (no loading, no checking)."""
+    if spec == TINY:
+        return TINY_PRESET
+    if spec.startswith(SLEEP_PREFIX):
+        return SLEEP_PRESET
+    lowered = spec.lower()
+    if "sd-turbo" in lowered or "sdxl-turbo" in lowered:
+        return TURBO_PRESET
+    return DEFAULT_PRESET
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds for one pipeline call of ``batch`` images of ``pixels`` each::
+
+        fixed_s + steps * (step_s + step_pixel_s * unet_images * pixels) + pixel_s * batch * pixels
+
+    ``unet_images`` is ``batch``, doubled when guidance > 1 (classifier-free
+    guidance runs the UNet on the prompt and on the negative prompt). The last
+    term is the text encoder, the VAE decode and the PIL conversion.
+    """
+
+    fixed_s: float
+    step_s: float
+    step_pixel_s: float
+    pixel_s: float
+
+    def seconds(self, steps: int, pixels: int, batch: int, unet_images: int) -> float:
+        unet = steps * (self.step_s + self.step_pixel_s * unet_images * pixels)
+        return self.fixed_s + unet + self.pixel_s * batch * pixels
+
+
+# The tiny pipeline on a 2-core CPU (float32, 2 steps: 0.02 s at 64x64, 0.06 s at
+# 256, 0.15 s at 512, 0.95 s at 1024), fitted with batches of 1 to 4.
+TINY_CPU_COST = CostModel(fixed_s=0.006, step_s=0.004, step_pixel_s=1.6e-7, pixel_s=2.1e-7)
+# The tiny pipeline on a GPU: not measured; a launch-bound guess (about 60 small
+# kernels per UNet step). Calibrate at run time.
+TINY_CUDA_COST = CostModel(fixed_s=0.010, step_s=0.008, step_pixel_s=1e-10, pixel_s=2e-9)
+# A Stable Diffusion 2.1-sized model (UNet 866M parameters) in float16 on a GPU,
+# fitted to the H200 table of ANCHORS.md section 2 (within about 30%). About
+# 40 ms per step at batch 1 whatever the size: the GPU waits on kernel launches.
+PRETRAINED_CUDA_COST = CostModel(fixed_s=0.010, step_s=0.040, step_pixel_s=3e-9, pixel_s=8.5e-8)
+# The same model in float32 on a CPU: an order-of-magnitude guess (seconds per step).
+PRETRAINED_CPU_COST = CostModel(fixed_s=0.5, step_s=0.1, step_pixel_s=3e-5, pixel_s=5e-5)
+
+
+class ModelExecutor:
+    """Runs one model: build it with :meth:`from_spec`, then call :meth:`generate`.
+
+    Not for concurrent use: calls are serialised by a lock, as on one GPU (a
+    diffusers pipeline keeps per-call state in its scheduler).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        preset: Preset,
+        device: str,
+        *,
+        is_placeholder: bool,
+        pipeline: Any = None,
+        sleep_ms: int | None = None,
+        cost: CostModel | None = None,
+    ) -> None:
+        if (pipeline is None) == (sleep_ms is None):
+            raise ValueError("give exactly one of `pipeline` and `sleep_ms`")
+        if pipeline is not None and cost is None:
+            raise ValueError("a pipeline needs a `cost` model for estimate_seconds")
+        self.name = name
+        self.preset = preset
+        self.device = device
+        self.is_placeholder = is_placeholder
+        self.pipeline = pipeline
+        self.sleep_ms = sleep_ms
+        self.cost = cost
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"ModelExecutor(name={self.name!r}, device={self.device!r}, preset={self.preset})"
+
+    # -- construction ---------------------------------------------------------
+
+    @classmethod
+    def from_spec(cls, spec: str, device: str | None = None) -> ModelExecutor:
+        """Build (load, once) the executor for a model spec.
+
+        ``device`` None means "cuda" when torch sees a GPU, else "cpu" (``sleep:``
+        specs never import torch and report "cpu"). A spec that cannot be a model
+        raises ValueError naming it.
+        """
+        if not isinstance(spec, str) or not spec.strip():
+            raise ValueError(f"model spec {spec!r} is empty: {_SPEC_HELP}")
+        spec = spec.strip()
+
+        if spec.startswith(SLEEP_PREFIX):
+            sleep_ms = _parse_sleep_ms(spec)
+            return cls(
+                spec, SLEEP_PRESET, device or "cpu", is_placeholder=True, sleep_ms=sleep_ms
+            )
+
+        if spec == TINY:
+            from .tiny import build_tiny_pipeline
+
+            device = device or _default_device()
+            pipeline = build_tiny_pipeline().to(device)
+            cost = TINY_CUDA_COST if device.startswith("cuda") else TINY_CPU_COST
+            return cls(spec, TINY_PRESET, device, is_placeholder=True, pipeline=pipeline, cost=cost)
+
+        device = device or _default_device()
+        pipeline = _load_pretrained(spec, device)
+        cost = PRETRAINED_CUDA_COST if device.startswith("cuda") else PRETRAINED_CPU_COST
+        return cls(
+            spec, preset_for(spec), device, is_placeholder=False, pipeline=pipeline, cost=cost
+        )
+
+    # -- requests -------------------------------------------------------------
+
+    def resolve(self, req: GenerateRequest, seed: int | None = None) -> tuple[int, float]:
+        """The (steps, guidance_scale) a request runs with: its own, else the preset's.
+
+        ``seed`` does not change the answer; it is accepted so that callers can
+        pass the same arguments as to :meth:`generate`.
+        """
+        steps = self.preset.steps if req.steps is None else req.steps
+        guidance = self.preset.guidance_scale if req.guidance_scale is None else req.guidance_scale
+        return int(steps), float(guidance)
+
+    def generate(self, req: GenerateRequest, seed: int) -> Image.Image:
+        """One image of exactly ``req.width`` x ``req.height``; the same seed gives the same pixels."""
+        return self.generate_batch([req], [seed])[0]
+
+    def generate_batch(self, reqs: list[GenerateRequest], seeds: list[int]) -> list[Image.Image]:
+        """Several compatible requests in one pipeline call, one seeded generator each.
+
+        Compatible means the same width, height, steps and guidance scale (after
+        :meth:`resolve`); prompts, negative prompts and seeds may differ. Each
+        image starts from the latents it would get alone. A ``sleep:`` executor
+        holds MS once for the whole batch.
+        """
+        self._check_batch(reqs, seeds)
+        steps, guidance = self.resolve(reqs[0])
+        width, height = reqs[0].width, reqs[0].height
+
+        with self._lock:
+            if self.sleep_ms is not None:
+                time.sleep(self.sleep_ms / 1000)
+                return [_flat_image(width, height, seed) for seed in seeds]
+
+            import torch
+
+            generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+            negative_prompts = [req.negative_prompt for req in reqs]
+            result = self.pipeline(
+                prompt=[req.prompt for req in reqs],
+                negative_prompt=negative_prompts if any(negative_prompts) else None,
+                width=width,
+                height=height,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=generators,
+                output_type="pil",
+            )
+        images = list(result.images)
+        for image in images:
+            if image.size != (width, height):  # a pipeline that rounds sizes would be a bug here
+                raise RuntimeError(
+                    f"model {self.name!r} returned a {image.size[0]}x{image.size[1]} image "
+                    f"for a {width}x{height} request"
+                )
+        return images
+
+    def estimate_seconds(
+        self,
+        steps: int,
+        width: int,
+        height: int,
+        batch: int = 1,
+        *,
+        guidance_scale: float | None = None,
+    ) -> float:
+        """Expected seconds for one call of ``batch`` images (a rough model, calibrate at run time).
+
+        ``guidance_scale`` None means the preset's; above 1 it doubles the UNet's work.
+        """
+        if self.sleep_ms is not None:
+            return self.sleep_ms / 1000
+        guidance = self.preset.guidance_scale if guidance_scale is None else guidance_scale
+        unet_images = batch * 2 if guidance > 1 else batch
+        return self.cost.seconds(steps, width * height, batch, unet_images)
+
+    def _check_batch(self, reqs: list[GenerateRequest], seeds: list[int]) -> None:
+        if not reqs:
+            raise ValueError("`reqs` is empty: give at least one request")
+        if len(seeds) != len(reqs):
+            raise ValueError(f"`seeds` has {len(seeds)} entries for {len(reqs)} requests")
+        for seed in seeds:
+            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+                raise ValueError(f"`seed` must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+        first = (reqs[0].width, reqs[0].height, *self.resolve(reqs[0]))
+        for req in reqs[1:]:
+            other = (req.width, req.height, *self.resolve(req))
+            if other != first:
+                raise ValueError(
+                    "requests in one batch must share width, height, steps and guidance_scale, "
+                    f"got {first} and {other}"
+                )
+
+
+# -- helpers ------------------------------------------------------------------
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _parse_sleep_ms(spec: str) -> int:
+    text = spec[len(SLEEP_PREFIX) :].strip()
+    if not text.isdigit():  # also refuses "-5", "1.5" and ""
+        raise ValueError(f"model spec {spec!r}: MS must be a whole number of milliseconds, 0 or more")
+    return int(text)
+
+
+def _flat_image(width: int, height: int, seed: int) -> Image.Image:
+    """A single-colour RGB image; the colour depends only on the seed."""
+    rng = random.Random(seed)
+    colour = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+    return Image.new("RGB", (width, height), colour)
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        os.path.isabs(spec)
+        or spec.startswith(("./", "../", "~", ".\\", "..\\"))
+        or spec.count("/") > 1
+        or "\\" in spec
+    )
+
+
+def _load_pretrained(spec: str, device: str) -> Any:
+    """A diffusers text-to-image pipeline from a local folder or a model id."""
+    local = os.path.expanduser(spec)
+    if os.path.isdir(local):
+        source = local
+    elif _looks_like_path(spec):
+        raise ValueError(f"model spec {spec!r}: no such folder; {_SPEC_HELP}")
+    elif _REPO_ID.match(spec):
+        source = spec
+    else:
+        raise ValueError(f"model spec {spec!r} is not a model id or a folder; {_SPEC_HELP}")
+
+    import torch
+    from diffusers import AutoPipelineForText2Image
+
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    try:
+        pipeline = AutoPipelineForText2Image.from_pretrained(source, torch_dtype=dtype)
+    except Exception as exc:
+        raise ValueError(
+            f"model spec {spec!r}: could not load it with AutoPipelineForText2Image "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    pipeline = pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

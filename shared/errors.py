@@ -1,0 +1,72 @@
+"""Error titles and exception types of the public contract.
+
+Both tiers raise these; the Gradio apps turn them into ``gr.Error`` at their
+edge (see :func:`to_gradio_error` in each app). The message always carries the
+title too, because REST callers receive only the message.
+"""
+
+from __future__ import annotations
+
+import math
+
+RATE_LIMITED = "Rate limited"
+QUOTA_EXCEEDED = "Quota exceeded"
+QUEUE_FULL = "Queue full"
+BACKEND_UNAVAILABLE = "GPU backend unavailable"
+INVALID_REQUEST = "Invalid request"
+UNAUTHORIZED = "Unauthorized"
+
+
+class SplitspaceError(Exception):
+    """Base class: a user-facing error with a title and a message."""
+
+    title: str = "Error"
+
+    def __init__(self, message: str, *, title: str | None = None) -> None:
+        super().__init__(message)
+        if title is not None:
+            self.title = title
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0])
+
+    def user_text(self) -> str:
+        """The text shown to REST callers: title and message together."""
+        return f"{self.title}: {self.message}"
+
+
+class ValidationFailed(SplitspaceError):
+    """A request field is outside its allowed values."""
+
+    title = INVALID_REQUEST
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class Unauthorized(SplitspaceError):
+    """Missing, forged or expired credentials (token, API key, admin token)."""
+
+    title = UNAUTHORIZED
+
+
+class Throttled(SplitspaceError):
+    """A per-client limit refused the request; retry after ``retry_after_s``."""
+
+    def __init__(self, title: str, reason: str, retry_after_s: float) -> None:
+        self.reason = reason
+        self.retry_after_s = max(0.0, float(retry_after_s))
+        secs = max(1, math.ceil(self.retry_after_s))
+        super().__init__(f"{reason}. Retry in {secs} s.", title=title)
+
+    @property
+    def retry_after_whole_s(self) -> int:
+        return max(1, math.ceil(self.retry_after_s))
+
+
+class BackendUnavailable(SplitspaceError):
+    """The GPU tier could not be reached or did not answer in time."""
+
+    title = BACKEND_UNAVAILABLE

@@ -1,0 +1,17 @@
+"""Header and cookie names that cross the tiers or reach clients.
+
+One place, so that the frontend that writes a header and the GPU tier that
+reads it can never disagree on its spelling.
+"""
+
+IDENTITY_HEADER = "x-splitspace-identity"
+"""Signed cross-tier identity token (frontend -> GPU tier)."""
+
+IP_TOKEN_HEADER = "x-ip-token"
+"""Hugging Face ZeroGPU's per-visitor token, forwarded verbatim per call."""
+
+SESSION_COOKIE = "splitspace_session"
+"""The browser session cookie set by the frontend."""
+
+ADMIN_HEADER = "authorization"
+"""Admin API calls carry ``Authorization: Bearer <SPLITSPACE_ADMIN_TOKEN>``."""

@@ -1,0 +1,196 @@
+"""The operators' quota file (TOML): tiers, API keys and per-client overrides.
+
+Both tiers read it: the GPU tier for limits, the frontend for API keys and its
+early per-client caps. Parsing is strict: an unknown key or a bad value is an
+error that names its line, so a typo never silently grants unlimited quota.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True)
+class Tier:
+    """Limits of one tier (or one client after overrides)."""
+
+    weight: float = 1.0
+    max_running: int = 1
+    max_queued: int = 4
+    gpu_seconds: float = 120.0
+    window_s: float = 3600.0
+    address_gpu_seconds: float | None = None
+    requests_per_minute: int | None = None
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "Tier":
+        return replace(self, **{k: v for k, v in overrides.items() if k in TIER_FIELDS})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+TIER_FIELDS = {f.name for f in fields(Tier)}
+
+BUILTIN_TIERS: dict[str, Tier] = {
+    ANONYMOUS: Tier(
+        weight=1, max_running=1, max_queued=4, gpu_seconds=120, window_s=3600,
+        address_gpu_seconds=300, requests_per_minute=60,
+    ),
+    "free": Tier(weight=2, max_running=1, max_queued=8, gpu_seconds=300, window_s=3600),
+    "pro": Tier(weight=4, max_running=2, max_queued=32, gpu_seconds=1800, window_s=3600),
+}
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    name: str
+    tier: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class QuotaConfig:
+    """A parsed quota file. ``QuotaConfig()`` is the built-in defaults."""
+
+    tiers: dict[str, Tier] = field(default_factory=lambda: dict(BUILTIN_TIERS))
+    keys: tuple[ApiKey, ...] = ()
+    clients: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def tier(self, name: str) -> Tier:
+        return self.tiers.get(name, self.tiers[ANONYMOUS])
+
+    def limits_for(self, client_id: str, tier: str, extra: dict[str, Any] | None = None) -> Tier:
+        """The effective limits of one client: its tier, then file overrides, then ``extra``
+        (operator overrides made through the admin API). ``extra`` may name another tier."""
+        overrides = dict(self.clients.get(client_id, {}))
+        overrides.update(extra or {})
+        base = self.tier(overrides.pop("tier", tier))
+        return base.with_overrides(overrides)
+
+
+class QuotaFileError(ValueError):
+    """A quota file that cannot be used; the message names the line and the reason."""
+
+
+_VALUE_TYPES: dict[str, tuple[type, ...]] = {
+    "weight": (int, float),
+    "max_running": (int,),
+    "max_queued": (int,),
+    "gpu_seconds": (int, float),
+    "window_s": (int, float),
+    "address_gpu_seconds": (int, float),
+    "requests_per_minute": (int,),
+    "tier": (str,),
+}
+
+
+def _line_of(text: str, section: str | None, key: str) -> int | None:
+    """The 1-based line where ``key`` is assigned inside ``[section]`` (best effort)."""
+    current: str | None = None
+    key_re = re.compile(rf"^\s*\"?{re.escape(key)}\"?\s*=")
+    for no, line in enumerate(text.splitlines(), start=1):
+        stripped = line.strip()
+        m = re.match(r"^\[\[?\s*([^\]]+?)\s*\]\]?", stripped)
+        if m:
+            current = m.group(1).replace('"', "").replace(" ", "")
+            if section is None and current.split(".")[-1] == key:
+                return no
+            continue
+        if key_re.match(line) and (section is None or current == section.replace('"', "")):
+            return no
+    return None
+
+
+def _fail(text: str, section: str | None, key: str, reason: str) -> QuotaFileError:
+    line = _line_of(text, section, key)
+    where = f"line {line}" if line else f"[{section}]" if section else "file"
+    return QuotaFileError(f"{where}: {key}: {reason}")
+
+
+def _check_values(text: str, section: str, values: Any, allow_tier: bool) -> dict[str, Any]:
+    if not isinstance(values, dict):
+        raise _fail(text, None, section.split(".")[-1], "must be a table")
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        allowed = TIER_FIELDS | ({"tier"} if allow_tier else set())
+        if key not in allowed:
+            raise _fail(text, section, key, f"unknown key (allowed: {', '.join(sorted(allowed))})")
+        types = _VALUE_TYPES[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise _fail(text, section, key, f"must be {' or '.join(t.__name__ for t in types)}")
+        if key != "tier" and value < 0:
+            raise _fail(text, section, key, "must not be negative")
+        if key in ("weight", "window_s") and value == 0:
+            raise _fail(text, section, key, "must be greater than 0")
+        out[key] = float(value) if key in ("weight", "gpu_seconds", "window_s", "address_gpu_seconds") else value
+    return out
+
+
+def parse_quotas(text: str) -> QuotaConfig:
+    """Parse quota-file text; raise QuotaFileError naming the line and reason."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise QuotaFileError(f"not valid TOML: {exc}") from None
+    for top in data:
+        if top not in ("tiers", "keys", "clients"):
+            raise _fail(text, None, top, "unknown section (allowed: tiers, keys, clients)")
+    tiers = dict(BUILTIN_TIERS)
+    for name, values in data.get("tiers", {}).items():
+        checked = _check_values(text, f"tiers.{name}", values, allow_tier=False)
+        tiers[name] = tiers.get(name, Tier()).with_overrides(checked)
+    keys: list[ApiKey] = []
+    raw_keys = data.get("keys", [])
+    if not isinstance(raw_keys, list):
+        raise _fail(text, None, "keys", "must be an array of tables ([[keys]])")
+    seen: set[str] = set()
+    for entry in raw_keys:
+        for k in entry:
+            if k not in ("name", "tier", "sha256"):
+                raise _fail(text, "keys", k, "unknown key (allowed: name, tier, sha256)")
+        for k in ("name", "sha256"):
+            if not isinstance(entry.get(k), str) or not entry[k]:
+                raise _fail(text, "keys", k, "is required and must be text")
+        digest = entry["sha256"].lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise _fail(text, "keys", "sha256", "must be 64 hex digits (sha256 of the key)")
+        tier = entry.get("tier", "free")
+        if tier not in tiers:
+            raise _fail(text, "keys", "tier", f"unknown tier {tier!r}")
+        if entry["name"] in seen:
+            raise _fail(text, "keys", "name", f"duplicate key name {entry['name']!r}")
+        seen.add(entry["name"])
+        keys.append(ApiKey(name=entry["name"], tier=tier, sha256=digest))
+    clients: dict[str, dict[str, Any]] = {}
+    for client_id, values in data.get("clients", {}).items():
+        checked = _check_values(text, f"clients.{client_id}", values, allow_tier=True)
+        if "tier" in checked and checked["tier"] not in tiers:
+            raise _fail(text, f"clients.{client_id}", "tier", f"unknown tier {checked['tier']!r}")
+        clients[client_id] = checked
+    return QuotaConfig(tiers=tiers, keys=tuple(keys), clients=clients)
+
+
+def validate_overrides(values: dict[str, Any], config: QuotaConfig) -> dict[str, Any]:
+    """Check operator overrides (admin API) with the quota file's rules."""
+    checked = _check_values("", "override", values, allow_tier=True)
+    if "tier" in checked and checked["tier"] not in config.tiers:
+        raise QuotaFileError(f"tier: unknown tier {checked['tier']!r}")
+    return checked
+
+
+def load_quotas(path: str | Path | None) -> QuotaConfig:
+    """Load the quota file at ``path``; no path means the built-in defaults."""
+    if path is None:
+        return QuotaConfig()
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise QuotaFileError(f"cannot read {p}: {exc.strerror}") from None
+    return parse_quotas(text)

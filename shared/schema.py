@@ -1,0 +1,182 @@
+"""The generate request, its limits and its result: one definition for both tiers.
+
+The frontend validates with :func:`validate_request` before forwarding; the GPU
+tier validates again (it trusts nothing) with the same function. Errors name
+the field and the allowed values, in the manner of diffusers' ``check_inputs``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ValidationFailed
+
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Allowed values of each request field (configurable, see Settings)."""
+
+    prompt_max_chars: int = 1000
+    negative_prompt_max_chars: int = 1000
+    min_side: int = 64
+    max_side: int = 1024
+    side_multiple: int = 8
+    min_steps: int = 1
+    max_steps: int = 50
+    min_guidance: float = 0.0
+    max_guidance: float = 20.0
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A validated text-to-image request. ``steps``/``guidance_scale`` of None
+    mean "the model preset"; ``seed`` of -1 means "pick one at random"."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int = 512
+    height: int = 512
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int = -1
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height
+
+
+@dataclass
+class GenerateInfo:
+    """What a caller learns about its image, besides the pixels."""
+
+    seed: int
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    model: str
+    queue_s: float = 0.0
+    gpu_s: float = 0.0
+    total_s: float = 0.0
+    client: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        extra = d.pop("extra")
+        d.update(extra)
+        return d
+
+
+def _as_int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValidationFailed(name, f"must be an integer, got {value!r}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValidationFailed(name, f"must be an integer, got {value!r}")
+        return int(value)
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise ValidationFailed(name, f"must be an integer, got {value!r}")
+
+
+def _as_float(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise ValidationFailed(name, f"must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValidationFailed(name, f"must be a number, got {value!r}") from None
+    if out != out or out in (float("inf"), float("-inf")):
+        raise ValidationFailed(name, f"must be a finite number, got {value!r}")
+    return out
+
+
+def _side(name: str, value: Any, limits: Limits) -> int:
+    v = _as_int(name, value)
+    lo, hi, m = limits.min_side, limits.max_side, limits.side_multiple
+    if not lo <= v <= hi or v % m:
+        raise ValidationFailed(name, f"must be a multiple of {m} from {lo} to {hi}, got {v}")
+    return v
+
+
+def validate_request(
+    *,
+    prompt: Any,
+    negative_prompt: Any = "",
+    width: Any = 512,
+    height: Any = 512,
+    steps: Any = None,
+    guidance_scale: Any = None,
+    seed: Any = -1,
+    limits: Limits = Limits(),
+) -> GenerateRequest:
+    """Check every field and return the request, or raise ValidationFailed naming the field."""
+    if not isinstance(prompt, str):
+        raise ValidationFailed("prompt", "must be text")
+    text = prompt.strip()
+    if not 1 <= len(text) <= limits.prompt_max_chars:
+        raise ValidationFailed(
+            "prompt",
+            f"must be 1 to {limits.prompt_max_chars} characters after stripping, got {len(text)}",
+        )
+    if negative_prompt is None:
+        negative_prompt = ""
+    if not isinstance(negative_prompt, str):
+        raise ValidationFailed("negative_prompt", "must be text")
+    if len(negative_prompt) > limits.negative_prompt_max_chars:
+        raise ValidationFailed(
+            "negative_prompt",
+            f"must be at most {limits.negative_prompt_max_chars} characters, got {len(negative_prompt)}",
+        )
+    w = _side("width", width, limits)
+    h = _side("height", height, limits)
+    n_steps: int | None = None
+    if steps is not None:
+        n_steps = _as_int("steps", steps)
+        if not limits.min_steps <= n_steps <= limits.max_steps:
+            raise ValidationFailed(
+                "steps", f"must be from {limits.min_steps} to {limits.max_steps}, got {n_steps}"
+            )
+    g: float | None = None
+    if guidance_scale is not None:
+        g = _as_float("guidance_scale", guidance_scale)
+        if not limits.min_guidance <= g <= limits.max_guidance:
+            raise ValidationFailed(
+                "guidance_scale",
+                f"must be from {limits.min_guidance:g} to {limits.max_guidance:g}, got {g:g}",
+            )
+    s = _as_int("seed", seed)
+    if not -1 <= s <= MAX_SEED:
+        raise ValidationFailed("seed", f"must be -1 (random) or from 0 to {MAX_SEED}, got {s}")
+    return GenerateRequest(
+        prompt=text,
+        negative_prompt=negative_prompt,
+        width=w,
+        height=h,
+        steps=n_steps,
+        guidance_scale=g,
+        seed=s,
+    )
+
+
+def request_from_dict(data: dict[str, Any], limits: Limits = Limits()) -> GenerateRequest:
+    """Validate a request that arrived as a dict (the GPU tier's view)."""
+    known = {"prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed"}
+    unknown = set(data) - known
+    if unknown:
+        raise ValidationFailed(sorted(unknown)[0], "is not a request field")
+    if "prompt" not in data:
+        raise ValidationFailed("prompt", "is required")
+    return validate_request(limits=limits, **data)

@@ -1,0 +1,77 @@
+"""Settings from the environment (prefix ``SPLITSPACE_``), one class for both tiers.
+
+pydantic-settings reads and checks them once at the edge (the CLI and the
+tier apps); everything inside takes plain arguments. Secrets are SecretStr so
+that they never show up in a repr, a log line or an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .schema import Limits
+
+
+def _split(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SPLITSPACE_", extra="ignore")
+
+    secret: SecretStr | None = None
+    """One or more shared secrets, comma separated, newest first (newest signs, all verify)."""
+    backend_url: str = "http://127.0.0.1:7861"
+    """GPU tier URL(s), comma separated."""
+    model: str = "tiny"
+    quotas: Path | None = None
+    """Path of the operators' quota file (TOML)."""
+    admin_token: SecretStr | None = None
+    trusted_proxies: int = Field(default=0, ge=0)
+    """How many reverse proxies in front of the frontend append to X-Forwarded-For."""
+    state_path: Path = Path(".splitspace/state.sqlite3")
+    """GPU tier: SQLite file for usage windows and operator overrides."""
+    transport: Literal["httpx", "gradio_client"] = "httpx"
+    """Frontend: how requests are forwarded to the GPU tier."""
+    backend_timeout_s: float = Field(default=10.0, gt=0)
+    """Frontend: bound on connecting to / hearing from the GPU tier before "GPU backend unavailable"."""
+    max_threads: int = Field(default=1000, ge=1)
+    """Gradio worker slots on each tier; waiting requests hold one, so keep it above admission."""
+    queue_max_size: int = Field(default=2000, ge=1)
+    """GPU tier: Gradio queue max_size (set explicitly; ZeroGPU's default is 1)."""
+    max_batch: int = Field(default=1, ge=1)
+    """GPU tier: most compatible requests run in one pipeline call."""
+    cookie_secure: bool | None = None
+    """Force the cookie's Secure attributes on/off; None decides per request (HTTPS or not)."""
+    cors_origins: str = ""
+    """Frontend: comma separated origins allowed to call the API from a browser (empty = same origin only)."""
+    prompt_max_chars: int = 1000
+    max_side: int = 1024
+    max_steps: int = 50
+
+    @field_validator("secret", "admin_token", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value in ("", None) else value
+
+    @property
+    def secrets(self) -> list[str]:
+        return _split(self.secret.get_secret_value() if self.secret else None)
+
+    @property
+    def backend_urls(self) -> list[str]:
+        return [u.rstrip("/") for u in _split(self.backend_url)]
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return _split(self.cors_origins)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            prompt_max_chars=self.prompt_max_chars, max_side=self.max_side, max_steps=self.max_steps
+        )

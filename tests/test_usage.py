@@ -1,0 +1,141 @@
+"""Both usage stores obey the same rules; the SQLite one also survives a restart."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gpu_backend.usage import MemoryUsageStore, SqliteUsageStore, UsageStore
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[UsageStore]:
+    s: MemoryUsageStore | SqliteUsageStore
+    s = MemoryUsageStore() if request.param == "memory" else SqliteUsageStore(tmp_path / "db" / "usage.sqlite3")
+    yield s
+    s.close()
+
+
+def test_reserve_within_limit(store: UsageStore) -> None:
+    assert store.reserve("k", 1.0, 3.0, 100.0, now=10.0) is None
+    assert store.reserve("k", 2.0, 3.0, 100.0, now=20.0) is None
+    assert store.usage("k", now=20.0) == (3.0, 90.0)
+
+
+def test_reserve_over_limit_returns_seconds_until_reset(store: UsageStore) -> None:
+    assert store.reserve("k", 2.0, 3.0, 100.0, now=10.0) is None
+    assert store.reserve("k", 2.0, 3.0, 100.0, now=40.0) == pytest.approx(70.0)
+    assert store.usage("k", now=40.0) == (2.0, 70.0)  # a refusal adds nothing
+
+
+def test_float_sums_fit_their_limit(store: UsageStore) -> None:
+    for _ in range(3):
+        assert store.reserve("k", 0.1, 0.3, 100.0, now=0.0) is None
+
+
+def test_infinite_limit(store: UsageStore) -> None:
+    assert store.reserve("k", 1e9, math.inf, 100.0, now=0.0) is None
+
+
+def test_bad_amounts_are_refused(store: UsageStore) -> None:
+    with pytest.raises(ValueError):
+        store.reserve("k", -1.0, 3.0, 100.0, now=0.0)
+    with pytest.raises(ValueError):
+        store.reserve("k", 1.0, 3.0, 0.0, now=0.0)
+
+
+def test_window_expires_and_restarts_at_first_use(store: UsageStore) -> None:
+    assert store.reserve("k", 3.0, 3.0, 100.0, now=0.0) is None
+    assert store.reserve("k", 1.0, 3.0, 100.0, now=99.0) == pytest.approx(1.0)
+    assert store.usage("k", now=100.0) == (0.0, 0.0)
+    assert store.reserve("k", 1.0, 3.0, 100.0, now=150.0) is None
+    assert store.usage("k", now=150.0) == (1.0, 100.0)  # new window from 150
+
+
+def test_window_length_is_the_one_that_opened_it(store: UsageStore) -> None:
+    assert store.reserve("k", 1.0, 3.0, 100.0, now=0.0) is None
+    assert store.reserve("k", 1.0, 3.0, 10.0, now=50.0) is None  # still the 100 s window
+    assert store.usage("k", now=50.0) == (2.0, 50.0)
+
+
+def test_keys_are_independent(store: UsageStore) -> None:
+    assert store.reserve("a", 3.0, 3.0, 100.0, now=0.0) is None
+    assert store.reserve("b", 3.0, 3.0, 100.0, now=0.0) is None
+    assert store.usage("c", now=0.0) == (0.0, 0.0)
+
+
+def test_adjust_settles_with_measured_cost(store: UsageStore) -> None:
+    store.reserve("k", 1.0, 3.0, 100.0, now=0.0)
+    store.adjust("k", 0.1 - 1.0, now=5.0)  # estimated 1.0, measured 0.1
+    assert store.usage("k", now=5.0)[0] == pytest.approx(0.1)
+    store.adjust("k", 0.5, now=6.0)
+    assert store.usage("k", now=6.0)[0] == pytest.approx(0.6)
+
+
+def test_adjust_clamps_at_zero(store: UsageStore) -> None:
+    store.reserve("k", 1.0, 3.0, 100.0, now=0.0)
+    store.adjust("k", -5.0, now=1.0)
+    assert store.usage("k", now=1.0) == (0.0, 99.0)
+
+
+def test_adjust_after_expiry_or_without_window_does_nothing(store: UsageStore) -> None:
+    store.reserve("k", 1.0, 3.0, 100.0, now=0.0)
+    store.adjust("k", 2.0, now=100.0)
+    assert store.usage("k", now=100.0) == (0.0, 0.0)
+    store.adjust("nobody", 2.0, now=0.0)
+    assert store.usage("nobody", now=0.0) == (0.0, 0.0)
+
+
+def test_reset(store: UsageStore) -> None:
+    store.reserve("k", 3.0, 3.0, 100.0, now=0.0)
+    store.reset("k")
+    assert store.usage("k", now=1.0) == (0.0, 0.0)
+    assert store.reserve("k", 3.0, 3.0, 100.0, now=1.0) is None
+
+
+def test_overrides_merge_and_clear(store: UsageStore) -> None:
+    assert store.get_overrides("key:bench") == {}
+    store.set_overrides("key:bench", {"max_queued": 100})
+    store.set_overrides("key:bench", {"weight": 2.5, "tier": "pro"})
+    store.set_overrides("key:bench", {"max_queued": 7})
+    store.set_overrides("session:x", {"gpu_seconds": 1.0})
+    assert store.get_overrides("key:bench") == {"max_queued": 7, "weight": 2.5, "tier": "pro"}
+    assert store.all_overrides() == {
+        "key:bench": {"max_queued": 7, "weight": 2.5, "tier": "pro"},
+        "session:x": {"gpu_seconds": 1.0},
+    }
+    got = store.get_overrides("key:bench")
+    got["weight"] = 99  # a copy: the store is not changed behind its back
+    assert store.get_overrides("key:bench")["weight"] == 2.5
+    store.clear_overrides("key:bench")
+    assert store.get_overrides("key:bench") == {}
+    assert list(store.all_overrides()) == ["session:x"]
+
+
+def test_sqlite_store_keeps_usage_and_overrides_across_restart(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "usage.sqlite3"
+    first = SqliteUsageStore(path)
+    first.reserve("session:a", 2.0, 3.0, 100.0, now=0.0)
+    first.adjust("session:a", -0.5, now=1.0)
+    first.set_overrides("key:bench", {"max_queued": 100})
+    first.close()
+
+    second = SqliteUsageStore(path)  # the GPU tier restarted
+    assert second.usage("session:a", now=10.0) == (1.5, 90.0)
+    assert second.reserve("session:a", 2.0, 3.0, 100.0, now=10.0) == pytest.approx(90.0)
+    assert second.get_overrides("key:bench") == {"max_queued": 100}
+    second.close()
+
+
+def test_sqlite_stores_sharing_a_file_share_the_limit(tmp_path: Path) -> None:
+    path = tmp_path / "usage.sqlite3"
+    one, two = SqliteUsageStore(path), SqliteUsageStore(path)
+    assert one.reserve("k", 2.0, 3.0, 100.0, now=0.0) is None
+    assert two.reserve("k", 2.0, 3.0, 100.0, now=0.0) == pytest.approx(100.0)
+    assert two.reserve("k", 1.0, 3.0, 100.0, now=0.0) is None
+    assert one.usage("k", now=0.0) == (3.0, 100.0)
+    one.close()
+    two.close()
