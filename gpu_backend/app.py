@@ -109,6 +109,7 @@ def build_blocks(tier: GpuTier) -> gr.Blocks:
         request: gr.Request = None,  # type: ignore[assignment]
     ) -> AsyncIterator[dict]:
         """Generate one image for the identity in X-Splitspace-Identity (frontend only)."""
+        tier.metrics.calls.inc()
         identity = tier.verify(request)
         try:
             req = request_from_dict(

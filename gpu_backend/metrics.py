@@ -45,6 +45,9 @@ class GpuMetrics:
         self.refusals = Counter(
             "splitspace_refusals", "Requests refused, by reason", ["reason"], registry=self.registry
         )
+        self.calls = Counter(
+            "splitspace_infer_calls", "Calls that reached /infer, before any check", registry=self.registry
+        )
         self.requests = Counter(
             "splitspace_requests", "Requests by outcome", ["outcome"], registry=self.registry
         )

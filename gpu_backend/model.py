@@ -39,7 +39,10 @@ from shared.schema import MAX_SEED, GenerateRequest
 TINY = "tiny"
 SLEEP_PREFIX = "sleep:"
 
-_SPEC_HELP = "expected 'tiny', 'sleep:MS' (MS a whole number of milliseconds, 0 or more), a diffusers model id such as 'stabilityai/sd-turbo', or a local pipeline folder"
+_SPEC_HELP = (
+    "expected 'tiny', 'sleep:MS' (MS a whole number of milliseconds, 0 or more), "
+    "a diffusers model id such as 'stabilityai/sd-turbo', or a local pipeline folder"
+)
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
@@ -70,8 +73,10 @@ def preset_for(spec: str) -> Preset:
 
 
 @dataclass(frozen=True)
-class CostModel:
-    """Seconds for one pipeline call of ``batch`` images of ``pixels`` each::
+class CostCurve:
+    """The shape of a model's cost (``gpu_backend.cost.CostModel`` calibrates it at run time).
+
+    Seconds for one pipeline call of ``batch`` images of ``pixels`` each::
 
         fixed_s + steps * (step_s + step_pixel_s * unet_images * pixels) + pixel_s * batch * pixels
 
@@ -90,18 +95,19 @@ class CostModel:
         return self.fixed_s + unet + self.pixel_s * batch * pixels
 
 
-# The tiny pipeline on a 2-core CPU (float32, 2 steps: 0.02 s at 64x64, 0.06 s at
-# 256, 0.15 s at 512, 0.95 s at 1024), fitted with batches of 1 to 4.
-TINY_CPU_COST = CostModel(fixed_s=0.006, step_s=0.004, step_pixel_s=1.6e-7, pixel_s=2.1e-7)
+# The tiny pipeline on a 2-core CPU, float32. Measured with 2 steps, batch 1:
+# 0.02 s at 64x64, 0.055 s at 256, 0.15 s at 512, 0.94 s at 1024 (attention over
+# 128x128 latents makes 1024 costlier than this model says).
+TINY_CPU_COST = CostCurve(fixed_s=0.010, step_s=0.006, step_pixel_s=1.5e-7, pixel_s=2.5e-7)
 # The tiny pipeline on a GPU: not measured; a launch-bound guess (about 60 small
 # kernels per UNet step). Calibrate at run time.
-TINY_CUDA_COST = CostModel(fixed_s=0.010, step_s=0.008, step_pixel_s=1e-10, pixel_s=2e-9)
+TINY_CUDA_COST = CostCurve(fixed_s=0.010, step_s=0.008, step_pixel_s=1e-10, pixel_s=2e-9)
 # A Stable Diffusion 2.1-sized model (UNet 866M parameters) in float16 on a GPU,
 # fitted to the H200 table of ANCHORS.md section 2 (within about 30%). About
 # 40 ms per step at batch 1 whatever the size: the GPU waits on kernel launches.
-PRETRAINED_CUDA_COST = CostModel(fixed_s=0.010, step_s=0.040, step_pixel_s=3e-9, pixel_s=8.5e-8)
+PRETRAINED_CUDA_COST = CostCurve(fixed_s=0.010, step_s=0.040, step_pixel_s=3e-9, pixel_s=8.5e-8)
 # The same model in float32 on a CPU: an order-of-magnitude guess (seconds per step).
-PRETRAINED_CPU_COST = CostModel(fixed_s=0.5, step_s=0.1, step_pixel_s=3e-5, pixel_s=5e-5)
+PRETRAINED_CPU_COST = CostCurve(fixed_s=0.5, step_s=0.1, step_pixel_s=3e-5, pixel_s=5e-5)
 
 
 class ModelExecutor:
@@ -120,7 +126,7 @@ class ModelExecutor:
         is_placeholder: bool,
         pipeline: Any = None,
         sleep_ms: int | None = None,
-        cost: CostModel | None = None,
+        cost: CostCurve | None = None,
     ) -> None:
         if (pipeline is None) == (sleep_ms is None):
             raise ValueError("give exactly one of `pipeline` and `sleep_ms`")
@@ -186,7 +192,7 @@ class ModelExecutor:
         return int(steps), float(guidance)
 
     def generate(self, req: GenerateRequest, seed: int) -> Image.Image:
-        """One image of exactly ``req.width`` x ``req.height``; the same seed gives the same pixels."""
+        """One image of exactly ``req.width`` x ``req.height``; same seed, same pixels."""
         return self.generate_batch([req], [seed])[0]
 
     def generate_batch(self, reqs: list[GenerateRequest], seeds: list[int]) -> list[Image.Image]:
@@ -277,8 +283,10 @@ def _default_device() -> str:
 
 def _parse_sleep_ms(spec: str) -> int:
     text = spec[len(SLEEP_PREFIX) :].strip()
-    if not text.isdigit():  # also refuses "-5", "1.5" and ""
-        raise ValueError(f"model spec {spec!r}: MS must be a whole number of milliseconds, 0 or more")
+    if not re.fullmatch(r"[0-9]+", text):  # refuses "abc", "-5", "1.5" and ""
+        raise ValueError(
+            f"model spec {spec!r}: MS must be a whole number of milliseconds, 0 or more"
+        )
     return int(text)
 
 

@@ -59,11 +59,12 @@ import heapq
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable
 
 from shared.quotas import Tier
 
-from .usage import UsageStore
+if TYPE_CHECKING:
+    from .usage import UsageStore
 
 __all__ = [
     "Outcome",
@@ -293,7 +294,7 @@ class FairScheduler:
         self._seen[client.client_id] = client
         flow = self._flows.get(client.flow_id) or _Flow(client.flow_id)
 
-        refused = self._check_rate(flow, tier, now) or self._check_queue(flow, tier, now)
+        refused = self._check_rate(flow, tier, now) or self._check_queue(flow, tier)
         if refused is not None:
             return refused
         job = Job(job_id=job_id, client=client, cost=cost, batch_key=batch_key, submitted_at=now, seq=next(self._job_seq))
@@ -335,7 +336,7 @@ class FairScheduler:
             f"{len(times)} requests {who}in the last {RATE_WINDOW_S:g} s (requests_per_minute={rpm})",
         )
 
-    def _check_queue(self, flow: _Flow, tier: Tier, now: float) -> Admission | None:
+    def _check_queue(self, flow: _Flow, tier: Tier) -> Admission | None:
         if flow.queued < tier.max_queued:
             return None
         first = min(
@@ -582,6 +583,7 @@ class FairScheduler:
         if flow is not None:
             member = flow.members.get(ref.client_id)
         stats: dict[str, Any] = {
+            "client": ref.client_id,
             "client_id": ref.client_id,
             "kind": ref.kind,
             "tier": ref.tier,

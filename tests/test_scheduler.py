@@ -532,12 +532,13 @@ def test_position_is_cached_until_the_state_changes() -> None:
 
 
 def test_batch_groups_same_key_from_other_clients_in_one_slot() -> None:
-    sched, clock, store = make(OPEN, capacity=2)
+    sched, clock, store = make(replace(OPEN, max_running=4), capacity=2)
     assert sched.submit("a0", key("a"), 1.0, batch_key="512").ok
     assert sched.submit("a1", key("a"), 1.0, batch_key="512").ok  # same client: not batched
     assert sched.submit("b0", key("b"), 2.0, batch_key="768").ok  # other shape
     assert sched.submit("c0", key("c"), 3.0, batch_key="512").ok
     assert sched.submit("d0", key("d"), 4.0, batch_key="512").ok
+    assert sched.submit("c1", key("c"), 1.0, batch_key="512").ok  # c is in already
     assert sched.submit("e0", key("e"), 1.0, batch_key=None).ok
     batch = sched.dispatch(max_batch=4)
     assert [j.job_id for j in batch] == ["a0", "c0", "d0"]
@@ -550,9 +551,8 @@ def test_batch_groups_same_key_from_other_clients_in_one_slot() -> None:
     sched.finish("d0", 4.0)
     assert [j.job_id for j in sched.dispatch(max_batch=4)] == ["e0"]
     # Each was charged its own cost: usage, and the fair order afterwards.
-    assert {c: store.usage(f"key:{c}", clock())[0] for c in "cd"} == {"c": 3.0, "d": 4.0}
+    assert {c: store.usage(f"key:{c}", clock())[0] for c in "cd"} == {"c": 3.0 + 1.0, "d": 4.0}  # + c1 reserved
     assert sched.submit("d1", key("d"), 1.0).ok
-    assert sched.submit("c1", key("c"), 1.0).ok
     assert sched.position("c1")[0] < sched.position("d1")[0]
 
 

@@ -1,0 +1,67 @@
+"""Small helpers the tests use to call the tiers as outside clients do."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from session.identity import Identity
+from session.token import IdentityTokens
+from shared.headers import IDENTITY_HEADER
+
+GENERATE_DEFAULTS: dict[str, Any] = dict(
+    prompt="a red fox", negative_prompt="", width=64, height=64, steps=1, guidance_scale=0.0, seed=1
+)
+
+
+def gen_args(**overrides: Any) -> list[Any]:
+    values = {**GENERATE_DEFAULTS, **overrides}
+    return [values[k] for k in ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed")]
+
+
+def call_rest(
+    client: httpx.Client, base_url: str, api: str, data: list[Any], headers: dict[str, str] | None = None
+) -> tuple[str, list[tuple[str, Any]]]:
+    """The curl flow: POST /gradio_api/call/<api>, then read its event stream.
+
+    Returns (final event name, every (event, data) pair)."""
+    r = client.post(f"{base_url}/gradio_api/call/{api}", json={"data": data}, headers=headers or {})
+    r.raise_for_status()
+    event_id = r.json()["event_id"]
+    events: list[tuple[str, Any]] = []
+    name = ""
+    with client.stream("GET", f"{base_url}/gradio_api/call/{api}/{event_id}", headers=headers or {}) as s:
+        for line in s.iter_lines():
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                raw = line[5:].strip()
+                try:
+                    payload = json.loads(raw)
+                except ValueError:
+                    payload = raw
+                events.append((name, payload))
+                if name in ("complete", "error"):
+                    return name, events
+    return name, events
+
+
+def token_for(secret: str, identity: Identity, **kwargs: Any) -> str:
+    return IdentityTokens([secret], **kwargs).mint(identity)
+
+
+def infer_direct(
+    base_url: str, token: str | None, **overrides: Any
+) -> tuple[str, list[tuple[str, Any]]]:
+    headers = {IDENTITY_HEADER: token} if token else {}
+    with httpx.Client(timeout=30) as c:
+        return call_rest(c, base_url, "infer", gen_args(**overrides), headers)
+
+
+def error_text(events: list[tuple[str, Any]]) -> str:
+    for name, payload in events:
+        if name == "error":
+            return payload.get("error") if isinstance(payload, dict) else str(payload)
+    return ""

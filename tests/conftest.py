@@ -1,0 +1,83 @@
+"""Shared deployments of the real tiers (processes on loopback) for the integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import Deployment, sha256
+
+# API keys the tests use, as an operator would define them.
+KEYS = {
+    "alpha": ("alpha-key-0001", "free"),
+    "beta": ("beta-key-0002", "pro"),
+    "tight": ("tight-key-0003", "tight"),
+    "other": ("other-key-0004", "free"),
+    "metered": ("metered-key-0005", "metered"),
+    "chatty": ("chatty-key-0006", "chatty"),
+}
+
+QUOTAS = """
+[tiers.anonymous]
+weight = 1
+max_running = 1
+max_queued = 8
+gpu_seconds = 600
+window_s = 3600
+address_gpu_seconds = 900
+requests_per_minute = 1000
+
+[tiers.tight]
+weight = 1
+max_running = 1
+max_queued = 1
+gpu_seconds = 600
+window_s = 3600
+
+[tiers.metered]
+weight = 1
+max_running = 1
+max_queued = 4
+gpu_seconds = 0.5
+window_s = 120
+
+[tiers.chatty]
+weight = 1
+max_running = 1
+max_queued = 10
+gpu_seconds = 600
+window_s = 3600
+requests_per_minute = 2
+""" + "".join(
+    f'\n[[keys]]\nname = "{name}"\ntier = "{tier}"\nsha256 = "{sha256(raw)}"\n'
+    for name, (raw, tier) in KEYS.items()
+)
+
+
+def key(name: str) -> str:
+    return KEYS[name][0]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """Both tiers with the tiny diffusers model, the quota file above, httpx transport."""
+    d = Deployment(tmp_path_factory.mktemp("tiny"), model="tiny", quotas=QUOTAS)
+    d.start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="session")
+def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """Both tiers with ``sleep:300`` (each image holds the executor 0.3 s)."""
+    d = Deployment(tmp_path_factory.mktemp("slow"), model="sleep:300", quotas=QUOTAS)
+    d.start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,155 @@
+"""Start the real tiers as processes on loopback, for the tests and the benchmarks.
+
+Nothing is mocked: each tier is ``python -m deploy.cli backend|frontend`` on a
+free port, configured through ``SPLITSPACE_*`` variables, with its output in a
+log file that tests can read (e.g. to check that no secret is ever logged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sha256(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass
+class TierProcess:
+    name: str
+    url: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_tier(
+    kind: str, port: int, env: dict[str, str], log_path: Path, *args: str, ready_timeout_s: float = 120
+) -> TierProcess:
+    full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", **env}
+    cmd = [sys.executable, "-m", "deploy.cli", kind, "--host", "127.0.0.1", "--port", str(port), *args]
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(cmd, env=full_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    tier = TierProcess(kind, f"http://127.0.0.1:{port}", proc, log_path)
+    deadline = time.monotonic() + ready_timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{kind} exited with {proc.returncode}:\n{tier.log()[-3000:]}")
+        try:
+            if httpx.get(f"{tier.url}/health", timeout=1).status_code == 200:
+                return tier
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    tier.stop()
+    raise RuntimeError(f"{kind} not ready in {ready_timeout_s} s:\n{tier.log()[-3000:]}")
+
+
+@dataclass
+class Deployment:
+    """Both tiers, the secrets they share and the operator's files."""
+
+    workdir: Path
+    model: str = "tiny"
+    quotas: str | None = None
+    transport: str = "httpx"
+    secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    backend_env: dict[str, str] = field(default_factory=dict)
+    frontend_env: dict[str, str] = field(default_factory=dict)
+    trusted_proxies: int = 1
+    backend: TierProcess | None = None
+    frontend: TierProcess | None = None
+    backend_port: int = field(default_factory=free_port)
+    frontend_port: int = field(default_factory=free_port)
+
+    @property
+    def quotas_path(self) -> Path:
+        return self.workdir / "quotas.toml"
+
+    @property
+    def state_path(self) -> Path:
+        return self.workdir / "state.sqlite3"
+
+    def common_env(self) -> dict[str, str]:
+        env = {
+            "SPLITSPACE_SECRET": self.secret,
+            "SPLITSPACE_TRUSTED_PROXIES": str(self.trusted_proxies),
+            "SPLITSPACE_BACKEND_TIMEOUT_S": "5",
+        }
+        if self.quotas is not None:
+            env["SPLITSPACE_QUOTAS"] = str(self.quotas_path)
+        return env
+
+    def write_quotas(self, text: str) -> None:
+        self.quotas = text
+        tmp = self.quotas_path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.quotas_path)
+
+    def start_backend(self) -> TierProcess:
+        env = {
+            **self.common_env(),
+            "SPLITSPACE_MODEL": self.model,
+            "SPLITSPACE_ADMIN_TOKEN": self.admin_token,
+            "SPLITSPACE_STATE_PATH": str(self.state_path),
+            **self.backend_env,
+        }
+        self.backend = start_tier("backend", self.backend_port, env, self.workdir / "backend.log")
+        return self.backend
+
+    def start_frontend(self) -> TierProcess:
+        env = {
+            **self.common_env(),
+            "SPLITSPACE_BACKEND_URL": self.backend_urls(),
+            "SPLITSPACE_TRANSPORT": self.transport,
+            **self.frontend_env,
+        }
+        self.frontend = start_tier("frontend", self.frontend_port, env, self.workdir / "frontend.log")
+        return self.frontend
+
+    def backend_urls(self) -> str:
+        return f"http://127.0.0.1:{self.backend_port}"
+
+    def start(self) -> "Deployment":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.quotas is not None:
+            self.write_quotas(self.quotas)
+        self.start_backend()
+        self.start_frontend()
+        return self
+
+    def stop(self) -> None:
+        for tier in (self.frontend, self.backend):
+            if tier is not None:
+                tier.stop()
