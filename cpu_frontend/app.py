@@ -179,8 +179,12 @@ def build_blocks(fe: Frontend) -> gr.Blocks:
                     quota_box = gr.JSON(label="Quota")
                     refresh = gr.Button("Refresh quota")
         inputs = [prompt, negative, width, height, steps, guidance, seed]
-        run.click(generate, inputs, [image, info_box], api_name="generate", concurrency_limit=None)
-        prompt.submit(generate, inputs, [image, info_box], api_visibility="private", concurrency_limit=None)
+        # preprocess=False: our validation (one definition, errors that name the field) sees
+        # the raw values first, instead of the components' own range checks.
+        run.click(generate, inputs, [image, info_box], api_name="generate", concurrency_limit=None,
+                  preprocess=False)
+        prompt.submit(generate, inputs, [image, info_box], api_visibility="private", concurrency_limit=None,
+                      preprocess=False)
         refresh.click(quota, None, quota_box, api_name="quota", concurrency_limit=None)
     return blocks
 

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Request
 
 from shared.quotas import QuotaConfig, QuotaFileError, Tier, validate_overrides
 
-from .scheduler import ClientRef, FairScheduler
+from .scheduler import ClientRef, FairScheduler, address_usage_key
 from .usage import UsageStore
 
 
@@ -106,6 +106,8 @@ def admin_router(
     @router.post("/reset/{client_id:path}")
     async def reset_client(client_id: str) -> dict[str, Any]:
         store.reset(client_id)
+        if client_id.startswith("addr:"):  # an address also resets the ceiling its sessions share
+            store.reset(address_usage_key(client_id.removeprefix("addr:")))
         return describe(client_id)
 
     @router.get("/quotas")

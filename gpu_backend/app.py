@@ -125,7 +125,7 @@ def build_blocks(tier: GpuTier) -> gr.Blocks:
     async def standing(request: gr.Request = None) -> dict:  # type: ignore[assignment]
         """The caller's own quota standing (frontend only)."""
         identity = tier.verify(request)
-        stats = dict(tier.scheduler.client_stats(identity.client_id))
+        stats = dict(tier.scheduler.client_stats(client_ref(identity)))
         stats.setdefault("tier", identity.tier)
         stats["client"] = identity.client_id
         return stats

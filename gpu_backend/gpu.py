@@ -46,8 +46,10 @@ def gpu_duration(requests: list[GenerateRequest], seeds: list[int]) -> int:
     """Seconds to ask ZeroGPU for: the cost model's estimate with a safety margin."""
     executor = current_executor()
     first = requests[0]
-    steps, _ = executor.resolve(first, seeds[0])
-    estimate = executor.estimate_seconds(steps, first.width, first.height, len(requests))
+    steps, guidance = executor.resolve(first, seeds[0])
+    estimate = executor.estimate_seconds(
+        steps, first.width, first.height, len(requests), guidance_scale=guidance
+    )
     return max(MIN_DURATION_S, int(estimate * DURATION_MARGIN) + 1)
 
 

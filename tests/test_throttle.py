@@ -1,0 +1,86 @@
+"""Per-client limits refuse with the right title and retry seconds; other clients keep succeeding."""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import httpx
+
+from tests.clients import call_rest, error_text, gen_args
+from tests.conftest import key
+
+
+def _bearer(name: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key(name)}"}
+
+
+def _generate(url: str, headers: dict[str, str]) -> tuple[str, str]:
+    with httpx.Client(timeout=60) as c:
+        final, events = call_rest(c, url, "generate", gen_args(), headers)
+    return final, error_text(events)
+
+
+def _retry_seconds(text: str) -> int:
+    m = re.search(r"Retry in (\d+) s\.", text)
+    assert m, f"no retry seconds in {text!r}"
+    return int(m.group(1))
+
+
+def test_queue_full_for_one_client_while_another_succeeds(slow):
+    """tier "tight": max_running 1 + max_queued 1; the third concurrent request is refused."""
+    url = slow.frontend.url
+    results: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def worker() -> None:
+        r = _generate(url, _bearer("tight"))
+        with lock:
+            results.append(r)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    other = [_generate(url, _bearer("other")) for _ in range(2)]
+    for t in threads:
+        t.join()
+    refused = [text for final, text in results if final == "error"]
+    served = [final for final, _ in results if final == "complete"]
+    assert refused, results
+    assert len(served) >= 2
+    for text in refused:
+        assert text.startswith("Queue full:"), text
+        assert _retry_seconds(text) >= 1
+    assert all(final == "complete" for final, _ in other), other
+
+
+def test_quota_exceeded_names_window_reset(slow):
+    """tier "metered": 0.5 GPU-seconds per 120 s; jobs take 0.3 s."""
+    url = slow.frontend.url
+    finals = [_generate(url, _bearer("metered")) for _ in range(4)]
+    refused = [text for final, text in finals if final == "error"]
+    assert [f for f, _ in finals[:1]] == ["complete"]
+    assert refused, finals
+    assert refused[0].startswith("Quota exceeded:"), refused[0]
+    assert 60 <= _retry_seconds(refused[0]) <= 121
+    assert _generate(url, _bearer("other"))[0] == "complete"
+
+
+def test_rate_limited_after_requests_per_minute(slow):
+    """tier "chatty": 2 requests per minute."""
+    url = slow.frontend.url
+    finals = [_generate(url, _bearer("chatty")) for _ in range(3)]
+    assert [f for f, _ in finals[:2]] == ["complete", "complete"]
+    final, text = finals[2]
+    assert final == "error" and text.startswith("Rate limited:"), text
+    assert 1 <= _retry_seconds(text) <= 61
+    assert _generate(url, _bearer("alpha"))[0] == "complete"
+
+
+def test_quota_shows_limits_and_usage(slow):
+    with httpx.Client(timeout=30) as c:
+        final, events = call_rest(c, slow.frontend.url, "quota", [], _bearer("metered"))
+    standing = events[-1][1][0]
+    assert standing["tier"] == "metered"
+    assert standing["limits"]["gpu_seconds"] == 0.5
+    assert standing["used"] > 0
