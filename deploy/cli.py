@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -65,6 +66,42 @@ def frontend(
     from cpu_frontend.app import serve
 
     serve(host, port, reload=reload)
+
+
+@app.command("deploy")
+def deploy_cmd(
+    frontend_space: str = typer.Option(..., help="OWNER/NAME of the public frontend Space (CPU)."),
+    backend_space: str = typer.Option(..., help="OWNER/NAME of the GPU tier's Space (ZeroGPU)."),
+    model: str = typer.Option("stabilityai/sd-turbo", help="Model spec the GPU tier serves (SPLITSPACE_MODEL)."),
+    private_backend: bool = typer.Option(True, "--private-backend/--public-backend",
+                                         help="Make the GPU tier's Space private (the frontend then needs a token)."),
+    backend_hardware: Optional[str] = typer.Option(None, help="Also request this hardware for the GPU tier, e.g. zero-a10g."),
+    dry_run: Optional[Path] = typer.Option(None, "--dry-run", metavar="DIR",
+                                           help="Only write DIR/frontend and DIR/backend and show the Hub calls."),
+    token: Optional[str] = typer.Option(None, help="Hub token for the deployment (default: HF_TOKEN or your Hub login)."),
+    frontend_token: Optional[str] = typer.Option(
+        None, help="Hub token the frontend uses to reach a private GPU tier (default: SPLITSPACE_FRONTEND_HF_TOKEN)."),
+) -> None:
+    """Deploy both tiers to Hugging Face Spaces (the same shared secret on both; never printed)."""
+    from .spaces import DeployError, DeployOptions, HubCallFailed, deploy
+
+    options = DeployOptions(frontend_space, backend_space, model, private_backend, backend_hardware)
+    api = None
+    if dry_run is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    try:
+        deploy(options, api=api, dry_run=dry_run, frontend_token=frontend_token, echo=typer.echo)
+    except DeployError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except HubCallFailed as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except Exception as exc:  # no traceback: typer's would show local variables, secrets among them
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command("hash-key")

@@ -57,7 +57,7 @@ def limits_function(
 def admin_router(
     *,
     token: str | None,
-    scheduler: FairScheduler,
+    read: Callable[[Callable[[FairScheduler], Any]], Any],
     store: UsageStore,
     overrides: Overrides,
     config: Callable[[], QuotaConfig],
@@ -75,14 +75,14 @@ def admin_router(
     router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
     def describe(client_id: str) -> dict[str, Any]:
-        stats = dict(scheduler.client_stats(client_id))
+        stats = dict(read(lambda s: s.client_stats(client_id)))
         stats["client"] = client_id
         stats["overrides"] = overrides.get(client_id)
         return stats
 
     @router.get("/clients")
     async def list_clients() -> list[dict[str, Any]]:
-        ids = {c["client"] for c in scheduler.clients()} | set(overrides.all())
+        ids = {c["client"] for c in read(FairScheduler.clients)} | set(overrides.all())
         return [describe(cid) for cid in sorted(ids)]
 
     @router.get("/clients/{client_id:path}")

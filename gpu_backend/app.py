@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,9 @@ class GpuTier:
 
     def __init__(self, settings: Settings, executor: ModelExecutor | None = None) -> None:
         self.settings = settings
+        # The GPU thread must get the GIL back quickly when a batch ends, or the GPU
+        # idles while the event loop runs Python (default switch interval: 5 ms).
+        sys.setswitchinterval(0.001)
         self.tokens = IdentityTokens(settings.secrets)
         if not self.tokens.configured:
             log.warning("no SPLITSPACE_SECRET: the GPU tier refuses every call")
@@ -64,7 +68,7 @@ class GpuTier:
             store=self.store,
             capacity=1,
         )
-        self.metrics = GpuMetrics(self.scheduler.depth_by_tier)
+        self.metrics = GpuMetrics(lambda: self.with_scheduler(FairScheduler.depth_by_tier))
         self.runner = GpuRunner(
             self.scheduler,
             CostModel(lambda s, w, h, b: gpu.current_executor().estimate_seconds(s, w, h, b)),
@@ -76,6 +80,11 @@ class GpuTier:
             on_event=self.metrics.on_event,
         )
 
+    def with_scheduler(self, read: Callable[[FairScheduler], Any]) -> Any:
+        """Read the scheduler under the runner's lock (the GPU threads change it too)."""
+        with self.runner.locked() as scheduler:
+            return read(scheduler)
+
     def verify(self, request: gr.Request | None):  # type: ignore[no-untyped-def]
         headers = request.headers if request is not None else {}
         try:
@@ -86,7 +95,7 @@ class GpuTier:
 
     def health(self) -> dict[str, Any]:
         ex = gpu.current_executor()
-        depth = self.scheduler.depth_by_tier()
+        depth = self.with_scheduler(FairScheduler.depth_by_tier)
         return {
             "status": "ok",
             "model": ex.name,
@@ -121,11 +130,17 @@ def build_blocks(tier: GpuTier) -> gr.Blocks:
                 yield update
         except SplitspaceError as exc:
             raise to_gradio_error(exc) from None
+        except gr.Error:
+            raise  # e.g. ZeroGPU's own "ZeroGPU quota exceeded": passed through as is
+        except Exception as exc:  # the model failed: say so, without internals
+            log.exception("model failure")
+            raise gr.Error(f"GPU error: the model failed ({type(exc).__name__})", title="GPU error",
+                           print_exception=False) from None
 
     async def standing(request: gr.Request = None) -> dict:  # type: ignore[assignment]
         """The caller's own quota standing (frontend only)."""
         identity = tier.verify(request)
-        stats = dict(tier.scheduler.client_stats(client_ref(identity)))
+        stats = dict(tier.with_scheduler(lambda s: s.client_stats(client_ref(identity))))
         stats.setdefault("tier", identity.tier)
         stats["client"] = identity.client_id
         return stats
@@ -170,7 +185,7 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
     app.include_router(
         admin_router(
             token=admin_token,
-            scheduler=tier.scheduler,
+            read=tier.with_scheduler,
             store=tier.store,
             overrides=tier.overrides,
             config=lambda: tier.watcher.current,

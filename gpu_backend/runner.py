@@ -1,31 +1,33 @@
-"""The asyncio glue between Gradio handlers, the fair scheduler and the GPU thread.
+"""The glue between Gradio handlers, the fair scheduler and the GPU.
 
-The scheduler core is pure; this module owns the event loop side: it submits
-each request, pumps ``dispatch`` whenever the state changes (work-conserving),
-runs each dispatched batch on a dedicated GPU thread, settles measured GPU
-time, and streams status (position, ETA) to the waiting handler. Everything
-here runs on the event loop thread except the batch itself, so the scheduler
-needs no lock.
+The scheduler core is pure; this module runs it. Handlers (on the event loop)
+submit jobs and wait on a future, streaming status (position, ETA) meanwhile.
+The GPU side is a dedicated worker thread per capacity slot that takes its
+next batch straight from the scheduler the moment the previous one ends, so
+the GPU never waits on a busy event loop: dispatch stays work-conserving even
+while the loop is ingesting a burst of requests. A lock guards the scheduler,
+which both sides touch; it is held only for bookkeeping, never during a batch.
 
 A waiting handler that goes away (the caller disconnected or cancelled) has
 its job removed from the queue at once; a batch already on the GPU finishes
-and its slot is freed only when the thread returns, so two jobs never overlap.
+and its slot is freed only when the model returns, so two jobs never overlap.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import contextvars
-import functools
 import io
 import logging
 import secrets
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from session.identity import Identity
@@ -42,6 +44,11 @@ _TITLES = {
     Outcome.QUOTA_EXCEEDED: QUOTA_EXCEEDED,
     Outcome.RATE_LIMITED: RATE_LIMITED,
 }
+
+STATUS_EVERY_S = 1.0
+"""At most one status update per waiter per this many seconds (each crosses two Gradio queues)."""
+FIRST_STATUS_AFTER_S = 0.05
+"""A job done sooner than this sends no status at all (most jobs on an idle GPU)."""
 
 BatchFn = Callable[[list[GenerateRequest], list[int]], list[Any]]
 
@@ -67,9 +74,8 @@ class _Waiter:
     submitted: float
     context: contextvars.Context
     future: asyncio.Future[dict[str, Any]]
+    loop: asyncio.AbstractEventLoop
     started: float | None = None
-    abandoned: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class GpuRunner:
@@ -94,12 +100,31 @@ class GpuRunner:
         self._clock = clock
         self._on_event = on_event or (lambda kind, data: None)
         self._waiters: dict[str, _Waiter] = {}
-        self._pool = ThreadPoolExecutor(max_workers=scheduler.capacity, thread_name_prefix="gpu")
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._ready: deque[list[Job]] = deque()
+        self._stopping = False
+        self._threads = [
+            threading.Thread(target=self._gpu_loop, name=f"gpu-{i}", daemon=True)
+            for i in range(scheduler.capacity)
+        ]
+        for t in self._threads:
+            t.start()
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[FairScheduler]:
+        """The scheduler, for readers outside this module (admin API, metrics)."""
+        with self._lock:
+            yield self.scheduler
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._work:
+            self._stopping = True
+            self._work.notify_all()
+        for t in self._threads:
+            t.join(timeout=30)
 
-    # -- the handler side ---------------------------------------------------------------
+    # -- the handler side (event loop) ------------------------------------------------
     async def generate(
         self, identity: Identity, request: GenerateRequest
     ) -> AsyncIterator[dict[str, Any]]:
@@ -116,90 +141,95 @@ class GpuRunner:
         waiter = _Waiter(
             request=request, seed=seed, steps=steps, guidance=guidance,
             submitted=self._clock(), context=contextvars.copy_context(),
-            future=loop.create_future(),
+            future=loop.create_future(), loop=loop,
         )
         batch_key = (request.width, request.height, steps, guidance)
-        admission = self.scheduler.submit(job_id, client_ref(identity), estimate, batch_key)
+        with self._work:
+            admission = self.scheduler.submit(job_id, client_ref(identity), estimate, batch_key)
+            if admission.ok:
+                self._waiters[job_id] = waiter
+                self._dispatch_locked()
         if not admission.ok:
             self._on_event("refused", {"tier": identity.tier, "reason": admission.outcome.name.lower()})
             raise Throttled(_TITLES.get(admission.outcome, QUEUE_FULL), admission.reason, admission.retry_after_s)
-        self._waiters[job_id] = waiter
         self._on_event("admitted", {"tier": identity.tier})
-        self._pump()
         try:
-            last: tuple[int, float] | None = None
-            last_sent = 0.0
+            # A disconnected caller is noticed at its next yield, so the status
+            # interval also bounds how long a cancelled job can stay queued.
+            await asyncio.wait([waiter.future], timeout=FIRST_STATUS_AFTER_S)
+            last_sent = -STATUS_EVERY_S
             while not waiter.future.done():
-                place = self.scheduler.position(job_id)
                 now = self._clock()
-                if place is not None:
-                    pos, eta = place
-                    shown = (pos, round(eta, 1))
-                    if shown != last or now - last_sent >= 1.0:
-                        last, last_sent = shown, now
-                        yield {"status": "queued", "position": pos, "eta_s": round(eta, 1)}
-                    interval = 0.25 if pos <= 10 else 1.0
-                else:
-                    if last != (0, 0.0):
-                        last, last_sent = (0, 0.0), now
+                if now - last_sent >= STATUS_EVERY_S:
+                    last_sent = now
+                    with self._lock:
+                        place = self.scheduler.position(job_id)
+                    if place is not None:
+                        yield {"status": "queued", "position": place[0], "eta_s": round(place[1], 1)}
+                    else:
                         yield {"status": "running", "position": 0, "eta_s": 0.0}
-                    interval = 1.0
-                await asyncio.wait([waiter.future], timeout=interval)
+                await asyncio.wait([waiter.future], timeout=STATUS_EVERY_S)
             yield waiter.future.result()
         finally:
             if not waiter.future.done():
-                waiter.abandoned = True
-                if self.scheduler.cancel(job_id):
-                    self._waiters.pop(job_id, None)
+                with self._work:
+                    cancelled = self.scheduler.cancel(job_id)
+                    if cancelled:
+                        self._waiters.pop(job_id, None)
+                        self._dispatch_locked()  # a freed place may make another job eligible
+                if cancelled:
                     self._on_event("cancelled", {"tier": identity.tier})
-                    self._pump()
 
-    # -- the GPU side -------------------------------------------------------------------
-    def _pump(self) -> None:
-        """Start every batch the scheduler will dispatch now (work-conserving)."""
+    # -- the GPU side (worker threads) ------------------------------------------------
+    def _dispatch_locked(self) -> None:
+        """Move every batch the scheduler starts now to the GPU threads (lock held).
+
+        Dispatching at once, not when a GPU thread wakes up, keeps the scheduler's
+        counts exact: a job that can start is running, not queued."""
+        while jobs := self.scheduler.dispatch(self.max_batch):
+            self._ready.append(jobs)
+            self._work.notify()
+
+    def _gpu_loop(self) -> None:
         while True:
-            jobs = self.scheduler.dispatch(self.max_batch)
-            if not jobs:
-                return
-            asyncio.get_running_loop().create_task(self._run(jobs))
+            with self._work:
+                while not self._ready and not self._stopping:
+                    self._work.wait()
+                if not self._ready:
+                    return
+                jobs = self._ready.popleft()
+                waiters = [self._waiters[j.job_id] for j in jobs]
+            self._run_batch(jobs, waiters)
 
-    def _execute(self, requests: list[GenerateRequest], seeds: list[int]) -> tuple[list[str], float]:
-        t0 = time.perf_counter()
-        images = self._run_batch_fn(requests, seeds)
-        gpu_s = time.perf_counter() - t0
-        return [encode_png(img) for img in images], gpu_s
-
-    async def _run(self, jobs: list[Job]) -> None:
-        waiters = [self._waiters[j.job_id] for j in jobs]
-        now = self._clock()
+    def _run_batch(self, jobs: list[Job], waiters: list[_Waiter]) -> None:
+        started = self._clock()
         for job, w in zip(jobs, waiters):
-            w.started = now
-            self._on_event("started", {"tier": job.client.tier, "wait_s": now - w.submitted})
+            w.started = started
+            self._on_event("started", {"tier": job.client.tier, "wait_s": started - w.submitted})
         requests = [w.request for w in waiters]
         seeds = [w.seed for w in waiters]
-        loop = asyncio.get_running_loop()
-        call = functools.partial(waiters[0].context.run, self._execute, requests, seeds)
-        try:
-            images, gpu_s = await loop.run_in_executor(self._pool, call)
+        t0 = time.perf_counter()
+        error: BaseException | None = None
+        images: list[Any] = []
+        try:  # in the head job's context, so ZeroGPU sees that caller's request (x-ip-token)
+            images = waiters[0].context.run(self._run_batch_fn, requests, seeds)
         except BaseException as exc:  # the model failed: every job of the batch gets the error
-            gpu_s = self._clock() - now
-            self._settle(jobs, gpu_s)
-            for w in waiters:
-                if not w.future.done():
-                    w.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError(str(exc)))
-                    w.future.exception()  # mark retrieved: an abandoned waiter must not warn
+            error = exc
             log.warning("batch of %d failed: %s", len(jobs), type(exc).__name__)
-            self._pump()
-            return
-        first = requests[0]
-        self.cost.observe(waiters[0].steps, first.width, first.height, len(jobs), gpu_s)
-        shares = self._settle(jobs, gpu_s)
-        done = self._clock()
-        for job, w, png, share in zip(jobs, waiters, images, shares):
+        gpu_s = time.perf_counter() - t0
+        if error is None:
+            first = requests[0]
+            self.cost.observe(waiters[0].steps, first.width, first.height, len(jobs), gpu_s)
+        with self._work:
+            shares = self._settle(jobs, gpu_s)
+            self._dispatch_locked()
+        for job, share in zip(jobs, shares):
             self._on_event("finished", {"tier": job.client.tier, "gpu_s": share})
-            if not w.future.done():
-                w.future.set_result(self._result(job, w, png, share, done))
-        self._pump()
+        for job, w, i, share in zip(jobs, waiters, range(len(jobs)), shares):
+            if error is not None:
+                w.loop.call_soon_threadsafe(_fail, w.future, error)
+            else:
+                w.loop.call_soon_threadsafe(self._deliver, job, w, images[i], share)
 
     def _settle(self, jobs: list[Job], gpu_s: float) -> list[float]:
         """Charge each job its share of the measured time, in proportion to its estimate."""
@@ -209,6 +239,18 @@ class GpuRunner:
             self.scheduler.finish(job.job_id, share)
             self._waiters.pop(job.job_id, None)
         return shares
+
+    def _deliver(self, job: Job, w: _Waiter, image: Any, gpu_s: float) -> None:
+        """On the loop: encode the image off the GPU thread, then wake the handler."""
+        if w.future.done():  # the caller went away while its job ran
+            return
+
+        async def finish() -> None:
+            png = await asyncio.to_thread(encode_png, image)
+            if not w.future.done():
+                w.future.set_result(self._result(job, w, png, gpu_s, self._clock()))
+
+        w.loop.create_task(finish())
 
     def _result(self, job: Job, w: _Waiter, png: str, gpu_s: float, done: float) -> dict[str, Any]:
         started = w.started if w.started is not None else done
@@ -226,3 +268,7 @@ class GpuRunner:
         }
         return {"status": "done", "image_png_b64": png, "info": info}
 
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error if isinstance(error, Exception) else RuntimeError(str(error)))

@@ -32,13 +32,15 @@ def test_queue_full_for_one_client_while_another_succeeds(slow):
     url = slow.frontend.url
     results: list[tuple[str, str]] = []
     lock = threading.Lock()
+    start = threading.Barrier(6)
 
     def worker() -> None:
+        start.wait()
         r = _generate(url, _bearer("tight"))
         with lock:
             results.append(r)
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
+    threads = [threading.Thread(target=worker) for _ in range(6)]
     for t in threads:
         t.start()
     other = [_generate(url, _bearer("other")) for _ in range(2)]

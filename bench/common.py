@@ -1,0 +1,91 @@
+"""What the benchmarks share: starting the baseline and splitspace, REST calls, statistics.
+
+Both systems run as real processes on loopback in the same run, so their
+figures are comparable as ratios (absolute times on these machines are noisy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.support import Deployment, TierProcess, free_port, sha256  # noqa: E402
+
+BASELINE = REPO.parent / "shared" / "baseline" / "plain_gradio"
+
+
+def start_baseline(workdir: Path) -> tuple[TierProcess, TierProcess]:
+    """The plain Gradio two-tier baseline of ANCHORS.md section 1."""
+    if not BASELINE.exists():
+        raise SystemExit(f"baseline not found at {BASELINE}")
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    procs = []
+    bport, fport = free_port(), free_port()
+    for script, args, port in (("backend.py", [str(bport)], bport),
+                               ("frontend.py", [str(fport), f"http://127.0.0.1:{bport}/"], fport)):
+        log = open(workdir / f"baseline-{script}.log", "ab")
+        proc = subprocess.Popen([sys.executable, str(BASELINE / script), *args], env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+        tier = TierProcess(script, f"http://127.0.0.1:{port}", proc, workdir / f"baseline-{script}.log")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{tier.url}/gradio_api/info", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        else:
+            raise SystemExit(f"baseline {script} did not start")
+        procs.append(tier)
+    return procs[0], procs[1]
+
+
+def bench_quotas(keys: dict[str, tuple[str, str]], tiers: str) -> str:
+    return tiers + "".join(
+        f'\n[[keys]]\nname = "{name}"\ntier = "{tier}"\nsha256 = "{sha256(raw)}"\n'
+        for name, (raw, tier) in keys.items()
+    )
+
+
+async def rest_call(client: httpx.AsyncClient, url: str, api: str, data: list[Any],
+                    headers: dict[str, str]) -> tuple[bool, Any]:
+    """POST /gradio_api/call/<api> then read the stream; (ok, final data or error text)."""
+    r = await client.post(f"{url}/gradio_api/call/{api}", json={"data": data}, headers=headers)
+    if r.status_code != 200:
+        return False, f"HTTP {r.status_code}"
+    event_id = r.json()["event_id"]
+    event = ""
+    async with client.stream("GET", f"{url}/gradio_api/call/{api}/{event_id}", headers=headers) as s:
+        async for line in s.aiter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:") and event in ("complete", "error"):
+                payload = json.loads(line[5:].strip())
+                return event == "complete" and payload not in (None, [None]), payload
+    return False, "stream ended"
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[k]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+__all__ = ["Deployment", "bench_quotas", "median", "pct", "rest_call", "start_baseline", "free_port"]

@@ -1,0 +1,21 @@
+"""The frontend's credentials for a private GPU tier on Hugging Face Spaces.
+
+A private Space answers on its direct URL (``https://owner-name.hf.space``) only
+to requests that carry a Hub token that can read it, as ``Authorization:
+Bearer``. ``splitspace deploy`` sets that token as the frontend Space's
+``HF_TOKEN`` secret. It is the same for every call (it authenticates the
+frontend Space, never a visitor), so it belongs in the transport's shared
+client headers, unlike the per-call identity token and ``x-ip-token``.
+Off Spaces, with no ``HF_TOKEN``, nothing is added.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+
+def backend_auth_headers(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``{"Authorization": "Bearer <HF_TOKEN>"}`` when ``HF_TOKEN`` is set, else ``{}``."""
+    token = (os.environ if environ is None else environ).get("HF_TOKEN", "").strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
