@@ -6,6 +6,7 @@ figures are comparable as ratios (absolute times on these machines are noisy).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import statistics
@@ -59,8 +60,18 @@ def bench_quotas(keys: dict[str, tuple[str, str]], tiers: str) -> str:
 
 
 async def rest_call(client: httpx.AsyncClient, url: str, api: str, data: list[Any],
-                    headers: dict[str, str]) -> tuple[bool, Any]:
-    """POST /gradio_api/call/<api> then read the stream; (ok, final data or error text)."""
+                    headers: dict[str, str], timeout_s: float = 120.0) -> tuple[bool, Any]:
+    """POST /gradio_api/call/<api> then read the stream; (ok, final data or error text).
+
+    A call with no final event within ``timeout_s`` counts as failed ("timeout")."""
+    try:
+        return await asyncio.wait_for(_rest_call(client, url, api, data, headers), timeout_s)
+    except asyncio.TimeoutError:
+        return False, "timeout"
+
+
+async def _rest_call(client: httpx.AsyncClient, url: str, api: str, data: list[Any],
+                     headers: dict[str, str]) -> tuple[bool, Any]:
     r = await client.post(f"{url}/gradio_api/call/{api}", json={"data": data}, headers=headers)
     if r.status_code != 200:
         return False, f"HTTP {r.status_code}"

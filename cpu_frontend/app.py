@@ -8,8 +8,8 @@ frontend has no first-in-first-out stage, and a caller who goes away closes
 the stream to the GPU tier, which drops the queued job.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Gradio evaluates the handlers' type hints
+# on every call, and string annotations make that an eval each time.
 import asyncio
 import base64
 import contextlib
@@ -32,6 +32,7 @@ from shared.schema import validate_request
 from shared.settings import Settings
 
 from .backends import BackendPool
+from .hub_auth import backend_auth_headers
 from .limits import InflightCaps
 from .transport import Transport
 
@@ -42,6 +43,18 @@ TINY_NOTE = (
     "**Note:** this deployment serves `{model}`, a placeholder model with random weights: "
     "its images are noise. Set `SPLITSPACE_MODEL` (e.g. `stabilityai/sd-turbo`) for real images."
 )
+
+
+def with_message(status: dict[str, Any]) -> dict[str, Any]:
+    """A status update with a line for people ("position 3, about 2 s") beside the numbers.
+
+    The UI shows it in the info box; API clients read ``position`` and ``eta_s``. (Not
+    gr.Progress: REST callers never see it, and tracking it costs the queue CPU.)"""
+    if status.get("status") == "queued":
+        text = f"position {status['position']}, about {max(1, round(status['eta_s']))} s"
+    else:
+        text = "generating"
+    return {**status, "message": text}
 
 
 def to_gradio_error(exc: SplitspaceError) -> gr.Error:
@@ -101,7 +114,9 @@ class Frontend:
         """The GPU tier's model and defaults, for building the UI (blocking, once at start)."""
         for url in self.settings.backend_urls:
             with contextlib.suppress(httpx.HTTPError, ValueError):
-                return httpx.get(f"{url}/health", timeout=3.0).raise_for_status().json()
+                return httpx.get(
+                    f"{url}/health", timeout=3.0, headers=backend_auth_headers()
+                ).raise_for_status().json()
         log.warning("no GPU tier answered at start; the UI uses generic defaults")
         return {}
 
@@ -120,7 +135,6 @@ def build_blocks(fe: Frontend) -> gr.Blocks:
         guidance_scale: float = defaults["guidance_scale"],
         seed: int = -1,
         request: gr.Request = None,  # type: ignore[assignment]
-        progress: gr.Progress = gr.Progress(),
     ) -> AsyncIterator[tuple[str | None, dict]]:
         try:
             identity = fe.identity(request)
@@ -131,15 +145,15 @@ def build_blocks(fe: Frontend) -> gr.Blocks:
             with fe.caps.hold(identity):
                 data = [req.prompt, req.negative_prompt, req.width, req.height, req.steps,
                         req.guidance_scale, req.seed]
-                async for update in fe.pool.stream("infer", data, fe.forward_headers(identity, request)):
-                    if update.get("status") == "done":
-                        yield fe.save_image(update["image_png_b64"]), update["info"]
-                        return
-                    if update.get("status") == "queued":
-                        progress(0.0, desc=f"position {update['position']}, about {update['eta_s']:.0f} s")
-                    else:
-                        progress(0.5, desc="generating")
-                    yield None, update
+                # aclosing: when the caller goes away, Gradio closes this generator at its
+                # next yield, and the stream to the GPU tier must close then, not at GC.
+                updates = fe.pool.stream("infer", data, fe.forward_headers(identity, request))
+                async with contextlib.aclosing(updates):
+                    async for update in updates:
+                        if update.get("status") == "done":
+                            yield fe.save_image(update["image_png_b64"]), update["info"]
+                            return
+                        yield None, with_message(update)
         except SplitspaceError as exc:
             raise to_gradio_error(exc) from None
 
@@ -148,8 +162,10 @@ def build_blocks(fe: Frontend) -> gr.Blocks:
             identity = fe.identity(request)
             headers = fe.forward_headers(identity, request)
             result: dict[str, Any] = {}
-            async for update in fe.pool.stream("standing", [], headers):
-                result = update
+            updates = fe.pool.stream("standing", [], headers)
+            async with contextlib.aclosing(updates):
+                async for update in updates:
+                    result = update
             result["in_flight_here"] = fe.caps.count(identity)
             return result
         except SplitspaceError as exc:

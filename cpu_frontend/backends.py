@@ -95,8 +95,10 @@ class BackendPool:
             tried.add(id(backend))
             backend.outstanding += 1
             try:
-                async for update in backend.transport.stream(api_name, data, headers):
-                    yield update
+                updates = backend.transport.stream(api_name, data, headers)
+                async with contextlib.aclosing(updates):  # closing us closes the call now
+                    async for update in updates:
+                        yield update
                 return
             except NotStarted as exc:
                 backend.healthy = False

@@ -5,12 +5,15 @@ user values (the identity token, ``x-ip-token``) go in each call's
 ``headers=``, never in the Client's constructor, whose headers would win
 over them (ANCHORS.md section 3). The client is built from the URL, never a
 Space id, so it never stores one user's ``x-ip-token`` for everyone.
-It is thread based: each call waits in a worker thread and is polled here.
+It is thread based: each call waits in a worker thread and is polled here. It
+cannot cancel one call: Gradio's cancel works per session and endpoint, and all
+calls through one Client share a session (see ``stream``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,9 +24,11 @@ from gradio_client.exceptions import AppError
 
 from shared.errors import BackendUnavailable, SplitspaceError
 
+from .hub_auth import backend_auth_headers
 from .transport import NotStarted, Transport, error_from_backend
 
 POLL_S = 0.02
+log = logging.getLogger("splitspace.frontend")
 
 
 class GradioClientTransport(Transport):
@@ -32,6 +37,7 @@ class GradioClientTransport(Transport):
         self.timeout_s = timeout_s
         self._client: Client | None = None
         self._lock = threading.Lock()
+        self._health_http = httpx.AsyncClient(timeout=timeout_s, headers=backend_auth_headers())
 
     def _get_client(self) -> Client:
         with self._lock:
@@ -40,17 +46,22 @@ class GradioClientTransport(Transport):
                     self._client = Client(
                         self.base_url + "/", verbose=False, download_files=False,
                         analytics_enabled=False, httpx_kwargs={"timeout": self.timeout_s},
+                        headers=backend_auth_headers(),  # same for every call: the frontend's Hub token
                     )
                 except Exception as exc:  # connection refused, bad config ...
                     raise NotStarted(f"cannot reach the GPU tier: {type(exc).__name__}") from exc
             return self._client
 
+    async def aclose(self) -> None:
+        await self._health_http.aclose()
+        if self._client is not None:
+            await asyncio.to_thread(self._client.close)
+
     async def health(self) -> dict[str, Any]:
         try:
-            async with httpx.AsyncClient(timeout=self.timeout_s) as c:
-                r = await c.get(f"{self.base_url}/health")
-                r.raise_for_status()
-                return r.json()
+            r = await self._health_http.get(f"{self.base_url}/health")
+            r.raise_for_status()
+            return r.json()
         except (httpx.HTTPError, ValueError) as exc:
             raise BackendUnavailable(f"{self.base_url} did not answer its health check") from exc
 
@@ -94,4 +105,7 @@ class GradioClientTransport(Transport):
             yield result
         finally:
             if not finished and not job.done():
-                await asyncio.to_thread(job.cancel)
+                # Abandon, never job.cancel(): Gradio cancels by session and endpoint, and
+                # every call through this shared Client has the same session, so one
+                # caller's cancel would cancel everyone's. The GPU tier runs this job anyway.
+                log.info("caller left; the gradio_client transport cannot cancel a single call")

@@ -18,6 +18,7 @@ import httpx
 
 from shared.errors import QUEUE_FULL, BackendUnavailable, Throttled
 
+from .hub_auth import backend_auth_headers
 from .transport import NotStarted, Transport, error_from_backend
 
 
@@ -34,6 +35,7 @@ class HttpxTransport(Transport):
         self.timeout_s = timeout_s
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s),
+            headers=backend_auth_headers(),  # the frontend Space's Hub token, for a private GPU Space
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=100),
         )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import quote
 
 import httpx
@@ -17,33 +17,46 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from shared.headers import ADMIN_HEADER
+
+
+def fail(message: str) -> NoReturn:
+    """One clear line on stderr, exit status 1 (not a usage error: no usage text, no box)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
 COLUMNS = ("client", "tier", "queued", "running", "used", "remaining", "resets_in_s", "overrides")
 
 
 class AdminClient:
     def __init__(self, base_url: str, token: str, timeout_s: float = 10.0) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(timeout=timeout_s, headers={"authorization": f"Bearer {token}"})
+        headers = {ADMIN_HEADER: token}
+        hub_token = os.environ.get("HF_TOKEN")
+        if hub_token:  # a private GPU Space: the Hub's proxy wants the Hub token
+            headers["authorization"] = f"Bearer {hub_token}"
+        self._http = httpx.Client(timeout=timeout_s, headers=headers)
 
     @classmethod
     def from_env(cls) -> "AdminClient":
         url = (os.environ.get("SPLITSPACE_BACKEND_URL") or "http://127.0.0.1:7861").split(",")[0].strip()
         token = os.environ.get("SPLITSPACE_ADMIN_TOKEN")
         if not token:
-            raise typer.BadParameter("set SPLITSPACE_ADMIN_TOKEN to the GPU tier's admin token")
+            fail("set SPLITSPACE_ADMIN_TOKEN to the GPU tier's admin token")
         return cls(url, token)
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         try:
             r = self._http.request(method, f"{self.base_url}/admin{path}", **kwargs)
         except httpx.HTTPError as exc:
-            raise typer.BadParameter(f"cannot reach the GPU tier at {self.base_url}: {type(exc).__name__}") from None
+            fail(f"cannot reach the GPU tier at {self.base_url}: {type(exc).__name__}")
         if r.status_code >= 400:
             try:
                 detail = r.json().get("detail", r.text)
             except ValueError:
                 detail = r.text
-            raise typer.BadParameter(f"HTTP {r.status_code}: {detail}")
+            fail(f"HTTP {r.status_code}: {detail}")
         return r.json()
 
     def list(self) -> list[dict[str, Any]]:

@@ -1,5 +1,7 @@
 """The operators' admin API on the GPU tier (``/admin/...``), behind ``SPLITSPACE_ADMIN_TOKEN``.
 
+The token travels in ``X-Splitspace-Admin`` (or ``Authorization: Bearer`` where no
+Hub proxy needs that header).
 With no token configured the whole API answers 404: disabled, not open.
 Overrides are written through to the usage store (they survive restarts)
 and kept in memory for the scheduler, which reads limits at every admission
@@ -14,6 +16,7 @@ from typing import Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Request
 
+from shared.headers import ADMIN_HEADER
 from shared.quotas import QuotaConfig, QuotaFileError, Tier, validate_overrides
 
 from .scheduler import ClientRef, FairScheduler, address_usage_key
@@ -67,15 +70,29 @@ def admin_router(
     def require_admin(request: Request) -> None:
         if not token:
             raise HTTPException(404, "admin API disabled (no SPLITSPACE_ADMIN_TOKEN)")
-        given = request.headers.get("authorization", "")
-        scheme, _, value = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        # X-Splitspace-Admin first: on a private Space, Authorization carries the Hub token.
+        value = request.headers.get(ADMIN_HEADER, "")
+        if not value:
+            scheme, _, value = request.headers.get("authorization", "").partition(" ")
+            value = value if scheme.lower() == "bearer" else ""
+        if not value or not hmac.compare_digest(value.strip().encode(), token.encode()):
             raise HTTPException(401, "admin token missing or wrong")
 
     router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
+    def ref_for(client_id: str) -> ClientRef | str:
+        # An API key's tier is the quota file's: a key this process has not seen yet (after a
+        # restart, say) must not be shown with the anonymous tier's limits.
+        kind, _, name = client_id.partition(":")
+        if kind == "key":
+            for key in config().keys:
+                if key.name == name:
+                    return ClientRef(client_id=client_id, kind="key", tier=key.tier, address="")
+        return client_id
+
     def describe(client_id: str) -> dict[str, Any]:
-        stats = dict(read(lambda s: s.client_stats(client_id)))
+        ref = ref_for(client_id)
+        stats = dict(read(lambda s: s.client_stats(ref)))
         stats["client"] = client_id
         stats["overrides"] = overrides.get(client_id)
         return stats

@@ -8,8 +8,8 @@ what the scheduler decides, so the endpoints have no concurrency limit,
 ``queue(api_open=False)`` closes the queue-skipping ``/gradio_api/run/`` route.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Gradio evaluates the handlers' type hints
+# on every call, and string annotations make that an eval each time.
 import asyncio
 import contextlib
 import logging
@@ -126,8 +126,12 @@ def build_blocks(tier: GpuTier) -> gr.Blocks:
                      steps=steps, guidance_scale=guidance_scale, seed=seed),
                 tier.settings.limits,
             )
-            async for update in tier.runner.generate(identity, req):
-                yield update
+            # aclosing: when the frontend goes away, Gradio closes this generator at its
+            # next yield; the runner must drop the queued job then, not at GC.
+            updates = tier.runner.generate(identity, req)
+            async with contextlib.aclosing(updates):
+                async for update in updates:
+                    yield update
         except SplitspaceError as exc:
             raise to_gradio_error(exc) from None
         except gr.Error:

@@ -50,6 +50,9 @@ STATUS_EVERY_S = 1.0
 FIRST_STATUS_AFTER_S = 0.05
 """A job done sooner than this sends no status at all (most jobs on an idle GPU)."""
 
+INLINE_ENCODE_PIXELS = 128 * 128
+"""Images up to this size are PNG-encoded on the event loop; larger ones in a worker thread."""
+
 BatchFn = Callable[[list[GenerateRequest], list[int]], list[Any]]
 
 
@@ -243,6 +246,10 @@ class GpuRunner:
     def _deliver(self, job: Job, w: _Waiter, image: Any, gpu_s: float) -> None:
         """On the loop: encode the image off the GPU thread, then wake the handler."""
         if w.future.done():  # the caller went away while its job ran
+            return
+
+        if w.request.pixels <= INLINE_ENCODE_PIXELS:  # small: a thread hop costs more than encoding
+            w.future.set_result(self._result(job, w, encode_png(image), gpu_s, self._clock()))
             return
 
         async def finish() -> None:

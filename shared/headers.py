@@ -13,5 +13,5 @@ IP_TOKEN_HEADER = "x-ip-token"
 SESSION_COOKIE = "splitspace_session"
 """The browser session cookie set by the frontend."""
 
-ADMIN_HEADER = "authorization"
-"""Admin API calls carry ``Authorization: Bearer <SPLITSPACE_ADMIN_TOKEN>``."""
+ADMIN_HEADER = "x-splitspace-admin"
+"""Admin API calls carry the admin token here (``Authorization`` may hold a Hub token)."""

@@ -90,9 +90,11 @@ _VALUE_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _line_of(text: str, section: str | None, key: str) -> int | None:
-    """The 1-based line where ``key`` is assigned inside ``[section]`` (best effort)."""
+def _line_of(text: str, section: str | None, key: str, occurrence: int = 0) -> int | None:
+    """The 1-based line where ``key`` is assigned inside ``[section]`` (best effort);
+    ``occurrence`` picks one table of an array of tables (``[[keys]]``), 0-based."""
     current: str | None = None
+    seen = -1  # tables named ``section`` met so far, minus one
     key_re = re.compile(rf"^\s*\"?{re.escape(key)}\"?\s*=")
     for no, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
@@ -101,14 +103,18 @@ def _line_of(text: str, section: str | None, key: str) -> int | None:
             current = m.group(1).replace('"', "").replace(" ", "")
             if section is None and current.split(".")[-1] == key:
                 return no
+            if section is not None and current == section.replace('"', ""):
+                seen += 1
             continue
-        if key_re.match(line) and (section is None or current == section.replace('"', "")):
+        if key_re.match(line) and (
+            section is None or (current == section.replace('"', "") and seen == occurrence)
+        ):
             return no
     return None
 
 
-def _fail(text: str, section: str | None, key: str, reason: str) -> QuotaFileError:
-    line = _line_of(text, section, key)
+def _fail(text: str, section: str | None, key: str, reason: str, occurrence: int = 0) -> QuotaFileError:
+    line = _line_of(text, section, key, occurrence)
     where = f"line {line}" if line else f"[{section}]" if section else "file"
     return QuotaFileError(f"{where}: {key}: {reason}")
 
@@ -150,21 +156,21 @@ def parse_quotas(text: str) -> QuotaConfig:
     if not isinstance(raw_keys, list):
         raise _fail(text, None, "keys", "must be an array of tables ([[keys]])")
     seen: set[str] = set()
-    for entry in raw_keys:
+    for n, entry in enumerate(raw_keys):
         for k in entry:
             if k not in ("name", "tier", "sha256"):
-                raise _fail(text, "keys", k, "unknown key (allowed: name, tier, sha256)")
+                raise _fail(text, "keys", k, "unknown key (allowed: name, tier, sha256)", n)
         for k in ("name", "sha256"):
             if not isinstance(entry.get(k), str) or not entry[k]:
-                raise _fail(text, "keys", k, "is required and must be text")
+                raise _fail(text, "keys", k, "is required and must be text", n)
         digest = entry["sha256"].lower()
         if not re.fullmatch(r"[0-9a-f]{64}", digest):
-            raise _fail(text, "keys", "sha256", "must be 64 hex digits (sha256 of the key)")
+            raise _fail(text, "keys", "sha256", "must be 64 hex digits (sha256 of the key)", n)
         tier = entry.get("tier", "free")
         if tier not in tiers:
-            raise _fail(text, "keys", "tier", f"unknown tier {tier!r}")
+            raise _fail(text, "keys", "tier", f"unknown tier {tier!r}", n)
         if entry["name"] in seen:
-            raise _fail(text, "keys", "name", f"duplicate key name {entry['name']!r}")
+            raise _fail(text, "keys", "name", f"duplicate key name {entry['name']!r}", n)
         seen.add(entry["name"])
         keys.append(ApiKey(name=entry["name"], tier=tier, sha256=digest))
     clients: dict[str, dict[str, Any]] = {}

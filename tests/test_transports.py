@@ -1,0 +1,185 @@
+"""Both transports against the same GPU tier: same results, same errors, same identity, same status."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from io import BytesIO
+
+from tests.clients import call_rest, error_text, gen_args
+from tests.support import Deployment, TierProcess, free_port, sha256, start_tier
+
+TRANSPORTS = ["httpx", "gradio_client"]
+KEYS = {f"{name}-{t}": t for name in ("rate", "who", "order", "cancel", "busy") for t in TRANSPORTS}
+
+QUOTAS = """
+[tiers.std]
+weight = 1
+max_running = 1
+max_queued = 20
+gpu_seconds = 1000
+window_s = 3600
+
+[tiers.rate]
+weight = 1
+max_running = 1
+max_queued = 20
+gpu_seconds = 1000
+window_s = 3600
+requests_per_minute = 1
+""" + "".join(
+    f'\n[[keys]]\nname = "{k}"\ntier = "{"rate" if k.startswith("rate") else "std"}"\nsha256 = "{sha256("k-" + k)}"\n'
+    for k in KEYS
+)
+
+
+def bearer(name: str) -> dict[str, str]:
+    return {"authorization": f"Bearer k-{name}"}
+
+
+@pytest.fixture(scope="module")
+def tiers(tmp_path_factory) -> Iterator[dict[str, object]]:
+    d = Deployment(tmp_path_factory.mktemp("transports"), model="sleep:300", quotas=QUOTAS, transport="httpx")
+    d.start()
+    env = {**d.common_env(), "SPLITSPACE_BACKEND_URL": d.backend_urls(), "SPLITSPACE_TRANSPORT": "gradio_client"}
+    gc = start_tier("frontend", free_port(), env, d.workdir / "frontend-gc.log")
+    yield {"d": d, "httpx": d.frontend, "gradio_client": gc}
+    gc.stop()
+    d.stop()
+
+
+def frontend(tiers, transport: str) -> TierProcess:
+    return tiers[transport]  # type: ignore[return-value]
+
+
+def _image(c: httpx.Client, events) -> np.ndarray:
+    image, _ = events[-1][1]
+    return np.asarray(Image.open(BytesIO(c.get(image["url"]).content)))
+
+
+def test_same_results(tiers):
+    outs = {}
+    for t in TRANSPORTS:
+        with httpx.Client(timeout=60) as c:
+            final, events = call_rest(c, frontend(tiers, t).url, "generate", gen_args(seed=11, width=80))
+            assert final == "complete", events
+            outs[t] = (_image(c, events), events[-1][1][1])
+    (img_a, info_a), (img_b, info_b) = outs["httpx"], outs["gradio_client"]
+    assert np.array_equal(img_a, img_b)
+    assert {k: info_a[k] for k in ("seed", "width", "height", "steps", "model")} == \
+           {k: info_b[k] for k in ("seed", "width", "height", "steps", "model")}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_same_identity(tiers, transport):
+    with httpx.Client(timeout=60) as c:
+        final, events = call_rest(c, frontend(tiers, transport).url, "generate", gen_args(), bearer(f"who-{transport}"))
+    assert events[-1][1][1]["client"] == f"key:who-{transport}"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_same_throttling_error_from_the_gpu_tier(tiers, transport):
+    """requests_per_minute = 1 is enforced by the GPU tier: its title and retry seconds cross the hop."""
+    url = frontend(tiers, transport).url
+    with httpx.Client(timeout=60) as c:
+        assert call_rest(c, url, "generate", gen_args(), bearer(f"rate-{transport}"))[0] == "complete"
+        final, events = call_rest(c, url, "generate", gen_args(), bearer(f"rate-{transport}"))
+    text = error_text(events)
+    assert final == "error" and text.startswith("Rate limited: "), text
+    assert text.endswith(" s.") and "Retry in " in text
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_same_validation_error(tiers, transport):
+    with httpx.Client(timeout=60) as c:
+        final, events = call_rest(c, frontend(tiers, transport).url, "generate", gen_args(steps=99))
+    assert final == "error" and error_text(events).startswith("Invalid request: steps:")
+
+
+def _backlog(url: str, key: str, n: int) -> list[threading.Thread]:
+    def one() -> None:
+        with httpx.Client(timeout=120) as c:
+            call_rest(c, url, "generate", gen_args(), bearer(key))
+
+    threads = [threading.Thread(target=one) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_status_updates_arrive_in_order(tiers, transport):
+    url = frontend(tiers, transport).url
+    threads = _backlog(url, f"busy-{transport}", 5)
+    time.sleep(0.5)
+    with httpx.Client(timeout=120) as c:
+        final, events = call_rest(c, url, "generate", gen_args(), bearer(f"order-{transport}"))
+    for t in threads:
+        t.join()
+    assert final == "complete"
+    statuses = [data[1] for name, data in events if name == "generating" and data[1]]
+    queued = [s for s in statuses if s.get("status") == "queued"]
+    assert queued, statuses
+    positions = [s["position"] for s in queued]
+    assert positions == sorted(positions, reverse=True), positions
+    assert all(s["eta_s"] >= 0 and "position" in s["message"] for s in queued)
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.mark.parametrize("transport", ["httpx"])
+def test_cancellation_reaches_the_gpu_tier(tiers, transport):
+    """A caller who leaves while its job waits: the job leaves the GPU tier's queue and never runs.
+
+    Only the httpx transport can cancel one call (gradio_client's cancel is per session and
+    endpoint, so on a shared Client it would cancel every caller's job: it abandons instead)."""
+    d: Deployment = tiers["d"]  # type: ignore[assignment]
+    url = frontend(tiers, transport).url
+    key = f"cancel-{transport}"
+    threads = _backlog(url, key, 3)  # its own backlog: the next one must wait behind it
+    time.sleep(0.8)
+    cancelled = 'splitspace_requests_total{outcome="cancelled"}'
+    before = _metric(d.backend.url, cancelled)
+    with httpx.Client(timeout=60) as c:
+        r = c.post(f"{url}/gradio_api/call/generate", json={"data": gen_args()}, headers=bearer(key))
+        event_id = r.json()["event_id"]
+        with c.stream("GET", f"{url}/gradio_api/call/generate/{event_id}") as s:
+            for line in s.iter_lines():
+                if line.startswith("data:"):
+                    assert '"queued"' in line, line
+                    break  # the caller goes away while its job waits
+    for t in threads:
+        t.join()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and _metric(d.backend.url, cancelled) <= before:
+        time.sleep(0.2)
+    assert _metric(d.backend.url, cancelled) > before
+    time.sleep(1.0)
+    admin = httpx.get(f"{d.backend.url}/admin/clients/key:{key}", headers={"x-splitspace-admin": d.admin_token}).json()
+    assert admin["running"] == 0 and admin["queued"] == 0, admin
+    assert admin["used"] < 3 * 0.3 + 0.15, f"the cancelled job ran: {admin['used']:.2f} GPU-s for 3 jobs of 0.3 s"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_same_error_when_the_backend_is_down(tmp_path, transport):
+    d = Deployment(tmp_path, model="sleep:10", transport=transport).start()
+    try:
+        d.backend.stop()
+        with httpx.Client(timeout=60) as c:
+            t0 = time.monotonic()
+            final, events = call_rest(c, d.frontend.url, "generate", gen_args())
+        assert final == "error" and error_text(events).startswith("GPU backend unavailable:"), events
+        assert time.monotonic() - t0 < 15
+    finally:
+        d.stop()
