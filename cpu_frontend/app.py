@@ -32,16 +32,20 @@ from shared.schema import validate_request
 from shared.settings import Settings
 
 from .backends import BackendPool
+from .embed import embed_routes
 from .hub_auth import backend_auth_headers
 from .limits import InflightCaps
 from .transport import Transport
 
 log = logging.getLogger("splitspace.frontend")
 
+FRONTEND_IDENTITY = Identity("frontend", "address", "anonymous", "frontend")
+"""Who the frontend is when it asks a GPU tier for its live caps (health checks)."""
 FALLBACK_DEFAULTS = {"steps": 4, "guidance_scale": 0.0}
 TINY_NOTE = (
-    "**Note:** this deployment serves `{model}`, a placeholder model with random weights: "
-    "its images are noise. Set `SPLITSPACE_MODEL` (e.g. `stabilityai/sd-turbo`) for real images."
+    "**Note:** this deployment serves `{model}`, a placeholder model (`tiny` has random weights, "
+    "`sleep:MS` only waits): its images are noise or flat. Set `SPLITSPACE_MODEL` "
+    "(e.g. `stabilityai/sd-turbo`) for real images."
 )
 
 
@@ -88,7 +92,11 @@ class Frontend:
             trusted_proxies=settings.trusted_proxies,
         )
         self.caps = InflightCaps(lambda: self.watcher.current)
-        self.pool = BackendPool(transports or build_transports(settings))
+        self.pool = BackendPool(
+            transports or build_transports(settings),
+            health_headers=lambda: {IDENTITY_HEADER: self.tokens.mint(FRONTEND_IDENTITY)},
+            on_health=lambda doc: self.caps.learn_all(doc.get("caps") or {}),
+        )
         self.cache_dir = gr_utils.get_upload_folder()
 
     def _on_quotas(self, config: Any) -> None:
@@ -150,6 +158,7 @@ def build_blocks(fe: Frontend) -> gr.Blocks:
                 updates = fe.pool.stream("infer", data, fe.forward_headers(identity, request))
                 async with contextlib.aclosing(updates):
                     async for update in updates:
+                        fe.caps.learn(identity, update.pop("cap", None))
                         if update.get("status") == "done":
                             yield fe.save_image(update["image_png_b64"]), update["info"]
                             return
@@ -180,7 +189,7 @@ def build_blocks(fe: Frontend) -> gr.Blocks:
             with gr.Column():
                 prompt = gr.Textbox(label="Prompt", max_length=limits.prompt_max_chars, lines=2)
                 with gr.Accordion("Advanced settings", open=False):
-                    negative = gr.Textbox(label="Negative prompt", max_length=limits.negative_prompt_max_chars)
+                    negative = gr.Textbox("", label="Negative prompt", max_length=limits.negative_prompt_max_chars)
                     with gr.Row():
                         width = gr.Slider(limits.min_side, limits.max_side, 512, step=limits.side_multiple, label="Width")
                         height = gr.Slider(limits.min_side, limits.max_side, 512, step=limits.side_multiple, label="Height")
@@ -237,10 +246,13 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
             ],
         }
 
+    app.include_router(embed_routes())  # before the mount at "/", which catches everything after it
     blocks = build_blocks(fe)
     blocks.max_threads = settings.max_threads
     blocks.queue(default_concurrency_limit=None)
-    app = gr.mount_gradio_app(app, blocks, path="", ssr_mode=False, show_error=True)
+    app = gr.mount_gradio_app(
+        app, blocks, path="", ssr_mode=False, show_error=True, mcp_server=settings.mcp
+    )
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origin_list,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,11 +32,20 @@ class Backend:
 
 
 class BackendPool:
-    def __init__(self, transports: Sequence[Transport], *, health_interval_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        transports: Sequence[Transport],
+        *,
+        health_interval_s: float = 2.0,
+        health_headers: Callable[[], dict[str, str]] = dict,
+        on_health: Callable[[dict[str, Any]], None] = lambda doc: None,
+    ) -> None:
         if not transports:
             raise ValueError("at least one GPU backend URL is needed")
         self.backends = [Backend(t) for t in transports]
         self.health_interval_s = health_interval_s
+        self._health_headers = health_headers
+        self._on_health = on_health
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -53,7 +62,8 @@ class BackendPool:
 
     async def _check(self, backend: Backend) -> None:
         try:
-            backend.last_health = await backend.transport.health()
+            backend.last_health = await backend.transport.health(self._health_headers())
+            self._on_health(backend.last_health)
         except BackendUnavailable:
             if backend.healthy:
                 log.warning("GPU backend %s is down", backend.transport.base_url)

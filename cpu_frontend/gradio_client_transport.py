@@ -57,9 +57,9 @@ class GradioClientTransport(Transport):
         if self._client is not None:
             await asyncio.to_thread(self._client.close)
 
-    async def health(self) -> dict[str, Any]:
+    async def health(self, headers: dict[str, str] | None = None) -> dict[str, Any]:
         try:
-            r = await self._health_http.get(f"{self.base_url}/health")
+            r = await self._health_http.get(f"{self.base_url}/health", headers=headers)
             r.raise_for_status()
             return r.json()
         except (httpx.HTTPError, ValueError) as exc:

@@ -3,9 +3,11 @@
 One ``httpx.AsyncClient`` per GPU tier keeps connections alive across calls
 (the stock ``gradio_client`` opens a new client and TLS context per call and
 polls with sleeps). A call is ``POST /gradio_api/call/<api>`` then ``GET`` of
-its event stream; every ``generating`` event is relayed as it arrives, and
-leaving the stream early closes the connection, which the GPU tier's
-generator handler sees as a disconnect (the queued job is dropped).
+its event stream; every ``generating`` event is relayed as it arrives. A
+caller who leaves early gets its call cancelled on the GPU tier at once with
+``POST /gradio_api/cancel`` (for a ``/call`` event, the session is the event
+itself, so this cancels that call alone), rather than waiting for the GPU
+tier to notice the closed stream at its next status update.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class HttpxTransport(Transport):
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self._fn_index: dict[str, int] = {}
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s),
             headers=backend_auth_headers(),  # the frontend Space's Hub token, for a private GPU Space
@@ -42,9 +45,9 @@ class HttpxTransport(Transport):
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def health(self) -> dict[str, Any]:
+    async def health(self, headers: dict[str, str] | None = None) -> dict[str, Any]:
         try:
-            r = await self._client.get(f"{self.base_url}/health")
+            r = await self._client.get(f"{self.base_url}/health", headers=headers)
             r.raise_for_status()
             return r.json()
         except (httpx.HTTPError, ValueError) as exc:
@@ -71,6 +74,7 @@ class HttpxTransport(Transport):
     ) -> AsyncIterator[dict[str, Any]]:
         event_id = await self._join(api_name, data, headers)
         url = f"{self.base_url}/gradio_api/call/{api_name}/{event_id}"
+        finished = False
         try:
             async with self._client.stream("GET", url) as resp:
                 if resp.status_code != 200:
@@ -82,18 +86,48 @@ class HttpxTransport(Transport):
                     elif line.startswith("data:"):
                         payload = line[5:].strip()
                         if event == "generating":
-                            yield _first(payload)
+                            update = _first(payload)
+                            if update.get("status") == "done":  # the result; "complete" repeats it
+                                finished = True
+                                yield update
+                                return
+                            yield update
                         elif event == "complete":
+                            finished = True
                             final = _first(payload)
                             if not final:  # cancelled on the GPU tier
                                 raise BackendUnavailable("the GPU tier cancelled the request")
                             yield final
                             return
                         elif event == "error":
+                            finished = True
                             raise error_from_backend(_error_text(payload))
         except httpx.HTTPError as exc:
             raise BackendUnavailable(f"lost the GPU tier mid-request: {type(exc).__name__}") from exc
+        finally:
+            if not finished:
+                await self._cancel(api_name, event_id)
         raise BackendUnavailable("the GPU tier closed the stream without a result")
+
+    async def _cancel(self, api_name: str, event_id: str) -> None:
+        """Best effort: the GPU tier also notices the closed stream, only later."""
+        try:
+            fn_index = await self._fn_index_of(api_name)
+            await self._client.post(
+                f"{self.base_url}/gradio_api/cancel",
+                json={"session_hash": event_id, "fn_index": fn_index, "event_id": event_id},
+                timeout=2.0,
+            )
+        except (httpx.HTTPError, KeyError, ValueError):
+            pass
+
+    async def _fn_index_of(self, api_name: str) -> int:
+        if api_name not in self._fn_index:
+            config = (await self._client.get(f"{self.base_url}/config")).json()
+            for dep in config["dependencies"]:
+                if dep.get("api_name"):
+                    self._fn_index[dep["api_name"]] = int(dep["id"])
+        return self._fn_index[api_name]
 
 
 def _first(payload: str) -> dict[str, Any]:

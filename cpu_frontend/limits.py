@@ -4,7 +4,9 @@ No first-in-first-out stage may hold one client behind another's backlog,
 so the forwarding handler admits many requests at once; this cap refuses a
 client that already has ``max_running + max_queued`` requests in flight
 before anything is forwarded. Anonymous sessions share their address's cap,
-like at the GPU tier, so minting cookies mints no room.
+like at the GPU tier, so minting cookies mints no room. The cap comes from the
+quota file until the GPU tier reports the one in force (with the operators'
+live overrides) in a status update or result.
 """
 
 from __future__ import annotations
@@ -26,6 +28,25 @@ class InflightCaps:
     def __init__(self, config: Callable[[], QuotaConfig]) -> None:
         self._config = config
         self._inflight: Counter[str] = Counter()
+        self._learned: dict[str, int] = {}
+
+    def learn(self, identity: Identity, cap: object) -> None:
+        """The cap the GPU tier reported for this client (it knows the operators' overrides)."""
+        if isinstance(cap, int) and cap >= 0:
+            self._learned[subject_of(identity)] = cap
+
+    def learn_all(self, caps: dict[str, int]) -> None:
+        """Caps of the clients with overrides, from a GPU tier's health document."""
+        for subject, cap in caps.items():
+            if isinstance(cap, int) and cap >= 0:
+                self._learned[subject] = cap
+
+    def cap(self, identity: Identity) -> int:
+        learned = self._learned.get(subject_of(identity))
+        if learned is not None:
+            return learned
+        limits = self._config().limits_for(identity.client_id, identity.tier)
+        return limits.max_running + limits.max_queued
 
     def count(self, identity: Identity) -> int:
         return self._inflight[subject_of(identity)]
@@ -33,8 +54,7 @@ class InflightCaps:
     @contextmanager
     def hold(self, identity: Identity) -> Iterator[None]:
         subject = subject_of(identity)
-        limits = self._config().limits_for(identity.client_id, identity.tier)
-        cap = limits.max_running + limits.max_queued
+        cap = self.cap(identity)
         if self._inflight[subject] >= cap:
             raise Throttled(
                 QUEUE_FULL,

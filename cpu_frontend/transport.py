@@ -47,7 +47,7 @@ class Transport(ABC):
         iterator early cancels the call on the GPU tier."""
 
     @abstractmethod
-    async def health(self) -> dict[str, Any]:
+    async def health(self, headers: dict[str, str] | None = None) -> dict[str, Any]:
         """The GPU tier's /health document; raises BackendUnavailable."""
 
     async def aclose(self) -> None:

@@ -95,6 +95,7 @@ def admin_router(
         stats = dict(read(lambda s: s.client_stats(ref)))
         stats["client"] = client_id
         stats["overrides"] = overrides.get(client_id)
+        stats["tier"] = config().tier_name(client_id, stats["tier"], stats["overrides"])
         return stats
 
     @router.get("/clients")

@@ -93,6 +93,21 @@ class GpuTier:
             self.metrics.refuse("unauthorized")
             raise to_gradio_error(exc) from None
 
+    def live_caps(self) -> dict[str, int]:
+        """max_running + max_queued of every client with an override, as the frontend
+        counts them (operators' overrides live here, not in the frontend's quota file)."""
+        config = self.watcher.current
+        ids = set(config.clients) | set(self.overrides.all())
+        caps = {}
+        for client_id in ids:
+            kind = "key" if client_id.startswith("key:") else "address"
+            if client_id.startswith("session:"):
+                continue  # the frontend caps sessions by address
+            tier_name = next((k.tier for k in config.keys if f"key:{k.name}" == client_id), "anonymous")
+            limits = config.limits_for(client_id, tier_name, self.overrides.get(client_id))
+            caps[client_id] = limits.max_running + limits.max_queued
+        return caps
+
     def health(self) -> dict[str, Any]:
         ex = gpu.current_executor()
         depth = self.with_scheduler(FairScheduler.depth_by_tier)
@@ -145,7 +160,9 @@ def build_blocks(tier: GpuTier) -> gr.Blocks:
         """The caller's own quota standing (frontend only)."""
         identity = tier.verify(request)
         stats = dict(tier.with_scheduler(lambda s: s.client_stats(client_ref(identity))))
-        stats.setdefault("tier", identity.tier)
+        stats["tier"] = tier.watcher.current.tier_name(
+            identity.client_id, identity.tier, tier.overrides.get(identity.client_id)
+        )
         stats["client"] = identity.client_id
         return stats
 
@@ -178,8 +195,16 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
     app.state.tier = tier
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return tier.health()
+    async def health(request: Request) -> dict[str, Any]:
+        doc = tier.health()
+        token = request.headers.get(IDENTITY_HEADER)
+        if token:  # a frontend (it holds the secret) also learns the live in-flight caps
+            try:
+                tier.tokens.verify(token)
+            except SplitspaceError:
+                return doc
+            doc["caps"] = tier.live_caps()
+        return doc
 
     @app.get("/metrics")
     async def metrics() -> Response:

@@ -45,8 +45,12 @@ _TITLES = {
     Outcome.RATE_LIMITED: RATE_LIMITED,
 }
 
-STATUS_EVERY_S = 1.0
-"""At most one status update per waiter per this many seconds (each crosses two Gradio queues)."""
+STATUS_EVERY_S = 0.5
+"""Status interval of a job near the front of the queue (each update crosses two Gradio queues)."""
+STATUS_EVERY_FAR_S = 2.0
+"""Status interval of a job further back, where updates matter less and cost as much."""
+NEAR_FRONT = 5
+"""Positions up to this count as near the front."""
 FIRST_STATUS_AFTER_S = 0.05
 """A job done sooner than this sends no status at all (most jobs on an idle GPU)."""
 
@@ -147,8 +151,10 @@ class GpuRunner:
             future=loop.create_future(), loop=loop,
         )
         batch_key = (request.width, request.height, steps, guidance)
+        ref = client_ref(identity)
         with self._work:
-            admission = self.scheduler.submit(job_id, client_ref(identity), estimate, batch_key)
+            limits = self.scheduler.limits_for(ref)
+            admission = self.scheduler.submit(job_id, ref, estimate, batch_key)
             if admission.ok:
                 self._waiters[job_id] = waiter
                 self._dispatch_locked()
@@ -156,23 +162,26 @@ class GpuRunner:
             self._on_event("refused", {"tier": identity.tier, "reason": admission.outcome.name.lower()})
             raise Throttled(_TITLES.get(admission.outcome, QUEUE_FULL), admission.reason, admission.retry_after_s)
         self._on_event("admitted", {"tier": identity.tier})
+        # The client's in-flight cap as the GPU tier sees it (operators may change it live);
+        # the frontend learns it from here for its early refusals.
+        cap = limits.max_running + limits.max_queued
         try:
             # A disconnected caller is noticed at its next yield, so the status
             # interval also bounds how long a cancelled job can stay queued.
             await asyncio.wait([waiter.future], timeout=FIRST_STATUS_AFTER_S)
-            last_sent = -STATUS_EVERY_S
             while not waiter.future.done():
-                now = self._clock()
-                if now - last_sent >= STATUS_EVERY_S:
-                    last_sent = now
-                    with self._lock:
-                        place = self.scheduler.position(job_id)
-                    if place is not None:
-                        yield {"status": "queued", "position": place[0], "eta_s": round(place[1], 1)}
-                    else:
-                        yield {"status": "running", "position": 0, "eta_s": 0.0}
-                await asyncio.wait([waiter.future], timeout=STATUS_EVERY_S)
-            yield waiter.future.result()
+                with self._lock:
+                    place = self.scheduler.position(job_id)
+                if place is not None:
+                    yield {"status": "queued", "position": place[0], "eta_s": round(place[1], 1), "cap": cap}
+                    interval = STATUS_EVERY_S if place[0] <= NEAR_FRONT else STATUS_EVERY_FAR_S
+                else:
+                    yield {"status": "running", "position": 0, "eta_s": 0.0, "cap": cap}
+                    interval = STATUS_EVERY_S
+                await asyncio.wait([waiter.future], timeout=interval)
+            result = waiter.future.result()
+            result["cap"] = cap
+            yield result
         finally:
             if not waiter.future.done():
                 with self._work:

@@ -567,6 +567,10 @@ class FairScheduler:
 
     # -- reporting -------------------------------------------------------------------
 
+    def limits_for(self, client: ClientRef) -> Tier:
+        """The limits in force for ``client`` now (tier, file and operator overrides)."""
+        return self._limits(client)
+
     def client_stats(self, client: ClientRef | str) -> dict[str, Any]:
         """One client's standing: queued, running, used, remaining, resets_in_s, limits, tier.
 

@@ -65,6 +65,10 @@ class QuotaConfig:
     def tier(self, name: str) -> Tier:
         return self.tiers.get(name, self.tiers[ANONYMOUS])
 
+    def tier_name(self, client_id: str, tier: str, extra: dict[str, Any] | None = None) -> str:
+        """The tier a client is in after overrides (``extra`` wins over the file)."""
+        return (extra or {}).get("tier") or self.clients.get(client_id, {}).get("tier") or tier
+
     def limits_for(self, client_id: str, tier: str, extra: dict[str, Any] | None = None) -> Tier:
         """The effective limits of one client: its tier, then file overrides, then ``extra``
         (operator overrides made through the admin API). ``extra`` may name another tier."""

@@ -22,9 +22,9 @@ from typing import Any
 import httpx
 import pytest
 
+from cpu_frontend.embed import web_component_script
 from tests.clients import call_rest, gen_args
 from tests.conftest import QUOTAS, key
-from cpu_frontend.embed import web_component_script
 from tests.support import Deployment
 
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
@@ -44,13 +44,15 @@ def chromium_path() -> str | None:
     return None
 
 
+pytestmark = pytest.mark.skipif(
+    chromium_path() is None, reason="no chromium on PATH (apt-get install chromium, or set SPLITSPACE_CHROMIUM)"
+)
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    path = chromium_path()
-    if path is None:
-        pytest.skip("no chromium on PATH (apt-get install chromium, or set SPLITSPACE_CHROMIUM)")
     with playwright_sync.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        b = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
         yield b
         b.close()
 
