@@ -14,6 +14,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,21 @@ from .transport import Transport
 
 log = logging.getLogger("splitspace.frontend")
 
+BOOT_ID = uuid.uuid4().hex
+"""Changes whenever this process (re)starts; the dev page reloads when it or a GPU tier's changes."""
+DEV_RELOAD_SCRIPT = """<script>
+(() => {  // splitspace dev --reload: reload the page when either tier restarted
+  let seen = null;
+  setInterval(async () => {
+    try {
+      const h = await (await fetch("health", {cache: "no-store"})).json();
+      const now = JSON.stringify([h.boot_id, h.backend_boot_ids]);
+      if (seen !== null && now !== seen) location.reload();
+      seen = now;
+    } catch (e) {}
+  }, 1000);
+})();
+</script>"""
 FRONTEND_IDENTITY = Identity("frontend", "address", "anonymous", "frontend")
 """Who the frontend is when it asks a GPU tier for its live caps (health checks)."""
 FALLBACK_DEFAULTS = {"steps": 4, "guidance_scale": 0.0}
@@ -240,6 +256,8 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     async def health() -> dict[str, Any]:
         return {
             "status": "ok",
+            "boot_id": BOOT_ID,
+            "backend_boot_ids": [(b.last_health or {}).get("boot_id") for b in fe.pool.backends],
             "backends": [
                 {"url": b.transport.base_url, "healthy": b.healthy, "outstanding": b.outstanding}
                 for b in fe.pool.backends
@@ -251,7 +269,8 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     blocks.max_threads = settings.max_threads
     blocks.queue(default_concurrency_limit=None)
     app = gr.mount_gradio_app(
-        app, blocks, path="", ssr_mode=False, show_error=True, mcp_server=settings.mcp
+        app, blocks, path="", ssr_mode=False, show_error=True, mcp_server=settings.mcp,
+        head=DEV_RELOAD_SCRIPT if settings.dev_reload else None,
     )
     app.add_middleware(
         CORSMiddleware,

@@ -71,6 +71,12 @@ class AdminClient:
     def clear(self, client: str) -> dict[str, Any]:
         return self._call("DELETE", f"/clients/{quote(client, safe=':')}")
 
+    def model(self) -> dict[str, Any]:
+        return self._call("GET", "/model")
+
+    def set_model(self, spec: str) -> dict[str, Any]:
+        return self._call("PUT", "/model", json={"model": spec}, timeout=None)
+
     def reset(self, client: str) -> dict[str, Any]:
         return self._call("POST", f"/reset/{quote(client, safe=':')}")
 

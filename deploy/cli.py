@@ -16,6 +16,8 @@ import typer
 app = typer.Typer(help="splitspace: serve one GPU fairly to many clients through Gradio.", no_args_is_help=True)
 quota_app = typer.Typer(help="Operators: per-client quotas on a running GPU tier (admin API).", no_args_is_help=True)
 app.add_typer(quota_app, name="quota")
+model_app = typer.Typer(help="Operators: the GPU tier's model, changed live (admin API).", no_args_is_help=True)
+app.add_typer(model_app, name="model")
 
 
 def _set_env(**values: Any) -> None:
@@ -171,6 +173,19 @@ def quota_clear(client: str, as_json: bool = typer.Option(False, "--json")) -> N
 def quota_reset(client: str, as_json: bool = typer.Option(False, "--json")) -> None:
     """Reset a client's usage in the current window."""
     _print(_admin().reset(client), as_json)
+
+
+@model_app.command("show")
+def model_show() -> None:
+    """The model the GPU tier serves."""
+    typer.echo(_admin().model()["model"])
+
+
+@model_app.command("set")
+def model_set(spec: str = typer.Argument(..., help="tiny, sleep:MS, or a diffusers id or path")) -> None:
+    """Load another model without a restart; waits until it serves."""
+    result = _admin().set_model(spec)
+    typer.echo(f"model: {result['previous']} -> {result['model']}")
 
 
 def main() -> None:

@@ -71,6 +71,8 @@ def run_dev(
     env = dict(os.environ)
     env.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     env["SPLITSPACE_SECRET"] = secrets.token_urlsafe(32)
+    if reload:
+        env["SPLITSPACE_DEV_RELOAD"] = "1"
     env.update(extra_env or {})
     backend_url = f"http://{host}:{backend_port}"
     frontend_url = f"http://{host}:{frontend_port}"

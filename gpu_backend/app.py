@@ -15,12 +15,13 @@ import contextlib
 import logging
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Body, FastAPI, HTTPException, Request
 from fastapi.responses import Response
 
 from session.token import IdentityTokens
@@ -42,6 +43,10 @@ from .usage import SqliteUsageStore
 log = logging.getLogger("splitspace.gpu")
 
 
+BOOT_ID = uuid.uuid4().hex
+"""Changes whenever this process (re)starts (``splitspace dev --reload`` reloads the page then)."""
+
+
 def to_gradio_error(exc: SplitspaceError) -> gr.Error:
     return gr.Error(exc.user_text(), title=exc.title, print_exception=False)
 
@@ -59,6 +64,7 @@ class GpuTier:
             log.warning("no SPLITSPACE_SECRET: the GPU tier refuses every call")
         self.executor = executor or gpu.load_model(settings.model)
         gpu.set_executor(self.executor)
+        self._model_lock = asyncio.Lock()
         self.watcher = QuotaWatcher(settings.quotas)
         self.store = SqliteUsageStore(settings.state_path)
         self.overrides = Overrides(self.store)
@@ -79,6 +85,23 @@ class GpuTier:
             clock=time.time,
             on_event=self.metrics.on_event,
         )
+
+    async def change_model(self, spec: str) -> dict[str, Any]:
+        """Load another model without a restart: requests in flight finish on the old one,
+        new ones queue (none is refused) and run on the new one. A spec that fails to
+        load leaves the old model in place and raises ValueError."""
+        async with self._model_lock:
+            previous = gpu.current_executor().name
+
+            def change() -> None:
+                executor = ModelExecutor.from_spec(spec)
+                gpu.set_executor(executor)
+                self.executor = executor
+                self.runner.cost.factor = 1.0  # the calibration was the old model's
+
+            await asyncio.to_thread(self.runner.swap, change)
+            log.info("model changed from %s to %s", previous, spec)
+            return {"model": gpu.current_executor().name, "previous": previous}
 
     def with_scheduler(self, read: Callable[[FairScheduler], Any]) -> Any:
         """Read the scheduler under the runner's lock (the GPU threads change it too)."""
@@ -113,6 +136,7 @@ class GpuTier:
         depth = self.with_scheduler(FairScheduler.depth_by_tier)
         return {
             "status": "ok",
+            "boot_id": BOOT_ID,
             "model": ex.name,
             "placeholder_model": ex.is_placeholder,
             "defaults": {"steps": ex.preset.steps, "guidance_scale": ex.preset.guidance_scale},
@@ -173,6 +197,24 @@ def build_blocks(tier: GpuTier) -> gr.Blocks:
     return blocks
 
 
+def model_routes(router: APIRouter, tier: GpuTier) -> None:
+    """``/admin/model``: which model is loaded, and changing it live."""
+
+    @router.get("/model")
+    async def show_model() -> dict[str, Any]:
+        return {"model": gpu.current_executor().name}
+
+    @router.put("/model")
+    async def set_model(body: dict[str, Any] = Body(...)) -> dict[str, Any]:
+        spec = body.get("model")
+        if not isinstance(spec, str) or not spec.strip():
+            raise HTTPException(422, "model: give a model spec (tiny, sleep:MS, or a diffusers id or path)")
+        try:
+            return await tier.change_model(spec.strip())
+        except ValueError as exc:
+            raise HTTPException(422, f"model: {exc}") from None
+
+
 def build_app(settings: Settings | None = None, executor: ModelExecutor | None = None) -> FastAPI:
     settings = settings or Settings()
     tier = GpuTier(settings, executor)
@@ -222,6 +264,7 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
                 "path": str(tier.watcher.path) if tier.watcher.path else None,
                 "last_error": tier.watcher.last_error,
             },
+            extra_routes=lambda router: model_routes(router, tier),
         )
     )
 

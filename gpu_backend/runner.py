@@ -111,6 +111,7 @@ class GpuRunner:
         self._work = threading.Condition(self._lock)
         self._ready: deque[list[Job]] = deque()
         self._stopping = False
+        self._paused = False
         self._threads = [
             threading.Thread(target=self._gpu_loop, name=f"gpu-{i}", daemon=True)
             for i in range(scheduler.capacity)
@@ -198,9 +199,27 @@ class GpuRunner:
 
         Dispatching at once, not when a GPU thread wakes up, keeps the scheduler's
         counts exact: a job that can start is running, not queued."""
-        while jobs := self.scheduler.dispatch(self.max_batch):
+        while not self._paused and (jobs := self.scheduler.dispatch(self.max_batch)):
             self._ready.append(jobs)
             self._work.notify()
+
+    def swap(self, change: Callable[[], None], timeout_s: float = 600.0) -> None:
+        """Run ``change`` (e.g. loading another model) with the GPU idle; blocking.
+
+        New work keeps being admitted and queued, none is dispatched; batches
+        already on the GPU finish first (on the old model). Then ``change`` runs,
+        dispatch resumes and the queue drains in fair order."""
+        with self._work:
+            self._paused = True
+            deadline = time.monotonic() + timeout_s
+            while (self.scheduler.running_count or self._ready) and time.monotonic() < deadline:
+                self._work.wait(timeout=0.1)
+        try:
+            change()
+        finally:
+            with self._work:
+                self._paused = False
+                self._dispatch_locked()
 
     def _gpu_loop(self) -> None:
         while True:
@@ -235,6 +254,7 @@ class GpuRunner:
         with self._work:
             shares = self._settle(jobs, gpu_s)
             self._dispatch_locked()
+            self._work.notify_all()  # a swap may be waiting for the GPU to go idle
         for job, share in zip(jobs, shares):
             self._on_event("finished", {"tier": job.client.tier, "gpu_s": share})
         for job, w, i, share in zip(jobs, waiters, range(len(jobs)), shares):

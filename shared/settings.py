@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     """Force the cookie's Secure attributes on/off; None decides per request (HTTPS or not)."""
     cors_origins: str = ""
     """Frontend: comma separated origins allowed to call the API from a browser (empty = same origin only)."""
+    dev_reload: bool = False
+    """Frontend: the page reloads itself when either tier restarts (``splitspace dev --reload``)."""
     mcp: bool = False
     """Frontend: also serve Gradio's MCP server (streamable HTTP at /gradio_api/mcp/)."""
     prompt_max_chars: int = 1000

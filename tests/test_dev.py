@@ -1,0 +1,104 @@
+"""`splitspace dev`: both tiers as processes, a page that generates, clean stops, and --reload."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from gradio_client import Client
+from PIL import Image
+
+from tests.support import REPO, free_port
+
+
+def _start_dev(cwd: Path, *args: str) -> tuple[subprocess.Popen[str], str, str]:
+    fport, bport = free_port(), free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "SPLITSPACE_STATE_PATH": str(cwd / "state.sqlite3")}
+    env.pop("SPLITSPACE_SECRET", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deploy.cli", "dev", "--frontend-port", str(fport), "--backend-port", str(bport), *args],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    furl, burl = f"http://127.0.0.1:{fport}", f"http://127.0.0.1:{bport}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        try:
+            if httpx.get(f"{furl}/health", timeout=1).status_code == 200:
+                return proc, furl, burl
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise AssertionError("splitspace dev did not come up")
+
+
+def _down(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/health", timeout=1)
+    except httpx.HTTPError:
+        return True
+    return False
+
+
+def test_dev_generates_with_tiny_and_stops_on_ctrl_c(tmp_path):
+    proc, furl, burl = _start_dev(tmp_path)
+    try:
+        path, info = Client(furl, verbose=False).predict("a cat", "", 64, 64, 2, 0.0, 3, api_name="/generate")
+        assert Image.open(path).size == (64, 64) and info["model"] == "tiny"
+        page = httpx.get(furl + "/").text
+        assert "splitspace" in page
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert furl in out and burl in out  # both URLs printed
+    assert _down(furl) and _down(burl)
+
+
+def test_dev_stops_both_when_one_dies(tmp_path):
+    proc, furl, burl = _start_dev(tmp_path, "--model", "sleep:1")
+    port = burl.rsplit(":", 1)[1]
+    pids = subprocess.run(["pgrep", "-f", f"deploy.cli backend --host 127.0.0.1 --port {port}"],
+                          capture_output=True, text=True).stdout.split()
+    assert pids
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and "exited" in out
+    assert _down(furl)
+
+
+def test_dev_reload_restarts_a_tier_and_the_page_follows(tmp_path):
+    """--reload: editing a tier's source restarts it; the page carries the script that reloads it."""
+    work = tmp_path / "copy"
+    for pkg in ("shared", "session", "gpu_backend", "cpu_frontend", "deploy"):
+        shutil.copytree(REPO / pkg, work / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    proc, furl, burl = _start_dev(work, "--model", "sleep:1", "--reload")
+    try:
+        assert "location.reload()" in httpx.get(furl + "/").text
+        before = httpx.get(f"{furl}/health").json()
+        backend_before = httpx.get(f"{burl}/health").json()["boot_id"]
+        with open(work / "cpu_frontend" / "limits.py", "a") as f:
+            f.write("\n# edited by test_dev_reload\n")
+        with open(work / "gpu_backend" / "cost.py", "a") as f:
+            f.write("\n# edited by test_dev_reload\n")
+        deadline = time.monotonic() + 60
+        after, backend_after = before, backend_before
+        while time.monotonic() < deadline and (after["boot_id"] == before["boot_id"] or backend_after == backend_before):
+            time.sleep(0.5)
+            try:
+                after = httpx.get(f"{furl}/health", timeout=2).json()
+                backend_after = httpx.get(f"{burl}/health", timeout=2).json()["boot_id"]
+            except httpx.HTTPError:
+                pass
+        assert after["boot_id"] != before["boot_id"], "the frontend did not restart"
+        assert backend_after != backend_before, "the GPU tier did not restart"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
