@@ -1,0 +1,100 @@
+"""Several GPU tiers behind one frontend: spread, failover, no silent drops, rejoin."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.clients import call_rest, error_text, gen_args
+from tests.support import Deployment, TierProcess, free_port, start_tier
+
+
+def _finished(url: str) -> float:
+    try:
+        text = httpx.get(f"{url}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return -1
+    for line in text.splitlines():
+        if line.startswith('splitspace_requests_total{outcome="finished"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _burst(url: str, n: int, prefix: str) -> list[tuple[str, list]]:
+    results: list[tuple[str, list]] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        with httpx.Client(timeout=120) as c:  # each its own address: no per-client cap in the way
+            r = call_rest(c, url, "generate", gen_args(seed=i), {"x-forwarded-for": f"{prefix}.{i}"})
+        with lock:
+            results.append(r)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+@pytest.fixture
+def two(tmp_path) -> Iterator[tuple[Deployment, TierProcess, int]]:
+    d = Deployment(tmp_path, model="sleep:200")
+    second_port = free_port()
+    d.backend_urls = lambda: f"http://127.0.0.1:{d.backend_port},http://127.0.0.1:{second_port}"  # type: ignore[method-assign]
+    d.workdir.mkdir(parents=True, exist_ok=True)
+    d.start_backend()
+    env = {**d.common_env(), "SPLITSPACE_MODEL": d.model, "SPLITSPACE_STATE_PATH": str(tmp_path / "b2.sqlite3")}
+    second = start_tier("backend", second_port, env, tmp_path / "backend2.log")
+    d.start_frontend()
+    yield d, second, second_port
+    second.stop()
+    d.stop()
+
+
+def test_requests_spread_over_both(two):
+    d, second, _ = two
+    results = _burst(d.frontend.url, 8, "10.2.0")
+    assert all(final == "complete" for final, _ in results)
+    assert _finished(d.backend.url) > 0 and _finished(second.url) > 0
+
+
+def test_one_killed_mid_load_nothing_dropped_survivor_takes_over_and_it_rejoins(two, tmp_path):
+    d, second, second_port = two
+    outcome: list[tuple[str, list]] = []
+    runner = threading.Thread(target=lambda: outcome.extend(_burst(d.frontend.url, 16, "10.3.0")))
+    runner.start()
+    time.sleep(0.7)
+    second.proc.send_signal(signal.SIGKILL)
+    runner.join(timeout=120)
+    assert not runner.is_alive(), "a request hung"
+    assert len(outcome) == 16
+    for final, events in outcome:  # every request ends in a result or the clear error
+        assert final == "complete" or error_text(events).startswith("GPU backend unavailable:"), events
+    assert sum(final == "complete" for final, _ in outcome) >= 8
+
+    after = _burst(d.frontend.url, 6, "10.4.0")  # the survivor takes the load
+    assert all(final == "complete" for final, _ in after), [error_text(e) for _, e in after]
+    health = httpx.get(f"{d.frontend.url}/health").json()
+    assert [b["healthy"] for b in health["backends"]] == [True, False]
+
+    env = {**d.common_env(), "SPLITSPACE_MODEL": d.model, "SPLITSPACE_STATE_PATH": str(tmp_path / "b2.sqlite3")}
+    revived = start_tier("backend", second_port, env, tmp_path / "backend2b.log")
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if all(b["healthy"] for b in httpx.get(f"{d.frontend.url}/health").json()["backends"]):
+                break
+            time.sleep(0.3)
+        else:
+            pytest.fail("the revived GPU tier did not rejoin")
+        _burst(d.frontend.url, 8, "10.5.0")
+        assert _finished(revived.url) > 0, "the rejoined GPU tier got no work"
+    finally:
+        revived.stop()
