@@ -95,7 +95,7 @@ def many_clients_plan(seed: int = 7) -> tuple[dict[str, float], dict[str, float]
 
 
 async def _open_loop(system: str, url: str, clients: list[str], demand: dict[str, float], seconds: float,
-                     out_gpu: dict[str, float]) -> None:
+                     out_gpu: dict[str, float], out_offered: dict[str, float]) -> None:
     limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
     job_s = MANY_JOB_MS / 1000
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
@@ -115,6 +115,7 @@ async def _open_loop(system: str, url: str, clients: list[str], demand: dict[str
                 await asyncio.sleep(rng.expovariate(rate))
                 if time.perf_counter() >= t_end:
                     break
+                out_offered[c] += job_s  # the demand actually offered (Poisson arrivals vary)
                 tasks.append(asyncio.create_task(one(c)))
             for t in tasks:
                 t.cancel()  # what has not finished in the window is not counted
@@ -126,9 +127,10 @@ async def _open_loop(system: str, url: str, clients: list[str], demand: dict[str
 def _many_proc(system: str, url: str, clients: list[str], demand: dict[str, float], seconds: float,
                start_at: float, out: Any) -> None:
     gpu = {c: 0.0 for c in clients}
+    offered = {c: 0.0 for c in clients}
     time.sleep(max(0.0, start_at - time.time()))
-    asyncio.run(_open_loop(system, url, clients, demand, seconds, gpu))
-    out.put(gpu)
+    asyncio.run(_open_loop(system, url, clients, demand, seconds, gpu, offered))
+    out.put((gpu, offered))
 
 
 def jain(xs: list[float]) -> float:
@@ -146,13 +148,17 @@ def many_clients(system: str, url: str, seconds: float) -> dict[str, Any]:
     for p in procs:
         p.start()
     got: dict[str, float] = {}
+    offered: dict[str, float] = {}
     for _ in procs:
-        got.update(q.get(timeout=seconds + 300))
+        g, o = q.get(timeout=seconds + 300)
+        got.update(g)
+        offered.update(o)
     for p in procs:
         p.join()
     served = {c: got[c] / seconds for c in clients}
     capacity = sum(served.values())
-    fair = weighted_max_min(demand, weights, capacity)
+    # The oracle gets the demand each client actually offered and the GPU time actually delivered.
+    fair = weighted_max_min({c: offered[c] / seconds for c in clients}, weights, capacity)
     ratios = [served[c] / fair[c] for c in clients if fair[c] > 0]
     return {"jain": jain(ratios), "capacity_used": capacity,
             "worst_ratio": min(ratios), "best_ratio": max(ratios)}

@@ -16,7 +16,6 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -289,17 +288,6 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
 
 
 def create_app() -> FastAPI:
-    """App factory for uvicorn (``--reload`` needs an import string): settings from the environment."""
+    """App factory for uvicorn (``deploy/serve.py``): settings from the environment."""
     return build_app(Settings())
 
-
-def serve(host: str, port: int, *, reload: bool = False) -> None:
-    """Run this tier with uvicorn; settings come from the environment (``SPLITSPACE_*``)."""
-    import uvicorn
-
-    uvicorn.run(
-        f"{__name__}:create_app", factory=True, host=host, port=port, log_level="warning",
-        timeout_graceful_shutdown=2, reload=reload,
-        reload_dirs=[str(Path(__file__).resolve().parent.parent)] if reload else None,
-        reload_includes=["*.py"] if reload else None,
-    )

@@ -25,7 +25,7 @@ from gradio_client.exceptions import AppError
 from shared.errors import BackendUnavailable, SplitspaceError
 
 from .hub_auth import backend_auth_headers
-from .transport import NotStarted, Transport, error_from_backend
+from .transport import NotStarted, Transport, error_from_backend, fetch_health
 
 POLL_S = 0.02
 log = logging.getLogger("splitspace.frontend")
@@ -58,12 +58,7 @@ class GradioClientTransport(Transport):
             await asyncio.to_thread(self._client.close)
 
     async def health(self, headers: dict[str, str] | None = None) -> dict[str, Any]:
-        try:
-            r = await self._health_http.get(f"{self.base_url}/health", headers=headers)
-            r.raise_for_status()
-            return r.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            raise BackendUnavailable(f"{self.base_url} did not answer its health check") from exc
+        return await fetch_health(self._health_http, self.base_url, headers)
 
     async def stream(
         self, api_name: str, data: list[Any], headers: dict[str, str]

@@ -21,7 +21,7 @@ import httpx
 from shared.errors import QUEUE_FULL, BackendUnavailable, Throttled
 
 from .hub_auth import backend_auth_headers
-from .transport import NotStarted, Transport, error_from_backend
+from .transport import NotStarted, Transport, error_from_backend, fetch_health
 
 
 class HttpxTransport(Transport):
@@ -46,12 +46,7 @@ class HttpxTransport(Transport):
         await self._client.aclose()
 
     async def health(self, headers: dict[str, str] | None = None) -> dict[str, Any]:
-        try:
-            r = await self._client.get(f"{self.base_url}/health", headers=headers)
-            r.raise_for_status()
-            return r.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            raise BackendUnavailable(f"{self.base_url} did not answer its health check") from exc
+        return await fetch_health(self._client, self.base_url, headers)
 
     async def _join(self, api_name: str, data: list[Any], headers: dict[str, str]) -> str:
         try:

@@ -15,7 +15,10 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
+
 from shared.errors import (
+    BackendUnavailable,
     QUEUE_FULL,
     QUOTA_EXCEEDED,
     RATE_LIMITED,
@@ -52,6 +55,18 @@ class Transport(ABC):
 
     async def aclose(self) -> None:
         return None
+
+
+async def fetch_health(
+    client: httpx.AsyncClient, base_url: str, headers: dict[str, str] | None
+) -> dict[str, Any]:
+    """GET a GPU tier's /health with ``client``; BackendUnavailable when it does not answer."""
+    try:
+        r = await client.get(f"{base_url}/health", headers=headers)
+        r.raise_for_status()
+        return r.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        raise BackendUnavailable(f"{base_url} did not answer its health check") from exc
 
 
 def error_from_backend(text: str | None) -> SplitspaceError:

@@ -51,9 +51,9 @@ def backend(
 ) -> None:
     """The GPU tier alone."""
     _set_env(model=model)
-    from gpu_backend.app import serve
+    from .serve import serve
 
-    serve(host, port, reload=reload)
+    serve("gpu_backend.app:create_app", host, port, reload=reload)
 
 
 @app.command()
@@ -65,9 +65,9 @@ def frontend(
 ) -> None:
     """The CPU tier alone."""
     _set_env(backend_url=backend_url)
-    from cpu_frontend.app import serve
+    from .serve import serve
 
-    serve(host, port, reload=reload)
+    serve("cpu_frontend.app:create_app", host, port, reload=reload)
 
 
 @app.command("deploy")

@@ -17,7 +17,6 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -123,7 +122,6 @@ class GpuTier:
         ids = set(config.clients) | set(self.overrides.all())
         caps = {}
         for client_id in ids:
-            kind = "key" if client_id.startswith("key:") else "address"
             if client_id.startswith("session:"):
                 continue  # the frontend caps sessions by address
             tier_name = next((k.tier for k in config.keys if f"key:{k.name}" == client_id), "anonymous")
@@ -275,17 +273,6 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
 
 
 def create_app() -> FastAPI:
-    """App factory for uvicorn (``--reload`` needs an import string): settings from the environment."""
+    """App factory for uvicorn (``deploy/serve.py``): settings from the environment."""
     return build_app(Settings())
 
-
-def serve(host: str, port: int, *, reload: bool = False) -> None:
-    """Run this tier with uvicorn; settings come from the environment (``SPLITSPACE_*``)."""
-    import uvicorn
-
-    uvicorn.run(
-        f"{__name__}:create_app", factory=True, host=host, port=port, log_level="warning",
-        timeout_graceful_shutdown=2, reload=reload,
-        reload_dirs=[str(Path(__file__).resolve().parent.parent)] if reload else None,
-        reload_includes=["*.py"] if reload else None,
-    )

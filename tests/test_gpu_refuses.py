@@ -9,7 +9,7 @@ import pytest
 
 from session.identity import Identity
 from tests.clients import error_text, infer_direct, token_for
-from tests.support import Deployment, free_port, start_tier
+from tests.support import free_port, start_tier
 
 WHO = Identity("key:alpha", "key", "free", "127.0.0.1")
 

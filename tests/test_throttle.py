@@ -49,7 +49,9 @@ def test_queue_full_for_one_client_while_another_succeeds(slow):
     refused = [text for final, text in results if final == "error"]
     served = [final for final, _ in results if final == "complete"]
     assert refused, results
-    assert len(served) >= 2
+    # At least one is served; a second may be refused too when the other client's job holds
+    # the GPU (the first then waits as "queued", and max_queued = 1 is taken).
+    assert len(served) >= 1, results
     for text in refused:
         assert text.startswith("Queue full:"), text
         assert _retry_seconds(text) >= 1
