@@ -182,6 +182,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--many-seconds", type=float, default=30.0)
     ap.add_argument("--skip-many", action="store_true")
+    ap.add_argument("--skip-baseline", action="store_true", help="splitspace only (for A/B runs)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="splitspace-bench-"))
     base_backend, base_frontend = start_baseline(work)
@@ -190,6 +191,8 @@ def main() -> None:
         rows: dict[str, list[dict[str, float]]] = {"baseline": [], "splitspace": []}
         for r in range(args.rounds):
             for system, url in (("baseline", base_frontend.url), ("splitspace", split.frontend.url)):
+                if system == "baseline" and args.skip_baseline:
+                    continue
                 rows[system].append(noisy_neighbour(system, url))
                 time.sleep(1.0)
         job = JOB_MS / 1000
@@ -198,13 +201,16 @@ def main() -> None:
         print(f"{'system':<12}{'light p50':>12}{'light worst':>13}{'heavy total':>13}{'errors':>8}")
         summary = {}
         for system, rs in rows.items():
+            if not rs:
+                continue
             p50 = median([x["light_p50_s"] for x in rs])
             worst = median([x["light_max_s"] for x in rs])
             total = median([x["heavy_total_s"] for x in rs])
             errs = sum(x["errors"] for x in rs)
             summary[system] = (p50, worst, total)
             print(f"{system:<12}{p50:>8.3f} s ({p50 / job:4.1f} jobs){worst:>7.3f} s ({worst / job:4.1f}){total:>9.2f} s{errs:>8}")
-        (bp, bw, bt), (sp, sw, st) = summary["baseline"], summary["splitspace"]
+        (bp, bw, bt) = summary.get("baseline", (float("nan"),) * 3)
+        (sp, sw, st) = summary["splitspace"]
         print(f"ratios splitspace/baseline: light p50 {sp / bp:.3f}, light worst {sw / bw:.3f}, heavy total {st / bt:.3f}")
         print(f"goal: light p50 <= 4 jobs: {'MET' if sp <= 4 * job else 'MISSED'}; worst <= 6 jobs: "
               f"{'MET' if sw <= 6 * job else 'MISSED'}; heavy within 5% of baseline: {'MET' if st <= 1.05 * bt else 'MISSED'}")

@@ -51,8 +51,10 @@ STATUS_EVERY_FAR_S = 2.0
 """Status interval of a job further back, where updates matter less and cost as much."""
 NEAR_FRONT = 5
 """Positions up to this count as near the front."""
-FIRST_STATUS_AFTER_S = 0.05
-"""A job done sooner than this sends no status at all (most jobs on an idle GPU)."""
+FIRST_STATUS_AFTER_S = 0.5
+"""A job done sooner than this sends no status at all (most jobs on an idle GPU); later than
+this the caller sees its position. Also keeps a burst's first status updates out of the
+moment the burst arrives, when both tiers are busiest ingesting it."""
 
 INLINE_ENCODE_PIXELS = 128 * 128
 """Images up to this size are PNG-encoded on the event loop; larger ones in a worker thread."""
