@@ -60,11 +60,15 @@ def start_tier(
     cmd = [sys.executable, "-m", "deploy.cli", kind, "--host", "127.0.0.1", "--port", str(port), *args]
     log = open(log_path, "ab")
     proc = subprocess.Popen(cmd, env=full_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    tier = TierProcess(kind, f"http://127.0.0.1:{port}", proc, log_path)
-    deadline = time.monotonic() + ready_timeout_s
+    return wait_ready(TierProcess(kind, f"http://127.0.0.1:{port}", proc, log_path), ready_timeout_s)
+
+
+def wait_ready(tier: TierProcess, timeout_s: float = 120) -> TierProcess:
+    """Wait until the tier answers /health; its log in the error if it exits or never does."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{kind} exited with {proc.returncode}:\n{tier.log()[-3000:]}")
+        if tier.proc.poll() is not None:
+            raise RuntimeError(f"{tier.name} exited with {tier.proc.returncode}:\n{tier.log()[-3000:]}")
         try:
             if httpx.get(f"{tier.url}/health", timeout=1).status_code == 200:
                 return tier
@@ -72,7 +76,7 @@ def start_tier(
             pass
         time.sleep(0.2)
     tier.stop()
-    raise RuntimeError(f"{kind} not ready in {ready_timeout_s} s:\n{tier.log()[-3000:]}")
+    raise RuntimeError(f"{tier.name} not ready in {timeout_s} s:\n{tier.log()[-3000:]}")
 
 
 @dataclass

@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from deploy.spaces import (
     deploy,
     space_url,
 )
-from tests.support import REPO, TierProcess, free_port
+from tests.support import REPO, TierProcess, free_port, wait_ready
 
 FE, BE = "alice/splitspace", "alice/Splitspace_GPU.v2"
 REQUIRED_KEYS = {"title", "emoji", "colorFrom", "colorTo", "sdk", "sdk_version", "app_file",
@@ -150,19 +149,7 @@ def start_bundle(bundle: Path, name: str, env: dict[str, str], log_path: Path, t
     log = open(log_path, "ab")
     proc = subprocess.Popen([sys.executable, str(isolate)], cwd=bundle, env=bundle_env(env),
                             stdout=log, stderr=subprocess.STDOUT)
-    tier = TierProcess(name, f"http://127.0.0.1:{port}", proc, log_path)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tier.log()[-3000:]}")
-        try:
-            if httpx.get(f"{tier.url}/health", timeout=1).status_code == 200:
-                return tier
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    tier.stop()
-    raise RuntimeError(f"{name} not ready in {timeout_s} s:\n{tier.log()[-3000:]}")
+    return wait_ready(TierProcess(name, f"http://127.0.0.1:{port}", proc, log_path), timeout_s)
 
 
 def test_bundles_serve_a_generate_call_on_their_own(tmp_path):
