@@ -32,10 +32,9 @@ class InflightCaps:
 
     def learn(self, identity: Identity, cap: object) -> None:
         """The cap the GPU tier reported for this client (it knows the operators' overrides)."""
-        if isinstance(cap, int) and cap >= 0:
-            self._learned[subject_of(identity)] = cap
+        self.learn_all({subject_of(identity): cap})
 
-    def learn_all(self, caps: dict[str, int]) -> None:
+    def learn_all(self, caps: dict[str, object]) -> None:
         """Caps of the clients with overrides, from a GPU tier's health document."""
         for subject, cap in caps.items():
             if isinstance(cap, int) and cap >= 0:

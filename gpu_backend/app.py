@@ -61,8 +61,11 @@ class GpuTier:
         self.tokens = IdentityTokens(settings.secrets)
         if not self.tokens.configured:
             log.warning("no SPLITSPACE_SECRET: the GPU tier refuses every call")
-        self.executor = executor or gpu.load_model(settings.model)
-        gpu.set_executor(self.executor)
+        # The loaded model lives in gpu.py (a ZeroGPU worker reaches it there), nowhere else.
+        if executor is not None:
+            gpu.set_executor(executor)
+        else:
+            gpu.load_model(settings.model)
         self._model_lock = asyncio.Lock()
         self.watcher = QuotaWatcher(settings.quotas)
         self.store = SqliteUsageStore(settings.state_path)
@@ -95,7 +98,6 @@ class GpuTier:
             def change() -> None:
                 executor = ModelExecutor.from_spec(spec)
                 gpu.set_executor(executor)
-                self.executor = executor
                 self.runner.cost.factor = 1.0  # the calibration was the old model's
 
             await asyncio.to_thread(self.runner.swap, change)

@@ -79,6 +79,16 @@ def wait_ready(tier: TierProcess, timeout_s: float = 120) -> TierProcess:
     raise RuntimeError(f"{tier.name} not ready in {timeout_s} s:\n{tier.log()[-3000:]}")
 
 
+def wait_for(check, timeout_s: float, every_s: float = 0.1):  # type: ignore[no-untyped-def]
+    """Poll ``check`` until it returns something truthy or ``timeout_s`` passes; its last value."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(every_s)
+
+
 @dataclass
 class Deployment:
     """Both tiers, the secrets they share and the operator's files."""

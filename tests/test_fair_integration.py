@@ -20,7 +20,7 @@ from gradio_client import Client
 
 from shared.headers import ADMIN_HEADER
 from tests.clients import call_rest, error_text, gen_args
-from tests.support import Deployment, sha256
+from tests.support import Deployment, sha256, wait_for
 
 
 KEYS = {
@@ -141,15 +141,6 @@ def metric(d: Deployment, name: str, labels: str = "") -> float:
     pattern = rf"^{re.escape(name)}{re.escape('{' + labels + '}') if labels else ''} (\S+)$"
     m = re.search(pattern, text, re.M)
     return float(m.group(1)) if m else 0.0
-
-
-def wait_for(check, timeout_s: float, every_s: float = 0.1):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(every_s)
 
 
 def backlog_of(d: Deployment, client_id: str) -> int:

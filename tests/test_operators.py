@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from deploy.cli import app as cli_app
 from shared.headers import ADMIN_HEADER
 from tests.clients import call_rest, error_text, gen_args
-from tests.support import REPO, Deployment, free_port, sha256, start_tier
+from tests.support import REPO, Deployment, free_port, sha256, start_tier, wait_for
 
 JOB_S = 0.3  # sleep:300
 
@@ -138,15 +138,6 @@ def rewrite_quotas(d: Deployment, text: str) -> None:
     d.quotas = text
 
 
-def wait_for(check, timeout_s: float, every_s: float = 0.2):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(every_s)
-
-
 def metrics_text(d: Deployment) -> str:
     return httpx.get(f"{d.backend.url}/metrics", timeout=10).text
 
@@ -173,7 +164,7 @@ def test_quota_file_hot_reload_and_bad_edit_keeps_last_good(ops):
 
         rewrite_quotas(ops, quotas(reload_max_queued=9))
         time.sleep(2.5)  # both tiers poll the file every second
-        assert wait_for(lambda: client.predict(api_name="/quota")["limits"]["max_queued"] == 9, 5), (
+        assert wait_for(lambda: client.predict(api_name="/quota")["limits"]["max_queued"] == 9, 5, 0.2), (
             client.predict(api_name="/quota")
         )
         assert admin(ops, "GET", "/quotas").json()["last_error"] is None
@@ -181,7 +172,7 @@ def test_quota_file_hot_reload_and_bad_edit_keeps_last_good(ops):
         bad = quotas(reload_max_queued=9, extra_reload_line="max_queue = 3\n")
         bad_line = bad.splitlines().index("max_queue = 3") + 1
         rewrite_quotas(ops, bad)
-        status = wait_for(lambda: admin(ops, "GET", "/quotas").json()["last_error"], 6)
+        status = wait_for(lambda: admin(ops, "GET", "/quotas").json()["last_error"], 6, 0.2)
         assert status, "the bad file was not noticed"
         assert f"line {bad_line}" in status and "max_queue" in status and "unknown key" in status, status
         # the last good version stays in force on the GPU tier (and the key still works on the frontend)
@@ -190,8 +181,8 @@ def test_quota_file_hot_reload_and_bad_edit_keeps_last_good(ops):
     finally:
         rewrite_quotas(ops, quotas())
         client.close()
-    assert wait_for(lambda: admin(ops, "GET", "/quotas").json()["last_error"] is None, 6)
-    assert wait_for(lambda: standing(ops, "reloader")["limits"]["max_queued"] == 4, 6)
+    assert wait_for(lambda: admin(ops, "GET", "/quotas").json()["last_error"] is None, 6, 0.2)
+    assert wait_for(lambda: standing(ops, "reloader")["limits"]["max_queued"] == 4, 6, 0.2)
 
 
 # -- the CLI ------------------------------------------------------------------------------
