@@ -86,9 +86,13 @@ def build_transports(settings: Settings) -> list[Transport]:
         from .gradio_client_transport import GradioClientTransport
 
         return [GradioClientTransport(u, timeout_s=settings.backend_timeout_s) for u in urls]
-    from .httpx_transport import HttpxTransport
+    if settings.transport == "httpx":
+        from .httpx_transport import HttpxTransport
 
-    return [HttpxTransport(u, timeout_s=settings.backend_timeout_s) for u in urls]
+        return [HttpxTransport(u, timeout_s=settings.backend_timeout_s) for u in urls]
+    from .direct_transport import DirectTransport
+
+    return [DirectTransport(u, timeout_s=settings.backend_timeout_s) for u in urls]
 
 
 class Frontend:

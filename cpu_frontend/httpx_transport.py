@@ -1,4 +1,4 @@
-"""The pooled async transport: Gradio's documented REST queue protocol over httpx.
+"""A pooled async transport that speaks Gradio's documented REST queue protocol over httpx.
 
 One ``httpx.AsyncClient`` per GPU tier keeps connections alive across calls
 (the stock ``gradio_client`` opens a new client and TLS context per call and
@@ -20,8 +20,7 @@ import httpx
 
 from shared.errors import QUEUE_FULL, BackendUnavailable, Throttled
 
-from .hub_auth import backend_auth_headers
-from .transport import NotStarted, Transport, error_from_backend, fetch_health
+from .transport import NotStarted, Transport, error_from_backend, fetch_health, pooled_client
 
 
 class HttpxTransport(Transport):
@@ -36,11 +35,7 @@ class HttpxTransport(Transport):
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self._fn_index: dict[str, int] = {}
-        self._client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout_s),
-            headers=backend_auth_headers(),  # the frontend Space's Hub token, for a private GPU Space
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=100),
-        )
+        self._client = client or pooled_client(timeout_s, max_connections)
 
     async def aclose(self) -> None:
         await self._client.aclose()

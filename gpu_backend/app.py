@@ -2,8 +2,10 @@
 
 Wiring only. Every call's identity token is verified before any work; the
 request is validated again (the GPU tier trusts nothing); admission, fair
-order and execution are the runner's. Gradio's own queue must not reorder
-what the scheduler decides, so the endpoints have no concurrency limit,
+order and execution are the runner's. Two ways in, same rules: Gradio's
+``/infer`` (for ``gradio_client`` and any Gradio client) and the direct route
+(``direct_route.py``, the frontend's default hop). Gradio's own queue must not
+reorder what the scheduler decides, so the endpoints have no concurrency limit,
 ``max_threads`` is raised well above what admission lets in, and
 ``queue(api_open=False)`` closes the queue-skipping ``/gradio_api/run/`` route.
 """
@@ -22,7 +24,9 @@ from typing import Any
 import gradio as gr
 from fastapi import APIRouter, Body, FastAPI, HTTPException, Request
 from fastapi.responses import Response
+from starlette.routing import Route
 
+from session.identity import Identity
 from session.token import IdentityTokens
 from shared.errors import SplitspaceError
 from shared.headers import IDENTITY_HEADER
@@ -33,6 +37,7 @@ from shared.settings import Settings
 from . import gpu
 from .admin import Overrides, admin_router, limits_function
 from .cost import CostModel
+from .direct_route import INFER_PATH, STANDING_PATH, DirectRoutes
 from .metrics import CONTENT_TYPE, GpuMetrics
 from .model import ModelExecutor
 from .runner import GpuRunner, client_ref
@@ -109,13 +114,29 @@ class GpuTier:
         with self.runner.locked() as scheduler:
             return read(scheduler)
 
-    def verify(self, request: gr.Request | None):  # type: ignore[no-untyped-def]
+    def verify_token(self, token: str | None) -> Identity:
+        """The caller's identity, or Unauthorized (counted in the metrics)."""
+        try:
+            return self.tokens.verify(token)
+        except SplitspaceError:
+            self.metrics.refuse("unauthorized")
+            raise
+
+    def verify(self, request: gr.Request | None) -> Identity:
         headers = request.headers if request is not None else {}
         try:
-            return self.tokens.verify(headers.get(IDENTITY_HEADER))
+            return self.verify_token(headers.get(IDENTITY_HEADER))
         except SplitspaceError as exc:
-            self.metrics.refuse("unauthorized")
             raise to_gradio_error(exc) from None
+
+    def standing(self, identity: Identity) -> dict[str, Any]:
+        """The caller's own quota standing."""
+        stats = dict(self.with_scheduler(lambda s: s.client_stats(client_ref(identity))))
+        stats["tier"] = self.watcher.current.tier_name(
+            identity.client_id, identity.tier, self.overrides.get(identity.client_id)
+        )
+        stats["client"] = identity.client_id
+        return stats
 
     def live_caps(self) -> dict[str, int]:
         """max_running + max_queued of every client with an override, as the frontend
@@ -182,13 +203,7 @@ def build_blocks(tier: GpuTier) -> gr.Blocks:
 
     async def standing(request: gr.Request = None) -> dict:  # type: ignore[assignment]
         """The caller's own quota standing (frontend only)."""
-        identity = tier.verify(request)
-        stats = dict(tier.with_scheduler(lambda s: s.client_stats(client_ref(identity))))
-        stats["tier"] = tier.watcher.current.tier_name(
-            identity.client_id, identity.tier, tier.overrides.get(identity.client_id)
-        )
-        stats["client"] = identity.client_id
-        return stats
+        return tier.standing(tier.verify(request))
 
     with gr.Blocks(title="splitspace GPU tier") as blocks:
         gr.Markdown("splitspace GPU tier. Not for the public: the frontend is its only caller.")
@@ -267,6 +282,13 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
             extra_routes=lambda router: model_routes(router, tier),
         )
     )
+
+    direct = DirectRoutes(
+        tier.runner, verify=tier.verify_token, limits=settings.limits, standing=tier.standing,
+        on_call=tier.metrics.calls.inc,
+    )
+    for path in (INFER_PATH, STANDING_PATH):  # before the mount at "/", which catches everything after it
+        app.router.routes.append(Route(path, direct, methods=["POST"]))
 
     blocks = build_blocks(tier)
     blocks.max_threads = settings.max_threads  # before queue(): the queue sizes its workers from it

@@ -89,6 +89,16 @@ class _Waiter:
     started: float | None = None
 
 
+@dataclass
+class Ticket:
+    """An admitted request: what :meth:`GpuRunner.follow` and :meth:`GpuRunner.drop` need."""
+
+    job_id: str
+    tier: str
+    cap: int
+    waiter: _Waiter
+
+
 class GpuRunner:
     def __init__(
         self,
@@ -145,6 +155,18 @@ class GpuRunner:
         Raises Throttled when a limit refuses the request. Closing the generator
         while it waits removes the job from the queue.
         """
+        ticket = self.admit(identity, request)
+        updates = self.follow(ticket)
+        async with contextlib.aclosing(updates):
+            async for update in updates:
+                yield update
+
+    def admit(self, identity: Identity, request: GenerateRequest) -> Ticket:
+        """Queue the request for a fair turn, or raise Throttled at once (on the event loop).
+
+        The caller's context (e.g. Gradio's request, for ZeroGPU's ``x-ip-token``) is
+        captured here: the GPU function runs in it. Every ticket must be followed
+        (:meth:`follow`) or dropped (:meth:`drop`)."""
         seed = request.seed if request.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
         steps, guidance = self._resolve(request, seed)
         estimate = self.cost.estimate(steps, request.width, request.height)
@@ -169,7 +191,12 @@ class GpuRunner:
         self._on_event("admitted", {"tier": identity.tier})
         # The client's in-flight cap as the GPU tier sees it (operators may change it live);
         # the frontend learns it from here for its early refusals.
-        cap = limits.max_running + limits.max_queued
+        return Ticket(job_id, identity.tier, limits.max_running + limits.max_queued, waiter)
+
+    async def follow(self, ticket: Ticket) -> AsyncIterator[dict[str, Any]]:
+        """Yield the ticket's status while it waits, then its result. Closing this
+        generator (or cancelling the task that runs it) while the job waits drops the job."""
+        waiter, job_id, cap = ticket.waiter, ticket.job_id, ticket.cap
         try:
             # A disconnected caller is noticed at its next yield, so the status
             # interval also bounds how long a cancelled job can stay queued.
@@ -188,14 +215,20 @@ class GpuRunner:
             result["cap"] = cap
             yield result
         finally:
-            if not waiter.future.done():
-                with self._work:
-                    cancelled = self.scheduler.cancel(job_id)
-                    if cancelled:
-                        self._waiters.pop(job_id, None)
-                        self._dispatch_locked()  # a freed place may make another job eligible
-                if cancelled:
-                    self._on_event("cancelled", {"tier": identity.tier})
+            self.drop(ticket)
+
+    def drop(self, ticket: Ticket) -> None:
+        """Remove the ticket's job from the queue if it still waits (idempotent)."""
+        if ticket.waiter.future.done():
+            return
+        with self._work:
+            cancelled = self.scheduler.cancel(ticket.job_id)
+            if cancelled:
+                self._waiters.pop(ticket.job_id, None)
+                self._dispatch_locked()  # a freed place may make another job eligible
+        if cancelled:
+            ticket.waiter.future.cancel()
+            self._on_event("cancelled", {"tier": ticket.tier})
 
     # -- the GPU side (worker threads) ------------------------------------------------
     def _dispatch_locked(self) -> None:

@@ -70,3 +70,31 @@ class BackendUnavailable(SplitspaceError):
     """The GPU tier could not be reached or did not answer in time."""
 
     title = BACKEND_UNAVAILABLE
+
+
+def to_wire(exc: SplitspaceError) -> dict[str, object]:
+    """The error as JSON for the direct GPU route: title, message, and the field or
+    retry seconds that clients act on. The inverse of :func:`from_wire`."""
+    doc: dict[str, object] = {"title": exc.title, "message": exc.message}
+    if isinstance(exc, Throttled):
+        doc["message"] = exc.reason
+        doc["retry_after_s"] = round(exc.retry_after_s, 3)
+    elif isinstance(exc, ValidationFailed):
+        doc["field"] = exc.field
+        doc["message"] = exc.message.partition(": ")[2]
+    return doc
+
+
+def from_wire(doc: dict[str, object]) -> SplitspaceError:
+    """Rebuild the error a GPU tier sent with :func:`to_wire`."""
+    title = str(doc.get("title") or "GPU error")
+    message = str(doc.get("message") or "the GPU tier failed without a message")
+    if title in (QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED) and "retry_after_s" in doc:
+        return Throttled(title, message, float(doc["retry_after_s"]))  # type: ignore[arg-type]
+    if title == UNAUTHORIZED:
+        return Unauthorized(message)
+    if title == INVALID_REQUEST and "field" in doc:
+        return ValidationFailed(str(doc["field"]), message)
+    if title == BACKEND_UNAVAILABLE:
+        return BackendUnavailable(message)
+    return SplitspaceError(message, title=title)

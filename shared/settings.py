@@ -35,8 +35,9 @@ class Settings(BaseSettings):
     """How many reverse proxies in front of the frontend append to X-Forwarded-For."""
     state_path: Path = Path(".splitspace/state.sqlite3")
     """GPU tier: SQLite file for usage windows and operator overrides."""
-    transport: Literal["httpx", "gradio_client"] = "httpx"
-    """Frontend: how requests are forwarded to the GPU tier."""
+    transport: Literal["direct", "httpx", "gradio_client"] = "direct"
+    """Frontend: how requests reach the GPU tier: ``direct`` (one request per call to its
+    direct route), ``httpx`` (Gradio's queue protocol, pooled) or ``gradio_client`` (stock)."""
     backend_timeout_s: float = Field(default=10.0, gt=0)
     """Frontend: bound on connecting to / hearing from the GPU tier before "GPU backend unavailable"."""
     max_threads: int = Field(default=1000, ge=1)

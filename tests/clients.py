@@ -9,6 +9,7 @@ import httpx
 
 from session.identity import Identity
 from session.token import IdentityTokens
+from shared.errors import from_wire
 from shared.headers import IDENTITY_HEADER
 
 GENERATE_DEFAULTS: dict[str, Any] = dict(
@@ -52,12 +53,31 @@ def token_for(secret: str, identity: Identity, **kwargs: Any) -> str:
     return IdentityTokens([secret], **kwargs).mint(identity)
 
 
-def infer_direct(
-    base_url: str, token: str | None, **overrides: Any
-) -> tuple[str, list[tuple[str, Any]]]:
+GPU_ROUTES = ["gradio", "direct"]
+"""The GPU tier's two ways in: Gradio's /infer (gradio_client, httpx transports) and the direct route."""
+
+
+def infer_on_gpu_tier(
+    base_url: str, token: str | None, route: str = "gradio", **overrides: Any
+) -> tuple[str, Any]:
+    """Call the GPU tier as a frontend would: ("complete", result dict) or ("error", "Title: message")."""
     headers = {IDENTITY_HEADER: token} if token else {}
     with httpx.Client(timeout=30) as c:
-        return call_rest(c, base_url, "infer", gen_args(**overrides), headers)
+        if route == "gradio":
+            final, events = call_rest(c, base_url, "infer", gen_args(**overrides), headers)
+            return (final, events[-1][1][0]) if final == "complete" else (final, error_text(events))
+        body = {**GENERATE_DEFAULTS, **overrides}
+        with c.stream("POST", f"{base_url}/splitspace/v1/infer", json=body, headers=headers) as r:
+            if r.status_code != 200:
+                doc = json.loads(r.read())
+                return "error", from_wire(doc).user_text()
+            for line in r.iter_lines():
+                update = json.loads(line)
+                if update["status"] == "done":
+                    return "complete", update
+                if update["status"] == "error":
+                    return "error", from_wire(update).user_text()
+    return "closed", None
 
 
 def error_text(events: list[tuple[str, Any]]) -> str:

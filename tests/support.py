@@ -96,7 +96,7 @@ class Deployment:
     workdir: Path
     model: str = "tiny"
     quotas: str | None = None
-    transport: str = "httpx"
+    transport: str = "direct"
     secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     backend_env: dict[str, str] = field(default_factory=dict)

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from session.identity import Identity
-from tests.clients import error_text, infer_direct, token_for
+from tests.clients import GPU_ROUTES, infer_on_gpu_tier, token_for
 from tests.support import free_port, start_tier
 
 WHO = Identity("key:alpha", "key", "free", "127.0.0.1")
@@ -22,10 +22,16 @@ def _calls(url: str) -> float:
     return 0.0
 
 
-def test_valid_token_is_served(tiny):
-    final, events = infer_direct(tiny.backend.url, token_for(tiny.secret, WHO))
+@pytest.fixture(params=GPU_ROUTES)
+def route(request) -> str:
+    """Both ways into the GPU tier refuse alike: Gradio's /infer and the direct route."""
+    return request.param
+
+
+def test_valid_token_is_served(tiny, route):
+    final, result = infer_on_gpu_tier(tiny.backend.url, token_for(tiny.secret, WHO), route)
     assert final == "complete"
-    assert events[-1][1][0]["info"]["client"] == "key:alpha"
+    assert result["info"]["client"] == "key:alpha"
 
 
 @pytest.mark.parametrize(
@@ -35,21 +41,37 @@ def test_valid_token_is_served(tiny):
         ("forged.token.value", "not valid"),
     ],
 )
-def test_missing_or_garbage_token_refused(tiny, token, message):
-    final, events = infer_direct(tiny.backend.url, token)
+def test_missing_or_garbage_token_refused(tiny, route, token, message):
+    final, text = infer_on_gpu_tier(tiny.backend.url, token, route)
     assert final == "error"
-    assert "Unauthorized" in error_text(events) and message in error_text(events)
+    assert text.startswith("Unauthorized: ") and message in text
 
 
-def test_token_signed_with_another_secret_refused(tiny):
-    final, events = infer_direct(tiny.backend.url, token_for("not-the-shared-secret", WHO))
-    assert final == "error" and "not valid" in error_text(events)
+def test_token_signed_with_another_secret_refused(tiny, route):
+    final, text = infer_on_gpu_tier(tiny.backend.url, token_for("not-the-shared-secret", WHO), route)
+    assert final == "error" and "not valid" in text
 
 
-def test_expired_token_refused(tiny):
+def test_expired_token_refused(tiny, route):
     old = token_for(tiny.secret, WHO, clock=lambda: time.time() - 120)
-    final, events = infer_direct(tiny.backend.url, old)
-    assert final == "error" and "expired" in error_text(events)
+    final, text = infer_on_gpu_tier(tiny.backend.url, old, route)
+    assert final == "error" and "expired" in text
+
+
+def test_invalid_request_refused_by_the_gpu_tier_too(tiny, route):
+    final, text = infer_on_gpu_tier(tiny.backend.url, token_for(tiny.secret, WHO), route, width=100)
+    assert final == "error" and text.startswith("Invalid request: width: must be a multiple of 8"), text
+
+
+def test_direct_route_refuses_a_body_that_is_not_a_request(tiny):
+    headers = {"x-splitspace-identity": token_for(tiny.secret, WHO)}
+    url = f"{tiny.backend.url}/splitspace/v1/infer"
+    r = httpx.post(url, content=b"not json", headers=headers)
+    assert r.status_code == 422 and r.json() == {"title": "Invalid request", "field": "body", "message": "must be a JSON object"}
+    r = httpx.post(url, json={"prompt": "a fox", "colour": "red"}, headers=headers)
+    assert r.status_code == 422 and r.json()["field"] == "colour"
+    r = httpx.post(url, content=b"{" + b" " * 70_000 + b"}", headers=headers)
+    assert r.status_code == 422 and "bytes" in r.json()["message"]
 
 
 def test_run_route_that_skips_the_queue_is_closed(tiny):
@@ -59,9 +81,9 @@ def test_run_route_that_skips_the_queue_is_closed(tiny):
     assert "image_png_b64" not in r.text
 
 
-def test_refused_calls_spend_no_model_time(tiny):
+def test_refused_calls_spend_no_model_time(tiny, route):
     before = httpx.get(f"{tiny.backend.url}/metrics").text
-    infer_direct(tiny.backend.url, None)
+    infer_on_gpu_tier(tiny.backend.url, None, route)
     after = httpx.get(f"{tiny.backend.url}/metrics").text
     finished = lambda t: [l for l in t.splitlines() if l.startswith('splitspace_requests_total{outcome="finished"}')]
     assert finished(before) == finished(after)
@@ -73,14 +95,15 @@ def test_retired_secret_verifies_until_dropped(tmp_path):
     tier = start_tier("backend", port, {**env, "SPLITSPACE_SECRET": "new-secret,old-secret"}, tmp_path / "a.log")
     try:
         old_token = token_for("old-secret", WHO)
-        assert infer_direct(tier.url, old_token)[0] == "complete"
-        assert infer_direct(tier.url, token_for("new-secret", WHO))[0] == "complete"
+        assert infer_on_gpu_tier(tier.url, old_token)[0] == "complete"
+        assert infer_on_gpu_tier(tier.url, token_for("new-secret", WHO), "direct")[0] == "complete"
     finally:
         tier.stop()
     tier = start_tier("backend", port, {**env, "SPLITSPACE_SECRET": "new-secret"}, tmp_path / "b.log")
     try:
-        final, events = infer_direct(tier.url, old_token)
-        assert final == "error" and "not valid" in error_text(events)
+        for route in GPU_ROUTES:
+            final, text = infer_on_gpu_tier(tier.url, old_token, route)
+            assert final == "error" and "not valid" in text
     finally:
         tier.stop()
     assert "old-secret" not in tier.log() and "new-secret" not in tier.log()
@@ -90,14 +113,16 @@ def test_no_secret_configured_refuses_everything(tmp_path):
     env = {"SPLITSPACE_MODEL": "sleep:1", "SPLITSPACE_STATE_PATH": str(tmp_path / "s.sqlite3"), "SPLITSPACE_SECRET": ""}
     tier = start_tier("backend", free_port(), env, tmp_path / "c.log")
     try:
-        final, events = infer_direct(tier.url, token_for("anything", WHO))
-        assert final == "error" and "no SPLITSPACE_SECRET" in error_text(events)
+        for route in GPU_ROUTES:
+            final, text = infer_on_gpu_tier(tier.url, token_for("anything", WHO), route)
+            assert final == "error" and "no SPLITSPACE_SECRET" in text
     finally:
         tier.stop()
 
 
 def test_secrets_never_logged(tiny):
-    infer_direct(tiny.backend.url, token_for(tiny.secret, WHO))
+    for route in GPU_ROUTES:
+        infer_on_gpu_tier(tiny.backend.url, token_for(tiny.secret, WHO), route)
     for log in (tiny.backend.log(), tiny.frontend.log()):
         assert tiny.secret not in log
         assert tiny.admin_token not in log

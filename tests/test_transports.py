@@ -1,4 +1,4 @@
-"""Both transports against the same GPU tier: same results, same errors, same identity, same status."""
+"""All transports against the same GPU tier: same results, same errors, same identity, same status."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from io import BytesIO
 from tests.clients import call_rest, error_text, gen_args
 from tests.support import Deployment, TierProcess, free_port, sha256, start_tier
 
-TRANSPORTS = ["httpx", "gradio_client"]
+TRANSPORTS = ["direct", "httpx", "gradio_client"]
 KEYS = {f"{name}-{t}": t for name in ("rate", "who", "order", "cancel", "busy") for t in TRANSPORTS}
 
 QUOTAS = """
@@ -52,12 +52,15 @@ def bearer(name: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tiers(tmp_path_factory) -> Iterator[dict[str, object]]:
-    d = Deployment(tmp_path_factory.mktemp("transports"), model="sleep:300", quotas=QUOTAS, transport="httpx")
+    d = Deployment(tmp_path_factory.mktemp("transports"), model="sleep:300", quotas=QUOTAS, transport="direct")
     d.start()
-    env = {**d.common_env(), "SPLITSPACE_BACKEND_URL": d.backend_urls(), "SPLITSPACE_TRANSPORT": "gradio_client"}
-    gc = start_tier("frontend", free_port(), env, d.workdir / "frontend-gc.log")
-    yield {"d": d, "httpx": d.frontend, "gradio_client": gc}
-    gc.stop()
+    others = {}
+    for t in TRANSPORTS[1:]:
+        env = {**d.common_env(), "SPLITSPACE_BACKEND_URL": d.backend_urls(), "SPLITSPACE_TRANSPORT": t}
+        others[t] = start_tier("frontend", free_port(), env, d.workdir / f"frontend-{t}.log")
+    yield {"d": d, "direct": d.frontend, **others}
+    for tier in others.values():
+        tier.stop()
     d.stop()
 
 
@@ -77,10 +80,12 @@ def test_same_results(tiers):
             final, events = call_rest(c, frontend(tiers, t).url, "generate", gen_args(seed=11, width=80))
             assert final == "complete", events
             outs[t] = (_image(c, events), events[-1][1][1])
-    (img_a, info_a), (img_b, info_b) = outs["httpx"], outs["gradio_client"]
-    assert np.array_equal(img_a, img_b)
-    assert {k: info_a[k] for k in ("seed", "width", "height", "steps", "model")} == \
-           {k: info_b[k] for k in ("seed", "width", "height", "steps", "model")}
+    img_a, info_a = outs["direct"]
+    for t in TRANSPORTS[1:]:
+        img_b, info_b = outs[t]
+        assert np.array_equal(img_a, img_b), t
+        assert {k: info_a[k] for k in ("seed", "width", "height", "steps", "model")} == \
+               {k: info_b[k] for k in ("seed", "width", "height", "steps", "model")}, t
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -146,11 +151,11 @@ def _metric(url: str, name: str) -> float:
     return 0.0
 
 
-@pytest.mark.parametrize("transport", ["httpx"])
+@pytest.mark.parametrize("transport", ["direct", "httpx"])
 def test_cancellation_reaches_the_gpu_tier(tiers, transport):
     """A caller who leaves while its job waits: the job leaves the GPU tier's queue and never runs.
 
-    Only the httpx transport can cancel one call (gradio_client's cancel is per session and
+    Only the direct and httpx transports can cancel one call (gradio_client's cancel is per session and
     endpoint, so on a shared Client it would cancel every caller's job: it abandons instead)."""
     d: Deployment = tiers["d"]  # type: ignore[assignment]
     url = frontend(tiers, transport).url

@@ -1,0 +1,72 @@
+"""ZeroGPU charges each visitor's own quota only if ``@spaces.GPU`` finds that visitor's
+``x-ip-token`` in Gradio's request context: ``spaces`` reads it from
+``spaces.utils.gradio_request_var()``. ZeroGPU's scheduler cannot run here, so the GPU
+tier runs in this process with a model that records what that variable holds when the
+GPU function runs; the frontends are real processes, called as a visitor's browser is.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import uvicorn
+from spaces.utils import gradio_request_var
+
+from gpu_backend.app import build_app
+from gpu_backend.model import ModelExecutor
+from shared.settings import Settings
+from tests.clients import call_rest, gen_args
+from tests.support import free_port, start_tier
+
+SECRET = "zerogpu-context-test-secret"
+TRANSPORTS = ["direct", "httpx", "gradio_client"]
+
+
+@pytest.fixture(scope="module")
+def gpu_tier(tmp_path_factory) -> Iterator[tuple[str, list[str | None]]]:
+    seen: list[str | None] = []
+    executor = ModelExecutor.from_spec("sleep:1")
+    generate = executor.generate
+
+    def recording(req, seed):  # type: ignore[no-untyped-def]
+        request = gradio_request_var().get(None)
+        seen.append(request.headers.get("x-ip-token") if request is not None else None)
+        return generate(req, seed)
+
+    executor.generate = recording  # type: ignore[method-assign]
+    workdir = tmp_path_factory.mktemp("zerogpu")
+    settings = Settings(secret=SECRET, model="sleep:1", state_path=workdir / "state.sqlite3")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(settings, executor), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.1)
+    yield f"http://127.0.0.1:{port}", seen
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_gpu_function_sees_the_visitors_ip_token(gpu_tier, tmp_path, transport):
+    url, seen = gpu_tier
+    env = {"SPLITSPACE_SECRET": SECRET, "SPLITSPACE_BACKEND_URL": url, "SPLITSPACE_TRANSPORT": transport}
+    frontend = start_tier("frontend", free_port(), env, tmp_path / "frontend.log")
+    try:
+        token = f"visitor-token-{transport}"
+        with httpx.Client(timeout=60) as c:
+            final, events = call_rest(c, frontend.url, "generate", gen_args(), {"x-ip-token": token})
+            assert final == "complete", events
+            assert seen[-1] == token
+            # A visitor without one: the GPU function must not see the previous visitor's token.
+            final, events = call_rest(c, frontend.url, "generate", gen_args())
+            assert final == "complete", events
+            assert seen[-1] is None
+    finally:
+        frontend.stop()
