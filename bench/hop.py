@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--callers", type=int, default=64)
     ap.add_argument("--per-caller", type=int, default=10)
     ap.add_argument("--waiting", type=int, default=500)
-    ap.add_argument("--transports", default="httpx,gradio_client")
+    ap.add_argument("--transports", default="direct,httpx,gradio_client")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="splitspace-hop-"))
     base_backend, base_frontend = start_baseline(work)

@@ -31,6 +31,7 @@ from shared.quota_watch import QuotaWatcher
 from shared.schema import validate_request
 from shared.settings import Settings
 
+from . import gradio_tuning
 from .backends import BackendPool
 from .embed import embed_routes
 from .hub_auth import backend_auth_headers
@@ -74,6 +75,14 @@ def with_message(status: dict[str, Any]) -> dict[str, Any]:
     else:
         text = "generating"
     return {**status, "message": text}
+
+
+def image_output(path: str) -> dict[str, Any]:
+    """The Image output as Gradio sends it (what ``gr.Image.postprocess`` makes of a PNG
+    path). The events run with ``postprocess=False``: for outputs that are already
+    final (a PNG file and a dict), Gradio's postprocess would only add two thread hops
+    and a second pass over the file per call."""
+    return {"path": path, "orig_name": "image.png", "mime_type": "image/png", "meta": {"_type": "gradio.FileData"}}
 
 
 def to_gradio_error(exc: SplitspaceError) -> gr.Error:
@@ -179,7 +188,7 @@ def build_blocks(fe: Frontend) -> gr.Blocks:
                     async for update in updates:
                         fe.caps.learn(identity, update.pop("cap", None))
                         if update.get("status") == "done":
-                            yield fe.save_image(update["image_png_b64"]), update["info"]
+                            yield image_output(fe.save_image(update["image_png_b64"])), update["info"]
                             return
                         yield None, with_message(update)
         except SplitspaceError as exc:
@@ -225,16 +234,18 @@ def build_blocks(fe: Frontend) -> gr.Blocks:
         inputs = [prompt, negative, width, height, steps, guidance, seed]
         # preprocess=False: our validation (one definition, errors that name the field) sees
         # the raw values first, instead of the components' own range checks.
+        # postprocess=False: see image_output().
         run.click(generate, inputs, [image, info_box], api_name="generate", concurrency_limit=None,
-                  preprocess=False)
+                  preprocess=False, postprocess=False)
         prompt.submit(generate, inputs, [image, info_box], api_visibility="private", concurrency_limit=None,
-                      preprocess=False)
+                      preprocess=False, postprocess=False)
         refresh.click(quota, None, quota_box, api_name="quota", concurrency_limit=None)
     return blocks
 
 
 def build_app(settings: Settings | None = None, transports: list[Transport] | None = None) -> FastAPI:
     settings = settings or Settings()
+    gradio_tuning.apply()
     fe = Frontend(settings, transports)
 
     @contextlib.asynccontextmanager

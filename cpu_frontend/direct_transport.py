@@ -60,21 +60,27 @@ class DirectTransport(Transport):
             if not resp.headers.get("content-type", "").startswith("application/x-ndjson"):
                 yield json.loads(await resp.aread())  # a single JSON document (standing)
                 return
+            last = None
             async for line in resp.aiter_lines():
-                if not line:
-                    continue
-                update = json.loads(line)
-                if update.get("status") == "error":
-                    raise from_wire(update)
-                yield update
-                if update.get("status") == "done":
-                    return
+                if line:
+                    update = json.loads(line)
+                    if update.get("status") in ("done", "error"):
+                        # The body ends right after this line; reading on to its end gives
+                        # the connection back to the pool instead of closing it.
+                        last = update
+                    else:
+                        yield update
         except httpx.HTTPError as exc:
             raise BackendUnavailable(f"lost the GPU tier mid-request: {type(exc).__name__}") from exc
         except ValueError as exc:
             raise BackendUnavailable("the GPU tier sent a malformed answer") from exc
         finally:
             await resp.aclose()  # before the result arrived: closing it cancels the job
+        if last is not None and last["status"] == "error":
+            raise from_wire(last)
+        if last is not None:
+            yield last
+            return
         raise BackendUnavailable("the GPU tier closed the stream without a result")
 
 

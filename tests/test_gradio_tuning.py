@@ -1,0 +1,47 @@
+"""The frontend's Gradio tuning changes when work is done, never what a session holds."""
+
+from __future__ import annotations
+
+import contextlib
+
+import gradio as gr
+from gradio import state_holder
+
+from cpu_frontend import gradio_tuning
+
+
+def _blocks() -> gr.Blocks:
+    with gr.Blocks() as demo:
+        prompt = gr.Textbox(label="Prompt")
+        width = gr.Slider(64, 1024, 512, step=8, label="Width")
+        image = gr.Image(label="Image", type="filepath")
+        info = gr.JSON(label="Info")
+        gr.Button("Go").click(lambda p, w: (None, {}), [prompt, width], [image, info])
+    return demo
+
+
+def test_applies_to_this_gradio():
+    """If Gradio changes the internals it patches, this fails: look at the module again."""
+    gradio_tuning.apply()
+    assert getattr(state_holder.SessionState, "_splitspace_lazy", False)
+    assert gr.utils.MatplotlibBackendMananger is contextlib.nullcontext  # matplotlib is not installed here
+
+
+def test_a_lazy_session_holds_what_gradios_own_holds():
+    gradio_tuning.apply()
+    demo = _blocks()
+    original = state_holder.SessionState.__mro__[1]
+    eager, lazy = original(demo), state_holder.SessionState(demo)
+    assert isinstance(lazy.config_values, gradio_tuning.LazyConfigValues)
+    ids = [b._id for b in demo.blocks.values() if isinstance(b, gr.components.Component)]
+    prompt_id, width_id, image_id, info_id = ids[:4]
+    for state in (eager, lazy):  # what a call does: inputs' and outputs' values into the config
+        state._update_value_in_config(prompt_id, "a red fox")
+        state._update_value_in_config(width_id, 256)
+        state._update_value_in_config(info_id, {"seed": 1})
+        state._update_value_in_config(info_id, {"seed": 2})  # the last value wins
+        state[image_id] = demo.blocks[image_id]  # a block set into the session
+    assert dict.__len__(lazy.config_values) == 1  # only the block set was rendered so far
+    assert lazy.config_values.get(prompt_id)["props"]["value"] == "a red fox"
+    assert dict(lazy.config_values.items()) == dict(eager.config_values.items())
+    assert list(lazy.components) == list(eager.components)
