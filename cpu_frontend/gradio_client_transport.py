@@ -13,6 +13,7 @@ calls through one Client share a session (see ``stream``).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -28,6 +29,17 @@ from .hub_auth import backend_auth_headers
 from .transport import NotStarted, Transport, error_from_backend, fetch_health
 
 POLL_S = 0.02
+_CANCELLED = object()
+
+
+def _result_of(job: Any, timeout_s: float) -> Any:
+    """``job.result()``, or _CANCELLED when gradio_client cancelled the job's future: its
+    concurrent.futures.CancelledError must not reach asyncio, which would turn it into
+    a cancellation of the caller's own task (and Gradio would then never answer it)."""
+    try:
+        return job.result(timeout_s)
+    except concurrent.futures.CancelledError:
+        return _CANCELLED
 log = logging.getLogger("splitspace.frontend")
 
 
@@ -87,7 +99,7 @@ class GradioClientTransport(Transport):
                     raise BackendUnavailable(f"no word from the GPU tier for {self.timeout_s:g} s")
                 await asyncio.sleep(POLL_S)
             try:
-                result = await asyncio.to_thread(job.result, self.timeout_s)
+                result = await asyncio.to_thread(_result_of, job, self.timeout_s)
             except AppError as exc:
                 raise error_from_backend(exc.message) from None
             except SplitspaceError:
@@ -95,6 +107,8 @@ class GradioClientTransport(Transport):
             except Exception as exc:
                 raise BackendUnavailable(f"lost the GPU tier mid-request: {type(exc).__name__}") from exc
             finished = True
+            if result is _CANCELLED:
+                raise BackendUnavailable("the GPU tier's client cancelled the request")
             if not isinstance(result, dict) or result.get("status") != "done":
                 raise BackendUnavailable("the GPU tier cancelled the request")
             yield result
