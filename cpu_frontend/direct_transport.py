@@ -1,4 +1,4 @@
-"""The default transport: one pooled httpx request per call to the GPU tier's direct route.
+"""The default transport: one pooled aiohttp request per call to the GPU tier's direct route.
 
 ``POST /splitspace/v1/infer`` with the request as JSON, answered with one JSON
 line per status update and a last line with the result
@@ -7,19 +7,27 @@ line per status update and a last line with the result
 request when the caller leaves) this is one request per call, and leaving is
 closing it: the GPU tier drops the queued job the moment the connection
 closes.
+
+aiohttp rather than httpx (which the other transports use): this hop is the
+frontend's main cost per call, and aiohttp's client spends about a third of
+httpx's CPU on a streamed request (0.23 against 0.68 ms on this project's
+2-core machine, uvloop, keep-alive; ``bench/hop.py`` shows the effect on the
+whole frontend).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 
 from shared.errors import BackendUnavailable, from_wire
 
-from .transport import NotStarted, Transport, fetch_health, pooled_client
+from .hub_auth import backend_auth_headers
+from .transport import NotStarted, Transport
 
 PATHS = {"infer": "/splitspace/v1/infer", "standing": "/splitspace/v1/standing"}
 FIELDS = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed")
@@ -27,71 +35,98 @@ FIELDS = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_sca
 
 
 class DirectTransport(Transport):
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        timeout_s: float = 10.0,
-        client: httpx.AsyncClient | None = None,
-        max_connections: int = 1000,
-    ) -> None:
+    def __init__(self, base_url: str, *, timeout_s: float = 10.0, max_connections: int = 1000) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
-        self._client = client or pooled_client(timeout_s, max_connections)
+        self.max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+
+    def _pool(self) -> aiohttp.ClientSession:
+        """One keep-alive pool per GPU tier, made on first use (it belongs to the running loop)."""
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                # Connecting and every read are bounded; the whole call is not (a job may
+                # wait its turn for minutes, with a status line every few seconds).
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s),
+                connector=aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=self.max_connections),
+                headers=backend_auth_headers(),  # the frontend Space's Hub token, for a private GPU Space
+                raise_for_status=False,
+            )
+        return self._session
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
     async def health(self, headers: dict[str, str] | None = None) -> dict[str, Any]:
-        return await fetch_health(self._client, self.base_url, headers)
+        try:
+            async with self._pool().get(f"{self.base_url}/health", headers=headers) as resp:
+                if resp.status != 200:
+                    raise BackendUnavailable(f"{self.base_url} answered its health check with HTTP {resp.status}")
+                return await resp.json()
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            raise BackendUnavailable(f"{self.base_url} did not answer its health check") from exc
 
     async def stream(
         self, api_name: str, data: list[Any], headers: dict[str, str]
     ) -> AsyncIterator[dict[str, Any]]:
         body = dict(zip(FIELDS, data)) if api_name == "infer" else {}
-        request = self._client.build_request("POST", self.base_url + PATHS[api_name], json=body, headers=headers)
         try:
-            resp = await self._client.send(request, stream=True)
-        except httpx.HTTPError as exc:  # no answer: the GPU tier never took the call
+            resp = await self._pool().post(self.base_url + PATHS[api_name], json=body, headers=headers)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:  # no answer: the GPU tier never took it
             raise NotStarted(f"cannot reach the GPU tier: {type(exc).__name__}") from exc
+        last: dict[str, Any] | None = None
         try:
-            if resp.status_code != 200:
+            if resp.status != 200:
                 raise await _refusal(resp)
-            if not resp.headers.get("content-type", "").startswith("application/x-ndjson"):
-                yield json.loads(await resp.aread())  # a single JSON document (standing)
+            if resp.content_type != "application/x-ndjson":
+                last = await resp.json()  # a single JSON document (standing)
+                yield last
                 return
-            last = None
-            async for line in resp.aiter_lines():
-                if line:
-                    update = json.loads(line)
-                    if update.get("status") in ("done", "error"):
-                        # The body ends right after this line; reading on to its end gives
-                        # the connection back to the pool instead of closing it.
-                        last = update
-                    else:
-                        yield update
-        except httpx.HTTPError as exc:
+            async for update in _json_lines(resp):
+                if update.get("status") in ("done", "error"):
+                    # The body ends right after this line; reading on to its end gives
+                    # the connection back to the pool instead of closing it.
+                    last = update
+                else:
+                    yield update
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise BackendUnavailable(f"lost the GPU tier mid-request: {type(exc).__name__}") from exc
         except ValueError as exc:
             raise BackendUnavailable("the GPU tier sent a malformed answer") from exc
         finally:
-            await resp.aclose()  # before the result arrived: closing it cancels the job
-        if last is not None and last["status"] == "error":
+            if last is None:
+                resp.close()  # the caller left (or the call failed): closing it cancels the job
+            else:
+                resp.release()
+        if last is None:
+            raise BackendUnavailable("the GPU tier closed the stream without a result")
+        if last["status"] == "error":
             raise from_wire(last)
-        if last is not None:
-            yield last
-            return
-        raise BackendUnavailable("the GPU tier closed the stream without a result")
+        yield last
 
 
-async def _refusal(resp: httpx.Response) -> Exception:
+async def _json_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """Each line of the body as JSON. Split here, not with aiohttp's line reader, whose
+    line length is capped (a result line carries the whole PNG)."""
+    buffer = b""
+    async for chunk in resp.content.iter_any():
+        buffer += chunk
+        *lines, buffer = buffer.split(b"\n")
+        for line in lines:
+            if line:
+                yield json.loads(line)
+    if buffer.strip():
+        yield json.loads(buffer)
+
+
+async def _refusal(resp: aiohttp.ClientResponse) -> Exception:
     """The error for a non-200 answer: the GPU tier's own (401, 422, 429) or NotStarted."""
-    await resp.aread()
     try:
-        doc = resp.json()
+        doc = json.loads(await resp.read())
     except ValueError:
         doc = None
-    if isinstance(doc, dict) and "title" in doc and resp.status_code in (401, 422, 429):
+    if isinstance(doc, dict) and "title" in doc and resp.status in (401, 422, 429):
         return from_wire(doc)
     # Anything else (a proxy's 502, a Space still starting) means the call was not taken.
-    return NotStarted(f"the GPU tier answered HTTP {resp.status_code}")
+    return NotStarted(f"the GPU tier answered HTTP {resp.status}")

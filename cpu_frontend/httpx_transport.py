@@ -20,7 +20,8 @@ import httpx
 
 from shared.errors import QUEUE_FULL, BackendUnavailable, Throttled
 
-from .transport import NotStarted, Transport, error_from_backend, fetch_health, pooled_client
+from .hub_auth import backend_auth_headers
+from .transport import NotStarted, Transport, error_from_backend, fetch_health
 
 
 class HttpxTransport(Transport):
@@ -35,7 +36,11 @@ class HttpxTransport(Transport):
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self._fn_index: dict[str, int] = {}
-        self._client = client or pooled_client(timeout_s, max_connections)
+        self._client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s),
+            headers=backend_auth_headers(),  # the frontend Space's Hub token, for a private GPU Space
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=100),
+        )
 
     async def aclose(self) -> None:
         await self._client.aclose()

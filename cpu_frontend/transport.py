@@ -30,8 +30,6 @@ from shared.errors import (
     INVALID_REQUEST,
 )
 
-from .hub_auth import backend_auth_headers
-
 _RETRY_RE = re.compile(r"^(?P<reason>.*)\. Retry in (?P<secs>\d+) s\.$", re.S)
 
 
@@ -57,16 +55,6 @@ class Transport(ABC):
 
     async def aclose(self) -> None:
         return None
-
-
-def pooled_client(timeout_s: float, max_connections: int = 1000) -> httpx.AsyncClient:
-    """One keep-alive pool per GPU tier, carrying the frontend Space's Hub token (for a
-    private GPU Space) on every request; per-call headers carry the caller's identity."""
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(timeout_s),
-        headers=backend_auth_headers(),
-        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=100),
-    )
 
 
 async def fetch_health(

@@ -48,6 +48,7 @@ COMMON_REQUIREMENTS = (
     "prometheus-client", "rich", "typer", "uvicorn",
 )
 BACKEND_REQUIREMENTS = ("spaces", "diffusers", "transformers", "accelerate")
+FRONTEND_REQUIREMENTS = ("aiohttp",)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -84,7 +85,7 @@ def _dist_version(name: str) -> str | None:
 
 def pinned_requirements(tier: str) -> list[str]:
     """``name==version`` for every installed distribution the tier needs (torch: ``==X.Y.*``)."""
-    names = COMMON_REQUIREMENTS + (BACKEND_REQUIREMENTS if tier == BACKEND else ())
+    names = COMMON_REQUIREMENTS + (BACKEND_REQUIREMENTS if tier == BACKEND else FRONTEND_REQUIREMENTS)
     lines = [f"{name}=={version}" for name in names if (version := _dist_version(name))]
     if tier == BACKEND:
         torch = _dist_version("torch")
