@@ -10,7 +10,10 @@
    independent water-filling oracle); reported: Jain's fairness index over
    share / fair share (1.0 = perfectly fair).
 
-Run: python bench/fairness.py [--rounds 3] [--many-seconds 30]
+Both systems get one unmeasured warm-up round first (--warmup), then the rounds
+alternate between them, so that the machine's drift hits both alike.
+
+Run: python bench/fairness.py [--rounds 3] [--warmup 1] [--many-seconds 30]
 """
 
 from __future__ import annotations
@@ -180,6 +183,7 @@ def splitspace_quotas() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="unmeasured rounds per system first (connections, caches)")
     ap.add_argument("--many-seconds", type=float, default=30.0)
     ap.add_argument("--skip-many", action="store_true")
     ap.add_argument("--skip-baseline", action="store_true", help="splitspace only (for A/B runs)")
@@ -189,11 +193,13 @@ def main() -> None:
     split = Deployment(work / "splitspace", model=f"sleep:{JOB_MS}", quotas=splitspace_quotas()).start()
     try:
         rows: dict[str, list[dict[str, float]]] = {"baseline": [], "splitspace": []}
-        for r in range(args.rounds):
+        for r in range(args.warmup + args.rounds):
             for system, url in (("baseline", base_frontend.url), ("splitspace", split.frontend.url)):
                 if system == "baseline" and args.skip_baseline:
                     continue
-                rows[system].append(noisy_neighbour(system, url))
+                result = noisy_neighbour(system, url)
+                if r >= args.warmup:
+                    rows[system].append(result)
                 time.sleep(1.0)
         job = JOB_MS / 1000
         print(f"\n== noisy neighbour: {BURST}-job burst + {LIGHTS} lights, {JOB_MS} ms jobs, through both tiers, "

@@ -1,4 +1,4 @@
-"""Hop benchmark: what the second tier costs, splitspace (both transports) vs plain Gradio.
+"""Hop benchmark: what the second tier costs, splitspace (each transport) vs plain Gradio.
 
 Measured in one run, on this machine, against ../shared/baseline/plain_gradio/:
 - sequential latency of raw REST calls (POST /gradio_api/call, then its event stream):
@@ -9,7 +9,8 @@ Measured in one run, on this machine, against ../shared/baseline/plain_gradio/:
 - throughput with 64 concurrent callers, and failed calls;
 - frontend memory and threads with N callers waiting on a slow GPU tier.
 
-Run: python bench/hop.py [--seq 200] [--callers 64] [--per-caller 10] [--waiting 500]
+Run: python bench/hop.py [--seq 200] [--rounds 3] [--callers 64] [--per-caller 10] [--waiting 500]
+     [--transports direct,httpx,gradio_client]
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ QUOTAS = bench_quotas(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3, help="sequential rounds, systems interleaved; medians reported")
     ap.add_argument("--callers", type=int, default=64)
     ap.add_argument("--per-caller", type=int, default=10)
     ap.add_argument("--waiting", type=int, default=500)
@@ -128,17 +130,19 @@ def main() -> None:
         deployments.append(d)
         systems.append((f"splitspace {transport}", d.frontend.url, "generate", GEN, d.frontend.proc.pid, d))
     try:
-        rows = {}
-        for name, url, api, data, pid, d in systems:
-            seq = asyncio.run(sequential(url, api, data, args.seq, pid))
-            if d is not None:
-                seq["gpu_cpu_ms"] = seq["cpu_ms"]  # placeholder, replaced below
-            rows[name] = {"seq": seq}
+        rows: dict[str, dict[str, Any]] = {}
+        rounds: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in systems}
+        for _ in range(args.rounds):  # interleaved, so that the machine's drift hits every system alike
+            for name, url, api, data, pid, d in systems:
+                rounds[name].append(asyncio.run(sequential(url, api, data, args.seq, pid)))
+        for name, seqs in rounds.items():
+            rows[name] = {"seq": {k: median([s[k] for s in seqs]) for k in seqs[0]}}
         for name, url, api, data, pid, d in systems:
             headers = {"authorization": "Bearer key-hop"} if d is not None else {}
             rows[name]["tp"] = asyncio.run(throughput(url, api, data, args.callers, args.per_caller, headers))
         base = rows["baseline direct"]
-        print(f"\n== hop: sequential raw REST calls (n={args.seq}) and {args.callers} callers x {args.per_caller} ==")
+        print(f"\n== hop: sequential raw REST calls (median of {args.rounds} interleaved rounds of {args.seq}) "
+              f"and {args.callers} callers x {args.per_caller} ==")
         print(f"{'system':<28}{'p50 ms':>8}{'p95 ms':>8}{'+p50 ms':>9}{'cpu/call':>10}{'cpu x':>7}"
               f"{'calls/s':>9}{'tp x':>6}{'fails':>7}")
         for name, r in rows.items():
@@ -156,7 +160,7 @@ def main() -> None:
             slow = Deployment(work / "slow", model="sleep:60000", quotas=QUOTAS).start()
             try:
                 m = asyncio.run(waiting_memory(slow, args.waiting))
-                print(f"\n== {args.waiting} callers waiting on a slow GPU tier (httpx transport) ==")
+                print(f"\n== {args.waiting} callers waiting on a slow GPU tier (default transport) ==")
                 print(f"frontend RSS {m['rss0_mb']:.0f} -> {m['rss_mb']:.0f} MB "
                       f"({(m['rss_mb'] - m['rss0_mb']) * 1024 / args.waiting:.0f} KB per waiting call); "
                       f"threads {m['threads0']} -> {m['threads']}")
