@@ -10,7 +10,9 @@ Measured in one run, on this machine, against ../shared/baseline/plain_gradio/:
 - frontend memory and threads with N callers waiting on a slow GPU tier.
 
 Run: python bench/hop.py [--seq 200] [--rounds 3] [--callers 64] [--per-caller 10] [--waiting 500]
-     [--transports direct,httpx,gradio_client]
+     [--transports direct,httpx,gradio_client] [--skip-baseline-client]
+Zero failures in 5,000 calls: python bench/hop.py --transports direct --per-caller 80 --waiting 0
+     --skip-baseline-client
 """
 
 from __future__ import annotations
@@ -117,13 +119,15 @@ def main() -> None:
     ap.add_argument("--per-caller", type=int, default=10)
     ap.add_argument("--waiting", type=int, default=500)
     ap.add_argument("--transports", default="direct,httpx,gradio_client")
+    ap.add_argument("--skip-baseline-client", action="store_true",
+                    help="leave out the baseline through gradio_client (slow; e.g. for --per-caller 80)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="splitspace-hop-"))
     base_backend, base_frontend = start_baseline(work)
     systems: list[tuple[str, str, str, list[Any], int, Any]] = [
         ("baseline direct", base_backend.url, "echo", ["x"], base_backend.proc.pid, None),
         ("baseline via gradio_client", base_frontend.url, "echo", ["x"], base_frontend.proc.pid, None),
-    ]
+    ][: 1 if args.skip_baseline_client else 2]
     deployments = []
     for transport in args.transports.split(","):
         d = Deployment(work / transport, model="sleep:0", quotas=QUOTAS, transport=transport).start()
