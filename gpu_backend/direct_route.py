@@ -23,10 +23,9 @@ A pure ASGI app (the manner of Starlette's own middleware): it watches
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import gradio as gr
@@ -94,20 +93,23 @@ class DirectRoutes:
             await updates.aclose()
             self.runner.drop(ticket)
 
-    async def _relay(self, send: Send, updates: Any) -> None:
-        try:
-            async for update in updates:
-                await send({"type": "http.response.body", "body": _line(update), "more_body": True})
-        except SplitspaceError as exc:
-            await send({"type": "http.response.body", "body": _line({"status": "error", **to_wire(exc)}),
-                        "more_body": True})
-        except gr.Error as exc:  # e.g. ZeroGPU's own "ZeroGPU quota exceeded", passed on as is
-            error = {"status": "error", "title": exc.title or "GPU error", "message": str(exc.message)}
-            await send({"type": "http.response.body", "body": _line(error), "more_body": True})
-        except Exception as exc:  # the model failed: say so, without internals
-            log.exception("model failure")
-            error = {"status": "error", "title": "GPU error", "message": f"the model failed ({type(exc).__name__})"}
-            await send({"type": "http.response.body", "body": _line(error), "more_body": True})
+    async def _relay(self, send: Send, updates: AsyncIterator[dict[str, Any]]) -> None:
+        """Each update as a line; an error in the job ends the stream with an error line."""
+        while True:
+            try:
+                update = await anext(updates)
+            except StopAsyncIteration:
+                break
+            except SplitspaceError as exc:
+                update = {"status": "error", **to_wire(exc)}
+            except gr.Error as exc:  # e.g. ZeroGPU's own "ZeroGPU quota exceeded", passed on as is
+                update = {"status": "error", "title": exc.title or "GPU error", "message": str(exc.message)}
+            except Exception as exc:  # the model failed: say so, without internals
+                log.exception("model failure")
+                update = {"status": "error", "title": "GPU error", "message": f"the model failed ({type(exc).__name__})"}
+            await send({"type": "http.response.body", "body": _line(update), "more_body": True})
+            if update.get("status") == "error":
+                break
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
@@ -126,10 +128,12 @@ async def _until_disconnect(receive: Receive, work: Awaitable[None]) -> None:
         for t in (task, watcher):
             t.cancel()
         for t in (task, watcher):
-            with contextlib.suppress(asyncio.CancelledError, OSError):
+            try:
                 await t
-    if task.done() and not task.cancelled() and task.exception() is not None:
-        log.debug("stream ended early: %s", type(task.exception()).__name__)
+            except asyncio.CancelledError:
+                pass
+            except Exception as exc:  # the client went away mid-send: nobody left to tell
+                log.debug("stream ended early: %s", type(exc).__name__)
 
 
 async def _read_json(request: Request) -> dict[str, Any]:
@@ -152,7 +156,9 @@ def _line(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
 
 
-async def _send_json(send: Send, status: int, doc: dict[str, Any], headers: list[tuple[bytes, bytes]] = []) -> None:
+async def _send_json(
+    send: Send, status: int, doc: dict[str, Any], headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
     body = json.dumps(doc).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
@@ -165,6 +171,6 @@ async def _send_error(send: Send, exc: SplitspaceError) -> None:
     elif isinstance(exc, ValidationFailed):
         await _send_json(send, 422, to_wire(exc))
     elif isinstance(exc, Throttled):
-        await _send_json(send, 429, to_wire(exc), [(b"retry-after", str(exc.retry_after_whole_s).encode())])
+        await _send_json(send, 429, to_wire(exc), ((b"retry-after", str(exc.retry_after_whole_s).encode()),))
     else:
         await _send_json(send, 503, to_wire(exc))

@@ -55,10 +55,6 @@ FIRST_STATUS_AFTER_S = 0.5
 """A job done sooner than this sends no status at all (most jobs on an idle GPU); later than
 this the caller sees its position. Also keeps a burst's first status updates out of the
 moment the burst arrives, when both tiers are busiest ingesting it."""
-FAR_FIRST_STATUS_STAGGER_S = 0.05
-"""A job further back sends its first status this much later per position (at most
-STATUS_EVERY_FAR_S later): a burst's jobs then report one after another instead of all at
-once, which would stall both tiers just when the jobs near the front finish."""
 
 INLINE_ENCODE_PIXELS = 128 * 128
 """Images up to this size are PNG-encoded on the event loop; larger ones in a worker thread."""
@@ -205,16 +201,9 @@ class GpuRunner:
             # A disconnected caller is noticed at its next yield, so the status
             # interval also bounds how long a cancelled job can stay queued.
             await asyncio.wait([waiter.future], timeout=FIRST_STATUS_AFTER_S)
-            first = True
             while not waiter.future.done():
                 with self._lock:
                     place = self.scheduler.position(job_id)
-                if first and place is not None and place[0] > NEAR_FRONT:
-                    first = False
-                    stagger = min(STATUS_EVERY_FAR_S, FAR_FIRST_STATUS_STAGGER_S * place[0])
-                    await asyncio.wait([waiter.future], timeout=stagger)
-                    continue
-                first = False
                 if place is not None:
                     yield {"status": "queued", "position": place[0], "eta_s": round(place[1], 1), "cap": cap}
                     interval = STATUS_EVERY_S if place[0] <= NEAR_FRONT else STATUS_EVERY_FAR_S

@@ -7,6 +7,7 @@ log file that tests can read (e.g. to check that no secret is ever logged).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import secrets
@@ -14,9 +15,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -77,6 +81,24 @@ def wait_ready(tier: TierProcess, timeout_s: float = 120) -> TierProcess:
         time.sleep(0.2)
     tier.stop()
     raise RuntimeError(f"{tier.name} not ready in {timeout_s} s:\n{tier.log()[-3000:]}")
+
+
+@contextlib.contextmanager
+def serve_in_thread(app: Any) -> Iterator[str]:
+    """Serve an ASGI app in this process (for a GPU tier built around a test's own model)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def wait_for(check, timeout_s: float, every_s: float = 0.1):  # type: ignore[no-untyped-def]

@@ -7,20 +7,17 @@ GPU function runs; the frontends are real processes, called as a visitor's brows
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import uvicorn
 from spaces.utils import gradio_request_var
 
 from gpu_backend.app import build_app
 from gpu_backend.model import ModelExecutor
 from shared.settings import Settings
 from tests.clients import call_rest, gen_args
-from tests.support import free_port, start_tier
+from tests.support import free_port, serve_in_thread, start_tier
 
 SECRET = "zerogpu-context-test-secret"
 TRANSPORTS = ["direct", "httpx", "gradio_client"]
@@ -40,17 +37,8 @@ def gpu_tier(tmp_path_factory) -> Iterator[tuple[str, list[str | None]]]:
     executor.generate = recording  # type: ignore[method-assign]
     workdir = tmp_path_factory.mktemp("zerogpu")
     settings = Settings(secret=SECRET, model="sleep:1", state_path=workdir / "state.sqlite3")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(settings, executor), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}", seen
-    server.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(build_app(settings, executor)) as url:
+        yield url, seen
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

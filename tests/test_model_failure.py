@@ -1,0 +1,60 @@
+"""A model that fails: the caller gets "GPU error" naming no internals, and the GPU keeps serving.
+
+The GPU tier runs in this process around a model that raises for one prompt (a real
+model cannot be made to fail on demand here); calls go through both of its routes and
+through a real frontend process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from gpu_backend.app import build_app
+from gpu_backend.model import ModelExecutor
+from session.identity import Identity
+from shared.settings import Settings
+from tests.clients import GPU_ROUTES, call_rest, error_text, gen_args, infer_on_gpu_tier, token_for
+from tests.support import free_port, serve_in_thread, start_tier
+
+SECRET = "model-failure-test-secret"
+WHO = Identity("key:alpha", "key", "free", "127.0.0.1")
+
+
+@pytest.fixture(scope="module")
+def gpu_tier(tmp_path_factory) -> Iterator[str]:
+    executor = ModelExecutor.from_spec("sleep:1")
+    generate = executor.generate
+
+    def failing(req, seed):  # type: ignore[no-untyped-def]
+        if req.prompt == "fail":
+            raise RuntimeError("CUDA out of memory at /secret/path/model.py")
+        return generate(req, seed)
+
+    executor.generate = failing  # type: ignore[method-assign]
+    state = tmp_path_factory.mktemp("failure") / "state.sqlite3"
+    with serve_in_thread(build_app(Settings(secret=SECRET, model="sleep:1", state_path=state), executor)) as url:
+        yield url
+
+
+@pytest.mark.parametrize("route", GPU_ROUTES)
+def test_a_model_failure_is_a_gpu_error_and_the_next_call_runs(gpu_tier, route):
+    token = token_for(SECRET, WHO)
+    final, text = infer_on_gpu_tier(gpu_tier, token, route, prompt="fail")
+    assert final == "error" and text == "GPU error: the model failed (RuntimeError)", text
+    assert infer_on_gpu_tier(gpu_tier, token, route)[0] == "complete"
+
+
+def test_the_public_api_names_the_failure_without_internals(gpu_tier, tmp_path):
+    env = {"SPLITSPACE_SECRET": SECRET, "SPLITSPACE_BACKEND_URL": gpu_tier}
+    frontend = start_tier("frontend", free_port(), env, tmp_path / "frontend.log")
+    try:
+        with httpx.Client(timeout=60) as c:
+            final, events = call_rest(c, frontend.url, "generate", gen_args(prompt="fail"))
+            assert final == "error" and error_text(events).startswith("GPU error: the model failed"), events
+            assert "secret" not in error_text(events) and "CUDA" not in error_text(events)
+            assert call_rest(c, frontend.url, "generate", gen_args())[0] == "complete"
+    finally:
+        frontend.stop()
