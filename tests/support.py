@@ -101,6 +101,22 @@ def serve_in_thread(app: Any) -> Iterator[str]:
         thread.join(timeout=10)
 
 
+@contextlib.contextmanager
+def serve_gpu_tier(workdir: Path, secret: str, around_generate: Any) -> Iterator[str]:
+    """A GPU tier in this process whose model (``sleep:1``) runs through ``around_generate``:
+    given the model's own ``generate(req, seed)``, it returns the one the tier uses. For
+    what a real model cannot be made to do on demand (fail, report its calling context)."""
+    from gpu_backend.app import build_app
+    from gpu_backend.model import ModelExecutor
+    from shared.settings import Settings
+
+    executor = ModelExecutor.from_spec("sleep:1")
+    executor.generate = around_generate(executor.generate)  # type: ignore[method-assign]
+    settings = Settings(secret=secret, model="sleep:1", state_path=workdir / "state.sqlite3")
+    with serve_in_thread(build_app(settings, executor)) as url:
+        yield url
+
+
 def wait_for(check, timeout_s: float, every_s: float = 0.1):  # type: ignore[no-untyped-def]
     """Poll ``check`` until it returns something truthy or ``timeout_s`` passes; its last value."""
     deadline = time.monotonic() + timeout_s

@@ -12,12 +12,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from gpu_backend.app import build_app
-from gpu_backend.model import ModelExecutor
 from session.identity import Identity
-from shared.settings import Settings
 from tests.clients import GPU_ROUTES, call_rest, error_text, gen_args, infer_on_gpu_tier, token_for
-from tests.support import free_port, serve_in_thread, start_tier
+from tests.support import free_port, serve_gpu_tier, start_tier
 
 SECRET = "model-failure-test-secret"
 WHO = Identity("key:alpha", "key", "free", "127.0.0.1")
@@ -25,17 +22,15 @@ WHO = Identity("key:alpha", "key", "free", "127.0.0.1")
 
 @pytest.fixture(scope="module")
 def gpu_tier(tmp_path_factory) -> Iterator[str]:
-    executor = ModelExecutor.from_spec("sleep:1")
-    generate = executor.generate
+    def failing(generate):  # type: ignore[no-untyped-def]
+        def generate_or_fail(req, seed):  # type: ignore[no-untyped-def]
+            if req.prompt == "fail":
+                raise RuntimeError("CUDA out of memory at /secret/path/model.py")
+            return generate(req, seed)
 
-    def failing(req, seed):  # type: ignore[no-untyped-def]
-        if req.prompt == "fail":
-            raise RuntimeError("CUDA out of memory at /secret/path/model.py")
-        return generate(req, seed)
+        return generate_or_fail
 
-    executor.generate = failing  # type: ignore[method-assign]
-    state = tmp_path_factory.mktemp("failure") / "state.sqlite3"
-    with serve_in_thread(build_app(Settings(secret=SECRET, model="sleep:1", state_path=state), executor)) as url:
+    with serve_gpu_tier(tmp_path_factory.mktemp("failure"), SECRET, failing) as url:
         yield url
 
 

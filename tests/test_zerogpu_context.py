@@ -13,11 +13,8 @@ import httpx
 import pytest
 from spaces.utils import gradio_request_var
 
-from gpu_backend.app import build_app
-from gpu_backend.model import ModelExecutor
-from shared.settings import Settings
 from tests.clients import call_rest, gen_args
-from tests.support import free_port, serve_in_thread, start_tier
+from tests.support import free_port, serve_gpu_tier, start_tier
 
 SECRET = "zerogpu-context-test-secret"
 TRANSPORTS = ["direct", "httpx", "gradio_client"]
@@ -26,18 +23,16 @@ TRANSPORTS = ["direct", "httpx", "gradio_client"]
 @pytest.fixture(scope="module")
 def gpu_tier(tmp_path_factory) -> Iterator[tuple[str, list[str | None]]]:
     seen: list[str | None] = []
-    executor = ModelExecutor.from_spec("sleep:1")
-    generate = executor.generate
 
-    def recording(req, seed):  # type: ignore[no-untyped-def]
-        request = gradio_request_var().get(None)
-        seen.append(request.headers.get("x-ip-token") if request is not None else None)
-        return generate(req, seed)
+    def recording(generate):  # type: ignore[no-untyped-def]
+        def generate_and_record(req, seed):  # type: ignore[no-untyped-def]
+            request = gradio_request_var().get(None)
+            seen.append(request.headers.get("x-ip-token") if request is not None else None)
+            return generate(req, seed)
 
-    executor.generate = recording  # type: ignore[method-assign]
-    workdir = tmp_path_factory.mktemp("zerogpu")
-    settings = Settings(secret=SECRET, model="sleep:1", state_path=workdir / "state.sqlite3")
-    with serve_in_thread(build_app(settings, executor)) as url:
+        return generate_and_record
+
+    with serve_gpu_tier(tmp_path_factory.mktemp("zerogpu"), SECRET, recording) as url:
         yield url, seen
 
 
