@@ -11,7 +11,6 @@ the stream to the GPU tier, which drops the queued job.
 # No `from __future__ import annotations` here: Gradio evaluates the handlers' type hints
 # on every call, and string annotations make that an eval each time.
 import asyncio
-import base64
 import contextlib
 import logging
 import uuid
@@ -19,7 +18,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import gradio as gr
-import httpx
 from fastapi import FastAPI
 from gradio import processing_utils, utils as gr_utils
 from starlette.middleware.cors import CORSMiddleware
@@ -27,6 +25,7 @@ from starlette.middleware.cors import CORSMiddleware
 from session import ApiKeyring, Identity, IdentityResolver, IdentityTokens, SessionCookieMiddleware, SessionCookies
 from shared.errors import SplitspaceError
 from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
+from shared.hop import Result, Status
 from shared.quota_watch import QuotaWatcher
 from shared.schema import validate_request
 from shared.settings import Settings
@@ -36,6 +35,7 @@ from .backends import BackendPool
 from .embed import embed_routes
 from .hub_auth import backend_auth_headers
 from .limits import InflightCaps
+from .page import LiveModel, build_page
 from .transport import Transport
 
 log = logging.getLogger("splitspace.frontend")
@@ -57,24 +57,17 @@ DEV_RELOAD_SCRIPT = """<script>
 </script>"""
 FRONTEND_IDENTITY = Identity("frontend", "address", "anonymous", "frontend")
 """Who the frontend is when it asks a GPU tier for its live caps (health checks)."""
-FALLBACK_DEFAULTS = {"steps": 4, "guidance_scale": 0.0}
-TINY_NOTE = (
-    "**Note:** this deployment serves `{model}`, a placeholder model (`tiny` has random weights, "
-    "`sleep:MS` only waits): its images are noise or flat. Set `SPLITSPACE_MODEL` "
-    "(e.g. `stabilityai/sd-turbo`) for real images."
-)
 
 
-def with_message(status: dict[str, Any]) -> dict[str, Any]:
-    """A status update with a line for people ("position 3, about 2 s") beside the numbers.
-
-    The UI shows it in the info box; API clients read ``position`` and ``eta_s``. (Not
-    gr.Progress: REST callers never see it, and tracking it costs the queue CPU.)"""
-    if status.get("status") == "queued":
-        text = f"position {status['position']}, about {max(1, round(status['eta_s']))} s"
+def status_for_api(status: Status) -> dict[str, Any]:
+    """A status update as API clients receive it, with a line for people ("position 3,
+    about 2 s") beside the numbers. (Not gr.Progress: REST callers never see it, and
+    tracking it costs the queue CPU.)"""
+    if status.state == "queued":
+        text = f"position {status.position}, about {max(1, round(status.eta_s))} s"
     else:
         text = "generating"
-    return {**status, "message": text}
+    return {"status": status.state, "position": status.position, "eta_s": status.eta_s, "message": text}
 
 
 def image_output(path: str) -> dict[str, Any]:
@@ -90,22 +83,24 @@ def to_gradio_error(exc: SplitspaceError) -> gr.Error:
 
 
 def build_transports(settings: Settings) -> list[Transport]:
-    urls = settings.backend_urls
+    """One transport per GPU tier URL, of the configured kind (settings read here, at the edge)."""
+    auth = backend_auth_headers(settings.hf_token.get_secret_value() if settings.hf_token else None)
+    kw: dict[str, Any] = {"timeout_s": settings.backend_timeout_s, "auth_headers": auth}
     if settings.transport == "gradio_client":
         from .gradio_client_transport import GradioClientTransport
 
-        return [GradioClientTransport(u, timeout_s=settings.backend_timeout_s) for u in urls]
+        return [GradioClientTransport(u, **kw) for u in settings.backend_urls]
     if settings.transport == "httpx":
         from .httpx_transport import HttpxTransport
 
-        return [HttpxTransport(u, timeout_s=settings.backend_timeout_s) for u in urls]
+        return [HttpxTransport(u, **kw) for u in settings.backend_urls]
     from .direct_transport import DirectTransport
 
-    return [DirectTransport(u, timeout_s=settings.backend_timeout_s) for u in urls]
+    return [DirectTransport(u, **kw) for u in settings.backend_urls]
 
 
 class Frontend:
-    """Everything the CPU tier holds, built once from settings."""
+    """Everything the CPU tier holds, built once from settings, and its two handlers."""
 
     def __init__(self, settings: Settings, transports: list[Transport] | None = None) -> None:
         if not settings.secrets:
@@ -125,6 +120,7 @@ class Frontend:
             health_headers=lambda: {IDENTITY_HEADER: self.tokens.mint(FRONTEND_IDENTITY)},
             on_health=lambda doc: self.caps.learn_all(doc.get("caps") or {}),
         )
+        self.model = LiveModel(self.pool.health)
         self.cache_dir = gr_utils.get_upload_folder()
 
     def _on_quotas(self, config: Any) -> None:
@@ -143,104 +139,49 @@ class Frontend:
             headers[IP_TOKEN_HEADER] = ip_token
         return headers
 
-    def save_image(self, png_b64: str) -> str:
-        return processing_utils.save_bytes_to_cache(base64.b64decode(png_b64), "image.png", self.cache_dir)
-
-    def model_info(self) -> dict[str, Any]:
-        """The GPU tier's model and defaults, for building the UI (blocking, once at start)."""
-        for url in self.settings.backend_urls:
-            with contextlib.suppress(httpx.HTTPError, ValueError):
-                return httpx.get(
-                    f"{url}/health", timeout=3.0, headers=backend_auth_headers()
-                ).raise_for_status().json()
-        log.warning("no GPU tier answered at start; the UI uses generic defaults")
-        return {}
-
-
-def build_blocks(fe: Frontend) -> gr.Blocks:
-    info = fe.model_info()
-    defaults = info.get("defaults") or FALLBACK_DEFAULTS
-    limits = fe.settings.limits
+    def save_image(self, png: bytes) -> str:
+        return processing_utils.save_bytes_to_cache(png, "image.png", self.cache_dir)
 
     async def generate(
+        self,
         prompt: str,
         negative_prompt: str = "",
         width: int = 512,
         height: int = 512,
-        steps: int = defaults["steps"],
-        guidance_scale: float = defaults["guidance_scale"],
+        steps: int | None = None,
+        guidance_scale: float | None = None,
         seed: int = -1,
         request: gr.Request = None,  # type: ignore[assignment]
-    ) -> AsyncIterator[tuple[str | None, dict]]:
+    ) -> AsyncIterator[tuple[dict | None, dict]]:
+        """``/generate``: validate, cap, forward; stream status, then the image and its info."""
         try:
-            identity = fe.identity(request)
+            identity = self.identity(request)
             req = validate_request(
                 prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
-                steps=steps, guidance_scale=guidance_scale, seed=seed, limits=limits,
+                steps=steps, guidance_scale=guidance_scale, seed=seed, limits=self.settings.limits,
             )
-            with fe.caps.hold(identity):
-                data = [req.prompt, req.negative_prompt, req.width, req.height, req.steps,
-                        req.guidance_scale, req.seed]
+            with self.caps.hold(identity):
                 # aclosing: when the caller goes away, Gradio closes this generator at its
                 # next yield, and the stream to the GPU tier must close then, not at GC.
-                updates = fe.pool.stream("infer", data, fe.forward_headers(identity, request))
+                updates = self.pool.stream(req, self.forward_headers(identity, request))
                 async with contextlib.aclosing(updates):
                     async for update in updates:
-                        fe.caps.learn(identity, update.pop("cap", None))
-                        if update.get("status") == "done":
-                            yield image_output(fe.save_image(update["image_png_b64"])), update["info"]
+                        self.caps.learn(identity, update.cap)
+                        if isinstance(update, Result):
+                            yield image_output(self.save_image(update.image_png)), update.info.to_dict()
                             return
-                        yield None, with_message(update)
+                        yield None, status_for_api(update)
         except SplitspaceError as exc:
             raise to_gradio_error(exc) from None
 
-    async def quota(request: gr.Request = None) -> dict:  # type: ignore[assignment]
+    async def quota(self, request: gr.Request = None) -> dict:  # type: ignore[assignment]
+        """``/quota``: the caller's own standing, as the GPU tier counts it."""
         try:
-            identity = fe.identity(request)
-            headers = fe.forward_headers(identity, request)
-            result: dict[str, Any] = {}
-            updates = fe.pool.stream("standing", [], headers)
-            async with contextlib.aclosing(updates):
-                async for update in updates:
-                    result = update
-            result["in_flight_here"] = fe.caps.count(identity)
-            return result
+            identity = self.identity(request)
+            result = await self.pool.standing(self.forward_headers(identity, request))
+            return {**result, "in_flight_here": self.caps.count(identity)}
         except SplitspaceError as exc:
             raise to_gradio_error(exc) from None
-
-    model = info.get("model", "unknown")
-    with gr.Blocks(title="splitspace", delete_cache=(3600, 3600)) as blocks:
-        gr.Markdown(f"# splitspace\nText to image on a shared GPU, scheduled fairly per client. Model: `{model}`.")
-        if info.get("placeholder_model"):
-            gr.Markdown(TINY_NOTE.format(model=model))
-        with gr.Row():
-            with gr.Column():
-                prompt = gr.Textbox(label="Prompt", max_length=limits.prompt_max_chars, lines=2)
-                with gr.Accordion("Advanced settings", open=False):
-                    negative = gr.Textbox("", label="Negative prompt", max_length=limits.negative_prompt_max_chars)
-                    with gr.Row():
-                        width = gr.Slider(limits.min_side, limits.max_side, 512, step=limits.side_multiple, label="Width")
-                        height = gr.Slider(limits.min_side, limits.max_side, 512, step=limits.side_multiple, label="Height")
-                    steps = gr.Slider(limits.min_steps, limits.max_steps, defaults["steps"], step=1, label="Steps")
-                    guidance = gr.Slider(limits.min_guidance, limits.max_guidance, defaults["guidance_scale"], step=0.5, label="Guidance scale")
-                    seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
-                run = gr.Button("Generate", variant="primary")
-            with gr.Column():
-                image = gr.Image(label="Image", type="filepath", format="png", interactive=False)
-                info_box = gr.JSON(label="Info")
-                with gr.Accordion("Your quota", open=False):
-                    quota_box = gr.JSON(label="Quota")
-                    refresh = gr.Button("Refresh quota")
-        inputs = [prompt, negative, width, height, steps, guidance, seed]
-        # preprocess=False: our validation (one definition, errors that name the field) sees
-        # the raw values first, instead of the components' own range checks.
-        # postprocess=False: see image_output().
-        run.click(generate, inputs, [image, info_box], api_name="generate", concurrency_limit=None,
-                  preprocess=False, postprocess=False)
-        prompt.submit(generate, inputs, [image, info_box], api_visibility="private", concurrency_limit=None,
-                      preprocess=False, postprocess=False)
-        refresh.click(quota, None, quota_box, api_name="quota", concurrency_limit=None)
-    return blocks
 
 
 def build_app(settings: Settings | None = None, transports: list[Transport] | None = None) -> FastAPI:
@@ -279,7 +220,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         }
 
     app.include_router(embed_routes())  # before the mount at "/", which catches everything after it
-    blocks = build_blocks(fe)
+    blocks = build_page(fe.model, settings.limits, fe.generate, fe.quota)
     blocks.max_threads = settings.max_threads
     blocks.queue(default_concurrency_limit=None)
     app = gr.mount_gradio_app(

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from shared.errors import BackendUnavailable
+from shared.hop import Update
+from shared.schema import GenerateRequest
 
 from .transport import NotStarted, Transport
 
@@ -94,27 +96,45 @@ class BackendPool:
         pool = healthy or candidates  # none healthy: try anyway, it may just have come back
         return min(pool, key=lambda b: b.outstanding) if pool else None
 
-    async def stream(
-        self, api_name: str, data: list[Any], headers: dict[str, str]
-    ) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncIterator[Update]:
+        """The call's updates from the first backend that takes it."""
         tried: set[int] = set()
         while True:
-            backend = self._pick(tried)
-            if backend is None:
-                raise BackendUnavailable("no GPU tier is reachable; try again shortly")
-            tried.add(id(backend))
+            backend = self._next(tried)
             backend.outstanding += 1
             try:
-                updates = backend.transport.stream(api_name, data, headers)
+                updates = backend.transport.stream(request, headers)
                 async with contextlib.aclosing(updates):  # closing us closes the call now
                     async for update in updates:
                         yield update
                 return
             except NotStarted as exc:
-                backend.healthy = False
-                log.warning("GPU backend %s refused a call (%s); trying another", backend.transport.base_url, exc)
+                self._not_started(backend, exc)
             except BackendUnavailable:
                 backend.healthy = False
                 raise
             finally:
                 backend.outstanding -= 1
+
+    async def standing(self, headers: Mapping[str, str]) -> dict[str, Any]:
+        tried: set[int] = set()
+        while True:
+            backend = self._next(tried)
+            try:
+                return await backend.transport.standing(headers)
+            except NotStarted as exc:
+                self._not_started(backend, exc)
+            except BackendUnavailable:
+                backend.healthy = False
+                raise
+
+    def _next(self, tried: set[int]) -> Backend:
+        backend = self._pick(tried)
+        if backend is None:
+            raise BackendUnavailable("no GPU tier is reachable; try again shortly")
+        tried.add(id(backend))
+        return backend
+
+    def _not_started(self, backend: Backend, exc: NotStarted) -> None:
+        backend.healthy = False
+        log.warning("GPU backend %s refused a call (%s); trying another", backend.transport.base_url, exc)

@@ -19,26 +19,36 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
 
 from shared.errors import BackendUnavailable, from_wire
+from shared.hop import Update, update_from_wire
+from shared.schema import GenerateRequest
 
-from .hub_auth import backend_auth_headers
 from .transport import NotStarted, Transport
 
-PATHS = {"infer": "/splitspace/v1/infer", "standing": "/splitspace/v1/standing"}
-FIELDS = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed")
-"""The order of ``data`` for ``infer``, as for Gradio's positional ``/infer``."""
+INFER_PATH = "/splitspace/v1/infer"
+STANDING_PATH = "/splitspace/v1/standing"
 
 
 class DirectTransport(Transport):
-    def __init__(self, base_url: str, *, timeout_s: float = 10.0, max_connections: int = 1000) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float = 10.0,
+        max_connections: int = 1000,
+        auth_headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """``auth_headers``: sent with every call, the same for all (the frontend Space's
+        Hub token for a private GPU Space, see ``hub_auth.py``)."""
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.max_connections = max_connections
+        self._auth_headers = dict(auth_headers or {})
         self._session: aiohttp.ClientSession | None = None
 
     def _pool(self) -> aiohttp.ClientSession:
@@ -49,7 +59,7 @@ class DirectTransport(Transport):
                 # wait its turn for minutes, with a status line every few seconds).
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s),
                 connector=aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=self.max_connections),
-                headers=backend_auth_headers(),  # the frontend Space's Hub token, for a private GPU Space
+                headers=self._auth_headers,
                 raise_for_status=False,
             )
         return self._session
@@ -58,7 +68,7 @@ class DirectTransport(Transport):
         if self._session is not None:
             await self._session.close()
 
-    async def health(self, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    async def health(self, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         try:
             async with self._pool().get(f"{self.base_url}/health", headers=headers) as resp:
                 if resp.status != 200:
@@ -67,44 +77,43 @@ class DirectTransport(Transport):
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             raise BackendUnavailable(f"{self.base_url} did not answer its health check") from exc
 
-    async def stream(
-        self, api_name: str, data: list[Any], headers: dict[str, str]
-    ) -> AsyncIterator[dict[str, Any]]:
-        body = dict(zip(FIELDS, data)) if api_name == "infer" else {}
+    async def standing(self, headers: Mapping[str, str]) -> dict[str, Any]:
         try:
-            resp = await self._pool().post(self.base_url + PATHS[api_name], json=body, headers=headers)
+            async with self._pool().post(self.base_url + STANDING_PATH, json={}, headers=headers) as resp:
+                if resp.status != 200:
+                    raise await _refusal(resp)
+                return await resp.json()
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            raise BackendUnavailable(f"lost the GPU tier mid-request: {type(exc).__name__}") from exc
+
+    async def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncIterator[Update]:
+        try:
+            resp = await self._pool().post(self.base_url + INFER_PATH, json=request.to_wire(), headers=headers)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:  # no answer: the GPU tier never took it
             raise NotStarted(f"cannot reach the GPU tier: {type(exc).__name__}") from exc
-        last: dict[str, Any] | None = None
+        final: dict[str, Any] | None = None
         try:
             if resp.status != 200:
                 raise await _refusal(resp)
-            if resp.content_type != "application/x-ndjson":
-                last = await resp.json()  # a single JSON document (standing)
-                yield last
-                return
-            async for update in _json_lines(resp):
-                if update.get("status") in ("done", "error"):
+            async for doc in _json_lines(resp):
+                if isinstance(doc, dict) and doc.get("status") in ("done", "error"):
                     # The body ends right after this line; reading on to its end gives
                     # the connection back to the pool instead of closing it.
-                    last = update
+                    final = doc
                 else:
-                    yield update
+                    yield update_from_wire(doc)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise BackendUnavailable(f"lost the GPU tier mid-request: {type(exc).__name__}") from exc
         except ValueError as exc:
             raise BackendUnavailable("the GPU tier sent a malformed answer") from exc
         finally:
-            if last is None:
+            if final is None:
                 resp.close()  # the caller left (or the call failed): closing it cancels the job
             else:
                 resp.release()
-        if last is None:
+        if final is None:
             raise BackendUnavailable("the GPU tier closed the stream without a result")
-        if last["status"] == "error":
-            raise from_wire(last)
-        yield last
-
+        yield update_from_wire(final)  # the Result, or the error line's error raised
 
 async def _json_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
     """Each line of the body as JSON. Split here, not with aiohttp's line reader, whose

@@ -16,17 +16,18 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from shared.errors import BackendUnavailable, SplitspaceError
+from shared.errors import BackendUnavailable, GpuFailed, SplitspaceError
+from shared.hop import Update, update_from_wire
+from shared.schema import GenerateRequest
 
-from .hub_auth import backend_auth_headers
-from .transport import NotStarted, Transport, error_from_backend, fetch_health
+from .transport import NotStarted, Transport, fetch_health
 
 POLL_S = 0.02
 _CANCELLED = object()
@@ -44,12 +45,15 @@ log = logging.getLogger("splitspace.frontend")
 
 
 class GradioClientTransport(Transport):
-    def __init__(self, base_url: str, *, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, base_url: str, *, timeout_s: float = 10.0, auth_headers: Mapping[str, str] | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self._auth_headers = dict(auth_headers or {})
         self._client: Client | None = None
         self._lock = threading.Lock()
-        self._health_http = httpx.AsyncClient(timeout=timeout_s, headers=backend_auth_headers())
+        self._health_http = httpx.AsyncClient(timeout=timeout_s, headers=self._auth_headers)
 
     def _get_client(self) -> Client:
         with self._lock:
@@ -58,7 +62,7 @@ class GradioClientTransport(Transport):
                     self._client = Client(
                         self.base_url + "/", verbose=False, download_files=False,
                         analytics_enabled=False, httpx_kwargs={"timeout": self.timeout_s},
-                        headers=backend_auth_headers(),  # same for every call: the frontend's Hub token
+                        headers=self._auth_headers,  # same for every call: the frontend's Hub token
                     )
                 except Exception as exc:  # connection refused, bad config ...
                     raise NotStarted(f"cannot reach the GPU tier: {type(exc).__name__}") from exc
@@ -72,12 +76,35 @@ class GradioClientTransport(Transport):
     async def health(self, headers: dict[str, str] | None = None) -> dict[str, Any]:
         return await fetch_health(self._health_http, self.base_url, headers)
 
-    async def stream(
-        self, api_name: str, data: list[Any], headers: dict[str, str]
-    ) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncIterator[Update]:
+        docs = self._call("infer", request.as_args(), headers)
+        try:
+            async for doc in docs:
+                yield update_from_wire(doc)  # the Result last; an error value raises its error
+        finally:
+            await docs.aclose()
+
+    async def standing(self, headers: Mapping[str, str]) -> dict[str, Any]:
+        result: Any = None
+        docs = self._call("standing", [], headers)
+        try:
+            async for doc in docs:
+                result = doc
+        finally:
+            await docs.aclose()
+        if isinstance(result, dict) and result.get("status") == "error":
+            update_from_wire(result)  # raises its error
+        if not isinstance(result, dict):
+            raise BackendUnavailable("the GPU tier sent no standing")
+        return result
+
+    async def _call(self, api_name: str, data: list[Any], headers: Mapping[str, str]) -> AsyncIterator[Any]:
+        """Each value the GPU tier's handler yields, then its result. The GPU tier's handlers
+        send an error as a last value before Gradio's own error, whose text is used only
+        when no such value came (an error of Gradio itself)."""
         client = await asyncio.to_thread(self._get_client)
         try:
-            job = await asyncio.to_thread(client.submit, *data, api_name=f"/{api_name}", headers=headers)
+            job = await asyncio.to_thread(client.submit, *data, api_name=f"/{api_name}", headers=dict(headers))
         except Exception as exc:
             raise NotStarted(f"cannot reach the GPU tier: {type(exc).__name__}") from exc
         seen = 0
@@ -89,6 +116,10 @@ class GradioClientTransport(Transport):
                 done = job.done()
                 outputs = job.outputs()
                 for out in outputs[seen:]:
+                    if isinstance(out, dict) and out.get("status") == "error":
+                        finished = True
+                        yield out
+                        return
                     if isinstance(out, dict) and out.get("status") != "done":
                         yield out
                 if len(outputs) > seen:
@@ -101,7 +132,7 @@ class GradioClientTransport(Transport):
             try:
                 result = await asyncio.to_thread(_result_of, job, self.timeout_s)
             except AppError as exc:
-                raise error_from_backend(exc.message) from None
+                raise GpuFailed(str(exc.message)[:300]) from None
             except SplitspaceError:
                 raise
             except Exception as exc:
@@ -109,7 +140,7 @@ class GradioClientTransport(Transport):
             finished = True
             if result is _CANCELLED:
                 raise BackendUnavailable("the GPU tier's client cancelled the request")
-            if not isinstance(result, dict) or result.get("status") != "done":
+            if result is None:
                 raise BackendUnavailable("the GPU tier cancelled the request")
             yield result
         finally:

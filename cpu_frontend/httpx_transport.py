@@ -13,15 +13,16 @@ tier to notice the closed stream at its next status update.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
 
-from shared.errors import QUEUE_FULL, BackendUnavailable, Throttled
+from shared.errors import QUEUE_FULL, BackendUnavailable, GpuFailed, Throttled
+from shared.hop import Update, update_from_wire
+from shared.schema import GenerateRequest
 
-from .hub_auth import backend_auth_headers
-from .transport import NotStarted, Transport, error_from_backend, fetch_health
+from .transport import NotStarted, Transport, fetch_health
 
 
 class HttpxTransport(Transport):
@@ -32,26 +33,49 @@ class HttpxTransport(Transport):
         timeout_s: float = 10.0,
         client: httpx.AsyncClient | None = None,
         max_connections: int = 1000,
+        auth_headers: Mapping[str, str] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self._fn_index: dict[str, int] = {}
         self._client = client or httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s),
-            headers=backend_auth_headers(),  # the frontend Space's Hub token, for a private GPU Space
+            headers=dict(auth_headers or {}),  # the frontend Space's Hub token, for a private GPU Space
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=100),
         )
 
     async def aclose(self) -> None:
         await self._client.aclose()
 
-    async def health(self, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    async def health(self, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         return await fetch_health(self._client, self.base_url, headers)
 
-    async def _join(self, api_name: str, data: list[Any], headers: dict[str, str]) -> str:
+    async def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncIterator[Update]:
+        docs = self._call("infer", request.as_args(), headers)
+        try:
+            async for doc in docs:
+                yield update_from_wire(doc)  # the Result last; an error line raises its error
+        finally:
+            await docs.aclose()
+
+    async def standing(self, headers: Mapping[str, str]) -> dict[str, Any]:
+        docs = self._call("standing", [], headers)
+        result: Any = None
+        try:
+            async for doc in docs:
+                result = doc
+        finally:
+            await docs.aclose()
+        if not isinstance(result, dict):
+            raise BackendUnavailable("the GPU tier sent no standing")
+        if result.get("status") == "error":
+            update_from_wire(result)  # raises its error
+        return result
+
+    async def _join(self, api_name: str, data: list[Any], headers: Mapping[str, str]) -> str:
         try:
             r = await self._client.post(
-                f"{self.base_url}/gradio_api/call/{api_name}", json={"data": data}, headers=headers
+                f"{self.base_url}/gradio_api/call/{api_name}", json={"data": data}, headers=dict(headers)
             )
         except httpx.HTTPError as exc:
             raise NotStarted(f"cannot reach the GPU tier: {type(exc).__name__}") from exc
@@ -64,12 +88,16 @@ class HttpxTransport(Transport):
         except (ValueError, KeyError) as exc:
             raise NotStarted("the GPU tier sent no event id") from exc
 
-    async def stream(
-        self, api_name: str, data: list[Any], headers: dict[str, str]
-    ) -> AsyncIterator[dict[str, Any]]:
+    async def _call(self, api_name: str, data: list[Any], headers: Mapping[str, str]) -> AsyncIterator[Any]:
+        """Each value the GPU tier's handler yields, in order, ending with its last one.
+
+        The GPU tier's handlers send an error as a last value (``{"status": "error",
+        ...}``, decoded by the caller) before Gradio's own ``error`` event, whose text
+        is used only when no such value came (an error of Gradio itself)."""
         event_id = await self._join(api_name, data, headers)
         url = f"{self.base_url}/gradio_api/call/{api_name}/{event_id}"
         finished = False
+        last: Any = None
         try:
             async with self._client.stream("GET", url) as resp:
                 if resp.status_code != 200:
@@ -81,22 +109,22 @@ class HttpxTransport(Transport):
                     elif line.startswith("data:"):
                         payload = line[5:].strip()
                         if event == "generating":
-                            update = _first(payload)
-                            if update.get("status") == "done":  # the result; "complete" repeats it
-                                finished = True
-                                yield update
+                            last = _first(payload)
+                            if isinstance(last, dict) and last.get("status") in ("done", "error"):
+                                finished = True  # the result; "complete" would repeat it
+                                yield last
                                 return
-                            yield update
+                            yield last
                         elif event == "complete":
                             finished = True
                             final = _first(payload)
-                            if not final:  # cancelled on the GPU tier
+                            if final is None:  # cancelled on the GPU tier
                                 raise BackendUnavailable("the GPU tier cancelled the request")
                             yield final
                             return
                         elif event == "error":
                             finished = True
-                            raise error_from_backend(_error_text(payload))
+                            raise GpuFailed(_error_text(payload))
         except httpx.HTTPError as exc:
             raise BackendUnavailable(f"lost the GPU tier mid-request: {type(exc).__name__}") from exc
         finally:
@@ -125,21 +153,20 @@ class HttpxTransport(Transport):
         return self._fn_index[api_name]
 
 
-def _first(payload: str) -> dict[str, Any]:
+def _first(payload: str) -> Any:
+    """The first output of a Gradio event's data (our handlers have one output)."""
     try:
         data = json.loads(payload)
     except ValueError:
-        return {}
-    if isinstance(data, list) and data and isinstance(data[0], dict):
-        return data[0]
-    return {}
+        return None
+    return data[0] if isinstance(data, list) and data else None
 
 
-def _error_text(payload: str) -> str | None:
+def _error_text(payload: str) -> str:
     try:
         data = json.loads(payload)
     except ValueError:
-        return payload
+        data = payload
     if isinstance(data, dict):
-        return data.get("error")
-    return str(data) if data is not None else None
+        data = data.get("error")
+    return (str(data) if data is not None else "the GPU tier failed without a message")[:300]

@@ -20,10 +20,6 @@ from shared.errors import QUEUE_FULL, Throttled
 from shared.quotas import QuotaConfig
 
 
-def subject_of(identity: Identity) -> str:
-    return identity.client_id if identity.kind == "key" else f"addr:{identity.address}"
-
-
 class InflightCaps:
     def __init__(self, config: Callable[[], QuotaConfig]) -> None:
         self._config = config
@@ -32,7 +28,7 @@ class InflightCaps:
 
     def learn(self, identity: Identity, cap: object) -> None:
         """The cap the GPU tier reported for this client (it knows the operators' overrides)."""
-        self.learn_all({subject_of(identity): cap})
+        self.learn_all({identity.flow_id: cap})
 
     def learn_all(self, caps: dict[str, object]) -> None:
         """Caps of the clients with overrides, from a GPU tier's health document."""
@@ -41,18 +37,18 @@ class InflightCaps:
                 self._learned[subject] = cap
 
     def cap(self, identity: Identity) -> int:
-        learned = self._learned.get(subject_of(identity))
+        learned = self._learned.get(identity.flow_id)
         if learned is not None:
             return learned
         limits = self._config().limits_for(identity.client_id, identity.tier)
         return limits.max_running + limits.max_queued
 
     def count(self, identity: Identity) -> int:
-        return self._inflight[subject_of(identity)]
+        return self._inflight[identity.flow_id]
 
     @contextmanager
     def hold(self, identity: Identity) -> Iterator[None]:
-        subject = subject_of(identity)
+        subject = identity.flow_id
         cap = self.cap(identity)
         if self._inflight[subject] >= cap:
             raise Throttled(

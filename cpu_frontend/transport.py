@@ -1,36 +1,31 @@
 """The CPU-to-GPU hop: one small interface, several transports.
 
-A transport streams one call to the GPU tier: every status update the GPU
-tier yields (queue position, ETA) as it arrives, then the final result.
-Library errors are mapped to the project's own at this boundary
-(``BackendUnavailable``, ``Throttled``, ``Unauthorized``, ``SplitspaceError``),
-in the manner of httpx's ``map_httpcore_exceptions``; no Gradio or httpx type
-crosses it.
+A transport streams one call to the GPU tier: a validated
+:class:`~shared.schema.GenerateRequest` and the call's identity headers in,
+every :class:`~shared.hop.Status` the GPU tier sends (queue position, ETA) as
+it arrives out, then the :class:`~shared.hop.Result`. Library errors are
+mapped to the project's own at this boundary (``BackendUnavailable``,
+``Throttled``, ``Unauthorized``, ``SplitspaceError``), in the manner of
+httpx's ``map_httpcore_exceptions``; updates are read with
+:func:`shared.hop.update_from_wire` only, so no Gradio or HTTP type and no
+English message crosses it.
+
+``transports`` of the package: ``direct`` (the default), ``httpx`` (Gradio's
+queue protocol), ``gradio_client`` (the stock client) and ``MockTransport``
+(in-process, for tests and for trying the frontend without a GPU tier).
 """
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
 
-from shared.errors import (
-    BackendUnavailable,
-    QUEUE_FULL,
-    QUOTA_EXCEEDED,
-    RATE_LIMITED,
-    SplitspaceError,
-    Throttled,
-    Unauthorized,
-    UNAUTHORIZED,
-    ValidationFailed,
-    INVALID_REQUEST,
-)
-
-_RETRY_RE = re.compile(r"^(?P<reason>.*)\. Retry in (?P<secs>\d+) s\.$", re.S)
+from shared.errors import BackendUnavailable
+from shared.hop import Update
+from shared.schema import GenerateRequest
 
 
 class NotStarted(Exception):
@@ -43,14 +38,16 @@ class Transport(ABC):
     base_url: str
 
     @abstractmethod
-    def stream(
-        self, api_name: str, data: list[Any], headers: dict[str, str]
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Yield each update of the call; the last one is the result. Closing the
-        iterator early cancels the call on the GPU tier."""
+    def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncIterator[Update]:
+        """Yield each Status of the call, then its Result. Closing the iterator early
+        cancels the call on the GPU tier."""
 
     @abstractmethod
-    async def health(self, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    async def standing(self, headers: Mapping[str, str]) -> dict[str, Any]:
+        """The caller's quota standing as the GPU tier counts it."""
+
+    @abstractmethod
+    async def health(self, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         """The GPU tier's /health document; raises BackendUnavailable."""
 
     async def aclose(self) -> None:
@@ -58,30 +55,12 @@ class Transport(ABC):
 
 
 async def fetch_health(
-    client: httpx.AsyncClient, base_url: str, headers: dict[str, str] | None
+    client: httpx.AsyncClient, base_url: str, headers: Mapping[str, str] | None
 ) -> dict[str, Any]:
     """GET a GPU tier's /health with ``client``; BackendUnavailable when it does not answer."""
     try:
-        r = await client.get(f"{base_url}/health", headers=headers)
+        r = await client.get(f"{base_url}/health", headers=dict(headers or {}))
         r.raise_for_status()
         return r.json()
     except (httpx.HTTPError, ValueError) as exc:
         raise BackendUnavailable(f"{base_url} did not answer its health check") from exc
-
-
-def error_from_backend(text: str | None) -> SplitspaceError:
-    """Rebuild the project's error from the text the GPU tier sent ("Title: message")."""
-    text = (text or "").strip() or "the GPU tier failed without a message"
-    title, sep, message = text.partition(": ")
-    if not sep:
-        return SplitspaceError(text, title="GPU error")
-    if title in (QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED):
-        m = _RETRY_RE.match(message)
-        if m:
-            return Throttled(title, m.group("reason"), float(m.group("secs")))
-    if title == UNAUTHORIZED:
-        return Unauthorized(message)
-    if title == INVALID_REQUEST:
-        field, _, rest = message.partition(": ")
-        return ValidationFailed(field, rest)
-    return SplitspaceError(message, title=title)

@@ -1,10 +1,10 @@
 """The GPU tier: a thin Gradio app over the runner, the scheduler and the model.
 
-Wiring only. Every call's identity token is verified before any work; the
-request is validated again (the GPU tier trusts nothing); admission, fair
-order and execution are the runner's. Two ways in, same rules: Gradio's
-``/infer`` (for ``gradio_client`` and any Gradio client) and the direct route
-(``direct_route.py``, the frontend's default hop). Gradio's own queue must not
+Wiring only. Two ways in, one set of rules: Gradio's ``/infer`` (for
+``gradio_client`` and any Gradio client) and the direct route
+(``direct_route.py``, the frontend's default hop) are both thin adapters over
+:class:`~gpu_backend.service.InferService` (verify, validate, admit, follow,
+map failures); admission, fair order and execution are the runner's. Gradio's own queue must not
 reorder what the scheduler decides, so the endpoints have no concurrency limit,
 ``max_threads`` is raised well above what admission lets in, and
 ``queue(api_open=False)`` closes the queue-skipping ``/gradio_api/run/`` route.
@@ -14,6 +14,7 @@ reorder what the scheduler decides, so the endpoints have no concurrency limit,
 # on every call, and string annotations make that an eval each time.
 import asyncio
 import contextlib
+import inspect
 import logging
 import sys
 import time
@@ -30,8 +31,9 @@ from session.identity import Identity
 from session.token import IdentityTokens
 from shared.errors import SplitspaceError
 from shared.headers import IDENTITY_HEADER
+from shared.hop import error_to_wire
 from shared.quota_watch import QuotaWatcher
-from shared.schema import request_from_dict
+from shared.schema import REQUEST_FIELDS
 from shared.settings import Settings
 
 from . import gpu
@@ -42,6 +44,7 @@ from .metrics import CONTENT_TYPE, GpuMetrics
 from .model import ModelExecutor
 from .runner import GpuRunner, client_ref
 from .scheduler import FairScheduler
+from .service import InferService
 from .usage import SqliteUsageStore
 
 log = logging.getLogger("splitspace.gpu")
@@ -60,9 +63,6 @@ class GpuTier:
 
     def __init__(self, settings: Settings, executor: ModelExecutor | None = None) -> None:
         self.settings = settings
-        # The GPU thread must get the GIL back quickly when a batch ends, or the GPU
-        # idles while the event loop runs Python (default switch interval: 5 ms).
-        sys.setswitchinterval(0.001)
         self.tokens = IdentityTokens(settings.secrets)
         if not self.tokens.configured:
             log.warning("no SPLITSPACE_SECRET: the GPU tier refuses every call")
@@ -84,13 +84,17 @@ class GpuTier:
         self.metrics = GpuMetrics(lambda: self.with_scheduler(FairScheduler.depth_by_tier))
         self.runner = GpuRunner(
             self.scheduler,
-            CostModel(lambda s, w, h, b: gpu.current_executor().estimate_seconds(s, w, h, b)),
+            CostModel(lambda s, w, h, g, b: gpu.current_executor().estimate_seconds(s, w, h, b, guidance_scale=g)),
             run_batch=gpu.generate_on_gpu,
-            resolve=lambda req, seed: gpu.current_executor().resolve(req, seed),
+            resolve=lambda req: gpu.current_executor().resolve(req),
             model_name=lambda: gpu.current_executor().name,
             max_batch=settings.max_batch,
             clock=time.time,
             on_event=self.metrics.on_event,
+        )
+        self.service = InferService(
+            tokens=self.tokens, runner=self.runner, limits=settings.limits, standing=self.standing,
+            on_call=self.metrics.calls.inc, on_refused=self.metrics.refuse,
         )
 
     async def change_model(self, spec: str) -> dict[str, Any]:
@@ -114,21 +118,6 @@ class GpuTier:
         with self.runner.locked() as scheduler:
             return read(scheduler)
 
-    def verify_token(self, token: str | None) -> Identity:
-        """The caller's identity, or Unauthorized (counted in the metrics)."""
-        try:
-            return self.tokens.verify(token)
-        except SplitspaceError:
-            self.metrics.refuse("unauthorized")
-            raise
-
-    def verify(self, request: gr.Request | None) -> Identity:
-        headers = request.headers if request is not None else {}
-        try:
-            return self.verify_token(headers.get(IDENTITY_HEADER))
-        except SplitspaceError as exc:
-            raise to_gradio_error(exc) from None
-
     def standing(self, identity: Identity) -> dict[str, Any]:
         """The caller's own quota standing."""
         stats = dict(self.with_scheduler(lambda s: s.client_stats(client_ref(identity))))
@@ -147,8 +136,7 @@ class GpuTier:
         for client_id in ids:
             if client_id.startswith("session:"):
                 continue  # the frontend caps sessions by address
-            tier_name = next((k.tier for k in config.keys if f"key:{k.name}" == client_id), "anonymous")
-            limits = config.limits_for(client_id, tier_name, self.overrides.get(client_id))
+            limits = config.limits_for(client_id, config.key_tier(client_id), self.overrides.get(client_id))
             caps[client_id] = limits.max_running + limits.max_queued
         return caps
 
@@ -167,6 +155,13 @@ class GpuTier:
 
 
 def build_blocks(tier: GpuTier) -> gr.Blocks:
+    """Gradio's ``/infer`` and ``/standing``: thin adapters over the tier's InferService.
+
+    Each yields the hop's wire documents (``shared/hop.py``); an error is yielded as a
+    last document, which the transports decode, and then raised as a ``gr.Error``, which
+    any other Gradio client sees as a plain error with its title."""
+    service = tier.service
+
     async def infer(
         prompt: str,
         negative_prompt: str = "",
@@ -178,38 +173,40 @@ def build_blocks(tier: GpuTier) -> gr.Blocks:
         request: gr.Request = None,  # type: ignore[assignment]
     ) -> AsyncIterator[dict]:
         """Generate one image for the identity in X-Splitspace-Identity (frontend only)."""
-        tier.metrics.calls.inc()
-        identity = tier.verify(request)
+        values = (prompt, negative_prompt, width, height, steps, guidance_scale, seed)
         try:
-            req = request_from_dict(
-                dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
-                     steps=steps, guidance_scale=guidance_scale, seed=seed),
-                tier.settings.limits,
-            )
+            identity = service.arrive(_token(request))
+            ticket = service.admit(identity, dict(zip(REQUEST_FIELDS, values)))
             # aclosing: when the frontend goes away, Gradio closes this generator at its
             # next yield; the runner must drop the queued job then, not at GC.
-            updates = tier.runner.generate(identity, req)
+            updates = service.follow(ticket)
             async with contextlib.aclosing(updates):
                 async for update in updates:
-                    yield update
+                    yield update.to_wire()
         except SplitspaceError as exc:
+            yield error_to_wire(exc)
             raise to_gradio_error(exc) from None
-        except gr.Error:
-            raise  # e.g. ZeroGPU's own "ZeroGPU quota exceeded": passed through as is
-        except Exception as exc:  # the model failed: say so, without internals
-            log.exception("model failure")
-            raise gr.Error(f"GPU error: the model failed ({type(exc).__name__})", title="GPU error",
-                           print_exception=False) from None
 
-    async def standing(request: gr.Request = None) -> dict:  # type: ignore[assignment]
+    async def standing(request: gr.Request = None) -> AsyncIterator[dict]:  # type: ignore[assignment]
         """The caller's own quota standing (frontend only)."""
-        return tier.standing(tier.verify(request))
+        try:
+            yield service.standing(_token(request))
+        except SplitspaceError as exc:
+            yield error_to_wire(exc)
+            raise to_gradio_error(exc) from None
+
+    if tuple(inspect.signature(infer).parameters)[: len(REQUEST_FIELDS)] != REQUEST_FIELDS:
+        raise RuntimeError("/infer's parameters must be the request's fields, in order")  # caught at start
 
     with gr.Blocks(title="splitspace GPU tier") as blocks:
         gr.Markdown("splitspace GPU tier. Not for the public: the frontend is its only caller.")
         gr.api(infer, api_name="infer", concurrency_limit=None)
         gr.api(standing, api_name="standing", concurrency_limit=None)
     return blocks
+
+
+def _token(request: gr.Request | None) -> str | None:
+    return request.headers.get(IDENTITY_HEADER) if request is not None else None
 
 
 def model_routes(router: APIRouter, tier: GpuTier) -> None:
@@ -283,10 +280,7 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
         )
     )
 
-    direct = DirectRoutes(
-        tier.runner, verify=tier.verify_token, limits=settings.limits, standing=tier.standing,
-        on_call=tier.metrics.calls.inc,
-    )
+    direct = DirectRoutes(tier.service)
     for path in (INFER_PATH, STANDING_PATH):  # before the mount at "/", which catches everything after it
         app.router.routes.append(Route(path, direct, methods=["POST"]))
 
@@ -298,5 +292,9 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
 
 def create_app() -> FastAPI:
     """App factory for uvicorn (``deploy/serve.py``): settings from the environment."""
+    # The GPU thread must get the GIL back quickly when a batch ends, or the GPU idles
+    # while the event loop runs Python (default switch interval: 5 ms). A process-wide
+    # switch, so it is set here, where the process is the GPU tier's.
+    sys.setswitchinterval(0.001)
     return build_app(Settings())
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import gradio as gr
@@ -33,12 +33,11 @@ from gradio.context import LocalContext
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from session.identity import Identity
 from shared.errors import SplitspaceError, Throttled, Unauthorized, ValidationFailed, to_wire
 from shared.headers import IDENTITY_HEADER
-from shared.schema import Limits, request_from_dict
+from shared.hop import Update, error_to_wire
 
-from .runner import GpuRunner
+from .service import InferService
 
 log = logging.getLogger("splitspace.gpu")
 
@@ -49,68 +48,51 @@ NDJSON = b"application/x-ndjson"
 
 
 class DirectRoutes:
-    """The ASGI app behind both paths (mount each with ``Route(path, app, methods=["POST"])``)."""
+    """The ASGI app behind both paths (mount each with ``Route(path, app, methods=["POST"])``);
+    a thin adapter: the rules are the service's."""
 
-    def __init__(
-        self,
-        runner: GpuRunner,
-        *,
-        verify: Callable[[str | None], Identity],
-        limits: Limits,
-        standing: Callable[[Identity], dict[str, Any]],
-        on_call: Callable[[], None] = lambda: None,
-    ) -> None:
-        self.runner = runner
-        self.verify = verify
-        self.limits = limits
-        self.standing = standing
-        self.on_call = on_call
+    def __init__(self, service: InferService) -> None:
+        self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
+        token = request.headers.get(IDENTITY_HEADER)
         try:
             if scope["path"] == STANDING_PATH:
-                identity = self.verify(request.headers.get(IDENTITY_HEADER))
-                await _send_json(send, 200, self.standing(identity))
+                await _send_json(send, 200, self.service.standing(token))
                 return
-            self.on_call()
-            identity = self.verify(request.headers.get(IDENTITY_HEADER))
+            identity = self.service.arrive(token)
             body = await _read_json(request)
-            req = request_from_dict(body, self.limits)
             # ZeroGPU's @spaces.GPU reads the caller's x-ip-token from Gradio's request
             # context; the runner runs the GPU function in the context captured at admit().
             LocalContext.request.set(gr.Request(request=request))
-            ticket = self.runner.admit(identity, req)
+            ticket = self.service.admit(identity, body)
         except SplitspaceError as exc:
             await _send_error(send, exc)
             return
-        updates = self.runner.follow(ticket)
+        updates = self.service.follow(ticket)
         try:
             await send({"type": "http.response.start", "status": 200,
                         "headers": [(b"content-type", NDJSON), (b"cache-control", b"no-store")]})
-            await _until_disconnect(receive, self._relay(send, updates))
+            await _until_disconnect(receive, _relay(send, updates))
         finally:
             await updates.aclose()
-            self.runner.drop(ticket)
+            self.service.drop(ticket)
 
-    async def _relay(self, send: Send, updates: AsyncIterator[dict[str, Any]]) -> None:
-        """Each update as a line; an error in the job ends the stream with an error line."""
-        while True:
-            try:
-                update = await anext(updates)
-            except StopAsyncIteration:
-                break
-            except SplitspaceError as exc:
-                update = {"status": "error", **to_wire(exc)}
-            except gr.Error as exc:  # e.g. ZeroGPU's own "ZeroGPU quota exceeded", passed on as is
-                update = {"status": "error", "title": exc.title or "GPU error", "message": str(exc.message)}
-            except Exception as exc:  # the model failed: say so, without internals
-                log.exception("model failure")
-                update = {"status": "error", "title": "GPU error", "message": f"the model failed ({type(exc).__name__})"}
-            await send({"type": "http.response.body", "body": _line(update), "more_body": True})
-            if update.get("status") == "error":
-                break
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+async def _relay(send: Send, updates: AsyncIterator[Update]) -> None:
+    """Each update as a line; an error ends the stream with an error line."""
+    while True:
+        try:
+            doc = (await anext(updates)).to_wire()
+        except StopAsyncIteration:
+            break
+        except SplitspaceError as exc:
+            doc = error_to_wire(exc)
+        await send({"type": "http.response.body", "body": _line(doc), "more_body": True})
+        if doc["status"] in ("done", "error"):
+            break
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def _until_disconnect(receive: Receive, work: Awaitable[None]) -> None:

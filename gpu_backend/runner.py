@@ -16,9 +16,9 @@ and its slot is freed only when the model returns, so two jobs never overlap.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import contextvars
+import dataclasses
 import io
 import logging
 import secrets
@@ -32,6 +32,7 @@ from typing import Any
 
 from session.identity import Identity
 from shared.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled
+from shared.hop import GenerateInfo, Result, Status, Update
 from shared.schema import MAX_SEED, GenerateRequest
 
 from .cost import CostModel
@@ -68,25 +69,25 @@ def client_ref(identity: Identity) -> ClientRef:
     )
 
 
-def encode_png(image: Any) -> str:
+def encode_png(image: Any) -> bytes:
     """Lossless (same seed, same pixels); compress_level=1 is several times faster than
     the default and the hop is loopback or a datacenter link, where bytes are cheap."""
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=1)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
+    return buf.getvalue()
 
 
 @dataclass
 class _Waiter:
     request: GenerateRequest
-    seed: int
-    steps: int
-    guidance: float
+    """Fully resolved at admission: its seed, steps and guidance are what the model runs."""
     submitted: float
     context: contextvars.Context
-    future: asyncio.Future[dict[str, Any]]
+    future: asyncio.Future[Result]
     loop: asyncio.AbstractEventLoop
     started: float | None = None
+    model: str = ""
+    """The model the job ran on (set on the GPU thread)."""
 
 
 @dataclass
@@ -106,7 +107,7 @@ class GpuRunner:
         cost: CostModel,
         *,
         run_batch: BatchFn,
-        resolve: Callable[[GenerateRequest, int], tuple[int, float]],
+        resolve: Callable[[GenerateRequest], tuple[int, float]],
         model_name: Callable[[], str],
         max_batch: int = 1,
         clock: Callable[[], float] = time.monotonic,
@@ -147,9 +148,7 @@ class GpuRunner:
             t.join(timeout=30)
 
     # -- the handler side (event loop) ------------------------------------------------
-    async def generate(
-        self, identity: Identity, request: GenerateRequest
-    ) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, identity: Identity, request: GenerateRequest) -> AsyncIterator[Update]:
         """Admit, wait for a fair turn (yielding status), run, and yield the final result.
 
         Raises Throttled when a limit refuses the request. Closing the generator
@@ -166,18 +165,21 @@ class GpuRunner:
 
         The caller's context (e.g. Gradio's request, for ZeroGPU's ``x-ip-token``) is
         captured here: the GPU function runs in it. Every ticket must be followed
-        (:meth:`follow`) or dropped (:meth:`drop`)."""
-        seed = request.seed if request.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
-        steps, guidance = self._resolve(request, seed)
-        estimate = self.cost.estimate(steps, request.width, request.height)
+        (:meth:`follow`) or dropped (:meth:`drop`).
+
+        The request's seed, steps and guidance are decided here, once (the model's
+        preset for those left unset): the cost estimate, ZeroGPU's duration, the model
+        call and the reported info all use these. A job admitted before a live model
+        change keeps them and runs on the new model; its info names the model it ran on."""
+        request = self.resolve(request)
+        estimate = self.cost.estimate(request.steps, request.width, request.height, request.guidance_scale)
         job_id = uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         waiter = _Waiter(
-            request=request, seed=seed, steps=steps, guidance=guidance,
-            submitted=self._clock(), context=contextvars.copy_context(),
+            request=request, submitted=self._clock(), context=contextvars.copy_context(),
             future=loop.create_future(), loop=loop,
         )
-        batch_key = (request.width, request.height, steps, guidance)
+        batch_key = (request.width, request.height, request.steps, request.guidance_scale)
         ref = client_ref(identity)
         with self._work:
             limits = self.scheduler.limits_for(ref)
@@ -193,7 +195,14 @@ class GpuRunner:
         # the frontend learns it from here for its early refusals.
         return Ticket(job_id, identity.tier, limits.max_running + limits.max_queued, waiter)
 
-    async def follow(self, ticket: Ticket) -> AsyncIterator[dict[str, Any]]:
+    def resolve(self, request: GenerateRequest) -> GenerateRequest:
+        """The request with every choice made: a random seed for -1, the model's preset
+        for steps and guidance left unset."""
+        steps, guidance = self._resolve(request)
+        seed = request.seed if request.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
+        return dataclasses.replace(request, steps=steps, guidance_scale=guidance, seed=seed)
+
+    async def follow(self, ticket: Ticket) -> AsyncIterator[Update]:
         """Yield the ticket's status while it waits, then its result. Closing this
         generator (or cancelling the task that runs it) while the job waits drops the job."""
         waiter, job_id, cap = ticket.waiter, ticket.job_id, ticket.cap
@@ -205,15 +214,13 @@ class GpuRunner:
                 with self._lock:
                     place = self.scheduler.position(job_id)
                 if place is not None:
-                    yield {"status": "queued", "position": place[0], "eta_s": round(place[1], 1), "cap": cap}
+                    yield Status("queued", place[0], round(place[1], 1), cap)
                     interval = STATUS_EVERY_S if place[0] <= NEAR_FRONT else STATUS_EVERY_FAR_S
                 else:
-                    yield {"status": "running", "position": 0, "eta_s": 0.0, "cap": cap}
+                    yield Status("running", 0, 0.0, cap)
                     interval = STATUS_EVERY_S
                 await asyncio.wait([waiter.future], timeout=interval)
-            result = waiter.future.result()
-            result["cap"] = cap
-            yield result
+            yield dataclasses.replace(waiter.future.result(), cap=cap)
         finally:
             self.drop(ticket)
 
@@ -271,11 +278,12 @@ class GpuRunner:
 
     def _run_batch(self, jobs: list[Job], waiters: list[_Waiter]) -> None:
         started = self._clock()
+        model = self._model_name()  # a model change waits for the GPU to go idle (swap)
         for job, w in zip(jobs, waiters):
-            w.started = started
+            w.started, w.model = started, model
             self._on_event("started", {"tier": job.client.tier, "wait_s": started - w.submitted})
         requests = [w.request for w in waiters]
-        seeds = [w.seed for w in waiters]
+        seeds = [w.request.seed for w in waiters]
         t0 = time.perf_counter()
         error: BaseException | None = None
         images: list[Any] = []
@@ -287,7 +295,7 @@ class GpuRunner:
         gpu_s = time.perf_counter() - t0
         if error is None:
             first = requests[0]
-            self.cost.observe(waiters[0].steps, first.width, first.height, len(jobs), gpu_s)
+            self.cost.observe(first.steps, first.width, first.height, first.guidance_scale, len(jobs), gpu_s)
         with self._work:
             shares = self._settle(jobs, gpu_s)
             self._dispatch_locked()
@@ -325,21 +333,16 @@ class GpuRunner:
 
         w.loop.create_task(finish())
 
-    def _result(self, job: Job, w: _Waiter, png: str, gpu_s: float, done: float) -> dict[str, Any]:
+    def _result(self, job: Job, w: _Waiter, png: bytes, gpu_s: float, done: float) -> Result:
         started = w.started if w.started is not None else done
-        info = {
-            "seed": w.seed,
-            "width": w.request.width,
-            "height": w.request.height,
-            "steps": w.steps,
-            "guidance_scale": w.guidance,
-            "model": self._model_name(),
-            "queue_s": round(started - w.submitted, 4),
-            "gpu_s": round(gpu_s, 4),
-            "total_s": round(done - w.submitted, 4),
-            "client": job.client.client_id,
-        }
-        return {"status": "done", "image_png_b64": png, "info": info}
+        req = w.request
+        info = GenerateInfo(
+            seed=req.seed, width=req.width, height=req.height, steps=req.steps,
+            guidance_scale=req.guidance_scale, model=w.model,
+            queue_s=round(started - w.submitted, 4), gpu_s=round(gpu_s, 4),
+            total_s=round(done - w.submitted, 4), client=job.client.client_id,
+        )
+        return Result(png, info)
 
 
 def _fail(future: asyncio.Future[Any], error: BaseException) -> None:

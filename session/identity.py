@@ -14,12 +14,24 @@ from typing import Any, Literal
 Kind = Literal["key", "session", "address"]
 
 
+def flow_of(client_id: str, kind: str, address: str) -> str:
+    """Whose share a client's requests count against: an API key is its own flow; every
+    anonymous client (a session or a bare address) shares its address's flow, so minting
+    cookies mints no share, no queue room and no quota. The one definition of the rule
+    (the frontend's in-flight caps and the GPU tier's fair queue both use it)."""
+    return client_id if kind == "key" else f"addr:{address}"
+
+
 @dataclass(frozen=True)
 class Identity:
     client_id: str
     kind: Kind
     tier: str
     address: str
+
+    @property
+    def flow_id(self) -> str:
+        return flow_of(self.client_id, self.kind, self.address)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

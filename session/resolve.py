@@ -48,7 +48,7 @@ class IdentityResolver:
                 key = self.keyring.lookup(raw)
                 if key is None:
                     raise Unauthorized("unknown API key")
-                return Identity(f"key:{key.name}", "key", key.tier, address)
+                return Identity(key.client_id, "key", key.tier, address)
         session_id = self.cookies.read(cookies.get(self.cookie_name))
         if session_id is not None:
             return Identity(f"session:{session_id}", "session", ANONYMOUS, address)

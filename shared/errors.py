@@ -15,6 +15,7 @@ QUEUE_FULL = "Queue full"
 BACKEND_UNAVAILABLE = "GPU backend unavailable"
 INVALID_REQUEST = "Invalid request"
 UNAUTHORIZED = "Unauthorized"
+GPU_ERROR = "GPU error"
 
 
 class SplitspaceError(Exception):
@@ -72,6 +73,12 @@ class BackendUnavailable(SplitspaceError):
     title = BACKEND_UNAVAILABLE
 
 
+class GpuFailed(SplitspaceError):
+    """The model failed on the GPU tier (the message names the exception type, no internals)."""
+
+    title = GPU_ERROR
+
+
 def to_wire(exc: SplitspaceError) -> dict[str, object]:
     """The error as JSON for the direct GPU route: title, message, and the field or
     retry seconds that clients act on. The inverse of :func:`from_wire`."""
@@ -87,7 +94,7 @@ def to_wire(exc: SplitspaceError) -> dict[str, object]:
 
 def from_wire(doc: dict[str, object]) -> SplitspaceError:
     """Rebuild the error a GPU tier sent with :func:`to_wire`."""
-    title = str(doc.get("title") or "GPU error")
+    title = str(doc.get("title") or GPU_ERROR)
     message = str(doc.get("message") or "the GPU tier failed without a message")
     if title in (QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED) and "retry_after_s" in doc:
         return Throttled(title, message, float(doc["retry_after_s"]))  # type: ignore[arg-type]
@@ -97,4 +104,6 @@ def from_wire(doc: dict[str, object]) -> SplitspaceError:
         return ValidationFailed(str(doc["field"]), message)
     if title == BACKEND_UNAVAILABLE:
         return BackendUnavailable(message)
+    if title == GPU_ERROR:
+        return GpuFailed(message)
     return SplitspaceError(message, title=title)

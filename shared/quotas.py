@@ -53,6 +53,11 @@ class ApiKey:
     tier: str
     sha256: str
 
+    @property
+    def client_id(self) -> str:
+        """The id operators see for this key's client (``key:NAME``)."""
+        return f"key:{self.name}"
+
 
 @dataclass(frozen=True)
 class QuotaConfig:
@@ -64,6 +69,10 @@ class QuotaConfig:
 
     def tier(self, name: str) -> Tier:
         return self.tiers.get(name, self.tiers[ANONYMOUS])
+
+    def key_tier(self, client_id: str) -> str:
+        """The tier the quota file gives an API key's client; anonymous for any other id."""
+        return next((k.tier for k in self.keys if k.client_id == client_id), ANONYMOUS)
 
     def tier_name(self, client_id: str, tier: str, extra: dict[str, Any] | None = None) -> str:
         """The tier a client is in after overrides (``extra`` wins over the file)."""

@@ -7,7 +7,7 @@ the field and the allowed values, in the manner of diffusers' ``check_inputs``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .errors import ValidationFailed
@@ -43,35 +43,21 @@ class GenerateRequest:
     guidance_scale: float | None = None
     seed: int = -1
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_wire(self) -> dict[str, Any]:
+        """The request as a JSON object (the direct route's body)."""
         return asdict(self)
+
+    def as_args(self) -> list[Any]:
+        """The request as positional values, in :data:`REQUEST_FIELDS` order (Gradio's ``/infer``)."""
+        return [getattr(self, name) for name in REQUEST_FIELDS]
 
     @property
     def pixels(self) -> int:
         return self.width * self.height
 
 
-@dataclass
-class GenerateInfo:
-    """What a caller learns about its image, besides the pixels."""
-
-    seed: int
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    model: str
-    queue_s: float = 0.0
-    gpu_s: float = 0.0
-    total_s: float = 0.0
-    client: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        extra = d.pop("extra")
-        d.update(extra)
-        return d
+REQUEST_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(GenerateRequest))
+"""The request's fields in order: the GPU tier's ``/infer`` takes them positionally."""
 
 
 def _as_int(name: str, value: Any) -> int:
@@ -173,8 +159,7 @@ def validate_request(
 
 def request_from_dict(data: dict[str, Any], limits: Limits = Limits()) -> GenerateRequest:
     """Validate a request that arrived as a dict (the GPU tier's view)."""
-    known = {"prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed"}
-    unknown = set(data) - known
+    unknown = set(data) - set(REQUEST_FIELDS)
     if unknown:
         raise ValidationFailed(sorted(unknown)[0], "is not a request field")
     if "prompt" not in data:

@@ -54,11 +54,13 @@ class Settings(BaseSettings):
     """Frontend: the page reloads itself when either tier restarts (``splitspace dev --reload``)."""
     mcp: bool = False
     """Frontend: also serve Gradio's MCP server (streamable HTTP at /gradio_api/mcp/)."""
+    hf_token: SecretStr | None = Field(default=None, validation_alias="HF_TOKEN")
+    """Frontend: ``HF_TOKEN`` (no prefix), the frontend Space's Hub token for a private GPU Space."""
     prompt_max_chars: int = 1000
     max_side: int = 1024
     max_steps: int = 50
 
-    @field_validator("secret", "admin_token", mode="before")
+    @field_validator("secret", "admin_token", "hf_token", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value in ("", None) else value

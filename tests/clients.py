@@ -11,6 +11,7 @@ from session.identity import Identity
 from session.token import IdentityTokens
 from shared.errors import from_wire
 from shared.headers import IDENTITY_HEADER
+from shared.schema import REQUEST_FIELDS
 
 GENERATE_DEFAULTS: dict[str, Any] = dict(
     prompt="a red fox", negative_prompt="", width=64, height=64, steps=1, guidance_scale=0.0, seed=1
@@ -19,7 +20,7 @@ GENERATE_DEFAULTS: dict[str, Any] = dict(
 
 def gen_args(**overrides: Any) -> list[Any]:
     values = {**GENERATE_DEFAULTS, **overrides}
-    return [values[k] for k in ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed")]
+    return [values[k] for k in REQUEST_FIELDS]
 
 
 def call_rest(

@@ -349,9 +349,9 @@ def test_backend_hardware_is_requested_when_asked():
 def test_backend_auth_headers():
     from cpu_frontend.hub_auth import backend_auth_headers
 
-    assert backend_auth_headers({}) == {}
-    assert backend_auth_headers({"HF_TOKEN": ""}) == {}
-    assert backend_auth_headers({"HF_TOKEN": "hf_abc"}) == {"Authorization": "Bearer hf_abc"}
+    assert backend_auth_headers(None) == {}
+    assert backend_auth_headers(" ") == {}
+    assert backend_auth_headers("hf_abc") == {"Authorization": "Bearer hf_abc"}
 
 
 def test_cli_deploys_through_hfapi_and_a_failing_call_is_one_line_without_secrets(monkeypatch):

@@ -18,6 +18,7 @@ import pytest
 
 from cpu_frontend.gradio_client_transport import GradioClientTransport
 from shared.errors import BackendUnavailable
+from shared.schema import GenerateRequest
 
 
 class CancelledJob:
@@ -44,7 +45,7 @@ def test_a_job_cancelled_inside_gradio_client_is_a_clear_error():
         transport = GradioClientTransport("http://127.0.0.1:9", timeout_s=2)
         transport._client = ClientWithCancelledJobs()  # type: ignore[assignment]
         try:
-            async for _ in transport.stream("infer", ["a fox"], {}):
+            async for _ in transport.stream(GenerateRequest("a fox"), {}):
                 pass
         finally:
             await transport.aclose()

@@ -1,0 +1,98 @@
+"""The one way into the GPU tier: verify, validate, count, admit, follow, map failures.
+
+Two routes reach it, and both are thin adapters over this class: Gradio's
+``/infer`` (for ``gradio_client`` and any Gradio client, in ``app.py``) and the
+direct route (``direct_route.py``, the frontend's default hop). Each rule is
+written here once, so the two doors cannot drift apart:
+
+- the identity token is verified before anything else (a refusal is counted);
+- the request is validated again with the same schema as the frontend's
+  (the GPU tier trusts nothing);
+- admission (limits, fair queue) is the runner's, and refuses with Throttled;
+- whatever goes wrong in the model becomes a ``GpuFailed`` that names only the
+  exception type, logged once here; ZeroGPU's own ``gr.Error`` (e.g. "ZeroGPU
+  quota exceeded") is passed on with its title.
+
+Everything it raises is a :class:`~shared.errors.SplitspaceError`; the routes
+turn it into their protocol's error (an error line, an HTTP status, a
+``gr.Error``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import gradio as gr
+
+from session.identity import Identity
+from session.token import IdentityTokens
+from shared.errors import GPU_ERROR, GpuFailed, SplitspaceError
+from shared.hop import Update
+from shared.schema import Limits, request_from_dict
+
+from .runner import GpuRunner, Ticket
+
+log = logging.getLogger("splitspace.gpu")
+
+
+class InferService:
+    def __init__(
+        self,
+        *,
+        tokens: IdentityTokens,
+        runner: GpuRunner,
+        limits: Limits,
+        standing: Callable[[Identity], dict[str, Any]],
+        on_call: Callable[[], None] = lambda: None,
+        on_refused: Callable[[str], None] = lambda reason: None,
+    ) -> None:
+        self.tokens = tokens
+        self.runner = runner
+        self.limits = limits
+        self._standing = standing
+        self._on_call = on_call
+        self._on_refused = on_refused
+
+    def verify(self, token: str | None) -> Identity:
+        """The caller's identity, or Unauthorized (counted)."""
+        try:
+            return self.tokens.verify(token)
+        except SplitspaceError:
+            self._on_refused("unauthorized")
+            raise
+
+    def arrive(self, token: str | None) -> Identity:
+        """A call to ``/infer`` arrived: count it and verify its token, before its body is read."""
+        self._on_call()
+        return self.verify(token)
+
+    def admit(self, identity: Identity, body: Mapping[str, Any]) -> Ticket:
+        """Validate and admit one call; raises ValidationFailed or Throttled at once.
+        The ticket must be followed (:meth:`follow`) or dropped."""
+        request = request_from_dict(dict(body), self.limits)
+        return self.runner.admit(identity, request)
+
+    async def follow(self, ticket: Ticket) -> AsyncIterator[Update]:
+        """The ticket's updates, ending with its Result; closing this drops a waiting job."""
+        updates = self.runner.follow(ticket)
+        try:
+            async for update in updates:
+                yield update
+        except SplitspaceError:
+            raise
+        except gr.Error as exc:  # ZeroGPU's own errors, passed on as they are
+            raise SplitspaceError(str(exc.message), title=exc.title or GPU_ERROR) from None
+        except Exception as exc:  # the model failed: say so, without internals
+            log.exception("model failure")
+            raise GpuFailed(f"the model failed ({type(exc).__name__})") from None
+        finally:
+            await updates.aclose()
+
+    def drop(self, ticket: Ticket) -> None:
+        self.runner.drop(ticket)
+
+    def standing(self, token: str | None) -> dict[str, Any]:
+        """The caller's own quota standing."""
+        return self._standing(self.verify(token))
