@@ -46,6 +46,7 @@ from .runner import GpuRunner, client_ref
 from .scheduler import FairScheduler
 from .service import InferService
 from .usage import SqliteUsageStore
+from .write_behind import WriteBehindStore
 
 log = logging.getLogger("splitspace.gpu")
 
@@ -73,7 +74,9 @@ class GpuTier:
             gpu.load_model(settings.model)
         self._model_lock = asyncio.Lock()
         self.watcher = QuotaWatcher(settings.quotas)
-        self.store = SqliteUsageStore(settings.state_path)
+        # Usage in memory, written to the file soon after: no disk I/O under the lock
+        # that the GPU thread shares with admission (write_behind.py).
+        self.store = WriteBehindStore(SqliteUsageStore(settings.state_path))
         self.overrides = Overrides(self.store)
         self.scheduler = FairScheduler(
             clock=time.time,
@@ -244,6 +247,7 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
         finally:
             task.cancel()
             tier.runner.close()
+            tier.store.close()
 
     app = FastAPI(lifespan=lifespan)
     app.state.tier = tier

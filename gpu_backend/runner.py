@@ -247,6 +247,11 @@ class GpuRunner:
             self._ready.append(jobs)
             self._work.notify()
 
+    @property
+    def paused(self) -> bool:
+        """True while a :meth:`swap` holds dispatch (new work queues, none starts)."""
+        return self._paused
+
     def swap(self, change: Callable[[], None], timeout_s: float = 600.0) -> None:
         """Run ``change`` (e.g. loading another model) with the GPU idle; blocking.
 

@@ -110,10 +110,16 @@ def _reserve(window: _Window | None, amount: float, limit: float, window_s: floa
 class MemoryUsageStore:
     """A :class:`UsageStore` in a dict; thread-safe, lost when the process ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, windows: dict[str, _Window] | None = None) -> None:
         self._lock = threading.Lock()
-        self._windows: dict[str, _Window] = {}
+        self._windows: dict[str, _Window] = dict(windows or {})
         self._overrides: dict[str, dict[str, Any]] = {}
+
+    def window(self, key: str) -> _Window | None:
+        """A copy of ``key``'s window (for ``write_behind.py``, which persists it)."""
+        with self._lock:
+            w = self._windows.get(key)
+            return None if w is None else _Window(w.used, w.start, w.window_s)
 
     def reserve(self, key: str, amount: float, limit: float, window_s: float, now: float) -> float | None:
         _check_amounts(amount, limit, window_s)
@@ -206,6 +212,21 @@ class SqliteUsageStore:
 
     def _write(self) -> "_Transaction":
         return _Transaction(self._db, self._lock)
+
+    def windows(self) -> dict[str, _Window]:
+        """Every stored window (``write_behind.py`` loads them at start)."""
+        with self._lock:
+            rows = self._db.execute("SELECT key, used, window_start, window_s FROM usage").fetchall()
+        return {key: _Window(used=u, start=t, window_s=w) for key, u, t, w in rows}
+
+    def write_windows(self, windows: dict[str, _Window | None]) -> None:
+        """Store these windows as they are (None deletes), in one transaction."""
+        with self._write():
+            for key, window in windows.items():
+                if window is None:
+                    self._db.execute("DELETE FROM usage WHERE key = ?", (key,))
+                else:
+                    self._put(key, window)
 
     # -- usage -----------------------------------------------------------------------
 

@@ -9,12 +9,19 @@ from pathlib import Path
 import pytest
 
 from gpu_backend.usage import MemoryUsageStore, SqliteUsageStore, UsageStore
+from gpu_backend.write_behind import WriteBehindStore
+from tests.support import wait_for
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "write_behind"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[UsageStore]:
-    s: MemoryUsageStore | SqliteUsageStore
-    s = MemoryUsageStore() if request.param == "memory" else SqliteUsageStore(tmp_path / "db" / "usage.sqlite3")
+    s: MemoryUsageStore | SqliteUsageStore | WriteBehindStore
+    if request.param == "memory":
+        s = MemoryUsageStore()
+    elif request.param == "sqlite":
+        s = SqliteUsageStore(tmp_path / "db" / "usage.sqlite3")
+    else:
+        s = WriteBehindStore(SqliteUsageStore(tmp_path / "db" / "usage.sqlite3"))
     yield s
     s.close()
 
@@ -139,3 +146,58 @@ def test_sqlite_stores_sharing_a_file_share_the_limit(tmp_path: Path) -> None:
     assert one.usage("k", now=0.0) == (3.0, 100.0)
     one.close()
     two.close()
+
+
+def test_write_behind_store_persists_soon_and_on_close(tmp_path: Path) -> None:
+    """Usage counted in memory reaches the file without a close (a crash loses
+    milliseconds, not the window), and everything is there after a restart."""
+    path = tmp_path / "usage.sqlite3"
+    first = WriteBehindStore(SqliteUsageStore(path))
+    first.reserve("session:a", 2.0, 3.0, 100.0, now=0.0)
+    reader = SqliteUsageStore(path)
+    assert wait_for(lambda: reader.usage("session:a", now=1.0)[0] == 2.0, timeout_s=5)
+    first.adjust("session:a", -0.5, now=1.0)
+    first.set_overrides("key:bench", {"max_queued": 100})
+    first.close()
+    reader.close()
+
+    second = WriteBehindStore(SqliteUsageStore(path))  # the GPU tier restarted
+    assert second.usage("session:a", now=10.0) == (1.5, 90.0)
+    assert second.reserve("session:a", 2.0, 3.0, 100.0, now=10.0) == pytest.approx(90.0)
+    assert second.get_overrides("key:bench") == {"max_queued": 100}
+    second.reset("session:a")
+    second.close()
+    third = SqliteUsageStore(path)
+    assert third.usage("session:a", now=10.0) == (0.0, 0.0)
+    third.close()
+
+
+def test_write_behind_store_does_no_disk_io_when_reserving(tmp_path: Path) -> None:
+    """What the scheduler calls under the runner's lock touches memory only: a backing
+    file whose every write blocks does not slow reserve, adjust or usage."""
+    import threading
+
+    class StuckDisk(SqliteUsageStore):
+        def __init__(self, path: Path) -> None:
+            super().__init__(path)
+            self.release = threading.Event()
+            self.writes = 0
+
+        def write_windows(self, windows):  # type: ignore[no-untyped-def]
+            self.writes += 1
+            self.release.wait(10)
+            super().write_windows(windows)
+
+    disk = StuckDisk(tmp_path / "usage.sqlite3")
+    store = WriteBehindStore(disk)
+    store.reserve("k", 1.0, 100.0, 100.0, now=0.0)
+    assert wait_for(lambda: disk.writes == 1, timeout_s=5)  # the writer is now stuck on the disk
+    for i in range(50):
+        assert store.reserve("k", 1.0, 100.0, 100.0, now=float(i)) is None
+        store.adjust("k", -0.5, now=float(i))
+    assert store.usage("k", now=50.0)[0] == pytest.approx(1.0 + 50 * 0.5)
+    disk.release.set()
+    store.close()
+    check = SqliteUsageStore(tmp_path / "usage.sqlite3")
+    assert check.usage("k", now=50.0)[0] == pytest.approx(26.0)
+    check.close()
