@@ -231,6 +231,9 @@ def test_info_tells_the_truth_across_a_live_model_change(service: InferService, 
 
 
 def test_a_random_seed_is_chosen_once(service: InferService, model: FakeModel) -> None:
-    result = asyncio.run(collect(service, admit(service, "alpha", seed=-1)))[-1]
+    async def scenario() -> list[Update]:
+        return await collect(service, admit(service, "alpha", seed=-1))
+
+    result = asyncio.run(scenario())[-1]
     assert isinstance(result, Result)
     assert model.calls[0][0].seed == result.info.seed >= 0
