@@ -23,6 +23,7 @@ from gradio import processing_utils, utils as gr_utils
 from starlette.middleware.cors import CORSMiddleware
 
 from session import ApiKeyring, Identity, IdentityResolver, IdentityTokens, SessionCookieMiddleware, SessionCookies
+from session.token import HEALTH, STANDING, infer_purpose
 from shared.errors import SplitspaceError
 from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from shared.hop import Result, Status
@@ -117,7 +118,7 @@ class Frontend:
         self.caps = InflightCaps(lambda: self.watcher.current)
         self.pool = BackendPool(
             transports or build_transports(settings),
-            health_headers=lambda: {IDENTITY_HEADER: self.tokens.mint(FRONTEND_IDENTITY)},
+            health_headers=lambda: {IDENTITY_HEADER: self.tokens.mint(FRONTEND_IDENTITY, HEALTH)},
             on_health=lambda doc: self.caps.learn_all(doc.get("caps") or {}),
         )
         self.model = LiveModel(self.pool.health)
@@ -132,8 +133,9 @@ class Frontend:
         peer = request.client.host if request.client else None
         return self.resolver.resolve(request.headers, request.cookies, peer)
 
-    def forward_headers(self, identity: Identity, request: gr.Request) -> dict[str, str]:
-        headers = {IDENTITY_HEADER: self.tokens.mint(identity)}
+    def forward_headers(self, identity: Identity, request: gr.Request, purpose: str) -> dict[str, str]:
+        """A fresh identity token for this one call, and the visitor's ZeroGPU token."""
+        headers = {IDENTITY_HEADER: self.tokens.mint(identity, purpose)}
         ip_token = request.headers.get(IP_TOKEN_HEADER)
         if ip_token:
             headers[IP_TOKEN_HEADER] = ip_token
@@ -163,7 +165,7 @@ class Frontend:
             with self.caps.hold(identity):
                 # aclosing: when the caller goes away, Gradio closes this generator at its
                 # next yield, and the stream to the GPU tier must close then, not at GC.
-                updates = self.pool.stream(req, self.forward_headers(identity, request))
+                updates = self.pool.stream(req, self.forward_headers(identity, request, infer_purpose(req.digest())))
                 async with contextlib.aclosing(updates):
                     async for update in updates:
                         self.caps.learn(identity, update.cap)
@@ -178,7 +180,7 @@ class Frontend:
         """``/quota``: the caller's own standing, as the GPU tier counts it."""
         try:
             identity = self.identity(request)
-            result = await self.pool.standing(self.forward_headers(identity, request))
+            result = await self.pool.standing(self.forward_headers(identity, request, STANDING))
             return {**result, "in_flight_here": self.caps.count(identity)}
         except SplitspaceError as exc:
             raise to_gradio_error(exc) from None

@@ -28,7 +28,7 @@ from fastapi.responses import Response
 from starlette.routing import Route
 
 from session.identity import Identity
-from session.token import IdentityTokens
+from session.token import HEALTH, IdentityTokens
 from shared.errors import SplitspaceError
 from shared.headers import IDENTITY_HEADER
 from shared.hop import error_to_wire
@@ -178,8 +178,8 @@ def build_blocks(tier: GpuTier) -> gr.Blocks:
         """Generate one image for the identity in X-Splitspace-Identity (frontend only)."""
         values = (prompt, negative_prompt, width, height, steps, guidance_scale, seed)
         try:
-            identity = service.arrive(_token(request))
-            ticket = service.admit(identity, dict(zip(REQUEST_FIELDS, values)))
+            claims = service.arrive(_token(request))
+            ticket = service.admit(claims, dict(zip(REQUEST_FIELDS, values)))
             # aclosing: when the frontend goes away, Gradio closes this generator at its
             # next yield; the runner must drop the queued job then, not at GC.
             updates = service.follow(ticket)
@@ -258,7 +258,7 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
         token = request.headers.get(IDENTITY_HEADER)
         if token:  # a frontend (it holds the secret) also learns the live in-flight caps
             try:
-                tier.tokens.verify(token)
+                tier.tokens.verify(token).require(HEALTH)
             except SplitspaceError:
                 return doc
             doc["caps"] = tier.live_caps()

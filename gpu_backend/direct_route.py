@@ -61,12 +61,12 @@ class DirectRoutes:
             if scope["path"] == STANDING_PATH:
                 await _send_json(send, 200, self.service.standing(token))
                 return
-            identity = self.service.arrive(token)
+            claims = self.service.arrive(token)
             body = await _read_json(request)
             # ZeroGPU's @spaces.GPU reads the caller's x-ip-token from Gradio's request
             # context; the runner runs the GPU function in the context captured at admit().
             LocalContext.request.set(gr.Request(request=request))
-            ticket = self.service.admit(identity, body)
+            ticket = self.service.admit(claims, body)
         except SplitspaceError as exc:
             await _send_error(send, exc)
             return

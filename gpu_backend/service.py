@@ -27,7 +27,7 @@ from typing import Any
 import gradio as gr
 
 from session.identity import Identity
-from session.token import IdentityTokens
+from session.token import STANDING, Claims, IdentityTokens, infer_purpose
 from shared.errors import GPU_ERROR, GpuFailed, SplitspaceError
 from shared.hop import Update
 from shared.schema import Limits, request_from_dict
@@ -55,23 +55,33 @@ class InferService:
         self._on_call = on_call
         self._on_refused = on_refused
 
-    def verify(self, token: str | None) -> Identity:
-        """The caller's identity, or Unauthorized (counted)."""
+    def verify(self, token: str | None, purpose: str | None = None) -> Claims:
+        """The token's claims (and, given ``purpose``, checked against it), or
+        Unauthorized (counted)."""
         try:
-            return self.tokens.verify(token)
+            claims = self.tokens.verify(token)
+            if purpose is not None:
+                claims.require(purpose)
+            return claims
         except SplitspaceError:
             self._on_refused("unauthorized")
             raise
 
-    def arrive(self, token: str | None) -> Identity:
+    def arrive(self, token: str | None) -> Claims:
         """A call to ``/infer`` arrived: count it and verify its token, before its body is read."""
         self._on_call()
         return self.verify(token)
 
-    def admit(self, identity: Identity, body: Mapping[str, Any]) -> Ticket:
-        """Validate and admit one call; raises ValidationFailed or Throttled at once.
-        The ticket must be followed (:meth:`follow`) or dropped."""
+    def admit(self, claims: Claims, body: Mapping[str, Any]) -> Ticket:
+        """Validate and admit one call; raises ValidationFailed, Unauthorized (a token
+        issued for another request) or Throttled at once. The ticket must be followed
+        (:meth:`follow`) or dropped."""
         request = request_from_dict(dict(body), self.limits)
+        try:
+            identity = claims.require(infer_purpose(request.digest()))
+        except SplitspaceError:
+            self._on_refused("unauthorized")
+            raise
         return self.runner.admit(identity, request)
 
     async def follow(self, ticket: Ticket) -> AsyncIterator[Update]:
@@ -95,4 +105,4 @@ class InferService:
 
     def standing(self, token: str | None) -> dict[str, Any]:
         """The caller's own quota standing."""
-        return self._standing(self.verify(token))
+        return self._standing(self.verify(token, STANDING).identity)

@@ -7,6 +7,8 @@ the field and the allowed values, in the manner of diffusers' ``check_inputs``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -50,6 +52,12 @@ class GenerateRequest:
     def as_args(self) -> list[Any]:
         """The request as positional values, in :data:`REQUEST_FIELDS` order (Gradio's ``/infer``)."""
         return [getattr(self, name) for name in REQUEST_FIELDS]
+
+    def digest(self) -> str:
+        """sha256 of the request's canonical JSON: what an identity token is bound to. The
+        same on both tiers, because both validate the same fields to the same values."""
+        canonical = json.dumps(self.to_wire(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
     @property
     def pixels(self) -> int:

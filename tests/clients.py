@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 
 from session.identity import Identity
-from session.token import IdentityTokens
-from shared.errors import from_wire
+from session.token import IdentityTokens, infer_purpose
+from shared.errors import ValidationFailed, from_wire
 from shared.headers import IDENTITY_HEADER
-from shared.schema import REQUEST_FIELDS
+from shared.schema import REQUEST_FIELDS, validate_request
 
 GENERATE_DEFAULTS: dict[str, Any] = dict(
     prompt="a red fox", negative_prompt="", width=64, height=64, steps=1, guidance_scale=0.0, seed=1
@@ -50,8 +51,19 @@ def call_rest(
     return name, events
 
 
-def token_for(secret: str, identity: Identity, **kwargs: Any) -> str:
-    return IdentityTokens([secret], **kwargs).mint(identity)
+Minter = Callable[[str], str]
+"""Makes a token for one call, given its purpose (as a frontend does per call)."""
+
+
+def token_for(secret: str, identity: Identity, **kwargs: Any) -> Minter:
+    tokens = IdentityTokens([secret], **kwargs)
+    return lambda purpose: tokens.mint(identity, purpose)
+
+
+def infer_token(minter: Minter, **overrides: Any) -> str:
+    """A token bound to the ``/infer`` call with these request fields."""
+    request = validate_request(**{**GENERATE_DEFAULTS, **overrides})
+    return minter(infer_purpose(request.digest()))
 
 
 GPU_ROUTES = ["gradio", "direct"]
@@ -59,9 +71,17 @@ GPU_ROUTES = ["gradio", "direct"]
 
 
 def infer_on_gpu_tier(
-    base_url: str, token: str | None, route: str = "gradio", **overrides: Any
+    base_url: str, token: str | Minter | None, route: str = "gradio", **overrides: Any
 ) -> tuple[str, Any]:
-    """Call the GPU tier as a frontend would: ("complete", result dict) or ("error", "Title: message")."""
+    """Call the GPU tier as a frontend would: ("complete", result dict) or ("error", "Title: message").
+
+    ``token``: a minter (a fresh token bound to this call, as the frontend sends), or a
+    token as it is (garbage, a replay, one bound to another call)."""
+    if callable(token):
+        try:
+            token = infer_token(token, **overrides)
+        except ValidationFailed:  # an invalid request: bind the token to anything, the tier refuses first
+            token = token(infer_purpose("invalid"))
     headers = {IDENTITY_HEADER: token} if token else {}
     with httpx.Client(timeout=30) as c:
         if route == "gradio":

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from session.identity import Identity
-from tests.clients import GPU_ROUTES, infer_on_gpu_tier, token_for
+from tests.clients import GPU_ROUTES, infer_on_gpu_tier, infer_token, token_for
 from tests.support import free_port, start_tier
 
 WHO = Identity("key:alpha", "key", "free", "127.0.0.1")
@@ -64,19 +64,32 @@ def test_invalid_request_refused_by_the_gpu_tier_too(tiny, route):
 
 
 def test_direct_route_refuses_a_body_that_is_not_a_request(tiny):
-    headers = {"x-splitspace-identity": token_for(tiny.secret, WHO)}
+    mint = token_for(tiny.secret, WHO)
+    headers = lambda: {"x-splitspace-identity": infer_token(mint)}  # noqa: E731  (one token per call)
     url = f"{tiny.backend.url}/splitspace/v1/infer"
-    r = httpx.post(url, content=b"not json", headers=headers)
+    r = httpx.post(url, content=b"not json", headers=headers())
     assert r.status_code == 422 and r.json() == {"title": "Invalid request", "field": "body", "message": "must be a JSON object"}
-    r = httpx.post(url, json={"prompt": "a fox", "colour": "red"}, headers=headers)
+    r = httpx.post(url, json={"prompt": "a fox", "colour": "red"}, headers=headers())
     assert r.status_code == 422 and r.json()["field"] == "colour"
-    r = httpx.post(url, content=b"{" + b" " * 70_000 + b"}", headers=headers)
+    r = httpx.post(url, content=b"{" + b" " * 70_000 + b"}", headers=headers())
     assert r.status_code == 422 and "bytes" in r.json()["message"]
+
+
+def test_a_token_is_good_for_its_own_request_once(tiny, route):
+    """A captured token cannot be replayed, nor used for another prompt."""
+    mint = token_for(tiny.secret, WHO)
+    token = infer_token(mint, prompt="the prompt it was issued for")
+    final, text = infer_on_gpu_tier(tiny.backend.url, token, route, prompt="another prompt")
+    assert final == "error" and text == "Unauthorized: identity token was issued for another request", text
+    fresh = infer_token(mint, prompt="a fox")
+    assert infer_on_gpu_tier(tiny.backend.url, fresh, route, prompt="a fox")[0] == "complete"
+    final, text = infer_on_gpu_tier(tiny.backend.url, fresh, route, prompt="a fox")
+    assert final == "error" and "already used" in text, text
 
 
 def test_run_route_that_skips_the_queue_is_closed(tiny):
     r = httpx.post(f"{tiny.backend.url}/gradio_api/run/infer", json={"data": ["x"]},
-                   headers={"x-splitspace-identity": token_for(tiny.secret, WHO)})
+                   headers={"x-splitspace-identity": infer_token(token_for(tiny.secret, WHO), prompt="x")})
     assert r.status_code >= 400
     assert "image_png_b64" not in r.text
 

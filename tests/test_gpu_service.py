@@ -25,11 +25,11 @@ from gpu_backend.scheduler import FairScheduler
 from gpu_backend.service import InferService
 from gpu_backend.usage import MemoryUsageStore
 from session.identity import Identity
-from session.token import IdentityTokens
+from session.token import IdentityTokens, infer_purpose
 from shared.errors import QUEUE_FULL, GpuFailed, Throttled, Unauthorized, ValidationFailed
 from shared.hop import Result, Status, Update
 from shared.quotas import Tier
-from shared.schema import GenerateRequest, Limits
+from shared.schema import GenerateRequest, Limits, request_from_dict
 
 SECRET = "test-secret"
 OPEN = Tier(weight=1, max_running=1, max_queued=3, gpu_seconds=1e6, window_s=3600)
@@ -87,12 +87,17 @@ def service(model: FakeModel) -> Iterator[InferService]:
     runner.close()
 
 
-def token(name: str) -> str:
-    return IdentityTokens([SECRET]).mint(Identity(f"key:{name}", "key", "free", "127.0.0.1"))
-
-
 def body(**fields: object) -> dict[str, object]:
     return {"prompt": "a fox", "width": 64, "height": 64, "seed": 7, **fields}
+
+
+def token(name: str, **fields: object) -> str:
+    """A token for one /infer call with these fields, as the frontend mints it."""
+    try:
+        purpose = infer_purpose(request_from_dict(body(**fields)).digest())
+    except ValidationFailed:
+        purpose = infer_purpose("invalid")
+    return IdentityTokens([SECRET]).mint(Identity(f"key:{name}", "key", "free", "127.0.0.1"), purpose)
 
 
 async def collect(service: InferService, ticket) -> list[Update]:  # type: ignore[no-untyped-def]
@@ -104,26 +109,35 @@ async def collect(service: InferService, ticket) -> list[Update]:  # type: ignor
 
 
 def admit(service: InferService, name: str, **fields: object):  # type: ignore[no-untyped-def]
-    return service.admit(service.arrive(token(name)), body(**fields))
+    return service.admit(service.arrive(token(name, **fields)), body(**fields))
 
 
-def test_refusals_are_the_projects_errors(service: InferService) -> None:
+def test_refusals_are_the_projects_errors(service: InferService, model: FakeModel) -> None:
+    model.gate = threading.Event()  # what is admitted stays running or queued
+
     async def scenario() -> None:
         with pytest.raises(Unauthorized, match="missing identity token"):
             service.arrive(None)
         with pytest.raises(Unauthorized, match="not valid"):
-            service.arrive(IdentityTokens(["other"]).mint(Identity("key:x", "key", "free", "1.2.3.4")))
-        identity = service.arrive(token("alpha"))
+            service.arrive(IdentityTokens(["other"]).mint(Identity("key:x", "key", "free", "1.2.3.4"), "x"))
         with pytest.raises(ValidationFailed, match="width"):
-            service.admit(identity, body(width=100))
+            service.admit(service.arrive(token("alpha")), body(width=100))
         with pytest.raises(ValidationFailed, match="colour"):
-            service.admit(identity, body(colour="red"))
-        tickets = [service.admit(identity, body()) for _ in range(4)]  # 1 running + 3 queued
+            service.admit(service.arrive(token("alpha")), body(colour="red"))
+        with pytest.raises(Unauthorized, match="another request"):
+            service.admit(service.arrive(token("alpha", prompt="a cat")), body(prompt="a dog"))
+        replayed = token("alpha")
+        tickets = [service.admit(service.arrive(replayed), body())]  # running, held by the gate
+        with pytest.raises(Unauthorized, match="already used"):
+            service.arrive(replayed)
+        tickets += [admit(service, "alpha") for _ in range(3)]  # + 3 queued: max_queued
         with pytest.raises(Throttled) as refused:
-            service.admit(identity, body())
+            admit(service, "alpha")
         assert refused.value.title == QUEUE_FULL and refused.value.retry_after_s >= 0
-        for t in tickets:
+        for t in tickets[1:]:
             service.drop(t)
+        model.gate.set()
+        assert isinstance((await collect(service, tickets[0]))[-1], Result)
 
     asyncio.run(scenario())
 
