@@ -24,7 +24,9 @@ from starlette.middleware.cors import CORSMiddleware
 
 from session import ApiKeyring, Identity, IdentityResolver, IdentityTokens, SessionCookieMiddleware, SessionCookies
 from session.token import HEALTH, STANDING, infer_purpose
+from shared import status_pace
 from shared.errors import SplitspaceError
+from shared.gradio_queue import hold_sessions
 from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from shared.hop import Result, Status
 from shared.quota_watch import QuotaWatcher
@@ -33,6 +35,8 @@ from shared.settings import Settings
 
 from . import gradio_tuning
 from .backends import BackendPool
+from .door import FairDoor, eta_s
+from .door_middleware import DoorMiddleware
 from .embed import embed_routes
 from .hub_auth import backend_auth_headers
 from .limits import InflightCaps
@@ -121,6 +125,9 @@ class Frontend:
             health_headers=lambda: {IDENTITY_HEADER: self.tokens.mint(FRONTEND_IDENTITY, HEALTH)},
             on_health=lambda doc: self.caps.learn_all(doc.get("caps") or {}),
         )
+        self.door = FairDoor(per_flow=settings.door_per_flow, total=settings.door_total)
+        self.seconds_per_job = 1.0
+        """Measured GPU seconds per job (smoothed), for the ETA of requests waiting at the door."""
         self.model = LiveModel(self.pool.health)
         self.cache_dir = gr_utils.get_upload_folder()
 
@@ -128,6 +135,7 @@ class Frontend:
         self.resolver.keyring = ApiKeyring(config.keys)
 
     def identity(self, request: gr.Request | None) -> Identity:
+        """Who a handler's caller is (the door's middleware asks the same resolver)."""
         if request is None:
             raise SplitspaceError("no request context", title="Error")
         peer = request.client.host if request.client else None
@@ -162,17 +170,30 @@ class Frontend:
                 prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
                 steps=steps, guidance_scale=guidance_scale, seed=seed, limits=self.settings.limits,
             )
-            with self.caps.hold(identity):
-                # aclosing: when the caller goes away, Gradio closes this generator at its
-                # next yield, and the stream to the GPU tier must close then, not at GC.
+            flow = identity.flow_id
+            with self.door.hold(flow, self.caps.cap(identity)) as turn:
+                # Gradio closes this generator at its next yield when the caller goes
+                # away: a request waiting at the door then leaves its line at once.
+                told: Status | None = None
+                while not turn.done():  # its first place at once, then as status_pace says
+                    place = self.door.place(flow, turn)
+                    if told is None or place != told.position:
+                        told = Status("queued", place, eta_s(place, self.seconds_per_job))
+                        yield None, status_for_api(told)
+                    await asyncio.wait([turn], timeout=status_pace.interval_s(place))
+                # aclosing: the stream to the GPU tier must close when this generator
+                # does (the GPU tier then drops the queued job), not at GC.
                 updates = self.pool.stream(req, self.forward_headers(identity, request, infer_purpose(req.digest())))
                 async with contextlib.aclosing(updates):
                     async for update in updates:
                         self.caps.learn(identity, update.cap)
                         if isinstance(update, Result):
+                            self.seconds_per_job += 0.1 * (update.info.gpu_s - self.seconds_per_job)
                             yield image_output(self.save_image(update.image_png)), update.info.to_dict()
                             return
-                        yield None, status_for_api(update)
+                        if told is None or (update.state, update.position) != (told.state, told.position):
+                            told = update  # the GPU tier's repeats are heartbeats, not news
+                            yield None, status_for_api(update)
         except SplitspaceError as exc:
             raise to_gradio_error(exc) from None
 
@@ -181,7 +202,7 @@ class Frontend:
         try:
             identity = self.identity(request)
             result = await self.pool.standing(self.forward_headers(identity, request, STANDING))
-            return {**result, "in_flight_here": self.caps.count(identity)}
+            return {**result, "in_flight_here": self.door.count(identity.flow_id)}
         except SplitspaceError as exc:
             raise to_gradio_error(exc) from None
 
@@ -225,9 +246,17 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     blocks = build_page(fe.model, settings.limits, fe.generate, fe.quota)
     blocks.max_threads = settings.max_threads
     blocks.queue(default_concurrency_limit=None)
+    hold_sessions(blocks, 2 * settings.max_threads)  # every request in flight is a session
     app = gr.mount_gradio_app(
         app, blocks, path="", ssr_mode=False, show_error=True, mcp_server=settings.mcp,
         head=DEV_RELOAD_SCRIPT if settings.dev_reload else None,
+    )
+    app.add_middleware(  # innermost: behind CORS, so a refusal still carries CORS headers
+        DoorMiddleware,
+        door=fe.door,
+        identify=lambda r: fe.resolver.resolve(r.headers, r.cookies, r.client.host if r.client else None),
+        cap=fe.caps.cap,
+        api_names=["generate"],
     )
     app.add_middleware(
         CORSMiddleware,

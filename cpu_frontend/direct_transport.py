@@ -30,6 +30,7 @@ from shared.schema import GenerateRequest
 
 from .transport import NotStarted, Transport
 
+KEEPALIVE_S = 4.0
 INFER_PATH = "/splitspace/v1/infer"
 STANDING_PATH = "/splitspace/v1/standing"
 
@@ -58,7 +59,10 @@ class DirectTransport(Transport):
                 # Connecting and every read are bounded; the whole call is not (a job may
                 # wait its turn for minutes, with a status line every few seconds).
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s),
-                connector=aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=self.max_connections),
+                # keep-alive shorter than the GPU tier's (uvicorn: 5 s), so a pooled connection
+                # is not reused just as the server closes it
+                connector=aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=self.max_connections,
+                                               keepalive_timeout=KEEPALIVE_S),
                 headers=self._auth_headers,
                 raise_for_status=False,
             )
@@ -86,11 +90,21 @@ class DirectTransport(Transport):
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
             raise BackendUnavailable(f"lost the GPU tier mid-request: {type(exc).__name__}") from exc
 
+    async def _post(self, path: str, body: dict[str, Any], headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+        """POST, trying a second connection once when the first fails before any answer: a
+        pooled keep-alive connection the GPU tier has just closed fails that way, and
+        under a crowd many do. Never a double run: a call that did reach the GPU tier
+        used up its one-call token, and the second try is refused."""
+        for attempt in (1, 2):
+            try:
+                return await self._pool().post(self.base_url + path, json=body, headers=headers)
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+                if attempt == 2 or isinstance(exc, asyncio.TimeoutError):
+                    raise NotStarted(f"cannot reach the GPU tier: {type(exc).__name__}") from exc
+        raise AssertionError("unreachable")
+
     async def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncIterator[Update]:
-        try:
-            resp = await self._pool().post(self.base_url + INFER_PATH, json=request.to_wire(), headers=headers)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:  # no answer: the GPU tier never took it
-            raise NotStarted(f"cannot reach the GPU tier: {type(exc).__name__}") from exc
+        resp = await self._post(INFER_PATH, request.to_wire(), headers)
         final: dict[str, Any] | None = None
         try:
             if resp.status != 200:

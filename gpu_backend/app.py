@@ -30,6 +30,7 @@ from starlette.routing import Route
 from session.identity import Identity
 from session.token import HEALTH, IdentityTokens
 from shared.errors import SplitspaceError
+from shared.gradio_queue import hold_sessions
 from shared.headers import IDENTITY_HEADER
 from shared.hop import error_to_wire
 from shared.quota_watch import QuotaWatcher
@@ -291,6 +292,7 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
     blocks = build_blocks(tier)
     blocks.max_threads = settings.max_threads  # before queue(): the queue sizes its workers from it
     blocks.queue(api_open=False, max_size=settings.queue_max_size, default_concurrency_limit=None)
+    hold_sessions(blocks, 2 * settings.max_threads)  # every /infer call in flight is a session
     return gr.mount_gradio_app(app, blocks, path="", ssr_mode=False, footer_links=["api"])
 
 

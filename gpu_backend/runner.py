@@ -33,6 +33,7 @@ from typing import Any
 from session.identity import Identity
 from shared.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled
 from shared.hop import GenerateInfo, Result, Status, Update
+from shared import status_pace
 from shared.schema import MAX_SEED, GenerateRequest
 
 from .cost import CostModel
@@ -45,17 +46,6 @@ _TITLES = {
     Outcome.QUOTA_EXCEEDED: QUOTA_EXCEEDED,
     Outcome.RATE_LIMITED: RATE_LIMITED,
 }
-
-STATUS_EVERY_S = 0.5
-"""Status interval of a job near the front of the queue (each update crosses two Gradio queues)."""
-STATUS_EVERY_FAR_S = 2.0
-"""Status interval of a job further back, where updates matter less and cost as much."""
-NEAR_FRONT = 5
-"""Positions up to this count as near the front."""
-FIRST_STATUS_AFTER_S = 0.5
-"""A job done sooner than this sends no status at all (most jobs on an idle GPU); later than
-this the caller sees its position. Also keeps a burst's first status updates out of the
-moment the burst arrives, when both tiers are busiest ingesting it."""
 
 INLINE_ENCODE_PIXELS = 128 * 128
 """Images up to this size are PNG-encoded on the event loop; larger ones in a worker thread."""
@@ -207,18 +197,19 @@ class GpuRunner:
         generator (or cancelling the task that runs it) while the job waits drops the job."""
         waiter, job_id, cap = ticket.waiter, ticket.job_id, ticket.cap
         try:
-            # A disconnected caller is noticed at its next yield, so the status
-            # interval also bounds how long a cancelled job can stay queued.
-            await asyncio.wait([waiter.future], timeout=FIRST_STATUS_AFTER_S)
+            # A disconnected caller is noticed at its next yield (the direct route also
+            # watches for the disconnect itself). The pace: shared/status_pace.py; at least
+            # every HEARTBEAT_S, which the frontend takes as a sign of life.
+            await asyncio.wait([waiter.future], timeout=status_pace.FIRST_AFTER_S)
             while not waiter.future.done():
                 with self._lock:
                     place = self.scheduler.position(job_id)
                 if place is not None:
                     yield Status("queued", place[0], round(place[1], 1), cap)
-                    interval = STATUS_EVERY_S if place[0] <= NEAR_FRONT else STATUS_EVERY_FAR_S
+                    interval = min(status_pace.interval_s(place[0]), status_pace.HEARTBEAT_S)
                 else:
                     yield Status("running", 0, 0.0, cap)
-                    interval = STATUS_EVERY_S
+                    interval = status_pace.HEARTBEAT_S
                 await asyncio.wait([waiter.future], timeout=interval)
             yield dataclasses.replace(waiter.future.result(), cap=cap)
         finally:

@@ -40,8 +40,14 @@ class Settings(BaseSettings):
     direct route), ``httpx`` (Gradio's queue protocol, pooled) or ``gradio_client`` (stock)."""
     backend_timeout_s: float = Field(default=10.0, gt=0)
     """Frontend: bound on connecting to / hearing from the GPU tier before "GPU backend unavailable"."""
-    max_threads: int = Field(default=1000, ge=1)
-    """Gradio worker slots on each tier; waiting requests hold one, so keep it above admission."""
+    max_threads: int = Field(default=10000, ge=1)
+    """Gradio worker slots on each tier; every request in flight holds one (waiting at the
+    frontend's door too: a parked coroutine), so keep it above the sum of the clients' caps."""
+    door_per_flow: int = Field(default=2, ge=1)
+    """Frontend: how many requests of one client (flow) may be at the GPU tier at once; the
+    rest wait at the frontend's fair door (``cpu_frontend/door.py``)."""
+    door_total: int = Field(default=1000, ge=1)
+    """Frontend: how many requests may be at the GPU tiers at once in all (the hop's pool)."""
     queue_max_size: int = Field(default=2000, ge=1)
     """GPU tier: Gradio queue max_size (set explicitly; ZeroGPU's default is 1)."""
     max_batch: int = Field(default=1, ge=1)

@@ -31,6 +31,9 @@ def call_rest(
 
     Returns (final event name, every (event, data) pair)."""
     r = client.post(f"{base_url}/gradio_api/call/{api}", json={"data": data}, headers=headers or {})
+    if r.status_code in (401, 422, 429) and "title" in r.json():  # refused at the door, before Gradio
+        doc = r.json()
+        return "error", [("refused", doc), ("error", f"{doc['title']}: {doc['message']}")]
     r.raise_for_status()
     event_id = r.json()["event_id"]
     events: list[tuple[str, Any]] = []

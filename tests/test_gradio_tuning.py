@@ -47,3 +47,21 @@ def test_a_lazy_session_holds_what_gradios_own_holds():
     assert lazy.config_values.get(prompt_id)["props"]["value"] == "a red fox"
     assert dict(lazy.config_values.items()) == dict(eager.config_values.items())
     assert list(lazy.components) == list(eager.components)
+
+
+def test_queue_holds_as_many_sessions_as_requests_in_flight():
+    """Gradio keeps each session's messages in an LRUCache(2000): the 2,001st REST call in
+    flight would evict the first's, whose stream then breaks off. If Gradio changes that
+    cache, this fails: look at shared/gradio_queue.py again."""
+    from gradio.utils import LRUCache
+
+    from shared.gradio_queue import hold_sessions
+
+    demo = _blocks()
+    demo.queue()
+    cache = demo._queue.pending_messages_per_session
+    assert isinstance(cache, LRUCache) and cache.max_size == 2000
+    assert hold_sessions(demo, 20_000)
+    for i in range(5000):
+        cache[f"session-{i}"] = object()
+    assert "session-0" in cache and len(cache) == 5000

@@ -1,0 +1,173 @@
+"""The crowd: N clients x 10 jobs queued at once, one light client 3 s later, splitspace vs plain Gradio.
+
+Each of N API-key clients sends 10 jobs of 20 ms (``sleep:20``) at the same
+moment through the public REST API (Gradio's ``/gradio_api/call`` flow); 3 s
+later one light client sends one job from its own process (so the crowd's
+thousands of open streams do not slow the light client's own event loop).
+Reported per round, for splitspace through both tiers and for one plain
+Gradio tier called directly (FIFO, concurrency 1, ``../shared/baseline``):
+
+- the light client's latency against its ideal fair wait (about one job per
+  active client ahead of it: N x 20 ms);
+- total time over GPU work (N x 10 x 20 ms);
+- requests lost (anything but a result);
+- CPU seconds and peak RSS of each tier; status messages per second that
+  reached the crowd.
+
+Goals (issue 10, this 2-core machine): at N = 200, in every round, light <= 2x
+its ideal, total <= 1.25x the GPU work, 0 lost; at N = 500 everything
+completes, 0 lost, light <= 3x its ideal.
+
+Run: python bench/crowd.py [--clients 20 200 500] [--rounds 2] [--skip-baseline]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Deployment, bench_quotas, median, start_baseline  # noqa: E402
+
+JOB_MS = 20
+PER_CLIENT = 10
+LIGHT_AFTER_S = 3.0
+
+
+def call_spec(system: str, url: str, who: str) -> tuple[str, str, list[Any], dict[str, str]]:
+    if system == "baseline":
+        return url, "work", [JOB_MS], {"x-user": who}
+    return url, "generate", ["crowd", "", 64, 64, 1, 0.0, 1], {"authorization": f"Bearer key-{who}"}
+
+
+async def _call(client: httpx.AsyncClient, system: str, url: str, who: str) -> tuple[float, str, int]:
+    """(seconds, outcome, status messages seen): outcome "ok" or what went wrong."""
+    u, api, data, headers = call_spec(system, url, who)
+    t0 = time.perf_counter()
+    statuses = 0
+    try:
+        r = await client.post(f"{u}/gradio_api/call/{api}", json={"data": data}, headers=headers)
+        if r.status_code != 200:
+            return time.perf_counter() - t0, f"HTTP {r.status_code}", 0
+        event_id = r.json()["event_id"]
+        event = ""
+        async with client.stream("GET", f"{u}/gradio_api/call/{api}/{event_id}", headers=headers) as s:
+            async for line in s.aiter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    if event == "generating":
+                        statuses += 1
+                    elif event in ("complete", "error"):
+                        payload = json.loads(line[5:].strip())
+                        ok = event == "complete" and payload not in (None, [None])
+                        return time.perf_counter() - t0, "ok" if ok else f"{event}: {str(payload)[:80]}", statuses
+        return time.perf_counter() - t0, "stream ended", statuses
+    except httpx.HTTPError as exc:
+        return time.perf_counter() - t0, type(exc).__name__, statuses
+
+
+async def _crowd(system: str, url: str, who: list[str], start_at: float) -> list[tuple[float, str, int]]:
+    limits = httpx.Limits(max_connections=len(who) + 10, max_keepalive_connections=len(who) + 10)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=60), limits=limits) as client:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        return await asyncio.gather(*(_call(client, system, url, w) for w in who))
+
+
+def _proc(system: str, url: str, who: list[str], start_at: float, out: Any) -> None:
+    out.put(asyncio.run(_crowd(system, url, who, start_at)))
+
+
+def _cpu_rss(pid: int) -> tuple[float, float]:
+    """(CPU seconds so far, peak RSS in MB) of a process, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])
+    hwm = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM"))
+    import os
+
+    return ticks / os.sysconf("SC_CLK_TCK"), int(hwm.split()[1]) / 1024
+
+
+def one_round(system: str, url: str, n: int, pids: dict[str, int]) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    q_crowd, q_light = ctx.Queue(), ctx.Queue()
+    crowd = [f"c{i:03d}" for i in range(n) for _ in range(PER_CLIENT)]
+    start = time.time() + 2.0
+    before = {name: _cpu_rss(pid)[0] for name, pid in pids.items()}
+    p_crowd = ctx.Process(target=_proc, args=(system, url, crowd, start, q_crowd))
+    p_light = ctx.Process(target=_proc, args=(system, url, ["light"], start + LIGHT_AFTER_S, q_light))
+    p_crowd.start(), p_light.start()
+    crowd_res = q_crowd.get(timeout=1800)
+    light_res = q_light.get(timeout=1800)
+    p_crowd.join(), p_light.join()
+    total = max(t for t, _, _ in crowd_res)
+    lost = [o for _, o, _ in crowd_res + light_res if o != "ok"]
+    after = {name: _cpu_rss(pid) for name, pid in pids.items()}
+    return {
+        "light_s": light_res[0][0], "light_ok": light_res[0][1] == "ok",
+        "total_s": total, "lost": len(lost), "lost_kinds": sorted(set(lost))[:3],
+        "statuses_per_s": sum(s for _, _, s in crowd_res) / total if total else 0.0,
+        "cpu": {name: after[name][0] - before[name] for name in pids},
+        "rss_mb": {name: after[name][1] for name in pids},
+    }
+
+
+def quotas(n: int) -> str:
+    tier = ("\n[tiers.crowd]\nweight = 1\nmax_running = 1\nmax_queued = 20\n"
+            "gpu_seconds = 1000000\nwindow_s = 3600\n")
+    keys = {f"c{i:03d}": (f"key-c{i:03d}", "crowd") for i in range(n)} | {"light": ("key-light", "crowd")}
+    return bench_quotas(keys, tier)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, nargs="+", default=[20, 200, 500])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--backend-env", default="", help="extra GPU tier settings, e.g. SPLITSPACE_MAX_BATCH=1")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="splitspace-crowd-"))
+    job = JOB_MS / 1000
+    print(f"{'system':<11}{'N':>5}{'light':>9}{'ideal':>7}{'x ideal':>8}{'total/GPU':>10}{'lost':>6}"
+          f"{'status/s':>9}  CPU s (frontend, GPU tier) / peak RSS MB")
+    for n in args.clients:
+        extra = dict(kv.split("=", 1) for kv in args.backend_env.split() if "=" in kv)
+        split = Deployment(work / f"split-{n}", model=f"sleep:{JOB_MS}", quotas=quotas(n),
+                           backend_env=extra).start()
+        systems: list[tuple[str, str, dict[str, int]]] = [
+            ("splitspace", split.frontend.url, {"frontend": split.frontend.proc.pid, "gpu": split.backend.proc.pid})]
+        base = None
+        if not args.skip_baseline:
+            base = start_baseline(work)
+            systems.append(("baseline", base[0].url, {"gpu": base[0].proc.pid}))
+        try:
+            for _ in range(args.rounds):
+                for system, url, pids in systems:
+                    r = one_round(system, url, n, pids)
+                    ideal = n * job
+                    gpu_work = n * PER_CLIENT * job
+                    cpu = ", ".join(f"{r['cpu'][k]:.1f}" for k in pids)
+                    rss = ", ".join(f"{r['rss_mb'][k]:.0f}" for k in pids)
+                    light = f"{r['light_s']:.2f}s" + ("" if r["light_ok"] else "!")
+                    print(f"{system:<11}{n:>5}{light:>9}{ideal:>6.1f}s{r['light_s'] / ideal:>8.2f}"
+                          f"{r['total_s'] / gpu_work:>10.2f}{r['lost']:>6}{r['statuses_per_s']:>9.0f}  "
+                          f"{cpu} / {rss}" + (f"  lost: {r['lost_kinds']}" if r["lost"] else ""), flush=True)
+                    time.sleep(1.0)
+        finally:
+            split.stop()
+            if base is not None:
+                base[0].stop(), base[1].stop()
+
+
+if __name__ == "__main__":
+    main()

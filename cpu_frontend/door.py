@@ -1,0 +1,156 @@
+"""Fairness at the frontend's door: a flood is held cheaply, per client, before the hop.
+
+Why it exists: the GPU tier's scheduler is fair, but only among the requests
+that reach it. In front of it sit stages that serve in arrival order once they
+are saturated: the hop's connection pool, the GPU tier's ingest, the status
+traffic of every waiting request. A crowd of 2,000 requests pushed through all
+of them made a light client that came 3 s later wait a minute (issue 10).
+Kubernetes' API Priority and Fairness answers the same problem in the HTTP
+filter chain, before the expensive handler runs; this is that idea, sized for
+one frontend:
+
+- **Per-flow queues.** Requests are grouped by flow (``session.identity.flow_of``:
+  an API key, or an address for all its anonymous sessions). At most
+  ``per_flow`` requests of one flow are *inside* (on their way to or waiting at
+  the GPU tier, where the fair scheduler orders them); the rest wait here, in
+  their flow's FIFO, as a parked coroutine and a future: bytes, not a
+  connection, not a GPU-tier job, not status traffic.
+- **Fair release.** At most ``total`` requests are inside in all (the hop's
+  pool). When a place frees, the next request comes from the flow after the
+  last one served, round-robin over flows that have requests waiting (a ring of
+  flows, O(1) per decision); a flow with room of its own and room in total
+  passes at once. A new flow is never behind another flow's backlog.
+- **Caps.** A flow with ``cap`` requests in flight (inside + waiting: the
+  client's ``max_running + max_queued``) is refused with ``Queue full``; the
+  ASGI middleware (``door_middleware.py``) asks the same question before Gradio
+  queues anything.
+
+The GPU tier's ``max_running`` per client keeps its own meaning; ``per_flow``
+only bounds how far ahead a flow's requests travel (its lookahead), so the
+GPU tier always has each active flow's next job at hand.
+
+The class is a plain data structure over asyncio futures (no Gradio, no I/O);
+``Frontend.generate`` drives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from shared.errors import QUEUE_FULL, Throttled
+
+
+@dataclass
+class _Flow:
+    inside: int = 0
+    waiting: deque[asyncio.Future[None]] = field(default_factory=deque)
+    in_ring: bool = False
+
+
+class FairDoor:
+    def __init__(self, *, per_flow: int = 2, total: int = 1000) -> None:
+        if per_flow < 1 or total < 1:
+            raise ValueError("per_flow and total must be at least 1")
+        self.per_flow = per_flow
+        self.total = total
+        self._flows: dict[str, _Flow] = {}
+        self._ring: deque[tuple[str, _Flow]] = deque()  # flows with a request waiting and room of their own
+        self._inside = 0
+        self._waiting = 0
+
+    # -- questions ----------------------------------------------------------------------
+    def count(self, flow_id: str) -> int:
+        """Requests of this flow in flight here: inside and waiting."""
+        f = self._flows.get(flow_id)
+        return 0 if f is None else f.inside + len(f.waiting)
+
+    @property
+    def inside(self) -> int:
+        return self._inside
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    def check_cap(self, flow_id: str, cap: int, arriving: int = 0) -> None:
+        """Raise Queue full when the flow already has ``cap`` requests in flight
+        (``arriving``: requests of it that passed the door's middleware and have not
+        reached :meth:`hold` yet)."""
+        in_flight = self.count(flow_id) + arriving
+        if in_flight >= cap:
+            raise Throttled(
+                QUEUE_FULL, f"{in_flight} requests already in flight (max_running + max_queued = {cap})", 1.0
+            )
+
+    def place(self, flow_id: str, ticket: asyncio.Future[None]) -> int:
+        """A waiting request's estimated place in line (1 = next to go in): the requests of
+        its own flow ahead of it, each a round over the flows that have work."""
+        f = self._flows.get(flow_id)
+        if f is None or ticket not in f.waiting:
+            return 0
+        ahead = f.waiting.index(ticket) + f.inside
+        return ahead * len(self._flows) + 1  # every flow here has a request inside or waiting
+
+    # -- moving through ------------------------------------------------------------------
+    @contextmanager
+    def hold(self, flow_id: str, cap: int) -> Iterator[asyncio.Future[None]]:
+        """Join the flow's line, or raise Queue full; the future is done once the request
+        is inside. Leaving the block (done, failed or cancelled) gives the place back."""
+        self.check_cap(flow_id, cap)
+        f = self._flows.setdefault(flow_id, _Flow())
+        ticket: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if f.inside < self.per_flow and self._inside < self.total and not f.waiting:
+            self._enter(f, ticket)
+        else:
+            f.waiting.append(ticket)
+            self._waiting += 1
+            self._ready(flow_id, f)
+        try:
+            yield ticket
+        finally:
+            if ticket.done() and not ticket.cancelled():
+                f.inside -= 1
+                self._inside -= 1
+            else:
+                ticket.cancel()
+                f.waiting.remove(ticket)
+                self._waiting -= 1
+            if not f.inside and not f.waiting:
+                del self._flows[flow_id]
+            else:
+                self._ready(flow_id, f)  # it may have room of its own again
+            self._release()
+
+    def _enter(self, f: _Flow, ticket: asyncio.Future[None]) -> None:
+        f.inside += 1
+        self._inside += 1
+        ticket.set_result(None)
+
+    def _ready(self, flow_id: str, f: _Flow) -> None:
+        if f.waiting and f.inside < self.per_flow and not f.in_ring:
+            f.in_ring = True
+            self._ring.append((flow_id, f))
+
+    def _release(self) -> None:
+        """Let waiting requests in, one flow at a time (the ring's order), while there is
+        room in total. A flow is in the ring exactly while it has a request waiting and
+        room of its own, so each decision is O(1), whatever the number of flows."""
+        while self._ring and self._inside < self.total:
+            flow_id, f = self._ring.popleft()
+            f.in_ring = False
+            if self._flows.get(flow_id) is not f:  # the flow emptied and left meanwhile
+                continue
+            if f.waiting and f.inside < self.per_flow:
+                self._waiting -= 1
+                self._enter(f, f.waiting.popleft())
+                self._ready(flow_id, f)
+
+
+def eta_s(place: int, seconds_per_job: float) -> float:
+    """An ETA for a place in line, from the measured seconds per job."""
+    return 0.0 if not math.isfinite(seconds_per_job) else round(place * seconds_per_job, 1)

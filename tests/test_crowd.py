@@ -1,0 +1,136 @@
+"""A crowd through both tiers, sized for CI: fair from the door to the GPU, nothing lost.
+
+100 API-key clients queue 5 jobs each at once (10 ms jobs); a light client
+sends one job once the crowd is in. Asserted: every request ends with its
+image; the light client is served before most of the crowd (order, not wall
+time); the frontend's memory per waiting request stays small; and a client
+over its cap is refused at the door with HTTP 429 before Gradio queues
+anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.clients import call_rest, gen_args
+from tests.support import Deployment, sha256, wait_for
+
+CLIENTS = 100
+PER_CLIENT = 5
+TIER = """
+[tiers.crowd]
+weight = 1
+max_running = 1
+max_queued = 9
+gpu_seconds = 100000
+window_s = 3600
+
+[tiers.tight]
+weight = 1
+max_running = 1
+max_queued = 1
+gpu_seconds = 100000
+window_s = 3600
+"""
+
+
+def quotas() -> str:
+    keys = [(f"c{i:03d}", "crowd") for i in range(CLIENTS)] + [("light", "crowd"), ("tight", "tight")]
+    return TIER + "".join(f'\n[[keys]]\nname = "{n}"\ntier = "{t}"\nsha256 = "{sha256("k-" + n)}"\n' for n, t in keys)
+
+
+def rss_kb(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1])
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.fixture(scope="module")
+def crowd_tiers(tmp_path_factory):
+    d = Deployment(tmp_path_factory.mktemp("crowd"), model="sleep:10", quotas=quotas()).start()
+    yield d
+    d.stop()
+
+
+async def _one(client: httpx.AsyncClient, url: str, who: str, done: list[str]) -> str:
+    headers = {"authorization": f"Bearer k-{who}"}
+    r = await client.post(f"{url}/gradio_api/call/generate", json={"data": gen_args()}, headers=headers)
+    if r.status_code != 200:
+        return f"HTTP {r.status_code}"
+    event = ""
+    async with client.stream("GET", f"{url}/gradio_api/call/generate/{r.json()['event_id']}", headers=headers) as s:
+        async for line in s.aiter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:") and event in ("complete", "error"):
+                done.append(who)
+                ok = event == "complete" and json.loads(line[5:]) not in (None, [None])
+                return "ok" if ok else f"{event}: {line[5:80]}"
+    return "stream ended"
+
+
+def test_a_crowd_is_served_fairly_and_completely(crowd_tiers):
+    url = crowd_tiers.frontend.url
+    rss_before = rss_kb(crowd_tiers.frontend.proc.pid)
+    peak = {"rss": rss_before}
+
+    async def scenario() -> tuple[list[str], list[str]]:
+        done: list[str] = []
+        limits = httpx.Limits(max_connections=CLIENTS * PER_CLIENT + 10)
+        async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+            crowd = [asyncio.ensure_future(_one(client, url, f"c{i:03d}", done))
+                     for i in range(CLIENTS) for _ in range(PER_CLIENT)]
+            # the light client comes once every crowd client has work at the GPU tier (the rest
+            # of the crowd waits at the frontend's door)
+            gpu_url = crowd_tiers.backend.url
+            arrived = await asyncio.to_thread(
+                wait_for, lambda: metric(gpu_url, "splitspace_infer_calls_total") >= CLIENTS, 120, 0.05)
+            assert arrived, "the crowd never reached the GPU tier"
+            peak["rss"] = max(peak["rss"], rss_kb(crowd_tiers.frontend.proc.pid))
+            light = await _one(client, url, "light", done)
+            outcomes = [light] + list(await asyncio.gather(*crowd))
+        return outcomes, done
+
+    outcomes, done = asyncio.run(scenario())
+    assert outcomes == ["ok"] * len(outcomes), sorted(set(outcomes))[:5]
+    assert len(done) == CLIENTS * PER_CLIENT + 1
+    # The light client came when 500 jobs were queued: it must not wait for most of them.
+    assert done.index("light") < len(done) // 4, done.index("light")
+    per_request_kb = (peak["rss"] - rss_before) / (CLIENTS * PER_CLIENT)
+    assert per_request_kb < 200, f"{per_request_kb:.0f} KB of frontend memory per waiting request"
+
+
+def test_over_cap_is_refused_at_the_door_before_gradio(tmp_path):
+    """tier "tight": 1 running + 1 queued; the third concurrent REST call gets HTTP 429 from
+    the POST itself: no event id, so Gradio never queued it."""
+    d = Deployment(tmp_path, model="sleep:3000", quotas=quotas()).start()
+    try:
+        url, headers = d.frontend.url, {"authorization": "Bearer k-tight"}
+        with httpx.Client(timeout=60) as c:
+            for _ in range(2):
+                assert c.post(f"{url}/gradio_api/call/generate", json={"data": gen_args()}, headers=headers).status_code == 200
+            # both are in flight (at the GPU tier, for 3 s) before the third comes
+            assert wait_for(lambda: metric(d.backend.url, "splitspace_infer_calls_total") >= 2, 30, 0.05)
+            refused = c.post(f"{url}/gradio_api/call/generate", json={"data": gen_args()}, headers=headers)
+            assert refused.status_code == 429, refused.text
+            body = refused.json()
+            assert body["title"] == "Queue full" and "event_id" not in body
+            assert body["message"].endswith(" s.") and "max_running + max_queued = 2" in body["message"]
+            assert int(refused.headers["retry-after"]) >= 1
+            assert metric(d.backend.url, "splitspace_infer_calls_total") == 2  # it went nowhere
+            # another client is not affected, and nothing was lost for this one: it is served later
+            assert call_rest(c, url, "generate", gen_args(), {"authorization": "Bearer k-light"})[0] == "complete"
+            assert wait_for(lambda: call_rest(c, url, "generate", gen_args(), headers)[0] == "complete", 30, 0.5)
+    finally:
+        d.stop()

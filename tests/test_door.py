@@ -1,0 +1,162 @@
+"""The frontend's fair door: per-flow lines, round-robin release, caps, leaving the line.
+
+The door is a data structure over asyncio futures; these tests drive it
+directly, in one event loop, with no timing: a request is "in" when its
+future is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from cpu_frontend.door import FairDoor
+from shared.errors import QUEUE_FULL, Throttled
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+class Line:
+    """Requests holding their places at a door, entered and left by name."""
+
+    def __init__(self, door: FairDoor) -> None:
+        self.door = door
+        self.stack = contextlib.ExitStack()
+        self.held: dict[str, tuple[contextlib.ExitStack, asyncio.Future[None]]] = {}
+        self.order: list[str] = []  # names in the order they got in
+
+    def arrive(self, name: str, flow: str, cap: int = 100) -> None:
+        stack = contextlib.ExitStack()
+        ticket = stack.enter_context(self.door.hold(flow, cap))
+        self.held[name] = (stack, ticket)
+        self._collect()
+
+    def leave(self, name: str) -> None:
+        stack, _ = self.held.pop(name)
+        stack.close()
+        self._collect()
+
+    def inside(self) -> list[str]:
+        return [n for n, (_, t) in self.held.items() if t.done() and not t.cancelled()]
+
+    def _collect(self) -> None:
+        for name, (_, ticket) in self.held.items():
+            if ticket.done() and name not in self.order:
+                self.order.append(name)
+
+
+def test_a_new_flow_is_not_behind_another_flows_backlog():
+    async def scenario() -> list[str]:
+        line = Line(FairDoor(per_flow=1, total=1))
+        for i in range(5):
+            line.arrive(f"heavy{i}", "key:heavy")
+        line.arrive("light", "key:light")
+        while line.inside():
+            line.leave(line.inside()[0])
+        return line.order
+
+    order = run(scenario())
+    assert order[:3] == ["heavy0", "light", "heavy1"], order  # round-robin, not arrival order
+    assert sorted(order) == sorted([f"heavy{i}" for i in range(5)] + ["light"])
+
+
+def test_per_flow_room_bounds_what_reaches_the_gpu_tier():
+    async def scenario() -> tuple[list[str], int, int]:
+        door = FairDoor(per_flow=2, total=100)
+        line = Line(door)
+        for i in range(6):
+            line.arrive(f"a{i}", "key:a")
+        line.arrive("b0", "key:b")
+        return line.inside(), door.inside, door.waiting
+
+    inside, n_in, n_wait = run(scenario())
+    assert inside == ["a0", "a1", "b0"] and (n_in, n_wait) == (3, 4)
+
+
+def test_round_robin_over_many_flows_when_the_total_binds():
+    async def scenario() -> list[str]:
+        line = Line(FairDoor(per_flow=5, total=2))
+        for flow in "abc":
+            for i in range(3):
+                line.arrive(f"{flow}{i}", f"key:{flow}")
+        while line.inside():
+            line.leave(line.inside()[0])
+        return line.order
+
+    order = run(scenario())
+    # a0 and a1 got in at once (room for two); then the flows take turns, in the order
+    # they started waiting, one request each per round
+    assert order == ["a0", "a1", "a2", "b0", "c0", "b1", "c1", "b2", "c2"], order
+
+
+def test_over_cap_is_refused_and_counts_what_waits():
+    async def scenario() -> None:
+        door = FairDoor(per_flow=1, total=10)
+        line = Line(door)
+        for i in range(3):
+            line.arrive(f"x{i}", "addr:10.0.0.1", cap=3)
+        with pytest.raises(Throttled) as refused:
+            line.arrive("x3", "addr:10.0.0.1", cap=3)
+        assert refused.value.title == QUEUE_FULL and "3 requests already in flight" in refused.value.message
+        with pytest.raises(Throttled):
+            door.check_cap("addr:10.0.0.1", 5, arriving=2)
+        door.check_cap("addr:10.0.0.2", 1)  # another flow is not affected
+
+    run(scenario())
+
+
+def test_leaving_the_line_before_going_in():
+    async def scenario() -> tuple[list[str], int]:
+        door = FairDoor(per_flow=1, total=1)
+        line = Line(door)
+        line.arrive("first", "key:a")
+        line.arrive("gives-up", "key:b")
+        line.arrive("patient", "key:c")
+        line.leave("gives-up")  # the caller went away while waiting
+        line.leave("first")
+        return line.inside(), door.count("key:b")
+
+    inside, left = run(scenario())
+    assert inside == ["patient"] and left == 0
+
+
+def test_place_estimate_counts_rounds_over_active_flows():
+    async def scenario() -> list[int]:
+        door = FairDoor(per_flow=1, total=1000)
+        tickets = []
+        stack = contextlib.ExitStack()
+        for flow in ("key:a", "key:b", "key:c"):
+            for _ in range(3):
+                tickets.append((flow, stack.enter_context(door.hold(flow, 100))))
+        places = [door.place(flow, t) for flow, t in tickets]
+        stack.close()
+        return places
+
+    places = run(scenario())
+    # inside: a0, b0, c0 (place 0); a1 waits behind one of its own: one round of 3 flows
+    assert places == [0, 4, 7, 0, 4, 7, 0, 4, 7]
+
+
+def test_ten_thousand_flows_all_get_in_exactly_once():
+    async def scenario() -> tuple[int, int, int]:
+        door = FairDoor(per_flow=1, total=100)
+        stacks: dict[int, contextlib.ExitStack] = {}
+        went_in: list[int] = []
+        for i in range(10_000):
+            stacks[i] = contextlib.ExitStack()
+            ticket = stacks[i].enter_context(door.hold(f"addr:10.{i // 256 % 256}.{i % 256}.1", 100))
+            ticket.add_done_callback(lambda t, i=i: went_in.append(i))
+        await asyncio.sleep(0)
+        peak, served = door.inside, 0
+        while went_in:
+            stacks.pop(went_in.pop(0)).close()  # done: its place goes to the next flow
+            served += 1
+            await asyncio.sleep(0)
+        return peak, served, door.waiting + door.inside
+
+    peak, served, left = run(scenario())
+    assert (peak, served, left) == (100, 10_000, 0)
