@@ -461,18 +461,19 @@ class MemoryUsageStore:
         check_rate(limit, window_s)
         now = self._now(now)
         with self._lock:
-            times = self._rates.setdefault(key, {})
-            for old in [j for j, at in times.items() if at <= now - window_s]:
-                del times[old]
+            times = self._rates.setdefault(key, {})  # in admission order: the oldest first
+            while times and next(iter(times.values())) <= now - window_s:
+                del times[next(iter(times))]
             if job_id in times:
                 return RateGrant(True, len(times))
             if len(times) < limit:
                 times[job_id] = now
                 return RateGrant(True, len(times))
-            oldest = min(times.values(), default=now)
             if not times:
                 del self._rates[key]
-            return RateGrant(False, len(times), max(0.0, oldest + window_s - now) if times else window_s)
+                return RateGrant(False, 0, window_s)
+            oldest = next(iter(times.values()))
+            return RateGrant(False, len(times), max(0.0, oldest + window_s - now))
 
     def forget_rate(self, key: str, job_id: str) -> None:
         with self._lock:
@@ -538,6 +539,7 @@ CREATE TABLE IF NOT EXISTS rates (
     PRIMARY KEY (key, job_id)
 );
 CREATE INDEX IF NOT EXISTS rates_expires ON rates (expires);
+CREATE INDEX IF NOT EXISTS rates_key_at ON rates (key, at);
 CREATE TABLE IF NOT EXISTS service (
     flow_id TEXT PRIMARY KEY,
     value REAL NOT NULL,
