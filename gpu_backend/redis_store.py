@@ -39,6 +39,7 @@ key                                   type        holds
 ``{p}overrides:index``                set         client ids that have overrides
 ``{p}overrides:version``              string      incremented by every override change
 ``{p}slot:{queued|running}:{key}``    sorted set  job id scored by its lease's expiry (server time)
+``{p}slot-index``                     sorted set  the slot sets above, scored by their last expiry
 ``{p}rate:{key}``                     sorted set  job id scored by its admission time
 ``{p}svc:{flow_id}``                  string      the flow's virtual service; expires after
                                                   ``service_ttl_s`` without a change
@@ -91,8 +92,8 @@ needs. Under the lock only in-memory bookkeeping.
   outlived its lease (a paused process): log it; the job keeps running.
 * Overrides: ``gpu_backend.admin.Overrides`` caches them; re-read ``all_overrides()`` when
   ``overrides_version()`` moved (poll it once a second, or at each admission: one GET).
-* ``splitspace quota reset``: ``reset(key)`` as now; ``list`` should merge the clients
-  with live slots (``count``) of this store, not only those this replica has seen.
+* ``splitspace quota reset``: ``reset(key)`` as now; ``list`` should merge the keys with
+  live slots (``slot_counts()``, every replica's) with the clients this replica has seen.
 """
 
 from __future__ import annotations
@@ -114,6 +115,7 @@ from .usage import (
     Lease,
     RateGrant,
     Renewal,
+    SlotCounts,
     SlotGrant,
     SlotKind,
     StoreUnavailable,
@@ -151,9 +153,12 @@ end
 local function num(s) if s == 'inf' then return math.huge end return tonumber(s) end
 local function fmt(x) return string.format('%.17g', x) end
 local function ms(x) return string.format('%d', math.ceil(x * 1000) + 1) end
-local function touch(k)  -- the set expires with its last lease
-  local top = redis.call('ZRANGE', k, -1, -1, 'WITHSCORES')
-  if top[2] then redis.call('PEXPIREAT', k, ms(tonumber(top[2]))) end
+local function touch(k)  -- the set expires with its last lease; the index (the last
+  local top = redis.call('ZRANGE', k, -1, -1, 'WITHSCORES')  -- of KEYS) lists live sets
+  if top[2] then
+    redis.call('PEXPIREAT', k, ms(tonumber(top[2])))
+    redis.call('ZADD', KEYS[#KEYS], 'GT', top[2], k)
+  end
 end
 local NOW = now_s()
 -- ARGV[1]: the server time after which the caller has given up (its timeout); a call
@@ -235,12 +240,13 @@ if held < num(ARG[2]) then
 end
 return {0, held}
 """,
-    # KEYS slot sets, one per lease; ARG[1] lease_s, ARG[i + 1] the job of KEYS[i]
+    # KEYS slot sets, one per lease, then the index; ARG[1] lease_s, ARG[i + 1] the job of KEYS[i]
     "slot_renew": """
 local now = NOW
 local expires = fmt(now + tonumber(ARG[1]))
 local out = {}
-for i, k in ipairs(KEYS) do
+for i = 1, #KEYS - 1 do
+  local k = KEYS[i]
   redis.call('ZREMRANGEBYSCORE', k, '-inf', fmt(now))
   if redis.call('ZSCORE', k, ARG[i + 1]) then
     redis.call('ZADD', k, 'XX', expires, ARG[i + 1]); touch(k)
@@ -266,6 +272,16 @@ if already then return {1, held} end
 return {1, held + 1}
 """,
     "slot_count": "return redis.call('ZCOUNT', KEYS[1], '(' .. fmt(NOW), '+inf')",
+    # KEYS[1] the index of slot sets
+    "slot_counts": """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', fmt(NOW))
+local out = {}
+for _, k in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local n = redis.call('ZCOUNT', k, '(' .. fmt(NOW), '+inf')
+  if n > 0 then out[#out + 1] = k; out[#out + 1] = n end
+end
+return out
+""",
     # KEYS[1] rate set; ARG job, limit, window_s
     "rate_admit": """
 local now = NOW
@@ -346,6 +362,7 @@ class _Commands:
         self._index = f"{prefix}overrides:index"
         self._version = f"{prefix}overrides:version"
         self._client_prefix = f"{prefix}overrides:c:"
+        self._slot_index = f"{prefix}slot-index"
 
     def _usage(self, key: str) -> str:
         return f"{self.prefix}usage:{key}"
@@ -390,7 +407,8 @@ class _Commands:
 
     def acquire_slot(self, kind: SlotKind, key: str, job_id: str, limit: float, lease_s: float) -> _Call:
         check_slot(kind, limit, lease_s)
-        return _Call("slot_acquire", (self._slot(kind, key),), (job_id, _num(limit), _float(lease_s)), _grant)
+        keys = (self._slot(kind, key), self._slot_index)
+        return _Call("slot_acquire", keys, (job_id, _num(limit), _float(lease_s)), _grant)
 
     def renew(self, leases: Iterable[Lease], lease_s: float) -> _Call | Renewal:
         """The renew call, or the (empty) answer when there is nothing to renew."""
@@ -407,7 +425,7 @@ class _Commands:
                 tuple(lease for lease, ok in zip(wanted, flags) if not ok),
             )
 
-        keys = tuple(self._slot(lease.kind, lease.key) for lease in wanted)
+        keys = (*(self._slot(lease.kind, lease.key) for lease in wanted), self._slot_index)
         return _Call("slot_renew", keys, (_float(lease_s), *(lease.job_id for lease in wanted)), parse)
 
     def release(self, kind: SlotKind, key: str, job_id: str) -> _Call:
@@ -417,12 +435,24 @@ class _Commands:
     def move(self, key: str, job_id: str, limit: float, lease_s: float, source: SlotKind, target: SlotKind) -> _Call:
         check_slot(source, limit, lease_s)
         check_slot(target, limit, lease_s)
-        keys = (self._slot(source, key), self._slot(target, key))
+        keys = (self._slot(source, key), self._slot(target, key), self._slot_index)
         return _Call("slot_move", keys, (job_id, _num(limit), _float(lease_s)), _grant)
 
     def count(self, kind: SlotKind, key: str) -> _Call:
         check_slot(kind, 0, 1.0)
         return _Call("slot_count", (self._slot(kind, key),), (), int)
+
+    def slot_counts(self) -> _Call:
+        head = f"{self.prefix}slot:"
+
+        def parse(reply: Any) -> dict[str, SlotCounts]:
+            counts: dict[str, dict[str, int]] = {}
+            for name, n in zip(reply[0::2], reply[1::2]):
+                kind, _, key = _text(name).removeprefix(head).partition(":")
+                counts.setdefault(key, {})[kind] = int(n)
+            return {key: SlotCounts(queued=c.get("queued", 0), running=c.get("running", 0)) for key, c in counts.items()}
+
+        return _Call("slot_counts", (self._slot_index,), (), parse)
 
     def admit_rate(self, key: str, job_id: str, limit: float, window_s: float) -> _Call:
         check_rate(limit, window_s)
@@ -635,6 +665,9 @@ class RedisStore:
     def count(self, kind: SlotKind, key: str, now: float | None = None) -> int:
         return self._run(self._cmd.count(kind, key))
 
+    def slot_counts(self, now: float | None = None) -> dict[str, SlotCounts]:
+        return self._run(self._cmd.slot_counts())
+
     def admit_rate(self, key: str, job_id: str, limit: float, window_s: float, now: float | None = None) -> RateGrant:
         return self._run(self._cmd.admit_rate(key, job_id, limit, window_s))
 
@@ -766,6 +799,9 @@ class AsyncRedisStore:
 
     async def count(self, kind: SlotKind, key: str, now: float | None = None) -> int:
         return await self._run(self._cmd.count(kind, key))
+
+    async def slot_counts(self, now: float | None = None) -> dict[str, SlotCounts]:
+        return await self._run(self._cmd.slot_counts())
 
     async def admit_rate(self, key: str, job_id: str, limit: float, window_s: float, now: float | None = None) -> RateGrant:
         return await self._run(self._cmd.admit_rate(key, job_id, limit, window_s))

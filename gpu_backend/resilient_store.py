@@ -28,7 +28,7 @@ Both modes, whatever is being done:
   ``add_service``): they go to Redis when it answers, else to memory. ``release`` and
   ``renew`` always go to memory too, so slots taken during an outage are given back there.
   A lease Redis did not hear about being released expires by itself within its lease.
-* *Reads* (``usage``, ``count``, ``service``, overrides) fall back to memory: overrides
+* *Reads* (``usage``, ``count``, ``slot_counts``, ``service``, overrides) fall back to memory: overrides
   from a mirror refreshed by every successful read from Redis. ``overrides_version`` is
   negative while served from memory, so a cache that compares versions re-reads both when
   Redis goes away and when it comes back.
@@ -61,6 +61,7 @@ from .usage import (
     MemoryUsageStore,
     RateGrant,
     Renewal,
+    SlotCounts,
     SlotGrant,
     SlotKind,
     SqliteUsageStore,
@@ -343,6 +344,9 @@ class ResilientStore:
     def count(self, kind: SlotKind, key: str, now: float | None = None) -> int:
         return self._call(_Route.READ, lambda p: p.count(kind, key, now), lambda f: f.count(kind, key, now))
 
+    def slot_counts(self, now: float | None = None) -> dict[str, SlotCounts]:
+        return self._call(_Route.READ, lambda p: p.slot_counts(now), lambda f: f.slot_counts(now))
+
     # -- rate windows ----------------------------------------------------------------
 
     def admit_rate(self, key: str, job_id: str, limit: float, window_s: float, now: float | None = None) -> RateGrant:
@@ -503,6 +507,9 @@ class AsyncResilientStore:
 
     async def count(self, kind: SlotKind, key: str, now: float | None = None) -> int:
         return await self._call(_Route.READ, lambda p: p.count(kind, key, now), lambda f: f.count(kind, key, now))
+
+    async def slot_counts(self, now: float | None = None) -> dict[str, SlotCounts]:
+        return await self._call(_Route.READ, lambda p: p.slot_counts(now), lambda f: f.slot_counts(now))
 
     async def admit_rate(self, key: str, job_id: str, limit: float, window_s: float, now: float | None = None) -> RateGrant:
         return await self._call(

@@ -63,6 +63,7 @@ __all__ = [
     "SLOT_KINDS",
     "Lease",
     "SlotGrant",
+    "SlotCounts",
     "Renewal",
     "RateGrant",
     "DEFAULT_LEASE_S",
@@ -101,6 +102,14 @@ class SlotGrant:
 
     granted: bool
     held: int
+
+
+@dataclass(frozen=True)
+class SlotCounts:
+    """Live leases of one key, as :meth:`UsageStore.slot_counts` lists them."""
+
+    queued: int = 0
+    running: int = 0
 
 
 @dataclass(frozen=True)
@@ -224,6 +233,11 @@ class UsageStore(Protocol):
 
     def count(self, kind: SlotKind, key: str, now: float | None = None) -> int:
         """Live ``kind`` leases of ``key``."""
+        ...
+
+    def slot_counts(self, now: float | None = None) -> dict[str, SlotCounts]:
+        """Every key that holds live leases, with its counts: what operators list, across
+        all replicas (keys with none are left out)."""
         ...
 
     # -- rate windows (requests_per_minute) --------------------------------------------
@@ -454,6 +468,16 @@ class MemoryUsageStore:
         with self._lock:
             held = self._slots.get((kind, key), {})
             return sum(1 for expires in held.values() if expires > now)
+
+    def slot_counts(self, now: float | None = None) -> dict[str, SlotCounts]:
+        now = self._now(now)
+        counts: dict[str, dict[str, int]] = {}
+        with self._lock:
+            for (kind, key), held in self._slots.items():
+                n = sum(1 for expires in held.values() if expires > now)
+                if n:
+                    counts.setdefault(key, {})[kind] = n
+        return {key: SlotCounts(**c) for key, c in counts.items()}
 
     # -- rate windows ----------------------------------------------------------------
 
@@ -760,6 +784,17 @@ class SqliteUsageStore:
                 "SELECT COUNT(*) FROM slots WHERE kind = ? AND key = ? AND expires > ?", (kind, key, now)
             ).fetchone()
         return int(row[0])
+
+    def slot_counts(self, now: float | None = None) -> dict[str, SlotCounts]:
+        now = self._now(now)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT kind, key, COUNT(*) FROM slots WHERE expires > ? GROUP BY kind, key", (now,)
+            ).fetchall()
+        counts: dict[str, dict[str, int]] = {}
+        for kind, key, n in rows:
+            counts.setdefault(key, {})[kind] = int(n)
+        return {key: SlotCounts(**c) for key, c in counts.items()}
 
     # -- rate windows ----------------------------------------------------------------
 

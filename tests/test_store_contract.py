@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from gpu_backend.redis_store import AsyncRedisStore, RedisStore
-from gpu_backend.usage import Lease, MemoryUsageStore, SqliteUsageStore, UsageStore
+from gpu_backend.usage import Lease, MemoryUsageStore, SlotCounts, SqliteUsageStore, UsageStore
 
 KINDS = ["memory", "sqlite", "redis", "redis-async"]
 
@@ -415,3 +415,18 @@ def test_redis_reads_its_own_clock_not_the_callers(redis_server: Any) -> None:
         assert store.count("running", "f", now=0.0) == 1
     finally:
         store.close()
+
+
+def test_slot_counts_list_every_holder_across_handles(make_store: Factory) -> None:
+    a, b = make_store(), make_store()
+    assert a.slot_counts() == {}
+    a.acquire_slot("queued", "key:alpha", "j1", 5, 30.0)
+    b.acquire_slot("queued", "key:alpha", "j2", 5, 30.0)  # the same client on another replica
+    b.move("key:alpha", "j2", 1, 30.0)
+    b.acquire_slot("running", "addr:10.0.0.1", "j3", 1, 0.3)
+    b.acquire_slot("queued", "key:gone", "j4", 5, 30.0)
+    b.release("queued", "key:gone", "j4")
+    counts = a.slot_counts()
+    assert counts == {"key:alpha": SlotCounts(queued=1, running=1), "addr:10.0.0.1": SlotCounts(running=1)}
+    wait_for(lambda: "addr:10.0.0.1" not in a.slot_counts())  # its lease ran out
+    assert b.slot_counts() == {"key:alpha": SlotCounts(queued=1, running=1)}

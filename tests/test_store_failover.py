@@ -328,3 +328,24 @@ def test_open_store_keeps_sqlite_without_a_redis_url(tmp_path: Path, redis_serve
     shared.close()
     with pytest.raises(ValueError, match="mode"):
         ResilientStore(default, mode="open")  # type: ignore[arg-type]
+
+
+def test_settings_read_the_redis_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from shared.settings import Settings
+
+    monkeypatch.setenv("SPLITSPACE_REDIS_URL", "redis://:pw-in-url@example:6379/0")
+    monkeypatch.setenv("SPLITSPACE_REDIS_FAILURE", "local")
+    monkeypatch.setenv("SPLITSPACE_REPLICAS", "3")
+    settings = Settings()
+    assert settings.redis_url is not None and settings.redis_url.get_secret_value().endswith("@example:6379/0")
+    assert "pw-in-url" not in repr(settings)
+    assert (settings.redis_failure, settings.replicas) == ("local", 3)
+    monkeypatch.setenv("SPLITSPACE_REDIS_URL", "")
+    monkeypatch.delenv("SPLITSPACE_REDIS_FAILURE")
+    monkeypatch.delenv("SPLITSPACE_REPLICAS")
+    assert (Settings().redis_url, Settings().redis_failure, Settings().replicas) == (None, "closed", 1)
+    monkeypatch.setenv("SPLITSPACE_REDIS_FAILURE", "open")
+    with pytest.raises(ValidationError, match="redis_failure"):
+        Settings()
