@@ -33,13 +33,18 @@ def dev(
     backend_port: int = typer.Option(7861),
     quotas: Optional[str] = typer.Option(None, help="Operators' quota file (TOML)."),
     reload: bool = typer.Option(False, "--reload", help="Restart a tier when its source changes."),
+    backends: int = typer.Option(1, "--backends", min=1, help="GPU tiers to start (more than 1: on a local Redis)."),
+    frontends: int = typer.Option(1, "--frontends", min=1, help="Frontends to start, each given every GPU tier."),
 ) -> None:
-    """Run both tiers on this machine (separate processes, a fresh shared secret)."""
+    """Run both tiers on this machine (separate processes, a fresh shared secret).
+
+    With --backends or --frontends above 1, also a redis-server on a free port that
+    every tier shares its limits through (Debian package redis-server)."""
     from .local import run_dev
 
     env = {"SPLITSPACE_QUOTAS": quotas} if quotas else {}
     raise typer.Exit(run_dev(model=model, frontend_port=frontend_port, backend_port=backend_port,
-                             extra_env=env, reload=reload))
+                             extra_env=env, reload=reload, backends=backends, frontends=frontends))
 
 
 @app.command()

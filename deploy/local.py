@@ -3,6 +3,12 @@
 A fresh shared secret per run (the tiers must agree, nobody else needs it),
 the GPU tier started first, a readiness wait on each tier's ``/health``, both
 URLs printed, and both stopped together on Ctrl-C or when either dies.
+
+Scale-out (``--backends N --frontends M``): N GPU tiers and M frontends, each frontend
+given every GPU tier's URL, and, when N or M is above 1, a throwaway ``redis-server``
+(:mod:`deploy.redis_local`) whose URL every tier gets as ``SPLITSPACE_REDIS_URL``, with
+``SPLITSPACE_REPLICAS`` the count of its own kind. The first tier of each kind listens
+on the given port, the others on free ports; all URLs are printed.
 """
 
 from __future__ import annotations
@@ -15,8 +21,11 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
+
+from .redis_local import LocalRedis, free_port
 
 
 @dataclass
@@ -25,6 +34,8 @@ class Tier:
     args: list[str]
     url: str
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    env: dict[str, str] = field(default_factory=dict)
+    """Variables of this tier alone, over the run's environment."""
 
 
 def tier_command(subcommand: str, *args: str) -> list[str]:
@@ -58,6 +69,73 @@ def stop(procs: Sequence[subprocess.Popen[bytes]], grace_s: float = 5.0) -> None
             p.wait()
 
 
+def dev_tiers(
+    *,
+    host: str,
+    model: str,
+    frontend_port: int,
+    backend_port: int,
+    backends: int = 1,
+    frontends: int = 1,
+    reload: bool = False,
+    redis_url: str | None = None,
+) -> list[Tier]:
+    """The tiers of one dev run, GPU tiers first (the frontends need them up)."""
+    if backends < 1 or frontends < 1:
+        raise ValueError(f"--backends and --frontends must be at least 1, got {backends} and {frontends}")
+    reload_flag = ["--reload"] if reload else []
+    taken = {frontend_port, backend_port}
+
+    def port(first: int, i: int) -> int:
+        if i == 0:
+            return first
+        while (p := free_port(host)) in taken:
+            pass
+        taken.add(p)
+        return p
+
+    def shared(count: int) -> dict[str, str]:
+        return {} if redis_url is None else {"SPLITSPACE_REDIS_URL": redis_url, "SPLITSPACE_REPLICAS": str(count)}
+
+    gpu: list[Tier] = []
+    for i in range(backends):
+        p = port(backend_port, i)
+        gpu.append(Tier("GPU tier", tier_command(
+            "backend", "--host", host, "--port", str(p), "--model", model, *reload_flag),
+            f"http://{host}:{p}", env=shared(backends)))
+    backend_urls = ",".join(t.url for t in gpu)
+    front: list[Tier] = []
+    for i in range(frontends):
+        p = port(frontend_port, i)
+        front.append(Tier("frontend", tier_command(
+            "frontend", "--host", host, "--port", str(p), "--backend-url", backend_urls, *reload_flag),
+            f"http://{host}:{p}", env=shared(frontends)))
+    return gpu + front
+
+
+def start_dev_redis(host: str, workdir: str | None = None) -> tuple[LocalRedis, Tier]:
+    """A ``redis-server`` for a scale-out run (its log in ``workdir``), as a :class:`Tier`
+    so it is watched and stopped like the others. ``RedisNotInstalled`` (a RuntimeError)
+    names the Debian package."""
+    server = LocalRedis(host=host, workdir=None if workdir is None else Path(workdir)).start()
+    return server, Tier("Redis", [server.executable], server.url, proc=server.proc)
+
+
+def print_urls(model: str, tiers: Sequence[Tier]) -> None:
+    gpu = [t for t in tiers if t.name == "GPU tier"]
+    front = [t for t in tiers if t.name == "frontend"]
+    redis_tier = next((t for t in tiers if t.name == "Redis"), None)
+    scale = "" if redis_tier is None else f", {len(gpu)} GPU tier(s), {len(front)} frontend(s) on one Redis"
+    print(f"splitspace dev: model {model}{scale}", flush=True)
+    for tier in gpu:
+        print(f"  GPU tier  {tier.url}  (not for the public)", flush=True)
+    for i, tier in enumerate(front):
+        print(f"  frontend  {tier.url}" + ("  <- open this" if i == 0 else ""), flush=True)
+    if redis_tier is not None:
+        print(f"  Redis     {redis_tier.url}  (shared limits, nothing persisted)", flush=True)
+    print("Ctrl-C stops both." if redis_tier is None else "Ctrl-C stops them all.", flush=True)
+
+
 def run_dev(
     *,
     model: str,
@@ -67,6 +145,8 @@ def run_dev(
     extra_env: dict[str, str] | None = None,
     ready_timeout_s: float = 120.0,
     reload: bool = False,
+    backends: int = 1,
+    frontends: int = 1,
 ) -> int:
     env = dict(os.environ)
     env.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -74,33 +154,33 @@ def run_dev(
     if reload:
         env["SPLITSPACE_DEV_RELOAD"] = "1"
     env.update(extra_env or {})
-    backend_url = f"http://{host}:{backend_port}"
-    frontend_url = f"http://{host}:{frontend_port}"
-    reload_flag = ["--reload"] if reload else []
-    backend = Tier("GPU tier", tier_command(
-        "backend", "--host", host, "--port", str(backend_port), "--model", model, *reload_flag), backend_url)
-    frontend = Tier("frontend", tier_command(
-        "frontend", "--host", host, "--port", str(frontend_port), "--backend-url", backend_url, *reload_flag),
-        frontend_url)
+    tiers: list[Tier] = []
     procs: list[subprocess.Popen[bytes]] = []
     try:
-        for tier in (backend, frontend):
-            tier.proc = subprocess.Popen(tier.args, env=env)
-            procs.append(tier.proc)
-            wait_ready(tier.url, tier.proc, ready_timeout_s)
-        print(f"splitspace dev: model {model}", flush=True)
-        print(f"  GPU tier  {backend_url}  (not for the public)", flush=True)
-        print(f"  frontend  {frontend_url}  <- open this", flush=True)
-        print("Ctrl-C stops both.", flush=True)
+        if backends > 1 or frontends > 1:
+            _, redis_tier = start_dev_redis(host, ".splitspace/redis")
+            procs.append(redis_tier.proc)  # type: ignore[arg-type]
+            tiers.append(redis_tier)
+        redis_url = tiers[0].url if tiers else None
+        tiers += dev_tiers(host=host, model=model, frontend_port=frontend_port, backend_port=backend_port,
+                           backends=backends, frontends=frontends, reload=reload, redis_url=redis_url)
+        for kind in ("GPU tier", "frontend"):  # GPU tiers first, each kind started together
+            group = [t for t in tiers if t.name == kind]
+            for tier in group:
+                tier.proc = subprocess.Popen(tier.args, env={**env, **tier.env})
+                procs.append(tier.proc)
+            for tier in group:
+                wait_ready(tier.url, tier.proc, ready_timeout_s)
+        print_urls(model, tiers)
         while all(p.poll() is None for p in procs):
             time.sleep(0.3)
-        dead = next(t for t in (backend, frontend) if t.proc is not None and t.proc.poll() is not None)
+        dead = next(t for t in tiers if t.proc is not None and t.proc.poll() is not None)
         print(f"splitspace dev: the {dead.name} exited ({dead.proc.returncode}); stopping", flush=True)  # type: ignore[union-attr]
         return 1
     except KeyboardInterrupt:
         print("splitspace dev: stopping", flush=True)
         return 0
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         print(f"splitspace dev: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:

@@ -1,23 +1,43 @@
-"""GPU-second usage per client and operator overrides, kept where a restart cannot lose them.
+"""Per-client state that admission checks and changes: usage, overrides, slots, rates, service.
 
 Why this module exists: quotas are counted in GPU-seconds over a window (an hour by
 default). If that count lived only in the scheduler's memory, restarting the GPU tier
 (a deploy, a crash, a Space rebuild) would hand every client a fresh quota, and an
 operator's emergency override ("cap key:nightly-bench at 2 queued") would vanish with it.
-So usage and overrides live behind :class:`UsageStore`, and the scheduler talks to it
-only through one atomic operation, :meth:`UsageStore.reserve` (check the limit and add
-the cost in one step), plus :meth:`UsageStore.adjust` to settle a reservation with the
-GPU time actually measured. Because check-and-add is one call, a store shared by several
-replicas (a Redis store with a Lua script, say) can follow without touching the scheduler,
-and two replicas can never both squeeze into the last GPU-second.
+And once several replicas serve one client, every count that a limit reads must live in
+one place that all of them share, or each limit is multiplied by the replica count. So
+that state lives behind :class:`UsageStore`, and every check-and-change is one atomic
+call (check the limit and add in one step), so that two replicas can never both squeeze
+into the last GPU-second or the last slot:
+
+* **usage windows** (``gpu_seconds``, ``address_gpu_seconds``): :meth:`~UsageStore.reserve`
+  and :meth:`~UsageStore.adjust` (settle a reservation with the GPU time measured);
+* **operator overrides** per client id, with a version counter replicas poll;
+* **slots** (``max_queued``, ``max_running``, the frontend's in-flight caps): a per-key
+  set of *leases*, one per job, each expiring ``lease_s`` after it was taken or last
+  renewed. A replica that dies mid-job stops renewing, so its client's slots come free
+  within one lease without an operator. :meth:`~UsageStore.move` turns a queued lease into
+  a running one at dispatch, atomically against the running limit;
+* **rate windows** (``requests_per_minute``): the admission times of the last window per
+  key, a sliding window;
+* **fair-queueing service** per flow (the virtual service counter of the scheduler), so
+  that a client served on one GPU tier is not fresh on another.
 
 Windows are fixed and start at a key's first use: the window opened at ``t`` with length
 ``w`` counts everything until ``t + w``; the first reservation at or after that opens a
 new, empty window. The window length is the one given to the reserve that opened it, so
 an operator changing ``window_s`` takes effect at the next window.
 
-Two stores: :class:`MemoryUsageStore` (tests, single process, nothing survives) and
-:class:`SqliteUsageStore` (one file; several processes on one machine share it safely).
+Time: every method takes ``now`` (seconds, wall clock) or, given None, reads the store's
+own clock (``time.time`` unless one is injected). Callers pass it always or never, in
+one clock. A shared store does not trust its callers' clocks: the Redis store
+(:mod:`gpu_backend.redis_store`) ignores ``now`` and reads Redis' ``TIME`` inside each
+script, so replicas whose clocks disagree still agree on every window and lease.
+
+Three stores: :class:`MemoryUsageStore` (tests, single process, nothing survives),
+:class:`SqliteUsageStore` (one file; several processes on one machine share it safely,
+the default) and :class:`~gpu_backend.redis_store.RedisStore` (any number of replicas on
+any machines). ``tests/test_store_contract.py`` runs one contract suite on all three.
 """
 
 from __future__ import annotations
@@ -26,20 +46,111 @@ import json
 import math
 import sqlite3
 import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-__all__ = ["UsageStore", "MemoryUsageStore", "SqliteUsageStore"]
+from shared.errors import ServiceUnavailable
+
+__all__ = [
+    "UsageStore",
+    "StoreUnavailable",
+    "MemoryUsageStore",
+    "SqliteUsageStore",
+    "SlotKind",
+    "SLOT_KINDS",
+    "Lease",
+    "SlotGrant",
+    "SlotCounts",
+    "Renewal",
+    "RateGrant",
+    "DEFAULT_LEASE_S",
+    "DEFAULT_SERVICE_TTL_S",
+]
 
 _SLACK = 1e-9
 """Float slack so that three reservations of 0.1 fit a limit of 0.3."""
 
+SlotKind = Literal["queued", "running"]
+SLOT_KINDS: tuple[SlotKind, ...] = ("queued", "running")
+
+DEFAULT_LEASE_S = 30.0
+"""How long a slot outlives a replica that stopped renewing it (a crash, a kill -9)."""
+
+DEFAULT_SERVICE_TTL_S = 86400.0
+"""A flow's shared service counter is forgotten after this long without a change (it would
+restart at the virtual time anyway); bounds the state kept for clients seen once."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One job's slot: ``kind`` (queued or running) in the set of ``key`` (a flow or client id)."""
+
+    kind: SlotKind
+    key: str
+    job_id: str
+
+
+@dataclass(frozen=True)
+class SlotGrant:
+    """What :meth:`UsageStore.acquire_slot` and :meth:`UsageStore.move` decided.
+
+    ``held`` counts the live leases in the (target) set after the call, this job's
+    included when granted: the "3 requests already queued" of a refusal."""
+
+    granted: bool
+    held: int
+
+
+@dataclass(frozen=True)
+class SlotCounts:
+    """Live leases of one key, as :meth:`UsageStore.slot_counts` lists them."""
+
+    queued: int = 0
+    running: int = 0
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """What :meth:`UsageStore.renew` did: leases extended, and leases that had already
+    expired (or were released) and were not brought back."""
+
+    renewed: tuple[Lease, ...]
+    lost: tuple[Lease, ...]
+
+
+@dataclass(frozen=True)
+class RateGrant:
+    """What :meth:`UsageStore.admit_rate` decided: ``held`` admissions in the window after
+    the call; when refused, ``retry_after_s`` until the oldest leaves it (else 0)."""
+
+    granted: bool
+    held: int
+    retry_after_s: float = 0.0
+
+
+class StoreUnavailable(ServiceUnavailable):
+    """A shared store (Redis) cannot serve now: nothing was checked or changed.
+
+    Raised by the Redis store at its boundary, and by :mod:`gpu_backend.resilient_store`
+    in ``closed`` mode with the time until it tries Redis again as ``retry_after_s``."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message, retry_after_s)
+
 
 class UsageStore(Protocol):
-    """Usage per key in fixed windows, and operator overrides per client id."""
+    """The state admission reads and changes; each check-and-change is atomic.
 
-    def reserve(self, key: str, amount: float, limit: float, window_s: float, now: float) -> float | None:
+    ``now``: seconds on the wall clock, or None for the store's own clock. The Redis
+    store ignores it and uses the Redis server's ``TIME`` (one clock for all replicas).
+    A shared store that cannot be reached raises :class:`StoreUnavailable`."""
+
+    # -- usage windows -----------------------------------------------------------------
+
+    def reserve(self, key: str, amount: float, limit: float, window_s: float, now: float | None = None) -> float | None:
         """Atomically add ``amount`` to ``key``'s window if the total stays within ``limit``.
 
         Returns None when reserved, else the seconds until the window resets (retry after).
@@ -47,20 +158,22 @@ class UsageStore(Protocol):
         """
         ...
 
-    def adjust(self, key: str, delta: float, now: float) -> None:
+    def adjust(self, key: str, delta: float, now: float | None = None) -> None:
         """Add ``delta`` (may be negative; the total is clamped at 0) to the live window.
 
         Settles a reservation with the measured cost. Does nothing if the window expired.
         """
         ...
 
-    def usage(self, key: str, now: float) -> tuple[float, float]:
+    def usage(self, key: str, now: float | None = None) -> tuple[float, float]:
         """``(used, resets_in_s)`` of the live window; ``(0.0, 0.0)`` when there is none."""
         ...
 
     def reset(self, key: str) -> None:
         """Forget ``key``'s usage."""
         ...
+
+    # -- operator overrides ------------------------------------------------------------
 
     def get_overrides(self, client_id: str) -> dict[str, Any]:
         """The operator overrides of one client (empty when none)."""
@@ -78,6 +191,86 @@ class UsageStore(Protocol):
         """Every client's overrides, by client id."""
         ...
 
+    def overrides_version(self) -> int:
+        """A counter that every override change increases: a replica caching overrides
+        re-reads them when it moved (one cheap read instead of all of them)."""
+        ...
+
+    # -- slots (max_queued, max_running, in-flight caps) --------------------------------
+
+    def acquire_slot(
+        self, kind: SlotKind, key: str, job_id: str, limit: float, lease_s: float, now: float | None = None
+    ) -> SlotGrant:
+        """Take a ``kind`` slot of ``key`` for ``job_id`` if fewer than ``limit`` live leases
+        hold one; expired leases are dropped first, in the same step. A job that already
+        holds the slot is granted again (its lease renewed), so retries are harmless."""
+        ...
+
+    def renew(self, leases: Iterable[Lease], lease_s: float, now: float | None = None) -> Renewal:
+        """Extend each live lease to ``lease_s`` from now. A lease that expired is lost:
+        another job may hold its place, so it is reported, not brought back."""
+        ...
+
+    def release(self, kind: SlotKind, key: str, job_id: str) -> bool:
+        """Give back a slot (idempotent); True if the job held it."""
+        ...
+
+    def move(
+        self,
+        key: str,
+        job_id: str,
+        limit: float,
+        lease_s: float,
+        now: float | None = None,
+        *,
+        source: SlotKind = "queued",
+        target: SlotKind = "running",
+    ) -> SlotGrant:
+        """Dispatch: atomically take a ``target`` slot (within ``limit``) and give back the
+        ``source`` one. When refused, nothing changes (the job keeps its queued slot). The
+        job need not still hold its source lease (it may have expired): it is admitted."""
+        ...
+
+    def count(self, kind: SlotKind, key: str, now: float | None = None) -> int:
+        """Live ``kind`` leases of ``key``."""
+        ...
+
+    def slot_counts(self, now: float | None = None) -> dict[str, SlotCounts]:
+        """Every key that holds live leases, with its counts: what operators list, across
+        all replicas (keys with none are left out)."""
+        ...
+
+    # -- rate windows (requests_per_minute) --------------------------------------------
+
+    def admit_rate(self, key: str, job_id: str, limit: float, window_s: float, now: float | None = None) -> RateGrant:
+        """Count ``job_id`` in ``key``'s sliding window of ``window_s`` if fewer than
+        ``limit`` admissions are in it (idempotent per job id)."""
+        ...
+
+    def forget_rate(self, key: str, job_id: str) -> None:
+        """Take an admission back out of the window (a later check refused the request)."""
+        ...
+
+    # -- fair-queueing service ---------------------------------------------------------
+
+    def add_service(self, flow_id: str, delta: float, *, floor: float | None = None, now: float | None = None) -> float:
+        """Atomically ``S = max(S, floor) + delta`` for the flow; returns the new ``S``.
+
+        ``floor`` is the scheduler's "an idle flow restarts at the virtual time" rule;
+        ``add_service(name, 0.0, floor=v)`` keeps a shared maximum (a global virtual time)."""
+        ...
+
+    def service(self, flow_ids: Iterable[str], now: float | None = None) -> dict[str, float]:
+        """The service of each known flow among ``flow_ids`` (unknown ones are left out)."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and files."""
+        ...
+
+
+# -- shared rules -----------------------------------------------------------------------
+
 
 @dataclass
 class _Window:
@@ -92,9 +285,26 @@ class _Window:
         return max(0.0, self.start + self.window_s - now)
 
 
-def _check_amounts(amount: float, limit: float, window_s: float) -> None:
+def check_reservation(amount: float, limit: float, window_s: float) -> None:
     if not amount >= 0 or math.isnan(limit) or not window_s > 0:
         raise ValueError(f"bad reservation: amount={amount!r} limit={limit!r} window_s={window_s!r}")
+
+
+def check_slot(kind: str, limit: float, lease_s: float) -> None:
+    if kind not in SLOT_KINDS:
+        raise ValueError(f"bad slot kind {kind!r}: one of {', '.join(SLOT_KINDS)}")
+    if math.isnan(limit) or limit < 0 or not lease_s > 0:
+        raise ValueError(f"bad slot: limit={limit!r} lease_s={lease_s!r}")
+
+
+def check_rate(limit: float, window_s: float) -> None:
+    if math.isnan(limit) or limit < 0 or not window_s > 0:
+        raise ValueError(f"bad rate window: limit={limit!r} window_s={window_s!r}")
+
+
+def check_service(delta: float, floor: float | None) -> None:
+    if not math.isfinite(delta) or (floor is not None and not math.isfinite(floor)):
+        raise ValueError(f"bad service change: delta={delta!r} floor={floor!r}")
 
 
 def _reserve(window: _Window | None, amount: float, limit: float, window_s: float, now: float) -> tuple[_Window | None, float | None]:
@@ -108,12 +318,24 @@ def _reserve(window: _Window | None, amount: float, limit: float, window_s: floa
 
 
 class MemoryUsageStore:
-    """A :class:`UsageStore` in a dict; thread-safe, lost when the process ends."""
+    """A :class:`UsageStore` in dicts; thread-safe, lost when the process ends."""
 
-    def __init__(self, windows: dict[str, _Window] | None = None) -> None:
+    def __init__(
+        self,
+        windows: dict[str, _Window] | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        service_ttl_s: float = DEFAULT_SERVICE_TTL_S,
+    ) -> None:
+        self._clock = clock
+        self._service_ttl_s = service_ttl_s
         self._lock = threading.Lock()
         self._windows: dict[str, _Window] = dict(windows or {})
         self._overrides: dict[str, dict[str, Any]] = {}
+        self._version = 0
+        self._slots: dict[tuple[str, str], dict[str, float]] = {}  # (kind, key) -> job -> expires
+        self._rates: dict[str, dict[str, float]] = {}  # key -> job -> admitted at
+        self._service: dict[str, tuple[float, float]] = {}  # flow -> (value, expires)
 
     def window(self, key: str) -> _Window | None:
         """A copy of ``key``'s window (for ``write_behind.py``, which persists it)."""
@@ -121,21 +343,29 @@ class MemoryUsageStore:
             w = self._windows.get(key)
             return None if w is None else _Window(w.used, w.start, w.window_s)
 
-    def reserve(self, key: str, amount: float, limit: float, window_s: float, now: float) -> float | None:
-        _check_amounts(amount, limit, window_s)
+    def _now(self, now: float | None) -> float:
+        return self._clock() if now is None else now
+
+    # -- usage -----------------------------------------------------------------------
+
+    def reserve(self, key: str, amount: float, limit: float, window_s: float, now: float | None = None) -> float | None:
+        check_reservation(amount, limit, window_s)
+        now = self._now(now)
         with self._lock:
             window, retry = _reserve(self._windows.get(key), amount, limit, window_s, now)
             if window is not None:
                 self._windows[key] = window
             return retry
 
-    def adjust(self, key: str, delta: float, now: float) -> None:
+    def adjust(self, key: str, delta: float, now: float | None = None) -> None:
+        now = self._now(now)
         with self._lock:
             window = self._windows.get(key)
             if window is not None and window.live(now):
                 window.used = max(0.0, window.used + delta)
 
-    def usage(self, key: str, now: float) -> tuple[float, float]:
+    def usage(self, key: str, now: float | None = None) -> tuple[float, float]:
+        now = self._now(now)
         with self._lock:
             window = self._windows.get(key)
             if window is None or not window.live(now):
@@ -146,6 +376,8 @@ class MemoryUsageStore:
         with self._lock:
             self._windows.pop(key, None)
 
+    # -- overrides -------------------------------------------------------------------
+
     def get_overrides(self, client_id: str) -> dict[str, Any]:
         with self._lock:
             return dict(self._overrides.get(client_id, {}))
@@ -153,17 +385,163 @@ class MemoryUsageStore:
     def set_overrides(self, client_id: str, values: dict[str, Any]) -> None:
         with self._lock:
             self._overrides.setdefault(client_id, {}).update(values)
+            self._version += 1
 
     def clear_overrides(self, client_id: str) -> None:
         with self._lock:
             self._overrides.pop(client_id, None)
+            self._version += 1
 
     def all_overrides(self) -> dict[str, dict[str, Any]]:
         with self._lock:
             return {cid: dict(values) for cid, values in self._overrides.items()}
 
+    def overrides_version(self) -> int:
+        with self._lock:
+            return self._version
+
+    # -- slots -----------------------------------------------------------------------
+
+    def _live_slots(self, kind: str, key: str, now: float) -> dict[str, float]:
+        """The live leases of one set (lock held); expired ones dropped."""
+        leases = self._slots.setdefault((kind, key), {})
+        for job_id in [j for j, expires in leases.items() if expires <= now]:
+            del leases[job_id]
+        return leases
+
+    def _tidy(self, kind: str, key: str) -> None:
+        if not self._slots.get((kind, key)):
+            self._slots.pop((kind, key), None)
+
+    def acquire_slot(
+        self, kind: SlotKind, key: str, job_id: str, limit: float, lease_s: float, now: float | None = None
+    ) -> SlotGrant:
+        check_slot(kind, limit, lease_s)
+        now = self._now(now)
+        with self._lock:
+            leases = self._live_slots(kind, key, now)
+            if job_id in leases or len(leases) < limit:
+                leases[job_id] = now + lease_s
+                return SlotGrant(True, len(leases))
+            self._tidy(kind, key)
+            return SlotGrant(False, len(leases))
+
+    def renew(self, leases: Iterable[Lease], lease_s: float, now: float | None = None) -> Renewal:
+        now = self._now(now)
+        renewed: list[Lease] = []
+        lost: list[Lease] = []
+        with self._lock:
+            for lease in leases:
+                check_slot(lease.kind, 0, lease_s)
+                held = self._live_slots(lease.kind, lease.key, now)
+                if lease.job_id in held:
+                    held[lease.job_id] = now + lease_s
+                    renewed.append(lease)
+                else:
+                    lost.append(lease)
+                    self._tidy(lease.kind, lease.key)
+        return Renewal(tuple(renewed), tuple(lost))
+
+    def release(self, kind: SlotKind, key: str, job_id: str) -> bool:
+        check_slot(kind, 0, 1.0)
+        with self._lock:
+            held = self._slots.get((kind, key), {})
+            found = held.pop(job_id, None) is not None
+            self._tidy(kind, key)
+            return found
+
+    def move(
+        self,
+        key: str,
+        job_id: str,
+        limit: float,
+        lease_s: float,
+        now: float | None = None,
+        *,
+        source: SlotKind = "queued",
+        target: SlotKind = "running",
+    ) -> SlotGrant:
+        check_slot(source, limit, lease_s)
+        check_slot(target, limit, lease_s)
+        now = self._now(now)
+        with self._lock:
+            into = self._live_slots(target, key, now)
+            if job_id not in into and len(into) >= limit:
+                self._tidy(target, key)
+                return SlotGrant(False, len(into))
+            into[job_id] = now + lease_s
+            self._live_slots(source, key, now).pop(job_id, None)
+            self._tidy(source, key)
+            return SlotGrant(True, len(into))
+
+    def count(self, kind: SlotKind, key: str, now: float | None = None) -> int:
+        check_slot(kind, 0, 1.0)
+        now = self._now(now)
+        with self._lock:
+            held = self._slots.get((kind, key), {})
+            return sum(1 for expires in held.values() if expires > now)
+
+    def slot_counts(self, now: float | None = None) -> dict[str, SlotCounts]:
+        now = self._now(now)
+        counts: dict[str, dict[str, int]] = {}
+        with self._lock:
+            for (kind, key), held in self._slots.items():
+                n = sum(1 for expires in held.values() if expires > now)
+                if n:
+                    counts.setdefault(key, {})[kind] = n
+        return {key: SlotCounts(**c) for key, c in counts.items()}
+
+    # -- rate windows ----------------------------------------------------------------
+
+    def admit_rate(self, key: str, job_id: str, limit: float, window_s: float, now: float | None = None) -> RateGrant:
+        check_rate(limit, window_s)
+        now = self._now(now)
+        with self._lock:
+            times = self._rates.setdefault(key, {})  # in admission order: the oldest first
+            while times and next(iter(times.values())) <= now - window_s:
+                del times[next(iter(times))]
+            if job_id in times:
+                return RateGrant(True, len(times))
+            if len(times) < limit:
+                times[job_id] = now
+                return RateGrant(True, len(times))
+            if not times:
+                del self._rates[key]
+                return RateGrant(False, 0, window_s)
+            oldest = next(iter(times.values()))
+            return RateGrant(False, len(times), max(0.0, oldest + window_s - now))
+
+    def forget_rate(self, key: str, job_id: str) -> None:
+        with self._lock:
+            times = self._rates.get(key)
+            if times is not None:
+                times.pop(job_id, None)
+                if not times:
+                    del self._rates[key]
+
+    # -- service ---------------------------------------------------------------------
+
+    def add_service(self, flow_id: str, delta: float, *, floor: float | None = None, now: float | None = None) -> float:
+        check_service(delta, floor)
+        now = self._now(now)
+        with self._lock:
+            value, expires = self._service.get(flow_id, (0.0, math.inf))
+            if expires <= now:
+                value = 0.0
+            if floor is not None:
+                value = max(value, floor)
+            value += delta
+            self._service[flow_id] = (value, now + self._service_ttl_s)
+            return value
+
+    def service(self, flow_ids: Iterable[str], now: float | None = None) -> dict[str, float]:
+        now = self._now(now)
+        with self._lock:
+            found = {f: self._service.get(f) for f in flow_ids}
+            return {f: v[0] for f, v in found.items() if v is not None and v[1] > now}
+
     def close(self) -> None:
-        """Nothing to release; here so both stores can be closed alike."""
+        """Nothing to release; here so every store can be closed alike."""
 
 
 _SCHEMA = """
@@ -177,20 +555,56 @@ CREATE TABLE IF NOT EXISTS overrides (
     client_id TEXT PRIMARY KEY,
     data TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS slots (
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (kind, key, job_id)
+);
+CREATE INDEX IF NOT EXISTS slots_expires ON slots (expires);
+CREATE TABLE IF NOT EXISTS rates (
+    key TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (key, job_id)
+);
+CREATE INDEX IF NOT EXISTS rates_expires ON rates (expires);
+CREATE INDEX IF NOT EXISTS rates_key_at ON rates (key, at);
+CREATE TABLE IF NOT EXISTS service (
+    flow_id TEXT PRIMARY KEY,
+    value REAL NOT NULL,
+    expires REAL NOT NULL
+);
 """
 
 
 class SqliteUsageStore:
     """A :class:`UsageStore` in one SQLite file; survives restarts.
 
-    Every read-modify-write runs in a ``BEGIN IMMEDIATE`` transaction, so the check and
-    the add of :meth:`reserve` are atomic across threads (a lock) and across processes
-    sharing the file (SQLite's write lock). WAL mode lets readers go on meanwhile.
+    Every read-modify-write runs in a ``BEGIN IMMEDIATE`` transaction, so each check and
+    its change are atomic across threads (a lock) and across processes sharing the file
+    (SQLite's write lock). WAL mode lets readers go on meanwhile. Expired leases and rate
+    entries are deleted by the next write that looks at their table.
     """
 
-    def __init__(self, path: str | Path, *, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        timeout_s: float = 10.0,
+        clock: Callable[[], float] = time.time,
+        service_ttl_s: float = DEFAULT_SERVICE_TTL_S,
+    ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self._service_ttl_s = service_ttl_s
         self._lock = threading.Lock()
         # isolation_level=None: no implicit transactions; we open them ourselves.
         self._db = sqlite3.connect(self.path, timeout=timeout_s, check_same_thread=False, isolation_level=None)
@@ -199,6 +613,9 @@ class SqliteUsageStore:
         self._db.executescript(_SCHEMA)
 
     # -- helpers ---------------------------------------------------------------------
+
+    def _now(self, now: float | None) -> float:
+        return self._clock() if now is None else now
 
     def _window(self, key: str) -> _Window | None:
         row = self._db.execute("SELECT used, window_start, window_s FROM usage WHERE key = ?", (key,)).fetchone()
@@ -230,22 +647,25 @@ class SqliteUsageStore:
 
     # -- usage -----------------------------------------------------------------------
 
-    def reserve(self, key: str, amount: float, limit: float, window_s: float, now: float) -> float | None:
-        _check_amounts(amount, limit, window_s)
+    def reserve(self, key: str, amount: float, limit: float, window_s: float, now: float | None = None) -> float | None:
+        check_reservation(amount, limit, window_s)
+        now = self._now(now)
         with self._write():
             window, retry = _reserve(self._window(key), amount, limit, window_s, now)
             if window is not None:
                 self._put(key, window)
             return retry
 
-    def adjust(self, key: str, delta: float, now: float) -> None:
+    def adjust(self, key: str, delta: float, now: float | None = None) -> None:
+        now = self._now(now)
         with self._write():
             window = self._window(key)
             if window is not None and window.live(now):
                 window.used = max(0.0, window.used + delta)
                 self._put(key, window)
 
-    def usage(self, key: str, now: float) -> tuple[float, float]:
+    def usage(self, key: str, now: float | None = None) -> tuple[float, float]:
+        now = self._now(now)
         with self._lock:
             window = self._window(key)
         if window is None or not window.live(now):
@@ -262,6 +682,12 @@ class SqliteUsageStore:
         row = self._db.execute("SELECT data FROM overrides WHERE client_id = ?", (client_id,)).fetchone()
         return {} if row is None else dict(json.loads(row[0]))
 
+    def _bump_version(self) -> None:
+        self._db.execute(
+            "INSERT INTO meta (name, value) VALUES ('overrides_version', 1) "
+            "ON CONFLICT (name) DO UPDATE SET value = value + 1"
+        )
+
     def get_overrides(self, client_id: str) -> dict[str, Any]:
         with self._lock:
             return self._read_overrides(client_id)
@@ -274,15 +700,186 @@ class SqliteUsageStore:
                 "INSERT OR REPLACE INTO overrides (client_id, data) VALUES (?, ?)",
                 (client_id, json.dumps(merged, sort_keys=True)),
             )
+            self._bump_version()
 
     def clear_overrides(self, client_id: str) -> None:
         with self._write():
             self._db.execute("DELETE FROM overrides WHERE client_id = ?", (client_id,))
+            self._bump_version()
 
     def all_overrides(self) -> dict[str, dict[str, Any]]:
         with self._lock:
             rows = self._db.execute("SELECT client_id, data FROM overrides").fetchall()
         return {cid: dict(json.loads(data)) for cid, data in rows}
+
+    def overrides_version(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE name = 'overrides_version'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    # -- slots -----------------------------------------------------------------------
+
+    def _held(self, kind: str, key: str) -> int:
+        row = self._db.execute("SELECT COUNT(*) FROM slots WHERE kind = ? AND key = ?", (kind, key)).fetchone()
+        return int(row[0])
+
+    def _holds(self, kind: str, key: str, job_id: str) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM slots WHERE kind = ? AND key = ? AND job_id = ?", (kind, key, job_id)
+        ).fetchone()
+        return row is not None
+
+    def _prune_slots(self, now: float) -> None:
+        self._db.execute("DELETE FROM slots WHERE expires <= ?", (now,))
+
+    def _put_slot(self, kind: str, key: str, job_id: str, expires: float) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO slots (kind, key, job_id, expires) VALUES (?, ?, ?, ?)",
+            (kind, key, job_id, expires),
+        )
+
+    def acquire_slot(
+        self, kind: SlotKind, key: str, job_id: str, limit: float, lease_s: float, now: float | None = None
+    ) -> SlotGrant:
+        check_slot(kind, limit, lease_s)
+        now = self._now(now)
+        with self._write():
+            self._prune_slots(now)
+            held = self._held(kind, key)
+            if self._holds(kind, key, job_id):
+                self._put_slot(kind, key, job_id, now + lease_s)
+                return SlotGrant(True, held)
+            if held < limit:
+                self._put_slot(kind, key, job_id, now + lease_s)
+                return SlotGrant(True, held + 1)
+            return SlotGrant(False, held)
+
+    def renew(self, leases: Iterable[Lease], lease_s: float, now: float | None = None) -> Renewal:
+        now = self._now(now)
+        renewed: list[Lease] = []
+        lost: list[Lease] = []
+        with self._write():
+            self._prune_slots(now)
+            for lease in leases:
+                check_slot(lease.kind, 0, lease_s)
+                cur = self._db.execute(
+                    "UPDATE slots SET expires = ? WHERE kind = ? AND key = ? AND job_id = ?",
+                    (now + lease_s, lease.kind, lease.key, lease.job_id),
+                )
+                (renewed if cur.rowcount else lost).append(lease)
+        return Renewal(tuple(renewed), tuple(lost))
+
+    def release(self, kind: SlotKind, key: str, job_id: str) -> bool:
+        check_slot(kind, 0, 1.0)
+        with self._write():
+            cur = self._db.execute(
+                "DELETE FROM slots WHERE kind = ? AND key = ? AND job_id = ?", (kind, key, job_id)
+            )
+            return cur.rowcount > 0
+
+    def move(
+        self,
+        key: str,
+        job_id: str,
+        limit: float,
+        lease_s: float,
+        now: float | None = None,
+        *,
+        source: SlotKind = "queued",
+        target: SlotKind = "running",
+    ) -> SlotGrant:
+        check_slot(source, limit, lease_s)
+        check_slot(target, limit, lease_s)
+        now = self._now(now)
+        with self._write():
+            self._prune_slots(now)
+            held = self._held(target, key)
+            already = self._holds(target, key, job_id)
+            if not already and held >= limit:
+                return SlotGrant(False, held)
+            self._put_slot(target, key, job_id, now + lease_s)
+            self._db.execute(
+                "DELETE FROM slots WHERE kind = ? AND key = ? AND job_id = ?", (source, key, job_id)
+            )
+            return SlotGrant(True, held if already else held + 1)
+
+    def count(self, kind: SlotKind, key: str, now: float | None = None) -> int:
+        check_slot(kind, 0, 1.0)
+        now = self._now(now)
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM slots WHERE kind = ? AND key = ? AND expires > ?", (kind, key, now)
+            ).fetchone()
+        return int(row[0])
+
+    def slot_counts(self, now: float | None = None) -> dict[str, SlotCounts]:
+        now = self._now(now)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT kind, key, COUNT(*) FROM slots WHERE expires > ? GROUP BY kind, key", (now,)
+            ).fetchall()
+        counts: dict[str, dict[str, int]] = {}
+        for kind, key, n in rows:
+            counts.setdefault(key, {})[kind] = int(n)
+        return {key: SlotCounts(**c) for key, c in counts.items()}
+
+    # -- rate windows ----------------------------------------------------------------
+
+    def admit_rate(self, key: str, job_id: str, limit: float, window_s: float, now: float | None = None) -> RateGrant:
+        check_rate(limit, window_s)
+        now = self._now(now)
+        with self._write():
+            self._db.execute("DELETE FROM rates WHERE expires <= ?", (now,))
+            self._db.execute("DELETE FROM rates WHERE key = ? AND at <= ?", (key, now - window_s))
+            held, oldest = self._db.execute("SELECT COUNT(*), MIN(at) FROM rates WHERE key = ?", (key,)).fetchone()
+            if self._db.execute("SELECT 1 FROM rates WHERE key = ? AND job_id = ?", (key, job_id)).fetchone():
+                return RateGrant(True, held)
+            if held < limit:
+                self._db.execute(
+                    "INSERT INTO rates (key, job_id, at, expires) VALUES (?, ?, ?, ?)",
+                    (key, job_id, now, now + window_s),
+                )
+                return RateGrant(True, held + 1)
+            retry = max(0.0, oldest + window_s - now) if held else window_s
+            return RateGrant(False, held, retry)
+
+    def forget_rate(self, key: str, job_id: str) -> None:
+        with self._write():
+            self._db.execute("DELETE FROM rates WHERE key = ? AND job_id = ?", (key, job_id))
+
+    # -- service ---------------------------------------------------------------------
+
+    def add_service(self, flow_id: str, delta: float, *, floor: float | None = None, now: float | None = None) -> float:
+        check_service(delta, floor)
+        now = self._now(now)
+        with self._write():
+            row = self._db.execute(
+                "SELECT value FROM service WHERE flow_id = ? AND expires > ?", (flow_id, now)
+            ).fetchone()
+            value = 0.0 if row is None else float(row[0])
+            if floor is not None:
+                value = max(value, floor)
+            value += delta
+            self._db.execute(
+                "INSERT OR REPLACE INTO service (flow_id, value, expires) VALUES (?, ?, ?)",
+                (flow_id, value, now + self._service_ttl_s),
+            )
+            self._db.execute("DELETE FROM service WHERE expires <= ?", (now,))
+            return value
+
+    def service(self, flow_ids: Iterable[str], now: float | None = None) -> dict[str, float]:
+        now = self._now(now)
+        wanted = list(dict.fromkeys(flow_ids))
+        found: dict[str, float] = {}
+        with self._lock:
+            for start in range(0, len(wanted), 500):  # SQLite's bound-parameter limit
+                part = wanted[start : start + 500]
+                marks = ",".join("?" * len(part))
+                rows = self._db.execute(
+                    f"SELECT flow_id, value FROM service WHERE expires > ? AND flow_id IN ({marks})", (now, *part)
+                ).fetchall()
+                found.update({f: float(v) for f, v in rows})
+        return found
 
     def close(self) -> None:
         with self._lock:

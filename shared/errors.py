@@ -107,3 +107,22 @@ def from_wire(doc: dict[str, object]) -> SplitspaceError:
     if title == GPU_ERROR:
         return GpuFailed(message)
     return SplitspaceError(message, title=title)
+
+
+SERVICE_UNAVAILABLE = "Service unavailable"
+
+
+class ServiceUnavailable(SplitspaceError):
+    """A dependency the tier needs (its shared store, e.g. Redis) is down; retry after
+    ``retry_after_s``. Unlike :class:`Throttled` this is nobody's limit: nothing was charged."""
+
+    title = SERVICE_UNAVAILABLE
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        self.reason = message
+        self.retry_after_s = max(0.0, float(retry_after_s))
+        super().__init__(f"{message}. Retry in {self.retry_after_whole_s} s.")
+
+    @property
+    def retry_after_whole_s(self) -> int:
+        return max(1, math.ceil(self.retry_after_s))

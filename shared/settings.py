@@ -34,7 +34,16 @@ class Settings(BaseSettings):
     trusted_proxies: int = Field(default=0, ge=0)
     """How many reverse proxies in front of the frontend append to X-Forwarded-For."""
     state_path: Path = Path(".splitspace/state.sqlite3")
-    """GPU tier: SQLite file for usage windows and operator overrides."""
+    """GPU tier: SQLite file for usage windows and operator overrides (when ``redis_url`` is unset)."""
+    redis_url: SecretStr | None = None
+    """Every tier: shared state (usage, overrides, slots, rate windows, fair service) on this
+    Redis, e.g. ``redis://:PASSWORD@host:6379/0``; unset, the embedded SQLite store stays.
+    A SecretStr because the URL usually carries the password."""
+    redis_failure: Literal["closed", "local"] = "closed"
+    """While Redis is down: ``closed`` refuses with "Service unavailable" and a retry time;
+    ``local`` serves from this process's memory with each limit divided by ``replicas``."""
+    replicas: int = Field(default=1, ge=1)
+    """How many replicas of this tier share the Redis (limits are divided by it in ``local`` mode)."""
     transport: Literal["direct", "httpx", "gradio_client"] = "direct"
     """Frontend: how requests reach the GPU tier: ``direct`` (one request per call to its
     direct route), ``httpx`` (Gradio's queue protocol, pooled) or ``gradio_client`` (stock)."""
@@ -66,7 +75,7 @@ class Settings(BaseSettings):
     max_side: int = 1024
     max_steps: int = 50
 
-    @field_validator("secret", "admin_token", "hf_token", mode="before")
+    @field_validator("secret", "admin_token", "hf_token", "redis_url", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value in ("", None) else value

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.support import Deployment, sha256
+
+if TYPE_CHECKING:
+    from deploy.redis_local import LocalRedis
 
 # API keys the tests use, as an operator would define them.
 KEYS = {
@@ -81,3 +85,24 @@ def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+# -- Redis (issue 12): a real redis-server, never skipped ----------------------------------
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator["LocalRedis"]:
+    """One ``redis-server`` on a free port for the session (tests keep apart by key prefix)."""
+    from tests.redis_server import start_redis
+
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator["LocalRedis"]:
+    """A ``redis-server`` of this test alone, which it may stop and start again."""
+    from tests.redis_server import start_redis
+
+    server = start_redis(tmp_path / "redis")
+    yield server
+    server.stop()

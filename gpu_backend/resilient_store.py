@@ -1,0 +1,581 @@
+"""What a tier does while its shared store (Redis) is down: ``SPLITSPACE_REDIS_FAILURE``.
+
+Why this module exists: a shared store is a new way to fail. Envoy's rate limiter fails
+open by default and LiteLLM silently falls back to per-pod limits (litellm#35533), so an
+outage multiplies every limit without anyone noticing. Here the choice is explicit, and
+both choices are bounded in time and in what they let through:
+
+``closed`` (the default)
+    Admission (``reserve``, ``acquire_slot``, ``move``, ``admit_rate``) raises
+    :class:`~gpu_backend.usage.StoreUnavailable`, a ``ServiceUnavailable`` ("Service
+    unavailable", with the seconds until Redis is tried again). Nothing is admitted that
+    the global limits have not checked.
+``local``
+    Admission is decided by an in-process :class:`~gpu_backend.usage.MemoryUsageStore`
+    with every limit divided by the number of replicas (``replicas``), so that the sum
+    over all replicas still holds: ``gpu_seconds`` exactly, counts (``max_queued``,
+    ``max_running``, ``requests_per_minute``) rounded down, but at least 1 where the limit
+    is at least 1 (a ``max_running = 1`` client runs one job per replica rather than none).
+    A limit of 0 stays 0.
+
+Both modes, whatever is being done:
+
+* *Nothing hangs.* Redis calls time out after ~0.5 s (the store's client); after a
+  failure a circuit breaker (:class:`CircuitBreaker`) sends no call to Redis for
+  ``retry_s`` (3 s), then lets one call through as a probe; the first success closes it.
+  Recovery is automatic.
+* *Settlements never raise* (``adjust``, ``release``, ``renew``, ``forget_rate``,
+  ``add_service``): they go to Redis when it answers, else to memory. ``release`` and
+  ``renew`` always go to memory too, so slots taken during an outage are given back there.
+  A lease Redis did not hear about being released expires by itself within its lease.
+* *Reads* (``usage``, ``count``, ``slot_counts``, ``service``, overrides) fall back to memory: overrides
+  from a mirror refreshed by every successful read from Redis. ``overrides_version`` is
+  negative while served from memory, so a cache that compares versions re-reads both when
+  Redis goes away and when it comes back.
+* *Operator writes* (``set_overrides``, ``clear_overrides``, ``reset``) raise
+  ``StoreUnavailable`` in both modes: an operator must know that a change did not land.
+
+What happens to the usage spent while Redis was down: it is counted in memory only and
+never replayed into Redis, so nothing is charged twice. A reservation taken in Redis and
+settled during the outage keeps its estimate charged in Redis (its correction is lost,
+not applied twice); one taken in memory and settled after recovery has its correction
+(measured minus estimate, usually small) applied to Redis. Slots held in memory when
+Redis returns are unknown to Redis until those jobs end, so for at most one job time a
+client may run up to its local share on top of its Redis count. The memory state is kept
+(windows, leases) for the next outage; it expires as everywhere else.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+from .usage import (
+    Lease,
+    MemoryUsageStore,
+    RateGrant,
+    Renewal,
+    SlotCounts,
+    SlotGrant,
+    SlotKind,
+    SqliteUsageStore,
+    StoreUnavailable,
+    UsageStore,
+)
+
+__all__ = [
+    "FailureMode",
+    "CircuitBreaker",
+    "ResilientStore",
+    "AsyncResilientStore",
+    "open_store",
+    "open_async_store",
+    "DEFAULT_RETRY_S",
+]
+
+log = logging.getLogger("splitspace.store")
+
+FailureMode = Literal["closed", "local"]
+DEFAULT_RETRY_S = 3.0
+"""After a failure, Redis is tried again this much later (one probe call)."""
+
+T = TypeVar("T")
+
+
+class _Route(enum.Enum):
+    ADMIT = "admit"  # closed: refuse; local: memory with shared limits
+    SETTLE = "settle"  # never raise: Redis if up, else memory
+    READ = "read"  # never raise: Redis if up, else memory
+    OPERATOR = "operator"  # raise when Redis is down, in both modes
+
+
+class CircuitBreaker:
+    """Closed (calls go to Redis) until a failure; then open for ``retry_s``; then one
+    caller at a time probes, and a success closes it again. Thread-safe; time injected."""
+
+    def __init__(self, retry_s: float = DEFAULT_RETRY_S, clock: Callable[[], float] = time.monotonic) -> None:
+        if not retry_s > 0:
+            raise ValueError(f"retry_s must be positive, got {retry_s!r}")
+        self.retry_s = retry_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._open = False
+        self._retry_at = 0.0
+        self._probing = False
+
+    @property
+    def is_open(self) -> bool:
+        with self._lock:
+            return self._open
+
+    def allow(self) -> bool:
+        """May this caller try Redis now? (False while open, except for one probe.)"""
+        with self._lock:
+            if not self._open:
+                return True
+            if self._probing or self._clock() < self._retry_at:
+                return False
+            self._probing = True
+            return True
+
+    def succeeded(self) -> bool:
+        """Redis answered; True if that closed the breaker (a recovery)."""
+        with self._lock:
+            was_open, self._open, self._probing = self._open, False, False
+            return was_open
+
+    def failed(self) -> bool:
+        """Redis did not answer; True if that opened the breaker (an outage began)."""
+        with self._lock:
+            was_open = self._open
+            self._open, self._probing = True, False
+            self._retry_at = self._clock() + self.retry_s
+            return not was_open
+
+    def abandoned(self) -> None:
+        """A probe ended without a verdict (cancelled): let the next caller probe."""
+        with self._lock:
+            self._probing = False
+
+    def retry_after(self) -> float:
+        with self._lock:
+            return max(0.0, self._retry_at - self._clock()) if self._open else 0.0
+
+
+class _Failover:
+    """The routing both wrappers share: which side serves, limits shared in local mode."""
+
+    def __init__(
+        self,
+        fallback: MemoryUsageStore | None,
+        mode: FailureMode,
+        replicas: int,
+        breaker: CircuitBreaker | None,
+    ) -> None:
+        if mode not in ("closed", "local"):
+            raise ValueError(f"mode must be 'closed' or 'local', got {mode!r}")
+        if replicas < 1:
+            raise ValueError(f"replicas must be at least 1, got {replicas!r}")
+        self.mode: FailureMode = mode
+        self.replicas = int(replicas)
+        self.fallback = fallback if fallback is not None else MemoryUsageStore()
+        self.breaker = breaker if breaker is not None else CircuitBreaker()
+
+    @property
+    def degraded(self) -> bool:
+        """True while the shared store is considered down."""
+        return self.breaker.is_open
+
+    def share(self, limit: float) -> float:
+        """One replica's part of a GPU-second limit."""
+        return limit if math.isinf(limit) else limit / self.replicas
+
+    def share_count(self, limit: float) -> float:
+        """One replica's part of a count limit: rounded down, at least 1 unless it is 0."""
+        if math.isinf(limit) or limit < 1:
+            return limit if math.isinf(limit) else 0
+        return max(1, math.floor(limit / self.replicas))
+
+    def refusal(self) -> StoreUnavailable:
+        retry = max(self.breaker.retry_after(), 1.0)
+        return StoreUnavailable("the shared store (Redis) is unreachable; nothing was charged", retry)
+
+    def on_success(self) -> None:
+        if self.breaker.succeeded():
+            log.warning("shared store (Redis) reachable again: global limits back in force")
+
+    def on_failure(self, exc: StoreUnavailable) -> None:
+        if self.breaker.failed():
+            what = "refusing admissions" if self.mode == "closed" else f"serving with limits / {self.replicas}"
+            log.warning("%s; %s, retrying every %.0f s", exc.reason, what, self.breaker.retry_s)
+
+    def mirror_overrides(self, all_values: dict[str, dict[str, Any]]) -> None:
+        for cid in set(self.fallback.all_overrides()) - set(all_values):
+            self.fallback.clear_overrides(cid)
+        for cid, values in all_values.items():
+            if self.fallback.get_overrides(cid) != values:
+                self.fallback.clear_overrides(cid)
+                self.fallback.set_overrides(cid, values)
+
+    def mirror_one(self, client_id: str, values: dict[str, Any]) -> None:
+        if self.fallback.get_overrides(client_id) != values:
+            self.fallback.clear_overrides(client_id)
+            if values:
+                self.fallback.set_overrides(client_id, values)
+
+
+class ResilientStore:
+    """A :class:`~gpu_backend.usage.UsageStore` over a shared ``primary`` (a RedisStore)
+    that keeps its promises while the primary is down; see the module docstring."""
+
+    def __init__(
+        self,
+        primary: UsageStore,
+        fallback: MemoryUsageStore | None = None,
+        *,
+        mode: FailureMode = "closed",
+        replicas: int = 1,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
+        self.primary = primary
+        self._f = _Failover(fallback, mode, replicas, breaker)
+        self.fallback = self._f.fallback
+        self.breaker = self._f.breaker
+
+    @property
+    def degraded(self) -> bool:
+        return self._f.degraded
+
+    @property
+    def mode(self) -> FailureMode:
+        return self._f.mode
+
+    def _call(self, route: _Route, on_primary: Callable[[UsageStore], T], on_fallback: Callable[[MemoryUsageStore], T]) -> T:
+        if self._f.breaker.allow():
+            try:
+                result = on_primary(self.primary)
+            except StoreUnavailable as exc:
+                self._f.on_failure(exc)
+            except Exception:
+                self._f.on_success()  # Redis answered (with an error that is a bug): not an outage
+                raise
+            except BaseException:
+                self._f.breaker.abandoned()
+                raise
+            else:
+                self._f.on_success()
+                return result
+        if route is _Route.OPERATOR or (route is _Route.ADMIT and self._f.mode == "closed"):
+            raise self._f.refusal()
+        return on_fallback(self.fallback)
+
+    # -- usage -----------------------------------------------------------------------
+
+    def reserve(self, key: str, amount: float, limit: float, window_s: float, now: float | None = None) -> float | None:
+        return self._call(
+            _Route.ADMIT,
+            lambda p: p.reserve(key, amount, limit, window_s, now),
+            lambda f: f.reserve(key, amount, self._f.share(limit), window_s, now),
+        )
+
+    def adjust(self, key: str, delta: float, now: float | None = None) -> None:
+        self._call(_Route.SETTLE, lambda p: p.adjust(key, delta, now), lambda f: f.adjust(key, delta, now))
+
+    def usage(self, key: str, now: float | None = None) -> tuple[float, float]:
+        return self._call(_Route.READ, lambda p: p.usage(key, now), lambda f: f.usage(key, now))
+
+    def reset(self, key: str) -> None:
+        self.fallback.reset(key)
+        self._call(_Route.OPERATOR, lambda p: p.reset(key), lambda f: None)
+
+    # -- overrides -------------------------------------------------------------------
+
+    def get_overrides(self, client_id: str) -> dict[str, Any]:
+        def primary(p: UsageStore) -> dict[str, Any]:
+            values = p.get_overrides(client_id)
+            self._f.mirror_one(client_id, values)
+            return values
+
+        return self._call(_Route.READ, primary, lambda f: f.get_overrides(client_id))
+
+    def set_overrides(self, client_id: str, values: dict[str, Any]) -> None:
+        self._call(_Route.OPERATOR, lambda p: p.set_overrides(client_id, values), lambda f: None)
+        self.fallback.set_overrides(client_id, values)
+
+    def clear_overrides(self, client_id: str) -> None:
+        self._call(_Route.OPERATOR, lambda p: p.clear_overrides(client_id), lambda f: None)
+        self.fallback.clear_overrides(client_id)
+
+    def all_overrides(self) -> dict[str, dict[str, Any]]:
+        def primary(p: UsageStore) -> dict[str, dict[str, Any]]:
+            values = p.all_overrides()
+            self._f.mirror_overrides(values)
+            return values
+
+        return self._call(_Route.READ, primary, lambda f: f.all_overrides())
+
+    def overrides_version(self) -> int:
+        return self._call(_Route.READ, lambda p: p.overrides_version(), lambda f: -1 - f.overrides_version())
+
+    # -- slots -----------------------------------------------------------------------
+
+    def acquire_slot(
+        self, kind: SlotKind, key: str, job_id: str, limit: float, lease_s: float, now: float | None = None
+    ) -> SlotGrant:
+        return self._call(
+            _Route.ADMIT,
+            lambda p: p.acquire_slot(kind, key, job_id, limit, lease_s, now),
+            lambda f: f.acquire_slot(kind, key, job_id, self._f.share_count(limit), lease_s, now),
+        )
+
+    def renew(self, leases: Iterable[Lease], lease_s: float, now: float | None = None) -> Renewal:
+        wanted = list(leases)
+        local = self.fallback.renew(wanted, lease_s, now)
+        return self._call(_Route.SETTLE, lambda p: p.renew(wanted, lease_s, now), lambda f: local)
+
+    def release(self, kind: SlotKind, key: str, job_id: str) -> bool:
+        local = self.fallback.release(kind, key, job_id)
+        shared = self._call(_Route.SETTLE, lambda p: p.release(kind, key, job_id), lambda f: False)
+        return shared or local
+
+    def move(
+        self,
+        key: str,
+        job_id: str,
+        limit: float,
+        lease_s: float,
+        now: float | None = None,
+        *,
+        source: SlotKind = "queued",
+        target: SlotKind = "running",
+    ) -> SlotGrant:
+        return self._call(
+            _Route.ADMIT,
+            lambda p: p.move(key, job_id, limit, lease_s, now, source=source, target=target),
+            lambda f: f.move(key, job_id, self._f.share_count(limit), lease_s, now, source=source, target=target),
+        )
+
+    def count(self, kind: SlotKind, key: str, now: float | None = None) -> int:
+        return self._call(_Route.READ, lambda p: p.count(kind, key, now), lambda f: f.count(kind, key, now))
+
+    def slot_counts(self, now: float | None = None) -> dict[str, SlotCounts]:
+        return self._call(_Route.READ, lambda p: p.slot_counts(now), lambda f: f.slot_counts(now))
+
+    # -- rate windows ----------------------------------------------------------------
+
+    def admit_rate(self, key: str, job_id: str, limit: float, window_s: float, now: float | None = None) -> RateGrant:
+        return self._call(
+            _Route.ADMIT,
+            lambda p: p.admit_rate(key, job_id, limit, window_s, now),
+            lambda f: f.admit_rate(key, job_id, self._f.share_count(limit), window_s, now),
+        )
+
+    def forget_rate(self, key: str, job_id: str) -> None:
+        self._call(_Route.SETTLE, lambda p: p.forget_rate(key, job_id), lambda f: f.forget_rate(key, job_id))
+
+    # -- service ---------------------------------------------------------------------
+
+    def add_service(self, flow_id: str, delta: float, *, floor: float | None = None, now: float | None = None) -> float:
+        return self._call(
+            _Route.SETTLE,
+            lambda p: p.add_service(flow_id, delta, floor=floor, now=now),
+            lambda f: f.add_service(flow_id, delta, floor=floor, now=now),
+        )
+
+    def service(self, flow_ids: Iterable[str], now: float | None = None) -> dict[str, float]:
+        wanted = list(flow_ids)
+        return self._call(_Route.READ, lambda p: p.service(wanted, now), lambda f: f.service(wanted, now))
+
+    def close(self) -> None:
+        self.primary.close()
+        self.fallback.close()
+
+
+class AsyncResilientStore:
+    """:class:`ResilientStore` for the event loop, over an
+    :class:`~gpu_backend.redis_store.AsyncRedisStore`; the same routing, as coroutines.
+    The memory fallback is called directly (it never blocks)."""
+
+    def __init__(
+        self,
+        primary: Any,
+        fallback: MemoryUsageStore | None = None,
+        *,
+        mode: FailureMode = "closed",
+        replicas: int = 1,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
+        self.primary = primary
+        self._f = _Failover(fallback, mode, replicas, breaker)
+        self.fallback = self._f.fallback
+        self.breaker = self._f.breaker
+
+    @property
+    def degraded(self) -> bool:
+        return self._f.degraded
+
+    @property
+    def mode(self) -> FailureMode:
+        return self._f.mode
+
+    async def _call(
+        self, route: _Route, on_primary: Callable[[Any], Awaitable[T]], on_fallback: Callable[[MemoryUsageStore], T]
+    ) -> T:
+        if self._f.breaker.allow():
+            try:
+                result = await on_primary(self.primary)
+            except StoreUnavailable as exc:
+                self._f.on_failure(exc)
+            except Exception:
+                self._f.on_success()
+                raise
+            except BaseException:  # cancelled mid-call: no verdict on Redis
+                self._f.breaker.abandoned()
+                raise
+            else:
+                self._f.on_success()
+                return result
+        if route is _Route.OPERATOR or (route is _Route.ADMIT and self._f.mode == "closed"):
+            raise self._f.refusal()
+        return on_fallback(self.fallback)
+
+    async def reserve(self, key: str, amount: float, limit: float, window_s: float, now: float | None = None) -> float | None:
+        return await self._call(
+            _Route.ADMIT,
+            lambda p: p.reserve(key, amount, limit, window_s, now),
+            lambda f: f.reserve(key, amount, self._f.share(limit), window_s, now),
+        )
+
+    async def adjust(self, key: str, delta: float, now: float | None = None) -> None:
+        await self._call(_Route.SETTLE, lambda p: p.adjust(key, delta, now), lambda f: f.adjust(key, delta, now))
+
+    async def usage(self, key: str, now: float | None = None) -> tuple[float, float]:
+        return await self._call(_Route.READ, lambda p: p.usage(key, now), lambda f: f.usage(key, now))
+
+    async def reset(self, key: str) -> None:
+        self.fallback.reset(key)
+        await self._call(_Route.OPERATOR, lambda p: p.reset(key), lambda f: None)
+
+    async def get_overrides(self, client_id: str) -> dict[str, Any]:
+        async def primary(p: Any) -> dict[str, Any]:
+            values = await p.get_overrides(client_id)
+            self._f.mirror_one(client_id, values)
+            return values
+
+        return await self._call(_Route.READ, primary, lambda f: f.get_overrides(client_id))
+
+    async def set_overrides(self, client_id: str, values: dict[str, Any]) -> None:
+        await self._call(_Route.OPERATOR, lambda p: p.set_overrides(client_id, values), lambda f: None)
+        self.fallback.set_overrides(client_id, values)
+
+    async def clear_overrides(self, client_id: str) -> None:
+        await self._call(_Route.OPERATOR, lambda p: p.clear_overrides(client_id), lambda f: None)
+        self.fallback.clear_overrides(client_id)
+
+    async def all_overrides(self) -> dict[str, dict[str, Any]]:
+        async def primary(p: Any) -> dict[str, dict[str, Any]]:
+            values = await p.all_overrides()
+            self._f.mirror_overrides(values)
+            return values
+
+        return await self._call(_Route.READ, primary, lambda f: f.all_overrides())
+
+    async def overrides_version(self) -> int:
+        return await self._call(_Route.READ, lambda p: p.overrides_version(), lambda f: -1 - f.overrides_version())
+
+    async def acquire_slot(
+        self, kind: SlotKind, key: str, job_id: str, limit: float, lease_s: float, now: float | None = None
+    ) -> SlotGrant:
+        return await self._call(
+            _Route.ADMIT,
+            lambda p: p.acquire_slot(kind, key, job_id, limit, lease_s, now),
+            lambda f: f.acquire_slot(kind, key, job_id, self._f.share_count(limit), lease_s, now),
+        )
+
+    async def renew(self, leases: Iterable[Lease], lease_s: float, now: float | None = None) -> Renewal:
+        wanted = list(leases)
+        local = self.fallback.renew(wanted, lease_s, now)
+        return await self._call(_Route.SETTLE, lambda p: p.renew(wanted, lease_s, now), lambda f: local)
+
+    async def release(self, kind: SlotKind, key: str, job_id: str) -> bool:
+        local = self.fallback.release(kind, key, job_id)
+        shared = await self._call(_Route.SETTLE, lambda p: p.release(kind, key, job_id), lambda f: False)
+        return shared or local
+
+    async def move(
+        self,
+        key: str,
+        job_id: str,
+        limit: float,
+        lease_s: float,
+        now: float | None = None,
+        *,
+        source: SlotKind = "queued",
+        target: SlotKind = "running",
+    ) -> SlotGrant:
+        return await self._call(
+            _Route.ADMIT,
+            lambda p: p.move(key, job_id, limit, lease_s, now, source=source, target=target),
+            lambda f: f.move(key, job_id, self._f.share_count(limit), lease_s, now, source=source, target=target),
+        )
+
+    async def count(self, kind: SlotKind, key: str, now: float | None = None) -> int:
+        return await self._call(_Route.READ, lambda p: p.count(kind, key, now), lambda f: f.count(kind, key, now))
+
+    async def slot_counts(self, now: float | None = None) -> dict[str, SlotCounts]:
+        return await self._call(_Route.READ, lambda p: p.slot_counts(now), lambda f: f.slot_counts(now))
+
+    async def admit_rate(self, key: str, job_id: str, limit: float, window_s: float, now: float | None = None) -> RateGrant:
+        return await self._call(
+            _Route.ADMIT,
+            lambda p: p.admit_rate(key, job_id, limit, window_s, now),
+            lambda f: f.admit_rate(key, job_id, self._f.share_count(limit), window_s, now),
+        )
+
+    async def forget_rate(self, key: str, job_id: str) -> None:
+        await self._call(_Route.SETTLE, lambda p: p.forget_rate(key, job_id), lambda f: f.forget_rate(key, job_id))
+
+    async def add_service(
+        self, flow_id: str, delta: float, *, floor: float | None = None, now: float | None = None
+    ) -> float:
+        return await self._call(
+            _Route.SETTLE,
+            lambda p: p.add_service(flow_id, delta, floor=floor, now=now),
+            lambda f: f.add_service(flow_id, delta, floor=floor, now=now),
+        )
+
+    async def service(self, flow_ids: Iterable[str], now: float | None = None) -> dict[str, float]:
+        wanted = list(flow_ids)
+        return await self._call(_Route.READ, lambda p: p.service(wanted, now), lambda f: f.service(wanted, now))
+
+    async def close(self) -> None:
+        await self.primary.close()
+        self.fallback.close()
+
+
+def open_store(
+    *,
+    redis_url: str | None,
+    sqlite_path: Path,
+    failure: FailureMode = "closed",
+    replicas: int = 1,
+    retry_s: float = DEFAULT_RETRY_S,
+) -> UsageStore:
+    """The store a tier uses, from its settings (called at the edge, e.g. the GPU app):
+    SQLite at ``sqlite_path`` without a Redis URL, else Redis with the failure mode."""
+    if not redis_url:
+        return SqliteUsageStore(sqlite_path)
+    from .redis_store import RedisStore
+
+    return ResilientStore(
+        RedisStore.from_url(redis_url), mode=failure, replicas=replicas, breaker=CircuitBreaker(retry_s)
+    )
+
+
+def open_async_store(
+    *,
+    redis_url: str,
+    failure: FailureMode = "closed",
+    replicas: int = 1,
+    retry_s: float = DEFAULT_RETRY_S,
+    fallback: MemoryUsageStore | None = None,
+    breaker: CircuitBreaker | None = None,
+) -> AsyncResilientStore:
+    """The event-loop twin of :func:`open_store` for Redis. Pass the sync store's
+    ``fallback`` and ``breaker`` (attributes of the :class:`ResilientStore`) to share one
+    local state and one outage verdict between the loop and the GPU thread."""
+    from .redis_store import AsyncRedisStore
+
+    return AsyncResilientStore(
+        AsyncRedisStore.from_url(redis_url),
+        fallback,
+        mode=failure,
+        replicas=replicas,
+        breaker=breaker or CircuitBreaker(retry_s),
+    )
