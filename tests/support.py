@@ -117,6 +117,44 @@ def serve_gpu_tier(workdir: Path, secret: str, around_generate: Any) -> Iterator
         yield url
 
 
+@contextlib.contextmanager
+def serve_gpu_tier_with(settings: Any, executor: Any) -> Iterator[tuple[str, Any]]:
+    """A GPU tier in this process from the test's own ``settings`` and model executor: its
+    URL and its ``GpuTier``, for what only the process can show (e.g. that a model change
+    is waiting for the GPU to go idle: ``tier.runner.paused``)."""
+    from gpu_backend.app import build_app
+
+    app = build_app(settings, executor)
+    with serve_in_thread(app) as url:
+        yield url, app.state.tier
+
+
+def held_model(spec: str, release: threading.Event, timeout_s: float = 120) -> Any:
+    """A model executor (``sleep:MS``) whose every call waits for ``release`` first: a job
+    that stays on the GPU until the test lets it go (a real model cannot be held on demand)."""
+    from gpu_backend.model import ModelExecutor
+
+    executor = ModelExecutor.from_spec(spec)
+    generate = executor.generate
+
+    def held(req, seed):  # type: ignore[no-untyped-def]
+        if not release.wait(timeout_s):
+            raise TimeoutError(f"the test never released the held model {spec}")
+        return generate(req, seed)
+
+    executor.generate = held  # type: ignore[method-assign]
+    return executor
+
+
+def gpu_depth(url: str) -> tuple[int, int]:
+    """(queued, running) jobs on a GPU tier, from its /health; (-1, -1) if it does not answer."""
+    try:
+        doc = httpx.get(f"{url}/health", timeout=5).json()
+    except httpx.HTTPError:
+        return -1, -1
+    return doc["queued"], doc["running"]
+
+
 def wait_for(check, timeout_s: float, every_s: float = 0.1):  # type: ignore[no-untyped-def]
     """Poll ``check`` until it returns something truthy or ``timeout_s`` passes; its last value."""
     deadline = time.monotonic() + timeout_s

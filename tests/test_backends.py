@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from tests.clients import call_rest, error_text, gen_args
-from tests.support import Deployment, TierProcess, free_port, start_tier
+from tests.support import Deployment, TierProcess, free_port, gpu_depth, start_tier, wait_for
 
 
 def _finished(url: str) -> float:
@@ -23,6 +22,11 @@ def _finished(url: str) -> float:
         if line.startswith('splitspace_requests_total{outcome="finished"}'):
             return float(line.split()[-1])
     return 0.0
+
+
+def _in_flight(url: str) -> int:
+    queued, running = gpu_depth(url)
+    return queued + running
 
 
 def _burst(url: str, n: int, prefix: str) -> list[tuple[str, list]]:
@@ -70,7 +74,8 @@ def test_one_killed_mid_load_nothing_dropped_survivor_takes_over_and_it_rejoins(
     outcome: list[tuple[str, list]] = []
     runner = threading.Thread(target=lambda: outcome.extend(_burst(d.frontend.url, 16, "10.3.0")))
     runner.start()
-    time.sleep(0.7)
+    # mid load: the second GPU tier has a request running and another waiting
+    assert wait_for(lambda: _in_flight(second.url) >= 2, 60, 0.05), gpu_depth(second.url)
     second.proc.send_signal(signal.SIGKILL)
     runner.join(timeout=120)
     assert not runner.is_alive(), "a request hung"
@@ -87,13 +92,10 @@ def test_one_killed_mid_load_nothing_dropped_survivor_takes_over_and_it_rejoins(
     env = {**d.common_env(), "SPLITSPACE_MODEL": d.model, "SPLITSPACE_STATE_PATH": str(tmp_path / "b2.sqlite3")}
     revived = start_tier("backend", second_port, env, tmp_path / "backend2b.log")
     try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            if all(b["healthy"] for b in httpx.get(f"{d.frontend.url}/health").json()["backends"]):
-                break
-            time.sleep(0.3)
-        else:
-            pytest.fail("the revived GPU tier did not rejoin")
+        rejoined = wait_for(
+            lambda: all(b["healthy"] for b in httpx.get(f"{d.frontend.url}/health").json()["backends"]), 15, 0.3
+        )
+        assert rejoined, "the revived GPU tier did not rejoin"
         _burst(d.frontend.url, 8, "10.5.0")
         assert _finished(revived.url) > 0, "the rejoined GPU tier got no work"
     finally:

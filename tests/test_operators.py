@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -147,6 +148,39 @@ def sample(text: str, name: str, labels: str = "") -> float | None:
     return float(m.group(1)) if m else None
 
 
+def mtier_depth(d: Deployment) -> tuple[float, float]:
+    """(queued, running) of tier "mtier", as /metrics shows them."""
+    text = metrics_text(d)
+    return (sample(text, "splitspace_queued", 'tier="mtier"') or 0.0,
+            sample(text, "splitspace_running", 'tier="mtier"') or 0.0)
+
+
+_probes = itertools.count(1)
+
+
+def wait_until_the_frontend_has_the_overrides(d: Deployment) -> None:
+    """Wait until the frontend knows the in-flight cap of every override set so far.
+
+    It learns them from the GPU tier's health document (every 2 s). The probe: a cap of 0
+    set now on an address never seen before, which the frontend refuses by itself (the GPU
+    tier refuses it too, with another message) once a health document holding it, and so
+    every earlier override, has reached the frontend."""
+    n = next(_probes)
+    address = f"10.250.{n // 250}.{n % 250 + 1}"
+    probe = f"/clients/addr:{address}"
+    assert admin(d, "PUT", probe, json={"max_running": 0, "max_queued": 0}).status_code == 200
+
+    def refused_by_the_frontend() -> bool:
+        with httpx.Client(timeout=60) as c:
+            final, events = call_rest(c, d.frontend.url, "generate", gen_args(), {"x-forwarded-for": address})
+        return final == "error" and "(max_running + max_queued = 0)" in error_text(events)
+
+    try:
+        assert wait_for(refused_by_the_frontend, 20, 0.2), "the frontend never learned the live caps"
+    finally:
+        admin(d, "DELETE", probe)
+
+
 def one_line_error(done: subprocess.CompletedProcess[str]) -> str:
     assert done.returncode != 0
     output = done.stdout + done.stderr
@@ -163,8 +197,8 @@ def test_quota_file_hot_reload_and_bad_edit_keeps_last_good(ops):
         assert client.predict(api_name="/quota")["limits"]["max_queued"] == 4
 
         rewrite_quotas(ops, quotas(reload_max_queued=9))
-        time.sleep(2.5)  # both tiers poll the file every second
-        assert wait_for(lambda: client.predict(api_name="/quota")["limits"]["max_queued"] == 9, 5, 0.2), (
+        # both tiers poll the file every second; /quota shows the GPU tier's limits once it has it
+        assert wait_for(lambda: client.predict(api_name="/quota")["limits"]["max_queued"] == 9, 15, 0.2), (
             client.predict(api_name="/quota")
         )
         assert admin(ops, "GET", "/quotas").json()["last_error"] is None
@@ -318,36 +352,45 @@ def test_metrics_show_depth_waits_gpu_time_and_refusals(ops):
         assert f"# TYPE {family} {kind}" in text, family
     refusals_before = sample(text, "splitspace_refusals_total", 'reason="queue_full"') or 0.0
 
-    seen = {"queued": 0.0, "running": 0.0}
+    most_running = [0.0]
     stop = threading.Event()
 
-    def scrape() -> None:
+    def scrape() -> None:  # measurement: mtier (max_running = 1) never shows more than one running
         while not stop.is_set():
-            now = metrics_text(ops)
-            for gauge in seen:
-                seen[gauge] = max(seen[gauge], sample(now, f"splitspace_{gauge}", 'tier="mtier"') or 0.0)
+            most_running[0] = max(most_running[0], mtier_depth(ops)[1])
             time.sleep(0.05)
 
     scraper = threading.Thread(target=scrape)
     scraper.start()
     try:
-        with ThreadPoolExecutor(3) as pool:
-            results = [f.result(timeout=60) for f in [pool.submit(generate, ops, "meter") for _ in range(3)]]
+        with ThreadPoolExecutor(4) as pool:
+            # held by an override (max_running 0): its jobs queue and none starts
+            assert admin(ops, "PUT", "/clients/key:meter", json={"max_running": 0}).status_code == 200
+            jobs = [pool.submit(generate, ops, "meter") for _ in range(3)]
+            try:
+                held = wait_for(lambda: mtier_depth(ops) == (3, 0), 30, 0.05)
+            finally:
+                assert admin(ops, "DELETE", "/clients/key:meter").status_code == 200
+                # limits are read at the next dispatch: this fourth request's admission makes one
+                jobs.append(pool.submit(generate, ops, "meter"))
+            assert held, mtier_depth(ops)
+            assert wait_for(lambda: mtier_depth(ops)[1] == 1, 30, 0.02), mtier_depth(ops)
+            results = [f.result(timeout=60) for f in jobs]
     finally:
         stop.set()
         scraper.join()
-    assert all(final == "complete" for final, _ in results)
-    assert seen["running"] == 1 and seen["queued"] >= 1, seen
+    assert all(final == "complete" for final, _ in results), [error_text(ev) for _, ev in results]
+    assert most_running[0] <= 1, most_running
 
     final, events = generate(ops, "closed")
     assert final == "error" and error_text(events).startswith("Queue full:"), events
 
     text = metrics_text(ops)
-    assert sample(text, "splitspace_wait_seconds_count", 'tier="mtier"') == 3
-    assert sample(text, "splitspace_wait_seconds_bucket", 'le="+Inf",tier="mtier"') == 3
+    assert sample(text, "splitspace_wait_seconds_count", 'tier="mtier"') == 4
+    assert sample(text, "splitspace_wait_seconds_bucket", 'le="+Inf",tier="mtier"') == 4
     assert (sample(text, "splitspace_wait_seconds_sum", 'tier="mtier"') or -1) >= 0
     gpu = sample(text, "splitspace_gpu_seconds_total", 'tier="mtier"') or 0.0
-    assert 3 * JOB_S * 0.9 <= gpu <= 3 * JOB_S * 3, gpu
+    assert 4 * JOB_S * 0.9 <= gpu <= 4 * JOB_S * 3, gpu
     assert (sample(text, "splitspace_refusals_total", 'reason="queue_full"') or 0.0) >= refusals_before + 1
     # after the work, nothing of this tier is left queued or running
     assert (sample(text, "splitspace_queued", 'tier="mtier"') or 0.0) == 0
@@ -359,8 +402,8 @@ def test_raising_max_queued_with_the_cli_lets_more_in(ops):
     """The emergency the contract names: an operator raises one client's max_queued above its
     tier's; the extra requests must be admitted, not refused early by the frontend."""
     assert cli_json(ops, "set", "key:cli", "--max-queued", "7")["limits"]["max_queued"] == 7
-    time.sleep(2.5)  # the frontend learns live caps from the GPU tier's health check (every 2 s)
     try:
+        wait_until_the_frontend_has_the_overrides(ops)  # from the GPU tier's health check, no request of its own
         with ThreadPoolExecutor(8) as pool:  # 1 running + 7 queued
             results = [f.result(timeout=60) for f in [pool.submit(generate, ops, "cli") for _ in range(8)]]
         errors = [error_text(events) for final, events in results if final != "complete"]

@@ -1,18 +1,77 @@
-"""Per-client limits refuse with the right title and retry seconds; other clients keep succeeding."""
+"""Per-client limits refuse with the right title and retry seconds; other clients keep succeeding.
+
+The tiers run ``sleep:300`` (each image holds the GPU 0.3 s). Every test has keys of its
+own, so none depends on what another spent: each passes alone and in any order.
+"""
 
 from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Iterator
 
 import httpx
+import pytest
 
 from tests.clients import call_rest, error_text, gen_args
-from tests.conftest import key
+from tests.support import Deployment, sha256
+
+# key name -> tier; each test uses only its own keys
+KEYS = {
+    "tight": "tight",
+    "tight-other": "free",
+    "metered": "metered",
+    "metered-other": "free",
+    "chatty": "chatty",
+    "chatty-other": "free",
+    "standing": "metered",
+}
+
+QUOTAS = """
+[tiers.tight]
+weight = 1
+max_running = 1
+max_queued = 1
+gpu_seconds = 600
+window_s = 3600
+
+[tiers.metered]
+weight = 1
+max_running = 1
+max_queued = 4
+gpu_seconds = 0.5
+window_s = 120
+
+[tiers.chatty]
+weight = 1
+max_running = 1
+max_queued = 10
+gpu_seconds = 600
+window_s = 3600
+requests_per_minute = 2
+""" + "".join(
+    f'\n[[keys]]\nname = "{name}"\ntier = "{tier}"\nsha256 = "{sha256(f"throttle-{name}-key")}"\n'
+    for name, tier in KEYS.items()
+)
+
+
+@pytest.fixture(scope="module")
+def throttled(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    d = Deployment(tmp_path_factory.mktemp("throttle"), model="sleep:300", quotas=QUOTAS)
+    d.start()
+    yield d
+    d.stop()
 
 
 def _bearer(name: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {key(name)}"}
+    return {"authorization": f"Bearer throttle-{name}-key"}
+
+
+def _standing(url: str, name: str) -> dict:
+    with httpx.Client(timeout=30) as c:
+        final, events = call_rest(c, url, "quota", [], _bearer(name))
+    assert final == "complete", events
+    return events[-1][1][0]
 
 
 def _generate(url: str, headers: dict[str, str]) -> tuple[str, str]:
@@ -27,9 +86,9 @@ def _retry_seconds(text: str) -> int:
     return int(m.group(1))
 
 
-def test_queue_full_for_one_client_while_another_succeeds(slow):
+def test_queue_full_for_one_client_while_another_succeeds(throttled):
     """tier "tight": max_running 1 + max_queued 1; the third concurrent request is refused."""
-    url = slow.frontend.url
+    url = throttled.frontend.url
     results: list[tuple[str, str]] = []
     lock = threading.Lock()
     start = threading.Barrier(6)
@@ -43,7 +102,7 @@ def test_queue_full_for_one_client_while_another_succeeds(slow):
     threads = [threading.Thread(target=worker) for _ in range(6)]
     for t in threads:
         t.start()
-    other = [_generate(url, _bearer("other")) for _ in range(2)]
+    other = [_generate(url, _bearer("tight-other")) for _ in range(2)]
     for t in threads:
         t.join()
     refused = [text for final, text in results if final == "error"]
@@ -58,33 +117,36 @@ def test_queue_full_for_one_client_while_another_succeeds(slow):
     assert all(final == "complete" for final, _ in other), other
 
 
-def test_quota_exceeded_names_window_reset(slow):
+def test_quota_exceeded_names_window_reset(throttled):
     """tier "metered": 0.5 GPU-seconds per 120 s; jobs take 0.3 s."""
-    url = slow.frontend.url
+    url = throttled.frontend.url
     finals = [_generate(url, _bearer("metered")) for _ in range(4)]
     refused = [text for final, text in finals if final == "error"]
     assert [f for f, _ in finals[:1]] == ["complete"]
     assert refused, finals
     assert refused[0].startswith("Quota exceeded:"), refused[0]
     assert 60 <= _retry_seconds(refused[0]) <= 121
-    assert _generate(url, _bearer("other"))[0] == "complete"
+    assert _generate(url, _bearer("metered-other"))[0] == "complete"
 
 
-def test_rate_limited_after_requests_per_minute(slow):
+def test_rate_limited_after_requests_per_minute(throttled):
     """tier "chatty": 2 requests per minute."""
-    url = slow.frontend.url
+    url = throttled.frontend.url
     finals = [_generate(url, _bearer("chatty")) for _ in range(3)]
     assert [f for f, _ in finals[:2]] == ["complete", "complete"]
     final, text = finals[2]
     assert final == "error" and text.startswith("Rate limited:"), text
     assert 1 <= _retry_seconds(text) <= 61
-    assert _generate(url, _bearer("alpha"))[0] == "complete"
+    assert _generate(url, _bearer("chatty-other"))[0] == "complete"
 
 
-def test_quota_shows_limits_and_usage(slow):
-    with httpx.Client(timeout=30) as c:
-        final, events = call_rest(c, slow.frontend.url, "quota", [], _bearer("metered"))
-    standing = events[-1][1][0]
+def test_quota_shows_limits_and_usage(throttled):
+    """A key of tier "metered" that has not run anything yet, then after one image."""
+    url = throttled.frontend.url
+    before = _standing(url, "standing")
+    assert before["tier"] == "metered" and before["used"] == 0, before
+    assert _generate(url, _bearer("standing"))[0] == "complete"
+    standing = _standing(url, "standing")
     assert standing["tier"] == "metered"
     assert standing["limits"]["gpu_seconds"] == 0.5
     assert standing["used"] > 0

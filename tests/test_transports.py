@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from PIL import Image
 from io import BytesIO
 
 from tests.clients import call_rest, error_text, gen_args
-from tests.support import Deployment, TierProcess, free_port, sha256, start_tier
+from tests.support import Deployment, TierProcess, free_port, sha256, start_tier, wait_for
 
 TRANSPORTS = ["direct", "httpx", "gradio_client"]
 KEYS = {f"{name}-{t}": t for name in ("rate", "who", "order", "cancel", "busy") for t in TRANSPORTS}
@@ -125,20 +126,66 @@ def _backlog(url: str, key: str, n: int) -> list[threading.Thread]:
     return threads
 
 
+def _admin(d: Deployment, method: str, client: str, **kwargs) -> dict:
+    r = httpx.request(method, f"{d.backend.url}/admin/clients/{client}",
+                      headers={"x-splitspace-admin": d.admin_token}, timeout=10, **kwargs)
+    r.raise_for_status()
+    return r.json()
+
+
+def _generate_live(url: str, headers: dict[str, str], events: list[tuple[str, object]]) -> str:
+    """``call_rest``, with each event appended to ``events`` as it arrives; the final event's name."""
+    with httpx.Client(timeout=120) as c:
+        r = c.post(f"{url}/gradio_api/call/generate", json={"data": gen_args()}, headers=headers)
+        r.raise_for_status()
+        name = ""
+        with c.stream("GET", f"{url}/gradio_api/call/generate/{r.json()['event_id']}", headers=headers) as s:
+            for line in s.iter_lines():
+                if line.startswith("event:"):
+                    name = line[6:].strip()
+                elif line.startswith("data:"):
+                    raw = line[5:].strip()
+                    try:
+                        events.append((name, json.loads(raw)))
+                    except ValueError:
+                        events.append((name, raw))
+                    if name in ("complete", "error"):
+                        return name
+    return name
+
+
+def _queued_statuses(events: list[tuple[str, object]]) -> list[dict]:
+    statuses = [data[1] for name, data in list(events) if name == "generating" and data[1]]  # type: ignore[index]
+    return [s for s in statuses if s.get("status") == "queued"]
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_status_updates_arrive_in_order(tiers, transport):
+    d: Deployment = tiers["d"]  # type: ignore[assignment]
     url = frontend(tiers, transport).url
-    threads = _backlog(url, f"busy-{transport}", 3)
-    threads += _backlog(url, f"order-{transport}", 3)  # its own backlog: the next one waits behind it
-    time.sleep(0.5)
-    with httpx.Client(timeout=120) as c:
-        final, events = call_rest(c, url, "generate", gen_args(), bearer(f"order-{transport}"))
+    key = f"order-{transport}"
+    # held by an override (max_running 0) until the last request has been told it waits
+    _admin(d, "PUT", f"key:{key}", json={"max_running": 0})
+    threads: list[threading.Thread] = []
+    try:
+        threads += _backlog(url, f"busy-{transport}", 3)
+        threads += _backlog(url, key, 3)  # its own backlog: the next one waits behind it
+        assert wait_for(lambda: _admin(d, "GET", f"key:{key}")["queued"] == 3, 30, 0.05)
+        events: list[tuple[str, object]] = []
+        finals: list[str] = []
+        last = threading.Thread(target=lambda: finals.append(_generate_live(url, bearer(key), events)))
+        last.start()
+        assert wait_for(lambda: _queued_statuses(events), 30, 0.05), events
+    finally:
+        _admin(d, "DELETE", f"key:{key}")
+        # limits are read at the next dispatch: one more request (behind the last one) makes it
+        threads += _backlog(url, key, 1)
+    last.join(timeout=120)
     for t in threads:
         t.join()
-    assert final == "complete"
-    statuses = [data[1] for name, data in events if name == "generating" and data[1]]
-    queued = [s for s in statuses if s.get("status") == "queued"]
-    assert queued, statuses
+    assert finals == ["complete"], events
+    queued = _queued_statuses(events)
+    assert queued, events
     positions = [s["position"] for s in queued]
     assert positions == sorted(positions, reverse=True), positions
     assert all(s["eta_s"] >= 0 and "position" in s["message"] for s in queued)
@@ -170,9 +217,7 @@ def test_cancellation_reaches_the_gpu_tier(tiers, transport):
                 if line.startswith("data:"):
                     assert '"queued"' in line, line
                     break  # the caller goes away while its job waits
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 10 and _metric(d.backend.url, cancelled) <= before:
-        time.sleep(0.1)
+    wait_for(lambda: _metric(d.backend.url, cancelled) > before, 10, 0.1)
     assert _metric(d.backend.url, cancelled) == before + 1
     admin = httpx.get(f"{d.backend.url}/admin/clients/key:{key}", headers={"x-splitspace-admin": d.admin_token}).json()
     assert admin["running"] == 0 and admin["queued"] == 0 and admin["used"] == 0, admin
