@@ -27,6 +27,7 @@ from session.token import HEALTH, STANDING, infer_purpose
 from shared import status_pace
 from shared.errors import SplitspaceError
 from shared.gradio_queue import hold_sessions
+from shared.gradio_signature import request_handler
 from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from shared.hop import Result, Status
 from shared.quota_watch import QuotaWatcher
@@ -152,24 +153,11 @@ class Frontend:
     def save_image(self, png: bytes) -> str:
         return processing_utils.save_bytes_to_cache(png, "image.png", self.cache_dir)
 
-    async def generate(
-        self,
-        prompt: str,
-        negative_prompt: str = "",
-        width: int = 512,
-        height: int = 512,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        seed: int = -1,
-        request: gr.Request = None,  # type: ignore[assignment]
-    ) -> AsyncIterator[tuple[dict | None, dict]]:
+    async def generate(self, values: dict[str, Any], request: gr.Request | None) -> AsyncIterator[tuple[dict | None, dict]]:
         """``/generate``: validate, cap, forward; stream status, then the image and its info."""
         try:
             identity = self.identity(request)
-            req = validate_request(
-                prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
-                steps=steps, guidance_scale=guidance_scale, seed=seed, limits=self.settings.limits,
-            )
+            req = validate_request(**values, limits=self.settings.limits)
             flow = identity.flow_id
             with self.door.hold(flow, self.caps.cap(identity)) as turn:
                 # Gradio closes this generator at its next yield when the caller goes
@@ -243,7 +231,9 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         }
 
     app.include_router(embed_routes())  # before the mount at "/", which catches everything after it
-    blocks = build_page(fe.model, settings.limits, fe.generate, fe.quota)
+    generate = request_handler(fe.generate, "generate", "Generate one image; streams its place in line, "
+                               "then returns the image and its info.")
+    blocks = build_page(fe.model, settings.limits, generate, fe.quota)
     blocks.max_threads = settings.max_threads
     blocks.queue(default_concurrency_limit=None)
     hold_sessions(blocks, 2 * settings.max_threads)  # every request in flight is a session

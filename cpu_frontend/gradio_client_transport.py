@@ -24,10 +24,8 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from shared.errors import BackendUnavailable, GpuFailed, SplitspaceError
-from shared.hop import Update, update_from_wire
-from shared.schema import GenerateRequest
 
-from .transport import NotStarted, Transport, fetch_health
+from .transport import GradioEndpointTransport, NotStarted, fetch_health
 
 POLL_S = 0.02
 _CANCELLED = object()
@@ -44,7 +42,7 @@ def _result_of(job: Any, timeout_s: float) -> Any:
 log = logging.getLogger("splitspace.frontend")
 
 
-class GradioClientTransport(Transport):
+class GradioClientTransport(GradioEndpointTransport):
     def __init__(
         self, base_url: str, *, timeout_s: float = 10.0, auth_headers: Mapping[str, str] | None = None
     ) -> None:
@@ -75,28 +73,6 @@ class GradioClientTransport(Transport):
 
     async def health(self, headers: dict[str, str] | None = None) -> dict[str, Any]:
         return await fetch_health(self._health_http, self.base_url, headers)
-
-    async def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncIterator[Update]:
-        docs = self._call("infer", request.as_args(), headers)
-        try:
-            async for doc in docs:
-                yield update_from_wire(doc)  # the Result last; an error value raises its error
-        finally:
-            await docs.aclose()
-
-    async def standing(self, headers: Mapping[str, str]) -> dict[str, Any]:
-        result: Any = None
-        docs = self._call("standing", [], headers)
-        try:
-            async for doc in docs:
-                result = doc
-        finally:
-            await docs.aclose()
-        if isinstance(result, dict) and result.get("status") == "error":
-            update_from_wire(result)  # raises its error
-        if not isinstance(result, dict):
-            raise BackendUnavailable("the GPU tier sent no standing")
-        return result
 
     async def _call(self, api_name: str, data: list[Any], headers: Mapping[str, str]) -> AsyncIterator[Any]:
         """Each value the GPU tier's handler yields, then its result. The GPU tier's handlers

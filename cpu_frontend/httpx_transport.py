@@ -19,13 +19,11 @@ from typing import Any
 import httpx
 
 from shared.errors import QUEUE_FULL, BackendUnavailable, GpuFailed, Throttled
-from shared.hop import Update, update_from_wire
-from shared.schema import GenerateRequest
 
-from .transport import NotStarted, Transport, fetch_health
+from .transport import GradioEndpointTransport, NotStarted, fetch_health
 
 
-class HttpxTransport(Transport):
+class HttpxTransport(GradioEndpointTransport):
     def __init__(
         self,
         base_url: str,
@@ -49,28 +47,6 @@ class HttpxTransport(Transport):
 
     async def health(self, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         return await fetch_health(self._client, self.base_url, headers)
-
-    async def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncIterator[Update]:
-        docs = self._call("infer", request.as_args(), headers)
-        try:
-            async for doc in docs:
-                yield update_from_wire(doc)  # the Result last; an error line raises its error
-        finally:
-            await docs.aclose()
-
-    async def standing(self, headers: Mapping[str, str]) -> dict[str, Any]:
-        docs = self._call("standing", [], headers)
-        result: Any = None
-        try:
-            async for doc in docs:
-                result = doc
-        finally:
-            await docs.aclose()
-        if not isinstance(result, dict):
-            raise BackendUnavailable("the GPU tier sent no standing")
-        if result.get("status") == "error":
-            update_from_wire(result)  # raises its error
-        return result
 
     async def _join(self, api_name: str, data: list[Any], headers: Mapping[str, str]) -> str:
         try:

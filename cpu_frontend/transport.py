@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 
 from shared.errors import BackendUnavailable
-from shared.hop import Update
+from shared.hop import Update, update_from_wire
 from shared.schema import GenerateRequest
 
 
@@ -52,6 +52,38 @@ class Transport(ABC):
 
     async def aclose(self) -> None:
         return None
+
+
+class GradioEndpointTransport(Transport):
+    """A transport to the GPU tier's Gradio endpoints ``/infer`` and ``/standing``, whose
+    every yielded value is a hop document (``shared/hop.py``). Subclasses say how one
+    Gradio call is made (:meth:`_call`); reading its values is the same for all."""
+
+    @abstractmethod
+    def _call(self, api_name: str, data: list[Any], headers: Mapping[str, str]) -> AsyncIterator[Any]:
+        """Each value the endpoint yields, in order (an error as its last value)."""
+
+    async def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncIterator[Update]:
+        docs = self._call("infer", request.as_args(), headers)
+        try:
+            async for doc in docs:
+                yield update_from_wire(doc)  # the Result last; an error value raises its error
+        finally:
+            await docs.aclose()
+
+    async def standing(self, headers: Mapping[str, str]) -> dict[str, Any]:
+        result: Any = None
+        docs = self._call("standing", [], headers)
+        try:
+            async for doc in docs:
+                result = doc
+        finally:
+            await docs.aclose()
+        if isinstance(result, dict) and result.get("status") == "error":
+            update_from_wire(result)  # raises its error
+        if not isinstance(result, dict):
+            raise BackendUnavailable("the GPU tier sent no standing")
+        return result
 
 
 async def fetch_health(

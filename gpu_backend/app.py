@@ -14,7 +14,6 @@ reorder what the scheduler decides, so the endpoints have no concurrency limit,
 # on every call, and string annotations make that an eval each time.
 import asyncio
 import contextlib
-import inspect
 import logging
 import sys
 import time
@@ -34,7 +33,7 @@ from shared.gradio_queue import hold_sessions
 from shared.headers import IDENTITY_HEADER
 from shared.hop import error_to_wire
 from shared.quota_watch import QuotaWatcher
-from shared.schema import REQUEST_FIELDS
+from shared.gradio_signature import request_handler
 from shared.settings import Settings
 
 from . import gpu
@@ -96,6 +95,10 @@ class GpuTier:
             clock=time.time,
             on_event=self.metrics.on_event,
         )
+        # A change of limits (an operator's override, a quota file edit) may let a waiting job
+        # start now: dispatch then, not at the next arrival.
+        self.overrides.on_change = self.runner.dispatch
+        self.watcher.on_change = lambda config: self.runner.dispatch()
         self.service = InferService(
             tokens=self.tokens, runner=self.runner, limits=settings.limits, standing=self.standing,
             on_call=self.metrics.calls.inc, on_refused=self.metrics.refuse,
@@ -166,21 +169,10 @@ def build_blocks(tier: GpuTier) -> gr.Blocks:
     any other Gradio client sees as a plain error with its title."""
     service = tier.service
 
-    async def infer(
-        prompt: str,
-        negative_prompt: str = "",
-        width: int = 512,
-        height: int = 512,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        seed: int = -1,
-        request: gr.Request = None,  # type: ignore[assignment]
-    ) -> AsyncIterator[dict]:
-        """Generate one image for the identity in X-Splitspace-Identity (frontend only)."""
-        values = (prompt, negative_prompt, width, height, steps, guidance_scale, seed)
+    async def infer(values: dict[str, Any], request: gr.Request | None) -> AsyncIterator[dict]:
         try:
             claims = service.arrive(_token(request))
-            ticket = service.admit(claims, dict(zip(REQUEST_FIELDS, values)))
+            ticket = service.admit(claims, values)
             # aclosing: when the frontend goes away, Gradio closes this generator at its
             # next yield; the runner must drop the queued job then, not at GC.
             updates = service.follow(ticket)
@@ -199,12 +191,10 @@ def build_blocks(tier: GpuTier) -> gr.Blocks:
             yield error_to_wire(exc)
             raise to_gradio_error(exc) from None
 
-    if tuple(inspect.signature(infer).parameters)[: len(REQUEST_FIELDS)] != REQUEST_FIELDS:
-        raise RuntimeError("/infer's parameters must be the request's fields, in order")  # caught at start
-
     with gr.Blocks(title="splitspace GPU tier") as blocks:
         gr.Markdown("splitspace GPU tier. Not for the public: the frontend is its only caller.")
-        gr.api(infer, api_name="infer", concurrency_limit=None)
+        gr.api(request_handler(infer, "infer", "Generate one image for the identity in X-Splitspace-Identity "
+                               "(frontend only).", AsyncIterator[dict]), api_name="infer", concurrency_limit=None)
         gr.api(standing, api_name="standing", concurrency_limit=None)
     return blocks
 

@@ -229,6 +229,11 @@ class GpuRunner:
             self._on_event("cancelled", {"tier": ticket.tier})
 
     # -- the GPU side (worker threads) ------------------------------------------------
+    def dispatch(self) -> None:
+        """Start whatever can start now (after a change of limits: an operator's override)."""
+        with self._work:
+            self._dispatch_locked()
+
     def _dispatch_locked(self) -> None:
         """Move every batch the scheduler starts now to the GPU threads (lock held).
 
