@@ -1,0 +1,145 @@
+"""Per-decision cost of the fair scheduler core at 100, 1,000 and 10,000 active clients.
+
+Why: every admitted request pays one submit, one dispatch, one finish and a position
+query per status update, under the runner's lock, so a cost that grows with the number
+of waiting clients turns a crowd into a stall. This measures each operation alone, in
+the core with a fake clock and the in-memory usage store (no tiers, no I/O).
+
+Setup per size N: N API-key clients with weights 1, 2 and 3 and two queued jobs each
+(costs 0.5-1.5 s), one GPU slot. Then, in steady state (each job that leaves is replaced
+by a new one from the same client, untimed, so N clients stay active):
+
+- dispatch: start the next job; finish: settle it with a measured time 0.8-1.2x its
+  estimate (so every finish corrects the flow's service);
+- submit: a new job from the client whose job left;
+- cancel: drop a random queued job;
+- position: a random waiter's place and ETA, right after a change.
+
+Printed: microseconds per call (mean and median, the best of ``--repeat`` runs, as
+timeit does, since other processes on a shared machine only ever add time), and the
+growth ratio 10,000 / 100. Run: python bench/scheduler.py [--ops 3000] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from gpu_backend.scheduler import ClientRef, FairScheduler  # noqa: E402
+from gpu_backend.usage import MemoryUsageStore  # noqa: E402
+from shared.quotas import Tier  # noqa: E402
+
+OPS = ("submit", "dispatch", "finish", "cancel", "position")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def measure(n: int, ops: int, seed: int = 1) -> dict[str, list[float]]:
+    """Microseconds per call of each operation at ``n`` active clients."""
+    rng = random.Random(seed)
+    tiers = {w: Tier(weight=w, max_running=1, max_queued=100, gpu_seconds=math.inf) for w in (1, 2, 3)}
+    clients = [ClientRef(f"key:c{i}", "key", "free", "10.0.0.1") for i in range(n)]
+    weight = {c: float(1 + i % 3) for i, c in enumerate(clients)}
+    clock = FakeClock()
+    sched = FairScheduler(clock=clock, limits=lambda c: tiers[weight[c]], store=MemoryUsageStore())
+    queued: list[str] = []  # job ids, for picking random waiters
+    where: dict[str, int] = {}
+    owner: dict[str, ClientRef] = {}
+    ids = iter(range(10**9))
+    times: dict[str, list[float]] = {op: [] for op in OPS}
+
+    def add(client: ClientRef, timed: bool) -> None:
+        job_id = f"j{next(ids)}"
+        t0 = time.perf_counter_ns()
+        admission = sched.submit(job_id, client, rng.uniform(0.5, 1.5))
+        if timed:
+            times["submit"].append((time.perf_counter_ns() - t0) / 1e3)
+        assert admission.ok, admission
+        where[job_id] = len(queued)
+        queued.append(job_id)
+        owner[job_id] = client
+
+    def remove(job_id: str) -> None:
+        i = where.pop(job_id)
+        last = queued.pop()
+        if last != job_id:
+            queued[i] = last
+            where[last] = i
+
+    def position() -> None:
+        job_id = rng.choice(queued)
+        t0 = time.perf_counter_ns()
+        place = sched.position(job_id)
+        times["position"].append((time.perf_counter_ns() - t0) / 1e3)
+        assert place is not None
+
+    for client in clients:
+        for _ in range(2):
+            add(client, timed=False)
+    for _ in range(ops):
+        t0 = time.perf_counter_ns()
+        [job] = sched.dispatch()
+        times["dispatch"].append((time.perf_counter_ns() - t0) / 1e3)
+        remove(job.job_id)
+        add(job.client, timed=True)
+        position()
+        gpu_s = job.cost * rng.uniform(0.8, 1.2)
+        clock.now += gpu_s
+        t0 = time.perf_counter_ns()
+        sched.finish(job.job_id, gpu_s)
+        times["finish"].append((time.perf_counter_ns() - t0) / 1e3)
+        position()
+
+        victim = rng.choice(queued)
+        t0 = time.perf_counter_ns()
+        cancelled = sched.cancel(victim)
+        times["cancel"].append((time.perf_counter_ns() - t0) / 1e3)
+        assert cancelled
+        remove(victim)
+        add(owner.pop(victim), timed=False)
+    assert len(sched) == 2 * n
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ops", type=int, default=3000, help="timed rounds per size and repeat")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per size; the best is shown, as timeit does")
+    parser.add_argument("--sizes", default="100,1000,10000")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    means: dict[int, dict[str, float]] = {}
+    medians: dict[int, dict[str, float]] = {}
+    for n in sizes:
+        t0 = time.perf_counter()
+        runs = []
+        for r in range(args.repeat):
+            gc.collect()
+            runs.append(measure(n, args.ops, seed=r + 1))
+        means[n] = {op: min(statistics.fmean(run[op]) for run in runs) for op in OPS}
+        medians[n] = {op: min(statistics.median(run[op]) for run in runs) for op in OPS}
+        print(f"# {n} clients: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    print(f"us per call, best of {args.repeat} runs of {args.ops} rounds (mean / median)")
+    print(f"{'clients':<10}" + "".join(f"{n:>16,}" for n in sizes) + f"{f'{sizes[-1]}/{sizes[0]}':>16}")
+    for op in OPS:
+        cells = "".join(f"{means[n][op]:>9.1f} /{medians[n][op]:>5.1f}" for n in sizes)
+        ratio = f"{means[sizes[-1]][op] / means[sizes[0]][op]:.2f} /{medians[sizes[-1]][op] / medians[sizes[0]][op]:.2f}"
+        print(f"{op:<10}{cells}{ratio:>16}")
+
+
+if __name__ == "__main__":
+    main()
