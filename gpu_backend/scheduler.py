@@ -19,8 +19,9 @@ Inside a flow each client has its own FIFO queue.
 
 *Virtual service.* Each flow ``f`` has a virtual service counter ``S_f`` in
 GPU-seconds divided by its weight. Dispatching a job of estimated cost ``c`` charges
-``S_f += c / w_f`` up front (``w_f`` asked from ``limits`` at that dispatch, so an
-operator's weight change applies at the flow's next dispatch); when the job finishes with
+``S_f += c / w`` up front (``w`` is the weight of the job's client, asked from ``limits``
+at that dispatch, so an operator's weight change applies at the flow's next dispatch;
+the sessions of one address normally share a tier); when the job finishes with
 measured GPU time ``g`` the charge is corrected by ``(g - c) / w_f``, so service is
 counted in GPU time actually used. The system virtual time ``V`` is the largest start
 tag seen (the ``S_f`` of a flow just before it was charged for a dispatched job). A flow
@@ -42,23 +43,27 @@ less than its share gets all it wants (max-min fairness).
 *Batching.* With ``max_batch > 1`` further queued jobs with the same ``batch_key`` from
 other clients join the first one, in fair order, each charged its own cost; the whole
 batch occupies one slot. Only a flow's *head* job (the one the fair rule would start
-next in that flow) can join, so a client's jobs always start in its own order.
+next in that flow) can join, so a client's jobs always start in its own order (and from
+an address's flow, only its first session in the inner order joins a given batch).
 
 The structures (what makes each decision O(log n))
 --------------------------------------------------
 
 *Start tags.* Every queued job carries a start tag: the ``S_f`` its flow will have when
 the job is that flow's next, found by replaying the flow's own queue (its clients in
-their inner order) from the current ``S_f``, charging each job ``cost / w_f``. All tags
-live in one sorted list, ``_tags``, keyed ``(tag, admission seq)``. A flow's head job
+their inner order) from the current ``S_f``, charging each job ``cost / w`` with the
+weight last seen for its client. All tags live in one sorted list, ``_tags``, keyed
+``(tag, admission seq, job id)``. A flow's head job
 has tag ``S_f`` and its later jobs larger tags, so the first entry of ``_tags`` is the
 job the dispatch rule picks (least ``S_f``, ties: the head admitted first), and sorting
 all queued jobs by tag is the same merge over the flows that dispatch performs.
 
 A flow's tags are recomputed (O(q log n), q = its queued jobs, at most ``max_queued``)
 when its ``S_f`` moves by anything but the charge of its head job (a finish's
-correction), when a job leaves from anywhere but its head (cancel), when its weight
-changes, or when a job joins in the middle (an address flow with several sessions). A
+correction), when a job leaves from anywhere but its head (cancel), when a client's
+weight is seen to change (at its submit or dispatch, or through
+:meth:`FairScheduler.refresh_limits`), or when a job joins in the middle (an address
+flow with several sessions). A
 job appended to a one-client flow or its head dispatched costs one insert or removal.
 Inside a flow the clients with queued jobs are kept in a small sorted list keyed
 ``(member service, head seq)``; its length is at most the flow's queued jobs.
@@ -83,9 +88,11 @@ throughput. The index is built the first time ``dispatch`` is called with
 does not pay for it.
 
 *Positions.* A job's rank in ``_tags`` is exactly its place in the fair order over the
-queued jobs if nothing else arrives, each job takes its estimate, and ``max_running``
-is ignored: the answer a full replay of the queue would give, found by one O(log n)
-rank lookup. The ETA is (GPU time left in the running units + estimated cost of the
+queued jobs if nothing else arrives, each job takes its estimate, ``max_running`` is
+ignored and the weights are those last seen: the answer a full replay of the queue would
+give, found by one O(log n) rank lookup. An operator's weight change moves the waiters
+of that flow at its next submit or dispatch, or at once if the admin API calls
+:meth:`FairScheduler.refresh_limits`. The ETA is (GPU time left in the running units + estimated cost of the
 jobs ahead) / capacity. The cost ahead is summed exactly over the first
 ``ETA_EXACT_PLACES`` (64) places, O(64); the jobs between there and the waiter are
 taken at the mean cost of the queued jobs past those places (kept as a running sum), so
@@ -101,7 +108,8 @@ sweep keeps memory bounded without scanning every flow.
 *Cost per decision* (n = queued jobs, q = one flow's queued jobs, s = jobs of flows at
 ``max_running`` ahead of the first eligible one): submit O(log n) (O(q log n) for a
 several-session flow or a changed weight), dispatch O((1 + s) log n) plus
-O(b (b + s) log n) to fill a batch of b, finish and cancel O(q log n), position O(log n).
+O(b (b + s) log n) to fill a batch of b, finish and cancel O(q log n), position
+O(log n) plus the 64-term sum of the ETA.
 
 *Admission* (:meth:`FairScheduler.submit`) checks, in order: duplicate job id,
 ``requests_per_minute`` (sliding 60 s, per flow), ``max_queued`` (per flow), then
@@ -217,7 +225,7 @@ class Job:
     started_at: float | None = None
     reserved: float = 0.0  # GPU-seconds reserved in the usage store
     reserved_address: bool = False  # also reserved against the address's ceiling
-    seq: int = 0  # admission order; breaks ties between equal submission times
+    seq: int = 0  # admission order; breaks ties between equal start tags
 
 
 # --------------------------------------------------------------------------------------
@@ -246,6 +254,8 @@ class _Member:
 
 @dataclass(eq=False)
 class _Flow:
+    """One flow (an API key, or an address's anonymous clients): its service and clients."""
+
     flow_id: str
     service: float = 0.0  # S_f: virtual GPU-seconds (GPU-s / weight)
     inner_v: float = 0.0  # virtual time among the flow's clients
