@@ -9,15 +9,16 @@ Setup per size N: N API-key clients with weights 1, 2 and 3 and two queued jobs 
 (costs 0.5-1.5 s), one GPU slot. Then, in steady state (each job that leaves is replaced
 by a new one from the same client, untimed, so N clients stay active):
 
-- dispatch: start the next job; finish: settle it with a measured time 0.8-1.2x its
-  estimate (so every finish corrects the flow's service);
+- dispatch: start the next job (``--max-batch`` > 1: a batch of jobs with the same one of
+  four batch keys, through the batch index); finish: settle each job with a measured
+  time 0.8-1.2x its estimate (so every finish corrects the flow's service);
 - submit: a new job from the client whose job left;
 - cancel: drop a random queued job;
 - position: a random waiter's place and ETA, right after a change.
 
 Printed: microseconds per call (mean and median, the best of ``--repeat`` runs, as
 timeit does, since other processes on a shared machine only ever add time), and the
-growth ratio 10,000 / 100. Run: python bench/scheduler.py [--ops 3000] [--repeat 3]
+growth ratio 10,000 / 100. Run: python bench/scheduler.py [--ops 3000] [--repeat 3] [--max-batch 4]
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from gpu_backend.usage import MemoryUsageStore  # noqa: E402
 from shared.quotas import Tier  # noqa: E402
 
 OPS = ("submit", "dispatch", "finish", "cancel", "position")
+SHAPES = ("512x512", "768x768", "512x768", "1024x1024")
 
 
 class FakeClock:
@@ -48,8 +50,9 @@ class FakeClock:
         return self.now
 
 
-def measure(n: int, ops: int, seed: int = 1) -> dict[str, list[float]]:
-    """Microseconds per call of each operation at ``n`` active clients."""
+def measure(n: int, ops: int, seed: int = 1, max_batch: int = 1) -> dict[str, list[float]]:
+    """Microseconds per call of each operation at ``n`` active clients; with
+    ``max_batch > 1`` jobs have one of four batch keys and dispatch fills batches."""
     rng = random.Random(seed)
     tiers = {w: Tier(weight=w, max_running=1, max_queued=100, gpu_seconds=math.inf) for w in (1, 2, 3)}
     clients = [ClientRef(f"key:c{i}", "key", "free", "10.0.0.1") for i in range(n)]
@@ -65,7 +68,8 @@ def measure(n: int, ops: int, seed: int = 1) -> dict[str, list[float]]:
     def add(client: ClientRef, timed: bool) -> None:
         job_id = f"j{next(ids)}"
         t0 = time.perf_counter_ns()
-        admission = sched.submit(job_id, client, rng.uniform(0.5, 1.5))
+        shape = rng.choice(SHAPES) if max_batch > 1 else None
+        admission = sched.submit(job_id, client, rng.uniform(0.5, 1.5), shape)
         if timed:
             times["submit"].append((time.perf_counter_ns() - t0) / 1e3)
         assert admission.ok, admission
@@ -92,16 +96,18 @@ def measure(n: int, ops: int, seed: int = 1) -> dict[str, list[float]]:
             add(client, timed=False)
     for _ in range(ops):
         t0 = time.perf_counter_ns()
-        [job] = sched.dispatch()
+        batch = sched.dispatch(max_batch)
         times["dispatch"].append((time.perf_counter_ns() - t0) / 1e3)
-        remove(job.job_id)
-        add(job.client, timed=True)
+        for job in batch:
+            remove(job.job_id)
+            add(job.client, timed=True)
         position()
-        gpu_s = job.cost * rng.uniform(0.8, 1.2)
+        gpu_s = max(job.cost for job in batch) * rng.uniform(0.8, 1.2)
         clock.now += gpu_s
-        t0 = time.perf_counter_ns()
-        sched.finish(job.job_id, gpu_s)
-        times["finish"].append((time.perf_counter_ns() - t0) / 1e3)
+        for job in batch:
+            t0 = time.perf_counter_ns()
+            sched.finish(job.job_id, gpu_s * job.cost / sum(j.cost for j in batch))
+            times["finish"].append((time.perf_counter_ns() - t0) / 1e3)
         position()
 
         victim = rng.choice(queued)
@@ -120,6 +126,7 @@ def main() -> None:
     parser.add_argument("--ops", type=int, default=3000, help="timed rounds per size and repeat")
     parser.add_argument("--repeat", type=int, default=3, help="runs per size; the best is shown, as timeit does")
     parser.add_argument("--sizes", default="100,1000,10000")
+    parser.add_argument("--max-batch", type=int, default=1, help="> 1: four batch keys, batches filled up to this")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     means: dict[int, dict[str, float]] = {}
@@ -129,11 +136,12 @@ def main() -> None:
         runs = []
         for r in range(args.repeat):
             gc.collect()
-            runs.append(measure(n, args.ops, seed=r + 1))
+            runs.append(measure(n, args.ops, seed=r + 1, max_batch=args.max_batch))
         means[n] = {op: min(statistics.fmean(run[op]) for run in runs) for op in OPS}
         medians[n] = {op: min(statistics.median(run[op]) for run in runs) for op in OPS}
         print(f"# {n} clients: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    print(f"us per call, best of {args.repeat} runs of {args.ops} rounds (mean / median)")
+    batching = f", batches of up to {args.max_batch} over 4 keys" if args.max_batch > 1 else ""
+    print(f"us per call, best of {args.repeat} runs of {args.ops} rounds{batching} (mean / median)")
     print(f"{'clients':<10}" + "".join(f"{n:>16,}" for n in sizes) + f"{f'{sizes[-1]}/{sizes[0]}':>16}")
     for op in OPS:
         cells = "".join(f"{means[n][op]:>9.1f} /{medians[n][op]:>5.1f}" for n in sizes)

@@ -607,16 +607,20 @@ class FairScheduler:
             return False
         flow = self._flows[job.client.flow_id]
         member = flow.members[job.client.client_id]
-        self._unlist(flow)
-        self._unorder(flow, member)
+        at_head = member.queue[0] is job  # else the client's key and the flow's head stay
+        if at_head:
+            self._unlist(flow)
+            self._unorder(flow, member)
         self._untag(job)
         member.queue.remove(job)
         flow.queued -= 1
         self._queued_cost -= job.cost
         self._count(job, queued=-1)
-        self._order(flow, member)
-        self._retag(flow)
-        self._list(flow)
+        if at_head:
+            self._order(flow, member)
+        self._retag(flow)  # the jobs behind it move up
+        if at_head:
+            self._list(flow)
         self._settle(job, 0.0, self._clock())
         self._went_idle(flow, member)
         self._collect_idle()
