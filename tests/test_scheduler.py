@@ -546,8 +546,9 @@ def assert_positions_match(predicted: dict[str, tuple[int, float] | None], serve
 def test_positions_follow_every_kind_of_change() -> None:
     # After each step of a scenario that makes every kind of change (a job appended,
     # a new client at the front of its address's flow, a job longer or shorter than
-    # its estimate, cancels at the head, middle and tail, an operator's weight change),
-    # each waiter's reported place and ETA are the ones the queue is then served in.
+    # its estimate, a cancel of a flow's head, of one session inside an address's flow
+    # and of a job behind its client's head, an operator's weight change), each
+    # waiter's reported place and ETA are the ones the queue is then served in.
     ids: list[str] = []
 
     def sub(job_id: str, ref: ClientRef, cost: float):
@@ -576,15 +577,17 @@ def test_positions_follow_every_kind_of_change() -> None:
         sub("b0", key("b"), 2.0), sub("b1", key("b"), 1.0), sub("c0", key("c"), 0.3),
         sub("s0", session("s0"), 0.7), sub("s1", session("s1"), 1.2), sub("s2", session("s0"), 0.4),
         serve(1.5), serve(0.2),
-        cancel("a1"),  # the middle of a's queue
-        cancel("s1"),  # one session of the address's flow
+        cancel("a1"),  # a's head
+        cancel("s1"),  # one session inside the address's flow
         sub("t0", session("t0"), 0.9),  # a new session joins the address's flow
         weigh("key:c", 5.0), sub("c1", key("c"), 0.3), sub("c2", key("c"), 0.3),
         serve(1.0),
-        cancel("b1"),  # the tail of b's queue
+        cancel("b1"),  # b's last job
         weigh("key:a", 0.5),
         serve(3.0), serve(0.5),
-        sub("a3", key("a"), 1.0), sub("d0", key("d"), 0.1),
+        sub("a3", key("a"), 1.0), sub("d0", key("d"), 0.1), sub("d1", key("d"), 0.2), sub("d2", key("d"), 0.3),
+        cancel("d1"),  # behind d's head
+        serve(1.0),
     ]
     for upto in range(1, len(steps) + 1):
         clock, weights = FakeClock(), {}
