@@ -47,7 +47,7 @@ COMMON_REQUIREMENTS = (
     "gradio", "gradio_client", "huggingface_hub", "httpx", "itsdangerous", "pydantic-settings",
     "prometheus-client", "rich", "typer", "uvicorn",
 )
-BACKEND_REQUIREMENTS = ("spaces", "diffusers", "transformers", "accelerate")
+BACKEND_REQUIREMENTS = ("spaces", "diffusers", "transformers", "accelerate", "sortedcontainers")
 FRONTEND_REQUIREMENTS = ("aiohttp",)
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -6,7 +6,8 @@ and Fairness (APF) is the model followed here, but it is Go and schedules in-pro
 requests by seat count; Python task queues (Celery, RQ, arq) are FIFO with global
 rate limits. The algorithm is small; it is kept a plain synchronous data structure whose
 only notion of time is the injected ``clock``, so tests drive it in virtual time and
-the asyncio glue that runs it stays thin and separate.
+the asyncio glue that runs it stays thin and separate. The ordered structures are
+``sortedcontainers.SortedList`` (a well-kept B-tree-like list), not a hand-written tree.
 
 The algorithm (compare APF's ``queueset/doc.go``)
 -------------------------------------------------
@@ -18,26 +19,97 @@ Inside a flow each client has its own FIFO queue.
 
 *Virtual service.* Each flow ``f`` has a virtual service counter ``S_f`` in
 GPU-seconds divided by its weight. Dispatching a job of estimated cost ``c`` charges
-``S_f += c / w_f`` up front; when the job finishes with measured GPU time ``g`` the
-charge is corrected by ``(g - c) / w_f``, so service is counted in GPU time actually used.
-The system virtual time ``V`` is the largest start tag seen (the ``S_f`` of a flow just
-before it was charged for a dispatched job). A flow that becomes active after being idle
-(nothing queued, nothing running) starts at ``S_f = max(S_f, V)``: an idle client cannot
-bank credit and then monopolise the GPU.
+``S_f += c / w`` up front (``w`` is the weight of the job's client, asked from ``limits``
+at that dispatch, so an operator's weight change applies at the flow's next dispatch;
+the sessions of one address normally share a tier); when the job finishes with
+measured GPU time ``g`` the charge is corrected by ``(g - c) / w_f``, so service is
+counted in GPU time actually used. The system virtual time ``V`` is the largest start
+tag seen (the ``S_f`` of a flow just before it was charged for a dispatched job). A flow
+that becomes active after being idle (nothing queued, nothing running) starts at
+``S_f = max(S_f, V)``: an idle client cannot bank credit and then monopolise the GPU.
 
 *Dispatch.* While a capacity slot is free, pick the eligible flow with the least
-``S_f`` (ties: the earlier head submission) and start its next job. Within the flow the
+``S_f`` (ties: the head admitted first) and start its next job. Within the flow the
 client with the least per-client service goes first (the same rule one level down,
 with the flow's own virtual time), so a flow's share is split among its sessions. A flow
 is eligible while its running jobs are below ``max_running`` (per key, or per address
 for anonymous clients). Dispatch is work-conserving: if any eligible job waits and a slot
-is free, something starts. With ``max_batch > 1`` further queued jobs with the same
-``batch_key`` from other clients join the first one, in fair order, each charged its own
-cost; the whole batch occupies one slot.
+is free, something starts.
 
 With equal costs and weights this is round-robin over flows; with weights ``1:3`` the
 second flow gets three times the GPU time while both are backlogged; a flow that wants
 less than its share gets all it wants (max-min fairness).
+
+*Batching.* With ``max_batch > 1`` further queued jobs with the same ``batch_key`` from
+other clients join the first one, in fair order, each charged its own cost; the whole
+batch occupies one slot. Only a flow's *head* job (the one the fair rule would start
+next in that flow) can join, so a client's jobs always start in its own order (and from
+an address's flow, only its first session in the inner order joins a given batch).
+
+The structures (what makes each decision O(log n))
+--------------------------------------------------
+
+*Start tags.* Every queued job carries a start tag: the ``S_f`` its flow will have when
+the job is that flow's next, found by replaying the flow's own queue (its clients in
+their inner order) from the current ``S_f``, charging each job ``cost / w`` with the
+weight last seen for its client. All tags live in one sorted list, ``_tags``, keyed
+``(tag, admission seq, job id)``. A flow's head job
+has tag ``S_f`` and its later jobs larger tags, so the first entry of ``_tags`` is the
+job the dispatch rule picks (least ``S_f``, ties: the head admitted first), and sorting
+all queued jobs by tag is the same merge over the flows that dispatch performs.
+
+A flow's tags are recomputed (O(q log n), q = its queued jobs, at most ``max_queued``)
+when its ``S_f`` moves by anything but the charge of its head job (a finish's
+correction), when a job leaves from anywhere but its head (cancel), when a client's
+weight is seen to change (at its submit or dispatch, or through
+:meth:`FairScheduler.refresh_limits`), or when a job joins in the middle (an address
+flow with several sessions). A
+job appended to a one-client flow or its head dispatched costs one insert or removal.
+Inside a flow the clients with queued jobs are kept in a small sorted list keyed
+``(member service, head seq)``; its length is at most the flow's queued jobs.
+
+*Eligibility.* ``max_running`` is asked from ``limits`` at dispatch, so an operator's
+change applies at the next dispatch. Rather than moving flows at their ``max_running``
+out of ``_tags`` and back, dispatch walks ``_tags`` from the front and skips their jobs:
+a flow is skipped only while it has a job running (``max_running >= 1``), so the jobs
+skipped are at most the queued jobs of the flows running (at most ``capacity *
+max_batch`` flows), plus those of a flow an operator blocked with ``max_running = 0``.
+The skipped flows keep their place and are eligible again the moment a job of theirs
+finishes or their limit is raised, with no bookkeeping that could miss a live change.
+
+*Batch index.* ``_by_key[k]`` is a sorted list of the head tags of the flows whose head
+job has ``batch_key == k``. Filling a batch takes its first entries whose client is not
+in the batch yet and whose flow is eligible, so it never looks at flows with other keys
+and skips at most the clients already taken and the flows at ``max_running``. An index
+was chosen over a bounded scan of the first K flows in fair order because such a scan
+finds nothing when the batch's key is rare near the front, and the fill rate is
+throughput. The index is built the first time ``dispatch`` is called with
+``max_batch > 1`` (O(flows), once) and kept from then on, so a tier that never batches
+does not pay for it.
+
+*Positions.* A job's rank in ``_tags`` is exactly its place in the fair order over the
+queued jobs if nothing else arrives, each job takes its estimate, ``max_running`` is
+ignored and the weights are those last seen: the answer a full replay of the queue would
+give, found by one O(log n) rank lookup. An operator's weight change moves the waiters
+of that flow at its next submit or dispatch, or at once if the admin API calls
+:meth:`FairScheduler.refresh_limits`. The ETA is (GPU time left in the running units + estimated cost of the
+jobs ahead) / capacity. The cost ahead is summed exactly over the first
+``ETA_EXACT_PLACES`` (64) places, O(64); the jobs between there and the waiter are
+taken at the mean cost of the queued jobs past those places (kept as a running sum), so
+farther ETAs carry the error of a mean over many jobs, a few percent with mixed costs
+(an exact sum would need prefix sums over a list that re-orders).
+
+*Housekeeping.* A flow (or a client inside a flow) that goes idle is put on a sweep
+queue; each dispatch, finish and cancel looks at a few entries and forgets those whose
+service is not ahead of virtual time and (flows) whose rate window counts no recent
+request. Forgetting them loses nothing (they would restart at virtual time anyway); the
+sweep keeps memory bounded without scanning every flow.
+
+*Cost per decision* (n = queued jobs, q = one flow's queued jobs, s = jobs of flows at
+``max_running`` ahead of the first eligible one): submit O(log n) (O(q log n) for a
+several-session flow or a changed weight), dispatch O((1 + s) log n) plus
+O(b (b + s) log n) to fill a batch of b, finish and cancel O(q log n), position
+O(log n) plus the 64-term sum of the ETA.
 
 *Admission* (:meth:`FairScheduler.submit`) checks, in order: duplicate job id,
 ``requests_per_minute`` (sliding 60 s, per flow), ``max_queued`` (per flow), then
@@ -46,20 +118,19 @@ client and, for anonymous clients, also for the address's shared ceiling
 ``address_gpu_seconds``. A refusal says which limit and how long until a retry can
 succeed. ``limits(client)`` is asked at every admission and dispatch, so operator
 changes apply at the next one.
-
-*Positions.* :meth:`FairScheduler.position` replays the rule above over the queued jobs
-(ignoring ``max_running``) to give each waiter its place and an ETA; the replay is cached
-until the state changes, because every waiter polls it.
 """
 
 from __future__ import annotations
 
+import bisect
 import enum
 import heapq
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator
+
+from sortedcontainers import SortedList
 
 from shared.quotas import Tier
 
@@ -75,13 +146,20 @@ __all__ = [
     "address_usage_key",
     "RATE_WINDOW_S",
     "MIN_COST",
+    "ETA_EXACT_PLACES",
 ]
 
 RATE_WINDOW_S = 60.0
 """The sliding window of ``requests_per_minute``."""
 
 MIN_COST = 1e-6
-"""Costs are clamped up to this, so every job advances its flow's virtual service."""
+"""Costs (and weights) are clamped up to this, so every job advances its flow's virtual service."""
+
+ETA_EXACT_PLACES = 64
+"""Waiters up to this place get an ETA summed over the exact costs of the jobs ahead."""
+
+_SWEEP_PER_CALL = 4
+"""Idle flows or clients looked at by each dispatch, finish and cancel."""
 
 
 def address_usage_key(address: str) -> str:
@@ -147,37 +225,78 @@ class Job:
     started_at: float | None = None
     reserved: float = 0.0  # GPU-seconds reserved in the usage store
     reserved_address: bool = False  # also reserved against the address's ceiling
-    seq: int = 0  # admission order; breaks ties between equal submission times
+    seq: int = 0  # admission order; breaks ties between equal start tags
 
 
 # --------------------------------------------------------------------------------------
 # Internal state
 
+_Tag = tuple[float, int, str]  # a queued job's (start tag, seq, job id)
+_MemberKey = tuple[float, int, str]  # a client's (service, head seq, client id) in its flow
 
-@dataclass
+
+@dataclass(eq=False)
 class _Member:
     """One client inside a flow: its FIFO queue and its service within the flow."""
 
     client: ClientRef
+    weight: float = 1.0  # the last weight seen (its jobs' tags are computed with it)
     service: float = 0.0
     queue: deque[Job] = field(default_factory=deque)
     running: int = 0
+    key: _MemberKey | None = None  # its entry in the flow's ``order``, while it has queued jobs
+    swept: bool = False  # on the sweep queue
+
+    @property
+    def idle(self) -> bool:
+        return not self.queue and self.running == 0
 
 
-@dataclass
+@dataclass(eq=False)
 class _Flow:
+    """One flow (an API key, or an address's anonymous clients): its service and clients."""
+
     flow_id: str
     service: float = 0.0  # S_f: virtual GPU-seconds (GPU-s / weight)
     inner_v: float = 0.0  # virtual time among the flow's clients
-    weight: float = 1.0  # last weight seen (used by position replay)
     members: dict[str, _Member] = field(default_factory=dict)
+    order: list[_MemberKey] = field(default_factory=list)  # members with queued jobs, inner fair order
     queued: int = 0
     running: int = 0
     admitted_at: deque[float] = field(default_factory=deque)  # for requests_per_minute
+    key: _Tag | None = None  # its head's entry in the batch index, if there is one
+    key_batch: Hashable | None = None  # the head's batch key when ``key`` was made
+    tail: float = 0.0  # the tag after its last queued job
+    swept: bool = False  # on the sweep queue
 
     @property
     def idle(self) -> bool:
         return self.queued == 0 and self.running == 0
+
+    def head(self) -> tuple[_Member, Job]:
+        """The client the inner rule picks next, and its next job (the flow has queued jobs)."""
+        member = self.members[self.order[0][2]]
+        return member, member.queue[0]
+
+    def replay(self) -> Iterator[tuple[_Member, Job]]:
+        """The flow's queued jobs in the order its own rule would start them."""
+        if len(self.order) == 1:
+            member = self.head()[0]
+            for job in member.queue:
+                yield member, job
+            return
+        heap = []
+        for service, seq, cid in self.order:
+            heap.append((service, seq, cid, 0))
+        heapq.heapify(heap)
+        while heap:
+            service, _, cid, i = heapq.heappop(heap)
+            member = self.members[cid]
+            job = member.queue[i]
+            yield member, job
+            if i + 1 < len(member.queue):
+                nxt = member.queue[i + 1]
+                heapq.heappush(heap, (service + job.cost / member.weight, nxt.seq, cid, i + 1))
 
 
 @dataclass
@@ -185,49 +304,6 @@ class _Running:
     job: Job
     weight: float
     unit: int
-
-
-@dataclass
-class _Order:
-    """The cached replay of the fair order over queued jobs."""
-
-    version: int
-    places: dict[str, int]  # job_id -> 0-based place
-    ahead_cost: dict[str, float]  # job_id -> sum of costs of the jobs before it
-
-
-class _SimFlow:
-    """A copy of one flow's queues and service counters, for replaying the fair order."""
-
-    def __init__(self, flow: _Flow) -> None:
-        self.flow_id = flow.flow_id
-        self.service = flow.service
-        self.weight = max(flow.weight, MIN_COST)
-        self.members = {cid: (m.service, deque(m.queue)) for cid, m in flow.members.items() if m.queue}
-
-    def _head(self) -> str:
-        def key(cid: str) -> tuple[float, float, int]:
-            service, queue = self.members[cid]
-            return (service, queue[0].submitted_at, queue[0].seq)
-
-        return min(self.members, key=key)
-
-    def rank(self) -> tuple[float, float, int, str]:
-        head = self.members[self._head()][1][0]
-        return (self.service, head.submitted_at, head.seq, self.flow_id)
-
-    def pop(self) -> Job:
-        """Take the next job, charging it as dispatch would."""
-        cid = self._head()
-        service, queue = self.members[cid]
-        job = queue.popleft()
-        charge = job.cost / self.weight
-        self.service += charge
-        if queue:
-            self.members[cid] = (service + charge, queue)
-        else:
-            del self.members[cid]
-        return job
 
 
 class FairScheduler:
@@ -253,8 +329,12 @@ class FairScheduler:
         self._unit_ids = itertools.count()
         self._job_seq = itertools.count()
         self._seen: dict[str, ClientRef] = {}  # every client seen in this process
-        self._version = 0
-        self._order: _Order | None = None
+        self._tags: SortedList = SortedList()  # the _Tag of each queued job
+        self._tag_of: dict[str, _Tag] = {}
+        self._by_key: dict[Hashable, SortedList] | None = None  # batch key -> head _Tags; built on first use
+        self._queued_cost = 0.0  # sum of queued jobs' estimates
+        self._depth: dict[str, list[int]] = {}  # tier -> [queued, running]
+        self._sweep: deque[tuple[_Flow, _Member | None]] = deque()
 
     # -- size ------------------------------------------------------------------------
 
@@ -305,18 +385,37 @@ class FairScheduler:
         if flow.idle:
             flow.service = max(flow.service, self._vtime)
         self._flows[flow.flow_id] = flow
-        flow.weight = tier.weight
+        weight = max(tier.weight, MIN_COST)
         member = flow.members.get(client.client_id)
         if member is None:
-            member = flow.members[client.client_id] = _Member(client)
-        if not member.queue and member.running == 0:
+            member = flow.members[client.client_id] = _Member(client, weight)
+        if member.idle:
             member.service = max(member.service, flow.inner_v)
         member.client = client
-        member.queue.append(job)
+        # Appended to the flow's only queued client, with the weight its tags have: the
+        # new job goes last in the flow's order, so only its own tag is new.
+        appended = weight == member.weight and (not flow.order or flow.order == [member.key])
+        start = flow.service if flow.queued == 0 else flow.tail
+
+        if member.queue:  # behind the client's own jobs: no head changes
+            member.queue.append(job)
+        else:  # the client joins its flow's inner order, perhaps at the front
+            self._unlist(flow)
+            member.queue.append(job)
+            self._order(flow, member)
         flow.queued += 1
         flow.admitted_at.append(now)
+        member.weight = weight
         self._queued[job_id] = job
-        self._changed()
+        self._queued_cost += cost
+        self._count(job, queued=1)
+        if appended:
+            self._tag(job, start)
+            flow.tail = start + cost / weight
+        else:
+            self._retag(flow)
+        if flow.key is None:
+            self._list(flow)
         return Admission(Outcome.ADMITTED)
 
     def _check_rate(self, flow: _Flow, tier: Tier, now: float) -> Admission | None:
@@ -339,13 +438,9 @@ class FairScheduler:
     def _check_queue(self, flow: _Flow, tier: Tier) -> Admission | None:
         if flow.queued < tier.max_queued:
             return None
-        first = min(
-            (m.queue[0] for m in flow.members.values() if m.queue),
-            key=lambda job: self._place(job.job_id),
-            default=None,
-        )
         retry = 0.0
-        if first is not None:
+        if flow.queued:
+            first = flow.head()[1]  # the flow's first job in the fair order
             place = self.position(first.job_id)
             retry = max(place[1] if place else 0.0, first.cost)
         who = "from this address " if flow.flow_id.startswith("addr:") else ""
@@ -392,70 +487,81 @@ class FairScheduler:
         if self.free_slots <= 0 or not self._queued:
             return []
         limits = _Memo(self._limits)
-        head = self._pick(limits, batch_key=None, exclude=set())
+        head = self._pick(limits)
         if head is None:
             return []
         unit = next(self._unit_ids)
-        batch = [self._start(head, limits, unit)]
-        if max_batch > 1 and batch[0].batch_key is not None:
+        batch = [self._start(*head, limits, unit)]
+        batch_key = batch[0].batch_key
+        if max_batch > 1 and batch_key is not None:
+            if self._by_key is None:
+                self._index_batches()
             taken = {batch[0].client.client_id}
             while len(batch) < max_batch:
-                pick = self._pick(limits, batch_key=batch[0].batch_key, exclude=taken)
+                pick = self._pick_batch(limits, batch_key, taken)
                 if pick is None:
                     break
-                batch.append(self._start(pick, limits, unit))
+                batch.append(self._start(*pick, limits, unit))
                 taken.add(batch[-1].client.client_id)
         self._units[unit] = {job.job_id for job in batch}
         self._collect_idle()
-        self._changed()
         return batch
 
-    def _pick(self, limits: "_Memo", batch_key: Hashable | None, exclude: set[str]) -> tuple[_Flow, _Member, Job] | None:
-        """The next job by the fair rule among eligible flows (optionally one batch key)."""
-        best: tuple[tuple[float, float, int], _Flow, _Member, Job] | None = None
-        for flow in self._flows.values():
-            if flow.queued == 0:
-                continue
-            for member, job in self._candidates(flow, batch_key, exclude):
-                tier = limits(member.client)
-                if flow.running >= tier.max_running:
-                    continue
-                rank = (flow.service, job.submitted_at, job.seq)
-                if best is None or rank < best[0]:
-                    best = (rank, flow, member, job)
-                break  # only the flow's first eligible client competes
-        return None if best is None else best[1:]
+    def _pick(self, limits: "_Memo") -> tuple[_Flow, _Member] | None:
+        """The first eligible flow in fair order, and its first eligible client.
 
-    @staticmethod
-    def _candidates(flow: _Flow, batch_key: Hashable | None, exclude: set[str]) -> Iterable[tuple[_Member, Job]]:
-        """The flow's clients in their inner fair order, each with the job it would run."""
-        found: list[tuple[float, float, int, _Member, Job]] = []
-        for cid, member in flow.members.items():
-            if not member.queue or cid in exclude:
+        The first tag of a flow met in ``_tags`` is its head. The jobs skipped belong to
+        flows at their ``max_running``: each has a job running (or ``max_running == 0``),
+        so few are skipped however many flows wait.
+        """
+        skipped: set[str] = set()
+        for _, _, job_id in self._tags:
+            flow_id = self._queued[job_id].client.flow_id
+            if flow_id in skipped:
                 continue
-            if batch_key is None:
-                job = member.queue[0]
-            else:
-                job = next((j for j in member.queue if j.batch_key == batch_key), None)
-                if job is None:
-                    continue
-            found.append((member.service, job.submitted_at, job.seq, member, job))
-        found.sort(key=lambda item: item[:3])
-        return [(member, job) for *_, member, job in found]
+            flow = self._flows[flow_id]
+            for _, _, cid in flow.order:
+                member = flow.members[cid]
+                if flow.running < limits(member.client).max_running:
+                    return flow, member
+            skipped.add(flow_id)
+        return None
 
-    def _start(self, pick: tuple[_Flow, _Member, Job], limits: "_Memo", unit: int) -> Job:
-        flow, member, job = pick
+    def _pick_batch(self, limits: "_Memo", batch_key: Hashable, taken: set[str]) -> tuple[_Flow, _Member] | None:
+        """The first eligible flow in fair order whose head job has ``batch_key`` and whose
+        head client is not in the batch yet."""
+        assert self._by_key is not None
+        for _, _, job_id in self._by_key.get(batch_key, ()):
+            flow = self._flows[self._queued[job_id].client.flow_id]
+            member, _ = flow.head()
+            if member.client.client_id not in taken and flow.running < limits(member.client).max_running:
+                return flow, member
+        return None
+
+    def _start(self, flow: _Flow, member: _Member, limits: "_Memo", unit: int) -> Job:
+        job = member.queue[0]
         weight = max(limits(member.client).weight, MIN_COST)
-        flow.weight = weight
+        # The head of the flow leaves at the charge its tags assumed: the rest keep theirs.
+        keeps_tags = weight == member.weight and flow.order[0] == member.key
+        self._unlist(flow)
+        self._unorder(flow, member)
+        self._untag(job)
         self._vtime = max(self._vtime, flow.service)
         flow.inner_v = max(flow.inner_v, member.service)
         flow.service += job.cost / weight
         member.service += job.cost / weight
-        member.queue.remove(job)
+        member.weight = weight
+        member.queue.popleft()
         flow.queued -= 1
         flow.running += 1
         member.running += 1
         del self._queued[job.job_id]
+        self._queued_cost -= job.cost
+        self._count(job, queued=-1, running=1)
+        self._order(flow, member)
+        if not keeps_tags:
+            self._retag(flow)
+        self._list(flow)
         job.started_at = self._clock()
         self._running[job.job_id] = _Running(job, weight, unit)
         return job
@@ -475,16 +581,24 @@ class FairScheduler:
         flow = self._flows[job.client.flow_id]
         member = flow.members[job.client.client_id]
         correction = (gpu_s - job.cost) / entry.weight
-        flow.service += correction
-        member.service += correction
+        if correction:
+            self._unlist(flow)
+            self._unorder(flow, member)
+            flow.service += correction
+            member.service += correction
+            self._order(flow, member)
+            self._retag(flow)
+            self._list(flow)
         flow.running -= 1
         member.running -= 1
+        self._count(job, running=-1)
         self._settle(job, gpu_s, now)
         unit = self._units[entry.unit]
         unit.discard(job_id)
         if not unit:
             del self._units[entry.unit]
-        self._changed()
+        self._went_idle(flow, member)
+        self._collect_idle()
 
     def cancel(self, job_id: str) -> bool:
         """Remove a queued job and release its reservation; False if running or unknown."""
@@ -492,10 +606,24 @@ class FairScheduler:
         if job is None:
             return False
         flow = self._flows[job.client.flow_id]
-        flow.members[job.client.client_id].queue.remove(job)
+        member = flow.members[job.client.client_id]
+        at_head = member.queue[0] is job  # else the client's key and the flow's head stay
+        if at_head:
+            self._unlist(flow)
+            self._unorder(flow, member)
+        self._untag(job)
+        member.queue.remove(job)
         flow.queued -= 1
+        self._queued_cost -= job.cost
+        self._count(job, queued=-1)
+        if at_head:
+            self._order(flow, member)
+        self._retag(flow)  # the jobs behind it move up
+        if at_head:
+            self._list(flow)
         self._settle(job, 0.0, self._clock())
-        self._changed()
+        self._went_idle(flow, member)
+        self._collect_idle()
         return True
 
     def _settle(self, job: Job, gpu_s: float, now: float) -> None:
@@ -506,70 +634,173 @@ class FairScheduler:
                 self._store.adjust(address_usage_key(job.client.address), delta, now)
         job.reserved = gpu_s
 
-    def _collect_idle(self) -> None:
-        """Forget idle flows and clients whose service is behind virtual time (no state lost:
-        they would restart there anyway), unless the flow's rate window still counts requests."""
-        now = self._clock()
-        for flow_id, flow in list(self._flows.items()):
-            recent = flow.admitted_at and flow.admitted_at[-1] > now - RATE_WINDOW_S
-            if flow.idle and flow.service <= self._vtime and not recent:
-                del self._flows[flow_id]
+    # -- the ordered structures ------------------------------------------------------
+
+    def _list(self, flow: _Flow) -> None:
+        """Enter the flow's head in the batch index (once there is one), after its tags."""
+        if self._by_key is None or not flow.order:
+            return
+        _, job = flow.head()
+        if job.batch_key is None:
+            return
+        key = flow.key = self._tag_of[job.job_id]
+        flow.key_batch = job.batch_key
+        index = self._by_key.get(job.batch_key)
+        if index is None:
+            index = self._by_key[job.batch_key] = SortedList()
+        index.add(key)
+
+    def _unlist(self, flow: _Flow) -> None:
+        """Take the flow's head out of the batch index before the head or its tag changes."""
+        if flow.key is None:
+            return
+        assert self._by_key is not None
+        index = self._by_key[flow.key_batch]
+        index.remove(flow.key)
+        if not index:
+            del self._by_key[flow.key_batch]
+        flow.key = None
+
+    def _index_batches(self) -> None:
+        """Build the batch index (the first time a dispatch may batch)."""
+        self._by_key = {}
         for flow in self._flows.values():
-            for cid in [c for c, m in flow.members.items() if not m.queue and not m.running and m.service <= flow.inner_v]:
-                del flow.members[cid]
+            self._list(flow)
+
+    @staticmethod
+    def _order(flow: _Flow, member: _Member) -> None:
+        """Enter the client in its flow's inner order if it has queued jobs."""
+        if not member.queue:
+            return
+        head = member.queue[0]
+        member.key = (member.service, head.seq, member.client.client_id)
+        bisect.insort(flow.order, member.key)
+
+    @staticmethod
+    def _unorder(flow: _Flow, member: _Member) -> None:
+        if member.key is None:
+            return
+        i = bisect.bisect_left(flow.order, member.key)
+        del flow.order[i]
+        member.key = None
+
+    def _tag(self, job: Job, tag: float) -> None:
+        key = self._tag_of[job.job_id] = (tag, job.seq, job.job_id)
+        self._tags.add(key)
+
+    def _untag(self, job: Job) -> None:
+        self._tags.remove(self._tag_of.pop(job.job_id))
+
+    def _retag(self, flow: _Flow) -> None:
+        """Recompute the start tags of the flow's queued jobs from its current state."""
+        if not flow.queued:
+            return
+        tag = flow.service
+        for member, job in flow.replay():
+            old = self._tag_of.get(job.job_id)
+            if old is None or old[0] != tag:
+                if old is not None:
+                    self._tags.remove(old)
+                self._tag(job, tag)
+            tag += job.cost / member.weight
+        flow.tail = tag
+
+    def _count(self, job: Job, queued: int = 0, running: int = 0) -> None:
+        depth = self._depth.setdefault(job.client.tier, [0, 0])
+        depth[0] += queued
+        depth[1] += running
+        if depth == [0, 0]:
+            del self._depth[job.client.tier]
+        if not self._queued:
+            self._queued_cost = 0.0  # no drift left behind by the running sum
+
+    # -- housekeeping ----------------------------------------------------------------
+
+    def _went_idle(self, flow: _Flow, member: _Member) -> None:
+        if member.idle and not member.swept:
+            member.swept = True
+            self._sweep.append((flow, member))
+        if flow.idle and not flow.swept:
+            flow.swept = True
+            self._sweep.append((flow, None))
+
+    def _collect_idle(self) -> None:
+        """Forget a few idle flows and clients whose service is behind virtual time (no
+        state lost: they would restart there anyway), unless the flow's rate window still
+        counts requests; the others go back on the sweep queue."""
+        now = self._clock()
+        for _ in range(min(_SWEEP_PER_CALL, len(self._sweep))):
+            flow, member = self._sweep.popleft()
+            if self._flows.get(flow.flow_id) is not flow:
+                continue  # forgotten already
+            if member is None:
+                if not flow.idle:
+                    flow.swept = False
+                    continue
+                recent = flow.admitted_at and flow.admitted_at[-1] > now - RATE_WINDOW_S
+                if flow.service <= self._vtime and not recent:
+                    del self._flows[flow.flow_id]
+                    continue
+            else:
+                if flow.members.get(member.client.client_id) is not member:
+                    continue
+                if not member.idle:
+                    member.swept = False
+                    continue
+                if member.service <= flow.inner_v:
+                    del flow.members[member.client.client_id]
+                    continue
+            self._sweep.append((flow, member))
 
     # -- positions -------------------------------------------------------------------
 
     def position(self, job_id: str) -> tuple[int, float] | None:
         """``(1-based place in dispatch order, ETA seconds until start)``; None if not queued."""
-        if job_id not in self._queued:
+        key = self._tag_of.get(job_id)
+        if key is None:
             return None
-        order = self._replay()
+        ahead = self._tags.index(key)
         running_left = 0.0
         now = self._clock()
         for members in self._units.values():
             jobs = [self._running[j].job for j in members]
             started = min(now if j.started_at is None else j.started_at for j in jobs)
             running_left += max(0.0, started + max(j.cost for j in jobs) - now)
-        eta = (running_left + order.ahead_cost[job_id]) / self._capacity
-        return order.places[job_id] + 1, eta
-
-    def _place(self, job_id: str) -> int:
-        return self._replay().places.get(job_id, len(self._queued))
-
-    def _replay(self) -> _Order:
-        """Replay the fair rule over the queued jobs (ignoring max_running); cached."""
-        if self._order is not None and self._order.version == self._version:
-            return self._order
-        places: dict[str, int] = {}
-        ahead: dict[str, float] = {}
-        total = 0.0
-        sims: dict[str, _SimFlow] = {}
-        heap: list[tuple[float, float, int, str]] = []
-        for flow in self._flows.values():
-            if flow.queued:
-                sim = sims[flow.flow_id] = _SimFlow(flow)
-                heap.append(sim.rank())
-        heapq.heapify(heap)
-        while heap:
-            sim = sims[heapq.heappop(heap)[-1]]
-            job = sim.pop()
-            places[job.job_id] = len(places)
-            ahead[job.job_id] = total
-            total += job.cost
-            if sim.members:
-                heapq.heappush(heap, sim.rank())
-        self._order = _Order(self._version, places, ahead)
-        return self._order
-
-    def _changed(self) -> None:
-        self._version += 1
+        exact = min(ahead, ETA_EXACT_PLACES)
+        first = sum(self._queued[k[2]].cost for k in self._tags.islice(0, exact))
+        ahead_cost = first
+        if ahead > exact:
+            rest = len(self._tags) - exact
+            ahead_cost += (ahead - exact) * max(0.0, self._queued_cost - first) / rest
+        return ahead + 1, (running_left + ahead_cost) / self._capacity
 
     # -- reporting -------------------------------------------------------------------
 
     def limits_for(self, client: ClientRef) -> Tier:
         """The limits in force for ``client`` now (tier, file and operator overrides)."""
         return self._limits(client)
+
+    def refresh_limits(self, client_id: str | None = None) -> None:
+        """Re-read the weight of one client (or of every client with queued jobs) and
+        re-tag its flow if it changed, so that positions follow an operator's change at
+        once. Dispatch applies a new weight at the flow's next job without this; until
+        then, or this call, positions use the weight last seen. O(q log n) for one
+        client; for all (after a quota-file reload) O(n) calls to ``limits``."""
+        if client_id is None:
+            flows = [f for f in self._flows.values() if f.queued]
+        else:
+            ref = self._seen.get(client_id)
+            flow = self._flows.get(ref.flow_id) if ref is not None else None
+            flows = [flow] if flow is not None and flow.queued else []
+        for flow in flows:
+            changed = False
+            for member in flow.members.values():
+                if member.queue and (client_id is None or member.client.client_id == client_id):
+                    weight = max(self._limits(member.client).weight, MIN_COST)
+                    changed |= weight != member.weight
+                    member.weight = weight
+            if changed:
+                self._retag(flow)
 
     def client_stats(self, client: ClientRef | str) -> dict[str, Any]:
         """One client's standing: queued, running, used, remaining, resets_in_s, limits, tier.
@@ -613,7 +844,7 @@ class FairScheduler:
         for cid, ref in list(self._seen.items()):
             flow = self._flows.get(ref.flow_id)
             member = flow.members.get(cid) if flow else None
-            active = member is not None and (member.queue or member.running)
+            active = member is not None and not member.idle
             if not active and self._store.usage(cid, now)[0] <= 0:
                 del self._seen[cid]  # nothing to report; forget it
                 continue
@@ -622,12 +853,46 @@ class FairScheduler:
 
     def depth_by_tier(self) -> dict[str, tuple[int, int]]:
         """``tier -> (queued, running)`` jobs."""
+        return {tier: (q, r) for tier, (q, r) in self._depth.items()}
+
+    # -- checks ----------------------------------------------------------------------
+
+    def _check_invariants(self) -> None:
+        """Assert that the ordered structures agree with the queues (for tests; O(n log n))."""
+        assert sum(f.queued for f in self._flows.values()) == len(self._queued) == len(self._tags)
+        assert set(self._tag_of) == set(self._queued) and set(self._tag_of.values()) == set(self._tags)
+        heads: set[_Tag] = set()
+        for flow in self._flows.values():
+            members = [m for m in flow.members.values() if m.queue]
+            assert flow.queued == sum(len(m.queue) for m in members)
+            assert flow.running == sum(m.running for m in flow.members.values())
+            assert sorted(m.key for m in members) == flow.order  # type: ignore[type-var]
+            for m in members:
+                assert m.key == (m.service, m.queue[0].seq, m.client.client_id)
+            if not flow.queued:
+                assert flow.key is None and not flow.order
+                continue
+            tag = flow.service  # the head's tag is S_f, the others follow the flow's replay
+            for member, job in flow.replay():
+                assert self._tag_of[job.job_id] == (tag, job.seq, job.job_id), job.job_id
+                tag += job.cost / member.weight
+            assert abs(flow.tail - tag) <= 1e-9 * max(1.0, abs(tag))
+            _, head = flow.head()
+            if self._by_key is not None and head.batch_key is not None:
+                assert flow.key == self._tag_of[head.job_id] and flow.key_batch == head.batch_key
+                heads.add(flow.key)
+            else:
+                assert flow.key is None
+        if self._by_key is not None:
+            assert {k for index in self._by_key.values() for k in index} == heads
+            assert sum(len(index) for index in self._by_key.values()) == len(heads)
         depth: dict[str, list[int]] = {}
         for job in self._queued.values():
             depth.setdefault(job.client.tier, [0, 0])[0] += 1
         for entry in self._running.values():
             depth.setdefault(entry.job.client.tier, [0, 0])[1] += 1
-        return {tier: (q, r) for tier, (q, r) in depth.items()}
+        assert depth == self._depth
+        assert abs(self._queued_cost - sum(j.cost for j in self._queued.values())) <= 1e-6 * max(1, len(self._queued))
 
 
 class _Memo:

@@ -4,7 +4,9 @@ An event-driven run in virtual time, with its own bookkeeping (independent of th
 scheduler's) to check: no job lost, none dispatched twice or after cancel, every job
 ends refused (with a reason), cancelled or finished; running never exceeds capacity or a
 flow's max_running; a free slot never stays idle while eligible work waits; usage equals
-the GPU time of finished jobs (cancelled reservations released).
+the GPU time of finished jobs (cancelled reservations released); and after every event
+the scheduler's ordered structures (start tags, batch index, per-flow order, counts)
+agree with its queues.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ def test_every_job_is_accounted_for(capacity: int, max_batch: int, tier_by_clien
                     assert flow_running[ref.flow_id] >= limits[ref].max_running, job_id
         assert sched.running_count == sum(1 for s in state.values() if s == "running")
         assert len(sched) == sum(1 for s in state.values() if s == "queued")
+        sched._check_invariants()  # the ordered structures agree with the queues
 
     while events:
         clock.now, _, kind, payload = heapq.heappop(events)
