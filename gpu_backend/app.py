@@ -284,6 +284,11 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
         )
     )
 
+    if admin_token:  # the operators' dashboard at /admin/ui: same token, through a login
+        from .dashboard import mount_dashboard
+
+        app = mount_dashboard(app, tier, admin_token)
+
     direct = DirectRoutes(tier.service)
     for path in (INFER_PATH, STANDING_PATH):  # before the mount at "/", which catches everything after it
         app.router.routes.append(Route(path, direct, methods=["POST"]))
