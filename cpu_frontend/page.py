@@ -218,9 +218,6 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
                 notice = gr.HTML("", js_on_load=COUNTDOWN_JS, css_template=NOTICE_CSS, elem_id="splitspace-notice")
                 quota_box = gr.HTML(ui_text.quota_html(None), js_on_load=None, css_template=QUOTA_CSS,
                                     elem_id="splitspace-quota")
-                examples_note = gr.Markdown()
-                gr.Examples([[p] for p in EXAMPLES], inputs=[prompt], label="Examples", cache_examples=False,
-                            api_visibility="private")
             with gr.Column():
                 image = gr.Image(label="Image", type="filepath", format="png", interactive=False,
                                  elem_id="splitspace-image")
@@ -229,6 +226,10 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
                     info_box = gr.JSON(label="Info")
                 recent = gr.HTML(ui_text.recent_html([]), js_on_load=RECENT_JS, css_template=RECENT_CSS,
                                  elem_id="splitspace-recent")
+        # Below both columns: on a phone the image comes right after the button, examples after it.
+        examples_note = gr.Markdown()
+        gr.Examples([[p] for p in EXAMPLES], inputs=[prompt], label="Examples", cache_examples=False,
+                    api_visibility="private")
         history = gr.BrowserState([], storage_key=RECENT_KEY, secret=frontend.browser_secret)
         quota_api_box = gr.JSON(label="Quota", visible=False)
 

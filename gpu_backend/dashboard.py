@@ -55,7 +55,7 @@ __all__ = [
 ]
 
 DASHBOARD_PATH = "/admin/ui"
-SAMPLE_EVERY_S = 5.0
+SAMPLE_EVERY_S = 2.0
 KEEP_S = 600.0
 REFRESH_S = 3.0
 ADMIN_USER = "admin"
@@ -199,16 +199,17 @@ def _when(t: float) -> datetime:
 
 
 def depth_rows(samples: list[Sample]) -> pd.DataFrame:
-    """Queued and running jobs by tier over time (one line per tier and state)."""
+    """Queued and running jobs over time: in all, and by tier (the tiers seen in the window)."""
     tiers = sorted({tier for s in samples for tier in s.depth})
     rows = []
     for s in samples:
+        when = _when(s.t)
+        rows.append({"time": when, "series": "all queued", "jobs": sum(q for q, _ in s.depth.values())})
+        rows.append({"time": when, "series": "all running", "jobs": sum(r for _, r in s.depth.values())})
         for tier in tiers:
             q, r = s.depth.get(tier, (0, 0))
-            rows.append({"time": _when(s.t), "series": f"{tier} queued", "jobs": q})
-            rows.append({"time": _when(s.t), "series": f"{tier} running", "jobs": r})
-    if not rows:
-        rows = [{"time": _when(s.t), "series": "all queued", "jobs": 0} for s in samples]
+            rows.append({"time": when, "series": f"{tier} queued", "jobs": q})
+            rows.append({"time": when, "series": f"{tier} running", "jobs": r})
     return pd.DataFrame(rows, columns=["time", "series", "jobs"])
 
 
@@ -345,7 +346,10 @@ def build_dashboard(calls: AdminCalls, samples: Samples, store: str) -> gr.Block
                 model = (await calls.model())["model"]
             except AdminCallFailed as exc:
                 clients, model = gr.skip(), f"unavailable ({exc})"
-            return depth_rows(window), gpu_rows(window), share_rows(window), clients, model
+            depth = depth_rows(window)
+            peak = int(depth["jobs"].max()) if len(depth) else 0
+            return (gr.LinePlot(depth, y_lim=[0, max(2, peak)]), gpu_rows(window), share_rows(window), clients,
+                    model)
 
         def pick(evt: gr.SelectData) -> Any:
             row = evt.row_value or []
