@@ -171,7 +171,15 @@ def recent_entry(png_path: str, info: dict[str, Any], prompt: str, negative_prom
     }
 
 
-class Tabs:
+def stored(items: Any) -> list[dict[str, Any]]:
+    """The browser's history as it came back from localStorage (the browser's to change):
+    entries that are objects, at most :data:`RECENT_MAX` of them."""
+    if not isinstance(items, list):
+        return []
+    return [item for item in items if isinstance(item, dict)][:RECENT_MAX]
+
+
+class GoneTabs:
     """Sessions whose tab went away (Gradio's ``unload``), so their wait stops at the next
     status instead of holding a place on the GPU for nobody."""
 
@@ -197,9 +205,9 @@ class Tabs:
 
 
 def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Blocks:
-    tabs = Tabs()
+    tabs = GoneTabs()
     with gr.Blocks(title="splitspace", delete_cache=(3600, 3600)) as blocks:
-        heading = gr.Markdown()
+        heading = gr.Markdown("# splitspace\nText to image on a shared GPU, scheduled fairly per client.")
         with gr.Row():
             with gr.Column():
                 prompt = gr.Textbox(label="Prompt", max_length=limits.prompt_max_chars, lines=2,
@@ -247,10 +255,11 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
             request: gr.Request, progress: gr.Progress = gr.Progress(),
         ) -> tuple[Any, ...]:
             values = dict(zip(REQUEST_FIELDS, (prompt, negative_prompt, width, height, steps, guidance_scale, seed)))
-            items = list(recent_items or [])
+            items = stored(recent_items)
             clicked = time.monotonic()
             started: list[float] = []  # when the GPU began (the first "running" status)
-            last_gpu_s = float(items[0].get("gpu_s") or 0.0) if items else 0.0
+            last = items[0].get("gpu_s") if items else None
+            last_gpu_s = float(last) if isinstance(last, (int, float)) else 0.0
             session = request.session_hash or ""
 
             def on_status(status: dict[str, Any]) -> bool:
@@ -258,7 +267,8 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
                 if status.get("status") == "queued":
                     eta = float(status.get("eta_s") or 0.0)
                 else:  # running: the last image's GPU time is the best guess of what is left
-                    started[:1] = started[:1] or [time.monotonic()]
+                    if not started:
+                        started.append(time.monotonic())
                     eta = max(0.2, last_gpu_s - (time.monotonic() - started[0]))
                 progress(ui_text.wait_fraction(waited, eta), desc=ui_text.waiting(status))
                 return not tabs.gone(session)
@@ -288,7 +298,7 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
             return ui_text.quota_html(ui_text.quota_line(standing))
 
         def on_reuse(recent_items: list[dict[str, Any]] | None, evt: gr.SelectData) -> tuple[Any, ...]:
-            items = recent_items or []
+            items = stored(recent_items)
             if not isinstance(evt.index, int) or not 0 <= evt.index < len(items):
                 return (gr.skip(),) * (len(REQUEST_FIELDS) + 1)
             item = items[evt.index]
@@ -298,7 +308,7 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
         def on_load(recent_items: list[dict[str, Any]] | None) -> tuple[Any, ...]:
             defaults = model.defaults()
             return (model.heading(), model.examples_note(), defaults["steps"], defaults["guidance_scale"],
-                    ui_text.recent_html(recent_items or []))
+                    ui_text.recent_html(stored(recent_items)))
 
         page_outputs = [image, caption, info_box, notice, run, history, recent]
         private: dict[str, Any] = {"api_visibility": "private", "concurrency_limit": None}
