@@ -130,6 +130,9 @@ class Frontend:
         self.seconds_per_job = 1.0
         """Measured GPU seconds per job (smoothed), for the ETA of requests waiting at the door."""
         self.model = LiveModel(self.pool.health)
+        self.generate_api = request_handler(self.generate, "generate", "Generate one image; streams its place "
+                                            "in line, then returns the image and its info.")
+        """``/generate`` as Gradio sees it: the request's fields as parameters."""
         self.cache_dir = gr_utils.get_upload_folder()
 
     def _on_quotas(self, config: Any) -> None:
@@ -194,6 +197,52 @@ class Frontend:
         except SplitspaceError as exc:
             raise to_gradio_error(exc) from None
 
+    # -- UI only: what the page (page.py) needs beyond the API handlers above ----------------
+    # The page's Generate button does not call /generate: it follows `generate` through
+    # `ui_follow`, so validation, caps and forwarding stay in one place, and it words the
+    # statuses and refusals itself (ui_text.py), while API clients keep their dicts.
+    @property
+    def browser_secret(self) -> str:
+        """The key of the page's BrowserState (recent images, kept in the browser)."""
+        from .page import browser_state_secret
+
+        return browser_state_secret(self.settings.secrets)
+
+    async def ui_follow(
+        self,
+        values: dict[str, Any],
+        request: gr.Request,
+        on_status: "Callable[[dict[str, Any]], bool]",
+    ) -> "tuple[dict[str, Any], dict[str, Any]] | Refusal | None":
+        """Run ``generate`` for the page: each status dict goes to ``on_status`` (which
+        answers False when the tab has gone: the stream to the GPU tier is closed then);
+        returns ``(image, info)``, or the refusal as data for the page to word, or None."""
+        from shared.errors import Throttled  # (imported here: this block is the page's, kept apart)
+
+        from .ui_text import Refusal
+
+        try:
+            updates = self.generate(values, request)
+            async with contextlib.aclosing(updates):
+                async for image, info in updates:
+                    if image is not None:
+                        return image, info
+                    if not on_status(info):
+                        return None
+        except gr.Error as exc:
+            # generate raises gr.Error "from None": the project's own error is its context.
+            cause = exc.__context__
+            if not isinstance(cause, SplitspaceError):
+                cause = SplitspaceError(str(exc.message), title=exc.title or "Error")
+            in_flight, shared = 0, False
+            with contextlib.suppress(SplitspaceError):
+                identity = self.identity(request)
+                in_flight, shared = self.door.count(identity.flow_id), identity.kind == "session"
+            if isinstance(cause, Throttled):
+                return Refusal(cause.title, cause.reason, cause.retry_after_s, in_flight, shared)
+            return Refusal(cause.title, cause.message, None, in_flight, shared)
+        return None
+
 
 def build_app(settings: Settings | None = None, transports: list[Transport] | None = None) -> FastAPI:
     settings = settings or Settings()
@@ -231,9 +280,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         }
 
     app.include_router(embed_routes())  # before the mount at "/", which catches everything after it
-    generate = request_handler(fe.generate, "generate", "Generate one image; streams its place in line, "
-                               "then returns the image and its info.")
-    blocks = build_page(fe.model, settings.limits, generate, fe.quota)
+    blocks = build_page(fe.model, settings.limits, fe)
     blocks.max_threads = settings.max_threads
     blocks.queue(default_concurrency_limit=None)
     hold_sessions(blocks, 2 * settings.max_threads)  # every request in flight is a session

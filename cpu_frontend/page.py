@@ -1,18 +1,39 @@
 """The public page: the Gradio Blocks that people see, and the API endpoints they expose.
 
-Only layout and wiring to the handlers of ``app.py`` live here. The model's
-name and its default steps and guidance come from the GPU tiers' health
-documents, read again on every page load (callable component values), so a
-live model change or a GPU tier that started after the frontend shows the
-right defaults without a restart.
+Layout and wiring only; every sentence comes from ``ui_text.py``. Two kinds of
+events live here:
+
+- the API (``/generate``, ``/quota``): the handlers of ``app.py``, unchanged for API
+  clients, registered with no trigger on the page (``gr.on(triggers=[])``) and the
+  same input and output components as ever, so their schema does not move;
+- the page's own (private) events: the Generate button runs ``on_generate``, which
+  follows ``Frontend.ui_follow`` (``generate`` underneath) and turns each status into
+  words in Gradio's status display over the image (``gr.Progress``); a refusal
+  becomes guidance with a countdown, during which the button is off; the quota line
+  is refreshed after every generation and on load; recent images stay in this
+  browser (``gr.BrowserState``, thumbnails in localStorage), each one re-usable.
+
+The model's name and its default steps and guidance come from the GPU tiers' health
+documents, read again on every page load, so a live model change or a GPU tier that
+started after the frontend shows the right defaults without a restart.
 """
 
+import asyncio
+import base64
+import hashlib
+import hmac
+import io
+import time
+from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import gradio as gr
 
-from shared.schema import Limits
+from shared.schema import REQUEST_FIELDS, Limits
+
+from . import ui_text
+from .ui_text import Refusal
 
 FALLBACK_DEFAULTS = {"steps": 4, "guidance_scale": 0.0}
 """Slider defaults while no GPU tier has answered a health check."""
@@ -21,6 +42,71 @@ TINY_NOTE = (
     "`sleep:MS` only waits): its images are noise or flat. Set `SPLITSPACE_MODEL` "
     "(e.g. `stabilityai/sd-turbo`) for real images."
 )
+PROMPT_PLACEHOLDER = "Describe the image, e.g. a red fox in fresh snow at dawn, soft light"
+EXAMPLES = [
+    "A red fox in fresh snow at dawn, soft golden light, 35mm photo",
+    "An isometric illustration of a tiny island village, pastel colours",
+    "A bowl of ramen on a wooden table, steam rising, food photography",
+    "A watercolour of a lighthouse on a cliff in a storm",
+    "A cosy reading nook with plants and a warm lamp, evening light",
+]
+RECENT_MAX = 12
+"""Recent images kept in the browser (thumbnails, about 5 KB each in localStorage)."""
+THUMB_SIDE = 160
+RECENT_KEY = "splitspace-recent"
+BROWSER_STATE_SALT = b"splitspace.browser-state"
+
+COUNTDOWN_JS = """
+const fmt = (s) => {  // as ui_text.duration
+  if (s < 90) return `${s} s`;
+  const m = Math.ceil(s / 60);
+  return m < 120 ? `${m} min` : `${Math.floor(m / 60)} h` + (m % 60 ? ` ${m % 60} min` : '');
+};
+setInterval(() => {  // counts down the refusal's retry; at 0 the page turns the button back on
+  const el = element.querySelector('.splitspace-countdown');
+  if (!el || el.dataset.done) return;
+  if (!el.dataset.until) el.dataset.until = String(Date.now() + Number(el.dataset.seconds) * 1000);
+  const left = Math.ceil((Number(el.dataset.until) - Date.now()) / 1000);
+  if (left > 0) { el.textContent = fmt(left); return; }
+  el.dataset.done = '1';
+  el.closest('.splitspace-retry').textContent = 'You can try again now.';
+  trigger('end');
+}, 250);
+"""
+RECENT_JS = """
+element.addEventListener('click', (e) => {  // a thumbnail puts its prompt and seed back
+  const b = e.target.closest('[data-index]');
+  if (b) trigger('select', {index: Number(b.dataset.index), value: null, selected: true});
+});
+"""
+RECENT_CSS = """
+.splitspace-recent-grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(72px, 1fr)); gap: 6px; }
+.splitspace-thumb { padding: 0; border: 1px solid var(--border-color-primary); border-radius: 6px;
+  background: none; cursor: pointer; overflow: hidden; aspect-ratio: 1; }
+.splitspace-thumb img { width: 100%; height: 100%; object-fit: cover; display: block; }
+.splitspace-recent-empty { color: var(--body-text-color-subdued); }
+"""
+QUOTA_CSS = """
+.splitspace-quota-bar { height: 8px; border-radius: 4px; background: var(--border-color-primary); overflow: hidden; }
+.splitspace-quota-bar > div { height: 100%; background: var(--color-accent); }
+.splitspace-quota-bar.full > div { background: var(--error-text-color, #dc2626); }
+.splitspace-quota p { margin: 4px 0 0; }
+"""
+NOTICE_CSS = ".splitspace-refusal { color: var(--error-text-color, #b91c1c); margin: 0; }"
+
+
+class PageBackend(Protocol):
+    """What the page needs from the frontend (``app.Frontend``)."""
+
+    browser_secret: str
+
+    generate_api: Callable[..., Any]
+
+    async def quota(self, request: gr.Request = None) -> dict: ...  # type: ignore[assignment]
+
+    async def ui_follow(
+        self, values: dict[str, Any], request: gr.Request, on_status: Callable[[dict[str, Any]], bool]
+    ) -> tuple[dict[str, Any], dict[str, Any]] | Refusal | None: ...
 
 
 class LiveModel:
@@ -43,39 +129,202 @@ class LiveModel:
             text += "\n\n" + TINY_NOTE.format(model=model)
         return text
 
+    def examples_note(self) -> str:
+        doc = self.doc()
+        if doc.get("placeholder_model"):
+            return f"**Try one of these.** With `{doc.get('model')}` the images will be noise: it has no trained weights."
+        return "**Try one of these.**"
 
-def build_page(
-    model: LiveModel, limits: Limits, generate: Callable[..., Any], quota: Callable[..., Any]
-) -> gr.Blocks:
+
+def browser_state_secret(secrets: list[str]) -> str:
+    """The key of the page's BrowserState, derived from the tiers' newest secret: every
+    frontend replica, and the same frontend after a restart, can read what it wrote
+    (Gradio's default is a fresh random key per process, which forgets on restart)."""
+    return hmac.new(secrets[0].encode(), BROWSER_STATE_SALT, hashlib.sha256).hexdigest()
+
+
+def thumbnail(png_path: str, side: int = THUMB_SIDE) -> str:
+    """A small JPEG of the image as a data URL: the copy kept in the browser (the
+    server's file is deleted after an hour)."""
+    from PIL import Image
+
+    with Image.open(png_path) as img:
+        img = img.convert("RGB")
+        img.thumbnail((side, side))
+        out = io.BytesIO()
+        img.save(out, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode("ascii")
+
+
+def recent_entry(png_path: str, info: dict[str, Any], prompt: str, negative_prompt: str) -> dict[str, Any]:
+    """One image of the browser's history: enough to make it again, and its thumbnail."""
+    return {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "seed": info["seed"],
+        "width": info["width"],
+        "height": info["height"],
+        "steps": info["steps"],
+        "guidance_scale": info["guidance_scale"],
+        "gpu_s": info["gpu_s"],
+        "thumb": thumbnail(png_path),
+    }
+
+
+def stored(items: Any) -> list[dict[str, Any]]:
+    """The browser's history as it came back from localStorage (the browser's to change):
+    entries that are objects, at most :data:`RECENT_MAX` of them."""
+    if not isinstance(items, list):
+        return []
+    return [item for item in items if isinstance(item, dict)][:RECENT_MAX]
+
+
+class GoneTabs:
+    """Sessions whose tab went away (Gradio's ``unload``), so their wait stops at the next
+    status instead of holding a place on the GPU for nobody."""
+
+    def __init__(self) -> None:
+        self._following: Counter[str] = Counter()
+        self._gone: set[str] = set()
+
+    def follow(self, session: str) -> None:
+        self._following[session] += 1
+
+    def done(self, session: str) -> None:
+        self._following[session] -= 1
+        if self._following[session] <= 0:
+            del self._following[session]
+            self._gone.discard(session)
+
+    def close(self, session: str) -> None:
+        if session in self._following:
+            self._gone.add(session)
+
+    def gone(self, session: str) -> bool:
+        return session in self._gone
+
+
+def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Blocks:
+    tabs = GoneTabs()
     with gr.Blocks(title="splitspace", delete_cache=(3600, 3600)) as blocks:
-        gr.Markdown(model.heading)
+        heading = gr.Markdown("# splitspace\nText to image on a shared GPU, scheduled fairly per client.")
         with gr.Row():
             with gr.Column():
-                prompt = gr.Textbox(label="Prompt", max_length=limits.prompt_max_chars, lines=2)
-                with gr.Accordion("Advanced settings", open=False):
+                prompt = gr.Textbox(label="Prompt", max_length=limits.prompt_max_chars, lines=2,
+                                    placeholder=PROMPT_PLACEHOLDER)
+                with gr.Accordion("Advanced settings", open=False) as advanced:
                     negative = gr.Textbox("", label="Negative prompt", max_length=limits.negative_prompt_max_chars)
                     with gr.Row():
                         width = gr.Slider(limits.min_side, limits.max_side, 512, step=limits.side_multiple, label="Width")
                         height = gr.Slider(limits.min_side, limits.max_side, 512, step=limits.side_multiple, label="Height")
-                    steps = gr.Slider(limits.min_steps, limits.max_steps, lambda: model.defaults()["steps"],
+                    steps = gr.Slider(limits.min_steps, limits.max_steps, FALLBACK_DEFAULTS["steps"],
                                       step=1, label="Steps")
-                    guidance = gr.Slider(limits.min_guidance, limits.max_guidance,
-                                         lambda: model.defaults()["guidance_scale"], step=0.5, label="Guidance scale")
+                    guidance = gr.Slider(limits.min_guidance, limits.max_guidance, FALLBACK_DEFAULTS["guidance_scale"],
+                                         step=0.5, label="Guidance scale")
                     seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
                 run = gr.Button("Generate", variant="primary")
+                notice = gr.HTML("", js_on_load=COUNTDOWN_JS, css_template=NOTICE_CSS, elem_id="splitspace-notice")
+                quota_box = gr.HTML(ui_text.quota_html(None), js_on_load=None, css_template=QUOTA_CSS,
+                                    elem_id="splitspace-quota")
             with gr.Column():
-                image = gr.Image(label="Image", type="filepath", format="png", interactive=False)
-                info_box = gr.JSON(label="Info")
-                with gr.Accordion("Your quota", open=False):
-                    quota_box = gr.JSON(label="Quota")
-                    refresh = gr.Button("Refresh quota")
+                image = gr.Image(label="Image", type="filepath", format="png", interactive=False,
+                                 elem_id="splitspace-image")
+                caption = gr.Markdown(elem_id="splitspace-caption")
+                with gr.Accordion("Details", open=False):
+                    info_box = gr.JSON(label="Info")
+                recent = gr.HTML(ui_text.recent_html([]), js_on_load=RECENT_JS, css_template=RECENT_CSS,
+                                 elem_id="splitspace-recent")
+        # Below both columns: on a phone the image comes right after the button, examples after it.
+        examples_note = gr.Markdown()
+        gr.Examples([[p] for p in EXAMPLES], inputs=[prompt], label="Examples", cache_examples=False,
+                    api_visibility="private")
+        history = gr.BrowserState([], storage_key=RECENT_KEY, secret=frontend.browser_secret)
+        quota_api_box = gr.JSON(label="Quota", visible=False)
+
         inputs = [prompt, negative, width, height, steps, guidance, seed]
-        # preprocess=False: our validation (one definition, errors that name the field) sees
-        # the raw values first, instead of the components' own range checks.
-        # postprocess=False: the handler returns final outputs (see app.image_output).
-        run.click(generate, inputs, [image, info_box], api_name="generate", concurrency_limit=None,
-                  preprocess=False, postprocess=False)
-        prompt.submit(generate, inputs, [image, info_box], api_visibility="private", concurrency_limit=None,
-                      preprocess=False, postprocess=False)
-        refresh.click(quota, None, quota_box, api_name="quota", concurrency_limit=None)
+        # The API, as ever: no trigger on the page. preprocess=False: our validation (one
+        # definition, errors that name the field) sees the raw values first, instead of the
+        # components' own range checks. postprocess=False: the handler returns final outputs.
+        gr.on([], frontend.generate_api, inputs, [image, info_box], api_name="generate", concurrency_limit=None,
+              preprocess=False, postprocess=False)
+        gr.on([], frontend.quota, None, quota_api_box, api_name="quota", concurrency_limit=None)
+
+        async def on_generate(
+            prompt: str, negative_prompt: str, width: Any, height: Any, steps: Any, guidance_scale: Any,
+            seed: Any, recent_items: list[dict[str, Any]] | None,
+            request: gr.Request, progress: gr.Progress = gr.Progress(),
+        ) -> tuple[Any, ...]:
+            values = dict(zip(REQUEST_FIELDS, (prompt, negative_prompt, width, height, steps, guidance_scale, seed)))
+            items = stored(recent_items)
+            clicked = time.monotonic()
+            started: list[float] = []  # when the GPU began (the first "running" status)
+            last = items[0].get("gpu_s") if items else None
+            last_gpu_s = float(last) if isinstance(last, (int, float)) else 0.0
+            session = request.session_hash or ""
+
+            def on_status(status: dict[str, Any]) -> bool:
+                waited = time.monotonic() - clicked
+                if status.get("status") == "queued":
+                    eta = float(status.get("eta_s") or 0.0)
+                else:  # running: the last image's GPU time is the best guess of what is left
+                    if not started:
+                        started.append(time.monotonic())
+                    eta = max(0.2, last_gpu_s - (time.monotonic() - started[0]))
+                progress(ui_text.wait_fraction(waited, eta), desc=ui_text.waiting(status))
+                return not tabs.gone(session)
+
+            tabs.follow(session)
+            try:
+                outcome = await frontend.ui_follow(values, request, on_status)
+            finally:
+                tabs.done(session)
+            if outcome is None:  # the tab went away
+                return (gr.skip(),) * 7
+            if isinstance(outcome, Refusal):
+                can_retry_now = outcome.retry_s is None
+                return (gr.skip(), gr.skip(), gr.skip(), ui_text.refusal_html(outcome),
+                        gr.Button(interactive=can_retry_now), gr.skip(), gr.skip())
+            image_out, info = outcome
+            entry = await asyncio.to_thread(recent_entry, image_out["path"], info, prompt, negative_prompt)
+            items = [entry, *items][:RECENT_MAX]
+            return (image_out, ui_text.caption(info), info, "", gr.Button(interactive=True), items,
+                    ui_text.recent_html(items))
+
+        async def on_quota(request: gr.Request) -> str:
+            try:
+                standing = await frontend.quota(request)
+            except gr.Error as exc:
+                return ui_text.quota_html(None, problem=exc.message)
+            return ui_text.quota_html(ui_text.quota_line(standing))
+
+        def on_reuse(recent_items: list[dict[str, Any]] | None, evt: gr.SelectData) -> tuple[Any, ...]:
+            items = stored(recent_items)
+            if not isinstance(evt.index, int) or not 0 <= evt.index < len(items):
+                return (gr.skip(),) * (len(REQUEST_FIELDS) + 1)
+            item = items[evt.index]
+            # The settings open, so that the seed put back is in sight.
+            return (*(item.get(name, gr.skip()) for name in REQUEST_FIELDS), gr.Accordion(open=True))
+
+        def on_load(recent_items: list[dict[str, Any]] | None) -> tuple[Any, ...]:
+            defaults = model.defaults()
+            return (model.heading(), model.examples_note(), defaults["steps"], defaults["guidance_scale"],
+                    ui_text.recent_html(stored(recent_items)))
+
+        page_outputs = [image, caption, info_box, notice, run, history, recent]
+        private: dict[str, Any] = {"api_visibility": "private", "concurrency_limit": None}
+        for trigger in (run.click, prompt.submit):
+            trigger(on_generate, [*inputs, history], page_outputs, preprocess=False, postprocess=False,
+                    show_progress_on=[image], **private
+                    ).then(on_quota, None, quota_box, show_progress="hidden", **private)
+        notice.end(lambda: gr.Button(interactive=True), None, run, show_progress="hidden", **private
+                   ).then(on_quota, None, quota_box, show_progress="hidden", **private)
+        recent.select(on_reuse, history, [*inputs, advanced], show_progress="hidden", **private)
+        blocks.load(on_load, history, [heading, examples_note, steps, guidance, recent],
+                    show_progress="hidden", **private)
+        blocks.load(on_quota, None, quota_box, show_progress="hidden", **private)
+
+        def on_unload(request: gr.Request) -> None:
+            tabs.close(request.session_hash or "")
+
+        blocks.unload(on_unload)
     return blocks

@@ -26,7 +26,7 @@ from .usage import UsageStore
 class Overrides:
     """Operator overrides per client id: an in-memory view written through to the store."""
 
-    def __init__(self, store: UsageStore, on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, store: UsageStore, on_change: Callable[[str], None] = lambda client_id: None) -> None:
         """``on_change``: called after every change (the GPU tier dispatches then: a raised
         ``max_running`` lets a waiting job start at once, not at the next arrival)."""
         self._store = store
@@ -39,13 +39,13 @@ class Overrides:
     def set(self, client_id: str, values: dict[str, Any]) -> dict[str, Any]:
         self._store.set_overrides(client_id, values)
         self._cache[client_id] = {**self._cache.get(client_id, {}), **values}
-        self.on_change()
+        self.on_change(client_id)
         return self._cache[client_id]
 
     def clear(self, client_id: str) -> None:
         self._store.clear_overrides(client_id)
         self._cache.pop(client_id, None)
-        self.on_change()
+        self.on_change(client_id)
 
     def all(self) -> dict[str, dict[str, Any]]:
         return dict(self._cache)

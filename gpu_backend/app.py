@@ -97,12 +97,19 @@ class GpuTier:
         )
         # A change of limits (an operator's override, a quota file edit) may let a waiting job
         # start now: dispatch then, not at the next arrival.
-        self.overrides.on_change = self.runner.dispatch
-        self.watcher.on_change = lambda config: self.runner.dispatch()
+        self.overrides.on_change = self.limits_changed
+        self.watcher.on_change = lambda config: self.limits_changed(None)
         self.service = InferService(
             tokens=self.tokens, runner=self.runner, limits=settings.limits, standing=self.standing,
             on_call=self.metrics.calls.inc, on_refused=self.metrics.refuse,
         )
+
+    def limits_changed(self, client_id: str | None) -> None:
+        """One client's limits (or everyone's, ``None``) changed: positions follow the new
+        weights at once, and a job that may start now starts."""
+        with self.runner.locked() as scheduler:
+            scheduler.refresh_limits(client_id)
+        self.runner.dispatch()
 
     async def change_model(self, spec: str) -> dict[str, Any]:
         """Load another model without a restart: requests in flight finish on the old one,
@@ -274,6 +281,11 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
             extra_routes=lambda router: model_routes(router, tier),
         )
     )
+
+    if admin_token:  # the operators' dashboard at /admin/ui: same token, through a login
+        from .dashboard import mount_dashboard
+
+        app = mount_dashboard(app, tier, admin_token)
 
     direct = DirectRoutes(tier.service)
     for path in (INFER_PATH, STANDING_PATH):  # before the mount at "/", which catches everything after it

@@ -132,6 +132,7 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator
 
 from sortedcontainers import SortedList
 
+from session.identity import flow_of
 from shared.quotas import Tier
 
 if TYPE_CHECKING:
@@ -193,7 +194,7 @@ class ClientRef:
     @property
     def flow_id(self) -> str:
         """API keys are their own flow; anonymous clients share their address's flow."""
-        return self.client_id if self.kind == "key" else f"addr:{self.address}"
+        return flow_of(self.client_id, self.kind, self.address)
 
     @property
     def is_anonymous(self) -> bool:

@@ -5,6 +5,11 @@ own browser download is never used. The deployment runs ``sleep:1500`` so that a
 holds the GPU long enough to watch another one wait. Two small local servers play other
 sites that embed the frontend (an iframe, the ``<gradio-app>`` web component); one of them
 is in the frontend's ``SPLITSPACE_CORS_ORIGINS``.
+
+What a person sees is checked as they would check it: words while waiting (never the
+API's keys), a caption under the image, the quota sentence moving, examples, this
+browser's recent images, a refusal counting down. Screenshots of the page land in
+``docs/screenshots/`` (the README shows them).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import pytest
 from cpu_frontend.embed import web_component_script
 from tests.clients import call_rest, gen_args
 from tests.conftest import QUOTAS, key
-from tests.support import Deployment
+from tests.support import REPO, Deployment, wait_for
 
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 
@@ -35,6 +40,12 @@ CHROMIUM_ARGS = [
 ]
 GENERATED_IMG = 'img[src*="/gradio_api/file="]'
 TIMEOUT_MS = 30_000
+SCREENSHOTS = REPO / "docs" / "screenshots"
+RAW_KEYS = ("eta_s", "queue_s", "gpu_s", "resets_in_s", "client_id", '"status"', "{")
+"""What the API says and a person should never read on the page."""
+WAITING = re.compile(r"In line: \d+(st|nd|rd|th) · about \d+ (s|min)")
+CAPTION = re.compile(r"Seed (\d+) · 512×512 · \d+ steps? · [\d.]+ s on the GPU · waited [\d.]+ s")
+QUOTA_LINE = re.compile(r"([\d.]+) of ([\d.]+) GPU-s used")
 
 
 def chromium_path() -> str | None:
@@ -144,8 +155,23 @@ def session_client_id(cookie: dict[str, Any]) -> str:
 
 def generate_in(scope: Any, prompt: str) -> None:
     """Type a prompt and click Generate in a page or a frame."""
-    scope.get_by_label("Prompt").fill(prompt)
+    scope.get_by_label("Prompt", exact=True).fill(prompt)
     scope.get_by_role("button", name="Generate").click()
+
+
+def ran_as(scope: Any, client_id: str) -> None:
+    """Open the image's details and wait until they name the client the GPU tier saw."""
+    scope.get_by_text("Details").click()
+    scope.get_by_text(client_id).first.wait_for()
+
+
+def visible_text(page: Any) -> str:
+    return page.locator("body").inner_text()
+
+
+def screenshot(page: Any, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / name), full_page=True)
 
 
 def test_page_loads_sets_httponly_cookie_and_generates(ui: UI, context: Any) -> None:
@@ -163,50 +189,188 @@ def test_page_loads_sets_httponly_cookie_and_generates(ui: UI, context: Any) -> 
     generate_in(page, "a red fox")
     page.locator(GENERATED_IMG).first.wait_for()
     # The request carried the cookie: the GPU tier saw this browser session, not the address.
-    page.get_by_text(session_client_id(cookie)).first.wait_for()
+    ran_as(page, session_client_id(cookie))
     assert not failed, failed
 
 
-def _occupy_gpu(url: str, n: int) -> list[threading.Thread]:
-    """n generate calls from another client (the `alpha` API key), in the background."""
+def _occupy_gpu(url: str, names: tuple[str, ...]) -> list[threading.Thread]:
+    """One generate call per API key named (each key its own fair-queue flow), in the background."""
 
-    def one() -> None:
+    def one(name: str) -> None:
         with httpx.Client(timeout=60) as c:
-            call_rest(c, url, "generate", gen_args(), {"Authorization": f"Bearer {key('alpha')}"})
+            call_rest(c, url, "generate", gen_args(), {"Authorization": f"Bearer {key(name)}"})
 
-    threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
+    threads = [threading.Thread(target=one, args=(name,), daemon=True) for name in names]
     for t in threads:
         t.start()
     return threads
 
 
 def _wait_until_running(url: str, api_key: str, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(timeout=10) as c:
-        while time.monotonic() < deadline:
+    def running() -> bool:
+        with httpx.Client(timeout=10) as c:
             final, events = call_rest(c, url, "quota", [], {"Authorization": f"Bearer {api_key}"})
-            if final == "complete" and events[-1][1][0]["running"] >= 1:
-                return
-            time.sleep(0.05)
-    raise AssertionError("the occupying requests never started on the GPU")
+        return final == "complete" and events[-1][1][0]["running"] >= 1
+
+    assert wait_for(running, timeout_s, every_s=0.05), "the occupying requests never started on the GPU"
 
 
-def test_queue_position_shows_while_waiting(ui: UI, context: Any) -> None:
+def quota_text(page: Any) -> str:
+    box = page.locator("#splitspace-quota")
+    box.get_by_text(QUOTA_LINE).wait_for()
+    return box.inner_text()
+
+
+BUSY = ("alpha", "beta", "other")
+"""Three other clients (each its own flow, none rate limited) keep the GPU busy while the person waits."""
+
+
+def test_waiting_reads_as_words_then_caption_quota_and_recent_image(ui: UI, context: Any) -> None:
     page = context.new_page()
     page.goto(ui.url + "/")
-    page.get_by_label("Prompt").fill("a patient fox")
+    before = quota_text(page)  # shown on load, without a click
+    assert page.locator(".splitspace-thumb").count() == 0
+    page.get_by_label("Prompt", exact=True).fill("a patient fox")
 
-    threads = _occupy_gpu(ui.url, 2)
-    _wait_until_running(ui.url, key("alpha"))
+    threads = _occupy_gpu(ui.url, BUSY)
+    _wait_until_running(ui.url, key(BUSY[0]))
     page.get_by_role("button", name="Generate").click()
 
-    # The UI renders the handler's progress text: "position N, about S s".
-    position = page.get_by_text(re.compile(r"position \d+, about \d+ s"))
-    position.first.wait_for(timeout=10_000)
+    # Words in Gradio's own status display, over the image: place and time, then "Generating...".
+    over_image = page.locator("#splitspace-image")
+    over_image.get_by_text(WAITING).wait_for(timeout=10_000)
+    waiting_text = visible_text(page)
+    screenshot(page, "waiting.png")
+    over_image.get_by_text("Generating...").wait_for()
     page.locator(GENERATED_IMG).first.wait_for()
-    position.first.wait_for(state="hidden")  # gone once the image is there
     for t in threads:
         t.join(timeout=30)
+
+    # A caption under the image; the full info only in the collapsed details.
+    caption = page.locator("#splitspace-caption").get_by_text(CAPTION)
+    caption.wait_for()
+    done_text = visible_text(page)
+    for text in (waiting_text, done_text):
+        assert not [k for k in RAW_KEYS if k in text], text
+    # The quota sentence moved after the image, without a click.
+    page.locator("#splitspace-quota").get_by_text(QUOTA_LINE).filter(has_not_text=before).wait_for()
+    assert float(QUOTA_LINE.search(quota_text(page))[1]) > float(QUOTA_LINE.search(before)[1])
+    # This browser's recent images: the one just made.
+    page.locator(".splitspace-thumb").first.wait_for()
+    assert page.locator(".splitspace-thumb").count() == 1
+    screenshot(page, "page.png")
+
+
+def test_an_example_fills_the_form(ui: UI, context: Any) -> None:
+    from cpu_frontend.page import EXAMPLES
+
+    page = context.new_page()
+    page.goto(ui.url + "/")
+    prompt = page.get_by_label("Prompt", exact=True)
+    assert prompt.get_attribute("placeholder")  # an empty box says what to type
+    page.get_by_text("images will be noise").wait_for()  # sleep:MS is a placeholder model
+    page.get_by_role("button", name=EXAMPLES[3]).click()
+    assert wait_for(lambda: prompt.input_value() == EXAMPLES[3], 10), prompt.input_value()
+
+
+def test_recent_image_survives_reload_and_gives_back_prompt_and_seed(ui: UI, context: Any) -> None:
+    page = context.new_page()
+    page.goto(ui.url + "/")
+    generate_in(page, "a fox to remember")
+    caption = page.locator("#splitspace-caption").get_by_text(CAPTION)
+    caption.wait_for()
+    seed = CAPTION.search(caption.inner_text())[1]
+
+    page.reload()  # the history is this browser's (localStorage), not the server's
+    thumb = page.locator(".splitspace-thumb")
+    thumb.first.wait_for()
+    assert thumb.count() == 1
+    assert "a fox to remember" in (thumb.first.get_attribute("title") or "")
+    page.get_by_label("Prompt", exact=True).fill("something else")
+    thumb.first.click()
+    prompt = page.get_by_label("Prompt", exact=True)
+    assert wait_for(lambda: prompt.input_value() == "a fox to remember", 10), prompt.input_value()
+    seed_box = page.get_by_label("Seed (-1 = random)")  # the settings open to show it
+    assert wait_for(lambda: seed_box.input_value() == seed, 10), seed_box.input_value()
+
+    page.get_by_role("button", name="Generate").click()
+    again = page.locator("#splitspace-caption").get_by_text(re.compile(f"Seed {seed} ·"))
+    again.wait_for()
+    assert page.locator(".splitspace-thumb").count() == 2
+
+
+def test_refusal_counts_down_and_the_button_returns_when_a_retry_can_succeed(ui: UI, context: Any) -> None:
+    page = context.new_page()
+    page.goto(ui.url + "/")
+    client = session_client_id(session_cookie(context))
+    # An operator gives this session 2 GPU-seconds per 8 s window: one image (1.5 s) fits,
+    # a second does not until the window ends.
+    r = httpx.put(f"{ui.dep.backend.url}/admin/clients/{client}", json={"gpu_seconds": 2, "window_s": 8},
+                  headers={"X-Splitspace-Admin": ui.dep.admin_token}, timeout=10)
+    assert r.status_code == 200, r.text
+
+    run = page.get_by_role("button", name="Generate")
+    generate_in(page, "a fox on a budget")
+    page.locator("#splitspace-caption").get_by_text(CAPTION).wait_for()
+    run.click()
+
+    notice = page.locator("#splitspace-notice")
+    notice.get_by_text("Quota exceeded: the GPU time of this window is used up. You can try again in").wait_for()
+    countdown = notice.locator(".splitspace-countdown")
+    first = int(countdown.inner_text().split()[0])
+    assert run.is_disabled()
+    assert wait_for(lambda: countdown.count() == 0 or int(countdown.inner_text().split()[0]) < first, 5), (
+        "the countdown does not count down"
+    )
+    # The quota sentence says what was refused, without a click.
+    page.locator("#splitspace-quota").get_by_text("of 2 GPU-s used").wait_for()
+
+    notice.get_by_text("You can try again now.").wait_for(timeout=15_000)
+    assert wait_for(run.is_enabled, 5)
+    run.click()  # the window has ended: this one goes through
+    assert wait_for(lambda: page.locator(".splitspace-thumb").count() == 2, 15), "the retry made no image"
+    assert not [k for k in RAW_KEYS if k in visible_text(page)]
+
+
+def test_phone_width_page_fits_and_generates(ui: UI, browser: Any) -> None:
+    ctx = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True)
+    ctx.set_default_timeout(TIMEOUT_MS)
+    try:
+        page = ctx.new_page()
+        page.goto(ui.url + "/")
+        quota_text(page)
+        generate_in(page, "a fox on a phone")
+        page.locator("#splitspace-caption").get_by_text(CAPTION).wait_for()
+        width = page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390, f"the page is {width} px wide on a 390 px screen"
+        box = page.get_by_role("button", name="Generate").bounding_box()
+        assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390
+        screenshot(page, "phone.png")
+    finally:
+        ctx.close()
+
+
+def test_closing_the_tab_drops_its_place_in_line(ui: UI, context: Any) -> None:
+    page = context.new_page()
+    page.goto(ui.url + "/")
+    client = session_client_id(session_cookie(context))
+    threads = _occupy_gpu(ui.url, (*BUSY, *BUSY))
+    _wait_until_running(ui.url, key(BUSY[0]))
+    generate_in(page, "a fox who leaves")
+    page.locator("#splitspace-image").get_by_text(WAITING).wait_for(timeout=10_000)
+
+    def standing() -> dict[str, Any]:
+        r = httpx.get(f"{ui.dep.backend.url}/admin/clients/{client}",
+                      headers={"X-Splitspace-Admin": ui.dep.admin_token}, timeout=10)
+        return r.json()
+
+    assert standing()["queued"] == 1
+    page.close()
+    gone = wait_for(lambda: (s := standing())["queued"] == 0 and s["running"] == 0 and s, 20, every_s=0.2)
+    assert gone, standing()
+    assert gone["used"] == 0  # it never ran: its reservation was given back
+    for t in threads:
+        t.join(timeout=60)
 
 
 def test_webcomponent_page_generates(ui: UI, context: Any) -> None:
@@ -220,7 +384,7 @@ def test_webcomponent_page_generates(ui: UI, context: Any) -> None:
     assert app.get_attribute("src") == ui.url
     generate_in(page, "a fox in a web component")
     page.locator(GENERATED_IMG).first.wait_for()
-    page.get_by_text(session_client_id(session_cookie(context))).first.wait_for()
+    ran_as(page, session_client_id(session_cookie(context)))
     assert not failed, failed  # the component's script and stylesheet come from the frontend
 
 
@@ -235,7 +399,7 @@ def test_iframe_page_generates_with_session_cookie(ui: UI, context: Any) -> None
     cookie = session_cookie(context)
     assert cookie["httpOnly"] is True
     # The frame's own requests carried the cookie: the job ran as this browser session.
-    frame.get_by_text(session_client_id(cookie)).first.wait_for()
+    ran_as(frame, session_client_id(cookie))
 
 
 def test_cross_site_iframe_behind_https_proxy_keeps_session(ui: UI, browser: Any) -> None:
@@ -256,7 +420,7 @@ def test_cross_site_iframe_behind_https_proxy_keeps_session(ui: UI, browser: Any
         cookie = session_cookie(ctx)
         assert cookie["secure"] is True and cookie["sameSite"] == "None" and cookie["httpOnly"] is True
         assert cookie.get("partitionKey", "").startswith("http://localhost")
-        frame.get_by_text(session_client_id(cookie)).first.wait_for()
+        ran_as(frame, session_client_id(cookie))
     finally:
         ctx.close()
 
@@ -272,7 +436,7 @@ def test_cross_site_iframe_on_plain_http_falls_back_to_address(ui: UI, browser: 
         generate_in(frame, "a fox without a cookie")
         frame.locator(GENERATED_IMG).first.wait_for()
         assert not [c for c in ctx.cookies() if c["name"] == "splitspace_session"]
-        frame.get_by_text("addr:127.0.0.1").first.wait_for()
+        ran_as(frame, "addr:127.0.0.1")
     finally:
         ctx.close()
 
@@ -284,7 +448,7 @@ def test_webcomponent_on_a_site_in_cors_origins_generates(ui: UI, context: Any) 
     page.goto(ui.allowed_site + "/webcomponent")
     generate_in(page, "a fox on a friendly site")
     page.locator(GENERATED_IMG).first.wait_for()
-    page.get_by_text("addr:127.0.0.1").first.wait_for()
+    ran_as(page, "addr:127.0.0.1")
 
 
 def test_webcomponent_on_a_site_not_in_cors_origins_is_refused(ui: UI, context: Any) -> None:

@@ -1,0 +1,151 @@
+"""The page's words (``cpu_frontend/ui_text.py``): statuses, captions, the quota line, refusals."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+from cpu_frontend import ui_text
+from cpu_frontend.ui_text import Refusal
+from shared.errors import BACKEND_UNAVAILABLE, INVALID_REQUEST, QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED
+
+RAW_KEYS = ("eta_s", "queue_s", "gpu_s", "resets_in_s", "client_id", "position", "status")
+
+
+@pytest.mark.parametrize(
+    ("n", "text"),
+    [(1, "1st"), (2, "2nd"), (3, "3rd"), (4, "4th"), (11, "11th"), (12, "12th"), (13, "13th"),
+     (21, "21st"), (22, "22nd"), (101, "101st"), (111, "111th")],
+)
+def test_ordinal(n: int, text: str) -> None:
+    assert ui_text.ordinal(n) == text
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(0.2, "1 s"), (3, "3 s"), (9.7, "10 s"), (89, "89 s"), (90, "2 min"), (3480, "58 min"),
+     (7100, "119 min"), (7199, "2 h"), (7200, "2 h"), (7500, "2 h 5 min")],
+)
+def test_duration_rounds_up_in_units_people_use(seconds: float, text: str) -> None:
+    assert ui_text.duration(seconds) == text
+
+
+def test_waiting_in_words() -> None:
+    # The /generate status dict, as API clients get it.
+    status = {"status": "queued", "position": 3, "eta_s": 9.7, "message": "position 3, about 10 s"}
+    assert ui_text.waiting(status) == "In line: 3rd · about 10 s"
+    assert ui_text.waiting({"status": "queued", "position": 1, "eta_s": 0.0}) == "In line: 1st · about 1 s"
+    assert ui_text.waiting({"status": "running", "position": 0, "eta_s": 0.0}) == "Generating..."
+
+
+def test_wait_fraction_is_the_part_of_the_wait_behind() -> None:
+    assert ui_text.wait_fraction(0, 10) == 0
+    assert ui_text.wait_fraction(5, 5) == 0.5
+    assert ui_text.wait_fraction(3, 0) == 1
+    assert ui_text.wait_fraction(0, 0) == 0
+
+
+def test_caption_has_seed_size_steps_and_times_and_no_raw_keys() -> None:
+    info = {"seed": 1234, "width": 512, "height": 768, "steps": 4, "guidance_scale": 0.0, "model": "m",
+            "queue_s": 3.04, "gpu_s": 1.52, "total_s": 4.6, "client": "session:abc"}
+    text = ui_text.caption(info)
+    assert text == "Seed 1234 · 512×768 · 4 steps · 1.5 s on the GPU · waited 3.0 s"
+    assert not any(k in text for k in RAW_KEYS)
+    assert "1 step ·" in ui_text.caption({**info, "steps": 1})
+
+
+def standing(**kw: object) -> dict:
+    """A /quota answer, as gpu_backend.scheduler.client_stats makes it."""
+    doc = {"client": "session:s", "client_id": "session:s", "kind": "session", "tier": "anonymous",
+           "limits": {"gpu_seconds": 300.0, "window_s": 3600.0, "address_gpu_seconds": 900.0},
+           "queued": 0, "running": 0, "used": 16.2, "remaining": 283.8, "resets_in_s": 3480.0}
+    doc.update(kw)
+    return doc
+
+
+def test_quota_line_with_own_limit_binding() -> None:
+    doc = standing(address={"used": 40.0, "remaining": 860.0, "resets_in_s": 3000.0})
+    line = ui_text.quota_line(doc)
+    assert line.text == "16 of 300 GPU-s used · resets in 58 min"
+    assert line.scope == "you"
+    assert line.fraction == pytest.approx(16.2 / 300)
+
+
+def test_quota_line_says_when_the_address_binds() -> None:
+    # The session used 16 of 300, but its address (all its sessions) used 880 of 900.
+    doc = standing(address={"used": 880.0, "remaining": 20.0, "resets_in_s": 600.0},
+                   remaining=20.0, resets_in_s=600.0)
+    line = ui_text.quota_line(doc)
+    assert line.text == "880 of 900 GPU-s used by your address · resets in 10 min"
+    assert line.scope == "address"
+    assert line.fraction == pytest.approx(880 / 900)
+
+
+def test_quota_line_for_a_key_small_amounts_and_no_window_yet() -> None:
+    doc = {"limits": {"gpu_seconds": 2.0, "window_s": 8.0}, "used": 1.53, "remaining": 0.47, "resets_in_s": 5.2}
+    assert ui_text.quota_line(doc).text == "1.5 of 2 GPU-s used · resets in 6 s"
+    fresh = {"limits": {"gpu_seconds": 600.0}, "used": 0.0, "remaining": 600.0, "resets_in_s": 0.0}
+    assert ui_text.quota_line(fresh).text == "0 of 600 GPU-s used"
+    over = {"limits": {"gpu_seconds": 1.0}, "used": 1.5, "remaining": 0.0, "resets_in_s": 3.0}
+    assert ui_text.quota_line(over).fraction == 1.0
+    unlimited = {"limits": {"gpu_seconds": math.inf}, "used": 3.0, "remaining": math.inf, "resets_in_s": 0.0}
+    assert ui_text.quota_line(unlimited).text == "3.0 GPU-s used · no limit"
+
+
+def test_quota_html_has_a_bar_and_the_sentence() -> None:
+    out = ui_text.quota_html(ui_text.quota_line(standing()))
+    assert 'role="progressbar"' in out and 'aria-valuenow="5.4"' in out
+    assert "16 of 300 GPU-s used · resets in 58 min" in out
+    assert "Quota unknown: GPU backend unavailable" in ui_text.quota_html(None, problem="GPU backend unavailable")
+
+
+def test_queue_full_refusal_as_guidance() -> None:
+    r = Refusal(QUEUE_FULL, "5 requests already in flight (max_running + max_queued = 5)", 2.2, in_flight=5)
+    assert ui_text.refusal_text(r) == ("Queue full: you have 5 requests in flight.", "You can try again in")
+    html = ui_text.refusal_html(r)
+    text = re.sub(r"<[^>]+>", "", html)
+    assert text == "Queue full: you have 5 requests in flight. You can try again in 3 s."
+    assert 'data-seconds="3"' in html
+    shared = Refusal(QUEUE_FULL, "x", 1.0, in_flight=1, shared_address=True)
+    assert ui_text.refusal_text(shared)[0] == "Queue full: you have 1 request in flight from this address."
+    assert ui_text.refusal_text(Refusal(QUEUE_FULL, "x", 5.0))[0] == "Queue full: the GPU is busy with other requests."
+
+
+def test_quota_and_rate_refusals_count_down_and_hide_the_limits_names() -> None:
+    quota = Refusal(QUOTA_EXCEEDED, "1.5 of 2 GPU-seconds used in this window (gpu_seconds=2)", 125.0)
+    text = re.sub(r"<[^>]+>", "", ui_text.refusal_html(quota))
+    assert text == "Quota exceeded: the GPU time of this window is used up. You can try again in 3 min."
+    rate = Refusal(RATE_LIMITED, "2 requests in the last 60 s (requests_per_minute=2)", 41.3)
+    text = re.sub(r"<[^>]+>", "", ui_text.refusal_html(rate))
+    assert text == "Rate limited: too many requests in the last minute. You can try again in 42 s."
+    assert "=" not in text
+
+
+def test_other_problems_stand_alone_without_countdown() -> None:
+    bad = Refusal(INVALID_REQUEST, "prompt: must be 1 to 1000 characters after stripping, got 0")
+    html = ui_text.refusal_html(bad)
+    assert "countdown" not in html
+    assert re.sub(r"<[^>]+>", "", html) == (
+        "Invalid request: prompt: must be 1 to 1000 characters after stripping, got 0."
+    )
+    down = Refusal(BACKEND_UNAVAILABLE, "no GPU tier answered in 5 s.")
+    assert ui_text.refusal_text(down) == ("GPU backend unavailable: no GPU tier answered in 5 s.", "")
+
+
+def test_markup_escapes_what_people_typed() -> None:
+    r = Refusal(INVALID_REQUEST, "prompt: <script>alert(1)</script>")
+    assert "<script>" not in ui_text.refusal_html(r)
+    items = [{"prompt": '"><img src=x onerror=alert(1)>', "seed": 7, "thumb": "javascript:alert(1)"}]
+    out = ui_text.recent_html(items)
+    assert "<img src=x" not in out and "javascript:" not in out
+    assert 'data-index="0"' in out
+
+
+def test_recent_html_lists_items_in_order() -> None:
+    items = [{"prompt": f"p{i}", "seed": i, "thumb": "data:image/jpeg;base64,AAAA"} for i in range(3)]
+    out = ui_text.recent_html(items)
+    assert [int(i) for i in re.findall(r'data-index="(\d+)"', out)] == [0, 1, 2]
+    assert re.findall(r'title="([^"]+)"', out) == ["p0 · seed 0", "p1 · seed 1", "p2 · seed 2"]
+    assert "appear here" in ui_text.recent_html([])
