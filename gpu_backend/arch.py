@@ -179,6 +179,8 @@ def build_arch_pipeline(spec: str, device: str = "cpu", *, seed: int = SEED) -> 
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
+    if not meta:  # anything a constructor placed on a fixed device joins the rest
+        pipe = pipe.to(device)
     return pipe
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -214,10 +215,11 @@ def test_split_batch_time_always_sums_exactly_to_the_measured_time(costs, gpu_s)
     assert sum(shares) == gpu_s
     assert sum(reversed(shares)) == gpu_s
     assert all(share >= 0 for share in shares)
-    total = math.fsum(costs)
+    # Within one quantum (ulp(gpu_s)) of the exact proportion, computed in exact fractions.
+    total = sum(Fraction(c) for c in costs)
     for cost, share in zip(costs, shares):
-        fair = gpu_s * cost / total if total else gpu_s / len(costs)
-        assert share == pytest.approx(fair, rel=1e-9, abs=4 * math.ulp(gpu_s))
+        fair = Fraction(gpu_s) * (Fraction(cost) / total if total else Fraction(1, len(costs)))
+        assert abs(Fraction(share) - fair) < Fraction(math.ulp(gpu_s))
 
 
 @pytest.mark.parametrize(
