@@ -9,6 +9,12 @@ ZeroGPU's better queue priority and are charged only what they need.
 
 The loaded model lives in a module global because a ZeroGPU worker reaches it
 by inheritance, not through arguments.
+
+Two GPU functions, one per runner contract: :func:`generate_on_gpu` returns the
+batch's images or raises (one failure fails the batch); :func:`run_batch_on_gpu`
+returns a :class:`~gpu_backend.batching.BatchOutcome`, in which a failed batch
+has been retried one request at a time, each request has its own image or error
+and its own charge. The second is for a runner that batches across clients.
 """
 
 from __future__ import annotations
@@ -17,17 +23,21 @@ import spaces  # noqa: F401  (import before torch/CUDA: ZeroGPU requires it)
 
 from shared.schema import GenerateRequest
 
-from .model import ModelExecutor
+from .batching import BatchOutcome, run_batch_isolating_failures
+from .model import CompileConfig, ModelExecutor
 
 _executor: ModelExecutor | None = None
 MIN_DURATION_S = 5
 DURATION_MARGIN = 3.0
 
 
-def load_model(spec: str) -> ModelExecutor:
-    """Load ``spec`` once and make it the model the GPU function uses."""
+def load_model(
+    spec: str, *, max_batch: int | None = None, compile_unet: CompileConfig | None = None
+) -> ModelExecutor:
+    """Load ``spec`` once and make it the model the GPU function uses (see
+    :meth:`ModelExecutor.from_spec` for ``max_batch`` and ``compile_unet``)."""
     global _executor
-    _executor = ModelExecutor.from_spec(spec)
+    _executor = ModelExecutor.from_spec(spec, max_batch=max_batch, compile_unet=compile_unet)
     return _executor
 
 
@@ -40,6 +50,11 @@ def current_executor() -> ModelExecutor:
     if _executor is None:
         raise RuntimeError("no model loaded; call load_model() first")
     return _executor
+
+
+def batch_cap(setting: int) -> int:
+    """The most requests one call may take: the tier's setting, capped by the model's own."""
+    return max(1, min(setting, current_executor().max_batch))
 
 
 def gpu_duration(requests: list[GenerateRequest], seeds: list[int]) -> int:
@@ -60,3 +75,11 @@ def generate_on_gpu(requests: list[GenerateRequest], seeds: list[int]) -> list:
     if len(requests) == 1:
         return [executor.generate(requests[0], seeds[0])]
     return executor.generate_batch(requests, seeds)
+
+
+@spaces.GPU(duration=gpu_duration)
+def run_batch_on_gpu(requests: list[GenerateRequest], seeds: list[int]) -> BatchOutcome:
+    """Run one batch of compatible requests, isolating failures: one result (image or
+    exception) and one charge per request. On ZeroGPU the retries of a failed batch
+    run inside the same GPU call, within the ``duration`` asked for the batch."""
+    return run_batch_isolating_failures(current_executor(), requests, seeds)

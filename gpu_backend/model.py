@@ -9,12 +9,26 @@ tier's scheduler:
 - ``sleep:MS``: no model. Each call holds the executor for MS milliseconds and
   returns a flat image whose colour comes from the seed. For load and fairness
   benchmarks.
+- ``arch:sd-turbo``, ``arch:sd15`` (``@tiny`` for a narrow copy): a real
+  architecture with seeded random weights, built in code by
+  :mod:`gpu_backend.arch`. For GPU benchmarks; images are noise.
 - anything else: a diffusers model id or local folder, loaded with
   ``AutoPipelineForText2Image.from_pretrained`` (float16 on CUDA).
 
 Determinism: every image gets its own ``torch.Generator(device="cpu")`` seeded
 with its seed, so the same (request, seed) gives the same pixels on a given
 machine and device, and a batch gives each image the latents it would get alone.
+The images of a batch then equal the images made one by one up to float
+rounding (kernels sum in a batch-size-dependent order): on a CPU in float32 the
+pipelines' outputs differ by about 1e-6, so a pixel near a rounding boundary may
+be off by 1 of 255.
+
+Batches: ``max_batch`` caps how many requests one call takes (a default per
+spec and device; the GPU tier uses the smaller of it and its own setting).
+With ``compile_unet`` (a :class:`CompileConfig`), the UNet goes through
+``torch.compile`` (CUDA graphs on CUDA), batches are padded up to one of a few
+fixed sizes (powers of two up to ``max_batch``) so that shapes stay fixed, and
+every one of those sizes is warmed up at the configured image size at start.
 
 Importing this module loads no model and does not import torch or diffusers;
 they are imported inside :meth:`ModelExecutor.from_spec`, so ``sleep:`` specs
@@ -24,11 +38,13 @@ it checks ``torch.cuda.is_available()`` when no device is given.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,11 +52,15 @@ from PIL import Image
 
 from shared.schema import MAX_SEED, GenerateRequest
 
+log = logging.getLogger("splitspace.gpu")
+
 TINY = "tiny"
 SLEEP_PREFIX = "sleep:"
+ARCH_PREFIX = "arch:"
 
 _SPEC_HELP = (
     "expected 'tiny', 'sleep:MS' (MS a whole number of milliseconds, 0 or more), "
+    "'arch:sd-turbo' or 'arch:sd15' (optionally '@tiny'), "
     "a diffusers model id such as 'stabilityai/sd-turbo', or a local pipeline folder"
 )
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -66,6 +86,8 @@ def preset_for(spec: str) -> Preset:
         return TINY_PRESET
     if spec.startswith(SLEEP_PREFIX):
         return SLEEP_PRESET
+    if spec.startswith(ARCH_PREFIX + "sd15"):
+        return DEFAULT_PRESET
     lowered = spec.lower()
     if "sd-turbo" in lowered or "sdxl-turbo" in lowered:
         return TURBO_PRESET
@@ -102,12 +124,49 @@ TINY_CPU_COST = CostCurve(fixed_s=0.010, step_s=0.006, step_pixel_s=1.5e-7, pixe
 # The tiny pipeline on a GPU: not measured; a launch-bound guess (about 60 small
 # kernels per UNet step). Calibrate at run time.
 TINY_CUDA_COST = CostCurve(fixed_s=0.010, step_s=0.008, step_pixel_s=1e-10, pixel_s=2e-9)
-# A Stable Diffusion 2.1-sized model (UNet 866M parameters) in float16 on a GPU,
-# fitted to the H200 table of ANCHORS.md section 2 (within about 30%). About
-# 40 ms per step at batch 1 whatever the size: the GPU waits on kernel launches.
-PRETRAINED_CUDA_COST = CostCurve(fixed_s=0.010, step_s=0.040, step_pixel_s=3e-9, pixel_s=8.5e-8)
-# The same model in float32 on a CPU: an order-of-magnitude guess (seconds per step).
+# A Stable Diffusion 2.1-sized model (UNet 866M parameters) in float16 on a GPU:
+# a least-squares fit (in relative error) to the 23 cells of the H200 table of
+# ANCHORS.md section 2, every cell within 23% (13% RMS). About 34 ms per step at
+# batch 1 whatever the size: the GPU waits on kernel launches. The per-image term
+# (VAE decode, PIL) is most of what a larger batch adds.
+SD_CUDA_COST = CostCurve(fixed_s=0.020, step_s=0.034, step_pixel_s=7.8e-9, pixel_s=7.8e-8)
+PRETRAINED_CUDA_COST = SD_CUDA_COST
+# The same model in float32 on a CPU: an order-of-magnitude guess (seconds per step);
+# arch:sd-turbo measured 1.0 s for one 64x64 image in 1 step on a 2-core CPU.
 PRETRAINED_CPU_COST = CostCurve(fixed_s=0.5, step_s=0.1, step_pixel_s=3e-5, pixel_s=5e-5)
+# arch:*@tiny in float32 on a 2-core CPU, 1 step, batch 1: 0.09 s at 64x64, 1.2 s at
+# 512x512 (self-attention over every latent at the top UNet level).
+ARCH_TINY_CPU_COST = CostCurve(fixed_s=0.06, step_s=0.02, step_pixel_s=3.5e-6, pixel_s=7e-7)
+
+DEFAULT_MAX_BATCH_CUDA = 16
+"""On a GPU: ANCHORS.md section 2 measured images/s still growing from batch 8 to 16."""
+DEFAULT_MAX_BATCH_CPU = 4
+"""On a CPU a batch saves little (compute bound); a cap keeps one call short."""
+SLEEP_MAX_BATCH = 16
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Serve a compiled UNet (opt-in): ``torch.compile`` at fixed shapes, warmed up at start.
+
+    For an operator who serves one image size: each padded batch size is compiled
+    (and, on CUDA, captured as a CUDA graph) once at ``width`` x ``height`` with
+    the preset's steps and guidance; another size or guidance compiles again on
+    first use, which takes as long as the warm-up did. Not for ZeroGPU (no GPU
+    outside ``@spaces.GPU`` calls, so no warm-up at start).
+    """
+
+    width: int = 512
+    height: int = 512
+    mode: str | None = None
+    """torch.compile's mode; None: "reduce-overhead" (CUDA graphs) on CUDA, "default" elsewhere."""
+    backend: str | Callable[..., Any] = "inductor"
+    """torch.compile's backend; "eager" traces with dynamo only (fast; for tests)."""
+
+    def mode_for(self, device: str) -> str:
+        if self.mode is not None:
+            return self.mode
+        return "reduce-overhead" if device.startswith("cuda") else "default"
 
 
 class ModelExecutor:
@@ -127,11 +186,21 @@ class ModelExecutor:
         pipeline: Any = None,
         sleep_ms: int | None = None,
         cost: CostCurve | None = None,
+        max_batch: int | None = None,
+        batch_sizes: tuple[int, ...] | None = None,
     ) -> None:
+        """``max_batch`` None: the default for the device (or ``sleep:``). ``batch_sizes``:
+        the fixed sizes a batch is padded up to (a compiled UNet); None: no padding."""
         if (pipeline is None) == (sleep_ms is None):
             raise ValueError("give exactly one of `pipeline` and `sleep_ms`")
         if pipeline is not None and cost is None:
             raise ValueError("a pipeline needs a `cost` model for estimate_seconds")
+        if max_batch is None:
+            max_batch = default_max_batch(device, sleep=sleep_ms is not None)
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"`max_batch` must be a whole number, 1 or more, got {max_batch!r}")
+        if batch_sizes is not None and (not batch_sizes or max(batch_sizes) < max_batch):
+            raise ValueError(f"`batch_sizes` {batch_sizes!r} must reach `max_batch` {max_batch}")
         self.name = name
         self.preset = preset
         self.device = device
@@ -139,20 +208,34 @@ class ModelExecutor:
         self.pipeline = pipeline
         self.sleep_ms = sleep_ms
         self.cost = cost
+        self.max_batch = max_batch
+        self.batch_sizes = tuple(sorted(batch_sizes)) if batch_sizes else None
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"ModelExecutor(name={self.name!r}, device={self.device!r}, preset={self.preset})"
+        return (
+            f"ModelExecutor(name={self.name!r}, device={self.device!r}, preset={self.preset}, "
+            f"max_batch={self.max_batch})"
+        )
 
     # -- construction ---------------------------------------------------------
 
     @classmethod
-    def from_spec(cls, spec: str, device: str | None = None) -> ModelExecutor:
+    def from_spec(
+        cls,
+        spec: str,
+        device: str | None = None,
+        *,
+        max_batch: int | None = None,
+        compile_unet: CompileConfig | None = None,
+    ) -> ModelExecutor:
         """Build (load, once) the executor for a model spec.
 
         ``device`` None means "cuda" when torch sees a GPU, else "cpu" (``sleep:``
-        specs never import torch and report "cpu"). A spec that cannot be a model
-        raises ValueError naming it.
+        specs never import torch and report "cpu"). ``max_batch`` None: the
+        default for the device. ``compile_unet``: compile the UNet and warm it up
+        before returning (ignored by ``sleep:``, which has none). A spec that
+        cannot be a model raises ValueError naming it.
         """
         if not isinstance(spec, str) or not spec.strip():
             raise ValueError(f"model spec {spec!r} is empty: {_SPEC_HELP}")
@@ -161,23 +244,60 @@ class ModelExecutor:
         if spec.startswith(SLEEP_PREFIX):
             sleep_ms = _parse_sleep_ms(spec)
             return cls(
-                spec, SLEEP_PRESET, device or "cpu", is_placeholder=True, sleep_ms=sleep_ms
+                spec, SLEEP_PRESET, device or "cpu", is_placeholder=True, sleep_ms=sleep_ms,
+                max_batch=max_batch,
             )
 
-        if spec == TINY:
+        if spec.startswith(ARCH_PREFIX):
+            from .arch import build_arch_pipeline, parse_arch_spec
+
+            _, size = parse_arch_spec(spec)  # ValueError naming the spec, before importing torch
+            device = device or _default_device()
+            pipeline = build_arch_pipeline(spec, device)
+            on_cuda = device.startswith("cuda")
+            if size == "full":
+                cost = SD_CUDA_COST if on_cuda else PRETRAINED_CPU_COST
+            else:
+                cost = TINY_CUDA_COST if on_cuda else ARCH_TINY_CPU_COST
+            preset, placeholder = preset_for(spec), True
+        elif spec == TINY:
             from .tiny import build_tiny_pipeline
 
             device = device or _default_device()
             pipeline = build_tiny_pipeline().to(device)
             cost = TINY_CUDA_COST if device.startswith("cuda") else TINY_CPU_COST
-            return cls(spec, TINY_PRESET, device, is_placeholder=True, pipeline=pipeline, cost=cost)
+            preset, placeholder = TINY_PRESET, True
+        else:
+            device = device or _default_device()
+            pipeline = _load_pretrained(spec, device)
+            cost = PRETRAINED_CUDA_COST if device.startswith("cuda") else PRETRAINED_CPU_COST
+            preset, placeholder = preset_for(spec), False
 
-        device = device or _default_device()
-        pipeline = _load_pretrained(spec, device)
-        cost = PRETRAINED_CUDA_COST if device.startswith("cuda") else PRETRAINED_CPU_COST
-        return cls(
-            spec, preset_for(spec), device, is_placeholder=False, pipeline=pipeline, cost=cost
+        batch_sizes = None
+        if compile_unet is not None:
+            max_batch = max_batch or default_max_batch(device, sleep=False)
+            batch_sizes = padded_batch_sizes(max_batch)
+            _compile_unet(pipeline, device, compile_unet)
+        executor = cls(
+            spec, preset, device, is_placeholder=placeholder, pipeline=pipeline, cost=cost,
+            max_batch=max_batch, batch_sizes=batch_sizes,
         )
+        if compile_unet is not None:
+            executor.warm_up(compile_unet.width, compile_unet.height)
+        return executor
+
+    def warm_up(self, width: int, height: int) -> dict[int, float]:
+        """One call per padded batch size at ``width`` x ``height`` with the preset's
+        steps and guidance (compiles each shape); seconds per batch size."""
+        req = GenerateRequest(prompt="warm-up", width=width, height=height)
+        took: dict[int, float] = {}
+        for size in self.batch_sizes or (1,):
+            start = time.perf_counter()
+            self.generate_batch([req] * size, list(range(size)))
+            took[size] = time.perf_counter() - start
+        log.info("%s warmed up at %dx%d: %s", self.name, width, height,
+                 ", ".join(f"batch {b} {s:.1f} s" for b, s in took.items()))
+        return took
 
     # -- requests -------------------------------------------------------------
 
@@ -201,11 +321,25 @@ class ModelExecutor:
         Compatible means the same width, height, steps and guidance scale (after
         :meth:`resolve`); prompts, negative prompts and seeds may differ. Each
         image starts from the latents it would get alone. A ``sleep:`` executor
-        holds MS once for the whole batch.
+        holds MS once for the whole batch. More than ``max_batch`` requests run
+        as several calls of at most ``max_batch``.
         """
         self._check_batch(reqs, seeds)
+        images: list[Image.Image] = []
+        for start in range(0, len(reqs), self.max_batch):
+            end = start + self.max_batch
+            images += self._call(reqs[start:end], seeds[start:end])
+        return images
+
+    def _call(self, reqs: list[GenerateRequest], seeds: list[int]) -> list[Image.Image]:
+        """One pipeline call (a checked batch of at most ``max_batch``)."""
         steps, guidance = self.resolve(reqs[0])
         width, height = reqs[0].width, reqs[0].height
+        wanted = len(reqs)
+        if self.batch_sizes is not None:  # fixed shapes for a compiled UNet: pad, drop later
+            size = next(b for b in self.batch_sizes if b >= wanted)
+            reqs = reqs + [reqs[-1]] * (size - wanted)
+            seeds = seeds + [seeds[-1]] * (size - wanted)
 
         with self._lock:
             if self.sleep_ms is not None:
@@ -226,7 +360,7 @@ class ModelExecutor:
                 generator=generators,
                 output_type="pil",
             )
-        images = list(result.images)
+        images = list(result.images)[:wanted]
         for image in images:
             if image.size != (width, height):  # a pipeline that rounds sizes would be a bug here
                 raise RuntimeError(
@@ -273,6 +407,30 @@ class ModelExecutor:
 
 
 # -- helpers ------------------------------------------------------------------
+
+
+def default_max_batch(device: str, *, sleep: bool = False) -> int:
+    """The batch cap of a model on ``device`` when none is given."""
+    if sleep:
+        return SLEEP_MAX_BATCH
+    return DEFAULT_MAX_BATCH_CUDA if device.startswith("cuda") else DEFAULT_MAX_BATCH_CPU
+
+
+def padded_batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """The fixed batch sizes of a compiled UNet: powers of two below ``max_batch``, and it."""
+    sizes, size = [], 1
+    while size < max_batch:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, max_batch)
+
+
+def _compile_unet(pipeline: Any, device: str, config: CompileConfig) -> None:
+    import torch
+
+    pipeline.unet = torch.compile(
+        pipeline.unet, mode=config.mode_for(device), backend=config.backend, dynamic=False
+    )
 
 
 def _default_device() -> str:

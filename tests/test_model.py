@@ -1,4 +1,5 @@
-"""The model executor: the offline ``tiny`` pipeline, ``sleep:MS``, presets and spec errors."""
+"""The model executor: the offline ``tiny`` pipeline, ``sleep:MS``, the ``arch:`` benchmark
+models, batch caps, the compiled UNet, presets and spec errors."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpu_backend.arch import ARCHS, build_arch_pipeline, parameter_counts
 from gpu_backend.model import (
     DEFAULT_PRESET,
     SLEEP_PRESET,
     TINY_PRESET,
     TURBO_PRESET,
+    CompileConfig,
     ModelExecutor,
     Preset,
+    padded_batch_sizes,
     preset_for,
 )
 from shared.schema import GenerateRequest
@@ -239,6 +243,11 @@ def test_sleep_spec_does_not_import_torch():
         "/nonexistent/splitspace/model",
         "./no-such-model-folder",
         "not a model id!",
+        "arch:",
+        "arch:sdxl",
+        "arch:sd-turbo@huge",
+        "arch:sd-turbo@",
+        "arch:SD-TURBO",
     ],
 )
 def test_bad_spec_raises_value_error_naming_it(spec):
@@ -257,6 +266,8 @@ def test_presets_follow_the_model_id():
     assert preset_for("stabilityai/sd-turbo") == TURBO_PRESET == Preset(1, 0.0)
     assert preset_for("stabilityai/sdxl-turbo") == TURBO_PRESET
     assert preset_for("runwayml/stable-diffusion-v1-5") == DEFAULT_PRESET == Preset(25, 7.5)
+    assert preset_for("arch:sd-turbo") == preset_for("arch:sd-turbo@tiny") == TURBO_PRESET
+    assert preset_for("arch:sd15") == preset_for("arch:sd15@tiny") == DEFAULT_PRESET
 
 
 # -- cost model -------------------------------------------------------------------
@@ -272,3 +283,182 @@ def test_estimate_seconds_grows_with_work(tiny):
     assert tiny.estimate_seconds(2, 512, 512, guidance_scale=7.5) > base
     assert tiny.estimate_seconds(2, 512, 512, guidance_scale=1.0) == base
 
+
+
+# -- arch: real architectures, random weights ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd_turbo() -> ModelExecutor:
+    # The full-size architecture: about 20-30 s and 5.5 GB to build on a 2-core CPU.
+    return ModelExecutor.from_spec("arch:sd-turbo", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sd_turbo_tiny() -> ModelExecutor:
+    return ModelExecutor.from_spec("arch:sd-turbo@tiny", device="cpu")
+
+
+def test_arch_parameter_counts_are_the_published_ones():
+    # Stable Diffusion 2.1 / sd-turbo and 1.5, as their published checkpoints count them.
+    assert parameter_counts("arch:sd-turbo") == {
+        "unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840,
+    }
+    assert parameter_counts("arch:sd15") == {
+        "unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480,
+    }
+
+
+def test_arch_tiny_keeps_every_block_layer_and_head():
+    narrowed = {"block_out_channels", "cross_attention_dim", "norm_num_groups"}
+    for name in ARCHS:
+        full = build_arch_pipeline(f"arch:{name}", "meta")
+        tiny = build_arch_pipeline(f"arch:{name}@tiny", "meta")
+        for part in ("unet", "vae"):
+            a, b = dict(getattr(full, part).config), dict(getattr(tiny, part).config)
+            same_a = {k: v for k, v in a.items() if k not in narrowed}
+            same_b = {k: v for k, v in b.items() if k not in narrowed}
+            assert same_a == same_b, f"{name} {part}"
+            assert [c // 8 for c in a["block_out_channels"]] == list(b["block_out_channels"])
+            assert len(list(getattr(full, part).modules())) == len(list(getattr(tiny, part).modules()))
+        for field in ("num_hidden_layers", "num_attention_heads", "hidden_act"):
+            assert getattr(tiny.text_encoder.config, field) == getattr(full.text_encoder.config, field)
+    assert parameter_counts("arch:sd-turbo@tiny")["unet"] < 865_910_724 / 50
+
+
+def test_arch_sd_turbo_full_size_makes_a_64px_image_on_a_cpu(sd_turbo):
+    assert sd_turbo.name == "arch:sd-turbo"
+    assert sd_turbo.is_placeholder  # random weights: noise, for benchmarks
+    assert sd_turbo.preset == TURBO_PRESET
+    assert sd_turbo.pipeline.unet.config.cross_attention_dim == 1024
+    assert sd_turbo.pipeline.text_encoder.config.num_hidden_layers == 23
+    assert sd_turbo.pipeline.tokenizer.model_max_length == 77
+    first = pixels(sd_turbo.generate(request(), seed=5))
+    assert first.shape == (64, 64, 3)
+    assert first.std() > 1  # not a flat (or NaN-black) image
+    assert np.array_equal(first, pixels(sd_turbo.generate(request(), seed=5)))
+    assert not np.array_equal(first, pixels(sd_turbo.generate(request(), seed=6)))
+
+
+def test_arch_builds_the_same_weights_every_time(sd_turbo_tiny):
+    again = ModelExecutor.from_spec("arch:sd-turbo@tiny", device="cpu")
+    for name in ("unet", "vae", "text_encoder"):
+        mine = getattr(sd_turbo_tiny.pipeline, name).state_dict()
+        theirs = getattr(again.pipeline, name).state_dict()
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            assert mine[key].equal(theirs[key]), f"{name}.{key} differs between builds"
+    assert np.array_equal(
+        pixels(sd_turbo_tiny.generate(request(), seed=9)), pixels(again.generate(request(), seed=9))
+    )
+
+
+def test_arch_sd15_tiny_has_its_preset_and_runs_with_guidance():
+    sd15 = ModelExecutor.from_spec("arch:sd15@tiny", device="cpu")
+    assert sd15.resolve(request()) == (25, 7.5)
+    # 2 of the preset's 25 steps: the same calls, a tenth of the time.
+    image = sd15.generate(request(negative_prompt="blurry", width=64, height=96, steps=2), seed=2)
+    assert image.size == (64, 96)
+    assert pixels(image).std() > 1
+
+
+# -- batch caps -------------------------------------------------------------------------
+
+
+class CountingPipeline:
+    """A pipeline that records the size of each call and passes it on."""
+
+    def __init__(self, pipeline) -> None:
+        self.pipeline = pipeline
+        self.calls: list[int] = []
+
+    def __call__(self, **kwargs):
+        self.calls.append(len(kwargs["prompt"]))
+        return self.pipeline(**kwargs)
+
+
+def test_max_batch_defaults_per_device_and_spec(tiny):
+    assert tiny.max_batch == 4  # a CPU
+    assert ModelExecutor.from_spec("sleep:1").max_batch == 16
+    assert ModelExecutor.from_spec("sleep:1", max_batch=3).max_batch == 3
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_batch"):
+            ModelExecutor.from_spec("sleep:1", max_batch=bad)
+
+
+def test_a_batch_over_max_batch_runs_as_several_calls_of_at_most_max_batch(tiny):
+    capped = ModelExecutor(
+        "tiny", TINY_PRESET, "cpu", is_placeholder=True,
+        pipeline=CountingPipeline(tiny.pipeline), cost=tiny.cost, max_batch=2,
+    )
+    seeds = [1, 2, 3, 4, 5]
+    images = capped.generate_batch([request(prompt=f"p{s}") for s in seeds], seeds)
+    assert capped.pipeline.calls == [2, 2, 1]
+    assert len(images) == 5
+    alone = pixels(tiny.generate(request(prompt="p5"), seed=5))
+    assert np.abs(pixels(images[4]) - alone).max() <= 1
+
+
+def test_fixed_batch_sizes_pad_a_batch_and_drop_the_padding(tiny):
+    padded = ModelExecutor(
+        "tiny", TINY_PRESET, "cpu", is_placeholder=True,
+        pipeline=CountingPipeline(tiny.pipeline), cost=tiny.cost, max_batch=4, batch_sizes=(1, 2, 4),
+    )
+    seeds = [7, 8, 9]
+    images = padded.generate_batch([request(prompt=f"p{s}") for s in seeds], seeds)
+    assert padded.pipeline.calls == [4]
+    assert len(images) == 3
+    alone = pixels(tiny.generate(request(prompt="p9"), seed=9))
+    assert np.abs(pixels(images[2]) - alone).max() <= 1
+    with pytest.raises(ValueError, match="batch_sizes"):
+        ModelExecutor("tiny", TINY_PRESET, "cpu", is_placeholder=True, pipeline=tiny.pipeline,
+                      cost=tiny.cost, max_batch=4, batch_sizes=(1, 2))
+
+
+# -- compiled UNet -----------------------------------------------------------------------
+
+
+def test_padded_batch_sizes_are_powers_of_two_up_to_the_cap():
+    assert padded_batch_sizes(16) == (1, 2, 4, 8, 16)
+    assert padded_batch_sizes(6) == (1, 2, 4, 6)
+    assert padded_batch_sizes(1) == (1,)
+
+
+def test_compiled_unet_is_warmed_up_at_every_padded_size_and_then_never_recompiles(tiny):
+    # Inductor needs about 75 s per shape for this model on a 2-core CPU, so the test
+    # compiles with dynamo only: a backend that records each graph it is given and
+    # runs it as traced (what backend="eager" does). The plumbing, the padding to
+    # fixed shapes and the warm-up are the real ones.
+    import torch
+
+    graphs: list[tuple] = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(tuple(tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    config = CompileConfig(width=64, height=64, backend=recording_backend)
+    compiled = ModelExecutor.from_spec("tiny", device="cpu", max_batch=2, compile_unet=config)
+    assert compiled.batch_sizes == (1, 2)
+    assert isinstance(compiled.pipeline.unet, torch._dynamo.eval_frame.OptimizedModule)
+    # The latents of a 64x64 image: (batch, 4, 8, 8); each fixed size was compiled in the warm-up.
+    latent_batches = {shape[0] for shapes in graphs for shape in shapes if shape[1:] == (4, 8, 8)}
+    assert latent_batches == {1, 2}
+    warmed = len(graphs)
+
+    seeds = [3, 4]
+    images = compiled.generate_batch([request(prompt=f"p{s}") for s in seeds], seeds)
+    single = compiled.generate(request(prompt="p3"), seed=3)
+    assert len(graphs) == warmed  # served at the warmed size: nothing compiled again
+    assert [image.size for image in images] == [(64, 64)] * 2
+    eager = pixels(tiny.generate(request(prompt="p3"), seed=3))
+    assert np.abs(pixels(single) - eager).max() <= 1
+    assert np.abs(pixels(images[0]) - eager).max() <= 1
+
+
+def test_compile_config_picks_cuda_graphs_only_on_cuda():
+    assert CompileConfig().mode_for("cuda") == "reduce-overhead"
+    assert CompileConfig().mode_for("cuda:1") == "reduce-overhead"
+    assert CompileConfig().mode_for("cpu") == "default"
+    assert CompileConfig(mode="max-autotune").mode_for("cuda") == "max-autotune"
