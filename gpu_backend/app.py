@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import gradio as gr
+import spaces
 from fastapi import APIRouter, Body, FastAPI, HTTPException, Request
 from fastapi.responses import Response
 from starlette.routing import Route
@@ -30,7 +31,7 @@ from session.identity import Identity
 from session.token import HEALTH, IdentityTokens
 from shared.errors import SplitspaceError
 from shared.gradio_queue import hold_sessions
-from shared.headers import IDENTITY_HEADER
+from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from shared.hop import error_to_wire
 from shared.quota_watch import QuotaWatcher
 from shared.gradio_signature import request_handler
@@ -41,7 +42,7 @@ from .admin import Overrides, admin_router, limits_function
 from .cost import CostModel
 from .direct_route import INFER_PATH, STANDING_PATH, DirectRoutes
 from .metrics import CONTENT_TYPE, GpuMetrics
-from .model import ModelExecutor
+from .model import CompileConfig, ModelExecutor
 from .runner import GpuRunner, client_ref
 from .scheduler import FairScheduler
 from .service import InferService
@@ -68,10 +69,11 @@ class GpuTier:
         if not self.tokens.configured:
             log.warning("no SPLITSPACE_SECRET: the GPU tier refuses every call")
         # The loaded model lives in gpu.py (a ZeroGPU worker reaches it there), nowhere else.
+        self.compile = CompileConfig(settings.compile_width, settings.compile_height) if settings.compile else None
         if executor is not None:
             gpu.set_executor(executor)
         else:
-            gpu.load_model(settings.model)
+            gpu.load_model(settings.model, compile_unet=self.compile)
         self._model_lock = asyncio.Lock()
         self.watcher = QuotaWatcher(settings.quotas)
         # Usage in memory, written to the file soon after: no disk I/O under the lock
@@ -88,10 +90,12 @@ class GpuTier:
         self.runner = GpuRunner(
             self.scheduler,
             CostModel(lambda s, w, h, g, b: gpu.current_executor().estimate_seconds(s, w, h, b, guidance_scale=g)),
-            run_batch=gpu.generate_on_gpu,
+            run_batch=gpu.run_batch_on_gpu,
             resolve=lambda req: gpu.current_executor().resolve(req),
             model_name=lambda: gpu.current_executor().name,
-            max_batch=settings.max_batch,
+            max_batch=gpu.batch_cap(settings.max_batch),
+            batch_wait_s=settings.batch_wait_ms / 1000,
+            on_zerogpu=bool(spaces.config.Config.zero_gpu),
             clock=time.time,
             on_event=self.metrics.on_event,
         )
@@ -119,8 +123,9 @@ class GpuTier:
             previous = gpu.current_executor().name
 
             def change() -> None:
-                executor = ModelExecutor.from_spec(spec)
+                executor = ModelExecutor.from_spec(spec, compile_unet=self.compile)
                 gpu.set_executor(executor)
+                self.runner.max_batch = gpu.batch_cap(self.settings.max_batch)
                 self.runner.cost.factor = 1.0  # the calibration was the old model's
 
             await asyncio.to_thread(self.runner.swap, change)
@@ -179,7 +184,8 @@ def build_blocks(tier: GpuTier) -> gr.Blocks:
     async def infer(values: dict[str, Any], request: gr.Request | None) -> AsyncIterator[dict]:
         try:
             claims = service.arrive(_token(request))
-            ticket = service.admit(claims, values)
+            ip_token = request.headers.get(IP_TOKEN_HEADER) if request is not None else None
+            ticket = service.admit(claims, values, ip_token)
             # aclosing: when the frontend goes away, Gradio closes this generator at its
             # next yield; the runner must drop the queued job then, not at GC.
             updates = service.follow(ticket)

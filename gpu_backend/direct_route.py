@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from shared.errors import SplitspaceError, Throttled, Unauthorized, ValidationFailed, to_wire
-from shared.headers import IDENTITY_HEADER
+from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from shared.hop import Update, error_to_wire
 
 from .service import InferService
@@ -66,7 +66,7 @@ class DirectRoutes:
             # ZeroGPU's @spaces.GPU reads the caller's x-ip-token from Gradio's request
             # context; the runner runs the GPU function in the context captured at admit().
             LocalContext.request.set(gr.Request(request=request))
-            ticket = self.service.admit(claims, body)
+            ticket = self.service.admit(claims, body, request.headers.get(IP_TOKEN_HEADER))
         except SplitspaceError as exc:
             await _send_error(send, exc)
             return

@@ -10,11 +10,10 @@ ZeroGPU's better queue priority and are charged only what they need.
 The loaded model lives in a module global because a ZeroGPU worker reaches it
 by inheritance, not through arguments.
 
-Two GPU functions, one per runner contract: :func:`generate_on_gpu` returns the
-batch's images or raises (one failure fails the batch); :func:`run_batch_on_gpu`
-returns a :class:`~gpu_backend.batching.BatchOutcome`, in which a failed batch
-has been retried one request at a time, each request has its own image or error
-and its own charge. The second is for a runner that batches across clients.
+The GPU function, :func:`run_batch_on_gpu`, returns a
+:class:`~gpu_backend.batching.BatchOutcome`: a failed batch has been retried
+one request at a time, so each request has its own image or error and its own
+charge, and one bad request never fails or charges another client's.
 """
 
 from __future__ import annotations
@@ -57,11 +56,12 @@ def batch_cap(setting: int) -> int:
     return max(1, min(setting, current_executor().max_batch))
 
 
-def gpu_duration(requests: list[GenerateRequest], seeds: list[int]) -> int:
-    """Seconds to ask ZeroGPU for: the cost model's estimate with a safety margin."""
+def gpu_duration(requests: list[GenerateRequest], seeds: list[int], costs: list[float] | None = None) -> int:
+    """Seconds to ask ZeroGPU for: the cost model's estimate with a safety margin. The
+    requests come resolved (steps and guidance decided at admission)."""
     executor = current_executor()
     first = requests[0]
-    steps, guidance = executor.resolve(first, seeds[0])
+    steps, guidance = executor.resolve(first)
     estimate = executor.estimate_seconds(
         steps, first.width, first.height, len(requests), guidance_scale=guidance
     )
@@ -69,17 +69,11 @@ def gpu_duration(requests: list[GenerateRequest], seeds: list[int]) -> int:
 
 
 @spaces.GPU(duration=gpu_duration)
-def generate_on_gpu(requests: list[GenerateRequest], seeds: list[int]) -> list:
-    """Run one batch of compatible requests; returns one PIL image per request."""
-    executor = current_executor()
-    if len(requests) == 1:
-        return [executor.generate(requests[0], seeds[0])]
-    return executor.generate_batch(requests, seeds)
-
-
-@spaces.GPU(duration=gpu_duration)
-def run_batch_on_gpu(requests: list[GenerateRequest], seeds: list[int]) -> BatchOutcome:
+def run_batch_on_gpu(
+    requests: list[GenerateRequest], seeds: list[int], costs: list[float] | None = None
+) -> BatchOutcome:
     """Run one batch of compatible requests, isolating failures: one result (image or
-    exception) and one charge per request. On ZeroGPU the retries of a failed batch
-    run inside the same GPU call, within the ``duration`` asked for the batch."""
-    return run_batch_isolating_failures(current_executor(), requests, seeds)
+    exception) and one charge per request (the time split by ``costs``, the requests'
+    estimates). On ZeroGPU the retries of a failed batch run inside the same GPU call,
+    within the ``duration`` asked for the batch."""
+    return run_batch_isolating_failures(current_executor(), requests, seeds, costs=costs)

@@ -36,6 +36,7 @@ from shared.hop import GenerateInfo, Result, Status, Update
 from shared import status_pace
 from shared.schema import MAX_SEED, GenerateRequest
 
+from .batching import BatchOutcome, split_batch_time, zerogpu_batch_key
 from .cost import CostModel
 from .scheduler import ClientRef, FairScheduler, Job, Outcome
 
@@ -50,7 +51,8 @@ _TITLES = {
 INLINE_ENCODE_PIXELS = 128 * 128
 """Images up to this size are PNG-encoded on the event loop; larger ones in a worker thread."""
 
-BatchFn = Callable[[list[GenerateRequest], list[int]], list[Any]]
+BatchFn = Callable[[list[GenerateRequest], list[int], list[float]], BatchOutcome]
+"""Runs one batch (requests, seeds, cost estimates): ``gpu.run_batch_on_gpu``."""
 
 
 def client_ref(identity: Identity) -> ClientRef:
@@ -100,12 +102,19 @@ class GpuRunner:
         resolve: Callable[[GenerateRequest], tuple[int, float]],
         model_name: Callable[[], str],
         max_batch: int = 1,
+        batch_wait_s: float = 0.0,
+        on_zerogpu: bool = False,
         clock: Callable[[], float] = time.monotonic,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.cost = cost
         self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_s
+        """The batching window: a batch smaller than ``max_batch`` waits this long for
+        compatible requests to join it before it starts (0: only what already waits)."""
+        self.on_zerogpu = on_zerogpu
+        """On ZeroGPU one GPU call is charged to one visitor: batches hold one visitor's requests."""
         self._run_batch_fn = run_batch
         self._resolve = resolve
         self._model_name = model_name
@@ -150,7 +159,7 @@ class GpuRunner:
             async for update in updates:
                 yield update
 
-    def admit(self, identity: Identity, request: GenerateRequest) -> Ticket:
+    def admit(self, identity: Identity, request: GenerateRequest, ip_token: str | None = None) -> Ticket:
         """Queue the request for a fair turn, or raise Throttled at once (on the event loop).
 
         The caller's context (e.g. Gradio's request, for ZeroGPU's ``x-ip-token``) is
@@ -169,7 +178,10 @@ class GpuRunner:
             request=request, submitted=self._clock(), context=contextvars.copy_context(),
             future=loop.create_future(), loop=loop,
         )
-        batch_key = (request.width, request.height, request.steps, request.guidance_scale)
+        batch_key = zerogpu_batch_key(
+            (request.width, request.height, request.steps, request.guidance_scale),
+            client_id=identity.client_id, ip_token=ip_token, on_zerogpu=self.on_zerogpu,
+        )
         ref = client_ref(identity)
         with self._work:
             limits = self.scheduler.limits_for(ref)
@@ -177,6 +189,8 @@ class GpuRunner:
             if admission.ok:
                 self._waiters[job_id] = waiter
                 self._dispatch_locked()
+                if self.batch_wait_s > 0:
+                    self._work.notify_all()  # a batch holding its window may take this one
         if not admission.ok:
             self._on_event("refused", {"tier": identity.tier, "reason": admission.outcome.name.lower()})
             raise Throttled(_TITLES.get(admission.outcome, QUEUE_FULL), admission.reason, admission.retry_after_s)
@@ -274,8 +288,22 @@ class GpuRunner:
                 if not self._ready:
                     return
                 jobs = self._ready.popleft()
+                self._hold_window(jobs)
                 waiters = [self._waiters[j.job_id] for j in jobs]
             self._run_batch(jobs, waiters)
+
+    def _hold_window(self, jobs: list[Job]) -> None:
+        """Let compatible requests that arrive within the batching window join ``jobs``
+        (lock held; waiting releases it, so admissions go on)."""
+        if self.batch_wait_s <= 0 or self.max_batch <= 1:
+            return
+        deadline = time.monotonic() + self.batch_wait_s
+        while len(jobs) < self.max_batch and not self._stopping:
+            jobs += self.scheduler.extend(jobs, self.max_batch)
+            left = deadline - time.monotonic()
+            if len(jobs) >= self.max_batch or left <= 0:
+                break
+            self._work.wait(left)
 
     def _run_batch(self, jobs: list[Job], waiters: list[_Waiter]) -> None:
         started = self._clock()
@@ -285,38 +313,31 @@ class GpuRunner:
             self._on_event("started", {"tier": job.client.tier, "wait_s": started - w.submitted})
         requests = [w.request for w in waiters]
         seeds = [w.request.seed for w in waiters]
+        costs = [j.cost for j in jobs]
         t0 = time.perf_counter()
-        error: BaseException | None = None
-        images: list[Any] = []
         try:  # in the head job's context, so ZeroGPU sees that caller's request (x-ip-token)
-            images = waiters[0].context.run(self._run_batch_fn, requests, seeds)
-        except BaseException as exc:  # the model failed: every job of the batch gets the error
-            error = exc
-            log.warning("batch of %d failed: %s", len(jobs), type(exc).__name__)
-        gpu_s = time.perf_counter() - t0
-        if error is None:
+            outcome = waiters[0].context.run(self._run_batch_fn, requests, seeds, costs)
+        except BaseException as exc:  # the GPU call itself failed (e.g. ZeroGPU refused it)
+            spent = time.perf_counter() - t0
+            outcome = BatchOutcome([exc] * len(jobs), split_batch_time(costs, spent), spent, False)
+        if outcome.failed:
+            log.warning("%d of a batch of %d failed", len(outcome.failed), len(jobs))
+        elif not outcome.isolated:  # a real measurement of this batch: calibrate with it
             first = requests[0]
-            self.cost.observe(first.steps, first.width, first.height, first.guidance_scale, len(jobs), gpu_s)
-        with self._work:
-            shares = self._settle(jobs, gpu_s)
+            self.cost.observe(first.steps, first.width, first.height, first.guidance_scale, len(jobs),
+                              outcome.total_s)
+        with self._work:  # each job is charged its share (a failed batch: see batching.py)
+            for job, share in zip(jobs, outcome.charges_s):
+                self.scheduler.finish(job.job_id, share)
+                self._waiters.pop(job.job_id, None)
             self._dispatch_locked()
             self._work.notify_all()  # a swap may be waiting for the GPU to go idle
-        for job, share in zip(jobs, shares):
+        for job, w, result, share in zip(jobs, waiters, outcome.results, outcome.charges_s):
             self._on_event("finished", {"tier": job.client.tier, "gpu_s": share})
-        for job, w, i, share in zip(jobs, waiters, range(len(jobs)), shares):
-            if error is not None:
-                w.loop.call_soon_threadsafe(_fail, w.future, error)
+            if isinstance(result, BaseException):
+                w.loop.call_soon_threadsafe(_fail, w.future, result)
             else:
-                w.loop.call_soon_threadsafe(self._deliver, job, w, images[i], share)
-
-    def _settle(self, jobs: list[Job], gpu_s: float) -> list[float]:
-        """Charge each job its share of the measured time, in proportion to its estimate."""
-        total = sum(j.cost for j in jobs) or 1.0
-        shares = [gpu_s * j.cost / total for j in jobs]
-        for job, share in zip(jobs, shares):
-            self.scheduler.finish(job.job_id, share)
-            self._waiters.pop(job.job_id, None)
-        return shares
+                w.loop.call_soon_threadsafe(self._deliver, job, w, result, share)
 
     def _deliver(self, job: Job, w: _Waiter, image: Any, gpu_s: float) -> None:
         """On the loop: encode the image off the GPU thread, then wake the handler."""

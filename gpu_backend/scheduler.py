@@ -508,6 +508,30 @@ class FairScheduler:
         self._collect_idle()
         return batch
 
+    def extend(self, batch: list[Job], max_batch: int) -> list[Job]:
+        """Add queued jobs compatible with a running batch (same ``batch_key``, other
+        clients, in fair order) until it holds ``max_batch``; the added jobs. For a
+        batching window: the GPU thread, holding a small batch, takes what arrived."""
+        if not batch or len(batch) >= max_batch or batch[0].batch_key is None:
+            return []
+        first = self._running.get(batch[0].job_id)
+        if first is None:
+            return []
+        if self._by_key is None:
+            self._index_batches()
+        limits = _Memo(self._limits)
+        taken = {job.client.client_id for job in batch}
+        added: list[Job] = []
+        while len(batch) + len(added) < max_batch:
+            pick = self._pick_batch(limits, batch[0].batch_key, taken)
+            if pick is None:
+                break
+            added.append(self._start(*pick, limits, first.unit))
+            taken.add(added[-1].client.client_id)
+        self._units[first.unit] |= {job.job_id for job in added}
+        self._collect_idle()
+        return added
+
     def _pick(self, limits: "_Memo") -> tuple[_Flow, _Member] | None:
         """The first eligible flow in fair order, and its first eligible client.
 

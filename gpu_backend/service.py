@@ -72,17 +72,18 @@ class InferService:
         self._on_call()
         return self.verify(token)
 
-    def admit(self, claims: Claims, body: Mapping[str, Any]) -> Ticket:
+    def admit(self, claims: Claims, body: Mapping[str, Any], ip_token: str | None = None) -> Ticket:
         """Validate and admit one call; raises ValidationFailed, Unauthorized (a token
         issued for another request) or Throttled at once. The ticket must be followed
-        (:meth:`follow`) or dropped."""
+        (:meth:`follow`) or dropped. ``ip_token``: the visitor's ZeroGPU token (on ZeroGPU a
+        batch holds one visitor's requests)."""
         request = request_from_dict(dict(body), self.limits)
         try:
             identity = claims.require(infer_purpose(request.digest()))
         except SplitspaceError:
             self._on_refused("unauthorized")
             raise
-        return self.runner.admit(identity, request)
+        return self.runner.admit(identity, request, ip_token)
 
     async def follow(self, ticket: Ticket) -> AsyncIterator[Update]:
         """The ticket's updates, ending with its Result; closing this drops a waiting job."""

@@ -60,7 +60,14 @@ class Settings(BaseSettings):
     queue_max_size: int = Field(default=2000, ge=1)
     """GPU tier: Gradio queue max_size (set explicitly; ZeroGPU's default is 1)."""
     max_batch: int = Field(default=1, ge=1)
-    """GPU tier: most compatible requests run in one pipeline call."""
+    """GPU tier: most compatible requests run in one pipeline call (capped by the model's own)."""
+    batch_wait_ms: float = Field(default=0, ge=0, le=1000)
+    """GPU tier: the batching window: a batch smaller than MAX_BATCH waits this long for
+    compatible requests to join (0: only what already waits)."""
+    compile: bool = False
+    """GPU tier: torch.compile the UNet (CUDA graphs on CUDA) for one size, warmed up at start."""
+    compile_width: int = Field(default=512, ge=64)
+    compile_height: int = Field(default=512, ge=64)
     cookie_secure: bool | None = None
     """Force the cookie's Secure attributes on/off; None decides per request (HTTPS or not)."""
     cors_origins: str = ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +13,10 @@ from tests.support import Deployment, sha256
 
 if TYPE_CHECKING:
     from deploy.redis_local import LocalRedis
+
+# One torch thread per process: the tests run several tiers on 2 cores, and torch's own
+# thread pool per tier made the tiny model about 15x slower there. (Tiers inherit this.)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # API keys the tests use, as an operator would define them.
 KEYS = {

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import pytest
 from PIL import Image
 
+from gpu_backend.batching import BatchOutcome, run_batch_isolating_failures
 from gpu_backend.cost import CostModel
 from gpu_backend.runner import GpuRunner
 from gpu_backend.scheduler import FairScheduler
@@ -57,7 +58,7 @@ class FakeModel:
         return (req.steps if req.steps is not None else self.preset_steps,
                 req.guidance_scale if req.guidance_scale is not None else 0.0)
 
-    def run_batch(self, requests: list[GenerateRequest], seeds: list[int]) -> list[Image.Image]:
+    def generate_batch(self, requests: list[GenerateRequest], seeds: list[int]) -> list[Image.Image]:
         self.calls.append(list(requests))
         self.entered.set()
         if self.gate is not None:
@@ -66,6 +67,13 @@ class FakeModel:
             raise RuntimeError("/secret/path/model.py exploded")
         return [Image.new("RGB", (r.width, r.height), (seed % 256, 0, 0)) for r, seed in zip(requests, seeds)]
 
+    def generate(self, request: GenerateRequest, seed: int) -> Image.Image:
+        return self.generate_batch([request], [seed])[0]
+
+    def run_batch(self, requests: list[GenerateRequest], seeds: list[int], costs: list[float]) -> BatchOutcome:
+        """What gpu.run_batch_on_gpu does around the model."""
+        return run_batch_isolating_failures(self, requests, seeds, costs=costs)
+
 
 @pytest.fixture
 def model() -> FakeModel:
@@ -73,12 +81,18 @@ def model() -> FakeModel:
 
 
 @pytest.fixture
-def service(model: FakeModel) -> Iterator[InferService]:
+def batch_wait_s() -> float:
+    return 0.0
+
+
+@pytest.fixture
+def service(model: FakeModel, batch_wait_s: float) -> Iterator[InferService]:
     clock = FakeClock()
     scheduler = FairScheduler(clock=clock, limits=lambda ref: OPEN, store=MemoryUsageStore(), capacity=1)
     runner = GpuRunner(
         scheduler, CostModel(lambda s, w, h, g, b: 0.1), run_batch=model.run_batch,
-        resolve=model.resolve, model_name=lambda: model.name, max_batch=4, clock=clock,
+        resolve=model.resolve, model_name=lambda: model.name, max_batch=4, batch_wait_s=batch_wait_s,
+        clock=clock,
     )
     yield InferService(tokens=IdentityTokens([SECRET]), runner=runner, limits=Limits(),
                        standing=lambda identity: {"client": identity.client_id})
@@ -251,3 +265,43 @@ def test_a_random_seed_is_chosen_once(service: InferService, model: FakeModel) -
     result = asyncio.run(scenario())[-1]
     assert isinstance(result, Result)
     assert model.calls[0][0].seed == result.info.seed >= 0
+
+
+def test_a_bad_request_in_a_batch_fails_alone(service: InferService, model: FakeModel) -> None:
+    """The batch call fails; each request is run alone: the others get their images, and
+    only the bad one gets the error."""
+    model.gate = threading.Event()
+
+    async def scenario() -> list[object]:
+        first = admit(service, "alpha")
+        assert await asyncio.to_thread(model.entered.wait, 5)
+        tickets = [admit(service, name, prompt=prompt) for name, prompt in
+                   (("beta", "fine"), ("gamma", "boom"), ("delta", "also fine"))]
+        model.gate.set()
+        await collect(service, first)
+        outcomes: list[object] = []
+        for t in tickets:
+            try:
+                outcomes.append((await collect(service, t))[-1])
+            except GpuFailed as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    beta, gamma, delta = asyncio.run(scenario())
+    assert isinstance(beta, Result) and isinstance(delta, Result) and isinstance(gamma, GpuFailed)
+    assert [len(call) for call in model.calls] == [1, 3, 1, 1, 1]  # the batch, then each alone
+    assert beta.info.gpu_s >= 0 and delta.info.gpu_s >= 0
+
+
+@pytest.mark.parametrize("batch_wait_s", [10.0])
+def test_the_batching_window_gathers_requests_that_arrive_in_it(service: InferService, model: FakeModel) -> None:
+    """With a window, a request alone on an idle GPU waits for compatible ones to join it:
+    four requests that arrive one after another run as one call (the window closes as soon
+    as the batch is full, long before its 10 s)."""
+    async def scenario() -> list[Update]:
+        tickets = [admit(service, name, seed=i) for i, name in enumerate(("a", "b", "c", "d"))]
+        return [(await collect(service, t))[-1] for t in tickets]
+
+    results = asyncio.run(scenario())
+    assert [len(call) for call in model.calls] == [4]
+    assert [r.info.seed for r in results] == [0, 1, 2, 3]
