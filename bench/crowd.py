@@ -27,7 +27,9 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import sys
+import threading
 import tempfile
 import time
 from pathlib import Path
@@ -93,9 +95,41 @@ def _cpu_rss(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = int(fields[11]) + int(fields[12])
     hwm = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmHWM"))
-    import os
-
     return ticks / os.sysconf("SC_CLK_TCK"), int(hwm.split()[1]) / 1024
+
+
+def _fds(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+class Sampler:
+    """Peak open file descriptors and RSS of each tier while a round runs."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.peak_fds = {name: 0 for name in pids}
+        self.peak_rss_mb = {name: 0.0 for name in pids}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            for name, pid in self.pids.items():
+                self.peak_fds[name] = max(self.peak_fds[name], _fds(pid))
+                rss = next((int(line.split()[1]) / 1024 for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                            if line.startswith("VmRSS")), 0.0)
+                self.peak_rss_mb[name] = max(self.peak_rss_mb[name], rss)
+
+    def __enter__(self) -> "Sampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def one_round(system: str, url: str, n: int, pids: dict[str, int]) -> dict[str, Any]:
@@ -104,12 +138,14 @@ def one_round(system: str, url: str, n: int, pids: dict[str, int]) -> dict[str, 
     crowd = [f"c{i:03d}" for i in range(n) for _ in range(PER_CLIENT)]
     start = time.time() + 2.0
     before = {name: _cpu_rss(pid)[0] for name, pid in pids.items()}
+    idle_rss = {name: _rss_now(pid) for name, pid in pids.items()}
     p_crowd = ctx.Process(target=_proc, args=(system, url, crowd, start, q_crowd))
     p_light = ctx.Process(target=_proc, args=(system, url, ["light"], start + LIGHT_AFTER_S, q_light))
-    p_crowd.start(), p_light.start()
-    crowd_res = q_crowd.get(timeout=1800)
-    light_res = q_light.get(timeout=1800)
-    p_crowd.join(), p_light.join()
+    with Sampler(pids) as sampler:
+        p_crowd.start(), p_light.start()
+        crowd_res = q_crowd.get(timeout=1800)
+        light_res = q_light.get(timeout=1800)
+        p_crowd.join(), p_light.join()
     total = max(t for t, _, _ in crowd_res)
     lost = [o for _, o, _ in crowd_res + light_res if o != "ok"]
     after = {name: _cpu_rss(pid) for name, pid in pids.items()}
@@ -119,7 +155,14 @@ def one_round(system: str, url: str, n: int, pids: dict[str, int]) -> dict[str, 
         "statuses_per_s": sum(s for _, _, s in crowd_res) / total if total else 0.0,
         "cpu": {name: after[name][0] - before[name] for name in pids},
         "rss_mb": {name: after[name][1] for name in pids},
+        "fds": sampler.peak_fds,
+        "kb_per_request": {name: (sampler.peak_rss_mb[name] - idle_rss[name]) * 1024 / len(crowd) for name in pids},
     }
+
+
+def _rss_now(pid: int) -> float:
+    line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmRSS"))
+    return int(line.split()[1]) / 1024
 
 
 def quotas(n: int) -> str:
@@ -139,7 +182,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="splitspace-crowd-"))
     job = JOB_MS / 1000
     print(f"{'system':<11}{'N':>5}{'light':>9}{'ideal':>7}{'x ideal':>8}{'total/GPU':>10}{'lost':>6}"
-          f"{'status/s':>9}  CPU s (frontend, GPU tier) / peak RSS MB")
+          f"{'status/s':>9}  CPU s / peak RSS MB / peak fds / KB per waiting request (frontend, GPU tier)")
     for n in args.clients:
         extra = dict(kv.split("=", 1) for kv in args.backend_env.split() if "=" in kv)
         split = Deployment(work / f"split-{n}", model=f"sleep:{JOB_MS}", quotas=quotas(n),
@@ -158,10 +201,12 @@ def main() -> None:
                     gpu_work = n * PER_CLIENT * job
                     cpu = ", ".join(f"{r['cpu'][k]:.1f}" for k in pids)
                     rss = ", ".join(f"{r['rss_mb'][k]:.0f}" for k in pids)
+                    fds = ", ".join(f"{r['fds'][k]}" for k in pids)
+                    kb = ", ".join(f"{r['kb_per_request'][k]:.0f}" for k in pids)
                     light = f"{r['light_s']:.2f}s" + ("" if r["light_ok"] else "!")
                     print(f"{system:<11}{n:>5}{light:>9}{ideal:>6.1f}s{r['light_s'] / ideal:>8.2f}"
                           f"{r['total_s'] / gpu_work:>10.2f}{r['lost']:>6}{r['statuses_per_s']:>9.0f}  "
-                          f"{cpu} / {rss}" + (f"  lost: {r['lost_kinds']}" if r["lost"] else ""), flush=True)
+                          f"{cpu} / {rss} / {fds} / {kb}" + (f"  lost: {r['lost_kinds']}" if r["lost"] else ""), flush=True)
                     time.sleep(1.0)
         finally:
             split.stop()
