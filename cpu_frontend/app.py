@@ -76,6 +76,15 @@ def status_for_api(status: Status) -> dict[str, Any]:
     return {"status": status.state, "position": status.position, "eta_s": status.eta_s, "message": text}
 
 
+def is_news(told: Status | None, status: Status) -> bool:
+    """Whether a caller should hear this status: its first, the start of its run, or a
+    better place in line. A place never goes back on screen (the door's estimate and the
+    GPU tier's exact place can disagree by a few when a request crosses the hop)."""
+    if told is None or status.state != told.state:
+        return told is None or status.state == "running"
+    return status.state == "queued" and status.position < told.position
+
+
 def image_output(path: str) -> dict[str, Any]:
     """The Image output as Gradio sends it (what ``gr.Image.postprocess`` makes of a PNG
     path). The events run with ``postprocess=False``: for outputs that are already
@@ -162,16 +171,17 @@ class Frontend:
             identity = self.identity(request)
             req = validate_request(**values, limits=self.settings.limits)
             flow = identity.flow_id
+            result: Result | None = None
             with self.door.hold(flow, self.caps.cap(identity)) as turn:
                 # Gradio closes this generator at its next yield when the caller goes
                 # away: a request waiting at the door then leaves its line at once.
                 told: Status | None = None
                 while not turn.done():  # its first place at once, then as status_pace says
-                    place = self.door.place(flow, turn)
-                    if told is None or place != told.position:
-                        told = Status("queued", place, eta_s(place, self.seconds_per_job))
+                    status = Status("queued", self.door.place(flow, turn), 0.0)
+                    if is_news(told, status):
+                        told = Status("queued", status.position, eta_s(status.position, self.seconds_per_job))
                         yield None, status_for_api(told)
-                    await asyncio.wait([turn], timeout=status_pace.interval_s(place))
+                    await asyncio.wait([turn], timeout=status_pace.interval_s(status.position))
                 # aclosing: the stream to the GPU tier must close when this generator
                 # does (the GPU tier then drops the queued job), not at GC.
                 updates = self.pool.stream(req, self.forward_headers(identity, request, infer_purpose(req.digest())))
@@ -179,12 +189,16 @@ class Frontend:
                     async for update in updates:
                         self.caps.learn(identity, update.cap)
                         if isinstance(update, Result):
-                            self.seconds_per_job += 0.1 * (update.info.gpu_s - self.seconds_per_job)
-                            yield image_output(self.save_image(update.image_png)), update.info.to_dict()
-                            return
-                        if told is None or (update.state, update.position) != (told.state, told.position):
-                            told = update  # the GPU tier's repeats are heartbeats, not news
+                            result = update
+                            break
+                        if is_news(told, update):  # the GPU tier's repeats are heartbeats
+                            told = update
                             yield None, status_for_api(update)
+            # The door's place is given back as soon as the GPU tier has answered: what is
+            # left (saving the image, Gradio sending it) no longer holds up the client's next.
+            if result is not None:
+                self.seconds_per_job += 0.1 * (result.info.gpu_s - self.seconds_per_job)
+                yield image_output(self.save_image(result.image_png)), result.info.to_dict()
         except SplitspaceError as exc:
             raise to_gradio_error(exc) from None
 
@@ -277,6 +291,8 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
                 {"url": b.transport.base_url, "healthy": b.healthy, "outstanding": b.outstanding}
                 for b in fe.pool.backends
             ],
+            # requests in flight here: on their way to a GPU tier, or waiting at the door
+            "door": {"inside": fe.door.inside, "waiting": fe.door.waiting},
         }
 
     app.include_router(embed_routes())  # before the mount at "/", which catches everything after it

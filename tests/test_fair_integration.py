@@ -20,7 +20,7 @@ from gradio_client import Client
 
 from shared.headers import ADMIN_HEADER
 from tests.clients import call_rest, error_text, gen_args
-from tests.support import Deployment, sha256, wait_for
+from tests.support import GPU_TIER_BACKLOG, Deployment, sha256, wait_for
 
 
 KEYS = {
@@ -100,7 +100,7 @@ def bearer(name: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def fair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    d = Deployment(tmp_path_factory.mktemp("fair"), model="sleep:100", quotas=QUOTAS)
+    d = Deployment(tmp_path_factory.mktemp("fair"), model="sleep:100", quotas=QUOTAS, frontend_env=dict(GPU_TIER_BACKLOG))
     d.start()
     yield d
     d.stop()

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from deploy.cli import app as cli_app
 from shared.headers import ADMIN_HEADER
 from tests.clients import call_rest, error_text, gen_args
-from tests.support import REPO, Deployment, free_port, sha256, start_tier, wait_for
+from tests.support import GPU_TIER_BACKLOG, REPO, Deployment, free_port, sha256, start_tier, wait_for
 
 JOB_S = 0.3  # sleep:300
 
@@ -82,7 +82,7 @@ def bearer(name: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    d = Deployment(tmp_path_factory.mktemp("ops"), model="sleep:300", quotas=quotas())
+    d = Deployment(tmp_path_factory.mktemp("ops"), model="sleep:300", quotas=quotas(), frontend_env=dict(GPU_TIER_BACKLOG))
     d.start()
     yield d
     d.stop()

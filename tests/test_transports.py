@@ -14,7 +14,7 @@ from PIL import Image
 from io import BytesIO
 
 from tests.clients import call_rest, error_text, gen_args
-from tests.support import Deployment, TierProcess, free_port, sha256, start_tier, wait_for
+from tests.support import GPU_TIER_BACKLOG, Deployment, TierProcess, free_port, sha256, start_tier, wait_for
 
 TRANSPORTS = ["direct", "httpx", "gradio_client"]
 KEYS = {f"{name}-{t}": t for name in ("rate", "who", "order", "cancel", "busy") for t in TRANSPORTS}
@@ -53,11 +53,12 @@ def bearer(name: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tiers(tmp_path_factory) -> Iterator[dict[str, object]]:
-    d = Deployment(tmp_path_factory.mktemp("transports"), model="sleep:300", quotas=QUOTAS, transport="direct")
+    d = Deployment(tmp_path_factory.mktemp("transports"), model="sleep:300", quotas=QUOTAS, transport="direct",
+                   frontend_env=dict(GPU_TIER_BACKLOG))
     d.start()
     others = {}
     for t in TRANSPORTS[1:]:
-        env = {**d.common_env(), "SPLITSPACE_BACKEND_URL": d.backend_urls(), "SPLITSPACE_TRANSPORT": t}
+        env = {**d.common_env(), **GPU_TIER_BACKLOG, "SPLITSPACE_BACKEND_URL": d.backend_urls(), "SPLITSPACE_TRANSPORT": t}
         others[t] = start_tier("frontend", free_port(), env, d.workdir / f"frontend-{t}.log")
     yield {"d": d, "direct": d.frontend, **others}
     for tier in others.values():
