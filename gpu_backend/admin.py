@@ -34,7 +34,7 @@ class Overrides:
         ``max_running`` lets a waiting job start at once, not at the next arrival), with
         None when :meth:`refresh` found changes made elsewhere."""
         self._store = store
-        self._version = store.overrides_version()
+        self._version: int | None = None  # read at the first refresh (shared stores only)
         self._cache: dict[str, dict[str, Any]] = dict(store.all_overrides())
         self.on_change = on_change
 

@@ -205,7 +205,7 @@ class GlobalLimits:
     def refused_locally(self, hold: Hold) -> None:
         """The local runner refused a job the global checks admitted: give it all back."""
         self._forget(hold.job_id)
-        self._settle(hold, "queued", 0.0, rate=True)
+        self._settler.submit(self._settle, hold, "queued", 0.0, True)
 
     def dropped(self, job_id: str) -> None:
         """A queued job left without running (its caller went away)."""
@@ -247,8 +247,8 @@ class GlobalLimits:
                     hold = self._holds.get(job.job_id)
                     if hold is not None:
                         hold.kind = "running"
-                run.append(job)
-                self._charge_service(job, job.cost / max(tier.weight, 1e-9), start=True)
+                run.append(job)  # its service is shared after it started, off the GPU thread's path
+                self._settler.submit(self._charge_service, job, job.cost / max(tier.weight, 1e-9), start=True)
             else:
                 refused.append(job)
                 self._held_until[job.client.flow_id] = time.monotonic() + self.retry_s
@@ -270,7 +270,7 @@ class GlobalLimits:
         self._settle(hold, "running", gpu_s)
         weight = max(self._limits(job.client).weight, 1e-9)
         if gpu_s != hold.cost:
-            self._charge_service(job, (gpu_s - hold.cost) / weight, start=False)
+            self._settler.submit(self._charge_service, job, (gpu_s - hold.cost) / weight, start=False)
 
     def _charge_service(self, job: Job, delta: float, *, start: bool) -> None:
         try:

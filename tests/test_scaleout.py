@@ -272,3 +272,56 @@ def test_redis_stopped_and_restarted(own_redis: Any, tmp_path: Path, mode: str) 
         assert wait_for(lambda: infer(url, tiers.d.secret, "override", seed=3)["ok"], 20)
     finally:
         tiers.stop()
+
+
+# -- the scheduler's hooks, in virtual time (no processes) ---------------------------------
+def _scheduler(**hooks: Any) -> Any:
+    from gpu_backend.scheduler import FairScheduler
+    from gpu_backend.usage import MemoryUsageStore
+    from shared.quotas import Tier
+
+    open_tier = Tier(weight=1, max_running=1, max_queued=100, gpu_seconds=float("inf"), window_s=3600)
+    return FairScheduler(clock=lambda: 0.0, limits=lambda client: open_tier, store=MemoryUsageStore(), **hooks)
+
+
+def _ref(name: str) -> Any:
+    from gpu_backend.scheduler import ClientRef
+
+    return ClientRef(client_id=f"key:{name}", kind="key", tier="free", address="")
+
+
+def test_a_flow_served_on_another_tier_starts_behind_a_fresh_one() -> None:
+    """The service floor: a flow whose shared service is 3 jobs ahead waits for a fresh
+    flow's 3 jobs (what tier A gave it), instead of alternating with it as if fresh."""
+    leads = {"key:heavy": 3.0}
+    s = _scheduler(service_floor=lambda flow_id, vtime: vtime + leads.get(flow_id, 0.0))
+    for i in range(4):
+        s.submit(f"h{i}", _ref("heavy"), 1.0)
+        s.submit(f"l{i}", _ref("light"), 1.0)
+    order = []
+    while len(s):
+        (job,) = s.dispatch()
+        order.append(job.client.client_id)
+        s.finish(job.job_id, 1.0)
+    assert order[:3] == ["key:light"] * 3 and order[3:].count("key:heavy") >= 3, order
+    s._check_invariants()
+
+
+def test_a_held_flow_is_skipped_and_a_requeued_job_keeps_its_place() -> None:
+    held: set[str] = set()
+    s = _scheduler(held=lambda flow_id: flow_id in held)
+    s.submit("a1", _ref("a"), 1.0)
+    s.submit("a2", _ref("a"), 1.0)
+    s.submit("b1", _ref("b"), 1.0)
+    (first,) = s.dispatch()
+    assert first.job_id == "a1"
+    assert s.requeue("a1") and not s.requeue("a1")  # its running slot was refused elsewhere
+    s._check_invariants()
+    assert s.position("a1")[0] == 1  # back at the head of the fair order
+    held.add("key:a")
+    (other,) = s.dispatch()
+    assert other.job_id == "b1"  # the held flow waits, the others go on
+    s.finish("b1", 1.0)
+    held.clear()
+    assert [j.job_id for j in s.dispatch()] == ["a1"]  # in its own order
+    s._check_invariants()
