@@ -31,6 +31,7 @@ JOB_S = 0.6
 KEYS = {
     "serial": "serial", "serial-f": "serial", "metered": "metered", "metered-f": "metered",
     "chatty": "chatty", "chatty-f": "chatty", "override": "roomy", "killed": "serial",
+    "filed": "filed",
 }
 VIA = ["gpu tiers", "frontends"]
 
@@ -53,6 +54,11 @@ gpu_seconds = 600
 requests_per_minute = 5
 
 [tiers.roomy]
+max_running = 2
+max_queued = 20
+gpu_seconds = 600
+
+[tiers.filed]
 max_running = 2
 max_queued = 20
 gpu_seconds = 600
@@ -230,6 +236,22 @@ def test_an_override_set_on_one_tier_applies_on_the_other(pair: Tiers) -> None:
     assert listed["key:override"]["used"] > 0  # the usage spent on B before, listed with A's override
     admin(a, pair.d.admin_token, "DELETE", "clients/key:override")
     assert wait_for(lambda: infer(b, pair.d.secret, "override")["ok"], 10)
+
+
+def test_a_quota_file_change_reaches_both_gpu_tiers(pair: Tiers) -> None:
+    a, b = urls(pair)
+    assert infer(a, pair.d.secret, "filed")["ok"]
+    edited = QUOTAS.replace("[tiers.filed]\nmax_running = 2\nmax_queued = 20\ngpu_seconds = 600",
+                            "[tiers.filed]\nmax_running = 2\nmax_queued = 20\ngpu_seconds = 0")
+    assert edited != QUOTAS
+    pair.d.write_quotas(edited)
+    try:
+        for url in (a, b):
+            assert wait_for(lambda: admin(url, pair.d.admin_token, "GET", "clients/key:filed").json()["limits"]
+                            ["gpu_seconds"] == 0, 10)
+            assert infer(url, pair.d.secret, "filed")["title"] == "Quota exceeded"
+    finally:
+        pair.d.write_quotas(QUOTAS)
 
 
 def test_a_gpu_tier_killed_mid_job_frees_the_slot_within_the_lease(pair: Tiers) -> None:
