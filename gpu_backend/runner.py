@@ -11,6 +11,11 @@ which both sides touch; it is held only for bookkeeping, never during a batch.
 A waiting handler that goes away (the caller disconnected or cancelled) has
 its job removed from the queue at once; a batch already on the GPU finishes
 and its slot is freed only when the model returns, so two jobs never overlap.
+
+With Redis (``GpuRunner.gate``, :mod:`gpu_backend.global_limits`), a GPU thread takes
+each job's global running slot after the pick and before the batch runs, and gives it
+back after, both outside the lock; a job whose slot is refused goes back to its queue
+(``FairScheduler.requeue``) and does not run.
 """
 
 from __future__ import annotations
