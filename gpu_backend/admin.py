@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Request
 
@@ -22,16 +22,31 @@ from shared.quotas import QuotaConfig, QuotaFileError, Tier, validate_overrides
 from .scheduler import ClientRef, FairScheduler, address_usage_key
 from .usage import UsageStore
 
+if TYPE_CHECKING:
+    from .global_limits import GlobalLimits
+
 
 class Overrides:
     """Operator overrides per client id: an in-memory view written through to the store."""
 
-    def __init__(self, store: UsageStore, on_change: Callable[[str], None] = lambda client_id: None) -> None:
+    def __init__(self, store: UsageStore, on_change: Callable[[str | None], None] = lambda client_id: None) -> None:
         """``on_change``: called after every change (the GPU tier dispatches then: a raised
-        ``max_running`` lets a waiting job start at once, not at the next arrival)."""
+        ``max_running`` lets a waiting job start at once, not at the next arrival), with
+        None when :meth:`refresh` found changes made elsewhere."""
         self._store = store
+        self._version: int | None = None  # read at the first refresh (shared stores only)
         self._cache: dict[str, dict[str, Any]] = dict(store.all_overrides())
         self.on_change = on_change
+
+    def refresh(self) -> None:
+        """Re-read every override if another replica changed one (a shared store: its
+        version moved); called about once a second, never under the runner's lock."""
+        version = self._store.overrides_version()
+        if version == self._version:
+            return
+        self._cache = dict(self._store.all_overrides())
+        self._version = version
+        self.on_change(None)
 
     def get(self, client_id: str) -> dict[str, Any]:
         return self._cache.get(client_id, {})
@@ -70,6 +85,7 @@ def admin_router(
     overrides: Overrides,
     config: Callable[[], QuotaConfig],
     quota_status: Callable[[], dict[str, Any]],
+    global_limits: GlobalLimits | None = None,
     extra_routes: Callable[[APIRouter], None] | None = None,
 ) -> APIRouter:
     def require_admin(request: Request) -> None:
@@ -98,6 +114,10 @@ def admin_router(
     def describe(client_id: str) -> dict[str, Any]:
         ref = ref_for(client_id)
         stats = dict(read(lambda s: s.client_stats(ref)))
+        if global_limits is not None:  # usage and slots of every replica, from the store
+            kind = stats["kind"]
+            address = client_id.removeprefix("addr:") if kind == "address" else ""
+            stats = global_limits.global_stats(stats, ClientRef(client_id, kind, stats["tier"], address))
         stats["client"] = client_id
         stats["overrides"] = overrides.get(client_id)
         stats["tier"] = config().tier_name(client_id, stats["tier"], stats["overrides"])
@@ -106,6 +126,8 @@ def admin_router(
     @router.get("/clients")
     async def list_clients() -> list[dict[str, Any]]:
         ids = {c["client"] for c in read(FairScheduler.clients)} | set(overrides.all())
+        if global_limits is not None:  # clients queued or running on any replica
+            ids |= {key for key in global_limits.slot_keys() if key.startswith(("key:", "addr:"))}
         return [describe(cid) for cid in sorted(ids)]
 
     @router.get("/clients/{client_id:path}")

@@ -44,9 +44,11 @@ from .direct_route import INFER_PATH, STANDING_PATH, DirectRoutes
 from .metrics import CONTENT_TYPE, GpuMetrics
 from .model import CompileConfig, ModelExecutor
 from .runner import GpuRunner, client_ref
+from .resilient_store import ResilientStore, open_async_store, open_store
 from .scheduler import FairScheduler
 from .service import InferService
-from .usage import SqliteUsageStore
+from .global_limits import GlobalLimits, local_limits
+from .usage import MemoryUsageStore, SqliteUsageStore
 from .write_behind import WriteBehindStore
 
 log = logging.getLogger("splitspace.gpu")
@@ -76,16 +78,36 @@ class GpuTier:
             gpu.load_model(settings.model, compile_unet=self.compile)
         self._model_lock = asyncio.Lock()
         self.watcher = QuotaWatcher(settings.quotas)
-        # Usage in memory, written to the file soon after: no disk I/O under the lock
-        # that the GPU thread shares with admission (write_behind.py).
-        self.store = WriteBehindStore(SqliteUsageStore(settings.state_path))
-        self.overrides = Overrides(self.store)
-        self.scheduler = FairScheduler(
-            clock=time.time,
-            limits=limits_function(lambda: self.watcher.current, self.overrides),
-            store=self.store,
-            capacity=1,
-        )
+        self.global_limits: GlobalLimits | None = None
+        if settings.redis_url is None:
+            # Usage in memory, written to the file soon after: no disk I/O under the lock
+            # that the GPU thread shares with admission (write_behind.py).
+            self.store = WriteBehindStore(SqliteUsageStore(settings.state_path))
+            self.overrides = Overrides(self.store)
+            limits = limits_function(lambda: self.watcher.current, self.overrides)
+            self.scheduler = FairScheduler(clock=time.time, limits=limits, store=self.store, capacity=1)
+        else:
+            # Every replica's limits in Redis, checked outside the runner's lock
+            # (global_limits.py); the local scheduler keeps fair order among this tier's jobs.
+            self.store = open_store(
+                redis_url=settings.redis_url.get_secret_value(), sqlite_path=settings.state_path,
+                failure=settings.redis_failure, replicas=settings.replicas,
+            )
+            assert isinstance(self.store, ResilientStore)
+            async_store = open_async_store(
+                redis_url=settings.redis_url.get_secret_value(), failure=settings.redis_failure,
+                replicas=settings.replicas, fallback=self.store.fallback, breaker=self.store.breaker,
+            )
+            self.overrides = Overrides(self.store)
+            limits = limits_function(lambda: self.watcher.current, self.overrides)
+            self.global_limits = GlobalLimits(
+                store=self.store, async_store=async_store, limits=limits, lease_s=settings.lease_s,
+                on_retry=lambda: self.runner.dispatch(), on_tick=self.overrides.refresh,
+            )
+            self.scheduler = FairScheduler(
+                clock=time.time, limits=local_limits(limits), store=MemoryUsageStore(), capacity=1,
+                held=self.global_limits.held, service_floor=self.global_limits.service_floor,
+            )
         self.metrics = GpuMetrics(lambda: self.with_scheduler(FairScheduler.depth_by_tier))
         self.runner = GpuRunner(
             self.scheduler,
@@ -99,6 +121,7 @@ class GpuTier:
             clock=time.time,
             on_event=self.metrics.on_event,
         )
+        self.runner.gate = self.global_limits
         # A change of limits (an operator's override, a quota file edit) may let a waiting job
         # start now: dispatch then, not at the next arrival.
         self.overrides.on_change = self.limits_changed
@@ -106,6 +129,7 @@ class GpuTier:
         self.service = InferService(
             tokens=self.tokens, runner=self.runner, limits=settings.limits, standing=self.standing,
             on_call=self.metrics.calls.inc, on_refused=self.metrics.refuse,
+            global_limits=self.global_limits,
         )
 
     def limits_changed(self, client_id: str | None) -> None:
@@ -139,7 +163,10 @@ class GpuTier:
 
     def standing(self, identity: Identity) -> dict[str, Any]:
         """The caller's own quota standing."""
-        stats = dict(self.with_scheduler(lambda s: s.client_stats(client_ref(identity))))
+        ref = client_ref(identity)
+        stats = dict(self.with_scheduler(lambda s: s.client_stats(ref)))
+        if self.global_limits is not None:
+            stats = self.global_limits.global_stats(stats, ref)
         stats["tier"] = self.watcher.current.tier_name(
             identity.client_id, identity.tier, self.overrides.get(identity.client_id)
         )
@@ -185,7 +212,7 @@ def build_blocks(tier: GpuTier) -> gr.Blocks:
         try:
             claims = service.arrive(_token(request))
             ip_token = request.headers.get(IP_TOKEN_HEADER) if request is not None else None
-            ticket = service.admit(claims, values, ip_token)
+            ticket = await service.enter(claims, values, ip_token)
             # aclosing: when the frontend goes away, Gradio closes this generator at its
             # next yield; the runner must drop the queued job then, not at GC.
             updates = service.follow(ticket)
@@ -251,6 +278,9 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
         finally:
             task.cancel()
             tier.runner.close()
+            if tier.global_limits is not None:
+                tier.global_limits.close()
+                await tier.global_limits.async_store.close()
             tier.store.close()
 
     app = FastAPI(lifespan=lifespan)
@@ -280,6 +310,7 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
             store=tier.store,
             overrides=tier.overrides,
             config=lambda: tier.watcher.current,
+            global_limits=tier.global_limits,
             quota_status=lambda: {
                 "path": str(tier.watcher.path) if tier.watcher.path else None,
                 "last_error": tier.watcher.last_error,

@@ -33,7 +33,7 @@ from gradio.context import LocalContext
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from shared.errors import SplitspaceError, Throttled, Unauthorized, ValidationFailed, to_wire
+from shared.errors import ServiceUnavailable, SplitspaceError, Throttled, Unauthorized, ValidationFailed, to_wire
 from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from shared.hop import Update, error_to_wire
 
@@ -66,7 +66,7 @@ class DirectRoutes:
             # ZeroGPU's @spaces.GPU reads the caller's x-ip-token from Gradio's request
             # context; the runner runs the GPU function in the context captured at admit().
             LocalContext.request.set(gr.Request(request=request))
-            ticket = self.service.admit(claims, body, request.headers.get(IP_TOKEN_HEADER))
+            ticket = await self.service.enter(claims, body, request.headers.get(IP_TOKEN_HEADER))
         except SplitspaceError as exc:
             await _send_error(send, exc)
             return
@@ -154,5 +154,7 @@ async def _send_error(send: Send, exc: SplitspaceError) -> None:
         await _send_json(send, 422, to_wire(exc))
     elif isinstance(exc, Throttled):
         await _send_json(send, 429, to_wire(exc), ((b"retry-after", str(exc.retry_after_whole_s).encode()),))
+    elif isinstance(exc, ServiceUnavailable):  # the shared store (Redis) is down: nothing was charged
+        await _send_json(send, 503, to_wire(exc), ((b"retry-after", str(exc.retry_after_whole_s).encode()),))
     else:
         await _send_json(send, 503, to_wire(exc))

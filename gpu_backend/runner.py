@@ -11,6 +11,11 @@ which both sides touch; it is held only for bookkeeping, never during a batch.
 A waiting handler that goes away (the caller disconnected or cancelled) has
 its job removed from the queue at once; a batch already on the GPU finishes
 and its slot is freed only when the model returns, so two jobs never overlap.
+
+With Redis (``GpuRunner.gate``, :mod:`gpu_backend.global_limits`), a GPU thread takes
+each job's global running slot after the pick and before the batch runs, and gives it
+back after, both outside the lock; a job whose slot is refused goes back to its queue
+(``FairScheduler.requeue``) and does not run.
 """
 
 from __future__ import annotations
@@ -120,6 +125,10 @@ class GpuRunner:
         self._model_name = model_name
         self._clock = clock
         self._on_event = on_event or (lambda kind, data: None)
+        self.gate: Any = None
+        """With global limits (Redis): a :class:`~gpu_backend.global_limits.GlobalLimits`
+        that takes each job's running slot before it runs and settles it after, outside
+        the lock; None: nothing but the local scheduler."""
         self._waiters: dict[str, _Waiter] = {}
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
@@ -159,7 +168,9 @@ class GpuRunner:
             async for update in updates:
                 yield update
 
-    def admit(self, identity: Identity, request: GenerateRequest, ip_token: str | None = None) -> Ticket:
+    def admit(
+        self, identity: Identity, request: GenerateRequest, ip_token: str | None = None, job_id: str | None = None
+    ) -> Ticket:
         """Queue the request for a fair turn, or raise Throttled at once (on the event loop).
 
         The caller's context (e.g. Gradio's request, for ZeroGPU's ``x-ip-token``) is
@@ -172,7 +183,7 @@ class GpuRunner:
         change keeps them and runs on the new model; its info names the model it ran on."""
         request = self.resolve(request)
         estimate = self.cost.estimate(request.steps, request.width, request.height, request.guidance_scale)
-        job_id = uuid.uuid4().hex
+        job_id = job_id or uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         waiter = _Waiter(
             request=request, submitted=self._clock(), context=contextvars.copy_context(),
@@ -239,6 +250,8 @@ class GpuRunner:
                 self._waiters.pop(ticket.job_id, None)
                 self._dispatch_locked()  # a freed place may make another job eligible
         if cancelled:
+            if self.gate is not None:
+                self.gate.dropped(ticket.job_id)
             ticket.waiter.future.cancel()
             self._on_event("cancelled", {"tier": ticket.tier})
 
@@ -305,7 +318,31 @@ class GpuRunner:
                 break
             self._work.wait(left)
 
+    def _take_slots(self, jobs: list[Job], waiters: list[_Waiter]) -> tuple[list[Job], list[_Waiter]]:
+        """With a gate: the jobs of the batch whose global running slot was granted (store
+        I/O, outside the lock). A refused job goes back to its queue, a job whose slot
+        could not be checked (the store down, ``closed``) fails with that error."""
+        run, refused, failed = self.gate.start(jobs)
+        if not refused and not failed:
+            return jobs, waiters
+        with self._work:
+            for job in refused:
+                self.scheduler.requeue(job.job_id)
+            for job_id in failed:
+                self.scheduler.finish(job_id, 0.0)
+            self._dispatch_locked()
+            self._work.notify_all()
+            lost = [(self._waiters.pop(job_id), error) for job_id, error in failed.items() if job_id in self._waiters]
+        for w, error in lost:
+            w.loop.call_soon_threadsafe(_fail, w.future, error)
+        keep = {job.job_id for job in run}
+        return run, [w for job, w in zip(jobs, waiters) if job.job_id in keep]
+
     def _run_batch(self, jobs: list[Job], waiters: list[_Waiter]) -> None:
+        if self.gate is not None:
+            jobs, waiters = self._take_slots(jobs, waiters)
+            if not jobs:
+                return
         started = self._clock()
         model = self._model_name()  # a model change waits for the GPU to go idle (swap)
         for job, w in zip(jobs, waiters):
@@ -326,6 +363,9 @@ class GpuRunner:
             first = requests[0]
             self.cost.observe(first.steps, first.width, first.height, first.guidance_scale, len(jobs),
                               outcome.total_s)
+        if self.gate is not None:  # the global slots first: the next dispatch may need them
+            for job, share in zip(jobs, outcome.charges_s):
+                self.gate.finish(job, share)
         with self._work:  # each job is charged its share (a failed batch: see batching.py)
             for job, share in zip(jobs, outcome.charges_s):
                 self.scheduler.finish(job.job_id, share)

@@ -317,7 +317,15 @@ class FairScheduler:
         limits: Callable[[ClientRef], Tier],
         store: UsageStore,
         capacity: int = 1,
+        held: Callable[[str], bool] | None = None,
+        service_floor: Callable[[str, float], float] | None = None,
     ) -> None:
+        """``held(flow_id)``: a flow to skip at dispatch for now (its running slot is taken
+        on another replica); ``service_floor(flow_id, V)``: where a flow that becomes
+        active starts instead of ``V`` (its service on other replicas). Both are read
+        under the runner's lock and must not do I/O (gpu_backend/global_limits.py)."""
+        self._held = held
+        self._service_floor = service_floor
         self._clock = clock
         self._limits = limits
         self._store = store
@@ -385,6 +393,8 @@ class FairScheduler:
 
         if flow.idle:
             flow.service = max(flow.service, self._vtime)
+            if self._service_floor is not None:
+                flow.service = max(flow.service, self._service_floor(flow.flow_id, self._vtime))
         self._flows[flow.flow_id] = flow
         weight = max(tier.weight, MIN_COST)
         member = flow.members.get(client.client_id)
@@ -545,6 +555,9 @@ class FairScheduler:
             if flow_id in skipped:
                 continue
             flow = self._flows[flow_id]
+            if self._held is not None and self._held(flow_id):
+                skipped.add(flow_id)
+                continue
             for _, _, cid in flow.order:
                 member = flow.members[cid]
                 if flow.running < limits(member.client).max_running:
@@ -559,6 +572,8 @@ class FairScheduler:
         for _, _, job_id in self._by_key.get(batch_key, ()):
             flow = self._flows[self._queued[job_id].client.flow_id]
             member, _ = flow.head()
+            if self._held is not None and self._held(flow.flow_id):
+                continue
             if member.client.client_id not in taken and flow.running < limits(member.client).max_running:
                 return flow, member
         return None
@@ -624,6 +639,37 @@ class FairScheduler:
             del self._units[entry.unit]
         self._went_idle(flow, member)
         self._collect_idle()
+
+    def requeue(self, job_id: str) -> bool:
+        """Undo a dispatch: put a running job back at the head of its client's queue, with
+        its charge taken back (its running slot was refused elsewhere, so it did not run).
+        False if the job is not running."""
+        entry = self._running.pop(job_id, None)
+        if entry is None:
+            return False
+        job = entry.job
+        flow = self._flows[job.client.flow_id]
+        member = flow.members[job.client.client_id]
+        self._unlist(flow)
+        self._unorder(flow, member)
+        flow.service -= job.cost / entry.weight
+        member.service -= job.cost / entry.weight
+        flow.running -= 1
+        member.running -= 1
+        member.queue.appendleft(job)
+        flow.queued += 1
+        job.started_at = None
+        self._queued[job_id] = job
+        self._queued_cost += job.cost
+        self._count(job, queued=1, running=-1)
+        self._order(flow, member)
+        self._retag(flow)
+        self._list(flow)
+        unit = self._units[entry.unit]
+        unit.discard(job_id)
+        if not unit:
+            del self._units[entry.unit]
+        return True
 
     def cancel(self, job_id: str) -> bool:
         """Remove a queued job and release its reservation; False if running or unknown."""

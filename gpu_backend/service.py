@@ -8,7 +8,10 @@ written here once, so the two doors cannot drift apart:
 - the identity token is verified before anything else (a refusal is counted);
 - the request is validated again with the same schema as the frontend's
   (the GPU tier trusts nothing);
-- admission (limits, fair queue) is the runner's, and refuses with Throttled;
+- admission (limits, fair queue) is the runner's, and refuses with Throttled; with
+  Redis (``SPLITSPACE_REDIS_URL``) the limits every replica shares are checked first,
+  in :mod:`gpu_backend.global_limits` (:meth:`InferService.enter`, which both routes
+  call), and a store that cannot answer refuses with ServiceUnavailable;
 - whatever goes wrong in the model becomes a ``GpuFailed`` that names only the
   exception type, logged once here; ZeroGPU's own ``gr.Error`` (e.g. "ZeroGPU
   quota exceeded") is passed on with its title.
@@ -21,6 +24,7 @@ turn it into their protocol's error (an error line, an HTTP status, a
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -28,13 +32,16 @@ import gradio as gr
 
 from session.identity import Identity
 from session.token import STANDING, Claims, IdentityTokens, infer_purpose
-from shared.errors import GPU_ERROR, GpuFailed, SplitspaceError
+from shared.errors import GPU_ERROR, QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, GpuFailed, SplitspaceError, Throttled
 from shared.hop import Update
 from shared.schema import Limits, request_from_dict
 
-from .runner import GpuRunner, Ticket
+from .global_limits import GlobalLimits
+from .runner import GpuRunner, Ticket, client_ref
 
 log = logging.getLogger("splitspace.gpu")
+
+_REASONS = {QUEUE_FULL: "queue_full", QUOTA_EXCEEDED: "quota_exceeded", RATE_LIMITED: "rate_limited"}
 
 
 class InferService:
@@ -47,7 +54,9 @@ class InferService:
         standing: Callable[[Identity], dict[str, Any]],
         on_call: Callable[[], None] = lambda: None,
         on_refused: Callable[[str], None] = lambda reason: None,
+        global_limits: GlobalLimits | None = None,
     ) -> None:
+        self.global_limits = global_limits
         self.tokens = tokens
         self.runner = runner
         self.limits = limits
@@ -78,12 +87,41 @@ class InferService:
         (:meth:`follow`) or dropped. ``ip_token``: the visitor's ZeroGPU token (on ZeroGPU a
         batch holds one visitor's requests)."""
         request = request_from_dict(dict(body), self.limits)
+        identity = self._identity(claims, request)
+        return self.runner.admit(identity, request, ip_token)
+
+    async def enter(self, claims: Claims, body: Mapping[str, Any], ip_token: str | None = None) -> Ticket:
+        """:meth:`admit` for the routes: the global limits first when there are any
+        (Redis), then the runner's. Raises what :meth:`admit` raises, and
+        ServiceUnavailable while the shared store cannot check a limit (``closed``)."""
+        gate = self.global_limits
+        if gate is None:
+            return self.admit(claims, body, ip_token)
+        request = request_from_dict(dict(body), self.limits)
+        identity = self._identity(claims, request)
+        request = self.runner.resolve(request)  # the estimate below is the one the job keeps
+        cost = self.runner.cost.estimate(request.steps, request.width, request.height, request.guidance_scale)
+        job_id = uuid.uuid4().hex
         try:
-            identity = claims.require(infer_purpose(request.digest()))
+            hold = await gate.admit(client_ref(identity), job_id, cost)
+        except Throttled as exc:
+            self._on_refused(_REASONS.get(exc.title, "throttled"))
+            raise
+        except SplitspaceError:
+            self._on_refused("store_unavailable")
+            raise
+        try:
+            return self.runner.admit(identity, request, ip_token, job_id=job_id)
+        except BaseException:
+            gate.refused_locally(hold)
+            raise
+
+    def _identity(self, claims: Claims, request: Any) -> Identity:
+        try:
+            return claims.require(infer_purpose(request.digest()))
         except SplitspaceError:
             self._on_refused("unauthorized")
             raise
-        return self.runner.admit(identity, request, ip_token)
 
     async def follow(self, ticket: Ticket) -> AsyncIterator[Update]:
         """The ticket's updates, ending with its Result; closing this drops a waiting job."""

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     ``local`` serves from this process's memory with each limit divided by ``replicas``."""
     replicas: int = Field(default=1, ge=1)
     """How many replicas of this tier share the Redis (limits are divided by it in ``local`` mode)."""
+    lease_s: float = Field(default=30.0, gt=0)
+    """With Redis: how long a queued or running slot outlives a replica that stopped renewing
+    it (a crash, a kill -9); each replica renews its own every third of it."""
     transport: Literal["direct", "httpx", "gradio_client"] = "direct"
     """Frontend: how requests reach the GPU tier: ``direct`` (one request per call to its
     direct route), ``httpx`` (Gradio's queue protocol, pooled) or ``gradio_client`` (stock)."""

@@ -1,0 +1,360 @@
+"""Limits that hold across every GPU tier sharing one Redis (``SPLITSPACE_REDIS_URL``).
+
+Why this module exists: each GPU tier's scheduler counts only the jobs it holds, so with
+N replicas every per-client limit is multiplied by N (issue 12). The shared counts live
+in the Redis store (:mod:`gpu_backend.redis_store`, each check-and-change one Lua script
+on Redis' clock); this module is the one place that talks to it on a job's way through
+a tier, and it keeps every store call outside the runner's lock (which the GPU thread
+shares with admission).
+
+Design (what each step does, and where)
+---------------------------------------
+
+*Admission* (:meth:`GlobalLimits.admit`, event loop, before ``GpuRunner.admit``): in
+order ``admit_rate`` (``requests_per_minute``, per flow, sliding 60 s),
+``acquire_slot("queued")`` (``max_queued``, per flow, a lease), ``reserve`` of the
+estimate for the client (``gpu_seconds``) and, for anonymous clients, for the address
+(``address_gpu_seconds``). A refusal undoes the earlier steps and raises the same
+``Throttled`` titles as the local scheduler, with retry seconds; a store that cannot
+answer in ``closed`` mode raises ``ServiceUnavailable`` ("Service unavailable", retry
+time). Each check is atomic in Redis, so concurrent admissions on any number of tiers
+exceed a limit by at most the one request in flight between a check and its undo.
+
+*The local scheduler* then runs as before, for fair order among the jobs this replica
+holds, with the limits the global steps already checked relaxed (:func:`local_limits`:
+no rate, quota or queue limit twice, so nothing is counted twice or goes stale after an
+operator's ``reset``); ``max_running`` and weights stay, so its order and its local
+running count are as today.
+
+*Dispatch* (:meth:`GlobalLimits.start`, GPU thread, after the scheduler picked a batch,
+outside the lock): ``move`` each job's queued lease to a running one within
+``max_running``. A refused job does not run: the runner puts it back at the head of
+its queue (``FairScheduler.requeue``) and the flow is held back (:meth:`held`, read by
+the scheduler under the lock, in memory) for ``retry_s``, after which the runner
+dispatches again. So a ``max_running = 1`` client never runs two jobs at once across
+tiers; its other tier retries every ``retry_s`` while the first job runs.
+
+*Finish* (:meth:`GlobalLimits.finish`, GPU thread, outside the lock): release the
+running lease and settle the reservations with the measured GPU time (``adjust``). A
+queued job dropped by its caller releases its queued lease and reservation
+(:meth:`dropped`, from the event loop, on a worker thread).
+
+*Leases.* Every lease this replica holds is renewed every ``lease_s / 3`` by one thread
+(one script for all of them); a replica killed mid-job stops renewing, so its client's
+slots come free within ``lease_s`` (``SPLITSPACE_LEASE_S``, 30 s) without an operator.
+
+*Fairness across tiers.* Each start adds the job's virtual service ``cost / weight`` to
+the flow's shared counter (``add_service``) and raises a shared virtual time to the job's
+start tag; a finish adds the correction. When a flow becomes active on a tier, the
+scheduler asks :meth:`service_floor`: the flow starts at its local virtual time plus the
+lead its shared counter has over the shared virtual time, so a client served on A is as
+far behind the others on B as it is on A, not fresh. The lead is read at admission
+(outside the lock) and cached.
+
+*Overrides.* The same thread polls ``overrides_version()`` every second and reloads the
+overrides when another tier changed them (``Overrides.refresh``).
+
+*Redis down* is :mod:`gpu_backend.resilient_store`'s: ``closed`` refuses admissions and
+fails a job whose dispatch cannot be checked with "Service unavailable"; ``local``
+decides from memory with each limit divided by ``replicas``. Nothing waits longer than
+the store's timeout; recovery is automatic (its circuit breaker).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from shared.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled
+from shared.quotas import Tier
+
+from .scheduler import RATE_WINDOW_S, ClientRef, Job, address_usage_key
+from .usage import Lease, StoreUnavailable, UsageStore
+
+log = logging.getLogger("splitspace.gpu")
+
+VTIME_KEY = "__vtime__"
+"""The shared virtual time's name among the flows' service counters."""
+
+UNLIMITED_QUEUE = 10**9
+
+
+def local_limits(limits: Callable[[ClientRef], Tier]) -> Callable[[ClientRef], Tier]:
+    """The local scheduler's limits when the global ones are checked in the store: the
+    same weights and ``max_running``, no rate, queue or GPU-second limit (checked once,
+    globally)."""
+
+    def relaxed(client: ClientRef) -> Tier:
+        return dataclasses.replace(
+            limits(client), gpu_seconds=math.inf, address_gpu_seconds=None,
+            requests_per_minute=None, max_queued=UNLIMITED_QUEUE,
+        )
+
+    return relaxed
+
+
+@dataclass
+class Hold:
+    """What one admitted job holds in the store (to release and settle later)."""
+
+    job_id: str
+    client: ClientRef
+    cost: float
+    reserved_address: bool
+    kind: str = "queued"  # "queued" until its move, then "running"
+
+
+class GlobalLimits:
+    def __init__(
+        self,
+        *,
+        store: UsageStore,
+        async_store: Any,
+        limits: Callable[[ClientRef], Tier],
+        lease_s: float = 30.0,
+        retry_s: float = 0.1,
+        on_retry: Callable[[], None] = lambda: None,
+        on_tick: Callable[[], None] = lambda: None,
+    ) -> None:
+        """``store``: the sync :class:`~gpu_backend.resilient_store.ResilientStore` (GPU
+        thread, renewer); ``async_store``: its event-loop twin (admission); ``on_retry``:
+        dispatch again (called ``retry_s`` after a refused move); ``on_tick``: called
+        about once a second by the renewer thread (the overrides poll)."""
+        self.store = store
+        self.async_store = async_store
+        self._limits = limits
+        self.lease_s = lease_s
+        self.retry_s = retry_s
+        self._on_retry = on_retry
+        self._on_tick = on_tick
+        self._holds: dict[str, Hold] = {}
+        self._held_until: dict[str, float] = {}
+        self._lead: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._settler = ThreadPoolExecutor(1, thread_name_prefix="store-settle")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._renew_loop, name="lease-renew", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._settler.shutdown(wait=True)
+
+    # -- admission (event loop) ----------------------------------------------------------
+    async def admit(self, client: ClientRef, job_id: str, cost: float) -> Hold:
+        """Check and take every global limit for one job, or raise Throttled /
+        ServiceUnavailable with nothing left taken."""
+        s = self.async_store
+        tier = self._limits(client)
+        flow = client.flow_id
+        who = "from this address " if flow.startswith("addr:") else ""
+        undo: list[Callable[[], Any]] = []
+        try:
+            if tier.requests_per_minute is not None:
+                rate = await s.admit_rate(flow, job_id, tier.requests_per_minute, RATE_WINDOW_S)
+                if not rate.granted:
+                    raise Throttled(RATE_LIMITED, f"{rate.held} requests {who}in the last {RATE_WINDOW_S:g} s "
+                                    f"(requests_per_minute={tier.requests_per_minute})", rate.retry_after_s)
+                undo.append(lambda: s.forget_rate(flow, job_id))
+            slot = await s.acquire_slot("queued", flow, job_id, tier.max_queued, self.lease_s)
+            if not slot.granted:
+                raise Throttled(QUEUE_FULL, f"{slot.held} requests {who}already queued "
+                                f"(max_queued={tier.max_queued})", cost)
+            undo.append(lambda: s.release("queued", flow, job_id))
+            await self._reserve(client.client_id, cost, tier.gpu_seconds, tier.window_s, "gpu_seconds")
+            undo.append(lambda: s.adjust(client.client_id, -cost))
+            on_address = client.is_anonymous and tier.address_gpu_seconds is not None
+            if on_address:
+                assert tier.address_gpu_seconds is not None
+                await self._reserve(address_usage_key(client.address), cost, tier.address_gpu_seconds,
+                                    tier.window_s, "address_gpu_seconds")
+            svc = await s.service([flow, VTIME_KEY])
+        except BaseException:
+            for step in reversed(undo):
+                try:
+                    await step()
+                except StoreUnavailable:
+                    pass  # expires by itself (a lease, a rate entry) or was never taken
+            raise
+        self._lead[flow] = max(0.0, svc.get(flow, 0.0) - svc.get(VTIME_KEY, 0.0))
+        hold = Hold(job_id, client, cost, on_address)
+        with self._lock:
+            self._holds[job_id] = hold
+        return hold
+
+    async def _reserve(self, key: str, cost: float, limit: float, window_s: float, name: str) -> None:
+        retry = await self.async_store.reserve(key, cost, limit, window_s)
+        if retry is None:
+            return
+        used, _ = await self.async_store.usage(key)
+        scope = "by this address " if name == "address_gpu_seconds" else ""
+        if cost > limit:
+            reason = f"this request needs {cost:.1f} GPU-seconds, more than the whole quota ({name}={limit:g})"
+        else:
+            reason = f"{used:.1f} of {limit:g} GPU-seconds used {scope}in this window ({name}={limit:g})"
+        raise Throttled(QUOTA_EXCEEDED, reason, retry)
+
+    def refused_locally(self, hold: Hold) -> None:
+        """The local runner refused a job the global checks admitted: give it all back."""
+        self._forget(hold.job_id)
+        self._settler.submit(self._settle, hold, "queued", 0.0, True)
+
+    def dropped(self, job_id: str) -> None:
+        """A queued job left without running (its caller went away)."""
+        hold = self._forget(job_id)
+        if hold is not None:
+            self._settler.submit(self._settle, hold, "queued", 0.0)
+
+    # -- the scheduler's hooks (under the runner's lock: memory only) --------------------
+    def held(self, flow_id: str) -> bool:
+        """True while a flow waits for its running slot elsewhere (a refused move)."""
+        until = self._held_until.get(flow_id)
+        if until is None:
+            return False
+        if until > time.monotonic():
+            return True
+        self._held_until.pop(flow_id, None)
+        return False
+
+    def service_floor(self, flow_id: str, vtime: float) -> float:
+        """Where a flow that becomes active starts: this tier's virtual time plus the
+        lead its shared service has over the shared virtual time."""
+        return vtime + self._lead.pop(flow_id, 0.0)
+
+    # -- dispatch and finish (GPU thread, outside the lock) ------------------------------
+    def start(self, jobs: list[Job]) -> tuple[list[Job], list[Job], dict[str, BaseException]]:
+        """Take a running slot for each job: ``(may run, refused: put back, failed)``."""
+        run: list[Job] = []
+        refused: list[Job] = []
+        failed: dict[str, BaseException] = {}
+        for job in jobs:
+            tier = self._limits(job.client)
+            try:
+                grant = self.store.move(job.client.flow_id, job.job_id, tier.max_running, self.lease_s)
+            except StoreUnavailable as exc:
+                failed[job.job_id] = exc
+                continue
+            if grant.granted:
+                with self._lock:
+                    hold = self._holds.get(job.job_id)
+                    if hold is not None:
+                        hold.kind = "running"
+                run.append(job)  # its service is shared after it started, off the GPU thread's path
+                self._settler.submit(self._charge_service, job, job.cost / max(tier.weight, 1e-9), start=True)
+            else:
+                refused.append(job)
+                self._held_until[job.client.flow_id] = time.monotonic() + self.retry_s
+        if refused:
+            timer = threading.Timer(self.retry_s, self._on_retry)
+            timer.daemon = True
+            timer.start()
+        for job_id in failed:
+            hold = self._forget(job_id)
+            if hold is not None:
+                self._settle(hold, "queued", 0.0)
+        return run, refused, failed
+
+    def finish(self, job: Job, gpu_s: float) -> None:
+        """A job ran: release its running slot and settle its GPU time."""
+        hold = self._forget(job.job_id)
+        if hold is None:
+            return
+        self._settle(hold, "running", gpu_s)
+        weight = max(self._limits(job.client).weight, 1e-9)
+        if gpu_s != hold.cost:
+            self._settler.submit(self._charge_service, job, (gpu_s - hold.cost) / weight, start=False)
+
+    def _charge_service(self, job: Job, delta: float, *, start: bool) -> None:
+        try:
+            if start:
+                vtime = self.store.service([VTIME_KEY]).get(VTIME_KEY, 0.0)
+                after = self.store.add_service(job.client.flow_id, delta, floor=vtime)
+                self.store.add_service(VTIME_KEY, 0.0, floor=after - delta)
+            else:
+                self.store.add_service(job.client.flow_id, delta)
+        except StoreUnavailable:
+            pass  # fairness across tiers is best effort while the store is down
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def _forget(self, job_id: str) -> Hold | None:
+        with self._lock:
+            return self._holds.pop(job_id, None)
+
+    def _settle(self, hold: Hold, kind: str, gpu_s: float, rate: bool = False) -> None:
+        """Release the job's lease and settle its reservations (never raises)."""
+        s, flow = self.store, hold.client.flow_id
+        try:
+            s.release(kind, flow, hold.job_id)  # type: ignore[arg-type]
+            if kind == "running":
+                s.release("queued", flow, hold.job_id)
+            delta = gpu_s - hold.cost
+            if delta:
+                s.adjust(hold.client.client_id, delta)
+                if hold.reserved_address:
+                    s.adjust(address_usage_key(hold.client.address), delta)
+            if rate:
+                s.forget_rate(flow, hold.job_id)
+        except Exception:  # a settlement must never break the GPU thread
+            log.warning("could not settle job %s in the store", hold.job_id[:8], exc_info=True)
+
+    def leases(self) -> list[Lease]:
+        with self._lock:
+            return [Lease(h.kind, h.client.flow_id, h.job_id) for h in self._holds.values()]  # type: ignore[arg-type]
+
+    def _renew_loop(self) -> None:
+        every = max(0.05, self.lease_s / 3)
+        next_renew = time.monotonic() + every
+        while not self._stop.wait(min(1.0, every)):
+            if time.monotonic() >= next_renew:
+                next_renew = time.monotonic() + every
+                leases = self.leases()
+                if leases:
+                    try:
+                        lost = self.store.renew(leases, self.lease_s).lost
+                        if lost:
+                            log.warning("%d slot leases expired before renewal (a paused process?)", len(lost))
+                    except Exception:
+                        log.warning("could not renew slot leases", exc_info=True)
+            try:
+                self._on_tick()
+            except Exception:
+                log.warning("periodic store task failed", exc_info=True)
+
+    # -- what operators see --------------------------------------------------------------
+    def global_stats(self, stats: dict[str, Any], client: ClientRef) -> dict[str, Any]:
+        """A client's standing (the scheduler's ``client_stats``) with the global figures:
+        usage from the store, queued and running across every replica."""
+        tier = self._limits(client)
+        out = dict(stats)
+        out["limits"] = tier.to_dict()
+        try:
+            used, resets_in = self.store.usage(client.client_id)
+            out["used"], out["resets_in_s"] = used, resets_in
+            out["remaining"] = max(0.0, tier.gpu_seconds - used)
+            if client.is_anonymous and tier.address_gpu_seconds is not None:
+                a_used, a_resets = self.store.usage(address_usage_key(client.address))
+                a_remaining = max(0.0, tier.address_gpu_seconds - a_used)
+                out["address"] = {"used": a_used, "remaining": a_remaining, "resets_in_s": a_resets}
+                if a_remaining < out["remaining"]:
+                    out["remaining"], out["resets_in_s"] = a_remaining, a_resets
+            if not client.is_anonymous:  # an address's slots are its flow's, not one session's
+                out["queued"] = self.store.count("queued", client.flow_id)
+                out["running"] = self.store.count("running", client.flow_id)
+        except StoreUnavailable:
+            out["store"] = "unavailable"
+        return out
+
+    def slot_keys(self) -> set[str]:
+        """Every flow holding a live slot on any replica."""
+        try:
+            return set(self.store.slot_counts())
+        except StoreUnavailable:
+            return set()
