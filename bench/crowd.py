@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -52,19 +52,22 @@ def call_spec(system: str, url: str, who: str) -> tuple[str, str, list[Any], dic
     return url, "generate", ["crowd", "", 64, 64, 1, 0.0, 1], {"authorization": f"Bearer key-{who}"}
 
 
-async def _call(client: httpx.AsyncClient, system: str, url: str, who: str) -> tuple[float, str, int]:
-    """(seconds, outcome, status messages seen): outcome "ok" or what went wrong."""
+async def _call(session: aiohttp.ClientSession, system: str, url: str, who: str) -> tuple[float, str, int]:
+    """(seconds, outcome, status messages seen): outcome "ok" or what went wrong. The REST
+    flow of curl (POST the call, read its event stream), with aiohttp: a crowd of thousands
+    of streams in one httpx client costs its own process seconds of CPU (ANCHORS.md 7)."""
     u, api, data, headers = call_spec(system, url, who)
     t0 = time.perf_counter()
     statuses = 0
     try:
-        r = await client.post(f"{u}/gradio_api/call/{api}", json={"data": data}, headers=headers)
-        if r.status_code != 200:
-            return time.perf_counter() - t0, f"HTTP {r.status_code}", 0
-        event_id = r.json()["event_id"]
+        async with session.post(f"{u}/gradio_api/call/{api}", json={"data": data}, headers=headers) as r:
+            if r.status != 200:
+                return time.perf_counter() - t0, f"HTTP {r.status}", 0
+            event_id = (await r.json())["event_id"]
         event = ""
-        async with client.stream("GET", f"{u}/gradio_api/call/{api}/{event_id}", headers=headers) as s:
-            async for line in s.aiter_lines():
+        async with session.get(f"{u}/gradio_api/call/{api}/{event_id}", headers=headers) as s:
+            async for raw in s.content:
+                line = raw.decode().rstrip("\n")
                 if line.startswith("event:"):
                     event = line[6:].strip()
                 elif line.startswith("data:"):
@@ -75,15 +78,16 @@ async def _call(client: httpx.AsyncClient, system: str, url: str, who: str) -> t
                         ok = event == "complete" and payload not in (None, [None])
                         return time.perf_counter() - t0, "ok" if ok else f"{event}: {str(payload)[:80]}", statuses
         return time.perf_counter() - t0, "stream ended", statuses
-    except httpx.HTTPError as exc:
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         return time.perf_counter() - t0, type(exc).__name__, statuses
 
 
 async def _crowd(system: str, url: str, who: list[str], start_at: float) -> list[tuple[float, str, int]]:
-    limits = httpx.Limits(max_connections=len(who) + 10, max_keepalive_connections=len(who) + 10)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=60), limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=len(who) + 10)
+    timeout = aiohttp.ClientTimeout(total=1800, sock_connect=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await asyncio.sleep(max(0.0, start_at - time.time()))
-        return await asyncio.gather(*(_call(client, system, url, w) for w in who))
+        return await asyncio.gather(*(_call(session, system, url, w) for w in who))
 
 
 def _proc(system: str, url: str, who: list[str], start_at: float, out: Any) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import aiohttp
 
-from shared.errors import BackendUnavailable, from_wire
+from shared.errors import SERVICE_UNAVAILABLE, BackendUnavailable, from_wire
 from shared.hop import Update, update_from_wire
 from shared.schema import GenerateRequest
 
@@ -149,7 +149,9 @@ async def _refusal(resp: aiohttp.ClientResponse) -> Exception:
         doc = json.loads(await resp.read())
     except ValueError:
         doc = None
-    if isinstance(doc, dict) and "title" in doc and resp.status in (401, 422, 429):
-        return from_wire(doc)
+    if isinstance(doc, dict) and "title" in doc and (
+        resp.status in (401, 422, 429) or (resp.status == 503 and doc["title"] == SERVICE_UNAVAILABLE)
+    ):
+        return from_wire(doc)  # the GPU tier's own refusal (503: its shared state is down)
     # Anything else (a proxy's 502, a Space still starting) means the call was not taken.
     return NotStarted(f"the GPU tier answered HTTP {resp.status}")

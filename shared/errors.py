@@ -83,7 +83,7 @@ def to_wire(exc: SplitspaceError) -> dict[str, object]:
     """The error as JSON for the direct GPU route: title, message, and the field or
     retry seconds that clients act on. The inverse of :func:`from_wire`."""
     doc: dict[str, object] = {"title": exc.title, "message": exc.message}
-    if isinstance(exc, Throttled):
+    if isinstance(exc, (Throttled, ServiceUnavailable)):
         doc["message"] = exc.reason
         doc["retry_after_s"] = round(exc.retry_after_s, 3)
     elif isinstance(exc, ValidationFailed):
@@ -106,6 +106,8 @@ def from_wire(doc: dict[str, object]) -> SplitspaceError:
         return BackendUnavailable(message)
     if title == GPU_ERROR:
         return GpuFailed(message)
+    if title == SERVICE_UNAVAILABLE and "retry_after_s" in doc:
+        return ServiceUnavailable(message, float(doc["retry_after_s"]))  # type: ignore[arg-type]
     return SplitspaceError(message, title=title)
 
 
