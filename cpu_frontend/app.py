@@ -13,6 +13,7 @@ the stream to the GPU tier, which drops the queued job.
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -176,12 +177,16 @@ class Frontend:
                 # Gradio closes this generator at its next yield when the caller goes
                 # away: a request waiting at the door then leaves its line at once.
                 told: Status | None = None
+                told_at = 0.0
                 while not turn.done():  # its first place at once, then as status_pace says
-                    status = Status("queued", self.door.place(flow, turn), 0.0)
-                    if is_news(told, status):
-                        told = Status("queued", status.position, eta_s(status.position, self.seconds_per_job))
+                    place = self.door.place(flow, turn)
+                    if is_news(told, Status("queued", place)):
+                        told, told_at = Status("queued", place, eta_s(place, self.seconds_per_job)), time.monotonic()
                         yield None, status_for_api(told)
-                    await asyncio.wait([turn], timeout=status_pace.interval_s(status.position))
+                    elif told is not None and time.monotonic() - told_at >= status_pace.interval_s(told.position):
+                        told_at = time.monotonic()
+                        yield None, status_for_api(told)  # a yield is also how Gradio notices a caller who left
+                    await asyncio.wait([turn], timeout=status_pace.interval_s(place))
                 # aclosing: the stream to the GPU tier must close when this generator
                 # does (the GPU tier then drops the queued job), not at GC.
                 updates = self.pool.stream(req, self.forward_headers(identity, request, infer_purpose(req.digest())))
@@ -191,9 +196,14 @@ class Frontend:
                         if isinstance(update, Result):
                             result = update
                             break
-                        if is_news(told, update):  # the GPU tier's repeats are heartbeats
-                            told = update
+                        if is_news(told, update):
+                            told, told_at = update, time.monotonic()
                             yield None, status_for_api(update)
+                        elif told is not None and time.monotonic() - told_at >= status_pace.interval_s(told.position):
+                            # no news, but a yield now and then is how Gradio notices a caller
+                            # who left (the GPU tier then drops the job): the last place again
+                            told_at = time.monotonic()
+                            yield None, status_for_api(told)
             # The door's place is given back as soon as the GPU tier has answered: what is
             # left (saving the image, Gradio sending it) no longer holds up the client's next.
             if result is not None:

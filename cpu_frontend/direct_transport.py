@@ -58,7 +58,9 @@ class DirectTransport(Transport):
             self._session = aiohttp.ClientSession(
                 # Connecting and every read are bounded; the whole call is not (a job may
                 # wait its turn for minutes, with a status line every few seconds).
-                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s),
+                # Reads are bounded by _chunks (a busy event loop must not pass for a silent GPU
+                # tier); connecting and the answer's start by _post.
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=None),
                 # keep-alive shorter than the GPU tier's (uvicorn: 5 s), so a pooled connection
                 # is not reused just as the server closes it
                 connector=aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=self.max_connections,
@@ -97,7 +99,8 @@ class DirectTransport(Transport):
         used up its one-call token, and the second try is refused."""
         for attempt in (1, 2):
             try:
-                return await self._pool().post(self.base_url + path, json=body, headers=headers)
+                return await asyncio.wait_for(
+                    self._pool().post(self.base_url + path, json=body, headers=headers), self.timeout_s)
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
                 if attempt == 2 or isinstance(exc, asyncio.TimeoutError):
                     raise NotStarted(f"cannot reach the GPU tier: {type(exc).__name__}") from exc
@@ -109,7 +112,7 @@ class DirectTransport(Transport):
         try:
             if resp.status != 200:
                 raise await _refusal(resp)
-            async for doc in _json_lines(resp):
+            async for doc in _json_lines(resp, self.timeout_s):
                 if isinstance(doc, dict) and doc.get("status") in ("done", "error"):
                     # The body ends right after this line; reading on to its end gives
                     # the connection back to the pool instead of closing it.
@@ -129,11 +132,11 @@ class DirectTransport(Transport):
             raise BackendUnavailable("the GPU tier closed the stream without a result")
         yield update_from_wire(final)  # the Result, or the error line's error raised
 
-async def _json_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+async def _json_lines(resp: aiohttp.ClientResponse, silence_s: float) -> AsyncIterator[dict[str, Any]]:
     """Each line of the body as JSON. Split here, not with aiohttp's line reader, whose
     line length is capped (a result line carries the whole PNG)."""
     buffer = b""
-    async for chunk in resp.content.iter_any():
+    async for chunk in _chunks(resp, silence_s):
         buffer += chunk
         *lines, buffer = buffer.split(b"\n")
         for line in lines:
@@ -141,6 +144,26 @@ async def _json_lines(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, A
                 yield json.loads(line)
     if buffer.strip():
         yield json.loads(buffer)
+
+
+async def _chunks(resp: aiohttp.ClientResponse, silence_s: float) -> AsyncIterator[bytes]:
+    """The body as it arrives; BackendUnavailable when the GPU tier says nothing for
+    ``silence_s`` (it sends a status at least every few seconds while a job waits).
+
+    On a saturated event loop (a crowd arriving) a timer can run before the data that came
+    in time is read (uvloop runs timers first): one more look before calling the GPU tier
+    silent, or a crowd's heartbeats would read as a dead GPU tier."""
+    while True:
+        try:
+            chunk = await asyncio.wait_for(resp.content.readany(), silence_s)
+        except asyncio.TimeoutError:
+            try:
+                chunk = await asyncio.wait_for(resp.content.readany(), 1.0)
+            except asyncio.TimeoutError:
+                raise BackendUnavailable(f"no word from the GPU tier for {silence_s:g} s") from None
+        if not chunk:
+            return
+        yield chunk
 
 
 async def _refusal(resp: aiohttp.ClientResponse) -> Exception:
