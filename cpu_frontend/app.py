@@ -26,6 +26,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from session import ApiKeyring, Identity, IdentityResolver, IdentityTokens, SessionCookieMiddleware, SessionCookies
 from shared.errors import SplitspaceError
+from shared.guard import GradioGuard
 from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from shared.quota_watch import QuotaWatcher
 from shared.schema import validate_request
@@ -57,6 +58,7 @@ DEV_RELOAD_SCRIPT = """<script>
 </script>"""
 FRONTEND_IDENTITY = Identity("frontend", "address", "anonymous", "frontend")
 """Who the frontend is when it asks a GPU tier for its live caps (health checks)."""
+MCP_MAX_BODY_BYTES = 64 * 1024
 FALLBACK_DEFAULTS = {"steps": 4, "guidance_scale": 0.0}
 TINY_NOTE = (
     "**Note:** this deployment serves `{model}`, a placeholder model (`tiny` has random weights, "
@@ -286,6 +288,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         app, blocks, path="", ssr_mode=False, show_error=True, mcp_server=settings.mcp,
         head=DEV_RELOAD_SCRIPT if settings.dev_reload else None,
     )
+    app.add_middleware(GradioGuard, blocks=blocks, body_limits={"/gradio_api/mcp": MCP_MAX_BODY_BYTES})
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origin_list,

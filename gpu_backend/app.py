@@ -29,6 +29,7 @@ from starlette.routing import Route
 from session.identity import Identity
 from session.token import IdentityTokens
 from shared.errors import SplitspaceError
+from shared.guard import GradioGuard
 from shared.headers import IDENTITY_HEADER
 from shared.quota_watch import QuotaWatcher
 from shared.schema import request_from_dict
@@ -37,7 +38,7 @@ from shared.settings import Settings
 from . import gpu
 from .admin import Overrides, admin_router, limits_function
 from .cost import CostModel
-from .direct_route import INFER_PATH, STANDING_PATH, DirectRoutes
+from .direct_route import INFER_PATH, MAX_BODY_BYTES, STANDING_PATH, DirectRoutes
 from .metrics import CONTENT_TYPE, GpuMetrics
 from .model import ModelExecutor
 from .runner import GpuRunner, client_ref
@@ -293,7 +294,9 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
     blocks = build_blocks(tier)
     blocks.max_threads = settings.max_threads  # before queue(): the queue sizes its workers from it
     blocks.queue(api_open=False, max_size=settings.queue_max_size, default_concurrency_limit=None)
-    return gr.mount_gradio_app(app, blocks, path="", ssr_mode=False, footer_links=["api"])
+    app = gr.mount_gradio_app(app, blocks, path="", ssr_mode=False, footer_links=["api"])
+    app.add_middleware(GradioGuard, blocks=blocks, body_limits={INFER_PATH: MAX_BODY_BYTES})
+    return app
 
 
 def create_app() -> FastAPI:
