@@ -25,6 +25,8 @@ from gradio import processing_utils, utils as gr_utils
 from starlette.middleware.cors import CORSMiddleware
 
 from session import ApiKeyring, Identity, IdentityResolver, IdentityTokens, SessionCookieMiddleware, SessionCookies
+from session.address import AddressPolicy
+from session.caller import CallerStamps
 from shared.errors import SplitspaceError
 from shared.guard import GradioGuard
 from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
@@ -37,6 +39,7 @@ from .backends import BackendPool
 from .embed import embed_routes
 from .hub_auth import backend_auth_headers
 from .limits import InflightCaps
+from .mcp_loopback import McpLoopback
 from .transport import Transport
 
 log = logging.getLogger("splitspace.frontend")
@@ -116,10 +119,13 @@ class Frontend:
         self.tokens = IdentityTokens(settings.secrets)
         self.cookies = SessionCookies(settings.secrets)
         self.watcher = QuotaWatcher(settings.quotas, on_change=self._on_quotas)
+        self.stamps = CallerStamps(settings.secrets)
         self.resolver = IdentityResolver(
             cookies=self.cookies,
             keyring=ApiKeyring(self.watcher.current.keys),
-            trusted_proxies=settings.trusted_proxies,
+            addresses=AddressPolicy(trusted_proxies=settings.trusted_proxies,
+                                    trusted_networks=settings.trusted_proxy_cidrs, ipv6_prefix=settings.ipv6_prefix),
+            stamps=self.stamps,
         )
         self.caps = InflightCaps(lambda: self.watcher.current)
         self.pool = BackendPool(
@@ -271,13 +277,11 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {
-            "status": "ok",
+            "status": "ok" if any(b.healthy for b in fe.pool.backends) else "no GPU backend",
             "boot_id": BOOT_ID,
             "backend_boot_ids": [(b.last_health or {}).get("boot_id") for b in fe.pool.backends],
-            "backends": [
-                {"url": b.transport.base_url, "healthy": b.healthy, "outstanding": b.outstanding}
-                for b in fe.pool.backends
-            ],
+            # No URLs: this page is public, and the GPU tiers' addresses are not.
+            "backends": [{"healthy": b.healthy, "outstanding": b.outstanding} for b in fe.pool.backends],
         }
 
     app.include_router(embed_routes())  # before the mount at "/", which catches everything after it
@@ -289,6 +293,8 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         head=DEV_RELOAD_SCRIPT if settings.dev_reload else None,
     )
     app.add_middleware(GradioGuard, blocks=blocks, body_limits={"/gradio_api/mcp": MCP_MAX_BODY_BYTES})
+    if settings.mcp:
+        app.add_middleware(McpLoopback, blocks=blocks, resolver=fe.resolver, stamps=fe.stamps)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origin_list,

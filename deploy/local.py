@@ -2,11 +2,22 @@
 
 A fresh shared secret per run (the tiers must agree, nobody else needs it),
 the GPU tier started first, a readiness wait on each tier's ``/health``, both
-URLs printed, and both stopped together on Ctrl-C or when either dies.
+URLs printed, and both stopped together on Ctrl-C, SIGTERM (systemd,
+``docker stop``, an IDE's stop button) or SIGHUP (a closed terminal), or when
+either dies. A normal stop prints "stopped".
+
+The tiers run in their own session, so a Ctrl-C in the terminal reaches only
+this runner, which stops the frontend first and the GPU tier after it (the
+other order made the frontend report the GPU tier "down" on every normal
+stop). On Linux each tier also asks the kernel for SIGTERM when this runner
+dies (``PR_SET_PDEATHSIG``), so a runner killed outright (SIGKILL, the OOM
+killer) leaves no tier behind; elsewhere each tier would be left to the
+signals above.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import signal
@@ -45,14 +56,43 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> Non
     raise RuntimeError(f"{url} was not ready within {timeout_s:.0f} s")
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGHUP arrived: stop both tiers, as on Ctrl-C."""
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux), and exit now if it
+    already has (the parent may die between fork and prctl)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def start_tier(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    parent = os.getpid()
+    return subprocess.Popen(args, env=env, start_new_session=True, preexec_fn=lambda: die_with_parent(parent))
+
+
 def stop(procs: Sequence[subprocess.Popen[bytes]], grace_s: float = 5.0) -> None:
+    """Stop each process in turn (SIGTERM, then SIGKILL after ``grace_s``), in the order given."""
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for p in procs:
         try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            p.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
@@ -83,25 +123,40 @@ def run_dev(
         "frontend", "--host", host, "--port", str(frontend_port), "--backend-url", backend_url, *reload_flag),
         frontend_url)
     procs: list[subprocess.Popen[bytes]] = []
+    previous = {sig: signal.getsignal(sig) for sig in (*STOP_SIGNALS, signal.SIGINT)}
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _raise_stopped)
     try:
         for tier in (backend, frontend):
-            tier.proc = subprocess.Popen(tier.args, env=env)
+            tier.proc = start_tier(tier.args, env)
             procs.append(tier.proc)
             wait_ready(tier.url, tier.proc, ready_timeout_s)
         print(f"splitspace dev: model {model}", flush=True)
         print(f"  GPU tier  {backend_url}  (not for the public)", flush=True)
         print(f"  frontend  {frontend_url}  <- open this", flush=True)
-        print("Ctrl-C stops both.", flush=True)
+        print("Ctrl-C (or SIGTERM) stops both.", flush=True)
         while all(p.poll() is None for p in procs):
             time.sleep(0.3)
         dead = next(t for t in (backend, frontend) if t.proc is not None and t.proc.poll() is not None)
         print(f"splitspace dev: the {dead.name} exited ({dead.proc.returncode}); stopping", flush=True)  # type: ignore[union-attr]
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped):
+        _ignore_stop_signals()
         print("splitspace dev: stopping", flush=True)
+        stop(list(reversed(procs)))  # the frontend first: it must not see its GPU tier go
+        print("splitspace dev: stopped", flush=True)
         return 0
     except RuntimeError as exc:
         print(f"splitspace dev: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
-        stop(procs)
+        _ignore_stop_signals()
+        stop(list(reversed(procs)))
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _ignore_stop_signals() -> None:
+    """While stopping, a second Ctrl-C or SIGTERM must not cut the stop short."""
+    for sig in (*STOP_SIGNALS, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)

@@ -51,6 +51,7 @@ from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .schema import echo as short
 from .errors import BACKEND_UNAVAILABLE, INVALID_REQUEST, QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, UNAUTHORIZED
 
 log = logging.getLogger("splitspace.guard")
@@ -59,8 +60,6 @@ API_PREFIX = "/gradio_api"
 DEFAULT_MAX_BODY_BYTES = 16 * 1024
 """Enough for any JSON call of either tier (a 1,000-character prompt is about 4 KB of JSON)."""
 DEFAULT_BODY_TIMEOUT_S = 10.0
-ECHO_CHARS = 40
-"""The most characters of a value a refusal shows (its repr, truncated)."""
 
 UNKNOWN_ENDPOINT = "Unknown endpoint"
 UNKNOWN_EVENT = "Unknown event"
@@ -82,12 +81,6 @@ _TITLE_STATUS = {
     "GPU error": 502,
 }
 """The status a titled ``gr.Error`` means, where Gradio answers every one with 500."""
-
-
-def short(value: Any, limit: int = ECHO_CHARS) -> str:
-    """``repr(value)`` cut to ``limit`` characters: what an error may echo of an input."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Refusal(Exception):

@@ -1,0 +1,98 @@
+"""How both tiers are served by uvicorn: one set of options, and a header deadline.
+
+:func:`uvicorn_options` is what ``deploy/serve.py`` (``splitspace backend|frontend|dev``)
+and the Spaces bundles pass to ``uvicorn.run``:
+
+- ``proxy_headers=False``: uvicorn must not rewrite the client address from
+  ``X-Forwarded-For`` (by default it believes that header from 127.0.0.1, which
+  let any MCP caller choose its address). splitspace alone judges forwarded
+  headers, by the trusted-proxy settings (``session/address.py``).
+- ``timeout_keep_alive``: an idle keep-alive connection is closed after 5 s.
+- a header deadline (below): a connection whose request line and headers take
+  over 10 s is closed. Bodies have their own deadline in the app (``shared/guard.py``).
+- logging with a cap on every handler (``shared/logs.py``), and no access log:
+  at INFO a refused request gets one line, the guard's (``shared/guard.py``),
+  which says why; a reverse proxy in front logs every request anyway.
+
+The header deadline: slow clients cannot hold sockets forever.
+
+uvicorn (0.54) closes an idle keep-alive connection after ``timeout_keep_alive``,
+but it has no deadline for the request line and headers: a client that
+connects and sends nothing, or one header byte every few seconds (slowloris),
+keeps its socket and its buffers for as long as it likes. The body is the
+app's to read (``shared/guard.py`` gives it a deadline); the headers are read
+before any ASGI app runs, so the deadline has to live in the protocol.
+
+:class:`HeaderTimeoutProtocol` is uvicorn's own httptools protocol with one
+timer: armed when a connection opens and when a new request begins on it,
+cancelled when the headers are complete; when it fires on a connection with
+no request in progress, the connection is closed. Header size is bounded by
+httptools itself (a request line and headers over about 80 KB are a parse
+error, answered 400).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from .logs import uvicorn_log_config
+
+KEEP_ALIVE_S = 5
+HEADER_TIMEOUT_S = 10.0
+PROTOCOL = "shared.server:HeaderTimeoutProtocol"
+"""What to give uvicorn's ``http=`` (an import string survives ``--reload``'s subprocess)."""
+
+
+class HeaderTimeoutProtocol(HttpToolsProtocol):
+    """HttpToolsProtocol that closes a connection whose headers take over ``header_timeout_s``."""
+
+    header_timeout_s: float = HEADER_TIMEOUT_S
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def _arm_header_timer(self) -> None:
+        if self._header_timer is None:
+            self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.cycle is not None and not self.cycle.response_complete:
+            self._arm_header_timer()  # a request is in progress (a pipelined one waits): look again later
+            return
+        if not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._arm_header_timer()
+
+    def on_headers_complete(self) -> None:
+        self._cancel_header_timer()
+        super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+
+def uvicorn_options(log_level: str = "warning") -> dict[str, Any]:
+    """Keyword arguments for ``uvicorn.run`` / ``uvicorn.Config`` (see the module docstring)."""
+    return dict(
+        log_level=log_level, log_config=uvicorn_log_config(log_level), timeout_graceful_shutdown=2,
+        proxy_headers=False, timeout_keep_alive=KEEP_ALIVE_S, http=PROTOCOL, server_header=False,
+        access_log=False,  # one line per refused request is the guard's (shared/guard.py); a proxy logs requests
+    )
