@@ -51,8 +51,8 @@ from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .schema import echo as short
 from .errors import BACKEND_UNAVAILABLE, INVALID_REQUEST, QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, UNAUTHORIZED
+from .schema import echo as short
 
 log = logging.getLogger("splitspace.guard")
 

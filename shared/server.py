@@ -36,17 +36,21 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
 from .logs import uvicorn_log_config
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # uvicorn without httptools (plain ``uvicorn``, not ``uvicorn[standard]``)
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
 
 KEEP_ALIVE_S = 5
 HEADER_TIMEOUT_S = 10.0
-PROTOCOL = "shared.server:HeaderTimeoutProtocol"
-"""What to give uvicorn's ``http=`` (an import string survives ``--reload``'s subprocess)."""
+PROTOCOL = "shared.server:HeaderTimeoutProtocol" if HttpToolsProtocol is not None else "auto"
+"""What to give uvicorn's ``http=`` (an import string survives ``--reload``'s subprocess). Without
+httptools there is no header deadline (uvicorn's h11 protocol has no hook for one)."""
 
 
-class HeaderTimeoutProtocol(HttpToolsProtocol):
+class HeaderTimeoutProtocol(HttpToolsProtocol or object):  # type: ignore[misc]
     """HttpToolsProtocol that closes a connection whose headers take over ``header_timeout_s``."""
 
     header_timeout_s: float = HEADER_TIMEOUT_S

@@ -81,3 +81,16 @@ def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def direct(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """Both tiers (``sleep:1``) reached directly, as on the open internet: no trusted proxy,
+    both logging at INFO (so that each log line a bad request causes shows). For the tests
+    of the public face: malformed calls, logs, addresses."""
+    info = {"SPLITSPACE_LOG_LEVEL": "info"}
+    d = Deployment(tmp_path_factory.mktemp("direct"), model="sleep:1", quotas=QUOTAS, trusted_proxies=0,
+                   backend_env=dict(info), frontend_env=dict(info))
+    d.start()
+    yield d
+    d.stop()
