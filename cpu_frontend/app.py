@@ -293,8 +293,6 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         head=DEV_RELOAD_SCRIPT if settings.dev_reload else None,
     )
     app.add_middleware(GradioGuard, blocks=blocks, body_limits={"/gradio_api/mcp": MCP_MAX_BODY_BYTES})
-    if settings.mcp:
-        app.add_middleware(McpLoopback, blocks=blocks, resolver=fe.resolver, stamps=fe.stamps)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origin_list,
@@ -308,6 +306,8 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         secure=settings.cookie_secure,
         trust_forwarded_proto=settings.trusted_proxies > 0,
     )
+    if settings.mcp:  # the outermost: it must see the cookie middleware's Set-Cookie
+        app.add_middleware(McpLoopback, blocks=blocks, resolver=fe.resolver, stamps=fe.stamps)
     return app
 
 

@@ -20,13 +20,19 @@ each request to the MCP endpoint, before Gradio sees it:
   (``session/caller.py``) of the caller's address, resolved by the frontend's
   own proxy rule; Gradio forwards it on the loopback call, where the identity
   resolver believes it (from a loopback peer only).
+
+And on the requests of Gradio's own MCP client (from loopback, ``x-gradio-user:
+mcp``) it drops ``Set-Cookie``: that one client serves every MCP caller and
+keeps the cookies of its first ``/config`` reply, so a session cookie minted
+for it would make every MCP caller without a cookie of its own one session.
+This layer must be the outermost (added last), outside the cookie middleware.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from session.caller import CallerStamps
 from session.resolve import IdentityResolver
@@ -59,6 +65,8 @@ class McpLoopback:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope.get("path", "").startswith(MCP_PATH):
             scope = self._prepare(scope)
+        elif scope["type"] == "http" and _from_gradio_mcp_client(scope):
+            send = _without_set_cookie(send)
         await self.app(scope, receive, send)
 
     def _prepare(self, scope: Scope) -> Scope:
@@ -74,3 +82,24 @@ class McpLoopback:
         if stamp is not None:
             headers.append((_CALLER, stamp.encode("latin-1")))
         return {**scope, "headers": headers}
+
+
+def _from_gradio_mcp_client(scope: Scope) -> bool:
+    client = scope.get("client")
+    if not client or not _is_loopback(client[0]):
+        return False
+    return any(k.lower() == b"x-gradio-user" and v == b"mcp" for k, v in scope.get("headers", []))
+
+
+def _is_loopback(host: str) -> bool:
+    return host == "::1" or host.startswith("127.")
+
+
+def _without_set_cookie(send: Send) -> Send:
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"set-cookie"]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return wrapped
