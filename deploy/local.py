@@ -12,7 +12,9 @@ other order made the frontend report the GPU tier "down" on every normal
 stop). On Linux each tier also asks the kernel for SIGTERM when this runner
 dies (``PR_SET_PDEATHSIG``), so a runner killed outright (SIGKILL, the OOM
 killer) leaves no tier behind; elsewhere each tier would be left to the
-signals above.
+signals above. Ctrl-C works even when this runner was started with SIGINT
+ignored (as a background job of a script is): that is why ``splitspace dev``
+sometimes did not stop on Ctrl-C (or on a test's SIGINT) in the first release.
 """
 
 from __future__ import annotations
@@ -126,6 +128,9 @@ def run_dev(
     previous = {sig: signal.getsignal(sig) for sig in (*STOP_SIGNALS, signal.SIGINT)}
     for sig in STOP_SIGNALS:
         signal.signal(sig, _raise_stopped)
+    # Ctrl-C must stop dev even when it inherited SIGINT ignored (a background job of a
+    # non-interactive shell, a test runner started that way): Python then leaves it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         for tier in (backend, frontend):
             tier.proc = start_tier(tier.args, env)
