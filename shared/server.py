@@ -26,9 +26,9 @@ before any ASGI app runs, so the deadline has to live in the protocol.
 :class:`HeaderTimeoutProtocol` is uvicorn's own httptools protocol with one
 timer: armed when a connection opens and when a new request begins on it,
 cancelled when the headers are complete; when it fires on a connection with
-no request in progress, the connection is closed. Header size is bounded by
-httptools itself (a request line and headers over about 80 KB are a parse
-error, answered 400).
+no request in progress, the connection is closed. It also bounds the size of
+the request line and headers (httptools buffers any size: a 10 MB header was
+accepted): over 64 KiB, the answer is 431 and the connection is closed.
 """
 
 from __future__ import annotations
@@ -45,19 +45,29 @@ except ImportError:  # uvicorn without httptools (plain ``uvicorn``, not ``uvico
 
 KEEP_ALIVE_S = 5
 HEADER_TIMEOUT_S = 10.0
+MAX_HEADER_BYTES = 64 * 1024
+TOO_LARGE_HEADERS = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n"
+    b"content-length: 75\r\nconnection: close\r\n\r\n"
+    b'{"title": "Request too large", "message": "headers must be at most 64 KiB"}'
+)
 PROTOCOL = "shared.server:HeaderTimeoutProtocol" if HttpToolsProtocol is not None else "auto"
 """What to give uvicorn's ``http=`` (an import string survives ``--reload``'s subprocess). Without
 httptools there is no header deadline (uvicorn's h11 protocol has no hook for one)."""
 
 
 class HeaderTimeoutProtocol(HttpToolsProtocol or object):  # type: ignore[misc]
-    """HttpToolsProtocol that closes a connection whose headers take over ``header_timeout_s``."""
+    """HttpToolsProtocol that closes a connection whose headers take over ``header_timeout_s``
+    and answers 431 to headers over ``max_header_bytes`` (httptools buffers any size)."""
 
     header_timeout_s: float = HEADER_TIMEOUT_S
+    max_header_bytes: int = MAX_HEADER_BYTES
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
+        self._reading_headers = True
+        self._header_bytes = 0
 
     def _arm_header_timer(self) -> None:
         if self._header_timer is None:
@@ -80,13 +90,30 @@ class HeaderTimeoutProtocol(HttpToolsProtocol or object):  # type: ignore[misc]
         super().connection_made(transport)
         self._arm_header_timer()
 
+    def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            return
+        counting = self._reading_headers
+        super().data_received(data)
+        if counting and self._reading_headers:  # all of this chunk was request line and headers
+            self._header_bytes += len(data)
+            if self._header_bytes > self.max_header_bytes and not self.transport.is_closing():
+                self.transport.write(TOO_LARGE_HEADERS)
+                self.transport.close()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._arm_header_timer()
 
     def on_headers_complete(self) -> None:
         self._cancel_header_timer()
+        self._reading_headers = False
+        self._header_bytes = 0
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._reading_headers = True  # what comes next on this connection is another request's head
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()

@@ -57,6 +57,18 @@ def test_slow_headers_lose_their_socket(direct: Deployment, tier: str) -> None:
     assert took is not None, "a connection that sent nothing stayed open"
 
 
+@pytest.mark.parametrize("tier", ["frontend", "backend"])
+def test_headers_over_64_kib_are_refused(direct: Deployment, tier: str) -> None:
+    """First release: httptools buffered headers of any size (10 MB were accepted)."""
+    base = (direct.frontend if tier == "frontend" else direct.backend).url  # type: ignore[union-attr]
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+        head = s.recv(4096)
+    assert head.startswith(b"HTTP/1.1 431"), head[:200]
+    assert httpx.get(f"{base}/health", headers={"x-fine": "a" * 8000}).status_code == 200
+
+
 def test_an_idle_keep_alive_connection_is_closed(direct: Deployment) -> None:
     port = int(direct.frontend.url.rsplit(":", 1)[1])  # type: ignore[union-attr]
     with socket.create_connection(("127.0.0.1", port)) as s:

@@ -55,8 +55,9 @@ def run_schemathesis(base_url: str, report_dir: Path, seconds: int) -> dict[str,
         "--workers", "2", "--report", "ndjson", "--report-dir", str(report_dir),
     ]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS)}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 240)
-    reports = list(report_dir.glob("*.ndjson"))
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 240,
+                          cwd=report_dir.parent)  # its cache folder (.schemathesis/) goes there, not in the repo
+    reports = list(report_dir.glob("*.ndjson"))  # --report-dir is absolute
     assert reports, f"schemathesis wrote no report:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     statuses: collections.Counter[tuple[str, int | None]] = collections.Counter()
     network_errors: list[str] = []
