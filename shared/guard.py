@@ -43,7 +43,6 @@ import asyncio
 import json
 import logging
 import re
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +54,7 @@ from .errors import BACKEND_UNAVAILABLE, INVALID_REQUEST, QUEUE_FULL, QUOTA_EXCE
 from .schema import echo as short
 
 log = logging.getLogger("splitspace.guard")
+_timeout = getattr(asyncio, "timeout", None)  # Python 3.11+
 
 API_PREFIX = "/gradio_api"
 DEFAULT_MAX_BODY_BYTES = 16 * 1024
@@ -241,15 +241,20 @@ class GradioGuard:
                 raise Refusal(413, TOO_LARGE, f"the body must be at most {limit} bytes, got {size}")
 
     async def _read_body(self, scope: Scope, receive: Receive, limit: int) -> bytes | None:
+        try:
+            if _timeout is not None:  # one timer for the whole body (wait_for costs a task per message)
+                async with _timeout(self.body_timeout_s):
+                    return await self._read_all(receive, limit)
+            return await asyncio.wait_for(self._read_all(receive, limit), self.body_timeout_s)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise Refusal(408, TOO_SLOW, f"the body did not arrive within {self.body_timeout_s:g} s") from None
+
+    @staticmethod
+    async def _read_all(receive: Receive, limit: int) -> bytes | None:
         chunks: list[bytes] = []
         size = 0
-        deadline = time.monotonic() + self.body_timeout_s
         while True:
-            left = deadline - time.monotonic()
-            try:
-                message = await asyncio.wait_for(receive(), timeout=max(0.001, left))
-            except (asyncio.TimeoutError, TimeoutError):
-                raise Refusal(408, TOO_SLOW, f"the body did not arrive within {self.body_timeout_s:g} s") from None
+            message = await receive()
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")
@@ -258,7 +263,7 @@ class GradioGuard:
                 raise Refusal(413, TOO_LARGE, f"the body must be at most {limit} bytes")
             chunks.append(chunk)
             if not message.get("more_body", False):
-                return b"".join(chunks)
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _check_call(self, path: str, body: bytes) -> None:
         if m := _CALL_V2.match(path):
