@@ -162,6 +162,11 @@ _QUEUE_DATA = re.compile(rf"^{API_PREFIX}/queue/data/?$")
 _UPLOADS = re.compile(rf"^{API_PREFIX}/(?:upload|upload_progress|process_recording|stream/{_NAME})/?$")
 _COMPONENT_SERVER = re.compile(rf"^{API_PREFIX}/component_server/?$")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_PATH_WORDS = frozenset({
+    "gradio_api", "call", "v2", "run", "api", "queue", "join", "data", "upload", "upload_progress",
+    "process_recording", "stream", "component_server", "mcp", "info", "config", "health", "metrics",
+    "admin", "splitspace", "v1", "infer", "standing", "file", "heartbeat", "cancel",
+})
 
 
 class GradioGuard:
@@ -210,10 +215,17 @@ class GradioGuard:
             elif method == "GET":
                 self._check_stream(path, scope)
         except Refusal as refusal:
-            log.info("refused %s %s: %d %s", method, path[:80], refusal.status, refusal.title)
+            log.info("refused %s %s: %d %s", method, self._label(path), refusal.status, refusal.title)
             await send_problem(send, refusal.status, refusal.title, refusal.message)
             return
-        await _Forward(self.app, scope, method, path)(receive, send)
+        await _Forward(self.app, scope, method, self._label(path))(receive, send)
+
+    def _label(self, path: str) -> str:
+        """The path for a log line, with every part a caller chose (an event id, an unknown
+        name) shown as ``*``: a log line echoes no input."""
+        parts = path.strip("/").split("/")[:5]
+        known = _PATH_WORDS | self.table.by_name.keys()
+        return "/" + "/".join(p if p in known else "*" for p in parts)
 
     # -- the checks ------------------------------------------------------------------------------
     def _limit_for(self, path: str) -> int:
@@ -413,7 +425,7 @@ class _Forward:
             status = _TITLE_STATUS.get(title, 400)
             text = str(doc.get("error") or title)
         else:
-            log.warning("%s %s: the app answered 500", self.method, self.path[:80])
+            log.warning("%s %s: the app answered 500", self.method, self.path)
         body = {**(doc or {}), "title": title, "message": text}
         self.held = None
         self.started = True
@@ -422,12 +434,12 @@ class _Forward:
 
     async def _after_exception(self, exc: Exception) -> None:
         if self.complete:
-            log.debug("%s %s: %s after the reply was sent", self.method, self.path[:80], type(exc).__name__)
+            log.debug("%s %s: %s after the reply was sent", self.method, self.path, type(exc).__name__)
             return
         if _is_client_error(exc):
-            log.info("%s %s: stream ended: %s", self.method, self.path[:80], type(exc).__name__)
+            log.info("%s %s: stream ended: %s", self.method, self.path, type(exc).__name__)
         else:
-            log.error("%s %s: %s", self.method, self.path[:80], short(exc, 200), exc_info=exc)
+            log.error("%s %s: %s", self.method, self.path, short(exc, 200), exc_info=exc)
         if not self.started:
             self.held = None
             self.started = True

@@ -46,6 +46,7 @@ def test_bad_requests_cost_at_most_one_short_line_each(direct: Deployment, tier:
     sent = _bad_requests(direct, tier, 75)  # 300 requests
     grown = proc.log_path.stat().st_size - before
     added = proc.log_path.read_bytes()[before:].decode("utf-8", "replace")
+    print(f"\n{tier}: {grown} bytes, {len(added.splitlines())} lines of log for {sent} bad requests")
     assert grown <= sent * BYTES_PER_REQUEST, f"{grown} bytes of log for {sent} bad requests"
     assert len(added.splitlines()) <= sent, added[-2000:]
     assert MARKER not in added, "an input reached the log"
