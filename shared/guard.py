@@ -193,6 +193,7 @@ class GradioGuard:
         self.app = app
         self.blocks = blocks
         self.table = EndpointTable.from_blocks(blocks)
+        self._path_words = _PATH_WORDS | set(self.table.by_name)
         self.max_body_bytes = max_body_bytes
         self.body_limits = sorted((body_limits or {}).items(), key=lambda kv: -len(kv[0]))
         self.body_timeout_s = body_timeout_s
@@ -224,8 +225,7 @@ class GradioGuard:
         """The path for a log line, with every part a caller chose (an event id, an unknown
         name) shown as ``*``: a log line echoes no input."""
         parts = path.strip("/").split("/")[:5]
-        known = _PATH_WORDS | self.table.by_name.keys()
-        return "/" + "/".join(p if p in known else "*" for p in parts)
+        return "/" + "/".join(p if p in self._path_words else "*" for p in parts)
 
     # -- the checks ------------------------------------------------------------------------------
     def _limit_for(self, path: str) -> int:
