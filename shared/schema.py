@@ -205,7 +205,8 @@ def request_from_dict(data: dict[str, Any], limits: Limits = Limits()) -> Genera
     known = {"prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed"}
     unknown = set(data) - known
     if unknown:
-        raise ValidationFailed(echo(sorted(map(str, unknown))[0]), "is not a request field")
+        name = sorted(map(str, unknown))[0]
+        raise ValidationFailed(name if len(name) <= ECHO_CHARS else name[: ECHO_CHARS - 3] + "...", "is not a request field")
     if "prompt" not in data:
         raise ValidationFailed("prompt", "is required")
     return validate_request(limits=limits, **data)
