@@ -24,11 +24,14 @@ from gradio import processing_utils, utils as gr_utils
 from starlette.middleware.cors import CORSMiddleware
 
 from session import ApiKeyring, Identity, IdentityResolver, IdentityTokens, SessionCookieMiddleware, SessionCookies
+from session.address import AddressPolicy
+from session.caller import CallerStamps
 from session.token import HEALTH, STANDING, infer_purpose
 from shared import status_pace
 from shared.errors import SplitspaceError
 from shared.gradio_queue import hold_sessions
 from shared.gradio_signature import request_handler
+from shared.guard import GradioGuard
 from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from shared.hop import Result, Status
 from shared.quota_watch import QuotaWatcher
@@ -42,6 +45,7 @@ from .door_middleware import DoorMiddleware
 from .embed import embed_routes
 from .hub_auth import backend_auth_headers
 from .limits import InflightCaps
+from .mcp_loopback import McpLoopback
 from .page import LiveModel, build_page
 from .transport import Transport
 
@@ -64,6 +68,7 @@ DEV_RELOAD_SCRIPT = """<script>
 </script>"""
 FRONTEND_IDENTITY = Identity("frontend", "address", "anonymous", "frontend")
 """Who the frontend is when it asks a GPU tier for its live caps (health checks)."""
+MCP_MAX_BODY_BYTES = 64 * 1024
 
 
 def status_for_api(status: Status) -> dict[str, Any]:
@@ -125,10 +130,13 @@ class Frontend:
         self.tokens = IdentityTokens(settings.secrets)
         self.cookies = SessionCookies(settings.secrets)
         self.watcher = QuotaWatcher(settings.quotas, on_change=self._on_quotas)
+        self.stamps = CallerStamps(settings.secrets)
         self.resolver = IdentityResolver(
             cookies=self.cookies,
             keyring=ApiKeyring(self.watcher.current.keys),
-            trusted_proxies=settings.trusted_proxies,
+            addresses=AddressPolicy(trusted_proxies=settings.trusted_proxies,
+                                    trusted_networks=settings.trusted_proxy_cidrs, ipv6_prefix=settings.ipv6_prefix),
+            stamps=self.stamps,
         )
         self.caps = InflightCaps(lambda: self.watcher.current)
         self.pool = BackendPool(
@@ -294,13 +302,11 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {
-            "status": "ok",
+            "status": "ok" if any(b.healthy for b in fe.pool.backends) else "no GPU backend",
             "boot_id": BOOT_ID,
             "backend_boot_ids": [(b.last_health or {}).get("boot_id") for b in fe.pool.backends],
-            "backends": [
-                {"url": b.transport.base_url, "healthy": b.healthy, "outstanding": b.outstanding}
-                for b in fe.pool.backends
-            ],
+            # No URLs: this page is public, and the GPU tiers' addresses are not.
+            "backends": [{"healthy": b.healthy, "outstanding": b.outstanding} for b in fe.pool.backends],
             # requests in flight here: on their way to a GPU tier, or waiting at the door
             "door": {"inside": fe.door.inside, "waiting": fe.door.waiting},
         }
@@ -321,6 +327,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         cap=fe.caps.cap,
         api_names=["generate"],
     )
+    app.add_middleware(GradioGuard, blocks=blocks, body_limits={"/gradio_api/mcp": MCP_MAX_BODY_BYTES})
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origin_list,
@@ -334,6 +341,8 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         secure=settings.cookie_secure,
         trust_forwarded_proto=settings.trusted_proxies > 0,
     )
+    if settings.mcp:  # the outermost: it must see the cookie middleware's Set-Cookie
+        app.add_middleware(McpLoopback, blocks=blocks, resolver=fe.resolver, stamps=fe.stamps)
     return app
 
 

@@ -26,6 +26,23 @@ def _set_env(**values: Any) -> None:
             os.environ[f"SPLITSPACE_{name.upper()}"] = str(value)
 
 
+def _checked_settings():  # type: ignore[no-untyped-def]
+    """The settings from the environment, or a clear message and exit 2 (never a traceback:
+    it would show the values, secrets among them)."""
+    from pydantic import ValidationError
+
+    from shared.settings import Settings
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = "SPLITSPACE_" + ".".join(str(p) for p in error.get("loc", ())).upper()
+            message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+            typer.echo(f"error: {message if message.startswith(name) else f'{name}: {message}'}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def dev(
     model: str = typer.Option("tiny", help="Model spec: tiny, sleep:MS, or a diffusers id/path."),
@@ -56,9 +73,10 @@ def backend(
 ) -> None:
     """The GPU tier alone."""
     _set_env(model=model)
+    settings = _checked_settings()
     from .serve import serve
 
-    serve("gpu_backend.app:create_app", host, port, reload=reload)
+    serve("gpu_backend.app:create_app", host, port, reload=reload, log_level=settings.log_level)
 
 
 @app.command()
@@ -70,9 +88,10 @@ def frontend(
 ) -> None:
     """The CPU tier alone."""
     _set_env(backend_url=backend_url)
+    settings = _checked_settings()
     from .serve import serve
 
-    serve("cpu_frontend.app:create_app", host, port, reload=reload)
+    serve("cpu_frontend.app:create_app", host, port, reload=reload, log_level=settings.log_level)
 
 
 @app.command("deploy")

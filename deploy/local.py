@@ -2,7 +2,19 @@
 
 A fresh shared secret per run (the tiers must agree, nobody else needs it),
 the GPU tier started first, a readiness wait on each tier's ``/health``, both
-URLs printed, and both stopped together on Ctrl-C or when either dies.
+URLs printed, and both stopped together on Ctrl-C, SIGTERM (systemd,
+``docker stop``, an IDE's stop button) or SIGHUP (a closed terminal), or when
+either dies. A normal stop prints "stopped".
+
+The tiers run in their own session, so a Ctrl-C in the terminal reaches only
+this runner, which stops the frontend first and the GPU tier after it (the
+other order made the frontend report the GPU tier "down" on every normal
+stop). On Linux each tier also asks the kernel for SIGTERM when this runner
+dies (``PR_SET_PDEATHSIG``), so a runner killed outright (SIGKILL, the OOM
+killer) leaves no tier behind; elsewhere each tier would be left to the
+signals above. Ctrl-C works even when this runner was started with SIGINT
+ignored (as a background job of a script is): that is why ``splitspace dev``
+sometimes did not stop on Ctrl-C (or on a test's SIGINT) in the first release.
 
 Scale-out (``--backends N --frontends M``): N GPU tiers and M frontends, each frontend
 given every GPU tier's URL, and, when N or M is above 1, a throwaway ``redis-server``
@@ -13,6 +25,7 @@ on the given port, the others on free ports; all URLs are printed.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import secrets
 import signal
@@ -56,14 +69,43 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> Non
     raise RuntimeError(f"{url} was not ready within {timeout_s:.0f} s")
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+PR_SET_PDEATHSIG = 1
+
+
+class Stopped(Exception):
+    """SIGTERM or SIGHUP arrived: stop both tiers, as on Ctrl-C."""
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped(signal.Signals(signum).name)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux), and exit now if it
+    already has (the parent may die between fork and prctl)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def start_tier(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    parent = os.getpid()
+    return subprocess.Popen(args, env=env, start_new_session=True, preexec_fn=lambda: die_with_parent(parent))
+
+
 def stop(procs: Sequence[subprocess.Popen[bytes]], grace_s: float = 5.0) -> None:
+    """Stop each process in turn (SIGTERM, then SIGKILL after ``grace_s``), in the order given."""
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for p in procs:
         try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            p.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
@@ -133,7 +175,8 @@ def print_urls(model: str, tiers: Sequence[Tier]) -> None:
         print(f"  frontend  {tier.url}" + ("  <- open this" if i == 0 else ""), flush=True)
     if redis_tier is not None:
         print(f"  Redis     {redis_tier.url}  (shared limits, nothing persisted)", flush=True)
-    print("Ctrl-C stops both." if redis_tier is None else "Ctrl-C stops them all.", flush=True)
+    print("Ctrl-C (or SIGTERM) stops both." if redis_tier is None else "Ctrl-C (or SIGTERM) stops them all.",
+          flush=True)
 
 
 def run_dev(
@@ -156,6 +199,12 @@ def run_dev(
     env.update(extra_env or {})
     tiers: list[Tier] = []
     procs: list[subprocess.Popen[bytes]] = []
+    previous = {sig: signal.getsignal(sig) for sig in (*STOP_SIGNALS, signal.SIGINT)}
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _raise_stopped)
+    # Ctrl-C must stop dev even when it inherited SIGINT ignored (a background job of a
+    # non-interactive shell, a test runner started that way): Python then leaves it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         if backends > 1 or frontends > 1:
             _, redis_tier = start_dev_redis(host, ".splitspace/redis")
@@ -167,7 +216,7 @@ def run_dev(
         for kind in ("GPU tier", "frontend"):  # GPU tiers first, each kind started together
             group = [t for t in tiers if t.name == kind]
             for tier in group:
-                tier.proc = subprocess.Popen(tier.args, env={**env, **tier.env})
+                tier.proc = start_tier(tier.args, {**env, **tier.env})
                 procs.append(tier.proc)
             for tier in group:
                 wait_ready(tier.url, tier.proc, ready_timeout_s)
@@ -177,11 +226,23 @@ def run_dev(
         dead = next(t for t in tiers if t.proc is not None and t.proc.poll() is not None)
         print(f"splitspace dev: the {dead.name} exited ({dead.proc.returncode}); stopping", flush=True)  # type: ignore[union-attr]
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped):
+        _ignore_stop_signals()
         print("splitspace dev: stopping", flush=True)
+        stop(list(reversed(procs)))  # the frontend first: it must not see its GPU tier go
+        print("splitspace dev: stopped", flush=True)
         return 0
     except (RuntimeError, ValueError) as exc:
         print(f"splitspace dev: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
-        stop(procs)
+        _ignore_stop_signals()
+        stop(list(reversed(procs)))
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+def _ignore_stop_signals() -> None:
+    """While stopping, a second Ctrl-C or SIGTERM must not cut the stop short."""
+    for sig in (*STOP_SIGNALS, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)

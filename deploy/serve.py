@@ -1,7 +1,9 @@
 """Serve one tier's app factory with uvicorn (both tiers run the same way).
 
 ``--reload`` needs an import string and a factory, so each tier exposes
-``create_app()`` (settings from the environment) and this module runs it.
+``create_app()`` (settings from the environment) and this module runs it,
+with the server options of ``shared/server.py`` (no proxy headers believed by
+uvicorn, keep-alive and header deadlines, capped logs).
 """
 
 from __future__ import annotations
@@ -11,19 +13,14 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-KEEP_ALIVE_S = 65
-"""Idle keep-alive connections live this long: longer than clients keep theirs (httpx 5 s,
-aiohttp 15 s, browsers up to 60 s), so that a client never reuses a connection the tier is
-closing at that moment (uvicorn's default, 5 s, equals httpx's: under a crowd, requests
-were lost to that race)."""
-
-
-def serve(factory: str, host: str, port: int, *, reload: bool = False) -> None:
+def serve(factory: str, host: str, port: int, *, reload: bool = False, log_level: str = "warning") -> None:
     import uvicorn
 
+    from shared.server import uvicorn_options
+
     uvicorn.run(
-        factory, factory=True, host=host, port=port, log_level="warning",
-        timeout_graceful_shutdown=2, reload=reload, timeout_keep_alive=KEEP_ALIVE_S,
+        factory, factory=True, host=host, port=port, reload=reload,
         reload_dirs=[str(REPO_ROOT)] if reload else None,
         reload_includes=["*.py"] if reload else None,
+        **uvicorn_options(log_level),
     )

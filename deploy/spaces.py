@@ -188,6 +188,7 @@ import spaces  # noqa: F401  (first, before torch: on ZeroGPU it must come befor
 ''' + _APP_PATH + '''
 import gpu_backend  # noqa: E402
 from gpu_backend.app import build_app  # noqa: E402
+from shared.server import uvicorn_options  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 
 
@@ -210,12 +211,13 @@ def zero_gpu_startup() -> None:
 
 
 def main() -> None:
-    app = build_app(Settings())  # loads the model; the queue's max_size is set there (ZeroGPU's default is 1)
+    settings = Settings()
+    app = build_app(settings)  # loads the model; the queue's max_size is set there (ZeroGPU's default is 1)
     zero_gpu_startup()
     port = int(os.environ.get("PORT") or 7860)
     print(f"splitspace GPU tier: packages from {Path(gpu_backend.__file__).resolve().parent.parent}, "
           f"port {port}", flush=True)
-    uvicorn.run(app, host="0.0.0.0", port=port, log_level="warning", timeout_graceful_shutdown=2)
+    uvicorn.run(app, host="0.0.0.0", port=port, **uvicorn_options(settings.log_level))
 
 
 if __name__ == "__main__":
@@ -225,15 +227,17 @@ if __name__ == "__main__":
 FRONTEND_APP = _APP_HEAD.format(what="frontend (CPU tier)") + _APP_PATH + '''
 import cpu_frontend  # noqa: E402
 from cpu_frontend.app import build_app  # noqa: E402
+from shared.server import uvicorn_options  # noqa: E402
 from shared.settings import Settings  # noqa: E402
 
 
 def main() -> None:
-    app = build_app(Settings())
+    settings = Settings()
+    app = build_app(settings)
     port = int(os.environ.get("PORT") or 7860)
     print(f"splitspace frontend: packages from {Path(cpu_frontend.__file__).resolve().parent.parent}, "
           f"port {port}", flush=True)
-    uvicorn.run(app, host="0.0.0.0", port=port, log_level="warning", timeout_graceful_shutdown=2)
+    uvicorn.run(app, host="0.0.0.0", port=port, **uvicorn_options(settings.log_level))
 
 
 if __name__ == "__main__":

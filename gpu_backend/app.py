@@ -31,6 +31,7 @@ from session.identity import Identity
 from session.token import HEALTH, IdentityTokens
 from shared.errors import SplitspaceError
 from shared.gradio_queue import hold_sessions
+from shared.guard import GradioGuard
 from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from shared.hop import error_to_wire
 from shared.quota_watch import QuotaWatcher
@@ -40,7 +41,7 @@ from shared.settings import Settings
 from . import gpu
 from .admin import Overrides, admin_router, limits_function
 from .cost import CostModel
-from .direct_route import INFER_PATH, STANDING_PATH, DirectRoutes
+from .direct_route import INFER_PATH, MAX_BODY_BYTES, STANDING_PATH, DirectRoutes
 from .metrics import CONTENT_TYPE, GpuMetrics
 from .model import CompileConfig, ModelExecutor
 from .runner import GpuRunner, client_ref
@@ -332,7 +333,9 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
     blocks.max_threads = settings.max_threads  # before queue(): the queue sizes its workers from it
     blocks.queue(api_open=False, max_size=settings.queue_max_size, default_concurrency_limit=None)
     hold_sessions(blocks, 2 * settings.max_threads)  # every /infer call in flight is a session
-    return gr.mount_gradio_app(app, blocks, path="", ssr_mode=False, footer_links=["api"])
+    app = gr.mount_gradio_app(app, blocks, path="", ssr_mode=False, footer_links=["api"])
+    app.add_middleware(GradioGuard, blocks=blocks, body_limits={INFER_PATH: MAX_BODY_BYTES})
+    return app
 
 
 def create_app() -> FastAPI:

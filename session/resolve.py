@@ -4,20 +4,34 @@ An ``Authorization: Bearer`` header that is not a known key is refused, never
 downgraded to anonymous (a typo must not silently lose a paid tier). Hugging
 Face tokens (``hf_...``) are the Hub's, sent by clients of private Spaces, and
 are not ours to judge: they are ignored here.
+
+The address (of every identity: anonymous callers are theirs, sessions and keys
+carry it for the per-address ceiling) comes from :class:`AddressPolicy`
+(``X-Forwarded-For`` only from trusted proxies, IPv6 by network), or from a
+valid caller stamp (``caller.py``) on Gradio's MCP loopback call.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 
 from shared.errors import Unauthorized
-from shared.headers import SESSION_COOKIE
+from shared.headers import CALLER_HEADER, SESSION_COOKIE
 from shared.quotas import ANONYMOUS
 
-from .address import client_address
+from .address import AddressPolicy
+from .caller import CallerStamps
 from .cookie import SessionCookies
 from .identity import Identity
 from .keys import ApiKeyring
+
+
+def _loopback(peer: str | None) -> bool:
+    try:
+        return peer is not None and ipaddress.ip_address(peer).is_loopback
+    except ValueError:
+        return False
 
 
 class IdentityResolver:
@@ -27,17 +41,28 @@ class IdentityResolver:
         cookies: SessionCookies,
         keyring: ApiKeyring,
         trusted_proxies: int = 0,
+        addresses: AddressPolicy | None = None,
+        stamps: CallerStamps | None = None,
         cookie_name: str = SESSION_COOKIE,
     ) -> None:
         self.cookies = cookies
         self.keyring = keyring
-        self.trusted_proxies = trusted_proxies
+        self.addresses = addresses or AddressPolicy(trusted_proxies=trusted_proxies)
+        self.stamps = stamps
         self.cookie_name = cookie_name
+
+    def address(self, headers: Mapping[str, str], peer: str | None) -> str:
+        """The caller's (grouped) address: a valid caller stamp's, else by the proxy rule."""
+        if self.stamps is not None and _loopback(peer):  # stamps only travel from the frontend to itself
+            stamped = self.stamps.read(headers.get(CALLER_HEADER))
+            if stamped is not None:
+                return stamped
+        return self.addresses.client_address(peer, headers.get("x-forwarded-for"))
 
     def resolve(
         self, headers: Mapping[str, str], cookies: Mapping[str, str], peer: str | None
     ) -> Identity:
-        address = client_address(peer, headers.get("x-forwarded-for"), self.trusted_proxies)
+        address = self.address(headers, peer)
         auth = headers.get("authorization", "").strip()
         if auth:
             scheme, _, raw = auth.partition(" ")

@@ -15,3 +15,7 @@ SESSION_COOKIE = "splitspace_session"
 
 ADMIN_HEADER = "x-splitspace-admin"
 """Admin API calls carry the admin token here (``Authorization`` may hold a Hub token)."""
+
+CALLER_HEADER = "x-splitspace-caller"
+"""The frontend's signed note of an MCP caller's real address, on Gradio's MCP loopback call
+to the frontend itself (written and read by the frontend only; see ``session/caller.py``)."""

@@ -15,6 +15,20 @@ from typing import Any
 from .errors import ValidationFailed
 
 MAX_SEED = 2**32 - 1
+ECHO_CHARS = 40
+"""The most characters of a sent value that an error message shows (a 1 MB ``width`` must
+not become a 1 MB error, or a 1 MB log line)."""
+
+
+def echo(value: Any, limit: int = ECHO_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters: what an error may show of an input."""
+    if isinstance(value, (str, bytes)) and len(value) > limit * 4:
+        value = value[: limit * 4]
+    try:
+        text = repr(value)
+    except ValueError:  # an int over Python's digit limit
+        text = f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -70,38 +84,51 @@ REQUEST_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(GenerateRequest))
 
 def _as_int(name: str, value: Any) -> int:
     if isinstance(value, bool):
-        raise ValidationFailed(name, f"must be an integer, got {value!r}")
+        raise ValidationFailed(name, f"must be an integer, got {echo(value)}")
     if isinstance(value, float):
         if not value.is_integer():
-            raise ValidationFailed(name, f"must be an integer, got {value!r}")
+            raise ValidationFailed(name, f"must be an integer, got {echo(value)}")
         return int(value)
     if isinstance(value, int):
         return value
-    if isinstance(value, str):
+    if isinstance(value, str) and len(value) <= 40:  # int() of a huge digit string is slow
         try:
             return int(value.strip())
         except ValueError:
             pass
-    raise ValidationFailed(name, f"must be an integer, got {value!r}")
+    raise ValidationFailed(name, f"must be an integer, got {echo(value)}")
 
 
 def _as_float(name: str, value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValidationFailed(name, f"must be a number, got {value!r}")
+    if isinstance(value, bool) or (isinstance(value, str) and len(value) > 40):
+        raise ValidationFailed(name, f"must be a number, got {echo(value)}")
     try:
         out = float(value)
-    except (TypeError, ValueError):
-        raise ValidationFailed(name, f"must be a number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ValidationFailed(name, f"must be a number, got {echo(value)}") from None
     if out != out or out in (float("inf"), float("-inf")):
-        raise ValidationFailed(name, f"must be a finite number, got {value!r}")
+        raise ValidationFailed(name, f"must be a finite number, got {echo(value)}")
     return out
+
+
+def _text(name: str, value: str) -> None:
+    """Valid UTF-8 text: no lone surrogates (they cannot be encoded, and crash the model's
+    tokenizer) and no NUL (a C string's end, in every library below us)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValidationFailed(
+            name, f"must be valid UTF-8 text: a lone surrogate at character {exc.start}"
+        ) from None
+    if "\x00" in value:
+        raise ValidationFailed(name, f"must not contain NUL characters (one at character {value.index(chr(0))})")
 
 
 def _side(name: str, value: Any, limits: Limits) -> int:
     v = _as_int(name, value)
     lo, hi, m = limits.min_side, limits.max_side, limits.side_multiple
     if not lo <= v <= hi or v % m:
-        raise ValidationFailed(name, f"must be a multiple of {m} from {lo} to {hi}, got {v}")
+        raise ValidationFailed(name, f"must be a multiple of {m} from {lo} to {hi}, got {echo(v)}")
     return v
 
 
@@ -119,6 +146,7 @@ def validate_request(
     """Check every field and return the request, or raise ValidationFailed naming the field."""
     if not isinstance(prompt, str):
         raise ValidationFailed("prompt", "must be text")
+    _text("prompt", prompt)
     text = prompt.strip()
     if not 1 <= len(text) <= limits.prompt_max_chars:
         raise ValidationFailed(
@@ -129,6 +157,7 @@ def validate_request(
         negative_prompt = ""
     if not isinstance(negative_prompt, str):
         raise ValidationFailed("negative_prompt", "must be text")
+    _text("negative_prompt", negative_prompt)
     if len(negative_prompt) > limits.negative_prompt_max_chars:
         raise ValidationFailed(
             "negative_prompt",
@@ -141,7 +170,7 @@ def validate_request(
         n_steps = _as_int("steps", steps)
         if not limits.min_steps <= n_steps <= limits.max_steps:
             raise ValidationFailed(
-                "steps", f"must be from {limits.min_steps} to {limits.max_steps}, got {n_steps}"
+                "steps", f"must be from {limits.min_steps} to {limits.max_steps}, got {echo(n_steps)}"
             )
     g: float | None = None
     if guidance_scale is not None:
@@ -153,7 +182,7 @@ def validate_request(
             )
     s = _as_int("seed", seed)
     if not -1 <= s <= MAX_SEED:
-        raise ValidationFailed("seed", f"must be -1 (random) or from 0 to {MAX_SEED}, got {s}")
+        raise ValidationFailed("seed", f"must be -1 (random) or from 0 to {MAX_SEED}, got {echo(s)}")
     return GenerateRequest(
         prompt=text,
         negative_prompt=negative_prompt,
@@ -169,7 +198,8 @@ def request_from_dict(data: dict[str, Any], limits: Limits = Limits()) -> Genera
     """Validate a request that arrived as a dict (the GPU tier's view)."""
     unknown = set(data) - set(REQUEST_FIELDS)
     if unknown:
-        raise ValidationFailed(sorted(unknown)[0], "is not a request field")
+        name = sorted(map(str, unknown))[0]
+        raise ValidationFailed(name if len(name) <= ECHO_CHARS else name[: ECHO_CHARS - 3] + "...", "is not a request field")
     if "prompt" not in data:
         raise ValidationFailed("prompt", "is required")
     return validate_request(limits=limits, **data)

@@ -7,6 +7,7 @@ that they never show up in a repr, a log line or an error.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -15,13 +16,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .schema import Limits
 
+MIN_ADMIN_TOKEN_CHARS = 16
+
 
 def _split(value: str | None) -> list[str]:
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SPLITSPACE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SPLITSPACE_", extra="ignore", hide_input_in_errors=True)
 
     secret: SecretStr | None = None
     """One or more shared secrets, comma separated, newest first (newest signs, all verify)."""
@@ -32,7 +35,15 @@ class Settings(BaseSettings):
     """Path of the operators' quota file (TOML)."""
     admin_token: SecretStr | None = None
     trusted_proxies: int = Field(default=0, ge=0)
-    """How many reverse proxies in front of the frontend append to X-Forwarded-For."""
+    """How many reverse proxies in front of the frontend append to X-Forwarded-For (read only
+    from a peer in ``trusted_proxy_cidrs``; see ``session/address.py``)."""
+    trusted_proxy_cidrs: str = ""
+    """Comma separated networks of the proxies whose X-Forwarded-For is believed; empty: loopback
+    and the private ranges when ``trusted_proxies`` > 0, none otherwise."""
+    ipv6_prefix: int = Field(default=64, ge=1, le=128)
+    """Anonymous IPv6 callers are one client per network of this prefix length."""
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "warning"
+    """Both tiers: the level of the server's log (every line capped, see ``shared/logs.py``)."""
     state_path: Path = Path(".splitspace/state.sqlite3")
     """GPU tier: SQLite file for usage windows and operator overrides (when ``redis_url`` is unset)."""
     redis_url: SecretStr | None = None
@@ -89,6 +100,31 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value in ("", None) else value
+
+    @field_validator("admin_token", mode="after")
+    @classmethod
+    def _admin_token_strong(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        token = value.get_secret_value().strip()
+        if not token:
+            raise ValueError("SPLITSPACE_ADMIN_TOKEN is blank: unset it (admin API off) or give one of 16+ characters")
+        if len(token) < MIN_ADMIN_TOKEN_CHARS:
+            raise ValueError(
+                f"SPLITSPACE_ADMIN_TOKEN is too short ({len(token)} characters): give at least "
+                f"{MIN_ADMIN_TOKEN_CHARS} (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(24))'`)"
+            )
+        return SecretStr(token)
+
+    @field_validator("trusted_proxy_cidrs", mode="after")
+    @classmethod
+    def _cidrs_parse(cls, value: str) -> str:
+        for part in _split(value):
+            try:
+                ipaddress.ip_network(part, strict=False)
+            except ValueError:
+                raise ValueError(f"SPLITSPACE_TRUSTED_PROXY_CIDRS: not an IP network: {part[:60]!r}") from None
+        return value
 
     @property
     def secrets(self) -> list[str]:

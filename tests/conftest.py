@@ -111,3 +111,16 @@ def own_redis(tmp_path: Path) -> Iterator["LocalRedis"]:
     server = start_redis(tmp_path / "redis")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def direct(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """Both tiers (``sleep:1``) reached directly, as on the open internet: no trusted proxy,
+    both logging at INFO (so that each log line a bad request causes shows). For the tests
+    of the public face: malformed calls, logs, addresses."""
+    info = {"SPLITSPACE_LOG_LEVEL": "info"}
+    d = Deployment(tmp_path_factory.mktemp("direct"), model="sleep:1", quotas=QUOTAS, trusted_proxies=0,
+                   backend_env=dict(info), frontend_env=dict(info))
+    d.start()
+    yield d
+    d.stop()

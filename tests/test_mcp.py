@@ -13,7 +13,11 @@ import asyncio
 import base64
 import io
 import re
+import socket
+import threading
 from collections.abc import Awaitable, Callable, Iterator
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -21,6 +25,7 @@ import pytest
 from mcp import ClientSession
 from PIL import Image
 
+from tests.clients import call_rest
 from tests.conftest import QUOTAS, key
 from tests.support import Deployment
 
@@ -36,11 +41,15 @@ SMALL = {"prompt": "a red fox", "negative_prompt": "", "width": 64, "height": 64
          "guidance_scale": 0.0, "seed": 5}
 
 
+def start_mcp(workdir: Path) -> Deployment:
+    """Both tiers with the frontend's MCP server on, reached directly (no trusted proxy)."""
+    d = Deployment(workdir, model="sleep:20", quotas=QUOTAS, trusted_proxies=0, frontend_env={"SPLITSPACE_MCP": "1"})
+    return d.start()
+
+
 @pytest.fixture(scope="module")
 def mcp_dep(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    d = Deployment(tmp_path_factory.mktemp("mcp"), model="sleep:20", quotas=QUOTAS,
-                   frontend_env={"SPLITSPACE_MCP": "1"})
-    d.start()
+    d = start_mcp(tmp_path_factory.mktemp("mcp"))
     try:
         probe = httpx.get(mcp_url(d), timeout=10)  # a plain GET gets Gradio's MCP landing page
         assert probe.status_code == 200, (
@@ -55,8 +64,14 @@ def mcp_url(d: Deployment) -> str:
     return f"{d.frontend.url}/gradio_api/mcp/"
 
 
-async def _with_session(url: str, headers: dict[str, str], fn: Callable[[ClientSession], Awaitable[T]]) -> T:
-    async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(30, read=120)) as http:
+async def _with_session(
+    url: str, headers: dict[str, str], fn: Callable[[ClientSession], Awaitable[T]], local_address: str | None = None
+) -> T:
+    transport = httpx.AsyncHTTPTransport(local_address=local_address) if local_address else None
+    # Like most MCP clients, keep no cookies: a caller is then its address (or its API key).
+    no_cookies = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+    async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(30, read=120), transport=transport,
+                                 cookies=no_cookies) as http:
         if streamable_http_client is not None:
             transport = streamable_http_client(url, http_client=http)
         else:  # pragma: no cover
@@ -67,8 +82,12 @@ async def _with_session(url: str, headers: dict[str, str], fn: Callable[[ClientS
                 return await fn(session)
 
 
-def with_session(d: Deployment, fn: Callable[[ClientSession], Awaitable[T]], headers: dict[str, str] | None = None) -> T:
-    return asyncio.run(asyncio.wait_for(_with_session(mcp_url(d), headers or {}, fn), timeout=90))
+def with_session(
+    d: Deployment, fn: Callable[[ClientSession], Awaitable[T]], headers: dict[str, str] | None = None,
+    local_address: str | None = None,
+) -> T:
+    """One MCP session; ``local_address``: call from this loopback address (127.0.0.x) instead of 127.0.0.1."""
+    return asyncio.run(asyncio.wait_for(_with_session(mcp_url(d), headers or {}, fn, local_address), timeout=90))
 
 
 def parse(result: Any) -> tuple[list[bytes], list[dict[str, Any]], str]:
@@ -203,3 +222,86 @@ def test_mcp_is_off_by_default(tiny: Deployment) -> None:
 
 async def _ignore(value: float, total: float | None, message: str | None) -> None:
     return None
+
+
+# -- issue 11: where MCP calls go, and who they are -----------------------------------------
+async def _quota(s: ClientSession) -> Any:
+    return await s.call_tool("quota", {})
+
+
+def mcp_client_id(d: Deployment, headers: dict[str, str] | None = None, local_address: str | None = None) -> str:
+    result = with_session(d, _quota, headers=headers, local_address=local_address)
+    assert not result.isError, result.content
+    return ast.literal_eval(result.content[0].text)["client"]
+
+
+class Listener:
+    """A TCP port that records every connection made to it (a host a caller might name)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def fresh_mcp(tmp_path: Path) -> Iterator[Deployment]:
+    """A frontend whose MCP server has taken no call yet (the first call decided, in the first release)."""
+    d = start_mcp(tmp_path)
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def test_the_first_mcp_caller_cannot_send_later_calls_elsewhere(fresh_mcp: Deployment) -> None:
+    """First release: the first MCP call's X-Forwarded-Host decided where Gradio sent every later
+    MCP call, with that caller's API key and cookies."""
+    elsewhere = Listener()
+    try:
+        hostile = {"X-Forwarded-Host": f"127.0.0.1:{elsewhere.port}", "X-Forwarded-Proto": "http"}
+        with_session(fresh_mcp, _quota, headers=hostile)
+        later = with_session(fresh_mcp, _quota, headers={"Authorization": f"Bearer {key('alpha')}"})
+        assert not later.isError, later.content
+        assert ast.literal_eval(later.content[0].text)["client"] == "key:alpha"
+        assert elsewhere.connections == 0, "an MCP call went to a host a caller named"
+    finally:
+        elsewhere.close()
+
+
+def test_mcp_callers_cannot_choose_their_address(mcp_dep: Deployment) -> None:
+    """First release: Gradio forwarded the caller's X-Forwarded-For on its loopback call and uvicorn
+    believed it from 127.0.0.1: each call ran as a fresh address (12 of 12 against a quota of 6)."""
+    seen = {mcp_client_id(mcp_dep, {"X-Forwarded-For": f"198.51.100.{i}"}, "127.0.0.5") for i in range(3)}
+    assert seen == {"addr:127.0.0.5"}
+
+
+def test_anonymous_mcp_callers_are_each_their_own_client(mcp_dep: Deployment) -> None:
+    """First release: every anonymous MCP caller was ``addr:127.0.0.1`` (one spent everyone's quota)."""
+    assert mcp_client_id(mcp_dep, local_address="127.0.0.6") == "addr:127.0.0.6"
+    assert mcp_client_id(mcp_dep, local_address="127.0.0.7") == "addr:127.0.0.7"
+
+
+def test_a_caller_stamp_sent_from_outside_is_not_believed(mcp_dep: Deployment) -> None:
+    """The frontend's signed note of the caller's address (``X-Splitspace-Caller``) is replaced on the
+    MCP request and believed only from loopback with a valid signature."""
+    forged = {"X-Splitspace-Caller": "203.0.113.66.abc.def"}
+    assert mcp_client_id(mcp_dep, forged, "127.0.0.8") == "addr:127.0.0.8"
+    with httpx.Client(timeout=30) as c:  # a REST call with a forged stamp: not believed either
+        final, events = call_rest(c, mcp_dep.frontend.url, "quota", [], forged)  # type: ignore[union-attr]
+    assert final == "complete" and events[-1][1][0]["client"] == "addr:127.0.0.1"

@@ -46,3 +46,31 @@ def test_invalid_field_refused_on_cpu_tier(tiny, overrides, field):
     assert any(ch.isdigit() for ch in text), "the message names the allowed range"
     assert "Traceback" not in text
     assert _calls(tiny.backend.url) == before, "an invalid request reached the GPU tier"
+
+
+# -- issue 11: text must be text, and an error echoes a short value ---------------------------
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+@pytest.mark.parametrize("bad, words", [("a \ud800 fox", "UTF-8"), ("a \udfff", "UTF-8"), ("a\x00b", "NUL")])
+def test_text_must_be_valid_utf8_without_nul(field, bad, words):
+    """First release: a lone surrogate passed and crashed the model (and, batched, its neighbours)."""
+    from shared.errors import ValidationFailed
+    from shared.schema import validate_request
+
+    with pytest.raises(ValidationFailed) as caught:
+        validate_request(**{"prompt": "a fox", field: bad})
+    assert caught.value.field == field and words in caught.value.message
+
+
+@pytest.mark.parametrize("field, value", [("width", "9" * 1_000_000), ("seed", 10**1000), ("guidance_scale", ["x"] * 10_000),
+                                          ("steps", {"a": "b" * 100_000})])
+def test_an_error_echoes_at_most_a_short_value(field, value):
+    """First release: a 1 MB ``width`` gave a 1 MB error."""
+    from shared.errors import ValidationFailed
+    from shared.schema import request_from_dict, validate_request
+
+    with pytest.raises(ValidationFailed) as caught:
+        validate_request(**{"prompt": "a fox", field: value})
+    assert len(caught.value.message) < 150, caught.value.message[:300]
+    with pytest.raises(ValidationFailed) as unknown:
+        request_from_dict({"prompt": "a fox", "z" * 100_000: 1})
+    assert len(unknown.value.message) < 150

@@ -1,0 +1,101 @@
+"""schemathesis over each tier's ``/gradio_api/openapi.json``: 0 server errors, 0 broken replies.
+
+First release (schemathesis 4.32.5, 60 s): 364 HTTP 5xx and 15 broken-off replies on the
+frontend, 215 and 10 on the GPU tier in 40 s, and 55,000 lines of log.
+
+Time-boxed: ``SPLITSPACE_FUZZ_SECONDS`` per tier (default 20; run by hand with 60). The
+run is schemathesis' own CLI as a subprocess (its coverage and fuzzing phases, positive
+and negative data), with one extra check loaded from ``tests/fuzz_checks.py``: an event
+stream must end with ``complete`` or ``error``, and an error must carry a title. The
+counts come from its NDJSON report: every response's status, and every network error
+(a reply broken off mid-stream is a ``ChunkedEncodingError`` there).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import QUOTAS
+from tests.fuzz_checks import CHECK_NAME
+from tests.support import Deployment
+
+pytest.importorskip("schemathesis")
+
+SECONDS = int(os.environ.get("SPLITSPACE_FUZZ_SECONDS", "20"))
+HOOKS = Path(__file__).with_name("fuzz_checks.py")
+LOG_BYTES_PER_REQUEST = 200
+
+GENEROUS = QUOTAS.replace("requests_per_minute = 1000", "requests_per_minute = 100000")
+
+
+@pytest.fixture(scope="module")
+def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """Both tiers on their own (the fuzzer's load must not reach other tests' quotas)."""
+    d = Deployment(tmp_path_factory.mktemp("fuzz"), model="sleep:1", quotas=GENEROUS, trusted_proxies=0)
+    d.start()
+    yield d
+    d.stop()
+
+
+def run_schemathesis(base_url: str, report_dir: Path, seconds: int) -> dict[str, Any]:
+    """Run the CLI for ``seconds``; the counts from its NDJSON report."""
+    cmd = [
+        sys.executable, "-c", "from schemathesis.cli import schemathesis; schemathesis()",
+        "run", f"{base_url}/gradio_api/openapi.json", "--max-time", str(seconds),
+        "--checks", f"not_a_server_error,{CHECK_NAME}", "--request-timeout", "15", "--no-shrink",
+        "--workers", "2", "--report", "ndjson", "--report-dir", str(report_dir),
+    ]
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS)}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 240,
+                          cwd=report_dir.parent)  # its cache folder (.schemathesis/) goes there, not in the repo
+    reports = list(report_dir.glob("*.ndjson"))  # --report-dir is absolute
+    assert reports, f"schemathesis wrote no report:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    statuses: collections.Counter[tuple[str, int | None]] = collections.Counter()
+    network_errors: list[str] = []
+    check_failures: list[str] = []
+    for line in reports[0].read_text().splitlines():
+        event = json.loads(line)
+        kind, body = next(iter(event.items()))
+        if kind == "NonFatalError":
+            network_errors.append(f"{body['label']}: {body['value']['type']}: {body['value']['message'][:200]}")
+        elif kind == "ScenarioFinished":
+            recorder = body["recorder"]
+            for interaction in (recorder.get("interactions") or {}).values():
+                response = interaction.get("response")
+                statuses[(recorder["label"], response["status_code"] if response else None)] += 1
+            for checks in (recorder.get("checks") or {}).values():
+                check_failures += [f"{recorder['label']}: {c['name']}" for c in checks
+                                   if c["status"] == "failure" and c["name"] == CHECK_NAME]
+    return {"statuses": statuses, "network_errors": network_errors, "check_failures": check_failures,
+            "output": done.stdout[-4000:]}
+
+
+@pytest.mark.timeout(SECONDS + 300)
+@pytest.mark.parametrize("tier", ["frontend", "backend"])
+def test_schemathesis_finds_no_server_error_and_no_broken_reply(fuzzed: Deployment, tier: str, tmp_path: Path) -> None:
+    proc = fuzzed.frontend if tier == "frontend" else fuzzed.backend
+    assert proc is not None
+    log_before = proc.log_path.stat().st_size
+    result = run_schemathesis(proc.url, tmp_path / "report", SECONDS)
+    statuses = result["statuses"]
+    total = sum(statuses.values())
+    server_errors = {k: v for k, v in statuses.items() if k[1] is not None and k[1] >= 500}
+    print(f"\n{tier}: {total} requests in {SECONDS} s, {sum(server_errors.values())} server errors, "
+          f"{len(result['network_errors'])} broken replies, {len(result['check_failures'])} unclean streams")
+    for (label, status), count in sorted(statuses.items(), key=str):
+        print(f"  {count:5d}  {status}  {label}")
+    assert total >= 50, f"too few requests to mean anything:\n{result['output']}"
+    assert not server_errors, server_errors
+    assert not result["network_errors"], result["network_errors"][:10]
+    assert not result["check_failures"], result["check_failures"][:10]
+    grown = proc.log_path.stat().st_size - log_before
+    assert grown <= total * LOG_BYTES_PER_REQUEST, f"{grown} bytes of log for {total} requests"
