@@ -41,6 +41,7 @@ from shared.settings import Settings
 from . import gpu
 from .admin import Overrides, admin_router, limits_function
 from .cost import CostModel
+from .dashboard import DASHBOARD_PATH
 from .direct_route import INFER_PATH, MAX_BODY_BYTES, STANDING_PATH, DirectRoutes
 from .metrics import CONTENT_TYPE, GpuMetrics
 from .model import CompileConfig, ModelExecutor
@@ -334,7 +335,8 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
     blocks.queue(api_open=False, max_size=settings.queue_max_size, default_concurrency_limit=None)
     hold_sessions(blocks, 2 * settings.max_threads)  # every /infer call in flight is a session
     app = gr.mount_gradio_app(app, blocks, path="", ssr_mode=False, footer_links=["api"])
-    app.add_middleware(GradioGuard, blocks=blocks, body_limits={INFER_PATH: MAX_BODY_BYTES})
+    app.add_middleware(GradioGuard, blocks=blocks, body_limits={INFER_PATH: MAX_BODY_BYTES},
+                       elsewhere=(DASHBOARD_PATH,))  # the dashboard is its own Blocks, behind its login
     return app
 
 

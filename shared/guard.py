@@ -177,6 +177,8 @@ class GradioGuard:
     ``max_body_bytes``: the limit of every request body; ``body_limits``: a larger
     or smaller limit for paths that start with a given prefix (the GPU tier's
     direct route takes 64 KiB). ``body_timeout_s``: the deadline for a whole body.
+    ``elsewhere``: path prefixes served by another app than ``blocks`` (the GPU tier's
+    operators' dashboard, a second Blocks behind its own login), passed through.
     """
 
     def __init__(
@@ -187,10 +189,12 @@ class GradioGuard:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         body_limits: Mapping[str, int] | None = None,
         body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+        elsewhere: tuple[str, ...] = (),
     ) -> None:
         if max_body_bytes < 0 or body_timeout_s <= 0:
             raise ValueError("max_body_bytes must be >= 0 and body_timeout_s > 0")
         self.app = app
+        self.elsewhere = tuple(elsewhere)
         self.blocks = blocks
         self.table = EndpointTable.from_blocks(blocks)
         self._path_words = _PATH_WORDS | set(self.table.by_name)
@@ -204,6 +208,9 @@ class GradioGuard:
             await self.app(scope, receive, send)
             return
         path = _route_path(scope)
+        if self.elsewhere and path.startswith(self.elsewhere):
+            await self.app(scope, receive, send)
+            return
         method = scope["method"]
         try:
             self._refuse_early(method, path, scope)
@@ -285,10 +292,10 @@ class GradioGuard:
             endpoint = self._named(m.group(1))  # (this route ignores a fn_index in the body)
             self._check_data(endpoint, _predict_body(body), {endpoint.inputs, endpoint.api_inputs})
         elif m := _RUN.match(path):
-            endpoint = self._named(m.group(1))
             doc = _predict_body(body)
-            if doc.get("fn_index") is not None:
-                endpoint = self._indexed(doc["fn_index"])
+            # A page's unqueued events (e.g. an example filling the form) come as
+            # /run/predict with their fn_index; API callers name the endpoint.
+            endpoint = self._indexed(doc["fn_index"]) if doc.get("fn_index") is not None else self._named(m.group(1))
             if not self.table.api_open and endpoint.queued:
                 raise Refusal(404, UNKNOWN_ENDPOINT, "this endpoint takes no direct calls; use /gradio_api/call/")
             self._check_data(endpoint, doc, {endpoint.inputs})

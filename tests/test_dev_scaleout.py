@@ -93,7 +93,7 @@ def _refused(url: str) -> bool:
 def test_dev_with_two_backends_runs_two_gpu_tiers_on_one_redis_and_generates(tmp_path: Path) -> None:
     run = DevRun(tmp_path, "--backends", "2", "--model", "sleep:1")
     try:
-        run.wait_for_line(r"Ctrl-C stops")
+        run.wait_for_line(r"Ctrl-C \(or SIGTERM\) stops")
         gpu, front, redis_urls = run.urls("GPU tier"), run.urls("frontend"), run.urls("Redis")
         assert len(gpu) == 2 and len(set(gpu)) == 2 and len(front) == 1 and len(redis_urls) == 1
         assert gpu[0].endswith(f":{run.backend_port}") and front[0].endswith(f":{run.frontend_port}")
@@ -135,7 +135,7 @@ def test_dev_says_which_package_to_install_when_redis_server_is_missing(tmp_path
 def test_dev_with_one_of_each_starts_no_redis(tmp_path: Path) -> None:
     run = DevRun(tmp_path, "--model", "sleep:1")
     try:
-        run.wait_for_line(r"Ctrl-C stops")
+        run.wait_for_line(r"Ctrl-C \(or SIGTERM\) stops")
         assert run.urls("Redis") == [] and len(run.urls("GPU tier")) == 1
         children = _children_env(run.proc.pid)
         assert all("SPLITSPACE_REDIS_URL" not in env for _, env in children.values())

@@ -22,7 +22,7 @@ from shared.settings import Settings
 from tests.support import REPO, Deployment, free_port
 
 HEADER_DEADLINE_S = 10.0
-KEEP_ALIVE_S = 5.0
+KEEP_ALIVE_S = 20.0  # shared/server.py: longer than clients keep an idle connection (httpx 5 s, aiohttp 15 s)
 
 
 def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> float | None:

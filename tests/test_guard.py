@@ -77,7 +77,8 @@ def test_wrong_arity_is_422_on_call_run_and_join(direct: Deployment, tier: str) 
     data = ["a fox", "", 64]
     assert_problem(httpx.post(f"{base}/gradio_api/call/{main}", json={"data": data}), 422,
                    f"expected {arity} values, got 3")
-    join = {"data": data, "fn_index": 0, "session_hash": "s1"}
+    fn_index = next(d["id"] for d in httpx.get(f"{base}/config").json()["dependencies"] if d.get("api_name") == main)
+    join = {"data": data, "fn_index": fn_index, "session_hash": "s1"}
     assert_problem(httpx.post(f"{base}/gradio_api/queue/join", json=join), 422, f"expected {arity} values, got 3")
     if tier == "frontend":  # the GPU tier closes /run/ (api_open=False): 404 there
         assert_problem(httpx.post(f"{base}/gradio_api/run/{main}", json={"data": data}), 422, "got 3")
