@@ -70,7 +70,9 @@ class HeaderTimeoutProtocol(HttpToolsProtocol or object):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
         self._reading_headers = True
-        self._header_bytes = 0
+        self._completed_headers = False
+        self._header_bytes = 0  # the parsed request line and headers
+        self._unparsed_bytes = 0  # chunks of a head not yet complete
 
     def _arm_header_timer(self) -> None:
         if self._header_timer is None:
@@ -97,10 +99,13 @@ class HeaderTimeoutProtocol(HttpToolsProtocol or object):  # type: ignore[misc]
         if self.transport.is_closing():
             return
         counting = self._reading_headers
+        self._completed_headers = False
         super().data_received(data)
-        if counting and self._reading_headers:  # all of this chunk was request line and headers
-            self._header_bytes += len(data)
-            if self._header_bytes > self.max_header_bytes and not self.transport.is_closing():
+        # all of this chunk was request line and headers (not when a head completed in it: a
+        # small request with its body in one chunk may even have begun the next request)
+        if counting and self._reading_headers and not self._completed_headers:
+            self._unparsed_bytes += len(data)  # a head still incomplete: count what it has sent
+            if self._unparsed_bytes > self.max_header_bytes and not self.transport.is_closing():
                 self.transport.write(TOO_LARGE_HEADERS)
                 self.transport.close()
 
@@ -108,10 +113,23 @@ class HeaderTimeoutProtocol(HttpToolsProtocol or object):  # type: ignore[misc]
         super().on_message_begin()
         self._arm_header_timer()
 
+    def on_url(self, url: bytes) -> None:
+        self._header_bytes += len(url)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value)
+        super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
         self._cancel_header_timer()
+        self._completed_headers = True
         self._reading_headers = False
-        self._header_bytes = 0
+        if self._header_bytes > self.max_header_bytes:  # a whole head that came in one chunk
+            self.transport.write(TOO_LARGE_HEADERS)
+            self.transport.close()
+            return
+        self._header_bytes = self._unparsed_bytes = 0
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
