@@ -78,15 +78,6 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     d.stop()
 
 
-@pytest.fixture(scope="session")
-def slow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    """Both tiers with ``sleep:300`` (each image holds the executor 0.3 s)."""
-    d = Deployment(tmp_path_factory.mktemp("slow"), model="sleep:300", quotas=QUOTAS)
-    d.start()
-    yield d
-    d.stop()
-
-
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
