@@ -27,7 +27,6 @@ from session import ApiKeyring, Identity, IdentityResolver, IdentityTokens, Sess
 from session.address import AddressPolicy
 from session.caller import CallerStamps
 from session.token import HEALTH, STANDING, infer_purpose
-from shared import status_pace
 from shared.errors import SplitspaceError
 from shared.gradio_queue import hold_sessions
 from shared.gradio_signature import request_handler
@@ -35,18 +34,19 @@ from shared.guard import GradioGuard
 from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from shared.hop import Result, Status
 from shared.quota_watch import QuotaWatcher
-from shared.schema import validate_request
+from shared.schema import REQUEST_FIELDS, request_from_dict, validate_request
 from shared.settings import Settings
 
 from . import gradio_tuning
 from .backends import BackendPool
-from .door import FairDoor, eta_s
-from .door_middleware import DoorMiddleware
+from .door import FairDoor
+from .door_middleware import DOOR_PASS_HEADER, DoorMiddleware, HeldCalls
 from .embed import embed_routes
 from .hub_auth import backend_auth_headers
 from .limits import InflightCaps
 from .mcp_loopback import McpLoopback
 from .page import LiveModel, build_page
+from .status_feed import Told, status_for_api, wait_turn
 from .transport import Transport
 
 log = logging.getLogger("splitspace.frontend")
@@ -69,26 +69,6 @@ DEV_RELOAD_SCRIPT = """<script>
 FRONTEND_IDENTITY = Identity("frontend", "address", "anonymous", "frontend")
 """Who the frontend is when it asks a GPU tier for its live caps (health checks)."""
 MCP_MAX_BODY_BYTES = 64 * 1024
-
-
-def status_for_api(status: Status) -> dict[str, Any]:
-    """A status update as API clients receive it, with a line for people ("position 3,
-    about 2 s") beside the numbers. (Not gr.Progress: REST callers never see it, and
-    tracking it costs the queue CPU.)"""
-    if status.state == "queued":
-        text = f"position {status.position}, about {max(1, round(status.eta_s))} s"
-    else:
-        text = "generating"
-    return {"status": status.state, "position": status.position, "eta_s": status.eta_s, "message": text}
-
-
-def is_news(told: Status | None, status: Status) -> bool:
-    """Whether a caller should hear this status: its first, the start of its run, or a
-    better place in line. A place never goes back on screen (the door's estimate and the
-    GPU tier's exact place can disagree by a few when a request crosses the hop)."""
-    if told is None or status.state != told.state:
-        return told is None or status.state == "running"
-    return status.state == "queued" and status.position < told.position
 
 
 def image_output(path: str) -> dict[str, Any]:
@@ -171,6 +151,20 @@ class Frontend:
             headers[IP_TOKEN_HEADER] = ip_token
         return headers
 
+    def is_request(self, values: Any) -> bool:
+        """Whether a REST call's fields (a list in ``REQUEST_FIELDS`` order, or by name) make
+        a valid request: the door's middleware holds only those, and passes anything else
+        on to the handler, which names what is wrong."""
+        if isinstance(values, list) and len(values) == len(REQUEST_FIELDS):
+            values = dict(zip(REQUEST_FIELDS, values))
+        if not isinstance(values, dict):
+            return False
+        try:
+            request_from_dict(values, self.settings.limits)
+        except SplitspaceError:
+            return False
+        return True
+
     def save_image(self, png: bytes) -> str:
         return processing_utils.save_bytes_to_cache(png, "image.png", self.cache_dir)
 
@@ -181,20 +175,16 @@ class Frontend:
             req = validate_request(**values, limits=self.settings.limits)
             flow = identity.flow_id
             result: Result | None = None
-            with self.door.hold(flow, self.caps.cap(identity)) as turn:
+            # A REST call held by the door's middleware arrives with its place; any other
+            # joins its flow's line here.
+            place = self.door.take(request.headers.get(DOOR_PASS_HEADER), flow) or self.door.join(
+                flow, self.caps.cap(identity))
+            told = Told(place.told)
+            try:
                 # Gradio closes this generator at its next yield when the caller goes
                 # away: a request waiting at the door then leaves its line at once.
-                told: Status | None = None
-                told_at = 0.0
-                while not turn.done():  # its first place at once, then as status_pace says
-                    place = self.door.place(flow, turn)
-                    if is_news(told, Status("queued", place)):
-                        told, told_at = Status("queued", place, eta_s(place, self.seconds_per_job)), time.monotonic()
-                        yield None, status_for_api(told)
-                    elif told is not None and time.monotonic() - told_at >= status_pace.interval_s(told.position):
-                        told_at = time.monotonic()
-                        yield None, status_for_api(told)  # a yield is also how Gradio notices a caller who left
-                    await asyncio.wait([turn], timeout=status_pace.interval_s(place))
+                async for status in wait_turn(place, told, lambda: self.seconds_per_job):
+                    yield None, status_for_api(status)
                 # aclosing: the stream to the GPU tier must close when this generator
                 # does (the GPU tier then drops the queued job), not at GC.
                 updates = self.pool.stream(req, self.forward_headers(identity, request, infer_purpose(req.digest())))
@@ -204,16 +194,16 @@ class Frontend:
                         if isinstance(update, Result):
                             result = update
                             break
-                        if is_news(told, update):
-                            told, told_at = update, time.monotonic()
-                            yield None, status_for_api(update)
-                        elif told is not None and time.monotonic() - told_at >= status_pace.interval_s(told.position):
-                            # no news, but a yield now and then is how Gradio notices a caller
-                            # who left (the GPU tier then drops the job): the last place again
-                            told_at = time.monotonic()
-                            yield None, status_for_api(told)
-            # The door's place is given back as soon as the GPU tier has answered: what is
-            # left (saving the image, Gradio sending it) no longer holds up the client's next.
+                        # news, or the last place again now and then: a yield is how Gradio
+                        # notices a caller who left (the GPU tier then drops the job)
+                        status = told.next(update)
+                        if status is not None:
+                            yield None, status_for_api(status)
+            finally:
+                # The door's place is given back as soon as the GPU tier has answered: what
+                # is left (saving the image, Gradio sending it) no longer holds up the
+                # client's next.
+                place.leave()
             if result is not None:
                 self.seconds_per_job += 0.1 * (result.info.gpu_s - self.seconds_per_job)
                 yield image_output(self.save_image(result.image_png)), result.info.to_dict()
@@ -320,14 +310,19 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         app, blocks, path="", ssr_mode=False, show_error=True, mcp_server=settings.mcp,
         head=DEV_RELOAD_SCRIPT if settings.dev_reload else None,
     )
+    held = HeldCalls()
     app.add_middleware(  # innermost: behind CORS, so a refusal still carries CORS headers
         DoorMiddleware,
         door=fe.door,
         identify=lambda r: fe.resolver.resolve(r.headers, r.cookies, r.client.host if r.client else None),
         cap=fe.caps.cap,
+        is_request=fe.is_request,
+        seconds_per_job=lambda: fe.seconds_per_job,
         api_names=["generate"],
+        held=held,
     )
-    app.add_middleware(GradioGuard, blocks=blocks, body_limits={"/gradio_api/mcp": MCP_MAX_BODY_BYTES})
+    app.add_middleware(GradioGuard, blocks=blocks, body_limits={"/gradio_api/mcp": MCP_MAX_BODY_BYTES},
+                       held_events=held.__contains__)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origin_list,

@@ -37,19 +37,56 @@ from __future__ import annotations
 
 import asyncio
 import math
+import secrets
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from shared.errors import QUEUE_FULL, Throttled
+from shared.hop import Status
 
 
 @dataclass
 class _Flow:
     inside: int = 0
-    waiting: deque[asyncio.Future[None]] = field(default_factory=deque)
+    waiting: deque[Place] = field(default_factory=deque)
     in_ring: bool = False
+
+
+class Place:
+    """One request's place at the door: in its flow's line until ``turn`` is done, then
+    inside until :meth:`leave` (idempotent). ``told`` is the last status its caller
+    heard, so whoever drives the request next (the door's middleware, then the Gradio
+    handler) never tells a caller a worse place than before."""
+
+    __slots__ = ("_door", "flow_id", "_flow", "turn", "told", "_left")
+
+    def __init__(self, door: FairDoor, flow_id: str, flow: _Flow) -> None:
+        self._door = door
+        self.flow_id = flow_id
+        self._flow = flow
+        self.turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.told: Status | None = None
+        self._left = False
+
+    @property
+    def inside(self) -> bool:
+        return self.turn.done() and not self.turn.cancelled()
+
+    def position(self) -> int:
+        """The estimated place in line (1 = next to go in; 0 once inside): the requests of
+        its own flow ahead of it, each a round over the flows that have work."""
+        if self._left or self.inside:
+            return 0
+        ahead = self._flow.waiting.index(self) + self._flow.inside
+        return ahead * len(self._door._flows) + 1  # every flow here has a request inside or waiting
+
+    def leave(self) -> None:
+        """Give the place back (done, failed or gone): the next request may go in."""
+        if not self._left:
+            self._left = True
+            self._door._leave(self)
 
 
 class FairDoor:
@@ -62,6 +99,7 @@ class FairDoor:
         self._ring: deque[tuple[str, _Flow]] = deque()  # flows with a request waiting and room of their own
         self._inside = 0
         self._waiting = 0
+        self._handed: dict[str, Place] = {}
 
     # -- questions ----------------------------------------------------------------------
     def count(self, flow_id: str) -> int:
@@ -77,59 +115,75 @@ class FairDoor:
     def waiting(self) -> int:
         return self._waiting
 
-    def check_cap(self, flow_id: str, cap: int, arriving: int = 0) -> None:
-        """Raise Queue full when the flow already has ``cap`` requests in flight
-        (``arriving``: requests of it that passed the door's middleware and have not
-        reached :meth:`hold` yet)."""
-        in_flight = self.count(flow_id) + arriving
+    def check_cap(self, flow_id: str, cap: int) -> None:
+        """Raise Queue full when the flow already has ``cap`` requests in flight."""
+        in_flight = self.count(flow_id)
         if in_flight >= cap:
             raise Throttled(
                 QUEUE_FULL, f"{in_flight} requests already in flight (max_running + max_queued = {cap})", 1.0
             )
 
-    def place(self, flow_id: str, ticket: asyncio.Future[None]) -> int:
-        """A waiting request's estimated place in line (1 = next to go in): the requests of
-        its own flow ahead of it, each a round over the flows that have work."""
-        f = self._flows.get(flow_id)
-        if f is None or ticket not in f.waiting:
-            return 0
-        ahead = f.waiting.index(ticket) + f.inside
-        return ahead * len(self._flows) + 1  # every flow here has a request inside or waiting
-
     # -- moving through ------------------------------------------------------------------
-    @contextmanager
-    def hold(self, flow_id: str, cap: int) -> Iterator[asyncio.Future[None]]:
-        """Join the flow's line, or raise Queue full; the future is done once the request
-        is inside. Leaving the block (done, failed or cancelled) gives the place back."""
+    def join(self, flow_id: str, cap: int) -> Place:
+        """Join the flow's line, or raise Queue full. The place's ``turn`` is done once the
+        request is inside (at once when its flow and the door have room)."""
         self.check_cap(flow_id, cap)
         f = self._flows.setdefault(flow_id, _Flow())
-        ticket: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        place = Place(self, flow_id, f)
         if f.inside < self.per_flow and self._inside < self.total and not f.waiting:
-            self._enter(f, ticket)
+            self._enter(f, place)
         else:
-            f.waiting.append(ticket)
+            f.waiting.append(place)
             self._waiting += 1
             self._ready(flow_id, f)
-        try:
-            yield ticket
-        finally:
-            if ticket.done() and not ticket.cancelled():
-                f.inside -= 1
-                self._inside -= 1
-            else:
-                ticket.cancel()
-                f.waiting.remove(ticket)
-                self._waiting -= 1
-            if not f.inside and not f.waiting:
-                del self._flows[flow_id]
-            else:
-                self._ready(flow_id, f)  # it may have room of its own again
-            self._release()
+        return place
 
-    def _enter(self, f: _Flow, ticket: asyncio.Future[None]) -> None:
+    @contextmanager
+    def hold(self, flow_id: str, cap: int) -> Iterator[Place]:
+        """:meth:`join`, and leave when the block ends (done, failed or cancelled)."""
+        place = self.join(flow_id, cap)
+        try:
+            yield place
+        finally:
+            place.leave()
+
+    def hand_over(self, place: Place) -> str:
+        """A one-time pass for this place, for the next stage to :meth:`take` (the door's
+        middleware joins; the Gradio handler, reached through Gradio, carries on)."""
+        nonce = secrets.token_urlsafe(16)
+        self._handed[nonce] = place
+        return nonce
+
+    def take(self, nonce: str | None, flow_id: str) -> Place | None:
+        """The place handed over under this pass, once, if it is the same flow's."""
+        place = self._handed.pop(nonce, None) if nonce else None
+        if place is not None and place.flow_id != flow_id:
+            return None
+        return place
+
+    def forget(self, nonce: str) -> None:
+        """Drop a pass nobody took (the next stage never started)."""
+        self._handed.pop(nonce, None)
+
+    def _leave(self, place: Place) -> None:
+        f = place._flow
+        if place.inside:
+            f.inside -= 1
+            self._inside -= 1
+        else:
+            place.turn.cancel()
+            f.waiting.remove(place)
+            self._waiting -= 1
+        if not f.inside and not f.waiting:
+            del self._flows[place.flow_id]
+        else:
+            self._ready(place.flow_id, f)  # it may have room of its own again
+        self._release()
+
+    def _enter(self, f: _Flow, place: Place) -> None:
         f.inside += 1
         self._inside += 1
-        ticket.set_result(None)
+        place.turn.set_result(None)
 
     def _ready(self, flow_id: str, f: _Flow) -> None:
         if f.waiting and f.inside < self.per_flow and not f.in_ring:

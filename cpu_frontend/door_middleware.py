@@ -1,37 +1,76 @@
-"""The door's first check, before Gradio does any work: a client over its cap is refused.
+"""The door before Gradio: REST calls wait in their client's line at a cost of bytes.
 
-A pure ASGI middleware (in the manner of Starlette's): for a REST call that
-starts a ``/generate`` job (``POST /gradio_api/call/generate`` and its
-``v2``, ``run`` and ``api`` twins: curl, httpx, any HTTP client), it resolves
-the caller's identity from the headers and cookies (no body parsing) and asks
-the door (``door.py``) whether the client's flow already has its
-``max_running + max_queued`` requests in flight. If so, the answer is HTTP 429
-with ``Retry-After`` and a JSON body ``{"title": "Queue full", "message":
-"... Retry in 1 s.", "retry_after_s"}``, and Gradio never sees the request:
-no event, no session, no queue entry. Otherwise the request goes on
-unchanged; the handler then holds the client's place at the door, and checks
-the cap again exactly (calls that pass here at the same moment are counted as
-arriving until Gradio has answered their POST).
+Why it exists: Gradio spends milliseconds of the frontend's one event loop on every
+call it takes in (the POST, an event in its queue, a worker, a status stream), in
+arrival order. A crowd of 2,000 calls therefore kept a light client that came 3 s
+later waiting for the crowd to be taken in, before the fair door (``door.py``) or the
+GPU tier's fair scheduler could put it first (issue 10). Kubernetes' API Priority and
+Fairness holds a flood in the HTTP filter chain, before the expensive handler; this
+pure ASGI middleware (in the manner of Starlette's) does the same for the REST calls
+that start a ``/generate`` job (curl, httpx, any HTTP client):
 
-``/gradio_api/queue/join`` (browsers, ``gradio_client``, ``@gradio/client``)
-is left to the handler's check, a few milliseconds later: those clients show
-an error that arrives in the event stream with its message, while a refused
-join would reach their users as a bare HTTP status.
+1. It resolves the caller's identity from the headers and cookies and reads the body
+   (already size-capped by the guard). A body that is not a valid request goes on to
+   Gradio unchanged, whose handler answers with the error naming the field.
+2. It joins the client's line at the door: a client over its in-flight cap gets HTTP
+   429 with ``Retry-After`` and ``{"title": "Queue full", "message", "retry_after_s"}``,
+   and Gradio never sees the request.
+3. A call whose place is inside at once goes on to Gradio with a one-time pass for its
+   place (``DOOR_PASS_HEADER``), which the handler takes instead of joining again.
+4. A call that must wait is held here instead: ``POST /call/generate`` is answered at
+   once with an event id of the door's own, as Gradio answers it; its event stream
+   (``GET /call/generate/<id>``) tells the caller its place at the door, in the
+   events Gradio sends (``event: generating``, the handler's status dict), and when
+   the turn comes the call is made to Gradio from here and Gradio's own stream
+   continues the reply. A synchronous call (``/run``, ``/api``) is simply held until
+   its turn. A caller who leaves while held leaves its line.
+
+``/gradio_api/queue/join`` (browsers, ``gradio_client``, ``@gradio/client``) goes to
+Gradio, and waits at the door in the handler: those clients read refusals and places
+from Gradio's own protocol.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections import Counter
+import uuid
 from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any
 
 from starlette.requests import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from session.identity import Identity
 from shared.errors import SplitspaceError, Throttled, to_wire
+from shared.hop import Status
 
-from .door import FairDoor
+from .door import FairDoor, Place
+from .status_feed import Told, status_for_api, wait_turn
+
+DOOR_PASS_HEADER = "x-splitspace-door-pass"
+"""The one-time pass of a place the middleware holds (set here, stripped from callers)."""
+_PASS = DOOR_PASS_HEADER.encode()
+UNCLAIMED_S = 30.0
+"""A held call whose stream nobody opened in this long, or a pass the handler never took,
+gives its place back."""
+
+
+@dataclass(eq=False)
+class _Held:
+    """A ``/call`` answered with the door's own event id, waiting for its stream."""
+
+    scope: Scope
+    body: bytes
+    place: Place
+    expiry: asyncio.TimerHandle | None = field(default=None)
+
+
+class HeldCalls(dict[str, _Held]):
+    """The REST calls the door answered with its own event id, by that id, until their
+    stream starts (the guard, in front, lets their streams through: ``__contains__``)."""
+
 
 class DoorMiddleware:
     def __init__(
@@ -41,52 +80,245 @@ class DoorMiddleware:
         door: FairDoor,
         identify: Callable[[Request], Identity],
         cap: Callable[[Identity], int],
+        is_request: Callable[[Any], bool],
+        seconds_per_job: Callable[[], float],
         api_names: Collection[str],
+        held: HeldCalls | None = None,
         prefix: str = "/gradio_api",
     ) -> None:
         self.app = app
         self.door = door
         self.identify = identify
         self.cap = cap
-        self.call_paths = frozenset(
-            f"{prefix}/{route}/{name}{slash}"
-            for route in ("call", "call/v2", "run", "api") for name in api_names for slash in ("", "/")
-        )
-        self._arriving: Counter[str] = Counter()
+        self.is_request = is_request
+        self.seconds_per_job = seconds_per_job
+        self.prefix = prefix
+        # route -> how its body carries the fields: "list" ({"data": [...]}) or "named" ({field: value})
+        self.posts: dict[str, tuple[str, bool]] = {}
+        for name in api_names:
+            for slash in ("", "/"):
+                self.posts[f"{prefix}/call/{name}{slash}"] = ("list", True)
+                self.posts[f"{prefix}/call/v2/{name}{slash}"] = ("named", True)
+                for sync in ("run", "api"):
+                    self.posts[f"{prefix}/{sync}/{name}{slash}"] = ("list", False)
+        self.streams = tuple(f"{prefix}/call/{route}{name}/" for name in api_names for route in ("", "v2/"))
+        self._held = HeldCalls() if held is None else held
+
+    @property
+    def held(self) -> int:
+        """Calls answered with the door's own event id whose stream has not started."""
+        return len(self._held)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        if scope["path"] in self.call_paths:
-            await self._gate(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
+        if scope["type"] == "http":
+            scope = _without_pass(scope)
+            path = scope["path"]
+            if scope["method"] == "POST" and path in self.posts:
+                await self._post(scope, receive, send, *self.posts[path])
+                return
+            if scope["method"] == "GET" and path.startswith(self.streams):
+                held = self._held.pop(path.rsplit("/", 1)[-1], None)
+                if held is not None:
+                    await self._stream(held, scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
-    async def _gate(self, scope: Scope, receive: Receive, send: Send) -> None:
+    # -- the POST -----------------------------------------------------------------------
+    async def _post(self, scope: Scope, receive: Receive, send: Send, shape: str, streamed: bool) -> None:
+        body, last = await _read_body(receive)
+        replay = _replay(body, last, receive)
         try:
             identity = self.identify(Request(scope))
-            flow = identity.flow_id
-            self.door.check_cap(flow, self.cap(identity), arriving=self._arriving[flow])
+            payload = json.loads(body)
+            values = payload if shape == "named" else payload["data"]
+            if not self.is_request(values):
+                raise ValueError("not a valid request: the handler says why")
+        except (SplitspaceError, ValueError, KeyError, TypeError):  # an unknown key, a bad body
+            await self.app(scope, replay, send)
+            return
+        try:
+            place = self.door.join(identity.flow_id, self.cap(identity))
         except Throttled as exc:
             await _refuse(send, exc)
             return
-        except SplitspaceError:  # e.g. an unknown API key: the handler says so in its own way
-            await self.app(scope, receive, send)
+        if streamed and not place.inside:
+            event_id = uuid.uuid4().hex
+            held = _Held(scope, body, place)
+            held.expiry = asyncio.get_running_loop().call_later(UNCLAIMED_S, self._expire, event_id)
+            self._held[event_id] = held
+            await _send_json(send, 200, {"event_id": event_id})
             return
-        self._arriving[flow] += 1
         try:
-            await self.app(scope, receive, send)
+            if not place.inside:  # a synchronous call waits for its turn here
+                gone = asyncio.ensure_future(_disconnected(replay))
+                try:
+                    await asyncio.wait([place.turn, gone], return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if not place.inside:
+                        gone.cancel()
+                if not place.inside:
+                    return
+                replay = _after(body, gone)
+            await self._hand_on(place, scope, replay, send, streamed)
+        except BaseException:
+            place.leave()
+            raise
+
+    async def _hand_on(self, place: Place, scope: Scope, receive: Receive, send: Send, streamed: bool) -> None:
+        """Make the call to Gradio with the place's pass; a pass the handler did not take
+        (Gradio refused the call, or its event never ran) gives the place back."""
+        nonce = self.door.hand_over(place)
+        status: list[int] = []
+
+        async def watch(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            await self.app(_with_pass(scope, nonce), receive, watch)
         finally:
-            self._arriving[flow] -= 1
-            if not self._arriving[flow]:
-                del self._arriving[flow]
+            if not streamed or status != [200]:
+                self._unclaimed(nonce, place)
+            else:  # the event runs soon, in Gradio's queue; its handler takes the pass then
+                asyncio.get_running_loop().call_later(UNCLAIMED_S, self._unclaimed, nonce, place)
+
+    def _unclaimed(self, nonce: str, place: Place) -> None:
+        if self.door.take(nonce, place.flow_id) is place:
+            place.leave()
+
+    def _expire(self, event_id: str) -> None:
+        held = self._held.pop(event_id, None)
+        if held is not None:
+            held.place.leave()
+
+    # -- the held call's stream -------------------------------------------------------------
+    async def _stream(self, held: _Held, scope: Scope, receive: Receive, send: Send) -> None:
+        if held.expiry is not None:
+            held.expiry.cancel()
+        place = held.place
+        gone = asyncio.ensure_future(_disconnected(receive))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
+            told = Told(place.told)
+            statuses = wait_turn(place, told, self.seconds_per_job, gone)
+            try:
+                async for status in statuses:
+                    if gone.done():
+                        return
+                    await send(_event("generating", [None, status_for_api(status)]))
+                    if gone.done():
+                        return
+            finally:
+                await statuses.aclose()
+            if gone.done():
+                return
+            place.told = told.status
+            await self._continue(held, scope, gone, send)
+        finally:
+            gone.cancel()
+            place.leave()
+
+    async def _continue(self, held: _Held, scope: Scope, gone: asyncio.Future[Message], send: Send) -> None:
+        """The turn came: POST the call to Gradio with the place's pass, then pass Gradio's
+        event stream on (its response start is ours, already sent)."""
+        answer: list[Message] = []
+
+        async def keep(message: Message) -> None:
+            answer.append(message)
+
+        await self._hand_on(held.place, held.scope, _after(held.body, gone), keep, True)
+        start = next((m for m in answer if m["type"] == "http.response.start"), None)
+        body = b"".join(m.get("body", b"") for m in answer if m["type"] == "http.response.body")
+        if start is None or start["status"] != 200:
+            detail: Any = _detail(body)
+            await send(_event("error", detail, more=False))
+            return
+        event_id = json.loads(body)["event_id"]
+        path = scope["path"].rsplit("/", 1)[0] + "/" + event_id
+        inner = {**scope, "path": path, "raw_path": path.encode()}
+
+        async def onward(message: Message) -> None:
+            if message["type"] != "http.response.start":
+                await send(message)
+
+        await self.app(inner, _after(b"", gone), onward)
+
+
+# -- small ASGI helpers ------------------------------------------------------------------------
+async def _read_body(receive: Receive) -> tuple[bytes, Message]:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks), message
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks), message
+
+
+def _replay(body: bytes, last: Message, receive: Receive) -> Receive:
+    """A receive that gives the body read already, then what the client sends next."""
+    first = [{"type": "http.request", "body": body, "more_body": False} if last["type"] == "http.request" else last]
+
+    async def again() -> Message:
+        return first.pop() if first else await receive()
+
+    return again
+
+
+def _after(body: bytes, gone: asyncio.Future[Message]) -> Receive:
+    """A receive for a call made from here: the body, then the caller's disconnect (shielded:
+    Starlette's ``is_disconnected`` cancels its receive at once)."""
+    first = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> Message:
+        return first.pop() if first else await asyncio.shield(gone)
+
+    return receive
+
+
+async def _disconnected(receive: Receive) -> Message:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return message
+
+
+def _without_pass(scope: Scope) -> Scope:
+    headers = scope.get("headers") or []
+    if any(k == _PASS for k, _ in headers):
+        return {**scope, "headers": [(k, v) for k, v in headers if k != _PASS]}
+    return scope
+
+
+def _with_pass(scope: Scope, nonce: str) -> Scope:
+    return {**scope, "headers": [*scope["headers"], (_PASS, nonce.encode())]}
+
+
+def _event(name: str, data: Any, more: bool = True) -> Message:
+    # the form of Gradio's /call event stream
+    return {"type": "http.response.body", "body": f"event: {name}\ndata: {json.dumps(data)}\n\n".encode(),
+            "more_body": more}
+
+
+def _detail(body: bytes) -> Any:
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace")[:500]
+    return doc.get("detail", doc) if isinstance(doc, dict) else doc
+
+
+async def _send_json(send: Send, status: int, doc: Any, headers: list[tuple[bytes, bytes]] = []) -> None:
+    body = json.dumps(doc).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _refuse(send: Send, exc: Throttled) -> None:
     # The message in full ("... Retry in 1 s."), as REST callers read errors elsewhere.
-    body = json.dumps({**to_wire(exc), "message": exc.message}).encode()
-    await send({"type": "http.response.start", "status": 429, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"retry-after", str(exc.retry_after_whole_s).encode())]})
-    await send({"type": "http.response.body", "body": body})
+    await _send_json(send, 429, {**to_wire(exc), "message": exc.message},
+                     [(b"retry-after", str(exc.retry_after_whole_s).encode())])

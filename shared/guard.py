@@ -43,7 +43,7 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
@@ -190,11 +190,15 @@ class GradioGuard:
         body_limits: Mapping[str, int] | None = None,
         body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
         elsewhere: tuple[str, ...] = (),
+        held_events: Callable[[str], bool] | None = None,
     ) -> None:
         if max_body_bytes < 0 or body_timeout_s <= 0:
             raise ValueError("max_body_bytes must be >= 0 and body_timeout_s > 0")
         self.app = app
         self.elsewhere = tuple(elsewhere)
+        self.held_events = held_events
+        """Event ids a layer behind the guard answers for itself (the frontend's door holds
+        REST calls before Gradio knows them)."""
         self.blocks = blocks
         self.table = EndpointTable.from_blocks(blocks)
         self._path_words = _PATH_WORDS | set(self.table.by_name)
@@ -348,6 +352,8 @@ class GradioGuard:
             if name == "v2":  # /call/v2/<api> without an event id
                 raise Refusal(404, UNKNOWN_EVENT, "give the event id: /gradio_api/call/<api>/<event_id>")
             self._named(name)
+            if self.held_events is not None and self.held_events(event_id):
+                return
             self._known_session(self._session_of_event(event_id), event_id)
         elif _QUEUE_DATA.match(path):
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
