@@ -52,18 +52,22 @@ def call_spec(system: str, url: str, who: str) -> tuple[str, str, list[Any], dic
     return url, "generate", ["crowd", "", 64, 64, 1, 0.0, 1], {"authorization": f"Bearer key-{who}"}
 
 
-async def _call(session: aiohttp.ClientSession, system: str, url: str, who: str) -> tuple[float, str, int]:
-    """(seconds, outcome, status messages seen): outcome "ok" or what went wrong. The REST
+async def _call(session: aiohttp.ClientSession, system: str, url: str, who: str) -> tuple[float, str, int, dict]:
+    """(seconds, outcome, status messages seen, where the time went): outcome "ok" or what
+    went wrong; the last says when the POST was answered and how long the job waited at the
+    GPU (``info.queue_s``; splitspace only). The REST
     flow of curl (POST the call, read its event stream), with aiohttp: a crowd of thousands
     of streams in one httpx client costs its own process seconds of CPU (ANCHORS.md 7)."""
     u, api, data, headers = call_spec(system, url, who)
     t0 = time.perf_counter()
     statuses = 0
+    where: dict[str, float] = {}
     try:
         async with session.post(f"{u}/gradio_api/call/{api}", json={"data": data}, headers=headers) as r:
             if r.status != 200:
-                return time.perf_counter() - t0, f"HTTP {r.status}", 0
+                return time.perf_counter() - t0, f"HTTP {r.status}", 0, where
             event_id = (await r.json())["event_id"]
+        where["post_s"] = time.perf_counter() - t0
         event = ""
         async with session.get(f"{u}/gradio_api/call/{api}/{event_id}", headers=headers) as s:
             async for raw in s.content:
@@ -76,18 +80,32 @@ async def _call(session: aiohttp.ClientSession, system: str, url: str, who: str)
                     elif event in ("complete", "error"):
                         payload = json.loads(line[5:].strip())
                         ok = event == "complete" and payload not in (None, [None])
-                        return time.perf_counter() - t0, "ok" if ok else f"{event}: {str(payload)[:80]}", statuses
-        return time.perf_counter() - t0, "stream ended", statuses
+                        if ok and isinstance(payload[-1], dict) and "queue_s" in payload[-1]:
+                            where["gpu_queue_s"] = payload[-1]["queue_s"]
+                        outcome = "ok" if ok else f"{event}: {str(payload)[:80]}"
+                        return time.perf_counter() - t0, outcome, statuses, where
+        return time.perf_counter() - t0, "stream ended", statuses, where
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        return time.perf_counter() - t0, type(exc).__name__, statuses
+        return time.perf_counter() - t0, type(exc).__name__, statuses, where
 
 
-async def _crowd(system: str, url: str, who: list[str], start_at: float) -> list[tuple[float, str, int]]:
+async def _crowd(system: str, url: str, who: list[str], start_at: float) -> list[tuple[float, str, int, dict]]:
     connector = aiohttp.TCPConnector(limit=len(who) + 10)
     timeout = aiohttp.ClientTimeout(total=1800, sock_connect=60)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    trace = aiohttp.TraceConfig()
+    connected: list[float] = []  # for the light client: when its connection was made
+
+    async def on_connected(session: Any, ctx: Any, params: Any) -> None:
+        connected.append(time.perf_counter())
+
+    trace.on_connection_create_end.append(on_connected)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, trace_configs=[trace]) as session:
         await asyncio.sleep(max(0.0, start_at - time.time()))
-        return await asyncio.gather(*(_call(session, system, url, w) for w in who))
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(_call(session, system, url, w) for w in who))
+        if len(who) == 1 and connected:
+            results[0][3]["connect_s"] = connected[0] - t0
+        return results
 
 
 def _proc(system: str, url: str, who: list[str], start_at: float, out: Any) -> None:
@@ -150,13 +168,13 @@ def one_round(system: str, url: str, n: int, pids: dict[str, int]) -> dict[str, 
         crowd_res = q_crowd.get(timeout=1800)
         light_res = q_light.get(timeout=1800)
         p_crowd.join(), p_light.join()
-    total = max(t for t, _, _ in crowd_res)
-    lost = [o for _, o, _ in crowd_res + light_res if o != "ok"]
+    total = max(t for t, _, _, _ in crowd_res)
+    lost = [o for _, o, _, _ in crowd_res + light_res if o != "ok"]
     after = {name: _cpu_rss(pid) for name, pid in pids.items()}
     return {
-        "light_s": light_res[0][0], "light_ok": light_res[0][1] == "ok",
+        "light_s": light_res[0][0], "light_ok": light_res[0][1] == "ok", "light_where": light_res[0][3],
         "total_s": total, "lost": len(lost), "lost_kinds": sorted(set(lost))[:3],
-        "statuses_per_s": sum(s for _, _, s in crowd_res) / total if total else 0.0,
+        "statuses_per_s": sum(s for _, _, s, _ in crowd_res) / total if total else 0.0,
         "cpu": {name: after[name][0] - before[name] for name in pids},
         "rss_mb": {name: after[name][1] for name in pids},
         "fds": sampler.peak_fds,
@@ -181,6 +199,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[20, 200, 500])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--where", action="store_true", help="also say where the light client's time went")
     ap.add_argument("--backend-env", default="", help="extra GPU tier settings, e.g. SPLITSPACE_MAX_BATCH=1")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="splitspace-crowd-"))
@@ -211,6 +230,8 @@ def main() -> None:
                     print(f"{system:<11}{n:>5}{light:>9}{ideal:>6.1f}s{r['light_s'] / ideal:>8.2f}"
                           f"{r['total_s'] / gpu_work:>10.2f}{r['lost']:>6}{r['statuses_per_s']:>9.0f}  "
                           f"{cpu} / {rss} / {fds} / {kb}" + (f"  lost: {r['lost_kinds']}" if r["lost"] else ""), flush=True)
+                    if args.where:
+                        print("    light: " + ", ".join(f"{k} {v:.2f}" for k, v in r["light_where"].items()), flush=True)
                     time.sleep(1.0)
         finally:
             split.stop()

@@ -13,7 +13,6 @@ the stream to the GPU tier, which drops the queued job.
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -32,9 +31,10 @@ from shared.gradio_queue import hold_sessions
 from shared.gradio_signature import request_handler
 from shared.guard import GradioGuard
 from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
-from shared.hop import Result, Status
+from shared.hop import Result
 from shared.quota_watch import QuotaWatcher
 from shared.schema import REQUEST_FIELDS, request_from_dict, validate_request
+from shared.server import NO_TELEMETRY
 from shared.settings import Settings
 
 from . import gradio_tuning
@@ -206,7 +206,9 @@ class Frontend:
                 place.leave()
             if result is not None:
                 self.seconds_per_job += 0.1 * (result.info.gpu_s - self.seconds_per_job)
-                yield image_output(self.save_image(result.image_png)), result.info.to_dict()
+                # on a worker thread: a file write on the event loop held up every other caller
+                path = await asyncio.to_thread(self.save_image, result.image_png)
+                yield image_output(path), result.info.to_dict()
         except SplitspaceError as exc:
             raise to_gradio_error(exc) from None
 
@@ -286,7 +288,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
             task.cancel()
             await fe.pool.aclose()
 
-    app = FastAPI(lifespan=lifespan)
+    app = FastAPI(lifespan=lifespan, **NO_TELEMETRY)
     app.state.frontend = fe
 
     @app.get("/health")
@@ -308,7 +310,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     hold_sessions(blocks, 2 * settings.max_threads)  # every request in flight is a session
     app = gr.mount_gradio_app(
         app, blocks, path="", ssr_mode=False, show_error=True, mcp_server=settings.mcp,
-        head=DEV_RELOAD_SCRIPT if settings.dev_reload else None,
+        head=DEV_RELOAD_SCRIPT if settings.dev_reload else None, app_kwargs=dict(NO_TELEMETRY),
     )
     held = HeldCalls()
     app.add_middleware(  # innermost: behind CORS, so a refusal still carries CORS headers

@@ -44,7 +44,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from session.identity import Identity
 from shared.errors import SplitspaceError, Throttled, to_wire
-from shared.hop import Status
 
 from .door import FairDoor, Place
 from .status_feed import Told, status_for_api, wait_turn

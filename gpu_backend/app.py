@@ -36,6 +36,7 @@ from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from shared.hop import error_to_wire
 from shared.quota_watch import QuotaWatcher
 from shared.gradio_signature import request_handler
+from shared.server import NO_TELEMETRY
 from shared.settings import Settings
 
 from . import gpu
@@ -285,7 +286,7 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
                 await tier.global_limits.async_store.close()
             tier.store.close()
 
-    app = FastAPI(lifespan=lifespan)
+    app = FastAPI(lifespan=lifespan, **NO_TELEMETRY)
     app.state.tier = tier
 
     @app.get("/health")
@@ -334,7 +335,8 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
     blocks.max_threads = settings.max_threads  # before queue(): the queue sizes its workers from it
     blocks.queue(api_open=False, max_size=settings.queue_max_size, default_concurrency_limit=None)
     hold_sessions(blocks, 2 * settings.max_threads)  # every /infer call in flight is a session
-    app = gr.mount_gradio_app(app, blocks, path="", ssr_mode=False, footer_links=["api"])
+    app = gr.mount_gradio_app(app, blocks, path="", ssr_mode=False, footer_links=["api"],
+                             app_kwargs=dict(NO_TELEMETRY))
     app.add_middleware(GradioGuard, blocks=blocks, body_limits={INFER_PATH: MAX_BODY_BYTES},
                        elsewhere=(DASHBOARD_PATH,))  # the dashboard is its own Blocks, behind its login
     return app
