@@ -45,7 +45,7 @@ PACKAGES = {
 # Distributions pinned in both bundles, then the GPU tier's own (torch is pinned by minor version).
 COMMON_REQUIREMENTS = (
     "gradio", "gradio_client", "huggingface_hub", "httpx", "itsdangerous", "pydantic-settings",
-    "prometheus-client", "rich", "typer", "uvicorn",
+    "prometheus-client", "redis", "rich", "typer", "uvicorn",
 )
 BACKEND_REQUIREMENTS = ("spaces", "diffusers", "transformers", "accelerate", "sortedcontainers")
 FRONTEND_REQUIREMENTS = ("aiohttp",)

@@ -59,7 +59,8 @@ decides what a tier does then (``SPLITSPACE_REDIS_FAILURE``).
 thread among them; :class:`AsyncRedisStore` (``redis.asyncio``) with the same methods as
 coroutines for the event loop. Both build their calls with one :class:`_Commands` (keys,
 arguments, reply parsing), so they cannot drift apart. Timeouts default to 0.5 s and
-redis-py's retries are cut to one immediate reconnect (its default is ten, with backoff).
+redis-py's retries are cut to one immediate reconnect (its default is ten, with backoff):
+``shared/redis_client.py``, which the frontend's in-flight ledger uses too.
 
 Integration note (for the scheduler and the runner)
 ---------------------------------------------------
@@ -107,8 +108,15 @@ from typing import Any
 
 import redis
 import redis.asyncio
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+
+from shared.redis_client import (
+    DEFAULT_PREFIX,
+    DEFAULT_TIMEOUT_S,
+    UNAVAILABLE_ERRORS,
+    async_client,
+    sync_client,
+    unreachable_reason,
+)
 
 from .usage import (
     DEFAULT_SERVICE_TTL_S,
@@ -127,21 +135,8 @@ from .usage import (
 
 __all__ = ["RedisStore", "AsyncRedisStore", "DEFAULT_PREFIX", "DEFAULT_TIMEOUT_S"]
 
-DEFAULT_PREFIX = "splitspace:"
-DEFAULT_TIMEOUT_S = 0.5
-"""Socket connect and read timeout: a sick Redis costs a caller at most about this."""
 _SLACK = 1e-9  # the same float slack as the other stores
-
-# Errors that mean "Redis cannot serve now", not "this call is wrong".
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    redis.exceptions.ConnectionError,  # also authentication, loading, too many connections
-    redis.exceptions.TimeoutError,
-    redis.exceptions.ReadOnlyError,  # a failover made our primary a replica
-    redis.exceptions.OutOfMemoryError,
-    redis.exceptions.TryAgainError,
-    redis.exceptions.ClusterDownError,
-    OSError,
-)
+_UNAVAILABLE = UNAVAILABLE_ERRORS  # Redis cannot serve now (shared/redis_client.py)
 
 # -- the scripts -------------------------------------------------------------------------
 
@@ -484,10 +479,7 @@ class _Commands:
 
 
 def _unavailable(exc: BaseException) -> StoreUnavailable:
-    # redis-py's messages name host and port, never the password; keep only the type and
-    # the message's first line.
-    detail = str(exc).splitlines()[0] if str(exc) else ""
-    return StoreUnavailable(f"the shared store (Redis) is unreachable: {type(exc).__name__} {detail}".strip())
+    return StoreUnavailable(unreachable_reason(exc))  # type and first line: never the URL
 
 
 _EXPIRED = "__expired__"
@@ -536,18 +528,6 @@ def _give_up_s(client: Any, timeout_s: float | None) -> float | None:
     return None if timeout_s is None else 0.8 * float(timeout_s)
 
 
-def _client_options(timeout_s: float) -> dict[str, Any]:
-    return {
-        "decode_responses": True,
-        "socket_timeout": timeout_s,
-        "socket_connect_timeout": timeout_s,
-        # One immediate reconnect (a pooled connection that a Redis restart closed), no
-        # backoff, nothing on timeouts: a sick Redis costs a call at most ~2 timeouts.
-        "retry": Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
-        "health_check_interval": 0,
-    }
-
-
 class RedisStore:
     """A :class:`~gpu_backend.usage.UsageStore` on Redis, for threads (blocking client).
 
@@ -579,7 +559,7 @@ class RedisStore:
     ) -> "RedisStore":
         """A store on a new client for ``url`` (``redis://``, ``rediss://``, ``unix://``).
         Connects lazily: a tier starts while Redis is down."""
-        client = redis.Redis.from_url(url, **_client_options(timeout_s))
+        client = sync_client(url, timeout_s)
         return cls(client, prefix=prefix, service_ttl_s=service_ttl_s, timeout_s=timeout_s)
 
     def _sync_clock(self) -> None:
@@ -712,9 +692,7 @@ class AsyncRedisStore:
         prefix: str = DEFAULT_PREFIX,
         service_ttl_s: float = DEFAULT_SERVICE_TTL_S,
     ) -> "AsyncRedisStore":
-        options = _client_options(timeout_s)
-        options["retry"] = redis.asyncio.retry.Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
-        client = redis.asyncio.Redis.from_url(url, **options)
+        client = async_client(url, timeout_s)
         return cls(client, prefix=prefix, service_ttl_s=service_ttl_s, timeout_s=timeout_s)
 
     async def _sync_clock(self) -> None:

@@ -50,11 +50,11 @@ from __future__ import annotations
 import enum
 import logging
 import math
-import threading
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+from shared.circuit_breaker import DEFAULT_RETRY_S, CircuitBreaker
 
 from .usage import (
     Lease,
@@ -82,9 +82,6 @@ __all__ = [
 log = logging.getLogger("splitspace.store")
 
 FailureMode = Literal["closed", "local"]
-DEFAULT_RETRY_S = 3.0
-"""After a failure, Redis is tried again this much later (one probe call)."""
-
 T = TypeVar("T")
 
 
@@ -93,59 +90,6 @@ class _Route(enum.Enum):
     SETTLE = "settle"  # never raise: Redis if up, else memory
     READ = "read"  # never raise: Redis if up, else memory
     OPERATOR = "operator"  # raise when Redis is down, in both modes
-
-
-class CircuitBreaker:
-    """Closed (calls go to Redis) until a failure; then open for ``retry_s``; then one
-    caller at a time probes, and a success closes it again. Thread-safe; time injected."""
-
-    def __init__(self, retry_s: float = DEFAULT_RETRY_S, clock: Callable[[], float] = time.monotonic) -> None:
-        if not retry_s > 0:
-            raise ValueError(f"retry_s must be positive, got {retry_s!r}")
-        self.retry_s = retry_s
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._open = False
-        self._retry_at = 0.0
-        self._probing = False
-
-    @property
-    def is_open(self) -> bool:
-        with self._lock:
-            return self._open
-
-    def allow(self) -> bool:
-        """May this caller try Redis now? (False while open, except for one probe.)"""
-        with self._lock:
-            if not self._open:
-                return True
-            if self._probing or self._clock() < self._retry_at:
-                return False
-            self._probing = True
-            return True
-
-    def succeeded(self) -> bool:
-        """Redis answered; True if that closed the breaker (a recovery)."""
-        with self._lock:
-            was_open, self._open, self._probing = self._open, False, False
-            return was_open
-
-    def failed(self) -> bool:
-        """Redis did not answer; True if that opened the breaker (an outage began)."""
-        with self._lock:
-            was_open = self._open
-            self._open, self._probing = True, False
-            self._retry_at = self._clock() + self.retry_s
-            return not was_open
-
-    def abandoned(self) -> None:
-        """A probe ended without a verdict (cancelled): let the next caller probe."""
-        with self._lock:
-            self._probing = False
-
-    def retry_after(self) -> float:
-        with self._lock:
-            return max(0.0, self._retry_at - self._clock()) if self._open else 0.0
 
 
 class _Failover:
