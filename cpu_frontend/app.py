@@ -39,10 +39,11 @@ from shared.settings import Settings
 
 from . import gradio_tuning
 from .backends import BackendPool
-from .door import FairDoor
+from .door import FairDoor, Place
 from .door_middleware import DOOR_PASS_HEADER, DoorMiddleware, HeldCalls
 from .embed import embed_routes
 from .hub_auth import backend_auth_headers
+from .inflight_ledger import open_ledger
 from .limits import InflightCaps
 from .mcp_loopback import McpLoopback
 from .page import LiveModel, build_page
@@ -125,6 +126,8 @@ class Frontend:
             on_health=lambda doc: self.caps.learn_all(doc.get("caps") or {}),
         )
         self.door = FairDoor(per_flow=settings.door_per_flow, total=settings.door_total)
+        self.ledger = open_ledger(settings)
+        """The in-flight counts shared by every frontend (a no-op without Redis)."""
         self.seconds_per_job = 1.0
         """Measured GPU seconds per job (smoothed), for the ETA of requests waiting at the door."""
         self.model = LiveModel(self.pool.health)
@@ -150,6 +153,23 @@ class Frontend:
         if ip_token:
             headers[IP_TOKEN_HEADER] = ip_token
         return headers
+
+    async def join_door(self, identity: Identity) -> Place:
+        """Join the client's line at the door, within its in-flight cap counted here and,
+        with Redis, across every frontend (``inflight_ledger.py``); raises Queue full (or
+        Service unavailable, Redis down in ``closed`` mode). The one way in, for the
+        door's middleware and the handler."""
+        flow, cap = identity.flow_id, self.caps.cap(identity)
+        self.door.check_cap(flow, cap)
+        hold = await self.ledger.acquire(flow, cap, self.door.count(flow))
+        try:
+            place = self.door.join(flow, cap)  # again: others may have joined meanwhile
+        except BaseException:
+            self.ledger.release(hold)
+            raise
+        if hold is not None:
+            place.on_leave = lambda: self.ledger.release(hold)
+        return place
 
     def is_request(self, values: Any) -> bool:
         """Whether a REST call's fields (a list in ``REQUEST_FIELDS`` order, or by name) make
@@ -177,8 +197,7 @@ class Frontend:
             result: Result | None = None
             # A REST call held by the door's middleware arrives with its place; any other
             # joins its flow's line here.
-            place = self.door.take(request.headers.get(DOOR_PASS_HEADER), flow) or self.door.join(
-                flow, self.caps.cap(identity))
+            place = self.door.take(request.headers.get(DOOR_PASS_HEADER), flow) or await self.join_door(identity)
             told = Told(place.told)
             try:
                 # Gradio closes this generator at its next yield when the caller goes
@@ -281,12 +300,14 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
                 fe.watcher.check()
 
         task = asyncio.create_task(watch())
+        await fe.ledger.start()
         await fe.pool.start()
         try:
             yield
         finally:
             task.cancel()
             await fe.pool.aclose()
+            await fe.ledger.aclose()
 
     app = FastAPI(lifespan=lifespan, **NO_TELEMETRY)
     app.state.frontend = fe
@@ -317,7 +338,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         DoorMiddleware,
         door=fe.door,
         identify=lambda r: fe.resolver.resolve(r.headers, r.cookies, r.client.host if r.client else None),
-        cap=fe.caps.cap,
+        join=fe.join_door,
         is_request=fe.is_request,
         seconds_per_job=lambda: fe.seconds_per_job,
         api_names=["generate"],

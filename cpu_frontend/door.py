@@ -39,7 +39,7 @@ import asyncio
 import math
 import secrets
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -60,7 +60,7 @@ class Place:
     heard, so whoever drives the request next (the door's middleware, then the Gradio
     handler) never tells a caller a worse place than before."""
 
-    __slots__ = ("_door", "flow_id", "_flow", "turn", "told", "_left")
+    __slots__ = ("_door", "flow_id", "_flow", "turn", "told", "on_leave", "_left")
 
     def __init__(self, door: FairDoor, flow_id: str, flow: _Flow) -> None:
         self._door = door
@@ -68,6 +68,8 @@ class Place:
         self._flow = flow
         self.turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.told: Status | None = None
+        self.on_leave: Callable[[], None] | None = None
+        """Called once when the place is given back (the shared count's release)."""
         self._left = False
 
     @property
@@ -87,6 +89,8 @@ class Place:
         if not self._left:
             self._left = True
             self._door._leave(self)
+            if self.on_leave is not None:
+                self.on_leave()
 
 
 class FairDoor:

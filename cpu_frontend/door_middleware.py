@@ -12,9 +12,10 @@ that start a ``/generate`` job (curl, httpx, any HTTP client):
 1. It resolves the caller's identity from the headers and cookies and reads the body
    (already size-capped by the guard). A body that is not a valid request goes on to
    Gradio unchanged, whose handler answers with the error naming the field.
-2. It joins the client's line at the door: a client over its in-flight cap gets HTTP
-   429 with ``Retry-After`` and ``{"title": "Queue full", "message", "retry_after_s"}``,
-   and Gradio never sees the request.
+2. It joins the client's line at the door (``Frontend.join_door``): a client over its
+   in-flight cap gets HTTP 429 with ``Retry-After`` and ``{"title": "Queue full",
+   "message", "retry_after_s"}`` (503 "Service unavailable" when the shared count on
+   Redis cannot be reached in ``closed`` mode), and Gradio never sees the request.
 3. A call whose place is inside at once goes on to Gradio with a one-time pass for its
    place (``DOOR_PASS_HEADER``), which the handler takes instead of joining again.
 4. A call that must wait is held here instead: ``POST /call/generate`` is answered at
@@ -35,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,7 +44,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from session.identity import Identity
-from shared.errors import SplitspaceError, Throttled, to_wire
+from shared.errors import ServiceUnavailable, SplitspaceError, Throttled, to_wire
 
 from .door import FairDoor, Place
 from .status_feed import Told, status_for_api, wait_turn
@@ -78,7 +79,7 @@ class DoorMiddleware:
         *,
         door: FairDoor,
         identify: Callable[[Request], Identity],
-        cap: Callable[[Identity], int],
+        join: Callable[[Identity], Awaitable[Place]],
         is_request: Callable[[Any], bool],
         seconds_per_job: Callable[[], float],
         api_names: Collection[str],
@@ -88,7 +89,7 @@ class DoorMiddleware:
         self.app = app
         self.door = door
         self.identify = identify
-        self.cap = cap
+        self.join = join
         self.is_request = is_request
         self.seconds_per_job = seconds_per_job
         self.prefix = prefix
@@ -136,8 +137,8 @@ class DoorMiddleware:
             await self.app(scope, replay, send)
             return
         try:
-            place = self.door.join(identity.flow_id, self.cap(identity))
-        except Throttled as exc:
+            place = await self.join(identity)
+        except (Throttled, ServiceUnavailable) as exc:
             await _refuse(send, exc)
             return
         if streamed and not place.inside:
@@ -317,7 +318,8 @@ async def _send_json(send: Send, status: int, doc: Any, headers: list[tuple[byte
     await send({"type": "http.response.body", "body": body})
 
 
-async def _refuse(send: Send, exc: Throttled) -> None:
+async def _refuse(send: Send, exc: Throttled | ServiceUnavailable) -> None:
     # The message in full ("... Retry in 1 s."), as REST callers read errors elsewhere.
-    await _send_json(send, 429, {**to_wire(exc), "message": exc.message},
+    status = 429 if isinstance(exc, Throttled) else 503
+    await _send_json(send, status, {**to_wire(exc), "message": exc.message},
                      [(b"retry-after", str(exc.retry_after_whole_s).encode())])

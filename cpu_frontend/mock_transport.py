@@ -15,7 +15,7 @@ which reach the caller exactly as a real transport's would::
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from shared.hop import Update

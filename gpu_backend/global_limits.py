@@ -143,6 +143,11 @@ class GlobalLimits:
         self._thread = threading.Thread(target=self._renew_loop, name="lease-renew", daemon=True)
         self._thread.start()
 
+    def limits_for(self, client: ClientRef) -> Tier:
+        """The client's limits as configured (the global ones; the local scheduler's are
+        relaxed): what the frontend is told as its in-flight cap."""
+        return self._limits(client)
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)

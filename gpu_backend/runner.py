@@ -208,6 +208,9 @@ class GpuRunner:
         self._on_event("admitted", {"tier": identity.tier})
         # The client's in-flight cap as the GPU tier sees it (operators may change it live);
         # the frontend learns it from here for its early refusals.
+        # (With global limits the local scheduler's queue limit is relaxed: the cap is the global one.)
+        if self.gate is not None:
+            limits = self.gate.limits_for(ref)
         return Ticket(job_id, identity.tier, limits.max_running + limits.max_queued, waiter)
 
     def resolve(self, request: GenerateRequest) -> GenerateRequest:

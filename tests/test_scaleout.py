@@ -197,8 +197,6 @@ def test_max_running_one_and_max_queued_hold_across_two_gpu_tiers(pair: Tiers, v
         assert start >= end - 0.05, spans  # never two of its jobs on the GPUs at once
 
 
-@pytest.mark.xfail(strict=True, reason="the frontend's door (cpu_frontend/door.py) counts in-flight requests "
-                   "per frontend, not yet in Redis: two frontends let 2 x (max_running + max_queued) through")
 def test_the_frontends_in_flight_cap_holds_across_frontends(pair: Tiers) -> None:
     results = burst(pair, "frontends", "serial-f", 16)
     assert len([r for r in results if r["ok"]]) <= 5, results
