@@ -311,6 +311,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
 
     app = FastAPI(lifespan=lifespan, **NO_TELEMETRY)
     app.state.frontend = fe
+    held = HeldCalls()
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -321,7 +322,8 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
             # No URLs: this page is public, and the GPU tiers' addresses are not.
             "backends": [{"healthy": b.healthy, "outstanding": b.outstanding} for b in fe.pool.backends],
             # requests in flight here: on their way to a GPU tier, or waiting at the door
-            "door": {"inside": fe.door.inside, "waiting": fe.door.waiting},
+            # (held: of those waiting, the REST calls held before Gradio, by the door's middleware)
+            "door": {"inside": fe.door.inside, "waiting": fe.door.waiting, "held": held.waiting},
         }
 
     app.include_router(embed_routes())  # before the mount at "/", which catches everything after it
@@ -333,7 +335,6 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         app, blocks, path="", ssr_mode=False, show_error=True, mcp_server=settings.mcp,
         head=DEV_RELOAD_SCRIPT if settings.dev_reload else None, app_kwargs=dict(NO_TELEMETRY),
     )
-    held = HeldCalls()
     app.add_middleware(  # innermost: behind CORS, so a refusal still carries CORS headers
         DoorMiddleware,
         door=fe.door,

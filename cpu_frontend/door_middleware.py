@@ -67,9 +67,17 @@ class _Held:
     expiry: asyncio.TimerHandle | None = field(default=None)
 
 
-class HeldCalls(dict[str, _Held]):
-    """The REST calls the door answered with its own event id, by that id, until their
-    stream starts (the guard, in front, lets their streams through: ``__contains__``)."""
+class HeldCalls:
+    """The REST calls held here. ``by_id``: those answered with the door's own event id,
+    until their stream starts (the guard, in front, lets those streams through:
+    ``__contains__``); ``waiting``: every call waiting here that Gradio has not seen."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, _Held] = {}
+        self.waiting = 0
+
+    def __contains__(self, event_id: object) -> bool:
+        return event_id in self.by_id
 
 
 class DoorMiddleware:
@@ -104,11 +112,6 @@ class DoorMiddleware:
         self.streams = tuple(f"{prefix}/call/{route}{name}/" for name in api_names for route in ("", "v2/"))
         self._held = HeldCalls() if held is None else held
 
-    @property
-    def held(self) -> int:
-        """Calls answered with the door's own event id whose stream has not started."""
-        return len(self._held)
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             scope = _without_pass(scope)
@@ -117,7 +120,7 @@ class DoorMiddleware:
                 await self._post(scope, receive, send, *self.posts[path])
                 return
             if scope["method"] == "GET" and path.startswith(self.streams):
-                held = self._held.pop(path.rsplit("/", 1)[-1], None)
+                held = self._held.by_id.pop(path.rsplit("/", 1)[-1], None)
                 if held is not None:
                     await self._stream(held, scope, receive, send)
                     return
@@ -145,15 +148,18 @@ class DoorMiddleware:
             event_id = uuid.uuid4().hex
             held = _Held(scope, body, place)
             held.expiry = asyncio.get_running_loop().call_later(UNCLAIMED_S, self._expire, event_id)
-            self._held[event_id] = held
+            self._held.by_id[event_id] = held
+            self._held.waiting += 1
             await _send_json(send, 200, {"event_id": event_id})
             return
         try:
             if not place.inside:  # a synchronous call waits for its turn here
                 gone = asyncio.ensure_future(_disconnected(replay))
+                self._held.waiting += 1
                 try:
                     await asyncio.wait([place.turn, gone], return_when=asyncio.FIRST_COMPLETED)
                 finally:
+                    self._held.waiting -= 1
                     if not place.inside:
                         gone.cancel()
                 if not place.inside:
@@ -188,8 +194,9 @@ class DoorMiddleware:
             place.leave()
 
     def _expire(self, event_id: str) -> None:
-        held = self._held.pop(event_id, None)
+        held = self._held.by_id.pop(event_id, None)
         if held is not None:
+            self._held.waiting -= 1
             held.place.leave()
 
     # -- the held call's stream -------------------------------------------------------------
@@ -198,6 +205,7 @@ class DoorMiddleware:
             held.expiry.cancel()
         place = held.place
         gone = asyncio.ensure_future(_disconnected(receive))
+        counted = True
         try:
             await send({"type": "http.response.start", "status": 200, "headers": [
                 (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
@@ -215,8 +223,12 @@ class DoorMiddleware:
             if gone.done():
                 return
             place.told = told.status
+            self._held.waiting -= 1
+            counted = False
             await self._continue(held, scope, gone, send)
         finally:
+            if counted:
+                self._held.waiting -= 1
             gone.cancel()
             place.leave()
 
