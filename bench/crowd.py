@@ -18,7 +18,7 @@ Goals (issue 10, this 2-core machine): at N = 200, in every round, light <= 2x
 its ideal, total <= 1.25x the GPU work, 0 lost; at N = 500 everything
 completes, 0 lost, light <= 3x its ideal.
 
-Run: python bench/crowd.py [--clients 20 200 500] [--rounds 2] [--skip-baseline]
+Run: python bench/crowd.py [--clients 20 200 500] [--rounds 2] [--skip-baseline | --baseline-at 20 200] [--where]
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ from common import Deployment, bench_quotas, median, start_baseline  # noqa: E40
 JOB_MS = 20
 PER_CLIENT = 10
 LIGHT_AFTER_S = 3.0
+GOALS: dict[int, tuple[float, float | None]] = {200: (2.0, 1.25), 500: (3.0, None)}
+"""Issue 10's goals: N -> (light client's latency over its ideal, total over the GPU work)."""
 
 
 def call_spec(system: str, url: str, who: str) -> tuple[str, str, list[Any], dict[str, str]]:
@@ -199,10 +201,13 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[20, 200, 500])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--baseline-at", type=int, nargs="+", help="run plain Gradio only at these N "
+                    "(it needs about 8x the GPU work: 5 min at N = 200)")
     ap.add_argument("--where", action="store_true", help="also say where the light client's time went")
     ap.add_argument("--backend-env", default="", help="extra GPU tier settings, e.g. SPLITSPACE_MAX_BATCH=1")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="splitspace-crowd-"))
+    seen: dict[tuple[str, int], list[tuple[float, float, int]]] = {}
     job = JOB_MS / 1000
     print(f"{'system':<11}{'N':>5}{'light':>9}{'ideal':>7}{'x ideal':>8}{'total/GPU':>10}{'lost':>6}"
           f"{'status/s':>9}  CPU s / peak RSS MB / peak fds / KB per waiting request (frontend, GPU tier)")
@@ -213,7 +218,7 @@ def main() -> None:
         systems: list[tuple[str, str, dict[str, int]]] = [
             ("splitspace", split.frontend.url, {"frontend": split.frontend.proc.pid, "gpu": split.backend.proc.pid})]
         base = None
-        if not args.skip_baseline:
+        if not args.skip_baseline and (args.baseline_at is None or n in args.baseline_at):
             base = start_baseline(work)
             systems.append(("baseline", base[0].url, {"gpu": base[0].proc.pid}))
         try:
@@ -232,11 +237,29 @@ def main() -> None:
                           f"{cpu} / {rss} / {fds} / {kb}" + (f"  lost: {r['lost_kinds']}" if r["lost"] else ""), flush=True)
                     if args.where:
                         print("    light: " + ", ".join(f"{k} {v:.2f}" for k, v in r["light_where"].items()), flush=True)
+                    seen.setdefault((system, n), []).append(
+                        (r["light_s"] / ideal if r["light_ok"] else float("inf"), r["total_s"] / gpu_work, r["lost"]))
                     time.sleep(1.0)
         finally:
             split.stop()
             if base is not None:
                 base[0].stop(), base[1].stop()
+    summary(seen)
+
+
+def summary(seen: dict[tuple[str, int], list[tuple[float, float, int]]]) -> None:
+    """Median and worst over the rounds, and splitspace's goals (issue 10) at N = 200 and 500."""
+    print("\nover the rounds (median / worst):")
+    for (system, n), rows in seen.items():
+        light, total, lost = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+        line = (f"  {system:<11}{n:>5}  light {median(light):.2f} / {max(light):.2f} x ideal, "
+                f"total {median(total):.2f} / {max(total):.2f} x GPU, lost {sum(lost)} in {len(rows)} rounds")
+        if system == "splitspace" and n in GOALS:
+            light_goal, total_goal = GOALS[n]
+            ok = max(light) <= light_goal and (total_goal is None or max(total) <= total_goal) and not sum(lost)
+            line += f"  goal (every round: light <= {light_goal}x" + (
+                f", total <= {total_goal}x" if total_goal else "") + f", 0 lost): {'PASS' if ok else 'FAIL'}"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
