@@ -27,7 +27,7 @@ from session.address import AddressPolicy
 from session.caller import CallerStamps
 from session.token import HEALTH, STANDING, infer_purpose
 from shared.errors import SplitspaceError
-from shared.gradio_queue import hold_sessions
+from shared.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
 from shared.gradio_signature import request_handler
 from shared.guard import GradioGuard
 from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
@@ -300,12 +300,14 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
                 fe.watcher.check()
 
         task = asyncio.create_task(watch())
+        sweep = asyncio.create_task(sweep_finished_sessions(blocks))
         await fe.ledger.start()
         await fe.pool.start()
         try:
             yield
         finally:
             task.cancel()
+            sweep.cancel()
             await fe.pool.aclose()
             await fe.ledger.aclose()
 
@@ -331,6 +333,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     blocks.max_threads = settings.max_threads
     blocks.queue(default_concurrency_limit=None)
     hold_sessions(blocks, 2 * settings.max_threads)  # every request in flight is a session
+    bound_analytics(blocks)
     app = gr.mount_gradio_app(
         app, blocks, path="", ssr_mode=False, show_error=True, mcp_server=settings.mcp,
         head=DEV_RELOAD_SCRIPT if settings.dev_reload else None, app_kwargs=dict(NO_TELEMETRY),

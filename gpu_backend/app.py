@@ -30,7 +30,7 @@ from starlette.routing import Route
 from session.identity import Identity
 from session.token import HEALTH, IdentityTokens
 from shared.errors import SplitspaceError
-from shared.gradio_queue import hold_sessions
+from shared.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
 from shared.guard import GradioGuard
 from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from shared.hop import error_to_wire
@@ -276,10 +276,12 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(watch_quotas())
+        sweep = asyncio.create_task(sweep_finished_sessions(blocks))
         try:
             yield
         finally:
             task.cancel()
+            sweep.cancel()
             tier.runner.close()
             if tier.global_limits is not None:
                 tier.global_limits.close()
@@ -335,6 +337,7 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
     blocks.max_threads = settings.max_threads  # before queue(): the queue sizes its workers from it
     blocks.queue(api_open=False, max_size=settings.queue_max_size, default_concurrency_limit=None)
     hold_sessions(blocks, 2 * settings.max_threads)  # every /infer call in flight is a session
+    bound_analytics(blocks)
     app = gr.mount_gradio_app(app, blocks, path="", ssr_mode=False, footer_links=["api"],
                              app_kwargs=dict(NO_TELEMETRY))
     app.add_middleware(GradioGuard, blocks=blocks, body_limits={INFER_PATH: MAX_BODY_BYTES},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import contextlib
 import importlib.util
 
@@ -65,3 +67,40 @@ def test_queue_holds_as_many_sessions_as_requests_in_flight():
     for i in range(5000):
         cache[f"session-{i}"] = object()
     assert "session-0" in cache and len(cache) == 5000
+
+
+def test_queue_analytics_stay_bounded():
+    """Gradio summarises its last 10,000 event records with pandas after every event: a
+    cost per call that grows with the calls served. If Gradio changes that, this fails:
+    look at shared/gradio_queue.py again."""
+    from shared.gradio_queue import ANALYTICS_EVENTS, ANALYTICS_EVERY, bound_analytics
+
+    demo = _blocks()
+    demo.queue()
+    queue = demo._queue
+    assert (queue.ANALYTICS_MAX_EVENTS, queue.ANAYLTICS_CACHE_FREQUENCY) == (10_000, 1)
+    assert isinstance(queue.event_analytics, dict) and callable(queue.compute_analytics_summary)
+    assert bound_analytics(demo)
+    assert (queue.ANALYTICS_MAX_EVENTS, queue.ANAYLTICS_CACHE_FREQUENCY) == (ANALYTICS_EVENTS, ANALYTICS_EVERY)
+
+
+def test_finished_sessions_are_forgotten():
+    """Gradio keeps a session's entry after its last event ends, for good. The sweep drops
+    it, and keeps a session with an event pending or a message not yet read."""
+    from gradio.utils import LRUCache
+
+    from shared.gradio_queue import forget_finished_sessions
+
+    demo = _blocks()
+    demo.queue()
+    queue = demo._queue
+    assert isinstance(queue.pending_event_ids_session, dict)
+    assert isinstance(queue.pending_messages_per_session, LRUCache)
+    for session, pending, unread in (("done", set(), False), ("busy", {"e1"}, False), ("unread", set(), True)):
+        queue.pending_event_ids_session[session] = pending
+        queue.pending_messages_per_session[session] = asyncio.Queue()
+        if unread:
+            queue.pending_messages_per_session[session].put_nowait("a message")
+    assert forget_finished_sessions(demo) == 1
+    assert set(queue.pending_event_ids_session) == {"busy", "unread"}
+    assert "done" not in queue.pending_messages_per_session and "busy" in queue.pending_messages_per_session
