@@ -205,6 +205,7 @@ def main() -> None:
                     "(it needs about 8x the GPU work: 5 min at N = 200)")
     ap.add_argument("--where", action="store_true", help="also say where the light client's time went")
     ap.add_argument("--backend-env", default="", help="extra GPU tier settings, e.g. SPLITSPACE_MAX_BATCH=1")
+    ap.add_argument("--frontend-env", default="", help="extra frontend settings, e.g. SPLITSPACE_DOOR_PER_FLOW=1")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="splitspace-crowd-"))
     seen: dict[tuple[str, int], list[tuple[float, float, int]]] = {}
@@ -213,8 +214,9 @@ def main() -> None:
           f"{'status/s':>9}  CPU s / peak RSS MB / peak fds / KB per waiting request (frontend, GPU tier)")
     for n in args.clients:
         extra = dict(kv.split("=", 1) for kv in args.backend_env.split() if "=" in kv)
+        front = dict(kv.split("=", 1) for kv in args.frontend_env.split() if "=" in kv)
         split = Deployment(work / f"split-{n}", model=f"sleep:{JOB_MS}", quotas=quotas(n),
-                           backend_env=extra).start()
+                           backend_env=extra, frontend_env=front).start()
         systems: list[tuple[str, str, dict[str, int]]] = [
             ("splitspace", split.frontend.url, {"frontend": split.frontend.proc.pid, "gpu": split.backend.proc.pid})]
         base = None
