@@ -92,6 +92,9 @@ VTIME_KEY = "__vtime__"
 
 UNLIMITED_QUEUE = 10**9
 
+CLIENT_PREFIXES = ("key:", "session:", "addr:")
+"""How client ids start (``ClientRef.client_id``); other usage keys are address ceilings."""
+
 
 def local_limits(limits: Callable[[ClientRef], Tier]) -> Callable[[ClientRef], Tier]:
     """The local scheduler's limits when the global ones are checked in the store: the
@@ -341,3 +344,12 @@ class GlobalLimits:
             return set(self.store.slot_counts())
         except StoreUnavailable:
             return set()
+
+    def used_keys(self) -> set[str]:
+        """Every client with usage in its live window, whichever replica spent it (an
+        address' shared ceiling, ``address:IP``, is no client and is left out)."""
+        try:
+            keys = self.store.usage_keys()
+        except StoreUnavailable:
+            return set()
+        return {k for k in keys if k.startswith(CLIENT_PREFIXES)}

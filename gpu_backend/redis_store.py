@@ -35,6 +35,7 @@ twice (``acquire_slot``, ``move``, ``admit_rate``, ``release`` are idempotent pe
 key                                   type        holds
 ====================================  ==========  ==============================================
 ``{p}usage:{key}``                    hash        ``used``, ``start``, ``window_s``; expires with its window
+``{p}usage-index``                    sorted set  the usage hashes, scored by their window's end
 ``{p}overrides:c:{client_id}``        hash        one field per overridden limit, the value as JSON
 ``{p}overrides:index``                set         client ids that have overrides
 ``{p}overrides:version``              string      incremented by every override change
@@ -178,7 +179,7 @@ for i = 2, #ARGV do ARG[i - 1] = ARGV[i] end
 """
 
 _SCRIPTS: dict[str, str] = {
-    # KEYS[1] usage hash; ARG amount, limit, window_s, slack
+    # KEYS[1] usage hash, KEYS[2] the usage index; ARG amount, limit, window_s, slack
     "reserve": """
 local now = NOW
 local amount, limit, window_s, slack = tonumber(ARG[1]), num(ARG[2]), tonumber(ARG[3]), tonumber(ARG[4])
@@ -188,6 +189,7 @@ if not start or start + win <= now then used, start, win = 0, now, window_s end
 if used + amount <= limit + slack then
   redis.call('HSET', KEYS[1], 'used', fmt(used + amount), 'start', fmt(start), 'window_s', fmt(win))
   redis.call('PEXPIREAT', KEYS[1], ms(start + win))
+  redis.call('ZADD', KEYS[2], 'GT', fmt(start + win), KEYS[1])
   return false
 end
 return fmt(math.max(0, start + win - now))
@@ -209,6 +211,15 @@ local h = redis.call('HMGET', KEYS[1], 'used', 'start', 'window_s')
 local used, start, win = tonumber(h[1]), tonumber(h[2]), tonumber(h[3])
 if not start or start + win <= now then return {'0', '0'} end
 return {fmt(used), fmt(math.max(0, start + win - now))}
+""",
+    # KEYS[1] the usage index: the usage hashes of live windows (scored by their end)
+    "usage_keys": """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', fmt(NOW))
+local out = {}
+for _, k in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if redis.call('EXISTS', k) == 1 then out[#out + 1] = k else redis.call('ZREM', KEYS[1], k) end
+end
+return out
 """,
     "delete": "redis.call('DEL', KEYS[1]) return false",
     # KEYS[1] client hash, KEYS[2] index, KEYS[3] version; ARG client_id, field, json, ...
@@ -319,7 +330,7 @@ return fmt(v)
     "service_get": "return redis.call('MGET', unpack(KEYS))",
     # A job's whole admission (UsageStore.admit): every check first, then every change.
     # KEYS rate set, queued set, one usage hash per reservation, the service counters to
-    # read, the slot index; ARG job, rate limit ('' = none), rate window_s, max_queued,
+    # read, the usage index, the slot index; ARG job, rate limit ('' = none), rate window_s, max_queued,
     # lease_s, number of reservations, slack, then amount, limit, window_s of each.
     "admit": """
 local now = NOW
@@ -364,9 +375,10 @@ redis.call('ZADD', KEYS[2], fmt(now + tonumber(ARG[5])), job); touch(KEYS[2])
 for k, w in pairs(windows) do
   redis.call('HSET', k, 'used', fmt(w[1]), 'start', fmt(w[2]), 'window_s', fmt(w[3]))
   redis.call('PEXPIREAT', k, ms(w[2] + w[3]))
+  redis.call('ZADD', KEYS[#KEYS - 1], 'GT', fmt(w[2] + w[3]), k)
 end
 local svc = {}
-for i = 3 + nres, #KEYS - 1 do svc[#svc + 1] = redis.call('GET', KEYS[i]) end
+for i = 3 + nres, #KEYS - 2 do svc[#svc + 1] = redis.call('GET', KEYS[i]) end
 return {'ok', svc}
 """,
     # A job is done (UsageStore.settle). KEYS queued set, running set, rate set, the
@@ -465,6 +477,7 @@ class _Commands:
         self._version = f"{prefix}overrides:version"
         self._client_prefix = f"{prefix}overrides:c:"
         self._slot_index = f"{prefix}slot-index"
+        self._usage_index = f"{prefix}usage-index"
 
     def _usage(self, key: str) -> str:
         return f"{self.prefix}usage:{key}"
@@ -475,7 +488,7 @@ class _Commands:
     def reserve(self, key: str, amount: float, limit: float, window_s: float) -> _Call:
         check_reservation(amount, limit, window_s)
         args = (_float(amount), _num(limit), _float(window_s), repr(_SLACK))
-        return _Call("reserve", (self._usage(key),), args, lambda r: None if r is None else float(r))
+        return _Call("reserve", (self._usage(key), self._usage_index), args, lambda r: None if r is None else float(r))
 
     def adjust(self, key: str, delta: float) -> _Call:
         return _Call("adjust", (self._usage(key),), (_float(delta),), _none)
@@ -485,6 +498,10 @@ class _Commands:
 
     def reset(self, key: str) -> _Call:
         return _Call("delete", (self._usage(key),), (), _none)
+
+    def usage_keys(self) -> _Call:
+        head = self._usage("")
+        return _Call("usage_keys", (self._usage_index,), (), lambda r: sorted(_text(k).removeprefix(head) for k in r))
 
     def get_overrides(self, client_id: str) -> _Call:
         return _Call("overrides_get", (self._client_prefix + client_id,), (), _hash)
@@ -595,7 +612,7 @@ class _Commands:
         keys = (
             f"{self.prefix}rate:{plan.key}", self._slot("queued", plan.key),
             *(self._usage(r.key) for r in plan.reservations),
-            *(f"{self.prefix}svc:{f}" for f in wanted), self._slot_index,
+            *(f"{self.prefix}svc:{f}" for f in wanted), self._usage_index, self._slot_index,
         )
         rate = "" if plan.rate_limit is None else _num(plan.rate_limit)
         args = (
@@ -778,6 +795,9 @@ class RedisStore:
     def reset(self, key: str) -> None:
         self._run(self._cmd.reset(key))
 
+    def usage_keys(self, now: float | None = None) -> list[str]:
+        return self._run(self._cmd.usage_keys())
+
     def get_overrides(self, client_id: str) -> dict[str, Any]:
         return self._run(self._cmd.get_overrides(client_id))
 
@@ -927,6 +947,9 @@ class AsyncRedisStore:
 
     async def reset(self, key: str) -> None:
         await self._run(self._cmd.reset(key))
+
+    async def usage_keys(self, now: float | None = None) -> list[str]:
+        return await self._run(self._cmd.usage_keys())
 
     async def get_overrides(self, client_id: str) -> dict[str, Any]:
         return await self._run(self._cmd.get_overrides(client_id))

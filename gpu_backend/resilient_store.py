@@ -282,6 +282,9 @@ class ResilientStore:
     def usage(self, key: str, now: float | None = None) -> tuple[float, float]:
         return self._call(_Route.READ, lambda p: p.usage(key, now), lambda f: f.usage(key, now))
 
+    def usage_keys(self, now: float | None = None) -> list[str]:
+        return self._call(_Route.READ, lambda p: p.usage_keys(now), lambda f: f.usage_keys(now))
+
     def reset(self, key: str) -> None:
         self.fallback.reset(key)
         self._call(_Route.OPERATOR, lambda p: p.reset(key), lambda f: None)
@@ -479,6 +482,9 @@ class AsyncResilientStore:
 
     async def usage(self, key: str, now: float | None = None) -> tuple[float, float]:
         return await self._call(_Route.READ, lambda p: p.usage(key, now), lambda f: f.usage(key, now))
+
+    async def usage_keys(self, now: float | None = None) -> list[str]:
+        return await self._call(_Route.READ, lambda p: p.usage_keys(now), lambda f: f.usage_keys(now))
 
     async def reset(self, key: str) -> None:
         self.fallback.reset(key)

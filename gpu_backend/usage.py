@@ -223,6 +223,11 @@ class UsageStore(Protocol):
         """Forget ``key``'s usage."""
         ...
 
+    def usage_keys(self, now: float | None = None) -> list[str]:
+        """Every key with a live usage window, sorted: what operators list, whichever
+        replica spent it."""
+        ...
+
     # -- operator overrides ------------------------------------------------------------
 
     def get_overrides(self, client_id: str) -> dict[str, Any]:
@@ -520,6 +525,11 @@ class MemoryUsageStore:
             if window is None or not window.live(now):
                 return (0.0, 0.0)
             return (window.used, window.resets_in(now))
+
+    def usage_keys(self, now: float | None = None) -> list[str]:
+        now = self._now(now)
+        with self._lock:
+            return sorted(k for k, w in self._windows.items() if w.live(now))
 
     def reset(self, key: str) -> None:
         with self._lock:
@@ -837,6 +847,12 @@ class SqliteUsageStore:
         if window is None or not window.live(now):
             return (0.0, 0.0)
         return (window.used, window.resets_in(now))
+
+    def usage_keys(self, now: float | None = None) -> list[str]:
+        now = self._now(now)
+        with self._lock:
+            rows = self._db.execute("SELECT key FROM usage WHERE window_start + window_s > ? ORDER BY key", (now,))
+            return [row[0] for row in rows.fetchall()]
 
     def reset(self, key: str) -> None:
         with self._write():

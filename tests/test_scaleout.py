@@ -31,7 +31,7 @@ JOB_S = 0.6
 KEYS = {
     "serial": "serial", "serial-f": "serial", "metered": "metered", "metered-f": "metered",
     "chatty": "chatty", "chatty-f": "chatty", "override": "roomy", "killed": "serial",
-    "filed": "filed",
+    "filed": "filed", "listed": "roomy",
 }
 VIA = ["gpu tiers", "frontends"]
 
@@ -236,6 +236,19 @@ def test_an_override_set_on_one_tier_applies_on_the_other(pair: Tiers) -> None:
     assert listed["key:override"]["used"] > 0  # the usage spent on B before, listed with A's override
     admin(a, pair.d.admin_token, "DELETE", "clients/key:override")
     assert wait_for(lambda: infer(b, pair.d.secret, "override")["ok"], 10)
+
+
+def test_the_client_list_of_each_tier_shows_usage_spent_on_another(pair: Tiers) -> None:
+    a, b = urls(pair)
+    done = infer(a, pair.d.secret, "listed")
+    assert done["ok"], done
+    for url in (b, a):  # B never saw the client, and it holds no slot any more
+        listed = {c["client"]: c for c in admin(url, pair.d.admin_token, "GET", "clients").json()}
+        assert "key:listed" in listed, sorted(listed)
+        assert listed["key:listed"]["used"] == pytest.approx(done["info"]["gpu_s"], rel=0.2)
+        assert listed["key:listed"]["limits"]["gpu_seconds"] == 600  # its tier from the quota file
+        assert listed["key:listed"]["running"] == 0 and listed["key:listed"]["queued"] == 0
+    assert not [c for c in listed if c.startswith("address:")]  # an address' ceiling is no client
 
 
 def test_a_quota_file_change_reaches_both_gpu_tiers(pair: Tiers) -> None:

@@ -199,6 +199,21 @@ def test_adjust_settles_clamps_and_ignores_dead_windows(store: UsageStore) -> No
     assert store.usage("short") == (0.0, 0.0)
 
 
+def test_usage_keys_list_live_windows_whoever_spent_them(make_store: Factory) -> None:
+    a, b = make_store(), make_store()
+    assert a.usage_keys() == []
+    assert a.reserve("key:alpha", 1.0, 10.0, 100.0) is None
+    assert b.reserve("address:1.2.3.4", 1.0, 10.0, 100.0) is None  # another replica
+    assert b.admit(AdmitPlan(key="f", job_id="j", max_queued=1, lease_s=30.0,
+                             reservations=(Reservation("session:s1", 0.5, 10.0, 100.0),))).granted
+    assert b.reserve("key:short", 1.0, 10.0, 0.3) is None
+    assert b.reserve("key:refused", 5.0, 1.0, 100.0) is not None  # a refusal opens no window
+    assert a.usage_keys() == ["address:1.2.3.4", "key:alpha", "key:short", "session:s1"]
+    wait_for(lambda: "key:short" not in a.usage_keys())  # an expired window leaves the list
+    a.reset("key:alpha")
+    assert b.usage_keys() == ["address:1.2.3.4", "session:s1"]
+
+
 def test_reset(store: UsageStore) -> None:
     store.reserve("k", 3.0, 3.0, 100.0)
     store.reset("k")
