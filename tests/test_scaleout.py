@@ -361,3 +361,73 @@ def test_a_held_flow_is_skipped_and_a_requeued_job_keeps_its_place() -> None:
     held.clear()
     assert [j.job_id for j in s.dispatch()] == ["a1"]  # in its own order
     s._check_invariants()
+
+
+# -- a job's round trips (GlobalLimits on a real Redis, no tier processes) ------------------
+def _scripts_run(url: str) -> int:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+    finally:
+        client.close()
+
+
+def test_a_job_costs_three_round_trips_and_two_on_an_idle_tier(redis_server: Any) -> None:
+    import asyncio
+    import uuid
+
+    from gpu_backend.global_limits import GlobalLimits
+    from gpu_backend.redis_store import AsyncRedisStore, RedisStore
+    from gpu_backend.resilient_store import AsyncResilientStore, ResilientStore
+    from gpu_backend.scheduler import Job
+    from shared.quotas import Tier
+
+    prefix = f"test:{uuid.uuid4().hex}:"
+    store = ResilientStore(RedisStore.from_url(redis_server.url, prefix=prefix))
+    tier = Tier(weight=2, max_running=1, max_queued=5, gpu_seconds=100, window_s=600)
+    client = _ref("trips")
+
+    async def scenario() -> None:
+        async_store = AsyncResilientStore(AsyncRedisStore.from_url(redis_server.url, prefix=prefix),
+                                          store.fallback, breaker=store.breaker)
+        gl = GlobalLimits(store=store, async_store=async_store, limits=lambda c: tier)
+        try:
+            warm = _ref("trips-warm-up")  # loads the scripts (a fresh Redis answers NOSCRIPT first)
+            await gl.admit(warm, "w1", 1.0, start_now=True)
+            await gl.admit(warm, "w2", 1.0)
+            jobs = [Job(j, warm, 1.0, None, time.time()) for j in ("w1", "w2")]
+            gl.start(jobs)
+            gl.finish(jobs[0], 1.0)
+            gl.dropped("w2")
+            gl._settler.submit(lambda: None).result()
+
+            before = _scripts_run(redis_server.url)
+            await gl.admit(client, "busy", 1.0)  # a busy tier: admitted queued
+            (job,) = gl.start([Job("busy", client, 1.0, None, time.time())])[0]
+            gl.finish(job, 0.5)
+            assert _scripts_run(redis_server.url) - before == 3  # admit, start_job, settle
+
+            before = _scripts_run(redis_server.url)
+            first = await gl.admit(client, "idle-1", 1.0, start_now=True)  # an idle tier
+            second = await gl.admit(client, "idle-2", 1.0, start_now=True)  # max_running 1: it queues
+            assert first.kind == "running" and second.kind == "queued"
+            run, refused, _ = gl.start([Job("idle-1", client, 1.0, None, time.time()),
+                                        Job("idle-2", client, 1.0, None, time.time())])
+            assert [j.job_id for j in run] == ["idle-1"] and [j.job_id for j in refused] == ["idle-2"]
+            gl.finish(run[0], 1.0)
+            assert _scripts_run(redis_server.url) - before == 4  # 2 admits, the refused start_job, 1 settle
+            gl.dropped("idle-2")  # and the one that left
+            gl._settler.submit(lambda: None).result()
+            assert store.count("queued", client.flow_id) == 0 and store.count("running", client.flow_id) == 0
+            # the service: busy 1.0 / 2 charged, corrected to 0.5 / 2; idle-1 1.0 / 2
+            assert store.service([client.flow_id])[client.flow_id] == pytest.approx(0.25 + 0.5)
+        finally:
+            gl.close()
+            await async_store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()
