@@ -126,8 +126,9 @@ def admin_router(
     @router.get("/clients")
     async def list_clients() -> list[dict[str, Any]]:
         ids = {c["client"] for c in read(FairScheduler.clients)} | set(overrides.all())
-        if global_limits is not None:  # clients queued or running on any replica
+        if global_limits is not None:  # clients queued, running or with usage on any replica
             ids |= {key for key in global_limits.slot_keys() if key.startswith(("key:", "addr:"))}
+            ids |= global_limits.used_keys()
         return [describe(cid) for cid in sorted(ids)]
 
     @router.get("/clients/{client_id:path}")

@@ -10,15 +10,21 @@ shares with admission).
 Design (what each step does, and where)
 ---------------------------------------
 
-*Admission* (:meth:`GlobalLimits.admit`, event loop, before ``GpuRunner.admit``): in
-order ``admit_rate`` (``requests_per_minute``, per flow, sliding 60 s),
-``acquire_slot("queued")`` (``max_queued``, per flow, a lease), ``reserve`` of the
-estimate for the client (``gpu_seconds``) and, for anonymous clients, for the address
-(``address_gpu_seconds``). A refusal undoes the earlier steps and raises the same
-``Throttled`` titles as the local scheduler, with retry seconds; a store that cannot
-answer in ``closed`` mode raises ``ServiceUnavailable`` ("Service unavailable", retry
-time). Each check is atomic in Redis, so concurrent admissions on any number of tiers
-exceed a limit by at most the one request in flight between a check and its undo.
+Three store round trips per job at most: one at admission, one at dispatch (none when
+the tier was idle), one at finish (each one Lua script on Redis: ``UsageStore.admit``,
+``start_job``, ``settle``). ``bench/scaleout.py
+--part 1`` counts them (the single calls they replace were 7 to 10 on the job's path, about
+2 ms more per request on a 2-core machine).
+
+*Admission* (:meth:`GlobalLimits.admit`, event loop, before ``GpuRunner.admit``): one
+``admit`` of an :class:`~gpu_backend.usage.AdmitPlan` that checks, in order,
+``requests_per_minute`` (per flow, sliding 60 s), ``max_queued`` (per flow, a queued
+lease), the estimate against the client's ``gpu_seconds`` and, for anonymous clients,
+the address' ``address_gpu_seconds``, and reads the flow's shared service (below). All
+are taken, or (refused) none: the same ``Throttled`` titles as the local scheduler, with
+retry seconds. A store that cannot answer in ``closed`` mode raises
+``ServiceUnavailable`` ("Service unavailable", retry time). The whole check is atomic in
+Redis, so concurrent admissions on any number of tiers never exceed a limit.
 
 *The local scheduler* then runs as before, for fair order among the jobs this replica
 holds, with the limits the global steps already checked relaxed (:func:`local_limits`:
@@ -27,16 +33,23 @@ operator's ``reset``); ``max_running`` and weights stay, so its order and its lo
 running count are as today.
 
 *Dispatch* (:meth:`GlobalLimits.start`, GPU thread, after the scheduler picked a batch,
-outside the lock): ``move`` each job's queued lease to a running one within
-``max_running``. A refused job does not run: the runner puts it back at the head of
-its queue (``FairScheduler.requeue``) and the flow is held back (:meth:`held`, read by
-the scheduler under the lock, in memory) for ``retry_s``, after which the runner
-dispatches again. So a ``max_running = 1`` client never runs two jobs at once across
-tiers; its other tier retries every ``retry_s`` while the first job runs.
+outside the lock): ``start_job`` moves each job's queued lease to a running one within
+``max_running`` and, granted, charges its flow's shared service, in one step. On an idle
+tier the admission has done it already (``start_now``: the job will run next, so its
+``admit`` also takes the running slot when the client has room), and the dispatch makes
+no store call: two round trips per request then. (Should another job of this tier get
+the GPU first after all, the started one waits there holding its running slot for at
+most that job's time: a limit is never exceeded, the client's other tiers may wait.) A refused
+job does not run: the runner puts it back at the head of its queue
+(``FairScheduler.requeue``) and the flow is held back (:meth:`held`, read by the
+scheduler under the lock, in memory) for ``retry_s``, after which the runner dispatches
+again. So a ``max_running = 1`` client never runs two jobs at once across tiers; its
+other tier retries every ``retry_s`` while the first job runs.
 
-*Finish* (:meth:`GlobalLimits.finish`, GPU thread, outside the lock): release the
-running lease and settle the reservations with the measured GPU time (``adjust``). A
-queued job dropped by its caller releases its queued lease and reservation
+*Finish* (:meth:`GlobalLimits.finish`, GPU thread, outside the lock, after the result
+went to its caller): one ``settle`` releases the leases, settles the reservations with
+the measured GPU time and corrects the flow's service. It comes before this tier's next
+dispatch. A queued job dropped by its caller releases its queued lease and reservation
 (:meth:`dropped`, from the event loop, on a worker thread).
 
 *Leases.* Every lease this replica holds is renewed every ``lease_s / 3`` by one thread
@@ -44,8 +57,8 @@ queued job dropped by its caller releases its queued lease and reservation
 slots come free within ``lease_s`` (``SPLITSPACE_LEASE_S``, 30 s) without an operator.
 
 *Fairness across tiers.* Each start adds the job's virtual service ``cost / weight`` to
-the flow's shared counter (``add_service``) and raises a shared virtual time to the job's
-start tag; a finish adds the correction. When a flow becomes active on a tier, the
+the flow's shared counter and raises a shared virtual time to the job's start tag (in
+``start_job``); a finish adds the correction (in ``settle``). When a flow becomes active on a tier, the
 scheduler asks :meth:`service_floor`: the flow starts at its local virtual time plus the
 lead its shared counter has over the shared virtual time, so a client served on A is as
 far behind the others on B as it is on A, not fresh. The lead is read at admission
@@ -76,7 +89,7 @@ from shared.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled
 from shared.quotas import Tier
 
 from .scheduler import RATE_WINDOW_S, ClientRef, Job, address_usage_key
-from .usage import Lease, StoreUnavailable, UsageStore
+from .usage import AdmitGrant, AdmitPlan, Lease, Reservation, StoreUnavailable, UsageStore
 
 log = logging.getLogger("splitspace.gpu")
 
@@ -84,6 +97,9 @@ VTIME_KEY = "__vtime__"
 """The shared virtual time's name among the flows' service counters."""
 
 UNLIMITED_QUEUE = 10**9
+
+CLIENT_PREFIXES = ("key:", "session:", "addr:")
+"""How client ids start (``ClientRef.client_id``); other usage keys are address ceilings."""
 
 
 def local_limits(limits: Callable[[ClientRef], Tier]) -> Callable[[ClientRef], Tier]:
@@ -154,69 +170,73 @@ class GlobalLimits:
         self._settler.shutdown(wait=True)
 
     # -- admission (event loop) ----------------------------------------------------------
-    async def admit(self, client: ClientRef, job_id: str, cost: float) -> Hold:
-        """Check and take every global limit for one job, or raise Throttled /
-        ServiceUnavailable with nothing left taken."""
-        s = self.async_store
+    async def admit(self, client: ClientRef, job_id: str, cost: float, *, start_now: bool = False) -> Hold:
+        """Check and take every global limit for one job (one store call), or raise
+        Throttled / ServiceUnavailable with nothing left taken. ``start_now``: this tier is
+        idle, so the job will run next; the same call then takes its running slot too
+        (within ``max_running``), and its dispatch needs no store call."""
         tier = self._limits(client)
         flow = client.flow_id
-        who = "from this address " if flow.startswith("addr:") else ""
-        undo: list[Callable[[], Any]] = []
-        try:
-            if tier.requests_per_minute is not None:
-                rate = await s.admit_rate(flow, job_id, tier.requests_per_minute, RATE_WINDOW_S)
-                if not rate.granted:
-                    raise Throttled(RATE_LIMITED, f"{rate.held} requests {who}in the last {RATE_WINDOW_S:g} s "
-                                    f"(requests_per_minute={tier.requests_per_minute})", rate.retry_after_s)
-                undo.append(lambda: s.forget_rate(flow, job_id))
-            slot = await s.acquire_slot("queued", flow, job_id, tier.max_queued, self.lease_s)
-            if not slot.granted:
-                raise Throttled(QUEUE_FULL, f"{slot.held} requests {who}already queued "
-                                f"(max_queued={tier.max_queued})", cost)
-            undo.append(lambda: s.release("queued", flow, job_id))
-            await self._reserve(client.client_id, cost, tier.gpu_seconds, tier.window_s, "gpu_seconds")
-            undo.append(lambda: s.adjust(client.client_id, -cost))
-            on_address = client.is_anonymous and tier.address_gpu_seconds is not None
-            if on_address:
-                assert tier.address_gpu_seconds is not None
-                await self._reserve(address_usage_key(client.address), cost, tier.address_gpu_seconds,
-                                    tier.window_s, "address_gpu_seconds")
-            svc = await s.service([flow, VTIME_KEY])
-        except BaseException:
-            for step in reversed(undo):
-                try:
-                    await step()
-                except StoreUnavailable:
-                    pass  # expires by itself (a lease, a rate entry) or was never taken
-            raise
+        on_address = client.is_anonymous and tier.address_gpu_seconds is not None
+        reservations = [Reservation(client.client_id, cost, tier.gpu_seconds, tier.window_s)]
+        if on_address:
+            assert tier.address_gpu_seconds is not None
+            reservations.append(Reservation(address_usage_key(client.address), cost, tier.address_gpu_seconds,
+                                            tier.window_s))
+        plan = AdmitPlan(
+            key=flow, job_id=job_id, max_queued=tier.max_queued, lease_s=self.lease_s,
+            reservations=tuple(reservations), rate_limit=tier.requests_per_minute, rate_window_s=RATE_WINDOW_S,
+            service=(flow, VTIME_KEY),
+        )
+        if start_now:
+            plan = dataclasses.replace(plan, start_limit=tier.max_running,
+                                       start_service=cost / max(tier.weight, 1e-9), vtime_key=VTIME_KEY)
+        grant = await self.async_store.admit(plan)
+        if not grant.granted:
+            raise self._refusal(grant, plan, tier, cost, flow.startswith("addr:"))
+        svc = grant.service
         self._lead[flow] = max(0.0, svc.get(flow, 0.0) - svc.get(VTIME_KEY, 0.0))
-        hold = Hold(job_id, client, cost, on_address)
+        hold = Hold(job_id, client, cost, on_address, "running" if grant.started else "queued")
         with self._lock:
             self._holds[job_id] = hold
         return hold
 
-    async def _reserve(self, key: str, cost: float, limit: float, window_s: float, name: str) -> None:
-        retry = await self.async_store.reserve(key, cost, limit, window_s)
-        if retry is None:
-            return
-        used, _ = await self.async_store.usage(key)
+    @staticmethod
+    def _refusal(grant: AdmitGrant, plan: AdmitPlan, tier: Tier, cost: float, by_address: bool) -> Throttled:
+        """The same titles, reasons and retry seconds as one tier alone."""
+        who = "from this address " if by_address else ""
+        if grant.refused_by == "rate":
+            return Throttled(RATE_LIMITED, f"{grant.held} requests {who}in the last {RATE_WINDOW_S:g} s "
+                             f"(requests_per_minute={tier.requests_per_minute})", grant.retry_after_s)
+        if grant.refused_by == "queued":
+            return Throttled(QUEUE_FULL, f"{grant.held} requests {who}already queued "
+                             f"(max_queued={tier.max_queued})", cost)
+        name = "gpu_seconds" if grant.quota == 0 else "address_gpu_seconds"
+        limit = plan.reservations[grant.quota].limit
         scope = "by this address " if name == "address_gpu_seconds" else ""
         if cost > limit:
             reason = f"this request needs {cost:.1f} GPU-seconds, more than the whole quota ({name}={limit:g})"
         else:
-            reason = f"{used:.1f} of {limit:g} GPU-seconds used {scope}in this window ({name}={limit:g})"
-        raise Throttled(QUOTA_EXCEEDED, reason, retry)
+            reason = f"{grant.used:.1f} of {limit:g} GPU-seconds used {scope}in this window ({name}={limit:g})"
+        return Throttled(QUOTA_EXCEEDED, reason, grant.retry_after_s)
 
     def refused_locally(self, hold: Hold) -> None:
         """The local runner refused a job the global checks admitted: give it all back."""
         self._forget(hold.job_id)
-        self._settler.submit(self._settle, hold, "queued", 0.0, True)
+        self._settler.submit(self._settle, hold, hold.kind, 0.0, True, self._unstarted(hold))
 
     def dropped(self, job_id: str) -> None:
         """A queued job left without running (its caller went away)."""
         hold = self._forget(job_id)
         if hold is not None:
-            self._settler.submit(self._settle, hold, "queued", 0.0)
+            self._settler.submit(self._settle, hold, hold.kind, 0.0, False, self._unstarted(hold))
+
+    def _unstarted(self, hold: Hold) -> float:
+        """The service correction of a job that never ran: its start's charge taken back
+        when its admission had started it (an idle tier), else nothing."""
+        if hold.kind != "running":
+            return 0.0
+        return -hold.cost / max(self._limits(hold.client).weight, 1e-9)
 
     # -- the scheduler's hooks (under the runner's lock: memory only) --------------------
     def held(self, flow_id: str) -> bool:
@@ -241,9 +261,16 @@ class GlobalLimits:
         refused: list[Job] = []
         failed: dict[str, BaseException] = {}
         for job in jobs:
+            with self._lock:
+                hold = self._holds.get(job.job_id)
+                started = hold is not None and hold.kind == "running"
+            if started:  # its admission took the running slot already (an idle tier)
+                run.append(job)
+                continue
             tier = self._limits(job.client)
-            try:
-                grant = self.store.move(job.client.flow_id, job.job_id, tier.max_running, self.lease_s)
+            try:  # the running slot and the flow's shared service, in one store call
+                grant = self.store.start_job(job.client.flow_id, job.job_id, tier.max_running, self.lease_s,
+                                             job.cost / max(tier.weight, 1e-9), VTIME_KEY)
             except StoreUnavailable as exc:
                 failed[job.job_id] = exc
                 continue
@@ -252,8 +279,7 @@ class GlobalLimits:
                     hold = self._holds.get(job.job_id)
                     if hold is not None:
                         hold.kind = "running"
-                run.append(job)  # its service is shared after it started, off the GPU thread's path
-                self._settler.submit(self._charge_service, job, job.cost / max(tier.weight, 1e-9), start=True)
+                run.append(job)
             else:
                 refused.append(job)
                 self._held_until[job.client.flow_id] = time.monotonic() + self.retry_s
@@ -268,47 +294,31 @@ class GlobalLimits:
         return run, refused, failed
 
     def finish(self, job: Job, gpu_s: float) -> None:
-        """A job ran: release its running slot and settle its GPU time."""
+        """A job ran: release its running slot, settle its GPU time and correct its flow's
+        shared service by the measured cost (one store call)."""
         hold = self._forget(job.job_id)
         if hold is None:
             return
-        self._settle(hold, "running", gpu_s)
         weight = max(self._limits(job.client).weight, 1e-9)
-        if gpu_s != hold.cost:
-            self._settler.submit(self._charge_service, job, (gpu_s - hold.cost) / weight, start=False)
-
-    def _charge_service(self, job: Job, delta: float, *, start: bool) -> None:
-        try:
-            if start:
-                vtime = self.store.service([VTIME_KEY]).get(VTIME_KEY, 0.0)
-                after = self.store.add_service(job.client.flow_id, delta, floor=vtime)
-                self.store.add_service(VTIME_KEY, 0.0, floor=after - delta)
-            else:
-                self.store.add_service(job.client.flow_id, delta)
-        except StoreUnavailable:
-            pass  # fairness across tiers is best effort while the store is down
+        self._settle(hold, "running", gpu_s, service_delta=(gpu_s - hold.cost) / weight)
 
     # -- bookkeeping ---------------------------------------------------------------------
     def _forget(self, job_id: str) -> Hold | None:
         with self._lock:
             return self._holds.pop(job_id, None)
 
-    def _settle(self, hold: Hold, kind: str, gpu_s: float, rate: bool = False) -> None:
-        """Release the job's lease and settle its reservations (never raises)."""
-        s, flow = self.store, hold.client.flow_id
+    def _settle(self, hold: Hold, kind: str, gpu_s: float, rate: bool = False, service_delta: float = 0.0) -> None:
+        """Release the job's leases and settle its reservations, in one store call (never
+        raises). ``kind`` is the lease it holds now (both are given back either way)."""
+        delta = gpu_s - hold.cost
+        adjustments = [(hold.client.client_id, delta)]
+        if hold.reserved_address:
+            adjustments.append((address_usage_key(hold.client.address), delta))
         try:
-            s.release(kind, flow, hold.job_id)  # type: ignore[arg-type]
-            if kind == "running":
-                s.release("queued", flow, hold.job_id)
-            delta = gpu_s - hold.cost
-            if delta:
-                s.adjust(hold.client.client_id, delta)
-                if hold.reserved_address:
-                    s.adjust(address_usage_key(hold.client.address), delta)
-            if rate:
-                s.forget_rate(flow, hold.job_id)
+            self.store.settle(hold.client.flow_id, hold.job_id, adjustments, forget_rate=rate,
+                              service_delta=service_delta)
         except Exception:  # a settlement must never break the GPU thread
-            log.warning("could not settle job %s in the store", hold.job_id[:8], exc_info=True)
+            log.warning("could not settle job %s (%s) in the store", hold.job_id[:8], kind, exc_info=True)
 
     def leases(self) -> list[Lease]:
         with self._lock:
@@ -363,3 +373,12 @@ class GlobalLimits:
             return set(self.store.slot_counts())
         except StoreUnavailable:
             return set()
+
+    def used_keys(self) -> set[str]:
+        """Every client with usage in its live window, whichever replica spent it (an
+        address' shared ceiling, ``address:IP``, is no client and is left out)."""
+        try:
+            keys = self.store.usage_keys()
+        except StoreUnavailable:
+            return set()
+        return {k for k in keys if k.startswith(CLIENT_PREFIXES)}

@@ -35,6 +35,7 @@ twice (``acquire_slot``, ``move``, ``admit_rate``, ``release`` are idempotent pe
 key                                   type        holds
 ====================================  ==========  ==============================================
 ``{p}usage:{key}``                    hash        ``used``, ``start``, ``window_s``; expires with its window
+``{p}usage-index``                    sorted set  the usage hashes, scored by their window's end
 ``{p}overrides:c:{client_id}``        hash        one field per overridden limit, the value as JSON
 ``{p}overrides:index``                set         client ids that have overrides
 ``{p}overrides:version``              string      incremented by every override change
@@ -62,8 +63,15 @@ arguments, reply parsing), so they cannot drift apart. Timeouts default to 0.5 s
 redis-py's retries are cut to one immediate reconnect (its default is ten, with backoff):
 ``shared/redis_client.py``, which the frontend's in-flight ledger uses too.
 
-Integration note (for the scheduler and the runner)
----------------------------------------------------
+*A job's path in three scripts.* ``admit`` (rate, queued slot, reservations and the
+service read, all checked before anything is changed), ``start_job`` (the move and the
+service charge) and ``settle`` (both leases, the usage corrections, the service correction,
+the rate entry) are what :mod:`gpu_backend.global_limits` calls per job; the single-step
+methods remain for everything else (operators, the failover fallback, the tests).
+
+Integration note (for the scheduler and the runner; the original plan, before the
+combined scripts above replaced the single steps on a job's path)
+-----------------------------------------------------------------------------------------
 *The rule:* every store call is I/O (a loopback round trip is ~0.1-0.3 ms; a sick Redis
 is up to the 0.5 s timeout) and must run outside the runner's lock, which the GPU thread
 needs. Under the lock only in-memory bookkeeping.
@@ -120,6 +128,8 @@ from shared.redis_client import (
 
 from .usage import (
     DEFAULT_SERVICE_TTL_S,
+    AdmitGrant,
+    AdmitPlan,
     Lease,
     RateGrant,
     Renewal,
@@ -164,7 +174,7 @@ for i = 2, #ARGV do ARG[i - 1] = ARGV[i] end
 """
 
 _SCRIPTS: dict[str, str] = {
-    # KEYS[1] usage hash; ARG amount, limit, window_s, slack
+    # KEYS[1] usage hash, KEYS[2] the usage index; ARG amount, limit, window_s, slack
     "reserve": """
 local now = NOW
 local amount, limit, window_s, slack = tonumber(ARG[1]), num(ARG[2]), tonumber(ARG[3]), tonumber(ARG[4])
@@ -174,6 +184,7 @@ if not start or start + win <= now then used, start, win = 0, now, window_s end
 if used + amount <= limit + slack then
   redis.call('HSET', KEYS[1], 'used', fmt(used + amount), 'start', fmt(start), 'window_s', fmt(win))
   redis.call('PEXPIREAT', KEYS[1], ms(start + win))
+  redis.call('ZADD', KEYS[2], 'GT', fmt(start + win), KEYS[1])
   return false
 end
 return fmt(math.max(0, start + win - now))
@@ -195,6 +206,15 @@ local h = redis.call('HMGET', KEYS[1], 'used', 'start', 'window_s')
 local used, start, win = tonumber(h[1]), tonumber(h[2]), tonumber(h[3])
 if not start or start + win <= now then return {'0', '0'} end
 return {fmt(used), fmt(math.max(0, start + win - now))}
+""",
+    # KEYS[1] the usage index: the usage hashes of live windows (scored by their end)
+    "usage_keys": """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', fmt(NOW))
+local out = {}
+for _, k in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if redis.call('EXISTS', k) == 1 then out[#out + 1] = k else redis.call('ZREM', KEYS[1], k) end
+end
+return out
 """,
     "delete": "redis.call('DEL', KEYS[1]) return false",
     # KEYS[1] client hash, KEYS[2] index, KEYS[3] version; ARG client_id, field, json, ...
@@ -303,6 +323,118 @@ redis.call('SET', KEYS[1], fmt(v), 'PX', ARG[3])
 return fmt(v)
 """,
     "service_get": "return redis.call('MGET', unpack(KEYS))",
+    # A job's whole admission (UsageStore.admit): every check first, then every change.
+    # KEYS rate set, queued set, running set, the flow's service, the virtual time, one
+    # usage hash per reservation, the service counters to read, the usage index, the slot
+    # index; ARG job, rate limit ('' = none), rate window_s, max_queued, lease_s, number of
+    # reservations, slack, start limit ('' = queue only), start service delta, service ttl
+    # in ms, then amount, limit, window_s of each reservation.
+    "admit": """
+local now = NOW
+local job, nres, slack = ARG[1], tonumber(ARG[6]), tonumber(ARG[7])
+local new_rate = false
+if ARG[2] ~= '' then
+  local w = tonumber(ARG[3])
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', fmt(now - w))
+  local held = redis.call('ZCARD', KEYS[1])
+  if not redis.call('ZSCORE', KEYS[1], job) then
+    if held >= num(ARG[2]) then
+      if held == 0 then return {'rate', 0, fmt(w)} end
+      local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+      return {'rate', held, fmt(math.max(0, tonumber(oldest[2]) + w - now))}
+    end
+    new_rate = true
+  end
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', fmt(now))
+local held = redis.call('ZCARD', KEYS[2])
+if not redis.call('ZSCORE', KEYS[2], job) and held >= num(ARG[4]) then return {'queued', held} end
+local windows = {}  -- usage key -> {used, start, window_s} once this admission is taken
+for i = 1, nres do
+  local k, a = KEYS[5 + i], 10 + 3 * (i - 1)
+  local amount, limit, window_s = tonumber(ARG[a + 1]), num(ARG[a + 2]), tonumber(ARG[a + 3])
+  local w = windows[k]
+  if not w then
+    local h = redis.call('HMGET', k, 'used', 'start', 'window_s')
+    w = {tonumber(h[1]), tonumber(h[2]), tonumber(h[3])}
+    if not w[2] or w[2] + w[3] <= now then w = {0, now, window_s} end
+  end
+  if w[1] + amount > limit + slack then
+    return {'quota', i, fmt(math.max(0, w[2] + w[3] - now)), fmt(w[1])}
+  end
+  windows[k] = {w[1] + amount, w[2], w[3]}
+end
+if new_rate then
+  redis.call('ZADD', KEYS[1], fmt(now), job)
+  redis.call('PEXPIRE', KEYS[1], ms(tonumber(ARG[3])))
+end
+for k, w in pairs(windows) do
+  redis.call('HSET', k, 'used', fmt(w[1]), 'start', fmt(w[2]), 'window_s', fmt(w[3]))
+  redis.call('PEXPIREAT', k, ms(w[2] + w[3]))
+  redis.call('ZADD', KEYS[#KEYS - 1], 'GT', fmt(w[2] + w[3]), k)
+end
+local svc = {}
+for i = 6 + nres, #KEYS - 2 do svc[#svc + 1] = redis.call('GET', KEYS[i]) end
+local started = 0
+if ARG[8] ~= '' and redis.call('ZSCORE', KEYS[3], job) then
+  started = 1  -- a retry of an admission that started the job: nothing twice
+elseif ARG[8] ~= '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', fmt(now))
+  if redis.call('ZCARD', KEYS[3]) < num(ARG[8]) then  -- start at once: a running lease, charged
+    redis.call('ZADD', KEYS[3], fmt(now + tonumber(ARG[5])), job); touch(KEYS[3])
+    redis.call('ZREM', KEYS[2], job)
+    local delta = tonumber(ARG[9])
+    local v = tonumber(redis.call('GET', KEYS[5]) or '0')
+    local s = math.max(tonumber(redis.call('GET', KEYS[4]) or '0'), v) + delta
+    redis.call('SET', KEYS[4], fmt(s), 'PX', ARG[10])
+    redis.call('SET', KEYS[5], fmt(math.max(v, s - delta)), 'PX', ARG[10])
+    started = 1
+  end
+end
+if started == 0 then redis.call('ZADD', KEYS[2], fmt(now + tonumber(ARG[5])), job); touch(KEYS[2]) end
+return {'ok', svc, started}
+""",
+    # A job is done (UsageStore.settle). KEYS queued set, running set, rate set, the
+    # flow's service, then one usage hash per delta; ARG job, '1' to forget its rate
+    # entry, the service delta ('' = none), the service ttl in ms, then the usage deltas.
+    "settle": """
+local now = NOW
+redis.call('ZREM', KEYS[1], ARG[1])
+redis.call('ZREM', KEYS[2], ARG[1])
+if ARG[2] == '1' then redis.call('ZREM', KEYS[3], ARG[1]) end
+if ARG[3] ~= '' then
+  local v = tonumber(redis.call('GET', KEYS[4]) or '0') + tonumber(ARG[3])
+  redis.call('SET', KEYS[4], fmt(v), 'PX', ARG[4])
+end
+for i = 5, #KEYS do
+  local h = redis.call('HMGET', KEYS[i], 'used', 'start', 'window_s')
+  local used, start, win = tonumber(h[1]), tonumber(h[2]), tonumber(h[3])
+  if start and start + win > now then
+    redis.call('HSET', KEYS[i], 'used', fmt(math.max(0, used + tonumber(ARG[i]))))
+  end
+end
+return false
+""",
+    # Dispatch and charge (UsageStore.start_job): slot_move, then on a grant the flow's
+    # service and the virtual time. KEYS queued set, running set, the flow's service, the
+    # virtual time, the slot index; ARG job, limit, lease_s, service delta, ttl in ms.
+    "start_job": """
+local now = NOW
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', fmt(now))
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', fmt(now))
+local held = redis.call('ZCARD', KEYS[2])
+local already = redis.call('ZSCORE', KEYS[2], ARG[1])
+if not already and held >= num(ARG[2]) then return {0, held} end
+redis.call('ZADD', KEYS[2], fmt(now + tonumber(ARG[3])), ARG[1]); touch(KEYS[2])
+redis.call('ZREM', KEYS[1], ARG[1])
+local delta = tonumber(ARG[4])
+local v = tonumber(redis.call('GET', KEYS[4]) or '0')
+local s = math.max(tonumber(redis.call('GET', KEYS[3]) or '0'), v) + delta
+redis.call('SET', KEYS[3], fmt(s), 'PX', ARG[5])
+redis.call('SET', KEYS[4], fmt(math.max(v, s - delta)), 'PX', ARG[5])
+if already then return {1, held} end
+return {1, held + 1}
+""",
 }
 
 
@@ -358,6 +490,7 @@ class _Commands:
         self._version = f"{prefix}overrides:version"
         self._client_prefix = f"{prefix}overrides:c:"
         self._slot_index = f"{prefix}slot-index"
+        self._usage_index = f"{prefix}usage-index"
 
     def _usage(self, key: str) -> str:
         return f"{self.prefix}usage:{key}"
@@ -368,7 +501,7 @@ class _Commands:
     def reserve(self, key: str, amount: float, limit: float, window_s: float) -> _Call:
         check_reservation(amount, limit, window_s)
         args = (_float(amount), _num(limit), _float(window_s), repr(_SLACK))
-        return _Call("reserve", (self._usage(key),), args, lambda r: None if r is None else float(r))
+        return _Call("reserve", (self._usage(key), self._usage_index), args, lambda r: None if r is None else float(r))
 
     def adjust(self, key: str, delta: float) -> _Call:
         return _Call("adjust", (self._usage(key),), (_float(delta),), _none)
@@ -378,6 +511,10 @@ class _Commands:
 
     def reset(self, key: str) -> _Call:
         return _Call("delete", (self._usage(key),), (), _none)
+
+    def usage_keys(self) -> _Call:
+        head = self._usage("")
+        return _Call("usage_keys", (self._usage_index,), (), lambda r: sorted(_text(k).removeprefix(head) for k in r))
 
     def get_overrides(self, client_id: str) -> _Call:
         return _Call("overrides_get", (self._client_prefix + client_id,), (), _hash)
@@ -476,6 +613,65 @@ class _Commands:
             return {f: float(v) for f, v in zip(wanted, reply) if v is not None}
 
         return _Call("service_get", tuple(f"{self.prefix}svc:{f}" for f in wanted), (), parse)
+
+
+    def admit(self, plan: AdmitPlan) -> _Call:
+        check_slot("queued", plan.max_queued, plan.lease_s)
+        if plan.rate_limit is not None:
+            check_rate(plan.rate_limit, plan.rate_window_s)
+        for r in plan.reservations:
+            check_reservation(r.amount, r.limit, r.window_s)
+        if plan.start_limit is not None:
+            check_slot("running", plan.start_limit, plan.lease_s)
+            check_service(plan.start_service, None)
+        wanted = list(dict.fromkeys(plan.service))
+        keys = (
+            f"{self.prefix}rate:{plan.key}", self._slot("queued", plan.key), self._slot("running", plan.key),
+            f"{self.prefix}svc:{plan.key}", f"{self.prefix}svc:{plan.vtime_key}",
+            *(self._usage(r.key) for r in plan.reservations),
+            *(f"{self.prefix}svc:{f}" for f in wanted), self._usage_index, self._slot_index,
+        )
+        rate = "" if plan.rate_limit is None else _num(plan.rate_limit)
+        start = "" if plan.start_limit is None else _num(plan.start_limit)
+        args = (
+            plan.job_id, rate, _float(plan.rate_window_s), _num(plan.max_queued), _float(plan.lease_s),
+            str(len(plan.reservations)), repr(_SLACK), start, _float(plan.start_service), self.service_ttl_ms,
+            *(x for r in plan.reservations for x in (_float(r.amount), _num(r.limit), _float(r.window_s))),
+        )
+
+        def parse(reply: Any) -> AdmitGrant:
+            tag = _text(reply[0])
+            if tag == "ok":
+                service = {f: float(v) for f, v in zip(wanted, reply[1]) if v is not None}
+                return AdmitGrant(True, service=service, started=bool(int(reply[2])))
+            if tag == "rate":
+                return AdmitGrant(False, "rate", held=int(reply[1]), retry_after_s=float(reply[2]))
+            if tag == "queued":
+                return AdmitGrant(False, "queued", held=int(reply[1]))
+            return AdmitGrant(False, "quota", quota=int(reply[1]) - 1, retry_after_s=float(reply[2]), used=float(reply[3]))
+
+        return _Call("admit", keys, args, parse)
+
+    def settle(
+        self, key: str, job_id: str, adjustments: Iterable[tuple[str, float]], forget_rate: bool, service_delta: float
+    ) -> _Call:
+        check_service(service_delta, None)
+        deltas = [(k, d) for k, d in adjustments if d]
+        keys = (self._slot("queued", key), self._slot("running", key), f"{self.prefix}rate:{key}",
+                f"{self.prefix}svc:{key}", *(self._usage(k) for k, _ in deltas))
+        args = (job_id, "1" if forget_rate else "", _float(service_delta) if service_delta else "",
+                self.service_ttl_ms, *(_float(d) for _, d in deltas))
+        return _Call("settle", keys, args, _none)
+
+    def start_job(
+        self, key: str, job_id: str, limit: float, lease_s: float, service_delta: float, vtime_key: str
+    ) -> _Call:
+        check_slot("running", limit, lease_s)
+        check_service(service_delta, None)
+        keys = (self._slot("queued", key), self._slot("running", key), f"{self.prefix}svc:{key}",
+                f"{self.prefix}svc:{vtime_key}", self._slot_index)
+        args = (job_id, _num(limit), _float(lease_s), _float(service_delta), self.service_ttl_ms)
+        return _Call("start_job", keys, args, _grant)
 
 
 def _unavailable(exc: BaseException) -> StoreUnavailable:
@@ -603,6 +799,9 @@ class RedisStore:
     def reset(self, key: str) -> None:
         self._run(self._cmd.reset(key))
 
+    def usage_keys(self, now: float | None = None) -> list[str]:
+        return self._run(self._cmd.usage_keys())
+
     def get_overrides(self, client_id: str) -> dict[str, Any]:
         return self._run(self._cmd.get_overrides(client_id))
 
@@ -659,6 +858,21 @@ class RedisStore:
 
     def service(self, flow_ids: Iterable[str], now: float | None = None) -> dict[str, float]:
         return self._run(self._cmd.service(flow_ids))
+
+    def admit(self, plan: AdmitPlan, now: float | None = None) -> AdmitGrant:
+        return self._run(self._cmd.admit(plan))
+
+    def start_job(
+        self, key: str, job_id: str, limit: float, lease_s: float, service_delta: float, vtime_key: str,
+        now: float | None = None,
+    ) -> SlotGrant:
+        return self._run(self._cmd.start_job(key, job_id, limit, lease_s, service_delta, vtime_key))
+
+    def settle(
+        self, key: str, job_id: str, adjustments: Iterable[tuple[str, float]] = (), *,
+        forget_rate: bool = False, service_delta: float = 0.0, now: float | None = None,
+    ) -> None:
+        self._run(self._cmd.settle(key, job_id, adjustments, forget_rate, service_delta))
 
     def close(self) -> None:
         self._client.close()
@@ -736,6 +950,9 @@ class AsyncRedisStore:
     async def reset(self, key: str) -> None:
         await self._run(self._cmd.reset(key))
 
+    async def usage_keys(self, now: float | None = None) -> list[str]:
+        return await self._run(self._cmd.usage_keys())
+
     async def get_overrides(self, client_id: str) -> dict[str, Any]:
         return await self._run(self._cmd.get_overrides(client_id))
 
@@ -794,6 +1011,21 @@ class AsyncRedisStore:
 
     async def service(self, flow_ids: Iterable[str], now: float | None = None) -> dict[str, float]:
         return await self._run(self._cmd.service(flow_ids))
+
+    async def admit(self, plan: AdmitPlan, now: float | None = None) -> AdmitGrant:
+        return await self._run(self._cmd.admit(plan))
+
+    async def start_job(
+        self, key: str, job_id: str, limit: float, lease_s: float, service_delta: float, vtime_key: str,
+        now: float | None = None,
+    ) -> SlotGrant:
+        return await self._run(self._cmd.start_job(key, job_id, limit, lease_s, service_delta, vtime_key))
+
+    async def settle(
+        self, key: str, job_id: str, adjustments: Iterable[tuple[str, float]] = (), *,
+        forget_rate: bool = False, service_delta: float = 0.0, now: float | None = None,
+    ) -> None:
+        await self._run(self._cmd.settle(key, job_id, adjustments, forget_rate, service_delta))
 
     async def close(self) -> None:
         await self._client.aclose()

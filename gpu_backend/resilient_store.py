@@ -6,7 +6,7 @@ outage multiplies every limit without anyone noticing. Here the choice is explic
 both choices are bounded in time and in what they let through:
 
 ``closed`` (the default)
-    Admission (``reserve``, ``acquire_slot``, ``move``, ``admit_rate``) raises
+    Admission (``admit``, ``start_job``, ``reserve``, ``acquire_slot``, ``move``, ``admit_rate``) raises
     :class:`~gpu_backend.usage.StoreUnavailable`, a ``ServiceUnavailable`` ("Service
     unavailable", with the seconds until Redis is tried again). Nothing is admitted that
     the global limits have not checked.
@@ -24,9 +24,9 @@ Both modes, whatever is being done:
   failure a circuit breaker (:class:`CircuitBreaker`) sends no call to Redis for
   ``retry_s`` (3 s), then lets one call through as a probe; the first success closes it.
   Recovery is automatic.
-* *Settlements never raise* (``adjust``, ``release``, ``renew``, ``forget_rate``,
-  ``add_service``): they go to Redis when it answers, else to memory. ``release`` and
-  ``renew`` always go to memory too, so slots taken during an outage are given back there.
+* *Settlements never raise* (``settle``, ``adjust``, ``release``, ``renew``, ``forget_rate``,
+  ``add_service``): they go to Redis when it answers, else to memory. ``settle``, ``release``
+  and ``renew`` always go to memory too, so slots taken during an outage are given back there.
   A lease Redis did not hear about being released expires by itself within its lease.
 * *Reads* (``usage``, ``count``, ``slot_counts``, ``service``, overrides) fall back to memory: overrides
   from a mirror refreshed by every successful read from Redis. ``overrides_version`` is
@@ -47,6 +47,7 @@ client may run up to its local share on top of its Redis count. The memory state
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import logging
 import math
@@ -57,6 +58,8 @@ from typing import Any, Literal, TypeVar
 from shared.circuit_breaker import DEFAULT_RETRY_S, CircuitBreaker
 
 from .usage import (
+    AdmitGrant,
+    AdmitPlan,
     Lease,
     MemoryUsageStore,
     RateGrant,
@@ -125,6 +128,16 @@ class _Failover:
         if math.isinf(limit) or limit < 1:
             return limit if math.isinf(limit) else 0
         return max(1, math.floor(limit / self.replicas))
+
+    def shared_plan(self, plan: AdmitPlan) -> AdmitPlan:
+        """The plan with this replica's share of each limit (``local`` mode)."""
+        return dataclasses.replace(
+            plan,
+            max_queued=self.share_count(plan.max_queued),
+            rate_limit=None if plan.rate_limit is None else self.share_count(plan.rate_limit),
+            start_limit=None if plan.start_limit is None else self.share_count(plan.start_limit),
+            reservations=tuple(dataclasses.replace(r, limit=self.share(r.limit)) for r in plan.reservations),
+        )
 
     def refusal(self) -> StoreUnavailable:
         retry = max(self.breaker.retry_after(), 1.0)
@@ -213,6 +226,9 @@ class ResilientStore:
 
     def usage(self, key: str, now: float | None = None) -> tuple[float, float]:
         return self._call(_Route.READ, lambda p: p.usage(key, now), lambda f: f.usage(key, now))
+
+    def usage_keys(self, now: float | None = None) -> list[str]:
+        return self._call(_Route.READ, lambda p: p.usage_keys(now), lambda f: f.usage_keys(now))
 
     def reset(self, key: str) -> None:
         self.fallback.reset(key)
@@ -316,6 +332,36 @@ class ResilientStore:
         wanted = list(flow_ids)
         return self._call(_Route.READ, lambda p: p.service(wanted, now), lambda f: f.service(wanted, now))
 
+    # -- a job's steps in one call ---------------------------------------------------
+
+    def admit(self, plan: AdmitPlan, now: float | None = None) -> AdmitGrant:
+        return self._call(
+            _Route.ADMIT, lambda p: p.admit(plan, now), lambda f: f.admit(self._f.shared_plan(plan), now)
+        )
+
+    def start_job(
+        self, key: str, job_id: str, limit: float, lease_s: float, service_delta: float, vtime_key: str,
+        now: float | None = None,
+    ) -> SlotGrant:
+        return self._call(
+            _Route.ADMIT,
+            lambda p: p.start_job(key, job_id, limit, lease_s, service_delta, vtime_key, now),
+            lambda f: f.start_job(key, job_id, self._f.share_count(limit), lease_s, service_delta, vtime_key, now),
+        )
+
+    def settle(
+        self, key: str, job_id: str, adjustments: Iterable[tuple[str, float]] = (), *,
+        forget_rate: bool = False, service_delta: float = 0.0, now: float | None = None,
+    ) -> None:
+        deltas = list(adjustments)
+        self.fallback.release("queued", key, job_id)  # slots always in memory too, as release does
+        self.fallback.release("running", key, job_id)
+        self._call(
+            _Route.SETTLE,
+            lambda p: p.settle(key, job_id, deltas, forget_rate=forget_rate, service_delta=service_delta, now=now),
+            lambda f: f.settle(key, job_id, deltas, forget_rate=forget_rate, service_delta=service_delta, now=now),
+        )
+
     def close(self) -> None:
         self.primary.close()
         self.fallback.close()
@@ -381,6 +427,9 @@ class AsyncResilientStore:
 
     async def usage(self, key: str, now: float | None = None) -> tuple[float, float]:
         return await self._call(_Route.READ, lambda p: p.usage(key, now), lambda f: f.usage(key, now))
+
+    async def usage_keys(self, now: float | None = None) -> list[str]:
+        return await self._call(_Route.READ, lambda p: p.usage_keys(now), lambda f: f.usage_keys(now))
 
     async def reset(self, key: str) -> None:
         self.fallback.reset(key)
@@ -477,6 +526,34 @@ class AsyncResilientStore:
     async def service(self, flow_ids: Iterable[str], now: float | None = None) -> dict[str, float]:
         wanted = list(flow_ids)
         return await self._call(_Route.READ, lambda p: p.service(wanted, now), lambda f: f.service(wanted, now))
+
+    async def admit(self, plan: AdmitPlan, now: float | None = None) -> AdmitGrant:
+        return await self._call(
+            _Route.ADMIT, lambda p: p.admit(plan, now), lambda f: f.admit(self._f.shared_plan(plan), now)
+        )
+
+    async def start_job(
+        self, key: str, job_id: str, limit: float, lease_s: float, service_delta: float, vtime_key: str,
+        now: float | None = None,
+    ) -> SlotGrant:
+        return await self._call(
+            _Route.ADMIT,
+            lambda p: p.start_job(key, job_id, limit, lease_s, service_delta, vtime_key, now),
+            lambda f: f.start_job(key, job_id, self._f.share_count(limit), lease_s, service_delta, vtime_key, now),
+        )
+
+    async def settle(
+        self, key: str, job_id: str, adjustments: Iterable[tuple[str, float]] = (), *,
+        forget_rate: bool = False, service_delta: float = 0.0, now: float | None = None,
+    ) -> None:
+        deltas = list(adjustments)
+        self.fallback.release("queued", key, job_id)  # slots always in memory too, as release does
+        self.fallback.release("running", key, job_id)
+        await self._call(
+            _Route.SETTLE,
+            lambda p: p.settle(key, job_id, deltas, forget_rate=forget_rate, service_delta=service_delta, now=now),
+            lambda f: f.settle(key, job_id, deltas, forget_rate=forget_rate, service_delta=service_delta, now=now),
+        )
 
     async def close(self) -> None:
         await self.primary.close()

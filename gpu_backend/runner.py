@@ -258,6 +258,12 @@ class GpuRunner:
             ticket.waiter.future.cancel()
             self._on_event("cancelled", {"tier": ticket.tier})
 
+    def idle(self) -> bool:
+        """Nothing queued and a GPU slot free: a job admitted now would start at once."""
+        with self._lock:
+            return (not self._paused and not self._ready and not len(self.scheduler)
+                    and self.scheduler.running_count < self.scheduler.capacity)
+
     # -- the GPU side (worker threads) ------------------------------------------------
     def dispatch(self) -> None:
         """Start whatever can start now (after a change of limits: an operator's override)."""
@@ -366,7 +372,12 @@ class GpuRunner:
             first = requests[0]
             self.cost.observe(first.steps, first.width, first.height, first.guidance_scale, len(jobs),
                               outcome.total_s)
-        if self.gate is not None:  # the global slots first: the next dispatch may need them
+        if self.gate is not None:
+            # The callers first, then the store's round trip: nobody waits for the settlement.
+            # It still comes before this tier's next dispatch (this thread, below), which may
+            # need the running slot; another tier's dispatch that comes sooner is refused and
+            # retried (GlobalLimits.retry_s).
+            self._deliver_all(jobs, waiters, outcome)
             for job, share in zip(jobs, outcome.charges_s):
                 self.gate.finish(job, share)
         with self._work:  # each job is charged its share (a failed batch: see batching.py)
@@ -375,6 +386,10 @@ class GpuRunner:
                 self._waiters.pop(job.job_id, None)
             self._dispatch_locked()
             self._work.notify_all()  # a swap may be waiting for the GPU to go idle
+        if self.gate is None:
+            self._deliver_all(jobs, waiters, outcome)
+
+    def _deliver_all(self, jobs: list[Job], waiters: list[_Waiter], outcome: BatchOutcome) -> None:
         for job, w, result, share in zip(jobs, waiters, outcome.results, outcome.charges_s):
             self._on_event("finished", {"tier": job.client.tier, "gpu_s": share})
             if isinstance(result, BaseException):

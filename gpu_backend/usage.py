@@ -48,7 +48,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -66,6 +66,12 @@ __all__ = [
     "SlotCounts",
     "Renewal",
     "RateGrant",
+    "Reservation",
+    "AdmitPlan",
+    "AdmitGrant",
+    "admit_in_steps",
+    "settle_in_steps",
+    "start_job_in_steps",
     "DEFAULT_LEASE_S",
     "DEFAULT_SERVICE_TTL_S",
 ]
@@ -131,6 +137,59 @@ class RateGrant:
     retry_after_s: float = 0.0
 
 
+@dataclass(frozen=True)
+class Reservation:
+    """GPU-seconds to reserve against one key's window (:meth:`UsageStore.reserve`)."""
+
+    key: str
+    amount: float
+    limit: float
+    window_s: float
+
+
+@dataclass(frozen=True)
+class AdmitPlan:
+    """Every shared check of one job's admission, for one :meth:`UsageStore.admit`: in
+    order, the rate window of ``key`` (when ``rate_limit`` is set), a queued slot of
+    ``key`` within ``max_queued``, then each reservation; once all pass, the service
+    counters named in ``service`` are read (the fairness lead of the flow)."""
+
+    key: str
+    job_id: str
+    max_queued: float
+    lease_s: float
+    reservations: tuple[Reservation, ...] = ()
+    rate_limit: float | None = None
+    rate_window_s: float = 60.0
+    service: tuple[str, ...] = ()
+    start_limit: float | None = None
+    """Set (the flow's ``max_running``): once admitted, start the job at once if the flow
+    has fewer running jobs, as :meth:`UsageStore.start_job` with ``start_service`` and
+    ``vtime_key`` (the caller's tier is idle: the job will run next). Else it stays queued."""
+    start_service: float = 0.0
+    vtime_key: str = ""
+
+
+@dataclass(frozen=True)
+class AdmitGrant:
+    """What :meth:`UsageStore.admit` decided. Refused, nothing is left taken, and
+    ``refused_by`` says which check: ``"rate"`` (``held`` admissions in the window,
+    ``retry_after_s`` until the oldest leaves it), ``"queued"`` (``held`` leases) or
+    ``"quota"`` (reservation number ``quota`` of the plan: ``used`` in its window,
+    ``retry_after_s`` until it resets). Granted: ``service`` holds the counters read
+    (before the start's charge), and ``started`` says whether the job holds a running
+    lease already (its plan asked, and the flow had room) instead of a queued one."""
+
+    granted: bool
+    refused_by: str = ""
+    held: int = 0
+    retry_after_s: float = 0.0
+    quota: int = -1
+    used: float = 0.0
+    service: dict[str, float] = field(default_factory=dict)
+    started: bool = False
+
+
 class StoreUnavailable(ServiceUnavailable):
     """A shared store (Redis) cannot serve now: nothing was checked or changed.
 
@@ -171,6 +230,11 @@ class UsageStore(Protocol):
 
     def reset(self, key: str) -> None:
         """Forget ``key``'s usage."""
+        ...
+
+    def usage_keys(self, now: float | None = None) -> list[str]:
+        """Every key with a live usage window, sorted: what operators list, whichever
+        replica spent it."""
         ...
 
     # -- operator overrides ------------------------------------------------------------
@@ -264,6 +328,36 @@ class UsageStore(Protocol):
         """The service of each known flow among ``flow_ids`` (unknown ones are left out)."""
         ...
 
+    # -- a job's steps in one call (what a GPU tier with Redis does per job) -----------
+
+    def admit(self, plan: AdmitPlan, now: float | None = None) -> AdmitGrant:
+        """Every check of ``plan`` and its changes, or none of them: the rate entry, the
+        queued lease and the reservations are all taken, or (refused) all left as they
+        were. One round trip on Redis (one script, atomic); in steps elsewhere, each
+        undone when a later one refuses (:func:`admit_in_steps`)."""
+        ...
+
+    def start_job(
+        self, key: str, job_id: str, limit: float, lease_s: float, service_delta: float, vtime_key: str,
+        now: float | None = None,
+    ) -> SlotGrant:
+        """Dispatch and charge in one step: :meth:`move` the job's queued lease of ``key``
+        to a running one within ``limit``; granted, the flow ``key`` is charged its virtual
+        service, ``S = max(S, V) + service_delta``, and the shared virtual time (the counter
+        ``vtime_key``) rises to the job's start tag, ``V = max(V, S - service_delta)``.
+        Refused, nothing changes. One round trip on Redis."""
+        ...
+
+    def settle(
+        self, key: str, job_id: str, adjustments: Iterable[tuple[str, float]] = (), *,
+        forget_rate: bool = False, service_delta: float = 0.0, now: float | None = None,
+    ) -> None:
+        """A job is done (ran, or left): give back its queued and running leases of
+        ``key``, ``adjust`` each usage key by its delta, add ``service_delta`` to the flow
+        ``key``'s service (the measured cost's correction) and with ``forget_rate`` take
+        its admission out of ``key``'s rate window. One round trip on Redis."""
+        ...
+
     def close(self) -> None:
         """Release connections and files."""
         ...
@@ -315,6 +409,78 @@ def _reserve(window: _Window | None, amount: float, limit: float, window_s: floa
         window.used += amount
         return window, None
     return None, window.resets_in(now)
+
+
+def admit_in_steps(store: UsageStore, plan: AdmitPlan, now: float | None = None) -> AdmitGrant:
+    """:meth:`UsageStore.admit` as its single calls, each undone when a later one
+    refuses or fails (the memory and SQLite stores, and Redis' outage fallback)."""
+    undo: list[Callable[[], Any]] = []
+
+    def refuse(grant: AdmitGrant) -> AdmitGrant:
+        for step in reversed(undo):
+            step()
+        return grant
+
+    try:
+        if plan.rate_limit is not None:
+            rate = store.admit_rate(plan.key, plan.job_id, plan.rate_limit, plan.rate_window_s, now)
+            if not rate.granted:
+                return AdmitGrant(False, "rate", held=rate.held, retry_after_s=rate.retry_after_s)
+            undo.append(lambda: store.forget_rate(plan.key, plan.job_id))
+        slot = store.acquire_slot("queued", plan.key, plan.job_id, plan.max_queued, plan.lease_s, now)
+        if not slot.granted:
+            return refuse(AdmitGrant(False, "queued", held=slot.held))
+        undo.append(lambda: store.release("queued", plan.key, plan.job_id))
+        for i, r in enumerate(plan.reservations):
+            retry = store.reserve(r.key, r.amount, r.limit, r.window_s, now)
+            if retry is not None:
+                used, _ = store.usage(r.key, now)
+                return refuse(AdmitGrant(False, "quota", retry_after_s=retry, quota=i, used=used))
+            undo.append(lambda r=r: store.adjust(r.key, -r.amount, now))  # type: ignore[misc]
+        service = store.service(plan.service, now) if plan.service else {}
+        started = plan.start_limit is not None and store.start_job(
+            plan.key, plan.job_id, plan.start_limit, plan.lease_s, plan.start_service, plan.vtime_key, now
+        ).granted
+    except BaseException:
+        for step in reversed(undo):
+            try:
+                step()
+            except StoreUnavailable:
+                pass  # expires by itself (a lease, a rate entry) or was never taken
+        raise
+    return AdmitGrant(True, service=service, started=started)
+
+
+def settle_in_steps(
+    store: UsageStore, key: str, job_id: str, adjustments: Iterable[tuple[str, float]] = (), *,
+    forget_rate: bool = False, service_delta: float = 0.0, now: float | None = None,
+) -> None:
+    """:meth:`UsageStore.settle` as its single calls."""
+    for kind in SLOT_KINDS:
+        store.release(kind, key, job_id)
+    for usage_key, delta in adjustments:
+        if delta:
+            store.adjust(usage_key, delta, now)
+    if service_delta:
+        store.add_service(key, service_delta, now=now)
+    if forget_rate:
+        store.forget_rate(key, job_id)
+
+
+def start_job_in_steps(
+    store: UsageStore, key: str, job_id: str, limit: float, lease_s: float, service_delta: float, vtime_key: str,
+    now: float | None = None,
+) -> SlotGrant:
+    """:meth:`UsageStore.start_job` as its single calls (the service charge is not atomic
+    with the move: two starts racing may raise ``V`` in either order, which only delays
+    it by one of them)."""
+    check_service(service_delta, None)
+    grant = store.move(key, job_id, limit, lease_s, now)
+    if grant.granted:
+        vtime = store.service([vtime_key], now).get(vtime_key, 0.0)
+        after = store.add_service(key, service_delta, floor=vtime, now=now)
+        store.add_service(vtime_key, 0.0, floor=after - service_delta, now=now)
+    return grant
 
 
 class MemoryUsageStore:
@@ -371,6 +537,11 @@ class MemoryUsageStore:
             if window is None or not window.live(now):
                 return (0.0, 0.0)
             return (window.used, window.resets_in(now))
+
+    def usage_keys(self, now: float | None = None) -> list[str]:
+        now = self._now(now)
+        with self._lock:
+            return sorted(k for k, w in self._windows.items() if w.live(now))
 
     def reset(self, key: str) -> None:
         with self._lock:
@@ -540,6 +711,23 @@ class MemoryUsageStore:
             found = {f: self._service.get(f) for f in flow_ids}
             return {f: v[0] for f, v in found.items() if v is not None and v[1] > now}
 
+    # -- a job's steps in one call (in steps here; one script on Redis) ----------------
+
+    def admit(self, plan: AdmitPlan, now: float | None = None) -> AdmitGrant:
+        return admit_in_steps(self, plan, now)
+
+    def start_job(
+        self, key: str, job_id: str, limit: float, lease_s: float, service_delta: float, vtime_key: str,
+        now: float | None = None,
+    ) -> SlotGrant:
+        return start_job_in_steps(self, key, job_id, limit, lease_s, service_delta, vtime_key, now)
+
+    def settle(
+        self, key: str, job_id: str, adjustments: Iterable[tuple[str, float]] = (), *,
+        forget_rate: bool = False, service_delta: float = 0.0, now: float | None = None,
+    ) -> None:
+        settle_in_steps(self, key, job_id, adjustments, forget_rate=forget_rate, service_delta=service_delta, now=now)
+
     def close(self) -> None:
         """Nothing to release; here so every store can be closed alike."""
 
@@ -671,6 +859,12 @@ class SqliteUsageStore:
         if window is None or not window.live(now):
             return (0.0, 0.0)
         return (window.used, window.resets_in(now))
+
+    def usage_keys(self, now: float | None = None) -> list[str]:
+        now = self._now(now)
+        with self._lock:
+            rows = self._db.execute("SELECT key FROM usage WHERE window_start + window_s > ? ORDER BY key", (now,))
+            return [row[0] for row in rows.fetchall()]
 
     def reset(self, key: str) -> None:
         with self._write():
@@ -880,6 +1074,23 @@ class SqliteUsageStore:
                 ).fetchall()
                 found.update({f: float(v) for f, v in rows})
         return found
+
+    # -- a job's steps in one call (in steps here; one script on Redis) ----------------
+
+    def admit(self, plan: AdmitPlan, now: float | None = None) -> AdmitGrant:
+        return admit_in_steps(self, plan, now)
+
+    def start_job(
+        self, key: str, job_id: str, limit: float, lease_s: float, service_delta: float, vtime_key: str,
+        now: float | None = None,
+    ) -> SlotGrant:
+        return start_job_in_steps(self, key, job_id, limit, lease_s, service_delta, vtime_key, now)
+
+    def settle(
+        self, key: str, job_id: str, adjustments: Iterable[tuple[str, float]] = (), *,
+        forget_rate: bool = False, service_delta: float = 0.0, now: float | None = None,
+    ) -> None:
+        settle_in_steps(self, key, job_id, adjustments, forget_rate=forget_rate, service_delta=service_delta, now=now)
 
     def close(self) -> None:
         with self._lock:

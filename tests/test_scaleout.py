@@ -31,7 +31,7 @@ JOB_S = 0.6
 KEYS = {
     "serial": "serial", "serial-f": "serial", "metered": "metered", "metered-f": "metered",
     "chatty": "chatty", "chatty-f": "chatty", "override": "roomy", "killed": "serial",
-    "filed": "filed",
+    "filed": "filed", "listed": "roomy",
 }
 VIA = ["gpu tiers", "frontends"]
 
@@ -236,6 +236,19 @@ def test_an_override_set_on_one_tier_applies_on_the_other(pair: Tiers) -> None:
     assert wait_for(lambda: infer(b, pair.d.secret, "override")["ok"], 10)
 
 
+def test_the_client_list_of_each_tier_shows_usage_spent_on_another(pair: Tiers) -> None:
+    a, b = urls(pair)
+    done = infer(a, pair.d.secret, "listed")
+    assert done["ok"], done
+    for url in (b, a):  # B never saw the client, and it holds no slot any more
+        listed = {c["client"]: c for c in admin(url, pair.d.admin_token, "GET", "clients").json()}
+        assert "key:listed" in listed, sorted(listed)
+        assert listed["key:listed"]["used"] == pytest.approx(done["info"]["gpu_s"], rel=0.2)
+        assert listed["key:listed"]["limits"]["gpu_seconds"] == 600  # its tier from the quota file
+        assert listed["key:listed"]["running"] == 0 and listed["key:listed"]["queued"] == 0
+    assert not [c for c in listed if c.startswith("address:")]  # an address' ceiling is no client
+
+
 def test_a_quota_file_change_reaches_both_gpu_tiers(pair: Tiers) -> None:
     a, b = urls(pair)
     assert infer(a, pair.d.secret, "filed")["ok"]
@@ -346,3 +359,73 @@ def test_a_held_flow_is_skipped_and_a_requeued_job_keeps_its_place() -> None:
     held.clear()
     assert [j.job_id for j in s.dispatch()] == ["a1"]  # in its own order
     s._check_invariants()
+
+
+# -- a job's round trips (GlobalLimits on a real Redis, no tier processes) ------------------
+def _scripts_run(url: str) -> int:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0))
+    finally:
+        client.close()
+
+
+def test_a_job_costs_three_round_trips_and_two_on_an_idle_tier(redis_server: Any) -> None:
+    import asyncio
+    import uuid
+
+    from gpu_backend.global_limits import GlobalLimits
+    from gpu_backend.redis_store import AsyncRedisStore, RedisStore
+    from gpu_backend.resilient_store import AsyncResilientStore, ResilientStore
+    from gpu_backend.scheduler import Job
+    from shared.quotas import Tier
+
+    prefix = f"test:{uuid.uuid4().hex}:"
+    store = ResilientStore(RedisStore.from_url(redis_server.url, prefix=prefix))
+    tier = Tier(weight=2, max_running=1, max_queued=5, gpu_seconds=100, window_s=600)
+    client = _ref("trips")
+
+    async def scenario() -> None:
+        async_store = AsyncResilientStore(AsyncRedisStore.from_url(redis_server.url, prefix=prefix),
+                                          store.fallback, breaker=store.breaker)
+        gl = GlobalLimits(store=store, async_store=async_store, limits=lambda c: tier)
+        try:
+            warm = _ref("trips-warm-up")  # loads the scripts (a fresh Redis answers NOSCRIPT first)
+            await gl.admit(warm, "w1", 1.0, start_now=True)
+            await gl.admit(warm, "w2", 1.0)
+            jobs = [Job(j, warm, 1.0, None, time.time()) for j in ("w1", "w2")]
+            gl.start(jobs)
+            gl.finish(jobs[0], 1.0)
+            gl.dropped("w2")
+            gl._settler.submit(lambda: None).result()
+
+            before = _scripts_run(redis_server.url)
+            await gl.admit(client, "busy", 1.0)  # a busy tier: admitted queued
+            (job,) = gl.start([Job("busy", client, 1.0, None, time.time())])[0]
+            gl.finish(job, 0.5)
+            assert _scripts_run(redis_server.url) - before == 3  # admit, start_job, settle
+
+            before = _scripts_run(redis_server.url)
+            first = await gl.admit(client, "idle-1", 1.0, start_now=True)  # an idle tier
+            second = await gl.admit(client, "idle-2", 1.0, start_now=True)  # max_running 1: it queues
+            assert first.kind == "running" and second.kind == "queued"
+            run, refused, _ = gl.start([Job("idle-1", client, 1.0, None, time.time()),
+                                        Job("idle-2", client, 1.0, None, time.time())])
+            assert [j.job_id for j in run] == ["idle-1"] and [j.job_id for j in refused] == ["idle-2"]
+            gl.finish(run[0], 1.0)
+            assert _scripts_run(redis_server.url) - before == 4  # 2 admits, the refused start_job, 1 settle
+            gl.dropped("idle-2")  # and the one that left
+            gl._settler.submit(lambda: None).result()
+            assert store.count("queued", client.flow_id) == 0 and store.count("running", client.flow_id) == 0
+            # the service: busy 1.0 / 2 charged, corrected to 0.5 / 2; idle-1 1.0 / 2
+            assert store.service([client.flow_id])[client.flow_id] == pytest.approx(0.25 + 0.5)
+        finally:
+            gl.close()
+            await async_store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        store.close()

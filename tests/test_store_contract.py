@@ -9,6 +9,7 @@ and leases are short and every wait is a poll for the condition, bounded.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import threading
 import time
@@ -21,7 +22,15 @@ from typing import Any
 import pytest
 
 from gpu_backend.redis_store import AsyncRedisStore, RedisStore
-from gpu_backend.usage import Lease, MemoryUsageStore, SlotCounts, SqliteUsageStore, UsageStore
+from gpu_backend.usage import (
+    AdmitPlan,
+    Lease,
+    MemoryUsageStore,
+    Reservation,
+    SlotCounts,
+    SqliteUsageStore,
+    UsageStore,
+)
 
 KINDS = ["memory", "sqlite", "redis", "redis-async"]
 
@@ -189,6 +198,21 @@ def test_adjust_settles_clamps_and_ignores_dead_windows(store: UsageStore) -> No
     wait_for(lambda: store.usage("short") == (0.0, 0.0))
     store.adjust("short", 2.0)
     assert store.usage("short") == (0.0, 0.0)
+
+
+def test_usage_keys_list_live_windows_whoever_spent_them(make_store: Factory) -> None:
+    a, b = make_store(), make_store()
+    assert a.usage_keys() == []
+    assert a.reserve("key:alpha", 1.0, 10.0, 100.0) is None
+    assert b.reserve("address:1.2.3.4", 1.0, 10.0, 100.0) is None  # another replica
+    assert b.admit(AdmitPlan(key="f", job_id="j", max_queued=1, lease_s=30.0,
+                             reservations=(Reservation("session:s1", 0.5, 10.0, 100.0),))).granted
+    assert b.reserve("key:short", 1.0, 10.0, 0.3) is None
+    assert b.reserve("key:refused", 5.0, 1.0, 100.0) is not None  # a refusal opens no window
+    assert a.usage_keys() == ["address:1.2.3.4", "key:alpha", "key:short", "session:s1"]
+    wait_for(lambda: "key:short" not in a.usage_keys())  # an expired window leaves the list
+    a.reset("key:alpha")
+    assert b.usage_keys() == ["address:1.2.3.4", "session:s1"]
 
 
 def test_reset(store: UsageStore) -> None:
@@ -359,6 +383,103 @@ def test_service_of_an_idle_flow_is_forgotten(make_store: Factory) -> None:
     assert store.add_service("f", 1.0) == pytest.approx(1.0)
 
 
+# -- a job's steps in one call: admit, start_job, settle --------------------------------
+
+
+def _plan(job: str, *, queued: float = 2, rate: float | None = 3, quota: float = 1.0, address: float | None = 5.0,
+          window_s: float = 100.0) -> AdmitPlan:
+    reservations = [Reservation("c", 0.5, quota, window_s)]
+    if address is not None:
+        reservations.append(Reservation("addr-usage:1.2.3.4", 0.5, address, window_s))
+    return AdmitPlan(key="f", job_id=job, max_queued=queued, lease_s=30.0, reservations=tuple(reservations),
+                     rate_limit=rate, rate_window_s=60.0, service=("f", "__v__"))
+
+
+def test_admit_takes_every_check_or_none(store: UsageStore) -> None:
+    store.add_service("f", 2.0)
+    first = store.admit(_plan("a"))
+    assert first.granted and first.service == {"f": pytest.approx(2.0)}  # an unknown counter is left out
+    assert store.count("queued", "f") == 1 and store.usage("c")[0] == pytest.approx(0.5)
+    assert store.usage("addr-usage:1.2.3.4")[0] == pytest.approx(0.5)
+
+    by_quota = store.admit(_plan("b", quota=0.75))  # the client's quota refuses: 0.5 + 0.5 > 0.75
+    assert (by_quota.granted, by_quota.refused_by, by_quota.quota) == (False, "quota", 0)
+    assert by_quota.used == pytest.approx(0.5) and 95.0 < by_quota.retry_after_s <= 100.0
+    by_address = store.admit(_plan("b", address=0.75))  # the address' ceiling refuses
+    assert (by_address.refused_by, by_address.quota) == ("quota", 1)
+    for refused in (by_quota, by_address):  # nothing of either is left taken
+        assert refused.service == {}
+    assert store.count("queued", "f") == 1 and store.usage("c")[0] == pytest.approx(0.5)
+    assert store.usage("addr-usage:1.2.3.4")[0] == pytest.approx(0.5)
+    assert store.admit_rate("f", "probe", 2, 60.0).granted  # only "a" is in the rate window
+    store.forget_rate("f", "probe")
+
+    assert store.admit(_plan("b")).granted
+    full = store.admit(_plan("c"))
+    assert (full.refused_by, full.held) == ("queued", 2)
+    rated = store.admit(_plan("d", queued=10, rate=2))
+    assert (rated.refused_by, rated.held) == ("rate", 2) and 55.0 < rated.retry_after_s <= 60.0
+    assert store.count("queued", "f") == 2 and store.usage("c")[0] == pytest.approx(1.0)
+    bare = store.admit(AdmitPlan(key="g", job_id="x", max_queued=1, lease_s=30.0))  # no rate, no quota
+    assert bare.granted and bare.service == {} and store.count("queued", "g") == 1
+    assert not store.admit(AdmitPlan(key="g", job_id="y", max_queued=1, lease_s=30.0)).granted
+
+
+def test_admit_may_start_the_job_at_once_within_max_running(make_store: Factory) -> None:
+    a, b = make_store(), make_store()
+    plan = AdmitPlan(key="f", job_id="j1", max_queued=5, lease_s=30.0, service=("f", "__v__"),
+                     start_limit=1, start_service=1.0, vtime_key="__v__")
+    first = a.admit(plan)
+    assert first.granted and first.started and first.service == {}  # read before its own charge
+    assert a.count("running", "f") == 1 and a.count("queued", "f") == 0
+    assert b.service(["f", "__v__"]) == {"f": pytest.approx(1.0), "__v__": pytest.approx(0.0)}
+    second = b.admit(dataclasses.replace(plan, job_id="j2"))  # another replica: max_running is full
+    assert second.granted and not second.started
+    assert b.count("running", "f") == 1 and b.count("queued", "f") == 1
+    assert second.service == {"f": pytest.approx(1.0), "__v__": pytest.approx(0.0)}  # no charge
+    assert not b.start_job("f", "j2", 1, 30.0, 1.0, "__v__").granted
+    b.settle("f", "j1", [])
+    assert b.start_job("f", "j2", 1, 30.0, 1.0, "__v__").granted
+    queued_only = a.admit(dataclasses.replace(plan, job_id="j3", start_limit=None))
+    assert queued_only.granted and not queued_only.started and a.count("queued", "f") == 1
+
+
+def test_settle_gives_back_both_leases_and_corrects_the_usage(store: UsageStore) -> None:
+    assert store.admit(_plan("a")).granted
+    assert store.admit(_plan("b")).granted
+    assert store.move("f", "a", 1, 30.0).granted
+    store.settle("f", "a", [("c", -0.2), ("addr-usage:1.2.3.4", 0.1)])
+    assert store.count("running", "f") == 0 and store.count("queued", "f") == 1
+    assert store.usage("c")[0] == pytest.approx(0.8)
+    assert store.usage("addr-usage:1.2.3.4")[0] == pytest.approx(1.1)
+    store.settle("f", "b", [("c", -0.5), ("gone", 1.0)], forget_rate=True)  # a queued job that left
+    assert store.count("queued", "f") == 0 and store.usage("c")[0] == pytest.approx(0.3)
+    assert store.usage("gone") == (0.0, 0.0)  # a dead window is not brought back
+    grants = [store.admit_rate("f", f"n{i}", 3, 60.0).granted for i in range(3)]
+    assert grants == [True, True, False]  # "b" left the rate window, "a" did not
+    store.settle("f", "a", [])  # settling twice changes nothing
+    assert store.usage("c")[0] == pytest.approx(0.3)
+
+
+def test_start_job_dispatches_and_charges_the_flow_and_the_virtual_time(make_store: Factory) -> None:
+    a, b = make_store(), make_store()
+    for job in ("j1", "j2", "j3"):
+        assert a.admit(AdmitPlan(key="f", job_id=job, max_queued=5, lease_s=30.0)).granted
+    first = a.start_job("f", "j1", 1, 30.0, 1.0, "__v__")
+    assert first.granted and first.held == 1  # S_f = max(0, V = 0) + 1, V = 0
+    refused = b.start_job("f", "j2", 1, 30.0, 1.0, "__v__")  # max_running 1, across handles
+    assert not refused.granted and refused.held == 1
+    assert b.service(["f", "__v__"]) == {"f": pytest.approx(1.0), "__v__": pytest.approx(0.0)}  # refused: no charge
+    assert b.count("queued", "f") == 2 and b.count("running", "f") == 1
+    b.settle("f", "j1", [], service_delta=-0.25)  # it ran for less than its estimate
+    assert b.start_job("f", "j2", 1, 30.0, 1.0, "__v__").granted  # served on A, not fresh on B
+    assert a.service(["f", "__v__"]) == {"f": pytest.approx(1.75), "__v__": pytest.approx(0.75)}
+    assert a.admit(AdmitPlan(key="g", job_id="x", max_queued=1, lease_s=30.0)).granted
+    assert a.start_job("g", "x", 1, 30.0, 0.5, "__v__").held == 1  # a new flow starts at V
+    assert b.service(["g"]) == {"g": pytest.approx(1.25)}
+    assert b.service(["__v__"]) == {"__v__": pytest.approx(0.75)}  # V is a maximum: g's start tag is V
+
+
 # -- races: at most the limit, whoever asks ---------------------------------------------------
 
 
@@ -400,6 +521,18 @@ def test_racing_reservations_never_exceed_the_quota(make_store: Factory) -> None
 def test_racing_requests_never_exceed_the_rate(make_store: Factory) -> None:
     won = _race(make_store, 8, lambda s, n: s.admit_rate("hot", f"j{n}", 7, 60.0).granted)
     assert won == 7
+
+
+def test_racing_admissions_never_exceed_the_queue_or_the_quota(make_store: Factory) -> None:
+    def admit(s: Any, n: int, queued: float, quota: float) -> bool:
+        plan = AdmitPlan(key="hot", job_id=f"j{n}", max_queued=queued, lease_s=30.0,
+                         reservations=(Reservation(f"q{queued}", 0.5, quota, 100.0),), rate_limit=7, rate_window_s=60.0)
+        return bool(s.admit(plan).granted)
+
+    assert _race(make_store, 8, lambda s, n: admit(s, n, 3, math.inf)) == 3
+    assert _race(make_store, 8, lambda s, n: admit(s, 1000 + n, 1000, 1.5)) == 3  # the quota: 3 x 0.5
+    assert make_store().usage("q1000")[0] == pytest.approx(1.5)  # refusals left nothing reserved
+    assert make_store().count("queued", "hot") == 6
 
 
 # -- Redis only: its clock, not ours ------------------------------------------------------------

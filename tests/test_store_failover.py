@@ -10,6 +10,7 @@ automatic, without charging twice.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import threading
 import time
@@ -22,7 +23,7 @@ import pytest
 
 from gpu_backend.redis_store import AsyncRedisStore, RedisStore
 from gpu_backend.resilient_store import AsyncResilientStore, CircuitBreaker, ResilientStore, open_store
-from gpu_backend.usage import Lease, SqliteUsageStore, StoreUnavailable
+from gpu_backend.usage import AdmitPlan, Lease, Reservation, SqliteUsageStore, StoreUnavailable
 from shared.errors import SERVICE_UNAVAILABLE, ServiceUnavailable
 
 RETRY_S = 0.5
@@ -121,12 +122,15 @@ def test_closed_mode_refuses_while_redis_is_stopped_and_recovers(own_redis: Any,
             lambda: store.acquire_slot("queued", "c", "j", 4, 30.0),
             lambda: store.move("c", "j", 1, 30.0),
             lambda: store.admit_rate("c", "j", 5, 60.0),
+            lambda: store.admit(AdmitPlan("c", "j", 4, 30.0, (Reservation("c", 1.0, 5.0, 100.0),))),
         ):
             refused, took = timed(admit)
             assert isinstance(refused, StoreUnavailable) and took < 0.1  # the breaker is open: no wait
         # settlements and reads never raise; operators are told their change did not land
         assert store.release("running", "c", "before") is False
         store.adjust("c", -0.5)
+        store.settle("c", "before", [("c", -0.5)], forget_rate=True)
+        assert isinstance(timed(lambda: store.start_job("c", "j", 1, 30.0, 1.0, "v"))[0], StoreUnavailable)
         assert store.renew([Lease("running", "c", "before")], 30.0).lost
         assert store.usage("c") == (0.0, 0.0)
         for operator in (lambda: store.set_overrides("key:x", {"max_queued": 1}), lambda: store.reset("c")):
@@ -179,6 +183,16 @@ def test_local_mode_serves_with_limits_divided_by_the_replicas(own_redis: Any, p
         assert store.reserve("c", 0.1, 4.0, 100.0) is not None
         rates = [store.admit_rate("c", f"j{i}", 5, 60.0).granted for i in range(4)]
         assert rates == [True, True, False, False]  # 5 // 2
+        plan = AdmitPlan("p", "a", 3, 30.0, (Reservation("pc", 2.0, 4.0, 100.0),), rate_limit=100)
+        assert store.admit(plan).granted  # the whole admission, in memory, with the shares:
+        by_queue = store.admit(dataclasses.replace(plan, job_id="b"))
+        assert (by_queue.granted, by_queue.refused_by) == (False, "queued")  # max_queued 3 // 2
+        store.settle("p", "a", [("pc", -2.0)])
+        by_quota = store.admit(dataclasses.replace(plan, job_id="c", reservations=(Reservation("pc", 2.5, 4.0, 100.0),)))
+        assert by_quota.refused_by == "quota"  # gpu_seconds 4.0 / 2
+        starting = AdmitPlan("q", "a", 10, 30.0, start_limit=3, start_service=1.0, vtime_key="v")
+        assert store.admit(starting).started  # max_running 3 // 2 = 1: the first starts at once,
+        assert not store.admit(dataclasses.replace(starting, job_id="b")).started  # the next queues
         assert store.overrides_version() < 0  # served from memory: caches re-read
         assert store.release("running", "c", "a") is True  # the local lease, given back
         assert store.degraded
@@ -251,6 +265,20 @@ def test_async_store_fails_over_and_recovers_in_both_modes(own_redis: Any, prefi
                 assert mode == "local" and grant.granted and grant.held == 1  # 4 // 2, counted locally
             assert time.monotonic() - start < CALL_BOUND_S
             assert await store.release("queued", "c", "b") is (mode == "local")
+            plan = AdmitPlan("d", "x", 4, 30.0, (Reservation("d", 1.0, 1.0, 100.0),))
+            try:
+                got = await store.admit(plan)
+            except StoreUnavailable:
+                assert mode == "closed"
+            else:
+                assert mode == "local" and got.refused_by == "quota"  # gpu_seconds 1.0 / 2 refuses 1.0
+            await store.settle("d", "x", [("d", -1.0)], forget_rate=True)  # never raises
+            try:
+                started = await store.start_job("c", "a", 1, 30.0, 1.0, "v")
+            except StoreUnavailable:
+                assert mode == "closed"
+            else:
+                assert mode == "local" and started.granted  # max_running 1 stays 1 locally
             own_redis.resume()
             deadline = time.monotonic() + 10
             while True:
