@@ -14,8 +14,7 @@ Three parts, selectable with ``--part`` (default all):
    ``requests_per_minute = 100``: admissions, then refusals once a window is full). Then
    one job's store work on Redis as a GPU tier does it (``GlobalLimits`` admit, start and
    finish over the failover wrappers): milliseconds per step and the Redis round trips of
-   each (counted with ``INFO commandstats``), for an anonymous caller and an API key on a
-   busy tier, and an API key on an idle tier (its admission starts it: no dispatch call).
+   each (counted with ``INFO commandstats``), for an anonymous caller and an API key.
 2. **Noisy neighbour on 1 and 2 GPU tiers**, Redis on in both (so the number of tiers is the
    only difference): one frontend whose ``SPLITSPACE_BACKEND_URL`` lists the tiers, model
    ``sleep:100``; a heavy API key (``max_running = 4``) bursts 40 jobs, 0.2 s later four light
@@ -193,9 +192,8 @@ def job_store_work(url: str, seconds: float) -> dict[str, dict[str, float]]:
     from gpu_backend.scheduler import Job
 
     out: dict[str, dict[str, float]] = {}
-    for kind, idle in (("anonymous", False), ("api key", False), ("api key, idle tier", True)):
-        tier = JOB_TIERS[kind.split(",")[0]]
-        client = JOB_CLIENTS[kind.split(",")[0]]
+    for kind, tier in JOB_TIERS.items():
+        client = JOB_CLIENTS[kind]
         store = open_store(redis_url=url, sqlite_path=Path("unused"))
         assert isinstance(store, ResilientStore)
 
@@ -208,7 +206,7 @@ def job_store_work(url: str, seconds: float) -> dict[str, dict[str, float]]:
             async def one() -> list[float]:
                 job_id = uuid.uuid4().hex
                 t0 = time.perf_counter()
-                await gl.admit(client, job_id, 0.5, start_now=idle)
+                await gl.admit(client, job_id, 0.5)
                 t1 = time.perf_counter()
                 job = Job(job_id, client, 0.5, None, time.time())
                 assert gl.start([job])[0]
@@ -228,7 +226,7 @@ def job_store_work(url: str, seconds: float) -> dict[str, dict[str, float]]:
                 gl._settler = deferred  # type: ignore[assignment]
                 calls = [redis_calls(url)]
                 job_id = uuid.uuid4().hex
-                await gl.admit(client, job_id, 0.5, start_now=idle)
+                await gl.admit(client, job_id, 0.5)
                 calls.append(redis_calls(url))
                 job = Job(job_id, client, 0.5, None, time.time())
                 gl.start([job])
@@ -291,8 +289,8 @@ def part1(seconds: float, redis_url: str | None) -> None:
           "acquire+release two, move three, admit_rate one); latency = 1 / rate.")
     print("\nOne job's store work on Redis as a GPU tier does it (GlobalLimits over the failover wrappers): "
           "ms per job, and Redis round trips (scripts) of each step:\n")
-    print("| caller | admission (event loop) | dispatch (GPU thread) | finish (GPU thread, after the result) "
-          "| total | round trips (admission + dispatch + finish) | off the path (settler) |")
+    print("| caller | admission (event loop) | dispatch (GPU thread) | finish (GPU thread) | total on the path "
+          "| round trips on the path | off the path (settler) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for kind, f in jobs.items():
         total = f["admit"] + f["start"] + f["finish"]

@@ -10,9 +10,8 @@ shares with admission).
 Design (what each step does, and where)
 ---------------------------------------
 
-Three store round trips per job at most: one at admission, one at dispatch (none when
-the tier was idle), one at finish (each one Lua script on Redis: ``UsageStore.admit``,
-``start_job``, ``settle``). ``bench/scaleout.py
+Three store round trips per job: one at admission, one at dispatch, one at finish (each
+one Lua script on Redis: ``UsageStore.admit``, ``start_job``, ``settle``). ``bench/scaleout.py
 --part 1`` counts them (the single calls they replace were 7 to 10 on the job's path, about
 2 ms more per request on a 2-core machine).
 
@@ -34,12 +33,7 @@ running count are as today.
 
 *Dispatch* (:meth:`GlobalLimits.start`, GPU thread, after the scheduler picked a batch,
 outside the lock): ``start_job`` moves each job's queued lease to a running one within
-``max_running`` and, granted, charges its flow's shared service, in one step. On an idle
-tier the admission has done it already (``start_now``: the job will run next, so its
-``admit`` also takes the running slot when the client has room), and the dispatch makes
-no store call: two round trips per request then. (Should another job of this tier get
-the GPU first after all, the started one waits there holding its running slot for at
-most that job's time: a limit is never exceeded, the client's other tiers may wait.) A refused
+``max_running`` and, granted, charges its flow's shared service, in one step. A refused
 job does not run: the runner puts it back at the head of its queue
 (``FairScheduler.requeue``) and the flow is held back (:meth:`held`, read by the
 scheduler under the lock, in memory) for ``retry_s``, after which the runner dispatches
@@ -170,11 +164,9 @@ class GlobalLimits:
         self._settler.shutdown(wait=True)
 
     # -- admission (event loop) ----------------------------------------------------------
-    async def admit(self, client: ClientRef, job_id: str, cost: float, *, start_now: bool = False) -> Hold:
+    async def admit(self, client: ClientRef, job_id: str, cost: float) -> Hold:
         """Check and take every global limit for one job (one store call), or raise
-        Throttled / ServiceUnavailable with nothing left taken. ``start_now``: this tier is
-        idle, so the job will run next; the same call then takes its running slot too
-        (within ``max_running``), and its dispatch needs no store call."""
+        Throttled / ServiceUnavailable with nothing left taken."""
         tier = self._limits(client)
         flow = client.flow_id
         on_address = client.is_anonymous and tier.address_gpu_seconds is not None
@@ -188,15 +180,12 @@ class GlobalLimits:
             reservations=tuple(reservations), rate_limit=tier.requests_per_minute, rate_window_s=RATE_WINDOW_S,
             service=(flow, VTIME_KEY),
         )
-        if start_now:
-            plan = dataclasses.replace(plan, start_limit=tier.max_running,
-                                       start_service=cost / max(tier.weight, 1e-9), vtime_key=VTIME_KEY)
         grant = await self.async_store.admit(plan)
         if not grant.granted:
             raise self._refusal(grant, plan, tier, cost, flow.startswith("addr:"))
         svc = grant.service
         self._lead[flow] = max(0.0, svc.get(flow, 0.0) - svc.get(VTIME_KEY, 0.0))
-        hold = Hold(job_id, client, cost, on_address, "running" if grant.started else "queued")
+        hold = Hold(job_id, client, cost, on_address)
         with self._lock:
             self._holds[job_id] = hold
         return hold
@@ -223,20 +212,13 @@ class GlobalLimits:
     def refused_locally(self, hold: Hold) -> None:
         """The local runner refused a job the global checks admitted: give it all back."""
         self._forget(hold.job_id)
-        self._settler.submit(self._settle, hold, hold.kind, 0.0, True, self._unstarted(hold))
+        self._settler.submit(self._settle, hold, "queued", 0.0, True)
 
     def dropped(self, job_id: str) -> None:
         """A queued job left without running (its caller went away)."""
         hold = self._forget(job_id)
         if hold is not None:
-            self._settler.submit(self._settle, hold, hold.kind, 0.0, False, self._unstarted(hold))
-
-    def _unstarted(self, hold: Hold) -> float:
-        """The service correction of a job that never ran: its start's charge taken back
-        when its admission had started it (an idle tier), else nothing."""
-        if hold.kind != "running":
-            return 0.0
-        return -hold.cost / max(self._limits(hold.client).weight, 1e-9)
+            self._settler.submit(self._settle, hold, "queued", 0.0)
 
     # -- the scheduler's hooks (under the runner's lock: memory only) --------------------
     def held(self, flow_id: str) -> bool:
@@ -261,12 +243,6 @@ class GlobalLimits:
         refused: list[Job] = []
         failed: dict[str, BaseException] = {}
         for job in jobs:
-            with self._lock:
-                hold = self._holds.get(job.job_id)
-                started = hold is not None and hold.kind == "running"
-            if started:  # its admission took the running slot already (an idle tier)
-                run.append(job)
-                continue
             tier = self._limits(job.client)
             try:  # the running slot and the flow's shared service, in one store call
                 grant = self.store.start_job(job.client.flow_id, job.job_id, tier.max_running, self.lease_s,

@@ -324,11 +324,9 @@ return fmt(v)
 """,
     "service_get": "return redis.call('MGET', unpack(KEYS))",
     # A job's whole admission (UsageStore.admit): every check first, then every change.
-    # KEYS rate set, queued set, running set, the flow's service, the virtual time, one
-    # usage hash per reservation, the service counters to read, the usage index, the slot
-    # index; ARG job, rate limit ('' = none), rate window_s, max_queued, lease_s, number of
-    # reservations, slack, start limit ('' = queue only), start service delta, service ttl
-    # in ms, then amount, limit, window_s of each reservation.
+    # KEYS rate set, queued set, one usage hash per reservation, the service counters to
+    # read, the usage index, the slot index; ARG job, rate limit ('' = none), rate window_s, max_queued,
+    # lease_s, number of reservations, slack, then amount, limit, window_s of each.
     "admit": """
 local now = NOW
 local job, nres, slack = ARG[1], tonumber(ARG[6]), tonumber(ARG[7])
@@ -351,7 +349,7 @@ local held = redis.call('ZCARD', KEYS[2])
 if not redis.call('ZSCORE', KEYS[2], job) and held >= num(ARG[4]) then return {'queued', held} end
 local windows = {}  -- usage key -> {used, start, window_s} once this admission is taken
 for i = 1, nres do
-  local k, a = KEYS[5 + i], 10 + 3 * (i - 1)
+  local k, a = KEYS[2 + i], 7 + 3 * (i - 1)
   local amount, limit, window_s = tonumber(ARG[a + 1]), num(ARG[a + 2]), tonumber(ARG[a + 3])
   local w = windows[k]
   if not w then
@@ -368,31 +366,15 @@ if new_rate then
   redis.call('ZADD', KEYS[1], fmt(now), job)
   redis.call('PEXPIRE', KEYS[1], ms(tonumber(ARG[3])))
 end
+redis.call('ZADD', KEYS[2], fmt(now + tonumber(ARG[5])), job); touch(KEYS[2])
 for k, w in pairs(windows) do
   redis.call('HSET', k, 'used', fmt(w[1]), 'start', fmt(w[2]), 'window_s', fmt(w[3]))
   redis.call('PEXPIREAT', k, ms(w[2] + w[3]))
   redis.call('ZADD', KEYS[#KEYS - 1], 'GT', fmt(w[2] + w[3]), k)
 end
 local svc = {}
-for i = 6 + nres, #KEYS - 2 do svc[#svc + 1] = redis.call('GET', KEYS[i]) end
-local started = 0
-if ARG[8] ~= '' and redis.call('ZSCORE', KEYS[3], job) then
-  started = 1  -- a retry of an admission that started the job: nothing twice
-elseif ARG[8] ~= '' then
-  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', fmt(now))
-  if redis.call('ZCARD', KEYS[3]) < num(ARG[8]) then  -- start at once: a running lease, charged
-    redis.call('ZADD', KEYS[3], fmt(now + tonumber(ARG[5])), job); touch(KEYS[3])
-    redis.call('ZREM', KEYS[2], job)
-    local delta = tonumber(ARG[9])
-    local v = tonumber(redis.call('GET', KEYS[5]) or '0')
-    local s = math.max(tonumber(redis.call('GET', KEYS[4]) or '0'), v) + delta
-    redis.call('SET', KEYS[4], fmt(s), 'PX', ARG[10])
-    redis.call('SET', KEYS[5], fmt(math.max(v, s - delta)), 'PX', ARG[10])
-    started = 1
-  end
-end
-if started == 0 then redis.call('ZADD', KEYS[2], fmt(now + tonumber(ARG[5])), job); touch(KEYS[2]) end
-return {'ok', svc, started}
+for i = 3 + nres, #KEYS - 2 do svc[#svc + 1] = redis.call('GET', KEYS[i]) end
+return {'ok', svc}
 """,
     # A job is done (UsageStore.settle). KEYS queued set, running set, rate set, the
     # flow's service, then one usage hash per delta; ARG job, '1' to forget its rate
@@ -621,29 +603,23 @@ class _Commands:
             check_rate(plan.rate_limit, plan.rate_window_s)
         for r in plan.reservations:
             check_reservation(r.amount, r.limit, r.window_s)
-        if plan.start_limit is not None:
-            check_slot("running", plan.start_limit, plan.lease_s)
-            check_service(plan.start_service, None)
         wanted = list(dict.fromkeys(plan.service))
         keys = (
-            f"{self.prefix}rate:{plan.key}", self._slot("queued", plan.key), self._slot("running", plan.key),
-            f"{self.prefix}svc:{plan.key}", f"{self.prefix}svc:{plan.vtime_key}",
+            f"{self.prefix}rate:{plan.key}", self._slot("queued", plan.key),
             *(self._usage(r.key) for r in plan.reservations),
             *(f"{self.prefix}svc:{f}" for f in wanted), self._usage_index, self._slot_index,
         )
         rate = "" if plan.rate_limit is None else _num(plan.rate_limit)
-        start = "" if plan.start_limit is None else _num(plan.start_limit)
         args = (
             plan.job_id, rate, _float(plan.rate_window_s), _num(plan.max_queued), _float(plan.lease_s),
-            str(len(plan.reservations)), repr(_SLACK), start, _float(plan.start_service), self.service_ttl_ms,
+            str(len(plan.reservations)), repr(_SLACK),
             *(x for r in plan.reservations for x in (_float(r.amount), _num(r.limit), _float(r.window_s))),
         )
 
         def parse(reply: Any) -> AdmitGrant:
             tag = _text(reply[0])
             if tag == "ok":
-                service = {f: float(v) for f, v in zip(wanted, reply[1]) if v is not None}
-                return AdmitGrant(True, service=service, started=bool(int(reply[2])))
+                return AdmitGrant(True, service={f: float(v) for f, v in zip(wanted, reply[1]) if v is not None})
             if tag == "rate":
                 return AdmitGrant(False, "rate", held=int(reply[1]), retry_after_s=float(reply[2]))
             if tag == "queued":

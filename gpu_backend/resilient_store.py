@@ -135,7 +135,6 @@ class _Failover:
             plan,
             max_queued=self.share_count(plan.max_queued),
             rate_limit=None if plan.rate_limit is None else self.share_count(plan.rate_limit),
-            start_limit=None if plan.start_limit is None else self.share_count(plan.start_limit),
             reservations=tuple(dataclasses.replace(r, limit=self.share(r.limit)) for r in plan.reservations),
         )
 

@@ -258,12 +258,6 @@ class GpuRunner:
             ticket.waiter.future.cancel()
             self._on_event("cancelled", {"tier": ticket.tier})
 
-    def idle(self) -> bool:
-        """Nothing queued and a GPU slot free: a job admitted now would start at once."""
-        with self._lock:
-            return (not self._paused and not self._ready and not len(self.scheduler)
-                    and self.scheduler.running_count < self.scheduler.capacity)
-
     # -- the GPU side (worker threads) ------------------------------------------------
     def dispatch(self) -> None:
         """Start whatever can start now (after a change of limits: an operator's override)."""

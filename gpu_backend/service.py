@@ -103,7 +103,7 @@ class InferService:
         cost = self.runner.cost.estimate(request.steps, request.width, request.height, request.guidance_scale)
         job_id = uuid.uuid4().hex
         try:
-            hold = await gate.admit(client_ref(identity), job_id, cost, start_now=self.runner.idle())
+            hold = await gate.admit(client_ref(identity), job_id, cost)
         except Throttled as exc:
             self._on_refused(_REASONS.get(exc.title, "throttled"))
             raise

@@ -162,12 +162,6 @@ class AdmitPlan:
     rate_limit: float | None = None
     rate_window_s: float = 60.0
     service: tuple[str, ...] = ()
-    start_limit: float | None = None
-    """Set (the flow's ``max_running``): once admitted, start the job at once if the flow
-    has fewer running jobs, as :meth:`UsageStore.start_job` with ``start_service`` and
-    ``vtime_key`` (the caller's tier is idle: the job will run next). Else it stays queued."""
-    start_service: float = 0.0
-    vtime_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -176,9 +170,7 @@ class AdmitGrant:
     ``refused_by`` says which check: ``"rate"`` (``held`` admissions in the window,
     ``retry_after_s`` until the oldest leaves it), ``"queued"`` (``held`` leases) or
     ``"quota"`` (reservation number ``quota`` of the plan: ``used`` in its window,
-    ``retry_after_s`` until it resets). Granted: ``service`` holds the counters read
-    (before the start's charge), and ``started`` says whether the job holds a running
-    lease already (its plan asked, and the flow had room) instead of a queued one."""
+    ``retry_after_s`` until it resets). Granted: ``service`` holds the counters read."""
 
     granted: bool
     refused_by: str = ""
@@ -187,7 +179,6 @@ class AdmitGrant:
     quota: int = -1
     used: float = 0.0
     service: dict[str, float] = field(default_factory=dict)
-    started: bool = False
 
 
 class StoreUnavailable(ServiceUnavailable):
@@ -438,9 +429,6 @@ def admit_in_steps(store: UsageStore, plan: AdmitPlan, now: float | None = None)
                 return refuse(AdmitGrant(False, "quota", retry_after_s=retry, quota=i, used=used))
             undo.append(lambda r=r: store.adjust(r.key, -r.amount, now))  # type: ignore[misc]
         service = store.service(plan.service, now) if plan.service else {}
-        started = plan.start_limit is not None and store.start_job(
-            plan.key, plan.job_id, plan.start_limit, plan.lease_s, plan.start_service, plan.vtime_key, now
-        ).granted
     except BaseException:
         for step in reversed(undo):
             try:
@@ -448,7 +436,7 @@ def admit_in_steps(store: UsageStore, plan: AdmitPlan, now: float | None = None)
             except StoreUnavailable:
                 pass  # expires by itself (a lease, a rate entry) or was never taken
         raise
-    return AdmitGrant(True, service=service, started=started)
+    return AdmitGrant(True, service=service)
 
 
 def settle_in_steps(

@@ -9,7 +9,6 @@ and leases are short and every wait is a poll for the condition, bounded.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import math
 import threading
 import time
@@ -423,25 +422,6 @@ def test_admit_takes_every_check_or_none(store: UsageStore) -> None:
     bare = store.admit(AdmitPlan(key="g", job_id="x", max_queued=1, lease_s=30.0))  # no rate, no quota
     assert bare.granted and bare.service == {} and store.count("queued", "g") == 1
     assert not store.admit(AdmitPlan(key="g", job_id="y", max_queued=1, lease_s=30.0)).granted
-
-
-def test_admit_may_start_the_job_at_once_within_max_running(make_store: Factory) -> None:
-    a, b = make_store(), make_store()
-    plan = AdmitPlan(key="f", job_id="j1", max_queued=5, lease_s=30.0, service=("f", "__v__"),
-                     start_limit=1, start_service=1.0, vtime_key="__v__")
-    first = a.admit(plan)
-    assert first.granted and first.started and first.service == {}  # read before its own charge
-    assert a.count("running", "f") == 1 and a.count("queued", "f") == 0
-    assert b.service(["f", "__v__"]) == {"f": pytest.approx(1.0), "__v__": pytest.approx(0.0)}
-    second = b.admit(dataclasses.replace(plan, job_id="j2"))  # another replica: max_running is full
-    assert second.granted and not second.started
-    assert b.count("running", "f") == 1 and b.count("queued", "f") == 1
-    assert second.service == {"f": pytest.approx(1.0), "__v__": pytest.approx(0.0)}  # no charge
-    assert not b.start_job("f", "j2", 1, 30.0, 1.0, "__v__").granted
-    b.settle("f", "j1", [])
-    assert b.start_job("f", "j2", 1, 30.0, 1.0, "__v__").granted
-    queued_only = a.admit(dataclasses.replace(plan, job_id="j3", start_limit=None))
-    assert queued_only.granted and not queued_only.started and a.count("queued", "f") == 1
 
 
 def test_settle_gives_back_both_leases_and_corrects_the_usage(store: UsageStore) -> None:
