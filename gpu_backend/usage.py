@@ -471,7 +471,27 @@ def start_job_in_steps(
     return grant
 
 
-class MemoryUsageStore:
+class _JobsInSteps:
+    """A job's steps in one call, made of the store's own steps (the memory and SQLite
+    stores; Redis runs each as one script)."""
+
+    def admit(self, plan: AdmitPlan, now: float | None = None) -> AdmitGrant:
+        return admit_in_steps(self, plan, now)
+
+    def start_job(
+        self: Any, key: str, job_id: str, limit: float, lease_s: float, service_delta: float, vtime_key: str,
+        now: float | None = None,
+    ) -> SlotGrant:
+        return start_job_in_steps(self, key, job_id, limit, lease_s, service_delta, vtime_key, now)
+
+    def settle(
+        self: Any, key: str, job_id: str, adjustments: Iterable[tuple[str, float]] = (), *,
+        forget_rate: bool = False, service_delta: float = 0.0, now: float | None = None,
+    ) -> None:
+        settle_in_steps(self, key, job_id, adjustments, forget_rate=forget_rate, service_delta=service_delta, now=now)
+
+
+class MemoryUsageStore(_JobsInSteps):
     """A :class:`UsageStore` in dicts; thread-safe, lost when the process ends."""
 
     def __init__(
@@ -699,23 +719,6 @@ class MemoryUsageStore:
             found = {f: self._service.get(f) for f in flow_ids}
             return {f: v[0] for f, v in found.items() if v is not None and v[1] > now}
 
-    # -- a job's steps in one call (in steps here; one script on Redis) ----------------
-
-    def admit(self, plan: AdmitPlan, now: float | None = None) -> AdmitGrant:
-        return admit_in_steps(self, plan, now)
-
-    def start_job(
-        self, key: str, job_id: str, limit: float, lease_s: float, service_delta: float, vtime_key: str,
-        now: float | None = None,
-    ) -> SlotGrant:
-        return start_job_in_steps(self, key, job_id, limit, lease_s, service_delta, vtime_key, now)
-
-    def settle(
-        self, key: str, job_id: str, adjustments: Iterable[tuple[str, float]] = (), *,
-        forget_rate: bool = False, service_delta: float = 0.0, now: float | None = None,
-    ) -> None:
-        settle_in_steps(self, key, job_id, adjustments, forget_rate=forget_rate, service_delta=service_delta, now=now)
-
     def close(self) -> None:
         """Nothing to release; here so every store can be closed alike."""
 
@@ -760,7 +763,7 @@ CREATE TABLE IF NOT EXISTS service (
 """
 
 
-class SqliteUsageStore:
+class SqliteUsageStore(_JobsInSteps):
     """A :class:`UsageStore` in one SQLite file; survives restarts.
 
     Every read-modify-write runs in a ``BEGIN IMMEDIATE`` transaction, so each check and
@@ -1062,23 +1065,6 @@ class SqliteUsageStore:
                 ).fetchall()
                 found.update({f: float(v) for f, v in rows})
         return found
-
-    # -- a job's steps in one call (in steps here; one script on Redis) ----------------
-
-    def admit(self, plan: AdmitPlan, now: float | None = None) -> AdmitGrant:
-        return admit_in_steps(self, plan, now)
-
-    def start_job(
-        self, key: str, job_id: str, limit: float, lease_s: float, service_delta: float, vtime_key: str,
-        now: float | None = None,
-    ) -> SlotGrant:
-        return start_job_in_steps(self, key, job_id, limit, lease_s, service_delta, vtime_key, now)
-
-    def settle(
-        self, key: str, job_id: str, adjustments: Iterable[tuple[str, float]] = (), *,
-        forget_rate: bool = False, service_delta: float = 0.0, now: float | None = None,
-    ) -> None:
-        settle_in_steps(self, key, job_id, adjustments, forget_rate=forget_rate, service_delta=service_delta, now=now)
 
     def close(self) -> None:
         with self._lock:
