@@ -15,11 +15,16 @@ one frontend:
   the GPU tier, where the fair scheduler orders them); the rest wait here, in
   their flow's FIFO, as a parked coroutine and a future: bytes, not a
   connection, not a GPU-tier job, not status traffic.
-- **Fair release.** At most ``total`` requests are inside in all (the hop's
-  pool). When a place frees, the next request comes from the flow after the
-  last one served, round-robin over flows that have requests waiting (a ring of
-  flows, O(1) per decision); a flow with room of its own and room in total
-  passes at once. A new flow is never behind another flow's backlog.
+- **Fair release.** At most ``total`` requests are inside in all: enough to keep
+  the GPU tiers busy, few enough that the frontend's Gradio and the hop carry only
+  those (each one inside costs a Gradio event, a worker and a hop stream; a crowd
+  of 2,000 let in at once spent seconds of the event loop that a light client then
+  waited for). When a place frees, the next request comes from the flow with the
+  smallest virtual start time (start-time fair queueing, as APF's queue set: each
+  release advances its flow's tag by ``1 / weight``; a flow that starts waiting
+  begins at the door's virtual time, so it is served next, never behind another
+  flow's backlog, and earns no credit for the time it was away). The ready flows
+  are a heap: O(log n) per decision, whatever the number of flows.
 - **Caps.** A flow with ``cap`` requests in flight (inside + waiting: the
   client's ``max_running + max_queued``) is refused with ``Queue full``; the
   ASGI middleware (``door_middleware.py``) asks the same question before Gradio
@@ -36,6 +41,8 @@ The class is a plain data structure over asyncio futures (no Gradio, no I/O);
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import math
 import secrets
 from collections import deque
@@ -49,9 +56,14 @@ from shared.hop import Status
 
 @dataclass
 class _Flow:
+    finish: float
+    """The virtual finish time of its last request let in (its next one's start, unless the
+    door's virtual time has passed it)."""
+    weight: float = 1.0
     inside: int = 0
     waiting: deque[Place] = field(default_factory=deque)
-    in_ring: bool = False
+    ready: bool = False
+    """In the heap of flows with a request waiting and room of their own."""
 
 
 class Place:
@@ -94,13 +106,15 @@ class Place:
 
 
 class FairDoor:
-    def __init__(self, *, per_flow: int = 2, total: int = 1000) -> None:
+    def __init__(self, *, per_flow: int = 2, total: int = 64) -> None:
         if per_flow < 1 or total < 1:
             raise ValueError("per_flow and total must be at least 1")
         self.per_flow = per_flow
         self.total = total
         self._flows: dict[str, _Flow] = {}
-        self._ring: deque[tuple[str, _Flow]] = deque()  # flows with a request waiting and room of their own
+        self._ready: list[tuple[float, int, str, _Flow]] = []  # (finish, arrival, flow id, flow): a heap
+        self._order = itertools.count()  # ties go to the flow that became ready first
+        self._vtime = 0.0  # the virtual start time of the last request let in
         self._inside = 0
         self._waiting = 0
         self._handed: dict[str, Place] = {}
@@ -128,24 +142,28 @@ class FairDoor:
             )
 
     # -- moving through ------------------------------------------------------------------
-    def join(self, flow_id: str, cap: int) -> Place:
+    def join(self, flow_id: str, cap: int, weight: float = 1.0) -> Place:
         """Join the flow's line, or raise Queue full. The place's ``turn`` is done once the
-        request is inside (at once when its flow and the door have room)."""
+        request is inside (at once when its flow and the door have room). ``weight``: the
+        client's share (its tier's), relative to other flows'."""
         self.check_cap(flow_id, cap)
-        f = self._flows.setdefault(flow_id, _Flow())
+        f = self._flows.get(flow_id)
+        if f is None:
+            f = self._flows[flow_id] = _Flow(finish=self._vtime)
+        f.weight = weight if weight > 0 else 1.0
         place = Place(self, flow_id, f)
         if f.inside < self.per_flow and self._inside < self.total and not f.waiting:
-            self._enter(f, place)
+            self._enter(f, place)  # room everywhere: nobody is waiting for it (the heap is empty)
         else:
             f.waiting.append(place)
             self._waiting += 1
-            self._ready(flow_id, f)
+            self._mark_ready(flow_id, f)
         return place
 
     @contextmanager
-    def hold(self, flow_id: str, cap: int) -> Iterator[Place]:
+    def hold(self, flow_id: str, cap: int, weight: float = 1.0) -> Iterator[Place]:
         """:meth:`join`, and leave when the block ends (done, failed or cancelled)."""
-        place = self.join(flow_id, cap)
+        place = self.join(flow_id, cap, weight)
         try:
             yield place
         finally:
@@ -181,32 +199,36 @@ class FairDoor:
         if not f.inside and not f.waiting:
             del self._flows[place.flow_id]
         else:
-            self._ready(place.flow_id, f)  # it may have room of its own again
+            self._mark_ready(place.flow_id, f)  # it may have room of its own again
         self._release()
 
     def _enter(self, f: _Flow, place: Place) -> None:
+        start = max(f.finish, self._vtime)
+        self._vtime = start
+        f.finish = start + 1.0 / f.weight
         f.inside += 1
         self._inside += 1
         place.turn.set_result(None)
 
-    def _ready(self, flow_id: str, f: _Flow) -> None:
-        if f.waiting and f.inside < self.per_flow and not f.in_ring:
-            f.in_ring = True
-            self._ring.append((flow_id, f))
+    def _mark_ready(self, flow_id: str, f: _Flow) -> None:
+        if f.waiting and f.inside < self.per_flow and not f.ready:
+            f.ready = True
+            heapq.heappush(self._ready, (f.finish, next(self._order), flow_id, f))
 
     def _release(self) -> None:
-        """Let waiting requests in, one flow at a time (the ring's order), while there is
-        room in total. A flow is in the ring exactly while it has a request waiting and
-        room of its own, so each decision is O(1), whatever the number of flows."""
-        while self._ring and self._inside < self.total:
-            flow_id, f = self._ring.popleft()
-            f.in_ring = False
+        """Let waiting requests in, the ready flow with the smallest virtual start first,
+        while there is room in total. A flow is in the heap exactly while it has a request
+        waiting and room of its own (its key, its finish time, changes only when it is let
+        in, and then it is out of the heap), so each decision is O(log n)."""
+        while self._ready and self._inside < self.total:
+            _, _, flow_id, f = heapq.heappop(self._ready)
+            f.ready = False
             if self._flows.get(flow_id) is not f:  # the flow emptied and left meanwhile
                 continue
             if f.waiting and f.inside < self.per_flow:
                 self._waiting -= 1
                 self._enter(f, f.waiting.popleft())
-                self._ready(flow_id, f)
+                self._mark_ready(flow_id, f)
 
 
 def eta_s(place: int, seconds_per_job: float) -> float:

@@ -6,7 +6,8 @@ cap, like at the GPU tier (``Identity.flow_id``), so minting cookies mints no
 room. The cap comes from the quota file until the GPU tier reports the one in
 force (with the operators' live overrides) in a status update, a result or its
 health document. The lookahead (how many of a flow's requests may be at the
-GPU tier at once) follows the client's ``max_running``.
+GPU tier at once) follows the client's ``max_running``. The door also shares its
+places by the client's weight (its tier's, from the quota file).
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ class InflightCaps:
             if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0:
                 self._learned[flow_id] = cap
 
-    def cap(self, identity: Identity) -> int:
-        learned = self._learned.get(identity.flow_id)
-        if learned is not None:
-            return learned
+    def cap_and_weight(self, identity: Identity) -> tuple[int, float]:
+        """The client's in-flight cap, and its weight at the door."""
         limits = self._config().limits_for(identity.client_id, identity.tier)
-        return limits.max_running + limits.max_queued
+        learned = self._learned.get(identity.flow_id)
+        return (limits.max_running + limits.max_queued if learned is None else learned), limits.weight

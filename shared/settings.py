@@ -69,8 +69,10 @@ class Settings(BaseSettings):
     door_per_flow: int = Field(default=2, ge=1)
     """Frontend: how many requests of one client (flow) may be at the GPU tier at once; the
     rest wait at the frontend's fair door (``cpu_frontend/door.py``)."""
-    door_total: int = Field(default=1000, ge=1)
-    """Frontend: how many requests may be at the GPU tiers at once in all (the hop's pool)."""
+    door_total: int = Field(default=64, ge=1)
+    """Frontend: how many requests may be at the GPU tiers at once in all: enough to keep
+    them busy (raise it for many GPU tiers or large batches); the rest wait at the door,
+    released in fair order, at a cost of bytes."""
     queue_max_size: int = Field(default=2000, ge=1)
     """GPU tier: Gradio queue max_size (set explicitly; ZeroGPU's default is 1)."""
     max_batch: int = Field(default=1, ge=1)

@@ -166,9 +166,9 @@ def wait_for(check, timeout_s: float, every_s: float = 0.1):  # type: ignore[no-
 
 
 # These tests look at a backlog the GPU tier holds (its positions, its cancellations, its
-# metrics): the frontend's door lets every request of a client through at once here, instead
-# of its default two (cpu_frontend/door.py; its own tests are tests/test_door.py, test_crowd.py).
-GPU_TIER_BACKLOG = {"SPLITSPACE_DOOR_PER_FLOW": "1000"}
+# metrics): the frontend's door lets every request through at once here, instead of two per
+# client and 64 in all (cpu_frontend/door.py; its own tests are tests/test_door.py, test_crowd.py).
+GPU_TIER_BACKLOG = {"SPLITSPACE_DOOR_PER_FLOW": "1000", "SPLITSPACE_DOOR_TOTAL": "1000"}
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The frontend's fair door: per-flow lines, round-robin release, caps, leaving the line.
+"""The frontend's fair door: per-flow lines, fair release (start-time fair queueing), caps,
+leaving the line.
 
 The door is a data structure over asyncio futures; these tests drive it
 directly, in one event loop, with no timing: a request is "in" when its
@@ -77,20 +78,78 @@ def test_per_flow_room_bounds_what_reaches_the_gpu_tier():
     assert inside == ["a0", "a1", "b0"] and (n_in, n_wait) == (3, 4)
 
 
-def test_round_robin_over_many_flows_when_the_total_binds():
+def drain(line: Line) -> list[str]:
+    """Finish the requests inside, oldest first, until nothing is left: the order they got in."""
+    while line.inside():
+        line.leave(line.inside()[0])
+    return line.order
+
+
+def test_flows_take_turns_when_the_total_binds():
     async def scenario() -> list[str]:
         line = Line(FairDoor(per_flow=5, total=2))
         for flow in "abc":
             for i in range(3):
                 line.arrive(f"{flow}{i}", f"key:{flow}")
-        while line.inside():
-            line.leave(line.inside()[0])
-        return line.order
+        return drain(line)
 
     order = run(scenario())
-    # a0 and a1 got in at once (room for two); then the flows take turns, in the order
-    # they started waiting, one request each per round
-    assert order == ["a0", "a1", "a2", "b0", "c0", "b1", "c1", "b2", "c2"], order
+    # a0 and a1 got in at once (room for two): a has had two turns, so b and c, which had
+    # none, go first; then the flows take turns, one request each per round
+    assert order == ["a0", "a1", "b0", "c0", "a2", "b1", "c1", "b2", "c2"], order
+
+
+def test_a_new_flow_waits_at_most_one_round_behind_a_crowd_of_backlogs():
+    async def scenario() -> tuple[list[str], int]:
+        line = Line(FairDoor(per_flow=1, total=10))
+        for c in range(200):  # 200 flows x 5 requests: 10 inside, 990 waiting
+            for i in range(5):
+                line.arrive(f"c{c}.{i}", f"key:c{c}")
+        for _ in range(250):  # every flow has had its first turn, 60 their second
+            line.leave(line.inside()[0])
+        arrived_at = len(line.order)
+        line.arrive("light", "key:light")
+        return drain(line), arrived_at
+
+    order, arrived_at = run(scenario())
+    waited = order.index("light") - arrived_at
+    # at most behind the 140 flows still owed their second turn, and before anyone's third
+    assert 0 < waited <= 140 and all(not n.endswith(".2") for n in order[:order.index("light")]), waited
+
+
+def test_a_flow_away_earns_no_credit():
+    async def scenario() -> list[str]:
+        line = Line(FairDoor(per_flow=1, total=1))
+        line.arrive("b0", "key:b")
+        for i in range(4):
+            line.arrive(f"a{i}", "key:a")
+        for _ in range(3):
+            line.leave(line.inside()[0])  # b0, a0, a1 served (a2 goes in); b has nothing waiting
+        for i in range(1, 4):
+            line.arrive(f"b{i}", "key:b")  # b comes back after a's turns
+        return drain(line)
+
+    order = run(scenario())
+    # b starts again at the door's virtual time: it alternates with a, it does not get
+    # the turns it missed in a row
+    assert order == ["b0", "a0", "a1", "a2", "b1", "a3", "b2", "b3"], order
+
+
+def test_weights_share_the_places():
+    async def scenario() -> list[str]:
+        door = FairDoor(per_flow=1, total=1)
+        line = Line(door)
+        line.arrive("first", "key:z")
+        for i in range(8):
+            ticket = door.join("key:pro", 100, weight=2.0)
+            line.held[f"pro{i}"] = (contextlib.ExitStack(), ticket)
+            line.held[f"pro{i}"][0].callback(ticket.leave)
+            line.arrive(f"free{i}", "key:free")
+        return drain(line)
+
+    order = run(scenario())
+    served = order[1:13]  # both backlogged: weight 2 gets two turns for each one of weight 1
+    assert sum(n.startswith("pro") for n in served) == 8 and sum(n.startswith("free") for n in served) == 4, order
 
 
 def test_over_cap_is_refused_and_counts_what_waits():
