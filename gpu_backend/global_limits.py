@@ -38,7 +38,10 @@ job does not run: the runner puts it back at the head of its queue
 (``FairScheduler.requeue``) and the flow is held back (:meth:`held`, read by the
 scheduler under the lock, in memory) for ``retry_s``, after which the runner dispatches
 again. So a ``max_running = 1`` client never runs two jobs at once across tiers; its
-other tier retries every ``retry_s`` while the first job runs.
+other tier retries every ``retry_s`` while the first job runs. A job whose caller left
+while this was being decided (a hung Redis makes that up to a timeout) does not run:
+refused, it is dropped as a queued job is; granted, :meth:`GlobalLimits.withdraw` takes
+back its slot, its reservation and its flow's service charge.
 
 *Finish* (:meth:`GlobalLimits.finish`, GPU thread, outside the lock, after the result
 went to its caller): one ``settle`` releases the leases, settles the reservations with
@@ -277,6 +280,18 @@ class GlobalLimits:
             return
         weight = max(self._limits(job.client).weight, 1e-9)
         self._settle(hold, "running", gpu_s, service_delta=(gpu_s - hold.cost) / weight)
+
+    def withdraw(self, job: Job) -> None:
+        """A job granted its start whose caller left before it ran (the runner's drop came
+        while :meth:`start` was deciding): release its running slot, give back its
+        reservation and take back its flow's service charge, ``-cost / weight`` (one
+        ``settle``). It follows the start at once, so it reaches the side that charged it:
+        Redis, or memory while the breaker is open after Redis failed to answer."""
+        hold = self._forget(job.job_id)
+        if hold is None:
+            return
+        weight = max(self._limits(job.client).weight, 1e-9)
+        self._settle(hold, "running", 0.0, service_delta=-job.cost / weight)
 
     # -- bookkeeping ---------------------------------------------------------------------
     def _forget(self, job_id: str) -> Hold | None:

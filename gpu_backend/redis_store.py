@@ -173,6 +173,23 @@ local ARG = {}
 for i = 2, #ARGV do ARG[i - 1] = ARGV[i] end
 """
 
+# The move of a job's slot from one set to another (queued -> running), the one body of
+# ``slot_move`` and of ``start_job`` (which charges the flow's service on a grant).
+# Returns whether the job holds the target slot, and how many the target set holds then.
+_LUA_MOVE = """
+local function move(source, target, job, limit, lease_s)
+  redis.call('ZREMRANGEBYSCORE', source, '-inf', fmt(NOW))
+  redis.call('ZREMRANGEBYSCORE', target, '-inf', fmt(NOW))
+  local held = redis.call('ZCARD', target)
+  local already = redis.call('ZSCORE', target, job)
+  if not already and held >= num(limit) then return false, held end
+  redis.call('ZADD', target, fmt(NOW + tonumber(lease_s)), job); touch(target)
+  redis.call('ZREM', source, job)
+  if already then return true, held end
+  return true, held + 1
+end
+"""
+
 _SCRIPTS: dict[str, str] = {
     # KEYS[1] usage hash, KEYS[2] the usage index; ARG amount, limit, window_s, slack
     "reserve": """
@@ -274,17 +291,9 @@ return out
 """,
     "slot_release": "return redis.call('ZREM', KEYS[1], ARG[1])",
     # KEYS[1] source set, KEYS[2] target set; ARG job, limit, lease_s
-    "slot_move": """
-local now = NOW
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', fmt(now))
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', fmt(now))
-local held = redis.call('ZCARD', KEYS[2])
-local already = redis.call('ZSCORE', KEYS[2], ARG[1])
-if not already and held >= num(ARG[2]) then return {0, held} end
-redis.call('ZADD', KEYS[2], fmt(now + tonumber(ARG[3])), ARG[1]); touch(KEYS[2])
-redis.call('ZREM', KEYS[1], ARG[1])
-if already then return {1, held} end
-return {1, held + 1}
+    "slot_move": _LUA_MOVE + """
+local moved, held = move(KEYS[1], KEYS[2], ARG[1], ARG[2], ARG[3])
+return {moved and 1 or 0, held}
 """,
     "slot_count": "return redis.call('ZCOUNT', KEYS[1], '(' .. fmt(NOW), '+inf')",
     # KEYS[1] the index of slot sets
@@ -400,22 +409,15 @@ return false
     # Dispatch and charge (UsageStore.start_job): slot_move, then on a grant the flow's
     # service and the virtual time. KEYS queued set, running set, the flow's service, the
     # virtual time, the slot index; ARG job, limit, lease_s, service delta, ttl in ms.
-    "start_job": """
-local now = NOW
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', fmt(now))
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', fmt(now))
-local held = redis.call('ZCARD', KEYS[2])
-local already = redis.call('ZSCORE', KEYS[2], ARG[1])
-if not already and held >= num(ARG[2]) then return {0, held} end
-redis.call('ZADD', KEYS[2], fmt(now + tonumber(ARG[3])), ARG[1]); touch(KEYS[2])
-redis.call('ZREM', KEYS[1], ARG[1])
+    "start_job": _LUA_MOVE + """
+local moved, held = move(KEYS[1], KEYS[2], ARG[1], ARG[2], ARG[3])
+if not moved then return {0, held} end
 local delta = tonumber(ARG[4])
 local v = tonumber(redis.call('GET', KEYS[4]) or '0')
 local s = math.max(tonumber(redis.call('GET', KEYS[3]) or '0'), v) + delta
 redis.call('SET', KEYS[3], fmt(s), 'PX', ARG[5])
 redis.call('SET', KEYS[4], fmt(math.max(v, s - delta)), 'PX', ARG[5])
-if already then return {1, held} end
-return {1, held + 1}
+return {1, held}
 """,
 }
 

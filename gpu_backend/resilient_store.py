@@ -151,6 +151,46 @@ class _Failover:
             what = "refusing admissions" if self.mode == "closed" else f"serving with limits / {self.replicas}"
             log.warning("%s; %s, retrying every %.0f s", exc.reason, what, self.breaker.retry_s)
 
+    # -- one call's routing: ``if allow(): with self: return <primary call>`` then
+    # ``return fall_back(...)``; the wrappers differ only in awaiting the primary call.
+
+    def allow(self) -> bool:
+        """May this call try the shared store (the breaker is closed, or this is its probe)?"""
+        return self.breaker.allow()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        """The verdict on one primary call. Redis answered (a result, or an error that is a
+        bug: not an outage): the breaker closes. It did not (``StoreUnavailable``): the
+        breaker opens and the exception is swallowed, so the caller falls back. Cancelled
+        mid-call: no verdict, the next caller may probe."""
+        if exc_type is None:
+            self.on_success()
+            return False
+        if isinstance(exc, StoreUnavailable):
+            self.on_failure(exc)
+            return True
+        if isinstance(exc, Exception):
+            self.on_success()
+        else:
+            self.breaker.abandoned()
+        return False
+
+    def fall_back(self, route: _Route, on_fallback: Callable[[MemoryUsageStore], T]) -> T:
+        """Serve a call the shared store did not: refuse it (operator writes; admissions
+        in ``closed`` mode) or let the memory store answer."""
+        if route is _Route.OPERATOR or (route is _Route.ADMIT and self.mode == "closed"):
+            raise self.refusal()
+        return on_fallback(self.fallback)
+
+    def release_locally(self, key: str, job_id: str) -> None:
+        """A settled job's slots, given back in memory too (as ``release`` does), in case
+        they were taken there during an outage."""
+        self.fallback.release("queued", key, job_id)
+        self.fallback.release("running", key, job_id)
+
     def mirror_overrides(self, all_values: dict[str, dict[str, Any]]) -> None:
         for cid in set(self.fallback.all_overrides()) - set(all_values):
             self.fallback.clear_overrides(cid)
@@ -166,13 +206,12 @@ class _Failover:
                 self.fallback.set_overrides(client_id, values)
 
 
-class ResilientStore:
-    """A :class:`~gpu_backend.usage.UsageStore` over a shared ``primary`` (a RedisStore)
-    that keeps its promises while the primary is down; see the module docstring."""
+class _Wrapper:
+    """What both wrappers hold: the primary, and the routing over it and the fallback."""
 
     def __init__(
         self,
-        primary: UsageStore,
+        primary: Any,
         fallback: MemoryUsageStore | None = None,
         *,
         mode: FailureMode = "closed",
@@ -192,24 +231,18 @@ class ResilientStore:
     def mode(self) -> FailureMode:
         return self._f.mode
 
+
+class ResilientStore(_Wrapper):
+    """A :class:`~gpu_backend.usage.UsageStore` over a shared ``primary`` (a RedisStore)
+    that keeps its promises while the primary is down; see the module docstring."""
+
+    primary: UsageStore
+
     def _call(self, route: _Route, on_primary: Callable[[UsageStore], T], on_fallback: Callable[[MemoryUsageStore], T]) -> T:
-        if self._f.breaker.allow():
-            try:
-                result = on_primary(self.primary)
-            except StoreUnavailable as exc:
-                self._f.on_failure(exc)
-            except Exception:
-                self._f.on_success()  # Redis answered (with an error that is a bug): not an outage
-                raise
-            except BaseException:
-                self._f.breaker.abandoned()
-                raise
-            else:
-                self._f.on_success()
-                return result
-        if route is _Route.OPERATOR or (route is _Route.ADMIT and self._f.mode == "closed"):
-            raise self._f.refusal()
-        return on_fallback(self.fallback)
+        if self._f.allow():
+            with self._f:
+                return on_primary(self.primary)
+        return self._f.fall_back(route, on_fallback)
 
     # -- usage -----------------------------------------------------------------------
 
@@ -353,8 +386,7 @@ class ResilientStore:
         forget_rate: bool = False, service_delta: float = 0.0, now: float | None = None,
     ) -> None:
         deltas = list(adjustments)
-        self.fallback.release("queued", key, job_id)  # slots always in memory too, as release does
-        self.fallback.release("running", key, job_id)
+        self._f.release_locally(key, job_id)
         self._call(
             _Route.SETTLE,
             lambda p: p.settle(key, job_id, deltas, forget_rate=forget_rate, service_delta=service_delta, now=now),
@@ -366,53 +398,18 @@ class ResilientStore:
         self.fallback.close()
 
 
-class AsyncResilientStore:
+class AsyncResilientStore(_Wrapper):
     """:class:`ResilientStore` for the event loop, over an
     :class:`~gpu_backend.redis_store.AsyncRedisStore`; the same routing, as coroutines.
     The memory fallback is called directly (it never blocks)."""
 
-    def __init__(
-        self,
-        primary: Any,
-        fallback: MemoryUsageStore | None = None,
-        *,
-        mode: FailureMode = "closed",
-        replicas: int = 1,
-        breaker: CircuitBreaker | None = None,
-    ) -> None:
-        self.primary = primary
-        self._f = _Failover(fallback, mode, replicas, breaker)
-        self.fallback = self._f.fallback
-        self.breaker = self._f.breaker
-
-    @property
-    def degraded(self) -> bool:
-        return self._f.degraded
-
-    @property
-    def mode(self) -> FailureMode:
-        return self._f.mode
-
     async def _call(
         self, route: _Route, on_primary: Callable[[Any], Awaitable[T]], on_fallback: Callable[[MemoryUsageStore], T]
     ) -> T:
-        if self._f.breaker.allow():
-            try:
-                result = await on_primary(self.primary)
-            except StoreUnavailable as exc:
-                self._f.on_failure(exc)
-            except Exception:
-                self._f.on_success()
-                raise
-            except BaseException:  # cancelled mid-call: no verdict on Redis
-                self._f.breaker.abandoned()
-                raise
-            else:
-                self._f.on_success()
-                return result
-        if route is _Route.OPERATOR or (route is _Route.ADMIT and self._f.mode == "closed"):
-            raise self._f.refusal()
-        return on_fallback(self.fallback)
+        if self._f.allow():
+            with self._f:  # a cancellation here is no verdict on Redis
+                return await on_primary(self.primary)
+        return self._f.fall_back(route, on_fallback)
 
     async def reserve(self, key: str, amount: float, limit: float, window_s: float, now: float | None = None) -> float | None:
         return await self._call(
@@ -546,8 +543,7 @@ class AsyncResilientStore:
         forget_rate: bool = False, service_delta: float = 0.0, now: float | None = None,
     ) -> None:
         deltas = list(adjustments)
-        self.fallback.release("queued", key, job_id)  # slots always in memory too, as release does
-        self.fallback.release("running", key, job_id)
+        self._f.release_locally(key, job_id)
         await self._call(
             _Route.SETTLE,
             lambda p: p.settle(key, job_id, deltas, forget_rate=forget_rate, service_delta=service_delta, now=now),

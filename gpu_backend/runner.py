@@ -15,7 +15,10 @@ and its slot is freed only when the model returns, so two jobs never overlap.
 With Redis (``GpuRunner.gate``, :mod:`gpu_backend.global_limits`), a GPU thread takes
 each job's global running slot after the pick and before the batch runs, and gives it
 back after, both outside the lock; a job whose slot is refused goes back to its queue
-(``FairScheduler.requeue``) and does not run.
+(``FairScheduler.requeue``) and does not run. A caller who leaves while its job's slot is
+being checked (dispatched, not yet started: up to a store timeout while Redis hangs) is
+not forgotten: the job does not run, and whatever its dispatch charged (its flow's
+service, here and in the store, its running slot, its reservation) is taken back.
 """
 
 from __future__ import annotations
@@ -85,6 +88,9 @@ class _Waiter:
     started: float | None = None
     model: str = ""
     """The model the job ran on (set on the GPU thread)."""
+    past_gate: bool = False
+    """With a gate: its running slot was decided and it runs (set under the lock); a drop
+    before that is kept in ``GpuRunner._left``."""
 
 
 @dataclass
@@ -130,6 +136,8 @@ class GpuRunner:
         that takes each job's running slot before it runs and settles it after, outside
         the lock; None: nothing but the local scheduler."""
         self._waiters: dict[str, _Waiter] = {}
+        self._left: set[str] = set()
+        """Jobs dispatched whose caller left before the gate decided their start (lock held)."""
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._ready: deque[list[Job]] = deque()
@@ -252,6 +260,8 @@ class GpuRunner:
             if cancelled:
                 self._waiters.pop(ticket.job_id, None)
                 self._dispatch_locked()  # a freed place may make another job eligible
+            elif self.gate is not None and not ticket.waiter.past_gate and ticket.job_id in self._waiters:
+                self._left.add(ticket.job_id)  # dispatched, its start not decided: _take_slots
         if cancelled:
             if self.gate is not None:
                 self.gate.dropped(ticket.job_id)
@@ -324,22 +334,44 @@ class GpuRunner:
     def _take_slots(self, jobs: list[Job], waiters: list[_Waiter]) -> tuple[list[Job], list[_Waiter]]:
         """With a gate: the jobs of the batch whose global running slot was granted (store
         I/O, outside the lock). A refused job goes back to its queue, a job whose slot
-        could not be checked (the store down, ``closed``) fails with that error."""
+        could not be checked (the store down, ``closed``) fails with that error, and a job
+        whose caller left meanwhile (:meth:`drop`) does not run: refused, it is cancelled
+        as if it had still been queued; granted, its dispatch is undone (here and in the
+        store: ``GlobalLimits.withdraw``)."""
         run, refused, failed = self.gate.start(jobs)
-        if not refused and not failed:
-            return jobs, waiters
         with self._work:
+            left = {job.job_id for job in jobs} & self._left
+            self._left -= left
+            keep = {job.job_id for job in run} - left
+            for job, w in zip(jobs, waiters):
+                w.past_gate = job.job_id in keep  # a requeued job passes the gate again
+            if not refused and not failed and not left:
+                return jobs, waiters
             for job in refused:
                 self.scheduler.requeue(job.job_id)
+                if job.job_id in left:
+                    self.scheduler.cancel(job.job_id)
             for job_id in failed:
                 self.scheduler.finish(job_id, 0.0)
+            withdrawn = [job for job in run if job.job_id in left]
+            for job in withdrawn:
+                self.scheduler.finish(job.job_id, 0.0)  # gpu_s 0: its flow's charge taken back
             self._dispatch_locked()
             self._work.notify_all()
             lost = [(self._waiters.pop(job_id), error) for job_id, error in failed.items() if job_id in self._waiters]
+            gone = [(job, self._waiters.pop(job.job_id)) for job in jobs
+                    if job.job_id in left and job.job_id not in failed and job.job_id in self._waiters]
         for w, error in lost:
             w.loop.call_soon_threadsafe(_fail, w.future, error)
-        keep = {job.job_id for job in run}
-        return run, [w for job, w in zip(jobs, waiters) if job.job_id in keep]
+        for job in refused:
+            if job.job_id in left:
+                self.gate.dropped(job.job_id)
+        for job in withdrawn:
+            self.gate.withdraw(job)
+        for job, w in gone:
+            w.loop.call_soon_threadsafe(w.future.cancel)
+            self._on_event("cancelled", {"tier": job.client.tier})
+        return [job for job in run if job.job_id in keep], [w for job, w in zip(jobs, waiters) if job.job_id in keep]
 
     def _run_batch(self, jobs: list[Job], waiters: list[_Waiter]) -> None:
         if self.gate is not None:

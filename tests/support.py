@@ -165,6 +165,28 @@ def wait_for(check, timeout_s: float, every_s: float = 0.1):  # type: ignore[no-
         time.sleep(every_s)
 
 
+def in_threads(n: int, call: Any, timeout_s: float = 120) -> list[Any]:
+    """``call(i)`` for i in ``range(n)``, each in its own thread, all released at once (a
+    barrier) so that they race; their results in order. A thread still running after
+    ``timeout_s`` fails the test rather than leaving a hole in the results."""
+    out: list[Any] = [None] * n
+    go = threading.Barrier(n)
+
+    def one(i: int) -> None:
+        go.wait()
+        out[i] = call(i)
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = sum(t.is_alive() for t in threads)
+    assert not stuck, f"{stuck} of {n} calls still running after {timeout_s} s"
+    return out
+
+
 # These tests look at a backlog the GPU tier holds (its positions, its cancellations, its
 # metrics): the frontend's door lets every request through at once here, instead of two per
 # client and 64 in all (cpu_frontend/door.py; its own tests are tests/test_door.py, test_crowd.py).

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.clients import call_rest, gen_args
-from tests.support import Deployment, sha256, wait_for
+from tests.support import Deployment, in_threads, sha256, wait_for
 
 QUOTAS = """
 [tiers.patient]
@@ -42,22 +42,6 @@ def key(name: str) -> dict[str, str]:
 
 def door(url: str) -> dict[str, int]:
     return httpx.get(f"{url}/health", timeout=10).json()["door"]
-
-
-def in_threads(n: int, call: Any) -> list[Any]:
-    out: list[Any] = [None] * n
-    go = threading.Barrier(n)
-
-    def one(i: int) -> None:
-        go.wait()
-        out[i] = call(i)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    return out
 
 
 class PeakHeld:

@@ -8,6 +8,7 @@ waited for (polled), never slept on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,22 @@ def ledger(url: str, prefix: str, *, mode: str = "closed", replicas: int = 1, le
     made = open_ledger(settings, retry_s=RETRY_S, prefix=prefix)
     assert isinstance(made, RedisLedger)
     return made
+
+
+@contextlib.asynccontextmanager
+async def running(url: str, prefix: str, n: int = 1, **options: Any) -> AsyncIterator[list[RedisLedger]]:
+    """``n`` started ledgers (frontends) on ``url`` with :func:`ledger`'s ``options``,
+    closed when the block ends, however it ends."""
+    started: list[RedisLedger] = []
+    try:
+        for _ in range(n):
+            led = ledger(url, prefix, **options)
+            await led.start()
+            started.append(led)
+        yield started
+    finally:
+        for led in started:
+            await led.aclose()
 
 
 def in_redis(url: str, prefix: str, flow: str) -> dict[str, int]:
@@ -98,10 +115,7 @@ async def drained(led: RedisLedger) -> bool:
 
 def test_two_frontends_hold_the_cap_together(redis_server: Any, prefix: str) -> None:
     async def scenario() -> None:
-        a, b = ledger(redis_server.url, prefix), ledger(redis_server.url, prefix)
-        await a.start()
-        await b.start()
-        try:
+        async with running(redis_server.url, prefix, 2) as (a, b):
             held = [await a.acquire("key:f", 4, 0), await a.acquire("key:f", 4, 1), await b.acquire("key:f", 4, 0)]
             held.append(await b.acquire("key:f", 4, 1))
             assert all(h is not None and h.in_redis for h in held)
@@ -123,19 +137,13 @@ def test_two_frontends_hold_the_cap_together(redis_server: Any, prefix: str) -> 
             assert sum(in_redis(redis_server.url, prefix, "key:burst").values()) == 5
             zero, _ = await outcome(a.acquire("key:none", 0, 0))
             assert isinstance(zero, Throttled)  # a cap of 0 admits nothing
-        finally:
-            await a.aclose()
-            await b.aclose()
 
     asyncio.run(scenario())
 
 
 def test_a_release_frees_a_place_for_every_frontend(redis_server: Any, prefix: str) -> None:
     async def scenario() -> None:
-        a, b = ledger(redis_server.url, prefix), ledger(redis_server.url, prefix)
-        await a.start()
-        await b.start()
-        try:
+        async with running(redis_server.url, prefix, 2) as (a, b):
             held = [await a.acquire("key:r", 3, i) for i in range(3)]
             assert isinstance((await outcome(b.acquire("key:r", 3, 0)))[0], Throttled)
             a.release(held.pop())
@@ -153,9 +161,6 @@ def test_a_release_frees_a_place_for_every_frontend(redis_server: Any, prefix: s
             a.release(held[0])
             await until(lambda: drained(a))
             assert in_redis(redis_server.url, prefix, "key:r") == {a.frontend_id: 1, b.frontend_id: 1}
-        finally:
-            await a.aclose()
-            await b.aclose()
         assert in_redis(redis_server.url, prefix, "key:r") == {}  # closed: counts taken out
 
     asyncio.run(scenario())
@@ -163,9 +168,7 @@ def test_a_release_frees_a_place_for_every_frontend(redis_server: Any, prefix: s
 
 def test_a_cancelled_acquire_leaves_redis_counting_only_the_places_handed_out(redis_server: Any, prefix: str) -> None:
     async def scenario() -> None:
-        a = ledger(redis_server.url, prefix)
-        await a.start()
-        try:
+        async with running(redis_server.url, prefix) as [a]:
             held: list[Hold] = []
 
             async def take() -> None:
@@ -181,8 +184,6 @@ def test_a_cancelled_acquire_leaves_redis_counting_only_the_places_handed_out(re
             await until(lambda: drained(a))
             assert sum(in_redis(redis_server.url, prefix, "key:c").values()) == len(held)
             assert 0 < len(held) < 40  # some were cancelled before, some after their answer
-        finally:
-            await a.aclose()
 
     asyncio.run(scenario())
 
@@ -215,9 +216,7 @@ def test_a_frontend_killed_mid_request_frees_its_counts_within_the_lease(redis_s
     )
 
     async def scenario() -> None:
-        b = ledger(redis_server.url, prefix, lease_s=lease_s)
-        await b.start()
-        try:
+        async with running(redis_server.url, prefix, lease_s=lease_s) as [b]:
             assert holder.stdout is not None
             line = await asyncio.get_running_loop().run_in_executor(None, holder.stdout.readline)
             assert line.strip() == b"held"
@@ -236,8 +235,6 @@ def test_a_frontend_killed_mid_request_frees_its_counts_within_the_lease(redis_s
             for _ in range(3):
                 assert await b.acquire("key:dead", 5, 0) is not None  # all four places back
             assert in_redis(redis_server.url, prefix, "key:dead") == {b.frontend_id: 5}  # its field dropped
-        finally:
-            await b.aclose()
 
     try:
         asyncio.run(scenario())
@@ -252,10 +249,7 @@ def test_a_frontend_killed_mid_request_frees_its_counts_within_the_lease(redis_s
 
 def test_closed_mode_refuses_while_redis_is_stopped_and_recovers(own_redis: Any, prefix: str) -> None:
     async def scenario() -> None:
-        a, peer = ledger(own_redis.url, prefix), ledger(own_redis.url, prefix)
-        await a.start()
-        await peer.start()
-        try:
+        async with running(own_redis.url, prefix, 2) as (a, peer):
             before = [await a.acquire("key:s", 4, 0), await a.acquire("key:s", 4, 1)]
             own_redis.stop()
 
@@ -277,9 +271,6 @@ def test_closed_mode_refuses_while_redis_is_stopped_and_recovers(own_redis: Any,
             assert await peer.acquire("key:s", 4, 0) is not None
             assert await peer.acquire("key:s", 4, 1) is not None
             assert isinstance((await outcome(peer.acquire("key:s", 4, 2)))[0], Throttled)
-        finally:
-            await a.aclose()
-            await peer.aclose()
 
     asyncio.run(scenario())
 
@@ -288,9 +279,7 @@ def test_local_mode_caps_each_frontend_at_its_share_and_counts_nothing_twice(own
     assert [local_share(cap, 2) for cap in (0, 1, 2, 4, 5)] == [0, 1, 1, 2, 2]
 
     async def scenario() -> None:
-        a = ledger(own_redis.url, prefix, mode="local", replicas=2)
-        await a.start()
-        try:
+        async with running(own_redis.url, prefix, mode="local", replicas=2) as [a]:
             before = [await a.acquire("key:l", 4, 0), await a.acquire("key:l", 4, 1)]
             own_redis.stop()
 
@@ -318,34 +307,30 @@ def test_local_mode_caps_each_frontend_at_its_share_and_counts_nothing_twice(own
             held = [await a.acquire("key:l", 4, i) for i in range(4)]  # Redis' cap again, all of it
             assert all(h is not None and h.in_redis for h in held)
             assert isinstance((await outcome(a.acquire("key:l", 4, 4)))[0], Throttled)
-        finally:
-            await a.aclose()
 
     asyncio.run(scenario())
 
 
 def test_a_hung_redis_never_hangs_an_acquire_and_counts_are_right_after(own_redis: Any, prefix: str) -> None:
     async def scenario() -> None:
-        a = ledger(own_redis.url, prefix, mode="local", replicas=1)
-        await a.start()
-        try:
-            before = [await a.acquire("key:h", 4, 0), await a.acquire("key:h", 4, 1)]
-            own_redis.pause()
-            results = [await outcome(a.acquire("key:h", 4, 2 + i)) for i in range(2)]
-            assert all(isinstance(r, Hold) and not r.in_redis for r, _ in results)  # decided locally
-            assert max(t for _, t in results) < CALL_BOUND_S
-            a.release(before.pop())
-            own_redis.resume()
-            # a call that timed out may run now that Redis resumes; the repair puts it right
-            await until(lambda: drained(a), RETRY_S + CALL_BOUND_S + 3)
-            assert in_redis(own_redis.url, prefix, "key:h") == {a.frontend_id: 1}
-            for hold, _ in results:
-                a.release(hold)
-            await until(lambda: drained(a))
-            assert in_redis(own_redis.url, prefix, "key:h") == {a.frontend_id: 1}
-        finally:
-            own_redis.resume()
-            await a.aclose()
+        async with running(own_redis.url, prefix, mode="local", replicas=1) as [a]:
+            try:
+                before = [await a.acquire("key:h", 4, 0), await a.acquire("key:h", 4, 1)]
+                own_redis.pause()
+                results = [await outcome(a.acquire("key:h", 4, 2 + i)) for i in range(2)]
+                assert all(isinstance(r, Hold) and not r.in_redis for r, _ in results)  # decided locally
+                assert max(t for _, t in results) < CALL_BOUND_S
+                a.release(before.pop())
+                own_redis.resume()
+                # a call that timed out may run now that Redis resumes; the repair puts it right
+                await until(lambda: drained(a), RETRY_S + CALL_BOUND_S + 3)
+                assert in_redis(own_redis.url, prefix, "key:h") == {a.frontend_id: 1}
+                for hold, _ in results:
+                    a.release(hold)
+                await until(lambda: drained(a))
+                assert in_redis(own_redis.url, prefix, "key:h") == {a.frontend_id: 1}
+            finally:
+                own_redis.resume()
 
     asyncio.run(scenario())
 
@@ -372,15 +357,11 @@ def test_the_redis_password_is_never_in_an_error_or_a_log(caplog: pytest.LogCapt
     url = f"redis://:{password}@127.0.0.1:{free_port()}/0"  # nothing listens there
 
     async def scenario() -> None:
-        a = ledger(url, prefix)
-        await a.start()
-        try:
+        async with running(url, prefix) as [a]:
             refused, took = await outcome(a.acquire("key:p", 4, 0))
             assert isinstance(refused, ServiceUnavailable) and took < CALL_BOUND_S
             assert password not in refused.user_text() and password not in repr(refused)
             assert password not in repr(a)
-        finally:
-            await a.aclose()
 
     with caplog.at_level(logging.DEBUG):
         asyncio.run(scenario())

@@ -25,7 +25,7 @@ import pytest
 from session.identity import Identity
 from shared.headers import ADMIN_HEADER, IDENTITY_HEADER
 from tests.clients import GENERATE_DEFAULTS, call_rest, error_text, gen_args, infer_token, token_for
-from tests.support import Deployment, TierProcess, free_port, sha256, start_tier, wait_for
+from tests.support import Deployment, TierProcess, free_port, in_threads, sha256, start_tier, wait_for
 
 JOB_S = 0.6
 KEYS = {
@@ -142,23 +142,7 @@ def burst(pair: "Tiers", via: str, name: str, n: int) -> list[dict[str, Any]]:
         call = lambda i: generate(pair.frontends[i % 2].url, name, seed=i)  # noqa: E731
     else:
         call = lambda i: infer(pair.tiers[i % 2].url, pair.d.secret, name, seed=i)  # noqa: E731
-    return _concurrently(call, n)
-
-
-def _concurrently(call: Any, n: int) -> list[dict[str, Any]]:
-    results: list[dict[str, Any]] = [{}] * n
-    go = threading.Barrier(n)
-
-    def one(i: int) -> None:
-        go.wait()
-        results[i] = call(i)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    return results
+    return in_threads(n, call)
 
 
 def admin(url: str, token: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
