@@ -22,8 +22,11 @@ one frontend:
   waited for). When a place frees, the next request comes from the flow with the
   smallest virtual start time (start-time fair queueing, as APF's queue set: each
   release advances its flow's tag by ``1 / weight``; a flow that starts waiting
-  begins at the door's virtual time, so it is served next, never behind another
-  flow's backlog, and earns no credit for the time it was away). The ready flows
+  begins at the door's virtual time, so it is never behind another flow's backlog,
+  and earns no credit for the time it was away). Among flows due at the same
+  virtual time, one that has not been let in yet goes first: a light client that
+  arrives mid-round is next, not behind the rest of the round (it delays each of
+  those by one request; every flow still gets one turn per round). The ready flows
   are a heap: O(log n) per decision, whatever the number of flows.
 - **Caps.** A flow with ``cap`` requests in flight (inside + waiting: the
   client's ``max_running + max_queued``) is refused with ``Queue full``; the
@@ -60,6 +63,8 @@ class _Flow:
     """The virtual finish time of its last request let in (its next one's start, unless the
     door's virtual time has passed it)."""
     weight: float = 1.0
+    new: bool = True
+    """Not let in yet: ahead of flows due at the same virtual time."""
     inside: int = 0
     waiting: deque[Place] = field(default_factory=deque)
     ready: bool = False
@@ -112,9 +117,9 @@ class FairDoor:
         self.per_flow = per_flow
         self.total = total
         self._flows: dict[str, _Flow] = {}
-        self._ready: list[tuple[float, int, str, _Flow]] = []  # (finish, arrival, flow id, flow): a heap
+        self._ready: list[tuple[float, bool, int, str, _Flow]] = []  # (finish, not new, arrival, id, flow): a heap
         self._order = itertools.count()  # ties go to the flow that became ready first
-        self._vtime = 0.0  # the virtual start time of the last request let in
+        self._vtime = 0.0  # the virtual start time of the last request let in from a line
         self._inside = 0
         self._waiting = 0
         self._handed: dict[str, Place] = {}
@@ -153,7 +158,11 @@ class FairDoor:
         f.weight = weight if weight > 0 else 1.0
         place = Place(self, flow_id, f)
         if f.inside < self.per_flow and self._inside < self.total and not f.waiting:
-            self._enter(f, place)  # room everywhere: nobody is waiting for it (the heap is empty)
+            # Room everywhere, so nobody waits for it (the heap is empty) and the door's virtual
+            # time stays. The flow's own time counts only what it has inside: it may use a
+            # quiet door as much as it likes without owing turns when a crowd comes.
+            f.finish = max(self._vtime, min(f.finish, self._vtime + f.inside / f.weight))
+            self._enter(f, place)
         else:
             f.waiting.append(place)
             self._waiting += 1
@@ -203,9 +212,8 @@ class FairDoor:
         self._release()
 
     def _enter(self, f: _Flow, place: Place) -> None:
-        start = max(f.finish, self._vtime)
-        self._vtime = start
-        f.finish = start + 1.0 / f.weight
+        f.finish = max(f.finish, self._vtime) + 1.0 / f.weight
+        f.new = False
         f.inside += 1
         self._inside += 1
         place.turn.set_result(None)
@@ -213,7 +221,7 @@ class FairDoor:
     def _mark_ready(self, flow_id: str, f: _Flow) -> None:
         if f.waiting and f.inside < self.per_flow and not f.ready:
             f.ready = True
-            heapq.heappush(self._ready, (f.finish, next(self._order), flow_id, f))
+            heapq.heappush(self._ready, (f.finish, not f.new, next(self._order), flow_id, f))
 
     def _release(self) -> None:
         """Let waiting requests in, the ready flow with the smallest virtual start first,
@@ -221,12 +229,13 @@ class FairDoor:
         waiting and room of its own (its key, its finish time, changes only when it is let
         in, and then it is out of the heap), so each decision is O(log n)."""
         while self._ready and self._inside < self.total:
-            _, _, flow_id, f = heapq.heappop(self._ready)
+            *_, flow_id, f = heapq.heappop(self._ready)
             f.ready = False
             if self._flows.get(flow_id) is not f:  # the flow emptied and left meanwhile
                 continue
             if f.waiting and f.inside < self.per_flow:
                 self._waiting -= 1
+                self._vtime = max(self._vtime, f.finish)  # its start: the smallest in the heap
                 self._enter(f, f.waiting.popleft())
                 self._mark_ready(flow_id, f)
 

@@ -44,6 +44,10 @@ class Line:
     def inside(self) -> list[str]:
         return [n for n, (_, p) in self.held.items() if p.inside]
 
+    def finish_oldest(self) -> None:
+        """The request that went in first is done."""
+        self.leave(next(n for n in self.order if n in self.held))
+
     def _collect(self) -> None:
         for name, (_, place) in self.held.items():
             if place.inside and name not in self.order:
@@ -81,7 +85,7 @@ def test_per_flow_room_bounds_what_reaches_the_gpu_tier():
 def drain(line: Line) -> list[str]:
     """Finish the requests inside, oldest first, until nothing is left: the order they got in."""
     while line.inside():
-        line.leave(line.inside()[0])
+        line.finish_oldest()
     return line.order
 
 
@@ -95,26 +99,59 @@ def test_flows_take_turns_when_the_total_binds():
 
     order = run(scenario())
     # a0 and a1 got in at once (room for two): a has had two turns, so b and c, which had
-    # none, go first; then the flows take turns, one request each per round
-    assert order == ["a0", "a1", "b0", "c0", "a2", "b1", "c1", "b2", "c2"], order
+    # none, have two first; then the flows take turns, one request each per round
+    assert order == ["a0", "a1", "b0", "c0", "b1", "c1", "a2", "b2", "c2"], order
 
 
-def test_a_new_flow_waits_at_most_one_round_behind_a_crowd_of_backlogs():
+def test_a_new_flow_goes_next_behind_a_crowd_of_backlogs():
     async def scenario() -> tuple[list[str], int]:
         line = Line(FairDoor(per_flow=1, total=10))
         for c in range(200):  # 200 flows x 5 requests: 10 inside, 990 waiting
             for i in range(5):
                 line.arrive(f"c{c}.{i}", f"key:c{c}")
         for _ in range(250):  # every flow has had its first turn, 60 their second
-            line.leave(line.inside()[0])
+            line.finish_oldest()
         arrived_at = len(line.order)
         line.arrive("light", "key:light")
         return drain(line), arrived_at
 
     order, arrived_at = run(scenario())
-    waited = order.index("light") - arrived_at
-    # at most behind the 140 flows still owed their second turn, and before anyone's third
-    assert 0 < waited <= 140 and all(not n.endswith(".2") for n in order[:order.index("light")]), waited
+    # the next place that frees is the light client's, not the 141st: the 140 flows still
+    # owed their second turn each wait one request more
+    assert order.index("light") == arrived_at, order.index("light") - arrived_at
+    second_turns = [n for n in order[arrived_at:] if n.endswith(".1")]
+    assert len(second_turns) == 140
+    assert order.index(second_turns[-1]) < min(order.index(n) for n in order if n.endswith(".2"))
+
+
+def test_in_a_burst_every_flow_has_a_turn_before_any_has_a_third():
+    async def scenario() -> list[str]:
+        line = Line(FairDoor(per_flow=2, total=64))
+        for c in range(200):  # as a crowd arrives: flow by flow, 10 each
+            for i in range(10):
+                line.arrive(f"c{c}.{i}", f"key:c{c}")
+        return drain(line)
+
+    order = run(scenario())
+    assert order[:64] == [f"c{c}.{i}" for c in range(32) for i in range(2)]  # room at once
+    first_third = min(order.index(n) for n in order if n.endswith(".2"))
+    assert {n.split(".")[0] for n in order[:first_third]} == {f"c{c}" for c in range(200)}
+
+
+def test_a_quiet_door_used_much_owes_nothing_later():
+    async def scenario() -> list[str]:
+        line = Line(FairDoor(per_flow=1, total=1))
+        for i in range(100):  # a alone, one at a time: in at once, every time
+            line.arrive(f"early{i}", "key:a")
+            line.finish_oldest()
+        line.arrive("a0", "key:a")
+        for i in range(3):
+            line.arrive(f"a{i + 1}", "key:a")
+            line.arrive(f"b{i}", "key:b")
+        return drain(line)[100:]
+
+    # the crowd (b) comes: a and b take turns, a is not sent to the back for its 100
+    assert run(scenario()) == ["a0", "b0", "a1", "b1", "a2", "b2", "a3"]
 
 
 def test_a_flow_away_earns_no_credit():
