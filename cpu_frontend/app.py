@@ -159,11 +159,11 @@ class Frontend:
         with Redis, across every frontend (``inflight_ledger.py``); raises Queue full (or
         Service unavailable, Redis down in ``closed`` mode). The one way in, for the
         door's middleware and the handler."""
-        flow, (cap, weight) = identity.flow_id, self.caps.cap_and_weight(identity)
-        self.door.check_cap(flow, cap)
-        hold = await self.ledger.acquire(flow, cap, self.door.count(flow))
-        try:
-            place = self.door.join(flow, cap, weight)  # again: others may have joined meanwhile
+        flow, terms = identity.flow_id, self.caps.terms(identity)
+        self.door.check_cap(flow, terms.cap)
+        hold = await self.ledger.acquire(flow, terms.cap, self.door.count(flow))
+        try:  # again: others may have joined meanwhile
+            place = self.door.join(flow, terms.cap, terms.weight, room=terms.running)
         except BaseException:
             self.ledger.release(hold)
             raise

@@ -11,8 +11,9 @@ one frontend:
 
 - **Per-flow queues.** Requests are grouped by flow (``session.identity.flow_of``:
   an API key, or an address for all its anonymous sessions). At most
-  ``per_flow`` requests of one flow are *inside* (on their way to or waiting at
-  the GPU tier, where the fair scheduler orders them); the rest wait here, in
+  ``per_flow`` requests of one flow (its ``max_running``, if more) are *inside*
+  (on their way to or waiting at the GPU tier, where the fair scheduler orders
+  them); the rest wait here, in
   their flow's FIFO, as a parked coroutine and a future: bytes, not a
   connection, not a GPU-tier job, not status traffic.
 - **Fair release.** At most ``total`` requests are inside in all: enough to keep
@@ -63,6 +64,8 @@ class _Flow:
     """The virtual finish time of its last request let in (its next one's start, unless the
     door's virtual time has passed it)."""
     weight: float = 1.0
+    room: int = 1
+    """How many of its requests may be inside at once."""
     new: bool = True
     """Not let in yet: ahead of flows due at the same virtual time."""
     inside: int = 0
@@ -147,17 +150,19 @@ class FairDoor:
             )
 
     # -- moving through ------------------------------------------------------------------
-    def join(self, flow_id: str, cap: int, weight: float = 1.0) -> Place:
+    def join(self, flow_id: str, cap: int, weight: float = 1.0, room: int = 1) -> Place:
         """Join the flow's line, or raise Queue full. The place's ``turn`` is done once the
         request is inside (at once when its flow and the door have room). ``weight``: the
-        client's share (its tier's), relative to other flows'."""
+        client's share (its tier's), relative to other flows'; ``room``: how many of its
+        requests may be inside at once, if more than ``per_flow`` (its ``max_running``)."""
         self.check_cap(flow_id, cap)
         f = self._flows.get(flow_id)
         if f is None:
             f = self._flows[flow_id] = _Flow(finish=self._vtime)
         f.weight = weight if weight > 0 else 1.0
+        f.room = max(self.per_flow, room)
         place = Place(self, flow_id, f)
-        if f.inside < self.per_flow and self._inside < self.total and not f.waiting:
+        if f.inside < f.room and self._inside < self.total and not f.waiting:
             # Room everywhere, so nobody waits for it (the heap is empty) and the door's virtual
             # time stays. The flow's own time counts only what it has inside: it may use a
             # quiet door as much as it likes without owing turns when a crowd comes.
@@ -170,9 +175,9 @@ class FairDoor:
         return place
 
     @contextmanager
-    def hold(self, flow_id: str, cap: int, weight: float = 1.0) -> Iterator[Place]:
+    def hold(self, flow_id: str, cap: int, weight: float = 1.0, room: int = 1) -> Iterator[Place]:
         """:meth:`join`, and leave when the block ends (done, failed or cancelled)."""
-        place = self.join(flow_id, cap, weight)
+        place = self.join(flow_id, cap, weight, room)
         try:
             yield place
         finally:
@@ -219,7 +224,7 @@ class FairDoor:
         place.turn.set_result(None)
 
     def _mark_ready(self, flow_id: str, f: _Flow) -> None:
-        if f.waiting and f.inside < self.per_flow and not f.ready:
+        if f.waiting and f.inside < f.room and not f.ready:
             f.ready = True
             heapq.heappush(self._ready, (f.finish, not f.new, next(self._order), flow_id, f))
 
@@ -233,7 +238,7 @@ class FairDoor:
             f.ready = False
             if self._flows.get(flow_id) is not f:  # the flow emptied and left meanwhile
                 continue
-            if f.waiting and f.inside < self.per_flow:
+            if f.waiting and f.inside < f.room:
                 self._waiting -= 1
                 self._vtime = max(self._vtime, f.finish)  # its start: the smallest in the heap
                 self._enter(f, f.waiting.popleft())

@@ -6,16 +6,30 @@ cap, like at the GPU tier (``Identity.flow_id``), so minting cookies mints no
 room. The cap comes from the quota file until the GPU tier reports the one in
 force (with the operators' live overrides) in a status update, a result or its
 health document. The lookahead (how many of a flow's requests may be at the
-GPU tier at once) follows the client's ``max_running``. The door also shares its
-places by the client's weight (its tier's, from the quota file).
+GPU tier at once) is at least the client's ``max_running``, so a client allowed
+four at once can run four on four GPU tiers. The door also shares its places by
+the client's weight (its tier's, from the quota file).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from session.identity import Identity
 from shared.quotas import QuotaConfig
+
+
+@dataclass(frozen=True)
+class DoorTerms:
+    """What the door needs to know of a client (``FairDoor.join``)."""
+
+    cap: int
+    """Requests in flight at most: ``max_running + max_queued`` (or the GPU tier's word)."""
+    weight: float
+    """Its share of the door's places, against other clients'."""
+    running: int
+    """``max_running``: at least this many of its requests may be inside at once."""
 
 
 class InflightCaps:
@@ -33,8 +47,8 @@ class InflightCaps:
             if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0:
                 self._learned[flow_id] = cap
 
-    def cap_and_weight(self, identity: Identity) -> tuple[int, float]:
-        """The client's in-flight cap, and its weight at the door."""
+    def terms(self, identity: Identity) -> DoorTerms:
         limits = self._config().limits_for(identity.client_id, identity.tier)
         learned = self._learned.get(identity.flow_id)
-        return (limits.max_running + limits.max_queued if learned is None else learned), limits.weight
+        cap = limits.max_running + limits.max_queued if learned is None else learned
+        return DoorTerms(cap, limits.weight, limits.max_running)

@@ -189,6 +189,15 @@ def test_weights_share_the_places():
     assert sum(n.startswith("pro") for n in served) == 8 and sum(n.startswith("free") for n in served) == 4, order
 
 
+def test_a_client_allowed_more_running_has_that_much_room():
+    async def scenario() -> int:
+        door = FairDoor(per_flow=2, total=100)
+        places = [door.join("key:pro", 100, room=4) for _ in range(6)]  # max_running = 4
+        return sum(p.inside for p in places)
+
+    assert run(scenario()) == 4
+
+
 def test_over_cap_is_refused_and_counts_what_waits():
     async def scenario() -> None:
         door = FairDoor(per_flow=1, total=10)
