@@ -28,7 +28,8 @@ one frontend:
   virtual time, one that has not been let in yet goes first: a light client that
   arrives mid-round is next, not behind the rest of the round (it delays each of
   those by one request; every flow still gets one turn per round). The ready flows
-  are a heap: O(log n) per decision, whatever the number of flows.
+  are a ``sortedcontainers.SortedList`` by virtual start: O(log n) per decision and
+  per estimate of a waiter's place, whatever the number of flows.
 - **Caps.** A flow with ``cap`` requests in flight (inside + waiting: the
   client's ``max_running + max_queued``) is refused with ``Queue full``; the
   ASGI middleware (``door_middleware.py``) asks the same question before Gradio
@@ -45,7 +46,6 @@ The class is a plain data structure over asyncio futures (no Gradio, no I/O);
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import math
 import secrets
@@ -53,6 +53,8 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+from sortedcontainers import SortedList
 
 from shared.errors import QUEUE_FULL, Throttled
 from shared.hop import Status
@@ -70,8 +72,12 @@ class _Flow:
     """Not let in yet: ahead of flows due at the same virtual time."""
     inside: int = 0
     waiting: deque[Place] = field(default_factory=deque)
-    ready: bool = False
-    """In the heap of flows with a request waiting and room of their own."""
+    ready: _Key | None = None
+    """Its key in the door's ready flows (those with a request waiting and room of their own)."""
+
+
+_Key = tuple[float, bool, int, str]
+"""A ready flow's place in the door's order: (virtual start, not new, arrival, flow id)."""
 
 
 class Place:
@@ -97,12 +103,15 @@ class Place:
         return self.turn.done() and not self.turn.cancelled()
 
     def position(self) -> int:
-        """The estimated place in line (1 = next to go in; 0 once inside): the requests of
-        its own flow ahead of it, each a round over the flows that have work."""
+        """The estimated place in line (1 = next to go in; 0 once inside): the flows due
+        before its flow's next turn, and a round over the flows that have work for each
+        request of its own flow ahead of it (waiting, or inside: at the GPU tier)."""
         if self._left or self.inside:
             return 0
-        ahead = self._flow.waiting.index(self) + self._flow.inside
-        return ahead * len(self._door._flows) + 1  # every flow here has a request inside or waiting
+        door, f = self._door, self._flow
+        key = f.ready or (max(f.finish, door._vtime), not f.new, -1, "")
+        ahead = f.waiting.index(self) + f.inside
+        return door._ready.bisect_left(key) + ahead * len(door._flows) + 1
 
     def leave(self) -> None:
         """Give the place back (done, failed or gone): the next request may go in."""
@@ -120,7 +129,7 @@ class FairDoor:
         self.per_flow = per_flow
         self.total = total
         self._flows: dict[str, _Flow] = {}
-        self._ready: list[tuple[float, bool, int, str, _Flow]] = []  # (finish, not new, arrival, id, flow): a heap
+        self._ready: SortedList[_Key] = SortedList()  # the flows with a request waiting and room of their own
         self._order = itertools.count()  # ties go to the flow that became ready first
         self._vtime = 0.0  # the virtual start time of the last request let in from a line
         self._inside = 0
@@ -163,7 +172,7 @@ class FairDoor:
         f.room = max(self.per_flow, room)
         place = Place(self, flow_id, f)
         if f.inside < f.room and self._inside < self.total and not f.waiting:
-            # Room everywhere, so nobody waits for it (the heap is empty) and the door's virtual
+            # Room everywhere, so nobody waits for it (no flow is ready) and the door's virtual
             # time stays. The flow's own time counts only what it has inside: it may use a
             # quiet door as much as it likes without owing turns when a crowd comes.
             f.finish = max(self._vtime, min(f.finish, self._vtime + f.inside / f.weight))
@@ -210,6 +219,9 @@ class FairDoor:
             place.turn.cancel()
             f.waiting.remove(place)
             self._waiting -= 1
+            if not f.waiting and f.ready is not None:  # nothing left to let in
+                self._ready.remove(f.ready)
+                f.ready = None
         if not f.inside and not f.waiting:
             del self._flows[place.flow_id]
         else:
@@ -224,25 +236,24 @@ class FairDoor:
         place.turn.set_result(None)
 
     def _mark_ready(self, flow_id: str, f: _Flow) -> None:
-        if f.waiting and f.inside < f.room and not f.ready:
-            f.ready = True
-            heapq.heappush(self._ready, (f.finish, not f.new, next(self._order), flow_id, f))
+        if f.waiting and f.inside < f.room and f.ready is None:
+            f.ready = (f.finish, not f.new, next(self._order), flow_id)
+            self._ready.add(f.ready)
 
     def _release(self) -> None:
         """Let waiting requests in, the ready flow with the smallest virtual start first,
-        while there is room in total. A flow is in the heap exactly while it has a request
+        while there is room in total. A flow is ready exactly while it has a request
         waiting and room of its own (its key, its finish time, changes only when it is let
-        in, and then it is out of the heap), so each decision is O(log n)."""
+        in, and then it is out of the list; a flow with nothing waiting is never ready, so
+        a flow that empties leaves nothing behind), so each decision is O(log n)."""
         while self._ready and self._inside < self.total:
-            *_, flow_id, f = heapq.heappop(self._ready)
-            f.ready = False
-            if self._flows.get(flow_id) is not f:  # the flow emptied and left meanwhile
-                continue
-            if f.waiting and f.inside < f.room:
-                self._waiting -= 1
-                self._vtime = max(self._vtime, f.finish)  # its start: the smallest in the heap
-                self._enter(f, f.waiting.popleft())
-                self._mark_ready(flow_id, f)
+            key = self._ready.pop(0)
+            f = self._flows[key[3]]
+            f.ready = None
+            self._waiting -= 1
+            self._vtime = max(self._vtime, f.finish)  # its start: the smallest of the ready flows'
+            self._enter(f, f.waiting.popleft())
+            self._mark_ready(key[3], f)
 
 
 def eta_s(place: int, seconds_per_job: float) -> float:

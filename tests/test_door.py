@@ -138,6 +138,24 @@ def test_in_a_burst_every_flow_has_a_turn_before_any_has_a_third():
     assert {n.split(".")[0] for n in order[:first_third]} == {f"c{c}" for c in range(200)}
 
 
+def test_a_waiters_place_counts_the_flows_due_before_it():
+    async def scenario() -> list[int]:
+        line = Line(FairDoor(per_flow=2, total=64))
+        for c in range(200):  # 32 flows have two inside; 168 have not been let in yet
+            for i in range(10):
+                line.arrive(f"c{c}.{i}", f"key:c{c}")
+        line.arrive("light", "key:light")
+        light = line.held["light"][1]
+        places = []
+        while not light.inside:  # one request let in each time one finishes
+            places.append(light.position())
+            line.finish_oldest()
+        return places
+
+    # behind the 168 flows that have had no turn either; the estimate is exact here
+    assert run(scenario()) == list(range(169, 0, -1))
+
+
 def test_a_quiet_door_used_much_owes_nothing_later():
     async def scenario() -> list[str]:
         line = Line(FairDoor(per_flow=1, total=1))
