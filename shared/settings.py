@@ -67,8 +67,8 @@ class Settings(BaseSettings):
     """Gradio worker slots on each tier; every request in flight holds one (waiting at the
     frontend's door too: a parked coroutine), so keep it above the sum of the clients' caps."""
     door_per_flow: int = Field(default=2, ge=1)
-    """Frontend: how many requests of one client (flow) may be at the GPU tier at once; the
-    rest wait at the frontend's fair door (``cpu_frontend/door.py``)."""
+    """Frontend: how many requests of one client (flow) may be at the GPU tier at once (its
+    ``max_running``, if more); the rest wait at the frontend's fair door (``cpu_frontend/door.py``)."""
     door_total: int = Field(default=64, ge=1)
     """Frontend: how many requests may be at the GPU tiers at once in all: enough to keep
     them busy (raise it for many GPU tiers or large batches); the rest wait at the door,
