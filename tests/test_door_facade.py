@@ -124,7 +124,9 @@ def test_a_forged_door_pass_is_worth_nothing(tiers: Deployment) -> None:
 
     results = in_threads(12, call)  # cap 10: max_running 1 + max_queued 9
     finals = sorted(final for final, _ in results)
-    assert finals.count("complete") == 10 and finals.count("error") == 2, finals
+    # two refused, or one if the first job (0.4 s) ended before the last call came on a busy
+    # machine; a pass that worked would let all twelve in
+    assert finals.count("complete") + finals.count("error") == 12 and finals.count("error") in (1, 2), finals
     refused = [events[0][1] for final, events in results if final == "error"]
     assert all(doc["title"] == "Queue full" for doc in refused), refused
 
