@@ -65,7 +65,7 @@ def test_a_new_flow_is_not_behind_another_flows_backlog():
         return line.order
 
     order = run(scenario())
-    assert order[:3] == ["heavy0", "light", "heavy1"], order  # round-robin, not arrival order
+    assert order[:3] == ["heavy0", "light", "heavy1"], order  # fair order, not arrival order
     assert sorted(order) == sorted([f"heavy{i}" for i in range(5)] + ["light"])
 
 
