@@ -21,6 +21,7 @@ import gradio as gr
 from fastapi import FastAPI
 from gradio import processing_utils, utils as gr_utils
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
 
 from session import ApiKeyring, Identity, IdentityResolver, IdentityTokens, SessionCookieMiddleware, SessionCookies
 from session.address import AddressPolicy
@@ -139,8 +140,9 @@ class Frontend:
     def _on_quotas(self, config: Any) -> None:
         self.resolver.keyring = ApiKeyring(config.keys)
 
-    def identity(self, request: gr.Request | None) -> Identity:
-        """Who a handler's caller is (the door's middleware asks the same resolver)."""
+    def identity(self, request: gr.Request | Request | None) -> Identity:
+        """Who a caller is: a handler's (a ``gr.Request``) or the door's middleware's (a
+        Starlette ``Request``), by the same headers, cookies and peer address."""
         if request is None:
             raise SplitspaceError("no request context", title="Error")
         peer = request.client.host if request.client else None
@@ -341,7 +343,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     app.add_middleware(  # innermost: behind CORS, so a refusal still carries CORS headers
         DoorMiddleware,
         door=fe.door,
-        identify=lambda r: fe.resolver.resolve(r.headers, r.cookies, r.client.host if r.client else None),
+        identify=fe.identity,
         join=fe.join_door,
         is_request=fe.is_request,
         seconds_per_job=lambda: fe.seconds_per_job,

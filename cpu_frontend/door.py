@@ -13,9 +13,8 @@ one frontend:
   an API key, or an address for all its anonymous sessions). At most
   ``per_flow`` requests of one flow (its ``max_running``, if more) are *inside*
   (on their way to or waiting at the GPU tier, where the fair scheduler orders
-  them); the rest wait here, in
-  their flow's FIFO, as a parked coroutine and a future: bytes, not a
-  connection, not a GPU-tier job, not status traffic.
+  them); the rest wait here, in their flow's FIFO, as a parked coroutine and a
+  future: bytes, not a connection, not a GPU-tier job, not status traffic.
 - **Fair release.** At most ``total`` requests are inside in all: enough to keep
   the GPU tiers busy, few enough that the frontend's Gradio and the hop carry only
   those (each one inside costs a Gradio event, a worker and a hop stream; a crowd
@@ -205,10 +204,6 @@ class FairDoor:
         if place is not None and place.flow_id != flow_id:
             return None
         return place
-
-    def forget(self, nonce: str) -> None:
-        """Drop a pass nobody took (the next stage never started)."""
-        self._handed.pop(nonce, None)
 
     def _leave(self, place: Place) -> None:
         f = place._flow

@@ -286,12 +286,9 @@ class GlobalLimits:
         while :meth:`start` was deciding): release its running slot, give back its
         reservation and take back its flow's service charge, ``-cost / weight`` (one
         ``settle``). It follows the start at once, so it reaches the side that charged it:
-        Redis, or memory while the breaker is open after Redis failed to answer."""
-        hold = self._forget(job.job_id)
-        if hold is None:
-            return
-        weight = max(self._limits(job.client).weight, 1e-9)
-        self._settle(hold, "running", 0.0, service_delta=-job.cost / weight)
+        Redis, or memory while the breaker is open after Redis failed to answer. It is a
+        finish that measured no GPU time."""
+        self.finish(job, 0.0)
 
     # -- bookkeeping ---------------------------------------------------------------------
     def _forget(self, job_id: str) -> Hold | None:
