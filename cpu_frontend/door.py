@@ -29,6 +29,11 @@ one frontend:
   those by one request; every flow still gets one turn per round). The ready flows
   are a ``sortedcontainers.SortedList`` by virtual start: O(log n) per decision and
   per estimate of a waiter's place, whatever the number of flows.
+- **Parked calls.** A REST call answered with an event id whose caller has not yet
+  opened its stream is parked (``Place.park``): it counts against its flow's cap but
+  is not in line, and joins the line only when its caller comes back for it. A place
+  inside is for work a caller is waiting for; letting in a call nobody reads let a few
+  addresses keep the door full for free while the GPU idled (issue 21).
 - **Caps.** A flow with ``cap`` requests in flight (inside + waiting: the
   client's ``max_running + max_queued``) is refused with ``Queue full``; the
   ASGI middleware (``door_middleware.py``) asks the same question before Gradio
@@ -71,6 +76,9 @@ class _Flow:
     """Not let in yet: ahead of flows due at the same virtual time."""
     inside: int = 0
     waiting: deque[Place] = field(default_factory=deque)
+    parked: int = 0
+    """Its requests counted in flight but not in line: held calls whose caller has not come
+    back for them yet (:meth:`Place.park`)."""
     ready: _Key | None = None
     """Its key in the door's ready flows (those with a request waiting and room of their own)."""
 
@@ -85,7 +93,7 @@ class Place:
     heard, so whoever drives the request next (the door's middleware, then the Gradio
     handler) never tells a caller a worse place than before."""
 
-    __slots__ = ("_door", "flow_id", "_flow", "turn", "told", "on_leave", "_left")
+    __slots__ = ("_door", "flow_id", "_flow", "turn", "told", "on_leave", "_left", "_parked")
 
     def __init__(self, door: FairDoor, flow_id: str, flow: _Flow) -> None:
         self._door = door
@@ -96,6 +104,7 @@ class Place:
         self.on_leave: Callable[[], None] | None = None
         """Called once when the place is given back (the shared count's release)."""
         self._left = False
+        self._parked = False
 
     @property
     def inside(self) -> bool:
@@ -109,8 +118,22 @@ class Place:
             return 0
         door, f = self._door, self._flow
         key = f.ready or (max(f.finish, door._vtime), not f.new, -1, "")
-        ahead = f.waiting.index(self) + f.inside
+        ahead = (len(f.waiting) if self._parked else f.waiting.index(self)) + f.inside
         return door._ready.bisect_left(key) + ahead * len(door._flows) + 1
+
+    def park(self) -> None:
+        """Step out of line, still counted in its flow's cap: a held call whose caller has
+        not opened its stream yet. A place is for work: one let in with nobody to read its
+        answer would hold it for nothing while the GPU idles (issue 21)."""
+        if not self._left and not self.inside and not self._parked:
+            self._parked = True
+            self._door._park(self)
+
+    def unpark(self) -> None:
+        """Its caller is back: join the flow's line now (or go in at once, given room)."""
+        if not self._left and self._parked:
+            self._parked = False
+            self._door._unpark(self)
 
     def leave(self) -> None:
         """Give the place back (done, failed or gone): the next request may go in."""
@@ -139,7 +162,7 @@ class FairDoor:
     def count(self, flow_id: str) -> int:
         """Requests of this flow in flight here: inside and waiting."""
         f = self._flows.get(flow_id)
-        return 0 if f is None else f.inside + len(f.waiting)
+        return 0 if f is None else f.inside + len(f.waiting) + f.parked
 
     @property
     def inside(self) -> int:
@@ -170,6 +193,10 @@ class FairDoor:
         f.weight = weight if weight > 0 else 1.0
         f.room = max(self.per_flow, room)
         place = Place(self, flow_id, f)
+        self._line_up(f, place)
+        return place
+
+    def _line_up(self, f: _Flow, place: Place) -> None:
         if f.inside < f.room and self._inside < self.total and not f.waiting:
             # Room everywhere, so nobody waits for it (no flow is ready) and the door's virtual
             # time stays. The flow's own time counts only what it has inside: it may use a
@@ -179,8 +206,7 @@ class FairDoor:
         else:
             f.waiting.append(place)
             self._waiting += 1
-            self._mark_ready(flow_id, f)
-        return place
+            self._mark_ready(place.flow_id, f)
 
     @contextmanager
     def hold(self, flow_id: str, cap: int, weight: float = 1.0, room: int = 1) -> Iterator[Place]:
@@ -205,6 +231,21 @@ class FairDoor:
             return None
         return place
 
+    def _park(self, place: Place) -> None:
+        self._out_of_line(place._flow, place)
+        place._flow.parked += 1
+
+    def _unpark(self, place: Place) -> None:
+        place._flow.parked -= 1
+        self._line_up(place._flow, place)
+
+    def _out_of_line(self, f: _Flow, place: Place) -> None:
+        f.waiting.remove(place)
+        self._waiting -= 1
+        if not f.waiting and f.ready is not None:  # nothing left to let in
+            self._ready.remove(f.ready)
+            f.ready = None
+
     def _leave(self, place: Place) -> None:
         f = place._flow
         if place.inside:
@@ -212,12 +253,11 @@ class FairDoor:
             self._inside -= 1
         else:
             place.turn.cancel()
-            f.waiting.remove(place)
-            self._waiting -= 1
-            if not f.waiting and f.ready is not None:  # nothing left to let in
-                self._ready.remove(f.ready)
-                f.ready = None
-        if not f.inside and not f.waiting:
+            if place._parked:
+                f.parked -= 1
+            else:
+                self._out_of_line(f, place)
+        if not f.inside and not f.waiting and not f.parked:
             del self._flows[place.flow_id]
         else:
             self._mark_ready(place.flow_id, f)  # it may have room of its own again

@@ -23,7 +23,11 @@ that start a ``/generate`` job (curl, httpx, any HTTP client):
    (``GET /call/generate/<id>``) tells the caller its place at the door, in the
    events Gradio sends (``event: generating``, the handler's status dict), and when
    the turn comes the call is made to Gradio from here and Gradio's own stream
-   continues the reply. A synchronous call (``/run``, ``/api``) is simply held until
+   continues the reply. Until that stream is opened the call is *parked*: counted in
+   its client's cap, but not in line, so it never takes a place inside the door. A
+   place is for work; one let in with nobody to read its answer held it for 30 s while
+   the GPU idled, and 40 addresses POSTing their caps and never reading kept the door
+   full for free (issue 21). A synchronous call (``/run``, ``/api``) is simply held until
    its turn. A caller who leaves while held leaves its line.
 
 ``/gradio_api/queue/join`` (browsers, ``gradio_client``, ``@gradio/client``) goes to
@@ -53,8 +57,8 @@ DOOR_PASS_HEADER = "x-splitspace-door-pass"
 """The one-time pass of a place the middleware holds (set here, stripped from callers)."""
 _PASS = DOOR_PASS_HEADER.encode()
 UNCLAIMED_S = 30.0
-"""A held call whose stream nobody opened in this long, or a pass the handler never took,
-gives its place back."""
+"""A held call whose stream nobody opened in this long gives its room in its client's cap
+back (it never had a place inside); a pass the handler never took gives its place back."""
 
 
 @dataclass(eq=False)
@@ -146,6 +150,7 @@ class DoorMiddleware:
             return
         if streamed and not place.inside:
             event_id = uuid.uuid4().hex
+            place.park()  # out of line until its caller comes back for it: a place is for work
             held = _Held(scope, body, place)
             held.expiry = asyncio.get_running_loop().call_later(UNCLAIMED_S, self._expire, event_id)
             self._held.by_id[event_id] = held
@@ -204,6 +209,7 @@ class DoorMiddleware:
         if held.expiry is not None:
             held.expiry.cancel()
         place = held.place
+        place.unpark()
         gone = asyncio.ensure_future(_disconnected(receive))
         counted = True
         try:

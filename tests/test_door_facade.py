@@ -1,7 +1,7 @@
 """REST calls that must wait are held by the door's middleware, before Gradio (issue 10).
 
 One client's calls queue behind each other at the door (``SPLITSPACE_DOOR_PER_FLOW=1``,
-400 ms jobs). Checked as a curl user sees it: the POST of a call that must wait is
+three places in all, 400 ms jobs). Checked as a curl user sees it: the POST of a call that must wait is
 answered at once with an event id; its event stream tells the caller its place in
 Gradio's own event format, then carries Gradio's result; a caller who leaves while held
 gives its place back; a pass forged by a caller is worth nothing.
@@ -31,7 +31,7 @@ gpu_seconds = 100000
 @pytest.fixture(scope="module")
 def tiers(tmp_path_factory):  # type: ignore[no-untyped-def]
     d = Deployment(tmp_path_factory.mktemp("facade"), model="sleep:400", quotas=QUOTAS,
-                   frontend_env={"SPLITSPACE_DOOR_PER_FLOW": "1"}).start()
+                   frontend_env={"SPLITSPACE_DOOR_PER_FLOW": "1", "SPLITSPACE_DOOR_TOTAL": "3"}).start()
     yield d
     d.stop()
 
@@ -143,3 +143,39 @@ def test_a_synchronous_call_waits_its_turn_before_gradio(tiers: Deployment) -> N
     assert peak.value >= 1, peak.value
     assert [r.status_code for r in answers] == [200] * 3, [r.text[:200] for r in answers]
     assert sorted(r.json()["data"][1]["seed"] for r in answers) == [1, 2, 3]
+
+
+def test_calls_nobody_reads_never_hold_the_door(tiers: Deployment) -> None:
+    """Three addresses POST their calls and never open the streams (issue 21: the door sat
+    full of unread calls for 30 s while the GPU idled). Each address's first call goes in
+    and runs; the rest are parked, taking no place, so the door empties once those jobs end,
+    a well-behaved caller is served, and a parked call is still served when read."""
+    url = tiers.frontend.url
+    attackers = [f"127.0.0.{n}" for n in (21, 22, 23)]
+    held: list[tuple[httpx.Client, str]] = []
+    clients = [httpx.Client(timeout=60, transport=httpx.HTTPTransport(local_address=a)) for a in attackers]
+    try:
+        for n, c in enumerate(clients):
+            for i in range(3):
+                r = c.post(f"{url}/gradio_api/call/generate", json={"data": gen_args(seed=10 * n + i + 1)})
+                assert r.status_code == 200, r.text
+                held.append((c, r.json()["event_id"]))
+        # the three first calls ran; six wait for a reader, taking no place inside the door
+        assert wait_for(lambda: door(url) == {"inside": 0, "waiting": 0, "held": 6}, 20), door(url)
+        with httpx.Client(timeout=60) as c:
+            final, events = call_rest(c, url, "generate", gen_args(seed=99), key("waits"))
+        assert final == "complete" and events[-1][1][1]["seed"] == 99, events[-1]
+        # work the frontend accepted is not lost: the unread calls run once read
+        for c, event_id in held[1:3]:
+            with c.stream("GET", f"{url}/gradio_api/call/generate/{event_id}") as s:
+                names = [line[6:].strip() for line in s.iter_lines() if line.startswith("event:")]
+            assert names[-1] == "complete", names
+    finally:
+        for c, event_id in held:  # the rest are read too, and the door is left empty
+            if event_id not in (held[1][1], held[2][1]):
+                with c.stream("GET", f"{url}/gradio_api/call/generate/{event_id}") as s:
+                    for _ in s.iter_lines():
+                        pass
+        for c in clients:
+            c.close()
+    assert wait_for(lambda: door(url) == {"inside": 0, "waiting": 0, "held": 0}, 20), door(url)
