@@ -23,11 +23,13 @@ sys.path.insert(0, str(REPO))
 
 from tests.support import Deployment, TierProcess, free_port, sha256  # noqa: E402
 
-BASELINE = REPO.parent / "shared" / "baseline" / "plain_gradio"
+BASELINE = REPO / "bench" / "baseline"
+"""The plain Gradio two-tier app measured beside splitspace (carried here, so a clone runs it)."""
 
 
 def start_baseline(workdir: Path) -> tuple[TierProcess, TierProcess]:
-    """The plain Gradio two-tier baseline of ANCHORS.md section 1."""
+    """The plain Gradio two-tier baseline (``bench/baseline``): one shared ``gradio_client``
+    hop, FIFO queues, one "GPU" slot."""
     if not BASELINE.exists():
         raise SystemExit(f"baseline not found at {BASELINE}")
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}

@@ -5,7 +5,7 @@ moment through the public REST API (Gradio's ``/gradio_api/call`` flow); 3 s
 later one light client sends one job from its own process (so the crowd's
 thousands of open streams do not slow the light client's own event loop).
 Reported per round, for splitspace through both tiers and for one plain
-Gradio tier called directly (FIFO, concurrency 1, ``../shared/baseline``):
+Gradio tier called directly (FIFO, concurrency 1, ``bench/baseline``):
 
 - the light client's latency against its ideal fair wait (about one job per
   active client ahead of it: N x 20 ms);

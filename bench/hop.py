@@ -1,6 +1,6 @@
 """Hop benchmark: what the second tier costs, splitspace (each transport) vs plain Gradio.
 
-Measured in one run, on this machine, against ../shared/baseline/plain_gradio/:
+Measured in one run, on this machine, against bench/baseline/:
 - sequential latency of raw REST calls (POST /gradio_api/call, then its event stream):
   the baseline's /echo direct (one plain tier), the baseline's /echo through its
   gradio_client frontend, and splitspace's /generate with `sleep:0` through both tiers
