@@ -52,6 +52,13 @@ dispatch. A queued job dropped by its caller releases its queued lease and reser
 *Leases.* Every lease this replica holds is renewed every ``lease_s / 3`` by one thread
 (one script for all of them); a replica killed mid-job stops renewing, so its client's
 slots come free within ``lease_s`` (``SPLITSPACE_LEASE_S``, 30 s) without an operator.
+A finish (or drop) whose ``settle`` Redis did not hear is remembered by the store
+(:mod:`gpu_backend.unsent_releases`), and the same thread sends its release as soon as
+Redis answers again (it looks every 0.2 s while any wait): a Redis that comes back with
+its data holds no slot for a job that has ended, so nobody waits out a lease. Why not
+short leases instead: a lease short enough for that (a few seconds) would be lost by any
+pause of a tier or of Redis longer than it, letting a client past ``max_running``; the
+releases are few (one per job that ended during the outage) and idempotent.
 
 *Fairness across tiers.* Each start adds the job's virtual service ``cost / weight`` to
 the flow's shared counter and raises a shared virtual time to the job's start tag (in
@@ -85,8 +92,10 @@ from typing import Any
 from shared.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled
 from shared.quotas import Tier
 
+from .resilient_store import ResilientStore
 from .scheduler import RATE_WINDOW_S, ClientRef, Job, address_usage_key
-from .usage import AdmitGrant, AdmitPlan, Lease, Reservation, StoreUnavailable, UsageStore
+from .unsent_releases import RETRY_EVERY_S
+from .usage import AdmitGrant, AdmitPlan, Lease, Reservation, StoreUnavailable
 
 log = logging.getLogger("splitspace.gpu")
 
@@ -128,7 +137,7 @@ class GlobalLimits:
     def __init__(
         self,
         *,
-        store: UsageStore,
+        store: ResilientStore,
         async_store: Any,
         limits: Callable[[ClientRef], Tier],
         lease_s: float = 30.0,
@@ -314,8 +323,16 @@ class GlobalLimits:
 
     def _renew_loop(self) -> None:
         every = max(0.05, self.lease_s / 3)
-        next_renew = time.monotonic() + every
-        while not self._stop.wait(min(1.0, every)):
+        tick = min(1.0, every)
+        next_renew, next_tick = time.monotonic() + every, time.monotonic() + tick
+        while not self._stop.wait(RETRY_EVERY_S if len(self.store.unsent) else tick):
+            try:  # the releases Redis missed, as soon as it answers (no I/O while it is away)
+                self.store.send_unsent()
+            except Exception:
+                log.warning("could not send the releases Redis missed", exc_info=True)
+            if time.monotonic() < next_tick - 0.01:  # woken early to send releases
+                continue
+            next_tick = time.monotonic() + tick
             if time.monotonic() >= next_renew:
                 next_renew = time.monotonic() + every
                 leases = self.leases()

@@ -31,7 +31,7 @@ JOB_S = 0.6
 KEYS = {
     "serial": "serial", "serial-f": "serial", "metered": "metered", "metered-f": "metered",
     "chatty": "chatty", "chatty-f": "chatty", "override": "roomy", "killed": "serial",
-    "filed": "filed", "listed": "roomy",
+    "filed": "filed", "listed": "roomy", "recovered": "serial", "replayed": "roomy",
 }
 VIA = ["gpu tiers", "frontends"]
 
@@ -288,6 +288,36 @@ def test_redis_stopped_and_restarted(own_redis: Any, tmp_path: Path, mode: str) 
             assert during["ok"], during  # served from memory with the limits divided
         own_redis.start()
         assert wait_for(lambda: infer(url, tiers.d.secret, "override", seed=3)["ok"], 20)
+    finally:
+        tiers.stop()
+
+
+def test_a_job_that_ends_while_redis_hangs_holds_no_slot_when_redis_returns(own_redis: Any, tmp_path: Path) -> None:
+    """Issue 21, 4: the job's finish could not reach Redis; Redis comes back with its data
+    (a hang keeps it, as a restart with persistence does): the client's next job starts
+    within 5 s, not when the stale running lease expires (30 s)."""
+    tiers = Tiers(tmp_path / "t", own_redis.url, SPLITSPACE_REDIS_FAILURE="closed")
+    try:
+        url = tiers.start_backend("hang", model="sleep:3000").url  # max_running = 1 ("serial")
+        first: dict[str, Any] = {}
+        holder = threading.Thread(target=lambda: first.update(infer(url, tiers.d.secret, "recovered")), daemon=True)
+        holder.start()
+        assert wait_for(lambda: httpx.get(f"{url}/health", timeout=5).json()["running"] == 1, 30)
+        own_redis.pause()  # its running slot is taken in Redis; now nothing answers
+        try:
+            holder.join(30)
+            assert first.get("ok"), first  # it finished: Redis is not needed for that
+            # and its finish is settled (in memory: GlobalLimits.finish comes before this count)
+            assert wait_for(lambda: httpx.get(f"{url}/health", timeout=5).json()["running"] == 0, 10)
+        finally:
+            own_redis.resume()
+        back = time.time()
+        seed = iter(range(2, 1000))
+        # refused (503) until the tier tries Redis again (its breaker: 3 s), then admitted
+        result = wait_for(lambda: (r := infer(url, tiers.d.secret, "recovered", seed=next(seed)))["ok"] and r, 40)
+        assert result, result
+        started = result["end"] - (result["info"]["total_s"] - result["info"]["queue_s"])
+        assert started - back <= 5.0, f"the next job started {started - back:.1f} s after Redis returned"
     finally:
         tiers.stop()
 
