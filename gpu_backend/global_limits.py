@@ -16,8 +16,9 @@ one Lua script on Redis: ``UsageStore.admit``, ``start_job``, ``settle``). ``ben
 2 ms more per request on a 2-core machine).
 
 *Admission* (:meth:`GlobalLimits.admit`, event loop, before ``GpuRunner.admit``): one
-``admit`` of an :class:`~gpu_backend.usage.AdmitPlan` that checks, in order,
-``requests_per_minute`` (per flow, sliding 60 s), ``max_queued`` (per flow, a queued
+``admit`` of an :class:`~gpu_backend.usage.AdmitPlan` that checks, in order, the call's
+identity-token nonce (used once on every tier: a captured call replayed to another tier
+is refused, ``Unauthorized``; no extra round trip), ``requests_per_minute`` (per flow, sliding 60 s), ``max_queued`` (per flow, a queued
 lease), the estimate against the client's ``gpu_seconds`` and, for anonymous clients,
 the address' ``address_gpu_seconds``, and reads the flow's shared service (below). All
 are taken, or (refused) none: the same ``Throttled`` titles as the local scheduler, with
@@ -89,7 +90,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from shared.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled
+from session.token import TOKEN_REUSED
+from shared.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled, Unauthorized
 from shared.quotas import Tier
 
 from .resilient_store import ResilientStore
@@ -176,9 +178,13 @@ class GlobalLimits:
         self._settler.shutdown(wait=True)
 
     # -- admission (event loop) ----------------------------------------------------------
-    async def admit(self, client: ClientRef, job_id: str, cost: float) -> Hold:
+    async def admit(
+        self, client: ClientRef, job_id: str, cost: float, nonce: str = "", nonce_ttl_s: float = 120.0
+    ) -> Hold:
         """Check and take every global limit for one job (one store call), or raise
-        Throttled / ServiceUnavailable with nothing left taken."""
+        Throttled / ServiceUnavailable with nothing left taken, or Unauthorized when
+        ``nonce`` (its identity token's) was admitted before on any tier (kept
+        ``nonce_ttl_s``)."""
         tier = self._limits(client)
         flow = client.flow_id
         on_address = client.is_anonymous and tier.address_gpu_seconds is not None
@@ -190,9 +196,11 @@ class GlobalLimits:
         plan = AdmitPlan(
             key=flow, job_id=job_id, max_queued=tier.max_queued, lease_s=self.lease_s,
             reservations=tuple(reservations), rate_limit=tier.requests_per_minute, rate_window_s=RATE_WINDOW_S,
-            service=(flow, VTIME_KEY),
+            service=(flow, VTIME_KEY), nonce=nonce, nonce_ttl_s=nonce_ttl_s,
         )
         grant = await self.async_store.admit(plan)
+        if grant.refused_by == "replay":
+            raise Unauthorized(TOKEN_REUSED)
         if not grant.granted:
             raise self._refusal(grant, plan, tier, cost, flow.startswith("addr:"))
         svc = grant.service

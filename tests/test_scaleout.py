@@ -24,7 +24,9 @@ import pytest
 
 from session.identity import Identity
 from shared.headers import ADMIN_HEADER, IDENTITY_HEADER
-from tests.clients import GENERATE_DEFAULTS, call_rest, error_text, gen_args, infer_token, token_for
+from tests.clients import (
+    GENERATE_DEFAULTS, call_rest, error_text, gen_args, infer_on_gpu_tier, infer_token, token_for,
+)
 from tests.support import Deployment, TierProcess, free_port, in_threads, sha256, start_tier, wait_for
 
 JOB_S = 0.6
@@ -107,9 +109,10 @@ def who(name: str) -> Identity:
     return Identity(f"key:{name}", "key", KEYS[name], "127.0.0.1")
 
 
-def infer(url: str, secret: str, name: str, seed: int = 1) -> dict[str, Any]:
-    """One call on a GPU tier's direct route: {"ok", "status", "title", "retry_after", "info", "end"}."""
-    token = infer_token(token_for(secret, who(name)), seed=seed)
+def infer(url: str, secret: str, name: str, seed: int = 1, token: str | None = None) -> dict[str, Any]:
+    """One call on a GPU tier's direct route: {"ok", "status", "title", "retry_after", "info", "end"};
+    with a fresh token, or ``token`` as it is (a replay)."""
+    token = token or infer_token(token_for(secret, who(name)), seed=seed)
     body = {**GENERATE_DEFAULTS, "seed": seed}
     with httpx.Client(timeout=60) as c:
         with c.stream("POST", f"{url}/splitspace/v1/infer", json=body, headers={IDENTITY_HEADER: token}) as r:
@@ -268,6 +271,24 @@ def test_a_gpu_tier_killed_mid_job_frees_the_slot_within_the_lease(pair: Tiers) 
     assert result["ok"], result
     started = result["end"] - (result["info"]["total_s"] - result["info"]["queue_s"])
     assert started - killed_at <= lease_s + 2.0  # within the lease (and the retry), no operator
+
+
+def test_a_captured_call_runs_once_on_every_gpu_tier(pair: Tiers) -> None:
+    """Issue 21, 5: the same token (a captured call) sent again, to the other GPU tier and
+    to the same one, is refused with a clear 401, and its client is charged once."""
+    a, b = urls(pair)
+    captured = infer_token(token_for(pair.d.secret, who("replayed")), seed=7)
+    final, first = infer_on_gpu_tier(a, captured, route="gradio", seed=7)  # Gradio's /infer on A
+    assert final == "complete", first
+    used = lambda: admin(b, pair.d.admin_token, "GET", "clients/key:replayed").json()["used"]  # noqa: E731
+    once = first["info"]["gpu_s"]
+    assert wait_for(lambda: used() == pytest.approx(once, rel=0.05), 10), (used(), once)  # settled
+    for url in (b, a):  # B: refused by the nonce in Redis; A: by its own set
+        again = infer(url, pair.d.secret, "replayed", seed=7, token=captured)
+        assert again["status"] == 401 and again["title"] == "Unauthorized", again
+        assert "already used" in again["message"], again
+    assert used() == pytest.approx(once, rel=0.05)  # charged once, not again on B
+    assert infer(b, pair.d.secret, "replayed", seed=7)["ok"]  # a fresh token for the same call runs
 
 
 @pytest.mark.parametrize("mode", ["closed", "local"])
