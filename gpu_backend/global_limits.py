@@ -18,10 +18,11 @@ one Lua script on Redis: ``UsageStore.admit``, ``start_job``, ``settle``). ``ben
 *Admission* (:meth:`GlobalLimits.admit`, event loop, before ``GpuRunner.admit``): one
 ``admit`` of an :class:`~gpu_backend.usage.AdmitPlan` that checks, in order, the call's
 identity-token nonce (used once on every tier: a captured call replayed to another tier
-is refused, ``Unauthorized``; no extra round trip), ``requests_per_minute`` (per flow, sliding 60 s), ``max_queued`` (per flow, a queued
-lease), the estimate against the client's ``gpu_seconds`` and, for anonymous clients,
-the address' ``address_gpu_seconds``, and reads the flow's shared service (below). All
-are taken, or (refused) none: the same ``Throttled`` titles as the local scheduler, with
+is refused, ``Unauthorized``; no extra round trip), ``requests_per_minute`` (per flow,
+sliding 60 s), ``max_queued`` (per flow, a queued lease), the estimate against the
+client's ``gpu_seconds`` and, for anonymous clients, the address'
+``address_gpu_seconds``, and reads the flow's shared service (below). All are taken
+(the nonce whatever the answer), or (refused) none: the same ``Throttled`` titles as the local scheduler, with
 retry seconds. A store that cannot answer in ``closed`` mode raises
 ``ServiceUnavailable`` ("Service unavailable", retry time). The whole check is atomic in
 Redis, so concurrent admissions on any number of tiers never exceed a limit.

@@ -60,6 +60,7 @@ from typing import Any, Literal, TypeVar
 
 from shared.circuit_breaker import DEFAULT_RETRY_S, CircuitBreaker
 
+from .unsent_releases import UnsentReleases
 from .usage import (
     AdmitGrant,
     AdmitPlan,
@@ -74,7 +75,6 @@ from .usage import (
     StoreUnavailable,
     UsageStore,
 )
-from .unsent_releases import UnsentReleases
 
 __all__ = [
     "FailureMode",
