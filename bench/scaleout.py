@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import secrets
 import sys
 import tempfile
 import time
@@ -183,6 +184,11 @@ class _Deferred:
         self.run()
 
 
+def fresh_nonce() -> tuple[str, float]:
+    """A fresh identity-token nonce and its ttl, as a GPU tier passes them at admission."""
+    return secrets.token_urlsafe(12), 120.0
+
+
 def job_store_work(url: str, seconds: float) -> dict[str, dict[str, float]]:
     """Per kind of caller: ms of store work in admission (event loop), dispatch (the move)
     and finish (GPU thread), and Redis round trips per phase, on the job's path and off it
@@ -206,7 +212,7 @@ def job_store_work(url: str, seconds: float) -> dict[str, dict[str, float]]:
             async def one() -> list[float]:
                 job_id = uuid.uuid4().hex
                 t0 = time.perf_counter()
-                await gl.admit(client, job_id, 0.5)
+                await gl.admit(client, job_id, 0.5, *fresh_nonce())
                 t1 = time.perf_counter()
                 job = Job(job_id, client, 0.5, None, time.time())
                 assert gl.start([job])[0]
@@ -226,7 +232,7 @@ def job_store_work(url: str, seconds: float) -> dict[str, dict[str, float]]:
                 gl._settler = deferred  # type: ignore[assignment]
                 calls = [redis_calls(url)]
                 job_id = uuid.uuid4().hex
-                await gl.admit(client, job_id, 0.5)
+                await gl.admit(client, job_id, 0.5, *fresh_nonce())
                 calls.append(redis_calls(url))
                 job = Job(job_id, client, 0.5, None, time.time())
                 gl.start([job])

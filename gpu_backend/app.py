@@ -100,6 +100,7 @@ class GpuTier:
             async_store = open_async_store(
                 redis_url=settings.redis_url.get_secret_value(), failure=settings.redis_failure,
                 replicas=settings.replicas, fallback=self.store.fallback, breaker=self.store.breaker,
+                unsent=self.store.unsent,
             )
             self.overrides = Overrides(self.store)
             limits = limits_function(lambda: self.watcher.current, self.overrides)

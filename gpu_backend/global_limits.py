@@ -16,11 +16,13 @@ one Lua script on Redis: ``UsageStore.admit``, ``start_job``, ``settle``). ``ben
 2 ms more per request on a 2-core machine).
 
 *Admission* (:meth:`GlobalLimits.admit`, event loop, before ``GpuRunner.admit``): one
-``admit`` of an :class:`~gpu_backend.usage.AdmitPlan` that checks, in order,
-``requests_per_minute`` (per flow, sliding 60 s), ``max_queued`` (per flow, a queued
-lease), the estimate against the client's ``gpu_seconds`` and, for anonymous clients,
-the address' ``address_gpu_seconds``, and reads the flow's shared service (below). All
-are taken, or (refused) none: the same ``Throttled`` titles as the local scheduler, with
+``admit`` of an :class:`~gpu_backend.usage.AdmitPlan` that checks, in order, the call's
+identity-token nonce (used once on every tier: a captured call replayed to another tier
+is refused, ``Unauthorized``; no extra round trip), ``requests_per_minute`` (per flow,
+sliding 60 s), ``max_queued`` (per flow, a queued lease), the estimate against the
+client's ``gpu_seconds`` and, for anonymous clients, the address'
+``address_gpu_seconds``, and reads the flow's shared service (below). All are taken
+(the nonce whatever the answer), or (refused) none: the same ``Throttled`` titles as the local scheduler, with
 retry seconds. A store that cannot answer in ``closed`` mode raises
 ``ServiceUnavailable`` ("Service unavailable", retry time). The whole check is atomic in
 Redis, so concurrent admissions on any number of tiers never exceed a limit.
@@ -52,6 +54,13 @@ dispatch. A queued job dropped by its caller releases its queued lease and reser
 *Leases.* Every lease this replica holds is renewed every ``lease_s / 3`` by one thread
 (one script for all of them); a replica killed mid-job stops renewing, so its client's
 slots come free within ``lease_s`` (``SPLITSPACE_LEASE_S``, 30 s) without an operator.
+A finish (or drop) whose ``settle`` Redis did not hear is remembered by the store
+(:mod:`gpu_backend.unsent_releases`), and the same thread sends its release as soon as
+Redis answers again (it looks every 0.2 s while any wait): a Redis that comes back with
+its data holds no slot for a job that has ended, so nobody waits out a lease. Why not
+short leases instead: a lease short enough for that (a few seconds) would be lost by any
+pause of a tier or of Redis longer than it, letting a client past ``max_running``; the
+releases are few (one per job that ended during the outage) and idempotent.
 
 *Fairness across tiers.* Each start adds the job's virtual service ``cost / weight`` to
 the flow's shared counter and raises a shared virtual time to the job's start tag (in
@@ -82,11 +91,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from shared.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled
+from session.token import TOKEN_REUSED
+from shared.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled, Unauthorized
 from shared.quotas import Tier
 
+from .resilient_store import ResilientStore
 from .scheduler import RATE_WINDOW_S, ClientRef, Job, address_usage_key
-from .usage import AdmitGrant, AdmitPlan, Lease, Reservation, StoreUnavailable, UsageStore
+from .unsent_releases import RETRY_EVERY_S
+from .usage import AdmitGrant, AdmitPlan, Lease, Reservation, StoreUnavailable
 
 log = logging.getLogger("splitspace.gpu")
 
@@ -128,7 +140,7 @@ class GlobalLimits:
     def __init__(
         self,
         *,
-        store: UsageStore,
+        store: ResilientStore,
         async_store: Any,
         limits: Callable[[ClientRef], Tier],
         lease_s: float = 30.0,
@@ -167,9 +179,13 @@ class GlobalLimits:
         self._settler.shutdown(wait=True)
 
     # -- admission (event loop) ----------------------------------------------------------
-    async def admit(self, client: ClientRef, job_id: str, cost: float) -> Hold:
+    async def admit(
+        self, client: ClientRef, job_id: str, cost: float, nonce: str = "", nonce_ttl_s: float = 120.0
+    ) -> Hold:
         """Check and take every global limit for one job (one store call), or raise
-        Throttled / ServiceUnavailable with nothing left taken."""
+        Throttled / ServiceUnavailable with nothing left taken, or Unauthorized when
+        ``nonce`` (its identity token's) was admitted before on any tier (kept
+        ``nonce_ttl_s``)."""
         tier = self._limits(client)
         flow = client.flow_id
         on_address = client.is_anonymous and tier.address_gpu_seconds is not None
@@ -181,9 +197,11 @@ class GlobalLimits:
         plan = AdmitPlan(
             key=flow, job_id=job_id, max_queued=tier.max_queued, lease_s=self.lease_s,
             reservations=tuple(reservations), rate_limit=tier.requests_per_minute, rate_window_s=RATE_WINDOW_S,
-            service=(flow, VTIME_KEY),
+            service=(flow, VTIME_KEY), nonce=nonce, nonce_ttl_s=nonce_ttl_s,
         )
         grant = await self.async_store.admit(plan)
+        if grant.refused_by == "replay":
+            raise Unauthorized(TOKEN_REUSED)
         if not grant.granted:
             raise self._refusal(grant, plan, tier, cost, flow.startswith("addr:"))
         svc = grant.service
@@ -314,8 +332,16 @@ class GlobalLimits:
 
     def _renew_loop(self) -> None:
         every = max(0.05, self.lease_s / 3)
-        next_renew = time.monotonic() + every
-        while not self._stop.wait(min(1.0, every)):
+        tick = min(1.0, every)
+        next_renew, next_tick = time.monotonic() + every, time.monotonic() + tick
+        while not self._stop.wait(RETRY_EVERY_S if len(self.store.unsent) else tick):
+            try:  # the releases Redis missed, as soon as it answers (no I/O while it is away)
+                self.store.send_unsent()
+            except Exception:
+                log.warning("could not send the releases Redis missed", exc_info=True)
+            if time.monotonic() < next_tick - 0.01:  # woken early to send releases
+                continue
+            next_tick = time.monotonic() + tick
             if time.monotonic() >= next_renew:
                 next_renew = time.monotonic() + every
                 leases = self.leases()

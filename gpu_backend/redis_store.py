@@ -44,6 +44,8 @@ key                                   type        holds
 ``{p}rate:{key}``                     sorted set  job id scored by its admission time
 ``{p}svc:{flow_id}``                  string      the flow's virtual service; expires after
                                                   ``service_ttl_s`` without a change
+``{p}nonce:{nonce}``                  string      the job admitted with an identity token's
+                                                  nonce; expires after ``nonce_ttl_s``
 ====================================  ==========  ==============================================
 
 Every key expires by itself once it holds nothing live, so clients seen once leave
@@ -334,11 +336,17 @@ return fmt(v)
     "service_get": "return redis.call('MGET', unpack(KEYS))",
     # A job's whole admission (UsageStore.admit): every check first, then every change.
     # KEYS rate set, queued set, one usage hash per reservation, the service counters to
-    # read, the usage index, the slot index; ARG job, rate limit ('' = none), rate window_s, max_queued,
-    # lease_s, number of reservations, slack, then amount, limit, window_s of each.
+    # read, the nonce, the usage index, the slot index; ARG job, rate limit ('' = none), rate window_s, max_queued,
+    # lease_s, number of reservations, slack, then amount, limit, window_s of each, then
+    # the nonce ('' = none) and its ttl in ms. The nonce first, kept whatever the answer
+    # (idempotent per job: a re-sent call is no replay).
     "admit": """
 local now = NOW
 local job, nres, slack = ARG[1], tonumber(ARG[6]), tonumber(ARG[7])
+if ARG[8 + 3 * nres] ~= '' and not redis.call('SET', KEYS[#KEYS - 2], job, 'NX', 'PX', ARG[9 + 3 * nres])
+    and redis.call('GET', KEYS[#KEYS - 2]) ~= job then
+  return {'replay'}
+end
 local new_rate = false
 if ARG[2] ~= '' then
   local w = tonumber(ARG[3])
@@ -382,7 +390,7 @@ for k, w in pairs(windows) do
   redis.call('ZADD', KEYS[#KEYS - 1], 'GT', fmt(w[2] + w[3]), k)
 end
 local svc = {}
-for i = 3 + nres, #KEYS - 2 do svc[#svc + 1] = redis.call('GET', KEYS[i]) end
+for i = 3 + nres, #KEYS - 3 do svc[#svc + 1] = redis.call('GET', KEYS[i]) end
 return {'ok', svc}
 """,
     # A job is done (UsageStore.settle). KEYS queued set, running set, rate set, the
@@ -605,17 +613,21 @@ class _Commands:
             check_rate(plan.rate_limit, plan.rate_window_s)
         for r in plan.reservations:
             check_reservation(r.amount, r.limit, r.window_s)
+        if plan.nonce and not plan.nonce_ttl_s > 0:
+            raise ValueError(f"nonce_ttl_s must be positive, got {plan.nonce_ttl_s!r}")
         wanted = list(dict.fromkeys(plan.service))
         keys = (
             f"{self.prefix}rate:{plan.key}", self._slot("queued", plan.key),
             *(self._usage(r.key) for r in plan.reservations),
-            *(f"{self.prefix}svc:{f}" for f in wanted), self._usage_index, self._slot_index,
+            *(f"{self.prefix}svc:{f}" for f in wanted), f"{self.prefix}nonce:{plan.nonce}",
+            self._usage_index, self._slot_index,
         )
         rate = "" if plan.rate_limit is None else _num(plan.rate_limit)
         args = (
             plan.job_id, rate, _float(plan.rate_window_s), _num(plan.max_queued), _float(plan.lease_s),
             str(len(plan.reservations)), repr(_SLACK),
             *(x for r in plan.reservations for x in (_float(r.amount), _num(r.limit), _float(r.window_s))),
+            plan.nonce, str(max(1, math.ceil(plan.nonce_ttl_s * 1000))),
         )
 
         def parse(reply: Any) -> AdmitGrant:
@@ -626,6 +638,8 @@ class _Commands:
                 return AdmitGrant(False, "rate", held=int(reply[1]), retry_after_s=float(reply[2]))
             if tag == "queued":
                 return AdmitGrant(False, "queued", held=int(reply[1]))
+            if tag == "replay":
+                return AdmitGrant(False, "replay")
             return AdmitGrant(False, "quota", quota=int(reply[1]) - 1, retry_after_s=float(reply[2]), used=float(reply[3]))
 
         return _Call("admit", keys, args, parse)

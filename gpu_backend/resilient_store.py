@@ -27,7 +27,10 @@ Both modes, whatever is being done:
 * *Settlements never raise* (``settle``, ``adjust``, ``release``, ``renew``, ``forget_rate``,
   ``add_service``): they go to Redis when it answers, else to memory. ``settle``, ``release``
   and ``renew`` always go to memory too, so slots taken during an outage are given back there.
-  A lease Redis did not hear about being released expires by itself within its lease.
+  A ``settle`` Redis did not hear is remembered (:mod:`gpu_backend.unsent_releases`,
+  bounded) and its release sent by :meth:`ResilientStore.send_unsent` once Redis answers
+  again, so a Redis that returns with its data (a hang, a restart with persistence) holds
+  no slot for a finished job; one that is never sent expires by itself within its lease.
 * *Reads* (``usage``, ``count``, ``slot_counts``, ``service``, overrides) fall back to memory: overrides
   from a mirror refreshed by every successful read from Redis. ``overrides_version`` is
   negative while served from memory, so a cache that compares versions re-reads both when
@@ -57,6 +60,7 @@ from typing import Any, Literal, TypeVar
 
 from shared.circuit_breaker import DEFAULT_RETRY_S, CircuitBreaker
 
+from .unsent_releases import UnsentReleases
 from .usage import (
     AdmitGrant,
     AdmitPlan,
@@ -104,6 +108,7 @@ class _Failover:
         mode: FailureMode,
         replicas: int,
         breaker: CircuitBreaker | None,
+        unsent: UnsentReleases | None = None,
     ) -> None:
         if mode not in ("closed", "local"):
             raise ValueError(f"mode must be 'closed' or 'local', got {mode!r}")
@@ -113,6 +118,7 @@ class _Failover:
         self.replicas = int(replicas)
         self.fallback = fallback if fallback is not None else MemoryUsageStore()
         self.breaker = breaker if breaker is not None else CircuitBreaker()
+        self.unsent = unsent if unsent is not None else UnsentReleases()
 
     @property
     def degraded(self) -> bool:
@@ -185,6 +191,15 @@ class _Failover:
             raise self.refusal()
         return on_fallback(self.fallback)
 
+    def settle_in_memory(
+        self, key: str, job_id: str, deltas: list[tuple[str, float]], forget_rate: bool, service_delta: float,
+        now: float | None,
+    ) -> None:
+        """A settlement Redis did not hear: counted in memory, its release kept to send
+        when Redis answers again."""
+        self.unsent.add(key, job_id)
+        self.fallback.settle(key, job_id, deltas, forget_rate=forget_rate, service_delta=service_delta, now=now)
+
     def release_locally(self, key: str, job_id: str) -> None:
         """A settled job's slots, given back in memory too (as ``release`` does), in case
         they were taken there during an outage."""
@@ -217,11 +232,13 @@ class _Wrapper:
         mode: FailureMode = "closed",
         replicas: int = 1,
         breaker: CircuitBreaker | None = None,
+        unsent: UnsentReleases | None = None,
     ) -> None:
         self.primary = primary
-        self._f = _Failover(fallback, mode, replicas, breaker)
+        self._f = _Failover(fallback, mode, replicas, breaker, unsent)
         self.fallback = self._f.fallback
         self.breaker = self._f.breaker
+        self.unsent = self._f.unsent
 
     @property
     def degraded(self) -> bool:
@@ -390,8 +407,20 @@ class ResilientStore(_Wrapper):
         self._call(
             _Route.SETTLE,
             lambda p: p.settle(key, job_id, deltas, forget_rate=forget_rate, service_delta=service_delta, now=now),
-            lambda f: f.settle(key, job_id, deltas, forget_rate=forget_rate, service_delta=service_delta, now=now),
+            lambda f: self._f.settle_in_memory(key, job_id, deltas, forget_rate, service_delta, now),
         )
+
+    def send_unsent(self) -> int:
+        """Send the releases of the settlements Redis missed (:attr:`unsent`), oldest first,
+        while it answers; returns how many were sent. No I/O while none wait or while the
+        breaker keeps calls away from Redis."""
+        sent = 0
+        for key, job_id in self.unsent.pending():
+            if not self._call(_Route.SETTLE, lambda p: p.settle(key, job_id) or True, lambda f: False):
+                break  # Redis still away: the rest wait for the next try
+            self.unsent.sent(key, job_id)
+            sent += 1
+        return sent
 
     def close(self) -> None:
         self.primary.close()
@@ -547,7 +576,7 @@ class AsyncResilientStore(_Wrapper):
         await self._call(
             _Route.SETTLE,
             lambda p: p.settle(key, job_id, deltas, forget_rate=forget_rate, service_delta=service_delta, now=now),
-            lambda f: f.settle(key, job_id, deltas, forget_rate=forget_rate, service_delta=service_delta, now=now),
+            lambda f: self._f.settle_in_memory(key, job_id, deltas, forget_rate, service_delta, now),
         )
 
     async def close(self) -> None:
@@ -582,10 +611,12 @@ def open_async_store(
     retry_s: float = DEFAULT_RETRY_S,
     fallback: MemoryUsageStore | None = None,
     breaker: CircuitBreaker | None = None,
+    unsent: UnsentReleases | None = None,
 ) -> AsyncResilientStore:
     """The event-loop twin of :func:`open_store` for Redis. Pass the sync store's
-    ``fallback`` and ``breaker`` (attributes of the :class:`ResilientStore`) to share one
-    local state and one outage verdict between the loop and the GPU thread."""
+    ``fallback``, ``breaker`` and ``unsent`` (attributes of the :class:`ResilientStore`) to
+    share one local state, one outage verdict and one list of releases to send between the
+    loop and the GPU thread."""
     from .redis_store import AsyncRedisStore
 
     return AsyncResilientStore(
@@ -594,4 +625,5 @@ def open_async_store(
         mode=failure,
         replicas=replicas,
         breaker=breaker or CircuitBreaker(retry_s),
+        unsent=unsent,
     )

@@ -32,7 +32,9 @@ import gradio as gr
 
 from session.identity import Identity
 from session.token import STANDING, Claims, IdentityTokens, infer_purpose
-from shared.errors import GPU_ERROR, QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, GpuFailed, SplitspaceError, Throttled
+from shared.errors import (
+    GPU_ERROR, QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, GpuFailed, SplitspaceError, Throttled, Unauthorized,
+)
 from shared.hop import Update
 from shared.schema import Limits, request_from_dict
 
@@ -92,8 +94,9 @@ class InferService:
 
     async def enter(self, claims: Claims, body: Mapping[str, Any], ip_token: str | None = None) -> Ticket:
         """:meth:`admit` for the routes: the global limits first when there are any
-        (Redis), then the runner's. Raises what :meth:`admit` raises, and
-        ServiceUnavailable while the shared store cannot check a limit (``closed``)."""
+        (Redis), then the runner's. Raises what :meth:`admit` raises, ServiceUnavailable
+        while the shared store cannot check a limit (``closed``), and Unauthorized when
+        another replica already admitted this token's call (its nonce, in Redis)."""
         gate = self.global_limits
         if gate is None:
             return self.admit(claims, body, ip_token)
@@ -102,10 +105,13 @@ class InferService:
         request = self.runner.resolve(request)  # the estimate below is the one the job keeps
         cost = self.runner.cost.estimate(request.steps, request.width, request.height, request.guidance_scale)
         job_id = uuid.uuid4().hex
-        try:
-            hold = await gate.admit(client_ref(identity), job_id, cost)
+        try:  # the token's nonce too: a call replayed to another replica is refused there
+            hold = await gate.admit(client_ref(identity), job_id, cost, claims.nonce, self.tokens.replay_window_s)
         except Throttled as exc:
             self._on_refused(_REASONS.get(exc.title, "throttled"))
+            raise
+        except Unauthorized:
+            self._on_refused("unauthorized")
             raise
         except SplitspaceError:
             self._on_refused("store_unavailable")

@@ -152,7 +152,13 @@ class AdmitPlan:
     """Every shared check of one job's admission, for one :meth:`UsageStore.admit`: in
     order, the rate window of ``key`` (when ``rate_limit`` is set), a queued slot of
     ``key`` within ``max_queued``, then each reservation; once all pass, the service
-    counters named in ``service`` are read (the fairness lead of the flow)."""
+    counters named in ``service`` are read (the fairness lead of the flow).
+
+    ``nonce``: the call's identity-token nonce (``session/token.py``). A store that several
+    GPU tiers share (Redis) checks it first: one it has seen within ``nonce_ttl_s``, for
+    another job id, is refused as ``"replay"``; it is kept whatever the answer, as each
+    tier's own set keeps it. A store of one process ignores it: that tier's own set has
+    checked it already."""
 
     key: str
     job_id: str
@@ -162,6 +168,8 @@ class AdmitPlan:
     rate_limit: float | None = None
     rate_window_s: float = 60.0
     service: tuple[str, ...] = ()
+    nonce: str = ""
+    nonce_ttl_s: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -170,7 +178,8 @@ class AdmitGrant:
     ``refused_by`` says which check: ``"rate"`` (``held`` admissions in the window,
     ``retry_after_s`` until the oldest leaves it), ``"queued"`` (``held`` leases) or
     ``"quota"`` (reservation number ``quota`` of the plan: ``used`` in its window,
-    ``retry_after_s`` until it resets). Granted: ``service`` holds the counters read."""
+    ``retry_after_s`` until it resets) or ``"replay"`` (its ``nonce`` was admitted before,
+    on any tier). Granted: ``service`` holds the counters read."""
 
     granted: bool
     refused_by: str = ""

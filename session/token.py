@@ -10,8 +10,12 @@ the validated request>``, ``standing`` or ``health``) and carries a random
 nonce. The GPU tier refuses a token whose purpose is not the call it came
 with (a captured token cannot be used for another prompt) and one whose
 nonce it has already seen within the token's lifetime (nor twice for the same
-prompt). The nonces seen are kept per process; each GPU tier replica keeps its
-own (a token replayed to another replica works there at most once).
+prompt). The nonces seen are kept per process (the fast path, and the whole check
+without Redis); with ``SPLITSPACE_REDIS_URL`` a GPU tier also has its admission
+check the nonce in Redis (``gpu_backend/global_limits.py``: one more command in the
+admission's one script), so a captured ``/infer`` call is refused on every replica.
+Without Redis, a token replayed to another replica within its lifetime runs there
+once (docs/security.md).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ TOKEN_SALT = "splitspace.identity.v2"
 DEFAULT_MAX_AGE_S = 60.0
 STANDING = "standing"
 HEALTH = "health"
+TOKEN_REUSED = "identity token already used (each token is good for one call)"
 
 
 def infer_purpose(request_digest: str) -> str:
@@ -47,6 +52,7 @@ class Claims:
 
     identity: Identity
     purpose: str
+    nonce: str = ""
 
     def require(self, purpose: str) -> Identity:
         """The identity, if the token was issued for ``purpose``; else Unauthorized."""
@@ -113,6 +119,13 @@ class IdentityTokens:
     def configured(self) -> bool:
         return self._serializer is not None
 
+    @property
+    def replay_window_s(self) -> float:
+        """How long a shared store keeps a used nonce: twice a token's lifetime, so that a
+        replica whose clock runs behind the frontend's (by up to a lifetime) still
+        finds it while it would accept the token."""
+        return 2 * self._max_age_s
+
     def mint(self, identity: Identity, purpose: str) -> str:
         """A token for one call of ``purpose`` (``infer_purpose(...)``, STANDING, HEALTH)."""
         if self._serializer is None:
@@ -128,12 +141,12 @@ class IdentityTokens:
             raise Unauthorized("missing identity token (X-Splitspace-Identity)")
         try:
             data = self._serializer.loads(token, max_age=self._max_age_s)
-            claims = Claims(Identity.from_dict(data), str(data["purpose"]))
             nonce = str(data["nonce"])
+            claims = Claims(Identity.from_dict(data), str(data["purpose"]), nonce)
         except SignatureExpired:
             raise Unauthorized("identity token expired") from None
         except (BadSignature, KeyError, TypeError, ValueError):
             raise Unauthorized("identity token is not valid") from None
         if not self._nonces.first_use(nonce, self._clock()):
-            raise Unauthorized("identity token already used (each token is good for one call)")
+            raise Unauthorized(TOKEN_REUSED)
         return claims

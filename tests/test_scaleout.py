@@ -24,14 +24,16 @@ import pytest
 
 from session.identity import Identity
 from shared.headers import ADMIN_HEADER, IDENTITY_HEADER
-from tests.clients import GENERATE_DEFAULTS, call_rest, error_text, gen_args, infer_token, token_for
+from tests.clients import (
+    GENERATE_DEFAULTS, call_rest, error_text, gen_args, infer_on_gpu_tier, infer_token, token_for,
+)
 from tests.support import Deployment, TierProcess, free_port, in_threads, sha256, start_tier, wait_for
 
 JOB_S = 0.6
 KEYS = {
     "serial": "serial", "serial-f": "serial", "metered": "metered", "metered-f": "metered",
     "chatty": "chatty", "chatty-f": "chatty", "override": "roomy", "killed": "serial",
-    "filed": "filed", "listed": "roomy",
+    "filed": "filed", "listed": "roomy", "recovered": "serial", "replayed": "roomy",
 }
 VIA = ["gpu tiers", "frontends"]
 
@@ -107,9 +109,10 @@ def who(name: str) -> Identity:
     return Identity(f"key:{name}", "key", KEYS[name], "127.0.0.1")
 
 
-def infer(url: str, secret: str, name: str, seed: int = 1) -> dict[str, Any]:
-    """One call on a GPU tier's direct route: {"ok", "status", "title", "retry_after", "info", "end"}."""
-    token = infer_token(token_for(secret, who(name)), seed=seed)
+def infer(url: str, secret: str, name: str, seed: int = 1, token: str | None = None) -> dict[str, Any]:
+    """One call on a GPU tier's direct route: {"ok", "status", "title", "retry_after", "info", "end"};
+    with a fresh token, or ``token`` as it is (a replay)."""
+    token = token or infer_token(token_for(secret, who(name)), seed=seed)
     body = {**GENERATE_DEFAULTS, "seed": seed}
     with httpx.Client(timeout=60) as c:
         with c.stream("POST", f"{url}/splitspace/v1/infer", json=body, headers={IDENTITY_HEADER: token}) as r:
@@ -270,6 +273,24 @@ def test_a_gpu_tier_killed_mid_job_frees_the_slot_within_the_lease(pair: Tiers) 
     assert started - killed_at <= lease_s + 2.0  # within the lease (and the retry), no operator
 
 
+def test_a_captured_call_runs_once_on_every_gpu_tier(pair: Tiers) -> None:
+    """Issue 21, 5: the same token (a captured call) sent again, to the other GPU tier and
+    to the same one, is refused with a clear 401, and its client is charged once."""
+    a, b = urls(pair)
+    captured = infer_token(token_for(pair.d.secret, who("replayed")), seed=7)
+    final, first = infer_on_gpu_tier(a, captured, route="gradio", seed=7)  # Gradio's /infer on A
+    assert final == "complete", first
+    used = lambda: admin(b, pair.d.admin_token, "GET", "clients/key:replayed").json()["used"]  # noqa: E731
+    once = first["info"]["gpu_s"]
+    assert wait_for(lambda: used() == pytest.approx(once, rel=0.05), 10), (used(), once)  # settled
+    for url in (b, a):  # B: refused by the nonce in Redis; A: by its own set
+        again = infer(url, pair.d.secret, "replayed", seed=7, token=captured)
+        assert again["status"] == 401 and again["title"] == "Unauthorized", again
+        assert "already used" in again["message"], again
+    assert used() == pytest.approx(once, rel=0.05)  # charged once, not again on B
+    assert infer(b, pair.d.secret, "replayed", seed=7)["ok"]  # a fresh token for the same call runs
+
+
 @pytest.mark.parametrize("mode", ["closed", "local"])
 def test_redis_stopped_and_restarted(own_redis: Any, tmp_path: Path, mode: str) -> None:
     tiers = Tiers(tmp_path / "t", own_redis.url, SPLITSPACE_REDIS_FAILURE=mode)
@@ -288,6 +309,36 @@ def test_redis_stopped_and_restarted(own_redis: Any, tmp_path: Path, mode: str) 
             assert during["ok"], during  # served from memory with the limits divided
         own_redis.start()
         assert wait_for(lambda: infer(url, tiers.d.secret, "override", seed=3)["ok"], 20)
+    finally:
+        tiers.stop()
+
+
+def test_a_job_that_ends_while_redis_hangs_holds_no_slot_when_redis_returns(own_redis: Any, tmp_path: Path) -> None:
+    """Issue 21, 4: the job's finish could not reach Redis; Redis comes back with its data
+    (a hang keeps it, as a restart with persistence does): the client's next job starts
+    within 5 s, not when the stale running lease expires (30 s)."""
+    tiers = Tiers(tmp_path / "t", own_redis.url, SPLITSPACE_REDIS_FAILURE="closed")
+    try:
+        url = tiers.start_backend("hang", model="sleep:3000").url  # max_running = 1 ("serial")
+        first: dict[str, Any] = {}
+        holder = threading.Thread(target=lambda: first.update(infer(url, tiers.d.secret, "recovered")), daemon=True)
+        holder.start()
+        assert wait_for(lambda: httpx.get(f"{url}/health", timeout=5).json()["running"] == 1, 30)
+        own_redis.pause()  # its running slot is taken in Redis; now nothing answers
+        try:
+            holder.join(30)
+            assert first.get("ok"), first  # it finished: Redis is not needed for that
+            # and its finish is settled (in memory: GlobalLimits.finish comes before this count)
+            assert wait_for(lambda: httpx.get(f"{url}/health", timeout=5).json()["running"] == 0, 10)
+        finally:
+            own_redis.resume()
+        back = time.time()
+        seed = iter(range(2, 1000))
+        # refused (503) until the tier tries Redis again (its breaker: 3 s), then admitted
+        result = wait_for(lambda: (r := infer(url, tiers.d.secret, "recovered", seed=next(seed)))["ok"] and r, 40)
+        assert result, result
+        started = result["end"] - (result["info"]["total_s"] - result["info"]["queue_s"])
+        assert started - back <= 5.0, f"the next job started {started - back:.1f} s after Redis returned"
     finally:
         tiers.stop()
 

@@ -9,6 +9,7 @@ and leases are short and every wait is a poll for the condition, bounded.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import threading
 import time
@@ -528,6 +529,27 @@ def test_redis_reads_its_own_clock_not_the_callers(redis_server: Any) -> None:
         assert store.count("running", "f", now=0.0) == 1
     finally:
         store.close()
+
+
+def test_redis_admits_a_nonce_once_across_handles(redis_server: Any) -> None:
+    """Issue 21, 5: an identity token's nonce is admitted once on every tier sharing Redis."""
+    prefix = f"test:{uuid.uuid4().hex}:"
+    a, b = (RedisStore.from_url(redis_server.url, prefix=prefix) for _ in range(2))
+    try:
+        with_nonce = lambda job, **kw: dataclasses.replace(_plan(job, **kw), nonce="n1", nonce_ttl_s=120.0)  # noqa: E731
+        assert a.admit(with_nonce("a")).granted
+        assert a.admit(with_nonce("a")).granted  # the same call sent again (a reconnect): no replay
+        before = b.usage("c")[0]
+        replay = b.admit(with_nonce("b"))
+        assert (replay.granted, replay.refused_by) == (False, "replay")
+        assert b.count("queued", "f") == 1 and b.usage("c")[0] == before  # nothing taken
+        refused = b.admit(dataclasses.replace(_plan("c", quota=0.75), nonce="n2"))  # refused by the quota...
+        assert refused.refused_by == "quota"
+        assert a.admit(dataclasses.replace(_plan("d"), nonce="n2")).refused_by == "replay"  # ...its nonce used
+        assert a.admit(_plan("e", quota=10)).granted  # no nonce: no check
+    finally:
+        a.close()
+        b.close()
 
 
 def test_slot_counts_list_every_holder_across_handles(make_store: Factory) -> None:

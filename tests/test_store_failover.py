@@ -23,6 +23,7 @@ import pytest
 
 from gpu_backend.redis_store import AsyncRedisStore, RedisStore
 from gpu_backend.resilient_store import AsyncResilientStore, CircuitBreaker, ResilientStore, open_store
+from gpu_backend.unsent_releases import UnsentReleases
 from gpu_backend.usage import AdmitPlan, Lease, Reservation, SqliteUsageStore, StoreUnavailable
 from shared.errors import SERVICE_UNAVAILABLE, ServiceUnavailable
 
@@ -162,6 +163,44 @@ def test_closed_mode_with_a_hung_redis_never_hangs_and_keeps_its_data(own_redis:
     finally:
         own_redis.resume()
         store.close()
+
+
+@pytest.mark.parametrize("mode", ["closed", "local"])
+def test_a_settlement_redis_missed_is_released_there_once_it_answers(own_redis: Any, prefix: str, mode: str) -> None:
+    """Issue 21, 4: a job whose settle could not reach Redis holds no slot there once Redis
+    is back with its data; the release alone is sent (the usage correction is not replayed)."""
+    store = resilient(own_redis.url, prefix, mode)
+    try:
+        plan = AdmitPlan("c", "job", max_queued=4, lease_s=30.0, reservations=(Reservation("c", 1.0, 5.0, 100.0),))
+        assert store.admit(plan).granted
+        assert store.start_job("c", "job", 1, 30.0, 1.0, "__v__").granted
+        own_redis.pause()  # hung: its data is kept, as a restart with persistence keeps it
+        try:
+            store.settle("c", "job", [("c", -0.5)], service_delta=-0.5)  # never raises: counted in memory
+            assert len(store.unsent) == 1
+            assert store.send_unsent() == 0 and len(store.unsent) == 1  # still away: kept
+        finally:
+            own_redis.resume()
+        peer = RedisStore.from_url(own_redis.url, prefix=prefix)
+        try:
+            assert peer.count("running", "c") == 1  # the stale lease: what made the next job wait
+            assert wait_for(lambda: store.send_unsent() == 1 or not len(store.unsent)) < CALL_BOUND_S + RETRY_S + 1
+            assert peer.count("running", "c") == 0 and peer.count("queued", "c") == 0
+            assert len(store.unsent) == 0 and store.send_unsent() == 0
+            assert peer.usage("c")[0] == pytest.approx(1.0)  # the estimate stays: nothing charged twice
+        finally:
+            peer.close()
+    finally:
+        store.close()
+
+
+def test_unsent_releases_are_bounded_oldest_dropped_first() -> None:
+    unsent = UnsentReleases(limit=3)
+    for i in range(5):
+        unsent.add("c", f"j{i}")
+    assert unsent.pending() == [("c", "j2"), ("c", "j3"), ("c", "j4")]
+    unsent.sent("c", "j3")
+    assert unsent.pending() == [("c", "j2"), ("c", "j4")] and len(unsent) == 2
 
 
 # -- local: serve, with each replica's share of every limit ----------------------------------
