@@ -55,7 +55,7 @@ from urllib.parse import parse_qs
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import BACKEND_UNAVAILABLE, INVALID_REQUEST, QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, UNAUTHORIZED
-from .json_limits import JsonLimitExceeded, JsonLimits
+from .json_limits import DEFAULT_LIMITS, JsonLimitExceeded, JsonLimits
 from .schema import echo as short
 
 log = logging.getLogger("splitspace.guard")
@@ -196,7 +196,7 @@ class GradioGuard:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         body_limits: Mapping[str, int] | None = None,
         body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
-        json_limits: JsonLimits = JsonLimits(),
+        json_limits: JsonLimits = DEFAULT_LIMITS,
         elsewhere: tuple[str, ...] = (),
         held_events: Callable[[str], bool] | None = None,
     ) -> None:

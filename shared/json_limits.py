@@ -86,9 +86,10 @@ class JsonLimits:
         if body.count(b'"') - body.count(b'\\"') > 4 * self.max_items:
             raise self._too_many_items()
         rest = _STRING.sub(b'""', body)
-        if len(body) - len(rest) > self.max_string_bytes:  # only then can one string be too long
-            if max(map(len, _STRING.findall(body))) - 2 > self.max_string_bytes:
-                raise JsonLimitExceeded(f"a string longer than {self.max_string_bytes} bytes")
+        # Only when the strings together are longer than the limit can one of them be.
+        if (len(body) - len(rest) > self.max_string_bytes
+                and max(map(len, _STRING.findall(body))) - 2 > self.max_string_bytes):
+            raise JsonLimitExceeded(f"a string longer than {self.max_string_bytes} bytes")
         self._check_structure(rest.translate(None, _NOT_STRUCTURE))
         self._check_numbers(rest)
 
@@ -117,3 +118,7 @@ class JsonLimits:
 
     def _too_many_items(self) -> JsonLimitExceeded:
         return JsonLimitExceeded(f"more than {self.max_items} items in its arrays and objects")
+
+
+DEFAULT_LIMITS = JsonLimits()
+"""The limits both tiers use (``GradioGuard``'s default)."""
