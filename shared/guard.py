@@ -15,10 +15,14 @@ Why it exists: Gradio's own routes answer many malformed calls with an HTTP
   cut off (``ChunkedEncodingError``);
 - ``POST /gradio_api/upload`` stores any form of any size, though neither tier
   has a file input;
-- request bodies of any size are read and parsed.
+- request bodies of any size are read and parsed;
+- 10 KB of nested ``[`` made every parser behind it raise ``RecursionError``: a 500,
+  a traceback, and a keep-alive connection that failed its next request.
 
 So this layer checks what Gradio would choke on before Gradio sees it: body
 size first (``Content-Length``, then the bytes as they arrive, with a deadline),
+then the limits of every body's JSON on its bytes, before any parser reads it
+(nesting depth, items, string and number literals: ``shared/json_limits.py``),
 then the call's shape against a table of the app's endpoints derived from the
 Blocks at build time (:class:`EndpointTable`: api names, ``fn_index``, number
 of inputs, named parameters). A refusal is a 4xx with a JSON body
@@ -51,6 +55,7 @@ from urllib.parse import parse_qs
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import BACKEND_UNAVAILABLE, INVALID_REQUEST, QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, UNAUTHORIZED
+from .json_limits import DEFAULT_LIMITS, JsonLimitExceeded, JsonLimits
 from .schema import echo as short
 
 log = logging.getLogger("splitspace.guard")
@@ -177,8 +182,10 @@ class GradioGuard:
     ``max_body_bytes``: the limit of every request body; ``body_limits``: a larger
     or smaller limit for paths that start with a given prefix (the GPU tier's
     direct route takes 64 KiB). ``body_timeout_s``: the deadline for a whole body.
+    ``json_limits``: the limits of every body's JSON (the defaults of ``shared/json_limits.py``).
     ``elsewhere``: path prefixes served by another app than ``blocks`` (the GPU tier's
-    operators' dashboard, a second Blocks behind its own login), passed through.
+    operators' dashboard, a second Blocks behind its own login): only the size and JSON
+    limits of their bodies are checked (forms pass: its login is one), nothing else.
     """
 
     def __init__(
@@ -189,6 +196,7 @@ class GradioGuard:
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         body_limits: Mapping[str, int] | None = None,
         body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+        json_limits: JsonLimits = DEFAULT_LIMITS,
         elsewhere: tuple[str, ...] = (),
         held_events: Callable[[str], bool] | None = None,
     ) -> None:
@@ -205,6 +213,7 @@ class GradioGuard:
         self.max_body_bytes = max_body_bytes
         self.body_limits = sorted((body_limits or {}).items(), key=lambda kv: -len(kv[0]))
         self.body_timeout_s = body_timeout_s
+        self.json_limits = json_limits
 
     # -- the ASGI entry point ------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -212,23 +221,27 @@ class GradioGuard:
             await self.app(scope, receive, send)
             return
         path = _route_path(scope)
-        if self.elsewhere and path.startswith(self.elsewhere):
-            await self.app(scope, receive, send)
-            return
         method = scope["method"]
+        outside = bool(self.elsewhere) and path.startswith(self.elsewhere)
         try:
-            self._refuse_early(method, path, scope)
-            if method in _BODY_METHODS:
+            if not outside:
+                self._refuse_early(method, path, scope)
+            if method in _BODY_METHODS and not (outside and _is_form(scope)):
                 body = await self._read_body(scope, receive, self._limit_for(path))
                 if body is None:
                     return  # the client went away while sending
-                self._check_call(path, body)
+                self._check_json(body)
+                if not outside:
+                    self._check_call(path, body)
                 receive = _replay(body, receive)
-            elif method == "GET":
+            elif method == "GET" and not outside:
                 self._check_stream(path, scope)
         except Refusal as refusal:
             log.info("refused %s %s: %d %s", method, self._label(path), refusal.status, refusal.title)
             await send_problem(send, refusal.status, refusal.title, refusal.message)
+            return
+        if outside:
+            await self.app(scope, receive, send)
             return
         await _Forward(self.app, scope, method, self._label(path))(receive, send)
 
@@ -250,8 +263,7 @@ class GradioGuard:
             raise Refusal(403, UPLOADS_REFUSED, "this app takes no file uploads (it has no file input)")
         if _COMPONENT_SERVER.match(path) and not self.table.server_functions:
             raise Refusal(404, UNKNOWN_ENDPOINT, "this app has no component server functions")
-        content_type = _header(scope, b"content-type").lower()
-        if content_type.startswith(("multipart/", "application/x-www-form-urlencoded")) and method in _BODY_METHODS:
+        if _is_form(scope) and method in _BODY_METHODS:
             raise Refusal(415, FORMS_REFUSED, "forms are not accepted; send JSON (application/json)")
         length = _header(scope, b"content-length")
         if length:
@@ -287,6 +299,13 @@ class GradioGuard:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _check_json(self, body: bytes) -> None:
+        try:
+            self.json_limits.check(body)
+        except JsonLimitExceeded as exc:
+            status, title = (400, MALFORMED) if exc.malformed else (413, TOO_LARGE)
+            raise Refusal(status, title, f"the body has {exc.message}") from None
 
     def _check_call(self, path: str, body: bytes) -> None:
         if m := _CALL_V2.match(path):
@@ -524,6 +543,10 @@ def _header(scope: Scope, name: bytes) -> str:
         if key.lower() == name:
             return value.decode("latin-1").strip()
     return ""
+
+
+def _is_form(scope: Scope) -> bool:
+    return _header(scope, b"content-type").lower().startswith(("multipart/", "application/x-www-form-urlencoded"))
 
 
 def _content_type(message: Message) -> bytes:

@@ -6,13 +6,16 @@ frontend, 215 and 10 on the GPU tier in 40 s, and 55,000 lines of log.
 Time-boxed: ``SPLITSPACE_FUZZ_SECONDS`` per tier (default 20; run by hand with 60). The
 run is schemathesis' own CLI as a subprocess (its coverage and fuzzing phases, positive
 and negative data), with one extra check loaded from ``tests/fuzz_checks.py``: an event
-stream must end with ``complete`` or ``error``, and an error must carry a title. The
+stream must end with ``complete`` or ``error``, and an error must carry a title; and
+one body generator: about one body in four goes past a parser limit (nesting, number
+literals, items; issue 21), and at least one such body must be refused by name. The
 counts come from its NDJSON report: every response's status, and every network error
 (a reply broken off mid-stream is a ``ChunkedEncodingError`` there).
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import json
 import os
@@ -25,7 +28,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import QUOTAS
-from tests.fuzz_checks import CHECK_NAME
+from tests.fuzz_checks import CHECK_NAME, LIMIT_NAMED
 from tests.support import Deployment
 
 pytest.importorskip("schemathesis")
@@ -62,6 +65,7 @@ def run_schemathesis(base_url: str, report_dir: Path, seconds: int) -> dict[str,
     statuses: collections.Counter[tuple[str, int | None]] = collections.Counter()
     network_errors: list[str] = []
     check_failures: list[str] = []
+    limit_refusals = 0
     for line in reports[0].read_text().splitlines():
         event = json.loads(line)
         kind, body = next(iter(event.items()))
@@ -72,11 +76,25 @@ def run_schemathesis(base_url: str, report_dir: Path, seconds: int) -> dict[str,
             for interaction in (recorder.get("interactions") or {}).values():
                 response = interaction.get("response")
                 statuses[(recorder["label"], response["status_code"] if response else None)] += 1
+                limit_refusals += _names_a_parser_limit(response)
             for checks in (recorder.get("checks") or {}).values():
                 check_failures += [f"{recorder['label']}: {c['name']}" for c in checks
                                    if c["status"] == "failure" and c["name"] == CHECK_NAME]
     return {"statuses": statuses, "network_errors": network_errors, "check_failures": check_failures,
-            "output": done.stdout[-4000:]}
+            "limit_refusals": limit_refusals, "output": done.stdout[-4000:]}
+
+
+def _names_a_parser_limit(response: dict[str, Any] | None) -> bool:
+    """A 4xx whose ``{"title", "message"}`` names a parser limit: one of the odd bodies of
+    ``fuzz_checks.py`` (nesting, numbers, items), refused as it should be."""
+    if not response or not 400 <= response["status_code"] < 500:
+        return False
+    content = (response.get("content") or {}).get("$base64")
+    try:
+        doc = json.loads(base64.b64decode(content)) if content else None
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and str(doc.get("message", "")).startswith(LIMIT_NAMED)
 
 
 @pytest.mark.timeout(SECONDS + 300)
@@ -90,12 +108,14 @@ def test_schemathesis_finds_no_server_error_and_no_broken_reply(fuzzed: Deployme
     total = sum(statuses.values())
     server_errors = {k: v for k, v in statuses.items() if k[1] is not None and k[1] >= 500}
     print(f"\n{tier}: {total} requests in {SECONDS} s, {sum(server_errors.values())} server errors, "
-          f"{len(result['network_errors'])} broken replies, {len(result['check_failures'])} unclean streams")
+          f"{len(result['network_errors'])} broken replies, {len(result['check_failures'])} unclean streams, "
+          f"{result['limit_refusals']} bodies past a parser limit refused")
     for (label, status), count in sorted(statuses.items(), key=str):
         print(f"  {count:5d}  {status}  {label}")
     assert total >= 50, f"too few requests to mean anything:\n{result['output']}"
     assert not server_errors, server_errors
     assert not result["network_errors"], result["network_errors"][:10]
     assert not result["check_failures"], result["check_failures"][:10]
+    assert result["limit_refusals"] > 0, "no body past a parser limit was refused by name (fuzz_checks.flatmap_body)"
     grown = proc.log_path.stat().st_size - log_before
     assert grown <= total * LOG_BYTES_PER_REQUEST, f"{grown} bytes of log for {total} requests"

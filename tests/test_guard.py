@@ -228,3 +228,68 @@ def test_an_error_echoes_a_short_value_not_the_whole_input(direct: Deployment) -
     assert final == "error"
     text = error_text(events)
     assert text.startswith("Invalid request: width: must be an integer") and len(text) < 200, text[:300]
+
+
+# -- the limits of a body's JSON (issue 21) ----------------------------------------------------------
+DEEP = b"[" * 5000 + b"]" * 5000
+"""The attack: 10 KB of nesting. First release: HTTP 500, a traceback in the log, and the next
+request on the same pooled connection failed (the server had closed it)."""
+PARSER_LIMITS = [
+    (DEEP, 413, "nesting deeper than 32 levels"),
+    (b'{"data": ' + b'{"a": ' * 40 + b"1" + b"}" * 40 + b"}", 413, "nesting deeper than 32 levels"),
+    (b'{"data": [' + b"9" * 5000 + b"]}", 413, "a number longer than 40 characters"),  # int(): past 4,300 digits
+    (b'{"data": [1e999]}', 400, "out of range"),
+    (b'{"data": [NaN, -Infinity]}', 400, "NaN or Infinity"),
+    (b'{"data": [' + b"0," * 2000 + b"0]}", 413, "more than 1000 items"),
+]
+BODY_ROUTES = [
+    ("frontend", "/gradio_api/call/generate"), ("frontend", "/gradio_api/call/v2/generate"),
+    ("frontend", "/gradio_api/run/generate"), ("frontend", "/gradio_api/queue/join"),
+    ("frontend", "/gradio_api/cancel"),
+    ("backend", "/gradio_api/call/infer"), ("backend", "/gradio_api/call/v2/infer"),
+    ("backend", "/gradio_api/queue/join"), ("backend", "/splitspace/v1/infer"),
+    ("backend", "/admin/ui/gradio_api/queue/join"),  # the operators' dashboard, before its login
+]
+
+
+class _Ports:
+    """The local port of each response's connection: the same port is the same pooled connection."""
+
+    def __init__(self) -> None:
+        self.ports: list[int] = []
+
+    def __call__(self, response: httpx.Response) -> None:
+        self.ports.append(response.extensions["network_stream"].get_extra_info("client_addr")[1])
+
+
+@pytest.mark.parametrize(("tier", "path"), BODY_ROUTES, ids=[f"{t}:{p}" for t, p in BODY_ROUTES])
+def test_a_body_past_the_parser_limits_is_a_4xx_naming_the_limit_and_the_connection_keeps_serving(
+    direct: Deployment, tier: str, path: str
+) -> None:
+    proc = direct.frontend if tier == "frontend" else direct.backend
+    assert proc is not None
+    log_before = proc.log_path.stat().st_size
+    headers = {"content-type": "application/json"}
+    if path.startswith("/splitspace/"):  # a valid identity token: the route reads the body after it
+        from session.identity import Identity
+        from tests.clients import infer_token, token_for
+
+        headers["x-splitspace-identity"] = infer_token(token_for(direct.secret, Identity("k", "key", "free", "1.2.3.4")))
+    ports = _Ports()
+    with httpx.Client(timeout=30, event_hooks={"response": [ports]}) as c:
+        for body, status, named in PARSER_LIMITS:
+            assert_problem(c.post(f"{proc.url}{path}", content=body, headers=headers), status, named)
+            assert c.get(f"{proc.url}/health").status_code == 200
+    assert len(set(ports.ports)) == 1, f"the pooled connection was not kept: local ports {ports.ports}"
+    with open(proc.log_path, "rb") as f:
+        f.seek(log_before)
+        grown = f.read().decode(errors="replace")
+    assert "Traceback" not in grown, grown[-3000:]
+
+
+def test_a_string_past_its_limit_is_refused_on_the_64_kib_route(direct: Deployment) -> None:
+    """A 40 KB string fits the direct route's 64 KiB body but not the 32 KiB string limit."""
+    r = httpx.post(f"{direct.backend.url}/splitspace/v1/infer",  # type: ignore[union-attr]
+                   json={"prompt": "x" * 40_000}, headers={"x-splitspace-identity": "not checked first"})
+    assert_problem(r, 413, "a string longer than 32768 bytes")
+

@@ -220,6 +220,34 @@ def test_mcp_is_off_by_default(tiny: Deployment) -> None:
     assert r.status_code in (404, 405)
 
 
+
+@pytest.mark.parametrize(("body", "named"), [
+    (b"[" * 5000 + b"]" * 5000, "nesting deeper than 32 levels"),
+    (b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "generate", "arguments": '
+     b'{"prompt": ' + b"[" * 40 + b"]" * 40 + b"}}}", "nesting deeper than 32 levels"),
+    (b'{"jsonrpc": "2.0", "id": 1' + b"0" * 5000 + b', "method": "tools/list"}', "a number longer than 40"),
+    (b'{"jsonrpc": "2.0", "id": NaN, "method": "tools/list"}', "NaN or Infinity"),
+], ids=["deep", "deep-arguments", "long-id", "nan-id"])
+def test_mcp_body_past_the_parser_limits_is_a_4xx_and_the_connection_keeps_serving(
+    mcp_dep: Deployment, body: bytes, named: str
+) -> None:
+    """Issue 21: the MCP endpoint's bodies have the same limits as every other route."""
+    fe = mcp_dep.frontend
+    assert fe is not None
+    log_before = fe.log_path.stat().st_size
+    with httpx.Client(timeout=30) as c:
+        r = c.post(mcp_url(mcp_dep), content=body, headers={
+            "content-type": "application/json", "accept": "application/json, text/event-stream"})
+        assert r.status_code in (400, 413), (r.status_code, r.text[:300])
+        doc = r.json()
+        assert doc["title"] and named in doc["message"], doc
+        assert c.get(mcp_url(mcp_dep)).status_code == 200  # the same pooled connection
+    assert mcp_client_id(mcp_dep)  # and a real MCP client still works
+    with open(fe.log_path, "rb") as f:
+        f.seek(log_before)
+        assert "Traceback" not in f.read().decode(errors="replace")
+
+
 async def _ignore(value: float, total: float | None, message: str | None) -> None:
     return None
 
