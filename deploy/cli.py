@@ -52,6 +52,10 @@ def dev(
     reload: bool = typer.Option(False, "--reload", help="Restart a tier when its source changes."),
     backends: int = typer.Option(1, "--backends", min=1, help="GPU tiers to start (more than 1: on a local Redis)."),
     frontends: int = typer.Option(1, "--frontends", min=1, help="Frontends to start, each given every GPU tier."),
+    admin_token: Optional[str] = typer.Option(
+        None, envvar="SPLITSPACE_ADMIN_TOKEN", show_envvar=True, show_default=False,
+        help="The operators' token (admin API, `splitspace quota`, the dashboard). "
+             "Default: a fresh one for this run, shown once on this terminal."),
 ) -> None:
     """Run both tiers on this machine (separate processes, a fresh shared secret).
 
@@ -59,9 +63,12 @@ def dev(
     every tier shares its limits through (Debian package redis-server)."""
     from .local import run_dev
 
+    _set_env(admin_token=admin_token)
+    _checked_settings()  # a bad value (a short admin token) is one line here, not a tier that dies
     env = {"SPLITSPACE_QUOTAS": quotas} if quotas else {}
     raise typer.Exit(run_dev(model=model, frontend_port=frontend_port, backend_port=backend_port,
-                             extra_env=env, reload=reload, backends=backends, frontends=frontends))
+                             extra_env=env, reload=reload, backends=backends, frontends=frontends,
+                             admin_token=admin_token))
 
 
 @app.command()
