@@ -181,9 +181,13 @@ def quota_set(
     window_s: Optional[float] = typer.Option(None),
     address_gpu_seconds: Optional[float] = typer.Option(None),
     requests_per_minute: Optional[int] = typer.Option(None),
+    force: bool = typer.Option(False, "--force", help="Set it for a session or address the GPU tier has not seen."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Override a client's limits (applies to the next dispatch; survives restarts)."""
+    """Override a client's limits (applies to the next dispatch; survives restarts).
+
+    CLIENT is key:NAME (an API key of the quota file), session:ID or addr:ADDRESS; a
+    session or address the GPU tier does not know now is refused without --force."""
     values = {k: v for k, v in dict(
         tier=tier, weight=weight, max_running=max_running, max_queued=max_queued,
         gpu_seconds=gpu_seconds, window_s=window_s, address_gpu_seconds=address_gpu_seconds,
@@ -191,7 +195,14 @@ def quota_set(
     ).items() if v is not None}
     if not values:
         raise typer.BadParameter("give at least one of --tier, --weight, --max-queued, ...")
-    _print(_admin().set(client, values), as_json)
+    admin = _admin()
+    if not force and client.startswith(("session:", "addr:")):
+        from .admin_client import fail, seen
+
+        if not seen(admin.show(client)):
+            fail(f"the GPU tier does not know {client} (nothing queued, running or used in its window, no "
+                 "overrides): check the id with `splitspace quota list`, or pass --force to set it anyway")
+    _print(admin.set(client, values), as_json)
 
 
 @quota_app.command("clear")

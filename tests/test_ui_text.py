@@ -163,3 +163,15 @@ def test_recent_html_lists_items_in_order() -> None:
     assert [int(i) for i in re.findall(r'data-index="(\d+)"', out)] == [0, 1, 2]
     assert re.findall(r'title="([^"]+)"', out) == ["p0 · seed 0", "p1 · seed 1", "p2 · seed 2"]
     assert "appear here" in ui_text.recent_html([])
+
+
+def test_the_page_tells_visitors_of_a_placeholder_model_once_and_no_operator_setting() -> None:
+    """Issue 21: the page told visitors about `SPLITSPACE_MODEL` and `sleep:MS`, twice."""
+    from cpu_frontend.page import LiveModel
+
+    for spec in ("tiny", "sleep:1500"):
+        heading = LiveModel(lambda spec=spec: {"model": spec, "placeholder_model": True}).heading()
+        assert heading.count("noise") == 1, heading
+        assert "SPLITSPACE_MODEL" not in heading and spec not in heading and "sleep:" not in heading, heading
+    real = LiveModel(lambda: {"model": "stabilityai/sd-turbo", "placeholder_model": False}).heading()
+    assert "Model: `stabilityai/sd-turbo`" in real and "noise" not in real
