@@ -175,3 +175,19 @@ def test_the_page_tells_visitors_of_a_placeholder_model_once_and_no_operator_set
         assert "SPLITSPACE_MODEL" not in heading and spec not in heading and "sleep:" not in heading, heading
     real = LiveModel(lambda: {"model": "stabilityai/sd-turbo", "placeholder_model": False}).heading()
     assert "Model: `stabilityai/sd-turbo`" in real and "noise" not in real
+
+
+def test_gradios_status_tracker_still_has_what_the_waiting_words_hook_blanks() -> None:
+    """``page.STATUS_WORDS_JS`` blanks the "-" and "18.9%" text nodes that Gradio's StatusTracker
+    puts after a progress's words in ``.progress-level-inner``. If Gradio changes that markup,
+    this fails: look at the hook again (``tests/test_browser.py`` checks what a person sees)."""
+    from pathlib import Path
+
+    import gradio
+
+    from cpu_frontend.page import STATUS_WORDS_JS
+
+    assets = Path(gradio.__file__).parent / "templates" / "frontend" / "assets"
+    trackers = [p.read_text() for p in assets.glob("statustracker-*.js")]
+    assert any('"progress-level-inner' in t and "`${e??``}%`" in t for t in trackers), "Gradio's StatusTracker changed"
+    assert "#splitspace-image .progress-level-inner" in STATUS_WORDS_JS
