@@ -30,6 +30,7 @@ def _start_dev(cwd: Path, *args: str, sigint_ignored: bool = False) -> tuple[sub
     fport, bport = free_port(), free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "SPLITSPACE_STATE_PATH": str(cwd / "state.sqlite3")}
     env.pop("SPLITSPACE_SECRET", None)
+    env.pop("SPLITSPACE_ADMIN_TOKEN", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "deploy.cli", "dev", "--frontend-port", str(fport), "--backend-port", str(bport), *args],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -81,13 +82,12 @@ def test_dev_generates_with_tiny_and_stops_on_ctrl_c(tmp_path):
 class _Terminal:
     """``splitspace dev`` on a pseudo-terminal, as a person runs it: what it prints, as it comes."""
 
-    def __init__(self, cwd: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, cwd: Path, *args: str) -> None:
         self.fport, self.bport = free_port(), free_port()
         self.furl, self.burl = f"http://127.0.0.1:{self.fport}", f"http://127.0.0.1:{self.bport}"
         master, slave = pty.openpty()
-        run_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False",
-                   "SPLITSPACE_STATE_PATH": str(cwd / "state.sqlite3"), **(env or {})}
-        run_env.pop("SPLITSPACE_SECRET", None)
+        run_env = {k: v for k, v in os.environ.items() if k not in ("SPLITSPACE_SECRET", "SPLITSPACE_ADMIN_TOKEN")}
+        run_env.update({"GRADIO_ANALYTICS_ENABLED": "False", "SPLITSPACE_STATE_PATH": str(cwd / "state.sqlite3")})
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "deploy.cli", "dev", "--frontend-port", str(self.fport),
              "--backend-port", str(self.bport), *args],
