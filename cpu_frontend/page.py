@@ -38,7 +38,7 @@ from .ui_text import Refusal
 FALLBACK_DEFAULTS = {"steps": 4, "guidance_scale": 0.0}
 """Slider defaults while no GPU tier has answered a health check."""
 PLACEHOLDER_NOTE = (
-    "**Note:** this deployment runs a stand-in model for testing: its images will be noise, not pictures."
+    "**Note:** this deployment runs a stand-in model for testing: its images will be noise or blank, not pictures."
 )
 """For visitors, once. How to serve a real model is the operators' to read: the GPU tier's
 log says it at start, ``/health`` has ``placeholder_model`` and ``splitspace dev`` prints it."""

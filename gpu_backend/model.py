@@ -58,8 +58,7 @@ TINY = "tiny"
 SLEEP_PREFIX = "sleep:"
 ARCH_PREFIX = "arch:"
 PLACEHOLDER_LOG = (
-    "model %s is a placeholder for testing (random weights, or `sleep:MS`: only waits); its images are "
-    "noise. Set SPLITSPACE_MODEL (e.g. stabilityai/sd-turbo) for real images"
+    "model %s is a placeholder for testing (%s). Set SPLITSPACE_MODEL (e.g. stabilityai/sd-turbo) for real images"
 )
 """Operators' information, in the GPU tier's log (the public page only says the images are noise)."""
 
@@ -248,7 +247,7 @@ class ModelExecutor:
 
         if spec.startswith(SLEEP_PREFIX):
             sleep_ms = _parse_sleep_ms(spec)
-            log.warning(PLACEHOLDER_LOG, spec)
+            log.warning(PLACEHOLDER_LOG, spec, "it only waits; its images are flat")
             return cls(
                 spec, SLEEP_PRESET, device or "cpu", is_placeholder=True, sleep_ms=sleep_ms,
                 max_batch=max_batch,
@@ -280,7 +279,7 @@ class ModelExecutor:
             preset, placeholder = preset_for(spec), False
 
         if placeholder:
-            log.warning(PLACEHOLDER_LOG, spec)
+            log.warning(PLACEHOLDER_LOG, spec, "random weights; its images are noise")
         batch_sizes = None
         if compile_unet is not None:
             max_batch = max_batch or default_max_batch(device, sleep=False)
