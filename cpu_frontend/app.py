@@ -262,7 +262,7 @@ class Frontend:
         """Run ``generate`` for the page: each status dict goes to ``on_status`` (which
         answers False when the tab has gone: the stream to the GPU tier is closed then);
         returns ``(image, info)``, or the refusal as data for the page to word, or None."""
-        from shared.errors import Throttled  # (imported here: this block is the page's, kept apart)
+        from shared.errors import QUEUE_FULL, Throttled  # (imported here: this block is the page's, kept apart)
 
         from .ui_text import Refusal
 
@@ -282,9 +282,12 @@ class Frontend:
             in_flight, shared = 0, False
             with contextlib.suppress(SplitspaceError):
                 identity = self.identity(request)
-                in_flight, shared = self.door.count(identity.flow_id), identity.kind == "session"
+                in_flight, shared = self.door.count(identity.flow_id), identity.kind != "key"
             if isinstance(cause, Throttled):
-                return Refusal(cause.title, cause.reason, cause.retry_after_s, in_flight, shared)
+                retry = cause.retry_after_s
+                if cause.title == QUEUE_FULL:  # a retry needs one of those to finish: about a job's time
+                    retry = max(retry, self.seconds_per_job)
+                return Refusal(cause.title, cause.reason, retry, in_flight, shared)
             return Refusal(cause.title, cause.message, None, in_flight, shared)
         return None
 

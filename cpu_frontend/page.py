@@ -37,11 +37,11 @@ from .ui_text import Refusal
 
 FALLBACK_DEFAULTS = {"steps": 4, "guidance_scale": 0.0}
 """Slider defaults while no GPU tier has answered a health check."""
-TINY_NOTE = (
-    "**Note:** this deployment serves `{model}`, a placeholder model (`tiny` has random weights, "
-    "`sleep:MS` only waits): its images are noise or flat. Set `SPLITSPACE_MODEL` "
-    "(e.g. `stabilityai/sd-turbo`) for real images."
+PLACEHOLDER_NOTE = (
+    "**Note:** this deployment runs a stand-in model for testing: its images will be noise or blank, not pictures."
 )
+"""For visitors, once. How to serve a real model is the operators' to read: the GPU tier's
+log says it at start, ``/health`` has ``placeholder_model`` and ``splitspace dev`` prints it."""
 PROMPT_PLACEHOLDER = "Describe the image, e.g. a red fox in fresh snow at dawn, soft light"
 EXAMPLES = [
     "A red fox in fresh snow at dawn, soft golden light, 35mm photo",
@@ -72,6 +72,22 @@ setInterval(() => {  // counts down the refusal's retry; at 0 the page turns the
   el.closest('.splitspace-retry').textContent = 'You can try again now.';
   trigger('end');
 }, 250);
+"""
+STATUS_WORDS_JS = """
+// Gradio's status display over the image appends its progress to our words as
+// "- 18.9%" (StatusTracker: desc, "-", percentage, each its own text node); the
+// percentage of a guessed wait means nothing to a person: the place and the time stay.
+const root = element.getRootNode();
+const noise = /^(-|\\d+(\\.\\d+)?%)$/;
+const words = () => {
+  for (const inner of root.querySelectorAll('#splitspace-image .progress-level-inner')) {
+    const texts = document.createTreeWalker(inner, NodeFilter.SHOW_TEXT);
+    for (let n = texts.nextNode(); n; n = texts.nextNode()) {
+      if (noise.test(n.nodeValue.trim())) n.nodeValue = '';
+    }
+  }
+};
+new MutationObserver(words).observe(root, {subtree: true, childList: true, characterData: true});
 """
 RECENT_JS = """
 element.addEventListener('click', (e) => {  // a thumbnail puts its prompt and seed back
@@ -123,17 +139,10 @@ class LiveModel:
 
     def heading(self) -> str:
         doc = self.doc()
-        model = doc.get("model", "unknown (no GPU tier has answered yet)")
-        text = f"# splitspace\nText to image on a shared GPU, scheduled fairly per client. Model: `{model}`."
-        if doc.get("placeholder_model"):
-            text += "\n\n" + TINY_NOTE.format(model=model)
-        return text
-
-    def examples_note(self) -> str:
-        doc = self.doc()
-        if doc.get("placeholder_model"):
-            return f"**Try one of these.** With `{doc.get('model')}` the images will be noise: it has no trained weights."
-        return "**Try one of these.**"
+        text = "# splitspace\nText to image on a shared GPU, scheduled fairly per client."
+        if doc.get("placeholder_model"):  # its spec (`tiny`, `sleep:MS`) means nothing to a visitor
+            return f"{text}\n\n{PLACEHOLDER_NOTE}"
+        return f"{text} Model: `{doc.get('model', 'unknown (no GPU tier has answered yet)')}`."
 
 
 def browser_state_secret(secrets: list[str]) -> str:
@@ -223,7 +232,7 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
                                          step=0.5, label="Guidance scale")
                     seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
                 run = gr.Button("Generate", variant="primary")
-                notice = gr.HTML("", js_on_load=COUNTDOWN_JS, css_template=NOTICE_CSS, elem_id="splitspace-notice")
+                notice = gr.HTML("", js_on_load=COUNTDOWN_JS + STATUS_WORDS_JS, css_template=NOTICE_CSS, elem_id="splitspace-notice")
                 quota_box = gr.HTML(ui_text.quota_html(None), js_on_load=None, css_template=QUOTA_CSS,
                                     elem_id="splitspace-quota")
             with gr.Column():
@@ -235,7 +244,7 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
                 recent = gr.HTML(ui_text.recent_html([]), js_on_load=RECENT_JS, css_template=RECENT_CSS,
                                  elem_id="splitspace-recent")
         # Below both columns: on a phone the image comes right after the button, examples after it.
-        examples_note = gr.Markdown()
+        gr.Markdown("**Try one of these.**")
         gr.Examples([[p] for p in EXAMPLES], inputs=[prompt], label="Examples", cache_examples=False,
                     api_visibility="private")
         history = gr.BrowserState([], storage_key=RECENT_KEY, secret=frontend.browser_secret)
@@ -307,7 +316,7 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
 
         def on_load(recent_items: list[dict[str, Any]] | None) -> tuple[Any, ...]:
             defaults = model.defaults()
-            return (model.heading(), model.examples_note(), defaults["steps"], defaults["guidance_scale"],
+            return (model.heading(), defaults["steps"], defaults["guidance_scale"],
                     ui_text.recent_html(stored(recent_items)))
 
         page_outputs = [image, caption, info_box, notice, run, history, recent]
@@ -319,7 +328,7 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
         notice.end(lambda: gr.Button(interactive=True), None, run, show_progress="hidden", **private
                    ).then(on_quota, None, quota_box, show_progress="hidden", **private)
         recent.select(on_reuse, history, [*inputs, advanced], show_progress="hidden", **private)
-        blocks.load(on_load, history, [heading, examples_note, steps, guidance, recent],
+        blocks.load(on_load, history, [heading, steps, guidance, recent],
                     show_progress="hidden", **private)
         blocks.load(on_quota, None, quota_box, show_progress="hidden", **private)
 

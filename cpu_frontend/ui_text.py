@@ -145,7 +145,9 @@ class Refusal:
 
     ``retry_s`` is None when waiting does not help (a bad field, a broken GPU tier);
     ``in_flight`` is how many of this caller's requests (its address's, for browser
-    sessions) are in flight at this frontend."""
+    sessions and callers without a key) are in flight at this frontend, and
+    ``shared_address`` says that they are counted by address: everyone behind it
+    (a home, an office, a phone network) shares the count."""
 
     title: str
     message: str
@@ -162,13 +164,9 @@ def refusal_text(refusal: Refusal) -> tuple[str, str]:
     """
     title = refusal.title
     if title == QUEUE_FULL:
-        n = refusal.in_flight
-        if n > 0:
-            where = " from this address" if refusal.shared_address else ""
-            plural = "s" if n != 1 else ""
-            sentence = f"Queue full: you have {n} request{plural} in flight{where}."
-        else:
-            sentence = "Queue full: the GPU is busy with other requests."
+        # Never "full" here: beside "You can try again now" it read as a contradiction, and a
+        # browser with nothing of its own in flight read "you have 5" about its neighbours'.
+        sentence = _too_many(refusal.in_flight, refusal.shared_address)
     elif title == QUOTA_EXCEEDED:
         sentence = "Quota exceeded: the GPU time of this window is used up."
     elif title == RATE_LIMITED:
@@ -177,6 +175,18 @@ def refusal_text(refusal: Refusal) -> tuple[str, str]:
         message = refusal.message.rstrip(".")
         return f"{title}: {message}.", ""
     return sentence, "You can try again in"
+
+
+def _too_many(n: int, shared_address: bool) -> str:
+    """A client's in-flight cap, saying whose requests are counted."""
+    if shared_address:
+        who = "from your network address (shared by everyone behind it)"
+        if n <= 0:
+            return f"Too many requests at once {who}."
+        return f"Too many requests at once: {n} {'is' if n == 1 else 'are'} in flight {who}."
+    if n <= 0:
+        return "Too many requests at once: you have as many in flight as you may."
+    return f"Too many requests at once: you have {n} in flight."
 
 
 def refusal_html(refusal: Refusal) -> str:

@@ -81,6 +81,14 @@ class AdminClient:
         return self._call("POST", f"/reset/{quote(client, safe=':')}")
 
 
+def seen(standing: dict[str, Any]) -> bool:
+    """Whether the GPU tier knows a client now, from its ``show`` answer: something queued,
+    running or used in its window (for an address, by its sessions too), or overrides."""
+    address = standing.get("address") if isinstance(standing.get("address"), dict) else {}
+    return bool(standing.get("queued") or standing.get("running") or standing.get("overrides")
+                or (standing.get("used") or 0) > 0 or (address.get("used") or 0) > 0)
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.2f}"

@@ -52,6 +52,10 @@ def dev(
     reload: bool = typer.Option(False, "--reload", help="Restart a tier when its source changes."),
     backends: int = typer.Option(1, "--backends", min=1, help="GPU tiers to start (more than 1: on a local Redis)."),
     frontends: int = typer.Option(1, "--frontends", min=1, help="Frontends to start, each given every GPU tier."),
+    admin_token: Optional[str] = typer.Option(
+        None, envvar="SPLITSPACE_ADMIN_TOKEN", show_envvar=True, show_default=False,
+        help="The operators' token (admin API, `splitspace quota`, the dashboard). "
+             "Default: a fresh one for this run, shown once on this terminal."),
 ) -> None:
     """Run both tiers on this machine (separate processes, a fresh shared secret).
 
@@ -59,9 +63,12 @@ def dev(
     every tier shares its limits through (Debian package redis-server)."""
     from .local import run_dev
 
+    _set_env(admin_token=admin_token)
+    _checked_settings()  # a bad value (a short admin token) is one line here, not a tier that dies
     env = {"SPLITSPACE_QUOTAS": quotas} if quotas else {}
     raise typer.Exit(run_dev(model=model, frontend_port=frontend_port, backend_port=backend_port,
-                             extra_env=env, reload=reload, backends=backends, frontends=frontends))
+                             extra_env=env, reload=reload, backends=backends, frontends=frontends,
+                             admin_token=admin_token))
 
 
 @app.command()
@@ -174,9 +181,13 @@ def quota_set(
     window_s: Optional[float] = typer.Option(None),
     address_gpu_seconds: Optional[float] = typer.Option(None),
     requests_per_minute: Optional[int] = typer.Option(None),
+    force: bool = typer.Option(False, "--force", help="Set it for a session or address the GPU tier has not seen."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Override a client's limits (applies to the next dispatch; survives restarts)."""
+    """Override a client's limits (applies to the next dispatch; survives restarts).
+
+    CLIENT is key:NAME (an API key of the quota file), session:ID or addr:ADDRESS; a
+    session or address the GPU tier does not know now is refused without --force."""
     values = {k: v for k, v in dict(
         tier=tier, weight=weight, max_running=max_running, max_queued=max_queued,
         gpu_seconds=gpu_seconds, window_s=window_s, address_gpu_seconds=address_gpu_seconds,
@@ -184,7 +195,14 @@ def quota_set(
     ).items() if v is not None}
     if not values:
         raise typer.BadParameter("give at least one of --tier, --weight, --max-queued, ...")
-    _print(_admin().set(client, values), as_json)
+    admin = _admin()
+    if not force and client.startswith(("session:", "addr:")):
+        from .admin_client import fail, seen
+
+        if not seen(admin.show(client)):
+            fail(f"the GPU tier does not know {client} (nothing queued, running or used in its window, no "
+                 "overrides): check the id with `splitspace quota list`, or pass --force to set it anyway")
+    _print(admin.set(client, values), as_json)
 
 
 @quota_app.command("clear")

@@ -16,6 +16,11 @@ signals above. Ctrl-C works even when this runner was started with SIGINT
 ignored (as a background job of a script is): that is why ``splitspace dev``
 sometimes did not stop on Ctrl-C (or on a test's SIGINT) in the first release.
 
+Operators get the admin API and the dashboard on every run: the GPU tiers get the
+token given (``--admin-token`` or ``SPLITSPACE_ADMIN_TOKEN``) or a fresh one, and the
+dashboard's URL and the exact ``splitspace quota list`` command are printed with the
+tiers' URLs; a fresh token is printed only to a terminal, never into a redirected log.
+
 Scale-out (``--backends N --frontends M``): N GPU tiers and M frontends, each frontend
 given every GPU tier's URL, and, when N or M is above 1, a throwaway ``redis-server``
 (:mod:`deploy.redis_local`) whose URL every tier gets as ``SPLITSPACE_REDIS_URL``, with
@@ -35,10 +40,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import httpx
 
 from .redis_local import LocalRedis, free_port
+
+DASHBOARD_PATH = "/admin/ui"
+"""Where the GPU tier serves the operators' dashboard (``gpu_backend/dashboard.py``; not
+imported from there: that would load Gradio into this runner)."""
 
 
 @dataclass
@@ -163,7 +173,35 @@ def start_dev_redis(host: str, workdir: str | None = None) -> tuple[LocalRedis, 
     return server, Tier("Redis", [server.executable], server.url, proc=server.proc)
 
 
-def print_urls(model: str, tiers: Sequence[Tier]) -> None:
+@dataclass(frozen=True)
+class DevAdmin:
+    """The run's admin token, and whether this run made it (then it is shown once)."""
+
+    token: str = field(repr=False)
+    made: bool
+
+    @classmethod
+    def for_run(cls, given: str | None) -> "DevAdmin":
+        return cls(given, False) if given else cls(secrets.token_urlsafe(24), True)
+
+
+def print_operators(admin: DevAdmin, backend_url: str, out: TextIO) -> None:
+    """How to reach the admin API and the dashboard of this run. A token this run made is
+    printed only to a terminal (the person who ran dev), never into a redirected log."""
+    if not admin.made:
+        token, note = "<your admin token>", "the admin token you gave"
+    elif out.isatty():
+        token, note = admin.token, "an admin token made for this run, shown only here"
+    else:
+        token, note = "<not shown>", ("an admin token made for this run, not shown: this output is not a "
+                                      "terminal; give one with --admin-token or SPLITSPACE_ADMIN_TOKEN")
+    print(f"Operators ({note}):", file=out, flush=True)
+    print(f"  dashboard {backend_url}{DASHBOARD_PATH}  (log in with the admin token)", file=out, flush=True)
+    print(f"  SPLITSPACE_BACKEND_URL={backend_url} SPLITSPACE_ADMIN_TOKEN={token} splitspace quota list",
+          file=out, flush=True)
+
+
+def print_urls(model: str, tiers: Sequence[Tier], admin: DevAdmin) -> None:
     gpu = [t for t in tiers if t.name == "GPU tier"]
     front = [t for t in tiers if t.name == "frontend"]
     redis_tier = next((t for t in tiers if t.name == "Redis"), None)
@@ -175,6 +213,7 @@ def print_urls(model: str, tiers: Sequence[Tier]) -> None:
         print(f"  frontend  {tier.url}" + ("  <- open this" if i == 0 else ""), flush=True)
     if redis_tier is not None:
         print(f"  Redis     {redis_tier.url}  (shared limits, nothing persisted)", flush=True)
+    print_operators(admin, gpu[0].url, sys.stdout)
     print("Ctrl-C (or SIGTERM) stops both." if redis_tier is None else "Ctrl-C (or SIGTERM) stops them all.",
           flush=True)
 
@@ -190,10 +229,15 @@ def run_dev(
     reload: bool = False,
     backends: int = 1,
     frontends: int = 1,
+    admin_token: str | None = None,
 ) -> int:
+    """Run the tiers until Ctrl-C (or a signal, or a tier dies); the exit status.
+    ``admin_token`` None: a fresh one for the run (see :func:`print_operators`)."""
+    admin = DevAdmin.for_run(admin_token)
     env = dict(os.environ)
     env.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     env["SPLITSPACE_SECRET"] = secrets.token_urlsafe(32)
+    env.pop("SPLITSPACE_ADMIN_TOKEN", None)  # the GPU tiers' alone (below)
     if reload:
         env["SPLITSPACE_DEV_RELOAD"] = "1"
     env.update(extra_env or {})
@@ -216,11 +260,12 @@ def run_dev(
         for kind in ("GPU tier", "frontend"):  # GPU tiers first, each kind started together
             group = [t for t in tiers if t.name == kind]
             for tier in group:
-                tier.proc = start_tier(tier.args, {**env, **tier.env})
+                admin_env = {"SPLITSPACE_ADMIN_TOKEN": admin.token} if kind == "GPU tier" else {}
+                tier.proc = start_tier(tier.args, {**env, **tier.env, **admin_env})
                 procs.append(tier.proc)
             for tier in group:
                 wait_ready(tier.url, tier.proc, ready_timeout_s)
-        print_urls(model, tiers)
+        print_urls(model, tiers, admin)
         while all(p.poll() is None for p in procs):
             time.sleep(0.3)
         dead = next(t for t in tiers if t.proc is not None and t.proc.poll() is not None)

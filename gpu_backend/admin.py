@@ -141,6 +141,8 @@ def admin_router(
             checked = validate_overrides(values, config())
         except QuotaFileError as exc:
             raise HTTPException(422, str(exc)) from None
+        if unknown := config().unknown_client(client_id):  # a typo must not create a client
+            raise HTTPException(404, unknown)
         overrides.set(client_id, checked)
         return describe(client_id)
 

@@ -57,6 +57,10 @@ log = logging.getLogger("splitspace.gpu")
 TINY = "tiny"
 SLEEP_PREFIX = "sleep:"
 ARCH_PREFIX = "arch:"
+PLACEHOLDER_LOG = (
+    "model %s is a placeholder for testing (%s). Set SPLITSPACE_MODEL (e.g. stabilityai/sd-turbo) for real images"
+)
+"""Operators' information, in the GPU tier's log (the public page only says the images are noise)."""
 
 _SPEC_HELP = (
     "expected 'tiny', 'sleep:MS' (MS a whole number of milliseconds, 0 or more), "
@@ -243,6 +247,7 @@ class ModelExecutor:
 
         if spec.startswith(SLEEP_PREFIX):
             sleep_ms = _parse_sleep_ms(spec)
+            log.warning(PLACEHOLDER_LOG, spec, "it only waits; its images are flat")
             return cls(
                 spec, SLEEP_PRESET, device or "cpu", is_placeholder=True, sleep_ms=sleep_ms,
                 max_batch=max_batch,
@@ -273,6 +278,8 @@ class ModelExecutor:
             cost = PRETRAINED_CUDA_COST if device.startswith("cuda") else PRETRAINED_CPU_COST
             preset, placeholder = preset_for(spec), False
 
+        if placeholder:
+            log.warning(PLACEHOLDER_LOG, spec, "random weights; its images are noise")
         batch_sizes = None
         if compile_unet is not None:
             max_batch = max_batch or default_max_batch(device, sleep=False)

@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 ANONYMOUS = "anonymous"
+CLIENT_KINDS = ("key", "session", "addr")
+"""The kinds of client id operators name: ``key:NAME``, ``session:ID``, ``addr:ADDRESS``."""
+KNOWN_SHOWN = 20
+"""Key names listed at most in a refusal of an unknown one."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,21 @@ class QuotaConfig:
     def key_tier(self, client_id: str) -> str:
         """The tier the quota file gives an API key's client; anonymous for any other id."""
         return next((k.tier for k in self.keys if k.client_id == client_id), ANONYMOUS)
+
+    def unknown_client(self, client_id: str) -> str | None:
+        """Why an operator's ``client_id`` names no client this file can have (no kind, or an
+        API key the file does not list: a typo), or None. Sessions and addresses come and go,
+        so any ``session:`` or ``addr:`` id may be one."""
+        kind, sep, name = client_id.partition(":")
+        if not sep or not name or kind not in CLIENT_KINDS:
+            return f"{client_id[:80]!r} is not a client id: give key:NAME, session:ID or addr:ADDRESS"
+        if kind == "key" and all(k.name != name for k in self.keys):
+            names = sorted(k.client_id for k in self.keys)
+            known = ", ".join(names[:KNOWN_SHOWN]) or "none"
+            if len(names) > KNOWN_SHOWN:
+                known += f" and {len(names) - KNOWN_SHOWN} more"
+            return f"no API key named {name[:80]!r} in the quota file (its keys: {known})"
+        return None
 
     def tier_name(self, client_id: str, tier: str, extra: dict[str, Any] | None = None) -> str:
         """The tier a client is in after overrides (``extra`` wins over the file)."""

@@ -6,10 +6,15 @@
 from __future__ import annotations
 
 import os
+import pty
+import re
+import secrets
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +30,7 @@ def _start_dev(cwd: Path, *args: str, sigint_ignored: bool = False) -> tuple[sub
     fport, bport = free_port(), free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "SPLITSPACE_STATE_PATH": str(cwd / "state.sqlite3")}
     env.pop("SPLITSPACE_SECRET", None)
+    env.pop("SPLITSPACE_ADMIN_TOKEN", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "deploy.cli", "dev", "--frontend-port", str(fport), "--backend-port", str(bport), *args],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -65,6 +71,110 @@ def test_dev_generates_with_tiny_and_stops_on_ctrl_c(tmp_path):
     assert furl in out and burl in out  # both URLs printed
     assert _down(furl) and _down(burl)
     assert "splitspace dev: stopped" in out and "is down" not in out, out[-2000:]
+    # Issue 21: every start printed transformers' two torchvision notices; the operators'
+    # word on the placeholder model is in the log (not on the public page).
+    assert "torchvision" not in out, out[-3000:]
+    assert "model tiny is a placeholder" in out and "SPLITSPACE_MODEL" in out
+    # Output to a pipe (a log file): the run's fresh admin token is not in it.
+    assert "SPLITSPACE_ADMIN_TOKEN=<not shown>" in out and "not a terminal" in out
+
+
+class _Terminal:
+    """``splitspace dev`` on a pseudo-terminal, as a person runs it: what it prints, as it comes."""
+
+    def __init__(self, cwd: Path, *args: str) -> None:
+        self.fport, self.bport = free_port(), free_port()
+        self.furl, self.burl = f"http://127.0.0.1:{self.fport}", f"http://127.0.0.1:{self.bport}"
+        master, slave = pty.openpty()
+        run_env = {k: v for k, v in os.environ.items() if k not in ("SPLITSPACE_SECRET", "SPLITSPACE_ADMIN_TOKEN")}
+        run_env.update({"GRADIO_ANALYTICS_ENABLED": "False", "SPLITSPACE_STATE_PATH": str(cwd / "state.sqlite3")})
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "deploy.cli", "dev", "--frontend-port", str(self.fport),
+             "--backend-port", str(self.bport), *args],
+            cwd=cwd, env=run_env, stdin=slave, stdout=slave, stderr=slave)
+        os.close(slave)
+        self._chunks: list[bytes] = []
+        self._reader = threading.Thread(target=self._read, args=(master,), daemon=True)
+        self._reader.start()
+
+    def _read(self, fd: int) -> None:
+        try:
+            while chunk := os.read(fd, 65536):
+                self._chunks.append(chunk)
+        except OSError:  # EIO: every writer has gone
+            pass
+        finally:
+            os.close(fd)
+
+    @property
+    def text(self) -> str:
+        return b"".join(self._chunks).decode(errors="replace").replace("\r\n", "\n")
+
+    def wait_for_line(self, pattern: str, timeout_s: float = 120) -> re.Match[str]:
+        found = wait_for(lambda: self.proc.poll() is None and re.search(pattern, self.text, re.M), timeout_s, 0.2)
+        assert found, self.text[-3000:]
+        return found
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(timeout=60)
+        self._reader.join(timeout=10)
+        return self.text
+
+
+def _quota_list(command_line: str) -> subprocess.CompletedProcess[str]:
+    """Run the ``VAR=... splitspace quota list`` line dev printed, as ``python -m deploy.cli``."""
+    words = shlex.split(command_line)
+    assignments = dict(w.split("=", 1) for w in words if "=" in w)
+    assert words[len(assignments):] == ["splitspace", "quota", "list"], command_line
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPLITSPACE_")}
+    return subprocess.run([sys.executable, "-m", "deploy.cli", "quota", "list"], env={**env, **assignments},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_dev_gives_operators_a_token_the_dashboard_and_the_quota_command(tmp_path):
+    """Issue 21: `splitspace dev` ran with no admin token, so `splitspace quota` and `/admin/ui`
+    did nothing on a dev machine. Now a fresh token is shown once, on the terminal of the person
+    who ran it, with the dashboard's URL and the exact command that works."""
+    dev = _Terminal(tmp_path, "--model", "sleep:1")
+    try:
+        line = dev.wait_for_line(r"^\s*(SPLITSPACE_BACKEND_URL=\S+ SPLITSPACE_ADMIN_TOKEN=\S+ splitspace quota list)\s*$")[1]
+        token = re.search(r"SPLITSPACE_ADMIN_TOKEN=(\S+)", line)[1]
+        assert len(token) >= 16 and f"SPLITSPACE_BACKEND_URL={dev.burl} " in line
+        assert f"dashboard {dev.burl}/admin/ui" in dev.text
+        listed = _quota_list(line)
+        assert listed.returncode == 0, listed.stderr
+        assert "client" in listed.stdout and "overrides" in listed.stdout  # the table's header
+        r = httpx.get(f"{dev.burl}/admin/clients", headers={"X-Splitspace-Admin": token}, timeout=10)
+        assert r.status_code == 200, r.text
+        assert httpx.get(f"{dev.burl}/admin/ui/", timeout=10, follow_redirects=True).status_code == 200
+        assert httpx.get(f"{dev.furl}/admin/clients", headers={"X-Splitspace-Admin": token}).status_code == 404
+    finally:
+        out = dev.stop()
+    assert out.count(token) == 1, "the token was printed more than once"
+
+
+def test_dev_takes_the_operators_token_and_never_prints_it(tmp_path):
+    given = secrets.token_urlsafe(24)
+    dev = _Terminal(tmp_path, "--model", "sleep:1", "--admin-token", given)
+    try:
+        line = dev.wait_for_line(r"^\s*(SPLITSPACE_BACKEND_URL=.* splitspace quota list)\s*$")[1]
+        assert line == f"SPLITSPACE_BACKEND_URL={dev.burl} SPLITSPACE_ADMIN_TOKEN=<your admin token> splitspace quota list"
+        r = httpx.get(f"{dev.burl}/admin/clients", headers={"X-Splitspace-Admin": given}, timeout=10)
+        assert r.status_code == 200, r.text
+    finally:
+        out = dev.stop()
+    assert given not in out
+
+
+def test_dev_refuses_a_short_admin_token_in_one_line(tmp_path):
+    env = {**os.environ, "SPLITSPACE_ADMIN_TOKEN": "short"}
+    done = subprocess.run([sys.executable, "-m", "deploy.cli", "dev", "--backend-port", str(free_port()),
+                           "--frontend-port", str(free_port())], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "SPLITSPACE_ADMIN_TOKEN is too short (5 characters)" in done.stderr
+    assert "Traceback" not in done.stderr and "short" not in done.stderr.replace("too short", "")
 
 
 def _tier_pids(proc: subprocess.Popen[str]) -> list[int]:

@@ -261,6 +261,51 @@ def test_quota_cli_errors_are_one_clear_line(ops):
     assert cli_json(ops, "show", "key:cli")["overrides"] == {}
 
 
+def _ops_cli(d: Deployment, *args: str) -> Any:
+    """``splitspace quota ...`` in this process (typer's CliRunner), against the real GPU tier."""
+    env = {"SPLITSPACE_BACKEND_URL": d.backend.url, "SPLITSPACE_ADMIN_TOKEN": d.admin_token, "COLUMNS": "200"}
+    return CliRunner().invoke(cli_app, ["quota", *args], env=env)
+
+
+def test_quota_set_refuses_a_key_the_quota_file_does_not_list(ops):
+    """Issue 21: `quota set key:typo` created an override for a client that cannot exist, silently."""
+    for extra in ((), ("--force",)):  # no API key of that name can ever call
+        done = _ops_cli(ops, "set", "key:clii", "--max-queued", "3", *extra)
+        assert done.exit_code == 1, done.output
+        line = done.stderr.strip()
+        assert "\n" not in line and "Traceback" not in line, line
+        assert "no API key named 'clii' in the quota file" in line, line
+        assert "key:cli" in line and "key:keeper" in line, line  # the known keys, to pick from
+    done = _ops_cli(ops, "set", "clii", "--max-queued", "3")
+    assert done.exit_code == 1 and "not a client id: give key:NAME, session:ID or addr:ADDRESS" in done.stderr
+    listed = {row["client"] for row in admin(ops, "GET", "/clients").json()}
+    assert "key:clii" not in listed and "clii" not in listed
+    # the admin API itself (the dashboard's way in too) refuses it, naming the reason
+    r = admin(ops, "PUT", "/clients/key:clii", json={"max_queued": 3})
+    assert r.status_code == 404 and "no API key named 'clii'" in r.json()["detail"]
+
+
+def test_quota_set_refuses_a_session_or_address_never_seen_unless_forced(ops):
+    done = _ops_cli(ops, "set", "session:never-seen", "--max-queued", "3")
+    assert done.exit_code == 1, done.output
+    assert "does not know session:never-seen" in done.stderr and "--force" in done.stderr, done.stderr
+    assert admin(ops, "GET", "/clients/session:never-seen").json()["overrides"] == {}
+
+    forced = _ops_cli(ops, "set", "session:never-seen", "--max-queued", "3", "--force", "--json")
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(forced.stdout)["overrides"] == {"max_queued": 3}
+    assert _ops_cli(ops, "clear", "session:never-seen").exit_code == 0
+
+    # An address that has used the GPU is known: no --force needed.
+    with httpx.Client(timeout=60, transport=httpx.HTTPTransport(local_address="127.0.0.23")) as c:
+        final, events = call_rest(c, ops.frontend.url, "generate", gen_args())
+    assert final == "complete", error_text(events)
+    done = _ops_cli(ops, "set", "addr:127.0.0.23", "--max-queued", "6", "--json")
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout)["overrides"] == {"max_queued": 6}
+    assert _ops_cli(ops, "clear", "addr:127.0.0.23").exit_code == 0
+
+
 def test_admin_api_is_404_without_a_token_configured(ops, tmp_path):
     env = {
         **ops.common_env(),

@@ -101,16 +101,30 @@ def test_quota_html_has_a_bar_and_the_sentence() -> None:
     assert "Quota unknown: GPU backend unavailable" in ui_text.quota_html(None, problem="GPU backend unavailable")
 
 
-def test_queue_full_refusal_as_guidance() -> None:
+def test_queue_full_refusal_says_whose_requests_count_and_never_full() -> None:
     r = Refusal(QUEUE_FULL, "5 requests already in flight (max_running + max_queued = 5)", 2.2, in_flight=5)
-    assert ui_text.refusal_text(r) == ("Queue full: you have 5 requests in flight.", "You can try again in")
+    assert ui_text.refusal_text(r) == ("Too many requests at once: you have 5 in flight.", "You can try again in")
     html = ui_text.refusal_html(r)
     text = re.sub(r"<[^>]+>", "", html)
-    assert text == "Queue full: you have 5 requests in flight. You can try again in 3 s."
+    assert text == "Too many requests at once: you have 5 in flight. You can try again in 3 s."
     assert 'data-seconds="3"' in html
-    shared = Refusal(QUEUE_FULL, "x", 1.0, in_flight=1, shared_address=True)
-    assert ui_text.refusal_text(shared)[0] == "Queue full: you have 1 request in flight from this address."
-    assert ui_text.refusal_text(Refusal(QUEUE_FULL, "x", 5.0))[0] == "Queue full: the GPU is busy with other requests."
+    # A browser session is counted with everyone behind its address (issue 21: it read "you have 5").
+    shared = Refusal(QUEUE_FULL, "x", 1.0, in_flight=5, shared_address=True)
+    assert ui_text.refusal_text(shared)[0] == (
+        "Too many requests at once: 5 are in flight from your network address (shared by everyone behind it)."
+    )
+    one = Refusal(QUEUE_FULL, "x", 1.0, in_flight=1, shared_address=True)
+    assert ui_text.refusal_text(one)[0].startswith("Too many requests at once: 1 is in flight from your network")
+    # Counted elsewhere (another frontend, the GPU tier's queue): still whose, never "full".
+    assert ui_text.refusal_text(Refusal(QUEUE_FULL, "x", 5.0, shared_address=True))[0] == (
+        "Too many requests at once from your network address (shared by everyone behind it)."
+    )
+    assert ui_text.refusal_text(Refusal(QUEUE_FULL, "x", 5.0))[0] == (
+        "Too many requests at once: you have as many in flight as you may."
+    )
+    for case in (r, shared, one, Refusal(QUEUE_FULL, "x", 5.0)):
+        # the page replaces the countdown with "You can try again now." when it ends
+        assert "full" not in " ".join(ui_text.refusal_text(case)).lower()
 
 
 def test_quota_and_rate_refusals_count_down_and_hide_the_limits_names() -> None:
@@ -149,3 +163,31 @@ def test_recent_html_lists_items_in_order() -> None:
     assert [int(i) for i in re.findall(r'data-index="(\d+)"', out)] == [0, 1, 2]
     assert re.findall(r'title="([^"]+)"', out) == ["p0 · seed 0", "p1 · seed 1", "p2 · seed 2"]
     assert "appear here" in ui_text.recent_html([])
+
+
+def test_the_page_tells_visitors_of_a_placeholder_model_once_and_no_operator_setting() -> None:
+    """Issue 21: the page told visitors about `SPLITSPACE_MODEL` and `sleep:MS`, twice."""
+    from cpu_frontend.page import LiveModel
+
+    for spec in ("tiny", "sleep:1500"):
+        heading = LiveModel(lambda spec=spec: {"model": spec, "placeholder_model": True}).heading()
+        assert heading.count("noise") == 1, heading
+        assert "SPLITSPACE_MODEL" not in heading and spec not in heading and "sleep:" not in heading, heading
+    real = LiveModel(lambda: {"model": "stabilityai/sd-turbo", "placeholder_model": False}).heading()
+    assert "Model: `stabilityai/sd-turbo`" in real and "noise" not in real
+
+
+def test_gradios_status_tracker_still_has_what_the_waiting_words_hook_blanks() -> None:
+    """``page.STATUS_WORDS_JS`` blanks the "-" and "18.9%" text nodes that Gradio's StatusTracker
+    puts after a progress's words in ``.progress-level-inner``. If Gradio changes that markup,
+    this fails: look at the hook again (``tests/test_browser.py`` checks what a person sees)."""
+    from pathlib import Path
+
+    import gradio
+
+    from cpu_frontend.page import STATUS_WORDS_JS
+
+    assets = Path(gradio.__file__).parent / "templates" / "frontend" / "assets"
+    trackers = [p.read_text() for p in assets.glob("statustracker-*.js")]
+    assert any('"progress-level-inner' in t and "`${e??``}%`" in t for t in trackers), "Gradio's StatusTracker changed"
+    assert "#splitspace-image .progress-level-inner" in STATUS_WORDS_JS
