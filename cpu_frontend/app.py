@@ -29,6 +29,7 @@ from session.caller import CallerStamps
 from session.token import HEALTH, STANDING, infer_purpose
 from shared.errors import SplitspaceError
 from shared.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
+from shared.gradio_sessions import HeartbeatCap, OpenHeartbeats, bound_session_states, session_count
 from shared.gradio_signature import request_handler
 from shared.guard import GradioGuard
 from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
@@ -120,7 +121,8 @@ class Frontend:
                                     trusted_networks=settings.trusted_proxy_cidrs, ipv6_prefix=settings.ipv6_prefix),
             stamps=self.stamps,
         )
-        self.caps = InflightCaps(lambda: self.watcher.current)
+        self.caps = InflightCaps(lambda: self.watcher.current, idle_s=settings.idle_s,
+                                 max_idle=settings.max_idle_clients)
         self.pool = BackendPool(
             transports or build_transports(settings),
             health_headers=lambda: {IDENTITY_HEADER: self.tokens.mint(FRONTEND_IDENTITY, HEALTH)},
@@ -319,6 +321,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     app = FastAPI(lifespan=lifespan, **NO_TELEMETRY)
     app.state.frontend = fe
     held = HeldCalls()
+    heartbeats = OpenHeartbeats(settings.heartbeats_per_address, settings.heartbeats_total)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -331,6 +334,8 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
             # requests in flight here: on their way to a GPU tier, or waiting at the door
             # (held: of those waiting, the REST calls held before Gradio, by the door's middleware)
             "door": {"inside": fe.door.inside, "waiting": fe.door.waiting, "held": held.waiting},
+            # open pages (Gradio heartbeat streams) and the sessions whose Gradio state is kept
+            "pages": {"open": heartbeats.open, "sessions": session_count(blocks)},
         }
 
     app.include_router(embed_routes())  # before the mount at "/", which catches everything after it
@@ -339,6 +344,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     blocks.queue(default_concurrency_limit=None)
     hold_sessions(blocks, 2 * settings.max_threads)  # every request in flight is a session
     bound_analytics(blocks)
+    bound_session_states(blocks, settings.heartbeats_total)
     app = gr.mount_gradio_app(
         app, blocks, path="", ssr_mode=False, show_error=True, mcp_server=settings.mcp,
         head=DEV_RELOAD_SCRIPT if settings.dev_reload else None, app_kwargs=dict(NO_TELEMETRY),
@@ -352,6 +358,10 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         seconds_per_job=lambda: fe.seconds_per_job,
         api_names=["generate"],
         held=held,
+    )
+    app.add_middleware(
+        HeartbeatCap, blocks=blocks, streams=heartbeats,
+        address=lambda scope: fe.resolver.address(Request(scope).headers, (scope.get("client") or (None,))[0]),
     )
     app.add_middleware(GradioGuard, blocks=blocks, body_limits={"/gradio_api/mcp": MCP_MAX_BODY_BYTES},
                        held_events=held.__contains__)

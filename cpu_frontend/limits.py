@@ -9,12 +9,20 @@ health document. The lookahead (how many of a flow's requests may be at the
 GPU tier at once) is at least the client's ``max_running``, so a client allowed
 four at once can run four on four GPU tiers. The door also shares its places by
 the client's weight (its tier's, from the quota file).
+
+What is learned is kept while a client is active: a cap not heard again for ``idle_s``
+is forgotten (the quota file's applies again until the GPU tier's next word), and at
+most ``max_idle`` are kept, the least recently heard forgotten first (a
+``cachetools.TTLCache``), so a flood of distinct flows costs bounded memory.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from cachetools import TTLCache
 
 from session.identity import Identity
 from shared.quotas import QuotaConfig
@@ -33,9 +41,21 @@ class DoorTerms:
 
 
 class InflightCaps:
-    def __init__(self, config: Callable[[], QuotaConfig]) -> None:
+    def __init__(
+        self,
+        config: Callable[[], QuotaConfig],
+        *,
+        idle_s: float = 600.0,
+        max_idle: int = 10000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._config = config
-        self._learned: dict[str, int] = {}
+        self._learned: TTLCache[str, int] = TTLCache(maxsize=max_idle, ttl=idle_s, timer=clock)
+
+    def __len__(self) -> int:
+        """Clients whose cap is remembered (those heard from in the last ``idle_s``)."""
+        self._learned.expire()
+        return len(self._learned)
 
     def learn(self, identity: Identity, cap: object) -> None:
         """The cap the GPU tier reported for this client (it knows the operators' overrides)."""

@@ -14,6 +14,7 @@ reorder what the scheduler decides, so the endpoints have no concurrency limit,
 # on every call, and string annotations make that an eval each time.
 import asyncio
 import contextlib
+import itertools
 import logging
 import sys
 import time
@@ -27,10 +28,12 @@ from fastapi import APIRouter, Body, FastAPI, HTTPException, Request
 from fastapi.responses import Response
 from starlette.routing import Route
 
+from session.address import AddressPolicy
 from session.identity import Identity
 from session.token import HEALTH, IdentityTokens
 from shared.errors import SplitspaceError
 from shared.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
+from shared.gradio_sessions import HeartbeatCap, OpenHeartbeats, bound_session_states, session_count
 from shared.guard import GradioGuard
 from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from shared.hop import error_to_wire
@@ -88,7 +91,9 @@ class GpuTier:
             self.store = WriteBehindStore(SqliteUsageStore(settings.state_path))
             self.overrides = Overrides(self.store)
             limits = limits_function(lambda: self.watcher.current, self.overrides)
-            self.scheduler = FairScheduler(clock=time.time, limits=limits, store=self.store, capacity=1)
+            self._memory_stores: list[MemoryUsageStore | WriteBehindStore] = [self.store]
+            self.scheduler = FairScheduler(clock=time.time, limits=limits, store=self.store, capacity=1,
+                                           idle_s=settings.idle_s, max_idle=settings.max_idle_clients)
         else:
             # Every replica's limits in Redis, checked outside the runner's lock
             # (global_limits.py); the local scheduler keeps fair order among this tier's jobs.
@@ -108,9 +113,12 @@ class GpuTier:
                 store=self.store, async_store=async_store, limits=limits, lease_s=settings.lease_s,
                 on_retry=lambda: self.runner.dispatch(), on_tick=self.overrides.refresh,
             )
+            local = MemoryUsageStore()
+            self._memory_stores = [self.store.fallback, local]
             self.scheduler = FairScheduler(
-                clock=time.time, limits=local_limits(limits), store=MemoryUsageStore(), capacity=1,
+                clock=time.time, limits=local_limits(limits), store=local, capacity=1,
                 held=self.global_limits.held, service_floor=self.global_limits.service_floor,
+                idle_s=settings.idle_s, max_idle=settings.max_idle_clients,
             )
         self.metrics = GpuMetrics(lambda: self.with_scheduler(FairScheduler.depth_by_tier))
         self.runner = GpuRunner(
@@ -159,6 +167,13 @@ class GpuTier:
             await asyncio.to_thread(self.runner.swap, change)
             log.info("model changed from %s to %s", previous, spec)
             return {"model": gpu.current_executor().name, "previous": previous}
+
+    def store_forget_expired(self) -> None:
+        """Drop the usage windows, leases and service that ended from the in-memory stores
+        (the housekeeping of ``build_app``'s lifespan; nothing live is lost)."""
+        now = time.time()
+        for store in self._memory_stores:
+            store.forget_expired(now)
 
     def with_scheduler(self, read: Callable[[FairScheduler], Any]) -> Any:
         """Read the scheduler under the runner's lock (the GPU threads change it too)."""
@@ -270,9 +285,12 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
     tier = GpuTier(settings, executor)
 
     async def watch_quotas() -> None:
-        while True:
+        for tick in itertools.count(1):
             await asyncio.sleep(1.0)
             tier.watcher.check()
+            if tick % 60 == 0:  # what idle clients left behind, on a tier gone quiet (scheduler.py)
+                tier.with_scheduler(FairScheduler.forget_idle)
+                tier.store_forget_expired()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -291,10 +309,11 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
 
     app = FastAPI(lifespan=lifespan, **NO_TELEMETRY)
     app.state.tier = tier
+    heartbeats = OpenHeartbeats(settings.heartbeats_per_address, settings.heartbeats_total)
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
-        doc = tier.health()
+        doc = {**tier.health(), "pages": {"open": heartbeats.open, "sessions": session_count(blocks)}}
         token = request.headers.get(IDENTITY_HEADER)
         if token:  # a frontend (it holds the secret) also learns the live in-flight caps
             try:
@@ -339,8 +358,13 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
     blocks.queue(api_open=False, max_size=settings.queue_max_size, default_concurrency_limit=None)
     hold_sessions(blocks, 2 * settings.max_threads)  # every /infer call in flight is a session
     bound_analytics(blocks)
+    bound_session_states(blocks, settings.heartbeats_total)
     app = gr.mount_gradio_app(app, blocks, path="", ssr_mode=False, footer_links=["api"],
                              app_kwargs=dict(NO_TELEMETRY))
+    addresses = AddressPolicy(trusted_proxies=settings.trusted_proxies, trusted_networks=settings.trusted_proxy_cidrs,
+                              ipv6_prefix=settings.ipv6_prefix)
+    app.add_middleware(HeartbeatCap, blocks=blocks, streams=heartbeats, address=lambda scope: addresses.client_address(
+        (scope.get("client") or (None,))[0], Request(scope).headers.get("x-forwarded-for")))
     app.add_middleware(GradioGuard, blocks=blocks, body_limits={INFER_PATH: MAX_BODY_BYTES},
                        elsewhere=(DASHBOARD_PATH,))  # the dashboard is its own Blocks, behind its login
     return app

@@ -102,8 +102,14 @@ farther ETAs carry the error of a mean over many jobs, a few percent with mixed 
 *Housekeeping.* A flow (or a client inside a flow) that goes idle is put on a sweep
 queue; each dispatch, finish and cancel looks at a few entries and forgets those whose
 service is not ahead of virtual time and (flows) whose rate window counts no recent
-request. Forgetting them loses nothing (they would restart at virtual time anyway); the
-sweep keeps memory bounded without scanning every flow.
+request. Forgetting them loses nothing (they would restart at virtual time anyway). A
+flow whose service is ahead (it used more than its share while others waited) is
+forgotten too once it has been idle for ``idle_s`` (its rate window empty): after that
+long its lead is forgiven. At most ``max_idle`` idle flows and clients are remembered:
+beyond, the longest idle are forgotten first, whatever their service or rate window. Active clients
+(queued or running) are never forgotten, and their usage lives in the store. So memory
+is bounded by what is active plus ``max_idle``, without scanning every flow;
+:meth:`FairScheduler.forget_idle` sweeps the whole queue for a tier that has gone quiet.
 
 *Cost per decision* (n = queued jobs, q = one flow's queued jobs, s = jobs of flows at
 ``max_running`` ahead of the first eligible one): submit O(log n) (O(q log n) for a
@@ -126,7 +132,7 @@ import bisect
 import enum
 import heapq
 import itertools
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator
 
@@ -247,6 +253,7 @@ class _Member:
     running: int = 0
     key: _MemberKey | None = None  # its entry in the flow's ``order``, while it has queued jobs
     swept: bool = False  # on the sweep queue
+    idle_since: float = 0.0  # when it last went idle (while swept)
 
     @property
     def idle(self) -> bool:
@@ -269,6 +276,7 @@ class _Flow:
     key_batch: Hashable | None = None  # the head's batch key when ``key`` was made
     tail: float = 0.0  # the tag after its last queued job
     swept: bool = False  # on the sweep queue
+    idle_since: float = 0.0  # when it last went idle (while swept)
 
     @property
     def idle(self) -> bool:
@@ -319,11 +327,19 @@ class FairScheduler:
         capacity: int = 1,
         held: Callable[[str], bool] | None = None,
         service_floor: Callable[[str, float], float] | None = None,
+        idle_s: float = 600.0,
+        max_idle: int = 10000,
     ) -> None:
         """``held(flow_id)``: a flow to skip at dispatch for now (its running slot is taken
         on another replica); ``service_floor(flow_id, V)``: where a flow that becomes
         active starts instead of ``V`` (its service on other replicas). Both are read
-        under the runner's lock and must not do I/O (gpu_backend/global_limits.py)."""
+        under the runner's lock and must not do I/O (gpu_backend/global_limits.py).
+        ``idle_s``, ``max_idle``: how long, and how many, idle flows and clients are
+        remembered (see *Housekeeping*)."""
+        if max_idle < 1 or not idle_s > 0:
+            raise ValueError(f"max_idle and idle_s must be positive, got {max_idle!r}, {idle_s!r}")
+        self.idle_s = float(idle_s)
+        self.max_idle = int(max_idle)
         self._held = held
         self._service_floor = service_floor
         self._clock = clock
@@ -337,7 +353,7 @@ class FairScheduler:
         self._units: dict[int, set[str]] = {}  # running dispatch units (one slot each)
         self._unit_ids = itertools.count()
         self._job_seq = itertools.count()
-        self._seen: dict[str, ClientRef] = {}  # every client seen in this process
+        self._seen: OrderedDict[str, ClientRef] = OrderedDict()  # clients seen, the least recent first
         self._tags: SortedList = SortedList()  # the _Tag of each queued job
         self._tag_of: dict[str, _Tag] = {}
         self._by_key: dict[Hashable, SortedList] | None = None  # batch key -> head _Tags; built on first use
@@ -381,6 +397,8 @@ class FairScheduler:
         cost = max(float(cost), MIN_COST)
         tier = self._limits(client)
         self._seen[client.client_id] = client
+        self._seen.move_to_end(client.client_id)
+        self._trim_seen(_SWEEP_PER_CALL)
         flow = self._flows.get(client.flow_id) or _Flow(client.flow_id)
 
         refused = self._check_rate(flow, tier, now) or self._check_queue(flow, tier)
@@ -788,40 +806,85 @@ class FairScheduler:
     # -- housekeeping ----------------------------------------------------------------
 
     def _went_idle(self, flow: _Flow, member: _Member) -> None:
+        now = self._clock()
         if member.idle and not member.swept:
-            member.swept = True
+            member.swept, member.idle_since = True, now
             self._sweep.append((flow, member))
         if flow.idle and not flow.swept:
-            flow.swept = True
+            flow.swept, flow.idle_since = True, now
             self._sweep.append((flow, None))
 
-    def _collect_idle(self) -> None:
-        """Forget a few idle flows and clients whose service is behind virtual time (no
-        state lost: they would restart there anyway), unless the flow's rate window still
-        counts requests; the others go back on the sweep queue."""
+    def _collect_idle(self, looks: int = _SWEEP_PER_CALL) -> None:
+        """Look at ``looks`` entries of the sweep queue: forget the idle flows and clients
+        whose service is behind virtual time (no state lost: they would restart there
+        anyway) or which have been idle for ``idle_s``, unless the flow's rate window
+        still counts requests; the others go back on the queue. Beyond ``max_idle``
+        entries, the first ones are forgotten whatever their service."""
         now = self._clock()
-        for _ in range(min(_SWEEP_PER_CALL, len(self._sweep))):
+        while len(self._sweep) > self.max_idle:
             flow, member = self._sweep.popleft()
-            if self._flows.get(flow.flow_id) is not flow:
-                continue  # forgotten already
-            if member is None:
-                if not flow.idle:
-                    flow.swept = False
-                    continue
-                recent = flow.admitted_at and flow.admitted_at[-1] > now - RATE_WINDOW_S
-                if flow.service <= self._vtime and not recent:
-                    del self._flows[flow.flow_id]
-                    continue
+            self._forget(flow, member, now, force=True)
+        for _ in range(min(looks, len(self._sweep))):
+            flow, member = self._sweep.popleft()
+            if not self._forget(flow, member, now, force=False):
+                self._sweep.append((flow, member))
+        self._trim_seen(looks)
+
+    def _trim_seen(self, looks: int) -> None:
+        """Past ``max_idle`` clients seen, forget the least recent ones that are not
+        remembered in a flow (those seen only to be refused, or whose usage window is
+        live): ``looks`` at most."""
+        for _ in range(min(looks, len(self._seen) - self.max_idle)):
+            cid, ref = next(iter(self._seen.items()))
+            flow = self._flows.get(ref.flow_id)
+            if flow is not None and cid in flow.members:
+                self._seen.move_to_end(cid)  # it goes with its member
             else:
-                if flow.members.get(member.client.client_id) is not member:
-                    continue
-                if not member.idle:
-                    member.swept = False
-                    continue
-                if member.service <= flow.inner_v:
-                    del flow.members[member.client.client_id]
-                    continue
-            self._sweep.append((flow, member))
+                del self._seen[cid]
+
+    def _forget(self, flow: _Flow, member: _Member | None, now: float, *, force: bool) -> bool:
+        """Forget one sweep entry if it may go (always if ``force``); False to keep it."""
+        if self._flows.get(flow.flow_id) is not flow:
+            return True  # forgotten already
+        if member is None:
+            if not flow.idle:
+                flow.swept = False
+                return True
+            recent = flow.admitted_at and flow.admitted_at[-1] > now - RATE_WINDOW_S
+            long_idle = now - flow.idle_since >= self.idle_s
+            if force or (not recent and (flow.service <= self._vtime or long_idle)):
+                del self._flows[flow.flow_id]
+                for cid in flow.members:
+                    self._unsee(cid, now)
+                return True
+            return False
+        if flow.members.get(member.client.client_id) is not member:
+            return True
+        if not member.idle:
+            member.swept = False
+            return True
+        if force or member.service <= flow.inner_v or now - member.idle_since >= self.idle_s:
+            del flow.members[member.client.client_id]
+            self._unsee(member.client.client_id, now)
+            return True
+        return False
+
+    def _unsee(self, client_id: str, now: float) -> None:
+        """A forgotten client stays in :meth:`clients` only while its usage window is live."""
+        if client_id in self._seen and self._store.usage(client_id, now)[0] <= 0:
+            del self._seen[client_id]
+
+    def forget_idle(self) -> int:
+        """Look at every idle flow and client once (a quiet tier calls this now and then:
+        the sweep otherwise runs with dispatch, finish and cancel). How many flows and
+        clients are remembered after it."""
+        self._collect_idle(len(self._sweep))
+        now = self._clock()
+        for cid, ref in list(self._seen.items()):
+            flow = self._flows.get(ref.flow_id)
+            if flow is None or cid not in flow.members:
+                self._unsee(cid, now)
+        return len(self._flows) + sum(len(f.members) for f in self._flows.values())
 
     # -- positions -------------------------------------------------------------------
 

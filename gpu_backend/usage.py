@@ -366,7 +366,7 @@ class UsageStore(Protocol):
 # -- shared rules -----------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class _Window:
     used: float
     start: float
@@ -563,6 +563,20 @@ class MemoryUsageStore(_JobsInSteps):
     def reset(self, key: str) -> None:
         with self._lock:
             self._windows.pop(key, None)
+
+    def forget_expired(self, now: float | None = None) -> int:
+        """Drop what no longer counts: usage windows that ended, fair service that expired,
+        slots whose leases all ended. Nothing a client is owed (a live window reads the
+        same after); O(keys), for a tier's periodic housekeeping. How many keys are left."""
+        now = self._now(now)
+        with self._lock:
+            for key in [k for k, w in self._windows.items() if not w.live(now)]:
+                del self._windows[key]
+            for flow in [f for f, (_, expires) in self._service.items() if expires <= now]:
+                del self._service[flow]
+            for slot in [k for k, held in self._slots.items() if all(e <= now for e in held.values())]:
+                del self._slots[slot]
+            return len(self._windows) + len(self._service) + len(self._slots) + len(self._rates)
 
     # -- overrides -------------------------------------------------------------------
 

@@ -60,6 +60,10 @@ class WriteBehindStore:
         self._memory.reset(key)
         self._mark(key)
 
+    def forget_expired(self, now: float) -> int:
+        """Drop the windows that ended from memory (the file keeps what it has)."""
+        return self._memory.forget_expired(now)
+
     # -- overrides: straight through (operators' calls, outside the scheduler's lock) ---
     def get_overrides(self, client_id: str) -> dict[str, Any]:
         return self.backing.get_overrides(client_id)

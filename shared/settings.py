@@ -80,6 +80,18 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(default=0, ge=0, le=1000)
     """GPU tier: the batching window: a batch smaller than MAX_BATCH waits this long for
     compatible requests to join (0: only what already waits)."""
+    idle_s: float = Field(default=600.0, ge=60)
+    """Both tiers: what the tiers remember of a client (its learned in-flight cap at the
+    frontend; its fair-share service at the GPU tier) is forgotten once the client has been
+    idle this long (at least the 60 s rate window). Its quota usage stays in the store."""
+    max_idle_clients: int = Field(default=10000, ge=1)
+    """Both tiers: at most this many idle clients are remembered (the longest idle are
+    forgotten first); active clients are always kept."""
+    heartbeats_per_address: int = Field(default=32, ge=1)
+    """Both tiers: open Gradio heartbeat streams (one per open page) per address; beyond, 429."""
+    heartbeats_total: int = Field(default=2000, ge=1)
+    """Both tiers: open Gradio heartbeat streams in all; beyond, 429. Also the sessions whose
+    Gradio state is kept at once (``shared/gradio_sessions.py``)."""
     compile: bool = False
     """GPU tier: torch.compile the UNet (CUDA graphs on CUDA) for one size, warmed up at start."""
     compile_width: int = Field(default=512, ge=64)
