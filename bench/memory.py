@@ -27,6 +27,7 @@ import asyncio
 import gc
 import resource
 import secrets
+import signal
 import sys
 import time
 from pathlib import Path
@@ -164,7 +165,8 @@ def heartbeats(d: Deployment, n: int, rounds: int) -> None:
             open_rss = rss_mb(pid)
             for _, writer in conns:
                 writer.close()
-            pages = wait_pages_gone(d.frontend.url)
+            await asyncio.gather(*(writer.wait_closed() for _, writer in conns), return_exceptions=True)
+            pages = await asyncio.to_thread(wait_pages_gone, d.frontend.url)
             print(f"  round {r + 1}: {opened:,} open (RSS {open_rss:.0f} MB); all closed: RSS {rss_mb(pid):.0f} MB, "
                   f"/health pages {pages}")
 
@@ -191,6 +193,7 @@ def wait_pages_gone(url: str, timeout_s: float = 300) -> object:
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the tiers on the way out
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=100_000)
     parser.add_argument("--rest", type=int, default=2_000)

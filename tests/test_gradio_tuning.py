@@ -104,3 +104,58 @@ def test_finished_sessions_are_forgotten():
     assert forget_finished_sessions(demo) == 1
     assert set(queue.pending_event_ids_session) == {"busy", "unread"}
     assert "done" not in queue.pending_messages_per_session and "busy" in queue.pending_messages_per_session
+
+
+def test_a_closed_pages_session_state_is_given_back():
+    """Gradio keeps a ``SessionState`` per session in ``StateHolder.session_data`` (up to
+    ``state_session_capacity``, 10,000): the ``unload`` handlers make one when a page's
+    heartbeat stream ends, and nothing removes it. shared/gradio_sessions.py bounds the
+    capacity and drops a closed page's state. If Gradio changes the heartbeat route or the
+    holder, this fails: look at shared/gradio_sessions.py again."""
+    from shared.gradio_sessions import HeartbeatCap, OpenHeartbeats, bound_session_states, session_count
+    from tests.support import serve_in_thread, wait_for
+
+    unloads: list[str] = []
+
+    def page() -> gr.Blocks:
+        demo = _blocks()
+        def on_unload(request: gr.Request) -> None:  # as the frontend's page
+            unloads.append(str(request.session_hash))
+
+        demo.unload(on_unload)
+        demo.queue()
+        return demo
+
+    def open_and_close(url: str, session: str) -> bytes:
+        import socket
+
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(f"GET /gradio_api/heartbeat/{session} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+            head = b""
+            while b"ALIVE" not in head and b"\r\n\r\n{" not in head:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                head += chunk
+        return head
+
+    plain = page()
+    assert plain.state_session_capacity == 10_000
+    with serve_in_thread(gr.mount_gradio_app(gr.routes.App(), plain, path="")) as url:
+        assert b"ALIVE" in open_and_close(url, "s1")
+        assert wait_for(lambda: unloads == ["s1"], 30)
+        assert wait_for(lambda: session_count(plain) == 1, 30)  # Gradio keeps the closed page's state
+
+    capped = page()
+    assert bound_session_states(capped, 3)
+    app = gr.mount_gradio_app(gr.routes.App(), capped, path="")
+    assert capped.state_holder.capacity == 3  # Gradio's own bound, read when the app is mounted
+    app.add_middleware(HeartbeatCap, blocks=capped, address=lambda scope: "a", streams=OpenHeartbeats(1, 1))
+    with serve_in_thread(app) as url:
+        assert b"ALIVE" in open_and_close(url, "s2")
+        assert wait_for(lambda: unloads == ["s1", "s2"], 30)
+        assert wait_for(lambda: session_count(capped) == 0, 30)  # given back once its unload ran
+        for session in ("a", "b", "c", "d"):
+            capped.state_holder[session]
+        assert list(capped.state_holder.session_data) == ["b", "c", "d"]
