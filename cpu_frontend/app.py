@@ -12,6 +12,7 @@ the stream to the GPU tier, which drops the queued job.
 # on every call, and string annotations make that an eval each time.
 import asyncio
 import contextlib
+import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -29,7 +30,13 @@ from session.caller import CallerStamps
 from session.token import HEALTH, STANDING, infer_purpose
 from shared.errors import SplitspaceError
 from shared.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
-from shared.gradio_sessions import HeartbeatCap, OpenHeartbeats, bound_session_states, session_count
+from shared.gradio_sessions import (
+    HeartbeatCap,
+    OpenHeartbeats,
+    bound_session_states,
+    forget_finished_states,
+    session_count,
+)
 from shared.gradio_signature import request_handler
 from shared.guard import GradioGuard
 from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
@@ -302,9 +309,11 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async def watch() -> None:
-            while True:
+            for tick in itertools.count(1):
                 await asyncio.sleep(1.0)
                 fe.watcher.check()
+                if tick % 30 == 0:  # the Gradio state of finished calls (shared/gradio_sessions.py)
+                    forget_finished_states(blocks, heartbeats.sessions)
 
         task = asyncio.create_task(watch())
         sweep = asyncio.create_task(sweep_finished_sessions(blocks))

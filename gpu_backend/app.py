@@ -33,7 +33,13 @@ from session.identity import Identity
 from session.token import HEALTH, IdentityTokens
 from shared.errors import SplitspaceError
 from shared.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
-from shared.gradio_sessions import HeartbeatCap, OpenHeartbeats, bound_session_states, session_count
+from shared.gradio_sessions import (
+    HeartbeatCap,
+    OpenHeartbeats,
+    bound_session_states,
+    forget_finished_states,
+    session_count,
+)
 from shared.guard import GradioGuard
 from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from shared.hop import error_to_wire
@@ -288,6 +294,8 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
         for tick in itertools.count(1):
             await asyncio.sleep(1.0)
             tier.watcher.check()
+            if tick % 30 == 0:  # the Gradio state of finished calls (shared/gradio_sessions.py)
+                forget_finished_states(blocks, heartbeats.sessions)
             if tick % 60 == 0:  # what idle clients left behind, on a tier gone quiet (scheduler.py)
                 tier.with_scheduler(FairScheduler.forget_idle)
                 tier.store_forget_expired()

@@ -20,6 +20,8 @@ for as long as the client keeps it open, at no cost to the client.
   heartbeat; it only misses the ``unload`` when the tab closes). When a stream ends
   (after Gradio's ``unload`` handlers ran, in the same request), the session's state
   is dropped unless an event of that session is still pending.
+- :func:`forget_finished_states` (a tier's periodic housekeeping) drops the state of
+  every other session with no event pending and no page open: each finished REST call's.
 
 These touch Gradio internals (``StateHolder.session_data``, the heartbeat route);
 ``tests/test_gradio_tuning.py`` fails when they no longer apply.
@@ -30,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -74,6 +76,17 @@ def session_count(blocks: Any) -> int:
     return len(data) if isinstance(data, dict) else 0
 
 
+def forget_finished_states(blocks: Any, open_pages: Container[str]) -> int:
+    """Drop the state of the sessions with no event pending and no page open (O(sessions
+    kept), at most the capacity); how many are left."""
+    data = getattr(getattr(blocks, "state_holder", None), "session_data", None)
+    if not isinstance(data, dict):
+        return 0
+    for session in [s for s in data if s not in open_pages]:
+        forget_session_state(blocks, session)
+    return len(data)
+
+
 class OpenHeartbeats:
     """The heartbeat streams open now, per address and in all (read by ``/health``)."""
 
@@ -84,6 +97,8 @@ class OpenHeartbeats:
         self.total = total
         self.by_address: Counter[str] = Counter()
         """Only addresses with a stream open."""
+        self.sessions: Counter[str] = Counter()
+        """The sessions with a stream open (their state is kept)."""
         self.open = 0
 
     def refusal(self, address: str) -> str | None:
@@ -94,15 +109,17 @@ class OpenHeartbeats:
             return f"{self.by_address[address]} pages are open from this address (at most {self.per_address})"
         return None
 
-    def opened(self, address: str) -> None:
+    def opened(self, address: str, session: str) -> None:
         self.open += 1
         self.by_address[address] += 1
+        self.sessions[session] += 1
 
-    def closed(self, address: str) -> None:
+    def closed(self, address: str, session: str) -> None:
         self.open -= 1
-        self.by_address[address] -= 1
-        if self.by_address[address] <= 0:
-            del self.by_address[address]
+        for count, key in ((self.by_address, address), (self.sessions, session)):
+            count[key] -= 1
+            if count[key] <= 0:
+                del count[key]
 
 
 class HeartbeatCap:
@@ -134,12 +151,14 @@ class HeartbeatCap:
         if refusal is not None:
             await _refuse(send, refusal)
             return
-        self.streams.opened(address)
+        session = path[len(self.route):].strip("/")
+        self.streams.opened(address, session)
         try:
             await self.app(scope, receive, send)
         finally:
-            self.streams.closed(address)
-            forget_session_state(self.blocks, path[len(self.route):].strip("/"))
+            self.streams.closed(address, session)
+            if session not in self.streams.sessions:
+                forget_session_state(self.blocks, session)
 
 
 async def _refuse(send: Send, why: str) -> None:

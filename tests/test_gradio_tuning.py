@@ -112,7 +112,13 @@ def test_a_closed_pages_session_state_is_given_back():
     heartbeat stream ends, and nothing removes it. shared/gradio_sessions.py bounds the
     capacity and drops a closed page's state. If Gradio changes the heartbeat route or the
     holder, this fails: look at shared/gradio_sessions.py again."""
-    from shared.gradio_sessions import HeartbeatCap, OpenHeartbeats, bound_session_states, session_count
+    from shared.gradio_sessions import (
+        HeartbeatCap,
+        OpenHeartbeats,
+        bound_session_states,
+        forget_finished_states,
+        session_count,
+    )
     from tests.support import serve_in_thread, wait_for
 
     unloads: list[str] = []
@@ -159,3 +165,6 @@ def test_a_closed_pages_session_state_is_given_back():
         for session in ("a", "b", "c", "d"):
             capped.state_holder[session]
         assert list(capped.state_holder.session_data) == ["b", "c", "d"]
+        capped._queue.pending_event_ids_session["c"] = {"an event"}  # a call of "c" still runs
+        assert forget_finished_states(capped, open_pages={"d"}) == 2  # "d": its page is open
+        assert list(capped.state_holder.session_data) == ["c", "d"]
