@@ -106,10 +106,11 @@ request. Forgetting them loses nothing (they would restart at virtual time anywa
 flow whose service is ahead (it used more than its share while others waited) is
 forgotten too once it has been idle for ``idle_s`` (its rate window empty): after that
 long its lead is forgiven. At most ``max_idle`` idle flows and clients are remembered:
-beyond, the longest idle are forgotten first, whatever their service or rate window. Active clients
-(queued or running) are never forgotten, and their usage lives in the store. So memory
-is bounded by what is active plus ``max_idle``, without scanning every flow;
-:meth:`FairScheduler.forget_idle` sweeps the whole queue for a tier that has gone quiet.
+beyond, the first on the sweep queue (about the longest idle) are forgotten, whatever
+their service or rate window. Active clients (queued or running) are never forgotten,
+and their usage lives in the store. So memory is bounded by what is active plus
+``max_idle``, without scanning every flow; :meth:`FairScheduler.forget_idle` sweeps the
+whole queue for a tier that has gone quiet.
 
 *Cost per decision* (n = queued jobs, q = one flow's queued jobs, s = jobs of flows at
 ``max_running`` ahead of the first eligible one): submit O(log n) (O(q log n) for a
@@ -807,12 +808,16 @@ class FairScheduler:
 
     def _went_idle(self, flow: _Flow, member: _Member) -> None:
         now = self._clock()
-        if member.idle and not member.swept:
-            member.swept, member.idle_since = True, now
-            self._sweep.append((flow, member))
-        if flow.idle and not flow.swept:
-            flow.swept, flow.idle_since = True, now
-            self._sweep.append((flow, None))
+        if member.idle:
+            member.idle_since = now  # also when its entry from an earlier idle spell is still queued
+            if not member.swept:
+                member.swept = True
+                self._sweep.append((flow, member))
+        if flow.idle:
+            flow.idle_since = now
+            if not flow.swept:
+                flow.swept = True
+                self._sweep.append((flow, None))
 
     def _collect_idle(self, looks: int = _SWEEP_PER_CALL) -> None:
         """Look at ``looks`` entries of the sweep queue: forget the idle flows and clients

@@ -120,3 +120,15 @@ def test_the_frontend_keeps_at_most_max_idle_learned_caps():
         caps.learn(visitor(i), 3)
     assert len(caps) == 100
     assert caps.terms(visitor(99_999)).cap == 3  # the most recent are kept
+
+
+def test_a_client_back_for_a_while_is_idle_from_its_last_job():
+    clock = FakeClock()
+    sched = FairScheduler(clock=clock, limits=lambda c: TIER, store=MemoryUsageStore(clock=clock), idle_s=600)
+    heavy, other = addr(1), addr(2)
+    run_one(sched, clock, heavy, "a")  # idle from t=1, its entry queued for the sweep
+    clock.advance(500)
+    run_one(sched, clock, heavy, "b")  # back, and idle again from t=502 (its old entry still queued)
+    clock.advance(200)  # 699 s after its first job, 198 s after its last
+    run_one(sched, clock, other, "c")
+    assert sched.forget_idle() == 4  # both flows and both clients still remembered
