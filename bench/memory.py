@@ -175,7 +175,7 @@ def heartbeats(d: Deployment, n: int, rounds: int) -> None:
 
 def wait_pages_gone(url: str, timeout_s: float = 300) -> object:
     """The frontend's /health 'pages' once no page is open and no session state is kept
-    (or its last answer); the old frontend has no such count: after a short wait."""
+    (or its last answer); the old frontend has no such count: after a minute."""
     deadline = time.monotonic() + timeout_s
     doc: object = None
     while time.monotonic() < deadline:
@@ -183,8 +183,8 @@ def wait_pages_gone(url: str, timeout_s: float = 300) -> object:
             doc = httpx.get(f"{url}/health", timeout=30).json().get("pages")
         except httpx.HTTPError:
             continue
-        if doc is None:
-            time.sleep(20)
+        if doc is None:  # the old frontend: give its unload calls a minute
+            time.sleep(60)
             return doc
         if doc == {"open": 0, "sessions": 0}:
             return doc
