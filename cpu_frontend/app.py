@@ -12,7 +12,6 @@ the stream to the GPU tier, which drops the queued job.
 # on every call, and string annotations make that an eval each time.
 import asyncio
 import contextlib
-import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -34,6 +33,8 @@ from shared.gradio_sessions import (
     HeartbeatCap,
     OpenHeartbeats,
     bound_session_states,
+    HOUSEKEEPING_S,
+    every,
     forget_finished_states,
     session_count,
 )
@@ -309,14 +310,15 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async def watch() -> None:
-            for tick in itertools.count(1):
+            while True:
                 await asyncio.sleep(1.0)
                 fe.watcher.check()
-                if tick % 30 == 0:  # the Gradio state of finished calls (shared/gradio_sessions.py)
-                    forget_finished_states(blocks, heartbeats.sessions)
 
         task = asyncio.create_task(watch())
         sweep = asyncio.create_task(sweep_finished_sessions(blocks))
+        # the Gradio state of finished calls (shared/gradio_sessions.py)
+        house = asyncio.create_task(
+            every(HOUSEKEEPING_S, lambda: forget_finished_states(blocks, heartbeats.sessions)))
         await fe.ledger.start()
         await fe.pool.start()
         try:
@@ -324,6 +326,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         finally:
             task.cancel()
             sweep.cancel()
+            house.cancel()
             await fe.pool.aclose()
             await fe.ledger.aclose()
 

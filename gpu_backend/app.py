@@ -14,7 +14,6 @@ reorder what the scheduler decides, so the endpoints have no concurrency limit,
 # on every call, and string annotations make that an eval each time.
 import asyncio
 import contextlib
-import itertools
 import logging
 import sys
 import time
@@ -37,6 +36,8 @@ from shared.gradio_sessions import (
     HeartbeatCap,
     OpenHeartbeats,
     bound_session_states,
+    HOUSEKEEPING_S,
+    every,
     forget_finished_states,
     session_count,
 )
@@ -291,24 +292,27 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
     tier = GpuTier(settings, executor)
 
     async def watch_quotas() -> None:
-        for tick in itertools.count(1):
+        while True:
             await asyncio.sleep(1.0)
             tier.watcher.check()
-            if tick % 30 == 0:  # the Gradio state of finished calls (shared/gradio_sessions.py)
-                forget_finished_states(blocks, heartbeats.sessions)
-            if tick % 60 == 0:  # what idle clients left behind, on a tier gone quiet (scheduler.py)
-                tier.with_scheduler(FairScheduler.forget_idle)
-                tier.store_forget_expired()
+
+    def keep_house() -> None:
+        """What finished calls and idle clients left behind (gradio_sessions.py, scheduler.py)."""
+        forget_finished_states(blocks, heartbeats.sessions)
+        tier.with_scheduler(FairScheduler.forget_idle)
+        tier.store_forget_expired()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(watch_quotas())
         sweep = asyncio.create_task(sweep_finished_sessions(blocks))
+        house = asyncio.create_task(every(HOUSEKEEPING_S, keep_house))
         try:
             yield
         finally:
             task.cancel()
             sweep.cancel()
+            house.cancel()
             tier.runner.close()
             if tier.global_limits is not None:
                 tier.global_limits.close()

@@ -29,6 +29,7 @@ These touch Gradio internals (``StateHolder.session_data``, the heartbeat route)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections import Counter
@@ -42,6 +43,8 @@ log = logging.getLogger("splitspace")
 TOO_MANY_PAGES = "Too many open pages"
 RETRY_S = 30
 """The Retry-After of a refused heartbeat: open pages close at human speed."""
+HOUSEKEEPING_S = 30.0
+"""How often each tier drops what finished calls and idle clients left behind."""
 
 
 def bound_session_states(blocks: Any, sessions: int) -> bool:
@@ -57,7 +60,7 @@ def bound_session_states(blocks: Any, sessions: int) -> bool:
 def forget_session_state(blocks: Any, session_hash: str) -> bool:
     """Drop a session's ``SessionState`` unless one of its events is still pending; True
     when it was dropped."""
-    holder = getattr(blocks, "state_holder", None)
+    holder: Any = getattr(blocks, "state_holder", None)
     data = getattr(holder, "session_data", None)
     if not isinstance(data, dict) or session_hash not in data:
         return False
@@ -68,6 +71,17 @@ def forget_session_state(blocks: Any, session_hash: str) -> bool:
         data.pop(session_hash, None)
         holder.time_last_used.pop(session_hash, None)
     return True
+
+
+async def every(seconds: float, work: Callable[[], object]) -> None:
+    """Run ``work`` every ``seconds`` (a tier's housekeeping task, from its lifespan); a
+    failure is logged and the next turn comes as usual."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            work()
+        except Exception:  # housekeeping must not stop for good
+            log.exception("housekeeping failed; trying again in %g s", seconds)
 
 
 def session_count(blocks: Any) -> int:

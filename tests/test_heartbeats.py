@@ -13,7 +13,6 @@ import json
 import secrets
 import socket
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
