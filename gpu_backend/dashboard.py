@@ -35,9 +35,12 @@ import gradio as gr
 import httpx
 import pandas as pd
 from fastapi import FastAPI
+from starlette.routing import Mount
 
 from shared.headers import ADMIN_HEADER
 from shared.quotas import Tier
+
+from .operator_sessions import OperatorSessions
 
 __all__ = [
     "DASHBOARD_PATH",
@@ -59,6 +62,8 @@ SAMPLE_EVERY_S = 2.0
 KEEP_S = 600.0
 REFRESH_S = 3.0
 ADMIN_USER = "admin"
+IN_PROCESS = "dashboard"
+"""The address the dashboard's own admin calls come from (no socket has it)."""
 OVERRIDE_FIELDS = ("tier", *(f.name for f in dataclasses.fields(Tier)))
 """What an override may set: a tier, or any of a tier's limits (shared/quotas.py)."""
 _INT_FIELDS = {f.name for f in dataclasses.fields(Tier) if str(f.type).split("|")[0].strip() == "int"}
@@ -78,7 +83,9 @@ class AdminCalls:
 
     def __init__(self, app: FastAPI, token: str) -> None:
         self._http = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://gpu-tier", headers={ADMIN_HEADER: token},
+            # its own caller address: the guess throttle (operator_guard.py) never counts it as loopback's
+            transport=httpx.ASGITransport(app=app, client=(IN_PROCESS, 0)), base_url="http://gpu-tier",
+            headers={ADMIN_HEADER: token},
             timeout=None,
         )
 
@@ -400,9 +407,10 @@ def build_dashboard(calls: AdminCalls, samples: Samples, store: str) -> gr.Block
     return dash
 
 
-def mount_dashboard(app: FastAPI, tier: Any, token: str) -> FastAPI:
+def mount_dashboard(app: FastAPI, tier: Any, token: str, sessions: OperatorSessions | None = None) -> FastAPI:
     """Mount the dashboard at ``/admin/ui`` behind a login with the admin token
-    (call before the main mount at ``/``, which catches every path after it)."""
+    (call before the main mount at ``/``, which catches every path after it). Its logins
+    are kept in ``sessions`` (``app.state.operator_sessions``): they end after a while."""
     from .scheduler import FairScheduler
 
     samples = Samples(lambda: tier.with_scheduler(lambda s: (FairScheduler.depth_by_tier(s), FairScheduler.clients(s))))
@@ -416,7 +424,14 @@ def mount_dashboard(app: FastAPI, tier: Any, token: str) -> FastAPI:
         user_ok = hmac.compare_digest(username.encode(), ADMIN_USER.encode())
         return hmac.compare_digest(password.encode(), token.encode()) and user_ok
 
-    return gr.mount_gradio_app(
+    app = gr.mount_gradio_app(
         app, dash, path=DASHBOARD_PATH, auth=login, ssr_mode=False, footer_links=[],
         auth_message="Operators only. User name: admin. Password: the GPU tier's admin token (SPLITSPACE_ADMIN_TOKEN).",
     )
+    # Gradio keeps its login tokens in App.tokens, a dict nothing empties but a logout:
+    # sessions that end replace it (tests/test_operator_guard.py fails if this stops applying).
+    (gradio_app,) = [r.app for r in app.routes if isinstance(r, Mount) and r.path == DASHBOARD_PATH]
+    if not isinstance(gradio_app.tokens, dict):
+        raise RuntimeError("gradio's App.tokens is no longer a dict: the dashboard's sessions would not end")
+    gradio_app.tokens = app.state.operator_sessions = sessions or OperatorSessions()
+    return app
