@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
 
@@ -68,6 +68,9 @@ OVERRIDE_FIELDS = ("tier", *(f.name for f in dataclasses.fields(Tier)))
 """What an override may set: a tier, or any of a tier's limits (shared/quotas.py)."""
 _INT_FIELDS = {f.name for f in dataclasses.fields(Tier) if str(f.type).split("|")[0].strip() == "int"}
 """Limits the quota file wants as whole numbers (max_running, max_queued, requests_per_minute)."""
+TIME_AXIS: dict[str, Any] = {"x_title": "time (your clock, 24 h)", "x_axis_format": "%H:%M"}
+"""The plots' time axis: 24-hour clock time in the browser's own zone (Vega-Lite's default
+label for minutes is 12-hour, "%I:%M", without am/pm: 14:09 read 02:09)."""
 CLIENT_COLUMNS = ["client", "tier", "queued", "running", "used GPU-s", "remaining GPU-s", "resets in s", "overrides"]
 SHARE_COLUMNS = ["client", "weight", "GPU-s, last 10 min", "weighted fair share", "got / fair"]
 
@@ -202,7 +205,10 @@ class Samples:
 
 
 def _when(t: float) -> datetime:
-    return datetime.fromtimestamp(t)
+    """A sample's time, with its zone: the plots send it as an instant (epoch ms), which the
+    browser shows in its own local time. (A naive local datetime was read as UTC by pandas'
+    JSON: the axis was off by the server's offset.)"""
+    return datetime.fromtimestamp(t, tz=timezone.utc)
 
 
 def depth_rows(samples: list[Sample]) -> pd.DataFrame:
@@ -268,17 +274,23 @@ def share_rows(samples: list[Sample]) -> list[list[Any]]:
 
 
 def store_name(store: Any) -> str:
-    """The usage store in force, by kind ("SQLite", "Redis", "memory") and the chain of
-    classes that make it (e.g. a write-behind cache over the SQLite file)."""
-    chain = []
-    seen = 0
-    while store is not None and seen < 4:
-        chain.append(type(store).__name__)
-        store = getattr(store, "backing", None) or getattr(store, "inner", None)
-        seen += 1
-    kinds = [k for k, word in (("Redis", "redis"), ("SQLite", "sqlite"), ("memory", "memory"))
-             if any(word in name.lower() for name in chain)]
-    return f"{kinds[0] if kinds else chain[-1]} ({' over '.join(chain)})"
+    """The usage store in force, in an operator's words: "SQLite (write-behind)", "Redis
+    (refuses while Redis is down)", "memory (lost at restart)"; never a class name unless
+    the store is of a kind this does not know."""
+    primary = getattr(store, "primary", None)
+    if primary is not None:  # ResilientStore: a shared store, and what happens while it is down
+        while_down = {"closed": "refuses while it is down", "local": "this process's memory while it is down"}
+        name = store_name(primary)
+        mode = getattr(store, "mode", None)
+        return f"{name} ({while_down[mode]})" if mode in while_down else name
+    backing = getattr(store, "backing", None)
+    if backing is not None:  # WriteBehindStore: memory first, the file soon after
+        return f"{store_name(backing)} (write-behind)"
+    kind = type(store).__name__
+    for word, name in (("redis", "Redis"), ("sqlite", "SQLite"), ("memory", "memory (lost at restart)")):
+        if word in kind.lower():
+            return name
+    return kind
 
 
 def override_values(form: dict[str, Any]) -> dict[str, Any]:
@@ -322,9 +334,9 @@ def build_dashboard(calls: AdminCalls, samples: Samples, store: str) -> gr.Block
             gr.Textbox(store, label="Usage store", interactive=False, scale=2)
         with gr.Row():
             depth_plot = gr.LinePlot(x="time", y="jobs", color="series", title="Queued and running by tier, last 10 min",
-                                     x_title="time", y_title="jobs", height=260)
+                                     y_title="jobs", height=260, **TIME_AXIS)
             gpu_plot = gr.LinePlot(x="time", y="GPU-s", color="client", title="GPU-seconds per client, last 10 min",
-                                   x_title="time", y_title="GPU-s", height=260)
+                                   y_title="GPU-s", height=260, **TIME_AXIS)
         share_table = gr.Dataframe(headers=SHARE_COLUMNS, label="GPU time against weighted fair share, last 10 min",
                                    interactive=False, elem_id="dashboard-shares")
         clients_table = gr.Dataframe(headers=CLIENT_COLUMNS, label="Clients (splitspace quota list); click a row to edit",
