@@ -328,7 +328,11 @@ def _client_table(clients: list[dict[str, Any]]) -> list[list[Any]]:
 # -- the page ----------------------------------------------------------------------------------
 def build_dashboard(calls: AdminCalls, samples: Samples, store: str) -> gr.Blocks:
     with gr.Blocks(title="splitspace · operators") as dash:
-        gr.Markdown("# splitspace · operators\nThe GPU tier's queue, clients and model, live.")
+        with gr.Row():
+            gr.Markdown("# splitspace · operators\nThe GPU tier's queue, clients and model, live.")
+            # Gradio's logout, for this browser's session only (the token is forgotten at once)
+            gr.Button("Log out", link=f"{DASHBOARD_PATH}/logout?all_session=false", size="sm", scale=0,
+                      min_width=100, elem_id="dashboard-logout")
         with gr.Row():
             model_box = gr.Textbox(label="Model in use", interactive=False, scale=2)
             gr.Textbox(store, label="Usage store", interactive=False, scale=2)

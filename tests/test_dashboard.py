@@ -307,6 +307,9 @@ def test_on_a_phone_the_tables_scroll_and_the_time_axis_reads_the_24_hour_clock(
             }""", table)
             assert reach == {"scrolls": True, "lastInside": True}, (table, reach)
         page.screenshot(path=str(SCREENSHOTS / "dashboard-phone.png"), full_page=True)
+        page.get_by_text("Log out", exact=True).click()
+        page.get_by_label("username").wait_for()  # the login form again: this session is over
+        assert page.get_by_text("splitspace · operators").count() == 0
     finally:
         ctx.close()
 
