@@ -15,7 +15,9 @@ from the same scheduler reads the admin API and ``/metrics`` use
 
 It exists only when the admin API does (an admin token is set), and sits behind the
 same token through Gradio's login (``auth=``, compared with ``hmac.compare_digest``):
-user name ``admin``, password the token. The token never travels in a URL.
+user name ``admin``, password the token. The token never travels in a URL. Its logins
+end (``operator_sessions.OperatorSessions`` replaces Gradio's token dict), and only its own
+page may post to it (``operator_guard.py``).
 """
 
 from __future__ import annotations
@@ -275,7 +277,7 @@ def share_rows(samples: list[Sample]) -> list[list[Any]]:
 
 def store_name(store: Any) -> str:
     """The usage store in force, in an operator's words: "SQLite (write-behind)", "Redis
-    (refuses while Redis is down)", "memory (lost at restart)"; never a class name unless
+    (refuses while it is down)", "memory (lost at restart)"; never a class name unless
     the store is of a kind this does not know."""
     primary = getattr(store, "primary", None)
     if primary is not None:  # ResilientStore: a shared store, and what happens while it is down

@@ -102,7 +102,7 @@ class OperatorGuard:
         if self.throttle.retry_after(address) > 0:
             wait = self.throttle.retry_after_whole_s(address)
             await JSONResponse({"title": RATE_LIMITED, "message": (
-                f"too many wrong admin tokens from this address. Retry in {wait} s.")}, 429,
+                f"too many wrong admin tokens or passwords from this address. Retry in {wait} s.")}, 429,
                 headers={"Retry-After": str(wait)})(scope, receive, send)
             return
         wrong = 400 if login else 401  # what Gradio's /login and the admin API answer a wrong secret
