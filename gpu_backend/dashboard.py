@@ -70,9 +70,10 @@ OVERRIDE_FIELDS = ("tier", *(f.name for f in dataclasses.fields(Tier)))
 """What an override may set: a tier, or any of a tier's limits (shared/quotas.py)."""
 _INT_FIELDS = {f.name for f in dataclasses.fields(Tier) if str(f.type).split("|")[0].strip() == "int"}
 """Limits the quota file wants as whole numbers (max_running, max_queued, requests_per_minute)."""
-TIME_AXIS: dict[str, Any] = {"x_title": "time (your clock, 24 h)", "x_axis_format": "%H:%M"}
+TIME_AXIS: dict[str, Any] = {"x_title": "time (your clock, 24 h)", "x_axis_format": "%H:%M:%S"}
 """The plots' time axis: 24-hour clock time in the browser's own zone (Vega-Lite's default
-label for minutes is 12-hour, "%I:%M", without am/pm: 14:09 read 02:09)."""
+label for minutes is 12-hour, "%I:%M", without am/pm: 14:09 read 02:09; seconds, because
+ticks come every few seconds in a short window)."""
 CLIENT_COLUMNS = ["client", "tier", "queued", "running", "used GPU-s", "remaining GPU-s", "resets in s", "overrides"]
 SHARE_COLUMNS = ["client", "weight", "GPU-s, last 10 min", "weighted fair share", "got / fair"]
 
@@ -213,6 +214,16 @@ def _when(t: float) -> datetime:
     return datetime.fromtimestamp(t, tz=timezone.utc)
 
 
+_TIME = "datetime64[ms, UTC]"
+
+
+def _frame(rows: list[dict[str, Any]], types: dict[str, str]) -> pd.DataFrame:
+    """A plot's rows with their column types even when there are none yet: a plot whose first
+    value had no rows (so no types: "nominal" for all) stayed blank after rows came (the
+    GPU-seconds plot did)."""
+    return pd.DataFrame(rows, columns=list(types)).astype(types)
+
+
 def depth_rows(samples: list[Sample]) -> pd.DataFrame:
     """Queued and running jobs over time: in all, and by tier (the tiers seen in the window)."""
     tiers = sorted({tier for s in samples for tier in s.depth})
@@ -225,7 +236,7 @@ def depth_rows(samples: list[Sample]) -> pd.DataFrame:
             q, r = s.depth.get(tier, (0, 0))
             rows.append({"time": when, "series": f"{tier} queued", "jobs": q})
             rows.append({"time": when, "series": f"{tier} running", "jobs": r})
-    return pd.DataFrame(rows, columns=["time", "series", "jobs"])
+    return _frame(rows, {"time": _TIME, "series": "str", "jobs": "int64"})
 
 
 def gpu_by_client(samples: list[Sample]) -> list[tuple[float, dict[str, float]]]:
@@ -255,7 +266,7 @@ def gpu_rows(samples: list[Sample]) -> pd.DataFrame:
         for t, totals in gpu_by_client(samples)
         for client, value in totals.items()
     ]
-    return pd.DataFrame(rows, columns=["time", "client", "GPU-s"])
+    return _frame(rows, {"time": _TIME, "client": "str", "GPU-s": "float64"})
 
 
 def share_rows(samples: list[Sample]) -> list[list[Any]]:
@@ -373,8 +384,11 @@ def build_dashboard(calls: AdminCalls, samples: Samples, store: str) -> gr.Block
                 clients, model = gr.skip(), f"unavailable ({exc})"
             depth = depth_rows(window)
             peak = int(depth["jobs"].max()) if len(depth) else 0
-            return (gr.LinePlot(depth, y_lim=[0, max(2, peak)]), gpu_rows(window), share_rows(window), clients,
-                    model)
+            gpu_s = gpu_rows(window)
+            most = float(gpu_s["GPU-s"].max()) if len(gpu_s) else 0.0
+            # both from 0: a flat line drawn on the plot's own edge (its min or max) was not seen
+            return (gr.LinePlot(depth, y_lim=[0, max(2, peak)]), gr.LinePlot(gpu_s, y_lim=[0, max(1.0, most * 1.2)]),
+                    share_rows(window), clients, model)
 
         def pick(evt: gr.SelectData) -> Any:
             row = evt.row_value or []

@@ -142,7 +142,7 @@ def test_plot_times_are_instants_whatever_the_servers_zone(monkeypatch: pytest.M
     finally:
         monkeypatch.undo()
         time.tzset()
-    assert TIME_AXIS["x_axis_format"] == "%H:%M"  # 24-hour clock (Vega-Lite's default is "%I:%M", no am/pm)
+    assert TIME_AXIS["x_axis_format"] == "%H:%M:%S"  # 24-hour clock (Vega-Lite's default is "%I:%M", no am/pm)
 
 
 def test_no_dashboard_without_an_admin_token(tmp_path: Path) -> None:
@@ -287,7 +287,7 @@ def test_on_a_phone_the_tables_scroll_and_the_time_axis_reads_the_24_hour_clock(
 
         def time_labels() -> list[str]:
             labels = page.locator("g.role-axis-label text").all_text_contents()
-            return [x for x in labels if re.fullmatch(r"\d\d:\d\d", x)]
+            return [x for x in labels if re.fullmatch(r"\d\d:\d\d:\d\d", x)]
 
         times = wait_for(time_labels, 15)  # the axis has clock times once a refresh drew the plot
         assert times, page.locator("g.role-axis-label text").all_text_contents()
