@@ -353,7 +353,7 @@ def build_dashboard(calls: AdminCalls, samples: Samples, store: str) -> gr.Block
             depth_plot = gr.LinePlot(x="time", y="jobs", color="series", title="Queued and running by tier, last 10 min",
                                      y_title="jobs", height=260, **TIME_AXIS)
             gpu_plot = gr.LinePlot(x="time", y="GPU-s", color="client", title="GPU-seconds per client, last 10 min",
-                                   y_title="GPU-s", height=260, **TIME_AXIS)
+                                   y_title="GPU-s", height=260, elem_id="dashboard-gpu", **TIME_AXIS)
         share_table = gr.Dataframe(headers=SHARE_COLUMNS, label="GPU time against weighted fair share, last 10 min",
                                    interactive=False, elem_id="dashboard-shares")
         clients_table = gr.Dataframe(headers=CLIENT_COLUMNS, label="Clients (splitspace quota list); click a row to edit",
@@ -386,8 +386,12 @@ def build_dashboard(calls: AdminCalls, samples: Samples, store: str) -> gr.Block
             peak = int(depth["jobs"].max()) if len(depth) else 0
             gpu_s = gpu_rows(window)
             most = float(gpu_s["GPU-s"].max()) if len(gpu_s) else 0.0
-            # both from 0: a flat line drawn on the plot's own edge (its min or max) was not seen
-            return (gr.LinePlot(depth, y_lim=[0, max(2, peak)]), gr.LinePlot(gpu_s, y_lim=[0, max(1.0, most * 1.2)]),
+            # Both from 0: a flat line drawn on the plot's own edge (its min or max) was not seen.
+            # The clients as legend: Gradio redraws a plot's colours only when such a property
+            # changes (a value alone keeps the first one's, so clients that came later had no line).
+            seen = sorted(set(gpu_s["client"])) or None
+            return (gr.LinePlot(depth, y_lim=[0, max(2, peak)]),
+                    gr.LinePlot(gpu_s, y_lim=[0, max(1.0, most * 1.2)], colors_in_legend=seen),
                     share_rows(window), clients, model)
 
         def pick(evt: gr.SelectData) -> Any:

@@ -251,6 +251,13 @@ def test_dashboard_shows_a_clients_share_after_a_run(dep: Deployment, operator: 
     cells = [c.strip() for c in row.get_by_role("gridcell").all_inner_texts()]
     assert cells[0] == "key:beta" and float(cells[1]) == 4.0  # the pro tier's weight
     assert float(cells[2]) > 0 and float(cells[3]) > 0  # its GPU time, and its fair share
+    # The page was open before these clients came: their GPU time is drawn all the same (a
+    # line each, named in the legend; the second release kept the first, empty, colours).
+    def plotted() -> bool:
+        names = operator.locator("#dashboard-gpu g.role-legend-label text").all_text_contents()
+        return "key:beta" in names and operator.locator("#dashboard-gpu g.mark-line path").count() >= 2
+
+    assert wait_for(plotted, 15), operator.locator("#dashboard-gpu g.role-legend-label text").all_text_contents()
     # The client table is `splitspace quota list`; a row picks the client for the form.
     listed = json.loads(cli(dep, "quota", "list", "--json").stdout)
     clients = operator.locator("#dashboard-clients")
