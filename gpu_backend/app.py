@@ -25,6 +25,7 @@ import gradio as gr
 import spaces
 from fastapi import APIRouter, Body, FastAPI, HTTPException, Request
 from fastapi.responses import Response
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
 from session.address import AddressPolicy
@@ -56,6 +57,8 @@ from .dashboard import DASHBOARD_PATH
 from .direct_route import INFER_PATH, MAX_BODY_BYTES, STANDING_PATH, DirectRoutes
 from .metrics import CONTENT_TYPE, GpuMetrics
 from .model import CompileConfig, ModelExecutor
+from .operator_guard import OperatorGuard
+from .operator_sessions import GuessThrottle
 from .runner import GpuRunner, client_ref
 from .resilient_store import ResilientStore, open_async_store, open_store
 from .scheduler import FairScheduler
@@ -379,6 +382,16 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
         (scope.get("client") or (None,))[0], Request(scope).headers.get("x-forwarded-for")))
     app.add_middleware(GradioGuard, blocks=blocks, body_limits={INFER_PATH: MAX_BODY_BYTES},
                        elsewhere=(DASHBOARD_PATH,))  # the dashboard is its own Blocks, behind its login
+    if admin_token:  # /admin: no cross-site changes, login cookies that end, no guessing
+        app.add_middleware(OperatorGuard, dashboard_path=DASHBOARD_PATH, throttle=GuessThrottle(),
+                           addresses=AddressPolicy(trusted_proxies=settings.trusted_proxies,
+                                                   trusted_networks=settings.trusted_proxy_cidrs,
+                                                   ipv6_prefix=settings.ipv6_prefix))
+    # No browser page of another origin reads the GPU tier (its dashboard's results, the
+    # session token Gradio's /token reflects): the frontend's mechanism with no origin
+    # allowed, which also makes Gradio's own CORS layer (it echoes any Origin with
+    # credentials for a public Host) step aside.
+    app.add_middleware(CORSMiddleware, allow_origins=[], allow_credentials=False)
     return app
 
 

@@ -15,7 +15,9 @@ from the same scheduler reads the admin API and ``/metrics`` use
 
 It exists only when the admin API does (an admin token is set), and sits behind the
 same token through Gradio's login (``auth=``, compared with ``hmac.compare_digest``):
-user name ``admin``, password the token. The token never travels in a URL.
+user name ``admin``, password the token. The token never travels in a URL. Its logins
+end (``operator_sessions.OperatorSessions`` replaces Gradio's token dict), and only its own
+page may post to it (``operator_guard.py``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
 
@@ -35,9 +37,12 @@ import gradio as gr
 import httpx
 import pandas as pd
 from fastapi import FastAPI
+from starlette.routing import Mount
 
 from shared.headers import ADMIN_HEADER
 from shared.quotas import Tier
+
+from .operator_sessions import OperatorSessions
 
 __all__ = [
     "DASHBOARD_PATH",
@@ -59,10 +64,16 @@ SAMPLE_EVERY_S = 2.0
 KEEP_S = 600.0
 REFRESH_S = 3.0
 ADMIN_USER = "admin"
+IN_PROCESS = "dashboard"
+"""The address the dashboard's own admin calls come from (no socket has it)."""
 OVERRIDE_FIELDS = ("tier", *(f.name for f in dataclasses.fields(Tier)))
 """What an override may set: a tier, or any of a tier's limits (shared/quotas.py)."""
 _INT_FIELDS = {f.name for f in dataclasses.fields(Tier) if str(f.type).split("|")[0].strip() == "int"}
 """Limits the quota file wants as whole numbers (max_running, max_queued, requests_per_minute)."""
+TIME_AXIS: dict[str, Any] = {"x_title": "time (your clock, 24 h)", "x_axis_format": "%H:%M:%S"}
+"""The plots' time axis: 24-hour clock time in the browser's own zone (Vega-Lite's default
+label for minutes is 12-hour, "%I:%M", without am/pm: 14:09 read 02:09; seconds, because
+ticks come every few seconds in a short window)."""
 CLIENT_COLUMNS = ["client", "tier", "queued", "running", "used GPU-s", "remaining GPU-s", "resets in s", "overrides"]
 SHARE_COLUMNS = ["client", "weight", "GPU-s, last 10 min", "weighted fair share", "got / fair"]
 
@@ -78,7 +89,9 @@ class AdminCalls:
 
     def __init__(self, app: FastAPI, token: str) -> None:
         self._http = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://gpu-tier", headers={ADMIN_HEADER: token},
+            # its own caller address: the guess throttle (operator_guard.py) never counts it as loopback's
+            transport=httpx.ASGITransport(app=app, client=(IN_PROCESS, 0)), base_url="http://gpu-tier",
+            headers={ADMIN_HEADER: token},
             timeout=None,
         )
 
@@ -195,7 +208,20 @@ class Samples:
 
 
 def _when(t: float) -> datetime:
-    return datetime.fromtimestamp(t)
+    """A sample's time, with its zone: the plots send it as an instant (epoch ms), which the
+    browser shows in its own local time. (A naive local datetime was read as UTC by pandas'
+    JSON: the axis was off by the server's offset.)"""
+    return datetime.fromtimestamp(t, tz=timezone.utc)
+
+
+_TIME = "datetime64[ms, UTC]"
+
+
+def _frame(rows: list[dict[str, Any]], types: dict[str, str]) -> pd.DataFrame:
+    """A plot's rows with their column types even when there are none yet: a plot whose first
+    value had no rows (so no types: "nominal" for all) stayed blank after rows came (the
+    GPU-seconds plot did)."""
+    return pd.DataFrame(rows, columns=list(types)).astype(types)
 
 
 def depth_rows(samples: list[Sample]) -> pd.DataFrame:
@@ -210,7 +236,7 @@ def depth_rows(samples: list[Sample]) -> pd.DataFrame:
             q, r = s.depth.get(tier, (0, 0))
             rows.append({"time": when, "series": f"{tier} queued", "jobs": q})
             rows.append({"time": when, "series": f"{tier} running", "jobs": r})
-    return pd.DataFrame(rows, columns=["time", "series", "jobs"])
+    return _frame(rows, {"time": _TIME, "series": "str", "jobs": "int64"})
 
 
 def gpu_by_client(samples: list[Sample]) -> list[tuple[float, dict[str, float]]]:
@@ -240,7 +266,7 @@ def gpu_rows(samples: list[Sample]) -> pd.DataFrame:
         for t, totals in gpu_by_client(samples)
         for client, value in totals.items()
     ]
-    return pd.DataFrame(rows, columns=["time", "client", "GPU-s"])
+    return _frame(rows, {"time": _TIME, "client": "str", "GPU-s": "float64"})
 
 
 def share_rows(samples: list[Sample]) -> list[list[Any]]:
@@ -261,17 +287,23 @@ def share_rows(samples: list[Sample]) -> list[list[Any]]:
 
 
 def store_name(store: Any) -> str:
-    """The usage store in force, by kind ("SQLite", "Redis", "memory") and the chain of
-    classes that make it (e.g. a write-behind cache over the SQLite file)."""
-    chain = []
-    seen = 0
-    while store is not None and seen < 4:
-        chain.append(type(store).__name__)
-        store = getattr(store, "backing", None) or getattr(store, "inner", None)
-        seen += 1
-    kinds = [k for k, word in (("Redis", "redis"), ("SQLite", "sqlite"), ("memory", "memory"))
-             if any(word in name.lower() for name in chain)]
-    return f"{kinds[0] if kinds else chain[-1]} ({' over '.join(chain)})"
+    """The usage store in force, in an operator's words: "SQLite (write-behind)", "Redis
+    (refuses while it is down)", "memory (lost at restart)"; never a class name unless
+    the store is of a kind this does not know."""
+    primary = getattr(store, "primary", None)
+    if primary is not None:  # ResilientStore: a shared store, and what happens while it is down
+        while_down = {"closed": "refuses while it is down", "local": "this process's memory while it is down"}
+        name = store_name(primary)
+        mode = getattr(store, "mode", None)
+        return f"{name} ({while_down[mode]})" if mode in while_down else name
+    backing = getattr(store, "backing", None)
+    if backing is not None:  # WriteBehindStore: memory first, the file soon after
+        return f"{store_name(backing)} (write-behind)"
+    kind = type(store).__name__
+    for word, name in (("redis", "Redis"), ("sqlite", "SQLite"), ("memory", "memory (lost at restart)")):
+        if word in kind.lower():
+            return name
+    return kind
 
 
 def override_values(form: dict[str, Any]) -> dict[str, Any]:
@@ -309,15 +341,19 @@ def _client_table(clients: list[dict[str, Any]]) -> list[list[Any]]:
 # -- the page ----------------------------------------------------------------------------------
 def build_dashboard(calls: AdminCalls, samples: Samples, store: str) -> gr.Blocks:
     with gr.Blocks(title="splitspace · operators") as dash:
-        gr.Markdown("# splitspace · operators\nThe GPU tier's queue, clients and model, live.")
+        with gr.Row():
+            gr.Markdown("# splitspace · operators\nThe GPU tier's queue, clients and model, live.")
+            # Gradio's logout, for this browser's session only (the token is forgotten at once)
+            gr.Button("Log out", link=f"{DASHBOARD_PATH}/logout?all_session=false", size="sm", scale=0,
+                      min_width=100, elem_id="dashboard-logout")
         with gr.Row():
             model_box = gr.Textbox(label="Model in use", interactive=False, scale=2)
             gr.Textbox(store, label="Usage store", interactive=False, scale=2)
         with gr.Row():
             depth_plot = gr.LinePlot(x="time", y="jobs", color="series", title="Queued and running by tier, last 10 min",
-                                     x_title="time", y_title="jobs", height=260)
+                                     y_title="jobs", height=260, **TIME_AXIS)
             gpu_plot = gr.LinePlot(x="time", y="GPU-s", color="client", title="GPU-seconds per client, last 10 min",
-                                   x_title="time", y_title="GPU-s", height=260)
+                                   y_title="GPU-s", height=260, elem_id="dashboard-gpu", **TIME_AXIS)
         share_table = gr.Dataframe(headers=SHARE_COLUMNS, label="GPU time against weighted fair share, last 10 min",
                                    interactive=False, elem_id="dashboard-shares")
         clients_table = gr.Dataframe(headers=CLIENT_COLUMNS, label="Clients (splitspace quota list); click a row to edit",
@@ -348,8 +384,15 @@ def build_dashboard(calls: AdminCalls, samples: Samples, store: str) -> gr.Block
                 clients, model = gr.skip(), f"unavailable ({exc})"
             depth = depth_rows(window)
             peak = int(depth["jobs"].max()) if len(depth) else 0
-            return (gr.LinePlot(depth, y_lim=[0, max(2, peak)]), gpu_rows(window), share_rows(window), clients,
-                    model)
+            gpu_s = gpu_rows(window)
+            most = float(gpu_s["GPU-s"].max()) if len(gpu_s) else 0.0
+            # Both from 0: a flat line drawn on the plot's own edge (its min or max) was not seen.
+            # The clients as legend: Gradio redraws a plot's colours only when such a property
+            # changes (a value alone keeps the first one's, so clients that came later had no line).
+            seen = sorted(set(gpu_s["client"])) or None
+            return (gr.LinePlot(depth, y_lim=[0, max(2, peak)]),
+                    gr.LinePlot(gpu_s, y_lim=[0, max(1.0, most * 1.2)], colors_in_legend=seen),
+                    share_rows(window), clients, model)
 
         def pick(evt: gr.SelectData) -> Any:
             row = evt.row_value or []
@@ -400,9 +443,10 @@ def build_dashboard(calls: AdminCalls, samples: Samples, store: str) -> gr.Block
     return dash
 
 
-def mount_dashboard(app: FastAPI, tier: Any, token: str) -> FastAPI:
+def mount_dashboard(app: FastAPI, tier: Any, token: str, sessions: OperatorSessions | None = None) -> FastAPI:
     """Mount the dashboard at ``/admin/ui`` behind a login with the admin token
-    (call before the main mount at ``/``, which catches every path after it)."""
+    (call before the main mount at ``/``, which catches every path after it). Its logins
+    are kept in ``sessions`` (``app.state.operator_sessions``): they end after a while."""
     from .scheduler import FairScheduler
 
     samples = Samples(lambda: tier.with_scheduler(lambda s: (FairScheduler.depth_by_tier(s), FairScheduler.clients(s))))
@@ -416,7 +460,14 @@ def mount_dashboard(app: FastAPI, tier: Any, token: str) -> FastAPI:
         user_ok = hmac.compare_digest(username.encode(), ADMIN_USER.encode())
         return hmac.compare_digest(password.encode(), token.encode()) and user_ok
 
-    return gr.mount_gradio_app(
+    app = gr.mount_gradio_app(
         app, dash, path=DASHBOARD_PATH, auth=login, ssr_mode=False, footer_links=[],
         auth_message="Operators only. User name: admin. Password: the GPU tier's admin token (SPLITSPACE_ADMIN_TOKEN).",
     )
+    # Gradio keeps its login tokens in App.tokens, a dict nothing empties but a logout:
+    # sessions that end replace it (tests/test_operator_guard.py fails if this stops applying).
+    (gradio_app,) = [r.app for r in app.routes if isinstance(r, Mount) and r.path == DASHBOARD_PATH]
+    if not isinstance(gradio_app.tokens, dict):
+        raise RuntimeError("gradio's App.tokens is no longer a dict: the dashboard's sessions would not end")
+    gradio_app.tokens = app.state.operator_sessions = sessions or OperatorSessions()
+    return app

@@ -17,6 +17,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .schema import Limits
 
 MIN_ADMIN_TOKEN_CHARS = 16
+MIN_ADMIN_TOKEN_DISTINCT = 8
+"""A token of 16+ characters with fewer than 8 different ones ("aaaa...", "passwordpassword")
+is refused: the guess throttle (gpu_backend/operator_sessions.py) slows guessing down per
+address, the token's randomness is what makes guessing hopeless."""
 
 
 def _split(value: str | None) -> list[str]:
@@ -127,6 +131,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"SPLITSPACE_ADMIN_TOKEN is too short ({len(token)} characters): give at least "
                 f"{MIN_ADMIN_TOKEN_CHARS} (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(24))'`)"
+            )
+        if len(set(token)) < MIN_ADMIN_TOKEN_DISTINCT:
+            raise ValueError(
+                f"SPLITSPACE_ADMIN_TOKEN is too simple (fewer than {MIN_ADMIN_TOKEN_DISTINCT} different characters): "
+                "give a random one (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(24))'`)"
             )
         return SecretStr(token)
 

@@ -24,9 +24,12 @@ import httpx
 import pytest
 
 from gpu_backend.dashboard import (
+    TIME_AXIS,
     Sample,
     Samples,
+    depth_rows,
     gpu_by_client,
+    gpu_rows,
     override_values,
     share_rows,
     store_name,
@@ -107,15 +110,39 @@ def test_store_name_says_which_store_is_in_force(tmp_path: Path) -> None:
 
     store = WriteBehindStore(SqliteUsageStore(tmp_path / "state.sqlite3"))
     try:
-        assert store_name(store) == "SQLite (WriteBehindStore over SqliteUsageStore)"
+        assert store_name(store) == "SQLite (write-behind)"  # words, not "WriteBehindStore over ..." (issue 21)
     finally:
         store.close()
-    assert store_name(MemoryUsageStore()).startswith("memory")
+    assert store_name(MemoryUsageStore()) == "memory (lost at restart)"
 
-    class RedisUsageStore:  # the shape of the Redis store another change adds
+    class RedisStore:  # the shape of gpu_backend/redis_store.py's (no server needed to name it)
         pass
 
-    assert store_name(RedisUsageStore()).startswith("Redis")
+    from gpu_backend.resilient_store import ResilientStore
+
+    assert store_name(ResilientStore(RedisStore(), mode="closed")) == "Redis (refuses while it is down)"
+    assert store_name(ResilientStore(RedisStore(), mode="local")) == "Redis (this process's memory while it is down)"
+
+
+def test_plot_times_are_instants_whatever_the_servers_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plots send each sample as its instant (epoch ms), which the browser shows in its own
+    zone: the second release sent the server's local clock time as if it were UTC."""
+    import time
+
+    import gradio as gr
+
+    t = 1_780_000_000.0
+    samples = [sample(t, {"key:a": 1.0}), sample(t + 2, {"key:a": 2.0})]
+    monkeypatch.setenv("TZ", "Asia/Tokyo")  # a server nine hours from UTC
+    time.tzset()
+    try:
+        for rows, y in ((depth_rows(samples), "jobs"), (gpu_rows(samples), "GPU-s")):
+            sent = gr.LinePlot(x="time", y=y, **TIME_AXIS).postprocess(rows)
+            assert {row[0] for row in sent.data} <= {t * 1000, (t + 2) * 1000}, y
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert TIME_AXIS["x_axis_format"] == "%H:%M:%S"  # 24-hour clock (Vega-Lite's default is "%I:%M", no am/pm)
 
 
 def test_no_dashboard_without_an_admin_token(tmp_path: Path) -> None:
@@ -224,6 +251,13 @@ def test_dashboard_shows_a_clients_share_after_a_run(dep: Deployment, operator: 
     cells = [c.strip() for c in row.get_by_role("gridcell").all_inner_texts()]
     assert cells[0] == "key:beta" and float(cells[1]) == 4.0  # the pro tier's weight
     assert float(cells[2]) > 0 and float(cells[3]) > 0  # its GPU time, and its fair share
+    # The page was open before these clients came: their GPU time is drawn all the same (a
+    # line each, named in the legend; the second release kept the first, empty, colours).
+    def plotted() -> bool:
+        names = operator.locator("#dashboard-gpu g.role-legend-label text").all_text_contents()
+        return "key:beta" in names and operator.locator("#dashboard-gpu g.mark-line path").count() >= 2
+
+    assert wait_for(plotted, 15), operator.locator("#dashboard-gpu g.role-legend-label text").all_text_contents()
     # The client table is `splitspace quota list`; a row picks the client for the form.
     listed = json.loads(cli(dep, "quota", "list", "--json").stdout)
     clients = operator.locator("#dashboard-clients")
@@ -236,6 +270,55 @@ def test_dashboard_shows_a_clients_share_after_a_run(dep: Deployment, operator: 
     assert operator.get_by_label("Usage store").input_value().startswith("SQLite")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     operator.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=True)
+
+
+def test_on_a_phone_the_tables_scroll_and_the_time_axis_reads_the_24_hour_clock(dep: Deployment,
+                                                                                browser: Any) -> None:
+    import datetime
+
+    # a browser zone where it is now 15:00-15:59, so that a 12-hour axis ("03:..") cannot pass
+    offset = (15 - datetime.datetime.now(datetime.timezone.utc).hour + 12) % 24 - 12
+    zone = "Etc/GMT" + (f"{-offset:+d}" if offset else "")
+    ctx = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
+                              timezone_id=zone)
+    ctx.set_default_timeout(TIMEOUT_MS)
+    page = ctx.new_page()
+    try:
+        page.goto(f"{dep.backend.url}/admin/ui")
+        page.get_by_label("username").fill("admin")
+        page.get_by_label("password").fill(dep.admin_token)
+        page.get_by_role("button", name="Login").click()
+        page.locator("#dashboard-clients th").last.wait_for()
+        page.locator("g.role-axis-label text").first.wait_for()
+        hours = page.evaluate("() => new Date().getHours()")
+
+        def time_labels() -> list[str]:
+            labels = page.locator("g.role-axis-label text").all_text_contents()
+            return [x for x in labels if re.fullmatch(r"\d\d:\d\d:\d\d", x)]
+
+        times = wait_for(time_labels, 15)  # the axis has clock times once a refresh drew the plot
+        assert times, page.locator("g.role-axis-label text").all_text_contents()
+        assert {x[:2] for x in times} <= {f"{hours:02d}", f"{(hours - 1) % 24:02d}"}, (hours, times)
+        assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")  # no page overflow
+        for table in ("#dashboard-clients", "#dashboard-shares"):
+            # every column can be reached: the table scrolls sideways inside its box
+            reach = page.evaluate("""(sel) => {
+                const box = document.querySelector(sel).getBoundingClientRect();
+                const view = document.querySelector(sel + ' .virtual-table-viewport');
+                const style = getComputedStyle(view);
+                view.scrollLeft = view.scrollWidth;
+                const heads = [...document.querySelectorAll(sel + ' th')];
+                const last = heads[heads.length - 1].getBoundingClientRect();
+                return {scrolls: ['auto', 'scroll'].includes(style.overflowX),
+                        lastInside: last.right <= box.right + 1 && last.left >= box.left - 1};
+            }""", table)
+            assert reach == {"scrolls": True, "lastInside": True}, (table, reach)
+        page.screenshot(path=str(SCREENSHOTS / "dashboard-phone.png"), full_page=True)
+        page.get_by_text("Log out", exact=True).click()
+        page.get_by_label("username").wait_for()  # the login form again: this session is over
+        assert page.get_by_text("splitspace · operators").count() == 0
+    finally:
+        ctx.close()
 
 
 def test_override_set_on_the_dashboard_is_what_the_cli_shows(dep: Deployment, operator: Any) -> None:

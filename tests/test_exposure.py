@@ -100,8 +100,18 @@ def test_a_blank_or_short_admin_token_is_refused_at_startup(token: str) -> None:
 
 def test_an_empty_admin_token_leaves_the_admin_api_off_and_a_good_one_is_kept() -> None:
     assert Settings(admin_token="").admin_token is None
-    good = "a" * 16
+    good = "k3y-0f-16-chars!"  # 16 characters, 12 of them different
     assert Settings(admin_token=f" {good}\n").admin_token.get_secret_value() == good  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("token", ["a" * 16, "passwordpassword", "12341234123412341234"])
+def test_a_long_but_simple_admin_token_is_refused_at_startup(token: str) -> None:
+    """Issue 21: any 16 characters were accepted, "aaaaaaaaaaaaaaaa" too."""
+    with pytest.raises(ValidationError) as caught:
+        Settings(admin_token=token)
+    message = str(caught.value)
+    assert "SPLITSPACE_ADMIN_TOKEN is too simple" in message and "token_urlsafe" in message
+    assert token not in message
 
 
 def test_the_gpu_tier_does_not_start_with_a_weak_admin_token(tmp_path) -> None:  # type: ignore[no-untyped-def]
