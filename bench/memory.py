@@ -53,12 +53,12 @@ def address(i: int) -> str:
 
 # -- 1. in process ---------------------------------------------------------------------------
 def in_process(n: int) -> None:
-    from cpu_frontend.door import FairDoor
-    from cpu_frontend.limits import InflightCaps
-    from gpu_backend.scheduler import ClientRef, FairScheduler
-    from gpu_backend.usage import MemoryUsageStore
-    from session.identity import Identity
-    from shared.quotas import QuotaConfig, Tier
+    from splitspace.cpu_frontend.door import FairDoor
+    from splitspace.cpu_frontend.limits import InflightCaps
+    from splitspace.gpu_backend.scheduler import ClientRef, FairScheduler
+    from splitspace.gpu_backend.usage import MemoryUsageStore
+    from splitspace.session.identity import Identity
+    from splitspace.shared.quotas import QuotaConfig, Tier
 
     async def frontend() -> tuple[InflightCaps, FairDoor]:
         caps, door = InflightCaps(QuotaConfig), FairDoor()

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 from cachetools import TTLCache
 
-from session.identity import Identity
-from shared.quotas import QuotaConfig
+from splitspace.session.identity import Identity
+from splitspace.shared.quotas import QuotaConfig
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,12 @@ from fastapi.responses import Response
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
-from session.address import AddressPolicy
-from session.identity import Identity
-from session.token import HEALTH, IdentityTokens
-from shared.errors import SplitspaceError
-from shared.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
-from shared.gradio_sessions import (
+from splitspace.session.address import AddressPolicy
+from splitspace.session.identity import Identity
+from splitspace.session.token import HEALTH, IdentityTokens
+from splitspace.shared.errors import SplitspaceError
+from splitspace.shared.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
+from splitspace.shared.gradio_sessions import (
     HeartbeatCap,
     OpenHeartbeats,
     bound_session_states,
@@ -42,13 +42,13 @@ from shared.gradio_sessions import (
     forget_finished_states,
     session_count,
 )
-from shared.guard import GradioGuard
-from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
-from shared.hop import error_to_wire
-from shared.quota_watch import QuotaWatcher
-from shared.gradio_signature import request_handler
-from shared.server import NO_TELEMETRY
-from shared.settings import Settings
+from splitspace.shared.guard import GradioGuard
+from splitspace.shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
+from splitspace.shared.hop import error_to_wire
+from splitspace.shared.quota_watch import QuotaWatcher
+from splitspace.shared.gradio_signature import request_handler
+from splitspace.shared.server import NO_TELEMETRY
+from splitspace.shared.settings import Settings
 
 from . import gpu
 from .admin import Overrides, admin_router, limits_function

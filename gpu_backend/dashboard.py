@@ -39,8 +39,8 @@ import pandas as pd
 from fastapi import FastAPI
 from starlette.routing import Mount
 
-from shared.headers import ADMIN_HEADER
-from shared.quotas import Tier
+from splitspace.shared.headers import ADMIN_HEADER
+from splitspace.shared.quotas import Tier
 
 from .operator_sessions import OperatorSessions
 

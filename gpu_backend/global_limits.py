@@ -91,9 +91,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from session.token import TOKEN_REUSED
-from shared.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled, Unauthorized
-from shared.quotas import Tier
+from splitspace.session.token import TOKEN_REUSED
+from splitspace.shared.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled, Unauthorized
+from splitspace.shared.quotas import Tier
 
 from .resilient_store import ResilientStore
 from .scheduler import RATE_WINDOW_S, ClientRef, Job, address_usage_key

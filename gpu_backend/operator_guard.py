@@ -32,8 +32,8 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.responses import JSONResponse, RedirectResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from session.address import AddressPolicy
-from shared.errors import RATE_LIMITED
+from splitspace.session.address import AddressPolicy
+from splitspace.shared.errors import RATE_LIMITED
 
 from .operator_sessions import SESSION_S, GuessThrottle
 

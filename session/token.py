@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from itsdangerous import BadSignature, SignatureExpired, TimestampSigner, URLSafeTimedSerializer
 
-from shared.errors import Unauthorized
+from splitspace.shared.errors import Unauthorized
 
 from .identity import Identity
 
@@ -42,7 +42,7 @@ TOKEN_REUSED = "identity token already used (each token is good for one call)"
 
 
 def infer_purpose(request_digest: str) -> str:
-    """The purpose of a token for one ``/infer`` call (``shared.schema.request_digest``)."""
+    """The purpose of a token for one ``/infer`` call (``splitspace.shared.schema.request_digest``)."""
     return f"infer:{request_digest}"
 
 

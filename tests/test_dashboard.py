@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gpu_backend.dashboard import (
+from splitspace.gpu_backend.dashboard import (
     TIME_AXIS,
     Sample,
     Samples,
@@ -105,8 +105,8 @@ def test_override_values_read_the_form_and_name_a_bad_field() -> None:
 
 
 def test_store_name_says_which_store_is_in_force(tmp_path: Path) -> None:
-    from gpu_backend.usage import MemoryUsageStore, SqliteUsageStore
-    from gpu_backend.write_behind import WriteBehindStore
+    from splitspace.gpu_backend.usage import MemoryUsageStore, SqliteUsageStore
+    from splitspace.gpu_backend.write_behind import WriteBehindStore
 
     store = WriteBehindStore(SqliteUsageStore(tmp_path / "state.sqlite3"))
     try:
@@ -118,7 +118,7 @@ def test_store_name_says_which_store_is_in_force(tmp_path: Path) -> None:
     class RedisStore:  # the shape of gpu_backend/redis_store.py's (no server needed to name it)
         pass
 
-    from gpu_backend.resilient_store import ResilientStore
+    from splitspace.gpu_backend.resilient_store import ResilientStore
 
     assert store_name(ResilientStore(RedisStore(), mode="closed")) == "Redis (refuses while it is down)"
     assert store_name(ResilientStore(RedisStore(), mode="local")) == "Redis (this process's memory while it is down)"
@@ -148,8 +148,8 @@ def test_plot_times_are_instants_whatever_the_servers_zone(monkeypatch: pytest.M
 def test_no_dashboard_without_an_admin_token(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from gpu_backend.app import build_app
-    from shared.settings import Settings
+    from splitspace.gpu_backend.app import build_app
+    from splitspace.shared.settings import Settings
 
     app = build_app(Settings(secret="s" * 32, model="sleep:1", state_path=tmp_path / "state.sqlite3"))
     client = TestClient(app)
@@ -201,7 +201,7 @@ def operator(browser: Any, dep: Deployment) -> Iterator[Any]:
 
 def cli(dep: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SPLITSPACE_BACKEND_URL": dep.backend.url, "SPLITSPACE_ADMIN_TOKEN": dep.admin_token}
-    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "splitspace.deploy.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
 
 

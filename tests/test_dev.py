@@ -32,7 +32,7 @@ def _start_dev(cwd: Path, *args: str, sigint_ignored: bool = False) -> tuple[sub
     env.pop("SPLITSPACE_SECRET", None)
     env.pop("SPLITSPACE_ADMIN_TOKEN", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deploy.cli", "dev", "--frontend-port", str(fport), "--backend-port", str(bport), *args],
+        [sys.executable, "-m", "splitspace.deploy.cli", "dev", "--frontend-port", str(fport), "--backend-port", str(bport), *args],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
     )
@@ -89,7 +89,7 @@ class _Terminal:
         run_env = {k: v for k, v in os.environ.items() if k not in ("SPLITSPACE_SECRET", "SPLITSPACE_ADMIN_TOKEN")}
         run_env.update({"GRADIO_ANALYTICS_ENABLED": "False", "SPLITSPACE_STATE_PATH": str(cwd / "state.sqlite3")})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "deploy.cli", "dev", "--frontend-port", str(self.fport),
+            [sys.executable, "-m", "splitspace.deploy.cli", "dev", "--frontend-port", str(self.fport),
              "--backend-port", str(self.bport), *args],
             cwd=cwd, env=run_env, stdin=slave, stdout=slave, stderr=slave)
         os.close(slave)
@@ -128,7 +128,7 @@ def _quota_list(command_line: str) -> subprocess.CompletedProcess[str]:
     assignments = dict(w.split("=", 1) for w in words if "=" in w)
     assert words[len(assignments):] == ["splitspace", "quota", "list"], command_line
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPLITSPACE_")}
-    return subprocess.run([sys.executable, "-m", "deploy.cli", "quota", "list"], env={**env, **assignments},
+    return subprocess.run([sys.executable, "-m", "splitspace.deploy.cli", "quota", "list"], env={**env, **assignments},
                           capture_output=True, text=True, timeout=60)
 
 
@@ -169,7 +169,7 @@ def test_dev_takes_the_operators_token_and_never_prints_it(tmp_path):
 
 def test_dev_refuses_a_short_admin_token_in_one_line(tmp_path):
     env = {**os.environ, "SPLITSPACE_ADMIN_TOKEN": "short"}
-    done = subprocess.run([sys.executable, "-m", "deploy.cli", "dev", "--backend-port", str(free_port()),
+    done = subprocess.run([sys.executable, "-m", "splitspace.deploy.cli", "dev", "--backend-port", str(free_port()),
                            "--frontend-port", str(free_port())], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2

@@ -271,7 +271,7 @@ def test_a_body_past_the_parser_limits_is_a_4xx_naming_the_limit_and_the_connect
     log_before = proc.log_path.stat().st_size
     headers = {"content-type": "application/json"}
     if path.startswith("/splitspace/"):  # a valid identity token: the route reads the body after it
-        from session.identity import Identity
+        from splitspace.session.identity import Identity
         from tests.clients import infer_token, token_for
 
         headers["x-splitspace-identity"] = infer_token(token_for(direct.secret, Identity("k", "key", "free", "1.2.3.4")))

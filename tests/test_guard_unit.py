@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.guard import EndpointTable, GradioGuard, titled_error_events
-from shared.json_limits import JsonLimitExceeded, JsonLimits
+from splitspace.shared.guard import EndpointTable, GradioGuard, titled_error_events
+from splitspace.shared.json_limits import JsonLimitExceeded, JsonLimits
 from tests.support import serve_in_thread
 from tests.test_guard import assert_problem
 

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-import gpu_backend  # noqa: F401  (installs the filter, as every GPU-tier module's import does)
-from gpu_backend.import_notices import NOTICE_LOGGER
+import splitspace.gpu_backend as gpu_backend  # noqa: F401  (installs the filter, as every GPU-tier module's import does)
+from splitspace.gpu_backend.import_notices import NOTICE_LOGGER
 from tests.support import REPO
 
 CLIP = ("`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil` "

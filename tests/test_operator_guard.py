@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from gpu_backend.operator_sessions import SESSION_S, GuessThrottle, OperatorSessions
-from shared.headers import ADMIN_HEADER
+from splitspace.gpu_backend.operator_sessions import SESSION_S, GuessThrottle, OperatorSessions
+from splitspace.shared.headers import ADMIN_HEADER
 from tests.support import Deployment, wait_for
 
 HOST = "gpu.splitspace.example"
@@ -211,8 +211,8 @@ class Clock:
 def test_a_dashboard_session_ends_after_its_lifetime(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from gpu_backend.app import build_app
-    from shared.settings import Settings
+    from splitspace.gpu_backend.app import build_app
+    from splitspace.shared.settings import Settings
 
     token = "Zq8-w1xYp0Lm3nB7vC2kD9"
     app = build_app(Settings(secret="s" * 32, model="sleep:1", admin_token=token, state_path=tmp_path / "s.sqlite3"))

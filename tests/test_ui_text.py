@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from cpu_frontend import ui_text
-from cpu_frontend.ui_text import Refusal
-from shared.errors import BACKEND_UNAVAILABLE, INVALID_REQUEST, QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED
+from splitspace.cpu_frontend import ui_text
+from splitspace.cpu_frontend.ui_text import Refusal
+from splitspace.shared.errors import BACKEND_UNAVAILABLE, INVALID_REQUEST, QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED
 
 RAW_KEYS = ("eta_s", "queue_s", "gpu_s", "resets_in_s", "client_id", "position", "status")
 
@@ -167,7 +167,7 @@ def test_recent_html_lists_items_in_order() -> None:
 
 def test_the_page_tells_visitors_of_a_placeholder_model_once_and_no_operator_setting() -> None:
     """Issue 21: the page told visitors about `SPLITSPACE_MODEL` and `sleep:MS`, twice."""
-    from cpu_frontend.page import LiveModel
+    from splitspace.cpu_frontend.page import LiveModel
 
     for spec in ("tiny", "sleep:1500"):
         heading = LiveModel(lambda spec=spec: {"model": spec, "placeholder_model": True}).heading()
@@ -185,7 +185,7 @@ def test_gradios_status_tracker_still_has_what_the_waiting_words_hook_blanks() -
 
     import gradio
 
-    from cpu_frontend.page import STATUS_WORDS_JS
+    from splitspace.cpu_frontend.page import STATUS_WORDS_JS
 
     assets = Path(gradio.__file__).parent / "templates" / "frontend" / "assets"
     trackers = [p.read_text() for p in assets.glob("statustracker-*.js")]
