@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cpu_frontend.door import FairDoor, Place  # noqa: E402
+from splitspace.cpu_frontend.door import FairDoor, Place  # noqa: E402
 
 SIZES = (100, 1_000, 10_000)
 

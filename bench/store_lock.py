@@ -19,10 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpu_backend.scheduler import ClientRef, FairScheduler  # noqa: E402
-from gpu_backend.usage import SqliteUsageStore  # noqa: E402
-from gpu_backend.write_behind import WriteBehindStore  # noqa: E402
-from shared.quotas import Tier  # noqa: E402
+from splitspace.gpu_backend.scheduler import ClientRef, FairScheduler  # noqa: E402
+from splitspace.gpu_backend.usage import SqliteUsageStore  # noqa: E402
+from splitspace.gpu_backend.write_behind import WriteBehindStore  # noqa: E402
+from splitspace.shared.quotas import Tier  # noqa: E402
 
 TIER = Tier(weight=1, max_running=1, max_queued=10_000, gpu_seconds=1e9, window_s=3600)
 

@@ -23,20 +23,20 @@ from gradio import processing_utils, utils as gr_utils
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 
-from session import ApiKeyring, Identity, IdentityResolver, IdentityTokens, SessionCookieMiddleware, SessionCookies
-from session.address import AddressPolicy
-from session.caller import CallerStamps
-from session.token import HEALTH, STANDING, infer_purpose
-from shared.errors import SplitspaceError
-from shared.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
-from shared.gradio_signature import request_handler
-from shared.guard import GradioGuard
-from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
-from shared.hop import Result
-from shared.quota_watch import QuotaWatcher
-from shared.schema import REQUEST_FIELDS, request_from_dict, validate_request
-from shared.server import NO_TELEMETRY
-from shared.settings import Settings
+from splitspace.session import ApiKeyring, Identity, IdentityResolver, IdentityTokens, SessionCookieMiddleware, SessionCookies
+from splitspace.session.address import AddressPolicy
+from splitspace.session.caller import CallerStamps
+from splitspace.session.token import HEALTH, STANDING, infer_purpose
+from splitspace.shared.errors import SplitspaceError
+from splitspace.shared.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
+from splitspace.shared.gradio_signature import request_handler
+from splitspace.shared.guard import GradioGuard
+from splitspace.shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
+from splitspace.shared.hop import Result
+from splitspace.shared.quota_watch import QuotaWatcher
+from splitspace.shared.schema import REQUEST_FIELDS, request_from_dict, validate_request
+from splitspace.shared.server import NO_TELEMETRY
+from splitspace.shared.settings import Settings
 
 from . import gradio_tuning
 from .backends import BackendPool
@@ -262,7 +262,7 @@ class Frontend:
         """Run ``generate`` for the page: each status dict goes to ``on_status`` (which
         answers False when the tab has gone: the stream to the GPU tier is closed then);
         returns ``(image, info)``, or the refusal as data for the page to word, or None."""
-        from shared.errors import Throttled  # (imported here: this block is the page's, kept apart)
+        from splitspace.shared.errors import Throttled  # (imported here: this block is the page's, kept apart)
 
         from .ui_text import Refusal
 

@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shared.errors import BackendUnavailable
-from shared.hop import Update
-from shared.schema import GenerateRequest
+from splitspace.shared.errors import BackendUnavailable
+from splitspace.shared.hop import Update
+from splitspace.shared.schema import GenerateRequest
 
 from .transport import NotStarted, Transport
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import aiohttp
 
-from shared.errors import SERVICE_UNAVAILABLE, BackendUnavailable, from_wire
-from shared.hop import Update, update_from_wire
-from shared.schema import GenerateRequest
+from splitspace.shared.errors import SERVICE_UNAVAILABLE, BackendUnavailable, from_wire
+from splitspace.shared.hop import Update, update_from_wire
+from splitspace.shared.schema import GenerateRequest
 
 from .transport import NotStarted, Transport
 

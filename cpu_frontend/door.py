@@ -9,7 +9,7 @@ Kubernetes' API Priority and Fairness answers the same problem in the HTTP
 filter chain, before the expensive handler runs; this is that idea, sized for
 one frontend:
 
-- **Per-flow queues.** Requests are grouped by flow (``session.identity.flow_of``:
+- **Per-flow queues.** Requests are grouped by flow (``splitspace.session.identity.flow_of``:
   an API key, or an address for all its anonymous sessions). At most
   ``per_flow`` requests of one flow (its ``max_running``, if more) are *inside*
   (on their way to or waiting at the GPU tier, where the fair scheduler orders
@@ -60,8 +60,8 @@ from dataclasses import dataclass, field
 
 from sortedcontainers import SortedList
 
-from shared.errors import QUEUE_FULL, Throttled
-from shared.hop import Status
+from splitspace.shared.errors import QUEUE_FULL, Throttled
+from splitspace.shared.hop import Status
 
 
 @dataclass

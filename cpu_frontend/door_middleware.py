@@ -47,8 +47,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from session.identity import Identity
-from shared.errors import ServiceUnavailable, SplitspaceError, Throttled, to_wire
+from splitspace.session.identity import Identity
+from splitspace.shared.errors import ServiceUnavailable, SplitspaceError, Throttled, to_wire
 
 from .door import FairDoor, Place
 from .status_feed import Told, status_for_api, wait_turn

@@ -23,7 +23,7 @@ import httpx
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 
-from shared.errors import BackendUnavailable, GpuFailed, SplitspaceError
+from splitspace.shared.errors import BackendUnavailable, GpuFailed, SplitspaceError
 
 from .transport import GradioEndpointTransport, NotStarted, fetch_health
 

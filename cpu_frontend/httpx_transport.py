@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from shared.errors import QUEUE_FULL, BackendUnavailable, GpuFailed, Throttled
+from splitspace.shared.errors import QUEUE_FULL, BackendUnavailable, GpuFailed, Throttled
 
 from .transport import GradioEndpointTransport, NotStarted, fetch_health
 

@@ -60,10 +60,10 @@ from typing import Any, Literal, Protocol
 
 import redis.asyncio
 
-from shared.circuit_breaker import DEFAULT_RETRY_S, CircuitBreaker
-from shared.errors import QUEUE_FULL, ServiceUnavailable, Throttled
-from shared.redis_client import DEFAULT_PREFIX, DEFAULT_TIMEOUT_S, UNAVAILABLE_ERRORS, async_client, unreachable_reason
-from shared.settings import Settings
+from splitspace.shared.circuit_breaker import DEFAULT_RETRY_S, CircuitBreaker
+from splitspace.shared.errors import QUEUE_FULL, ServiceUnavailable, Throttled
+from splitspace.shared.redis_client import DEFAULT_PREFIX, DEFAULT_TIMEOUT_S, UNAVAILABLE_ERRORS, async_client, unreachable_reason
+from splitspace.shared.settings import Settings
 
 __all__ = ["Hold", "InflightLedger", "NullLedger", "RedisLedger", "open_ledger", "local_share"]
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from session.identity import Identity
-from shared.quotas import QuotaConfig
+from splitspace.session.identity import Identity
+from splitspace.shared.quotas import QuotaConfig
 
 
 @dataclass(frozen=True)

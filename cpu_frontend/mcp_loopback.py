@@ -34,9 +34,9 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from session.caller import CallerStamps
-from session.resolve import IdentityResolver
-from shared.headers import CALLER_HEADER
+from splitspace.session.caller import CallerStamps
+from splitspace.session.resolve import IdentityResolver
+from splitspace.shared.headers import CALLER_HEADER
 
 MCP_PATH = "/gradio_api/mcp"
 _CALLER = CALLER_HEADER.encode()

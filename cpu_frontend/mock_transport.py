@@ -18,8 +18,8 @@ import inspect
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
-from shared.hop import Update
-from shared.schema import GenerateRequest
+from splitspace.shared.hop import Update
+from splitspace.shared.schema import GenerateRequest
 
 from .transport import Transport
 

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import gradio as gr
 
-from shared.schema import REQUEST_FIELDS, Limits
+from splitspace.shared.schema import REQUEST_FIELDS, Limits
 
 from . import ui_text
 from .ui_text import Refusal

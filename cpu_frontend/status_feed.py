@@ -15,8 +15,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from shared import status_pace
-from shared.hop import Status
+from splitspace.shared import status_pace
+from splitspace.shared.hop import Status
 
 from .door import Place, eta_s
 

@@ -7,7 +7,7 @@ it arrives out, then the :class:`~shared.hop.Result`. Library errors are
 mapped to the project's own at this boundary (``BackendUnavailable``,
 ``Throttled``, ``Unauthorized``, ``SplitspaceError``), in the manner of
 httpx's ``map_httpcore_exceptions``; updates are read with
-:func:`shared.hop.update_from_wire` only, so no Gradio or HTTP type and no
+:func:`splitspace.shared.hop.update_from_wire` only, so no Gradio or HTTP type and no
 English message crosses it.
 
 ``transports`` of the package: ``direct`` (the default), ``httpx`` (Gradio's
@@ -23,9 +23,9 @@ from typing import Any
 
 import httpx
 
-from shared.errors import BackendUnavailable
-from shared.hop import Update, update_from_wire
-from shared.schema import GenerateRequest
+from splitspace.shared.errors import BackendUnavailable
+from splitspace.shared.hop import Update, update_from_wire
+from splitspace.shared.schema import GenerateRequest
 
 
 class NotStarted(Exception):

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from shared.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED
+from splitspace.shared.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED
 
 __all__ = [
     "GENERATING",

@@ -31,7 +31,7 @@ def _checked_settings():  # type: ignore[no-untyped-def]
     it would show the values, secrets among them)."""
     from pydantic import ValidationError
 
-    from shared.settings import Settings
+    from splitspace.shared.settings import Settings
 
     try:
         return Settings()
@@ -76,7 +76,7 @@ def backend(
     settings = _checked_settings()
     from .serve import serve
 
-    serve("gpu_backend.app:create_app", host, port, reload=reload, log_level=settings.log_level)
+    serve("splitspace.gpu_backend.app:create_app", host, port, reload=reload, log_level=settings.log_level)
 
 
 @app.command()
@@ -91,7 +91,7 @@ def frontend(
     settings = _checked_settings()
     from .serve import serve
 
-    serve("cpu_frontend.app:create_app", host, port, reload=reload, log_level=settings.log_level)
+    serve("splitspace.cpu_frontend.app:create_app", host, port, reload=reload, log_level=settings.log_level)
 
 
 @app.command("deploy")
@@ -133,7 +133,7 @@ def deploy_cmd(
 @app.command("hash-key")
 def hash_key_cmd(key: str) -> None:
     """Print the sha256 of an API key, as the quota file stores it."""
-    from session.keys import hash_key
+    from splitspace.session.keys import hash_key
 
     typer.echo(hash_key(key))
 

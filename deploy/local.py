@@ -52,7 +52,7 @@ class Tier:
 
 
 def tier_command(subcommand: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "deploy.cli", subcommand, *args]
+    return [sys.executable, "-m", "splitspace.deploy.cli", subcommand, *args]
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:

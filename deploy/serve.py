@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def serve(factory: str, host: str, port: int, *, reload: bool = False, log_level: str = "warning") -> None:
     import uvicorn
 
-    from shared.server import uvicorn_options
+    from splitspace.shared.server import uvicorn_options
 
     uvicorn.run(
         factory, factory=True, host=host, port=port, reload=reload,

@@ -186,10 +186,10 @@ import uvicorn  # noqa: E402
 BACKEND_APP = _APP_HEAD.format(what="GPU tier") + '''
 import spaces  # noqa: F401  (first, before torch: on ZeroGPU it must come before anything touches CUDA)
 ''' + _APP_PATH + '''
-import gpu_backend  # noqa: E402
-from gpu_backend.app import build_app  # noqa: E402
-from shared.server import uvicorn_options  # noqa: E402
-from shared.settings import Settings  # noqa: E402
+import splitspace.gpu_backend as gpu_backend  # noqa: E402
+from splitspace.gpu_backend.app import build_app  # noqa: E402
+from splitspace.shared.server import uvicorn_options  # noqa: E402
+from splitspace.shared.settings import Settings  # noqa: E402
 
 
 def zero_gpu_startup() -> None:
@@ -225,10 +225,10 @@ if __name__ == "__main__":
 '''
 
 FRONTEND_APP = _APP_HEAD.format(what="frontend (CPU tier)") + _APP_PATH + '''
-import cpu_frontend  # noqa: E402
-from cpu_frontend.app import build_app  # noqa: E402
-from shared.server import uvicorn_options  # noqa: E402
-from shared.settings import Settings  # noqa: E402
+import splitspace.cpu_frontend as cpu_frontend  # noqa: E402
+from splitspace.cpu_frontend.app import build_app  # noqa: E402
+from splitspace.shared.server import uvicorn_options  # noqa: E402
+from splitspace.shared.settings import Settings  # noqa: E402
 
 
 def main() -> None:

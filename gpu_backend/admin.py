@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Request
 
-from shared.headers import ADMIN_HEADER
-from shared.quotas import QuotaConfig, QuotaFileError, Tier, validate_overrides
+from splitspace.shared.headers import ADMIN_HEADER
+from splitspace.shared.quotas import QuotaConfig, QuotaFileError, Tier, validate_overrides
 
 from .scheduler import ClientRef, FairScheduler, address_usage_key
 from .usage import UsageStore

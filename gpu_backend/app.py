@@ -27,17 +27,17 @@ from fastapi import APIRouter, Body, FastAPI, HTTPException, Request
 from fastapi.responses import Response
 from starlette.routing import Route
 
-from session.identity import Identity
-from session.token import HEALTH, IdentityTokens
-from shared.errors import SplitspaceError
-from shared.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
-from shared.guard import GradioGuard
-from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
-from shared.hop import error_to_wire
-from shared.quota_watch import QuotaWatcher
-from shared.gradio_signature import request_handler
-from shared.server import NO_TELEMETRY
-from shared.settings import Settings
+from splitspace.session.identity import Identity
+from splitspace.session.token import HEALTH, IdentityTokens
+from splitspace.shared.errors import SplitspaceError
+from splitspace.shared.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
+from splitspace.shared.guard import GradioGuard
+from splitspace.shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
+from splitspace.shared.hop import error_to_wire
+from splitspace.shared.quota_watch import QuotaWatcher
+from splitspace.shared.gradio_signature import request_handler
+from splitspace.shared.server import NO_TELEMETRY
+from splitspace.shared.settings import Settings
 
 from . import gpu
 from .admin import Overrides, admin_router, limits_function

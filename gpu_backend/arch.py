@@ -19,7 +19,7 @@ weights, nothing downloaded. Their images are noise: **for benchmarks only**.
   8 norm groups): the same graph, about 1/60 of the compute, small enough for
   CI on a CPU.
 
-The tokenizer is a stand-in, :func:`gpu_backend.tiny.build_tiny_tokenizer`
+The tokenizer is a stand-in, :func:`splitspace.gpu_backend.tiny.build_tiny_tokenizer`
 (byte-level, one token per byte, no merges): CLIP's 49,408-word vocabulary
 would have to be downloaded. It pads and truncates to the same 77 tokens, so the
 text encoder (whose embedding keeps the real vocabulary size) does exactly the

@@ -19,7 +19,7 @@ the fair scheduler (which only decides *which* jobs share a call):
   scheduler's batch key.
 
 Nothing here imports torch; the executor is anything with ``generate`` and
-``generate_batch`` (:class:`gpu_backend.model.ModelExecutor`).
+``generate_batch`` (:class:`splitspace.gpu_backend.model.ModelExecutor`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from shared.schema import GenerateRequest
+from splitspace.shared.schema import GenerateRequest
 
 
 class BatchModel(Protocol):

@@ -36,8 +36,8 @@ import httpx
 import pandas as pd
 from fastapi import FastAPI
 
-from shared.headers import ADMIN_HEADER
-from shared.quotas import Tier
+from splitspace.shared.headers import ADMIN_HEADER
+from splitspace.shared.quotas import Tier
 
 __all__ = [
     "DASHBOARD_PATH",

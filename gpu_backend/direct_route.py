@@ -33,9 +33,9 @@ from gradio.context import LocalContext
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from shared.errors import ServiceUnavailable, SplitspaceError, Throttled, Unauthorized, ValidationFailed, to_wire
-from shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
-from shared.hop import Update, error_to_wire
+from splitspace.shared.errors import ServiceUnavailable, SplitspaceError, Throttled, Unauthorized, ValidationFailed, to_wire
+from splitspace.shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
+from splitspace.shared.hop import Update, error_to_wire
 
 from .service import InferService
 

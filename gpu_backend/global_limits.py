@@ -82,8 +82,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from shared.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled
-from shared.quotas import Tier
+from splitspace.shared.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled
+from splitspace.shared.quotas import Tier
 
 from .scheduler import RATE_WINDOW_S, ClientRef, Job, address_usage_key
 from .usage import AdmitGrant, AdmitPlan, Lease, Reservation, StoreUnavailable, UsageStore

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import spaces  # noqa: F401  (import before torch/CUDA: ZeroGPU requires it)
 
-from shared.schema import GenerateRequest
+from splitspace.shared.schema import GenerateRequest
 
 from .batching import BatchOutcome, run_batch_isolating_failures
 from .model import CompileConfig, ModelExecutor

@@ -50,7 +50,7 @@ from typing import Any
 
 from PIL import Image
 
-from shared.schema import MAX_SEED, GenerateRequest
+from splitspace.shared.schema import MAX_SEED, GenerateRequest
 
 log = logging.getLogger("splitspace.gpu")
 
@@ -96,7 +96,7 @@ def preset_for(spec: str) -> Preset:
 
 @dataclass(frozen=True)
 class CostCurve:
-    """The shape of a model's cost (``gpu_backend.cost.CostModel`` calibrates it at run time).
+    """The shape of a model's cost (``splitspace.gpu_backend.cost.CostModel`` calibrates it at run time).
 
     Seconds for one pipeline call of ``batch`` images of ``pixels`` each::
 

@@ -99,7 +99,7 @@ needs. Under the lock only in-memory bookkeeping.
 * A renewer (one thread or task per tier): every ``lease_s / 3``, ``renew(leases)`` for
   all jobs this replica holds (one script for all of them). ``lost`` leases mean the job
   outlived its lease (a paused process): log it; the job keeps running.
-* Overrides: ``gpu_backend.admin.Overrides`` caches them; re-read ``all_overrides()`` when
+* Overrides: ``splitspace.gpu_backend.admin.Overrides`` caches them; re-read ``all_overrides()`` when
   ``overrides_version()`` moved (poll it once a second, or at each admission: one GET).
 * ``splitspace quota reset``: ``reset(key)`` as now; ``list`` should merge the keys with
   live slots (``slot_counts()``, every replica's) with the clients this replica has seen.
@@ -117,7 +117,7 @@ from typing import Any
 import redis
 import redis.asyncio
 
-from shared.redis_client import (
+from splitspace.shared.redis_client import (
     DEFAULT_PREFIX,
     DEFAULT_TIMEOUT_S,
     UNAVAILABLE_ERRORS,

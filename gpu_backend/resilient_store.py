@@ -55,7 +55,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from shared.circuit_breaker import DEFAULT_RETRY_S, CircuitBreaker
+from splitspace.shared.circuit_breaker import DEFAULT_RETRY_S, CircuitBreaker
 
 from .usage import (
     AdmitGrant,

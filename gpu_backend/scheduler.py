@@ -132,8 +132,8 @@ from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator
 
 from sortedcontainers import SortedList
 
-from session.identity import flow_of
-from shared.quotas import Tier
+from splitspace.session.identity import flow_of
+from splitspace.shared.quotas import Tier
 
 if TYPE_CHECKING:
     from .usage import UsageStore

@@ -30,11 +30,11 @@ from typing import Any
 
 import gradio as gr
 
-from session.identity import Identity
-from session.token import STANDING, Claims, IdentityTokens, infer_purpose
-from shared.errors import GPU_ERROR, QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, GpuFailed, SplitspaceError, Throttled
-from shared.hop import Update
-from shared.schema import Limits, request_from_dict
+from splitspace.session.identity import Identity
+from splitspace.session.token import STANDING, Claims, IdentityTokens, infer_purpose
+from splitspace.shared.errors import GPU_ERROR, QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, GpuFailed, SplitspaceError, Throttled
+from splitspace.shared.hop import Update
+from splitspace.shared.schema import Limits, request_from_dict
 
 from .global_limits import GlobalLimits
 from .runner import GpuRunner, Ticket, client_ref

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from shared.errors import ServiceUnavailable
+from splitspace.shared.errors import ServiceUnavailable
 
 __all__ = [
     "UsageStore",

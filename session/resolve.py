@@ -16,9 +16,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 
-from shared.errors import Unauthorized
-from shared.headers import CALLER_HEADER, SESSION_COOKIE
-from shared.quotas import ANONYMOUS
+from splitspace.shared.errors import Unauthorized
+from splitspace.shared.headers import CALLER_HEADER, SESSION_COOKIE
+from splitspace.shared.quotas import ANONYMOUS
 
 from .address import AddressPolicy
 from .caller import CallerStamps

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from itsdangerous import BadSignature, SignatureExpired, TimestampSigner, URLSafeTimedSerializer
 
-from shared.errors import Unauthorized
+from splitspace.shared.errors import Unauthorized
 
 from .identity import Identity
 
@@ -37,7 +37,7 @@ HEALTH = "health"
 
 
 def infer_purpose(request_digest: str) -> str:
-    """The purpose of a token for one ``/infer`` call (``shared.schema.request_digest``)."""
+    """The purpose of a token for one ``/infer`` call (``splitspace.shared.schema.request_digest``)."""
     return f"infer:{request_digest}"
 
 

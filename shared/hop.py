@@ -8,11 +8,11 @@ wire each update is one JSON object (a line of the direct route, a
 
 - ``{"status": "queued" | "running", "position", "eta_s", "cap"}``
 - ``{"status": "done", "image_png_b64", "info": {...}, "cap"}``
-- ``{"status": "error", "title", "message", ...}`` (``shared.errors.to_wire``)
+- ``{"status": "error", "title", "message", ...}`` (``splitspace.shared.errors.to_wire``)
 
 :meth:`Status.to_wire`, :meth:`Result.to_wire` and :func:`error_to_wire`
 write them; :func:`update_from_wire` is the only reader, and turns an error
-line back into the project's own exception (``shared.errors.from_wire``).
+line back into the project's own exception (``splitspace.shared.errors.from_wire``).
 Every transport and both GPU routes go through these, so a field added here
 reaches the other side, and nothing is recognised by its English message.
 """

@@ -165,7 +165,7 @@ def uvicorn_log_config(level: str = "warning") -> dict[str, Any]:
     from uvicorn.config import LOGGING_CONFIG
 
     config = copy.deepcopy(LOGGING_CONFIG)
-    config["filters"] = {"cap": {"()": "shared.logs.process_cap"}}
+    config["filters"] = {"cap": {"()": "splitspace.shared.logs.process_cap"}}
     for handler in config["handlers"].values():
         handler["filters"] = ["cap"]
     config["root"] = {"handlers": ["default"], "level": level.upper()}

@@ -57,7 +57,7 @@ TOO_LARGE_HEADERS = (
     b"content-length: 75\r\nconnection: close\r\n\r\n"
     b'{"title": "Request too large", "message": "headers must be at most 64 KiB"}'
 )
-PROTOCOL = "shared.server:HeaderTimeoutProtocol" if HttpToolsProtocol is not None else "auto"
+PROTOCOL = "splitspace.shared.server:HeaderTimeoutProtocol" if HttpToolsProtocol is not None else "auto"
 """What to give uvicorn's ``http=`` (an import string survives ``--reload``'s subprocess). Without
 httptools there is no header deadline (uvicorn's h11 protocol has no hook for one)."""
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import httpx
 
-from session.identity import Identity
-from session.token import IdentityTokens, infer_purpose
-from shared.errors import ValidationFailed, from_wire
-from shared.headers import IDENTITY_HEADER
-from shared.schema import REQUEST_FIELDS, validate_request
+from splitspace.session.identity import Identity
+from splitspace.session.token import IdentityTokens, infer_purpose
+from splitspace.shared.errors import ValidationFailed, from_wire
+from splitspace.shared.headers import IDENTITY_HEADER
+from splitspace.shared.schema import REQUEST_FIELDS, validate_request
 
 GENERATE_DEFAULTS: dict[str, Any] = dict(
     prompt="a red fox", negative_prompt="", width=64, height=64, steps=1, guidance_scale=0.0, seed=1

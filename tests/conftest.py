@@ -12,7 +12,7 @@ import pytest
 from tests.support import Deployment, sha256
 
 if TYPE_CHECKING:
-    from deploy.redis_local import LocalRedis
+    from splitspace.deploy.redis_local import LocalRedis
 
 # One torch thread per process: the tests run several tiers on 2 cores, and torch's own
 # thread pool per tier made the tiny model about 15x slower there. (Tiers inherit this.)

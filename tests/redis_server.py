@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.redis_local import LocalRedis, RedisNotInstalled
+from splitspace.deploy.redis_local import LocalRedis, RedisNotInstalled
 
 
 def start_redis(workdir: Path, port: int | None = None) -> LocalRedis:

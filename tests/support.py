@@ -61,7 +61,7 @@ def start_tier(
     kind: str, port: int, env: dict[str, str], log_path: Path, *args: str, ready_timeout_s: float = 120
 ) -> TierProcess:
     full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", **env}
-    cmd = [sys.executable, "-m", "deploy.cli", kind, "--host", "127.0.0.1", "--port", str(port), *args]
+    cmd = [sys.executable, "-m", "splitspace.deploy.cli", kind, "--host", "127.0.0.1", "--port", str(port), *args]
     log = open(log_path, "ab")
     proc = subprocess.Popen(cmd, env=full_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     return wait_ready(TierProcess(kind, f"http://127.0.0.1:{port}", proc, log_path), ready_timeout_s)
@@ -106,9 +106,9 @@ def serve_gpu_tier(workdir: Path, secret: str, around_generate: Any) -> Iterator
     """A GPU tier in this process whose model (``sleep:1``) runs through ``around_generate``:
     given the model's own ``generate(req, seed)``, it returns the one the tier uses. For
     what a real model cannot be made to do on demand (fail, report its calling context)."""
-    from gpu_backend.app import build_app
-    from gpu_backend.model import ModelExecutor
-    from shared.settings import Settings
+    from splitspace.gpu_backend.app import build_app
+    from splitspace.gpu_backend.model import ModelExecutor
+    from splitspace.shared.settings import Settings
 
     executor = ModelExecutor.from_spec("sleep:1")
     executor.generate = around_generate(executor.generate)  # type: ignore[method-assign]
@@ -122,7 +122,7 @@ def serve_gpu_tier_with(settings: Any, executor: Any) -> Iterator[tuple[str, Any
     """A GPU tier in this process from the test's own ``settings`` and model executor: its
     URL and its ``GpuTier``, for what only the process can show (e.g. that a model change
     is waiting for the GPU to go idle: ``tier.runner.paused``)."""
-    from gpu_backend.app import build_app
+    from splitspace.gpu_backend.app import build_app
 
     app = build_app(settings, executor)
     with serve_in_thread(app) as url:
@@ -132,7 +132,7 @@ def serve_gpu_tier_with(settings: Any, executor: Any) -> Iterator[tuple[str, Any
 def held_model(spec: str, release: threading.Event, timeout_s: float = 120) -> Any:
     """A model executor (``sleep:MS``) whose every call waits for ``release`` first: a job
     that stays on the GPU until the test lets it go (a real model cannot be held on demand)."""
-    from gpu_backend.model import ModelExecutor
+    from splitspace.gpu_backend.model import ModelExecutor
 
     executor = ModelExecutor.from_spec(spec)
     generate = executor.generate

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from session.address import AddressPolicy, client_address, parse_networks
+from splitspace.session.address import AddressPolicy, client_address, parse_networks
 from tests.clients import call_rest
 from tests.conftest import QUOTAS
 from tests.support import Deployment

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
-from cpu_frontend.embed import web_component_script
+from splitspace.cpu_frontend.embed import web_component_script
 from tests.clients import call_rest, gen_args
 from tests.conftest import QUOTAS, key
 from tests.support import REPO, Deployment, wait_for
@@ -262,7 +262,7 @@ def test_waiting_reads_as_words_then_caption_quota_and_recent_image(ui: UI, cont
 
 
 def test_an_example_fills_the_form(ui: UI, context: Any) -> None:
-    from cpu_frontend.page import EXAMPLES
+    from splitspace.cpu_frontend.page import EXAMPLES
 
     page = context.new_page()
     page.goto(ui.url + "/")

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gpu_backend.dashboard import (
+from splitspace.gpu_backend.dashboard import (
     Sample,
     Samples,
     gpu_by_client,
@@ -102,8 +102,8 @@ def test_override_values_read_the_form_and_name_a_bad_field() -> None:
 
 
 def test_store_name_says_which_store_is_in_force(tmp_path: Path) -> None:
-    from gpu_backend.usage import MemoryUsageStore, SqliteUsageStore
-    from gpu_backend.write_behind import WriteBehindStore
+    from splitspace.gpu_backend.usage import MemoryUsageStore, SqliteUsageStore
+    from splitspace.gpu_backend.write_behind import WriteBehindStore
 
     store = WriteBehindStore(SqliteUsageStore(tmp_path / "state.sqlite3"))
     try:
@@ -121,8 +121,8 @@ def test_store_name_says_which_store_is_in_force(tmp_path: Path) -> None:
 def test_no_dashboard_without_an_admin_token(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from gpu_backend.app import build_app
-    from shared.settings import Settings
+    from splitspace.gpu_backend.app import build_app
+    from splitspace.shared.settings import Settings
 
     app = build_app(Settings(secret="s" * 32, model="sleep:1", state_path=tmp_path / "state.sqlite3"))
     client = TestClient(app)
@@ -174,7 +174,7 @@ def operator(browser: Any, dep: Deployment) -> Iterator[Any]:
 
 def cli(dep: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SPLITSPACE_BACKEND_URL": dep.backend.url, "SPLITSPACE_ADMIN_TOKEN": dep.admin_token}
-    return subprocess.run([sys.executable, "-m", "deploy.cli", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "splitspace.deploy.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
 
 

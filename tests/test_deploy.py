@@ -22,8 +22,8 @@ from gradio_client import Client
 from PIL import Image
 from typer.testing import CliRunner
 
-from deploy.cli import app as cli_app
-from deploy.spaces import (
+from splitspace.deploy.cli import app as cli_app
+from splitspace.deploy.spaces import (
     BACKEND,
     FRONTEND,
     DeployError,
@@ -347,7 +347,7 @@ def test_backend_hardware_is_requested_when_asked():
 
 # -- the frontend's credentials for a private GPU tier -------------------------------------------
 def test_backend_auth_headers():
-    from cpu_frontend.hub_auth import backend_auth_headers
+    from splitspace.cpu_frontend.hub_auth import backend_auth_headers
 
     assert backend_auth_headers(None) == {}
     assert backend_auth_headers(" ") == {}

@@ -26,7 +26,7 @@ def _start_dev(cwd: Path, *args: str, sigint_ignored: bool = False) -> tuple[sub
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "SPLITSPACE_STATE_PATH": str(cwd / "state.sqlite3")}
     env.pop("SPLITSPACE_SECRET", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deploy.cli", "dev", "--frontend-port", str(fport), "--backend-port", str(bport), *args],
+        [sys.executable, "-m", "splitspace.deploy.cli", "dev", "--frontend-port", str(fport), "--backend-port", str(bport), *args],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
     )

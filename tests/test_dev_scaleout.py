@@ -28,7 +28,7 @@ class DevRun:
         base = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "SPLITSPACE_STATE_PATH": str(cwd / "state.sqlite3")}
         base.pop("SPLITSPACE_SECRET", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "deploy.cli", "dev", "--frontend-port", str(self.frontend_port),
+            [sys.executable, "-m", "splitspace.deploy.cli", "dev", "--frontend-port", str(self.frontend_port),
              "--backend-port", str(self.backend_port), *args],
             cwd=cwd, env={**base, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )

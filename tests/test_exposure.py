@@ -18,7 +18,7 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from shared.settings import Settings
+from splitspace.shared.settings import Settings
 from tests.support import REPO, Deployment, free_port
 
 HEADER_DEADLINE_S = 10.0
@@ -107,7 +107,7 @@ def test_an_empty_admin_token_leaves_the_admin_api_off_and_a_good_one_is_kept() 
 def test_the_gpu_tier_does_not_start_with_a_weak_admin_token(tmp_path) -> None:  # type: ignore[no-untyped-def]
     env = {**os.environ, "SPLITSPACE_ADMIN_TOKEN": "hunter2", "SPLITSPACE_SECRET": "s" * 32,
            "SPLITSPACE_MODEL": "sleep:1", "SPLITSPACE_STATE_PATH": str(tmp_path / "s.sqlite3")}
-    done = subprocess.run([sys.executable, "-m", "deploy.cli", "backend", "--port", str(free_port())],
+    done = subprocess.run([sys.executable, "-m", "splitspace.deploy.cli", "backend", "--port", str(free_port())],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "SPLITSPACE_ADMIN_TOKEN is too short" in done.stderr and "hunter2" not in done.stderr + done.stdout

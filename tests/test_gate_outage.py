@@ -27,19 +27,19 @@ from typing import Any
 
 import pytest
 
-from gpu_backend.cost import CostModel
-from gpu_backend.global_limits import VTIME_KEY, GlobalLimits, local_limits
-from gpu_backend.redis_store import AsyncRedisStore, RedisStore
-from gpu_backend.resilient_store import AsyncResilientStore, CircuitBreaker, ResilientStore
-from gpu_backend.runner import GpuRunner, Ticket
-from gpu_backend.scheduler import FairScheduler
-from gpu_backend.service import InferService
-from gpu_backend.usage import MemoryUsageStore, StoreUnavailable
-from session.token import IdentityTokens
-from shared.errors import QUEUE_FULL, ServiceUnavailable, Throttled
-from shared.hop import Result
-from shared.quotas import Tier
-from shared.schema import Limits
+from splitspace.gpu_backend.cost import CostModel
+from splitspace.gpu_backend.global_limits import VTIME_KEY, GlobalLimits, local_limits
+from splitspace.gpu_backend.redis_store import AsyncRedisStore, RedisStore
+from splitspace.gpu_backend.resilient_store import AsyncResilientStore, CircuitBreaker, ResilientStore
+from splitspace.gpu_backend.runner import GpuRunner, Ticket
+from splitspace.gpu_backend.scheduler import FairScheduler
+from splitspace.gpu_backend.service import InferService
+from splitspace.gpu_backend.usage import MemoryUsageStore, StoreUnavailable
+from splitspace.session.token import IdentityTokens
+from splitspace.shared.errors import QUEUE_FULL, ServiceUnavailable, Throttled
+from splitspace.shared.hop import Result
+from splitspace.shared.quotas import Tier
+from splitspace.shared.schema import Limits
 from tests.support import wait_for
 from tests.test_gpu_service import SECRET, FakeModel, body, token
 

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from session.identity import Identity
+from splitspace.session.identity import Identity
 from tests.clients import GPU_ROUTES, infer_on_gpu_tier, infer_token, token_for
 from tests.support import free_port, start_tier
 

@@ -10,7 +10,7 @@ import importlib.util
 import gradio as gr
 from gradio import state_holder
 
-from cpu_frontend import gradio_tuning
+from splitspace.cpu_frontend import gradio_tuning
 
 
 def _blocks() -> gr.Blocks:
@@ -57,7 +57,7 @@ def test_queue_holds_as_many_sessions_as_requests_in_flight():
     cache, this fails: look at shared/gradio_queue.py again."""
     from gradio.utils import LRUCache
 
-    from shared.gradio_queue import hold_sessions
+    from splitspace.shared.gradio_queue import hold_sessions
 
     demo = _blocks()
     demo.queue()
@@ -73,7 +73,7 @@ def test_queue_analytics_stay_bounded():
     """Gradio summarises its last 10,000 event records with pandas after every event: a
     cost per call that grows with the calls served. If Gradio changes that, this fails:
     look at shared/gradio_queue.py again."""
-    from shared.gradio_queue import ANALYTICS_EVENTS, ANALYTICS_EVERY, bound_analytics
+    from splitspace.shared.gradio_queue import ANALYTICS_EVENTS, ANALYTICS_EVERY, bound_analytics
 
     demo = _blocks()
     demo.queue()
@@ -89,7 +89,7 @@ def test_finished_sessions_are_forgotten():
     it, and keeps a session with an event pending or a message not yet read."""
     from gradio.utils import LRUCache
 
-    from shared.gradio_queue import forget_finished_sessions
+    from splitspace.shared.gradio_queue import forget_finished_sessions
 
     demo = _blocks()
     demo.queue()

@@ -10,7 +10,7 @@ from typing import Any
 import gradio as gr
 import httpx
 
-from shared.guard import EndpointTable, GradioGuard, titled_error_events
+from splitspace.shared.guard import EndpointTable, GradioGuard, titled_error_events
 from tests.support import serve_in_thread
 from tests.test_guard import assert_problem
 

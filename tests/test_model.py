@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpu_backend.arch import ARCHS, build_arch_pipeline, parameter_counts
-from gpu_backend.model import (
+from splitspace.gpu_backend.arch import ARCHS, build_arch_pipeline, parameter_counts
+from splitspace.gpu_backend.model import (
     DEFAULT_PRESET,
     SLEEP_PRESET,
     TINY_PRESET,
@@ -24,7 +24,7 @@ from gpu_backend.model import (
     padded_batch_sizes,
     preset_for,
 )
-from shared.schema import GenerateRequest
+from splitspace.shared.schema import GenerateRequest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def test_tiny_keeps_stable_diffusion_geometry(tiny):
 
 
 def test_tiny_builds_identically_every_time(tiny):
-    from gpu_backend.tiny import build_tiny_pipeline
+    from splitspace.gpu_backend.tiny import build_tiny_pipeline
 
     again = build_tiny_pipeline()
     for name in ("unet", "vae", "text_encoder"):

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from session.identity import Identity
+from splitspace.session.identity import Identity
 from tests.clients import GPU_ROUTES, call_rest, error_text, gen_args, infer_on_gpu_tier, token_for
 from tests.support import free_port, serve_gpu_tier, start_tier
 

@@ -15,14 +15,14 @@ import threading
 
 import httpx
 
-from shared.settings import Settings
+from splitspace.shared.settings import Settings
 from tests.clients import call_rest, error_text, gen_args
 from tests.support import REPO, free_port, gpu_depth, held_model, serve_gpu_tier_with, start_tier, wait_for
 
 
 def cli(backend_url: str, admin_token: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SPLITSPACE_BACKEND_URL": backend_url, "SPLITSPACE_ADMIN_TOKEN": admin_token}
-    return subprocess.run([sys.executable, "-m", "deploy.cli", "model", *args], env=env, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "splitspace.deploy.cli", "model", *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -20,8 +20,8 @@ import pytest
 from gradio_client import Client
 from typer.testing import CliRunner
 
-from deploy.cli import app as cli_app
-from shared.headers import ADMIN_HEADER
+from splitspace.deploy.cli import app as cli_app
+from splitspace.shared.headers import ADMIN_HEADER
 from tests.clients import call_rest, error_text, gen_args
 from tests.support import GPU_TIER_BACKLOG, REPO, Deployment, free_port, sha256, start_tier, wait_for
 
@@ -116,7 +116,7 @@ def cli(d: Deployment, *args: str, token: str | None = None) -> subprocess.Compl
         "COLUMNS": "200",
     }
     return subprocess.run(
-        [sys.executable, "-m", "deploy.cli", "quota", *args],
+        [sys.executable, "-m", "splitspace.deploy.cli", "quota", *args],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
     )
 

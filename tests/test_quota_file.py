@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from shared.quota_watch import QuotaWatcher
-from shared.quotas import QuotaFileError, parse_quotas
+from splitspace.shared.quota_watch import QuotaWatcher
+from splitspace.shared.quotas import QuotaFileError, parse_quotas
 
 DIGEST = "a" * 64
 

@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 import pytest
 
-from session.identity import Identity
-from shared.headers import ADMIN_HEADER, IDENTITY_HEADER
+from splitspace.session.identity import Identity
+from splitspace.shared.headers import ADMIN_HEADER, IDENTITY_HEADER
 from tests.clients import GENERATE_DEFAULTS, call_rest, error_text, gen_args, infer_token, token_for
 from tests.support import Deployment, TierProcess, free_port, in_threads, sha256, start_tier, wait_for
 
@@ -294,16 +294,16 @@ def test_redis_stopped_and_restarted(own_redis: Any, tmp_path: Path, mode: str) 
 
 # -- the scheduler's hooks, in virtual time (no processes) ---------------------------------
 def _scheduler(**hooks: Any) -> Any:
-    from gpu_backend.scheduler import FairScheduler
-    from gpu_backend.usage import MemoryUsageStore
-    from shared.quotas import Tier
+    from splitspace.gpu_backend.scheduler import FairScheduler
+    from splitspace.gpu_backend.usage import MemoryUsageStore
+    from splitspace.shared.quotas import Tier
 
     open_tier = Tier(weight=1, max_running=1, max_queued=100, gpu_seconds=float("inf"), window_s=3600)
     return FairScheduler(clock=lambda: 0.0, limits=lambda client: open_tier, store=MemoryUsageStore(), **hooks)
 
 
 def _ref(name: str) -> Any:
-    from gpu_backend.scheduler import ClientRef
+    from splitspace.gpu_backend.scheduler import ClientRef
 
     return ClientRef(client_id=f"key:{name}", kind="key", tier="free", address="")
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from gpu_backend.scheduler import (
+from splitspace.gpu_backend.scheduler import (
     ETA_EXACT_PLACES,
     Admission,
     ClientRef,
@@ -25,8 +25,8 @@ from gpu_backend.scheduler import (
     Outcome,
     address_usage_key,
 )
-from gpu_backend.usage import MemoryUsageStore
-from shared.quotas import Tier
+from splitspace.gpu_backend.usage import MemoryUsageStore
+from splitspace.shared.quotas import Tier
 from tests.fairness_oracle import weighted_max_min
 
 INF = math.inf

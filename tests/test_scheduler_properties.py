@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpu_backend.scheduler import ClientRef, FairScheduler, Job, Outcome, address_usage_key
-from gpu_backend.usage import MemoryUsageStore
-from shared.quotas import Tier
+from splitspace.gpu_backend.scheduler import ClientRef, FairScheduler, Job, Outcome, address_usage_key
+from splitspace.gpu_backend.usage import MemoryUsageStore
+from splitspace.shared.quotas import Tier
 
 
 class FakeClock:

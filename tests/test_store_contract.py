@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from gpu_backend.redis_store import AsyncRedisStore, RedisStore
-from gpu_backend.usage import (
+from splitspace.gpu_backend.redis_store import AsyncRedisStore, RedisStore
+from splitspace.gpu_backend.usage import (
     AdmitPlan,
     Lease,
     MemoryUsageStore,

@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from gpu_backend.redis_store import AsyncRedisStore, RedisStore
-from gpu_backend.resilient_store import AsyncResilientStore, CircuitBreaker, ResilientStore, open_store
-from gpu_backend.usage import AdmitPlan, Lease, Reservation, SqliteUsageStore, StoreUnavailable
-from shared.errors import SERVICE_UNAVAILABLE, ServiceUnavailable
+from splitspace.gpu_backend.redis_store import AsyncRedisStore, RedisStore
+from splitspace.gpu_backend.resilient_store import AsyncResilientStore, CircuitBreaker, ResilientStore, open_store
+from splitspace.gpu_backend.usage import AdmitPlan, Lease, Reservation, SqliteUsageStore, StoreUnavailable
+from splitspace.shared.errors import SERVICE_UNAVAILABLE, ServiceUnavailable
 
 RETRY_S = 0.5
 """The breaker's retry interval in these tests (the default is 3 s)."""
@@ -332,7 +332,7 @@ def test_a_redis_that_never_answers_costs_one_timeout_not_a_hang(silent_port: in
 
 
 def test_the_redis_password_is_never_in_an_error(tmp_path: Path, prefix: str) -> None:
-    from deploy.redis_local import free_port
+    from splitspace.deploy.redis_local import free_port
 
     url = f"redis://:hunter2-secret@127.0.0.1:{free_port()}/0"  # nothing listens there
     store = ResilientStore(RedisStore.from_url(url, prefix=prefix), mode="closed")
@@ -358,7 +358,7 @@ def test_open_store_keeps_sqlite_without_a_redis_url(tmp_path: Path, redis_serve
 def test_settings_read_the_redis_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     from pydantic import ValidationError
 
-    from shared.settings import Settings
+    from splitspace.shared.settings import Settings
 
     monkeypatch.setenv("SPLITSPACE_REDIS_URL", "redis://:pw-in-url@example:6379/0")
     monkeypatch.setenv("SPLITSPACE_REDIS_FAILURE", "local")

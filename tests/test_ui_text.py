@@ -7,9 +7,9 @@ import re
 
 import pytest
 
-from cpu_frontend import ui_text
-from cpu_frontend.ui_text import Refusal
-from shared.errors import BACKEND_UNAVAILABLE, INVALID_REQUEST, QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED
+from splitspace.cpu_frontend import ui_text
+from splitspace.cpu_frontend.ui_text import Refusal
+from splitspace.shared.errors import BACKEND_UNAVAILABLE, INVALID_REQUEST, QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED
 
 RAW_KEYS = ("eta_s", "queue_s", "gpu_s", "resets_in_s", "client_id", "position", "status")
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gpu_backend.usage import MemoryUsageStore, SqliteUsageStore, UsageStore
-from gpu_backend.write_behind import WriteBehindStore
+from splitspace.gpu_backend.usage import MemoryUsageStore, SqliteUsageStore, UsageStore
+from splitspace.gpu_backend.write_behind import WriteBehindStore
 from tests.support import wait_for
 
 
