@@ -37,7 +37,8 @@ DEFAULT_MODEL = "stabilityai/sd-turbo"
 ZERO_GPU = "zero-a10g"
 FRONTEND_TOKEN_ENV = "SPLITSPACE_FRONTEND_HF_TOKEN"
 
-# The packages each tier imports (checked by running each bundle with the repo out of reach).
+# The subpackages of ``splitspace`` each tier imports (checked by running each bundle with the
+# repo out of reach); a bundle carries them as ``splitspace/<name>/``, beside ``splitspace/__init__.py``.
 PACKAGES = {
     FRONTEND: ("shared", "session", "cpu_frontend"),
     BACKEND: ("shared", "session", "gpu_backend"),
@@ -186,7 +187,7 @@ import uvicorn  # noqa: E402
 BACKEND_APP = _APP_HEAD.format(what="GPU tier") + '''
 import spaces  # noqa: F401  (first, before torch: on ZeroGPU it must come before anything touches CUDA)
 ''' + _APP_PATH + '''
-import splitspace.gpu_backend as gpu_backend  # noqa: E402
+import splitspace  # noqa: E402
 from splitspace.gpu_backend.app import build_app  # noqa: E402
 from splitspace.shared.server import uvicorn_options  # noqa: E402
 from splitspace.shared.settings import Settings  # noqa: E402
@@ -215,7 +216,7 @@ def main() -> None:
     app = build_app(settings)  # loads the model; the queue's max_size is set there (ZeroGPU's default is 1)
     zero_gpu_startup()
     port = int(os.environ.get("PORT") or 7860)
-    print(f"splitspace GPU tier: packages from {Path(gpu_backend.__file__).resolve().parent.parent}, "
+    print(f"splitspace GPU tier: packages from {Path(splitspace.__file__).resolve().parent.parent}, "
           f"port {port}", flush=True)
     uvicorn.run(app, host="0.0.0.0", port=port, **uvicorn_options(settings.log_level))
 
@@ -225,7 +226,7 @@ if __name__ == "__main__":
 '''
 
 FRONTEND_APP = _APP_HEAD.format(what="frontend (CPU tier)") + _APP_PATH + '''
-import splitspace.cpu_frontend as cpu_frontend  # noqa: E402
+import splitspace  # noqa: E402
 from splitspace.cpu_frontend.app import build_app  # noqa: E402
 from splitspace.shared.server import uvicorn_options  # noqa: E402
 from splitspace.shared.settings import Settings  # noqa: E402
@@ -235,7 +236,7 @@ def main() -> None:
     settings = Settings()
     app = build_app(settings)
     port = int(os.environ.get("PORT") or 7860)
-    print(f"splitspace frontend: packages from {Path(cpu_frontend.__file__).resolve().parent.parent}, "
+    print(f"splitspace frontend: packages from {Path(splitspace.__file__).resolve().parent.parent}, "
           f"port {port}", flush=True)
     uvicorn.run(app, host="0.0.0.0", port=port, **uvicorn_options(settings.log_level))
 
@@ -245,11 +246,11 @@ if __name__ == "__main__":
 '''
 
 
-def _copy_package(name: str, dest: Path) -> list[Path]:
-    src = REPO / name
+def _copy_package(src: Path, dest: Path) -> list[Path]:
+    """Copy the Python files of the folder ``src`` to the folder ``dest``."""
     written = []
     for path in sorted(src.rglob("*.py")):
-        rel = path.relative_to(REPO)
+        rel = path.relative_to(src)
         if "__pycache__" in rel.parts:
             continue
         target = dest / rel
@@ -284,8 +285,9 @@ def build_bundle(tier: str, dest: Path, *, frontend: str | None = None, backend:
     for name, text in files.items():
         (dest / name).write_text(text, encoding="utf-8")
         written.append(dest / name)
+    written += _copy_package(REPO / "splitspace", dest / "splitspace")
     for package in PACKAGES[tier]:
-        written += _copy_package(package, dest)
+        written += _copy_package(REPO / package, dest / "splitspace" / package)
     return written
 
 

@@ -74,8 +74,10 @@ def test_dry_run_writes_both_bundles(tmp_path, monkeypatch):
         assert meta["sdk_version"] == gradio.__version__
         assert meta["python_version"] == f"{sys.version_info.major}.{sys.version_info.minor}"
         assert isinstance(meta["python_version"], str)
+        assert (bundle / "splitspace" / "__init__.py").is_file()  # one import package, as installed
         for pkg in ("shared", "session", package):
-            assert (bundle / pkg / "__init__.py").is_file()
+            assert (bundle / "splitspace" / pkg / "__init__.py").is_file()
+            assert not (bundle / pkg).exists()
         assert not list(bundle.rglob("__pycache__"))
         reqs = [line for line in (bundle / "requirements.txt").read_text().splitlines() if line.strip()]
         assert reqs and all("==" in line for line in reqs)
@@ -84,7 +86,8 @@ def test_dry_run_writes_both_bundles(tmp_path, monkeypatch):
         assert f"gradio=={gradio.__version__}" in reqs
     assert front_matter(out / BACKEND / "README.md")["suggested_hardware"] == "zero-a10g"
     assert "suggested_hardware" not in front_matter(out / FRONTEND / "README.md")
-    assert not (out / FRONTEND / "gpu_backend").exists() and not (out / BACKEND / "cpu_frontend").exists()
+    assert not (out / FRONTEND / "splitspace" / "gpu_backend").exists()
+    assert not (out / BACKEND / "splitspace" / "cpu_frontend").exists()
     backend_reqs = (out / BACKEND / "requirements.txt").read_text()
     frontend_reqs = (out / FRONTEND / "requirements.txt").read_text()
     assert "spaces==" in backend_reqs and "torch==" in backend_reqs
@@ -104,7 +107,7 @@ def test_dry_run_writes_both_bundles(tmp_path, monkeypatch):
 def test_dry_run_replaces_a_previous_bundle_but_not_other_folders(tmp_path):
     options = DeployOptions(FE, BE, "tiny", private_backend=False)
     deploy(options, dry_run=tmp_path, environ={}, echo=lambda _: None)
-    stale = tmp_path / FRONTEND / "shared" / "stale.py"
+    stale = tmp_path / FRONTEND / "splitspace" / "shared" / "stale.py"
     stale.write_text("x = 1\n")
     deploy(options, dry_run=tmp_path, environ={}, echo=lambda _: None)
     assert not stale.exists()
@@ -124,12 +127,13 @@ def test_space_url():
 # -- 2. the bundles, run for real ----------------------------------------------------------------
 # Runs a bundle's app.py as Spaces would (``python app.py`` in its folder), with this
 # repository out of reach: the editable install's finder is dropped and the import of
-# ``deploy`` must fail, so every splitspace module comes from the bundle.
+# ``splitspace`` must fail (until app.py puts its own folder first), so every splitspace
+# module comes from the bundle.
 ISOLATE = textwrap.dedent("""\
     import importlib.util, runpy, sys
     sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
     sys.path[:] = [p for p in sys.path if p and not p.startswith({repo!r})]
-    for name in ("deploy", "tests"):
+    for name in ("splitspace", "tests"):
         assert importlib.util.find_spec(name) is None, name + " is importable: the repo is in reach"
     sys.argv = ["app.py"]
     runpy.run_path("app.py", run_name="__main__")
@@ -288,8 +292,8 @@ def test_deploy_makes_the_hub_calls_and_prints_no_secret(capsys):
         assert admin != secret and len(admin) >= 40
         assert comparable(api.calls, api.uploaded) == expected_calls(
             secret, admin, fe_token, "stabilityai/sd-turbo", private=True)
-        assert "app.py" in api.uploaded[BE] and "gpu_backend/app.py" in api.uploaded[BE]
-        assert "app.py" in api.uploaded[FE] and "cpu_frontend/app.py" in api.uploaded[FE]
+        assert "app.py" in api.uploaded[BE] and "splitspace/gpu_backend/app.py" in api.uploaded[BE]
+        assert "app.py" in api.uploaded[FE] and "splitspace/cpu_frontend/app.py" in api.uploaded[FE]
         printed = capsys.readouterr()
         for value in (secret, admin, fe_token):
             assert value not in printed.out + printed.err

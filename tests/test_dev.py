@@ -177,6 +177,21 @@ def test_dev_refuses_a_short_admin_token_in_one_line(tmp_path):
     assert "Traceback" not in done.stderr and "short" not in done.stderr.replace("too short", "")
 
 
+def test_dev_serves_from_a_space_with_its_own_shared_package_and_session_module(tmp_path):
+    """A Space's folder comes first on ``sys.path``; its own ``shared/`` and ``session.py``
+    (common names) must not shadow splitspace's, which live under ``splitspace.``."""
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "__init__.py").write_text('"""The Space own helpers."""\nGREETING = "hello"\n')
+    (tmp_path / "session.py").write_text('"""The Space own session helper."""\nUSER = "me"\n')
+    proc, furl, burl = _start_dev(tmp_path, "--model", "sleep:1")
+    try:
+        path, info = Client(furl, verbose=False).predict("a cat", "", 64, 64, 1, 0.0, 3, api_name="/generate")
+        assert Image.open(path).size == (64, 64) and info["seed"] == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+
+
 def _tier_pids(proc: subprocess.Popen[str]) -> list[int]:
     found = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in found]
@@ -242,17 +257,18 @@ def test_dev_stops_both_when_one_dies(tmp_path):
 
 def test_dev_reload_restarts_a_tier_and_the_page_follows(tmp_path):
     """--reload: editing a tier's source restarts it; the page carries the script that reloads it."""
-    work = tmp_path / "copy"
+    work = tmp_path / "copy"  # the package as installed, run from this folder (first on sys.path)
+    shutil.copytree(REPO / "splitspace", work / "splitspace", ignore=shutil.ignore_patterns("__pycache__"))
     for pkg in ("shared", "session", "gpu_backend", "cpu_frontend", "deploy"):
-        shutil.copytree(REPO / pkg, work / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(REPO / pkg, work / "splitspace" / pkg, ignore=shutil.ignore_patterns("__pycache__"))
     proc, furl, burl = _start_dev(work, "--model", "sleep:1", "--reload")
     try:
         assert "location.reload()" in httpx.get(furl + "/").text
         before = httpx.get(f"{furl}/health").json()
         backend_before = httpx.get(f"{burl}/health").json()["boot_id"]
-        with open(work / "cpu_frontend" / "limits.py", "a") as f:
+        with open(work / "splitspace" / "cpu_frontend" / "limits.py", "a") as f:
             f.write("\n# edited by test_dev_reload\n")
-        with open(work / "gpu_backend" / "cost.py", "a") as f:
+        with open(work / "splitspace" / "gpu_backend" / "cost.py", "a") as f:
             f.write("\n# edited by test_dev_reload\n")
         deadline = time.monotonic() + 60
         after, backend_after = before, backend_before
