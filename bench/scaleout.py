@@ -32,7 +32,7 @@ Three parts, selectable with ``--part`` (default all):
                              [--rounds 3] [--warmup 1] [--with-sqlite] [--seq 200]
                              [--hop-model sleep:0]
 
-Parts 2 and 3 run real tiers (``python -m deploy.cli``) on loopback and a throwaway
+Parts 2 and 3 run real tiers (``python -m splitspace.deploy.cli``) on loopback and a throwaway
 ``redis-server``; part 1 uses ``--redis-url`` when given, else its own ``redis-server``.
 """
 

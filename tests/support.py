@@ -1,6 +1,6 @@
 """Start the real tiers as processes on loopback, for the tests and the benchmarks.
 
-Nothing is mocked: each tier is ``python -m deploy.cli backend|frontend`` on a
+Nothing is mocked: each tier is ``python -m splitspace.deploy.cli backend|frontend`` on a
 free port, configured through ``SPLITSPACE_*`` variables, with its output in a
 log file that tests can read (e.g. to check that no secret is ever logged).
 """

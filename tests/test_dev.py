@@ -123,7 +123,7 @@ class _Terminal:
 
 
 def _quota_list(command_line: str) -> subprocess.CompletedProcess[str]:
-    """Run the ``VAR=... splitspace quota list`` line dev printed, as ``python -m deploy.cli``."""
+    """Run the ``VAR=... splitspace quota list`` line dev printed, as ``python -m splitspace.deploy.cli``."""
     words = shlex.split(command_line)
     assignments = dict(w.split("=", 1) for w in words if "=" in w)
     assert words[len(assignments):] == ["splitspace", "quota", "list"], command_line
