@@ -166,16 +166,17 @@ class Frontend:
             headers[IP_TOKEN_HEADER] = ip_token
         return headers
 
-    async def join_door(self, identity: Identity) -> Place:
+    async def join_door(self, identity: Identity, parked: bool = False) -> Place:
         """Join the client's line at the door, within its in-flight cap counted here and,
         with Redis, across every frontend (``inflight_ledger.py``); raises Queue full (or
         Service unavailable, Redis down in ``closed`` mode). The one way in, for the
-        door's middleware and the handler."""
+        door's middleware and the handler. ``parked``: counted, not yet in line
+        (``FairDoor.join``)."""
         flow, terms = identity.flow_id, self.caps.terms(identity)
         self.door.check_cap(flow, terms.cap)
         hold = await self.ledger.acquire(flow, terms.cap, self.door.count(flow))
         try:  # again: others may have joined meanwhile
-            place = self.door.join(flow, terms.cap, terms.weight, room=terms.running)
+            place = self.door.join(flow, terms.cap, terms.weight, room=terms.running, parked=parked)
         except BaseException:
             self.ledger.release(hold)
             raise

@@ -29,11 +29,12 @@ one frontend:
   those by one request; every flow still gets one turn per round). The ready flows
   are a ``sortedcontainers.SortedList`` by virtual start: O(log n) per decision and
   per estimate of a waiter's place, whatever the number of flows.
-- **Parked calls.** A REST call answered with an event id whose caller has not yet
-  opened its stream is parked (``Place.park``): it counts against its flow's cap but
-  is not in line, and joins the line only when its caller comes back for it. A place
-  inside is for work a caller is waiting for; letting in a call nobody reads let a few
-  addresses keep the door full for free while the GPU idled (issue 21).
+- **Parked calls.** A REST call answered with an event id joins *parked*
+  (``join(parked=True)``): it counts against its flow's cap but is not in line, and
+  joins the line when its caller comes back for it (``Place.unpark``). A place inside
+  is for work a caller is waiting for: calls let in with nobody to read them kept the
+  door full for free while the GPU idled, and calls run with nobody to read them took
+  the GPU from those who read theirs.
 - **Caps.** A flow with ``cap`` requests in flight (inside + waiting: the
   client's ``max_running + max_queued``) is refused with ``Queue full``; the
   ASGI middleware (``door_middleware.py``) asks the same question before Gradio
@@ -121,14 +122,6 @@ class Place:
         ahead = (len(f.waiting) if self._parked else f.waiting.index(self)) + f.inside
         return door._ready.bisect_left(key) + ahead * len(door._flows) + 1
 
-    def park(self) -> None:
-        """Step out of line, still counted in its flow's cap: a held call whose caller has
-        not opened its stream yet. A place is for work: one let in with nobody to read its
-        answer would hold it for nothing while the GPU idles (issue 21)."""
-        if not self._left and not self.inside and not self._parked:
-            self._parked = True
-            self._door._park(self)
-
     def unpark(self) -> None:
         """Its caller is back: join the flow's line now (or go in at once, given room)."""
         if not self._left and self._parked:
@@ -181,11 +174,13 @@ class FairDoor:
             )
 
     # -- moving through ------------------------------------------------------------------
-    def join(self, flow_id: str, cap: int, weight: float = 1.0, room: int = 1) -> Place:
+    def join(self, flow_id: str, cap: int, weight: float = 1.0, room: int = 1, *, parked: bool = False) -> Place:
         """Join the flow's line, or raise Queue full. The place's ``turn`` is done once the
         request is inside (at once when its flow and the door have room). ``weight``: the
         client's share (its tier's), relative to other flows'; ``room``: how many of its
-        requests may be inside at once, if more than ``per_flow`` (its ``max_running``)."""
+        requests may be inside at once, if more than ``per_flow`` (its ``max_running``).
+        ``parked``: counted in the cap but not in line until :meth:`Place.unpark` (a call
+        answered with an event id, whose caller has not come back for it yet)."""
         self.check_cap(flow_id, cap)
         f = self._flows.get(flow_id)
         if f is None:
@@ -193,7 +188,11 @@ class FairDoor:
         f.weight = weight if weight > 0 else 1.0
         f.room = max(self.per_flow, room)
         place = Place(self, flow_id, f)
-        self._line_up(f, place)
+        if parked:
+            place._parked = True
+            f.parked += 1
+        else:
+            self._line_up(f, place)
         return place
 
     def _line_up(self, f: _Flow, place: Place) -> None:
@@ -231,20 +230,9 @@ class FairDoor:
             return None
         return place
 
-    def _park(self, place: Place) -> None:
-        self._out_of_line(place._flow, place)
-        place._flow.parked += 1
-
     def _unpark(self, place: Place) -> None:
         place._flow.parked -= 1
         self._line_up(place._flow, place)
-
-    def _out_of_line(self, f: _Flow, place: Place) -> None:
-        f.waiting.remove(place)
-        self._waiting -= 1
-        if not f.waiting and f.ready is not None:  # nothing left to let in
-            self._ready.remove(f.ready)
-            f.ready = None
 
     def _leave(self, place: Place) -> None:
         f = place._flow
@@ -256,7 +244,11 @@ class FairDoor:
             if place._parked:
                 f.parked -= 1
             else:
-                self._out_of_line(f, place)
+                f.waiting.remove(place)
+                self._waiting -= 1
+                if not f.waiting and f.ready is not None:  # nothing left to let in
+                    self._ready.remove(f.ready)
+                    f.ready = None
         if not f.inside and not f.waiting and not f.parked:
             del self._flows[place.flow_id]
         else:

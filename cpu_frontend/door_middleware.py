@@ -16,19 +16,21 @@ that start a ``/generate`` job (curl, httpx, any HTTP client):
    in-flight cap gets HTTP 429 with ``Retry-After`` and ``{"title": "Queue full",
    "message", "retry_after_s"}`` (503 "Service unavailable" when the shared count on
    Redis cannot be reached in ``closed`` mode), and Gradio never sees the request.
-3. A call whose place is inside at once goes on to Gradio with a one-time pass for its
-   place (``DOOR_PASS_HEADER``), which the handler takes instead of joining again.
-4. A call that must wait is held here instead: ``POST /call/generate`` is answered at
-   once with an event id of the door's own, as Gradio answers it; its event stream
-   (``GET /call/generate/<id>``) tells the caller its place at the door, in the
-   events Gradio sends (``event: generating``, the handler's status dict), and when
-   the turn comes the call is made to Gradio from here and Gradio's own stream
-   continues the reply. Until that stream is opened the call is *parked*: counted in
-   its client's cap, but not in line, so it never takes a place inside the door. A
-   place is for work; one let in with nobody to read its answer held it for 30 s while
-   the GPU idled, and 40 addresses POSTing their caps and never reading kept the door
-   full for free (issue 21). A synchronous call (``/run``, ``/api``) is simply held until
-   its turn. A caller who leaves while held leaves its line.
+3. ``POST /call/generate`` (and ``/call/v2``) is answered at once with an event id of
+   the door's own, as Gradio answers it, and the call is *parked*: counted in its
+   client's cap, not in line. When its caller opens the event stream (``GET
+   /call/generate/<id>``) it joins the line; the stream tells the caller its place at
+   the door, in the events Gradio sends (``event: generating``, the handler's status
+   dict), and when the turn comes the call is made to Gradio from here, with a one-time
+   pass for its place (``DOOR_PASS_HEADER``) that the handler takes instead of joining
+   again, and Gradio's own stream continues the reply. A place inside is for work
+   someone waits for: calls let in before anyone read them kept the door full for free
+   while the GPU idled (40 addresses POSTing their caps every 31 s and never reading),
+   and calls run for nobody took the GPU from those who read theirs. A call whose stream
+   is never opened gives its room in the cap back after ``UNCLAIMED_S``.
+4. A synchronous call (``/run``, ``/api``) goes on to Gradio with its pass when its place
+   is inside, at once or after waiting here while its connection stays open. A caller
+   who leaves while held leaves its line.
 
 ``/gradio_api/queue/join`` (browsers, ``gradio_client``, ``@gradio/client``) goes to
 Gradio, and waits at the door in the handler: those clients read refusals and places
@@ -57,7 +59,7 @@ DOOR_PASS_HEADER = "x-splitspace-door-pass"
 """The one-time pass of a place the middleware holds (set here, stripped from callers)."""
 _PASS = DOOR_PASS_HEADER.encode()
 UNCLAIMED_S = 30.0
-"""A held call whose stream nobody opened in this long gives its room in its client's cap
+"""A parked call whose stream nobody opened in this long gives its room in its client's cap
 back (it never had a place inside); a pass the handler never took gives its place back."""
 
 
@@ -91,7 +93,7 @@ class DoorMiddleware:
         *,
         door: FairDoor,
         identify: Callable[[Request], Identity],
-        join: Callable[[Identity], Awaitable[Place]],
+        join: Callable[[Identity, bool], Awaitable[Place]],
         is_request: Callable[[Any], bool],
         seconds_per_job: Callable[[], float],
         api_names: Collection[str],
@@ -143,14 +145,13 @@ class DoorMiddleware:
         except (SplitspaceError, ValueError, KeyError, TypeError):  # an unknown key, a bad body
             await self.app(scope, replay, send)
             return
-        try:
-            place = await self.join(identity)
+        try:  # a /call is parked (counted, not in line) until its caller opens the stream
+            place = await self.join(identity, streamed)
         except (Throttled, ServiceUnavailable) as exc:
             await _refuse(send, exc)
             return
-        if streamed and not place.inside:
+        if streamed:
             event_id = uuid.uuid4().hex
-            place.park()  # out of line until its caller comes back for it: a place is for work
             held = _Held(scope, body, place)
             held.expiry = asyncio.get_running_loop().call_later(UNCLAIMED_S, self._expire, event_id)
             self._held.by_id[event_id] = held
@@ -170,7 +171,7 @@ class DoorMiddleware:
                 if not place.inside:
                     return
                 replay = _after(body, gone)
-            await self._hand_on(place, scope, replay, send, streamed)
+            await self._hand_on(place, scope, replay, send, streamed=False)
         except BaseException:
             place.leave()
             raise

@@ -126,24 +126,30 @@ def test_a_crowd_is_served_fairly_and_completely(crowd_tiers):
 
 def test_over_cap_is_refused_at_the_door_before_gradio(tmp_path):
     """tier "tight": 1 running + 1 queued; the third concurrent REST call gets HTTP 429 from
-    the POST itself: no event id, so Gradio never queued it."""
+    the POST itself: no event id, so Gradio never queued it. (The two answered calls are
+    parked at the door until read: they count, and run once read.)"""
     d = Deployment(tmp_path, model="sleep:3000", quotas=quotas()).start()
     try:
         url, headers = d.frontend.url, {"authorization": "Bearer k-tight"}
         with httpx.Client(timeout=60) as c:
-            for _ in range(2):
-                assert c.post(f"{url}/gradio_api/call/generate", json={"data": gen_args()}, headers=headers).status_code == 200
-            # both are in flight (at the GPU tier, for 3 s) before the third comes
-            assert wait_for(lambda: metric(d.backend.url, "splitspace_infer_calls_total") >= 2, 30, 0.05)
+            answered = [c.post(f"{url}/gradio_api/call/generate", json={"data": gen_args()}, headers=headers)
+                        for _ in range(2)]
+            assert [r.status_code for r in answered] == [200, 200]
+            # both are in flight (answered, held at the door until read) before the third comes
+            assert c.get(f"{url}/health").json()["door"]["held"] == 2
             refused = c.post(f"{url}/gradio_api/call/generate", json={"data": gen_args()}, headers=headers)
             assert refused.status_code == 429, refused.text
             body = refused.json()
             assert body["title"] == "Queue full" and "event_id" not in body
             assert body["message"].endswith(" s.") and "max_running + max_queued = 2" in body["message"]
             assert int(refused.headers["retry-after"]) >= 1
-            assert metric(d.backend.url, "splitspace_infer_calls_total") == 2  # it went nowhere
-            # another client is not affected, and nothing was lost for this one: it is served later
+            assert metric(d.backend.url, "splitspace_infer_calls_total") == 0  # none went on, none read yet
+            # another client is not affected, and nothing was lost for this one: its two run when
+            # read, and it is served again after them
             assert call_rest(c, url, "generate", gen_args(), {"authorization": "Bearer k-light"})[0] == "complete"
-            assert wait_for(lambda: call_rest(c, url, "generate", gen_args(), headers)[0] == "complete", 30, 0.5)
+            for r in answered:
+                with c.stream("GET", f"{url}/gradio_api/call/generate/{r.json()['event_id']}", headers=headers) as s:
+                    assert [ln for ln in s.iter_lines() if ln.startswith("event:")][-1] == "event: complete"
+            assert call_rest(c, url, "generate", gen_args(), headers)[0] == "complete"
     finally:
         d.stop()

@@ -300,30 +300,28 @@ def test_a_handed_over_place_is_taken_once_and_only_by_its_flow():
 
 
 def test_a_parked_call_takes_no_place_until_its_caller_comes_back():
-    """A held REST call whose stream nobody opened is parked: it counts against its flow's
-    cap, never goes in, and lets the next caller in; when its caller comes back it joins
-    the line (issue 21: unread calls let in held the door full while the GPU idled)."""
+    """A REST call answered with an event id joins parked: it counts against its flow's cap,
+    never goes in, and lets the callers who are there go first; when its caller comes back it
+    joins the line (unread calls let in held the door full while the GPU idled)."""
 
     async def scenario() -> None:
         door = FairDoor(per_flow=1, total=1)
-        busy = door.join("attacker", cap=3)
-        assert busy.inside
-        parked = [door.join("attacker", cap=3) for _ in range(2)]
-        for p in parked:
-            p.park()
-        with pytest.raises(Throttled):  # parked calls still count against the cap
+        parked = [door.join("attacker", cap=3, parked=True) for _ in range(3)]
+        assert door.count("attacker") == 3 and door.inside == door.waiting == 0
+        with pytest.raises(Throttled):  # parked calls count against the cap
             door.join("attacker", cap=3)
-        assert door.count("attacker") == 3 and door.waiting == 0
         light = door.join("light", cap=3)
-        busy.leave()
-        # the place goes to the caller who is there, not to the unread calls
-        assert light.inside and not any(p.inside for p in parked)
+        assert light.inside and not any(p.inside for p in parked)  # the door was empty for it
+        parked[1].unpark()  # its caller opened the stream: in line behind the light
+        assert not parked[1].inside and parked[1].position() == 1
         light.leave()
-        assert door.inside == 0  # nobody waiting: the door stays empty for a parked call
-        parked[1].unpark()  # its caller opened the stream: in at once, the door being free
-        assert parked[1].inside and not parked[0].inside
-        parked[0].leave()  # never claimed: gives its room in the cap back
+        assert parked[1].inside and not parked[0].inside and not parked[2].inside
         parked[1].leave()
+        assert door.inside == 0  # nobody waiting: the door stays empty for the parked calls
+        parked[0].leave()  # never claimed: gives its room in the cap back
+        parked[2].unpark()
+        assert parked[2].inside
+        parked[2].leave()
         assert door.count("attacker") == 0 and door.inside == door.waiting == 0
 
     run(scenario())
