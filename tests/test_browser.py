@@ -517,7 +517,7 @@ def test_recent_images_keep_working_up_to_their_limit_with_noise(tiny: Deploymen
     images kept, the next Generate was refused (413, a 20,860-byte body), and so was the
     page's load. Now the history stays in the browser: what a click sends does not grow
     with it, up to RECENT_MAX images and beyond, whatever the images and prompts."""
-    from cpu_frontend.page import RECENT_MAX
+    from splitspace.cpu_frontend.page import RECENT_MAX
 
     def prompt_of(i: int) -> str:  # the newest one carries markup and a template literal: text only
         return f"noise {i}" + (' <img src=x onerror="window.pwned=1"> ${window.pwned=2}' if i == RECENT_MAX else "")
