@@ -13,6 +13,12 @@ events live here:
   is refreshed after every generation and on load; recent images stay in this
   browser (``gr.BrowserState``, thumbnails in localStorage), each one re-usable.
 
+The history never goes to the server: a noise image's thumbnail alone is most of the
+frontend's 16 KiB body limit, and it would ride along with every click. The server
+sends the new image's entry once; the browser adds it to its history (a ``js=`` step),
+draws the history (``RECENT_JS``) and sends back only what a click needs: the last
+image's GPU time (for the wait estimate) or the request fields of a thumbnail clicked.
+
 The model's name and its default steps and guidance come from the GPU tiers' health
 documents, read again on every page load, so a live model change or a GPU tier that
 started after the frontend shows the right defaults without a restart.
@@ -23,6 +29,7 @@ import base64
 import hashlib
 import hmac
 import io
+import json
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -51,7 +58,8 @@ EXAMPLES = [
     "A cosy reading nook with plants and a warm lamp, evening light",
 ]
 RECENT_MAX = 12
-"""Recent images kept in the browser (thumbnails, about 5 KB each in localStorage)."""
+"""Recent images kept in the browser (thumbnails in localStorage: a 160 px JPEG of noise,
+the worst case, is about 10 KB as a data URL; of a picture, a few KB)."""
 THUMB_SIDE = 160
 RECENT_KEY = "splitspace-recent"
 BROWSER_STATE_SALT = b"splitspace.browser-state"
@@ -90,10 +98,53 @@ const words = () => {
 new MutationObserver(words).observe(root, {subtree: true, childList: true, characterData: true});
 """
 RECENT_JS = """
-element.addEventListener('click', (e) => {  // a thumbnail puts its prompt and seed back
+// The history is drawn here, in the browser, from this component's value (the browser's
+// history list): one button per image, made with the DOM, so a stored prompt is only text.
+const shown = () => (Array.isArray(props.value) ? props.value : [])
+  .filter((item) => item && typeof item === 'object').slice(0, RECENT_MAX);
+const draw = () => {
+  const grid = element.querySelector('.splitspace-recent-grid');
+  if (!grid) return;
+  grid.replaceChildren(...shown().map((item, index) => {
+    const b = document.createElement('button');
+    b.type = 'button';
+    b.className = 'splitspace-thumb';
+    b.dataset.index = String(index);
+    b.title = `${item.prompt ?? ''} · seed ${item.seed ?? ''}`;
+    const img = document.createElement('img');
+    img.alt = String(item.prompt ?? '');
+    // Only our own data URLs: a stored value is never a link elsewhere.
+    if (typeof item.thumb === 'string' && item.thumb.startsWith('data:image/')) img.src = item.thumb;
+    b.append(img);
+    return b;
+  }));
+};
+draw();
+watch('value', draw);
+element.addEventListener('click', (e) => {  // a thumbnail puts its settings back: those alone go to the server
   const b = e.target.closest('[data-index]');
-  if (b) trigger('select', {index: Number(b.dataset.index), value: null, selected: true});
+  const item = b && shown()[Number(b.dataset.index)];
+  if (!item) return;
+  const fields = Object.fromEntries(REQUEST_FIELDS.filter((k) => k in item).map((k) => [k, item[k]]));
+  trigger('select', {index: Number(b.dataset.index), value: fields, selected: true});
 });
+""".replace("RECENT_MAX", str(RECENT_MAX)).replace("REQUEST_FIELDS", json.dumps(list(REQUEST_FIELDS)))
+KEPT_JS = f"""
+(items) => Array.isArray(items) ? items.filter((i) => i && typeof i === 'object').slice(0, {RECENT_MAX}) : []
+"""
+"""The history as the browser keeps it: a list of entries, at most RECENT_MAX."""
+LAST_GPU_JS = f"""
+(...values) => {{  // Generate sends the form and, of the history, only the last image's GPU time
+  const last = ({KEPT_JS})(values[{len(REQUEST_FIELDS)}])[0];
+  return [...values.slice(0, {len(REQUEST_FIELDS)}), typeof last?.gpu_s === 'number' ? last.gpu_s : null];
+}}
+"""
+ADD_RECENT_JS = f"""
+(entry, items) => {{  // the new image's entry, from the server, goes first; then it is cleared
+  const kept = ({KEPT_JS})(items);
+  const now = entry && typeof entry === 'object' ? [entry, ...kept].slice(0, {RECENT_MAX}) : kept;
+  return [now, now, null];
+}}
 """
 RECENT_CSS = """
 .splitspace-recent-grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(72px, 1fr)); gap: 6px; }
@@ -180,14 +231,6 @@ def recent_entry(png_path: str, info: dict[str, Any], prompt: str, negative_prom
     }
 
 
-def stored(items: Any) -> list[dict[str, Any]]:
-    """The browser's history as it came back from localStorage (the browser's to change):
-    entries that are objects, at most :data:`RECENT_MAX` of them."""
-    if not isinstance(items, list):
-        return []
-    return [item for item in items if isinstance(item, dict)][:RECENT_MAX]
-
-
 class GoneTabs:
     """Sessions whose tab went away (Gradio's ``unload``), so their wait stops at the next
     status instead of holding a place on the GPU for nobody."""
@@ -241,13 +284,14 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
                 caption = gr.Markdown(elem_id="splitspace-caption")
                 with gr.Accordion("Details", open=False):
                     info_box = gr.JSON(label="Info")
-                recent = gr.HTML(ui_text.recent_html([]), js_on_load=RECENT_JS, css_template=RECENT_CSS,
-                                 elem_id="splitspace-recent")
+                recent = gr.HTML([], html_template=ui_text.recent_template(), js_on_load=RECENT_JS,
+                                 css_template=RECENT_CSS, elem_id="splitspace-recent")
         # Below both columns: on a phone the image comes right after the button, examples after it.
         gr.Markdown("**Try one of these.**")
         gr.Examples([[p] for p in EXAMPLES], inputs=[prompt], label="Examples", cache_examples=False,
                     api_visibility="private")
         history = gr.BrowserState([], storage_key=RECENT_KEY, secret=frontend.browser_secret)
+        fresh = gr.JSON(None, visible=False)  # the new image's entry, on its way into the history
         quota_api_box = gr.JSON(label="Quota", visible=False)
 
         inputs = [prompt, negative, width, height, steps, guidance, seed]
@@ -260,15 +304,15 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
 
         async def on_generate(
             prompt: str, negative_prompt: str, width: Any, height: Any, steps: Any, guidance_scale: Any,
-            seed: Any, recent_items: list[dict[str, Any]] | None,
+            seed: Any, last_gpu: Any,
             request: gr.Request, progress: gr.Progress = gr.Progress(),
         ) -> tuple[Any, ...]:
             values = dict(zip(REQUEST_FIELDS, (prompt, negative_prompt, width, height, steps, guidance_scale, seed)))
-            items = stored(recent_items)
             clicked = time.monotonic()
             started: list[float] = []  # when the GPU began (the first "running" status)
-            last = items[0].get("gpu_s") if items else None
-            last_gpu_s = float(last) if isinstance(last, (int, float)) else 0.0
+            # The last image's GPU time (LAST_GPU_JS): the browser's to say, a guess only.
+            ok = isinstance(last_gpu, (int, float)) and not isinstance(last_gpu, bool) and 0 <= last_gpu < 3600
+            last_gpu_s = float(last_gpu) if ok else 0.0
             session = request.session_hash or ""
 
             def on_status(status: dict[str, Any]) -> bool:
@@ -288,16 +332,14 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
             finally:
                 tabs.done(session)
             if outcome is None:  # the tab went away
-                return (gr.skip(),) * 7
+                return (gr.skip(),) * 6
             if isinstance(outcome, Refusal):
                 can_retry_now = outcome.retry_s is None
                 return (gr.skip(), gr.skip(), gr.skip(), ui_text.refusal_html(outcome),
-                        gr.Button(interactive=can_retry_now), gr.skip(), gr.skip())
+                        gr.Button(interactive=can_retry_now), None)
             image_out, info = outcome
             entry = await asyncio.to_thread(recent_entry, image_out["path"], info, prompt, negative_prompt)
-            items = [entry, *items][:RECENT_MAX]
-            return (image_out, ui_text.caption(info), info, "", gr.Button(interactive=True), items,
-                    ui_text.recent_html(items))
+            return image_out, ui_text.caption(info), info, "", gr.Button(interactive=True), entry
 
         async def on_quota(request: gr.Request) -> str:
             try:
@@ -306,30 +348,31 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
                 return ui_text.quota_html(None, problem=exc.message)
             return ui_text.quota_html(ui_text.quota_line(standing))
 
-        def on_reuse(recent_items: list[dict[str, Any]] | None, evt: gr.SelectData) -> tuple[Any, ...]:
-            items = stored(recent_items)
-            if not isinstance(evt.index, int) or not 0 <= evt.index < len(items):
+        def on_reuse(evt: gr.SelectData) -> tuple[Any, ...]:
+            # The clicked image's request fields, from the browser's history (RECENT_JS).
+            item = evt.value if isinstance(evt.value, dict) else {}
+            if not item:
                 return (gr.skip(),) * (len(REQUEST_FIELDS) + 1)
-            item = items[evt.index]
             # The settings open, so that the seed put back is in sight.
             return (*(item.get(name, gr.skip()) for name in REQUEST_FIELDS), gr.Accordion(open=True))
 
-        def on_load(recent_items: list[dict[str, Any]] | None) -> tuple[Any, ...]:
+        def on_load() -> tuple[Any, ...]:
             defaults = model.defaults()
-            return (model.heading(), defaults["steps"], defaults["guidance_scale"],
-                    ui_text.recent_html(stored(recent_items)))
+            return model.heading(), defaults["steps"], defaults["guidance_scale"]
 
-        page_outputs = [image, caption, info_box, notice, run, history, recent]
+        page_outputs = [image, caption, info_box, notice, run, fresh]
         private: dict[str, Any] = {"api_visibility": "private", "concurrency_limit": None}
         for trigger in (run.click, prompt.submit):
-            trigger(on_generate, [*inputs, history], page_outputs, preprocess=False, postprocess=False,
-                    show_progress_on=[image], **private
-                    ).then(on_quota, None, quota_box, show_progress="hidden", **private)
+            # js=LAST_GPU_JS: of the history, only the last image's GPU time goes up.
+            trigger(on_generate, [*inputs, history], page_outputs, js=LAST_GPU_JS, preprocess=False,
+                    postprocess=False, show_progress_on=[image], **private
+                    ).then(None, [fresh, history], [history, recent, fresh], js=ADD_RECENT_JS, **private
+                           ).then(on_quota, None, quota_box, show_progress="hidden", **private)
         notice.end(lambda: gr.Button(interactive=True), None, run, show_progress="hidden", **private
                    ).then(on_quota, None, quota_box, show_progress="hidden", **private)
-        recent.select(on_reuse, history, [*inputs, advanced], show_progress="hidden", **private)
-        blocks.load(on_load, history, [heading, steps, guidance, recent],
-                    show_progress="hidden", **private)
+        recent.select(on_reuse, None, [*inputs, advanced], show_progress="hidden", **private)
+        blocks.load(None, history, recent, js=f"(items) => [({KEPT_JS})(items)]", **private)  # in the browser
+        blocks.load(on_load, None, [heading, steps, guidance], show_progress="hidden", **private)
         blocks.load(on_quota, None, quota_box, show_progress="hidden", **private)
 
         def on_unload(request: gr.Request) -> None:

@@ -30,7 +30,9 @@ __all__ = [
     "refusal_text",
     "refusal_html",
     "quota_html",
-    "recent_html",
+    "RECENT_EMPTY",
+    "RECENT_HEADING",
+    "recent_template",
     "THROTTLE_TITLES",
 ]
 
@@ -218,26 +220,18 @@ def quota_html(line: QuotaLine | None, problem: str | None = None) -> str:
     )
 
 
-def recent_html(items: list[dict[str, Any]]) -> str:
-    """This browser's recent images as buttons (thumbnail, prompt as its title); the
-    page's script turns a click into a select event with the item's index."""
-    if not items:
-        return (
-            '<div class="splitspace-recent"><p class="splitspace-recent-empty">'
-            "Your recent images will appear here (kept in this browser only).</p></div>"
-        )
-    buttons = []
-    for i, item in enumerate(items):
-        prompt = str(item.get("prompt", ""))
-        title = f"{prompt} · seed {item.get('seed')}"
-        thumb = str(item.get("thumb", ""))
-        if not thumb.startswith("data:image/"):
-            thumb = ""  # only our own data URLs: a stored value is never a link elsewhere
-        buttons.append(
-            f'<button type="button" class="splitspace-thumb" data-index="{i}" title="{html.escape(title)}">'
-            f'<img src="{html.escape(thumb)}" alt="{html.escape(prompt)}"></button>'
-        )
+RECENT_EMPTY = "Your recent images will appear here (kept in this browser only)."
+RECENT_HEADING = "Your recent images (kept in this browser; click one to use its prompt and seed again)"
+
+
+def recent_template() -> str:
+    """The frame of this browser's recent images, as a ``gr.HTML`` template that the
+    browser renders from the history it keeps (the history never goes to the server).
+    Fixed words only: the page's script puts one button per image into the grid with
+    the DOM (a stored prompt is text, never markup; gr.HTML evaluates its template as
+    JavaScript, so no stored value may pass through it)."""
     return (
-        '<div class="splitspace-recent"><p>Your recent images (kept in this browser; click one to use its '
-        'prompt and seed again)</p><div class="splitspace-recent-grid">' + "".join(buttons) + "</div></div>"
+        '<div class="splitspace-recent">{{#if value.length}}<p>' + RECENT_HEADING + "</p>"
+        '<div class="splitspace-recent-grid"></div>{{else}}<p class="splitspace-recent-empty">'
+        + RECENT_EMPTY + "</p>{{/if}}</div>"
     )

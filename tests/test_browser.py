@@ -509,3 +509,52 @@ def test_webcomponent_on_a_site_not_in_cors_origins_is_refused(ui: UI, context: 
     page.goto(ui.other_site + "/webcomponent")  # waits for the load event: the module script has failed
     assert page.evaluate("customElements.get('gradio-app') === undefined")
     assert any("/assets/" in u for u in blocked), blocked
+
+
+def test_recent_images_keep_working_up_to_their_limit_with_noise(tiny: Deployment, context: Any) -> None:
+    """The history (a JPEG thumbnail per image) went up to the server with every click, and
+    a noise image's thumbnail is about 10 KB of the frontend's 16 KiB body limit: with two
+    images kept, the next Generate was refused (413, a 20,860-byte body), and so was the
+    page's load. Now the history stays in the browser: what a click sends does not grow
+    with it, up to RECENT_MAX images and beyond, whatever the images and prompts."""
+    from splitspace.cpu_frontend.page import RECENT_MAX
+
+    def prompt_of(i: int) -> str:  # the newest one carries markup and a template literal: text only
+        return f"noise {i}" + (' <img src=x onerror="window.pwned=1"> ${window.pwned=2}' if i == RECENT_MAX else "")
+
+    page = context.new_page()
+    joins: list[int] = []  # the size of every body the page sends to Gradio's queue
+    failed: list[str] = []
+    page.on("request", lambda r: joins.append(len(r.post_data_buffer or b""))
+            if "/gradio_api/queue/join" in r.url else None)
+    page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.goto(tiny.frontend.url + "/")
+    thumbs = page.locator(".splitspace-thumb")
+    caption = page.locator("#splitspace-caption")
+    for i in range(RECENT_MAX + 1):
+        generate_in(page, prompt_of(i))
+        # The image appears with its caption, and the history shows it first.
+        title = f"{prompt_of(i)} ·"
+        assert wait_for(lambda t=title: (thumbs.first.get_attribute("title") or "").startswith(t), 30), (
+            f"image {i + 1} never reached the history; bodies sent: {joins}, refused: {failed}"
+        )
+        seed = (thumbs.first.get_attribute("title") or "").rsplit("seed ", 1)[1]
+        caption.get_by_text(re.compile(f"Seed {seed} · 512×512 ·")).wait_for()
+        assert thumbs.count() == min(i + 1, RECENT_MAX)
+        assert page.locator(GENERATED_IMG).count() >= 1
+    assert not failed, failed
+    assert max(joins) < 2048, f"the page's bodies grew with the history: {joins}"
+
+    page.reload()  # the history is this browser's: all of it, newest first
+    thumbs.first.wait_for()
+    assert wait_for(lambda: thumbs.count() == RECENT_MAX, 10), thumbs.count()
+    titles = [thumbs.nth(i).get_attribute("title") or "" for i in range(RECENT_MAX)]
+    assert [t.split(" ·")[0] for t in titles] == [prompt_of(i) for i in range(RECENT_MAX, 0, -1)], titles
+    assert page.locator("#splitspace-recent img").count() == RECENT_MAX  # one picture per image, no more
+    assert page.evaluate("window.pwned") is None
+    thumbs.last.click()  # the oldest one kept gives back its prompt and seed
+    prompt = page.get_by_label("Prompt", exact=True)
+    assert wait_for(lambda: prompt.input_value() == "noise 1", 10), prompt.input_value()
+    seed_box = page.get_by_label("Seed (-1 = random)")
+    assert wait_for(lambda: seed_box.input_value() == titles[-1].rsplit("seed ", 1)[1], 10), seed_box.input_value()
+    assert not failed, failed
