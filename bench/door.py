@@ -14,8 +14,8 @@ inside and one per flow (the rest wait). Timed, in the thread's CPU time:
   20,000 have (or all have);
 - join: 1,000 new flows join a full door.
 
-Printed: microseconds per call, and the growth ratio 10,000 / 100 (issue 10's bar for
-the scheduler core: at most 3x). Run: python bench/door.py
+Printed: microseconds per call, and the growth ratio 10,000 / 100 (the bar set for
+the scheduler core in the second release: at most 3x). Run: python bench/door.py
 """
 
 from __future__ import annotations

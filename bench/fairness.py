@@ -1,6 +1,6 @@
 """Fairness benchmark: the noisy-neighbour workload and a many-client case, splitspace vs plain Gradio.
 
-1. ANCHORS.md section 1: one client bursts 40 jobs of 100 ms; 0.2 s later four
+1. The noisy neighbour: one client bursts 40 jobs of 100 ms; 0.2 s later four
    light clients send one job each (from a separate process, so the burst's
    open streams do not slow the lights' own client). Reported: the lights'
    median and worst latency in job times, the heavy client's total.

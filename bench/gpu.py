@@ -21,7 +21,7 @@ in ``--cpu-smoke``, which starts the tiers during the raw phase to save time). G
 utilisation is NVML's (the share of time a kernel ran; a launch-bound model can
 read high while its SMs idle), "n/a" on a CPU.
 
-Goals (issue 14, on a GPU): served with 16 clients >= 0.9x raw batch 16; one
+Goals (set for the second release, on a GPU): served with 16 clients >= 0.9x raw batch 16; one
 client's p50 <= raw batch 1 + 10 ms; the 4 clients' shares within 5%.
 
 Run on a GPU: python bench/gpu.py [--model arch:sd-turbo] [--size 512] [--seconds 20]

@@ -1,6 +1,6 @@
 """The jam: addresses that POST their cap and never read, beside one well-behaved client.
 
-The attack of issue 21, item 1. ``--attackers`` addresses (127.0.0.10 onward), each
+An attack on the frontend's door that costs the attacker nothing. ``--attackers`` addresses (127.0.0.10 onward), each
 every ``--period`` seconds, POST as many ``/call`` requests as their cap allows
 (anonymous: ``max_running + max_queued`` = 5) and never open the event streams. One
 well-behaved client (an API key with the anonymous tier's limits) runs one 100 ms job after another, reading each

@@ -1,4 +1,4 @@
-"""Memory of the tiers after many distinct clients and many idle pages (issue 21, item 6).
+"""Memory of the tiers after many distinct clients and many idle pages.
 
 Why: what a tier keeps per client must be bounded by what is active, or a crowd of
 distinct clients (IPv6 /64s are cheap) grows it for good. Three measurements:

@@ -1,4 +1,4 @@
-"""What checking the identity token's nonce in Redis adds to a GPU tier's admission (issue 21, 5).
+"""What checking the identity token's nonce in Redis adds to a GPU tier's admission.
 
 With ``SPLITSPACE_REDIS_URL`` the admission's one script (``GlobalLimits.admit``) also
 sets the call's nonce (``SET NX PX``), so a captured call is refused on every GPU tier.

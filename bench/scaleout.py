@@ -1,4 +1,4 @@
-"""Scale-out benchmark (issue 12): the Redis store's cost, and what a second GPU tier buys.
+"""Scale-out benchmark: the Redis store's cost, and what a second GPU tier buys.
 
 Three parts, selectable with ``--part`` (default all):
 

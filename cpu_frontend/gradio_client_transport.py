@@ -3,7 +3,8 @@
 Kept supported and tested because it is what most two-tier Spaces use. Per
 user values (the identity token, ``x-ip-token``) go in each call's
 ``headers=``, never in the Client's constructor, whose headers would win
-over them (ANCHORS.md section 3). The client is built from the URL, never a
+over them (gradio_client's ``client.py``: ``headers = {**request_headers, **self.headers}``).
+The client is built from the URL, never a
 Space id, so it never stores one user's ``x-ip-token`` for everyone.
 It is thread based: each call waits in a worker thread and is polled here. It
 cannot cancel one call: Gradio's cancel works per session and endpoint, and all

@@ -1,7 +1,7 @@
 """The model executor: turns a validated request and a seed into a PIL image.
 
-One class, :class:`ModelExecutor`, built once from a model spec (CONTRACT.md,
-"Model specs") and then called synchronously, one call at a time, by the GPU
+One class, :class:`ModelExecutor`, built once from a model spec (the
+``SPLITSPACE_MODEL`` setting) and then called synchronously, one call at a time, by the GPU
 tier's scheduler:
 
 - ``tiny``: the seeded random-weight Stable Diffusion pipeline of
@@ -129,8 +129,8 @@ TINY_CPU_COST = CostCurve(fixed_s=0.010, step_s=0.006, step_pixel_s=1.5e-7, pixe
 # kernels per UNet step). Calibrate at run time.
 TINY_CUDA_COST = CostCurve(fixed_s=0.010, step_s=0.008, step_pixel_s=1e-10, pixel_s=2e-9)
 # A Stable Diffusion 2.1-sized model (UNet 866M parameters) in float16 on a GPU:
-# a least-squares fit (in relative error) to the 23 cells of the H200 table of
-# ANCHORS.md section 2, every cell within 23% (13% RMS). About 34 ms per step at
+# a least-squares fit (in relative error) to the 23 cells of the H200 table in
+# docs/gpu.md, every cell within 23% (13% RMS). About 34 ms per step at
 # batch 1 whatever the size: the GPU waits on kernel launches. The per-image term
 # (VAE decode, PIL) is most of what a larger batch adds.
 SD_CUDA_COST = CostCurve(fixed_s=0.020, step_s=0.034, step_pixel_s=7.8e-9, pixel_s=7.8e-8)
@@ -143,7 +143,7 @@ PRETRAINED_CPU_COST = CostCurve(fixed_s=0.5, step_s=0.1, step_pixel_s=3e-5, pixe
 ARCH_TINY_CPU_COST = CostCurve(fixed_s=0.06, step_s=0.02, step_pixel_s=3.5e-6, pixel_s=7e-7)
 
 DEFAULT_MAX_BATCH_CUDA = 16
-"""On a GPU: ANCHORS.md section 2 measured images/s still growing from batch 8 to 16."""
+"""On a GPU images/s still grow from batch 8 to 16 (40.0 to 49.9 on an H100; docs/gpu.md)."""
 DEFAULT_MAX_BATCH_CPU = 4
 """On a CPU a batch saves little (compute bound); a cap keeps one call short."""
 SLEEP_MAX_BATCH = 16

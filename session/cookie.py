@@ -4,7 +4,8 @@ Gradio event handlers cannot set cookies, so the frontend's app is wrapped
 in :class:`SessionCookieMiddleware` (in the manner of starlette's
 middleware: options checked once, responses edited only by wrapping ``send``
 at ``http.response.start``). A request without a valid cookie gets one minted
-in its response; the request itself is still its address (CONTRACT.md).
+in its response; the request itself is still its address (a first request
+carries no cookie yet).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Under 64 concurrent callers, about one call in a few hundred through a shared
 ``gradio_client.Client`` ends with its job's future cancelled inside gradio_client
-(ANCHORS.md section 3 saw the same in the baseline). ``job.result()`` then raises
+(``bench/hop.py`` sees the same with the plain Gradio baseline: 5 of 640). ``job.result()`` then raises
 ``concurrent.futures.CancelledError``; crossing ``asyncio.to_thread`` it became a
 cancellation of the caller's own task, and Gradio never answered that caller (a hang,
 measured with ``bench/hop.py``). The race cannot be produced on demand, so this test
