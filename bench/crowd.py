@@ -29,8 +29,8 @@ import json
 import multiprocessing as mp
 import os
 import sys
-import threading
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -147,7 +147,7 @@ class Sampler:
                             if line.startswith("VmRSS")), 0.0)
                 self.peak_rss_mb[name] = max(self.peak_rss_mb[name], rss)
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         self._thread.start()
         return self
 

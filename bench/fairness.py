@@ -32,9 +32,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Deployment, bench_quotas, median, rest_call, start_baseline  # noqa: E402
-
 from tests.fairness_oracle import weighted_max_min  # noqa: E402
+
+from common import Deployment, bench_quotas, median, rest_call, start_baseline  # noqa: E402
 
 JOB_MS = 100
 BURST = 40

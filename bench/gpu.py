@@ -51,9 +51,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Deployment, bench_quotas, pct, rest_call  # noqa: E402
-
 from tests.support import start_tier  # noqa: E402
+
+from common import Deployment, bench_quotas, pct, rest_call  # noqa: E402
 
 PROMPTS = ["a red fox in snow", "a lighthouse at dusk, oil painting", "a bowl of ramen, photo",
            "an astronaut riding a horse"]
@@ -96,7 +96,7 @@ class Utilisation:
             if value is not None:
                 self.samples.append(value)
 
-    def __enter__(self) -> "Utilisation":
+    def __enter__(self) -> Utilisation:
         if self.device.startswith("cuda"):
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()

@@ -62,9 +62,9 @@ from splitspace.gpu_backend.resilient_store import ResilientStore  # noqa: E402
 from splitspace.gpu_backend.scheduler import ClientRef  # noqa: E402
 from splitspace.gpu_backend.usage import MemoryUsageStore, SqliteUsageStore  # noqa: E402
 from splitspace.shared.quotas import Tier  # noqa: E402
+from tests.support import Deployment, TierProcess, free_port, start_tier  # noqa: E402
 
 from common import bench_quotas, median, pct, rest_call  # noqa: E402
-from tests.support import Deployment, TierProcess, free_port, start_tier  # noqa: E402
 
 OPS = ("reserve+adjust", "acquire+release", "move", "admit_rate")
 CLIENTS, RPM = 1000, 100

@@ -19,21 +19,29 @@ from typing import Any
 
 import gradio as gr
 from fastapi import FastAPI
-from gradio import processing_utils, utils as gr_utils
+from gradio import processing_utils
+from gradio import utils as gr_utils
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 
-from splitspace.session import ApiKeyring, Identity, IdentityResolver, IdentityTokens, SessionCookieMiddleware, SessionCookies
+from splitspace.session import (
+    ApiKeyring,
+    Identity,
+    IdentityResolver,
+    IdentityTokens,
+    SessionCookieMiddleware,
+    SessionCookies,
+)
 from splitspace.session.address import AddressPolicy
 from splitspace.session.caller import CallerStamps
 from splitspace.session.token import HEALTH, STANDING, infer_purpose
 from splitspace.shared.errors import SplitspaceError
 from splitspace.shared.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
 from splitspace.shared.gradio_sessions import (
+    HOUSEKEEPING_S,
     HeartbeatCap,
     OpenHeartbeats,
     bound_session_states,
-    HOUSEKEEPING_S,
     every,
     forget_finished_states,
     session_count,
@@ -272,7 +280,10 @@ class Frontend:
         """Run ``generate`` for the page: each status dict goes to ``on_status`` (which
         answers False when the tab has gone: the stream to the GPU tier is closed then);
         returns ``(image, info)``, or the refusal as data for the page to word, or None."""
-        from splitspace.shared.errors import QUEUE_FULL, Throttled  # (imported here: this block is the page's, kept apart)
+        from splitspace.shared.errors import (  # (imported here: this block is the page's, kept apart)
+            QUEUE_FULL,
+            Throttled,
+        )
 
         from .ui_text import Refusal
 

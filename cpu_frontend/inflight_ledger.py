@@ -62,7 +62,13 @@ import redis.asyncio
 
 from splitspace.shared.circuit_breaker import DEFAULT_RETRY_S, CircuitBreaker
 from splitspace.shared.errors import QUEUE_FULL, ServiceUnavailable, Throttled
-from splitspace.shared.redis_client import DEFAULT_PREFIX, DEFAULT_TIMEOUT_S, UNAVAILABLE_ERRORS, async_client, unreachable_reason
+from splitspace.shared.redis_client import (
+    DEFAULT_PREFIX,
+    DEFAULT_TIMEOUT_S,
+    UNAVAILABLE_ERRORS,
+    async_client,
+    unreachable_reason,
+)
 from splitspace.shared.settings import Settings
 
 __all__ = ["Hold", "InflightLedger", "NullLedger", "RedisLedger", "open_ledger", "local_share"]

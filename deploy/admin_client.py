@@ -39,7 +39,7 @@ class AdminClient:
         self._http = httpx.Client(timeout=timeout_s, headers=headers)
 
     @classmethod
-    def from_env(cls) -> "AdminClient":
+    def from_env(cls) -> AdminClient:
         url = (os.environ.get("SPLITSPACE_BACKEND_URL") or "http://127.0.0.1:7861").split(",")[0].strip()
         token = os.environ.get("SPLITSPACE_ADMIN_TOKEN")
         if not token:

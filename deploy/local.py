@@ -181,7 +181,7 @@ class DevAdmin:
     made: bool
 
     @classmethod
-    def for_run(cls, given: str | None) -> "DevAdmin":
+    def for_run(cls, given: str | None) -> DevAdmin:
         return cls(given, False) if given else cls(secrets.token_urlsafe(24), True)
 
 

@@ -300,7 +300,7 @@ class DeployOptions:
     private_backend: bool = True
     backend_hardware: str | None = None
 
-    def checked(self) -> "DeployOptions":
+    def checked(self) -> DeployOptions:
         frontend = check_repo_id(self.frontend, "--frontend-space")
         backend = check_repo_id(self.backend, "--backend-space")
         if frontend.lower() == backend.lower():
@@ -320,7 +320,7 @@ class DeploySecrets:
     generated: tuple[str, ...] = ()
 
     @classmethod
-    def resolve(cls, environ: Mapping[str, str], frontend_token: str | None = None) -> "DeploySecrets":
+    def resolve(cls, environ: Mapping[str, str], frontend_token: str | None = None) -> DeploySecrets:
         generated = []
         secret = environ.get("SPLITSPACE_SECRET") or ""
         if not secret:

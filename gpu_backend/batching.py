@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import math
 import time
-from fractions import Fraction
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Protocol
 
 from splitspace.shared.schema import GenerateRequest

@@ -744,7 +744,7 @@ class RedisStore:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         prefix: str = DEFAULT_PREFIX,
         service_ttl_s: float = DEFAULT_SERVICE_TTL_S,
-    ) -> "RedisStore":
+    ) -> RedisStore:
         """A store on a new client for ``url`` (``redis://``, ``rediss://``, ``unix://``).
         Connects lazily: a tier starts while Redis is down."""
         client = sync_client(url, timeout_s)
@@ -897,7 +897,7 @@ class AsyncRedisStore:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         prefix: str = DEFAULT_PREFIX,
         service_ttl_s: float = DEFAULT_SERVICE_TTL_S,
-    ) -> "AsyncRedisStore":
+    ) -> AsyncRedisStore:
         client = async_client(url, timeout_s)
         return cls(client, prefix=prefix, service_ttl_s=service_ttl_s, timeout_s=timeout_s)
 

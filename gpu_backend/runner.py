@@ -39,9 +39,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from splitspace.session.identity import Identity
+from splitspace.shared import status_pace
 from splitspace.shared.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled
 from splitspace.shared.hop import GenerateInfo, Result, Status, Update
-from splitspace.shared import status_pace
 from splitspace.shared.schema import MAX_SEED, GenerateRequest
 
 from .batching import BatchOutcome, split_batch_time, zerogpu_batch_key

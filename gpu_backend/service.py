@@ -33,7 +33,14 @@ import gradio as gr
 from splitspace.session.identity import Identity
 from splitspace.session.token import STANDING, Claims, IdentityTokens, infer_purpose
 from splitspace.shared.errors import (
-    GPU_ERROR, QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, GpuFailed, SplitspaceError, Throttled, Unauthorized,
+    GPU_ERROR,
+    QUEUE_FULL,
+    QUOTA_EXCEEDED,
+    RATE_LIMITED,
+    GpuFailed,
+    SplitspaceError,
+    Throttled,
+    Unauthorized,
 )
 from splitspace.shared.hop import Update
 from splitspace.shared.schema import Limits, request_from_dict

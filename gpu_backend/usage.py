@@ -829,7 +829,7 @@ class SqliteUsageStore(_JobsInSteps):
             (key, window.used, window.start, window.window_s),
         )
 
-    def _write(self) -> "_Transaction":
+    def _write(self) -> _Transaction:
         return _Transaction(self._db, self._lock)
 
     def windows(self) -> dict[str, _Window]:

@@ -8,10 +8,11 @@ error that names its line, so a typo never silently grants unlimited quota.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 ANONYMOUS = "anonymous"
 CLIENT_KINDS = ("key", "session", "addr")
@@ -32,7 +33,7 @@ class Tier:
     address_gpu_seconds: float | None = None
     requests_per_minute: int | None = None
 
-    def with_overrides(self, overrides: dict[str, Any]) -> "Tier":
+    def with_overrides(self, overrides: dict[str, Any]) -> Tier:
         return replace(self, **{k: v for k, v in overrides.items() if k in TIER_FIELDS})
 
     def to_dict(self) -> dict[str, Any]:

@@ -22,7 +22,6 @@ from splitspace.shared.headers import ADMIN_HEADER
 from tests.clients import call_rest, error_text, gen_args
 from tests.support import GPU_TIER_BACKLOG, Deployment, sha256, wait_for
 
-
 KEYS = {
     "heavy": "burst",
     "light1": "light",

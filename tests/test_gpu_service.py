@@ -11,8 +11,8 @@ not by sleeping.
 from __future__ import annotations
 
 import asyncio
-import threading
 import io
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 

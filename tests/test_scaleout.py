@@ -25,7 +25,13 @@ import pytest
 from splitspace.session.identity import Identity
 from splitspace.shared.headers import ADMIN_HEADER, IDENTITY_HEADER
 from tests.clients import (
-    GENERATE_DEFAULTS, call_rest, error_text, gen_args, infer_on_gpu_tier, infer_token, token_for,
+    GENERATE_DEFAULTS,
+    call_rest,
+    error_text,
+    gen_args,
+    infer_on_gpu_tier,
+    infer_token,
+    token_for,
 )
 from tests.support import Deployment, TierProcess, free_port, in_threads, sha256, start_tier, wait_for
 
@@ -139,7 +145,7 @@ def generate(front: str, name: str, seed: int = 1) -> dict[str, Any]:
     return {"ok": False, "status": 0, "title": text.partition(":")[0], "retry_after": "1", "message": text}
 
 
-def burst(pair: "Tiers", via: str, name: str, n: int) -> list[dict[str, Any]]:
+def burst(pair: Tiers, via: str, name: str, n: int) -> list[dict[str, Any]]:
     """``n`` concurrent calls, spread over the two GPU tiers or the two frontends in turn."""
     if via == "frontends":
         call = lambda i: generate(pair.frontends[i % 2].url, name, seed=i)  # noqa: E731

@@ -6,12 +6,12 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from io import BytesIO
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from io import BytesIO
 
 from tests.clients import call_rest, error_text, gen_args
 from tests.support import GPU_TIER_BACKLOG, Deployment, TierProcess, free_port, sha256, start_tier, wait_for
