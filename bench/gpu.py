@@ -170,7 +170,7 @@ def raw_rows(executor: Any, batches: list[int], size: int, steps: int, guidance:
         rows.append(RawRow(
             batch=batch, calls=len(times), images_per_s=batch * len(times) / sum(times),
             p50_ms=statistics.median(times) * 1000, p95_ms=pct(times, 95) * 1000,
-            step_ms=unet_step_ms(pipe, device, lambda: call(batch, 0), calls=2 if device == "cpu" else 3),
+            step_ms=unet_step_ms(pipe, device, lambda batch=batch: call(batch, 0), calls=2 if device == "cpu" else 3),
             gpu_util=util.mean,
         ))
     return rows

@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 from fastapi import FastAPI
@@ -67,6 +67,9 @@ from .mcp_loopback import McpLoopback
 from .page import LiveModel, build_page
 from .status_feed import Told, status_for_api, wait_turn
 from .transport import Transport
+
+if TYPE_CHECKING:
+    from .ui_text import Refusal
 
 log = logging.getLogger("splitspace.frontend")
 
@@ -196,7 +199,7 @@ class Frontend:
         a valid request: the door's middleware holds only those, and passes anything else
         on to the handler, which names what is wrong."""
         if isinstance(values, list) and len(values) == len(REQUEST_FIELDS):
-            values = dict(zip(REQUEST_FIELDS, values))
+            values = dict(zip(REQUEST_FIELDS, values, strict=True))
         if not isinstance(values, dict):
             return False
         try:
@@ -208,7 +211,9 @@ class Frontend:
     def save_image(self, png: bytes) -> str:
         return processing_utils.save_bytes_to_cache(png, "image.png", self.cache_dir)
 
-    async def generate(self, values: dict[str, Any], request: gr.Request | None) -> AsyncIterator[tuple[dict | None, dict]]:
+    async def generate(
+        self, values: dict[str, Any], request: gr.Request | None
+    ) -> AsyncIterator[tuple[dict | None, dict]]:
         """``/generate``: validate, cap, forward; stream status, then the image and its info."""
         try:
             identity = self.identity(request)

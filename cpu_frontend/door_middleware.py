@@ -329,7 +329,7 @@ def _detail(body: bytes) -> Any:
     return doc.get("detail", doc) if isinstance(doc, dict) else doc
 
 
-async def _send_json(send: Send, status: int, doc: Any, headers: list[tuple[bytes, bytes]] = []) -> None:
+async def _send_json(send: Send, status: int, doc: Any, headers: Collection[tuple[bytes, bytes]] = ()) -> None:
     body = json.dumps(doc).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})

@@ -15,7 +15,7 @@ which reach the caller exactly as a real transport's would::
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Any
 
 from splitspace.shared.hop import Update

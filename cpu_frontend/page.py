@@ -224,15 +224,18 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
                 with gr.Accordion("Advanced settings", open=False) as advanced:
                     negative = gr.Textbox("", label="Negative prompt", max_length=limits.negative_prompt_max_chars)
                     with gr.Row():
-                        width = gr.Slider(limits.min_side, limits.max_side, 512, step=limits.side_multiple, label="Width")
-                        height = gr.Slider(limits.min_side, limits.max_side, 512, step=limits.side_multiple, label="Height")
+                        width = gr.Slider(limits.min_side, limits.max_side, 512, step=limits.side_multiple,
+                                          label="Width")
+                        height = gr.Slider(limits.min_side, limits.max_side, 512, step=limits.side_multiple,
+                                           label="Height")
                     steps = gr.Slider(limits.min_steps, limits.max_steps, FALLBACK_DEFAULTS["steps"],
                                       step=1, label="Steps")
                     guidance = gr.Slider(limits.min_guidance, limits.max_guidance, FALLBACK_DEFAULTS["guidance_scale"],
                                          step=0.5, label="Guidance scale")
                     seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
                 run = gr.Button("Generate", variant="primary")
-                notice = gr.HTML("", js_on_load=COUNTDOWN_JS + STATUS_WORDS_JS, css_template=NOTICE_CSS, elem_id="splitspace-notice")
+                notice = gr.HTML("", js_on_load=COUNTDOWN_JS + STATUS_WORDS_JS, css_template=NOTICE_CSS,
+                                 elem_id="splitspace-notice")
                 quota_box = gr.HTML(ui_text.quota_html(None), js_on_load=None, css_template=QUOTA_CSS,
                                     elem_id="splitspace-quota")
             with gr.Column():
@@ -263,7 +266,8 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
             seed: Any, recent_items: list[dict[str, Any]] | None,
             request: gr.Request, progress: gr.Progress = gr.Progress(),
         ) -> tuple[Any, ...]:
-            values = dict(zip(REQUEST_FIELDS, (prompt, negative_prompt, width, height, steps, guidance_scale, seed)))
+            values = dict(zip(REQUEST_FIELDS, (prompt, negative_prompt, width, height, steps, guidance_scale, seed),
+                              strict=True))
             items = stored(recent_items)
             clicked = time.monotonic()
             started: list[float] = []  # when the GPU began (the first "running" status)

@@ -108,7 +108,8 @@ def deploy_cmd(
     model: str = typer.Option("stabilityai/sd-turbo", help="Model spec the GPU tier serves (SPLITSPACE_MODEL)."),
     private_backend: bool = typer.Option(True, "--private-backend/--public-backend",
                                          help="Make the GPU tier's Space private (the frontend then needs a token)."),
-    backend_hardware: str | None = typer.Option(None, help="Also request this hardware for the GPU tier, e.g. zero-a10g."),
+    backend_hardware: str | None = typer.Option(
+        None, help="Also request this hardware for the GPU tier, e.g. zero-a10g."),
     dry_run: Path | None = typer.Option(None, "--dry-run", metavar="DIR",
                                            help="Only write DIR/frontend and DIR/backend and show the Hub calls."),
     token: str | None = typer.Option(None, help="Hub token for the deployment (default: HF_TOKEN or your Hub login)."),

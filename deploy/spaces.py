@@ -160,7 +160,8 @@ def readme_text(tier: str, *, frontend: str | None = None, backend: str | None =
             "Configured by Space variables and secrets: `SPLITSPACE_MODEL`, and the secrets "
             "`SPLITSPACE_SECRET` and `SPLITSPACE_ADMIN_TOKEN` (operators' admin API).\n"
         )
-    return f"---\n{meta}---\n\n{body}\nWritten by `splitspace deploy`; changes here are overwritten by the next deploy.\n"
+    return (f"---\n{meta}---\n\n{body}\n"
+            "Written by `splitspace deploy`; changes here are overwritten by the next deploy.\n")
 
 
 _APP_HEAD = '''\

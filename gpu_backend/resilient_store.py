@@ -255,7 +255,9 @@ class ResilientStore(_Wrapper):
 
     primary: UsageStore
 
-    def _call(self, route: _Route, on_primary: Callable[[UsageStore], T], on_fallback: Callable[[MemoryUsageStore], T]) -> T:
+    def _call(
+        self, route: _Route, on_primary: Callable[[UsageStore], T], on_fallback: Callable[[MemoryUsageStore], T]
+    ) -> T:
         if self._f.allow():
             with self._f:
                 return on_primary(self.primary)
@@ -416,7 +418,8 @@ class ResilientStore(_Wrapper):
         breaker keeps calls away from Redis."""
         sent = 0
         for key, job_id in self.unsent.pending():
-            if not self._call(_Route.SETTLE, lambda p: p.settle(key, job_id) or True, lambda f: False):
+            if not self._call(_Route.SETTLE, lambda p, key=key, job_id=job_id: p.settle(key, job_id) or True,
+                              lambda f: False):
                 break  # Redis still away: the rest wait for the next try
             self.unsent.sent(key, job_id)
             sent += 1
@@ -440,7 +443,9 @@ class AsyncResilientStore(_Wrapper):
                 return await on_primary(self.primary)
         return self._f.fall_back(route, on_fallback)
 
-    async def reserve(self, key: str, amount: float, limit: float, window_s: float, now: float | None = None) -> float | None:
+    async def reserve(
+        self, key: str, amount: float, limit: float, window_s: float, now: float | None = None
+    ) -> float | None:
         return await self._call(
             _Route.ADMIT,
             lambda p: p.reserve(key, amount, limit, window_s, now),
@@ -529,7 +534,9 @@ class AsyncResilientStore(_Wrapper):
     async def slot_counts(self, now: float | None = None) -> dict[str, SlotCounts]:
         return await self._call(_Route.READ, lambda p: p.slot_counts(now), lambda f: f.slot_counts(now))
 
-    async def admit_rate(self, key: str, job_id: str, limit: float, window_s: float, now: float | None = None) -> RateGrant:
+    async def admit_rate(
+        self, key: str, job_id: str, limit: float, window_s: float, now: float | None = None
+    ) -> RateGrant:
         return await self._call(
             _Route.ADMIT,
             lambda p: p.admit_rate(key, job_id, limit, window_s, now),

@@ -343,7 +343,7 @@ class GpuRunner:
             left = {job.job_id for job in jobs} & self._left
             self._left -= left
             keep = {job.job_id for job in run} - left
-            for job, w in zip(jobs, waiters):
+            for job, w in zip(jobs, waiters, strict=True):
                 w.past_gate = job.job_id in keep  # a requeued job passes the gate again
             if not refused and not failed and not left:
                 return jobs, waiters
@@ -371,7 +371,8 @@ class GpuRunner:
         for job, w in gone:
             w.loop.call_soon_threadsafe(w.future.cancel)
             self._on_event("cancelled", {"tier": job.client.tier})
-        return [job for job in run if job.job_id in keep], [w for job, w in zip(jobs, waiters) if job.job_id in keep]
+        return ([job for job in run if job.job_id in keep],
+                [w for job, w in zip(jobs, waiters, strict=True) if job.job_id in keep])
 
     def _run_batch(self, jobs: list[Job], waiters: list[_Waiter]) -> None:
         if self.gate is not None:
@@ -380,7 +381,7 @@ class GpuRunner:
                 return
         started = self._clock()
         model = self._model_name()  # a model change waits for the GPU to go idle (swap)
-        for job, w in zip(jobs, waiters):
+        for job, w in zip(jobs, waiters, strict=True):
             w.started, w.model = started, model
             self._on_event("started", {"tier": job.client.tier, "wait_s": started - w.submitted})
         requests = [w.request for w in waiters]
@@ -404,10 +405,10 @@ class GpuRunner:
             # need the running slot; another tier's dispatch that comes sooner is refused and
             # retried (GlobalLimits.retry_s).
             self._deliver_all(jobs, waiters, outcome)
-            for job, share in zip(jobs, outcome.charges_s):
+            for job, share in zip(jobs, outcome.charges_s, strict=False):
                 self.gate.finish(job, share)
         with self._work:  # each job is charged its share (a failed batch: see batching.py)
-            for job, share in zip(jobs, outcome.charges_s):
+            for job, share in zip(jobs, outcome.charges_s, strict=False):
                 self.scheduler.finish(job.job_id, share)
                 self._waiters.pop(job.job_id, None)
             self._dispatch_locked()
@@ -416,7 +417,7 @@ class GpuRunner:
             self._deliver_all(jobs, waiters, outcome)
 
     def _deliver_all(self, jobs: list[Job], waiters: list[_Waiter], outcome: BatchOutcome) -> None:
-        for job, w, result, share in zip(jobs, waiters, outcome.results, outcome.charges_s):
+        for job, w, result, share in zip(jobs, waiters, outcome.results, outcome.charges_s, strict=False):
             self._on_event("finished", {"tier": job.client.tier, "gpu_s": share})
             if isinstance(result, BaseException):
                 w.loop.call_soon_threadsafe(_fail, w.future, result)

@@ -401,7 +401,9 @@ def check_service(delta: float, floor: float | None) -> None:
         raise ValueError(f"bad service change: delta={delta!r} floor={floor!r}")
 
 
-def _reserve(window: _Window | None, amount: float, limit: float, window_s: float, now: float) -> tuple[_Window | None, float | None]:
+def _reserve(
+    window: _Window | None, amount: float, limit: float, window_s: float, now: float
+) -> tuple[_Window | None, float | None]:
     """The shared rule: ``(window to store or None to leave as is, retry_after or None)``."""
     if window is None or not window.live(now):
         window = _Window(used=0.0, start=now, window_s=window_s)

@@ -132,7 +132,8 @@ def test_over_cap_is_refused_at_the_door_before_gradio(tmp_path):
         url, headers = d.frontend.url, {"authorization": "Bearer k-tight"}
         with httpx.Client(timeout=60) as c:
             for _ in range(2):
-                assert c.post(f"{url}/gradio_api/call/generate", json={"data": gen_args()}, headers=headers).status_code == 200
+                r = c.post(f"{url}/gradio_api/call/generate", json={"data": gen_args()}, headers=headers)
+                assert r.status_code == 200
             # both are in flight (at the GPU tier, for 3 s) before the third comes
             assert wait_for(lambda: metric(d.backend.url, "splitspace_infer_calls_total") >= 2, 30, 0.05)
             refused = c.post(f"{url}/gradio_api/call/generate", json={"data": gen_args()}, headers=headers)

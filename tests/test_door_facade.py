@@ -103,7 +103,7 @@ def test_a_held_call_is_answered_at_once_and_its_caller_may_leave(tiers: Deploym
             assert status[0] is None and status[1]["status"] == "queued" and status[1]["position"] >= 2
         # the caller left while held: its place is given back, and nothing of it reaches Gradio
         assert wait_for(lambda: door(url)["waiting"] == door(url)["held"] == 0, 10), door(url)
-        final, events = "", []
+        final = ""
         with c.stream("GET", f"{url}/gradio_api/call/generate/{first.json()['event_id']}", headers=key("leaves")) as s:
             for line in s.iter_lines():
                 if line.startswith("event:"):

@@ -65,7 +65,8 @@ class FakeModel:
             assert self.gate.wait(10), "the test never released the model"
         if any(r.prompt == "boom" for r in requests):
             raise RuntimeError("/secret/path/model.py exploded")
-        return [Image.new("RGB", (r.width, r.height), (seed % 256, 0, 0)) for r, seed in zip(requests, seeds)]
+        return [Image.new("RGB", (r.width, r.height), (seed % 256, 0, 0))
+                for r, seed in zip(requests, seeds, strict=True)]
 
     def generate(self, request: GenerateRequest, seed: int) -> Image.Image:
         return self.generate_batch([request], [seed])[0]
