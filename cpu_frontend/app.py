@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
@@ -213,10 +213,11 @@ class Frontend:
 
     async def generate(
         self, values: dict[str, Any], request: gr.Request | None
-    ) -> AsyncIterator[tuple[dict | None, dict]]:
+    ) -> AsyncGenerator[tuple[dict | None, dict], None]:
         """``/generate``: validate, cap, forward; stream status, then the image and its info."""
         try:
             identity = self.identity(request)
+            assert request is not None  # (identity() refuses a call without one)
             req = validate_request(**values, limits=self.settings.limits)
             flow = identity.flow_id
             result: Result | None = None
@@ -240,9 +241,9 @@ class Frontend:
                             break
                         # news, or the last place again now and then: a yield is how Gradio
                         # notices a caller who left (the GPU tier then drops the job)
-                        status = told.next(update)
-                        if status is not None:
-                            yield None, status_for_api(status)
+                        news = told.next(update)
+                        if news is not None:
+                            yield None, status_for_api(news)
             finally:
                 # The door's place is given back as soon as the GPU tier has answered: what
                 # is left (saving the image, Gradio sending it) no longer holds up the

@@ -162,7 +162,8 @@ class DoorMiddleware:
                 gone = asyncio.ensure_future(_disconnected(replay))
                 self._held.waiting += 1
                 try:
-                    await asyncio.wait([place.turn, gone], return_when=asyncio.FIRST_COMPLETED)
+                    waits: list[asyncio.Future[Any]] = [place.turn, gone]
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     self._held.waiting -= 1
                     if not place.inside:

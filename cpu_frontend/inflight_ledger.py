@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import uuid
@@ -275,7 +276,7 @@ class RedisLedger:
                 self._lost(exc, {flow})
                 break
             except asyncio.CancelledError:  # the caller left; the call runs on, and is undone
-                call.add_done_callback(lambda done, flow=flow, dec=dec: self._abandoned(flow, dec, done))
+                call.add_done_callback(functools.partial(self._abandoned, flow, dec))
                 raise
             except Exception:  # a bug mid-call: it may or may not have run
                 self._unsynced({flow})

@@ -114,7 +114,8 @@ NOTICE_CSS = ".splitspace-refusal { color: var(--error-text-color, #b91c1c); mar
 class PageBackend(Protocol):
     """What the page needs from the frontend (``app.Frontend``)."""
 
-    browser_secret: str
+    @property
+    def browser_secret(self) -> str: ...
 
     generate_api: Callable[..., Any]
 
@@ -157,8 +158,8 @@ def thumbnail(png_path: str, side: int = THUMB_SIDE) -> str:
     server's file is deleted after an hour)."""
     from PIL import Image
 
-    with Image.open(png_path) as img:
-        img = img.convert("RGB")
+    with Image.open(png_path) as src:
+        img = src.convert("RGB")
         img.thumbnail((side, side))
         out = io.BytesIO()
         img.save(out, "JPEG", quality=80)

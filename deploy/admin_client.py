@@ -84,7 +84,9 @@ class AdminClient:
 def seen(standing: dict[str, Any]) -> bool:
     """Whether the GPU tier knows a client now, from its ``show`` answer: something queued,
     running or used in its window (for an address, by its sessions too), or overrides."""
-    address = standing.get("address") if isinstance(standing.get("address"), dict) else {}
+    address = standing.get("address")
+    if not isinstance(address, dict):
+        address = {}
     return bool(standing.get("queued") or standing.get("running") or standing.get("overrides")
                 or (standing.get("used") or 0) > 0 or (address.get("used") or 0) > 0)
 

@@ -64,7 +64,7 @@ from .resilient_store import ResilientStore, open_async_store, open_store
 from .runner import GpuRunner, client_ref
 from .scheduler import FairScheduler
 from .service import InferService
-from .usage import MemoryUsageStore, SqliteUsageStore
+from .usage import MemoryUsageStore, SqliteUsageStore, UsageStore
 from .write_behind import WriteBehindStore
 
 log = logging.getLogger("splitspace.gpu")
@@ -98,7 +98,7 @@ class GpuTier:
         if settings.redis_url is None:
             # Usage in memory, written to the file soon after: no disk I/O under the lock
             # that the GPU thread shares with admission (write_behind.py).
-            self.store = WriteBehindStore(SqliteUsageStore(settings.state_path))
+            self.store: WriteBehindStore | UsageStore = WriteBehindStore(SqliteUsageStore(settings.state_path))
             self.overrides = Overrides(self.store)
             limits = limits_function(lambda: self.watcher.current, self.overrides)
             self._memory_stores: list[MemoryUsageStore | WriteBehindStore] = [self.store]

@@ -37,6 +37,7 @@ import gradio as gr
 import httpx
 import pandas as pd
 from fastapi import FastAPI
+from gradio.routes import App
 from starlette.routing import Mount
 
 from splitspace.shared.headers import ADMIN_HEADER
@@ -328,7 +329,7 @@ def override_values(form: dict[str, Any]) -> dict[str, Any]:
 
 
 def _client_table(clients: list[dict[str, Any]]) -> list[list[Any]]:
-    def overrides(o: dict[str, Any]) -> str:
+    def overrides(o: dict[str, Any] | None) -> str:
         return ", ".join(f"{k}={v}" for k, v in (o or {}).items())
 
     return [
@@ -469,7 +470,8 @@ def mount_dashboard(app: FastAPI, tier: Any, token: str, sessions: OperatorSessi
     # Gradio keeps its login tokens in App.tokens, a dict nothing empties but a logout:
     # sessions that end replace it (tests/test_operator_guard.py fails if this stops applying).
     (gradio_app,) = [r.app for r in app.routes if isinstance(r, Mount) and r.path == DASHBOARD_PATH]
-    if not isinstance(gradio_app.tokens, dict):
+    if not isinstance(gradio_app, App) or not isinstance(gradio_app.tokens, dict):
         raise RuntimeError("gradio's App.tokens is no longer a dict: the dashboard's sessions would not end")
-    gradio_app.tokens = app.state.operator_sessions = sessions or OperatorSessions()
+    # (a patch: Gradio types App.tokens as a dict; OperatorSessions is a mapping whose sessions end)
+    gradio_app.tokens = app.state.operator_sessions = sessions or OperatorSessions()  # type: ignore[assignment]
     return app

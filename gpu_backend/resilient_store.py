@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable
@@ -97,6 +98,12 @@ class _Route(enum.Enum):
     SETTLE = "settle"  # never raise: Redis if up, else memory
     READ = "read"  # never raise: Redis if up, else memory
     OPERATOR = "operator"  # raise when Redis is down, in both modes
+
+
+def _resend(key: str, job_id: str, primary: UsageStore) -> bool:
+    """Send one unsent release (:meth:`ResilientStore.send_unsent`); True once sent."""
+    primary.settle(key, job_id)
+    return True
 
 
 class _Failover:
@@ -418,8 +425,7 @@ class ResilientStore(_Wrapper):
         breaker keeps calls away from Redis."""
         sent = 0
         for key, job_id in self.unsent.pending():
-            if not self._call(_Route.SETTLE, lambda p, key=key, job_id=job_id: p.settle(key, job_id) or True,
-                              lambda f: False):
+            if not self._call(_Route.SETTLE, functools.partial(_resend, key, job_id), lambda f: False):
                 break  # Redis still away: the rest wait for the next try
             self.unsent.sent(key, job_id)
             sent += 1

@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,7 +164,7 @@ class GpuRunner:
             t.join(timeout=30)
 
     # -- the handler side (event loop) ------------------------------------------------
-    async def generate(self, identity: Identity, request: GenerateRequest) -> AsyncIterator[Update]:
+    async def generate(self, identity: Identity, request: GenerateRequest) -> AsyncGenerator[Update, None]:
         """Admit, wait for a fair turn (yielding status), run, and yield the final result.
 
         Raises Throttled when a limit refuses the request. Closing the generator
@@ -190,6 +190,7 @@ class GpuRunner:
         call and the reported info all use these. A job admitted before a live model
         change keeps them and runs on the new model; its info names the model it ran on."""
         request = self.resolve(request)
+        assert request.steps is not None and request.guidance_scale is not None  # resolve() chose them
         estimate = self.cost.estimate(request.steps, request.width, request.height, request.guidance_scale)
         job_id = job_id or uuid.uuid4().hex
         loop = asyncio.get_running_loop()
@@ -228,7 +229,7 @@ class GpuRunner:
         seed = request.seed if request.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
         return dataclasses.replace(request, steps=steps, guidance_scale=guidance, seed=seed)
 
-    async def follow(self, ticket: Ticket) -> AsyncIterator[Update]:
+    async def follow(self, ticket: Ticket) -> AsyncGenerator[Update, None]:
         """Yield the ticket's status while it waits, then its result. Closing this
         generator (or cancelling the task that runs it) while the job waits drops the job."""
         waiter, job_id, cap = ticket.waiter, ticket.job_id, ticket.cap
@@ -397,6 +398,7 @@ class GpuRunner:
             log.warning("%d of a batch of %d failed", len(outcome.failed), len(jobs))
         elif not outcome.isolated:  # a real measurement of this batch: calibrate with it
             first = requests[0]
+            assert first.steps is not None and first.guidance_scale is not None  # resolved at admission
             self.cost.observe(first.steps, first.width, first.height, first.guidance_scale, len(jobs),
                               outcome.total_s)
         if self.gate is not None:
@@ -443,6 +445,7 @@ class GpuRunner:
     def _result(self, job: Job, w: _Waiter, png: bytes, gpu_s: float, done: float) -> Result:
         started = w.started if w.started is not None else done
         req = w.request
+        assert req.steps is not None and req.guidance_scale is not None  # resolved at admission
         info = GenerateInfo(
             seed=req.seed, width=req.width, height=req.height, steps=req.steps,
             guidance_scale=req.guidance_scale, model=w.model,

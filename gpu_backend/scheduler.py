@@ -144,7 +144,7 @@ from splitspace.session.identity import flow_of
 from splitspace.shared.quotas import Tier
 
 if TYPE_CHECKING:
-    from .usage import UsageStore
+    from .usage import UsageLedger
 
 __all__ = [
     "Outcome",
@@ -325,7 +325,7 @@ class FairScheduler:
         *,
         clock: Callable[[], float],
         limits: Callable[[ClientRef], Tier],
-        store: UsageStore,
+        store: UsageLedger,
         capacity: int = 1,
         held: Callable[[str], bool] | None = None,
         service_floor: Callable[[str, float], float] | None = None,

@@ -363,6 +363,31 @@ class UsageStore(Protocol):
         ...
 
 
+class UsageLedger(Protocol):
+    """The part of a store that the scheduler and the admin API's reset use: the GPU-second
+    windows (any :class:`UsageStore`, or the single tier's ``WriteBehindStore``)."""
+
+    def reserve(self, key: str, amount: float, limit: float, window_s: float, now: float) -> float | None: ...
+
+    def adjust(self, key: str, delta: float, now: float) -> None: ...
+
+    def usage(self, key: str, now: float) -> tuple[float, float]: ...
+
+    def reset(self, key: str) -> None: ...
+
+
+class OverrideStore(Protocol):
+    """The part of a store that :class:`~gpu_backend.admin.Overrides` uses."""
+
+    def all_overrides(self) -> dict[str, dict[str, Any]]: ...
+
+    def set_overrides(self, client_id: str, values: dict[str, Any]) -> None: ...
+
+    def clear_overrides(self, client_id: str) -> None: ...
+
+    def overrides_version(self) -> int: ...
+
+
 # -- shared rules -----------------------------------------------------------------------
 
 
@@ -486,7 +511,7 @@ class _JobsInSteps:
     """A job's steps in one call, made of the store's own steps (the memory and SQLite
     stores; Redis runs each as one script)."""
 
-    def admit(self, plan: AdmitPlan, now: float | None = None) -> AdmitGrant:
+    def admit(self: Any, plan: AdmitPlan, now: float | None = None) -> AdmitGrant:
         return admit_in_steps(self, plan, now)
 
     def start_job(
