@@ -29,8 +29,8 @@ import json
 import multiprocessing as mp
 import os
 import sys
-import threading
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -149,7 +149,7 @@ class Sampler:
                             if line.startswith("VmRSS")), 0.0)
                 self.peak_rss_mb[name] = max(self.peak_rss_mb[name], rss)
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         self._thread.start()
         return self
 
@@ -238,9 +238,11 @@ def main() -> None:
                     light = f"{r['light_s']:.2f}s" + ("" if r["light_ok"] else "!")
                     print(f"{system:<11}{n:>5}{light:>9}{ideal:>6.1f}s{r['light_s'] / ideal:>8.2f}"
                           f"{r['total_s'] / gpu_work:>10.2f}{r['lost']:>6}{r['statuses_per_s']:>9.0f}  "
-                          f"{cpu} / {rss} / {fds} / {kb}" + (f"  lost: {r['lost_kinds']}" if r["lost"] else ""), flush=True)
+                          f"{cpu} / {rss} / {fds} / {kb}" + (f"  lost: {r['lost_kinds']}" if r["lost"] else ""),
+                          flush=True)
                     if args.where:
-                        print("    light: " + ", ".join(f"{k} {v:.2f}" for k, v in r["light_where"].items()), flush=True)
+                        print("    light: " + ", ".join(f"{k} {v:.2f}" for k, v in r["light_where"].items()),
+                              flush=True)
                     seen.setdefault((system, n), []).append(
                         (r["light_s"] / ideal if r["light_ok"] else float("inf"), r["total_s"] / gpu_work, r["lost"]))
                     time.sleep(1.0)

@@ -32,9 +32,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Deployment, bench_quotas, median, rest_call, start_baseline  # noqa: E402
-
 from tests.fairness_oracle import weighted_max_min  # noqa: E402
+
+from common import Deployment, bench_quotas, median, rest_call, start_baseline  # noqa: E402
 
 JOB_MS = 100
 BURST = 40
@@ -71,7 +71,8 @@ def noisy_neighbour(system: str, url: str) -> dict[str, float]:
     q_heavy, q_light = ctx.Queue(), ctx.Queue()
     start = time.time() + 1.5  # both processes warm up first, then start on the clock
     heavy = ctx.Process(target=_proc, args=(system, url, ["heavy"] * BURST, JOB_MS, start, q_heavy))
-    light = ctx.Process(target=_proc, args=(system, url, [f"light{i}" for i in range(LIGHTS)], JOB_MS, start + 0.2, q_light))
+    light = ctx.Process(target=_proc, args=(system, url, [f"light{i}" for i in range(LIGHTS)], JOB_MS, start + 0.2,
+                                            q_light))
     heavy.start(), light.start()
     heavy_res, light_res = q_heavy.get(timeout=300), q_light.get(timeout=300)
     heavy.join(), light.join()
@@ -214,12 +215,15 @@ def main() -> None:
             total = median([x["heavy_total_s"] for x in rs])
             errs = sum(x["errors"] for x in rs)
             summary[system] = (p50, worst, total)
-            print(f"{system:<12}{p50:>8.3f} s ({p50 / job:4.1f} jobs){worst:>7.3f} s ({worst / job:4.1f}){total:>9.2f} s{errs:>8}")
+            print(f"{system:<12}{p50:>8.3f} s ({p50 / job:4.1f} jobs){worst:>7.3f} s ({worst / job:4.1f})"
+                  f"{total:>9.2f} s{errs:>8}")
         (bp, bw, bt) = summary.get("baseline", (float("nan"),) * 3)
         (sp, sw, st) = summary["splitspace"]
-        print(f"ratios splitspace/baseline: light p50 {sp / bp:.3f}, light worst {sw / bw:.3f}, heavy total {st / bt:.3f}")
+        print(f"ratios splitspace/baseline: light p50 {sp / bp:.3f}, light worst {sw / bw:.3f}, "
+              f"heavy total {st / bt:.3f}")
         print(f"goal: light p50 <= 4 jobs: {'MET' if sp <= 4 * job else 'MISSED'}; worst <= 6 jobs: "
-              f"{'MET' if sw <= 6 * job else 'MISSED'}; heavy within 5% of baseline: {'MET' if st <= 1.05 * bt else 'MISSED'}")
+              f"{'MET' if sw <= 6 * job else 'MISSED'}; heavy within 5% of baseline: "
+              f"{'MET' if st <= 1.05 * bt else 'MISSED'}")
         if not args.skip_many:
             split.stop()
             split_many = Deployment(work / "many", model=f"sleep:{MANY_JOB_MS}", quotas=splitspace_quotas()).start()

@@ -51,9 +51,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Deployment, bench_quotas, pct, rest_call  # noqa: E402
-
 from tests.support import start_tier  # noqa: E402
+
+from common import Deployment, bench_quotas, pct, rest_call  # noqa: E402
 
 PROMPTS = ["a red fox in snow", "a lighthouse at dusk, oil painting", "a bowl of ramen, photo",
            "an astronaut riding a horse"]
@@ -96,7 +96,7 @@ class Utilisation:
             if value is not None:
                 self.samples.append(value)
 
-    def __enter__(self) -> "Utilisation":
+    def __enter__(self) -> Utilisation:
         if self.device.startswith("cuda"):
             self._thread = threading.Thread(target=self._run, daemon=True)
             self._thread.start()
@@ -170,7 +170,7 @@ def raw_rows(executor: Any, batches: list[int], size: int, steps: int, guidance:
         rows.append(RawRow(
             batch=batch, calls=len(times), images_per_s=batch * len(times) / sum(times),
             p50_ms=statistics.median(times) * 1000, p95_ms=pct(times, 95) * 1000,
-            step_ms=unet_step_ms(pipe, device, lambda: call(batch, 0), calls=2 if device == "cpu" else 3),
+            step_ms=unet_step_ms(pipe, device, lambda batch=batch: call(batch, 0), calls=2 if device == "cpu" else 3),
             gpu_util=util.mean,
         ))
     return rows

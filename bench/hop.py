@@ -137,11 +137,11 @@ def main() -> None:
         rows: dict[str, dict[str, Any]] = {}
         rounds: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in systems}
         for _ in range(args.rounds):  # interleaved, so that the machine's drift hits every system alike
-            for name, url, api, data, pid, d in systems:
+            for name, url, api, data, pid, _d in systems:
                 rounds[name].append(asyncio.run(sequential(url, api, data, args.seq, pid)))
         for name, seqs in rounds.items():
             rows[name] = {"seq": {k: median([s[k] for s in seqs]) for k in seqs[0]}}
-        for name, url, api, data, pid, d in systems:
+        for name, url, api, data, _pid, d in systems:
             headers = {"authorization": "Bearer key-hop"} if d is not None else {}
             rows[name]["tp"] = asyncio.run(throughput(url, api, data, args.callers, args.per_caller, headers))
         base = rows["baseline direct"]

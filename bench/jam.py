@@ -119,7 +119,7 @@ def report(name: str, run: Run, job_s: float, where: bool) -> None:
                  f"idle < 5%: {'PASS' if idle < 0.05 else 'FAIL'}")
     print(line, flush=True)
     if where:
-        slow = sorted(zip(run.jobs, run.started), reverse=True)[:5]
+        slow = sorted(zip(run.jobs, run.started, strict=True), reverse=True)[:5]
         print("  slowest jobs (s, started at s):", ", ".join(f"{d:.2f}@{t:.1f}" for d, t in slow))
         print("  idle samples (at s, door, gpu):", "; ".join(f"{t:.1f} {d} {g}" for t, d, g in run.idle_at[:20]))
 
@@ -147,7 +147,8 @@ def main() -> None:
         if not args.skip_baseline:
             backend, frontend = start_baseline(Path(tmp))
             try:
-                run = asyncio.run(one_run(frontend.url, "work", [args.job_ms], {"x-user": "behaved"}, args.attackers, args.seconds,
+                run = asyncio.run(one_run(frontend.url, "work", [args.job_ms], {"x-user": "behaved"}, args.attackers,
+                                          args.seconds,
                                           args.period, None))
             finally:
                 frontend.stop()

@@ -62,9 +62,9 @@ from splitspace.gpu_backend.resilient_store import ResilientStore  # noqa: E402
 from splitspace.gpu_backend.scheduler import ClientRef  # noqa: E402
 from splitspace.gpu_backend.usage import MemoryUsageStore, SqliteUsageStore  # noqa: E402
 from splitspace.shared.quotas import Tier  # noqa: E402
+from tests.support import Deployment, TierProcess, free_port, start_tier  # noqa: E402
 
 from common import bench_quotas, median, pct, rest_call  # noqa: E402
-from tests.support import Deployment, TierProcess, free_port, start_tier  # noqa: E402
 
 OPS = ("reserve+adjust", "acquire+release", "move", "admit_rate")
 CLIENTS, RPM = 1000, 100
@@ -89,7 +89,7 @@ def sync_ops(store: Any) -> dict[str, Callable[[int], None]]:
     def rate(i: int) -> None:
         store.admit_rate(f"key:c{i % CLIENTS}", f"r{i}", RPM, 60.0)
 
-    return dict(zip(OPS, (reserve, slot, move, rate)))
+    return dict(zip(OPS, (reserve, slot, move, rate), strict=True))
 
 
 def async_ops(store: AsyncRedisStore) -> dict[str, Callable[[int], Awaitable[None]]]:
@@ -109,7 +109,7 @@ def async_ops(store: AsyncRedisStore) -> dict[str, Callable[[int], Awaitable[Non
     async def rate(i: int) -> None:
         await store.admit_rate(f"key:c{i % CLIENTS}", f"r{i}", RPM, 60.0)
 
-    return dict(zip(OPS, (reserve, slot, move, rate)))
+    return dict(zip(OPS, (reserve, slot, move, rate), strict=True))
 
 
 def rate_of(op: Callable[[int], None], seconds: float) -> float:
@@ -203,7 +203,8 @@ def job_store_work(url: str, seconds: float) -> dict[str, dict[str, float]]:
         store = open_store(redis_url=url, sqlite_path=Path("unused"))
         assert isinstance(store, ResilientStore)
 
-        async def measure() -> dict[str, float]:
+        # (run in this iteration; the loop's values are passed, not closed over)
+        async def measure(store: ResilientStore, tier: Tier, client: ClientRef) -> dict[str, float]:
             async_store = open_async_store(redis_url=url, fallback=store.fallback, breaker=store.breaker)
             gl = GlobalLimits(store=store, async_store=async_store, limits=lambda c: tier)
             ms = {"admit": 0.0, "start": 0.0, "finish": 0.0}
@@ -225,7 +226,7 @@ def job_store_work(url: str, seconds: float) -> dict[str, dict[str, float]]:
                     await one()
                 deadline = time.perf_counter() + seconds
                 while time.perf_counter() < deadline:
-                    for phase, took in zip(ms, await one()):
+                    for phase, took in zip(ms, await one(), strict=True):
                         ms[phase] += took
                     jobs += 1
                 settler, deferred = gl._settler, _Deferred()
@@ -248,7 +249,7 @@ def job_store_work(url: str, seconds: float) -> dict[str, dict[str, float]]:
             trips = {f"{phase}_calls": calls[i + 1] - calls[i] for i, phase in enumerate(ms)}
             return {k: v / jobs * 1000 for k, v in ms.items()} | trips | {"off_path_calls": calls[4] - calls[3]}
 
-        out[kind] = asyncio.run(measure())
+        out[kind] = asyncio.run(measure(store, tier, client))
         store.close()
     return out
 
@@ -267,7 +268,8 @@ def part1(seconds: float, redis_url: str | None) -> None:
                 ("memory", MemoryUsageStore()),
                 ("sqlite (default)", SqliteUsageStore(Path(tmp) / "state.sqlite3")),
                 ("redis", RedisStore.from_url(url, prefix=prefix + "a:")),
-                ("redis, failover wrapper", ResilientStore(RedisStore.from_url(url, prefix=prefix + "b:"), mode="local", replicas=2)),
+                ("redis, failover wrapper",
+                 ResilientStore(RedisStore.from_url(url, prefix=prefix + "b:"), mode="local", replicas=2)),
             ]
             for name, store in stores:
                 rows.append((name, {op: rate_of(fn, seconds) for op, fn in sync_ops(store).items()}))
@@ -396,7 +398,8 @@ def part2(rounds: int, warmup: int, work: Path, with_sqlite: bool) -> bool:
         worst = median([x["light_max_s"] for x in rs])
         errors = sum(int(x["errors"]) for x in rs)
         summary[name] = (total, p50, worst)
-        print(f"{name:<16}{total:>11.2f} s{p50:>11.3f} s ({p50 / job:4.1f} jobs){worst:>11.3f} s ({worst / job:4.1f} jobs)"
+        print(f"{name:<16}{total:>11.2f} s{p50:>11.3f} s ({p50 / job:4.1f} jobs)"
+              f"{worst:>11.3f} s ({worst / job:4.1f} jobs)"
               f"{errors:>8}")
     ratio = summary[NN_TWO][0] / summary[NN_ONE][0]
     verdicts = [ratio <= 0.575]
@@ -483,7 +486,7 @@ def part3(rounds: int, seq: int, model: str, work: Path) -> bool:
             each = ", ".join(f"{median(r[name]) * 1000:.1f}" for r in rs)
             print(f"{caller:<11}{name:<18}{p50s[name]:>8.1f}{pct(every, 90) * 1000:>8.1f}  {each}")
         diff = p50s[REDIS] - p50s[SQLITE]
-        paired = median([b - a for r in rs for a, b in zip(r[SQLITE], r[REDIS])]) * 1000
+        paired = median([b - a for r in rs for a, b in zip(r[SQLITE], r[REDIS], strict=True)]) * 1000
         verdict = diff <= 2.0
         ok &= verdict
         print(f"{caller:<11}redis - sqlite: p50 {diff:+.2f} ms, median of paired differences {paired:+.2f} ms "

@@ -143,7 +143,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="100,1000,10000")
     parser.add_argument("--max-batch", type=int, default=1, help="> 1: four batch keys, batches filled up to this")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
-                        help="cpu: the thread's CPU time per call (default; robust on a shared machine); wall: perf_counter")
+                        help="cpu: the thread's CPU time per call (default; robust on a shared machine); "
+                             "wall: perf_counter")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     use_clock(args.clock)
@@ -164,7 +165,8 @@ def main() -> None:
     print(f"{'clients':<10}" + "".join(f"{n:>16,}" for n in sizes) + f"{f'{sizes[-1]}/{sizes[0]}':>16}")
     for op in OPS:
         cells = "".join(f"{means[n][op]:>9.1f} /{medians[n][op]:>5.1f}" for n in sizes)
-        ratio = f"{means[sizes[-1]][op] / means[sizes[0]][op]:.2f} /{medians[sizes[-1]][op] / medians[sizes[0]][op]:.2f}"
+        ratio = (f"{means[sizes[-1]][op] / means[sizes[0]][op]:.2f} "
+                 f"/{medians[sizes[-1]][op] / medians[sizes[0]][op]:.2f}")
         print(f"{op:<10}{cells}{ratio:>16}")
 
 

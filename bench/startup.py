@@ -43,7 +43,8 @@ def main() -> None:
     state = Path(tempfile.mkdtemp(prefix="splitspace-startup-")) / "state.sqlite3"
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "splitspace.deploy.cli", "dev", "--frontend-port", str(fport), "--backend-port", str(bport)],
+        [sys.executable, "-m", "splitspace.deploy.cli", "dev",
+         "--frontend-port", str(fport), "--backend-port", str(bport)],
         cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         env={**os.environ, "SPLITSPACE_STATE_PATH": str(state)},
     )

@@ -14,26 +14,34 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 from fastapi import FastAPI
-from gradio import processing_utils, utils as gr_utils
+from gradio import processing_utils
+from gradio import utils as gr_utils
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 
-from splitspace.session import ApiKeyring, Identity, IdentityResolver, IdentityTokens, SessionCookieMiddleware, SessionCookies
+from splitspace.session import (
+    ApiKeyring,
+    Identity,
+    IdentityResolver,
+    IdentityTokens,
+    SessionCookieMiddleware,
+    SessionCookies,
+)
 from splitspace.session.address import AddressPolicy
 from splitspace.session.caller import CallerStamps
 from splitspace.session.token import HEALTH, STANDING, infer_purpose
 from splitspace.shared.errors import SplitspaceError
 from splitspace.shared.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
 from splitspace.shared.gradio_sessions import (
+    HOUSEKEEPING_S,
     HeartbeatCap,
     OpenHeartbeats,
     bound_session_states,
-    HOUSEKEEPING_S,
     every,
     forget_finished_states,
     session_count,
@@ -59,6 +67,9 @@ from .mcp_loopback import McpLoopback
 from .page import LiveModel, build_page
 from .status_feed import Told, status_for_api, wait_turn
 from .transport import Transport
+
+if TYPE_CHECKING:
+    from .ui_text import Refusal
 
 log = logging.getLogger("splitspace.frontend")
 
@@ -189,7 +200,7 @@ class Frontend:
         a valid request: the door's middleware holds only those, and passes anything else
         on to the handler, which names what is wrong."""
         if isinstance(values, list) and len(values) == len(REQUEST_FIELDS):
-            values = dict(zip(REQUEST_FIELDS, values))
+            values = dict(zip(REQUEST_FIELDS, values, strict=True))
         if not isinstance(values, dict):
             return False
         try:
@@ -201,10 +212,13 @@ class Frontend:
     def save_image(self, png: bytes) -> str:
         return processing_utils.save_bytes_to_cache(png, "image.png", self.cache_dir)
 
-    async def generate(self, values: dict[str, Any], request: gr.Request | None) -> AsyncIterator[tuple[dict | None, dict]]:
+    async def generate(
+        self, values: dict[str, Any], request: gr.Request | None
+    ) -> AsyncGenerator[tuple[dict | None, dict], None]:
         """``/generate``: validate, cap, forward; stream status, then the image and its info."""
         try:
             identity = self.identity(request)
+            assert request is not None  # (identity() refuses a call without one)
             req = validate_request(**values, limits=self.settings.limits)
             flow = identity.flow_id
             result: Result | None = None
@@ -228,9 +242,9 @@ class Frontend:
                             break
                         # news, or the last place again now and then: a yield is how Gradio
                         # notices a caller who left (the GPU tier then drops the job)
-                        status = told.next(update)
-                        if status is not None:
-                            yield None, status_for_api(status)
+                        news = told.next(update)
+                        if news is not None:
+                            yield None, status_for_api(news)
             finally:
                 # The door's place is given back as soon as the GPU tier has answered: what
                 # is left (saving the image, Gradio sending it) no longer holds up the
@@ -273,7 +287,10 @@ class Frontend:
         """Run ``generate`` for the page: each status dict goes to ``on_status`` (which
         answers False when the tab has gone: the stream to the GPU tier is closed then);
         returns ``(image, info)``, or the refusal as data for the page to word, or None."""
-        from splitspace.shared.errors import QUEUE_FULL, Throttled  # (imported here: this block is the page's, kept apart)
+        from splitspace.shared.errors import (  # (imported here: this block is the page's, kept apart)
+            QUEUE_FULL,
+            Throttled,
+        )
 
         from .ui_text import Refusal
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -106,7 +106,7 @@ class DirectTransport(Transport):
                     raise NotStarted(f"cannot reach the GPU tier: {type(exc).__name__}") from exc
         raise AssertionError("unreachable")
 
-    async def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncIterator[Update]:
+    async def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncGenerator[Update, None]:
         resp = await self._post(INFER_PATH, request.to_wire(), headers)
         final: dict[str, Any] | None = None
         try:

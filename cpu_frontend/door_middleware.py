@@ -163,7 +163,8 @@ class DoorMiddleware:
                 gone = asyncio.ensure_future(_disconnected(replay))
                 self._held.waiting += 1
                 try:
-                    await asyncio.wait([place.turn, gone], return_when=asyncio.FIRST_COMPLETED)
+                    waits: list[asyncio.Future[Any]] = [place.turn, gone]
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
                 finally:
                     self._held.waiting -= 1
                     if not place.inside:
@@ -330,7 +331,7 @@ def _detail(body: bytes) -> Any:
     return doc.get("detail", doc) if isinstance(doc, dict) else doc
 
 
-async def _send_json(send: Send, status: int, doc: Any, headers: list[tuple[bytes, bytes]] = []) -> None:
+async def _send_json(send: Send, status: int, doc: Any, headers: Collection[tuple[bytes, bytes]] = ()) -> None:
     body = json.dumps(doc).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})

@@ -17,7 +17,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import httpx
@@ -72,10 +72,10 @@ class GradioClientTransport(GradioEndpointTransport):
         if self._client is not None:
             await asyncio.to_thread(self._client.close)
 
-    async def health(self, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    async def health(self, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         return await fetch_health(self._health_http, self.base_url, headers)
 
-    async def _call(self, api_name: str, data: list[Any], headers: Mapping[str, str]) -> AsyncIterator[Any]:
+    async def _call(self, api_name: str, data: list[Any], headers: Mapping[str, str]) -> AsyncGenerator[Any, None]:
         """Each value the GPU tier's handler yields, then its result. The GPU tier's handlers
         send an error as a last value before Gradio's own error, whose text is used only
         when no such value came (an error of Gradio itself)."""

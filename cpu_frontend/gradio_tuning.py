@@ -32,7 +32,7 @@ log = logging.getLogger("splitspace.frontend")
 _applied = False
 
 
-class LazyConfigValues(dict):  # type: ignore[type-arg]
+class LazyConfigValues(dict):
     """``SessionState.config_values``, each block's entry computed on first read."""
 
     def __init__(self, blocks_config: Any, ids: list[int]) -> None:
@@ -122,7 +122,7 @@ def _lazy_session_state() -> bool:
         blocks: dict[int, Any] = {}
 
     probe = original.__new__(original)
-    original.__init__(probe, EmptyBlocks())
+    original.__init__(probe, EmptyBlocks())  # type: ignore[arg-type]  # a stand-in with what __init__ reads
     if set(vars(probe)) != _SESSION_ATTRS or not hasattr(original, "_update_value_in_config"):
         return False
 
@@ -140,7 +140,7 @@ def _lazy_session_state() -> bool:
         if not self.config_values.defer_value(key, value):
             original._update_value_in_config(self, key, value)
 
-    state_holder.SessionState = type(  # type: ignore[misc]
+    state_holder.SessionState = type(  # type: ignore[misc,assignment]  # a patch: a subclass made at run time
         "SessionState", (original,),
         {"__init__": init, "_update_value_in_config": update_value_in_config, "_splitspace_lazy": True},
     )
@@ -154,7 +154,7 @@ def _no_matplotlib_switch() -> bool:
         return True  # installed: the manager's work is real
     if not hasattr(utils, "MatplotlibBackendMananger"):
         return False
-    utils.MatplotlibBackendMananger = contextlib.nullcontext  # type: ignore[attr-defined,assignment]
+    utils.MatplotlibBackendMananger = contextlib.nullcontext  # type: ignore[misc,assignment]  # a patch of a class
     return True
 
 

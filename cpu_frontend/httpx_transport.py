@@ -13,7 +13,7 @@ tier to notice the closed stream at its next status update.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import httpx
@@ -64,7 +64,7 @@ class HttpxTransport(GradioEndpointTransport):
         except (ValueError, KeyError) as exc:
             raise NotStarted("the GPU tier sent no event id") from exc
 
-    async def _call(self, api_name: str, data: list[Any], headers: Mapping[str, str]) -> AsyncIterator[Any]:
+    async def _call(self, api_name: str, data: list[Any], headers: Mapping[str, str]) -> AsyncGenerator[Any, None]:
         """Each value the GPU tier's handler yields, in order, ending with its last one.
 
         The GPU tier's handlers send an error as a last value (``{"status": "error",

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import uuid
@@ -62,7 +63,13 @@ import redis.asyncio
 
 from splitspace.shared.circuit_breaker import DEFAULT_RETRY_S, CircuitBreaker
 from splitspace.shared.errors import QUEUE_FULL, ServiceUnavailable, Throttled
-from splitspace.shared.redis_client import DEFAULT_PREFIX, DEFAULT_TIMEOUT_S, UNAVAILABLE_ERRORS, async_client, unreachable_reason
+from splitspace.shared.redis_client import (
+    DEFAULT_PREFIX,
+    DEFAULT_TIMEOUT_S,
+    UNAVAILABLE_ERRORS,
+    async_client,
+    unreachable_reason,
+)
 from splitspace.shared.settings import Settings
 
 __all__ = ["Hold", "InflightLedger", "NullLedger", "RedisLedger", "open_ledger", "local_share"]
@@ -269,7 +276,7 @@ class RedisLedger:
                 self._lost(exc, {flow})
                 break
             except asyncio.CancelledError:  # the caller left; the call runs on, and is undone
-                call.add_done_callback(lambda done: self._abandoned(flow, dec, done))
+                call.add_done_callback(functools.partial(self._abandoned, flow, dec))
                 raise
             except Exception:  # a bug mid-call: it may or may not have run
                 self._unsynced({flow})

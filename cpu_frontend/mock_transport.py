@@ -15,8 +15,8 @@ which reach the caller exactly as a real transport's would::
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
+from typing import Any, cast
 
 from splitspace.shared.hop import Update
 from splitspace.shared.schema import GenerateRequest
@@ -43,14 +43,14 @@ class MockTransport(Transport):
         self.calls: list[tuple[GenerateRequest, dict[str, str]]] = []
         """Every call's request and headers, in order."""
 
-    async def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncIterator[Update]:
+    async def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncGenerator[Update, None]:
         self.calls.append((request, dict(headers)))
         updates = self._handler(request, headers)
         if inspect.isasyncgen(updates):
-            async for update in updates:
+            async for update in cast(AsyncIterator[Update], updates):
                 yield update
         else:
-            for update in updates:  # type: ignore[union-attr]
+            for update in cast(Iterable[Update], updates):  # not an async generator: the handler's other kind
                 yield update
 
     async def standing(self, headers: Mapping[str, str]) -> dict[str, Any]:

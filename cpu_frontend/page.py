@@ -165,7 +165,8 @@ NOTICE_CSS = ".splitspace-refusal { color: var(--error-text-color, #b91c1c); mar
 class PageBackend(Protocol):
     """What the page needs from the frontend (``app.Frontend``)."""
 
-    browser_secret: str
+    @property
+    def browser_secret(self) -> str: ...
 
     generate_api: Callable[..., Any]
 
@@ -208,8 +209,8 @@ def thumbnail(png_path: str, side: int = THUMB_SIDE) -> str:
     server's file is deleted after an hour)."""
     from PIL import Image
 
-    with Image.open(png_path) as img:
-        img = img.convert("RGB")
+    with Image.open(png_path) as src:
+        img = src.convert("RGB")
         img.thumbnail((side, side))
         out = io.BytesIO()
         img.save(out, "JPEG", quality=80)
@@ -267,15 +268,18 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
                 with gr.Accordion("Advanced settings", open=False) as advanced:
                     negative = gr.Textbox("", label="Negative prompt", max_length=limits.negative_prompt_max_chars)
                     with gr.Row():
-                        width = gr.Slider(limits.min_side, limits.max_side, 512, step=limits.side_multiple, label="Width")
-                        height = gr.Slider(limits.min_side, limits.max_side, 512, step=limits.side_multiple, label="Height")
+                        width = gr.Slider(limits.min_side, limits.max_side, 512, step=limits.side_multiple,
+                                          label="Width")
+                        height = gr.Slider(limits.min_side, limits.max_side, 512, step=limits.side_multiple,
+                                           label="Height")
                     steps = gr.Slider(limits.min_steps, limits.max_steps, FALLBACK_DEFAULTS["steps"],
                                       step=1, label="Steps")
                     guidance = gr.Slider(limits.min_guidance, limits.max_guidance, FALLBACK_DEFAULTS["guidance_scale"],
                                          step=0.5, label="Guidance scale")
                     seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
                 run = gr.Button("Generate", variant="primary")
-                notice = gr.HTML("", js_on_load=COUNTDOWN_JS + STATUS_WORDS_JS, css_template=NOTICE_CSS, elem_id="splitspace-notice")
+                notice = gr.HTML("", js_on_load=COUNTDOWN_JS + STATUS_WORDS_JS, css_template=NOTICE_CSS,
+                                 elem_id="splitspace-notice")
                 quota_box = gr.HTML(ui_text.quota_html(None), js_on_load=None, css_template=QUOTA_CSS,
                                     elem_id="splitspace-quota")
             with gr.Column():
@@ -307,7 +311,8 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
             seed: Any, last_gpu: Any,
             request: gr.Request, progress: gr.Progress = gr.Progress(),
         ) -> tuple[Any, ...]:
-            values = dict(zip(REQUEST_FIELDS, (prompt, negative_prompt, width, height, steps, guidance_scale, seed)))
+            values = dict(zip(REQUEST_FIELDS, (prompt, negative_prompt, width, height, steps, guidance_scale, seed),
+                              strict=True))
             clicked = time.monotonic()
             started: list[float] = []  # when the GPU began (the first "running" status)
             # The last image's GPU time (LAST_GPU_JS): the browser's to say, a guess only.

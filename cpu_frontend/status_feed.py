@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from splitspace.shared import status_pace
@@ -65,7 +65,7 @@ class Told:
 
 async def wait_turn(
     place: Place, told: Told, seconds_per_job: Callable[[], float], gone: asyncio.Future[Any] | None = None
-) -> AsyncIterator[Status]:
+) -> AsyncGenerator[Status, None]:
     """Until the place is inside (or ``gone`` is done: the caller left): its first place at
     once, then as ``status_pace`` says."""
     also = [] if gone is None else [gone]

@@ -18,7 +18,7 @@ queue protocol), ``gradio_client`` (the stock client) and ``MockTransport``
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import httpx
@@ -38,7 +38,7 @@ class Transport(ABC):
     base_url: str
 
     @abstractmethod
-    def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncIterator[Update]:
+    def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncGenerator[Update, None]:
         """Yield each Status of the call, then its Result. Closing the iterator early
         cancels the call on the GPU tier."""
 
@@ -60,10 +60,10 @@ class GradioEndpointTransport(Transport):
     Gradio call is made (:meth:`_call`); reading its values is the same for all."""
 
     @abstractmethod
-    def _call(self, api_name: str, data: list[Any], headers: Mapping[str, str]) -> AsyncIterator[Any]:
+    def _call(self, api_name: str, data: list[Any], headers: Mapping[str, str]) -> AsyncGenerator[Any, None]:
         """Each value the endpoint yields, in order (an error as its last value)."""
 
-    async def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncIterator[Update]:
+    async def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncGenerator[Update, None]:
         docs = self._call("infer", request.as_args(), headers)
         try:
             async for doc in docs:

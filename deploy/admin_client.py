@@ -39,7 +39,7 @@ class AdminClient:
         self._http = httpx.Client(timeout=timeout_s, headers=headers)
 
     @classmethod
-    def from_env(cls) -> "AdminClient":
+    def from_env(cls) -> AdminClient:
         url = (os.environ.get("SPLITSPACE_BACKEND_URL") or "http://127.0.0.1:7861").split(",")[0].strip()
         token = os.environ.get("SPLITSPACE_ADMIN_TOKEN")
         if not token:
@@ -84,7 +84,9 @@ class AdminClient:
 def seen(standing: dict[str, Any]) -> bool:
     """Whether the GPU tier knows a client now, from its ``show`` answer: something queued,
     running or used in its window (for an address, by its sessions too), or overrides."""
-    address = standing.get("address") if isinstance(standing.get("address"), dict) else {}
+    address = standing.get("address")
+    if not isinstance(address, dict):
+        address = {}
     return bool(standing.get("queued") or standing.get("running") or standing.get("overrides")
                 or (standing.get("used") or 0) > 0 or (address.get("used") or 0) > 0)
 

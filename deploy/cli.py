@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 
@@ -48,11 +48,11 @@ def dev(
     model: str = typer.Option("tiny", help="Model spec: tiny, sleep:MS, or a diffusers id/path."),
     frontend_port: int = typer.Option(7860),
     backend_port: int = typer.Option(7861),
-    quotas: Optional[str] = typer.Option(None, help="Operators' quota file (TOML)."),
+    quotas: str | None = typer.Option(None, help="Operators' quota file (TOML)."),
     reload: bool = typer.Option(False, "--reload", help="Restart a tier when its source changes."),
     backends: int = typer.Option(1, "--backends", min=1, help="GPU tiers to start (more than 1: on a local Redis)."),
     frontends: int = typer.Option(1, "--frontends", min=1, help="Frontends to start, each given every GPU tier."),
-    admin_token: Optional[str] = typer.Option(
+    admin_token: str | None = typer.Option(
         None, envvar="SPLITSPACE_ADMIN_TOKEN", show_envvar=True, show_default=False,
         help="The operators' token (admin API, `splitspace quota`, the dashboard). "
              "Default: a fresh one for this run, shown once on this terminal."),
@@ -75,7 +75,7 @@ def dev(
 def backend(
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(7861),
-    model: Optional[str] = typer.Option(None, help="Model spec (default: SPLITSPACE_MODEL or tiny)."),
+    model: str | None = typer.Option(None, help="Model spec (default: SPLITSPACE_MODEL or tiny)."),
     reload: bool = typer.Option(False, "--reload"),
 ) -> None:
     """The GPU tier alone."""
@@ -90,7 +90,7 @@ def backend(
 def frontend(
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(7860),
-    backend_url: Optional[str] = typer.Option(None, help="GPU tier URL(s), comma separated."),
+    backend_url: str | None = typer.Option(None, help="GPU tier URL(s), comma separated."),
     reload: bool = typer.Option(False, "--reload"),
 ) -> None:
     """The CPU tier alone."""
@@ -108,11 +108,12 @@ def deploy_cmd(
     model: str = typer.Option("stabilityai/sd-turbo", help="Model spec the GPU tier serves (SPLITSPACE_MODEL)."),
     private_backend: bool = typer.Option(True, "--private-backend/--public-backend",
                                          help="Make the GPU tier's Space private (the frontend then needs a token)."),
-    backend_hardware: Optional[str] = typer.Option(None, help="Also request this hardware for the GPU tier, e.g. zero-a10g."),
-    dry_run: Optional[Path] = typer.Option(None, "--dry-run", metavar="DIR",
+    backend_hardware: str | None = typer.Option(
+        None, help="Also request this hardware for the GPU tier, e.g. zero-a10g."),
+    dry_run: Path | None = typer.Option(None, "--dry-run", metavar="DIR",
                                            help="Only write DIR/frontend and DIR/backend and show the Hub calls."),
-    token: Optional[str] = typer.Option(None, help="Hub token for the deployment (default: HF_TOKEN or your Hub login)."),
-    frontend_token: Optional[str] = typer.Option(
+    token: str | None = typer.Option(None, help="Hub token for the deployment (default: HF_TOKEN or your Hub login)."),
+    frontend_token: str | None = typer.Option(
         None, help="Hub token the frontend uses to reach a private GPU tier (default: SPLITSPACE_FRONTEND_HF_TOKEN)."),
 ) -> None:
     """Deploy both tiers to Hugging Face Spaces (the same shared secret on both; never printed)."""
@@ -173,14 +174,14 @@ def quota_show(client: str, as_json: bool = typer.Option(False, "--json")) -> No
 @quota_app.command("set")
 def quota_set(
     client: str,
-    tier: Optional[str] = typer.Option(None),
-    weight: Optional[float] = typer.Option(None),
-    max_running: Optional[int] = typer.Option(None),
-    max_queued: Optional[int] = typer.Option(None),
-    gpu_seconds: Optional[float] = typer.Option(None),
-    window_s: Optional[float] = typer.Option(None),
-    address_gpu_seconds: Optional[float] = typer.Option(None),
-    requests_per_minute: Optional[int] = typer.Option(None),
+    tier: str | None = typer.Option(None),
+    weight: float | None = typer.Option(None),
+    max_running: int | None = typer.Option(None),
+    max_queued: int | None = typer.Option(None),
+    gpu_seconds: float | None = typer.Option(None),
+    window_s: float | None = typer.Option(None),
+    address_gpu_seconds: float | None = typer.Option(None),
+    requests_per_minute: int | None = typer.Option(None),
     force: bool = typer.Option(False, "--force", help="Set it for a session or address the GPU tier has not seen."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:

@@ -181,7 +181,7 @@ class DevAdmin:
     made: bool
 
     @classmethod
-    def for_run(cls, given: str | None) -> "DevAdmin":
+    def for_run(cls, given: str | None) -> DevAdmin:
         return cls(given, False) if given else cls(secrets.token_urlsafe(24), True)
 
 
@@ -264,6 +264,7 @@ def run_dev(
                 tier.proc = start_tier(tier.args, {**env, **tier.env, **admin_env})
                 procs.append(tier.proc)
             for tier in group:
+                assert tier.proc is not None  # started just above
                 wait_ready(tier.url, tier.proc, ready_timeout_s)
         print_urls(model, tiers, admin)
         while all(p.poll() is None for p in procs):

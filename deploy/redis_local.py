@@ -68,7 +68,7 @@ class LocalRedis:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, ready_timeout_s: float = 20.0) -> "LocalRedis":
+    def start(self, ready_timeout_s: float = 20.0) -> LocalRedis:
         if self.running:
             return self
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +115,7 @@ class LocalRedis:
         path = self.workdir / "redis.log"
         return " | ".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
-    def __enter__(self) -> "LocalRedis":
+    def __enter__(self) -> LocalRedis:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

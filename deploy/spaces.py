@@ -160,7 +160,8 @@ def readme_text(tier: str, *, frontend: str | None = None, backend: str | None =
             "Configured by Space variables and secrets: `SPLITSPACE_MODEL`, and the secrets "
             "`SPLITSPACE_SECRET` and `SPLITSPACE_ADMIN_TOKEN` (operators' admin API).\n"
         )
-    return f"---\n{meta}---\n\n{body}\nWritten by `splitspace deploy`; changes here are overwritten by the next deploy.\n"
+    return (f"---\n{meta}---\n\n{body}\n"
+            "Written by `splitspace deploy`; changes here are overwritten by the next deploy.\n")
 
 
 _APP_HEAD = '''\
@@ -300,7 +301,7 @@ class DeployOptions:
     private_backend: bool = True
     backend_hardware: str | None = None
 
-    def checked(self) -> "DeployOptions":
+    def checked(self) -> DeployOptions:
         frontend = check_repo_id(self.frontend, "--frontend-space")
         backend = check_repo_id(self.backend, "--backend-space")
         if frontend.lower() == backend.lower():
@@ -320,7 +321,7 @@ class DeploySecrets:
     generated: tuple[str, ...] = ()
 
     @classmethod
-    def resolve(cls, environ: Mapping[str, str], frontend_token: str | None = None) -> "DeploySecrets":
+    def resolve(cls, environ: Mapping[str, str], frontend_token: str | None = None) -> DeploySecrets:
         generated = []
         secret = environ.get("SPLITSPACE_SECRET") or ""
         if not secret:

@@ -20,7 +20,7 @@ from splitspace.shared.headers import ADMIN_HEADER
 from splitspace.shared.quotas import QuotaConfig, QuotaFileError, Tier, validate_overrides
 
 from .scheduler import ClientRef, FairScheduler, address_usage_key
-from .usage import UsageStore
+from .usage import OverrideStore, UsageLedger
 
 if TYPE_CHECKING:
     from .global_limits import GlobalLimits
@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 class Overrides:
     """Operator overrides per client id: an in-memory view written through to the store."""
 
-    def __init__(self, store: UsageStore, on_change: Callable[[str | None], None] = lambda client_id: None) -> None:
+    def __init__(self, store: OverrideStore, on_change: Callable[[str | None], None] = lambda client_id: None) -> None:
         """``on_change``: called after every change (the GPU tier dispatches then: a raised
         ``max_running`` lets a waiting job start at once, not at the next arrival), with
         None when :meth:`refresh` found changes made elsewhere."""
@@ -81,7 +81,7 @@ def admin_router(
     *,
     token: str | None,
     read: Callable[[Callable[[FairScheduler], Any]], Any],
-    store: UsageStore,
+    store: UsageLedger,
     overrides: Overrides,
     config: Callable[[], QuotaConfig],
     quota_status: Callable[[], dict[str, Any]],

@@ -34,19 +34,19 @@ from splitspace.session.token import HEALTH, IdentityTokens
 from splitspace.shared.errors import SplitspaceError
 from splitspace.shared.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
 from splitspace.shared.gradio_sessions import (
+    HOUSEKEEPING_S,
     HeartbeatCap,
     OpenHeartbeats,
     bound_session_states,
-    HOUSEKEEPING_S,
     every,
     forget_finished_states,
     session_count,
 )
+from splitspace.shared.gradio_signature import request_handler
 from splitspace.shared.guard import GradioGuard
 from splitspace.shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from splitspace.shared.hop import error_to_wire
 from splitspace.shared.quota_watch import QuotaWatcher
-from splitspace.shared.gradio_signature import request_handler
 from splitspace.shared.server import NO_TELEMETRY
 from splitspace.shared.settings import Settings
 
@@ -55,16 +55,16 @@ from .admin import Overrides, admin_router, limits_function
 from .cost import CostModel
 from .dashboard import DASHBOARD_PATH
 from .direct_route import INFER_PATH, MAX_BODY_BYTES, STANDING_PATH, DirectRoutes
+from .global_limits import GlobalLimits, local_limits
 from .metrics import CONTENT_TYPE, GpuMetrics
 from .model import CompileConfig, ModelExecutor
 from .operator_guard import OperatorGuard
 from .operator_sessions import GuessThrottle
-from .runner import GpuRunner, client_ref
 from .resilient_store import ResilientStore, open_async_store, open_store
+from .runner import GpuRunner, client_ref
 from .scheduler import FairScheduler
 from .service import InferService
-from .global_limits import GlobalLimits, local_limits
-from .usage import MemoryUsageStore, SqliteUsageStore
+from .usage import MemoryUsageStore, SqliteUsageStore, UsageStore
 from .write_behind import WriteBehindStore
 
 log = logging.getLogger("splitspace.gpu")
@@ -98,7 +98,7 @@ class GpuTier:
         if settings.redis_url is None:
             # Usage in memory, written to the file soon after: no disk I/O under the lock
             # that the GPU thread shares with admission (write_behind.py).
-            self.store = WriteBehindStore(SqliteUsageStore(settings.state_path))
+            self.store: WriteBehindStore | UsageStore = WriteBehindStore(SqliteUsageStore(settings.state_path))
             self.overrides = Overrides(self.store)
             limits = limits_function(lambda: self.watcher.current, self.overrides)
             self._memory_stores: list[MemoryUsageStore | WriteBehindStore] = [self.store]

@@ -178,9 +178,9 @@ def build_arch_pipeline(spec: str, device: str = "cpu", *, seed: int = SEED) -> 
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]  # diffusers: DiffusionPipeline's methods, unseen by mypy
     if not meta:  # anything a constructor placed on a fixed device joins the rest
-        pipe = pipe.to(device)
+        pipe = pipe.to(device)  # type: ignore[attr-defined]  # diffusers: DiffusionPipeline's methods, unseen by mypy
     return pipe
 
 
@@ -275,7 +275,7 @@ def _no_init() -> Any:
     try:
         from transformers.initialization import no_init_weights  # transformers 5
     except ImportError:  # transformers 4
-        from transformers.modeling_utils import no_init_weights
+        from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]  # 4.x only
     return no_init_weights()
 
 

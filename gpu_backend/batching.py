@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import math
 import time
-from fractions import Fraction
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Protocol
 
 from splitspace.shared.schema import GenerateRequest
@@ -114,7 +114,7 @@ def run_batch_isolating_failures(
         return BatchOutcome([batch_error], [batch_s], batch_s, isolated=False)
     results: list[Any] = []
     alone_s: list[float] = []
-    for request, seed in zip(requests, seeds):
+    for request, seed in zip(requests, seeds, strict=True):
         t0 = clock()
         try:
             results.append(model.generate(request, seed))
@@ -126,7 +126,7 @@ def run_batch_isolating_failures(
     payers = culprits or list(range(len(requests)))
     batch_shares = split_batch_time([costs[i] for i in payers], batch_s)
     charges = list(alone_s)
-    for i, share in zip(payers, batch_shares):
+    for i, share in zip(payers, batch_shares, strict=True):
         charges[i] += share
     return BatchOutcome(results, _apportion(charges, total), total, isolated=True)
 

@@ -37,6 +37,7 @@ import gradio as gr
 import httpx
 import pandas as pd
 from fastapi import FastAPI
+from gradio.routes import App
 from starlette.routing import Mount
 
 from splitspace.shared.headers import ADMIN_HEADER
@@ -249,7 +250,7 @@ def gpu_by_client(samples: list[Sample]) -> list[tuple[float, dict[str, float]]]
     never goes below zero."""
     out: list[tuple[float, dict[str, float]]] = []
     total: dict[str, float] = {}
-    for prev, cur in zip(samples, samples[1:]):
+    for prev, cur in zip(samples, samples[1:], strict=False):
         for client, used in cur.used.items():
             before = prev.used.get(client)
             new_window = before is None or cur.resets_in.get(client, 0.0) > prev.resets_in.get(client, 0.0) + 1.0
@@ -328,7 +329,7 @@ def override_values(form: dict[str, Any]) -> dict[str, Any]:
 
 
 def _client_table(clients: list[dict[str, Any]]) -> list[list[Any]]:
-    def overrides(o: dict[str, Any]) -> str:
+    def overrides(o: dict[str, Any] | None) -> str:
         return ", ".join(f"{k}={v}" for k, v in (o or {}).items())
 
     return [
@@ -350,13 +351,15 @@ def build_dashboard(calls: AdminCalls, samples: Samples, store: str) -> gr.Block
             model_box = gr.Textbox(label="Model in use", interactive=False, scale=2)
             gr.Textbox(store, label="Usage store", interactive=False, scale=2)
         with gr.Row():
-            depth_plot = gr.LinePlot(x="time", y="jobs", color="series", title="Queued and running by tier, last 10 min",
+            depth_plot = gr.LinePlot(x="time", y="jobs", color="series",
+                                     title="Queued and running by tier, last 10 min",
                                      y_title="jobs", height=260, **TIME_AXIS)
             gpu_plot = gr.LinePlot(x="time", y="GPU-s", color="client", title="GPU-seconds per client, last 10 min",
                                    y_title="GPU-s", height=260, elem_id="dashboard-gpu", **TIME_AXIS)
         share_table = gr.Dataframe(headers=SHARE_COLUMNS, label="GPU time against weighted fair share, last 10 min",
                                    interactive=False, elem_id="dashboard-shares")
-        clients_table = gr.Dataframe(headers=CLIENT_COLUMNS, label="Clients (splitspace quota list); click a row to edit",
+        clients_table = gr.Dataframe(headers=CLIENT_COLUMNS,
+                                     label="Clients (splitspace quota list); click a row to edit",
                                      interactive=False, elem_id="dashboard-clients")
         with gr.Accordion("Override, clear or reset a client", open=True):
             client_box = gr.Textbox(label="Client id", placeholder="key:NAME, session:ID or addr:ADDRESS")
@@ -406,7 +409,7 @@ def build_dashboard(calls: AdminCalls, samples: Samples, store: str) -> gr.Block
                 try:
                     if action == "set":
                         try:
-                            values = override_values(dict(zip(fields, form)))
+                            values = override_values(dict(zip(fields, form, strict=True)))
                         except ValueError as exc:
                             return f"**Refused:** {exc}"
                         if not values:
@@ -467,7 +470,8 @@ def mount_dashboard(app: FastAPI, tier: Any, token: str, sessions: OperatorSessi
     # Gradio keeps its login tokens in App.tokens, a dict nothing empties but a logout:
     # sessions that end replace it (tests/test_operator_guard.py fails if this stops applying).
     (gradio_app,) = [r.app for r in app.routes if isinstance(r, Mount) and r.path == DASHBOARD_PATH]
-    if not isinstance(gradio_app.tokens, dict):
+    if not isinstance(gradio_app, App) or not isinstance(gradio_app.tokens, dict):
         raise RuntimeError("gradio's App.tokens is no longer a dict: the dashboard's sessions would not end")
-    gradio_app.tokens = app.state.operator_sessions = sessions or OperatorSessions()
+    # (a patch: Gradio types App.tokens as a dict; OperatorSessions is a mapping whose sessions end)
+    gradio_app.tokens = app.state.operator_sessions = sessions or OperatorSessions()  # type: ignore[assignment]
     return app

@@ -33,7 +33,14 @@ from gradio.context import LocalContext
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from splitspace.shared.errors import ServiceUnavailable, SplitspaceError, Throttled, Unauthorized, ValidationFailed, to_wire
+from splitspace.shared.errors import (
+    ServiceUnavailable,
+    SplitspaceError,
+    Throttled,
+    Unauthorized,
+    ValidationFailed,
+    to_wire,
+)
 from splitspace.shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from splitspace.shared.hop import Update, error_to_wire
 

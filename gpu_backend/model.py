@@ -269,7 +269,7 @@ class ModelExecutor:
             from .tiny import build_tiny_pipeline
 
             device = device or _default_device()
-            pipeline = build_tiny_pipeline().to(device)
+            pipeline = build_tiny_pipeline().to(device)  # type: ignore[attr-defined]  # diffusers: DiffusionPipeline's methods, unseen by mypy
             cost = TINY_CUDA_COST if device.startswith("cuda") else TINY_CPU_COST
             preset, placeholder = TINY_PRESET, True
         else:
@@ -393,6 +393,7 @@ class ModelExecutor:
             return self.sleep_ms / 1000
         guidance = self.preset.guidance_scale if guidance_scale is None else guidance_scale
         unet_images = batch * 2 if guidance > 1 else batch
+        assert self.cost is not None  # a pipeline comes with one (__init__)
         return self.cost.seconds(steps, width * height, batch, unet_images)
 
     def _check_batch(self, reqs: list[GenerateRequest], seeds: list[int]) -> None:

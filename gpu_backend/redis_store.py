@@ -466,7 +466,7 @@ def _hash(reply: Any) -> dict[str, Any]:
     if isinstance(reply, dict):
         items = list(reply.items())
     else:
-        items = list(zip(reply[0::2], reply[1::2]))
+        items = list(zip(reply[0::2], reply[1::2], strict=False))
     return {_text(k): json.loads(_text(v)) for k, v in items}
 
 
@@ -522,7 +522,7 @@ class _Commands:
 
     def all_overrides(self) -> _Call:
         def parse(reply: Any) -> dict[str, dict[str, Any]]:
-            return {_text(cid): _hash(values) for cid, values in zip(reply[0::2], reply[1::2])}
+            return {_text(cid): _hash(values) for cid, values in zip(reply[0::2], reply[1::2], strict=False)}
 
         return _Call("overrides_all", (self._index,), (self._client_prefix,), parse)
 
@@ -545,8 +545,8 @@ class _Commands:
         def parse(reply: Any) -> Renewal:
             flags = [bool(int(x)) for x in reply]
             return Renewal(
-                tuple(lease for lease, ok in zip(wanted, flags) if ok),
-                tuple(lease for lease, ok in zip(wanted, flags) if not ok),
+                tuple(lease for lease, ok in zip(wanted, flags, strict=False) if ok),
+                tuple(lease for lease, ok in zip(wanted, flags, strict=False) if not ok),
             )
 
         keys = (*(self._slot(lease.kind, lease.key) for lease in wanted), self._slot_index)
@@ -571,10 +571,11 @@ class _Commands:
 
         def parse(reply: Any) -> dict[str, SlotCounts]:
             counts: dict[str, dict[str, int]] = {}
-            for name, n in zip(reply[0::2], reply[1::2]):
+            for name, n in zip(reply[0::2], reply[1::2], strict=False):
                 kind, _, key = _text(name).removeprefix(head).partition(":")
                 counts.setdefault(key, {})[kind] = int(n)
-            return {key: SlotCounts(queued=c.get("queued", 0), running=c.get("running", 0)) for key, c in counts.items()}
+            return {key: SlotCounts(queued=c.get("queued", 0), running=c.get("running", 0))
+                    for key, c in counts.items()}
 
         return _Call("slot_counts", (self._slot_index,), (), parse)
 
@@ -602,7 +603,7 @@ class _Commands:
             return {}
 
         def parse(reply: Any) -> dict[str, float]:
-            return {f: float(v) for f, v in zip(wanted, reply) if v is not None}
+            return {f: float(v) for f, v in zip(wanted, reply, strict=False) if v is not None}
 
         return _Call("service_get", tuple(f"{self.prefix}svc:{f}" for f in wanted), (), parse)
 
@@ -633,14 +634,16 @@ class _Commands:
         def parse(reply: Any) -> AdmitGrant:
             tag = _text(reply[0])
             if tag == "ok":
-                return AdmitGrant(True, service={f: float(v) for f, v in zip(wanted, reply[1]) if v is not None})
+                return AdmitGrant(True, service={f: float(v) for f, v in zip(wanted, reply[1], strict=False)
+                                                 if v is not None})
             if tag == "rate":
                 return AdmitGrant(False, "rate", held=int(reply[1]), retry_after_s=float(reply[2]))
             if tag == "queued":
                 return AdmitGrant(False, "queued", held=int(reply[1]))
             if tag == "replay":
                 return AdmitGrant(False, "replay")
-            return AdmitGrant(False, "quota", quota=int(reply[1]) - 1, retry_after_s=float(reply[2]), used=float(reply[3]))
+            return AdmitGrant(False, "quota", quota=int(reply[1]) - 1, retry_after_s=float(reply[2]),
+                              used=float(reply[3]))
 
         return _Call("admit", keys, args, parse)
 
@@ -744,7 +747,7 @@ class RedisStore:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         prefix: str = DEFAULT_PREFIX,
         service_ttl_s: float = DEFAULT_SERVICE_TTL_S,
-    ) -> "RedisStore":
+    ) -> RedisStore:
         """A store on a new client for ``url`` (``redis://``, ``rediss://``, ``unix://``).
         Connects lazily: a tier starts while Redis is down."""
         client = sync_client(url, timeout_s)
@@ -897,7 +900,7 @@ class AsyncRedisStore:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         prefix: str = DEFAULT_PREFIX,
         service_ttl_s: float = DEFAULT_SERVICE_TTL_S,
-    ) -> "AsyncRedisStore":
+    ) -> AsyncRedisStore:
         client = async_client(url, timeout_s)
         return cls(client, prefix=prefix, service_ttl_s=service_ttl_s, timeout_s=timeout_s)
 
@@ -930,7 +933,9 @@ class AsyncRedisStore:
         except (redis.exceptions.RedisError, OSError):
             return False
 
-    async def reserve(self, key: str, amount: float, limit: float, window_s: float, now: float | None = None) -> float | None:
+    async def reserve(
+        self, key: str, amount: float, limit: float, window_s: float, now: float | None = None
+    ) -> float | None:
         return await self._run(self._cmd.reserve(key, amount, limit, window_s))
 
     async def adjust(self, key: str, delta: float, now: float | None = None) -> None:
@@ -990,7 +995,9 @@ class AsyncRedisStore:
     async def slot_counts(self, now: float | None = None) -> dict[str, SlotCounts]:
         return await self._run(self._cmd.slot_counts())
 
-    async def admit_rate(self, key: str, job_id: str, limit: float, window_s: float, now: float | None = None) -> RateGrant:
+    async def admit_rate(
+        self, key: str, job_id: str, limit: float, window_s: float, now: float | None = None
+    ) -> RateGrant:
         return await self._run(self._cmd.admit_rate(key, job_id, limit, window_s))
 
     async def forget_rate(self, key: str, job_id: str) -> None:

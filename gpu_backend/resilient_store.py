@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import logging
 import math
 from collections.abc import Awaitable, Callable, Iterable
@@ -97,6 +98,12 @@ class _Route(enum.Enum):
     SETTLE = "settle"  # never raise: Redis if up, else memory
     READ = "read"  # never raise: Redis if up, else memory
     OPERATOR = "operator"  # raise when Redis is down, in both modes
+
+
+def _resend(key: str, job_id: str, primary: UsageStore) -> bool:
+    """Send one unsent release (:meth:`ResilientStore.send_unsent`); True once sent."""
+    primary.settle(key, job_id)
+    return True
 
 
 class _Failover:
@@ -255,7 +262,9 @@ class ResilientStore(_Wrapper):
 
     primary: UsageStore
 
-    def _call(self, route: _Route, on_primary: Callable[[UsageStore], T], on_fallback: Callable[[MemoryUsageStore], T]) -> T:
+    def _call(
+        self, route: _Route, on_primary: Callable[[UsageStore], T], on_fallback: Callable[[MemoryUsageStore], T]
+    ) -> T:
         if self._f.allow():
             with self._f:
                 return on_primary(self.primary)
@@ -416,7 +425,7 @@ class ResilientStore(_Wrapper):
         breaker keeps calls away from Redis."""
         sent = 0
         for key, job_id in self.unsent.pending():
-            if not self._call(_Route.SETTLE, lambda p: p.settle(key, job_id) or True, lambda f: False):
+            if not self._call(_Route.SETTLE, functools.partial(_resend, key, job_id), lambda f: False):
                 break  # Redis still away: the rest wait for the next try
             self.unsent.sent(key, job_id)
             sent += 1
@@ -440,7 +449,9 @@ class AsyncResilientStore(_Wrapper):
                 return await on_primary(self.primary)
         return self._f.fall_back(route, on_fallback)
 
-    async def reserve(self, key: str, amount: float, limit: float, window_s: float, now: float | None = None) -> float | None:
+    async def reserve(
+        self, key: str, amount: float, limit: float, window_s: float, now: float | None = None
+    ) -> float | None:
         return await self._call(
             _Route.ADMIT,
             lambda p: p.reserve(key, amount, limit, window_s, now),
@@ -529,7 +540,9 @@ class AsyncResilientStore(_Wrapper):
     async def slot_counts(self, now: float | None = None) -> dict[str, SlotCounts]:
         return await self._call(_Route.READ, lambda p: p.slot_counts(now), lambda f: f.slot_counts(now))
 
-    async def admit_rate(self, key: str, job_id: str, limit: float, window_s: float, now: float | None = None) -> RateGrant:
+    async def admit_rate(
+        self, key: str, job_id: str, limit: float, window_s: float, now: float | None = None
+    ) -> RateGrant:
         return await self._call(
             _Route.ADMIT,
             lambda p: p.admit_rate(key, job_id, limit, window_s, now),

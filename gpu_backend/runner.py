@@ -34,14 +34,14 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from splitspace.session.identity import Identity
+from splitspace.shared import status_pace
 from splitspace.shared.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled
 from splitspace.shared.hop import GenerateInfo, Result, Status, Update
-from splitspace.shared import status_pace
 from splitspace.shared.schema import MAX_SEED, GenerateRequest
 
 from .batching import BatchOutcome, split_batch_time, zerogpu_batch_key
@@ -164,7 +164,7 @@ class GpuRunner:
             t.join(timeout=30)
 
     # -- the handler side (event loop) ------------------------------------------------
-    async def generate(self, identity: Identity, request: GenerateRequest) -> AsyncIterator[Update]:
+    async def generate(self, identity: Identity, request: GenerateRequest) -> AsyncGenerator[Update, None]:
         """Admit, wait for a fair turn (yielding status), run, and yield the final result.
 
         Raises Throttled when a limit refuses the request. Closing the generator
@@ -190,6 +190,7 @@ class GpuRunner:
         call and the reported info all use these. A job admitted before a live model
         change keeps them and runs on the new model; its info names the model it ran on."""
         request = self.resolve(request)
+        assert request.steps is not None and request.guidance_scale is not None  # resolve() chose them
         estimate = self.cost.estimate(request.steps, request.width, request.height, request.guidance_scale)
         job_id = job_id or uuid.uuid4().hex
         loop = asyncio.get_running_loop()
@@ -228,7 +229,7 @@ class GpuRunner:
         seed = request.seed if request.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
         return dataclasses.replace(request, steps=steps, guidance_scale=guidance, seed=seed)
 
-    async def follow(self, ticket: Ticket) -> AsyncIterator[Update]:
+    async def follow(self, ticket: Ticket) -> AsyncGenerator[Update, None]:
         """Yield the ticket's status while it waits, then its result. Closing this
         generator (or cancelling the task that runs it) while the job waits drops the job."""
         waiter, job_id, cap = ticket.waiter, ticket.job_id, ticket.cap
@@ -343,7 +344,7 @@ class GpuRunner:
             left = {job.job_id for job in jobs} & self._left
             self._left -= left
             keep = {job.job_id for job in run} - left
-            for job, w in zip(jobs, waiters):
+            for job, w in zip(jobs, waiters, strict=True):
                 w.past_gate = job.job_id in keep  # a requeued job passes the gate again
             if not refused and not failed and not left:
                 return jobs, waiters
@@ -371,7 +372,8 @@ class GpuRunner:
         for job, w in gone:
             w.loop.call_soon_threadsafe(w.future.cancel)
             self._on_event("cancelled", {"tier": job.client.tier})
-        return [job for job in run if job.job_id in keep], [w for job, w in zip(jobs, waiters) if job.job_id in keep]
+        return ([job for job in run if job.job_id in keep],
+                [w for job, w in zip(jobs, waiters, strict=True) if job.job_id in keep])
 
     def _run_batch(self, jobs: list[Job], waiters: list[_Waiter]) -> None:
         if self.gate is not None:
@@ -380,7 +382,7 @@ class GpuRunner:
                 return
         started = self._clock()
         model = self._model_name()  # a model change waits for the GPU to go idle (swap)
-        for job, w in zip(jobs, waiters):
+        for job, w in zip(jobs, waiters, strict=True):
             w.started, w.model = started, model
             self._on_event("started", {"tier": job.client.tier, "wait_s": started - w.submitted})
         requests = [w.request for w in waiters]
@@ -396,6 +398,7 @@ class GpuRunner:
             log.warning("%d of a batch of %d failed", len(outcome.failed), len(jobs))
         elif not outcome.isolated:  # a real measurement of this batch: calibrate with it
             first = requests[0]
+            assert first.steps is not None and first.guidance_scale is not None  # resolved at admission
             self.cost.observe(first.steps, first.width, first.height, first.guidance_scale, len(jobs),
                               outcome.total_s)
         if self.gate is not None:
@@ -404,10 +407,10 @@ class GpuRunner:
             # need the running slot; another tier's dispatch that comes sooner is refused and
             # retried (GlobalLimits.retry_s).
             self._deliver_all(jobs, waiters, outcome)
-            for job, share in zip(jobs, outcome.charges_s):
+            for job, share in zip(jobs, outcome.charges_s, strict=False):
                 self.gate.finish(job, share)
         with self._work:  # each job is charged its share (a failed batch: see batching.py)
-            for job, share in zip(jobs, outcome.charges_s):
+            for job, share in zip(jobs, outcome.charges_s, strict=False):
                 self.scheduler.finish(job.job_id, share)
                 self._waiters.pop(job.job_id, None)
             self._dispatch_locked()
@@ -416,7 +419,7 @@ class GpuRunner:
             self._deliver_all(jobs, waiters, outcome)
 
     def _deliver_all(self, jobs: list[Job], waiters: list[_Waiter], outcome: BatchOutcome) -> None:
-        for job, w, result, share in zip(jobs, waiters, outcome.results, outcome.charges_s):
+        for job, w, result, share in zip(jobs, waiters, outcome.results, outcome.charges_s, strict=False):
             self._on_event("finished", {"tier": job.client.tier, "gpu_s": share})
             if isinstance(result, BaseException):
                 w.loop.call_soon_threadsafe(_fail, w.future, result)
@@ -442,6 +445,7 @@ class GpuRunner:
     def _result(self, job: Job, w: _Waiter, png: bytes, gpu_s: float, done: float) -> Result:
         started = w.started if w.started is not None else done
         req = w.request
+        assert req.steps is not None and req.guidance_scale is not None  # resolved at admission
         info = GenerateInfo(
             seed=req.seed, width=req.width, height=req.height, steps=req.steps,
             guidance_scale=req.guidance_scale, model=w.model,

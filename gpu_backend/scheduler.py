@@ -134,8 +134,9 @@ import enum
 import heapq
 import itertools
 from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from sortedcontainers import SortedList
 
@@ -143,7 +144,7 @@ from splitspace.session.identity import flow_of
 from splitspace.shared.quotas import Tier
 
 if TYPE_CHECKING:
-    from .usage import UsageStore
+    from .usage import UsageLedger
 
 __all__ = [
     "Outcome",
@@ -324,7 +325,7 @@ class FairScheduler:
         *,
         clock: Callable[[], float],
         limits: Callable[[ClientRef], Tier],
-        store: UsageStore,
+        store: UsageLedger,
         capacity: int = 1,
         held: Callable[[str], bool] | None = None,
         service_floor: Callable[[str, float], float] | None = None,
@@ -405,7 +406,8 @@ class FairScheduler:
         refused = self._check_rate(flow, tier, now) or self._check_queue(flow, tier)
         if refused is not None:
             return refused
-        job = Job(job_id=job_id, client=client, cost=cost, batch_key=batch_key, submitted_at=now, seq=next(self._job_seq))
+        job = Job(job_id=job_id, client=client, cost=cost, batch_key=batch_key, submitted_at=now,
+                  seq=next(self._job_seq))
         refused = self._reserve(job, tier, now)
         if refused is not None:
             return refused
@@ -561,7 +563,7 @@ class FairScheduler:
         self._collect_idle()
         return added
 
-    def _pick(self, limits: "_Memo") -> tuple[_Flow, _Member] | None:
+    def _pick(self, limits: _Memo) -> tuple[_Flow, _Member] | None:
         """The first eligible flow in fair order, and its first eligible client.
 
         The first tag of a flow met in ``_tags`` is its head. The jobs skipped belong to
@@ -584,7 +586,7 @@ class FairScheduler:
             skipped.add(flow_id)
         return None
 
-    def _pick_batch(self, limits: "_Memo", batch_key: Hashable, taken: set[str]) -> tuple[_Flow, _Member] | None:
+    def _pick_batch(self, limits: _Memo, batch_key: Hashable, taken: set[str]) -> tuple[_Flow, _Member] | None:
         """The first eligible flow in fair order whose head job has ``batch_key`` and whose
         head client is not in the batch yet."""
         assert self._by_key is not None
@@ -597,7 +599,7 @@ class FairScheduler:
                 return flow, member
         return None
 
-    def _start(self, flow: _Flow, member: _Member, limits: "_Memo", unit: int) -> Job:
+    def _start(self, flow: _Flow, member: _Member, limits: _Memo, unit: int) -> Job:
         job = member.queue[0]
         weight = max(limits(member.client).weight, MIN_COST)
         # The head of the flow leaves at the charge its tags assumed: the rest keep theirs.

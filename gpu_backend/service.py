@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping
 from typing import Any
 
 import gradio as gr
@@ -33,7 +33,14 @@ import gradio as gr
 from splitspace.session.identity import Identity
 from splitspace.session.token import STANDING, Claims, IdentityTokens, infer_purpose
 from splitspace.shared.errors import (
-    GPU_ERROR, QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, GpuFailed, SplitspaceError, Throttled, Unauthorized,
+    GPU_ERROR,
+    QUEUE_FULL,
+    QUOTA_EXCEEDED,
+    RATE_LIMITED,
+    GpuFailed,
+    SplitspaceError,
+    Throttled,
+    Unauthorized,
 )
 from splitspace.shared.hop import Update
 from splitspace.shared.schema import Limits, request_from_dict
@@ -103,6 +110,7 @@ class InferService:
         request = request_from_dict(dict(body), self.limits)
         identity = self._identity(claims, request)
         request = self.runner.resolve(request)  # the estimate below is the one the job keeps
+        assert request.steps is not None and request.guidance_scale is not None  # resolve() chose them
         cost = self.runner.cost.estimate(request.steps, request.width, request.height, request.guidance_scale)
         job_id = uuid.uuid4().hex
         try:  # the token's nonce too: a call replayed to another replica is refused there
@@ -129,7 +137,7 @@ class InferService:
             self._on_refused("unauthorized")
             raise
 
-    async def follow(self, ticket: Ticket) -> AsyncIterator[Update]:
+    async def follow(self, ticket: Ticket) -> AsyncGenerator[Update, None]:
         """The ticket's updates, ending with its Result; closing this drops a waiting job."""
         updates = self.runner.follow(ticket)
         try:

@@ -157,5 +157,5 @@ def build_tiny_pipeline() -> StableDiffusionPipeline:
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.set_progress_bar_config(disable=True)
+    pipe.set_progress_bar_config(disable=True)  # type: ignore[attr-defined]  # diffusers: DiffusionPipeline's methods, unseen by mypy
     return pipe

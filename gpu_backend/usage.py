@@ -363,6 +363,31 @@ class UsageStore(Protocol):
         ...
 
 
+class UsageLedger(Protocol):
+    """The part of a store that the scheduler and the admin API's reset use: the GPU-second
+    windows (any :class:`UsageStore`, or the single tier's ``WriteBehindStore``)."""
+
+    def reserve(self, key: str, amount: float, limit: float, window_s: float, now: float) -> float | None: ...
+
+    def adjust(self, key: str, delta: float, now: float) -> None: ...
+
+    def usage(self, key: str, now: float) -> tuple[float, float]: ...
+
+    def reset(self, key: str) -> None: ...
+
+
+class OverrideStore(Protocol):
+    """The part of a store that :class:`~gpu_backend.admin.Overrides` uses."""
+
+    def all_overrides(self) -> dict[str, dict[str, Any]]: ...
+
+    def set_overrides(self, client_id: str, values: dict[str, Any]) -> None: ...
+
+    def clear_overrides(self, client_id: str) -> None: ...
+
+    def overrides_version(self) -> int: ...
+
+
 # -- shared rules -----------------------------------------------------------------------
 
 
@@ -401,7 +426,9 @@ def check_service(delta: float, floor: float | None) -> None:
         raise ValueError(f"bad service change: delta={delta!r} floor={floor!r}")
 
 
-def _reserve(window: _Window | None, amount: float, limit: float, window_s: float, now: float) -> tuple[_Window | None, float | None]:
+def _reserve(
+    window: _Window | None, amount: float, limit: float, window_s: float, now: float
+) -> tuple[_Window | None, float | None]:
     """The shared rule: ``(window to store or None to leave as is, retry_after or None)``."""
     if window is None or not window.live(now):
         window = _Window(used=0.0, start=now, window_s=window_s)
@@ -484,7 +511,7 @@ class _JobsInSteps:
     """A job's steps in one call, made of the store's own steps (the memory and SQLite
     stores; Redis runs each as one script)."""
 
-    def admit(self, plan: AdmitPlan, now: float | None = None) -> AdmitGrant:
+    def admit(self: Any, plan: AdmitPlan, now: float | None = None) -> AdmitGrant:
         return admit_in_steps(self, plan, now)
 
     def start_job(
@@ -829,7 +856,7 @@ class SqliteUsageStore(_JobsInSteps):
             (key, window.used, window.start, window.window_s),
         )
 
-    def _write(self) -> "_Transaction":
+    def _write(self) -> _Transaction:
         return _Transaction(self._db, self._lock)
 
     def windows(self) -> dict[str, _Window]:

@@ -77,6 +77,9 @@ class WriteBehindStore:
     def all_overrides(self) -> dict[str, dict[str, Any]]:
         return self.backing.all_overrides()
 
+    def overrides_version(self) -> int:
+        return self.backing.overrides_version()
+
     # -- the writer -------------------------------------------------------------------
     def _mark(self, key: str) -> None:
         with self._cond:

@@ -63,6 +63,7 @@ class CallerStamps:
         if self._signer is None or not value or len(value) > 512:
             return None
         try:
-            return self._signer.unsign(value, max_age=self._max_age_s).decode()
+            # itsdangerous annotates max_age as int; it compares it with a float age, so a float works
+            return self._signer.unsign(value, max_age=self._max_age_s).decode()  # type: ignore[call-overload]
         except (BadSignature, UnicodeDecodeError, ValueError):
             return None

@@ -37,7 +37,7 @@ class Identity:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Identity":
+    def from_dict(cls, data: dict[str, Any]) -> Identity:
         kind = data["kind"]
         if kind not in ("key", "session", "address"):
             raise ValueError(f"unknown identity kind {kind!r}")

@@ -140,7 +140,8 @@ class IdentityTokens:
         if not token:
             raise Unauthorized("missing identity token (X-Splitspace-Identity)")
         try:
-            data = self._serializer.loads(token, max_age=self._max_age_s)
+            # itsdangerous annotates max_age as int; it compares it with a float age, so a float works
+            data = self._serializer.loads(token, max_age=self._max_age_s)  # type: ignore[arg-type]
             nonce = str(data["nonce"])
             claims = Claims(Identity.from_dict(data), str(data["purpose"]), nonce)
         except SignatureExpired:

@@ -61,7 +61,8 @@ def bound_analytics(blocks: Any, events: int = ANALYTICS_EVENTS, every: int = AN
     """Keep at most ``events`` event records and summarise them every ``every`` events.
     True when applied."""
     queue = getattr(blocks, "_queue", None)
-    if not all(isinstance(getattr(queue, a, None), int) for a in ("ANALYTICS_MAX_EVENTS", "ANAYLTICS_CACHE_FREQUENCY")) \
+    counters = ("ANALYTICS_MAX_EVENTS", "ANAYLTICS_CACHE_FREQUENCY")
+    if queue is None or not all(isinstance(getattr(queue, a, None), int) for a in counters) \
             or not isinstance(getattr(queue, "event_analytics", None), dict):
         log.warning("Gradio's queue changed shape; its analytics are left as they are")
         return False

@@ -126,7 +126,7 @@ class EndpointTable:
     server_functions: bool = False
 
     @classmethod
-    def from_blocks(cls, blocks: Any) -> "EndpointTable":
+    def from_blocks(cls, blocks: Any) -> EndpointTable:
         named = (blocks.get_api_info().get("named_endpoints") or {}) if blocks.fns else {}
         table = cls(api_open=bool(getattr(blocks, "api_open", True)))
         for index, fn in blocks.fns.items():

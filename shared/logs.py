@@ -81,11 +81,11 @@ class LogCap(logging.Filter):
                 dropped_before, self._dropped = self._dropped, 0
             if self._passed >= self.burst:
                 self._dropped += 1
-                record._splitspace_capped = False  # type: ignore[attr-defined]
+                record._splitspace_capped = False
                 return False
             self._passed += 1
         self._truncate(record, dropped_before)
-        record._splitspace_capped = True  # type: ignore[attr-defined]
+        record._splitspace_capped = True
         return True
 
     def _truncate(self, record: logging.LogRecord, dropped_before: int) -> None:

@@ -8,10 +8,11 @@ error that names its line, so a typo never silently grants unlimited quota.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 ANONYMOUS = "anonymous"
 CLIENT_KINDS = ("key", "session", "addr")
@@ -32,7 +33,7 @@ class Tier:
     address_gpu_seconds: float | None = None
     requests_per_minute: int | None = None
 
-    def with_overrides(self, overrides: dict[str, Any]) -> "Tier":
+    def with_overrides(self, overrides: dict[str, Any]) -> Tier:
         return replace(self, **{k: v for k, v in overrides.items() if k in TIER_FIELDS})
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,7 +111,7 @@ class QuotaFileError(ValueError):
     """A quota file that cannot be used; the message names the line and the reason."""
 
 
-_VALUE_TYPES: dict[str, tuple[type, ...]] = {
+_VALUE_TYPES: dict[str, tuple[type[int] | type[float] | type[str], ...]] = {
     "weight": (int, float),
     "max_running": (int,),
     "max_queued": (int,),
@@ -162,7 +163,7 @@ def _check_values(text: str, section: str, values: Any, allow_tier: bool) -> dic
         types = _VALUE_TYPES[key]
         if isinstance(value, bool) or not isinstance(value, types):
             raise _fail(text, section, key, f"must be {' or '.join(t.__name__ for t in types)}")
-        if key != "tier" and value < 0:
+        if not isinstance(value, str) and value < 0:  # (every key but "tier" is a number)
             raise _fail(text, section, key, "must not be negative")
         if key in ("weight", "window_s") and value == 0:
             raise _fail(text, section, key, "must be greater than 0")

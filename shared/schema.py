@@ -199,7 +199,8 @@ def request_from_dict(data: dict[str, Any], limits: Limits = Limits()) -> Genera
     unknown = set(data) - set(REQUEST_FIELDS)
     if unknown:
         name = sorted(map(str, unknown))[0]
-        raise ValidationFailed(name if len(name) <= ECHO_CHARS else name[: ECHO_CHARS - 3] + "...", "is not a request field")
+        echo = name if len(name) <= ECHO_CHARS else name[: ECHO_CHARS - 3] + "..."
+        raise ValidationFailed(echo, "is not a request field")
     if "prompt" not in data:
         raise ValidationFailed("prompt", "is required")
     return validate_request(limits=limits, **data)

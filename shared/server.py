@@ -94,7 +94,7 @@ class HeaderTimeoutProtocol(HttpToolsProtocol or object):  # type: ignore[misc]
         if not self.transport.is_closing():
             self.transport.close()
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport: asyncio.Transport) -> None:
         super().connection_made(transport)
         self._arm_header_timer()
 

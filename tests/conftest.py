@@ -85,7 +85,7 @@ def workdir(tmp_path: Path) -> Path:
 
 # -- Redis (issue 12): a real redis-server, never skipped ----------------------------------
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator["LocalRedis"]:
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
     """One ``redis-server`` on a free port for the session (tests keep apart by key prefix)."""
     from tests.redis_server import start_redis
 
@@ -95,7 +95,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator["LocalRed
 
 
 @pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator["LocalRedis"]:
+def own_redis(tmp_path: Path) -> Iterator[LocalRedis]:
     """A ``redis-server`` of this test alone, which it may stop and start again."""
     from tests.redis_server import start_redis
 

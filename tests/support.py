@@ -259,7 +259,7 @@ class Deployment:
     def backend_urls(self) -> str:
         return f"http://127.0.0.1:{self.backend_port}"
 
-    def start(self) -> "Deployment":
+    def start(self) -> Deployment:
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.quotas is not None:
             self.write_quotas(self.quotas)

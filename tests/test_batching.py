@@ -53,11 +53,11 @@ def test_a_batch_of_three_clients_gives_each_the_pixels_it_gets_alone(model, req
     executor = request_fixture(model)
     reqs = [req(p) for p in PROMPTS]
     batch = [pixels(image) for image in executor.generate_batch(reqs, SEEDS)]
-    alone = [pixels(executor.generate(r, s)) for r, s in zip(reqs, SEEDS)]
+    alone = [pixels(executor.generate(r, s)) for r, s in zip(reqs, SEEDS, strict=True)]
     # Not bit-equal on a CPU: oneDNN sums in a batch-size-dependent order, so the
     # float outputs differ by about 1e-6 (see the next test) and a pixel that sits
     # on a rounding boundary of the 0-255 conversion may move by 1.
-    for together, single in zip(batch, alone):
+    for together, single in zip(batch, alone, strict=True):
         assert np.abs(together - single).max() <= 1
         assert (together != single).mean() < 0.001
     for a, b in itertools.combinations(batch, 2):  # and each request really got its own image
@@ -74,7 +74,7 @@ def test_batched_and_single_pipeline_outputs_agree_to_float_rounding(arch_tiny):
         ).images
 
     batch = run(PROMPTS, SEEDS)
-    for i, (prompt, seed) in enumerate(zip(PROMPTS, SEEDS)):
+    for i, (prompt, seed) in enumerate(zip(PROMPTS, SEEDS, strict=True)):
         alone = run([prompt], [seed])[0]
         assert np.abs(batch[i] - alone).max() < 1e-4  # about 1e-6 measured, in [0, 1]
         assert np.abs(batch[i] - run([prompt], [seed + 1])[0]).max() > 0.1
@@ -217,7 +217,7 @@ def test_split_batch_time_always_sums_exactly_to_the_measured_time(costs, gpu_s)
     assert all(share >= 0 for share in shares)
     # Within one quantum (ulp(gpu_s)) of the exact proportion, computed in exact fractions.
     total = sum(Fraction(c) for c in costs)
-    for cost, share in zip(costs, shares):
+    for cost, share in zip(costs, shares, strict=True):
         fair = Fraction(gpu_s) * (Fraction(cost) / total if total else Fraction(1, len(costs)))
         assert abs(Fraction(share) - fair) < Fraction(math.ulp(gpu_s))
 

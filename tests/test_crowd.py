@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.clients import call_rest, gen_args
-from tests.support import Deployment, sha256, wait_for
+from tests.support import Deployment, sha256
 
 CLIENTS = 100
 PER_CLIENT = 10

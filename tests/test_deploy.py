@@ -280,7 +280,7 @@ class UploadCheckingApi(RecordingApi):
 
 def test_deploy_makes_the_hub_calls_and_prints_no_secret(capsys):
     fe_token = "hf_frontend_read_token_0123"
-    for run in range(2):  # the second run repeats the same calls: idempotent on the Hub's side
+    for _run in range(2):  # the second run repeats the same calls: idempotent on the Hub's side
         api = UploadCheckingApi()
         deploy(DeployOptions(FE, BE, model="stabilityai/sd-turbo"), api=api, environ={},
                frontend_token=fe_token)

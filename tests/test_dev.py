@@ -32,7 +32,8 @@ def _start_dev(cwd: Path, *args: str, sigint_ignored: bool = False) -> tuple[sub
     env.pop("SPLITSPACE_SECRET", None)
     env.pop("SPLITSPACE_ADMIN_TOKEN", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "splitspace.deploy.cli", "dev", "--frontend-port", str(fport), "--backend-port", str(bport), *args],
+        [sys.executable, "-m", "splitspace.deploy.cli", "dev",
+         "--frontend-port", str(fport), "--backend-port", str(bport), *args],
         cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
     )
@@ -138,7 +139,8 @@ def test_dev_gives_operators_a_token_the_dashboard_and_the_quota_command(tmp_pat
     who ran it, with the dashboard's URL and the exact command that works."""
     dev = _Terminal(tmp_path, "--model", "sleep:1")
     try:
-        line = dev.wait_for_line(r"^\s*(SPLITSPACE_BACKEND_URL=\S+ SPLITSPACE_ADMIN_TOKEN=\S+ splitspace quota list)\s*$")[1]
+        line = dev.wait_for_line(
+            r"^\s*(SPLITSPACE_BACKEND_URL=\S+ SPLITSPACE_ADMIN_TOKEN=\S+ splitspace quota list)\s*$")[1]
         token = re.search(r"SPLITSPACE_ADMIN_TOKEN=(\S+)", line)[1]
         assert len(token) >= 16 and f"SPLITSPACE_BACKEND_URL={dev.burl} " in line
         assert f"dashboard {dev.burl}/admin/ui" in dev.text
@@ -159,7 +161,8 @@ def test_dev_takes_the_operators_token_and_never_prints_it(tmp_path):
     dev = _Terminal(tmp_path, "--model", "sleep:1", "--admin-token", given)
     try:
         line = dev.wait_for_line(r"^\s*(SPLITSPACE_BACKEND_URL=.* splitspace quota list)\s*$")[1]
-        assert line == f"SPLITSPACE_BACKEND_URL={dev.burl} SPLITSPACE_ADMIN_TOKEN=<your admin token> splitspace quota list"
+        assert line == (f"SPLITSPACE_BACKEND_URL={dev.burl} SPLITSPACE_ADMIN_TOKEN=<your admin token> "
+                        "splitspace quota list")
         r = httpx.get(f"{dev.burl}/admin/clients", headers={"X-Splitspace-Admin": given}, timeout=10)
         assert r.status_code == 200, r.text
     finally:
@@ -272,7 +275,8 @@ def test_dev_reload_restarts_a_tier_and_the_page_follows(tmp_path):
             f.write("\n# edited by test_dev_reload\n")
         deadline = time.monotonic() + 60
         after, backend_after = before, backend_before
-        while time.monotonic() < deadline and (after["boot_id"] == before["boot_id"] or backend_after == backend_before):
+        while time.monotonic() < deadline and (
+                after["boot_id"] == before["boot_id"] or backend_after == backend_before):
             time.sleep(0.5)
             try:
                 after = httpx.get(f"{furl}/health", timeout=2).json()

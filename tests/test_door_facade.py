@@ -56,7 +56,7 @@ class PeakHeld:
         while self._running.is_set():
             self.value = max(self.value, door(self.url)["held"])
 
-    def __enter__(self) -> "PeakHeld":
+    def __enter__(self) -> PeakHeld:
         self._running.set()
         self._thread.start()
         return self

@@ -33,7 +33,7 @@ def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") ->
         try:
             if sock.recv(4096) == b"":
                 return time.monotonic() - started
-        except socket.timeout:
+        except TimeoutError:
             pass
         except OSError:
             return time.monotonic() - started

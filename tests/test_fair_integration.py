@@ -22,7 +22,6 @@ from splitspace.shared.headers import ADMIN_HEADER
 from tests.clients import call_rest, error_text, gen_args
 from tests.support import GPU_TIER_BACKLOG, Deployment, sha256, wait_for
 
-
 KEYS = {
     "heavy": "burst",
     "light1": "light",
@@ -100,14 +99,17 @@ def bearer(name: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def fair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    d = Deployment(tmp_path_factory.mktemp("fair"), model="sleep:100", quotas=QUOTAS, frontend_env=dict(GPU_TIER_BACKLOG))
+    d = Deployment(tmp_path_factory.mktemp("fair"), model="sleep:100", quotas=QUOTAS,
+                   frontend_env=dict(GPU_TIER_BACKLOG))
     d.start()
     yield d
     d.stop()
 
 
 # -- helpers ------------------------------------------------------------------------------
-def generate(url: str, headers: dict[str, str], client: httpx.Client | None = None) -> tuple[str, list[tuple[str, Any]]]:
+def generate(
+    url: str, headers: dict[str, str], client: httpx.Client | None = None
+) -> tuple[str, list[tuple[str, Any]]]:
     if client is not None:
         return call_rest(client, url, "generate", gen_args(), headers)
     with httpx.Client(timeout=120) as c:
@@ -294,7 +296,8 @@ def test_waiting_caller_sees_position_and_eta_that_never_go_back(fair):
         with ThreadPoolExecutor(40) as pool:
             hog = [pool.submit(generate, url, bearer("hog"), c) for c in clients[:36]]
             # the whole backlog is in before the waiter asks (a later hog job could go ahead of it)
-            assert wait_for(lambda: metric(fair, "splitspace_requests_total", 'outcome="admitted"') - admitted >= 36, 30)
+            assert wait_for(
+                lambda: metric(fair, "splitspace_requests_total", 'outcome="admitted"') - admitted >= 36, 30)
             assert backlog_of(fair, "key:hog") >= 20, admin_show(fair, "key:hog")
             waiters = [pool.submit(generate, url, bearer("waiter"), c) for c in clients[36:]]
             results = [f.result(timeout=120) for f in waiters]

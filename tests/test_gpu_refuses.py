@@ -68,7 +68,8 @@ def test_direct_route_refuses_a_body_that_is_not_a_request(tiny):
     headers = lambda: {"x-splitspace-identity": infer_token(mint)}  # noqa: E731  (one token per call)
     url = f"{tiny.backend.url}/splitspace/v1/infer"
     r = httpx.post(url, content=b"not json", headers=headers())
-    assert r.status_code == 422 and r.json() == {"title": "Invalid request", "field": "body", "message": "must be a JSON object"}
+    assert r.status_code == 422
+    assert r.json() == {"title": "Invalid request", "field": "body", "message": "must be a JSON object"}
     r = httpx.post(url, json={"prompt": "a fox", "colour": "red"}, headers=headers())
     assert r.status_code == 422 and r.json()["field"] == "colour"
     r = httpx.post(url, content=b"{" + b" " * 70_000 + b"}", headers=headers())
@@ -98,7 +99,10 @@ def test_refused_calls_spend_no_model_time(tiny, route):
     before = httpx.get(f"{tiny.backend.url}/metrics").text
     infer_on_gpu_tier(tiny.backend.url, None, route)
     after = httpx.get(f"{tiny.backend.url}/metrics").text
-    finished = lambda t: [l for l in t.splitlines() if l.startswith('splitspace_requests_total{outcome="finished"}')]
+
+    def finished(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith('splitspace_requests_total{outcome="finished"}')]
+
     assert finished(before) == finished(after)
 
 

@@ -11,8 +11,8 @@ not by sleeping.
 from __future__ import annotations
 
 import asyncio
-import threading
 import io
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -65,7 +65,8 @@ class FakeModel:
             assert self.gate.wait(10), "the test never released the model"
         if any(r.prompt == "boom" for r in requests):
             raise RuntimeError("/secret/path/model.py exploded")
-        return [Image.new("RGB", (r.width, r.height), (seed % 256, 0, 0)) for r, seed in zip(requests, seeds)]
+        return [Image.new("RGB", (r.width, r.height), (seed % 256, 0, 0))
+                for r, seed in zip(requests, seeds, strict=True)]
 
     def generate(self, request: GenerateRequest, seed: int) -> Image.Image:
         return self.generate_batch([request], [seed])[0]

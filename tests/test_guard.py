@@ -101,7 +101,8 @@ def test_malformed_json_is_4xx_and_echoes_nothing_long(direct: Deployment, tier:
 
 
 @pytest.mark.parametrize("tier", TIERS)
-@pytest.mark.parametrize("path", ["call/{api}/no-such-event", "call/v2/{api}/no-such-event", "queue/data?session_hash=nobody"])
+@pytest.mark.parametrize(
+    "path", ["call/{api}/no-such-event", "call/v2/{api}/no-such-event", "queue/data?session_hash=nobody"])
 def test_unknown_event_stream_is_404_not_a_broken_reply(direct: Deployment, tier: str, path: str) -> None:
     """First release: an event stream cut off mid-response (ChunkedEncodingError)."""
     target = f"{url(direct, tier)}/gradio_api/" + path.format(api=API[tier][0])
@@ -274,7 +275,8 @@ def test_a_body_past_the_parser_limits_is_a_4xx_naming_the_limit_and_the_connect
         from splitspace.session.identity import Identity
         from tests.clients import infer_token, token_for
 
-        headers["x-splitspace-identity"] = infer_token(token_for(direct.secret, Identity("k", "key", "free", "1.2.3.4")))
+        headers["x-splitspace-identity"] = infer_token(
+            token_for(direct.secret, Identity("k", "key", "free", "1.2.3.4")))
     ports = _Ports()
     with httpx.Client(timeout=30, event_hooks={"response": [ports]}) as c:
         for body, status, named in PARSER_LIMITS:

@@ -116,7 +116,9 @@ def _items(value: Any) -> int:
 
 @settings(max_examples=200, deadline=None)
 @given(JSON_VALUES, st.sampled_from([None, 1]), st.booleans())
-def test_json_limits_measure_depth_and_items_as_a_parser_sees_them(value: Any, indent: int | None, ascii_only: bool) -> None:
+def test_json_limits_measure_depth_and_items_as_a_parser_sees_them(
+    value: Any, indent: int | None, ascii_only: bool
+) -> None:
     """Whatever the strings hold, and however the JSON is spaced or escaped: a body is refused
     exactly when it nests deeper than the limit or has more items, naming one it breaks."""
     limits = JsonLimits(max_depth=3, max_items=12)
@@ -166,7 +168,7 @@ def test_every_call_of_gradio_clients_fits_the_limits() -> None:
         {"data": [*fox, history], "fn_index": 4, "session_hash": "abc", "event_data": {"index": [1, 2], "value": None},
          "trigger_id": 7},
         {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
-            "name": "generate", "arguments": dict(zip("abcdefg", fox)), "_meta": {"progressToken": 3}}},
+            "name": "generate", "arguments": dict(zip("abcdefg", fox, strict=True)), "_meta": {"progressToken": 3}}},
         [1.7976931348623157e308, 5e-324, -0.0, 2**128, -(2**128), "NaN", "1e999", "[[[[[[[["],
     ]
     for doc in bodies:

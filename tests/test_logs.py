@@ -113,7 +113,9 @@ def test_uvicorns_access_records_keep_their_arguments() -> None:
     assert len(record.getMessage()) < 200
 
 
-def test_gradio_printed_tracebacks_go_through_logging(caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]) -> None:
+def test_gradio_printed_tracebacks_go_through_logging(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
     import gradio.queueing
 
     route_gradio_tracebacks()

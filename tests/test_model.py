@@ -153,8 +153,8 @@ def test_generate_batch_matches_each_image_alone(tiny, guidance):
     ]
     seeds = [11, 12]
     batch = [pixels(image) for image in tiny.generate_batch(reqs, seeds)]
-    alone = [pixels(tiny.generate(req, seed)) for req, seed in zip(reqs, seeds)]
-    for together, single in zip(batch, alone):
+    alone = [pixels(tiny.generate(req, seed)) for req, seed in zip(reqs, seeds, strict=True)]
+    for together, single in zip(batch, alone, strict=True):
         assert np.abs(together - single).max() <= 2
         assert (together != single).mean() < 0.01
     assert not np.array_equal(batch[0], batch[1])

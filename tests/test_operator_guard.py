@@ -76,7 +76,8 @@ def join_set_override(c: httpx.Client, headers: dict[str, str], fn_index: int, n
     # the form: client id, then tier, weight, max_running, max_queued, ... (gpu_backend/dashboard.py)
     data = [VICTIM, "", "", "", "0", *[""] * (n_inputs - 5)]
     return c.post("/admin/ui/gradio_api/queue/join", headers=headers,
-                  json={"data": data, "fn_index": fn_index, "session_hash": "xsite", "event_data": None, "trigger_id": None})
+                  json={"data": data, "fn_index": fn_index, "session_hash": "xsite", "event_data": None,
+                        "trigger_id": None})
 
 
 def test_no_cross_origin_reads_for_a_public_host(gpu: Deployment) -> None:

@@ -82,7 +82,8 @@ def bearer(name: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    d = Deployment(tmp_path_factory.mktemp("ops"), model="sleep:300", quotas=quotas(), frontend_env=dict(GPU_TIER_BACKLOG))
+    d = Deployment(tmp_path_factory.mktemp("ops"), model="sleep:300", quotas=quotas(),
+                   frontend_env=dict(GPU_TIER_BACKLOG))
     d.start()
     yield d
     d.stop()

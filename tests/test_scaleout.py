@@ -25,7 +25,13 @@ import pytest
 from splitspace.session.identity import Identity
 from splitspace.shared.headers import ADMIN_HEADER, IDENTITY_HEADER
 from tests.clients import (
-    GENERATE_DEFAULTS, call_rest, error_text, gen_args, infer_on_gpu_tier, infer_token, token_for,
+    GENERATE_DEFAULTS,
+    call_rest,
+    error_text,
+    gen_args,
+    infer_on_gpu_tier,
+    infer_token,
+    token_for,
 )
 from tests.support import Deployment, TierProcess, free_port, in_threads, sha256, start_tier, wait_for
 
@@ -132,14 +138,15 @@ def infer(url: str, secret: str, name: str, seed: int = 1, token: str | None = N
 def generate(front: str, name: str, seed: int = 1) -> dict[str, Any]:
     """One REST call on a frontend with the key ``name``, in :func:`infer`'s terms."""
     with httpx.Client(timeout=60) as c:
-        final, events = call_rest(c, front, "generate", gen_args(seed=seed), {"authorization": f"Bearer scaleout-{name}"})
+        final, events = call_rest(c, front, "generate", gen_args(seed=seed),
+                                  {"authorization": f"Bearer scaleout-{name}"})
     if final == "complete":
         return {"ok": True, "status": 200, "info": events[-1][1][1], "end": time.time()}
     text = error_text(events)
     return {"ok": False, "status": 0, "title": text.partition(":")[0], "retry_after": "1", "message": text}
 
 
-def burst(pair: "Tiers", via: str, name: str, n: int) -> list[dict[str, Any]]:
+def burst(pair: Tiers, via: str, name: str, n: int) -> list[dict[str, Any]]:
     """``n`` concurrent calls, spread over the two GPU tiers or the two frontends in turn."""
     if via == "frontends":
         call = lambda i: generate(pair.frontends[i % 2].url, name, seed=i)  # noqa: E731
@@ -180,7 +187,7 @@ def test_max_running_one_and_max_queued_hold_across_two_gpu_tiers(pair: Tiers, v
         assert len(done) <= 5, results  # 1 running + 3 queued, at most one over in a race
         assert all(r["status"] == 429 for r in refused), refused
     spans = sorted((r["end"] - (r["info"]["total_s"] - r["info"]["queue_s"]), r["end"]) for r in done)
-    for (_, end), (start, _) in zip(spans, spans[1:]):
+    for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
         assert start >= end - 0.05, spans  # never two of its jobs on the GPUs at once
 
 
@@ -245,7 +252,7 @@ def test_a_quota_file_change_reaches_both_gpu_tiers(pair: Tiers) -> None:
     pair.d.write_quotas(edited)
     try:
         for url in (a, b):
-            assert wait_for(lambda: admin(url, pair.d.admin_token, "GET", "clients/key:filed").json()["limits"]
+            assert wait_for(lambda url=url: admin(url, pair.d.admin_token, "GET", "clients/key:filed").json()["limits"]
                             ["gpu_seconds"] == 0, 10)
             assert infer(url, pair.d.secret, "filed")["title"] == "Quota exceeded"
     finally:

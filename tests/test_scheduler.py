@@ -493,7 +493,8 @@ def test_position_and_eta_predict_the_dispatch_order() -> None:
     for name, jobs in costs.items():
         for i, cost in enumerate(jobs):
             assert sched.submit(f"{name}{i}", key(name), cost).ok
-    predicted = {job_id: sched.position(job_id) for name in costs for job_id in (f"{name}{i}" for i in range(len(costs[name])))}
+    predicted = {job_id: sched.position(job_id)
+                 for name in costs for job_id in (f"{name}{i}" for i in range(len(costs[name])))}
     assert sorted(place for place, _ in predicted.values()) == list(range(1, 9))
     assert sched.position("r") is None
 
@@ -531,7 +532,9 @@ def drain(sched: FairScheduler, clock: FakeClock) -> dict[str, tuple[int, float]
     return served
 
 
-def assert_positions_match(predicted: dict[str, tuple[int, float] | None], served: dict[str, tuple[int, float]]) -> None:
+def assert_positions_match(
+    predicted: dict[str, tuple[int, float] | None], served: dict[str, tuple[int, float]]
+) -> None:
     """Places exact; ETA exact over the first ETA_EXACT_PLACES places, within 10% beyond."""
     assert set(predicted) == set(served)
     for job_id, (place, waited) in served.items():
@@ -591,7 +594,8 @@ def test_positions_follow_every_kind_of_change() -> None:
     ]
     for upto in range(1, len(steps) + 1):
         clock, weights = FakeClock(), {}
-        sched = FairScheduler(clock=clock, limits=lambda c: replace(OPEN, weight=weights.get(c.client_id, 1.0)),
+        sched = FairScheduler(clock=clock,
+                              limits=lambda c, weights=weights: replace(OPEN, weight=weights.get(c.client_id, 1.0)),
                               store=MemoryUsageStore())
         for step in steps[:upto]:
             step(sched, clock, weights)
@@ -677,7 +681,8 @@ class Crowd:
         self.rng = random.Random(seed)
         self.clock = FakeClock()
         self.weights = weights  # client id -> weight, read live by the scheduler
-        self.sched = FairScheduler(clock=self.clock, limits=lambda c: replace(OPEN, weight=self.weights.get(c.client_id, 1.0)),
+        self.sched = FairScheduler(clock=self.clock,
+                                   limits=lambda c: replace(OPEN, weight=self.weights.get(c.client_id, 1.0)),
                                    store=MemoryUsageStore())
         self.actual: dict[str, float] = {}
         self.owner: dict[str, str] = {}  # queued job id -> client id

@@ -81,8 +81,10 @@ arrivals = st.builds(
     tier_by_client=st.lists(tiers, min_size=len(CLIENTS), max_size=len(CLIENTS)),
     plan=st.lists(arrivals, max_size=40),
 )
-def test_every_job_is_accounted_for(capacity: int, max_batch: int, tier_by_client: list[Tier], plan: list[Arrival]) -> None:
-    limits = {ref: tier for ref, tier in zip(CLIENTS, tier_by_client)}
+def test_every_job_is_accounted_for(
+    capacity: int, max_batch: int, tier_by_client: list[Tier], plan: list[Arrival]
+) -> None:
+    limits = {ref: tier for ref, tier in zip(CLIENTS, tier_by_client, strict=True)}
     clock, store = FakeClock(), MemoryUsageStore()
     sched = FairScheduler(clock=clock, limits=limits.__getitem__, store=store, capacity=capacity)
 

@@ -227,7 +227,8 @@ def test_local_mode_serves_with_limits_divided_by_the_replicas(own_redis: Any, p
         by_queue = store.admit(dataclasses.replace(plan, job_id="b"))
         assert (by_queue.granted, by_queue.refused_by) == (False, "queued")  # max_queued 3 // 2
         store.settle("p", "a", [("pc", -2.0)])
-        by_quota = store.admit(dataclasses.replace(plan, job_id="c", reservations=(Reservation("pc", 2.5, 4.0, 100.0),)))
+        by_quota = store.admit(
+            dataclasses.replace(plan, job_id="c", reservations=(Reservation("pc", 2.5, 4.0, 100.0),)))
         assert by_quota.refused_by == "quota"  # gpu_seconds 4.0 / 2
         assert store.overrides_version() < 0  # served from memory: caches re-read
         assert store.release("running", "c", "a") is True  # the local lease, given back
@@ -385,7 +386,8 @@ def test_open_store_keeps_sqlite_without_a_redis_url(tmp_path: Path, redis_serve
     default = open_store(redis_url=None, sqlite_path=tmp_path / "state.sqlite3")
     assert isinstance(default, SqliteUsageStore)
     default.close()
-    shared = open_store(redis_url=redis_server.url, sqlite_path=tmp_path / "unused.sqlite3", failure="local", replicas=3)
+    shared = open_store(redis_url=redis_server.url, sqlite_path=tmp_path / "unused.sqlite3", failure="local",
+                        replicas=3)
     assert isinstance(shared, ResilientStore) and shared.mode == "local"
     assert shared.reserve(f"open-store:{uuid.uuid4().hex}", 1.0, 2.0, 10.0) is None
     assert not (tmp_path / "unused.sqlite3").exists()

@@ -6,12 +6,12 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from io import BytesIO
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from io import BytesIO
 
 from tests.clients import call_rest, error_text, gen_args
 from tests.support import GPU_TIER_BACKLOG, Deployment, TierProcess, free_port, sha256, start_tier, wait_for
@@ -42,7 +42,9 @@ gpu_seconds = 1000
 window_s = 3600
 requests_per_minute = 1
 """ + "".join(
-    f'\n[[keys]]\nname = "{k}"\ntier = "{"rate" if k.startswith("rate") else "paused" if k.startswith("cancel") else "std"}"\nsha256 = "{sha256("k-" + k)}"\n'
+    f'\n[[keys]]\nname = "{k}"\n'
+    f'tier = "{"rate" if k.startswith("rate") else "paused" if k.startswith("cancel") else "std"}"\n'
+    f'sha256 = "{sha256("k-" + k)}"\n'
     for k in KEYS
 )
 
@@ -58,7 +60,8 @@ def tiers(tmp_path_factory) -> Iterator[dict[str, object]]:
     d.start()
     others = {}
     for t in TRANSPORTS[1:]:
-        env = {**d.common_env(), **GPU_TIER_BACKLOG, "SPLITSPACE_BACKEND_URL": d.backend_urls(), "SPLITSPACE_TRANSPORT": t}
+        env = {**d.common_env(), **GPU_TIER_BACKLOG, "SPLITSPACE_BACKEND_URL": d.backend_urls(),
+               "SPLITSPACE_TRANSPORT": t}
         others[t] = start_tier("frontend", free_port(), env, d.workdir / f"frontend-{t}.log")
     yield {"d": d, "direct": d.frontend, **others}
     for tier in others.values():
