@@ -35,7 +35,7 @@ one frontend:
   is for work a caller is waiting for: calls let in with nobody to read them kept the
   door full for free while the GPU idled, and calls run with nobody to read them took
   the GPU from those who read theirs.
-- **Caps.** A flow with ``cap`` requests in flight (inside + waiting: the
+- **Caps.** A flow with ``cap`` requests in flight (inside + waiting + parked: the
   client's ``max_running + max_queued``) is refused with ``Queue full``; the
   ASGI middleware (``door_middleware.py``) asks the same question before Gradio
   queues anything.
@@ -78,8 +78,8 @@ class _Flow:
     inside: int = 0
     waiting: deque[Place] = field(default_factory=deque)
     parked: int = 0
-    """Its requests counted in flight but not in line: held calls whose caller has not come
-    back for them yet (:meth:`Place.park`)."""
+    """Its requests counted in flight but not in line: calls whose caller has not come back
+    for them yet (``join(parked=True)``)."""
     ready: _Key | None = None
     """Its key in the door's ready flows (those with a request waiting and room of their own)."""
 
@@ -153,7 +153,7 @@ class FairDoor:
 
     # -- questions ----------------------------------------------------------------------
     def count(self, flow_id: str) -> int:
-        """Requests of this flow in flight here: inside and waiting."""
+        """Requests of this flow in flight here: inside, waiting and parked."""
         f = self._flows.get(flow_id)
         return 0 if f is None else f.inside + len(f.waiting) + f.parked
 
