@@ -25,7 +25,8 @@ HOST = "gpu.splitspace.example"
 """A public host name: for a localhost Host, Gradio's own CORS layer refuses foreign origins."""
 OWN = f"http://{HOST}"
 EVIL = "http://evil.example"
-VICTIM = "key:victim"
+VICTIM = "addr:203.0.113.7"
+"""A client the tier has no quota-file entry for (a `key:` must be in the quota file)."""
 
 
 @pytest.fixture(scope="module")
