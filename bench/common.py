@@ -68,7 +68,7 @@ async def rest_call(client: httpx.AsyncClient, url: str, api: str, data: list[An
     A call with no final event within ``timeout_s`` counts as failed ("timeout")."""
     try:
         return await asyncio.wait_for(_rest_call(client, url, api, data, headers), timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return False, "timeout"
 
 

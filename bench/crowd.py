@@ -89,7 +89,7 @@ async def _call(session: aiohttp.ClientSession, system: str, url: str, who: str)
                         outcome = "ok" if ok else f"{event}: {str(payload)[:80]}"
                         return time.perf_counter() - t0, outcome, statuses, where
         return time.perf_counter() - t0, "stream ended", statuses, where
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         return time.perf_counter() - t0, type(exc).__name__, statuses, where
 
 

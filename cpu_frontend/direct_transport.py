@@ -80,7 +80,7 @@ class DirectTransport(Transport):
                 if resp.status != 200:
                     raise BackendUnavailable(f"{self.base_url} answered its health check with HTTP {resp.status}")
                 return await resp.json()
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             raise BackendUnavailable(f"{self.base_url} did not answer its health check") from exc
 
     async def standing(self, headers: Mapping[str, str]) -> dict[str, Any]:
@@ -89,7 +89,7 @@ class DirectTransport(Transport):
                 if resp.status != 200:
                     raise await _refusal(resp)
                 return await resp.json()
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             raise BackendUnavailable(f"lost the GPU tier mid-request: {type(exc).__name__}") from exc
 
     async def _post(self, path: str, body: dict[str, Any], headers: Mapping[str, str]) -> aiohttp.ClientResponse:
@@ -101,7 +101,7 @@ class DirectTransport(Transport):
             try:
                 return await asyncio.wait_for(
                     self._pool().post(self.base_url + path, json=body, headers=headers), self.timeout_s)
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 if attempt == 2 or isinstance(exc, asyncio.TimeoutError):
                     raise NotStarted(f"cannot reach the GPU tier: {type(exc).__name__}") from exc
         raise AssertionError("unreachable")
@@ -119,7 +119,7 @@ class DirectTransport(Transport):
                     final = doc
                 else:
                     yield update_from_wire(doc)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise BackendUnavailable(f"lost the GPU tier mid-request: {type(exc).__name__}") from exc
         except ValueError as exc:
             raise BackendUnavailable("the GPU tier sent a malformed answer") from exc
@@ -156,10 +156,10 @@ async def _chunks(resp: aiohttp.ClientResponse, silence_s: float) -> AsyncIterat
     while True:
         try:
             chunk = await asyncio.wait_for(resp.content.readany(), silence_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             try:
                 chunk = await asyncio.wait_for(resp.content.readany(), 1.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise BackendUnavailable(f"no word from the GPU tier for {silence_s:g} s") from None
         if not chunk:
             return

@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -212,7 +212,7 @@ def _when(t: float) -> datetime:
     """A sample's time, with its zone: the plots send it as an instant (epoch ms), which the
     browser shows in its own local time. (A naive local datetime was read as UTC by pandas'
     JSON: the axis was off by the server's offset.)"""
-    return datetime.fromtimestamp(t, tz=timezone.utc)
+    return datetime.fromtimestamp(t, tz=UTC)
 
 
 _TIME = "datetime64[ms, UTC]"

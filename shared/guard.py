@@ -281,7 +281,7 @@ class GradioGuard:
                 async with _timeout(self.body_timeout_s):
                     return await self._read_all(receive, limit)
             return await asyncio.wait_for(self._read_all(receive, limit), self.body_timeout_s)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             raise Refusal(408, TOO_SLOW, f"the body did not arrive within {self.body_timeout_s:g} s") from None
 
     @staticmethod

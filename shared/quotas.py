@@ -8,11 +8,10 @@ error that names its line, so a typo never silently grants unlimited quota.
 from __future__ import annotations
 
 import re
+import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 ANONYMOUS = "anonymous"
 CLIENT_KINDS = ("key", "session", "addr")

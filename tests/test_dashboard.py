@@ -277,7 +277,7 @@ def test_on_a_phone_the_tables_scroll_and_the_time_axis_reads_the_24_hour_clock(
     import datetime
 
     # a browser zone where it is now 15:00-15:59, so that a 12-hour axis ("03:..") cannot pass
-    offset = (15 - datetime.datetime.now(datetime.timezone.utc).hour + 12) % 24 - 12
+    offset = (15 - datetime.datetime.now(datetime.UTC).hour + 12) % 24 - 12
     zone = "Etc/GMT" + (f"{-offset:+d}" if offset else "")
     ctx = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
                               timezone_id=zone)
