@@ -31,6 +31,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo: tests.support
 
 from tests.fairness_oracle import weighted_max_min  # noqa: E402
 

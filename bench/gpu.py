@@ -50,6 +50,7 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo: tests.support
 
 from tests.support import start_tier  # noqa: E402
 
