@@ -112,14 +112,15 @@ class Place:
         return self.turn.done() and not self.turn.cancelled()
 
     def position(self) -> int:
-        """The estimated place in line (1 = next to go in; 0 once inside): the flows due
-        before its flow's next turn, and a round over the flows that have work for each
-        request of its own flow ahead of it (waiting, or inside: at the GPU tier)."""
+        """The estimated place in line (1 = next to go in; 0 once inside; not asked of a
+        parked place, whose caller has no stream yet): the flows due before its flow's next
+        turn, and a round over the flows that have work for each request of its own flow
+        ahead of it (waiting, or inside: at the GPU tier)."""
         if self._left or self.inside:
             return 0
         door, f = self._door, self._flow
         key = f.ready or (max(f.finish, door._vtime), not f.new, -1, "")
-        ahead = (len(f.waiting) if self._parked else f.waiting.index(self)) + f.inside
+        ahead = f.waiting.index(self) + f.inside
         return door._ready.bisect_left(key) + ahead * len(door._flows) + 1
 
     def unpark(self) -> None:

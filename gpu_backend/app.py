@@ -383,10 +383,7 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
     app.add_middleware(GradioGuard, blocks=blocks, body_limits={INFER_PATH: MAX_BODY_BYTES},
                        elsewhere=(DASHBOARD_PATH,))  # the dashboard is its own Blocks, behind its login
     if admin_token:  # /admin: no cross-site changes, login cookies that end, no guessing
-        app.add_middleware(OperatorGuard, dashboard_path=DASHBOARD_PATH, throttle=GuessThrottle(),
-                           addresses=AddressPolicy(trusted_proxies=settings.trusted_proxies,
-                                                   trusted_networks=settings.trusted_proxy_cidrs,
-                                                   ipv6_prefix=settings.ipv6_prefix))
+        app.add_middleware(OperatorGuard, dashboard_path=DASHBOARD_PATH, throttle=GuessThrottle(), addresses=addresses)
     # No browser page of another origin reads the GPU tier (its dashboard's results, the
     # session token Gradio's /token reflects): the frontend's mechanism with no origin
     # allowed, which also makes Gradio's own CORS layer (it echoes any Origin with
