@@ -30,13 +30,14 @@ These touch Gradio internals (``StateHolder.session_data``, the heartbeat route)
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Container
 from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .guard import send_problem
 
 log = logging.getLogger("splitspace")
 
@@ -176,9 +177,7 @@ class HeartbeatCap:
 
 
 async def _refuse(send: Send, why: str) -> None:
-    body = json.dumps({"title": TOO_MANY_PAGES, "message": f"{why}; close one, or retry in {RETRY_S} s",
-                       "retry_after_s": RETRY_S}).encode()
-    await send({"type": "http.response.start", "status": 429, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"retry-after", str(RETRY_S).encode()), (b"cache-control", b"no-store")]})
-    await send({"type": "http.response.body", "body": body})
+    message = f"{why}; close one, or retry in {RETRY_S} s"
+    await send_problem(send, 429, TOO_MANY_PAGES, message,
+                       {"title": TOO_MANY_PAGES, "message": message, "retry_after_s": RETRY_S},
+                       headers=((b"retry-after", str(RETRY_S).encode()),))

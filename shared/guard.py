@@ -520,13 +520,15 @@ def titled_error_events(chunk: bytes) -> bytes:
 
 
 async def send_problem(
-    send: Send, status: int, title: str, message: str, body: dict[str, Any] | None = None
+    send: Send, status: int, title: str, message: str, body: dict[str, Any] | None = None,
+    headers: tuple[tuple[bytes, bytes], ...] = (),
 ) -> None:
-    """A JSON error reply ``{"title", "message"}`` (plus ``body``'s other keys, if given)."""
+    """A JSON error reply ``{"title", "message"}`` (plus ``body``'s other keys, if given),
+    with ``headers`` besides its own (``Retry-After``, say)."""
     payload = json.dumps(body if body is not None else {"title": title, "message": message}).encode()
     await send({"type": "http.response.start", "status": status, "headers": [
         (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-        (b"cache-control", b"no-store")]})
+        (b"cache-control", b"no-store"), *headers]})
     await send({"type": "http.response.body", "body": payload})
 
 
