@@ -1,6 +1,6 @@
 """Per-decision cost of the frontend's fair door at 100, 1,000 and 10,000 waiting clients.
 
-Why: every request that reaches the frontend joins the door (``cpu_frontend/door.py``),
+Why: every request that reaches the frontend joins the door (``cpu_frontend/door/door.py``),
 every one that finishes lets the next in, and every waiter's status asks its place, all
 on the frontend's one event loop; a cost that grew with the number of waiting flows
 would turn a crowd into a stall. This times each operation alone, in the door itself
@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from splitspace.cpu_frontend.door import FairDoor, Place  # noqa: E402
+from splitspace.cpu_frontend.door.door import FairDoor, Place  # noqa: E402
 
 SIZES = (100, 1_000, 10_000)
 

@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t_run = time.perf_counter()
     import torch
 
-    from splitspace.gpu_backend.model import CompileConfig, ModelExecutor
+    from splitspace.gpu_backend.workload.model import CompileConfig, ModelExecutor
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     batches = [int(b) for b in args.batches.split(",")]

@@ -53,12 +53,12 @@ def address(i: int) -> str:
 
 # -- 1. in process ---------------------------------------------------------------------------
 def in_process(n: int) -> None:
-    from splitspace.cpu_frontend.door import FairDoor
-    from splitspace.cpu_frontend.limits import InflightCaps
-    from splitspace.gpu_backend.scheduler import ClientRef, FairScheduler
-    from splitspace.gpu_backend.usage import MemoryUsageStore
+    from splitspace.cpu_frontend.door.door import FairDoor
+    from splitspace.cpu_frontend.door.limits import InflightCaps
+    from splitspace.gpu_backend.admission.scheduler import ClientRef, FairScheduler
+    from splitspace.gpu_backend.stores.usage import MemoryUsageStore
     from splitspace.session.identity import Identity
-    from splitspace.shared.quotas import QuotaConfig, Tier
+    from splitspace.shared.contract.quotas import QuotaConfig, Tier
 
     async def frontend() -> tuple[InflightCaps, FairDoor]:
         caps, door = InflightCaps(QuotaConfig), FairDoor()

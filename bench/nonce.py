@@ -24,10 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from splitspace.deploy.redis_local import LocalRedis  # noqa: E402
-from splitspace.gpu_backend.global_limits import GlobalLimits  # noqa: E402
-from splitspace.gpu_backend.resilient_store import ResilientStore, open_async_store, open_store  # noqa: E402
-from splitspace.gpu_backend.scheduler import ClientRef  # noqa: E402
-from splitspace.shared.quotas import Tier  # noqa: E402
+from splitspace.gpu_backend.admission.scheduler import ClientRef  # noqa: E402
+from splitspace.gpu_backend.stores.global_limits import GlobalLimits  # noqa: E402
+from splitspace.gpu_backend.stores.resilient_store import ResilientStore, open_async_store, open_store  # noqa: E402
+from splitspace.shared.contract.quotas import Tier  # noqa: E402
 
 TIER = Tier(weight=1, max_running=10**6, max_queued=10**6, gpu_seconds=1e12, window_s=3600)
 

@@ -57,11 +57,11 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from splitspace.deploy.redis_local import LocalRedis  # noqa: E402
-from splitspace.gpu_backend.redis_store import AsyncRedisStore, RedisStore  # noqa: E402
-from splitspace.gpu_backend.resilient_store import ResilientStore  # noqa: E402
-from splitspace.gpu_backend.scheduler import ClientRef  # noqa: E402
-from splitspace.gpu_backend.usage import MemoryUsageStore, SqliteUsageStore  # noqa: E402
-from splitspace.shared.quotas import Tier  # noqa: E402
+from splitspace.gpu_backend.admission.scheduler import ClientRef  # noqa: E402
+from splitspace.gpu_backend.stores.redis_store import AsyncRedisStore, RedisStore  # noqa: E402
+from splitspace.gpu_backend.stores.resilient_store import ResilientStore  # noqa: E402
+from splitspace.gpu_backend.stores.usage import MemoryUsageStore, SqliteUsageStore  # noqa: E402
+from splitspace.shared.contract.quotas import Tier  # noqa: E402
 from tests.support import Deployment, TierProcess, free_port, start_tier  # noqa: E402
 
 from common import bench_quotas, median, pct, rest_call  # noqa: E402
@@ -193,9 +193,9 @@ def job_store_work(url: str, seconds: float) -> dict[str, dict[str, float]]:
     """Per kind of caller: ms of store work in admission (event loop), dispatch (the move)
     and finish (GPU thread), and Redis round trips per phase, on the job's path and off it
     (the settler thread's fairness counters)."""
-    from splitspace.gpu_backend.global_limits import GlobalLimits
-    from splitspace.gpu_backend.resilient_store import open_async_store, open_store
-    from splitspace.gpu_backend.scheduler import Job
+    from splitspace.gpu_backend.admission.scheduler import Job
+    from splitspace.gpu_backend.stores.global_limits import GlobalLimits
+    from splitspace.gpu_backend.stores.resilient_store import open_async_store, open_store
 
     out: dict[str, dict[str, float]] = {}
     for kind, tier in JOB_TIERS.items():

@@ -36,9 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from splitspace.gpu_backend.scheduler import ClientRef, FairScheduler  # noqa: E402
-from splitspace.gpu_backend.usage import MemoryUsageStore  # noqa: E402
-from splitspace.shared.quotas import Tier  # noqa: E402
+from splitspace.gpu_backend.admission.scheduler import ClientRef, FairScheduler  # noqa: E402
+from splitspace.gpu_backend.stores.usage import MemoryUsageStore  # noqa: E402
+from splitspace.shared.contract.quotas import Tier  # noqa: E402
 
 OPS = ("submit", "dispatch", "finish", "cancel", "position")
 _now = time.thread_time_ns  # the thread's CPU time: what other processes take is not counted

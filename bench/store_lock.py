@@ -4,7 +4,7 @@ The scheduler reserves and settles GPU-seconds in the usage store while the
 runner's lock is held (the GPU thread waits on that lock when a batch ends).
 This prints the time of ``submit`` and of ``dispatch`` + ``finish`` with the
 SQLite store called directly (the first release) and with the write-behind
-store the GPU tier now uses (``gpu_backend/write_behind.py``), on this
+store the GPU tier now uses (``gpu_backend/stores/write_behind.py``), on this
 machine's disk. Usage: ``python bench/store_lock.py [--jobs 2000]``.
 """
 
@@ -19,10 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from splitspace.gpu_backend.scheduler import ClientRef, FairScheduler  # noqa: E402
-from splitspace.gpu_backend.usage import SqliteUsageStore  # noqa: E402
-from splitspace.gpu_backend.write_behind import WriteBehindStore  # noqa: E402
-from splitspace.shared.quotas import Tier  # noqa: E402
+from splitspace.gpu_backend.admission.scheduler import ClientRef, FairScheduler  # noqa: E402
+from splitspace.gpu_backend.stores.usage import SqliteUsageStore  # noqa: E402
+from splitspace.gpu_backend.stores.write_behind import WriteBehindStore  # noqa: E402
+from splitspace.shared.contract.quotas import Tier  # noqa: E402
 
 TIER = Tier(weight=1, max_running=1, max_queued=10_000, gpu_seconds=1e9, window_s=3600)
 

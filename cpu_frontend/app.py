@@ -24,6 +24,18 @@ from gradio import utils as gr_utils
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 
+from splitspace.cpu_frontend.api import gradio_tuning
+from splitspace.cpu_frontend.api.mcp_loopback import McpLoopback
+from splitspace.cpu_frontend.door.door import FairDoor, Place
+from splitspace.cpu_frontend.door.door_middleware import DOOR_PASS_HEADER, DoorMiddleware, HeldCalls
+from splitspace.cpu_frontend.door.inflight_ledger import open_ledger
+from splitspace.cpu_frontend.door.limits import InflightCaps
+from splitspace.cpu_frontend.door.status_feed import Told, status_for_api, wait_turn
+from splitspace.cpu_frontend.hop.backends import BackendPool
+from splitspace.cpu_frontend.hop.hub_auth import backend_auth_headers
+from splitspace.cpu_frontend.hop.transport import Transport
+from splitspace.cpu_frontend.ui.embed import embed_routes
+from splitspace.cpu_frontend.ui.page import LiveModel, build_page
 from splitspace.session import (
     ApiKeyring,
     Identity,
@@ -35,9 +47,14 @@ from splitspace.session import (
 from splitspace.session.address import AddressPolicy
 from splitspace.session.caller import CallerStamps
 from splitspace.session.token import HEALTH, STANDING, infer_purpose
-from splitspace.shared.errors import SplitspaceError
-from splitspace.shared.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
-from splitspace.shared.gradio_sessions import (
+from splitspace.shared.config.quota_watch import QuotaWatcher
+from splitspace.shared.config.settings import Settings
+from splitspace.shared.contract.errors import SplitspaceError
+from splitspace.shared.contract.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
+from splitspace.shared.contract.hop import Result
+from splitspace.shared.contract.schema import REQUEST_FIELDS, request_from_dict, validate_request
+from splitspace.shared.gradio.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
+from splitspace.shared.gradio.gradio_sessions import (
     HOUSEKEEPING_S,
     HeartbeatCap,
     OpenHeartbeats,
@@ -46,30 +63,12 @@ from splitspace.shared.gradio_sessions import (
     forget_finished_states,
     session_count,
 )
-from splitspace.shared.gradio_signature import request_handler
-from splitspace.shared.guard import GradioGuard
-from splitspace.shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
-from splitspace.shared.hop import Result
-from splitspace.shared.quota_watch import QuotaWatcher
-from splitspace.shared.schema import REQUEST_FIELDS, request_from_dict, validate_request
-from splitspace.shared.server import NO_TELEMETRY
-from splitspace.shared.settings import Settings
-
-from . import gradio_tuning
-from .backends import BackendPool
-from .door import FairDoor, Place
-from .door_middleware import DOOR_PASS_HEADER, DoorMiddleware, HeldCalls
-from .embed import embed_routes
-from .hub_auth import backend_auth_headers
-from .inflight_ledger import open_ledger
-from .limits import InflightCaps
-from .mcp_loopback import McpLoopback
-from .page import LiveModel, build_page
-from .status_feed import Told, status_for_api, wait_turn
-from .transport import Transport
+from splitspace.shared.gradio.gradio_signature import request_handler
+from splitspace.shared.http.guard import GradioGuard
+from splitspace.shared.http.server import NO_TELEMETRY
 
 if TYPE_CHECKING:
-    from .ui_text import Refusal
+    from splitspace.cpu_frontend.ui.ui_text import Refusal
 
 log = logging.getLogger("splitspace.frontend")
 
@@ -110,14 +109,14 @@ def build_transports(settings: Settings) -> list[Transport]:
     auth = backend_auth_headers(settings.hf_token.get_secret_value() if settings.hf_token else None)
     kw: dict[str, Any] = {"timeout_s": settings.backend_timeout_s, "auth_headers": auth}
     if settings.transport == "gradio_client":
-        from .gradio_client_transport import GradioClientTransport
+        from splitspace.cpu_frontend.hop.gradio_client_transport import GradioClientTransport
 
         return [GradioClientTransport(u, **kw) for u in settings.backend_urls]
     if settings.transport == "httpx":
-        from .httpx_transport import HttpxTransport
+        from splitspace.cpu_frontend.hop.httpx_transport import HttpxTransport
 
         return [HttpxTransport(u, **kw) for u in settings.backend_urls]
-    from .direct_transport import DirectTransport
+    from splitspace.cpu_frontend.hop.direct_transport import DirectTransport
 
     return [DirectTransport(u, **kw) for u in settings.backend_urls]
 
@@ -274,7 +273,7 @@ class Frontend:
     @property
     def browser_secret(self) -> str:
         """The key of the page's BrowserState (recent images, kept in the browser)."""
-        from .page import browser_state_secret
+        from splitspace.cpu_frontend.ui.page import browser_state_secret
 
         return browser_state_secret(self.settings.secrets)
 
@@ -287,12 +286,11 @@ class Frontend:
         """Run ``generate`` for the page: each status dict goes to ``on_status`` (which
         answers False when the tab has gone: the stream to the GPU tier is closed then);
         returns ``(image, info)``, or the refusal as data for the page to word, or None."""
-        from splitspace.shared.errors import (  # (imported here: this block is the page's, kept apart)
+        from splitspace.cpu_frontend.ui.ui_text import Refusal
+        from splitspace.shared.contract.errors import (  # (imported here: this block is the page's, kept apart)
             QUEUE_FULL,
             Throttled,
         )
-
-        from .ui_text import Refusal
 
         try:
             updates = self.generate(values, request)
@@ -334,7 +332,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
 
         task = asyncio.create_task(watch())
         sweep = asyncio.create_task(sweep_finished_sessions(blocks))
-        # the Gradio state of finished calls (shared/gradio_sessions.py)
+        # the Gradio state of finished calls (shared/gradio/gradio_sessions.py)
         house = asyncio.create_task(
             every(HOUSEKEEPING_S, lambda: forget_finished_states(blocks, heartbeats.sessions)))
         await fe.ledger.start()

@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from splitspace.shared.headers import ADMIN_HEADER
+from splitspace.shared.contract.headers import ADMIN_HEADER
 
 
 def fail(message: str) -> NoReturn:

@@ -31,7 +31,7 @@ def _checked_settings():  # type: ignore[no-untyped-def]
     it would show the values, secrets among them)."""
     from pydantic import ValidationError
 
-    from splitspace.shared.settings import Settings
+    from splitspace.shared.config.settings import Settings
 
     try:
         return Settings()
@@ -61,7 +61,7 @@ def dev(
 
     With --backends or --frontends above 1, also a redis-server on a free port that
     every tier shares its limits through (Debian package redis-server)."""
-    from .local import run_dev
+    from splitspace.deploy.local import run_dev
 
     _set_env(admin_token=admin_token)
     _checked_settings()  # a bad value (a short admin token) is one line here, not a tier that dies
@@ -81,7 +81,7 @@ def backend(
     """The GPU tier alone."""
     _set_env(model=model)
     settings = _checked_settings()
-    from .serve import serve
+    from splitspace.deploy.serve import serve
 
     serve("splitspace.gpu_backend.app:create_app", host, port, reload=reload, log_level=settings.log_level)
 
@@ -96,7 +96,7 @@ def frontend(
     """The CPU tier alone."""
     _set_env(backend_url=backend_url)
     settings = _checked_settings()
-    from .serve import serve
+    from splitspace.deploy.serve import serve
 
     serve("splitspace.cpu_frontend.app:create_app", host, port, reload=reload, log_level=settings.log_level)
 
@@ -117,7 +117,7 @@ def deploy_cmd(
         None, help="Hub token the frontend uses to reach a private GPU tier (default: SPLITSPACE_FRONTEND_HF_TOKEN)."),
 ) -> None:
     """Deploy both tiers to Hugging Face Spaces (the same shared secret on both; never printed)."""
-    from .spaces import DeployError, DeployOptions, HubCallFailed, deploy
+    from splitspace.deploy.spaces import DeployError, DeployOptions, HubCallFailed, deploy
 
     options = DeployOptions(frontend_space, backend_space, model, private_backend, backend_hardware)
     api = None
@@ -148,13 +148,13 @@ def hash_key_cmd(key: str) -> None:
 
 # -- operators ------------------------------------------------------------------------------
 def _admin():  # type: ignore[no-untyped-def]
-    from .admin_client import AdminClient
+    from splitspace.deploy.admin_client import AdminClient
 
     return AdminClient.from_env()
 
 
 def _print(data: Any, as_json: bool) -> None:
-    from .admin_client import render
+    from splitspace.deploy.admin_client import render
 
     typer.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else render(data))
 
@@ -198,7 +198,7 @@ def quota_set(
         raise typer.BadParameter("give at least one of --tier, --weight, --max-queued, ...")
     admin = _admin()
     if not force and client.startswith(("session:", "addr:")):
-        from .admin_client import fail, seen
+        from splitspace.deploy.admin_client import fail, seen
 
         if not seen(admin.show(client)):
             fail(f"the GPU tier does not know {client} (nothing queued, running or used in its window, no "

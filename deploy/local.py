@@ -44,10 +44,10 @@ from typing import TextIO
 
 import httpx
 
-from .redis_local import LocalRedis, free_port
+from splitspace.deploy.redis_local import LocalRedis, free_port
 
 DASHBOARD_PATH = "/admin/ui"
-"""Where the GPU tier serves the operators' dashboard (``gpu_backend/dashboard.py``; not
+"""Where the GPU tier serves the operators' dashboard (``gpu_backend/ops/dashboard.py``; not
 imported from there: that would load Gradio into this runner)."""
 
 

@@ -2,7 +2,7 @@
 
 ``--reload`` needs an import string and a factory, so each tier exposes
 ``create_app()`` (settings from the environment) and this module runs it,
-with the server options of ``shared/server.py`` (no proxy headers believed by
+with the server options of ``shared/http/server.py`` (no proxy headers believed by
 uvicorn, keep-alive and header deadlines, capped logs).
 """
 
@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def serve(factory: str, host: str, port: int, *, reload: bool = False, log_level: str = "warning") -> None:
     import uvicorn
 
-    from splitspace.shared.server import uvicorn_options
+    from splitspace.shared.http.server import uvicorn_options
 
     uvicorn.run(
         factory, factory=True, host=host, port=port, reload=reload,

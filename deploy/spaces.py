@@ -190,8 +190,8 @@ import spaces  # noqa: F401  (first, before torch: on ZeroGPU it must come befor
 ''' + _APP_PATH + '''
 import splitspace  # noqa: E402
 from splitspace.gpu_backend.app import build_app  # noqa: E402
-from splitspace.shared.server import uvicorn_options  # noqa: E402
-from splitspace.shared.settings import Settings  # noqa: E402
+from splitspace.shared.http.server import uvicorn_options  # noqa: E402
+from splitspace.shared.config.settings import Settings  # noqa: E402
 
 
 def zero_gpu_startup() -> None:
@@ -229,8 +229,8 @@ if __name__ == "__main__":
 FRONTEND_APP = _APP_HEAD.format(what="frontend (CPU tier)") + _APP_PATH + '''
 import splitspace  # noqa: E402
 from splitspace.cpu_frontend.app import build_app  # noqa: E402
-from splitspace.shared.server import uvicorn_options  # noqa: E402
-from splitspace.shared.settings import Settings  # noqa: E402
+from splitspace.shared.http.server import uvicorn_options  # noqa: E402
+from splitspace.shared.config.settings import Settings  # noqa: E402
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 Wiring only. Two ways in, one set of rules: Gradio's ``/infer`` (for
 ``gradio_client`` and any Gradio client) and the direct route
 (``direct_route.py``, the frontend's default hop) are both thin adapters over
-:class:`~gpu_backend.service.InferService` (verify, validate, admit, follow,
+:class:`~gpu_backend.serving.service.InferService` (verify, validate, admit, follow,
 map failures); admission, fair order and execution are the runner's. Gradio's own queue must not
 reorder what the scheduler decides, so the endpoints have no concurrency limit,
 ``max_threads`` is raised well above what admission lets in, and
@@ -28,12 +28,32 @@ from fastapi.responses import Response
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
+from splitspace.gpu_backend.admission.runner import GpuRunner, client_ref
+from splitspace.gpu_backend.admission.scheduler import FairScheduler
+from splitspace.gpu_backend.ops.admin import Overrides, admin_router, limits_function
+from splitspace.gpu_backend.ops.dashboard import DASHBOARD_PATH
+from splitspace.gpu_backend.ops.metrics import CONTENT_TYPE, GpuMetrics
+from splitspace.gpu_backend.ops.operator_guard import OperatorGuard
+from splitspace.gpu_backend.ops.operator_sessions import GuessThrottle
+from splitspace.gpu_backend.serving.direct_route import INFER_PATH, MAX_BODY_BYTES, STANDING_PATH, DirectRoutes
+from splitspace.gpu_backend.serving.service import InferService
+from splitspace.gpu_backend.stores.global_limits import GlobalLimits, local_limits
+from splitspace.gpu_backend.stores.resilient_store import ResilientStore, open_async_store, open_store
+from splitspace.gpu_backend.stores.usage import MemoryUsageStore, SqliteUsageStore, UsageStore
+from splitspace.gpu_backend.stores.write_behind import WriteBehindStore
+from splitspace.gpu_backend.workload import gpu
+from splitspace.gpu_backend.workload.cost import CostModel
+from splitspace.gpu_backend.workload.model import CompileConfig, ModelExecutor
 from splitspace.session.address import AddressPolicy
 from splitspace.session.identity import Identity
 from splitspace.session.token import HEALTH, IdentityTokens
-from splitspace.shared.errors import SplitspaceError
-from splitspace.shared.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
-from splitspace.shared.gradio_sessions import (
+from splitspace.shared.config.quota_watch import QuotaWatcher
+from splitspace.shared.config.settings import Settings
+from splitspace.shared.contract.errors import SplitspaceError
+from splitspace.shared.contract.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
+from splitspace.shared.contract.hop import error_to_wire
+from splitspace.shared.gradio.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
+from splitspace.shared.gradio.gradio_sessions import (
     HOUSEKEEPING_S,
     HeartbeatCap,
     OpenHeartbeats,
@@ -42,30 +62,9 @@ from splitspace.shared.gradio_sessions import (
     forget_finished_states,
     session_count,
 )
-from splitspace.shared.gradio_signature import request_handler
-from splitspace.shared.guard import GradioGuard
-from splitspace.shared.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
-from splitspace.shared.hop import error_to_wire
-from splitspace.shared.quota_watch import QuotaWatcher
-from splitspace.shared.server import NO_TELEMETRY
-from splitspace.shared.settings import Settings
-
-from . import gpu
-from .admin import Overrides, admin_router, limits_function
-from .cost import CostModel
-from .dashboard import DASHBOARD_PATH
-from .direct_route import INFER_PATH, MAX_BODY_BYTES, STANDING_PATH, DirectRoutes
-from .global_limits import GlobalLimits, local_limits
-from .metrics import CONTENT_TYPE, GpuMetrics
-from .model import CompileConfig, ModelExecutor
-from .operator_guard import OperatorGuard
-from .operator_sessions import GuessThrottle
-from .resilient_store import ResilientStore, open_async_store, open_store
-from .runner import GpuRunner, client_ref
-from .scheduler import FairScheduler
-from .service import InferService
-from .usage import MemoryUsageStore, SqliteUsageStore, UsageStore
-from .write_behind import WriteBehindStore
+from splitspace.shared.gradio.gradio_signature import request_handler
+from splitspace.shared.http.guard import GradioGuard
+from splitspace.shared.http.server import NO_TELEMETRY
 
 log = logging.getLogger("splitspace.gpu")
 
@@ -232,7 +231,7 @@ class GpuTier:
 def build_blocks(tier: GpuTier) -> gr.Blocks:
     """Gradio's ``/infer`` and ``/standing``: thin adapters over the tier's InferService.
 
-    Each yields the hop's wire documents (``shared/hop.py``); an error is yielded as a
+    Each yields the hop's wire documents (``shared/contract/hop.py``); an error is yielded as a
     last document, which the transports decode, and then raised as a ``gr.Error``, which
     any other Gradio client sees as a plain error with its title."""
     service = tier.service
@@ -360,7 +359,7 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
     )
 
     if admin_token:  # the operators' dashboard at /admin/ui: same token, through a login
-        from .dashboard import mount_dashboard
+        from splitspace.gpu_backend.ops.dashboard import mount_dashboard
 
         app = mount_dashboard(app, tier, admin_token)
 

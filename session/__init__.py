@@ -1,11 +1,11 @@
 """Client identity: session cookies, API keys, and the signed token that crosses tiers."""
 
-from .address import client_address
-from .cookie import SessionCookieMiddleware, SessionCookies
-from .identity import Identity
-from .keys import ApiKeyring, hash_key
-from .resolve import IdentityResolver
-from .token import IdentityTokens
+from splitspace.session.address import client_address
+from splitspace.session.cookie import SessionCookieMiddleware, SessionCookies
+from splitspace.session.identity import Identity
+from splitspace.session.keys import ApiKeyring, hash_key
+from splitspace.session.resolve import IdentityResolver
+from splitspace.session.token import IdentityTokens
 
 __all__ = [
     "ApiKeyring", "Identity", "IdentityResolver", "IdentityTokens",

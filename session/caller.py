@@ -9,7 +9,7 @@ or any caller could name its own address.
 
 So the frontend, when it receives the MCP request itself, resolves the
 caller's address by the usual rule (``address.py``) and adds
-``X-Splitspace-Caller`` (:data:`shared.headers.CALLER_HEADER`), a stamp
+``X-Splitspace-Caller`` (:data:`shared.contract.headers.CALLER_HEADER`), a stamp
 signed with the tiers' secret (its own salt) that carries that address and
 expires within a minute. Gradio forwards it on the loopback call, and the
 identity resolver believes the address in a valid stamp over the peer and

@@ -18,7 +18,7 @@ from itsdangerous import BadSignature, Signer
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from splitspace.shared.headers import SESSION_COOKIE
+from splitspace.shared.contract.headers import SESSION_COOKIE
 
 COOKIE_SALT = "splitspace.session.v1"
 DEFAULT_MAX_AGE_S = 30 * 24 * 3600

@@ -11,7 +11,7 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 
-from splitspace.shared.quotas import ApiKey
+from splitspace.shared.contract.quotas import ApiKey
 
 
 def hash_key(raw: str) -> str:

@@ -16,15 +16,14 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 
-from splitspace.shared.errors import Unauthorized
-from splitspace.shared.headers import CALLER_HEADER, SESSION_COOKIE
-from splitspace.shared.quotas import ANONYMOUS
-
-from .address import AddressPolicy
-from .caller import CallerStamps
-from .cookie import SessionCookies
-from .identity import Identity
-from .keys import ApiKeyring
+from splitspace.session.address import AddressPolicy
+from splitspace.session.caller import CallerStamps
+from splitspace.session.cookie import SessionCookies
+from splitspace.session.identity import Identity
+from splitspace.session.keys import ApiKeyring
+from splitspace.shared.contract.errors import Unauthorized
+from splitspace.shared.contract.headers import CALLER_HEADER, SESSION_COOKIE
+from splitspace.shared.contract.quotas import ANONYMOUS
 
 
 def _loopback(peer: str | None) -> bool:

@@ -12,7 +12,7 @@ with (a captured token cannot be used for another prompt) and one whose
 nonce it has already seen within the token's lifetime (nor twice for the same
 prompt). The nonces seen are kept per process (the fast path, and the whole check
 without Redis); with ``SPLITSPACE_REDIS_URL`` a GPU tier also has its admission
-check the nonce in Redis (``gpu_backend/global_limits.py``: one more command in the
+check the nonce in Redis (``gpu_backend/stores/global_limits.py``: one more command in the
 admission's one script), so a captured ``/infer`` call is refused on every replica.
 Without Redis, a token replayed to another replica within its lifetime runs there
 once (docs/security.md).
@@ -30,9 +30,8 @@ from dataclasses import dataclass
 
 from itsdangerous import BadSignature, SignatureExpired, TimestampSigner, URLSafeTimedSerializer
 
-from splitspace.shared.errors import Unauthorized
-
-from .identity import Identity
+from splitspace.session.identity import Identity
+from splitspace.shared.contract.errors import Unauthorized
 
 TOKEN_SALT = "splitspace.identity.v2"
 DEFAULT_MAX_AGE_S = 60.0
@@ -42,7 +41,7 @@ TOKEN_REUSED = "identity token already used (each token is good for one call)"
 
 
 def infer_purpose(request_digest: str) -> str:
-    """The purpose of a token for one ``/infer`` call (``splitspace.shared.schema.request_digest``)."""
+    """The purpose of a token for one ``/infer`` call (``splitspace.shared.contract.schema.request_digest``)."""
     return f"infer:{request_digest}"
 
 

@@ -1,7 +1,8 @@
 """What both tiers import: the request schema and its limits, the hop's types, settings,
 header names, errors."""
 
-from .errors import (
+from splitspace.shared.config.settings import Settings
+from splitspace.shared.contract.errors import (
     BACKEND_UNAVAILABLE,
     GPU_ERROR,
     QUEUE_FULL,
@@ -14,11 +15,16 @@ from .errors import (
     Unauthorized,
     ValidationFailed,
 )
-from .headers import IDENTITY_HEADER, IP_TOKEN_HEADER, SESSION_COOKIE
-from .hop import GenerateInfo, Result, Status, Update, error_to_wire, update_from_wire
-from .quotas import QuotaConfig, QuotaFileError, Tier, load_quotas, parse_quotas
-from .schema import REQUEST_FIELDS, GenerateRequest, Limits, request_from_dict, validate_request
-from .settings import Settings
+from splitspace.shared.contract.headers import IDENTITY_HEADER, IP_TOKEN_HEADER, SESSION_COOKIE
+from splitspace.shared.contract.hop import GenerateInfo, Result, Status, Update, error_to_wire, update_from_wire
+from splitspace.shared.contract.quotas import QuotaConfig, QuotaFileError, Tier, load_quotas, parse_quotas
+from splitspace.shared.contract.schema import (
+    REQUEST_FIELDS,
+    GenerateRequest,
+    Limits,
+    request_from_dict,
+    validate_request,
+)
 
 __all__ = [
     "BACKEND_UNAVAILABLE", "GPU_ERROR", "QUEUE_FULL", "QUOTA_EXCEEDED", "RATE_LIMITED",

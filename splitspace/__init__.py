@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from splitspace.shared.errors import SplitspaceError, Throttled
-from splitspace.shared.settings import Settings
+from splitspace.shared.config.settings import Settings
+from splitspace.shared.contract.errors import SplitspaceError, Throttled
 
 try:
     __version__ = version("splitspace")

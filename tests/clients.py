@@ -10,9 +10,9 @@ import httpx
 
 from splitspace.session.identity import Identity
 from splitspace.session.token import IdentityTokens, infer_purpose
-from splitspace.shared.errors import ValidationFailed, from_wire
-from splitspace.shared.headers import IDENTITY_HEADER
-from splitspace.shared.schema import REQUEST_FIELDS, validate_request
+from splitspace.shared.contract.errors import ValidationFailed, from_wire
+from splitspace.shared.contract.headers import IDENTITY_HEADER
+from splitspace.shared.contract.schema import REQUEST_FIELDS, validate_request
 
 GENERATE_DEFAULTS: dict[str, Any] = dict(
     prompt="a red fox", negative_prompt="", width=64, height=64, steps=1, guidance_scale=0.0, seed=1

@@ -1,6 +1,6 @@
 """An independent max-min weighted fair share oracle, to check the scheduler against.
 
-Deliberately shares no code or idea with ``splitspace.gpu_backend.scheduler`` beyond the definition
+Deliberately shares no code or idea with ``splitspace.gpu_backend.admission.scheduler`` beyond the definition
 of fairness: the capacity is "water-filled" over the clients. Every unsatisfied client's
 level rises in proportion to its weight; a client whose demand is met drops out and
 leaves the rest to the others. The result is the unique weighted max-min fair

@@ -66,7 +66,7 @@ def gradio_stream_ends_cleanly(ctx, response, case):  # type: ignore[no-untyped-
 ODD_SHARE = 4
 """One generated body in about this many is made odd."""
 LIMIT_NAMED = "the body has "
-"""How the guard's refusal of an odd body begins (``shared/guard.py``): the test counts them."""
+"""How the guard's refusal of an odd body begins (``shared/http/guard.py``): the test counts them."""
 _MARK = "__splitspace_odd__"
 
 

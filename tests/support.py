@@ -107,8 +107,8 @@ def serve_gpu_tier(workdir: Path, secret: str, around_generate: Any) -> Iterator
     given the model's own ``generate(req, seed)``, it returns the one the tier uses. For
     what a real model cannot be made to do on demand (fail, report its calling context)."""
     from splitspace.gpu_backend.app import build_app
-    from splitspace.gpu_backend.model import ModelExecutor
-    from splitspace.shared.settings import Settings
+    from splitspace.gpu_backend.workload.model import ModelExecutor
+    from splitspace.shared.config.settings import Settings
 
     executor = ModelExecutor.from_spec("sleep:1")
     executor.generate = around_generate(executor.generate)  # type: ignore[method-assign]
@@ -132,7 +132,7 @@ def serve_gpu_tier_with(settings: Any, executor: Any) -> Iterator[tuple[str, Any
 def held_model(spec: str, release: threading.Event, timeout_s: float = 120) -> Any:
     """A model executor (``sleep:MS``) whose every call waits for ``release`` first: a job
     that stays on the GPU until the test lets it go (a real model cannot be held on demand)."""
-    from splitspace.gpu_backend.model import ModelExecutor
+    from splitspace.gpu_backend.workload.model import ModelExecutor
 
     executor = ModelExecutor.from_spec(spec)
     generate = executor.generate
@@ -189,7 +189,7 @@ def in_threads(n: int, call: Any, timeout_s: float = 120) -> list[Any]:
 
 # These tests look at a backlog the GPU tier holds (its positions, its cancellations, its
 # metrics): the frontend's door lets every request through at once here, instead of two per
-# client and 64 in all (cpu_frontend/door.py; its own tests are tests/test_door.py, test_crowd.py).
+# client and 64 in all (cpu_frontend/door/door.py; its own tests are tests/test_door.py, test_crowd.py).
 GPU_TIER_BACKLOG = {"SPLITSPACE_DOOR_PER_FLOW": "1000", "SPLITSPACE_DOOR_TOTAL": "1000"}
 
 

@@ -11,15 +11,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from splitspace.gpu_backend import gpu
-from splitspace.gpu_backend.batching import (
+from splitspace.gpu_backend.workload import gpu
+from splitspace.gpu_backend.workload.batching import (
     BatchOutcome,
     run_batch_isolating_failures,
     split_batch_time,
     zerogpu_batch_key,
 )
-from splitspace.gpu_backend.model import ModelExecutor
-from splitspace.shared.schema import GenerateRequest
+from splitspace.gpu_backend.workload.model import ModelExecutor
+from splitspace.shared.contract.schema import GenerateRequest
 
 PROMPTS = ["a red fox in snow", "a lighthouse at dusk, oil painting", "cow"]
 SEEDS = [11, 2**31 + 5, 0]

@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from splitspace.cpu_frontend.embed import web_component_script
+from splitspace.cpu_frontend.ui.embed import web_component_script
 from tests.clients import call_rest, gen_args
 from tests.conftest import QUOTAS, key
 from tests.support import REPO, Deployment, wait_for
@@ -264,7 +264,7 @@ def test_waiting_reads_as_words_then_caption_quota_and_recent_image(ui: UI, cont
 
 
 def test_an_example_fills_the_form(ui: UI, context: Any) -> None:
-    from splitspace.cpu_frontend.page import EXAMPLES
+    from splitspace.cpu_frontend.ui.page import EXAMPLES
 
     page = context.new_page()
     page.goto(ui.url + "/")
@@ -428,7 +428,7 @@ def test_webcomponent_page_generates(ui: UI, context: Any) -> None:
     failed: list[str] = []
     page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
     response = page.goto(ui.url + "/embed/webcomponent")
-    assert response.status == 200, "the frontend serves no /embed/webcomponent (cpu_frontend.embed.embed_routes)"
+    assert response.status == 200, "the frontend serves no /embed/webcomponent (cpu_frontend.ui.embed.embed_routes)"
 
     app = page.locator("gradio-app")
     assert app.get_attribute("src") == ui.url
@@ -441,7 +441,7 @@ def test_webcomponent_page_generates(ui: UI, context: Any) -> None:
 def test_iframe_page_generates_with_session_cookie(ui: UI, context: Any) -> None:
     page = context.new_page()
     response = page.goto(ui.url + "/embed/iframe")
-    assert response.status == 200, "the frontend serves no /embed/iframe (cpu_frontend.embed.embed_routes)"
+    assert response.status == 200, "the frontend serves no /embed/iframe (cpu_frontend.ui.embed.embed_routes)"
     frame = page.frame_locator("iframe#splitspace")
     generate_in(frame, "a fox in a frame")
     frame.locator(GENERATED_IMG).first.wait_for()
@@ -516,7 +516,7 @@ def test_recent_images_keep_working_up_to_their_limit_with_noise(tiny: Deploymen
     images kept, the next Generate was refused (413, a 20,860-byte body), and so was the
     page's load. Now the history stays in the browser: what a click sends does not grow
     with it, up to RECENT_MAX images and beyond, whatever the images and prompts."""
-    from splitspace.cpu_frontend.page import RECENT_MAX
+    from splitspace.cpu_frontend.ui.page import RECENT_MAX
 
     def prompt_of(i: int) -> str:  # the newest one carries markup and a template literal: text only
         return f"noise {i}" + (' <img src=x onerror="window.pwned=1"> ${window.pwned=2}' if i == RECENT_MAX else "")

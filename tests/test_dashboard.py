@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from splitspace.gpu_backend.dashboard import (
+from splitspace.gpu_backend.ops.dashboard import (
     TIME_AXIS,
     Sample,
     Samples,
@@ -105,8 +105,8 @@ def test_override_values_read_the_form_and_name_a_bad_field() -> None:
 
 
 def test_store_name_says_which_store_is_in_force(tmp_path: Path) -> None:
-    from splitspace.gpu_backend.usage import MemoryUsageStore, SqliteUsageStore
-    from splitspace.gpu_backend.write_behind import WriteBehindStore
+    from splitspace.gpu_backend.stores.usage import MemoryUsageStore, SqliteUsageStore
+    from splitspace.gpu_backend.stores.write_behind import WriteBehindStore
 
     store = WriteBehindStore(SqliteUsageStore(tmp_path / "state.sqlite3"))
     try:
@@ -115,10 +115,10 @@ def test_store_name_says_which_store_is_in_force(tmp_path: Path) -> None:
         store.close()
     assert store_name(MemoryUsageStore()) == "memory (lost at restart)"
 
-    class RedisStore:  # the shape of gpu_backend/redis_store.py's (no server needed to name it)
+    class RedisStore:  # the shape of gpu_backend/stores/redis_store.py's (no server needed to name it)
         pass
 
-    from splitspace.gpu_backend.resilient_store import ResilientStore
+    from splitspace.gpu_backend.stores.resilient_store import ResilientStore
 
     assert store_name(ResilientStore(RedisStore(), mode="closed")) == "Redis (refuses while it is down)"
     assert store_name(ResilientStore(RedisStore(), mode="local")) == "Redis (this process's memory while it is down)"
@@ -149,7 +149,7 @@ def test_no_dashboard_without_an_admin_token(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
     from splitspace.gpu_backend.app import build_app
-    from splitspace.shared.settings import Settings
+    from splitspace.shared.config.settings import Settings
 
     app = build_app(Settings(secret="s" * 32, model="sleep:1", state_path=tmp_path / "state.sqlite3"))
     client = TestClient(app)

@@ -351,7 +351,7 @@ def test_backend_hardware_is_requested_when_asked():
 
 # -- the frontend's credentials for a private GPU tier -------------------------------------------
 def test_backend_auth_headers():
-    from splitspace.cpu_frontend.hub_auth import backend_auth_headers
+    from splitspace.cpu_frontend.hop.hub_auth import backend_auth_headers
 
     assert backend_auth_headers(None) == {}
     assert backend_auth_headers(" ") == {}

@@ -13,8 +13,8 @@ import contextlib
 
 import pytest
 
-from splitspace.cpu_frontend.door import FairDoor, Place
-from splitspace.shared.errors import QUEUE_FULL, Throttled
+from splitspace.cpu_frontend.door.door import FairDoor, Place
+from splitspace.shared.contract.errors import QUEUE_FULL, Throttled
 
 
 def run(coro):  # type: ignore[no-untyped-def]

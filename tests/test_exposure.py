@@ -18,11 +18,11 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from splitspace.shared.settings import Settings
+from splitspace.shared.config.settings import Settings
 from tests.support import REPO, Deployment, free_port
 
 HEADER_DEADLINE_S = 10.0
-KEEP_ALIVE_S = 20.0  # shared/server.py: longer than clients keep an idle connection (httpx 5 s, aiohttp 15 s)
+KEEP_ALIVE_S = 20.0  # shared/http/server.py: longer than clients keep an idle connection (httpx 5 s, aiohttp 15 s)
 
 
 def _closed_within(sock: socket.socket, seconds: float, trickle: bytes = b"") -> float | None:

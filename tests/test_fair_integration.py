@@ -18,7 +18,7 @@ import httpx
 import pytest
 from gradio_client import Client
 
-from splitspace.shared.headers import ADMIN_HEADER
+from splitspace.shared.contract.headers import ADMIN_HEADER
 from tests.clients import call_rest, error_text, gen_args
 from tests.support import GPU_TIER_BACKLOG, Deployment, sha256, wait_for
 

@@ -27,19 +27,19 @@ from typing import Any
 
 import pytest
 
-from splitspace.gpu_backend.cost import CostModel
-from splitspace.gpu_backend.global_limits import VTIME_KEY, GlobalLimits, local_limits
-from splitspace.gpu_backend.redis_store import AsyncRedisStore, RedisStore
-from splitspace.gpu_backend.resilient_store import AsyncResilientStore, CircuitBreaker, ResilientStore
-from splitspace.gpu_backend.runner import GpuRunner, Ticket
-from splitspace.gpu_backend.scheduler import FairScheduler
-from splitspace.gpu_backend.service import InferService
-from splitspace.gpu_backend.usage import MemoryUsageStore, StoreUnavailable
+from splitspace.gpu_backend.admission.runner import GpuRunner, Ticket
+from splitspace.gpu_backend.admission.scheduler import FairScheduler
+from splitspace.gpu_backend.serving.service import InferService
+from splitspace.gpu_backend.stores.global_limits import VTIME_KEY, GlobalLimits, local_limits
+from splitspace.gpu_backend.stores.redis_store import AsyncRedisStore, RedisStore
+from splitspace.gpu_backend.stores.resilient_store import AsyncResilientStore, CircuitBreaker, ResilientStore
+from splitspace.gpu_backend.stores.usage import MemoryUsageStore, StoreUnavailable
+from splitspace.gpu_backend.workload.cost import CostModel
 from splitspace.session.token import IdentityTokens
-from splitspace.shared.errors import QUEUE_FULL, ServiceUnavailable, Throttled
-from splitspace.shared.hop import Result
-from splitspace.shared.quotas import Tier
-from splitspace.shared.schema import Limits
+from splitspace.shared.contract.errors import QUEUE_FULL, ServiceUnavailable, Throttled
+from splitspace.shared.contract.hop import Result
+from splitspace.shared.contract.quotas import Tier
+from splitspace.shared.contract.schema import Limits
 from tests.support import wait_for
 from tests.test_gpu_service import SECRET, FakeModel, body, token
 

@@ -73,7 +73,7 @@ def test_direct_route_refuses_a_body_that_is_not_a_request(tiny):
     r = httpx.post(url, json={"prompt": "a fox", "colour": "red"}, headers=headers())
     assert r.status_code == 422 and r.json()["field"] == "colour"
     r = httpx.post(url, content=b"{" + b" " * 70_000 + b"}", headers=headers())
-    assert r.status_code == 413 and "bytes" in r.json()["message"]  # refused before it is read (shared/guard.py)
+    assert r.status_code == 413 and "bytes" in r.json()["message"]  # refused before it is read (shared/http/guard.py)
 
 
 def test_a_token_is_good_for_its_own_request_once(tiny, route):

@@ -19,18 +19,18 @@ from dataclasses import dataclass, field
 import pytest
 from PIL import Image
 
-from splitspace.gpu_backend.batching import BatchOutcome, run_batch_isolating_failures
-from splitspace.gpu_backend.cost import CostModel
-from splitspace.gpu_backend.runner import GpuRunner
-from splitspace.gpu_backend.scheduler import FairScheduler
-from splitspace.gpu_backend.service import InferService
-from splitspace.gpu_backend.usage import MemoryUsageStore
+from splitspace.gpu_backend.admission.runner import GpuRunner
+from splitspace.gpu_backend.admission.scheduler import FairScheduler
+from splitspace.gpu_backend.serving.service import InferService
+from splitspace.gpu_backend.stores.usage import MemoryUsageStore
+from splitspace.gpu_backend.workload.batching import BatchOutcome, run_batch_isolating_failures
+from splitspace.gpu_backend.workload.cost import CostModel
 from splitspace.session.identity import Identity
 from splitspace.session.token import IdentityTokens, infer_purpose
-from splitspace.shared.errors import QUEUE_FULL, GpuFailed, Throttled, Unauthorized, ValidationFailed
-from splitspace.shared.hop import Result, Status, Update
-from splitspace.shared.quotas import Tier
-from splitspace.shared.schema import GenerateRequest, Limits, request_from_dict
+from splitspace.shared.contract.errors import QUEUE_FULL, GpuFailed, Throttled, Unauthorized, ValidationFailed
+from splitspace.shared.contract.hop import Result, Status, Update
+from splitspace.shared.contract.quotas import Tier
+from splitspace.shared.contract.schema import GenerateRequest, Limits, request_from_dict
 
 SECRET = "test-secret"
 OPEN = Tier(weight=1, max_running=1, max_queued=3, gpu_seconds=1e6, window_s=3600)

@@ -16,9 +16,9 @@ import concurrent.futures
 
 import pytest
 
-from splitspace.cpu_frontend.gradio_client_transport import GradioClientTransport
-from splitspace.shared.errors import BackendUnavailable
-from splitspace.shared.schema import GenerateRequest
+from splitspace.cpu_frontend.hop.gradio_client_transport import GradioClientTransport
+from splitspace.shared.contract.errors import BackendUnavailable
+from splitspace.shared.contract.schema import GenerateRequest
 
 
 class CancelledJob:

@@ -9,7 +9,7 @@ import importlib.util
 import gradio as gr
 from gradio import state_holder
 
-from splitspace.cpu_frontend import gradio_tuning
+from splitspace.cpu_frontend.api import gradio_tuning
 
 
 def _blocks() -> gr.Blocks:
@@ -53,10 +53,10 @@ def test_a_lazy_session_holds_what_gradios_own_holds():
 def test_queue_holds_as_many_sessions_as_requests_in_flight():
     """Gradio keeps each session's messages in an LRUCache(2000): the 2,001st REST call in
     flight would evict the first's, whose stream then breaks off. If Gradio changes that
-    cache, this fails: look at shared/gradio_queue.py again."""
+    cache, this fails: look at shared/gradio/gradio_queue.py again."""
     from gradio.utils import LRUCache
 
-    from splitspace.shared.gradio_queue import hold_sessions
+    from splitspace.shared.gradio.gradio_queue import hold_sessions
 
     demo = _blocks()
     demo.queue()
@@ -71,8 +71,8 @@ def test_queue_holds_as_many_sessions_as_requests_in_flight():
 def test_queue_analytics_stay_bounded():
     """Gradio summarises its last 10,000 event records with pandas after every event: a
     cost per call that grows with the calls served. If Gradio changes that, this fails:
-    look at shared/gradio_queue.py again."""
-    from splitspace.shared.gradio_queue import ANALYTICS_EVENTS, ANALYTICS_EVERY, bound_analytics
+    look at shared/gradio/gradio_queue.py again."""
+    from splitspace.shared.gradio.gradio_queue import ANALYTICS_EVENTS, ANALYTICS_EVERY, bound_analytics
 
     demo = _blocks()
     demo.queue()
@@ -88,7 +88,7 @@ def test_finished_sessions_are_forgotten():
     it, and keeps a session with an event pending or a message not yet read."""
     from gradio.utils import LRUCache
 
-    from splitspace.shared.gradio_queue import forget_finished_sessions
+    from splitspace.shared.gradio.gradio_queue import forget_finished_sessions
 
     demo = _blocks()
     demo.queue()
@@ -108,10 +108,10 @@ def test_finished_sessions_are_forgotten():
 def test_a_closed_pages_session_state_is_given_back():
     """Gradio keeps a ``SessionState`` per session in ``StateHolder.session_data`` (up to
     ``state_session_capacity``, 10,000): the ``unload`` handlers make one when a page's
-    heartbeat stream ends, and nothing removes it. shared/gradio_sessions.py bounds the
+    heartbeat stream ends, and nothing removes it. shared/gradio/gradio_sessions.py bounds the
     capacity and drops a closed page's state. If Gradio changes the heartbeat route or the
-    holder, this fails: look at shared/gradio_sessions.py again."""
-    from splitspace.shared.gradio_sessions import (
+    holder, this fails: look at shared/gradio/gradio_sessions.py again."""
+    from splitspace.shared.gradio.gradio_sessions import (
         HeartbeatCap,
         OpenHeartbeats,
         bound_session_states,

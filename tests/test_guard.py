@@ -2,7 +2,7 @@
 
 Each case here was a 5xx, a reply broken off mid-stream, or an accepted abuse on
 the first release (issue 11): Gradio's routes, not splitspace's handlers, answered
-them. Real tiers on loopback, real HTTP clients; the guard is ``shared/guard.py``
+them. Real tiers on loopback, real HTTP clients; the guard is ``shared/http/guard.py``
 (its own tests in process: ``tests/test_guard_unit.py``).
 """
 

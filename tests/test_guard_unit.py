@@ -1,4 +1,4 @@
-"""The guard in process (``shared/guard.py``): its endpoint table, and the safety net behind its checks."""
+"""The guard in process (``shared/http/guard.py``): its endpoint table, and the safety net behind its checks."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitspace.shared.guard import EndpointTable, GradioGuard, titled_error_events
-from splitspace.shared.json_limits import JsonLimitExceeded, JsonLimits
+from splitspace.shared.http.guard import EndpointTable, GradioGuard, titled_error_events
+from splitspace.shared.http.json_limits import JsonLimitExceeded, JsonLimits
 from tests.support import serve_in_thread
 from tests.test_guard import assert_problem
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 
-from splitspace.cpu_frontend.limits import InflightCaps
-from splitspace.gpu_backend.scheduler import ClientRef, FairScheduler, Outcome
-from splitspace.gpu_backend.usage import MemoryUsageStore
+from splitspace.cpu_frontend.door.limits import InflightCaps
+from splitspace.gpu_backend.admission.scheduler import ClientRef, FairScheduler, Outcome
+from splitspace.gpu_backend.stores.usage import MemoryUsageStore
 from splitspace.session.identity import Identity
-from splitspace.shared.quotas import QuotaConfig, Tier
+from splitspace.shared.contract.quotas import QuotaConfig, Tier
 from tests.test_scheduler import FakeClock
 
 TIER = Tier(weight=1, max_running=1, max_queued=8, gpu_seconds=math.inf, window_s=3600)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import splitspace.gpu_backend as gpu_backend  # noqa: F401  (installs the filter, as every GPU-tier module's import does)
-from splitspace.gpu_backend.import_notices import NOTICE_LOGGER
+from splitspace.gpu_backend.workload.import_notices import NOTICE_LOGGER
 from tests.support import REPO
 
 CLIP = ("`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil` "
@@ -49,7 +49,7 @@ def test_only_the_torchvision_fallback_notice_is_dropped() -> None:
 def test_importing_the_pipelines_prints_no_torchvision_notice() -> None:
     """What every start printed: importing diffusers' pipelines through the GPU tier's model code."""
     done = subprocess.run(
-        [sys.executable, "-c", "import splitspace.gpu_backend.tiny; import logging; "
+        [sys.executable, "-c", "import splitspace.gpu_backend.workload.tiny; import logging; "
                                f"logging.getLogger({NOTICE_LOGGER!r}).warning('still heard')"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )

@@ -1,4 +1,4 @@
-"""The frontends' shared in-flight cap (``cpu_frontend/inflight_ledger.py``) on a real Redis.
+"""The frontends' shared in-flight cap (``cpu_frontend/door/inflight_ledger.py``) on a real Redis.
 
 Two ledgers on one ``redis-server`` stand for two frontends. Each test has its own key
 prefix; the tests that stop, pause or restart Redis have their own server. Conditions are
@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 import redis
 
-from splitspace.cpu_frontend.inflight_ledger import Hold, NullLedger, RedisLedger, local_share, open_ledger
+from splitspace.cpu_frontend.door.inflight_ledger import Hold, NullLedger, RedisLedger, local_share, open_ledger
 from splitspace.deploy.redis_local import free_port
-from splitspace.shared.errors import QUEUE_FULL, SERVICE_UNAVAILABLE, ServiceUnavailable, Throttled
-from splitspace.shared.settings import Settings
+from splitspace.shared.config.settings import Settings
+from splitspace.shared.contract.errors import QUEUE_FULL, SERVICE_UNAVAILABLE, ServiceUnavailable, Throttled
 
 REPO = Path(__file__).resolve().parent.parent
 RETRY_S = 0.5
@@ -192,8 +192,8 @@ def test_a_cancelled_acquire_leaves_redis_counting_only_the_places_handed_out(re
 
 _HOLDER = """
 import asyncio, sys
-from splitspace.cpu_frontend.inflight_ledger import open_ledger
-from splitspace.shared.settings import Settings
+from splitspace.cpu_frontend.door.inflight_ledger import open_ledger
+from splitspace.shared.config.settings import Settings
 
 async def main():
     led = open_ledger(Settings(redis_url=sys.argv[1], lease_s=float(sys.argv[3])), prefix=sys.argv[2])

@@ -15,7 +15,7 @@ import sys
 import httpx
 import pytest
 
-from splitspace.shared.logs import LogCap, route_gradio_tracebacks, uvicorn_log_config
+from splitspace.shared.config.logs import LogCap, route_gradio_tracebacks, uvicorn_log_config
 from tests.support import Deployment
 
 MARKER = "zq-marker-"

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splitspace.gpu_backend.arch import ARCHS, build_arch_pipeline, parameter_counts
-from splitspace.gpu_backend.model import (
+from splitspace.gpu_backend.workload.arch import ARCHS, build_arch_pipeline, parameter_counts
+from splitspace.gpu_backend.workload.model import (
     DEFAULT_PRESET,
     SLEEP_PRESET,
     TINY_PRESET,
@@ -24,7 +24,7 @@ from splitspace.gpu_backend.model import (
     padded_batch_sizes,
     preset_for,
 )
-from splitspace.shared.schema import GenerateRequest
+from splitspace.shared.contract.schema import GenerateRequest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def test_tiny_keeps_stable_diffusion_geometry(tiny):
 
 
 def test_tiny_builds_identically_every_time(tiny):
-    from splitspace.gpu_backend.tiny import build_tiny_pipeline
+    from splitspace.gpu_backend.workload.tiny import build_tiny_pipeline
 
     again = build_tiny_pipeline()
     for name in ("unet", "vae", "text_encoder"):
@@ -215,8 +215,8 @@ def test_sleep_batch_holds_ms_once_and_returns_each_image():
 def test_sleep_spec_does_not_import_torch():
     code = (
         "import sys\n"
-        "from gpu_backend.model import ModelExecutor\n"
-        "from shared.schema import GenerateRequest\n"
+        "from gpu_backend.workload.model import ModelExecutor\n"
+        "from shared.contract.schema import GenerateRequest\n"
         "req = GenerateRequest(prompt='x', width=64, height=64)\n"
         "ModelExecutor.from_spec('sleep:1').generate(req, 1)\n"
         "print('torch' in sys.modules, 'diffusers' in sys.modules)\n"

@@ -15,7 +15,7 @@ import threading
 
 import httpx
 
-from splitspace.shared.settings import Settings
+from splitspace.shared.config.settings import Settings
 from tests.clients import call_rest, error_text, gen_args
 from tests.support import REPO, free_port, gpu_depth, held_model, serve_gpu_tier_with, start_tier, wait_for
 

@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from splitspace.gpu_backend.operator_sessions import SESSION_S, GuessThrottle, OperatorSessions
-from splitspace.shared.headers import ADMIN_HEADER
+from splitspace.gpu_backend.ops.operator_sessions import SESSION_S, GuessThrottle, OperatorSessions
+from splitspace.shared.contract.headers import ADMIN_HEADER
 from tests.support import Deployment, wait_for
 
 HOST = "gpu.splitspace.example"
@@ -74,7 +74,7 @@ def set_override_event(c: httpx.Client) -> tuple[int, int]:
 
 
 def join_set_override(c: httpx.Client, headers: dict[str, str], fn_index: int, n_inputs: int) -> httpx.Response:
-    # the form: client id, then tier, weight, max_running, max_queued, ... (gpu_backend/dashboard.py)
+    # the form: client id, then tier, weight, max_running, max_queued, ... (gpu_backend/ops/dashboard.py)
     data = [VICTIM, "", "", "", "0", *[""] * (n_inputs - 5)]
     return c.post("/admin/ui/gradio_api/queue/join", headers=headers,
                   json={"data": data, "fn_index": fn_index, "session_hash": "xsite", "event_data": None,
@@ -214,7 +214,7 @@ def test_a_dashboard_session_ends_after_its_lifetime(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
     from splitspace.gpu_backend.app import build_app
-    from splitspace.shared.settings import Settings
+    from splitspace.shared.config.settings import Settings
 
     token = "Zq8-w1xYp0Lm3nB7vC2kD9"
     app = build_app(Settings(secret="s" * 32, model="sleep:1", admin_token=token, state_path=tmp_path / "s.sqlite3"))

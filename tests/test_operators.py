@@ -21,7 +21,7 @@ from gradio_client import Client
 from typer.testing import CliRunner
 
 from splitspace.deploy.cli import app as cli_app
-from splitspace.shared.headers import ADMIN_HEADER
+from splitspace.shared.contract.headers import ADMIN_HEADER
 from tests.clients import call_rest, error_text, gen_args
 from tests.support import GPU_TIER_BACKLOG, REPO, Deployment, free_port, sha256, start_tier, wait_for
 

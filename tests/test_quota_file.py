@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from splitspace.shared.quota_watch import QuotaWatcher
-from splitspace.shared.quotas import QuotaFileError, parse_quotas
+from splitspace.shared.config.quota_watch import QuotaWatcher
+from splitspace.shared.contract.quotas import QuotaFileError, parse_quotas
 
 DIGEST = "a" * 64
 

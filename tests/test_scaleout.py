@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from splitspace.session.identity import Identity
-from splitspace.shared.headers import ADMIN_HEADER, IDENTITY_HEADER
+from splitspace.shared.contract.headers import ADMIN_HEADER, IDENTITY_HEADER
 from tests.clients import (
     GENERATE_DEFAULTS,
     call_rest,
@@ -310,7 +310,7 @@ def test_redis_stopped_and_restarted(own_redis: Any, tmp_path: Path, mode: str) 
         assert time.monotonic() - t0 < 10  # nothing hangs
         if mode == "closed":
             assert during["status"] == 503 and during["title"] == "Service unavailable", during
-            # the hop's wire form (shared.errors.to_wire): the reason, and the retry seconds apart
+            # the hop's wire form (shared.contract.errors.to_wire): the reason, and the retry seconds apart
             assert int(during["retry_after"]) >= 1 and "unreachable" in during["message"], during
         else:
             assert during["ok"], during  # served from memory with the limits divided
@@ -352,16 +352,16 @@ def test_a_job_that_ends_while_redis_hangs_holds_no_slot_when_redis_returns(own_
 
 # -- the scheduler's hooks, in virtual time (no processes) ---------------------------------
 def _scheduler(**hooks: Any) -> Any:
-    from splitspace.gpu_backend.scheduler import FairScheduler
-    from splitspace.gpu_backend.usage import MemoryUsageStore
-    from splitspace.shared.quotas import Tier
+    from splitspace.gpu_backend.admission.scheduler import FairScheduler
+    from splitspace.gpu_backend.stores.usage import MemoryUsageStore
+    from splitspace.shared.contract.quotas import Tier
 
     open_tier = Tier(weight=1, max_running=1, max_queued=100, gpu_seconds=float("inf"), window_s=3600)
     return FairScheduler(clock=lambda: 0.0, limits=lambda client: open_tier, store=MemoryUsageStore(), **hooks)
 
 
 def _ref(name: str) -> Any:
-    from splitspace.gpu_backend.scheduler import ClientRef
+    from splitspace.gpu_backend.admission.scheduler import ClientRef
 
     return ClientRef(client_id=f"key:{name}", kind="key", tier="free", address="")
 

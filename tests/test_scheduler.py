@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from splitspace.gpu_backend.scheduler import (
+from splitspace.gpu_backend.admission.scheduler import (
     ETA_EXACT_PLACES,
     Admission,
     ClientRef,
@@ -25,8 +25,8 @@ from splitspace.gpu_backend.scheduler import (
     Outcome,
     address_usage_key,
 )
-from splitspace.gpu_backend.usage import MemoryUsageStore
-from splitspace.shared.quotas import Tier
+from splitspace.gpu_backend.stores.usage import MemoryUsageStore
+from splitspace.shared.contract.quotas import Tier
 from tests.fairness_oracle import weighted_max_min
 
 INF = math.inf

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from splitspace.gpu_backend.scheduler import ClientRef, FairScheduler, Job, Outcome, address_usage_key
-from splitspace.gpu_backend.usage import MemoryUsageStore
-from splitspace.shared.quotas import Tier
+from splitspace.gpu_backend.admission.scheduler import ClientRef, FairScheduler, Job, Outcome, address_usage_key
+from splitspace.gpu_backend.stores.usage import MemoryUsageStore
+from splitspace.shared.contract.quotas import Tier
 
 
 class FakeClock:

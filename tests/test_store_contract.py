@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from splitspace.gpu_backend.redis_store import AsyncRedisStore, RedisStore
-from splitspace.gpu_backend.usage import (
+from splitspace.gpu_backend.stores.redis_store import AsyncRedisStore, RedisStore
+from splitspace.gpu_backend.stores.usage import (
     AdmitPlan,
     Lease,
     MemoryUsageStore,

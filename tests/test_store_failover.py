@@ -21,11 +21,16 @@ from typing import Any
 
 import pytest
 
-from splitspace.gpu_backend.redis_store import AsyncRedisStore, RedisStore
-from splitspace.gpu_backend.resilient_store import AsyncResilientStore, CircuitBreaker, ResilientStore, open_store
-from splitspace.gpu_backend.unsent_releases import UnsentReleases
-from splitspace.gpu_backend.usage import AdmitPlan, Lease, Reservation, SqliteUsageStore, StoreUnavailable
-from splitspace.shared.errors import SERVICE_UNAVAILABLE, ServiceUnavailable
+from splitspace.gpu_backend.stores.redis_store import AsyncRedisStore, RedisStore
+from splitspace.gpu_backend.stores.resilient_store import (
+    AsyncResilientStore,
+    CircuitBreaker,
+    ResilientStore,
+    open_store,
+)
+from splitspace.gpu_backend.stores.unsent_releases import UnsentReleases
+from splitspace.gpu_backend.stores.usage import AdmitPlan, Lease, Reservation, SqliteUsageStore, StoreUnavailable
+from splitspace.shared.contract.errors import SERVICE_UNAVAILABLE, ServiceUnavailable
 
 RETRY_S = 0.5
 """The breaker's retry interval in these tests (the default is 3 s)."""
@@ -399,7 +404,7 @@ def test_open_store_keeps_sqlite_without_a_redis_url(tmp_path: Path, redis_serve
 def test_settings_read_the_redis_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     from pydantic import ValidationError
 
-    from splitspace.shared.settings import Settings
+    from splitspace.shared.config.settings import Settings
 
     monkeypatch.setenv("SPLITSPACE_REDIS_URL", "redis://:pw-in-url@example:6379/0")
     monkeypatch.setenv("SPLITSPACE_REDIS_FAILURE", "local")

@@ -1,4 +1,4 @@
-"""The page's words (``cpu_frontend/ui_text.py``): statuses, captions, the quota line, refusals."""
+"""The page's words (``cpu_frontend/ui/ui_text.py``): statuses, captions, the quota line, refusals."""
 
 from __future__ import annotations
 
@@ -7,9 +7,15 @@ import re
 
 import pytest
 
-from splitspace.cpu_frontend import ui_text
-from splitspace.cpu_frontend.ui_text import Refusal
-from splitspace.shared.errors import BACKEND_UNAVAILABLE, INVALID_REQUEST, QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED
+from splitspace.cpu_frontend.ui import ui_text
+from splitspace.cpu_frontend.ui.ui_text import Refusal
+from splitspace.shared.contract.errors import (
+    BACKEND_UNAVAILABLE,
+    INVALID_REQUEST,
+    QUEUE_FULL,
+    QUOTA_EXCEEDED,
+    RATE_LIMITED,
+)
 
 RAW_KEYS = ("eta_s", "queue_s", "gpu_s", "resets_in_s", "client_id", "position", "status")
 
@@ -57,7 +63,7 @@ def test_caption_has_seed_size_steps_and_times_and_no_raw_keys() -> None:
 
 
 def standing(**kw: object) -> dict:
-    """A /quota answer, as gpu_backend.scheduler.client_stats makes it."""
+    """A /quota answer, as gpu_backend.admission.scheduler.client_stats makes it."""
     doc = {"client": "session:s", "client_id": "session:s", "kind": "session", "tier": "anonymous",
            "limits": {"gpu_seconds": 300.0, "window_s": 3600.0, "address_gpu_seconds": 900.0},
            "queued": 0, "running": 0, "used": 16.2, "remaining": 283.8, "resets_in_s": 3480.0}
@@ -161,7 +167,7 @@ def test_markup_escapes_what_people_typed() -> None:
 
 def test_the_page_tells_visitors_of_a_placeholder_model_once_and_no_operator_setting() -> None:
     """Issue 21: the page told visitors about `SPLITSPACE_MODEL` and `sleep:MS`, twice."""
-    from splitspace.cpu_frontend.page import LiveModel
+    from splitspace.cpu_frontend.ui.page import LiveModel
 
     for spec in ("tiny", "sleep:1500"):
         heading = LiveModel(lambda spec=spec: {"model": spec, "placeholder_model": True}).heading()
@@ -179,7 +185,7 @@ def test_gradios_status_tracker_still_has_what_the_waiting_words_hook_blanks() -
 
     import gradio
 
-    from splitspace.cpu_frontend.page import STATUS_WORDS_JS
+    from splitspace.cpu_frontend.ui.page import STATUS_WORDS_JS
 
     assets = Path(gradio.__file__).parent / "templates" / "frontend" / "assets"
     trackers = [p.read_text() for p in assets.glob("statustracker-*.js")]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from splitspace.gpu_backend.usage import MemoryUsageStore, SqliteUsageStore, UsageStore
-from splitspace.gpu_backend.write_behind import WriteBehindStore
+from splitspace.gpu_backend.stores.usage import MemoryUsageStore, SqliteUsageStore, UsageStore
+from splitspace.gpu_backend.stores.write_behind import WriteBehindStore
 from tests.support import wait_for
 
 

@@ -53,8 +53,8 @@ def test_invalid_field_refused_on_cpu_tier(tiny, overrides, field):
 @pytest.mark.parametrize("bad, words", [("a \ud800 fox", "UTF-8"), ("a \udfff", "UTF-8"), ("a\x00b", "NUL")])
 def test_text_must_be_valid_utf8_without_nul(field, bad, words):
     """First release: a lone surrogate passed and crashed the model (and, batched, its neighbours)."""
-    from splitspace.shared.errors import ValidationFailed
-    from splitspace.shared.schema import validate_request
+    from splitspace.shared.contract.errors import ValidationFailed
+    from splitspace.shared.contract.schema import validate_request
 
     with pytest.raises(ValidationFailed) as caught:
         validate_request(**{"prompt": "a fox", field: bad})
@@ -66,8 +66,8 @@ def test_text_must_be_valid_utf8_without_nul(field, bad, words):
                                           ("steps", {"a": "b" * 100_000})])
 def test_an_error_echoes_at_most_a_short_value(field, value):
     """First release: a 1 MB ``width`` gave a 1 MB error."""
-    from splitspace.shared.errors import ValidationFailed
-    from splitspace.shared.schema import request_from_dict, validate_request
+    from splitspace.shared.contract.errors import ValidationFailed
+    from splitspace.shared.contract.schema import request_from_dict, validate_request
 
     with pytest.raises(ValidationFailed) as caught:
         validate_request(**{"prompt": "a fox", field: value})

@@ -1,0 +1,459 @@
+"""The glue between Gradio handlers, the fair scheduler and the GPU.
+
+The scheduler core is pure; this module runs it. Handlers (on the event loop)
+submit jobs and wait on a future, streaming status (position, ETA) meanwhile.
+The GPU side is a dedicated worker thread per capacity slot that takes its
+next batch straight from the scheduler the moment the previous one ends, so
+the GPU never waits on a busy event loop: dispatch stays work-conserving even
+while the loop is ingesting a burst of requests. A lock guards the scheduler,
+which both sides touch; it is held only for bookkeeping, never during a batch.
+
+A waiting handler that goes away (the caller disconnected or cancelled) has
+its job removed from the queue at once; a batch already on the GPU finishes
+and its slot is freed only when the model returns, so two jobs never overlap.
+
+With Redis (``GpuRunner.gate``, :mod:`gpu_backend.stores.global_limits`), a GPU thread takes
+each job's global running slot after the pick and before the batch runs, and gives it
+back after, both outside the lock; a job whose slot is refused goes back to its queue
+(``FairScheduler.requeue``) and does not run. A caller who leaves while its job's slot is
+being checked (dispatched, not yet started: up to a store timeout while Redis hangs) is
+not forgotten: the job does not run, and whatever its dispatch charged (its flow's
+service, here and in the store, its running slot, its reservation) is taken back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import dataclasses
+import io
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from splitspace.gpu_backend.admission.scheduler import ClientRef, FairScheduler, Job, Outcome
+from splitspace.gpu_backend.workload.batching import BatchOutcome, split_batch_time, zerogpu_batch_key
+from splitspace.gpu_backend.workload.cost import CostModel
+from splitspace.session.identity import Identity
+from splitspace.shared.config import status_pace
+from splitspace.shared.contract.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled
+from splitspace.shared.contract.hop import GenerateInfo, Result, Status, Update
+from splitspace.shared.contract.schema import MAX_SEED, GenerateRequest
+
+log = logging.getLogger("splitspace.gpu")
+
+_TITLES = {
+    Outcome.QUEUE_FULL: QUEUE_FULL,
+    Outcome.QUOTA_EXCEEDED: QUOTA_EXCEEDED,
+    Outcome.RATE_LIMITED: RATE_LIMITED,
+}
+
+INLINE_ENCODE_PIXELS = 128 * 128
+"""Images up to this size are PNG-encoded on the event loop; larger ones in a worker thread."""
+
+BatchFn = Callable[[list[GenerateRequest], list[int], list[float]], BatchOutcome]
+"""Runs one batch (requests, seeds, cost estimates): ``gpu.run_batch_on_gpu``."""
+
+
+def client_ref(identity: Identity) -> ClientRef:
+    return ClientRef(
+        client_id=identity.client_id, kind=identity.kind, tier=identity.tier, address=identity.address
+    )
+
+
+def encode_png(image: Any) -> bytes:
+    """Lossless (same seed, same pixels); compress_level=1 is several times faster than
+    the default and the hop is loopback or a datacenter link, where bytes are cheap."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+@dataclass
+class _Waiter:
+    request: GenerateRequest
+    """Fully resolved at admission: its seed, steps and guidance are what the model runs."""
+    submitted: float
+    context: contextvars.Context
+    future: asyncio.Future[Result]
+    loop: asyncio.AbstractEventLoop
+    started: float | None = None
+    model: str = ""
+    """The model the job ran on (set on the GPU thread)."""
+    past_gate: bool = False
+    """With a gate: its running slot was decided and it runs (set under the lock); a drop
+    before that is kept in ``GpuRunner._left``."""
+
+
+@dataclass
+class Ticket:
+    """An admitted request: what :meth:`GpuRunner.follow` and :meth:`GpuRunner.drop` need."""
+
+    job_id: str
+    tier: str
+    cap: int
+    waiter: _Waiter
+
+
+class GpuRunner:
+    def __init__(
+        self,
+        scheduler: FairScheduler,
+        cost: CostModel,
+        *,
+        run_batch: BatchFn,
+        resolve: Callable[[GenerateRequest], tuple[int, float]],
+        model_name: Callable[[], str],
+        max_batch: int = 1,
+        batch_wait_s: float = 0.0,
+        on_zerogpu: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.cost = cost
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_s
+        """The batching window: a batch smaller than ``max_batch`` waits this long for
+        compatible requests to join it before it starts (0: only what already waits)."""
+        self.on_zerogpu = on_zerogpu
+        """On ZeroGPU one GPU call is charged to one visitor: batches hold one visitor's requests."""
+        self._run_batch_fn = run_batch
+        self._resolve = resolve
+        self._model_name = model_name
+        self._clock = clock
+        self._on_event = on_event or (lambda kind, data: None)
+        self.gate: Any = None
+        """With global limits (Redis): a :class:`~gpu_backend.stores.global_limits.GlobalLimits`
+        that takes each job's running slot before it runs and settles it after, outside
+        the lock; None: nothing but the local scheduler."""
+        self._waiters: dict[str, _Waiter] = {}
+        self._left: set[str] = set()
+        """Jobs dispatched whose caller left before the gate decided their start (lock held)."""
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._ready: deque[list[Job]] = deque()
+        self._stopping = False
+        self._paused = False
+        self._threads = [
+            threading.Thread(target=self._gpu_loop, name=f"gpu-{i}", daemon=True)
+            for i in range(scheduler.capacity)
+        ]
+        for t in self._threads:
+            t.start()
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[FairScheduler]:
+        """The scheduler, for readers outside this module (admin API, metrics)."""
+        with self._lock:
+            yield self.scheduler
+
+    def close(self) -> None:
+        with self._work:
+            self._stopping = True
+            self._work.notify_all()
+        for t in self._threads:
+            t.join(timeout=30)
+
+    # -- the handler side (event loop) ------------------------------------------------
+    async def generate(self, identity: Identity, request: GenerateRequest) -> AsyncGenerator[Update, None]:
+        """Admit, wait for a fair turn (yielding status), run, and yield the final result.
+
+        Raises Throttled when a limit refuses the request. Closing the generator
+        while it waits removes the job from the queue.
+        """
+        ticket = self.admit(identity, request)
+        updates = self.follow(ticket)
+        async with contextlib.aclosing(updates):
+            async for update in updates:
+                yield update
+
+    def admit(
+        self, identity: Identity, request: GenerateRequest, ip_token: str | None = None, job_id: str | None = None
+    ) -> Ticket:
+        """Queue the request for a fair turn, or raise Throttled at once (on the event loop).
+
+        The caller's context (e.g. Gradio's request, for ZeroGPU's ``x-ip-token``) is
+        captured here: the GPU function runs in it. Every ticket must be followed
+        (:meth:`follow`) or dropped (:meth:`drop`).
+
+        The request's seed, steps and guidance are decided here, once (the model's
+        preset for those left unset): the cost estimate, ZeroGPU's duration, the model
+        call and the reported info all use these. A job admitted before a live model
+        change keeps them and runs on the new model; its info names the model it ran on."""
+        request = self.resolve(request)
+        assert request.steps is not None and request.guidance_scale is not None  # resolve() chose them
+        estimate = self.cost.estimate(request.steps, request.width, request.height, request.guidance_scale)
+        job_id = job_id or uuid.uuid4().hex
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(
+            request=request, submitted=self._clock(), context=contextvars.copy_context(),
+            future=loop.create_future(), loop=loop,
+        )
+        batch_key = zerogpu_batch_key(
+            (request.width, request.height, request.steps, request.guidance_scale),
+            client_id=identity.client_id, ip_token=ip_token, on_zerogpu=self.on_zerogpu,
+        )
+        ref = client_ref(identity)
+        with self._work:
+            limits = self.scheduler.limits_for(ref)
+            admission = self.scheduler.submit(job_id, ref, estimate, batch_key)
+            if admission.ok:
+                self._waiters[job_id] = waiter
+                self._dispatch_locked()
+                if self.batch_wait_s > 0:
+                    self._work.notify_all()  # a batch holding its window may take this one
+        if not admission.ok:
+            self._on_event("refused", {"tier": identity.tier, "reason": admission.outcome.name.lower()})
+            raise Throttled(_TITLES.get(admission.outcome, QUEUE_FULL), admission.reason, admission.retry_after_s)
+        self._on_event("admitted", {"tier": identity.tier})
+        # The client's in-flight cap as the GPU tier sees it (operators may change it live);
+        # the frontend learns it from here for its early refusals.
+        # (With global limits the local scheduler's queue limit is relaxed: the cap is the global one.)
+        if self.gate is not None:
+            limits = self.gate.limits_for(ref)
+        return Ticket(job_id, identity.tier, limits.max_running + limits.max_queued, waiter)
+
+    def resolve(self, request: GenerateRequest) -> GenerateRequest:
+        """The request with every choice made: a random seed for -1, the model's preset
+        for steps and guidance left unset."""
+        steps, guidance = self._resolve(request)
+        seed = request.seed if request.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
+        return dataclasses.replace(request, steps=steps, guidance_scale=guidance, seed=seed)
+
+    async def follow(self, ticket: Ticket) -> AsyncGenerator[Update, None]:
+        """Yield the ticket's status while it waits, then its result. Closing this
+        generator (or cancelling the task that runs it) while the job waits drops the job."""
+        waiter, job_id, cap = ticket.waiter, ticket.job_id, ticket.cap
+        try:
+            # A disconnected caller is noticed at its next yield (the direct route also
+            # watches for the disconnect itself). The pace: shared/config/status_pace.py; at least
+            # every HEARTBEAT_S, which the frontend takes as a sign of life.
+            await asyncio.wait([waiter.future], timeout=status_pace.FIRST_AFTER_S)
+            while not waiter.future.done():
+                with self._lock:
+                    place = self.scheduler.position(job_id)
+                if place is not None:
+                    yield Status("queued", place[0], round(place[1], 1), cap)
+                    interval = min(status_pace.interval_s(place[0]), status_pace.HEARTBEAT_S)
+                else:
+                    yield Status("running", 0, 0.0, cap)
+                    interval = status_pace.HEARTBEAT_S
+                await asyncio.wait([waiter.future], timeout=interval)
+            yield dataclasses.replace(waiter.future.result(), cap=cap)
+        finally:
+            self.drop(ticket)
+
+    def drop(self, ticket: Ticket) -> None:
+        """Remove the ticket's job from the queue if it still waits (idempotent)."""
+        if ticket.waiter.future.done():
+            return
+        with self._work:
+            cancelled = self.scheduler.cancel(ticket.job_id)
+            if cancelled:
+                self._waiters.pop(ticket.job_id, None)
+                self._dispatch_locked()  # a freed place may make another job eligible
+            elif self.gate is not None and not ticket.waiter.past_gate and ticket.job_id in self._waiters:
+                self._left.add(ticket.job_id)  # dispatched, its start not decided: _take_slots
+        if cancelled:
+            if self.gate is not None:
+                self.gate.dropped(ticket.job_id)
+            ticket.waiter.future.cancel()
+            self._on_event("cancelled", {"tier": ticket.tier})
+
+    # -- the GPU side (worker threads) ------------------------------------------------
+    def dispatch(self) -> None:
+        """Start whatever can start now (after a change of limits: an operator's override)."""
+        with self._work:
+            self._dispatch_locked()
+
+    def _dispatch_locked(self) -> None:
+        """Move every batch the scheduler starts now to the GPU threads (lock held).
+
+        Dispatching at once, not when a GPU thread wakes up, keeps the scheduler's
+        counts exact: a job that can start is running, not queued."""
+        while not self._paused and (jobs := self.scheduler.dispatch(self.max_batch)):
+            self._ready.append(jobs)
+            self._work.notify()
+
+    @property
+    def paused(self) -> bool:
+        """True while a :meth:`swap` holds dispatch (new work queues, none starts)."""
+        return self._paused
+
+    def swap(self, change: Callable[[], None], timeout_s: float = 600.0) -> None:
+        """Run ``change`` (e.g. loading another model) with the GPU idle; blocking.
+
+        New work keeps being admitted and queued, none is dispatched; batches
+        already on the GPU finish first (on the old model). Then ``change`` runs,
+        dispatch resumes and the queue drains in fair order."""
+        with self._work:
+            self._paused = True
+            deadline = time.monotonic() + timeout_s
+            while (self.scheduler.running_count or self._ready) and time.monotonic() < deadline:
+                self._work.wait(timeout=0.1)
+        try:
+            change()
+        finally:
+            with self._work:
+                self._paused = False
+                self._dispatch_locked()
+
+    def _gpu_loop(self) -> None:
+        while True:
+            with self._work:
+                while not self._ready and not self._stopping:
+                    self._work.wait()
+                if not self._ready:
+                    return
+                jobs = self._ready.popleft()
+                self._hold_window(jobs)
+                waiters = [self._waiters[j.job_id] for j in jobs]
+            self._run_batch(jobs, waiters)
+
+    def _hold_window(self, jobs: list[Job]) -> None:
+        """Let compatible requests that arrive within the batching window join ``jobs``
+        (lock held; waiting releases it, so admissions go on)."""
+        if self.batch_wait_s <= 0 or self.max_batch <= 1:
+            return
+        deadline = time.monotonic() + self.batch_wait_s
+        while len(jobs) < self.max_batch and not self._stopping:
+            jobs += self.scheduler.extend(jobs, self.max_batch)
+            left = deadline - time.monotonic()
+            if len(jobs) >= self.max_batch or left <= 0:
+                break
+            self._work.wait(left)
+
+    def _take_slots(self, jobs: list[Job], waiters: list[_Waiter]) -> tuple[list[Job], list[_Waiter]]:
+        """With a gate: the jobs of the batch whose global running slot was granted (store
+        I/O, outside the lock). A refused job goes back to its queue, a job whose slot
+        could not be checked (the store down, ``closed``) fails with that error, and a job
+        whose caller left meanwhile (:meth:`drop`) does not run: refused, it is cancelled
+        as if it had still been queued; granted, its dispatch is undone (here and in the
+        store: ``GlobalLimits.withdraw``)."""
+        run, refused, failed = self.gate.start(jobs)
+        with self._work:
+            left = {job.job_id for job in jobs} & self._left
+            self._left -= left
+            keep = {job.job_id for job in run} - left
+            for job, w in zip(jobs, waiters, strict=True):
+                w.past_gate = job.job_id in keep  # a requeued job passes the gate again
+            if not refused and not failed and not left:
+                return jobs, waiters
+            for job in refused:
+                self.scheduler.requeue(job.job_id)
+                if job.job_id in left:
+                    self.scheduler.cancel(job.job_id)
+            for job_id in failed:
+                self.scheduler.finish(job_id, 0.0)
+            withdrawn = [job for job in run if job.job_id in left]
+            for job in withdrawn:
+                self.scheduler.finish(job.job_id, 0.0)  # gpu_s 0: its flow's charge taken back
+            self._dispatch_locked()
+            self._work.notify_all()
+            lost = [(self._waiters.pop(job_id), error) for job_id, error in failed.items() if job_id in self._waiters]
+            gone = [(job, self._waiters.pop(job.job_id)) for job in jobs
+                    if job.job_id in left and job.job_id not in failed and job.job_id in self._waiters]
+        for w, error in lost:
+            w.loop.call_soon_threadsafe(_fail, w.future, error)
+        for job in refused:
+            if job.job_id in left:
+                self.gate.dropped(job.job_id)
+        for job in withdrawn:
+            self.gate.withdraw(job)
+        for job, w in gone:
+            w.loop.call_soon_threadsafe(w.future.cancel)
+            self._on_event("cancelled", {"tier": job.client.tier})
+        return ([job for job in run if job.job_id in keep],
+                [w for job, w in zip(jobs, waiters, strict=True) if job.job_id in keep])
+
+    def _run_batch(self, jobs: list[Job], waiters: list[_Waiter]) -> None:
+        if self.gate is not None:
+            jobs, waiters = self._take_slots(jobs, waiters)
+            if not jobs:
+                return
+        started = self._clock()
+        model = self._model_name()  # a model change waits for the GPU to go idle (swap)
+        for job, w in zip(jobs, waiters, strict=True):
+            w.started, w.model = started, model
+            self._on_event("started", {"tier": job.client.tier, "wait_s": started - w.submitted})
+        requests = [w.request for w in waiters]
+        seeds = [w.request.seed for w in waiters]
+        costs = [j.cost for j in jobs]
+        t0 = time.perf_counter()
+        try:  # in the head job's context, so ZeroGPU sees that caller's request (x-ip-token)
+            outcome = waiters[0].context.run(self._run_batch_fn, requests, seeds, costs)
+        except BaseException as exc:  # the GPU call itself failed (e.g. ZeroGPU refused it)
+            spent = time.perf_counter() - t0
+            outcome = BatchOutcome([exc] * len(jobs), split_batch_time(costs, spent), spent, False)
+        if outcome.failed:
+            log.warning("%d of a batch of %d failed", len(outcome.failed), len(jobs))
+        elif not outcome.isolated:  # a real measurement of this batch: calibrate with it
+            first = requests[0]
+            assert first.steps is not None and first.guidance_scale is not None  # resolved at admission
+            self.cost.observe(first.steps, first.width, first.height, first.guidance_scale, len(jobs),
+                              outcome.total_s)
+        if self.gate is not None:
+            # The callers first, then the store's round trip: nobody waits for the settlement.
+            # It still comes before this tier's next dispatch (this thread, below), which may
+            # need the running slot; another tier's dispatch that comes sooner is refused and
+            # retried (GlobalLimits.retry_s).
+            self._deliver_all(jobs, waiters, outcome)
+            for job, share in zip(jobs, outcome.charges_s, strict=False):
+                self.gate.finish(job, share)
+        with self._work:  # each job is charged its share (a failed batch: see batching.py)
+            for job, share in zip(jobs, outcome.charges_s, strict=False):
+                self.scheduler.finish(job.job_id, share)
+                self._waiters.pop(job.job_id, None)
+            self._dispatch_locked()
+            self._work.notify_all()  # a swap may be waiting for the GPU to go idle
+        if self.gate is None:
+            self._deliver_all(jobs, waiters, outcome)
+
+    def _deliver_all(self, jobs: list[Job], waiters: list[_Waiter], outcome: BatchOutcome) -> None:
+        for job, w, result, share in zip(jobs, waiters, outcome.results, outcome.charges_s, strict=False):
+            self._on_event("finished", {"tier": job.client.tier, "gpu_s": share})
+            if isinstance(result, BaseException):
+                w.loop.call_soon_threadsafe(_fail, w.future, result)
+            else:
+                w.loop.call_soon_threadsafe(self._deliver, job, w, result, share)
+
+    def _deliver(self, job: Job, w: _Waiter, image: Any, gpu_s: float) -> None:
+        """On the loop: encode the image off the GPU thread, then wake the handler."""
+        if w.future.done():  # the caller went away while its job ran
+            return
+
+        if w.request.pixels <= INLINE_ENCODE_PIXELS:  # small: a thread hop costs more than encoding
+            w.future.set_result(self._result(job, w, encode_png(image), gpu_s, self._clock()))
+            return
+
+        async def finish() -> None:
+            png = await asyncio.to_thread(encode_png, image)
+            if not w.future.done():
+                w.future.set_result(self._result(job, w, png, gpu_s, self._clock()))
+
+        w.loop.create_task(finish())
+
+    def _result(self, job: Job, w: _Waiter, png: bytes, gpu_s: float, done: float) -> Result:
+        started = w.started if w.started is not None else done
+        req = w.request
+        assert req.steps is not None and req.guidance_scale is not None  # resolved at admission
+        info = GenerateInfo(
+            seed=req.seed, width=req.width, height=req.height, steps=req.steps,
+            guidance_scale=req.guidance_scale, model=w.model,
+            queue_s=round(started - w.submitted, 4), gpu_s=round(gpu_s, 4),
+            total_s=round(done - w.submitted, 4), client=job.client.client_id,
+        )
+        return Result(png, info)
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error if isinstance(error, Exception) else RuntimeError(str(error)))

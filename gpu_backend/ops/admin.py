@@ -1,0 +1,166 @@
+"""The operators' admin API on the GPU tier (``/admin/...``), behind ``SPLITSPACE_ADMIN_TOKEN``.
+
+The token travels in ``X-Splitspace-Admin`` (or ``Authorization: Bearer`` where no
+Hub proxy needs that header).
+With no token configured the whole API answers 404: disabled, not open.
+Overrides are written through to the usage store (they survive restarts)
+and kept in memory for the scheduler, which reads limits at every admission
+and dispatch: a change applies to the next dispatch.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Request
+
+from splitspace.gpu_backend.admission.scheduler import ClientRef, FairScheduler, address_usage_key
+from splitspace.gpu_backend.stores.usage import OverrideStore, UsageLedger
+from splitspace.shared.contract.headers import ADMIN_HEADER
+from splitspace.shared.contract.quotas import QuotaConfig, QuotaFileError, Tier, validate_overrides
+
+if TYPE_CHECKING:
+    from splitspace.gpu_backend.stores.global_limits import GlobalLimits
+
+
+class Overrides:
+    """Operator overrides per client id: an in-memory view written through to the store."""
+
+    def __init__(self, store: OverrideStore, on_change: Callable[[str | None], None] = lambda client_id: None) -> None:
+        """``on_change``: called after every change (the GPU tier dispatches then: a raised
+        ``max_running`` lets a waiting job start at once, not at the next arrival), with
+        None when :meth:`refresh` found changes made elsewhere."""
+        self._store = store
+        self._version: int | None = None  # read at the first refresh (shared stores only)
+        self._cache: dict[str, dict[str, Any]] = dict(store.all_overrides())
+        self.on_change = on_change
+
+    def refresh(self) -> None:
+        """Re-read every override if another replica changed one (a shared store: its
+        version moved); called about once a second, never under the runner's lock."""
+        version = self._store.overrides_version()
+        if version == self._version:
+            return
+        self._cache = dict(self._store.all_overrides())
+        self._version = version
+        self.on_change(None)
+
+    def get(self, client_id: str) -> dict[str, Any]:
+        return self._cache.get(client_id, {})
+
+    def set(self, client_id: str, values: dict[str, Any]) -> dict[str, Any]:
+        self._store.set_overrides(client_id, values)
+        self._cache[client_id] = {**self._cache.get(client_id, {}), **values}
+        self.on_change(client_id)
+        return self._cache[client_id]
+
+    def clear(self, client_id: str) -> None:
+        self._store.clear_overrides(client_id)
+        self._cache.pop(client_id, None)
+        self.on_change(client_id)
+
+    def all(self) -> dict[str, dict[str, Any]]:
+        return dict(self._cache)
+
+
+def limits_function(
+    config: Callable[[], QuotaConfig], overrides: Overrides
+) -> Callable[[ClientRef], Tier]:
+    """The scheduler's view of limits: the live quota file plus operator overrides."""
+
+    def limits(client: ClientRef) -> Tier:
+        return config().limits_for(client.client_id, client.tier, overrides.get(client.client_id))
+
+    return limits
+
+
+def admin_router(
+    *,
+    token: str | None,
+    read: Callable[[Callable[[FairScheduler], Any]], Any],
+    store: UsageLedger,
+    overrides: Overrides,
+    config: Callable[[], QuotaConfig],
+    quota_status: Callable[[], dict[str, Any]],
+    global_limits: GlobalLimits | None = None,
+    extra_routes: Callable[[APIRouter], None] | None = None,
+) -> APIRouter:
+    def require_admin(request: Request) -> None:
+        if not token:
+            raise HTTPException(404, "admin API disabled (no SPLITSPACE_ADMIN_TOKEN)")
+        # X-Splitspace-Admin first: on a private Space, Authorization carries the Hub token.
+        value = request.headers.get(ADMIN_HEADER, "")
+        if not value:
+            scheme, _, value = request.headers.get("authorization", "").partition(" ")
+            value = value if scheme.lower() == "bearer" else ""
+        if not value or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise HTTPException(401, "admin token missing or wrong")
+
+    router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+    def ref_for(client_id: str) -> ClientRef | str:
+        # An API key's tier is the quota file's: a key this process has not seen yet (after a
+        # restart, say) must not be shown with the anonymous tier's limits.
+        kind, _, name = client_id.partition(":")
+        if kind == "key":
+            for key in config().keys:
+                if key.name == name:
+                    return ClientRef(client_id=client_id, kind="key", tier=key.tier, address="")
+        return client_id
+
+    def describe(client_id: str) -> dict[str, Any]:
+        ref = ref_for(client_id)
+        stats = dict(read(lambda s: s.client_stats(ref)))
+        if global_limits is not None:  # usage and slots of every replica, from the store
+            kind = stats["kind"]
+            address = client_id.removeprefix("addr:") if kind == "address" else ""
+            stats = global_limits.global_stats(stats, ClientRef(client_id, kind, stats["tier"], address))
+        stats["client"] = client_id
+        stats["overrides"] = overrides.get(client_id)
+        stats["tier"] = config().tier_name(client_id, stats["tier"], stats["overrides"])
+        return stats
+
+    @router.get("/clients")
+    async def list_clients() -> list[dict[str, Any]]:
+        ids = {c["client"] for c in read(FairScheduler.clients)} | set(overrides.all())
+        if global_limits is not None:  # clients queued, running or with usage on any replica
+            ids |= {key for key in global_limits.slot_keys() if key.startswith(("key:", "addr:"))}
+            ids |= global_limits.used_keys()
+        return [describe(cid) for cid in sorted(ids)]
+
+    @router.get("/clients/{client_id:path}")
+    async def show_client(client_id: str) -> dict[str, Any]:
+        return describe(client_id)
+
+    @router.put("/clients/{client_id:path}")
+    async def set_client(client_id: str, values: dict[str, Any] = Body(...)) -> dict[str, Any]:
+        try:
+            checked = validate_overrides(values, config())
+        except QuotaFileError as exc:
+            raise HTTPException(422, str(exc)) from None
+        if unknown := config().unknown_client(client_id):  # a typo must not create a client
+            raise HTTPException(404, unknown)
+        overrides.set(client_id, checked)
+        return describe(client_id)
+
+    @router.delete("/clients/{client_id:path}")
+    async def clear_client(client_id: str) -> dict[str, Any]:
+        overrides.clear(client_id)
+        return describe(client_id)
+
+    @router.post("/reset/{client_id:path}")
+    async def reset_client(client_id: str) -> dict[str, Any]:
+        store.reset(client_id)
+        if client_id.startswith("addr:"):  # an address also resets the ceiling its sessions share
+            store.reset(address_usage_key(client_id.removeprefix("addr:")))
+        return describe(client_id)
+
+    @router.get("/quotas")
+    async def quotas() -> dict[str, Any]:
+        return quota_status()
+
+    if extra_routes is not None:
+        extra_routes(router)
+    return router
