@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     backend_url: str = "http://127.0.0.1:7861"
     """GPU tier URL(s), comma separated."""
     model: str = "tiny"
+    app: str | None = None
+    """The developer's app, ``file.py`` (its ``demo``) or ``file.py:NAME`` (``--app``); none: the built-in."""
+    max_file_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
+    """The largest file one input or output of a developer's function may carry across the hop."""
     quotas: Path | None = None
     """Path of the operators' quota file (TOML)."""
     admin_token: SecretStr | None = None

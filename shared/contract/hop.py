@@ -7,11 +7,14 @@ wire each update is one JSON object (a line of the direct route, a
 ``generating`` value of Gradio's ``/infer``):
 
 - ``{"status": "queued" | "running", "position", "eta_s", "cap"}``
-- ``{"status": "done", "image_png_b64", "info": {...}, "cap"}``
+- ``{"status": "done", "image_png_b64", "info": {...}, "cap"}`` (the built-in text-to-image)
+- ``{"status": "partial", "data"}`` and ``{"status": "done", "data", "info", "cap"}`` (a developer's
+  function: :mod:`splitspace.shared.contract.calls`)
 - ``{"status": "error", "title", "message", ...}`` (``splitspace.shared.contract.errors.to_wire``)
 
 :meth:`Status.to_wire`, :meth:`Result.to_wire` and :func:`error_to_wire`
-write them; :func:`update_from_wire` is the only reader, and turns an error
+write them; :func:`read_update` is the only reader (:func:`update_from_wire` and
+:func:`call_update_from_wire` narrow it to one kind), and turns an error
 line back into the project's own exception (``splitspace.shared.contract.errors.from_wire``).
 Every transport and both GPU routes go through these, so a field added here
 reaches the other side, and nothing is recognised by its English message.
@@ -24,6 +27,7 @@ import binascii
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from splitspace.shared.contract.calls import CallInfo, CallResult, Partial
 from splitspace.shared.contract.errors import BackendUnavailable, SplitspaceError, from_wire, to_wire
 
 State = Literal["queued", "running"]
@@ -94,6 +98,9 @@ class Result:
 
 
 Update = Status | Result
+"""What the built-in text-to-image answers."""
+CallUpdate = Status | CallResult | Partial
+"""What a developer's function answers: CallResult last, Partial while a generator yields."""
 
 
 def error_to_wire(exc: SplitspaceError) -> dict[str, Any]:
@@ -101,15 +108,19 @@ def error_to_wire(exc: SplitspaceError) -> dict[str, Any]:
     return {"status": "error", **to_wire(exc)}
 
 
-def update_from_wire(doc: Any) -> Update:
-    """Read one update. An error update raises its exception; anything that is not an
-    update raises BackendUnavailable (the GPU tier sent something this side cannot use)."""
+def read_update(doc: Any) -> Status | Result | CallResult | Partial:
+    """Read one update of either kind. An error update raises its exception; anything that
+    is not an update raises BackendUnavailable (the GPU tier sent something this side cannot use)."""
     if not isinstance(doc, dict):
         raise BackendUnavailable("the GPU tier sent a malformed update")
     status = doc.get("status")
     try:
         if status in ("queued", "running"):
             return Status(status, int(doc.get("position") or 0), float(doc.get("eta_s") or 0.0), _cap(doc))
+        if status == "partial":
+            return Partial(_payloads(doc))
+        if status == "done" and "data" in doc:
+            return CallResult(_payloads(doc), CallInfo.from_dict(doc.get("info")), _cap(doc))
         if status == "done":
             png = base64.b64decode(doc["image_png_b64"], validate=True)
             return Result(png, GenerateInfo.from_dict(doc.get("info")), _cap(doc))
@@ -118,6 +129,29 @@ def update_from_wire(doc: Any) -> Update:
     if status == "error":
         raise from_wire(doc)
     raise BackendUnavailable(f"the GPU tier sent an update of unknown status {str(status)[:40]!r}")
+
+
+def update_from_wire(doc: Any) -> Update:
+    """Read one update of the built-in text-to-image (:func:`read_update`, narrowed)."""
+    update = read_update(doc)
+    if isinstance(update, Status | Result):
+        return update
+    raise BackendUnavailable("the GPU tier sent a function's output where an image was expected")
+
+
+def call_update_from_wire(doc: Any) -> CallUpdate:
+    """Read one update of a developer's function (:func:`read_update`, narrowed)."""
+    update = read_update(doc)
+    if isinstance(update, Result):
+        raise BackendUnavailable("the GPU tier sent an image where a function's output was expected")
+    return update
+
+
+def _payloads(doc: dict[str, Any]) -> list[Any]:
+    data = doc.get("data")
+    if not isinstance(data, list):
+        raise ValueError("data is not a list")
+    return data
 
 
 def _cap(doc: dict[str, Any]) -> int | None:
