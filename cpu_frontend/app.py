@@ -26,6 +26,7 @@ from starlette.requests import Request
 
 from splitspace.cpu_frontend.api import gradio_tuning
 from splitspace.cpu_frontend.api.mcp_loopback import McpLoopback
+from splitspace.cpu_frontend.api.openai_images import openai_routes
 from splitspace.cpu_frontend.door.door import FairDoor, Place
 from splitspace.cpu_frontend.door.door_middleware import DOOR_PASS_HEADER, DoorMiddleware, HeldCalls
 from splitspace.cpu_frontend.door.inflight_ledger import open_ledger
@@ -367,6 +368,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         }
 
     app.include_router(embed_routes())  # before the mount at "/", which catches everything after it
+    app.include_router(openai_routes(fe))  # /v1/images/generations, /v1/models (OpenAI's images API)
     blocks = build_page(fe.model, settings.limits, fe)
     blocks.max_threads = settings.max_threads
     blocks.queue(default_concurrency_limit=None)
