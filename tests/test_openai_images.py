@@ -19,7 +19,7 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from splitspace.cpu_frontend.api.openai_images import openai_error
+from splitspace.cpu_frontend.api.openai_images import ModelNotFound, openai_error
 from splitspace.shared.contract.errors import (
     QUEUE_FULL,
     QUOTA_EXCEEDED,
@@ -55,6 +55,16 @@ def test_generate_returns_n_pngs_of_the_requested_size(direct: Deployment) -> No
     # seed + i for image i: three different flat colours (sleep:1 colours by seed)
     assert len({image.getpixel((0, 0)) for image in images}) == 3
     assert result.created > 0
+
+
+def test_seed_minus_one_is_random_for_each_image(direct: Deployment) -> None:
+    def second_image() -> bytes:
+        result = client(direct).images.generate(prompt="random", n=2, size="64x64",  # type: ignore[arg-type]
+                                                extra_body={"seed": -1})
+        return base64.b64decode(result.data[1].b64_json or "")
+
+    # (seed + i would make the second image seed 0's every time)
+    assert second_image() != second_image()
 
 
 def test_ten_images_each_its_own_request(direct: Deployment) -> None:
@@ -189,6 +199,7 @@ def _mapped(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
     [
         (ValidationFailed("width", "must be a multiple of 8"), 400, "invalid_request_error", "size", "invalid_value"),
         (ValidationFailed("seed", "must be -1"), 400, "invalid_request_error", "seed", "invalid_value"),
+        (ModelNotFound("dall-e-3"), 404, "invalid_request_error", "model", "model_not_found"),
         (Unauthorized("unknown API key"), 401, "invalid_request_error", None, "invalid_api_key"),
         (Throttled(QUEUE_FULL, "2 in flight", 1.0), 429, "requests", None, "queue_full"),
         (Throttled(QUOTA_EXCEEDED, "used up", 3000), 429, "insufficient_quota", None, "insufficient_quota"),

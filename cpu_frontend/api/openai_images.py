@@ -60,7 +60,7 @@ from splitspace.shared.contract.errors import (
     Unauthorized,
     ValidationFailed,
 )
-from splitspace.shared.contract.schema import GenerateRequest, echo, request_from_dict
+from splitspace.shared.contract.schema import GenerateRequest, Limits, echo, request_from_dict
 
 log = logging.getLogger("splitspace.openai")
 
@@ -116,7 +116,7 @@ class ImageGeneration(BaseModel):
     """``WxH`` (e.g. ``512x512``); ``auto`` or none: the deployment's default."""
     response_format: Literal["b64_json", "url"] | None = None
     seed: int | None = None
-    """Image ``i`` of ``n`` gets ``seed + i``; none: random."""
+    """Image ``i`` of ``n`` gets ``seed + i``; none or -1: random."""
     steps: int | None = Field(None, validation_alias=AliasChoices("steps", "num_inference_steps"))
     guidance_scale: float | None = None
     negative_prompt: StrictStr | None = None
@@ -125,7 +125,7 @@ class ImageGeneration(BaseModel):
     user: StrictStr | None = None
     """Accepted and not used: who the caller is comes from its key, cookie or address."""
 
-    def requests(self, limits: Any) -> list[GenerateRequest]:
+    def requests(self, limits: Limits) -> list[GenerateRequest]:
         """The ``n`` requests, each validated by the schema (the one validation of a request)."""
         values: dict[str, Any] = {"prompt": self.prompt}
         if self.size is not None and self.size.strip().lower() != "auto":
@@ -136,10 +136,18 @@ class ImageGeneration(BaseModel):
         for name in ("steps", "guidance_scale", "negative_prompt"):
             if getattr(self, name) is not None:
                 values[name] = getattr(self, name)
+        seed = self.seed
         return [
-            request_from_dict({**values, **({} if self.seed is None else {"seed": self.seed + i})}, limits)
+            request_from_dict({**values, **({} if seed is None else {"seed": seed + i if seed >= 0 else seed})}, limits)
             for i in range(self.n or 1)
         ]
+
+
+class ModelNotFound(ValidationFailed):
+    """A model this server does not serve, asked for by its id (``GET /v1/models/<id>``): 404."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__("model", f"the model {echo(model)} does not exist")
 
 
 def openai_error(exc: BaseException) -> JSONResponse:
@@ -162,6 +170,8 @@ def openai_error(exc: BaseException) -> JSONResponse:
         said = what if param == exc.field else f"{exc.field} {what}"
         status, kind, message = 400, "invalid_request_error", f"Invalid '{param}': {said}"
         code = "model_not_found" if param == "model" else "invalid_value"
+        if isinstance(exc, ModelNotFound):
+            status, message = 404, exc.message.partition(": ")[2]
     elif isinstance(exc, Unauthorized):
         status, kind, code, message = 401, "invalid_request_error", "invalid_api_key", exc.message
     elif isinstance(exc, (Throttled, ServiceUnavailable)):
@@ -229,9 +239,7 @@ def openai_routes(fe: ImagesFrontend) -> APIRouter:
         except SplitspaceError as exc:
             return openai_error(exc)
         if model_id != model_name():
-            doc = {"error": {"message": f"The model {echo(model_id)} does not exist", "type": "invalid_request_error",
-                             "param": "model", "code": "model_not_found"}}
-            return JSONResponse(doc, 404)
+            return openai_error(ModelNotFound(model_id))
         return JSONResponse(model_doc(model_id))
 
     @router.post("/images/generations")
@@ -240,8 +248,9 @@ def openai_routes(fe: ImagesFrontend) -> APIRouter:
         try:
             identity = fe.identity(request)
             body = ImageGeneration.model_validate_json(await request.body())
-            if body.model is not None and body.model != model_name():
-                raise ValidationFailed("model", f"this server serves {model_name()!r}, got {echo(body.model)}")
+            served = model_name()
+            if body.model is not None and body.model != served:
+                raise ValidationFailed("model", f"this server serves {served!r}, got {echo(body.model)}")
             reqs = body.requests(fe.settings.limits)
             for _ in reqs:  # all or none: a refusal of any gives every place back
                 place = await fe.join_door(identity)
@@ -285,8 +294,9 @@ async def _run_all(request: Request, jobs: list[Awaitable[str]]) -> list[str]:
         while any(not t.done() for t in tasks):
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
-                if t.exception() is not None:
-                    raise t.exception()  # type: ignore[misc]
+                failed = t.exception()
+                if failed is not None:
+                    raise failed
         return [t.result() for t in tasks]
     finally:
         gone.cancel()
