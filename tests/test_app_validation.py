@@ -22,17 +22,31 @@ LIMIT = 1000
 
 def endpoint(*makers: Callable[[], Any], validator: Callable[..., Any] | None = None) -> GpuEndpoint:
     """The one GPU event of a Blocks whose inputs are made by ``makers`` (inside the Blocks)."""
+    return endpoint_and_blocks(*makers, validator=validator)[0]
 
+
+def endpoint_and_blocks(*makers: Callable[[], Any], validator: Callable[..., Any] | None = None,
+                        **event: Any) -> tuple[GpuEndpoint, gr.Blocks]:
     @splitspace.gpu
-    def fn(*args: Any) -> str:
+    def fn(*args: Any, **kwargs: Any) -> str:
         return "ok"
 
     with gr.Blocks() as demo:
         inputs = [make() for make in makers]
         out = gr.Textbox()
-        gr.Button().click(fn, inputs, out, api_name="fn", validator=validator)
+        if "inputs_kwargs" in event:
+            event["inputs_kwargs"] = dict(zip(event["inputs_kwargs"], inputs, strict=True))
+            inputs = []
+        gr.Button().click(fn, inputs, out, api_name="fn", validator=validator, **event)
     (found,) = gpu_endpoints(demo)
-    return found
+    return found, demo
+
+
+def rewire_as_the_frontend_does(ep: GpuEndpoint) -> None:
+    """What the frontend does to the event to forward its calls (cpu_frontend/ui/app_events.py)."""
+    block_fn = ep.block_fn
+    block_fn.preprocess = block_fn.postprocess = block_fn.batch = block_fn.inputs_as_dict = False
+    block_fn.input_keyword_names = []
 
 
 def refused(ep: GpuEndpoint, *payloads: Any, max_file_bytes: int = LIMIT) -> str:
@@ -299,3 +313,62 @@ def test_an_interfaces_validator():
     passes(ep, "hi", 2)
     assert refused(ep, "", 2) == "Text: say something"
     assert refused(ep, "hi", 9) == "Times: must be at most 5"  # the components' checks come first
+
+
+def test_the_validator_is_called_as_the_app_defined_the_event_after_the_frontend_rewires_it(tmp_path):
+    seen: list[Any] = []
+
+    def by_dict(values: dict[Any, Any]) -> list[dict[str, Any]]:
+        seen.append(sorted(type(v).__name__ for v in values.values()))
+        return [gr.validate(True, ""), gr.validate(True, "")]
+
+    @splitspace.gpu
+    def fn(values: dict[Any, Any]) -> str:
+        return "ok"
+
+    with gr.Blocks() as demo:  # a set of inputs: the function gets them as a dict
+        picture, text = gr.Image(type="pil", label="Picture"), gr.Textbox(label="Text")
+        gr.Button().click(fn, {picture, text}, gr.Textbox(), api_name="fn", validator=by_dict)
+    (ep,) = gpu_endpoints(demo)
+    rewire_as_the_frontend_does(ep)
+    Image.new("RGB", (2, 2)).save(tmp_path / "p.png")
+    picture_data = file_data(tmp_path / "p.png")
+    passes(ep, *[picture_data if component is picture else "hi" for component in ep.inputs])
+    assert seen == [["Image", "str"]]  # a dict of preprocessed values (a PIL image), as before the rewiring
+
+    def by_name(text: str, *, times: float) -> list[dict[str, Any]]:
+        return [gr.validate(True, ""), gr.validate(times < 3, "three or more is too many")]
+
+    ep, _ = endpoint_and_blocks(lambda: gr.Textbox(label="Text"), lambda: gr.Slider(1, 5, label="Times"),
+                                validator=by_name, inputs_kwargs=["text", "times"])
+    rewire_as_the_frontend_does(ep)
+    passes(ep, "hi", 2)
+    assert refused(ep, "hi", 4) == "Times: three or more is too many"
+
+
+def test_gradio_runs_the_frontends_validator_and_marks_the_refused_input():
+    """Through Gradio's own code (what ``Queue.push`` runs before queueing a call): the
+    rewired event's validator is :func:`gradio_validator`, which Gradio calls on the raw
+    payloads; it answers per input, so the page marks the one refused."""
+    import asyncio
+
+    from gradio.queueing import create_validator_fn, process_validation_response
+
+    from splitspace.cpu_frontend.api.validation import gradio_validator
+
+    def app_validator(text: str, times: float) -> list[dict[str, Any]]:
+        return [gr.validate(text != "boo", "not that word"), gr.validate(True, "")]
+
+    ep, demo = endpoint_and_blocks(lambda: gr.Textbox(label="Text"), lambda: gr.Slider(1, 5, step=1, label="Times"),
+                                   validator=app_validator)
+    rewire_as_the_frontend_does(ep)
+    ep.block_fn.validator = gradio_validator(ep, LIMIT)
+
+    def verdicts(*payloads: Any) -> tuple[bool, list[str]]:
+        response = asyncio.run(demo.process_api(create_validator_fn(ep.block_fn), list(payloads)))
+        valid, data = process_validation_response(response["data"], ep.block_fn)
+        return valid, [d["message"] for d in data]
+
+    assert verdicts("hi", 2) == (True, ["", ""])
+    assert verdicts("hi", 9) == (False, ["", "Times: must be at most 5"])
+    assert verdicts("boo", 2) == (False, ["Text: not that word", ""])

@@ -10,13 +10,15 @@ hierarchy, so ``gr.TextArea`` is checked as a ``gr.Textbox``); a component of no
 (``gr.State``, a custom component) is left to its own ``preprocess`` on the GPU tier.
 ``None`` is an empty input, as in Gradio, and passes every check.
 
-The event's own ``validator=`` runs last (:func:`run_validator`), as Gradio runs it: on the
-inputs preprocessed by their components, called as the event's function is. Gradio runs it
-itself only in ``Queue.push`` (``queueing.py``: ``/queue/join``, ``/call/<api>``), not on the
-direct ``/run/<api>`` route (open for ``queue=False`` events, or all events with
-``api_open``), and it hands it values preprocessed only when the event preprocesses; an
-event that forwards raw payloads (``preprocess=False``) would give it ``FileData`` dicts. So
-it runs here, for every route, on the values it was written for.
+The event's own ``validator=`` runs last (:func:`validator_problem`), as Gradio runs it: on
+the inputs preprocessed by their components, called as the event's function is. Gradio runs
+it itself only in ``Queue.push`` (``queueing.py``: ``/queue/join``, ``/call/<api>``), not on
+the direct ``/run/<api>`` route (open for ``queue=False`` events, or all events with
+``api_open``), and from the event as it is then: the frontend's event, rewired to forward raw
+payloads (``preprocess=False``, inputs positional), would hand it ``FileData`` dicts, not
+the images it was written for. So it runs here, for every route, from the event as the app
+defined it (``GpuEndpoint`` keeps that); :func:`gradio_validator` is what the frontend's
+event should give Gradio instead, so that the page still marks the input refused.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import json
 import math
 import mimetypes
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,16 +50,31 @@ Check = Callable[[Any, Any, int], "str | None"]
 
 def validate_call(endpoint: GpuEndpoint, payloads: list[Any], max_file_bytes: int) -> None:
     """Raise :class:`ValidationFailed` naming the first input that its component refuses,
-    then run the event's ``validator``."""
+    or that the event's ``validator`` marks invalid."""
+    problem = first_problem(endpoint, payloads, max_file_bytes)
+    if problem is not None:
+        raise ValidationFailed(problem.field, problem.message)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What is wrong with a call: the input it names (``position``, from 1; None: the call)."""
+
+    field: str
+    message: str
+    position: int | None = None
+
+
+def first_problem(endpoint: GpuEndpoint, payloads: list[Any], max_file_bytes: int) -> Problem | None:
     inputs = endpoint.inputs
     if len(payloads) != len(inputs):
-        raise ValidationFailed("inputs", f"expected {len(inputs)} values, got {len(payloads)}")
+        return Problem("inputs", f"expected {len(inputs)} values, got {len(payloads)}")
     for position, (component, payload) in enumerate(zip(inputs, payloads, strict=True), start=1):
         check = check_for(component)
         problem = None if check is None or payload is None else check(component, payload, max_file_bytes)
         if problem:
-            raise ValidationFailed(input_name(component, position), problem)
-    run_validator(endpoint, payloads)
+            return Problem(input_name(component, position), problem, position)
+    return validator_problem(endpoint, payloads)
 
 
 def input_name(component: Any, position: int) -> str:
@@ -240,36 +258,61 @@ CHECKS: dict[type, Check] = {
 
 
 # -- the event's validator -------------------------------------------------------------------------
-def run_validator(endpoint: GpuEndpoint, payloads: list[Any]) -> None:
-    """Run the event's ``validator=`` as Gradio does: on the preprocessed inputs, called as
-    the event's function is (keyword inputs by name, ``inputs`` given as a dict); an input
-    it marks ``gr.validate(False, message)`` is refused with its message, and a validator
-    that raises is a refusal with the exception's message."""
-    block_fn = endpoint.block_fn
-    validator = getattr(block_fn, "validator", None)
+def validator_problem(endpoint: GpuEndpoint, payloads: list[Any]) -> Problem | None:
+    """Run the event's ``validator=`` as Gradio does: on the inputs preprocessed by their
+    components (when the event preprocesses), called as the event's function is (keyword
+    inputs by name, ``inputs`` given as a dict), as the app defined the event
+    (:class:`GpuEndpoint` keeps that). An input it marks ``gr.validate(False, message)`` is
+    refused with its message; a validator that raises refuses the call with the exception's."""
+    validator = endpoint.validator
     if validator is None:
-        return
+        return None
     inputs = endpoint.inputs
-    values = [_preprocessed(component, payload, position)
+    values = [_preprocessed(component, payload, position) if endpoint.preprocess else payload
               for position, (component, payload) in enumerate(zip(inputs, payloads, strict=True), start=1)]
-    if block_fn.batch:
+    if any(isinstance(value, Problem) for value in values):
+        return next(value for value in values if isinstance(value, Problem))
+    if endpoint.record.batch:
         values = [[value] for value in values]
-    if block_fn.inputs_as_dict:
-        values = [dict(zip(inputs, values, strict=True))]
-    keywords = list(block_fn.input_keyword_names or [])
-    args, kwargs = (values[: len(values) - len(keywords)], dict(zip(keywords, values[len(values) - len(keywords):],
-                                                                    strict=True))) if keywords else (values, {})
+    args: list[Any] = [dict(zip(inputs, values, strict=True))] if endpoint.inputs_as_dict else values
+    kwargs: dict[str, Any] = {}
+    if endpoint.keyword_names and not endpoint.inputs_as_dict:
+        k = len(endpoint.keyword_names)
+        args, kwargs = values[:-k], dict(zip(endpoint.keyword_names, values[-k:], strict=True))
     try:
         result = _call(validator, args, kwargs)
     except Exception as exc:
-        raise ValidationFailed(endpoint.api_name, str(getattr(exc, "message", None) or exc)) from None
+        return Problem(endpoint.api_name, str(getattr(exc, "message", None) or exc))
     for position, verdict in _verdicts(result, len(inputs)):
         if verdict.get("is_valid") is False:
             field = endpoint.api_name if position is None else input_name(inputs[position - 1], position)
-            raise ValidationFailed(field, str(verdict.get("message") or "is not valid"))
+            return Problem(field, str(verdict.get("message") or "is not valid"), position)
+    return None
+
+
+def gradio_validator(endpoint: GpuEndpoint, max_file_bytes: int) -> Callable[..., Any]:
+    """The checks above as a Gradio ``validator=`` for the frontend's own event, once it is
+    rewired to forward its calls (``preprocess=False``, every input positional): Gradio runs
+    it before queueing a call (``Queue.push``) and the page marks the input it refuses, as
+    plain Gradio does for a validator. Gradio would otherwise run the app's validator there
+    on the raw payloads (``FileData`` dicts, not images). :func:`validate_call` still runs in
+    the handler, for the routes that skip Gradio's validator (``/run``)."""
+    count = len(endpoint.inputs)
+
+    def validate(*payloads: Any) -> Any:
+        problem = first_problem(endpoint, list(payloads), max_file_bytes)
+        if problem is not None and problem.position is None:
+            raise gr.Error(f"{problem.field}: {problem.message}")
+        refused = None if problem is None else problem.position
+        said = "" if problem is None else f"{problem.field}: {problem.message}"
+        verdicts = [gr.validate(i != refused, said if i == refused else "") for i in range(1, count + 1)]
+        return verdicts[0] if count == 1 else verdicts  # Gradio reads one output as the value itself
+
+    return validate
 
 
 def _preprocessed(component: Component, payload: Any, position: int) -> Any:
+    """The value the app's function would get (a Problem if the component cannot read it)."""
     if getattr(component, "stateful", False) or payload is None:
         return payload
     try:
@@ -277,8 +320,8 @@ def _preprocessed(component: Component, payload: Any, position: int) -> Any:
         value = model.model_validate(payload, context={"validate_meta": True}) if model else payload
         return component.preprocess(value)
     except Exception as exc:
-        raise ValidationFailed(input_name(component, position),
-                               str(getattr(exc, "message", None) or exc) or type(exc).__name__) from None
+        return Problem(input_name(component, position),
+                       str(getattr(exc, "message", None) or exc) or type(exc).__name__, position)
 
 
 def _call(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
