@@ -71,7 +71,7 @@ def _app_folder(spec: str | None) -> Path | None:
 
 @app.command()
 def dev(
-    app_arg: str | None = typer.Argument(None, metavar="[APP]", help=APP_HELP, show_default=False),
+    app_arg: str | None = typer.Argument(None, metavar="APP", help=APP_HELP, show_default=False),
     model: str = typer.Option("tiny", help="Model spec of the built-in app: tiny, sleep:MS, or a diffusers id/path."),
     frontend_port: int = typer.Option(7860),
     backend_port: int = typer.Option(7861),
@@ -139,7 +139,7 @@ def frontend(
 
 @app.command("deploy")
 def deploy_cmd(
-    app_arg: str | None = typer.Argument(None, metavar="[APP]", help=APP_HELP, show_default=False),
+    app_arg: str | None = typer.Argument(None, metavar="APP", help=APP_HELP, show_default=False),
     frontend_space: str = typer.Option(..., help="OWNER/NAME of the public frontend Space (CPU)."),
     backend_space: str = typer.Option(..., help="OWNER/NAME of the GPU tier's Space (ZeroGPU)."),
     model: str = typer.Option("stabilityai/sd-turbo", help="Model spec the GPU tier serves (SPLITSPACE_MODEL)."),
