@@ -23,6 +23,7 @@ from splitspace.shared.contract.quotas import QuotaConfig, QuotaFileError, Tier,
 
 if TYPE_CHECKING:
     from splitspace.gpu_backend.stores.global_limits import GlobalLimits
+    from splitspace.gpu_backend.stores.resilient_store import ResilientStore
 
 
 class Overrides:
@@ -80,7 +81,7 @@ def admin_router(
     *,
     token: str | None,
     read: Callable[[Callable[[FairScheduler], Any]], Any],
-    store: UsageLedger,
+    store: UsageLedger | ResilientStore,
     overrides: Overrides,
     config: Callable[[], QuotaConfig],
     quota_status: Callable[[], dict[str, Any]],
