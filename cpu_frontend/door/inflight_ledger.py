@@ -57,11 +57,17 @@ import itertools
 import logging
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import redis.asyncio
 
-from splitspace.shared.config.circuit_breaker import DEFAULT_RETRY_S, CircuitBreaker
+from splitspace.shared.config.circuit_breaker import (
+    DEFAULT_RETRY_S,
+    CircuitBreaker,
+    FailureMode,
+    check_failure_mode,
+    local_share,
+)
 from splitspace.shared.config.redis_client import (
     DEFAULT_PREFIX,
     DEFAULT_TIMEOUT_S,
@@ -75,8 +81,6 @@ from splitspace.shared.contract.errors import QUEUE_FULL, ServiceUnavailable, Th
 __all__ = ["Hold", "InflightLedger", "NullLedger", "RedisLedger", "open_ledger", "local_share"]
 
 log = logging.getLogger("splitspace.inflight")
-
-FailureMode = Literal["closed", "local"]
 
 _LUA_HEAD = """
 local t = redis.call('TIME')
@@ -141,11 +145,6 @@ redis.call('ZREM', Z, ME)
 return 1
 """,
 }
-
-
-def local_share(cap: int, replicas: int) -> int:
-    """One frontend's part of a cap while Redis is down: rounded down, at least 1, 0 stays 0."""
-    return 0 if cap < 1 else max(1, cap // max(1, replicas))
 
 
 def _cap_refusal(in_flight: int, cap: int) -> Throttled:
@@ -213,10 +212,7 @@ class RedisLedger:
         prefix: str = DEFAULT_PREFIX,
         timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
-        if mode not in ("closed", "local"):
-            raise ValueError(f"mode must be 'closed' or 'local', got {mode!r}")
-        if replicas < 1:
-            raise ValueError(f"replicas must be at least 1, got {replicas!r}")
+        check_failure_mode(mode, replicas)
         if not lease_s > 0:
             raise ValueError(f"lease_s must be positive, got {lease_s!r}")
         self.mode: FailureMode = mode

@@ -618,19 +618,11 @@ class RedisStore(_Face):
                 reply = self._send(ask)
         return ask.value
 
-    admit = _sync(_Commands.admit)
-    start_job = _sync(_Commands.start_job)
-    settle = _sync(_Commands.settle)
-    renew = _sync(_Commands.renew)
-    usage = _sync(_Commands.usage)
-    usage_keys = _sync(_Commands.usage_keys)
-    reset = _sync(_Commands.reset)
-    count = _sync(_Commands.count)
-    slot_counts = _sync(_Commands.slot_counts)
-    set_overrides = _sync(_Commands.set_overrides)
-    clear_overrides = _sync(_Commands.clear_overrides)
-    all_overrides = _sync(_Commands.all_overrides)
-    overrides_version = _sync(_Commands.overrides_version)
+    admit, start_job, settle = _sync(_Commands.admit), _sync(_Commands.start_job), _sync(_Commands.settle)
+    renew, count, slot_counts = _sync(_Commands.renew), _sync(_Commands.count), _sync(_Commands.slot_counts)
+    usage, usage_keys, reset = _sync(_Commands.usage), _sync(_Commands.usage_keys), _sync(_Commands.reset)
+    set_overrides, clear_overrides = _sync(_Commands.set_overrides), _sync(_Commands.clear_overrides)
+    all_overrides, overrides_version = _sync(_Commands.all_overrides), _sync(_Commands.overrides_version)
 
     def close(self) -> None:
         self._client.close()

@@ -49,9 +49,8 @@ import dataclasses
 import enum
 import functools
 import logging
-import math
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from splitspace.gpu_backend.stores.unsent_releases import UnsentReleases
 from splitspace.gpu_backend.stores.usage import (
@@ -67,7 +66,13 @@ from splitspace.gpu_backend.stores.usage import (
     UsageStore,
 )
 from splitspace.gpu_backend.stores.write_behind import SqliteUsageStore, WriteBehindStore
-from splitspace.shared.config.circuit_breaker import DEFAULT_RETRY_S, CircuitBreaker
+from splitspace.shared.config.circuit_breaker import (
+    DEFAULT_RETRY_S,
+    CircuitBreaker,
+    FailureMode,
+    check_failure_mode,
+    local_share,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -81,7 +86,6 @@ __all__ = [
 
 log = logging.getLogger("splitspace.store")
 
-FailureMode = Literal["closed", "local"]
 T = TypeVar("T")
 
 
@@ -106,10 +110,7 @@ class _Failover:
         self, fallback: MemoryUsageStore | None, mode: FailureMode, replicas: int, breaker: CircuitBreaker | None,
         unsent: UnsentReleases | None,
     ) -> None:
-        if mode not in ("closed", "local"):
-            raise ValueError(f"mode must be 'closed' or 'local', got {mode!r}")
-        if replicas < 1:
-            raise ValueError(f"replicas must be at least 1, got {replicas!r}")
+        check_failure_mode(mode, replicas)
         self.mode: FailureMode = mode
         self.replicas = int(replicas)
         self.fallback = fallback if fallback is not None else MemoryUsageStore()
@@ -117,10 +118,7 @@ class _Failover:
         self.unsent = unsent if unsent is not None else UnsentReleases()
 
     def share_count(self, limit: float) -> float:
-        """One replica's part of a count limit: rounded down, at least 1 unless it is 0."""
-        if math.isinf(limit) or limit < 1:
-            return limit if math.isinf(limit) else 0
-        return max(1, math.floor(limit / self.replicas))
+        return local_share(limit, self.replicas)
 
     def shared_plan(self, plan: AdmitPlan) -> AdmitPlan:
         """The plan with this replica's share of each limit (``local`` mode)."""
@@ -155,7 +153,7 @@ class _Failover:
             self.breaker.abandoned()
         return False
 
-    def fall_back(self, route: _Route, on_fallback: Callable[[MemoryUsageStore], T]) -> T:
+    def fall_back(self, route: _Route, on_fallback: Callable[[UsageStore], T]) -> T:
         """Serve a call the shared store did not: refuse it (operator writes; admissions
         in ``closed`` mode) or let the memory store answer."""
         if route is _Route.OPERATOR or (route is _Route.ADMIT and self.mode == "closed"):
@@ -201,7 +199,7 @@ class ResilientStore(_Wrapper):
     primary: UsageStore
 
     def _call(
-        self, route: _Route, on_primary: Callable[[UsageStore], T], on_fallback: Callable[[MemoryUsageStore], T]
+        self, route: _Route, on_primary: Callable[[UsageStore], T], on_fallback: Callable[[UsageStore], T]
     ) -> T:
         if self._f.allow():
             with self._f:
@@ -230,7 +228,7 @@ class ResilientStore(_Wrapper):
         deltas = list(adjustments)
         self.fallback.settle(key, job_id, now=now)
 
-        def in_memory(f: MemoryUsageStore) -> None:
+        def in_memory(f: UsageStore) -> None:
             self.unsent.add(key, job_id)
             f.settle(key, job_id, deltas, forget_rate=forget_rate, service_delta=service_delta, now=now)
 
@@ -338,9 +336,8 @@ def open_store(
         return WriteBehindStore(SqliteUsageStore(sqlite_path))
     from splitspace.gpu_backend.stores.redis_store import RedisStore
 
-    return ResilientStore(
-        RedisStore.from_url(redis_url), mode=failure, replicas=replicas, breaker=CircuitBreaker(retry_s)
-    )
+    shared: UsageStore = RedisStore.from_url(redis_url)
+    return ResilientStore(shared, mode=failure, replicas=replicas, breaker=CircuitBreaker(retry_s))
 
 
 def open_async_store(
