@@ -45,11 +45,12 @@ at most one job time a client may run up to its local share on top of its Redis 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from splitspace.gpu_backend.stores.unsent_releases import UnsentReleases
@@ -102,68 +103,10 @@ def _resend(key: str, job_id: str, primary: UsageStore) -> bool:
     return True
 
 
-class _Failover:
-    """The routing both wrappers share: which side serves, limits shared in local mode.
-    One call: ``if allow(): with self: return <primary call>``, then ``fall_back(...)``."""
-
-    def __init__(
-        self, fallback: MemoryUsageStore | None, mode: FailureMode, replicas: int, breaker: CircuitBreaker | None,
-        unsent: UnsentReleases | None,
-    ) -> None:
-        check_failure_mode(mode, replicas)
-        self.mode: FailureMode = mode
-        self.replicas = int(replicas)
-        self.fallback = fallback if fallback is not None else MemoryUsageStore()
-        self.breaker = breaker if breaker is not None else CircuitBreaker()
-        self.unsent = unsent if unsent is not None else UnsentReleases()
-
-    def share_count(self, limit: float) -> float:
-        return local_share(limit, self.replicas)
-
-    def shared_plan(self, plan: AdmitPlan) -> AdmitPlan:
-        """The plan with this replica's share of each limit (``local`` mode)."""
-        return dataclasses.replace(
-            plan,
-            max_queued=self.share_count(plan.max_queued),
-            rate_limit=None if plan.rate_limit is None else self.share_count(plan.rate_limit),
-            reservations=tuple(dataclasses.replace(r, limit=r.limit / self.replicas) for r in plan.reservations),
-        )
-
-    def allow(self) -> bool:
-        """May this call try the shared store (the breaker is closed, or this is its probe)?"""
-        return self.breaker.allow()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
-        """The verdict on one primary call. Redis answered (a result, or an error that is a
-        bug: not an outage): the breaker closes. It did not (``StoreUnavailable``): the
-        breaker opens and the exception is swallowed, so the caller falls back. Cancelled
-        mid-call: no verdict, the next caller may probe."""
-        if isinstance(exc, StoreUnavailable):
-            if self.breaker.failed():
-                what = "refusing admissions" if self.mode == "closed" else f"serving with limits / {self.replicas}"
-                log.warning("%s; %s, retrying every %.0f s", exc.reason, what, self.breaker.retry_s)
-            return True
-        if exc is None or isinstance(exc, Exception):
-            if self.breaker.succeeded():
-                log.warning("shared store (Redis) reachable again: global limits back in force")
-        else:
-            self.breaker.abandoned()
-        return False
-
-    def fall_back(self, route: _Route, on_fallback: Callable[[UsageStore], T]) -> T:
-        """Serve a call the shared store did not: refuse it (operator writes; admissions
-        in ``closed`` mode) or let the memory store answer."""
-        if route is _Route.OPERATOR or (route is _Route.ADMIT and self.mode == "closed"):
-            retry = max(self.breaker.retry_after(), 1.0)
-            raise StoreUnavailable("the shared store (Redis) is unreachable; nothing was charged", retry)
-        return on_fallback(self.fallback)
-
-
 class _Wrapper:
-    """What both wrappers hold: the primary, and the routing over it and the fallback."""
+    """What both wrappers share: the primary, the memory fallback, the breaker, and the
+    routing of one call: ``if allow(): with _verdict(): return <primary call>``, else
+    :meth:`_fall_back`; in ``local`` mode, limits shared among the replicas."""
 
     def __init__(
         self,
@@ -175,20 +118,54 @@ class _Wrapper:
         breaker: CircuitBreaker | None = None,
         unsent: UnsentReleases | None = None,
     ) -> None:
+        check_failure_mode(mode, replicas)
         self.primary = primary
-        self._f = _Failover(fallback, mode, replicas, breaker, unsent)
-        self.fallback = self._f.fallback
-        self.breaker = self._f.breaker
-        self.unsent = self._f.unsent
+        self.mode: FailureMode = mode
+        self.replicas = int(replicas)
+        self.fallback = fallback if fallback is not None else MemoryUsageStore()
+        self.breaker = breaker if breaker is not None else CircuitBreaker()
+        self.unsent = unsent if unsent is not None else UnsentReleases()
 
     @property
     def degraded(self) -> bool:
         """True while the shared store is considered down."""
         return self.breaker.is_open
 
-    @property
-    def mode(self) -> FailureMode:
-        return self._f.mode
+    def _share(self, limit: float) -> float:
+        return local_share(limit, self.replicas)
+
+    @contextlib.contextmanager
+    def _verdict(self) -> Iterator[None]:
+        """The verdict on one primary call. Redis answered (a result, or an error that is a
+        bug: not an outage): the breaker closes. It did not (``StoreUnavailable``): the
+        breaker opens and the exception is swallowed, so the caller falls back. Cancelled
+        mid-call: no verdict, the next caller may probe."""
+        try:
+            yield
+        except StoreUnavailable as exc:
+            if self.breaker.failed():
+                what = "refusing admissions" if self.mode == "closed" else f"serving with limits / {self.replicas}"
+                log.warning("%s; %s, retrying every %.0f s", exc.reason, what, self.breaker.retry_s)
+            return
+        except Exception:
+            self._answered()
+            raise
+        except BaseException:
+            self.breaker.abandoned()
+            raise
+        self._answered()
+
+    def _answered(self) -> None:
+        if self.breaker.succeeded():
+            log.warning("shared store (Redis) reachable again: global limits back in force")
+
+    def _fall_back(self, route: _Route, on_fallback: Callable[[UsageStore], T]) -> T:
+        """Serve a call the shared store did not: refuse it (operator writes; admissions
+        in ``closed`` mode) or let the memory store answer."""
+        if route is _Route.OPERATOR or (route is _Route.ADMIT and self.mode == "closed"):
+            retry = max(self.breaker.retry_after(), 1.0)
+            raise StoreUnavailable("the shared store (Redis) is unreachable; nothing was charged", retry)
+        return on_fallback(self.fallback)
 
 
 class ResilientStore(_Wrapper):
@@ -201,10 +178,10 @@ class ResilientStore(_Wrapper):
     def _call(
         self, route: _Route, on_primary: Callable[[UsageStore], T], on_fallback: Callable[[UsageStore], T]
     ) -> T:
-        if self._f.allow():
-            with self._f:
+        if self.breaker.allow():
+            with self._verdict():
                 return on_primary(self.primary)
-        return self._f.fall_back(route, on_fallback)
+        return self._fall_back(route, on_fallback)
 
     # -- a job's steps ---------------------------------------------------------------
 
@@ -215,7 +192,7 @@ class ResilientStore(_Wrapper):
         return self._call(
             _Route.ADMIT,
             lambda p: p.start_job(key, job_id, limit, lease_s, service_delta, vtime_key, now),
-            lambda f: f.start_job(key, job_id, self._f.share_count(limit), lease_s, service_delta, vtime_key, now),
+            lambda f: f.start_job(key, job_id, self._share(limit), lease_s, service_delta, vtime_key, now),
         )
 
     def settle(
@@ -312,10 +289,15 @@ class AsyncResilientStore(_Wrapper):
     primary: AsyncRedisStore
 
     async def admit(self, plan: AdmitPlan, now: float | None = None) -> AdmitGrant:
-        if self._f.allow():
-            with self._f:  # a cancellation here is no verdict on Redis
+        if self.breaker.allow():
+            with self._verdict():  # a cancellation here is no verdict on Redis
                 return await self.primary.admit(plan, now)
-        return self._f.fall_back(_Route.ADMIT, lambda f: f.admit(self._f.shared_plan(plan), now))
+        shared = dataclasses.replace(  # this replica's share of each limit
+            plan, max_queued=self._share(plan.max_queued),
+            rate_limit=None if plan.rate_limit is None else self._share(plan.rate_limit),
+            reservations=tuple(dataclasses.replace(r, limit=r.limit / self.replicas) for r in plan.reservations),
+        )
+        return self._fall_back(_Route.ADMIT, lambda f: f.admit(shared, now))
 
     async def close(self) -> None:
         await self.primary.close()
