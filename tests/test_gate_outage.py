@@ -98,7 +98,7 @@ class Tier1:
             self.store.count("queued", "probe")
         except StoreUnavailable:
             return False
-        return not self.store.degraded
+        return not self.store.breaker.is_open
 
 
 @contextlib.asynccontextmanager

@@ -117,7 +117,7 @@ def serves_from_redis(store: Any) -> Callable[[], bool]:
             store.count("queued", "probe")
         except StoreUnavailable:
             return False
-        return not store.degraded
+        return not store.breaker.is_open
 
     return check
 
@@ -262,7 +262,7 @@ def test_local_mode_serves_with_limits_divided_by_the_replicas(own_redis: Any, p
         assert store.overrides_version() < 0  # served from memory: caches re-read
         store.settle("c", "a")
         assert store.fallback.count("running", "c") == 0  # the local lease, given back
-        assert store.degraded
+        assert store.breaker.is_open
 
         own_redis.resume()
         wait_for(serves_from_redis(store))
@@ -346,7 +346,7 @@ def test_async_admission_fails_over_and_recovers_in_both_modes(own_redis: Any, p
             deadline = time.monotonic() + 10
             while True:
                 try:
-                    if (await store.admit(AdmitPlan("c", "a", 4, 30.0))).granted and not store.degraded:
+                    if (await store.admit(AdmitPlan("c", "a", 4, 30.0))).granted and not store.breaker.is_open:
                         break
                 except StoreUnavailable:
                     pass
@@ -417,7 +417,7 @@ def test_open_store_keeps_sqlite_without_a_redis_url(tmp_path: Path, redis_serve
     shared = open_store(redis_url=redis_server.url, sqlite_path=tmp_path / "unused.sqlite3", failure="local",
                         replicas=3)
     assert isinstance(shared, ResilientStore) and shared.mode == "local"
-    assert shared.usage(f"open-store:{uuid.uuid4().hex}") == (0.0, 0.0) and not shared.degraded
+    assert shared.usage(f"open-store:{uuid.uuid4().hex}") == (0.0, 0.0) and not shared.breaker.is_open
     assert not (tmp_path / "unused.sqlite3").exists()
     shared.close()
     with pytest.raises(ValueError, match="mode"):

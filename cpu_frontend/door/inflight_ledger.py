@@ -200,11 +200,6 @@ class RedisLedger:
         return f"RedisLedger(mode={self.mode!r}, replicas={self.replicas}, lease_s={self.lease_s})"
 
     @property
-    def degraded(self) -> bool:
-        """True while Redis is considered down."""
-        return self.breaker.is_open
-
-    @property
     def synced(self) -> bool:
         """True while Redis holds every lease this frontend holds (no renewal pending)."""
         return self._renewed_at == self._lost_count

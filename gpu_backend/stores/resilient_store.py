@@ -126,11 +126,6 @@ class _Wrapper:
         self.breaker = breaker if breaker is not None else CircuitBreaker()
         self.unsent = unsent if unsent is not None else UnsentReleases()
 
-    @property
-    def degraded(self) -> bool:
-        """True while the shared store is considered down."""
-        return self.breaker.is_open
-
     def _share(self, limit: float) -> float:
         return local_share(limit, self.replicas)
 
