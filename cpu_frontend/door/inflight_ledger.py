@@ -17,7 +17,8 @@ Every change is idempotent per lease, so nothing needs repairing by counting aga
   queued to be dropped. One background task sends the queued drops and renews every lease
   this frontend holds (one script for all of them) every ``lease_s / 3``, putting back any
   that Redis lost (it restarted empty, or the lease ran out during a partition). The drops
-  queued for a flow also ride on this frontend's next acquire of it, so a client calling
+  queued for a flow also ride on this frontend's next acquire of it (and stay queued until
+  a renewal has sent them: one in flight may have put them back), so a client calling
   again through the same frontend is never refused by its own unsent release.
 * A call whose outcome is unknown (it failed, timed out, or its caller was cancelled and it
   took a place nobody will use) queues its lease to be dropped; until the next renewal has
@@ -213,23 +214,23 @@ class RedisLedger:
         if self._task is None:
             raise RuntimeError("RedisLedger.acquire before start()")
         if self.breaker.allow() and (self.synced or await self._sync()):
-            token = next(self._tokens)
-            lease, drops = f"{self.frontend_id}:{token}", self._pending.pop(flow, set())
+            token = next(self._tokens)  # the drops stay queued: a renewal in flight may put them back
+            lease, drops = f"{self.frontend_id}:{token}", sorted(self._pending.get(flow, ()))
             self._busy += 1
             self._idle.clear()
             call = asyncio.ensure_future(self._scripts["acquire"](
-                keys=[self._key(flow)], args=[self._lease_ms, str(cap), lease, *sorted(drops)]))
+                keys=[self._key(flow)], args=[self._lease_ms, str(cap), lease, *drops]))
             call.add_done_callback(self._not_busy)
             try:
                 reply: Any = await asyncio.shield(call)
             except UNAVAILABLE_ERRORS as exc:
-                self._unsure(flow, drops | {lease})
+                self._unsure(flow, lease)
                 self._lost(exc)
             except asyncio.CancelledError:  # the caller left; the call runs on, and is undone
-                call.add_done_callback(functools.partial(self._abandoned, flow, drops | {lease}))
+                call.add_done_callback(functools.partial(self._abandoned, flow, lease))
                 raise
             except Exception:  # a bug mid-call: it may or may not have run
-                self._unsure(flow, drops | {lease})
+                self._unsure(flow, lease)
                 raise
             else:
                 self._answered()
@@ -306,11 +307,11 @@ class RedisLedger:
         if not self._busy:
             self._idle.set()
 
-    def _abandoned(self, flow: str, leases: set[str], call: asyncio.Future[Any]) -> None:
+    def _abandoned(self, flow: str, lease: str, call: asyncio.Future[Any]) -> None:
         """An acquire whose caller was cancelled finished: give back what it took."""
         exc = None if call.cancelled() else call.exception()
         if call.cancelled() or exc is not None:
-            self._unsure(flow, leases)
+            self._unsure(flow, lease)
             if isinstance(exc, UNAVAILABLE_ERRORS):
                 self._lost(exc)
             else:
@@ -318,12 +319,12 @@ class RedisLedger:
             return
         self._answered()
         if int(call.result()[0]) == 1:  # counted in Redis, never handed out: drop it
-            self._pending.setdefault(flow, set()).update(leases)
+            self._pending.setdefault(flow, set()).add(lease)
             self._wake.set()
 
-    def _unsure(self, flow: str, leases: set[str]) -> None:
-        """These leases may or may not be in Redis: drop them, and renew all ours first."""
-        self._pending.setdefault(flow, set()).update(leases)
+    def _unsure(self, flow: str, lease: str) -> None:
+        """This lease may or may not be in Redis: drop it, and renew all ours first."""
+        self._pending.setdefault(flow, set()).add(lease)
         self._lost_count += 1
         self._wake.set()
 
