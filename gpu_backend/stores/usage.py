@@ -182,7 +182,7 @@ class UsageLedger(Protocol):
 
 
 class OverrideStore(Protocol):
-    """The operator overrides per client id (:class:`~gpu_backend.ops.admin.Overrides`)."""
+    """The operator overrides per client id (:class:`~gpu_backend.admission.limits.Overrides`)."""
 
     def all_overrides(self) -> dict[str, dict[str, Any]]:
         """Every client's overrides, by client id."""
