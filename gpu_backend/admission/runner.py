@@ -149,7 +149,8 @@ class GpuRunner:
             t.start()
 
     # -- the built-in text-to-image ---------------------------------------------------------
-    def _builtin(self) -> TextToImage:
+    def text_to_image(self) -> TextToImage:
+        """The built-in workload; UnknownEndpoint on a GPU tier that serves an app instead."""
         if self.builtin is None:
             raise UnknownEndpoint("infer: this GPU tier serves an app's functions (call them by name), "
                                   "not the built-in model")
@@ -158,7 +159,7 @@ class GpuRunner:
     @property
     def cost(self) -> CostModel:
         """The built-in's cost model."""
-        return self._builtin().cost
+        return self.text_to_image().cost
 
     @property
     def max_batch(self) -> int:
@@ -167,7 +168,7 @@ class GpuRunner:
 
     @max_batch.setter
     def max_batch(self, value: int) -> None:
-        self._builtin().batch_cap = value
+        self.text_to_image().batch_cap = value
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[FairScheduler]:
@@ -208,7 +209,7 @@ class GpuRunner:
 
     def prepare(self, request: GenerateRequest) -> Work[GenerateRequest]:
         """The built-in's job for ``request`` (resolved, estimated); UnknownEndpoint without one."""
-        return self._builtin().prepare(request)
+        return self.text_to_image().prepare(request)
 
     def admit_work(
         self, identity: Identity, work: Work[Any], ip_token: str | None = None, job_id: str | None = None
@@ -249,7 +250,7 @@ class GpuRunner:
 
     def resolve(self, request: GenerateRequest) -> GenerateRequest:
         """The built-in's request with every choice made (``TextToImage.resolve``)."""
-        return self._builtin().resolve(request)
+        return self.text_to_image().resolve(request)
 
     async def follow(self, ticket: Ticket) -> AsyncGenerator[RunnerUpdate, None]:
         """Yield the ticket's status while it waits, then its answer. Closing this

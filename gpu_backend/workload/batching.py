@@ -35,7 +35,6 @@ from typing import Any, Protocol, TypeVar
 
 from splitspace.shared.contract.schema import GenerateRequest
 
-
 T = TypeVar("T")
 
 
