@@ -50,8 +50,18 @@ def hold(path: str) -> str:
 
 @splitspace.gpu(batch=True, max_batch_size=4, duration=lambda xs: 0.1 * len(xs))
 def double(xs: list[float]) -> list[list[float]]:
-    """Gradio's batch semantics: each value doubled, and how many calls shared the batch."""
+    """Gradio's batch semantics: each value doubled, and how many calls shared the batch.
+    A negative value fails the whole batch (as a bad input can fail a model's batch)."""
+    if any(x < 0 for x in xs):
+        raise ValueError("a negative value")
     return [[2 * x for x in xs], [len(xs)] * len(xs)]
+
+
+@splitspace.gpu(duration=0.1)
+def countdown(n: float):  # noqa: ANN201 (a generator)
+    """A generator: its last yield is the result (streaming each yield is not carried yet)."""
+    for i in range(int(n), -1, -1):
+        yield str(i)
 
 
 @splitspace.gpu
@@ -84,6 +94,7 @@ with gr.Blocks() as demo:
     go.click(hold, path, rested, api_name="hold")
     go.click(double, x, [doubled, batch_size], api_name="double", batch=True, max_batch_size=4)
     go.click(fussy, text, shouted, api_name="fussy")
+    go.click(countdown, x, shouted, api_name="countdown")
 
 if __name__ == "__main__":
     demo.launch()
