@@ -52,13 +52,13 @@ from splitspace.session import (
 from splitspace.session.address import AddressPolicy
 from splitspace.session.caller import CallerStamps
 from splitspace.session.token import HEALTH, STANDING, infer_purpose
-from splitspace.shared.app.files import FileTooLarge, inline_files, outline_files
+from splitspace.shared.app.files import BadFile, FileTooLarge, inline_files, outline_files
 from splitspace.shared.app.loader import GpuEndpoint, gpu_endpoints, load_app
 from splitspace.shared.app.processing import input_label
 from splitspace.shared.config.quota_watch import QuotaWatcher
 from splitspace.shared.config.settings import Settings
 from splitspace.shared.contract.calls import Call, CallResult
-from splitspace.shared.contract.errors import SplitspaceError, ValidationFailed
+from splitspace.shared.contract.errors import GpuFailed, SplitspaceError, ValidationFailed
 from splitspace.shared.contract.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from splitspace.shared.contract.hop import Result, Status
 from splitspace.shared.contract.schema import REQUEST_FIELDS, request_from_dict, validate_request
@@ -280,8 +280,8 @@ class Frontend:
             call = Call(endpoint.api_name, await asyncio.to_thread(_carried, endpoint, payloads, max_bytes))
             try:
                 digest = await asyncio.to_thread(call.digest)
-            except ValueError:
-                raise ValidationFailed("data", "must be plain JSON (no NaN or infinity)") from None
+            except (TypeError, ValueError):  # NaN, or a gr.State holding what JSON cannot say
+                raise ValidationFailed("data", "must be plain JSON (no NaN, infinity or Python objects)") from None
             result: CallResult | None = None
             place = self.door.take(request.headers.get(DOOR_PASS_HEADER), identity.flow_id) or \
                 await self.join_door(identity)
@@ -307,7 +307,11 @@ class Frontend:
                 place.leave()  # the GPU tier has answered: the client's next may go
             if result is not None:
                 self.seconds_per_job += 0.1 * (result.info.gpu_s - self.seconds_per_job)
-                yield await asyncio.to_thread(outline_files, result.data, self.cache_dir, max_bytes=max_bytes)
+                try:
+                    outputs = await asyncio.to_thread(outline_files, result.data, self.cache_dir, max_bytes=max_bytes)
+                except (FileTooLarge, BadFile) as exc:  # (the tiers disagree on SPLITSPACE_MAX_FILE_BYTES)
+                    raise GpuFailed(f"an output could not be received: {exc}") from None
+                yield outputs
         except SplitspaceError as exc:
             raise to_gradio_error(exc) from None
 
