@@ -66,11 +66,11 @@ class EventProcessing:
     def of(cls, endpoint: GpuEndpoint) -> EventProcessing:
         block_fn = endpoint.block_fn
         assert block_fn.fn is not None  # (the loader found the decorator's record on it)
-        return cls(
+        return cls(  # the call's shape as the loader read it (the endpoint keeps it), the rest as it is now
             api_name=endpoint.api_name, fn=block_fn.fn, inputs=tuple(block_fn.inputs),
-            outputs=tuple(block_fn.outputs), preprocess_inputs=bool(block_fn.preprocess),
-            postprocess_outputs=bool(block_fn.postprocess), inputs_as_dict=bool(block_fn.inputs_as_dict),
-            keyword_names=tuple(block_fn.input_keyword_names or ()), batch=endpoint.record.batch,
+            outputs=tuple(block_fn.outputs), preprocess_inputs=endpoint.preprocess,
+            postprocess_outputs=bool(block_fn.postprocess), inputs_as_dict=endpoint.inputs_as_dict,
+            keyword_names=endpoint.keyword_names, batch=endpoint.record.batch,
         )
 
     # -- inputs (blocking: run off the event loop) -------------------------------------------
