@@ -510,9 +510,11 @@ class FairScheduler:
 
     # -- dispatch --------------------------------------------------------------------
 
-    def dispatch(self, max_batch: int = 1) -> list[Job]:
+    def dispatch(self, max_batch: int | Callable[[Job], int] = 1) -> list[Job]:
         """Start the next dispatch unit: one job, or a batch sharing one slot.
 
+        ``max_batch``: the most jobs one unit holds, or a function of its head job that says
+        it (kinds of work batch differently: the batch key of a job says which it joins).
         Returns the started jobs (empty when no slot is free or nothing eligible waits);
         call again while it returns jobs.
         """
@@ -525,6 +527,8 @@ class FairScheduler:
         unit = next(self._unit_ids)
         batch = [self._start(*head, limits, unit)]
         batch_key = batch[0].batch_key
+        if callable(max_batch):
+            max_batch = max_batch(batch[0])
         if max_batch > 1 and batch_key is not None:
             if self._by_key is None:
                 self._index_batches()

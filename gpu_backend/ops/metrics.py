@@ -48,6 +48,10 @@ class GpuMetrics:
         self.calls = Counter(
             "splitspace_infer_calls", "Calls that reached /infer, before any check", registry=self.registry
         )
+        self.function_calls = Counter(
+            "splitspace_function_calls", "Calls of the app's GPU functions that reached the GPU tier, by function",
+            ["endpoint"], registry=self.registry,
+        )
         self.requests = Counter(
             "splitspace_requests", "Requests by outcome", ["outcome"], registry=self.registry
         )

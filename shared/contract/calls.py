@@ -19,6 +19,10 @@ import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+CALL_PATH = "/splitspace/v1/call"
+"""The GPU tier's direct route for a call (``POST``, the body :meth:`Call.to_wire`; answered with NDJSON)."""
+CALL_SLACK_BYTES = 64 * 1024
+"""A call's body may be this much larger than its files' base64 (:func:`call_body_limit`)."""
 FILE_KEY = "splitspace_file"
 """The key of a file carried as bytes in a payload."""
 MAX_ENDPOINT_CHARS = 120
@@ -26,6 +30,12 @@ MAX_ENDPOINT_CHARS = 120
 
 def canonical_json(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def call_body_limit(max_file_bytes: int) -> int:
+    """The largest body of one call: a file of ``max_file_bytes`` as base64 (4/3 of it),
+    and the rest of the call's JSON. A call's files together are within the one limit."""
+    return max_file_bytes * 4 // 3 + 4 + CALL_SLACK_BYTES
 
 
 @dataclass(frozen=True)

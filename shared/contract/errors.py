@@ -16,6 +16,7 @@ BACKEND_UNAVAILABLE = "GPU backend unavailable"
 INVALID_REQUEST = "Invalid request"
 UNAUTHORIZED = "Unauthorized"
 GPU_ERROR = "GPU error"
+NOT_FOUND = "Not found"
 
 
 class SplitspaceError(Exception):
@@ -73,6 +74,12 @@ class BackendUnavailable(SplitspaceError):
     title = BACKEND_UNAVAILABLE
 
 
+class UnknownEndpoint(SplitspaceError):
+    """A call names a function the GPU tier does not serve (the message names it)."""
+
+    title = NOT_FOUND
+
+
 class GpuFailed(SplitspaceError):
     """The model failed on the GPU tier (the message names the exception type, no internals)."""
 
@@ -106,6 +113,8 @@ def from_wire(doc: dict[str, object]) -> SplitspaceError:
         return BackendUnavailable(message)
     if title == GPU_ERROR:
         return GpuFailed(message)
+    if title == NOT_FOUND:
+        return UnknownEndpoint(message)
     if title == SERVICE_UNAVAILABLE and "retry_after_s" in doc:
         return ServiceUnavailable(message, float(doc["retry_after_s"]))  # type: ignore[arg-type]
     return SplitspaceError(message, title=title)
