@@ -34,6 +34,7 @@ from splitspace.cpu_frontend.door.status_feed import Told, status_for_api, wait_
 from splitspace.cpu_frontend.hop.backends import BackendPool
 from splitspace.cpu_frontend.hop.hub_auth import backend_auth_headers
 from splitspace.cpu_frontend.hop.transport import Transport
+from splitspace.cpu_frontend.jobs.routes import JobsService
 from splitspace.cpu_frontend.ui.embed import embed_routes
 from splitspace.cpu_frontend.ui.page import LiveModel, build_page
 from splitspace.session import (
@@ -337,12 +338,14 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
             every(HOUSEKEEPING_S, lambda: forget_finished_states(blocks, heartbeats.sessions)))
         await fe.ledger.start()
         await fe.pool.start()
+        await jobs.start()
         try:
             yield
         finally:
             task.cancel()
             sweep.cancel()
             house.cancel()
+            await jobs.aclose()
             await fe.pool.aclose()
             await fe.ledger.aclose()
 
@@ -367,6 +370,8 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         }
 
     app.include_router(embed_routes())  # before the mount at "/", which catches everything after it
+    jobs = JobsService(fe)
+    app.include_router(jobs.router)  # /v1/jobs (durable jobs, webhooks) and /v1/openapi.json
     blocks = build_page(fe.model, settings.limits, fe)
     blocks.max_threads = settings.max_threads
     blocks.queue(default_concurrency_limit=None)

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from splitspace.cpu_frontend.hop.transport import NotStarted, Transport
+from splitspace.shared.contract.calls import Call
 from splitspace.shared.contract.errors import BackendUnavailable
-from splitspace.shared.contract.hop import Update
+from splitspace.shared.contract.hop import CallUpdate, Update
 from splitspace.shared.contract.schema import GenerateRequest
 
 log = logging.getLogger("splitspace.frontend")
@@ -104,6 +105,26 @@ class BackendPool:
             try:
                 updates = backend.transport.stream(request, headers)
                 async with contextlib.aclosing(updates):  # closing us closes the call now
+                    async for update in updates:
+                        yield update
+                return
+            except NotStarted as exc:
+                self._not_started(backend, exc)
+            except BackendUnavailable:
+                backend.healthy = False
+                raise
+            finally:
+                backend.outstanding -= 1
+
+    async def call(self, call: Call, headers: Mapping[str, str]) -> AsyncGenerator[CallUpdate, None]:
+        """A developer function's call (``Transport.call``), on the first backend that takes it."""
+        tried: set[int] = set()
+        while True:
+            backend = self._next(tried)
+            backend.outstanding += 1
+            try:
+                updates = backend.transport.call(call, headers)
+                async with contextlib.aclosing(updates):
                     async for update in updates:
                         yield update
                 return

@@ -19,10 +19,12 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, M
 from typing import Any, cast
 
 from splitspace.cpu_frontend.hop.transport import Transport
-from splitspace.shared.contract.hop import Update
+from splitspace.shared.contract.calls import Call
+from splitspace.shared.contract.hop import CallUpdate, Update
 from splitspace.shared.contract.schema import GenerateRequest
 
 Handler = Callable[[GenerateRequest, Mapping[str, str]], "Iterable[Update] | AsyncIterator[Update]"]
+CallHandler = Callable[[Call, Mapping[str, str]], "Iterable[CallUpdate] | AsyncIterator[CallUpdate]"]
 
 
 class MockTransport(Transport):
@@ -33,9 +35,11 @@ class MockTransport(Transport):
         base_url: str = "mock://gpu-tier",
         standing: Callable[[Mapping[str, str]], dict[str, Any]] | None = None,
         health: dict[str, Any] | None = None,
+        call_handler: CallHandler | None = None,
     ) -> None:
         self.base_url = base_url
         self._handler = handler
+        self._call_handler = call_handler
         self._standing = standing or (lambda headers: {"tier": "anonymous", "queued": 0, "running": 0})
         self._health = health or {"status": "ok", "model": "mock", "placeholder_model": True,
                                   "defaults": {"steps": 1, "guidance_scale": 0.0}}
@@ -50,6 +54,20 @@ class MockTransport(Transport):
                 yield update
         else:
             for update in cast(Iterable[Update], updates):  # not an async generator: the handler's other kind
+                yield update
+
+    async def call(self, call: Call, headers: Mapping[str, str]) -> AsyncGenerator[CallUpdate, None]:
+        """A developer function's call, answered by ``call_handler`` (none: as the base class)."""
+        if self._call_handler is None:
+            async for update in super().call(call, headers):
+                yield update
+            return
+        updates = self._call_handler(call, headers)
+        if inspect.isasyncgen(updates):
+            async for update in cast(AsyncIterator[CallUpdate], updates):
+                yield update
+        else:
+            for update in cast(Iterable[CallUpdate], updates):
                 yield update
 
     async def standing(self, headers: Mapping[str, str]) -> dict[str, Any]:

@@ -23,8 +23,9 @@ from typing import Any
 
 import httpx
 
+from splitspace.shared.contract.calls import Call
 from splitspace.shared.contract.errors import BackendUnavailable
-from splitspace.shared.contract.hop import Update, update_from_wire
+from splitspace.shared.contract.hop import CallUpdate, Update, update_from_wire
 from splitspace.shared.contract.schema import GenerateRequest
 
 
@@ -41,6 +42,13 @@ class Transport(ABC):
     def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncGenerator[Update, None]:
         """Yield each Status of the call, then its Result. Closing the iterator early
         cancels the call on the GPU tier."""
+
+    async def call(self, call: Call, headers: Mapping[str, str]) -> AsyncGenerator[CallUpdate, None]:
+        """Yield each Status of a developer's function call, its Partials (a generator's
+        yields), then its CallResult. Closing the iterator early cancels the call on the GPU
+        tier. (Issue 23 gives each transport its own; until then none carries them.)"""
+        raise BackendUnavailable(f"the {type(self).__name__} does not carry developer functions")
+        yield  # (unreachable: makes this an async generator, as the transports' own)
 
     @abstractmethod
     async def standing(self, headers: Mapping[str, str]) -> dict[str, Any]:
