@@ -22,7 +22,6 @@ from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
 from fastapi import APIRouter, Query
-from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticError
 from starlette.requests import Request
@@ -232,11 +231,11 @@ def job_routes(runner: JobRunner, store: JobStore, identify: Callable[[Request],
 
     @router.get("/openapi.json", include_in_schema=False)
     async def openapi(request: Request) -> JSONResponse:
-        routes = [r for r in request.app.routes if str(getattr(r, "path", "")).startswith("/v1/")]
-        doc = get_openapi(title="splitspace /v1", version="1", routes=routes,
-                          description="Durable jobs with signed webhooks (docs/jobs.md), and what else lives "
-                                      "under /v1.")
-        return JSONResponse(doc)
+        full = request.app.openapi()  # FastAPI's own document of the whole app, cut to /v1
+        paths = {path: item for path, item in full.get("paths", {}).items() if path.startswith("/v1/")}
+        info = {"title": "splitspace /v1", "version": "1",
+                "description": "Durable jobs with signed webhooks (docs/jobs.md), and what else lives under /v1."}
+        return JSONResponse({**full, "info": info, "paths": paths})
 
     return router
 

@@ -249,6 +249,7 @@ class JobRunner:
 
     async def _run(self, job_id: str) -> None:
         job: Job | None = None
+        began = self._clock()
         try:
             job = await self.store.get(job_id)
             if job is None or job.ended:  # cancelled (or expired) while it waited
@@ -258,7 +259,8 @@ class JobRunner:
                 async for update in updates:
                     if isinstance(update, Finished):
                         await self.store.put_files(job.id, update.files, self.ttl_s)
-                        await self._end(job, "succeeded", outputs=update.outputs)
+                        await self._end(job.copy(started_at=job.started_at or began), "succeeded",
+                                        outputs=update.outputs)
                         return
                     self._news[job_id] = update
                     if update.state == "running" and job.status == "queued":
