@@ -84,7 +84,8 @@ def _positional(names: Sequence[str], inputs: Mapping[str, Any] | None, data: li
         values = dict(inputs or {})
         for name in values:
             if name not in names:
-                raise ValidationFailed(echo(name), f"is not an input of this endpoint (its inputs: {', '.join(names)})")
+                shown = name if len(name) <= 40 else name[:37] + "..."
+                raise ValidationFailed(shown, f"is not an input of this endpoint (its inputs: {', '.join(names)})")
     for name in names:
         if name not in values:
             if name not in defaults:
