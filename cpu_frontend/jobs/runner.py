@@ -258,6 +258,8 @@ class JobRunner:
             async with contextlib.aclosing(updates):
                 async for update in updates:
                     if isinstance(update, Finished):
+                        if job.status == "queued":  # too quick for a "running" word: started, then ended
+                            await self._announce(job.copy(status="running", started_at=began), "started")
                         await self.store.put_files(job.id, update.files, self.ttl_s)
                         await self._end(job.copy(started_at=job.started_at or began), "succeeded",
                                         outputs=update.outputs)

@@ -11,7 +11,9 @@ checks them.
 
 The body: ``{"id", "object": "event", "type": "job.completed" | "job.failed" |
 "job.cancelled" | "job.started", "created_at", "timestamp", "data": <the job as GET
-/v1/jobs/{id} shows it>}``.
+/v1/jobs/{id} shows it>}``. ``started`` (opt-in) is sent when the GPU tier says the job
+runs, or, for a job too quick for that word, just before its end. Messages are not
+ordered (each is its own delivery); ``data.status`` and ``type`` say which is which.
 
 Delivery (:class:`Deliveries`): a message is stored (``JobStore.put_delivery``) before it
 is first tried, so a restart loses none; a fixed set of ``workers`` coroutines sends the
