@@ -277,3 +277,40 @@ def test_waiting_jobs_hold_no_task(tmp_path: Path) -> None:
         await runner.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_developer_function_runs_as_a_job_through_transport_call(tmp_path: Path) -> None:
+    """``FunctionTarget``: inputs by name with the function's defaults, ``Transport.call``, files kept."""
+    from splitspace.cpu_frontend.hop.backends import BackendPool
+    from splitspace.cpu_frontend.hop.mock_transport import MockTransport
+    from splitspace.cpu_frontend.jobs.targets import Function, FunctionTarget
+    from splitspace.session.token import IdentityTokens
+    from splitspace.shared.contract.calls import FILE_KEY, CallInfo, CallResult, Partial
+    from splitspace.shared.contract.errors import ValidationFailed
+
+    seen: list[Call] = []
+
+    def handler(call: Call, headers: Any) -> Any:
+        seen.append(call)
+        yield Status("queued", 2, 1.0)
+        yield Partial(["SO"])
+        text = " ".join([str(call.data[0]).upper()] * int(call.data[1]))
+        png = {FILE_KEY: {"name": "x.png", "mime_type": "image/png", "b64": base64.b64encode(b"PNG!").decode()}}
+        yield CallResult([text, png], CallInfo("shout", 0.0, 0.1, 0.1, "key:a"))
+
+    pool = BackendPool([MockTransport(lambda r, h: iter(()), call_handler=handler)])
+    target = FunctionTarget([Function("shout", ("text", "times"), {"times": 2})], pool, IdentityTokens(["s" * 32]))
+    call = target.validate("shout", {"text": "so"}, None)
+    assert call == Call("shout", ["so", 2])
+    with pytest.raises(ValidationFailed) as missing:
+        target.validate("shout", {}, None)
+    assert missing.value.field == "text"
+
+    async def scenario() -> list[Any]:
+        updates = [u async for u in target.run(Identity("key:a", "key", "free", "1.2.3.4"), call)]
+        return updates
+
+    updates = asyncio.run(scenario())
+    assert isinstance(updates[0], Status) and isinstance(updates[-1], Finished)
+    assert updates[-1].outputs[0] == "SO SO" and updates[-1].files[0].data == b"PNG!"
+    assert updates[-1].outputs[1]["$file"] == 0 and seen == [call]
