@@ -13,8 +13,11 @@ the stream to the GPU tier, which drops the queued job.
 import asyncio
 import contextlib
 import logging
+import os
+import tempfile
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
@@ -26,6 +29,7 @@ from starlette.requests import Request
 
 from splitspace.cpu_frontend.api import gradio_tuning
 from splitspace.cpu_frontend.api.mcp_loopback import McpLoopback
+from splitspace.cpu_frontend.api.openai_images import openai_routes
 from splitspace.cpu_frontend.door.door import FairDoor, Place
 from splitspace.cpu_frontend.door.door_middleware import DOOR_PASS_HEADER, DoorMiddleware, HeldCalls
 from splitspace.cpu_frontend.door.inflight_ledger import open_ledger
@@ -210,7 +214,16 @@ class Frontend:
         return True
 
     def save_image(self, png: bytes) -> str:
-        return processing_utils.save_bytes_to_cache(png, "image.png", self.cache_dir)
+        """The PNG in Gradio's cache, at a path named by its hash (as ``save_bytes_to_cache``),
+        written whole: a temporary file renamed, so that an identical image (same seed) saved
+        meanwhile never lets a reader of this path see a truncated file."""
+        folder = Path(self.cache_dir) / processing_utils.hash_bytes(png)
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=".part", delete=False) as tmp:
+            tmp.write(png)
+        path = folder / "image.png"
+        os.replace(tmp.name, path)
+        return str(path.resolve())
 
     async def generate(
         self, values: dict[str, Any], request: gr.Request | None
@@ -370,6 +383,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         }
 
     app.include_router(embed_routes())  # before the mount at "/", which catches everything after it
+    app.include_router(openai_routes(fe))  # /v1/images/generations, /v1/models (OpenAI's images API)
     jobs = JobsService(fe)
     app.include_router(jobs.router)  # /v1/jobs (durable jobs, webhooks) and /v1/openapi.json
     blocks = build_page(fe.model, settings.limits, fe)

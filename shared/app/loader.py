@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,6 +61,14 @@ class GpuEndpoint:
     record: GpuFunction
     block_fn: BlockFunction
     """Gradio's event: its input and output components (labels, limits, pre/postprocessing)."""
+    validator: Callable[..., Any] | None = None
+    """The event's ``validator=``, and below how the event calls its function, as the app
+    defined them (:func:`gpu_endpoints` reads them): a tier may rewire ``block_fn`` afterwards
+    (the frontend forwards the event's calls), and the validator must still be called as
+    the app's own function is."""
+    preprocess: bool = True
+    inputs_as_dict: bool = False
+    keyword_names: tuple[str, ...] = ()
 
     @property
     def inputs(self) -> list[Any]:
@@ -109,5 +118,8 @@ def gpu_endpoints(blocks: gr.Blocks) -> list[GpuEndpoint]:
         if api_name in names:
             raise AppError(f"two GPU events are both named {api_name!r}")
         names.add(api_name)
-        found.append(GpuEndpoint(api_name, record, block_fn))
+        found.append(GpuEndpoint(
+            api_name, record, block_fn, validator=getattr(block_fn, "validator", None),
+            preprocess=bool(block_fn.preprocess), inputs_as_dict=bool(block_fn.inputs_as_dict),
+            keyword_names=tuple(block_fn.input_keyword_names or ())))
     return found
