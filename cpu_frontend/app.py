@@ -42,6 +42,7 @@ from splitspace.cpu_frontend.door.status_feed import Told, status_for_api, wait_
 from splitspace.cpu_frontend.hop.backends import BackendPool
 from splitspace.cpu_frontend.hop.hub_auth import backend_auth_headers
 from splitspace.cpu_frontend.hop.transport import CALLS_NEED_DIRECT, Transport
+from splitspace.cpu_frontend.jobs.routes import JobsService
 from splitspace.cpu_frontend.ui.app_events import forward_gpu_events
 from splitspace.cpu_frontend.ui.embed import embed_routes
 from splitspace.cpu_frontend.ui.page import LiveModel, build_page
@@ -423,12 +424,14 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
             every(HOUSEKEEPING_S, lambda: forget_finished_states(blocks, heartbeats.sessions)))
         await fe.ledger.start()
         await fe.pool.start()
+        await jobs.start()
         try:
             yield
         finally:
             task.cancel()
             sweep.cancel()
             house.cancel()
+            await jobs.aclose()
             await fe.pool.aclose()
             await fe.ledger.aclose()
 
@@ -453,9 +456,11 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         }
 
     app.include_router(embed_routes())  # before the mount at "/", which catches everything after it
+    endpoints: list[GpuEndpoint] = []
     if settings.app:  # the developer's own Blocks, its GPU events forwarded
         blocks = load_app(settings.app)
-        forward_gpu_events(gpu_endpoints(blocks), fe.follow_call,
+        endpoints = gpu_endpoints(blocks)
+        forward_gpu_events(endpoints, fe.follow_call,
                            validator=lambda endpoint: gradio_validator(endpoint, settings.max_file_bytes))
         blocks.max_threads = settings.max_threads
         queue = getattr(blocks, "_queue", None)  # the developer's queue settings stay
@@ -466,6 +471,8 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         blocks = build_page(fe.model, settings.limits, fe)
         blocks.max_threads = settings.max_threads
         blocks.queue(default_concurrency_limit=None)
+    jobs = JobsService(fe, endpoints)
+    app.include_router(jobs.router)  # /v1/jobs (durable jobs, webhooks) and /v1/openapi.json
     hold_sessions(blocks, 2 * settings.max_threads)  # every request in flight is a session
     bound_analytics(blocks)
     bound_session_states(blocks, settings.heartbeats_total)

@@ -41,6 +41,9 @@ from splitspace.shared.contract.errors import GPU_ERROR, GpuFailed, SplitspaceEr
 from splitspace.shared.contract.hop import CallUpdate, Update
 from splitspace.shared.contract.schema import GenerateRequest
 
+CallHandler = Callable[[Call, Mapping[str, str]], "Iterable[CallUpdate] | AsyncIterator[CallUpdate]"]
+"""Answers a developer function's call itself: a scripted GPU tier (statuses, partials, a result)."""
+
 Handler = Callable[[GenerateRequest, Mapping[str, str]], "Iterable[Update] | AsyncIterator[Update]"]
 
 
@@ -56,11 +59,13 @@ class MockTransport(Transport):
         health: dict[str, Any] | None = None,
         functions: Iterable[GpuEndpoint] = (),
         max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        call_handler: CallHandler | None = None,
     ) -> None:
         self.base_url = base_url
         self._handler = handler
         self._functions = {e.api_name: EventProcessing.of(e) for e in functions}
         self._max_file_bytes = max_file_bytes
+        self._call_handler = call_handler
         self.function_calls: list[tuple[Call, dict[str, str]]] = []
         """Every call of a developer's function and its headers, in order."""
         self._standing = standing or (lambda headers: {"tier": "anonymous", "queued": 0, "running": 0})
@@ -83,6 +88,15 @@ class MockTransport(Transport):
 
     async def call(self, call: Call, headers: Mapping[str, str]) -> AsyncGenerator[CallUpdate, None]:
         self.function_calls.append((call, dict(headers)))
+        if self._call_handler is not None:  # a scripted GPU tier: its updates as they are
+            scripted = self._call_handler(call, headers)
+            if inspect.isasyncgen(scripted):
+                async for update in cast(AsyncIterator[CallUpdate], scripted):
+                    yield update
+            else:
+                for update in cast(Iterable[CallUpdate], scripted):
+                    yield update
+            return
         event = self._functions.get(call.endpoint)
         if event is None:
             raise UnknownEndpoint(f"no function named {call.endpoint!r} (functions: {', '.join(self._functions)})")
