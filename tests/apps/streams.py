@@ -68,10 +68,12 @@ def runaway(every_ms: float, log: str):  # noqa: ANN201 (a generator)
 
 @splitspace.gpu(duration=0.05)
 def reply(message: str, history: list):  # noqa: ANN201 (a generator)
-    """A gr.Chatbot (messages) answered word by word: the history, the answer growing in it."""
+    """A gr.Chatbot (messages) answered word by word, 50 ms apart: the history, the answer growing in it."""
     history = [*history, {"role": "user", "content": message}]
     answer = ""
-    for word in message.split():
+    for i, word in enumerate(message.split()):
+        if i:
+            time.sleep(0.05)
         answer = f"{answer} {word.upper()}".strip()
         yield "", [*history, {"role": "assistant", "content": answer}]
 
