@@ -112,6 +112,8 @@ def respond(message: str, history: list[dict[str, Any]]):  # noqa: ANN201 (a gen
     answer = ""
     try:
         for piece in streamer:
+            if not piece:  # (the streamer also gives empty pieces)
+                continue
             answer += piece
             if answer.strip():
                 yield answer

@@ -216,6 +216,7 @@ def test_a_caller_who_leaves_stops_the_stream_and_the_gpu_takes_the_next_job(
         leaver.join(60)
         assert left_at and wait_for(lambda: log_of(second), 10), log_of(second)
         assert job.result(timeout=30).startswith("0 ")
+        assert job.outputs() == [job.result()]  # its waiting told through progress, not as outputs
     finally:
         client.close()
     started_next = made_at(log_of(second)[0])[1]

@@ -11,8 +11,10 @@ fair door, the hop) and the GPU tier. For that event:
 - ``postprocess=False``: the handler returns the GPU tier's postprocessed payloads;
 - no concurrency limit and no Gradio batching: the door and the GPU tier's scheduler
   decide who goes when, and the GPU tier batches across clients;
-- the handler is a generator: while the call waits it sends no output (``gr.skip()``) and
-  tells its place through Gradio's progress (``gr.Progress``); a generator function's
+- the handler is a generator: while the call waits it sends no output and tells its
+  place through Gradio's progress (``gr.Progress``), so a client iterating the outputs
+  sees only the function's (were Gradio's liveness out of reach, it would yield
+  ``gr.skip()`` at each status instead, the way Gradio notices a caller who left); a generator function's
   each yield arrives as outputs the moment the GPU tier sends it, so Gradio streams it
   (``generating`` events, each replacing the outputs, the last one the result);
 - a caller who leaves is noticed within ``LIVENESS_S`` even while nothing arrives (Gradio
@@ -63,7 +65,8 @@ def forward_gpu_events(endpoints: list[GpuEndpoint], follow: Follow) -> None:
 
 def forwarding_handler(endpoint: GpuEndpoint, follow: Follow) -> Callable[..., AsyncIterator[Any]]:
     """A Gradio handler for the event: its inputs' payloads, then ``request`` and ``progress``
-    (Gradio fills those in by the signature), yielding skips while the call waits, then its outputs."""
+    (Gradio fills those in by the signature), telling its progress while the call waits, then
+    yielding its outputs (each of a stream's as it comes)."""
     n_out = len(endpoint.outputs)
     waiting: Any = None if n_out == 0 else gr.skip() if n_out == 1 else tuple(gr.skip() for _ in range(n_out))
 
@@ -73,12 +76,13 @@ def forwarding_handler(endpoint: GpuEndpoint, follow: Follow) -> Callable[..., A
         alive = event_liveness()
         updates = follow(endpoint, list(payloads), request)
         async with contextlib.aclosing(updates):
-            async for update in while_alive(updates, alive):
+            async for update in while_alive(updates, alive or (lambda: True)):
                 if isinstance(update, Status):
                     status = status_for_api(update)
                     waited = time.monotonic() - clicked
                     progress(ui_text.wait_fraction(waited, update.eta_s), desc=ui_text.waiting(status))
-                    yield waiting
+                    if alive is None:  # no way to look: a yield is how Gradio notices a caller who left
+                        yield waiting
                 else:
                     yield update[0] if n_out == 1 else tuple(update)
 

@@ -7,8 +7,8 @@ A handler waiting on the GPU tier for the next chunk of a slow stream would hold
 until then; :func:`event_liveness` lets it look now and then instead and close the call.
 
 A Gradio internal (6.31: ``LocalContext.blocks``, ``LocalContext.event_id``,
-``Queue.event_ids_to_events``): when the shape is not the expected one the answer is
-"alive", which is what Gradio's own next-yield check falls back to.
+``Queue.event_ids_to_events``): when the shape is not the expected one there is no check
+(None), and the handler falls back on Gradio's own next-yield check.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 
-def event_liveness() -> Callable[[], bool]:
-    """A check of whether the event being handled still has its client. Call it in the
-    handler's body (where Gradio has set its context); the check may be called anywhere."""
+def event_liveness() -> Callable[[], bool] | None:
+    """A check of whether the event being handled still has its client (None: Gradio's queue
+    is not the shape expected). Call it in the handler's body (where Gradio has set its
+    context); the check may be called anywhere."""
     from gradio.context import LocalContext
 
     blocks = LocalContext.blocks.get(None)
@@ -26,5 +27,5 @@ def event_liveness() -> Callable[[], bool]:
     events = getattr(getattr(blocks, "_queue", None), "event_ids_to_events", None)
     event = events.get(event_id) if isinstance(events, dict) and event_id else None
     if event is None or not isinstance(getattr(event, "alive", None), bool):
-        return lambda: True
+        return None
     return lambda: bool(event.alive)
