@@ -16,8 +16,11 @@ the stream to the GPU tier, which drops the queued job.
 import asyncio
 import contextlib
 import logging
+import os
+import tempfile
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
@@ -29,7 +32,8 @@ from starlette.requests import Request
 
 from splitspace.cpu_frontend.api import gradio_tuning
 from splitspace.cpu_frontend.api.mcp_loopback import McpLoopback
-from splitspace.cpu_frontend.api.validation import validate_call
+from splitspace.cpu_frontend.api.openai_images import openai_routes
+from splitspace.cpu_frontend.api.validation import gradio_validator, validate_call
 from splitspace.cpu_frontend.door.door import FairDoor, Place
 from splitspace.cpu_frontend.door.door_middleware import DOOR_PASS_HEADER, DoorMiddleware, HeldCalls
 from splitspace.cpu_frontend.door.inflight_ledger import open_ledger
@@ -52,13 +56,13 @@ from splitspace.session import (
 from splitspace.session.address import AddressPolicy
 from splitspace.session.caller import CallerStamps
 from splitspace.session.token import HEALTH, STANDING, infer_purpose
-from splitspace.shared.app.files import FileTooLarge, carries_files, inline_files, outline_files
+from splitspace.shared.app.files import BadFile, FileTooLarge, carries_files, inline_files, outline_files
 from splitspace.shared.app.loader import GpuEndpoint, gpu_endpoints, load_app
 from splitspace.shared.app.processing import input_label
 from splitspace.shared.config.quota_watch import QuotaWatcher
 from splitspace.shared.config.settings import Settings
 from splitspace.shared.contract.calls import Call, CallResult, Partial
-from splitspace.shared.contract.errors import SplitspaceError, ValidationFailed
+from splitspace.shared.contract.errors import GpuFailed, SplitspaceError, ValidationFailed
 from splitspace.shared.contract.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from splitspace.shared.contract.hop import Result, Status
 from splitspace.shared.contract.schema import REQUEST_FIELDS, request_from_dict, validate_request
@@ -218,7 +222,16 @@ class Frontend:
         return True
 
     def save_image(self, png: bytes) -> str:
-        return processing_utils.save_bytes_to_cache(png, "image.png", self.cache_dir)
+        """The PNG in Gradio's cache, at a path named by its hash (as ``save_bytes_to_cache``),
+        written whole: a temporary file renamed, so that an identical image (same seed) saved
+        meanwhile never lets a reader of this path see a truncated file."""
+        folder = Path(self.cache_dir) / processing_utils.hash_bytes(png)
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=".part", delete=False) as tmp:
+            tmp.write(png)
+        path = folder / "image.png"
+        os.replace(tmp.name, path)
+        return str(path.resolve())
 
     async def generate(
         self, values: dict[str, Any], request: gr.Request | None
@@ -277,12 +290,13 @@ class Frontend:
             identity = self.identity(request)
             assert request is not None  # (identity() refuses a call without one)
             max_bytes = self.settings.max_file_bytes
-            validate_call(endpoint, payloads, max_bytes)
+            # off the loop: with a validator= it preprocesses the inputs (an image decoded) and runs it
+            await asyncio.to_thread(validate_call, endpoint, payloads, max_bytes)
             call = Call(endpoint.api_name, await asyncio.to_thread(_carried, endpoint, payloads, max_bytes))
             try:
                 digest = await asyncio.to_thread(call.digest)
-            except ValueError:
-                raise ValidationFailed("data", "must be plain JSON (no NaN or infinity)") from None
+            except (TypeError, ValueError):  # NaN, or a gr.State holding what JSON cannot say
+                raise ValidationFailed("data", "must be plain JSON (no NaN, infinity or Python objects)") from None
             result: CallResult | None = None
             last_partial: list[Any] | None = None
             place = self.door.take(request.headers.get(DOOR_PASS_HEADER), identity.flow_id) or \
@@ -322,7 +336,10 @@ class Frontend:
         thread: they may be megabytes; text needs no trip there)."""
         if not carries_files(data):
             return data
-        landed: list[Any] = await asyncio.to_thread(outline_files, data, self.cache_dir, max_bytes=max_bytes)
+        try:
+            landed: list[Any] = await asyncio.to_thread(outline_files, data, self.cache_dir, max_bytes=max_bytes)
+        except (FileTooLarge, BadFile) as exc:  # (the tiers disagree on SPLITSPACE_MAX_FILE_BYTES)
+            raise GpuFailed(f"an output could not be received: {exc}") from None
         return landed
 
     async def quota(self, request: gr.Request = None) -> dict:  # type: ignore[assignment]
@@ -451,12 +468,14 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     app.include_router(embed_routes())  # before the mount at "/", which catches everything after it
     if settings.app:  # the developer's own Blocks, its GPU events forwarded
         blocks = load_app(settings.app)
-        forward_gpu_events(gpu_endpoints(blocks), fe.follow_call)
+        forward_gpu_events(gpu_endpoints(blocks), fe.follow_call,
+                           validator=lambda endpoint: gradio_validator(endpoint, settings.max_file_bytes))
         blocks.max_threads = settings.max_threads
         queue = getattr(blocks, "_queue", None)  # the developer's queue settings stay
         blocks.queue(max_size=getattr(queue, "max_size", None),
                      default_concurrency_limit=getattr(queue, "default_concurrency_limit", "not_set"))
     else:
+        app.include_router(openai_routes(fe))  # /v1/images/generations, /v1/models (OpenAI's images API)
         blocks = build_page(fe.model, settings.limits, fe)
         blocks.max_threads = settings.max_threads
         blocks.queue(default_concurrency_limit=None)

@@ -31,9 +31,10 @@ from fastapi.responses import Response
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
+from splitspace.gpu_backend.admission.limits import Overrides, limits_function
 from splitspace.gpu_backend.admission.runner import GpuRunner, client_ref
 from splitspace.gpu_backend.admission.scheduler import FairScheduler
-from splitspace.gpu_backend.ops.admin import Overrides, admin_router, limits_function
+from splitspace.gpu_backend.ops.admin import admin_router
 from splitspace.gpu_backend.ops.dashboard import DASHBOARD_PATH
 from splitspace.gpu_backend.ops.metrics import CONTENT_TYPE, GpuMetrics
 from splitspace.gpu_backend.ops.operator_guard import OperatorGuard

@@ -49,11 +49,17 @@ Follow = Callable[[GpuEndpoint, list[Any], "gr.Request | None"], AsyncGenerator[
 """A call's statuses, then its outputs (one payload per output component)."""
 
 
-def forward_gpu_events(endpoints: list[GpuEndpoint], follow: Follow) -> None:
-    """Rewire each GPU event of the app to forward its calls through ``follow``."""
+def forward_gpu_events(
+    endpoints: list[GpuEndpoint], follow: Follow, validator: Callable[[GpuEndpoint], Callable[..., Any]] | None = None
+) -> None:
+    """Rewire each GPU event of the app to forward its calls through ``follow``. ``validator``:
+    what Gradio's own ``validator=`` of the rewired event becomes, given the endpoint (the
+    frontend's checks, ``api/validation.gradio_validator``: Gradio would otherwise run the
+    app's validator on raw payloads); None: the event keeps none."""
     for endpoint in endpoints:
         block_fn = endpoint.block_fn
         block_fn.fn = forwarding_handler(endpoint, follow)
+        block_fn.validator = validator(endpoint) if validator is not None else None
         block_fn.preprocess = False
         block_fn.postprocess = False
         block_fn.batch = False

@@ -77,17 +77,12 @@ class EventProcessing:
     def of(cls, endpoint: GpuEndpoint) -> EventProcessing:
         block_fn = endpoint.block_fn
         assert block_fn.fn is not None  # (the loader found the decorator's record on it)
-        record = endpoint.record
-        generator = inspect.isgeneratorfunction(block_fn.fn) or inspect.isasyncgenfunction(block_fn.fn)
-        event_limit = getattr(block_fn, "time_limit", None)
-        limit = record.time_limit or (float(event_limit) if isinstance(event_limit, int | float) and
-                                      event_limit > 0 else None)
-        return cls(
+        return cls(  # the call's shape as the loader read it (the endpoint keeps it), the rest as it is now
             api_name=endpoint.api_name, fn=block_fn.fn, inputs=tuple(block_fn.inputs),
-            outputs=tuple(block_fn.outputs), preprocess_inputs=bool(block_fn.preprocess),
-            postprocess_outputs=bool(block_fn.postprocess), inputs_as_dict=bool(block_fn.inputs_as_dict),
-            keyword_names=tuple(block_fn.input_keyword_names or ()), batch=record.batch,
-            streams=generator and not record.batch, time_limit=limit,
+            outputs=tuple(block_fn.outputs), preprocess_inputs=endpoint.preprocess,
+            postprocess_outputs=bool(block_fn.postprocess), inputs_as_dict=endpoint.inputs_as_dict,
+            keyword_names=endpoint.keyword_names, batch=endpoint.record.batch,
+            streams=endpoint.streams, time_limit=endpoint.time_limit,
         )
 
     # -- inputs (blocking: run off the event loop) -------------------------------------------

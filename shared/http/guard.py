@@ -177,7 +177,7 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _PATH_WORDS = frozenset({
     "gradio_api", "call", "v2", "run", "api", "queue", "join", "data", "upload", "upload_progress",
     "process_recording", "stream", "component_server", "mcp", "info", "config", "health", "metrics",
-    "admin", "splitspace", "v1", "infer", "standing", "file", "heartbeat", "cancel",
+    "admin", "splitspace", "v1", "infer", "standing", "file", "heartbeat", "cancel", "images", "generations", "models",
 })
 
 
