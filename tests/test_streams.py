@@ -221,12 +221,15 @@ def test_each_yield_is_a_partial_in_order_and_the_last_is_the_result(runner: Gpu
 
 def test_a_reader_slower_than_its_generator_gets_the_newest_yields(runner: GpuRunner, gates: Gates) -> None:
     functions = stream_app(gates)
+    collapsed: list[int] = []
 
     async def scenario() -> list[Any]:
         ticket = admit(runner, functions, "burst", 5 * PARTIALS_KEPT)
         assert await until(gates.produced.is_set)
-        assert await until(lambda: ticket.waiter.partials is not None and ticket.waiter.partials.items and
-                           ticket.waiter.partials.items[-1] == [str(5 * PARTIALS_KEPT - 1)])
+        buffer = ticket.waiter.partials
+        assert buffer is not None
+        assert await until(lambda: buffer.items and buffer.items[-1] == [str(5 * PARTIALS_KEPT - 1)])
+        collapsed.append(buffer.collapsed)
         updates = []
         async for update in runner.follow(ticket):
             updates.append(update)
@@ -236,7 +239,7 @@ def test_a_reader_slower_than_its_generator_gets_the_newest_yields(runner: GpuRu
 
     updates = asyncio.run(scenario())
     partials = [int(u.data[0]) for u in updates if isinstance(u, Partial)]
-    assert partials and len(partials) <= PARTIALS_KEPT
+    assert partials and len(partials) <= PARTIALS_KEPT and len(partials) + collapsed[0] >= 5 * PARTIALS_KEPT
     assert partials == sorted(partials) and partials[-1] == 5 * PARTIALS_KEPT - 1  # the newest, in order
     assert updates[-1].data == ["end"]
 
@@ -329,6 +332,21 @@ def test_the_time_limit_comes_from_the_decorator_else_from_the_event() -> None:
     for bad in (0, -1, True, float("inf")):
         with pytest.raises(ValueError, match="time_limit"):
             splitspace.gpu(time_limit=bad)
+
+
+def test_a_generators_admission_estimate_is_its_duration() -> None:
+    import sys
+
+    from splitspace.shared.app.loader import load_app
+
+    sys.modules.pop("streams", None)
+    try:
+        functions = app_functions(gpu_endpoints(load_app(str(REPO / "tests/apps/streams.py"))),
+                                  cache_dir=gr_utils.get_upload_folder(), max_file_bytes=10_000)
+    finally:
+        sys.modules.pop("streams", None)
+    work = functions["ticks"].prepare(Call("ticks", [20, 50, ""]))
+    assert work.streams and work.batch_key is None and work.cost == pytest.approx(1.0)  # 20 chunks x 50 ms
 
 
 def test_partials_and_the_time_limit_cross_the_hop() -> None:
