@@ -43,8 +43,8 @@ from splitspace.gpu_backend.serving.direct_route import INFER_PATH, MAX_BODY_BYT
 from splitspace.gpu_backend.serving.service import InferService
 from splitspace.gpu_backend.stores.global_limits import GlobalLimits, local_limits
 from splitspace.gpu_backend.stores.resilient_store import ResilientStore, open_async_store, open_store
-from splitspace.gpu_backend.stores.usage import MemoryUsageStore, SqliteUsageStore, UsageStore
-from splitspace.gpu_backend.stores.write_behind import WriteBehindStore
+from splitspace.gpu_backend.stores.usage import MemoryUsageStore
+from splitspace.gpu_backend.stores.write_behind import SqliteUsageStore, WriteBehindStore
 from splitspace.gpu_backend.workload import gpu
 from splitspace.gpu_backend.workload.app_functions import AppFunction, app_functions
 from splitspace.gpu_backend.workload.cost import CostModel
@@ -112,7 +112,7 @@ class GpuTier:
         if settings.redis_url is None:
             # Usage in memory, written to the file soon after: no disk I/O under the lock
             # that the GPU thread shares with admission (write_behind.py).
-            self.store: WriteBehindStore | UsageStore = WriteBehindStore(SqliteUsageStore(settings.state_path))
+            self.store: WriteBehindStore | ResilientStore = WriteBehindStore(SqliteUsageStore(settings.state_path))
             self.overrides = Overrides(self.store)
             limits = limits_function(lambda: self.watcher.current, self.overrides)
             self._memory_stores: list[MemoryUsageStore | WriteBehindStore] = [self.store]

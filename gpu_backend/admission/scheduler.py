@@ -120,7 +120,7 @@ O(log n) plus the 64-term sum of the ETA.
 
 *Admission* (:meth:`FairScheduler.submit`) checks, in order: duplicate job id,
 ``requests_per_minute`` (sliding 60 s, per flow), ``max_queued`` (per flow), then
-reserves the estimated GPU-seconds in the :class:`~gpu_backend.stores.usage.UsageStore`, for the
+reserves the estimated GPU-seconds in the :class:`~gpu_backend.stores.usage.UsageLedger`, for the
 client and, for anonymous clients, also for the address's shared ceiling
 ``address_gpu_seconds``. A refusal says which limit and how long until a retry can
 succeed. ``limits(client)`` is asked at every admission and dispatch, so operator

@@ -22,13 +22,14 @@ from splitspace.shared.contract.quotas import QuotaConfig, QuotaFileError, valid
 
 if TYPE_CHECKING:
     from splitspace.gpu_backend.stores.global_limits import GlobalLimits
+    from splitspace.gpu_backend.stores.resilient_store import ResilientStore
 
 
 def admin_router(
     *,
     token: str | None,
     read: Callable[[Callable[[FairScheduler], Any]], Any],
-    store: UsageLedger,
+    store: UsageLedger | ResilientStore,
     overrides: Overrides,
     config: Callable[[], QuotaConfig],
     quota_status: Callable[[], dict[str, Any]],
