@@ -57,12 +57,12 @@ from splitspace.session import (
 from splitspace.session.address import AddressPolicy
 from splitspace.session.caller import CallerStamps
 from splitspace.session.token import HEALTH, STANDING, infer_purpose
-from splitspace.shared.app.files import BadFile, FileTooLarge, inline_files, outline_files
+from splitspace.shared.app.files import BadFile, FileTooLarge, carries_files, inline_files, outline_files
 from splitspace.shared.app.loader import GpuEndpoint, gpu_endpoints, load_app
 from splitspace.shared.app.processing import input_label
 from splitspace.shared.config.quota_watch import QuotaWatcher
 from splitspace.shared.config.settings import Settings
-from splitspace.shared.contract.calls import Call, CallResult
+from splitspace.shared.contract.calls import Call, CallResult, Partial
 from splitspace.shared.contract.errors import GpuFailed, SplitspaceError, ValidationFailed
 from splitspace.shared.contract.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from splitspace.shared.contract.hop import Result, Status
@@ -285,7 +285,8 @@ class Frontend:
     ) -> AsyncGenerator[Status | list[Any], None]:
         """A call of the developer's GPU function (``ui/app_events.py``): validate, join the
         door, forward; its statuses (its place at the door, then at the GPU tier), then its
-        outputs (one payload per output component, files in this tier's cache)."""
+        outputs (one payload per output component, files in this tier's cache): a
+        generator's each yield as it arrives (a Partial), its last as the result (not twice)."""
         try:
             identity = self.identity(request)
             assert request is not None  # (identity() refuses a call without one)
@@ -298,6 +299,7 @@ class Frontend:
             except (TypeError, ValueError):  # NaN, or a gr.State holding what JSON cannot say
                 raise ValidationFailed("data", "must be plain JSON (no NaN, infinity or Python objects)") from None
             result: CallResult | None = None
+            last_partial: list[Any] | None = None
             place = self.door.take(request.headers.get(DOOR_PASS_HEADER), identity.flow_id) or \
                 await self.join_door(identity)
             told = Told(place.told)
@@ -305,7 +307,7 @@ class Frontend:
                 async for status in wait_turn(place, told, lambda: self.seconds_per_job):
                     yield status
                 # aclosing: the call to the GPU tier closes when this generator does (the
-                # caller left: the GPU tier drops the queued job), not at GC.
+                # caller left: the GPU tier drops the queued job, or stops its stream), not at GC.
                 updates = self.pool.call(call, self.forward_headers(identity, request, infer_purpose(digest)))
                 async with contextlib.aclosing(updates):
                     async for update in updates:
@@ -313,22 +315,33 @@ class Frontend:
                             self.caps.learn(identity, update.cap)
                             result = update
                             break
-                        if isinstance(update, Status):  # (a Partial: streaming, not carried yet)
+                        if isinstance(update, Partial):  # a generator's yield: it replaces the outputs
+                            last_partial = update.data
+                            yield await self._landed(update.data, max_bytes)
+                        elif isinstance(update, Status):
                             self.caps.learn(identity, update.cap)
                             news = told.next(update)
-                            if news is not None:
+                            if news is not None and last_partial is None:  # (a stream's heartbeats say nothing)
                                 yield news
             finally:
                 place.leave()  # the GPU tier has answered: the client's next may go
             if result is not None:
                 self.seconds_per_job += 0.1 * (result.info.gpu_s - self.seconds_per_job)
-                try:
-                    outputs = await asyncio.to_thread(outline_files, result.data, self.cache_dir, max_bytes=max_bytes)
-                except (FileTooLarge, BadFile) as exc:  # (the tiers disagree on SPLITSPACE_MAX_FILE_BYTES)
-                    raise GpuFailed(f"an output could not be received: {exc}") from None
-                yield outputs
+                if result.data != last_partial:  # a stream's last yield came as a Partial already
+                    yield await self._landed(result.data, max_bytes)
         except SplitspaceError as exc:
             raise to_gradio_error(exc) from None
+
+    async def _landed(self, data: list[Any], max_bytes: int) -> list[Any]:
+        """Payloads from the GPU tier with their files written into this tier's cache (in a
+        thread: they may be megabytes; text needs no trip there)."""
+        if not carries_files(data):
+            return data
+        try:
+            landed: list[Any] = await asyncio.to_thread(outline_files, data, self.cache_dir, max_bytes=max_bytes)
+        except (FileTooLarge, BadFile) as exc:  # (the tiers disagree on SPLITSPACE_MAX_FILE_BYTES)
+            raise GpuFailed(f"an output could not be received: {exc}") from None
+        return landed
 
     async def quota(self, request: gr.Request = None) -> dict:  # type: ignore[assignment]
         """``/quota``: the caller's own standing, as the GPU tier counts it."""

@@ -15,8 +15,8 @@ A frontend serving a developer's app calls its ``@splitspace.gpu`` functions thr
 :meth:`MockTransport.call`: given the app's GPU events (``functions=gpu_endpoints(blocks)``,
 read before the frontend rewires them), it runs each call in-process as the GPU tier
 would (``shared/app/processing.py``: preprocess, the function, postprocess, files carried
-as bytes), with no token check, queue or fairness; a function's error arrives as the
-GPU tier would send it::
+as bytes; a generator's each yield as a Partial, stopped when the call is closed), with
+no token check, queue or fairness; a function's error arrives as the GPU tier would send it::
 
     frontend = build_app(settings, transports=[MockTransport(functions=gpu_endpoints(load_app(spec)))])
 """
@@ -24,7 +24,9 @@ GPU tier would send it::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
+import threading
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping
 from typing import Any, cast
@@ -36,7 +38,8 @@ from splitspace.cpu_frontend.hop.transport import Transport
 from splitspace.shared.app.files import DEFAULT_MAX_FILE_BYTES
 from splitspace.shared.app.loader import GpuEndpoint
 from splitspace.shared.app.processing import EventProcessing
-from splitspace.shared.contract.calls import Call, CallInfo, CallResult
+from splitspace.shared.app.streaming import Stopped
+from splitspace.shared.contract.calls import Call, CallInfo, CallResult, Partial
 from splitspace.shared.contract.errors import GPU_ERROR, GpuFailed, SplitspaceError, UnknownEndpoint
 from splitspace.shared.contract.hop import CallUpdate, Update
 from splitspace.shared.contract.schema import GenerateRequest
@@ -104,8 +107,17 @@ class MockTransport(Transport):
         try:
             args = await asyncio.to_thread(event.preprocess, call.data, cache_dir=gr_utils.get_upload_folder(),
                                            max_file_bytes=self._max_file_bytes)
-            outputs = await asyncio.to_thread(event.call, args)
-            data = await event.postprocess(outputs, max_file_bytes=self._max_file_bytes)
+            if event.streams:
+                data = None
+                async for update in self._stream(event, args):
+                    if isinstance(update, Partial):
+                        yield update
+                    else:
+                        data = update
+                assert data is not None
+            else:
+                outputs = await asyncio.to_thread(event.call, args)
+                data = await event.postprocess(outputs, max_file_bytes=self._max_file_bytes)
         except SplitspaceError:
             raise
         except GradioError as exc:  # as the GPU tier passes a function's gr.Error on
@@ -115,6 +127,42 @@ class MockTransport(Transport):
         spent = round(time.monotonic() - t0, 4)
         yield CallResult(data, CallInfo(endpoint=call.endpoint, queue_s=0.0, gpu_s=spent, total_s=spent,
                                         client="mock"))
+
+    async def _stream(self, event: EventProcessing, args: list[Any]) -> AsyncIterator[Partial | list[Any]]:
+        """A generator's yields as Partials, then its last yield's payloads; run in a thread,
+        stopped when this is closed."""
+        loop = asyncio.get_running_loop()
+        updates: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        stop = threading.Event()
+
+        def emit(data: list[Any]) -> None:
+            loop.call_soon_threadsafe(updates.put_nowait, ("partial", data))
+
+        def run() -> None:
+            try:
+                last = event.call_streaming(args, emit, should_stop=stop.is_set, max_file_bytes=self._max_file_bytes)
+            except Stopped:
+                return
+            except BaseException as exc:  # noqa: BLE001 (the caller gets it, as the GPU tier's error)
+                loop.call_soon_threadsafe(updates.put_nowait, ("error", exc))
+            else:
+                loop.call_soon_threadsafe(updates.put_nowait, ("done", last))
+
+        worker = asyncio.ensure_future(asyncio.to_thread(run))
+        try:
+            while True:
+                kind, value = await updates.get()
+                if kind == "partial":
+                    yield Partial(value)
+                elif kind == "error":
+                    raise value
+                else:
+                    yield value
+                    return
+        finally:
+            stop.set()
+            with contextlib.suppress(Exception):
+                await worker
 
     async def standing(self, headers: Mapping[str, str]) -> dict[str, Any]:
         return self._standing(headers)

@@ -11,20 +11,27 @@ fair door, the hop) and the GPU tier. For that event:
 - ``postprocess=False``: the handler returns the GPU tier's postprocessed payloads;
 - no concurrency limit and no Gradio batching: the door and the GPU tier's scheduler
   decide who goes when, and the GPU tier batches across clients;
-- the handler is a generator: while the call waits it sends no output (``gr.skip()``) and
-  tells its place through Gradio's progress (``gr.Progress``); a caller who leaves is
-  noticed at its next yield, which closes the call to the GPU tier.
+- the handler is a generator: while the call waits it sends no output and tells its
+  place through Gradio's progress (``gr.Progress``), so a client iterating the outputs
+  sees only the function's (were Gradio's liveness out of reach, it would yield
+  ``gr.skip()`` at each status instead, the way Gradio notices a caller who left); a generator function's
+  each yield arrives as outputs the moment the GPU tier sends it, so Gradio streams it
+  (``generating`` events, each replacing the outputs, the last one the result);
+- a caller who leaves is noticed within ``LIVENESS_S`` even while nothing arrives (Gradio
+  itself would notice only at the handler's next yield: a slow stream's next chunk), and the
+  call to the GPU tier is closed, which drops a waiting job or stops a stream.
 
 Events without the decorator run here, as in plain Gradio.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import gradio as gr
 
@@ -32,6 +39,11 @@ from splitspace.cpu_frontend.door.status_feed import status_for_api
 from splitspace.cpu_frontend.ui import ui_text
 from splitspace.shared.app.loader import GpuEndpoint
 from splitspace.shared.contract.hop import Status
+from splitspace.shared.gradio.gradio_events import event_liveness
+
+T = TypeVar("T")
+LIVENESS_S = 0.1
+"""How often a handler waiting for the GPU tier's next update looks whether its caller is still there."""
 
 Follow = Callable[[GpuEndpoint, list[Any], "gr.Request | None"], AsyncGenerator["Status | list[Any]", None]]
 """A call's statuses, then its outputs (one payload per output component)."""
@@ -59,21 +71,24 @@ def forward_gpu_events(
 
 def forwarding_handler(endpoint: GpuEndpoint, follow: Follow) -> Callable[..., AsyncIterator[Any]]:
     """A Gradio handler for the event: its inputs' payloads, then ``request`` and ``progress``
-    (Gradio fills those in by the signature), yielding skips while the call waits, then its outputs."""
+    (Gradio fills those in by the signature), telling its progress while the call waits, then
+    yielding its outputs (each of a stream's as it comes)."""
     n_out = len(endpoint.outputs)
     waiting: Any = None if n_out == 0 else gr.skip() if n_out == 1 else tuple(gr.skip() for _ in range(n_out))
 
     async def handler(*args: Any) -> AsyncIterator[Any]:
         *payloads, request, progress = args
         clicked = time.monotonic()
+        alive = event_liveness()
         updates = follow(endpoint, list(payloads), request)
         async with contextlib.aclosing(updates):
-            async for update in updates:
+            async for update in while_alive(updates, alive or (lambda: True)):
                 if isinstance(update, Status):
                     status = status_for_api(update)
                     waited = time.monotonic() - clicked
                     progress(ui_text.wait_fraction(waited, update.eta_s), desc=ui_text.waiting(status))
-                    yield waiting
+                    if alive is None:  # no way to look: a yield is how Gradio notices a caller who left
+                        yield waiting
                 else:
                     yield update[0] if n_out == 1 else tuple(update)
 
@@ -88,6 +103,28 @@ def forwarding_handler(endpoint: GpuEndpoint, follow: Follow) -> Callable[..., A
     handler.__name__ = handler.__qualname__ = getattr(original, "__name__", endpoint.api_name)
     handler.__doc__ = original.__doc__  # the API page's description of the function
     return handler
+
+
+async def while_alive(items: AsyncIterator[T], alive: Callable[[], bool]) -> AsyncIterator[T]:
+    """``items`` until they end or ``alive()`` turns false, looked at every ``LIVENESS_S``
+    while the next item is awaited; then that wait is cancelled (which closes ``items``
+    where it waits: the call to the GPU tier). Cancelled itself, it cancels the wait too."""
+    while True:
+        step = asyncio.ensure_future(anext(items))
+        try:
+            while not (await asyncio.wait({step}, timeout=LIVENESS_S))[0]:
+                if not alive():
+                    return
+            try:
+                item = step.result()
+            except StopAsyncIteration:
+                return
+        finally:
+            if not step.done():
+                step.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await step
+        yield item
 
 
 def _input_parameters(endpoint: GpuEndpoint) -> list[inspect.Parameter]:

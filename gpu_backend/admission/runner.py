@@ -16,6 +16,19 @@ A waiting handler that goes away (the caller disconnected or cancelled) has
 its job removed from the queue at once; a batch already on the GPU finishes
 and its slot is freed only when the model returns, so two jobs never overlap.
 
+A job whose work streams (a developer's generator) runs alone on its GPU thread
+(``Workload.run_stream``): each yield, postprocessed there, is handed to the waiting
+handler with ``loop.call_soon_threadsafe`` into the job's bounded buffer
+(:class:`_Partials`) and sent as a :class:`~shared.contract.calls.Partial`; its last
+yield is its answer. If the caller reads more slowly than the generator yields, only
+the newest yields are kept (each yield replaces the outputs of the one before, so the
+caller misses intermediate states, never the latest). A caller who leaves mid-stream
+sets the job's stop: the GPU thread closes the generator at its next yield, the
+client is charged the time it used, and the GPU goes to the next job. While a stream
+runs its flow is charged the time it has used every ``ACCRUE_EVERY_S``
+(``FairScheduler.accrue``), so a long stream counts against its client's share (and
+its standing) as it goes, not only at its end.
+
 With Redis (``GpuRunner.gate``, :mod:`gpu_backend.stores.global_limits`), a GPU thread takes
 each job's global running slot after the pick and before the batch runs, and gives it
 back after, both outside the lock; a job whose slot is refused goes back to its queue
@@ -38,16 +51,17 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from splitspace.gpu_backend.admission.scheduler import ClientRef, FairScheduler, Job, Outcome
 from splitspace.gpu_backend.workload.batching import BatchOutcome, split_batch_time, zerogpu_batch_key
 from splitspace.gpu_backend.workload.cost import CostModel
 from splitspace.gpu_backend.workload.text_to_image import BatchFn, TextToImage
-from splitspace.gpu_backend.workload.work import Answer, Timing, Work
+from splitspace.gpu_backend.workload.work import Answer, StreamStopped, Timing, Work
 from splitspace.session.identity import Identity
 from splitspace.shared.config import status_pace
+from splitspace.shared.contract.calls import Partial
 from splitspace.shared.contract.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled, UnknownEndpoint
 from splitspace.shared.contract.hop import Status
 from splitspace.shared.contract.schema import GenerateRequest
@@ -60,8 +74,13 @@ _TITLES = {
     Outcome.RATE_LIMITED: RATE_LIMITED,
 }
 
-RunnerUpdate = Status | Answer
-"""What following a ticket yields: statuses, then the job's answer."""
+RunnerUpdate = Status | Partial | Answer
+"""What following a ticket yields: statuses (and a stream's partial outputs), then the job's answer."""
+
+PARTIALS_KEPT = 64
+"""A streaming job's yields waiting for its handler, at most; past that only the newest is kept."""
+ACCRUE_EVERY_S = 0.5
+"""A running stream's flow is charged the time it has used at its first yield after this long."""
 
 
 def client_ref(identity: Identity) -> ClientRef:
@@ -84,6 +103,61 @@ class _Waiter:
     past_gate: bool = False
     """With a gate: its running slot was decided and it runs (set under the lock); a drop
     before that is kept in ``GpuRunner._left``."""
+    partials: _Partials | None = None
+    """A streaming job's yields not sent yet (on the loop); None for work that does not stream."""
+    stop: threading.Event = field(default_factory=threading.Event)
+    """Set when the caller leaves while the job runs: a stream stops at its next yield."""
+
+
+class _Partials:
+    """A streaming job's yields that its handler has not sent yet (used on the event loop only).
+
+    Bounded by ``PARTIALS_KEPT``: a caller slower than its generator makes the buffer
+    collapse to the newest yield, which replaces all before it anyway (Gradio's streaming:
+    each yield replaces the outputs)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.items: deque[list[Any]] = deque()
+        self.collapsed = 0
+        """Yields dropped because a newer one replaced them before they were sent."""
+        self._loop = loop
+        self._wake: asyncio.Future[None] | None = None
+
+    def put(self, data: list[Any]) -> None:
+        if len(self.items) >= PARTIALS_KEPT:
+            self.collapsed += len(self.items)
+            self.items.clear()
+        self.items.append(data)
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def arrival(self) -> asyncio.Future[None]:
+        """A future done when a yield is waiting (at once if one is)."""
+        self._wake = self._loop.create_future()
+        if self.items:
+            self._wake.set_result(None)
+        return self._wake
+
+
+class _Sink:
+    """A streaming job's side on its GPU thread (``work.StreamSink``)."""
+
+    def __init__(self, runner: GpuRunner, job: Job, waiter: _Waiter) -> None:
+        assert waiter.partials is not None
+        self._runner, self._job, self._waiter, self._partials = runner, job, waiter, waiter.partials
+        self._started = self._accrued = time.perf_counter()
+
+    def emit(self, data: list[Any]) -> None:
+        self._waiter.loop.call_soon_threadsafe(self._partials.put, data)
+
+    def stopped(self) -> bool:
+        return self._waiter.stop.is_set()
+
+    def progress(self) -> None:
+        now = time.perf_counter()
+        if now - self._accrued >= ACCRUE_EVERY_S:
+            self._accrued = now
+            self._runner.accrue(self._job, now - self._started)
 
 
 @dataclass
@@ -223,7 +297,7 @@ class GpuRunner:
         loop = asyncio.get_running_loop()
         waiter = _Waiter(
             work=work, submitted=self._clock(), context=contextvars.copy_context(),
-            future=loop.create_future(), loop=loop,
+            future=loop.create_future(), loop=loop, partials=_Partials(loop) if work.streams else None,
         )
         batch_key = None if work.batch_key is None else zerogpu_batch_key(
             work.batch_key, client_id=identity.client_id, ip_token=ip_token, on_zerogpu=self.on_zerogpu,
@@ -253,34 +327,61 @@ class GpuRunner:
         return self.text_to_image().resolve(request)
 
     async def follow(self, ticket: Ticket) -> AsyncGenerator[RunnerUpdate, None]:
-        """Yield the ticket's status while it waits, then its answer. Closing this
-        generator (or cancelling the task that runs it) while the job waits drops the job."""
+        """Yield the ticket's status while it waits, a stream's partial outputs as they come,
+        then its answer. Closing this generator (or cancelling the task that runs it) while
+        the job waits drops the job; while it streams, stops it."""
         waiter, job_id, cap = ticket.waiter, ticket.job_id, ticket.cap
+        partials = waiter.partials
+        loop = waiter.loop
         try:
             # A disconnected caller is noticed at its next yield (the direct route also
             # watches for the disconnect itself). The pace: shared/config/status_pace.py; at least
             # every HEARTBEAT_S, which the frontend takes as a sign of life.
-            await asyncio.wait([waiter.future], timeout=status_pace.FIRST_AFTER_S)
+            await self._news(waiter, status_pace.FIRST_AFTER_S)
+            told_running, last_sent = False, loop.time()
             while not waiter.future.done():
-                with self._lock:
-                    place = self.scheduler.position(job_id)
+                if partials is not None and partials.items:
+                    yield Partial(partials.items.popleft())
+                    told_running, last_sent = True, loop.time()  # a yield says it runs
+                    continue
+                place = None
+                if waiter.started is None:
+                    with self._lock:
+                        place = self.scheduler.position(job_id)
                 if place is not None:
                     yield Status("queued", place[0], round(place[1], 1), cap)
                     interval = min(status_pace.interval_s(place[0]), status_pace.HEARTBEAT_S)
+                    last_sent = loop.time()
                 else:
-                    yield Status("running", 0, 0.0, cap)
-                    interval = status_pace.HEARTBEAT_S
-                await asyncio.wait([waiter.future], timeout=interval)
+                    quiet = loop.time() - last_sent
+                    if not told_running or quiet >= status_pace.HEARTBEAT_S:
+                        yield Status("running", 0, 0.0, cap)
+                        told_running, quiet, last_sent = True, 0.0, loop.time()
+                    interval = status_pace.HEARTBEAT_S - quiet
+                await self._news(waiter, interval)
             yield dataclasses.replace(waiter.future.result(), cap=cap)
         finally:
             self.drop(ticket)
 
+    @staticmethod
+    async def _news(waiter: _Waiter, timeout_s: float) -> None:
+        """Wait until the job is done, a stream's yield arrives, or ``timeout_s`` passes."""
+        if waiter.future.done():
+            return
+        watch: list[asyncio.Future[Any]] = [waiter.future]
+        if waiter.partials is not None:
+            watch.append(waiter.partials.arrival())
+        await asyncio.wait(watch, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+
     def drop(self, ticket: Ticket) -> None:
-        """Remove the ticket's job from the queue if it still waits (idempotent)."""
+        """Remove the ticket's job from the queue if it still waits, or stop it at its next
+        yield if it streams (idempotent)."""
         if ticket.waiter.future.done():
             return
         with self._work:
             cancelled = self.scheduler.cancel(ticket.job_id)
+            if not cancelled:
+                ticket.waiter.stop.set()
             if cancelled:
                 self._waiters.pop(ticket.job_id, None)
                 self._dispatch_locked()  # a freed place may make another job eligible
@@ -419,7 +520,12 @@ class GpuRunner:
         costs = [j.cost for j in jobs]
         t0 = time.perf_counter()
         try:  # in the head job's context, so ZeroGPU sees that caller's request (x-ip-token)
-            outcome = waiters[0].context.run(workload.run_batch, payloads, costs)
+            if waiters[0].work.streams:  # alone: a streaming job's key is None
+                output = waiters[0].context.run(workload.run_stream, payloads[0], _Sink(self, jobs[0], waiters[0]))
+                spent = time.perf_counter() - t0
+                outcome = BatchOutcome([output], [spent], spent, False)
+            else:
+                outcome = waiters[0].context.run(workload.run_batch, payloads, costs)
         except BaseException as exc:  # the GPU call itself failed (e.g. ZeroGPU refused it)
             spent = time.perf_counter() - t0
             outcome = BatchOutcome([exc] * len(jobs), split_batch_time(costs, spent), spent, False)
@@ -444,8 +550,18 @@ class GpuRunner:
         if self.gate is None:
             self._deliver_all(jobs, waiters, outcome)
 
+    def accrue(self, job: Job, used_s: float) -> None:
+        """Charge a running job the GPU time it has used so far (a GPU thread, mid-stream)."""
+        with self._lock:
+            self.scheduler.accrue(job.job_id, used_s)
+
     def _deliver_all(self, jobs: list[Job], waiters: list[_Waiter], outcome: BatchOutcome) -> None:
         for job, w, result, share in zip(jobs, waiters, outcome.results, outcome.charges_s, strict=False):
+            if w.partials is not None and (isinstance(result, StreamStopped) or w.stop.is_set()):
+                # the caller left mid-stream: nobody waits for the answer
+                self._on_event("stopped", {"tier": job.client.tier, "gpu_s": share})
+                w.loop.call_soon_threadsafe(w.future.cancel)
+                continue
             self._on_event("finished", {"tier": job.client.tier, "gpu_s": share})
             if isinstance(result, BaseException):
                 w.loop.call_soon_threadsafe(_fail, w.future, result)

@@ -315,6 +315,8 @@ class _Running:
     job: Job
     weight: float
     unit: int
+    charged: float = 0.0
+    """GPU-seconds counted in its flow's service so far: its cost at dispatch, more as it accrues."""
 
 
 class FairScheduler:
@@ -628,7 +630,7 @@ class FairScheduler:
             self._retag(flow)
         self._list(flow)
         job.started_at = self._clock()
-        self._running[job.job_id] = _Running(job, weight, unit)
+        self._running[job.job_id] = _Running(job, weight, unit, job.cost)
         return job
 
     # -- finish and cancel -----------------------------------------------------------
@@ -645,7 +647,7 @@ class FairScheduler:
         gpu_s = max(0.0, float(gpu_s))
         flow = self._flows[job.client.flow_id]
         member = flow.members[job.client.client_id]
-        correction = (gpu_s - job.cost) / entry.weight
+        correction = (gpu_s - entry.charged) / entry.weight
         if correction:
             self._unlist(flow)
             self._unorder(flow, member)
@@ -665,6 +667,33 @@ class FairScheduler:
         self._went_idle(flow, member)
         self._collect_idle()
 
+    def accrue(self, job_id: str, used_s: float) -> bool:
+        """Charge a running job the GPU time it has used so far, while it still runs (a long
+        stream): its flow's service and its usage grow now rather than at its finish, so a
+        flow whose stream outruns its estimate is behind the others at the next dispatch
+        (with several slots, while the stream still runs) and its standing shows what it
+        used. Only time beyond what is already charged counts; :meth:`finish` settles the
+        rest (a measured time below the charge gives the difference back). False if the job
+        is not running."""
+        entry = self._running.get(job_id)
+        if entry is None:
+            return False
+        job, used = entry.job, max(0.0, float(used_s))
+        if used > entry.charged:
+            flow = self._flows[job.client.flow_id]
+            member = flow.members[job.client.client_id]
+            self._unlist(flow)
+            self._unorder(flow, member)
+            flow.service += (used - entry.charged) / entry.weight
+            member.service += (used - entry.charged) / entry.weight
+            entry.charged = used
+            self._order(flow, member)
+            self._retag(flow)
+            self._list(flow)
+        if used > job.reserved:
+            self._settle(job, used, self._clock())
+        return True
+
     def requeue(self, job_id: str) -> bool:
         """Undo a dispatch: put a running job back at the head of its client's queue, with
         its charge taken back (its running slot was refused elsewhere, so it did not run).
@@ -677,8 +706,8 @@ class FairScheduler:
         member = flow.members[job.client.client_id]
         self._unlist(flow)
         self._unorder(flow, member)
-        flow.service -= job.cost / entry.weight
-        member.service -= job.cost / entry.weight
+        flow.service -= entry.charged / entry.weight
+        member.service -= entry.charged / entry.weight
         flow.running -= 1
         member.running -= 1
         member.queue.appendleft(job)

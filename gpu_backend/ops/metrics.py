@@ -59,9 +59,9 @@ class GpuMetrics:
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "started":
             self.wait.labels(data["tier"]).observe(data["wait_s"])
-        elif kind == "finished":
+        elif kind in ("finished", "stopped"):  # stopped: a stream whose caller left, charged what it used
             self.gpu_seconds.labels(data["tier"]).inc(data["gpu_s"])
-            self.requests.labels("finished").inc()
+            self.requests.labels(kind).inc()
         elif kind == "refused":
             self.refusals.labels(data["reason"]).inc()
             self.requests.labels("refused").inc()

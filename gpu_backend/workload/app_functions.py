@@ -12,8 +12,12 @@ where the runner needs it:
   Gradio batch call; a failed batch is run again one call at a time
   (``batching.run_isolating_failures``), so each caller gets its own outputs or error and
   pays its own share;
+- :meth:`AppFunction.run_stream` (a GPU thread, a generator function): each yield read as
+  outputs, postprocessed there (files carried as bytes) and handed to the runner's sink,
+  which sends it as a :class:`~shared.contract.calls.Partial`; stopped between yields when
+  the caller leaves or the time limit passes (``TimeLimitExceeded``, naming it);
 - :meth:`AppFunction.finish` (the event loop): the outputs postprocessed and carried into
-  a :class:`~shared.contract.calls.CallResult`.
+  a :class:`~shared.contract.calls.CallResult` (a stream's last yield, already postprocessed).
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from splitspace.gpu_backend.workload.batching import BatchOutcome, run_isolating_failures
-from splitspace.gpu_backend.workload.work import Timing, Work, Workload
+from splitspace.gpu_backend.workload.work import StreamSink, StreamStopped, Timing, Work, Workload
 from splitspace.shared.app.loader import GpuEndpoint
 from splitspace.shared.app.processing import EventProcessing
+from splitspace.shared.app.streaming import Stopped
 from splitspace.shared.contract.calls import Call, CallInfo, CallResult
 
 BATCH_KEY = "splitspace.call"
@@ -37,6 +42,13 @@ class Prepared:
     """One call's inputs, preprocessed: what the function takes, one value per input component."""
 
     args: list[Any]
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """A stream's output: its last yield, already postprocessed (payloads for the hop)."""
+
+    data: list[Any]
 
 
 class AppFunction(Workload[Prepared]):
@@ -59,7 +71,7 @@ class AppFunction(Workload[Prepared]):
         record = self.endpoint.record
         estimate = record.estimate_s(*([a] for a in args)) if record.batch else record.estimate_s(*args)
         key = (BATCH_KEY, self.api_name) if record.batch else None
-        return Work(self, Prepared(args), estimate, key)
+        return Work(self, Prepared(args), estimate, key, streams=self.event.streams)
 
     def max_batch(self) -> int:
         record = self.endpoint.record
@@ -72,14 +84,29 @@ class AppFunction(Workload[Prepared]):
         return run_isolating_failures(lambda items: self.event.call_batch([p.args for p in items]),
                                       lambda p: self.event.call(p.args), payloads, costs=costs)
 
-    def finish(self, payload: Prepared, output: Any, timing: Timing) -> Awaitable[CallResult]:
+    def run_stream(self, payload: Prepared, sink: StreamSink) -> Streamed:
+        def emit(data: list[Any]) -> None:
+            sink.emit(data)
+            sink.progress()
+
+        try:
+            return Streamed(self.event.call_streaming(payload.args, emit, should_stop=sink.stopped,
+                                                      max_file_bytes=self.max_file_bytes))
+        except Stopped:
+            raise StreamStopped from None
+
+    def finish(self, payload: Prepared, output: Any, timing: Timing) -> CallResult | Awaitable[CallResult]:
+        if isinstance(output, Streamed):
+            return CallResult(output.data, self._info(timing))
         return self._answer(output, timing)
 
     async def _answer(self, values: list[Any], timing: Timing) -> CallResult:
         data = await self.event.postprocess(values, max_file_bytes=self.max_file_bytes)
-        info = CallInfo(endpoint=self.api_name, queue_s=timing.queue_s, gpu_s=round(timing.gpu_s, 4),
+        return CallResult(data, self._info(timing))
+
+    def _info(self, timing: Timing) -> CallInfo:
+        return CallInfo(endpoint=self.api_name, queue_s=timing.queue_s, gpu_s=round(timing.gpu_s, 4),
                         total_s=timing.total_s(), client=timing.client)
-        return CallResult(data, info)
 
 
 def app_functions(endpoints: Iterable[GpuEndpoint], *, cache_dir: str, max_file_bytes: int) -> dict[str, AppFunction]:

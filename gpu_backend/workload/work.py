@@ -8,6 +8,11 @@ one output into the hop's answer on the event loop. Two kinds exist: the built-i
 text-to-image (``text_to_image.py``) and one per ``@splitspace.gpu`` function of the
 developer's app (``app_functions.py``). Jobs batch together only when their batch keys
 match, and a key belongs to one workload, so a batch is always of one kind.
+
+A job whose work ``streams`` (a developer's generator) runs alone through
+:meth:`Workload.run_stream` instead: the workload hands each yield, postprocessed, to a
+:class:`StreamSink` (the runner's, which passes it to the waiting handler and charges the
+time used so far), and stops between yields when the sink says so.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from splitspace.gpu_backend.workload.batching import BatchOutcome
 from splitspace.shared.contract.calls import CallResult
@@ -47,6 +52,23 @@ class Timing:
         return round(self.clock() - self.submitted, 4)
 
 
+class StreamSink(Protocol):
+    """Where a streaming job's GPU thread puts each yield, and learns when to stop."""
+
+    def emit(self, data: list[Any]) -> None:
+        """One yield's outputs, as payloads for the hop (thread-safe; never blocks)."""
+
+    def stopped(self) -> bool:
+        """True once the caller has left: stop at the next yield."""
+
+    def progress(self) -> None:
+        """A yield was produced: charge the time used so far (now and then, not every time)."""
+
+
+class StreamStopped(Exception):
+    """A stream ended because its caller left (nobody is waiting for its answer)."""
+
+
 class Workload(ABC, Generic[P]):
     """One kind of GPU work: how a batch of its payloads runs, and what one output becomes."""
 
@@ -69,6 +91,11 @@ class Workload(ABC, Generic[P]):
         """A batch that ran without failing, measured (calibrate an estimate with it)."""
         return None
 
+    def run_stream(self, payload: P, sink: StreamSink) -> Any:
+        """On a GPU thread, for work that ``streams``: run it, each yield to ``sink``; return
+        the output that :meth:`finish` takes; raise StreamStopped when ``sink`` stopped it."""
+        raise NotImplementedError(f"{type(self).__name__} does not stream")
+
     @abstractmethod
     def finish(self, payload: P, output: Any, timing: Timing) -> Answer | Awaitable[Answer]:
         """On the event loop: the answer for one output, or an awaitable of it when making it
@@ -85,3 +112,5 @@ class Work(Generic[P]):
     """The admission estimate, GPU seconds; the job is settled with its measured share."""
     batch_key: Hashable | None = None
     """Jobs with equal keys may share one call (None: never batched)."""
+    streams: bool = False
+    """Runs alone through :meth:`Workload.run_stream`, each yield sent as it comes (never batched)."""

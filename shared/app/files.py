@@ -76,3 +76,15 @@ def outline_files(payload: Any, cache_dir: str, *, max_bytes: int = DEFAULT_MAX_
 
 def is_carried_file(value: Any) -> bool:
     return isinstance(value, dict) and set(value) == {FILE_KEY}
+
+
+def carries_files(payload: Any) -> bool:
+    """Whether a carried file is anywhere in ``payload`` (a stream's text chunks have none,
+    and need no trip to a thread to be landed)."""
+    if is_carried_file(payload):
+        return True
+    if isinstance(payload, dict):
+        return any(carries_files(v) for v in payload.values())
+    if isinstance(payload, list | tuple):
+        return any(carries_files(v) for v in payload)
+    return False

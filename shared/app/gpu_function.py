@@ -13,6 +13,12 @@ the decorator adds is a :class:`GpuFunction` record that the tiers read:
 ``duration`` is what ZeroGPU takes: a number of seconds, or a function of the call's
 inputs that returns one. splitspace uses it as the admission estimate, then settles the
 client's account with the GPU time the call measured.
+
+A generator function (sync or async) streams: each yield reaches every client as it is
+produced (Gradio's semantics: each yield replaces the outputs, the last one is the
+result). ``time_limit`` (seconds on the GPU; else the event's own ``time_limit``) stops a
+generator that runs past it, at its next yield, with a "Time limit" error that names it,
+and frees the GPU; its caller is charged the time it used.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ class GpuFunction:
     batch: bool = False
     max_batch_size: int = 4
     """With ``batch``: how many calls one invocation takes at most (Gradio's ``max_batch_size``)."""
+    time_limit: float | None = None
+    """Seconds a generator may run on the GPU before it is stopped (None: the event's ``time_limit``, if any)."""
 
     @property
     def name(self) -> str:
@@ -69,7 +77,8 @@ class GpuFunction:
 def gpu(fn: F, /) -> F: ...
 @overload
 def gpu(
-    fn: None = None, /, *, duration: Duration = DEFAULT_DURATION_S, batch: bool = False, max_batch_size: int = 4
+    fn: None = None, /, *, duration: Duration = DEFAULT_DURATION_S, batch: bool = False, max_batch_size: int = 4,
+    time_limit: float | None = None,
 ) -> Callable[[F], F]: ...
 def gpu(
     fn: Callable[..., Any] | None = None,
@@ -78,16 +87,21 @@ def gpu(
     duration: Duration = DEFAULT_DURATION_S,
     batch: bool = False,
     max_batch_size: int = 4,
+    time_limit: float | None = None,
 ) -> Any:
     """Mark ``fn`` to run on the GPU tier: ``@splitspace.gpu`` or ``@splitspace.gpu(duration=...)``."""
     if isinstance(duration, bool) or not (callable(duration) or (isinstance(duration, int | float) and duration > 0)):
         raise ValueError("duration must be a positive number of seconds or a function of the inputs")
     if batch and (not isinstance(max_batch_size, int) or max_batch_size < 1):
         raise ValueError("max_batch_size must be a positive integer")
+    if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, int | float)
+                                   or not 0 < time_limit < float("inf")):
+        raise ValueError("time_limit must be a positive number of seconds")
 
     def mark(f: Callable[..., Any]) -> Callable[..., Any]:
         inner = gpu_function(f)  # decorated twice: the developer's function is the inner one
-        record = GpuFunction(inner.fn if inner else f, duration, batch, max_batch_size)
+        record = GpuFunction(inner.fn if inner else f, duration, batch, max_batch_size,
+                             None if time_limit is None else float(time_limit))
         wrapped = _plain_call(record)
         setattr(wrapped, ATTRIBUTE, record)
         return wrapped

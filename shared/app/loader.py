@@ -11,6 +11,7 @@ examples), so the frontend, which imports the same file, stays small.
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -69,6 +70,11 @@ class GpuEndpoint:
     preprocess: bool = True
     inputs_as_dict: bool = False
     keyword_names: tuple[str, ...] = ()
+    streams: bool = False
+    """The event's function is a generator (sync or async, e.g. a ``gr.ChatInterface``'s) and
+    not a batch function: each yield is streamed to the caller."""
+    time_limit: float | None = None
+    """Seconds a stream may run: the decorator's ``time_limit``, else the event's own."""
 
     @property
     def inputs(self) -> list[Any]:
@@ -118,8 +124,12 @@ def gpu_endpoints(blocks: gr.Blocks) -> list[GpuEndpoint]:
         if api_name in names:
             raise AppError(f"two GPU events are both named {api_name!r}")
         names.add(api_name)
+        generator = inspect.isgeneratorfunction(block_fn.fn) or inspect.isasyncgenfunction(block_fn.fn)
+        event_limit = getattr(block_fn, "time_limit", None)
         found.append(GpuEndpoint(
             api_name, record, block_fn, validator=getattr(block_fn, "validator", None),
             preprocess=bool(block_fn.preprocess), inputs_as_dict=bool(block_fn.inputs_as_dict),
-            keyword_names=tuple(block_fn.input_keyword_names or ())))
+            keyword_names=tuple(block_fn.input_keyword_names or ()), streams=generator and not record.batch,
+            time_limit=record.time_limit or (float(event_limit) if isinstance(event_limit, int | float)
+                                             and not isinstance(event_limit, bool) and event_limit > 0 else None)))
     return found

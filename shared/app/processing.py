@@ -12,9 +12,14 @@ on one machine, written once here:
 - :meth:`EventProcessing.call` / :meth:`EventProcessing.call_batch`: the function, as
   Gradio calls it (a dict of inputs, keyword inputs; with ``batch=True`` one list per
   input and one list per output); a generator is consumed and its last yield is the
-  output (streaming is not carried yet);
+  output;
+- :meth:`EventProcessing.call_streaming`: a generator event (``streams``, sync or async,
+  not a batch) one yield at a time (``shared/app/streaming.py``), each yield read as
+  outputs as a return value is and postprocessed at once, stoppable between yields, and
+  stopped with TimeLimitExceeded past the event's ``time_limit``;
 - :meth:`EventProcessing.postprocess`: each output ``postprocess``-ed by its output
-  component and moved to the cache as Gradio does, then every file carried as its bytes.
+  component and moved to the cache as Gradio does, then every file carried as its bytes
+  (:meth:`EventProcessing.postprocess_now`: the same, blocking, for a GPU thread).
 
 The event is read once (:meth:`EventProcessing.of`), so a tier that rewires the event
 afterwards (the frontend forwards its calls) does not change what runs here.
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +44,8 @@ from gradio_client import utils as client_utils
 
 from splitspace.shared.app.files import BadFile, FileTooLarge, inline_files, outline_files
 from splitspace.shared.app.loader import GpuEndpoint
-from splitspace.shared.contract.errors import GpuFailed, ValidationFailed
+from splitspace.shared.app.streaming import OverTime, Yields
+from splitspace.shared.contract.errors import GpuFailed, TimeLimitExceeded, ValidationFailed
 
 
 def input_label(block: Any, index: int) -> str:
@@ -61,6 +68,10 @@ class EventProcessing:
     inputs_as_dict: bool
     keyword_names: tuple[str, ...]
     batch: bool
+    streams: bool = False
+    """A generator (sync or async) that is not a batch function: each yield is streamed."""
+    time_limit: float | None = None
+    """Seconds a stream may run (the decorator's ``time_limit``, else the event's)."""
 
     @classmethod
     def of(cls, endpoint: GpuEndpoint) -> EventProcessing:
@@ -71,6 +82,7 @@ class EventProcessing:
             outputs=tuple(block_fn.outputs), preprocess_inputs=endpoint.preprocess,
             postprocess_outputs=bool(block_fn.postprocess), inputs_as_dict=endpoint.inputs_as_dict,
             keyword_names=endpoint.keyword_names, batch=endpoint.record.batch,
+            streams=endpoint.streams, time_limit=endpoint.time_limit,
         )
 
     # -- inputs (blocking: run off the event loop) -------------------------------------------
@@ -131,6 +143,32 @@ class EventProcessing:
 
     def invoke(self, values: list[Any]) -> Any:
         """The function called as Gradio calls it; a generator consumed to its last yield."""
+        return _last(self._called(values))
+
+    def call_streaming(self, values: list[Any], emit: Callable[[list[Any]], None], *,
+                       should_stop: Callable[[], bool] = lambda: False, max_file_bytes: int) -> list[Any]:
+        """A generator's call, blocking (a GPU thread): each yield read as outputs,
+        postprocessed (files carried as bytes) and given to ``emit`` as it comes; returns the
+        last one's payloads (the result). Between yields, ``should_stop()`` stops it with
+        ``streaming.Stopped``, and its time limit with TimeLimitExceeded (naming the limit);
+        the generator is closed however it ends."""
+        limit = self.time_limit
+        deadline = None if limit is None else time.monotonic() + limit
+        items = Yields(self._called(values), should_stop=should_stop, deadline=deadline)
+        data: list[Any] | None = None
+        try:
+            for prediction in items:
+                data = self.postprocess_now(self.outputs_of(prediction), max_file_bytes=max_file_bytes)
+                emit(data)
+        except OverTime:
+            raise TimeLimitExceeded.after(limit or 0.0) from None
+        finally:
+            items.close()
+        if data is None:  # it yielded nothing: its output is None, as a generator's last yield is
+            data = self.postprocess_now(self.outputs_of(None), max_file_bytes=max_file_bytes)
+        return data
+
+    def _called(self, values: list[Any]) -> Any:
         args: list[Any] = list(values)
         kwargs: dict[str, Any] = {}
         if self.inputs_as_dict:
@@ -138,7 +176,7 @@ class EventProcessing:
         elif self.keyword_names:
             k = len(self.keyword_names)
             args, kwargs = args[:-k], dict(zip(self.keyword_names, args[-k:], strict=True))
-        return _last(self.fn(*args, **kwargs))
+        return self.fn(*args, **kwargs)
 
     def outputs_of(self, prediction: Any) -> list[Any]:
         """One value per output component, as Gradio's ``postprocess_data`` reads a return value."""
@@ -161,6 +199,30 @@ class EventProcessing:
             return await asyncio.to_thread(inline_files, data, max_bytes=max_file_bytes)
         except FileTooLarge as exc:
             raise GpuFailed(f"an output is too large to send: {exc}") from None
+
+    def postprocess_now(self, values: list[Any], *, max_file_bytes: int) -> list[Any]:
+        """:meth:`postprocess`, blocking (a GPU thread postprocesses each yield of a stream)."""
+        data = [self._postprocess_one_now(block, value) for block, value in zip(self.outputs, values, strict=True)]
+        try:
+            return inline_files(data, max_bytes=max_file_bytes)
+        except FileTooLarge as exc:
+            raise GpuFailed(f"an output is too large to send: {exc}") from None
+
+    def _postprocess_one_now(self, block: Any, value: Any) -> Any:
+        if getattr(block, "stateful", False):
+            return value
+        if isinstance(value, Block):
+            value = {**value.constructor_args, "__type__": "update"}
+        if gr_utils.is_prop_update(value):
+            update = dict(value)
+            if "value" in update:
+                update["value"] = self._postprocess_one_now(block, update["value"])
+            return update
+        if self.postprocess_outputs:
+            value = block.postprocess(value)
+            if isinstance(value, GradioModel | GradioRootModel):
+                value = value.model_dump()
+        return processing_utils.move_files_to_cache(value, block, postprocess=True)
 
     async def _postprocess_one(self, block: Any, value: Any) -> Any:
         if getattr(block, "stateful", False):

@@ -17,6 +17,7 @@ INVALID_REQUEST = "Invalid request"
 UNAUTHORIZED = "Unauthorized"
 GPU_ERROR = "GPU error"
 NOT_FOUND = "Not found"
+TIME_LIMIT = "Time limit"
 
 
 class SplitspaceError(Exception):
@@ -86,6 +87,17 @@ class GpuFailed(SplitspaceError):
     title = GPU_ERROR
 
 
+class TimeLimitExceeded(SplitspaceError):
+    """A developer's function ran past its time limit (``@splitspace.gpu(time_limit=...)``, or
+    its event's ``time_limit``) and was stopped; the message names the limit."""
+
+    title = TIME_LIMIT
+
+    @classmethod
+    def after(cls, limit_s: float) -> TimeLimitExceeded:
+        return cls(f"the function ran past its time limit of {limit_s:g} s and was stopped")
+
+
 def to_wire(exc: SplitspaceError) -> dict[str, object]:
     """The error as JSON for the direct GPU route: title, message, and the field or
     retry seconds that clients act on. The inverse of :func:`from_wire`."""
@@ -115,6 +127,8 @@ def from_wire(doc: dict[str, object]) -> SplitspaceError:
         return GpuFailed(message)
     if title == NOT_FOUND:
         return UnknownEndpoint(message)
+    if title == TIME_LIMIT:
+        return TimeLimitExceeded(message)
     if title == SERVICE_UNAVAILABLE and "retry_after_s" in doc:
         return ServiceUnavailable(message, float(doc["retry_after_s"]))  # type: ignore[arg-type]
     return SplitspaceError(message, title=title)

@@ -59,7 +59,7 @@ def double(xs: list[float]) -> list[list[float]]:
 
 @splitspace.gpu(duration=0.1)
 def countdown(n: float):  # noqa: ANN201 (a generator)
-    """A generator: its last yield is the result (streaming each yield is not carried yet)."""
+    """A generator: each yield is streamed, the last one is the result (tests/apps/streams.py has more)."""
     for i in range(int(n), -1, -1):
         yield str(i)
 
