@@ -107,13 +107,13 @@ class MockTransport(Transport):
         try:
             args = await asyncio.to_thread(event.preprocess, call.data, cache_dir=gr_utils.get_upload_folder(),
                                            max_file_bytes=self._max_file_bytes)
+            data: list[Any] | None = None
             if event.streams:
-                data = None
-                async for update in self._stream(event, args):
-                    if isinstance(update, Partial):
-                        yield update
+                async for item in self._stream(event, args):
+                    if isinstance(item, Partial):
+                        yield item
                     else:
-                        data = update
+                        data = item
                 assert data is not None
             else:
                 outputs = await asyncio.to_thread(event.call, args)
