@@ -13,7 +13,11 @@ import pytest
 
 from tests.support import REPO
 
-EXAMPLES = {"shout.py": ["shout"], "mirror.py": ["mirror"], "text_to_image.py": ["generate"]}
+EXAMPLES = {
+    "shout.py": ["shout"], "mirror.py": ["mirror"], "text_to_image.py": ["generate"],
+    # gr.ChatInterface's events that call the chat function (submit, its API, retry, edit)
+    "chat.py": ["_submit_fn", "chat", "_submit_fn_1", "_submit_fn_2"],
+}
 HEAVY = ("torch", "diffusers", "transformers")
 
 
