@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, Self
 
 CALL_PATH = "/splitspace/v1/call"
 """The GPU tier's direct route for a call (``POST``, the body :meth:`Call.to_wire`; answered with NDJSON)."""
@@ -65,8 +65,24 @@ class Call:
         return cls(endpoint.lstrip("/"), data)
 
 
+class Info:
+    """An info record's one form on the wire: its fields as a JSON object, all of them required."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, doc: Any) -> Self:
+        if not isinstance(doc, dict):
+            raise ValueError("info is not an object")
+        try:
+            return cls(**{f.name: doc[f.name] for f in fields(cls)})  # type: ignore[arg-type]
+        except KeyError as exc:
+            raise ValueError(f"info lacks {exc.args[0]!r}") from None
+
+
 @dataclass(frozen=True)
-class CallInfo:
+class CallInfo(Info):
     """What a call cost: where its time went, and whose it was."""
 
     endpoint: str
@@ -75,17 +91,6 @@ class CallInfo:
     total_s: float
     client: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, doc: Any) -> CallInfo:
-        if not isinstance(doc, dict):
-            raise ValueError("info is not an object")
-        try:
-            return cls(**{f.name: doc[f.name] for f in fields(cls)})
-        except KeyError as exc:
-            raise ValueError(f"info lacks {exc.args[0]!r}") from None
 
 
 @dataclass(frozen=True)

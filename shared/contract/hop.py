@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal
 
-from splitspace.shared.contract.calls import CallInfo, CallResult, Partial
+from splitspace.shared.contract.calls import CallInfo, CallResult, Info, Partial
 from splitspace.shared.contract.errors import BackendUnavailable, SplitspaceError, from_wire, to_wire
 
 State = Literal["queued", "running"]
@@ -50,7 +50,7 @@ class Status:
 
 
 @dataclass(frozen=True)
-class GenerateInfo:
+class GenerateInfo(Info):
     """What a caller learns about its image besides the pixels: what ran, and how long it took.
 
     ``steps``, ``guidance_scale`` and ``seed`` are the values the model was called with
@@ -67,17 +67,6 @@ class GenerateInfo:
     total_s: float
     client: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, doc: Any) -> GenerateInfo:
-        if not isinstance(doc, dict):
-            raise ValueError("info is not an object")
-        try:
-            return cls(**{f.name: doc[f.name] for f in fields(cls)})
-        except KeyError as exc:
-            raise ValueError(f"info lacks {exc.args[0]!r}") from None
 
 
 @dataclass(frozen=True)
