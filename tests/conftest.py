@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.support import Deployment, sha256
+from splitspace.deploy.processes import pick_ports_with
+from tests.support import Deployment, free_port, sha256
 
 if TYPE_CHECKING:
     from splitspace.deploy.redis_local import LocalRedis
@@ -17,6 +18,9 @@ if TYPE_CHECKING:
 # One torch thread per process: the tests run several tiers on 2 cores, and torch's own
 # thread pool per tier made the tiny model about 15x slower there. (Tiers inherit this.)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Every tier a test starts listens on a port of this worker's own (tests/support.py).
+pick_ports_with(free_port)
 
 # API keys the tests use, as an operator would define them.
 KEYS = {
