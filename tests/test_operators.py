@@ -385,6 +385,7 @@ def _try_standing(d: Deployment, name: str) -> dict[str, Any] | None:
 
 
 # -- metrics ------------------------------------------------------------------------------
+@pytest.mark.serial  # it must see the one running job in a window of 1.2 s: run alone (scripts/test)
 def test_metrics_show_depth_waits_gpu_time_and_refusals(ops):
     text = metrics_text(ops)
     for family, kind in (("splitspace_queued", "gauge"), ("splitspace_running", "gauge"),
