@@ -22,15 +22,50 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 
 from splitspace.deploy import redis_local
 
-__all__ = ["Deployment", "TierProcess", "free_port", "pick_ports_with", "start_tier", "tier_command",
-           "wait_healthy", "wait_ready"]
+__all__ = ["Deployment", "Launcher", "Process", "TierProcess", "free_port", "launch_with", "pick_ports_with",
+           "popen_launcher", "start_tier", "tier_command", "wait_healthy", "wait_ready"]
+
+
+class Process(Protocol):
+    """What is asked of a started tier: :class:`subprocess.Popen`'s part that the callers use."""
+
+    pid: int
+    returncode: int | None
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+Launcher = Callable[[list[str], dict[str, str], Path], Process]
+"""Starts ``splitspace ARGS`` with exactly this environment, its output appended to the log file."""
+
+
+def popen_launcher(args: list[str], env: dict[str, str], log_path: Path) -> Process:
+    """``python -m splitspace.deploy.cli ARGS``: a new interpreter."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(tier_command(*args), env=env, stdout=log, stderr=subprocess.STDOUT)
+
 
 _port_source: Callable[[], int] | None = None
+_launcher: Launcher = popen_launcher
+
+
+def launch_with(launcher: Launcher | None) -> None:
+    """Have :func:`start_tier` start tiers with ``launcher`` (the tests fork them from a process
+    that has imported Gradio already); ``None``: :func:`popen_launcher`."""
+    global _launcher
+    _launcher = launcher or popen_launcher
 
 
 def pick_ports_with(source: Callable[[], int] | None) -> None:
@@ -50,7 +85,7 @@ def tier_command(subcommand: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "splitspace.deploy.cli", subcommand, *args]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+def wait_healthy(url: str, proc: Process, timeout_s: float) -> None:
     """Return once ``url``/health answers 200; RuntimeError if ``proc`` exits first or
     ``timeout_s`` passes (the process is left to the caller)."""
     deadline = time.monotonic() + timeout_s
@@ -72,7 +107,7 @@ class TierProcess:
 
     name: str
     url: str
-    proc: subprocess.Popen[bytes]
+    proc: Process
     log_path: Path
 
     def log(self) -> str:
@@ -95,9 +130,7 @@ def start_tier(
     """``splitspace backend|frontend`` on 127.0.0.1:``port`` with ``env`` over this
     process' environment, its output appended to ``log_path``; returned once ready."""
     full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", **env}
-    cmd = tier_command(kind, "--host", "127.0.0.1", "--port", str(port), *args)
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT)
+    proc = _launcher([kind, "--host", "127.0.0.1", "--port", str(port), *args], full_env, log_path)
     return wait_ready(TierProcess(kind, f"http://127.0.0.1:{port}", proc, log_path), ready_timeout_s)
 
 

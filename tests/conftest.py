@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from splitspace.deploy.processes import pick_ports_with
+from splitspace.deploy.processes import launch_with, pick_ports_with
 from tests.sharing import SharedDeployments, cluster, conftest_fixtures, share_groups
 from tests.support import Deployment, free_port, sha256
+from tests.warm_start import WarmStarter
 
 if TYPE_CHECKING:
     from splitspace.deploy.redis_local import LocalRedis
@@ -20,8 +21,12 @@ if TYPE_CHECKING:
 # thread pool per tier made the tiny model about 15x slower there. (Tiers inherit this.)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# Every tier a test starts listens on a port of this worker's own (tests/support.py).
+# Every tier a test starts listens on a port of this worker's own (tests/support.py), and is
+# forked from a process that has imported the tiers already (tests/warm_start.py), unless
+# SPLITSPACE_TEST_FORK=0: then each is a new interpreter, as splitspace dev starts them.
 pick_ports_with(free_port)
+WARM = WarmStarter() if os.environ.get("SPLITSPACE_TEST_FORK", "1") != "0" else None
+launch_with(WARM)
 
 # API keys the tests use, as an operator would define them.
 KEYS = {
@@ -141,3 +146,5 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     SHARED.keep_only([])
+    if WARM is not None:
+        WARM.close()
