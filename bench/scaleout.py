@@ -2,16 +2,15 @@
 
 Three parts, selectable with ``--part`` (default all):
 
-1. **Admission operations per second of each usage store.** What one admission step costs
-   on each store the tiers can use: the memory store (tests), the SQLite default, and Redis
-   (blocking client, the same behind the failover wrapper the tiers use, and the asyncio
-   client). Each operation is one caller's round trip, run back to back for ``--seconds``
-   on one thread (one event loop for the async store), so the figure is the inverse of its
-   latency. Operations: ``reserve+adjust`` (a GPU-second reservation and its settlement),
-   ``acquire+release`` (a slot lease taken and given back), ``move`` (a queued lease
-   dispatched to running and the running one released: acquire, move, release),
-   ``admit_rate`` (a sliding-window admission with a fresh job id, over 1000 clients with
-   ``requests_per_minute = 100``: admissions, then refusals once a window is full). Then
+1. **A job's store steps per second on each store.** What each of the three store calls
+   of a job costs on each shared store: the memory store (Redis' stand-in during an
+   outage) and Redis (blocking client; the asyncio client, which admission uses on the
+   event loop, for ``admit``). Each operation is one caller's round trip, run back to back
+   for ``--seconds`` on one thread (one event loop for the async store), so the figure is
+   the inverse of its latency. Operations: ``admit`` (rate, queued slot and GPU-second
+   reservation in one call, a fresh job id over 1000 clients with ``requests_per_minute =
+   100``: admissions, then refusals once a window is full), ``start_job`` (the running slot
+   and the service charge), ``settle`` (both leases and the usage correction). Then
    one job's store work on Redis as a GPU tier does it (``GlobalLimits`` admit, start and
    finish over the failover wrappers): milliseconds per step and the Redis round trips of
    each (counted with ``INFO commandstats``), for an anonymous caller and an API key.
@@ -60,55 +59,40 @@ from splitspace.deploy.redis_local import LocalRedis  # noqa: E402
 from splitspace.gpu_backend.admission.scheduler import ClientRef  # noqa: E402
 from splitspace.gpu_backend.stores.redis_store import AsyncRedisStore, RedisStore  # noqa: E402
 from splitspace.gpu_backend.stores.resilient_store import ResilientStore  # noqa: E402
-from splitspace.gpu_backend.stores.usage import MemoryUsageStore, SqliteUsageStore  # noqa: E402
+from splitspace.gpu_backend.stores.usage import AdmitPlan, MemoryUsageStore, Reservation  # noqa: E402
 from splitspace.shared.contract.quotas import Tier  # noqa: E402
 
 from common import bench_quotas, median, pct, rest_call  # noqa: E402
 
-OPS = ("reserve+adjust", "acquire+release", "move", "admit_rate")
+OPS = ("admit", "start_job", "settle")
 CLIENTS, RPM = 1000, 100
-"""admit_rate spreads over this many clients with requests_per_minute = RPM: windows hold at
+"""admit spreads over this many clients with requests_per_minute = RPM: windows hold at
 most RPM entries, and once a client's is full its admissions are refusals, as in service."""
 
 
+def plan(i: int) -> AdmitPlan:
+    return AdmitPlan(key=f"key:c{i % CLIENTS}", job_id=f"j{i}", max_queued=10**9, lease_s=30.0,
+                     reservations=(Reservation("key:bench", 0.5, float("inf"), 3600.0),), rate_limit=RPM)
+
+
 def sync_ops(store: Any) -> dict[str, Callable[[int], None]]:
-    def reserve(i: int) -> None:
-        store.reserve("key:bench", 0.5, float("inf"), 3600.0)
-        store.adjust("key:bench", -0.1)
+    def admit(i: int) -> None:
+        store.admit(plan(i))
 
-    def slot(i: int) -> None:
-        store.acquire_slot("running", "key:bench", f"j{i}", 1000, 30.0)
-        store.release("running", "key:bench", f"j{i}")
+    def start(i: int) -> None:
+        store.start_job(f"key:c{i % CLIENTS}", f"j{i}", 10**9, 30.0, 0.5, "__vtime__")
 
-    def move(i: int) -> None:
-        store.acquire_slot("queued", "key:bench", f"m{i}", 1000, 30.0)
-        store.move("key:bench", f"m{i}", 1000, 30.0)
-        store.release("running", "key:bench", f"m{i}")
+    def settle(i: int) -> None:
+        store.settle(f"key:c{i % CLIENTS}", f"j{i}", [("key:bench", -0.1)])
 
-    def rate(i: int) -> None:
-        store.admit_rate(f"key:c{i % CLIENTS}", f"r{i}", RPM, 60.0)
-
-    return dict(zip(OPS, (reserve, slot, move, rate), strict=True))
+    return dict(zip(OPS, (admit, start, settle), strict=True))
 
 
 def async_ops(store: AsyncRedisStore) -> dict[str, Callable[[int], Awaitable[None]]]:
-    async def reserve(i: int) -> None:
-        await store.reserve("key:bench", 0.5, float("inf"), 3600.0)
-        await store.adjust("key:bench", -0.1)
+    async def admit(i: int) -> None:
+        await store.admit(plan(i))
 
-    async def slot(i: int) -> None:
-        await store.acquire_slot("running", "key:bench", f"j{i}", 1000, 30.0)
-        await store.release("running", "key:bench", f"j{i}")
-
-    async def move(i: int) -> None:
-        await store.acquire_slot("queued", "key:bench", f"m{i}", 1000, 30.0)
-        await store.move("key:bench", f"m{i}", 1000, 30.0)
-        await store.release("running", "key:bench", f"m{i}")
-
-    async def rate(i: int) -> None:
-        await store.admit_rate(f"key:c{i % CLIENTS}", f"r{i}", RPM, 60.0)
-
-    return dict(zip(OPS, (reserve, slot, move, rate), strict=True))
+    return {"admit": admit}
 
 
 def rate_of(op: Callable[[int], None], seconds: float) -> float:
@@ -262,38 +246,32 @@ def part1(seconds: float, redis_url: str | None) -> None:
     prefix = f"bench:{uuid.uuid4().hex}:"
     rows: list[tuple[str, dict[str, float]]] = []
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            stores: list[tuple[str, Any]] = [
-                ("memory", MemoryUsageStore()),
-                ("sqlite (default)", SqliteUsageStore(Path(tmp) / "state.sqlite3")),
-                ("redis", RedisStore.from_url(url, prefix=prefix + "a:")),
-                ("redis, failover wrapper",
-                 ResilientStore(RedisStore.from_url(url, prefix=prefix + "b:"), mode="local", replicas=2)),
-            ]
-            for name, store in stores:
-                rows.append((name, {op: rate_of(fn, seconds) for op, fn in sync_ops(store).items()}))
-                store.close()
+        stores: list[tuple[str, Any]] = [
+            ("memory", MemoryUsageStore()), ("redis", RedisStore.from_url(url, prefix=prefix + "a:")),
+        ]
+        for name, store in stores:
+            rows.append((name, {op: rate_of(fn, seconds) for op, fn in sync_ops(store).items()}))
+            store.close()
 
-            async def run_async() -> dict[str, float]:
-                store = AsyncRedisStore.from_url(url, prefix=prefix + "c:")
-                try:
-                    return {op: await async_rate_of(fn, seconds) for op, fn in async_ops(store).items()}
-                finally:
-                    await store.close()
+        async def run_async() -> dict[str, float]:
+            store = AsyncRedisStore.from_url(url, prefix=prefix + "c:")
+            try:
+                return {op: await async_rate_of(fn, seconds) for op, fn in async_ops(store).items()}
+            finally:
+                await store.close()
 
-            rows.append(("redis (asyncio)", asyncio.run(run_async())))
+        rows.append(("redis (asyncio)", asyncio.run(run_async())))
         jobs = job_store_work(url, seconds)
     finally:
         if local is not None:
             local.stop()
 
-    print(f"== part 1: admission operations per second, one caller, loopback Redis ({seconds:g} s each) ==\n")
+    print(f"== part 1: a job's store steps per second, one caller, loopback Redis ({seconds:g} s each) ==\n")
     print("| store | " + " | ".join(OPS) + " |")
     print("|---|" + "---:|" * len(OPS))
     for name, figures in rows:
-        print(f"| {name} | " + " | ".join(f"{figures[op]:,.0f}" for op in OPS) + " |")
-    print("\nEach cell is one operation as a GPU tier does it (reserve+adjust is two store calls, "
-          "acquire+release two, move three, admit_rate one); latency = 1 / rate.")
+        print(f"| {name} | " + " | ".join(f"{figures[op]:,.0f}" if op in figures else "-" for op in OPS) + " |")
+    print("\nEach cell is one store call as a GPU tier makes it; latency = 1 / rate.")
     print("\nOne job's store work on Redis as a GPU tier does it (GlobalLimits over the failover wrappers): "
           "ms per job, and Redis round trips (scripts) of each step:\n")
     print("| caller | admission (event loop) | dispatch (GPU thread) | finish (GPU thread) | total on the path "

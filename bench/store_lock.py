@@ -3,9 +3,10 @@
 The scheduler reserves and settles GPU-seconds in the usage store while the
 runner's lock is held (the GPU thread waits on that lock when a batch ends).
 This prints the time of ``submit`` and of ``dispatch`` + ``finish`` with the
-SQLite store called directly (the first release) and with the write-behind
-store the GPU tier now uses (``gpu_backend/stores/write_behind.py``), on this
-machine's disk. Usage: ``python bench/store_lock.py [--jobs 2000]``.
+write-behind store the GPU tier uses (``gpu_backend/stores/write_behind.py``),
+on this machine's disk, against the memory store alone (no file: the floor).
+The first release called SQLite under the lock; that store is gone.
+Usage: ``python bench/store_lock.py [--jobs 2000]``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from splitspace.gpu_backend.admission.scheduler import ClientRef, FairScheduler  # noqa: E402
-from splitspace.gpu_backend.stores.usage import SqliteUsageStore  # noqa: E402
-from splitspace.gpu_backend.stores.write_behind import WriteBehindStore  # noqa: E402
+from splitspace.gpu_backend.stores.usage import MemoryUsageStore  # noqa: E402
+from splitspace.gpu_backend.stores.write_behind import SqliteUsageStore, WriteBehindStore  # noqa: E402
 from splitspace.shared.contract.quotas import Tier  # noqa: E402
 
 TIER = Tier(weight=1, max_running=1, max_queued=10_000, gpu_seconds=1e9, window_s=3600)
@@ -50,7 +51,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         rows = []
         for name, make in (
-            ("sqlite, direct (first release)", lambda p: SqliteUsageStore(p)),
+            ("memory only (no file: the floor)", lambda p: MemoryUsageStore()),
             ("write-behind over sqlite (now)", lambda p: WriteBehindStore(SqliteUsageStore(p))),
         ):
             store = make(Path(d) / f"{len(rows)}.sqlite3")
@@ -61,7 +62,7 @@ def main() -> None:
     print(f"{'store':34} {'submit p50':>11} {'p99':>9} {'dispatch+finish p50':>20} {'p99':>9}  (us, lock held)")
     for name, s50, s99, f50, f99 in rows:
         print(f"{name:34} {s50:11.1f} {s99:9.1f} {f50:20.1f} {f99:9.1f}")
-    print(f"ratio (now / first release): submit {rows[1][1] / rows[0][1]:.2f}x, "
+    print(f"ratio (write-behind / memory only): submit {rows[1][1] / rows[0][1]:.2f}x, "
           f"dispatch+finish {rows[1][3] / rows[0][3]:.2f}x")
 
 

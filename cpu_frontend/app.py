@@ -3,7 +3,10 @@
 Every request is resolved to an identity (API key, session cookie, address),
 validated, checked against the client's in-flight cap, and forwarded with a
 freshly minted identity token and the caller's ``x-ip-token``, as per-call
-headers. The handlers are async generators with no concurrency limit, so the
+headers. With ``SPLITSPACE_APP`` the page and API are the developer's own Blocks
+instead of the built-in page; each ``@splitspace.gpu`` event is forwarded the same
+way (``ui/app_events.py``, :meth:`Frontend.follow_call`), every other runs here.
+The handlers are async generators with no concurrency limit, so the
 frontend has no first-in-first-out stage, and a caller who goes away closes
 the stream to the GPU tier, which drops the queued job.
 """
@@ -13,8 +16,11 @@ the stream to the GPU tier, which drops the queued job.
 import asyncio
 import contextlib
 import logging
+import os
+import tempfile
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
@@ -26,6 +32,8 @@ from starlette.requests import Request
 
 from splitspace.cpu_frontend.api import gradio_tuning
 from splitspace.cpu_frontend.api.mcp_loopback import McpLoopback
+from splitspace.cpu_frontend.api.openai_images import openai_routes
+from splitspace.cpu_frontend.api.validation import gradio_validator, validate_call
 from splitspace.cpu_frontend.door.door import FairDoor, Place
 from splitspace.cpu_frontend.door.door_middleware import DOOR_PASS_HEADER, DoorMiddleware, HeldCalls
 from splitspace.cpu_frontend.door.inflight_ledger import open_ledger
@@ -33,7 +41,9 @@ from splitspace.cpu_frontend.door.limits import InflightCaps
 from splitspace.cpu_frontend.door.status_feed import Told, status_for_api, wait_turn
 from splitspace.cpu_frontend.hop.backends import BackendPool
 from splitspace.cpu_frontend.hop.hub_auth import backend_auth_headers
-from splitspace.cpu_frontend.hop.transport import Transport
+from splitspace.cpu_frontend.hop.transport import CALLS_NEED_DIRECT, Transport
+from splitspace.cpu_frontend.jobs.routes import JobsService
+from splitspace.cpu_frontend.ui.app_events import forward_gpu_events
 from splitspace.cpu_frontend.ui.embed import embed_routes
 from splitspace.cpu_frontend.ui.page import LiveModel, build_page
 from splitspace.session import (
@@ -47,11 +57,15 @@ from splitspace.session import (
 from splitspace.session.address import AddressPolicy
 from splitspace.session.caller import CallerStamps
 from splitspace.session.token import HEALTH, STANDING, infer_purpose
+from splitspace.shared.app.files import BadFile, FileTooLarge, carries_files, inline_files, outline_files
+from splitspace.shared.app.loader import GpuEndpoint, gpu_endpoints, load_app
+from splitspace.shared.app.processing import input_label
 from splitspace.shared.config.quota_watch import QuotaWatcher
 from splitspace.shared.config.settings import Settings
-from splitspace.shared.contract.errors import SplitspaceError
+from splitspace.shared.contract.calls import Call, CallResult, Partial
+from splitspace.shared.contract.errors import GpuFailed, SplitspaceError, ValidationFailed
 from splitspace.shared.contract.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
-from splitspace.shared.contract.hop import Result
+from splitspace.shared.contract.hop import Result, Status
 from splitspace.shared.contract.schema import REQUEST_FIELDS, request_from_dict, validate_request
 from splitspace.shared.gradio.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
 from splitspace.shared.gradio.gradio_sessions import (
@@ -209,7 +223,16 @@ class Frontend:
         return True
 
     def save_image(self, png: bytes) -> str:
-        return processing_utils.save_bytes_to_cache(png, "image.png", self.cache_dir)
+        """The PNG in Gradio's cache, at a path named by its hash (as ``save_bytes_to_cache``),
+        written whole: a temporary file renamed, so that an identical image (same seed) saved
+        meanwhile never lets a reader of this path see a truncated file."""
+        folder = Path(self.cache_dir) / processing_utils.hash_bytes(png)
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=".part", delete=False) as tmp:
+            tmp.write(png)
+        path = folder / "image.png"
+        os.replace(tmp.name, path)
+        return str(path.resolve())
 
     async def generate(
         self, values: dict[str, Any], request: gr.Request | None
@@ -256,6 +279,69 @@ class Frontend:
                 yield image_output(path), result.info.to_dict()
         except SplitspaceError as exc:
             raise to_gradio_error(exc) from None
+
+    async def follow_call(
+        self, endpoint: GpuEndpoint, payloads: list[Any], request: gr.Request | None
+    ) -> AsyncGenerator[Status | list[Any], None]:
+        """A call of the developer's GPU function (``ui/app_events.py``): validate, join the
+        door, forward; its statuses (its place at the door, then at the GPU tier), then its
+        outputs (one payload per output component, files in this tier's cache): a
+        generator's each yield as it arrives (a Partial), its last as the result (not twice)."""
+        try:
+            identity = self.identity(request)
+            assert request is not None  # (identity() refuses a call without one)
+            max_bytes = self.settings.max_file_bytes
+            # off the loop: with a validator= it preprocesses the inputs (an image decoded) and runs it
+            await asyncio.to_thread(validate_call, endpoint, payloads, max_bytes)
+            call = Call(endpoint.api_name, await asyncio.to_thread(_carried, endpoint, payloads, max_bytes))
+            try:
+                digest = await asyncio.to_thread(call.digest)
+            except (TypeError, ValueError):  # NaN, or a gr.State holding what JSON cannot say
+                raise ValidationFailed("data", "must be plain JSON (no NaN, infinity or Python objects)") from None
+            result: CallResult | None = None
+            last_partial: list[Any] | None = None
+            place = self.door.take(request.headers.get(DOOR_PASS_HEADER), identity.flow_id) or \
+                await self.join_door(identity)
+            told = Told(place.told)
+            try:
+                async for status in wait_turn(place, told, lambda: self.seconds_per_job):
+                    yield status
+                # aclosing: the call to the GPU tier closes when this generator does (the
+                # caller left: the GPU tier drops the queued job, or stops its stream), not at GC.
+                updates = self.pool.call(call, self.forward_headers(identity, request, infer_purpose(digest)))
+                async with contextlib.aclosing(updates):
+                    async for update in updates:
+                        if isinstance(update, CallResult):
+                            self.caps.learn(identity, update.cap)
+                            result = update
+                            break
+                        if isinstance(update, Partial):  # a generator's yield: it replaces the outputs
+                            last_partial = update.data
+                            yield await self._landed(update.data, max_bytes)
+                        elif isinstance(update, Status):
+                            self.caps.learn(identity, update.cap)
+                            news = told.next(update)
+                            if news is not None and last_partial is None:  # (a stream's heartbeats say nothing)
+                                yield news
+            finally:
+                place.leave()  # the GPU tier has answered: the client's next may go
+            if result is not None:
+                self.seconds_per_job += 0.1 * (result.info.gpu_s - self.seconds_per_job)
+                if result.data != last_partial:  # a stream's last yield came as a Partial already
+                    yield await self._landed(result.data, max_bytes)
+        except SplitspaceError as exc:
+            raise to_gradio_error(exc) from None
+
+    async def _landed(self, data: list[Any], max_bytes: int) -> list[Any]:
+        """Payloads from the GPU tier with their files written into this tier's cache (in a
+        thread: they may be megabytes; text needs no trip there)."""
+        if not carries_files(data):
+            return data
+        try:
+            landed: list[Any] = await asyncio.to_thread(outline_files, data, self.cache_dir, max_bytes=max_bytes)
+        except (FileTooLarge, BadFile) as exc:  # (the tiers disagree on SPLITSPACE_MAX_FILE_BYTES)
+            raise GpuFailed(f"an output could not be received: {exc}") from None
+        return landed
 
     async def quota(self, request: gr.Request = None) -> dict:  # type: ignore[assignment]
         """``/quota``: the caller's own standing, as the GPU tier counts it."""
@@ -318,10 +404,24 @@ class Frontend:
         return None
 
 
+def _carried(endpoint: GpuEndpoint, payloads: list[Any], max_bytes: int) -> list[Any]:
+    """The payloads with their files as bytes (Gradio has moved each upload into this tier's
+    cache and checked it); a file over the limit is refused naming its input."""
+    carried = []
+    for i, (block, payload) in enumerate(zip(endpoint.inputs, payloads, strict=True)):
+        try:
+            carried.append(inline_files(payload, max_bytes=max_bytes))
+        except FileTooLarge as exc:
+            raise ValidationFailed(input_label(block, i), str(exc)) from None
+    return carried
+
+
 def build_app(settings: Settings | None = None, transports: list[Transport] | None = None) -> FastAPI:
     settings = settings or Settings()
     gradio_tuning.apply()
     fe = Frontend(settings, transports)
+    if settings.app and not all(b.transport.carries_calls for b in fe.pool.backends):
+        raise ValueError(CALLS_NEED_DIRECT)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -337,12 +437,14 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
             every(HOUSEKEEPING_S, lambda: forget_finished_states(blocks, heartbeats.sessions)))
         await fe.ledger.start()
         await fe.pool.start()
+        await jobs.start()
         try:
             yield
         finally:
             task.cancel()
             sweep.cancel()
             house.cancel()
+            await jobs.aclose()
             await fe.pool.aclose()
             await fe.ledger.aclose()
 
@@ -367,15 +469,30 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         }
 
     app.include_router(embed_routes())  # before the mount at "/", which catches everything after it
-    blocks = build_page(fe.model, settings.limits, fe)
-    blocks.max_threads = settings.max_threads
-    blocks.queue(default_concurrency_limit=None)
+    endpoints: list[GpuEndpoint] = []
+    if settings.app:  # the developer's own Blocks, its GPU events forwarded
+        blocks = load_app(settings.app)
+        endpoints = gpu_endpoints(blocks)
+        forward_gpu_events(endpoints, fe.follow_call,
+                           validator=lambda endpoint: gradio_validator(endpoint, settings.max_file_bytes))
+        blocks.max_threads = settings.max_threads
+        queue = getattr(blocks, "_queue", None)  # the developer's queue settings stay
+        blocks.queue(max_size=getattr(queue, "max_size", None),
+                     default_concurrency_limit=getattr(queue, "default_concurrency_limit", "not_set"))
+    else:
+        app.include_router(openai_routes(fe))  # /v1/images/generations, /v1/models (OpenAI's images API)
+        blocks = build_page(fe.model, settings.limits, fe)
+        blocks.max_threads = settings.max_threads
+        blocks.queue(default_concurrency_limit=None)
+    jobs = JobsService(fe, endpoints)
+    app.include_router(jobs.router)  # /v1/jobs (durable jobs, webhooks) and /v1/openapi.json
     hold_sessions(blocks, 2 * settings.max_threads)  # every request in flight is a session
     bound_analytics(blocks)
     bound_session_states(blocks, settings.heartbeats_total)
     app = gr.mount_gradio_app(
         app, blocks, path="", ssr_mode=False, show_error=True, mcp_server=settings.mcp,
         head=DEV_RELOAD_SCRIPT if settings.dev_reload else None, app_kwargs=dict(NO_TELEMETRY),
+        max_file_size=settings.max_file_bytes if settings.app else None,
     )
     app.add_middleware(  # innermost: behind CORS, so a refusal still carries CORS headers
         DoorMiddleware,
@@ -384,7 +501,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         join=fe.join_door,
         is_request=fe.is_request,
         seconds_per_job=lambda: fe.seconds_per_job,
-        api_names=["generate"],
+        api_names=[] if settings.app else ["generate"],  # a GPU event of an app joins the door in its handler
         held=held,
     )
     app.add_middleware(
@@ -392,7 +509,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         address=lambda scope: fe.resolver.address(Request(scope).headers, (scope.get("client") or (None,))[0]),
     )
     app.add_middleware(GradioGuard, blocks=blocks, body_limits={"/gradio_api/mcp": MCP_MAX_BODY_BYTES},
-                       held_events=held.__contains__)
+                       held_events=held.__contains__, uploads=bool(settings.app))
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origin_list,

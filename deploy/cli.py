@@ -43,9 +43,36 @@ def _checked_settings():  # type: ignore[no-untyped-def]
         raise typer.Exit(2) from None
 
 
+APP_HELP = ("Your Gradio app: file.py (its `demo`) or file.py:NAME, its GPU functions marked @splitspace.gpu; "
+            "none: the built-in text-to-image.")
+
+
+def _app_spec(app: str | None) -> str | None:
+    """``APP`` checked (the file exists, the name is a name) and made absolute, as the tiers
+    get it in ``SPLITSPACE_APP``; a bad one is one line and exit 2. ``None``: the one the
+    environment names (checked too), if any."""
+    from splitspace.shared.app.loader import AppError, AppSpec
+
+    given = app if app is not None else os.environ.get("SPLITSPACE_APP") or None
+    if given is None:
+        return None
+    try:
+        spec = str(AppSpec.parse(given))
+    except AppError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    os.environ["SPLITSPACE_APP"] = spec
+    return spec
+
+
+def _app_folder(spec: str | None) -> Path | None:
+    return None if spec is None else Path(spec.rpartition(":")[0]).parent
+
+
 @app.command()
 def dev(
-    model: str = typer.Option("tiny", help="Model spec: tiny, sleep:MS, or a diffusers id/path."),
+    app_arg: str | None = typer.Argument(None, metavar="APP", help=APP_HELP, show_default=False),
+    model: str = typer.Option("tiny", help="Model spec of the built-in app: tiny, sleep:MS, or a diffusers id/path."),
     frontend_port: int = typer.Option(7860),
     backend_port: int = typer.Option(7861),
     quotas: str | None = typer.Option(None, help="Operators' quota file (TOML)."),
@@ -59,16 +86,19 @@ def dev(
 ) -> None:
     """Run both tiers on this machine (separate processes, a fresh shared secret).
 
-    With --backends or --frontends above 1, also a redis-server on a free port that
-    every tier shares its limits through (Debian package redis-server)."""
+    APP: your app (file.py or file.py:NAME); with --reload both tiers restart when a
+    *.py file of its folder changes. With --backends or --frontends above 1, also a
+    redis-server on a free port that every tier shares its limits through (Debian
+    package redis-server)."""
     from splitspace.deploy.local import run_dev
 
     _set_env(admin_token=admin_token)
+    spec = _app_spec(app_arg)
     _checked_settings()  # a bad value (a short admin token) is one line here, not a tier that dies
     env = {"SPLITSPACE_QUOTAS": quotas} if quotas else {}
     raise typer.Exit(run_dev(model=model, frontend_port=frontend_port, backend_port=backend_port,
                              extra_env=env, reload=reload, backends=backends, frontends=frontends,
-                             admin_token=admin_token))
+                             admin_token=admin_token, app=spec))
 
 
 @app.command()
@@ -76,14 +106,17 @@ def backend(
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(7861),
     model: str | None = typer.Option(None, help="Model spec (default: SPLITSPACE_MODEL or tiny)."),
+    app_opt: str | None = typer.Option(None, "--app", metavar="APP", help=APP_HELP),
     reload: bool = typer.Option(False, "--reload"),
 ) -> None:
     """The GPU tier alone."""
     _set_env(model=model)
+    spec = _app_spec(app_opt)
     settings = _checked_settings()
     from splitspace.deploy.serve import serve
 
-    serve("splitspace.gpu_backend.app:create_app", host, port, reload=reload, log_level=settings.log_level)
+    serve("splitspace.gpu_backend.app:create_app", host, port, reload=reload, log_level=settings.log_level,
+          app_folder=_app_folder(spec))
 
 
 @app.command()
@@ -91,18 +124,22 @@ def frontend(
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(7860),
     backend_url: str | None = typer.Option(None, help="GPU tier URL(s), comma separated."),
+    app_opt: str | None = typer.Option(None, "--app", metavar="APP", help=APP_HELP),
     reload: bool = typer.Option(False, "--reload"),
 ) -> None:
     """The CPU tier alone."""
     _set_env(backend_url=backend_url)
+    spec = _app_spec(app_opt)
     settings = _checked_settings()
     from splitspace.deploy.serve import serve
 
-    serve("splitspace.cpu_frontend.app:create_app", host, port, reload=reload, log_level=settings.log_level)
+    serve("splitspace.cpu_frontend.app:create_app", host, port, reload=reload, log_level=settings.log_level,
+          app_folder=_app_folder(spec))
 
 
 @app.command("deploy")
 def deploy_cmd(
+    app_arg: str | None = typer.Argument(None, metavar="APP", help=APP_HELP, show_default=False),
     frontend_space: str = typer.Option(..., help="OWNER/NAME of the public frontend Space (CPU)."),
     backend_space: str = typer.Option(..., help="OWNER/NAME of the GPU tier's Space (ZeroGPU)."),
     model: str = typer.Option("stabilityai/sd-turbo", help="Model spec the GPU tier serves (SPLITSPACE_MODEL)."),
@@ -116,10 +153,19 @@ def deploy_cmd(
     frontend_token: str | None = typer.Option(
         None, help="Hub token the frontend uses to reach a private GPU tier (default: SPLITSPACE_FRONTEND_HF_TOKEN)."),
 ) -> None:
-    """Deploy both tiers to Hugging Face Spaces (the same shared secret on both; never printed)."""
-    from splitspace.deploy.spaces import DeployError, DeployOptions, HubCallFailed, deploy
+    """Deploy both tiers to Hugging Face Spaces (the same shared secret on both; never printed).
 
-    options = DeployOptions(frontend_space, backend_space, model, private_backend, backend_hardware)
+    APP: your app (file.py or file.py:NAME); both Spaces get its folder's *.py files and
+    packages, and its requirements.txt merged with splitspace's pins."""
+    from splitspace.deploy.spaces import DeployError, DeployOptions, HubCallFailed, deploy
+    from splitspace.shared.app.loader import AppError, AppSpec
+
+    try:
+        spec = None if app_arg is None else AppSpec.parse(app_arg)
+    except AppError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    options = DeployOptions(frontend_space, backend_space, model, private_backend, backend_hardware, spec)
     api = None
     if dry_run is None:
         from huggingface_hub import HfApi

@@ -21,6 +21,10 @@ token given (``--admin-token`` or ``SPLITSPACE_ADMIN_TOKEN``) or a fresh one, an
 dashboard's URL and the exact ``splitspace quota list`` command are printed with the
 tiers' URLs; a fresh token is printed only to a terminal, never into a redirected log.
 
+The developer's app (``splitspace dev APP``) reaches every tier as ``SPLITSPACE_APP``
+(an absolute ``file.py:NAME``), and with ``--reload`` each tier also watches the app's
+folder and its packages (``deploy/serve.py``), so an edit of the app restarts both.
+
 Scale-out (``--backends N --frontends M``): N GPU tiers and M frontends, each frontend
 given every GPU tier's URL, and, when N or M is above 1, a throwaway ``redis-server``
 (:mod:`deploy.redis_local`) whose URL every tier gets as ``SPLITSPACE_REDIS_URL``, with
@@ -182,12 +186,13 @@ def print_operators(admin: DevAdmin, backend_url: str, out: TextIO) -> None:
           file=out, flush=True)
 
 
-def print_urls(model: str, tiers: Sequence[Tier], admin: DevAdmin) -> None:
+def print_urls(serving: str, tiers: Sequence[Tier], admin: DevAdmin) -> None:
+    """``serving``: what the run serves ("model tiny", "app /path/app.py:demo")."""
     gpu = [t for t in tiers if t.name == "GPU tier"]
     front = [t for t in tiers if t.name == "frontend"]
     redis_tier = next((t for t in tiers if t.name == "Redis"), None)
     scale = "" if redis_tier is None else f", {len(gpu)} GPU tier(s), {len(front)} frontend(s) on one Redis"
-    print(f"splitspace dev: model {model}{scale}", flush=True)
+    print(f"splitspace dev: {serving}{scale}", flush=True)
     for tier in gpu:
         print(f"  GPU tier  {tier.url}  (not for the public)", flush=True)
     for i, tier in enumerate(front):
@@ -211,9 +216,12 @@ def run_dev(
     backends: int = 1,
     frontends: int = 1,
     admin_token: str | None = None,
+    app: str | None = None,
 ) -> int:
     """Run the tiers until Ctrl-C (or a signal, or a tier dies); the exit status.
-    ``admin_token`` None: a fresh one for the run (see :func:`print_operators`)."""
+    ``admin_token`` None: a fresh one for the run (see :func:`print_operators`). ``app``: the
+    developer's app (``/abs/file.py:NAME``, given to every tier as ``SPLITSPACE_APP``; with
+    ``reload`` each tier also watches its folder); None: the built-in app, serving ``model``."""
     admin = DevAdmin.for_run(admin_token)
     env = dict(os.environ)
     env.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -221,6 +229,8 @@ def run_dev(
     env.pop("SPLITSPACE_ADMIN_TOKEN", None)  # the GPU tiers' alone (below)
     if reload:
         env["SPLITSPACE_DEV_RELOAD"] = "1"
+    if app is not None:
+        env["SPLITSPACE_APP"] = app
     env.update(extra_env or {})
     tiers: list[Tier] = []
     procs: list[subprocess.Popen[bytes]] = []
@@ -247,7 +257,7 @@ def run_dev(
             for tier in group:
                 assert tier.proc is not None  # started just above
                 wait_healthy(tier.url, tier.proc, ready_timeout_s)
-        print_urls(model, tiers, admin)
+        print_urls(f"app {app}" if app else f"model {model}", tiers, admin)
         while all(p.poll() is None for p in procs):
             time.sleep(0.3)
         dead = next(t for t in tiers if t.proc is not None and t.proc.poll() is not None)

@@ -10,6 +10,12 @@ set on both in the same run, variables that point the frontend at the GPU
 tier, then the bundles uploaded. Running it again repeats the same calls, which
 update in place (``exist_ok``, uploads overwrite), so it is idempotent.
 
+A developer's app (``splitspace deploy APP``) goes into both bundles, under ``app/``: the
+app's folder's ``*.py`` files and its packages (folders with an ``__init__.py``), and its
+``requirements.txt`` merged with splitspace's pins (:func:`merged_requirements`). Each
+bundle's ``app.py`` points ``SPLITSPACE_APP`` at the developer's file there; the file keeps
+its name, so an app that is itself called ``app.py`` does not collide with the entry.
+
 Nothing here prints a secret: a :class:`HubCall` describes itself with secret
 values masked, and only descriptions are ever shown. The Hub client is passed
 in (``api``), so tests drive the whole deployment with a recording stand-in.
@@ -29,6 +35,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from splitspace.shared.app.loader import AppSpec
 
 REPO = Path(__file__).resolve().parent.parent
 FRONTEND, BACKEND = "frontend", "backend"
@@ -50,6 +58,8 @@ COMMON_REQUIREMENTS = (
 )
 BACKEND_REQUIREMENTS = ("spaces", "diffusers", "transformers", "accelerate", "sortedcontainers")
 FRONTEND_REQUIREMENTS = ("aiohttp",)
+APP_FOLDER = "app"
+"""Where a bundle keeps the developer's app."""
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -84,15 +94,54 @@ def _dist_version(name: str) -> str | None:
         return None
 
 
-def pinned_requirements(tier: str) -> list[str]:
-    """``name==version`` for every installed distribution the tier needs (torch: ``==X.Y.*``)."""
+def pinned_requirements(tier: str, *, app: bool = False) -> list[str]:
+    """``name==version`` for every installed distribution the tier needs (torch: ``==X.Y.*``).
+    A frontend that imports a developer's app needs ``spaces`` too (``@splitspace.gpu``
+    wraps each function with ``spaces.GPU``, a no-op off ZeroGPU)."""
     names = COMMON_REQUIREMENTS + (BACKEND_REQUIREMENTS if tier == BACKEND else FRONTEND_REQUIREMENTS)
+    if app and tier == FRONTEND:
+        names += ("spaces",)
     lines = [f"{name}=={version}" for name in names if (version := _dist_version(name))]
     if tier == BACKEND:
         torch = _dist_version("torch")
         if torch:
             major, minor = torch.split("+")[0].split(".")[:2]
             lines.append(f"torch=={major}.{minor}.*")
+    return lines
+
+
+_REQUIREMENT_NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+def _dist_name(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def merged_requirements(tier: str, app: AppSpec | None) -> list[str]:
+    """splitspace's pins for the tier, then the lines of the app's ``requirements.txt``
+    (beside the app's file). splitspace's pin wins for a distribution both name (the
+    developer's line stays, as a comment saying so), and a line for ``splitspace`` itself
+    is dropped: the bundle carries it."""
+    pins = pinned_requirements(tier, app=app is not None)
+    if app is None:
+        return pins
+    source = app.path.parent / "requirements.txt"
+    if not source.is_file():
+        return pins
+    pinned = {_dist_name(line.split("==")[0]): line for line in pins}
+    lines = [*pins, f"# from {source.name} of {app.path.parent.name}/:"]
+    for raw in source.read_text(encoding="utf-8").splitlines():
+        line = raw.split(" #")[0].strip()
+        match = _REQUIREMENT_NAME.match(line)
+        if not line or line.startswith("#"):
+            continue
+        name = _dist_name(match[1]) if match and not line.startswith("-") else None
+        if name == "splitspace":
+            lines.append(f"# {line}  (carried in this folder)")
+        elif name in pinned:
+            lines.append(f"# {line}  (splitspace pins {pinned[name]})")
+        else:
+            lines.append(line)
     return lines
 
 
@@ -106,10 +155,11 @@ def python_version() -> str:
     return f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
-def front_matter(tier: str) -> dict[str, Any]:
+def front_matter(tier: str, app: AppSpec | None = None) -> dict[str, Any]:
     """The Space's configuration (README front matter), in the Spaces config reference's keys."""
+    name = "splitspace" if app is None else app.path.stem
     meta: dict[str, Any] = {
-        "title": "splitspace" if tier == FRONTEND else "splitspace GPU tier",
+        "title": name if tier == FRONTEND else f"{name} GPU tier",
         "emoji": "🖼️" if tier == FRONTEND else "⚙️",
         "colorFrom": "indigo" if tier == FRONTEND else "gray",
         "colorTo": "purple" if tier == FRONTEND else "indigo",
@@ -119,7 +169,8 @@ def front_matter(tier: str) -> dict[str, Any]:
         "app_file": "app.py",
         "pinned": False,
         "short_description": (
-            "Text to image on a shared GPU, fair per client" if tier == FRONTEND
+            ("Text to image on a shared GPU, fair per client" if app is None
+             else "A Gradio app on a shared GPU, fair per client") if tier == FRONTEND
             else "GPU tier of splitspace (called by its frontend)"
         ),
     }
@@ -134,9 +185,24 @@ def _yaml_scalar(value: Any) -> str:
     return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a YAML double-quoted scalar
 
 
-def readme_text(tier: str, *, frontend: str | None = None, backend: str | None = None) -> str:
-    meta = "".join(f"{key}: {_yaml_scalar(value)}\n" for key, value in front_matter(tier).items())
-    if tier == FRONTEND:
+def readme_text(tier: str, *, frontend: str | None = None, backend: str | None = None,
+                app: AppSpec | None = None) -> str:
+    meta = "".join(f"{key}: {_yaml_scalar(value)}\n" for key, value in front_matter(tier, app).items())
+    if app is not None:
+        where = (f" ([{backend}](https://huggingface.co/spaces/{backend}))" if tier == FRONTEND and backend
+                 else f" ([{frontend}](https://huggingface.co/spaces/{frontend}))" if frontend else "")
+        body = (
+            f"# {app.path.stem}\n\n"
+            f"`{APP_FOLDER}/{app.path.name}`, a Gradio app served by splitspace: "
+            + ("this Space is its public CPU tier. It serves the app and forwards each call of a "
+               "`@splitspace.gpu` function, with a signed identity token, to the GPU tier" if tier == FRONTEND
+               else "this Space is its GPU tier, which runs the app's `@splitspace.gpu` functions behind a "
+                    "per-client fair scheduler, called only by its frontend")
+            + where + ".\n\n"
+            "Configured by Space variables and secrets (`SPLITSPACE_*`); the secret `SPLITSPACE_SECRET` "
+            "is shared by both tiers.\n"
+        )
+    elif tier == FRONTEND:
         body = (
             "# splitspace\n\n"
             "Text to image on one shared GPU, scheduled fairly per client. This Space is the public "
@@ -247,6 +313,34 @@ if __name__ == "__main__":
 '''
 
 
+_UVICORN_IMPORT = "import uvicorn  # noqa: E402\n"
+
+
+def entry_text(tier: str, app: AppSpec | None = None) -> str:
+    """The bundle's ``app.py``; with an app, it names the app's file in this folder."""
+    text = BACKEND_APP if tier == BACKEND else FRONTEND_APP
+    if app is None:
+        return text
+    line = (f'os.environ["SPLITSPACE_APP"] = f"{{HERE / {APP_FOLDER!r} / {app.path.name!r}}}:{app.name}"'
+            "  # the developer's app\n")
+    return text.replace(_UVICORN_IMPORT, line + _UVICORN_IMPORT, 1)
+
+
+def _copy_app(app: AppSpec, dest: Path) -> list[Path]:
+    """The app's folder's ``*.py`` files and its packages (never a virtual environment,
+    data or anything else beside them)."""
+    folder = app.path.parent
+    written = []
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix == ".py":
+            shutil.copyfile(path, dest / path.name)
+            written.append(dest / path.name)
+        elif path.is_dir() and not path.name.startswith(".") and (path / "__init__.py").is_file():
+            written += _copy_package(path, dest / path.name)
+    return written
+
+
 def _copy_package(src: Path, dest: Path) -> list[Path]:
     """Copy the Python files of the folder ``src`` to the folder ``dest``."""
     written = []
@@ -272,15 +366,17 @@ def _fresh_dir(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def build_bundle(tier: str, dest: Path, *, frontend: str | None = None, backend: str | None = None) -> list[Path]:
-    """Write one tier's Space folder at ``dest`` (replacing a previous bundle); returns the files."""
+def build_bundle(tier: str, dest: Path, *, frontend: str | None = None, backend: str | None = None,
+                 app: AppSpec | None = None) -> list[Path]:
+    """Write one tier's Space folder at ``dest`` (replacing a previous bundle); returns the files.
+    With ``app``, the developer's app goes in too, under ``app/``, and ``app.py`` serves it."""
     if tier not in PACKAGES:
         raise ValueError(f"tier must be {FRONTEND!r} or {BACKEND!r}, not {tier!r}")
     _fresh_dir(dest)
     files = {
-        "README.md": readme_text(tier, frontend=frontend, backend=backend),
-        "app.py": BACKEND_APP if tier == BACKEND else FRONTEND_APP,
-        "requirements.txt": "\n".join(pinned_requirements(tier)) + "\n",
+        "README.md": readme_text(tier, frontend=frontend, backend=backend, app=app),
+        "app.py": entry_text(tier, app),
+        "requirements.txt": "\n".join(merged_requirements(tier, app)) + "\n",
     }
     written = []
     for name, text in files.items():
@@ -289,6 +385,8 @@ def build_bundle(tier: str, dest: Path, *, frontend: str | None = None, backend:
     written += _copy_package(REPO / "splitspace", dest / "splitspace")
     for package in PACKAGES[tier]:
         written += _copy_package(REPO / package, dest / "splitspace" / package)
+    if app is not None:
+        written += _copy_app(app, dest / APP_FOLDER)
     return written
 
 
@@ -300,6 +398,8 @@ class DeployOptions:
     model: str = DEFAULT_MODEL
     private_backend: bool = True
     backend_hardware: str | None = None
+    app: AppSpec | None = None
+    """The developer's app; None: the built-in text-to-image (serving ``model``)."""
 
     def checked(self) -> DeployOptions:
         frontend = check_repo_id(self.frontend, "--frontend-space")
@@ -308,7 +408,8 @@ class DeployOptions:
             raise DeployError("--frontend-space and --backend-space must be two different Spaces")
         if not self.model.strip():
             raise DeployError("--model is empty")
-        return DeployOptions(frontend, backend, self.model.strip(), self.private_backend, self.backend_hardware)
+        return DeployOptions(frontend, backend, self.model.strip(), self.private_backend, self.backend_hardware,
+                             self.app)
 
 
 @dataclass(frozen=True)
@@ -383,8 +484,9 @@ def plan_calls(options: DeployOptions, folders: Mapping[str, Path], keys: Deploy
         HubCall("create_repo", (fe,), dict(repo_type="space", space_sdk="gradio", private=False, exist_ok=True)),
         secret(be, "SPLITSPACE_SECRET", keys.secret),
         secret(be, "SPLITSPACE_ADMIN_TOKEN", keys.admin_token),
-        variable(be, "SPLITSPACE_MODEL", options.model),
     ]
+    if options.app is None:  # an app loads its own weights
+        calls.append(variable(be, "SPLITSPACE_MODEL", options.model))
     if options.backend_hardware:
         calls.append(HubCall("request_space_hardware", (be, options.backend_hardware)))
     calls += [
@@ -406,7 +508,7 @@ def plan_calls(options: DeployOptions, folders: Mapping[str, Path], keys: Deploy
 def write_bundles(options: DeployOptions, root: Path) -> dict[str, Path]:
     folders = {FRONTEND: root / FRONTEND, BACKEND: root / BACKEND}
     for tier, folder in folders.items():
-        build_bundle(tier, folder, frontend=options.frontend, backend=options.backend)
+        build_bundle(tier, folder, frontend=options.frontend, backend=options.backend, app=options.app)
     return folders
 
 
@@ -478,8 +580,9 @@ def _count_files(folder: Path) -> int:
 
 def _echo_summary(options: DeployOptions, keys: DeploySecrets, echo: Callable[[str], None]) -> None:
     echo(f"frontend: https://huggingface.co/spaces/{options.frontend} ({space_url(options.frontend)})")
+    serving = f"app {options.app.path.name}:{options.app.name}" if options.app else f"model {options.model}"
     echo(f"GPU tier: https://huggingface.co/spaces/{options.backend} ({space_url(options.backend)}), "
-         f"{'private' if options.private_backend else 'public'}, model {options.model}")
+         f"{'private' if options.private_backend else 'public'}, {serving}")
     if keys.generated:
         echo(f"generated (never shown; set them in the environment before deploying to choose your own): "
              f"{', '.join(keys.generated)}")

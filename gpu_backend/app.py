@@ -2,7 +2,9 @@
 
 Wiring only. Two ways in, one set of rules: Gradio's ``/infer`` (for
 ``gradio_client`` and any Gradio client) and the direct route
-(``direct_route.py``, the frontend's default hop) are both thin adapters over
+(``direct_route.py``, the frontend's default hop; with ``SPLITSPACE_APP`` it serves the
+developer's ``@splitspace.gpu`` functions instead of the built-in model, each through
+``/splitspace/v1/call`` and the same fair queue) are both thin adapters over
 :class:`~gpu_backend.serving.service.InferService` (verify, validate, admit, follow,
 map failures); admission, fair order and execution are the runner's. Gradio's own queue must not
 reorder what the scheduler decides, so the endpoints have no concurrency limit,
@@ -14,6 +16,7 @@ reorder what the scheduler decides, so the endpoints have no concurrency limit,
 # on every call, and string annotations make that an eval each time.
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
@@ -28,9 +31,10 @@ from fastapi.responses import Response
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
+from splitspace.gpu_backend.admission.limits import Overrides, limits_function
 from splitspace.gpu_backend.admission.runner import GpuRunner, client_ref
 from splitspace.gpu_backend.admission.scheduler import FairScheduler
-from splitspace.gpu_backend.ops.admin import Overrides, admin_router, limits_function
+from splitspace.gpu_backend.ops.admin import admin_router
 from splitspace.gpu_backend.ops.dashboard import DASHBOARD_PATH
 from splitspace.gpu_backend.ops.metrics import CONTENT_TYPE, GpuMetrics
 from splitspace.gpu_backend.ops.operator_guard import OperatorGuard
@@ -39,16 +43,19 @@ from splitspace.gpu_backend.serving.direct_route import INFER_PATH, MAX_BODY_BYT
 from splitspace.gpu_backend.serving.service import InferService
 from splitspace.gpu_backend.stores.global_limits import GlobalLimits, local_limits
 from splitspace.gpu_backend.stores.resilient_store import ResilientStore, open_async_store, open_store
-from splitspace.gpu_backend.stores.usage import MemoryUsageStore, SqliteUsageStore, UsageStore
-from splitspace.gpu_backend.stores.write_behind import WriteBehindStore
+from splitspace.gpu_backend.stores.usage import MemoryUsageStore
+from splitspace.gpu_backend.stores.write_behind import SqliteUsageStore, WriteBehindStore
 from splitspace.gpu_backend.workload import gpu
+from splitspace.gpu_backend.workload.app_functions import AppFunction, app_functions
 from splitspace.gpu_backend.workload.cost import CostModel
 from splitspace.gpu_backend.workload.model import CompileConfig, ModelExecutor
 from splitspace.session.address import AddressPolicy
 from splitspace.session.identity import Identity
 from splitspace.session.token import HEALTH, IdentityTokens
+from splitspace.shared.app.loader import gpu_endpoints, load_app
 from splitspace.shared.config.quota_watch import QuotaWatcher
 from splitspace.shared.config.settings import Settings
+from splitspace.shared.contract.calls import CALL_PATH, call_body_limit
 from splitspace.shared.contract.errors import SplitspaceError
 from splitspace.shared.contract.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from splitspace.shared.contract.hop import error_to_wire
@@ -64,6 +71,7 @@ from splitspace.shared.gradio.gradio_sessions import (
 )
 from splitspace.shared.gradio.gradio_signature import request_handler
 from splitspace.shared.http.guard import GradioGuard
+from splitspace.shared.http.json_limits import DEFAULT_LIMITS
 from splitspace.shared.http.server import NO_TELEMETRY
 
 log = logging.getLogger("splitspace.gpu")
@@ -87,7 +95,14 @@ class GpuTier:
             log.warning("no SPLITSPACE_SECRET: the GPU tier refuses every call")
         # The loaded model lives in gpu.py (a ZeroGPU worker reaches it there), nowhere else.
         self.compile = CompileConfig(settings.compile_width, settings.compile_height) if settings.compile else None
-        if executor is not None:
+        self.functions: dict[str, AppFunction] = {}
+        """With ``settings.app``: the developer's GPU functions (and no built-in model)."""
+        if settings.app:
+            endpoints = gpu_endpoints(load_app(settings.app))
+            self.functions = app_functions(endpoints, cache_dir=gr.utils.get_upload_folder(),
+                                           max_file_bytes=settings.max_file_bytes)
+            log.info("serving %s: %s", settings.app, ", ".join(self.functions) or "no GPU functions")
+        elif executor is not None:
             gpu.set_executor(executor)
         else:
             gpu.load_model(settings.model, compile_unet=self.compile)
@@ -97,7 +112,7 @@ class GpuTier:
         if settings.redis_url is None:
             # Usage in memory, written to the file soon after: no disk I/O under the lock
             # that the GPU thread shares with admission (write_behind.py).
-            self.store: WriteBehindStore | UsageStore = WriteBehindStore(SqliteUsageStore(settings.state_path))
+            self.store: WriteBehindStore | ResilientStore = WriteBehindStore(SqliteUsageStore(settings.state_path))
             self.overrides = Overrides(self.store)
             limits = limits_function(lambda: self.watcher.current, self.overrides)
             self._memory_stores: list[MemoryUsageStore | WriteBehindStore] = [self.store]
@@ -130,13 +145,16 @@ class GpuTier:
                 idle_s=settings.idle_s, max_idle=settings.max_idle_clients,
             )
         self.metrics = GpuMetrics(lambda: self.with_scheduler(FairScheduler.depth_by_tier))
-        self.runner = GpuRunner(
-            self.scheduler,
-            CostModel(lambda s, w, h, g, b: gpu.current_executor().estimate_seconds(s, w, h, b, guidance_scale=g)),
+        builtin: dict[str, Any] = {} if settings.app else dict(  # the built-in text-to-image
+            cost=CostModel(lambda s, w, h, g, b: gpu.current_executor().estimate_seconds(s, w, h, b, guidance_scale=g)),
             run_batch=gpu.run_batch_on_gpu,
             resolve=lambda req: gpu.current_executor().resolve(req),
             model_name=lambda: gpu.current_executor().name,
             max_batch=gpu.batch_cap(settings.max_batch),
+        )
+        self.runner = GpuRunner(
+            self.scheduler,
+            **builtin,
             batch_wait_s=settings.batch_wait_ms / 1000,
             on_zerogpu=bool(spaces.config.Config.zero_gpu),
             clock=time.time,
@@ -150,7 +168,8 @@ class GpuTier:
         self.service = InferService(
             tokens=self.tokens, runner=self.runner, limits=settings.limits, standing=self.standing,
             on_call=self.metrics.calls.inc, on_refused=self.metrics.refuse,
-            global_limits=self.global_limits,
+            global_limits=self.global_limits, functions=self.functions,
+            on_function_call=lambda name: self.metrics.function_calls.labels(name).inc(),
         )
 
     def limits_changed(self, client_id: str | None) -> None:
@@ -164,6 +183,8 @@ class GpuTier:
         """Load another model without a restart: requests in flight finish on the old one,
         new ones queue (none is refused) and run on the new one. A spec that fails to
         load leaves the old model in place and raises ValueError."""
+        if self.settings.app:
+            raise ValueError(f"this GPU tier serves {self.settings.app}, not a model")
         async with self._model_lock:
             previous = gpu.current_executor().name
 
@@ -215,17 +236,16 @@ class GpuTier:
         return caps
 
     def health(self) -> dict[str, Any]:
-        ex = gpu.current_executor()
         depth = self.with_scheduler(FairScheduler.depth_by_tier)
-        return {
-            "status": "ok",
-            "boot_id": BOOT_ID,
-            "model": ex.name,
-            "placeholder_model": ex.is_placeholder,
-            "defaults": {"steps": ex.preset.steps, "guidance_scale": ex.preset.guidance_scale},
-            "queued": sum(q for q, _ in depth.values()),
-            "running": sum(r for _, r in depth.values()),
-        }
+        doc: dict[str, Any] = {"status": "ok", "boot_id": BOOT_ID}
+        if self.settings.app:
+            doc["functions"] = sorted(self.functions)
+        else:
+            ex = gpu.current_executor()
+            doc.update(model=ex.name, placeholder_model=ex.is_placeholder,
+                       defaults={"steps": ex.preset.steps, "guidance_scale": ex.preset.guidance_scale})
+        doc.update(queued=sum(q for q, _ in depth.values()), running=sum(r for _, r in depth.values()))
+        return doc
 
 
 def build_blocks(tier: GpuTier) -> gr.Blocks:
@@ -276,6 +296,8 @@ def model_routes(router: APIRouter, tier: GpuTier) -> None:
 
     @router.get("/model")
     async def show_model() -> dict[str, Any]:
+        if tier.settings.app:
+            return {"model": None, "app": tier.settings.app, "functions": sorted(tier.functions)}
         return {"model": gpu.current_executor().name}
 
     @router.put("/model")
@@ -363,8 +385,9 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
 
         app = mount_dashboard(app, tier, admin_token)
 
-    direct = DirectRoutes(tier.service)
-    for path in (INFER_PATH, STANDING_PATH):  # before the mount at "/", which catches everything after it
+    call_limit = call_body_limit(settings.max_file_bytes)
+    direct = DirectRoutes(tier.service, max_call_bytes=call_limit)
+    for path in (INFER_PATH, STANDING_PATH, CALL_PATH):  # before the mount at "/", which catches everything after
         app.router.routes.append(Route(path, direct, methods=["POST"]))
 
     blocks = build_blocks(tier)
@@ -379,7 +402,10 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
                               ipv6_prefix=settings.ipv6_prefix)
     app.add_middleware(HeartbeatCap, blocks=blocks, streams=heartbeats, address=lambda scope: addresses.client_address(
         (scope.get("client") or (None,))[0], Request(scope).headers.get("x-forwarded-for")))
-    app.add_middleware(GradioGuard, blocks=blocks, body_limits={INFER_PATH: MAX_BODY_BYTES},
+    app.add_middleware(GradioGuard, blocks=blocks, body_limits={INFER_PATH: MAX_BODY_BYTES, CALL_PATH: call_limit},
+                       # a call's files cross as base64 strings
+                       json_limits_by_path={CALL_PATH: dataclasses.replace(DEFAULT_LIMITS,
+                                                                           max_string_bytes=call_limit)},
                        elsewhere=(DASHBOARD_PATH,))  # the dashboard is its own Blocks, behind its login
     if admin_token:  # /admin: no cross-site changes, login cookies that end, no guessing
         app.add_middleware(OperatorGuard, dashboard_path=DASHBOARD_PATH, throttle=GuessThrottle(), addresses=addresses)

@@ -9,6 +9,12 @@ maps them; in the repository they stay at the root, each with one job):
 - ``splitspace.shared``: what both tiers import: schema, settings, errors, the hop's wire form.
 - ``splitspace.deploy``: the ``splitspace`` command, the local runner, Spaces bundles.
 
+``splitspace.gpu`` marks a function of an ordinary Gradio app to run on the GPU tier, as
+``spaces.GPU`` does for ZeroGPU.
+
+``splitspace.gpu`` marks a function of an ordinary Gradio app to run on the GPU tier, as
+``spaces.GPU`` does for ZeroGPU.
+
 One name at the top of site-packages, so a Space's own ``shared/`` or ``session.py``
 never shadows splitspace's. Importing this package loads no model, Gradio or torch.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from splitspace.shared.app.gpu_function import gpu
 from splitspace.shared.config.settings import Settings
 from splitspace.shared.contract.errors import SplitspaceError, Throttled
 
@@ -25,4 +32,4 @@ try:
 except PackageNotFoundError:  # a Space bundle carries the package without its metadata
     __version__ = "0+bundled"
 
-__all__ = ["Settings", "SplitspaceError", "Throttled", "__version__"]
+__all__ = ["Settings", "SplitspaceError", "Throttled", "__version__", "gpu"]

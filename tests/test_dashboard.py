@@ -103,8 +103,8 @@ def test_override_values_read_the_form_and_name_a_bad_field() -> None:
 
 
 def test_store_name_says_which_store_is_in_force(tmp_path: Path) -> None:
-    from splitspace.gpu_backend.stores.usage import MemoryUsageStore, SqliteUsageStore
-    from splitspace.gpu_backend.stores.write_behind import WriteBehindStore
+    from splitspace.gpu_backend.stores.usage import MemoryUsageStore
+    from splitspace.gpu_backend.stores.write_behind import SqliteUsageStore, WriteBehindStore
 
     store = WriteBehindStore(SqliteUsageStore(tmp_path / "state.sqlite3"))
     try:

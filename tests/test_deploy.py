@@ -31,6 +31,7 @@ from splitspace.deploy.spaces import (
     deploy,
     space_url,
 )
+from splitspace.shared.app.loader import AppSpec
 from tests.support import REPO, TierProcess, free_port, wait_ready
 
 FE, BE = "alice/splitspace", "alice/Splitspace_GPU.v2"
@@ -386,3 +387,134 @@ def test_cli_deploys_through_hfapi_and_a_failing_call_is_one_line_without_secret
     admin = next(c[1][2] for c in made[0].calls if c[1][1:2] == ("SPLITSPACE_ADMIN_TOKEN",))
     for value in ("cli-secret-abcdefghijklmnop", "hf_deploy_token_abc", "hf_frontend_token_abc", admin):
         assert value not in result.output
+
+
+# -- a developer's app (issue 23): `splitspace deploy APP` -------------------------------------------
+def _an_app(root: Path) -> Path:
+    """A developer's folder: the app (named app.py, as on Spaces), a module and a package of
+    its own, a requirements.txt, and what must stay home (a virtual environment, data)."""
+    root.mkdir(parents=True)
+    (root / "app.py").write_text(textwrap.dedent('''\
+        import gradio as gr
+
+        import splitspace
+        from helpers import exclaim
+        from mypkg.words import WORD
+
+
+        @splitspace.gpu
+        def shout(text: str) -> str:
+            return exclaim(text.upper() + " " + WORD)
+
+
+        ui = gr.Interface(shout, gr.Textbox(label="Text"), gr.Textbox(), api_name="shout")
+    '''))
+    (root / "helpers.py").write_text("def exclaim(text):\n    return text + '!'\n")
+    (root / "mypkg").mkdir()
+    (root / "mypkg" / "__init__.py").write_text("")
+    (root / "mypkg" / "words.py").write_text("WORD = 'LOUD'\n")
+    (root / ".venv" / "lib").mkdir(parents=True)
+    (root / ".venv" / "lib" / "big.py").write_text("")
+    (root / "data").mkdir()
+    (root / "data" / "notebook.py").write_text("")
+    (root / "requirements.txt").write_text(
+        "pillow>=10  # images\ngradio>=5.0\nsplitspace\n\n# a comment\n--extra-index-url https://example.org/simple\n")
+    return root / "app.py"
+
+
+def test_dry_run_bundles_a_developers_app(tmp_path):
+    app_file = _an_app(tmp_path / "mine")
+    result = CliRunner().invoke(cli_app, [
+        "deploy", f"{app_file}:ui", "--frontend-space", FE, "--backend-space", BE, "--public-backend",
+        "--dry-run", str(tmp_path / "out"),
+    ])
+    assert result.exit_code == 0, result.output
+    for tier in (FRONTEND, BACKEND):
+        bundle = tmp_path / "out" / tier
+        carried = sorted(str(p.relative_to(bundle / "app")) for p in (bundle / "app").rglob("*") if p.is_file())
+        assert carried == ["app.py", "helpers.py", "mypkg/__init__.py", "mypkg/words.py"]
+        assert (bundle / "app" / "app.py").read_text() == app_file.read_text()
+        entry = (bundle / "app.py").read_text()
+        assert 'os.environ["SPLITSPACE_APP"] = f"{HERE / \'app\' / \'app.py\'}:ui"' in entry
+        assert entry.index("SPLITSPACE_APP") < entry.index("def main")
+        reqs = (bundle / "requirements.txt").read_text().splitlines()
+        assert f"gradio=={gradio.__version__}" in reqs and "pillow>=10" in reqs
+        assert "--extra-index-url https://example.org/simple" in reqs
+        assert f"# gradio>=5.0  (splitspace pins gradio=={gradio.__version__})" in reqs
+        assert "# splitspace  (carried in this folder)" in reqs
+        assert not [line for line in reqs if line.startswith(("gradio>", "splitspace"))]
+        assert any(line.startswith("spaces==") for line in reqs)  # @splitspace.gpu wraps with spaces.GPU
+        assert front_matter(bundle / "README.md")["title"].startswith("app")
+    assert "SPLITSPACE_MODEL" not in result.output  # the app loads its own weights
+    assert "app app.py:ui" in result.output
+
+
+def test_deploy_refuses_a_bad_app_before_any_call(tmp_path):
+    result = CliRunner().invoke(cli_app, ["deploy", str(tmp_path / "nope.py"), "--frontend-space", FE,
+                                          "--backend-space", BE, "--public-backend"])
+    assert result.exit_code == 2 and "error: no such file" in result.output
+
+
+ENTRY_PROBE = ISOLATE.replace('runpy.run_path("app.py", run_name="__main__")', textwrap.dedent('''\
+    runpy.run_path("app.py")  # not __main__: sets SPLITSPACE_APP, does not serve
+    import os
+    from splitspace.shared.app.loader import gpu_endpoints, load_app
+    spec = os.environ["SPLITSPACE_APP"]
+    print("app", spec)
+    print("endpoints", [e.api_name for e in gpu_endpoints(load_app(spec))])
+    import splitspace, helpers  # helpers: the app's own module, importable once the app is loaded
+    print("splitspace", splitspace.__file__)
+    print("helpers", helpers.__file__)
+    print("answer", load_app(spec).fns[0].fn("hi"))
+'''))
+
+
+@pytest.mark.parametrize("tier", [FRONTEND, BACKEND])
+def test_a_bundles_entry_loads_the_app_from_its_own_folder(tmp_path, tier):
+    """Each bundle's app.py names the app's file in the bundle, and the app loads from there
+    with splitspace from the bundle, the repository out of reach."""
+    app_file = _an_app(tmp_path / "mine")
+    deploy(DeployOptions(FE, BE, private_backend=False, app=AppSpec.parse(f"{app_file}:ui")),
+           dry_run=tmp_path / "out", environ={}, echo=lambda _: None)
+    bundle = (tmp_path / "out" / tier).resolve()
+    (bundle.parent / "probe.py").write_text(ENTRY_PROBE.format(repo=str(REPO)))
+    run = subprocess.run([sys.executable, str(bundle.parent / "probe.py")], cwd=bundle, env=bundle_env({}),
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = dict(line.split(" ", 1) for line in run.stdout.splitlines() if " " in line)
+    assert lines["app"] == f"{bundle / 'app' / 'app.py'}:ui"
+    assert lines["endpoints"] == "['shout']"
+    assert lines["splitspace"] == str(bundle / "splitspace" / "__init__.py")
+    assert lines["helpers"] == str(bundle / "app" / "helpers.py")
+    assert lines["answer"] == "HI LOUD!"
+
+
+def test_bundles_of_an_app_serve_its_gpu_function_on_their_own(tmp_path):
+    """examples/shout.py deployed: both bundles run for real from their folders, talking to
+    each other. Needs the serving path for the call itself (the frontend serving the app and
+    forwarding /shout, the GPU tier running it)."""
+    out = tmp_path / "bundles"
+    deploy(DeployOptions(FE, BE, private_backend=False, app=AppSpec.parse(str(REPO / "examples" / "shout.py"))),
+           dry_run=out, environ={}, echo=lambda _: None)
+    secret = "bundle-test-secret-0123456789abcdef"
+    be_port, fe_port = free_port(), free_port()
+    tiers: list[TierProcess] = []
+    try:
+        backend = start_bundle(out / BACKEND, "backend", {
+            "PORT": str(be_port), "SPLITSPACE_SECRET": secret,
+            "SPLITSPACE_STATE_PATH": str(tmp_path / "state.sqlite3"),
+        }, tmp_path / "backend.log")
+        tiers.append(backend)
+        frontend = start_bundle(out / FRONTEND, "frontend", {
+            "PORT": str(fe_port), "SPLITSPACE_SECRET": secret,
+            "SPLITSPACE_BACKEND_URL": f"http://127.0.0.1:{be_port}",
+        }, tmp_path / "frontend.log")
+        tiers.append(frontend)
+        assert f"packages from {(out / BACKEND).resolve()}," in backend.log()
+        assert f"packages from {(out / FRONTEND).resolve()}," in frontend.log()
+        # needs the serving path: the app's function, called through the frontend, runs on the GPU tier
+        assert Client(frontend.url, verbose=False).predict("hi", 2, api_name="/shout") == "HI HI"
+        assert secret not in backend.log() + frontend.log()
+    finally:
+        for tier in reversed(tiers):
+            tier.stop()

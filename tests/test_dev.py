@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -285,3 +286,131 @@ def test_dev_reload_restarts_a_tier_and_the_page_follows(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
+
+
+# -- a developer's app (issue 23): `splitspace dev APP` ----------------------------------------------
+# The assertions marked "needs the serving path" need the tiers to serve the app (the frontend its
+# Blocks, the GPU tier its @splitspace.gpu functions); the rest hold for the runner alone.
+SHOUT_APP = '''\
+"""A developer's app, as issue 23 has it: @spaces.GPU swapped for @splitspace.gpu."""
+import gradio as gr
+
+import splitspace
+
+
+@splitspace.gpu(duration=1)
+def shout(text: str) -> str:
+    return text.upper() + {suffix!r}
+
+
+demo = gr.Interface(shout, gr.Textbox(label="Text"), gr.Textbox(label={label!r}), api_name="shout")
+'''
+
+
+def _boot_id(url: str) -> str | None:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).json()["boot_id"]
+    except (httpx.HTTPError, ValueError, KeyError):
+        return None
+
+
+def _shouted(url: str, text: str) -> str | None:
+    try:
+        return Client(url, verbose=False).predict(text, api_name="/shout")
+    except Exception:  # the tier restarting, or not serving the app (yet)
+        return None
+
+
+def _tier_env(pid: int) -> dict[str, str]:
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(p.decode(errors="replace").split("=", 1) for p in pairs if b"=" in p)
+
+
+def test_dev_reload_restarts_both_tiers_when_the_apps_file_changes(tmp_path):
+    folder = tmp_path / "myapp"
+    folder.mkdir()
+    app_file = folder / "app.py"
+    app_file.write_text(SHOUT_APP.format(suffix="!", label="Before"))
+    proc, furl, burl = _start_dev(tmp_path, str(app_file), "--reload", "--model", "sleep:1")
+    try:
+        front, gpu = _boot_id(furl), _boot_id(burl)
+        assert front and gpu
+        app_file.write_text(SHOUT_APP.format(suffix="?", label="After"))
+        assert wait_for(lambda: _boot_id(furl) not in (None, front), 60, 0.3), "the frontend did not restart"
+        assert wait_for(lambda: _boot_id(burl) not in (None, gpu), 60, 0.3), "the GPU tier did not restart"
+        # needs the serving path: the restarted tiers serve the edited app
+        assert wait_for(lambda: _shouted(furl, "hi") == "HI?", 60, 0.5), _shouted(furl, "hi")  # it was "HI!"
+        assert "After" in httpx.get(f"{furl}/config", timeout=10).text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+
+
+def test_dev_serves_an_app_with_its_own_shared_package_and_session_module(tmp_path):
+    """Issue 22, item 1, for a developer's app: the app's folder comes first on ``sys.path`` in
+    both tiers, and its own ``shared/`` and ``session.py`` must neither shadow splitspace's
+    nor be shadowed by them."""
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "__init__.py").write_text('"""The app own helpers."""\nGREETING = "hello"\n')
+    (tmp_path / "session.py").write_text('"""The app own session helper."""\nUSER = "me"\n')
+    (tmp_path / "app.py").write_text(textwrap.dedent('''\
+        import gradio as gr
+
+        import session
+        import splitspace
+        from shared import GREETING
+
+
+        @splitspace.gpu
+        def greet(name: str) -> str:
+            return f"{GREETING} {name}, from {session.USER}"
+
+
+        demo = gr.Interface(greet, gr.Textbox(label="Name"), gr.Textbox(label="Greeting"), api_name="greet")
+    '''))
+    proc, furl, burl = _start_dev(tmp_path, "app.py", "--model", "sleep:1")  # APP relative to the working folder
+    try:
+        assert httpx.get(f"{burl}/health", timeout=10).status_code == 200
+        assert httpx.get(f"{furl}/", timeout=10).status_code == 200
+        for pid in _tier_pids(proc):  # every tier is given the app, as an absolute path
+            assert _tier_env(pid)["SPLITSPACE_APP"] == f"{tmp_path / 'app.py'}:demo"
+        # needs the serving path: the app's GPU function answers, through the frontend
+        assert Client(furl, verbose=False).predict("ann", api_name="/greet") == "hello ann, from me"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert f"splitspace dev: app {tmp_path / 'app.py'}:demo" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["dev", "missing.py"], "error: no such file: missing.py"),
+    (["dev", "app.txt"], "error: APP must be a Python file (file.py or file.py:NAME), not 'app.txt'"),
+    (["dev", "app.py:not-a-name"], "error: 'not-a-name' is not a Python name"),
+    (["frontend", "--app", "missing.py"], "error: no such file: missing.py"),
+    (["backend", "--app", "app.py:2x"], "error: '2x' is not a Python name"),
+])
+def test_a_bad_app_is_one_line_and_exit_2(tmp_path, monkeypatch, args, message):
+    from typer.testing import CliRunner
+
+    from splitspace.deploy.cli import app as cli_app
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("SPLITSPACE_APP", raising=False)
+    (tmp_path / "app.py").write_text("demo = None\n")
+    (tmp_path / "app.txt").write_text("")
+    result = CliRunner().invoke(cli_app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_reload_watches_the_apps_folder_and_its_packages_not_everything_below(tmp_path):
+    from splitspace.deploy.serve import REPO_ROOT, watched_folders
+
+    for folder in ("pkg/sub", ".venv/lib/python3.11/site-packages/torch", "data/images", "notes"):
+        (tmp_path / folder).mkdir(parents=True)
+    for init in ("pkg/__init__.py", "pkg/sub/__init__.py", ".venv/lib/python3.11/site-packages/torch/__init__.py"):
+        (tmp_path / init).write_text("")
+    (tmp_path / "notes" / "scratch.py").write_text("")
+    watched = watched_folders(REPO_ROOT, tmp_path)
+    assert [p for p in watched if tmp_path in (p, *p.parents)] == [tmp_path, tmp_path / "pkg", tmp_path / "pkg" / "sub"]
+    assert REPO_ROOT / "cpu_frontend" / "door" in watched  # splitspace's own packages, as before

@@ -8,6 +8,7 @@ waited for (polled), never slept on.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -66,9 +67,10 @@ async def running(url: str, prefix: str, n: int = 1, **options: Any) -> AsyncIte
 
 
 def in_redis(url: str, prefix: str, flow: str) -> dict[str, int]:
-    """The flow's hash as Redis holds it: frontend id -> count."""
+    """The flow's leases as Redis holds them, counted by frontend: frontend id -> count."""
     with redis.Redis.from_url(url, decode_responses=True) as client:
-        return {k: int(v) for k, v in client.hgetall(f"{prefix}inflight:{flow}").items()}
+        leases = client.zrange(f"{prefix}inflight-leases:{flow}", 0, -1)
+    return dict(collections.Counter(lease.partition(":")[0] for lease in leases))
 
 
 async def until(condition: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> float:
@@ -222,8 +224,8 @@ def test_a_frontend_killed_mid_request_frees_its_counts_within_the_lease(redis_s
             assert holder.stdout is not None
             line = await asyncio.get_running_loop().run_in_executor(None, holder.stdout.readline)
             assert line.strip() == b"held"
-            mine = await b.acquire("key:dead", 5, 0)  # b's renewals keep the flow's hash alive,
-            assert mine is not None  # so only the pruning of dead frontends can free the rest
+            mine = await b.acquire("key:dead", 5, 0)  # b's renewals keep the flow's set alive,
+            assert mine is not None  # so only the expiry of the dead frontend's leases can free the rest
             # alive, it renews its lease: its places stay taken well past one lease
             deadline = time.monotonic() + 3 * lease_s
             while time.monotonic() < deadline:
@@ -236,7 +238,7 @@ def test_a_frontend_killed_mid_request_frees_its_counts_within_the_lease(redis_s
             assert freed_after <= lease_s + 0.5
             for _ in range(3):
                 assert await b.acquire("key:dead", 5, 0) is not None  # all four places back
-            assert in_redis(redis_server.url, prefix, "key:dead") == {b.frontend_id: 5}  # its field dropped
+            assert in_redis(redis_server.url, prefix, "key:dead") == {b.frontend_id: 5}  # its leases dropped
 
     try:
         asyncio.run(scenario())

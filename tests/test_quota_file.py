@@ -75,3 +75,14 @@ def test_watcher_keeps_last_good_version_and_reports_the_error(tmp_path):
     rewrite("[tiers.pro]\nmax_queued = 8\n")
     assert watcher.check() and watcher.current.tier("pro").max_queued == 8
     assert watcher.last_error is None
+
+
+def test_a_keys_webhook_secret_is_checked() -> None:
+    good = "whsec_" + __import__("base64").b64encode(b"x" * 32).decode()
+    config = parse_quotas(second_key(webhook_secret=f'"{good}"'))
+    assert config.webhook_secret("key:two") == good and config.webhook_secret("key:one") is None
+    assert good not in repr(config.keys[1]), "never in a repr"
+    for bad, reason in (('"nope"', "whsec_"), ('"whsec_!!"', "base64"), ('"whsec_YWJj"', "24 to 64 bytes"),
+                        ("3", "text")):
+        message = error_of(second_key(webhook_secret=bad))
+        assert "webhook_secret" in message and reason in message and "line 13" in message, message

@@ -4,7 +4,9 @@ Each test has its own ``redis-server`` and takes it away in one of two ways: sto
 (connections refused; a restart without persistence comes back empty) or paused with
 SIGSTOP (connections hang, as with a hung or partitioned Redis; its data is kept).
 Every call must return within a bound, the right side must serve, and recovery must be
-automatic, without charging twice.
+automatic, without charging twice. The stores are wired as a GPU tier wires them: the
+admission on an event loop, the rest on threads, sharing one memory, breaker and list of
+unsent releases.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from splitspace.gpu_backend.stores.resilient_store import (
     open_store,
 )
 from splitspace.gpu_backend.stores.unsent_releases import UnsentReleases
-from splitspace.gpu_backend.stores.usage import AdmitPlan, Lease, Reservation, SqliteUsageStore, StoreUnavailable
+from splitspace.gpu_backend.stores.usage import AdmitGrant, AdmitPlan, Lease, Reservation, StoreUnavailable
+from splitspace.gpu_backend.stores.write_behind import WriteBehindStore
 from splitspace.shared.contract.errors import SERVICE_UNAVAILABLE, ServiceUnavailable
+from tests.test_store_contract import LoopThread
 
 RETRY_S = 0.5
 """The breaker's retry interval in these tests (the default is 3 s)."""
@@ -71,14 +75,43 @@ def prefix() -> str:
     return f"test:{uuid.uuid4().hex}:"
 
 
-def resilient(url: str, prefix: str, mode: str, replicas: int = 2) -> ResilientStore:
-    return ResilientStore(
-        RedisStore.from_url(url, prefix=prefix), mode=mode, replicas=replicas,  # type: ignore[arg-type]
-        breaker=CircuitBreaker(RETRY_S),
-    )
+class Tier:
+    """A GPU tier's two wrappers over one Redis: ``admit`` on an event loop (its own
+    thread here), every other call on the sync wrapper, which this stands for."""
+
+    def __init__(self, url: str, prefix: str, mode: str, replicas: int = 2) -> None:
+        self.sync = ResilientStore(
+            RedisStore.from_url(url, prefix=prefix), mode=mode, replicas=replicas,  # type: ignore[arg-type]
+            breaker=CircuitBreaker(RETRY_S),
+        )
+        self._loop = LoopThread()
+        self._async = AsyncResilientStore(AsyncRedisStore.from_url(url, prefix=prefix), self.sync.fallback,
+                                          mode=mode, replicas=replicas, breaker=self.sync.breaker,  # type: ignore[arg-type]
+                                          unsent=self.sync.unsent)
+
+    def admit(self, plan: AdmitPlan) -> AdmitGrant:
+        return self._loop.run(self._async.admit(plan))  # type: ignore[no-any-return]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sync, name)
+
+    def close(self) -> None:
+        self.sync.close()
+        self._loop.run(self._async.close())
+        self._loop.close()
 
 
-def serves_from_redis(store: ResilientStore) -> Callable[[], bool]:
+def resilient(url: str, prefix: str, mode: str, replicas: int = 2) -> Any:
+    return Tier(url, prefix, mode, replicas)
+
+
+def reserving(job: str, amount: float, limit: float = 5.0, key: str = "x", usage_key: str = "c") -> AdmitPlan:
+    """A job that reserves ``amount`` of ``usage_key``'s GPU-seconds (its slot: flow ``key``)."""
+    reservation = Reservation(usage_key, amount, limit, 100.0)
+    return AdmitPlan(key, job, max_queued=100, lease_s=30.0, reservations=(reservation,))
+
+
+def serves_from_redis(store: Any) -> Callable[[], bool]:
     """A condition: a call goes through and the breaker is closed again."""
 
     def check() -> bool:
@@ -86,7 +119,7 @@ def serves_from_redis(store: ResilientStore) -> Callable[[], bool]:
             store.count("queued", "probe")
         except StoreUnavailable:
             return False
-        return not store.degraded
+        return not store.breaker.is_open
 
     return check
 
@@ -118,35 +151,27 @@ def test_closed_mode_refuses_while_redis_is_stopped_and_recovers(own_redis: Any,
     store = resilient(own_redis.url, prefix, "closed")
     peer = RedisStore.from_url(own_redis.url, prefix=prefix)
     try:
-        assert store.reserve("c", 1.0, 5.0, 100.0) is None
-        assert store.acquire_slot("running", "c", "before", 1, 30.0).granted
+        assert store.admit(reserving("before", 1.0, key="c")).granted
+        assert store.start_job("c", "before", 1, 30.0, 1.0, "v").granted
         own_redis.stop()
 
-        refused, took = timed(lambda: store.reserve("c", 1.0, 5.0, 100.0))
+        refused, took = timed(lambda: store.admit(reserving("j", 1.0)))
         assert isinstance(refused, StoreUnavailable) and isinstance(refused, ServiceUnavailable)
         assert refused.title == SERVICE_UNAVAILABLE and refused.retry_after_s > 0
         assert "Retry in" in refused.user_text() and took < CALL_BOUND_S
-        for admit in (
-            lambda: store.acquire_slot("queued", "c", "j", 4, 30.0),
-            lambda: store.move("c", "j", 1, 30.0),
-            lambda: store.admit_rate("c", "j", 5, 60.0),
-            lambda: store.admit(AdmitPlan("c", "j", 4, 30.0, (Reservation("c", 1.0, 5.0, 100.0),))),
-        ):
+        for admit in (lambda: store.admit(reserving("j", 1.0)), lambda: store.start_job("c", "j", 1, 30.0, 1.0, "v")):
             refused, took = timed(admit)
             assert isinstance(refused, StoreUnavailable) and took < 0.1  # the breaker is open: no wait
         # settlements and reads never raise; operators are told their change did not land
-        assert store.release("running", "c", "before") is False
-        store.adjust("c", -0.5)
         store.settle("c", "before", [("c", -0.5)], forget_rate=True)
-        assert isinstance(timed(lambda: store.start_job("c", "j", 1, 30.0, 1.0, "v"))[0], StoreUnavailable)
         assert store.renew([Lease("running", "c", "before")], 30.0).lost
-        assert store.usage("c") == (0.0, 0.0)
+        assert store.usage("c") == (0.0, 0.0) and store.count("running", "c") == 0
         for operator in (lambda: store.set_overrides("key:x", {"max_queued": 1}), lambda: store.reset("c")):
             assert isinstance(timed(operator)[0], StoreUnavailable)
 
         own_redis.start()  # same port, empty (no persistence)
         assert wait_for(serves_from_redis(store)) < RETRY_S + CALL_BOUND_S + 2
-        assert store.reserve("c", 2.0, 5.0, 100.0) is None
+        assert store.admit(reserving("after", 2.0)).granted
         assert peer.usage("c")[0] == pytest.approx(2.0)  # Redis counts it; nothing replayed
     finally:
         store.close()
@@ -156,11 +181,11 @@ def test_closed_mode_refuses_while_redis_is_stopped_and_recovers(own_redis: Any,
 def test_closed_mode_with_a_hung_redis_never_hangs_and_keeps_its_data(own_redis: Any, prefix: str) -> None:
     store = resilient(own_redis.url, prefix, "closed")
     try:
-        assert store.reserve("c", 1.0, 5.0, 100.0) is None
+        assert store.admit(reserving("before", 1.0)).granted
         own_redis.pause()
         results = []
-        for _ in range(5):
-            results.append(timed(lambda: store.reserve("c", 1.0, 5.0, 100.0)))
+        for i in range(5):
+            results.append(timed(lambda: store.admit(reserving(f"j{i}", 1.0))))  # noqa: B023
         assert all(isinstance(r, StoreUnavailable) for r, _ in results)
         assert max(t for _, t in results) < CALL_BOUND_S
         assert sum(t for _, t in results) < CALL_BOUND_S + 0.5  # only the first waits for a timeout
@@ -178,8 +203,7 @@ def test_a_settlement_redis_missed_is_released_there_once_it_answers(own_redis: 
     is back with its data; the release alone is sent (the usage correction is not replayed)."""
     store = resilient(own_redis.url, prefix, mode)
     try:
-        plan = AdmitPlan("c", "job", max_queued=4, lease_s=30.0, reservations=(Reservation("c", 1.0, 5.0, 100.0),))
-        assert store.admit(plan).granted
+        assert store.admit(reserving("job", 1.0, key="c")).granted
         assert store.start_job("c", "job", 1, 30.0, 1.0, "__v__").granted
         own_redis.pause()  # hung: its data is kept, as a restart with persistence keeps it
         try:
@@ -217,17 +241,17 @@ def test_local_mode_serves_with_limits_divided_by_the_replicas(own_redis: Any, p
     store = resilient(own_redis.url, prefix, "local", replicas=2)
     peer = RedisStore.from_url(own_redis.url, prefix=prefix)
     try:
-        assert store.reserve("c", 1.0, 10.0, 100.0) is None  # in Redis, before the outage
+        assert store.admit(reserving("before", 1.0, 10.0)).granted  # in Redis, before the outage
         own_redis.pause()
 
-        first, took = timed(lambda: store.acquire_slot("running", "c", "a", 3, 30.0))
+        first, took = timed(lambda: store.start_job("c", "a", 3, 30.0, 1.0, "v"))
         assert first.granted and took < CALL_BOUND_S  # decided locally after one timeout
-        assert not store.acquire_slot("running", "c", "b", 3, 30.0).granted  # 3 // 2 = 1
-        assert store.acquire_slot("running", "solo", "a", 1, 30.0).granted  # at least 1 ...
-        assert not store.acquire_slot("running", "zero", "a", 0, 30.0).granted  # ... unless 0
-        assert store.reserve("c", 2.0, 4.0, 100.0) is None  # 4.0 / 2
-        assert store.reserve("c", 0.1, 4.0, 100.0) is not None
-        rates = [store.admit_rate("c", f"j{i}", 5, 60.0).granted for i in range(4)]
+        assert not store.start_job("c", "b", 3, 30.0, 1.0, "v").granted  # 3 // 2 = 1
+        assert store.start_job("solo", "a", 1, 30.0, 1.0, "v").granted  # at least 1 ...
+        assert not store.start_job("zero", "a", 0, 30.0, 1.0, "v").granted  # ... unless 0
+        assert store.admit(reserving("r1", 2.0, 4.0)).granted  # 4.0 / 2
+        assert store.admit(reserving("r2", 0.1, 4.0)).refused_by == "quota"
+        rates = [store.admit(AdmitPlan("rt", f"j{i}", 100, 30.0, rate_limit=5)).granted for i in range(4)]
         assert rates == [True, True, False, False]  # 5 // 2
         plan = AdmitPlan("p", "a", 3, 30.0, (Reservation("pc", 2.0, 4.0, 100.0),), rate_limit=100)
         assert store.admit(plan).granted  # the whole admission, in memory, with the shares:
@@ -238,15 +262,16 @@ def test_local_mode_serves_with_limits_divided_by_the_replicas(own_redis: Any, p
             dataclasses.replace(plan, job_id="c", reservations=(Reservation("pc", 2.5, 4.0, 100.0),)))
         assert by_quota.refused_by == "quota"  # gpu_seconds 4.0 / 2
         assert store.overrides_version() < 0  # served from memory: caches re-read
-        assert store.release("running", "c", "a") is True  # the local lease, given back
-        assert store.degraded
+        store.settle("c", "a")
+        assert store.fallback.count("running", "c") == 0  # the local lease, given back
+        assert store.breaker.is_open
 
         own_redis.resume()
         wait_for(serves_from_redis(store))
         assert peer.usage("c")[0] == pytest.approx(1.0)  # the outage's 2.0 was not replayed
-        assert store.reserve("c", 3.0, 10.0, 100.0) is None
+        assert store.admit(reserving("r3", 3.0, 10.0)).granted
         assert peer.usage("c")[0] == pytest.approx(4.0)
-        assert store.acquire_slot("running", "c", "b", 3, 30.0).granted  # Redis' limit again
+        assert store.start_job("c", "b", 3, 30.0, 1.0, "v").granted  # Redis' limit again
         assert peer.count("running", "c") == 1
     finally:
         own_redis.resume()
@@ -256,18 +281,22 @@ def test_local_mode_serves_with_limits_divided_by_the_replicas(own_redis: Any, p
 
 def test_local_mode_survives_a_restart_and_releases_go_to_both(own_redis: Any, prefix: str) -> None:
     store = resilient(own_redis.url, prefix, "local", replicas=1)
+    peer = RedisStore.from_url(own_redis.url, prefix=prefix)
     try:
         own_redis.stop()
-        assert store.acquire_slot("running", "c", "during", 1, 30.0).granted
+        assert store.start_job("c", "during", 1, 30.0, 1.0, "v").granted
         assert store.fallback.count("running", "c") == 1
         own_redis.start()
         wait_for(serves_from_redis(store))
-        assert store.acquire_slot("running", "c", "after", 1, 30.0).granted  # Redis never saw "during"
-        assert store.release("running", "c", "during") is True  # freed where it was taken
-        assert store.fallback.count("running", "c") == 0
-        assert store.release("running", "c", "after") is True
+        assert store.start_job("c", "after", 1, 30.0, 1.0, "v").granted  # Redis never saw "during"
+        store.settle("c", "during")
+        assert store.fallback.count("running", "c") == 0  # freed where it was taken
+        assert peer.count("running", "c") == 1
+        store.settle("c", "after")
+        assert peer.count("running", "c") == 0
     finally:
         store.close()
+        peer.close()
 
 
 def test_overrides_are_served_from_a_mirror_while_redis_is_away(own_redis: Any, prefix: str) -> None:
@@ -278,37 +307,36 @@ def test_overrides_are_served_from_a_mirror_while_redis_is_away(own_redis: Any, 
         version = store.overrides_version()
         assert version > 0
         own_redis.pause()
-        assert store.get_overrides("key:bench") == {"gpu_seconds": 0}
         assert store.all_overrides() == {"key:bench": {"gpu_seconds": 0}}
         assert store.overrides_version() < 0
         assert isinstance(timed(lambda: store.clear_overrides("key:bench"))[0], StoreUnavailable)
         own_redis.resume()
         wait_for(serves_from_redis(store))
         assert store.overrides_version() == version
-        assert store.get_overrides("key:bench") == {"gpu_seconds": 0}  # the failed clear did not land
+        assert store.all_overrides() == {"key:bench": {"gpu_seconds": 0}}  # the failed clear did not land
     finally:
         own_redis.resume()
         store.close()
 
 
-def test_async_store_fails_over_and_recovers_in_both_modes(own_redis: Any, prefix: str) -> None:
+def test_async_admission_fails_over_and_recovers_in_both_modes(own_redis: Any, prefix: str) -> None:
     async def scenario(mode: str) -> None:
         store = AsyncResilientStore(
             AsyncRedisStore.from_url(own_redis.url, prefix=f"{prefix}{mode}:"), mode=mode,  # type: ignore[arg-type]
             replicas=2, breaker=CircuitBreaker(RETRY_S),
         )
         try:
-            assert (await store.acquire_slot("queued", "c", "a", 4, 30.0)).granted
+            assert (await store.admit(AdmitPlan("c", "a", 4, 30.0))).granted
             own_redis.pause()
             start = time.monotonic()
-            try:
-                grant = await store.acquire_slot("queued", "c", "b", 4, 30.0)
-            except StoreUnavailable:
-                assert mode == "closed"
-            else:
-                assert mode == "local" and grant.granted and grant.held == 1  # 4 // 2, counted locally
+            for job in ("b", "c", "d"):
+                try:
+                    grant = await store.admit(AdmitPlan("c", job, 4, 30.0))
+                except StoreUnavailable:
+                    assert mode == "closed"
+                else:  # 4 // 2 = 2 in memory, which never saw "a"
+                    assert mode == "local" and grant.granted is (job != "d")
             assert time.monotonic() - start < CALL_BOUND_S
-            assert await store.release("queued", "c", "b") is (mode == "local")
             plan = AdmitPlan("d", "x", 4, 30.0, (Reservation("d", 1.0, 1.0, 100.0),))
             try:
                 got = await store.admit(plan)
@@ -316,18 +344,11 @@ def test_async_store_fails_over_and_recovers_in_both_modes(own_redis: Any, prefi
                 assert mode == "closed"
             else:
                 assert mode == "local" and got.refused_by == "quota"  # gpu_seconds 1.0 / 2 refuses 1.0
-            await store.settle("d", "x", [("d", -1.0)], forget_rate=True)  # never raises
-            try:
-                started = await store.start_job("c", "a", 1, 30.0, 1.0, "v")
-            except StoreUnavailable:
-                assert mode == "closed"
-            else:
-                assert mode == "local" and started.granted  # max_running 1 stays 1 locally
             own_redis.resume()
             deadline = time.monotonic() + 10
             while True:
                 try:
-                    if (await store.count("queued", "c")) == 1 and not store.degraded:
+                    if (await store.admit(AdmitPlan("c", "a", 4, 30.0))).granted and not store.breaker.is_open:
                         break
                 except StoreUnavailable:
                     pass
@@ -373,7 +394,7 @@ def silent_port() -> Iterator[int]:
 
 def test_a_redis_that_never_answers_costs_one_timeout_not_a_hang(silent_port: int, prefix: str) -> None:
     bare = RedisStore.from_url(f"redis://127.0.0.1:{silent_port}/0", prefix=prefix)
-    error, took = timed(lambda: bare.acquire_slot("queued", "c", "a", 1, 30.0))
+    error, took = timed(lambda: bare.count("queued", "c"))
     assert isinstance(error, StoreUnavailable) and took < CALL_BOUND_S
     bare.close()
 
@@ -382,21 +403,23 @@ def test_the_redis_password_is_never_in_an_error(tmp_path: Path, prefix: str) ->
     from tests.support import free_port
 
     url = f"redis://:hunter2-secret@127.0.0.1:{free_port()}/0"  # nothing listens there
-    store = ResilientStore(RedisStore.from_url(url, prefix=prefix), mode="closed")
-    error = timed(lambda: store.reserve("c", 1.0, 5.0, 100.0))[0]
-    assert isinstance(error, StoreUnavailable)
-    assert "hunter2" not in error.user_text() and "hunter2" not in repr(error)
+    bare = RedisStore.from_url(url, prefix=prefix)
+    store = ResilientStore(bare, mode="closed")
+    for call in (lambda: bare.count("queued", "c"), lambda: store.start_job("c", "j", 1, 30.0, 1.0, "v")):
+        error = timed(call)[0]
+        assert isinstance(error, StoreUnavailable)
+        assert "hunter2" not in error.user_text() and "hunter2" not in repr(error)
     store.close()
 
 
 def test_open_store_keeps_sqlite_without_a_redis_url(tmp_path: Path, redis_server: Any) -> None:
     default = open_store(redis_url=None, sqlite_path=tmp_path / "state.sqlite3")
-    assert isinstance(default, SqliteUsageStore)
+    assert isinstance(default, WriteBehindStore)
     default.close()
     shared = open_store(redis_url=redis_server.url, sqlite_path=tmp_path / "unused.sqlite3", failure="local",
                         replicas=3)
     assert isinstance(shared, ResilientStore) and shared.mode == "local"
-    assert shared.reserve(f"open-store:{uuid.uuid4().hex}", 1.0, 2.0, 10.0) is None
+    assert shared.usage(f"open-store:{uuid.uuid4().hex}") == (0.0, 0.0) and not shared.breaker.is_open
     assert not (tmp_path / "unused.sqlite3").exists()
     shared.close()
     with pytest.raises(ValueError, match="mode"):

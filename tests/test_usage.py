@@ -1,4 +1,5 @@
-"""Both usage stores obey the same rules; the SQLite one also survives a restart."""
+"""The scheduler's ledgers (memory, and SQLite written behind) obey the same rules; the
+SQLite one also survives a restart."""
 
 from __future__ import annotations
 
@@ -8,53 +9,63 @@ from pathlib import Path
 
 import pytest
 
-from splitspace.gpu_backend.stores.usage import MemoryUsageStore, SqliteUsageStore, UsageStore
-from splitspace.gpu_backend.stores.write_behind import WriteBehindStore
+from splitspace.gpu_backend.stores.usage import MemoryUsageStore
+from splitspace.gpu_backend.stores.write_behind import SqliteUsageStore, WriteBehindStore
 from tests.support import wait_for
 
+Store = MemoryUsageStore | WriteBehindStore
 
-@pytest.fixture(params=["memory", "sqlite", "write_behind"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[UsageStore]:
-    s: MemoryUsageStore | SqliteUsageStore | WriteBehindStore
+
+@pytest.fixture(params=["memory", "write_behind"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    s: Store
     if request.param == "memory":
         s = MemoryUsageStore()
-    elif request.param == "sqlite":
-        s = SqliteUsageStore(tmp_path / "db" / "usage.sqlite3")
     else:
         s = WriteBehindStore(SqliteUsageStore(tmp_path / "db" / "usage.sqlite3"))
     yield s
     s.close()
 
 
-def test_reserve_within_limit(store: UsageStore) -> None:
+def used_in_file(path: Path, key: str) -> float | None:
+    """What the file holds for ``key``'s window (None: no window), as a restart reads it."""
+    backing = SqliteUsageStore(path)
+    try:
+        window = backing.windows().get(key)
+        return None if window is None else window.used
+    finally:
+        backing.close()
+
+
+def test_reserve_within_limit(store: Store) -> None:
     assert store.reserve("k", 1.0, 3.0, 100.0, now=10.0) is None
     assert store.reserve("k", 2.0, 3.0, 100.0, now=20.0) is None
     assert store.usage("k", now=20.0) == (3.0, 90.0)
 
 
-def test_reserve_over_limit_returns_seconds_until_reset(store: UsageStore) -> None:
+def test_reserve_over_limit_returns_seconds_until_reset(store: Store) -> None:
     assert store.reserve("k", 2.0, 3.0, 100.0, now=10.0) is None
     assert store.reserve("k", 2.0, 3.0, 100.0, now=40.0) == pytest.approx(70.0)
     assert store.usage("k", now=40.0) == (2.0, 70.0)  # a refusal adds nothing
 
 
-def test_float_sums_fit_their_limit(store: UsageStore) -> None:
+def test_float_sums_fit_their_limit(store: Store) -> None:
     for _ in range(3):
         assert store.reserve("k", 0.1, 0.3, 100.0, now=0.0) is None
 
 
-def test_infinite_limit(store: UsageStore) -> None:
+def test_infinite_limit(store: Store) -> None:
     assert store.reserve("k", 1e9, math.inf, 100.0, now=0.0) is None
 
 
-def test_bad_amounts_are_refused(store: UsageStore) -> None:
+def test_bad_amounts_are_refused(store: Store) -> None:
     with pytest.raises(ValueError):
         store.reserve("k", -1.0, 3.0, 100.0, now=0.0)
     with pytest.raises(ValueError):
         store.reserve("k", 1.0, 3.0, 0.0, now=0.0)
 
 
-def test_window_expires_and_restarts_at_first_use(store: UsageStore) -> None:
+def test_window_expires_and_restarts_at_first_use(store: Store) -> None:
     assert store.reserve("k", 3.0, 3.0, 100.0, now=0.0) is None
     assert store.reserve("k", 1.0, 3.0, 100.0, now=99.0) == pytest.approx(1.0)
     assert store.usage("k", now=100.0) == (0.0, 0.0)
@@ -62,19 +73,19 @@ def test_window_expires_and_restarts_at_first_use(store: UsageStore) -> None:
     assert store.usage("k", now=150.0) == (1.0, 100.0)  # new window from 150
 
 
-def test_window_length_is_the_one_that_opened_it(store: UsageStore) -> None:
+def test_window_length_is_the_one_that_opened_it(store: Store) -> None:
     assert store.reserve("k", 1.0, 3.0, 100.0, now=0.0) is None
     assert store.reserve("k", 1.0, 3.0, 10.0, now=50.0) is None  # still the 100 s window
     assert store.usage("k", now=50.0) == (2.0, 50.0)
 
 
-def test_keys_are_independent(store: UsageStore) -> None:
+def test_keys_are_independent(store: Store) -> None:
     assert store.reserve("a", 3.0, 3.0, 100.0, now=0.0) is None
     assert store.reserve("b", 3.0, 3.0, 100.0, now=0.0) is None
     assert store.usage("c", now=0.0) == (0.0, 0.0)
 
 
-def test_adjust_settles_with_measured_cost(store: UsageStore) -> None:
+def test_adjust_settles_with_measured_cost(store: Store) -> None:
     store.reserve("k", 1.0, 3.0, 100.0, now=0.0)
     store.adjust("k", 0.1 - 1.0, now=5.0)  # estimated 1.0, measured 0.1
     assert store.usage("k", now=5.0)[0] == pytest.approx(0.1)
@@ -82,13 +93,13 @@ def test_adjust_settles_with_measured_cost(store: UsageStore) -> None:
     assert store.usage("k", now=6.0)[0] == pytest.approx(0.6)
 
 
-def test_adjust_clamps_at_zero(store: UsageStore) -> None:
+def test_adjust_clamps_at_zero(store: Store) -> None:
     store.reserve("k", 1.0, 3.0, 100.0, now=0.0)
     store.adjust("k", -5.0, now=1.0)
     assert store.usage("k", now=1.0) == (0.0, 99.0)
 
 
-def test_adjust_after_expiry_or_without_window_does_nothing(store: UsageStore) -> None:
+def test_adjust_after_expiry_or_without_window_does_nothing(store: Store) -> None:
     store.reserve("k", 1.0, 3.0, 100.0, now=0.0)
     store.adjust("k", 2.0, now=100.0)
     assert store.usage("k", now=100.0) == (0.0, 0.0)
@@ -96,56 +107,31 @@ def test_adjust_after_expiry_or_without_window_does_nothing(store: UsageStore) -
     assert store.usage("nobody", now=0.0) == (0.0, 0.0)
 
 
-def test_reset(store: UsageStore) -> None:
+def test_reset(store: Store) -> None:
     store.reserve("k", 3.0, 3.0, 100.0, now=0.0)
     store.reset("k")
     assert store.usage("k", now=1.0) == (0.0, 0.0)
     assert store.reserve("k", 3.0, 3.0, 100.0, now=1.0) is None
 
 
-def test_overrides_merge_and_clear(store: UsageStore) -> None:
-    assert store.get_overrides("key:bench") == {}
+def test_overrides_merge_and_clear(store: Store) -> None:
+    assert store.all_overrides() == {}
     store.set_overrides("key:bench", {"max_queued": 100})
     store.set_overrides("key:bench", {"weight": 2.5, "tier": "pro"})
     store.set_overrides("key:bench", {"max_queued": 7})
     store.set_overrides("session:x", {"gpu_seconds": 1.0})
-    assert store.get_overrides("key:bench") == {"max_queued": 7, "weight": 2.5, "tier": "pro"}
     assert store.all_overrides() == {
         "key:bench": {"max_queued": 7, "weight": 2.5, "tier": "pro"},
         "session:x": {"gpu_seconds": 1.0},
     }
-    got = store.get_overrides("key:bench")
-    got["weight"] = 99  # a copy: the store is not changed behind its back
-    assert store.get_overrides("key:bench")["weight"] == 2.5
+    got = store.all_overrides()
+    got["key:bench"]["weight"] = 99  # a copy: the store is not changed behind its back
+    assert store.all_overrides()["key:bench"]["weight"] == 2.5
+    versions = [store.overrides_version()]
     store.clear_overrides("key:bench")
-    assert store.get_overrides("key:bench") == {}
+    versions.append(store.overrides_version())
     assert list(store.all_overrides()) == ["session:x"]
-
-
-def test_sqlite_store_keeps_usage_and_overrides_across_restart(tmp_path: Path) -> None:
-    path = tmp_path / "state" / "usage.sqlite3"
-    first = SqliteUsageStore(path)
-    first.reserve("session:a", 2.0, 3.0, 100.0, now=0.0)
-    first.adjust("session:a", -0.5, now=1.0)
-    first.set_overrides("key:bench", {"max_queued": 100})
-    first.close()
-
-    second = SqliteUsageStore(path)  # the GPU tier restarted
-    assert second.usage("session:a", now=10.0) == (1.5, 90.0)
-    assert second.reserve("session:a", 2.0, 3.0, 100.0, now=10.0) == pytest.approx(90.0)
-    assert second.get_overrides("key:bench") == {"max_queued": 100}
-    second.close()
-
-
-def test_sqlite_stores_sharing_a_file_share_the_limit(tmp_path: Path) -> None:
-    path = tmp_path / "usage.sqlite3"
-    one, two = SqliteUsageStore(path), SqliteUsageStore(path)
-    assert one.reserve("k", 2.0, 3.0, 100.0, now=0.0) is None
-    assert two.reserve("k", 2.0, 3.0, 100.0, now=0.0) == pytest.approx(100.0)
-    assert two.reserve("k", 1.0, 3.0, 100.0, now=0.0) is None
-    assert one.usage("k", now=0.0) == (3.0, 100.0)
-    one.close()
-    two.close()
+    assert versions[1] > versions[0]
 
 
 def test_write_behind_store_persists_soon_and_on_close(tmp_path: Path) -> None:
@@ -154,22 +140,18 @@ def test_write_behind_store_persists_soon_and_on_close(tmp_path: Path) -> None:
     path = tmp_path / "usage.sqlite3"
     first = WriteBehindStore(SqliteUsageStore(path))
     first.reserve("session:a", 2.0, 3.0, 100.0, now=0.0)
-    reader = SqliteUsageStore(path)
-    assert wait_for(lambda: reader.usage("session:a", now=1.0)[0] == 2.0, timeout_s=5)
+    assert wait_for(lambda: used_in_file(path, "session:a") == 2.0, timeout_s=5)
     first.adjust("session:a", -0.5, now=1.0)
     first.set_overrides("key:bench", {"max_queued": 100})
     first.close()
-    reader.close()
 
     second = WriteBehindStore(SqliteUsageStore(path))  # the GPU tier restarted
     assert second.usage("session:a", now=10.0) == (1.5, 90.0)
     assert second.reserve("session:a", 2.0, 3.0, 100.0, now=10.0) == pytest.approx(90.0)
-    assert second.get_overrides("key:bench") == {"max_queued": 100}
+    assert second.all_overrides() == {"key:bench": {"max_queued": 100}}
     second.reset("session:a")
     second.close()
-    third = SqliteUsageStore(path)
-    assert third.usage("session:a", now=10.0) == (0.0, 0.0)
-    third.close()
+    assert used_in_file(path, "session:a") is None
 
 
 def test_write_behind_store_does_no_disk_io_when_reserving(tmp_path: Path) -> None:
@@ -198,6 +180,4 @@ def test_write_behind_store_does_no_disk_io_when_reserving(tmp_path: Path) -> No
     assert store.usage("k", now=50.0)[0] == pytest.approx(1.0 + 50 * 0.5)
     disk.release.set()
     store.close()
-    check = SqliteUsageStore(tmp_path / "usage.sqlite3")
-    assert check.usage("k", now=50.0)[0] == pytest.approx(26.0)
-    check.close()
+    assert used_in_file(tmp_path / "usage.sqlite3", "k") == pytest.approx(26.0)

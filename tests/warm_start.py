@@ -111,7 +111,8 @@ class WarmStarter:
         with self._lock:
             zygote = self._start()
             assert zygote.stdin is not None and zygote.stdout is not None
-            zygote.stdin.write(json.dumps({"args": args, "env": env, "log": str(log_path)}) + "\n")
+            request = {"args": args, "env": env, "log": str(log_path), "cwd": os.getcwd()}  # as a Popen's
+            zygote.stdin.write(json.dumps(request) + "\n")
             zygote.stdin.flush()
             answer = zygote.stdout.readline()
         if not answer:
@@ -168,6 +169,8 @@ def _become_tier(request: dict[str, Any], zygote_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.clear()
     os.environ.update(request["env"])
+    os.chdir(request["cwd"])
+    sys.path.insert(0, request["cwd"])  # where ``python -m`` puts it
     for name in ("numpy.random", "torch"):  # a fresh process draws fresh seeds (random reseeds itself)
         module = sys.modules.get(name)
         if module is not None:

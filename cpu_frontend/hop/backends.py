@@ -14,12 +14,15 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from splitspace.cpu_frontend.hop.transport import NotStarted, Transport
+from splitspace.shared.contract.calls import Call
 from splitspace.shared.contract.errors import BackendUnavailable
-from splitspace.shared.contract.hop import Update
+from splitspace.shared.contract.hop import CallUpdate, Update
 from splitspace.shared.contract.schema import GenerateRequest
+
+U = TypeVar("U")
 
 log = logging.getLogger("splitspace.frontend")
 
@@ -95,14 +98,21 @@ class BackendPool:
         pool = healthy or candidates  # none healthy: try anyway, it may just have come back
         return min(pool, key=lambda b: b.outstanding) if pool else None
 
-    async def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncGenerator[Update, None]:
+    def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncGenerator[Update, None]:
         """The call's updates from the first backend that takes it."""
+        return self._first_taker(lambda t: t.stream(request, headers))
+
+    def call(self, call: Call, headers: Mapping[str, str]) -> AsyncGenerator[CallUpdate, None]:
+        """A call of a developer's function: its updates from the first backend that takes it."""
+        return self._first_taker(lambda t: t.call(call, headers))
+
+    async def _first_taker(self, start: Callable[[Transport], AsyncGenerator[U, None]]) -> AsyncGenerator[U, None]:
         tried: set[int] = set()
         while True:
             backend = self._next(tried)
             backend.outstanding += 1
             try:
-                updates = backend.transport.stream(request, headers)
+                updates = start(backend.transport)
                 async with contextlib.aclosing(updates):  # closing us closes the call now
                     async for update in updates:
                         yield update

@@ -18,6 +18,7 @@ whole frontend).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
@@ -25,16 +26,21 @@ from typing import Any
 import aiohttp
 
 from splitspace.cpu_frontend.hop.transport import NotStarted, Transport
-from splitspace.shared.contract.errors import SERVICE_UNAVAILABLE, BackendUnavailable, from_wire
-from splitspace.shared.contract.hop import Update, update_from_wire
+from splitspace.shared.contract.calls import CALL_PATH, Call
+from splitspace.shared.contract.errors import NOT_FOUND, SERVICE_UNAVAILABLE, BackendUnavailable, from_wire
+from splitspace.shared.contract.hop import CallUpdate, Update, call_update_from_wire, update_from_wire
 from splitspace.shared.contract.schema import GenerateRequest
 
 KEEPALIVE_S = 4.0
+INLINE_JSON_BYTES = 256 * 1024
+"""JSON up to this size is written and read on the event loop; larger (a call's files) in a thread."""
 INFER_PATH = "/splitspace/v1/infer"
 STANDING_PATH = "/splitspace/v1/standing"
 
 
 class DirectTransport(Transport):
+    carries_calls = True
+
     def __init__(
         self,
         base_url: str,
@@ -91,22 +97,42 @@ class DirectTransport(Transport):
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             raise BackendUnavailable(f"lost the GPU tier mid-request: {type(exc).__name__}") from exc
 
-    async def _post(self, path: str, body: dict[str, Any], headers: Mapping[str, str]) -> aiohttp.ClientResponse:
+    async def _post(
+        self, path: str, body: dict[str, Any] | bytes, headers: Mapping[str, str]
+    ) -> aiohttp.ClientResponse:
         """POST, trying a second connection once when the first fails before any answer: a
         pooled keep-alive connection the GPU tier has just closed fails that way, and
         under a crowd many do. Never a double run: a call that did reach the GPU tier
         used up its one-call token, and the second try is refused."""
         for attempt in (1, 2):
             try:
-                return await asyncio.wait_for(
-                    self._pool().post(self.base_url + path, json=body, headers=headers), self.timeout_s)
+                post = (self._pool().post(self.base_url + path, json=body, headers=headers) if isinstance(body, dict)
+                        else self._pool().post(self.base_url + path, data=body,
+                                               headers={**headers, "content-type": "application/json"}))
+                return await asyncio.wait_for(post, self.timeout_s)
             except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 if attempt == 2 or isinstance(exc, asyncio.TimeoutError):
                     raise NotStarted(f"cannot reach the GPU tier: {type(exc).__name__}") from exc
         raise AssertionError("unreachable")
 
     async def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncGenerator[Update, None]:
-        resp = await self._post(INFER_PATH, request.to_wire(), headers)
+        docs = self._docs(INFER_PATH, request.to_wire(), headers)
+        async with contextlib.aclosing(docs):
+            async for doc in docs:
+                yield update_from_wire(doc)  # the Result last, or the error line's error raised
+
+    async def call(self, call: Call, headers: Mapping[str, str]) -> AsyncGenerator[CallUpdate, None]:
+        body = await asyncio.to_thread(_dumps, call.to_wire())  # the call's files: megabytes, maybe
+        docs = self._docs(CALL_PATH, body, headers)
+        async with contextlib.aclosing(docs):
+            async for doc in docs:
+                yield call_update_from_wire(doc)  # the CallResult last, or the error line's error raised
+
+    async def _docs(
+        self, path: str, body: dict[str, Any] | bytes, headers: Mapping[str, str]
+    ) -> AsyncGenerator[Any, None]:
+        """Each line of the GPU tier's answer, the last (done or error) included."""
+        resp = await self._post(path, body, headers)
         final: dict[str, Any] | None = None
         try:
             if resp.status != 200:
@@ -117,7 +143,7 @@ class DirectTransport(Transport):
                     # the connection back to the pool instead of closing it.
                     final = doc
                 else:
-                    yield update_from_wire(doc)
+                    yield doc
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise BackendUnavailable(f"lost the GPU tier mid-request: {type(exc).__name__}") from exc
         except ValueError as exc:
@@ -129,20 +155,33 @@ class DirectTransport(Transport):
                 resp.release()
         if final is None:
             raise BackendUnavailable("the GPU tier closed the stream without a result")
-        yield update_from_wire(final)  # the Result, or the error line's error raised
+        yield final
+
+
+def _dumps(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+async def _loads(line: bytes) -> Any:
+    return json.loads(line) if len(line) <= INLINE_JSON_BYTES else await asyncio.to_thread(json.loads, line)
+
 
 async def _json_lines(resp: aiohttp.ClientResponse, silence_s: float) -> AsyncIterator[dict[str, Any]]:
     """Each line of the body as JSON. Split here, not with aiohttp's line reader, whose
-    line length is capped (a result line carries the whole PNG)."""
-    buffer = b""
+    line length is capped (a result line carries the whole PNG, or a function's files)."""
+    chunks: list[bytes] = []
     async for chunk in _chunks(resp, silence_s):
-        buffer += chunk
-        *lines, buffer = buffer.split(b"\n")
+        if b"\n" not in chunk:  # a long line arriving: join its pieces once, at its end
+            chunks.append(chunk)
+            continue
+        *lines, rest = (b"".join(chunks) + chunk).split(b"\n")
+        chunks = [rest] if rest else []
         for line in lines:
             if line:
-                yield json.loads(line)
+                yield await _loads(line)
+    buffer = b"".join(chunks)
     if buffer.strip():
-        yield json.loads(buffer)
+        yield await _loads(buffer)
 
 
 async def _chunks(resp: aiohttp.ClientResponse, silence_s: float) -> AsyncIterator[bytes]:
@@ -173,7 +212,8 @@ async def _refusal(resp: aiohttp.ClientResponse) -> Exception:
         doc = None
     if isinstance(doc, dict) and "title" in doc and (
         resp.status in (401, 422, 429) or (resp.status == 503 and doc["title"] == SERVICE_UNAVAILABLE)
+        or (resp.status == 404 and doc["title"] == NOT_FOUND)
     ):
-        return from_wire(doc)  # the GPU tier's own refusal (503: its shared state is down)
+        return from_wire(doc)  # the GPU tier's own refusal (503: its shared state is down; 404: no such function)
     # Anything else (a proxy's 502, a Space still starting) means the call was not taken.
     return NotStarted(f"the GPU tier answered HTTP {resp.status}")

@@ -10,9 +10,14 @@ httpx's ``map_httpcore_exceptions``; updates are read with
 :func:`splitspace.shared.contract.hop.update_from_wire` only, so no Gradio or HTTP type and no
 English message crosses it.
 
+A call of one of a developer's ``@splitspace.gpu`` functions (:class:`~shared.contract.calls.Call`)
+goes the same way through :meth:`Transport.call`: its Status updates, then its
+:class:`~shared.contract.calls.CallResult`, read with :func:`~shared.contract.hop.call_update_from_wire`.
+
 ``transports`` of the package: ``direct`` (the default), ``httpx`` (Gradio's
 queue protocol), ``gradio_client`` (the stock client) and ``MockTransport``
-(in-process, for tests and for trying the frontend without a GPU tier).
+(in-process, for tests and for trying the frontend without a GPU tier). Only ``direct``
+and ``MockTransport`` carry calls of a developer's functions.
 """
 
 from __future__ import annotations
@@ -23,9 +28,12 @@ from typing import Any
 
 import httpx
 
+from splitspace.shared.contract.calls import Call
 from splitspace.shared.contract.errors import BackendUnavailable
-from splitspace.shared.contract.hop import Update, update_from_wire
+from splitspace.shared.contract.hop import CallUpdate, Update, update_from_wire
 from splitspace.shared.contract.schema import GenerateRequest
+
+CALLS_NEED_DIRECT = "the developer's functions (SPLITSPACE_APP) need SPLITSPACE_TRANSPORT=direct"
 
 
 class NotStarted(Exception):
@@ -41,6 +49,14 @@ class Transport(ABC):
     def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncGenerator[Update, None]:
         """Yield each Status of the call, then its Result. Closing the iterator early
         cancels the call on the GPU tier."""
+
+    carries_calls = False
+    """Whether :meth:`call` works (the frontend checks it at start when it serves an app)."""
+
+    def call(self, call: Call, headers: Mapping[str, str]) -> AsyncGenerator[CallUpdate, None]:
+        """Yield each Status of a call of a developer's function, then its CallResult.
+        Closing the iterator early cancels the call on the GPU tier."""
+        raise NotImplementedError(CALLS_NEED_DIRECT)
 
     @abstractmethod
     async def standing(self, headers: Mapping[str, str]) -> dict[str, Any]:

@@ -2,6 +2,10 @@
 
 The scheduler core is pure; this module runs it. Handlers (on the event loop)
 submit jobs and wait on a future, streaming status (position, ETA) meanwhile.
+A job carries a typed :class:`~gpu_backend.workload.work.Work` (the built-in's request,
+or a call of one of the developer's ``@splitspace.gpu`` functions): admission, fair
+order, batching, charging and cancellation are one path for every kind; only running
+a batch and making its answer are the workload's.
 The GPU side is a dedicated worker thread per capacity slot that takes its
 next batch straight from the scheduler the moment the previous one ends, so
 the GPU never waits on a busy event loop: dispatch stays work-conserving even
@@ -11,6 +15,19 @@ which both sides touch; it is held only for bookkeeping, never during a batch.
 A waiting handler that goes away (the caller disconnected or cancelled) has
 its job removed from the queue at once; a batch already on the GPU finishes
 and its slot is freed only when the model returns, so two jobs never overlap.
+
+A job whose work streams (a developer's generator) runs alone on its GPU thread
+(``Workload.run_stream``): each yield, postprocessed there, is handed to the waiting
+handler with ``loop.call_soon_threadsafe`` into the job's bounded buffer
+(:class:`_Partials`) and sent as a :class:`~shared.contract.calls.Partial`; its last
+yield is its answer. If the caller reads more slowly than the generator yields, only
+the newest yields are kept (each yield replaces the outputs of the one before, so the
+caller misses intermediate states, never the latest). A caller who leaves mid-stream
+sets the job's stop: the GPU thread closes the generator at its next yield, the
+client is charged the time it used, and the GPU goes to the next job. While a stream
+runs its flow is charged the time it has used every ``ACCRUE_EVERY_S``
+(``FairScheduler.accrue``), so a long stream counts against its client's share (and
+its standing) as it goes, not only at its end.
 
 With Redis (``GpuRunner.gate``, :mod:`gpu_backend.stores.global_limits`), a GPU thread takes
 each job's global running slot after the pick and before the batch runs, and gives it
@@ -27,25 +44,27 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
-import io
+import inspect
 import logging
-import secrets
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from splitspace.gpu_backend.admission.scheduler import ClientRef, FairScheduler, Job, Outcome
 from splitspace.gpu_backend.workload.batching import BatchOutcome, split_batch_time, zerogpu_batch_key
 from splitspace.gpu_backend.workload.cost import CostModel
+from splitspace.gpu_backend.workload.text_to_image import BatchFn, TextToImage
+from splitspace.gpu_backend.workload.work import Answer, StreamStopped, Timing, Work
 from splitspace.session.identity import Identity
 from splitspace.shared.config import status_pace
-from splitspace.shared.contract.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled
-from splitspace.shared.contract.hop import GenerateInfo, Result, Status, Update
-from splitspace.shared.contract.schema import MAX_SEED, GenerateRequest
+from splitspace.shared.contract.calls import Partial
+from splitspace.shared.contract.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled, UnknownEndpoint
+from splitspace.shared.contract.hop import Status
+from splitspace.shared.contract.schema import GenerateRequest
 
 log = logging.getLogger("splitspace.gpu")
 
@@ -55,11 +74,13 @@ _TITLES = {
     Outcome.RATE_LIMITED: RATE_LIMITED,
 }
 
-INLINE_ENCODE_PIXELS = 128 * 128
-"""Images up to this size are PNG-encoded on the event loop; larger ones in a worker thread."""
+RunnerUpdate = Status | Partial | Answer
+"""What following a ticket yields: statuses (and a stream's partial outputs), then the job's answer."""
 
-BatchFn = Callable[[list[GenerateRequest], list[int], list[float]], BatchOutcome]
-"""Runs one batch (requests, seeds, cost estimates): ``gpu.run_batch_on_gpu``."""
+PARTIALS_KEPT = 64
+"""A streaming job's yields waiting for its handler, at most; past that only the newest is kept."""
+ACCRUE_EVERY_S = 0.5
+"""A running stream's flow is charged the time it has used at its first yield after this long."""
 
 
 def client_ref(identity: Identity) -> ClientRef:
@@ -68,28 +89,75 @@ def client_ref(identity: Identity) -> ClientRef:
     )
 
 
-def encode_png(image: Any) -> bytes:
-    """Lossless (same seed, same pixels); compress_level=1 is several times faster than
-    the default and the hop is loopback or a datacenter link, where bytes are cheap."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
 @dataclass
 class _Waiter:
-    request: GenerateRequest
-    """Fully resolved at admission: its seed, steps and guidance are what the model runs."""
+    work: Work[Any]
+    """What the job runs, decided at admission (the built-in's request fully resolved)."""
     submitted: float
     context: contextvars.Context
-    future: asyncio.Future[Result]
+    future: asyncio.Future[Answer]
     loop: asyncio.AbstractEventLoop
     started: float | None = None
-    model: str = ""
-    """The model the job ran on (set on the GPU thread)."""
+    label: str = ""
+    """What the job ran on (the built-in: its model; set on the GPU thread)."""
     past_gate: bool = False
     """With a gate: its running slot was decided and it runs (set under the lock); a drop
     before that is kept in ``GpuRunner._left``."""
+    partials: _Partials | None = None
+    """A streaming job's yields not sent yet (on the loop); None for work that does not stream."""
+    stop: threading.Event = field(default_factory=threading.Event)
+    """Set when the caller leaves while the job runs: a stream stops at its next yield."""
+
+
+class _Partials:
+    """A streaming job's yields that its handler has not sent yet (used on the event loop only).
+
+    Bounded by ``PARTIALS_KEPT``: a caller slower than its generator makes the buffer
+    collapse to the newest yield, which replaces all before it anyway (Gradio's streaming:
+    each yield replaces the outputs)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.items: deque[list[Any]] = deque()
+        self.collapsed = 0
+        """Yields dropped because a newer one replaced them before they were sent."""
+        self._loop = loop
+        self._wake: asyncio.Future[None] | None = None
+
+    def put(self, data: list[Any]) -> None:
+        if len(self.items) >= PARTIALS_KEPT:
+            self.collapsed += len(self.items)
+            self.items.clear()
+        self.items.append(data)
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    def arrival(self) -> asyncio.Future[None]:
+        """A future done when a yield is waiting (at once if one is)."""
+        self._wake = self._loop.create_future()
+        if self.items:
+            self._wake.set_result(None)
+        return self._wake
+
+
+class _Sink:
+    """A streaming job's side on its GPU thread (``work.StreamSink``)."""
+
+    def __init__(self, runner: GpuRunner, job: Job, waiter: _Waiter) -> None:
+        assert waiter.partials is not None
+        self._runner, self._job, self._waiter, self._partials = runner, job, waiter, waiter.partials
+        self._started = self._accrued = time.perf_counter()
+
+    def emit(self, data: list[Any]) -> None:
+        self._waiter.loop.call_soon_threadsafe(self._partials.put, data)
+
+    def stopped(self) -> bool:
+        return self._waiter.stop.is_set()
+
+    def progress(self) -> None:
+        now = time.perf_counter()
+        if now - self._accrued >= ACCRUE_EVERY_S:
+            self._accrued = now
+            self._runner.accrue(self._job, now - self._started)
 
 
 @dataclass
@@ -106,28 +174,32 @@ class GpuRunner:
     def __init__(
         self,
         scheduler: FairScheduler,
-        cost: CostModel,
+        cost: CostModel | None = None,
         *,
-        run_batch: BatchFn,
-        resolve: Callable[[GenerateRequest], tuple[int, float]],
-        model_name: Callable[[], str],
+        run_batch: BatchFn | None = None,
+        resolve: Callable[[GenerateRequest], tuple[int, float]] | None = None,
+        model_name: Callable[[], str] | None = None,
         max_batch: int = 1,
         batch_wait_s: float = 0.0,
         on_zerogpu: bool = False,
         clock: Callable[[], float] = time.monotonic,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,
     ) -> None:
+        """``cost``, ``run_batch``, ``resolve``, ``model_name`` and ``max_batch``: the built-in
+        text-to-image (``text_to_image.py``); without ``run_batch`` there is none (a GPU
+        tier serving a developer's app), and only :meth:`admit_work` admits."""
         self.scheduler = scheduler
-        self.cost = cost
-        self.max_batch = max_batch
+        self.builtin: TextToImage | None = None
+        if run_batch is not None:
+            if cost is None or resolve is None or model_name is None:
+                raise ValueError("the built-in model needs cost, run_batch, resolve and model_name")
+            self.builtin = TextToImage(cost, run_batch=run_batch, resolve=resolve, model_name=model_name,
+                                       max_batch=max_batch)
         self.batch_wait_s = batch_wait_s
-        """The batching window: a batch smaller than ``max_batch`` waits this long for
+        """The batching window: a batch smaller than its ``max_batch`` waits this long for
         compatible requests to join it before it starts (0: only what already waits)."""
         self.on_zerogpu = on_zerogpu
         """On ZeroGPU one GPU call is charged to one visitor: batches hold one visitor's requests."""
-        self._run_batch_fn = run_batch
-        self._resolve = resolve
-        self._model_name = model_name
         self._clock = clock
         self._on_event = on_event or (lambda kind, data: None)
         self.gate: Any = None
@@ -137,6 +209,7 @@ class GpuRunner:
         self._waiters: dict[str, _Waiter] = {}
         self._left: set[str] = set()
         """Jobs dispatched whose caller left before the gate decided their start (lock held)."""
+        self._finishing: set[asyncio.Task[None]] = set()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._ready: deque[list[Job]] = deque()
@@ -148,6 +221,28 @@ class GpuRunner:
         ]
         for t in self._threads:
             t.start()
+
+    # -- the built-in text-to-image ---------------------------------------------------------
+    def text_to_image(self) -> TextToImage:
+        """The built-in workload; UnknownEndpoint on a GPU tier that serves an app instead."""
+        if self.builtin is None:
+            raise UnknownEndpoint("infer: this GPU tier serves an app's functions (call them by name), "
+                                  "not the built-in model")
+        return self.builtin
+
+    @property
+    def cost(self) -> CostModel:
+        """The built-in's cost model."""
+        return self.text_to_image().cost
+
+    @property
+    def max_batch(self) -> int:
+        """The most requests of the built-in one pipeline call takes."""
+        return self.builtin.batch_cap if self.builtin is not None else 1
+
+    @max_batch.setter
+    def max_batch(self, value: int) -> None:
+        self.text_to_image().batch_cap = value
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[FairScheduler]:
@@ -163,7 +258,7 @@ class GpuRunner:
             t.join(timeout=30)
 
     # -- the handler side (event loop) ------------------------------------------------
-    async def generate(self, identity: Identity, request: GenerateRequest) -> AsyncGenerator[Update, None]:
+    async def generate(self, identity: Identity, request: GenerateRequest) -> AsyncGenerator[RunnerUpdate, None]:
         """Admit, wait for a fair turn (yielding status), run, and yield the final result.
 
         Raises Throttled when a limit refuses the request. Closing the generator
@@ -178,33 +273,39 @@ class GpuRunner:
     def admit(
         self, identity: Identity, request: GenerateRequest, ip_token: str | None = None, job_id: str | None = None
     ) -> Ticket:
-        """Queue the request for a fair turn, or raise Throttled at once (on the event loop).
+        """Queue a request of the built-in for a fair turn (:meth:`admit_work`).
+
+        The request's seed, steps and guidance are decided here, once (the model's preset
+        for those left unset): the cost estimate, ZeroGPU's duration, the model call and
+        the reported info all use these. A job admitted before a live model change keeps
+        them and runs on the new model; its info names the model it ran on."""
+        return self.admit_work(identity, self.prepare(request), ip_token, job_id)
+
+    def prepare(self, request: GenerateRequest) -> Work[GenerateRequest]:
+        """The built-in's job for ``request`` (resolved, estimated); UnknownEndpoint without one."""
+        return self.text_to_image().prepare(request)
+
+    def admit_work(
+        self, identity: Identity, work: Work[Any], ip_token: str | None = None, job_id: str | None = None
+    ) -> Ticket:
+        """Queue ``work`` for a fair turn, or raise Throttled at once (on the event loop).
 
         The caller's context (e.g. Gradio's request, for ZeroGPU's ``x-ip-token``) is
         captured here: the GPU function runs in it. Every ticket must be followed
-        (:meth:`follow`) or dropped (:meth:`drop`).
-
-        The request's seed, steps and guidance are decided here, once (the model's
-        preset for those left unset): the cost estimate, ZeroGPU's duration, the model
-        call and the reported info all use these. A job admitted before a live model
-        change keeps them and runs on the new model; its info names the model it ran on."""
-        request = self.resolve(request)
-        assert request.steps is not None and request.guidance_scale is not None  # resolve() chose them
-        estimate = self.cost.estimate(request.steps, request.width, request.height, request.guidance_scale)
+        (:meth:`follow`) or dropped (:meth:`drop`)."""
         job_id = job_id or uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         waiter = _Waiter(
-            request=request, submitted=self._clock(), context=contextvars.copy_context(),
-            future=loop.create_future(), loop=loop,
+            work=work, submitted=self._clock(), context=contextvars.copy_context(),
+            future=loop.create_future(), loop=loop, partials=_Partials(loop) if work.streams else None,
         )
-        batch_key = zerogpu_batch_key(
-            (request.width, request.height, request.steps, request.guidance_scale),
-            client_id=identity.client_id, ip_token=ip_token, on_zerogpu=self.on_zerogpu,
+        batch_key = None if work.batch_key is None else zerogpu_batch_key(
+            work.batch_key, client_id=identity.client_id, ip_token=ip_token, on_zerogpu=self.on_zerogpu,
         )
         ref = client_ref(identity)
         with self._work:
             limits = self.scheduler.limits_for(ref)
-            admission = self.scheduler.submit(job_id, ref, estimate, batch_key)
+            admission = self.scheduler.submit(job_id, ref, work.cost, batch_key)
             if admission.ok:
                 self._waiters[job_id] = waiter
                 self._dispatch_locked()
@@ -222,41 +323,65 @@ class GpuRunner:
         return Ticket(job_id, identity.tier, limits.max_running + limits.max_queued, waiter)
 
     def resolve(self, request: GenerateRequest) -> GenerateRequest:
-        """The request with every choice made: a random seed for -1, the model's preset
-        for steps and guidance left unset."""
-        steps, guidance = self._resolve(request)
-        seed = request.seed if request.seed >= 0 else secrets.randbelow(MAX_SEED + 1)
-        return dataclasses.replace(request, steps=steps, guidance_scale=guidance, seed=seed)
+        """The built-in's request with every choice made (``TextToImage.resolve``)."""
+        return self.text_to_image().resolve(request)
 
-    async def follow(self, ticket: Ticket) -> AsyncGenerator[Update, None]:
-        """Yield the ticket's status while it waits, then its result. Closing this
-        generator (or cancelling the task that runs it) while the job waits drops the job."""
+    async def follow(self, ticket: Ticket) -> AsyncGenerator[RunnerUpdate, None]:
+        """Yield the ticket's status while it waits, a stream's partial outputs as they come,
+        then its answer. Closing this generator (or cancelling the task that runs it) while
+        the job waits drops the job; while it streams, stops it."""
         waiter, job_id, cap = ticket.waiter, ticket.job_id, ticket.cap
+        partials = waiter.partials
+        loop = waiter.loop
         try:
             # A disconnected caller is noticed at its next yield (the direct route also
             # watches for the disconnect itself). The pace: shared/config/status_pace.py; at least
             # every HEARTBEAT_S, which the frontend takes as a sign of life.
-            await asyncio.wait([waiter.future], timeout=status_pace.FIRST_AFTER_S)
+            await self._news(waiter, status_pace.FIRST_AFTER_S)
+            told_running, last_sent = False, loop.time()
             while not waiter.future.done():
-                with self._lock:
-                    place = self.scheduler.position(job_id)
+                if partials is not None and partials.items:
+                    yield Partial(partials.items.popleft())
+                    told_running, last_sent = True, loop.time()  # a yield says it runs
+                    continue
+                place = None
+                if waiter.started is None:
+                    with self._lock:
+                        place = self.scheduler.position(job_id)
                 if place is not None:
                     yield Status("queued", place[0], round(place[1], 1), cap)
                     interval = min(status_pace.interval_s(place[0]), status_pace.HEARTBEAT_S)
+                    last_sent = loop.time()
                 else:
-                    yield Status("running", 0, 0.0, cap)
-                    interval = status_pace.HEARTBEAT_S
-                await asyncio.wait([waiter.future], timeout=interval)
+                    quiet = loop.time() - last_sent
+                    if not told_running or quiet >= status_pace.HEARTBEAT_S:
+                        yield Status("running", 0, 0.0, cap)
+                        told_running, quiet, last_sent = True, 0.0, loop.time()
+                    interval = status_pace.HEARTBEAT_S - quiet
+                await self._news(waiter, interval)
             yield dataclasses.replace(waiter.future.result(), cap=cap)
         finally:
             self.drop(ticket)
 
+    @staticmethod
+    async def _news(waiter: _Waiter, timeout_s: float) -> None:
+        """Wait until the job is done, a stream's yield arrives, or ``timeout_s`` passes."""
+        if waiter.future.done():
+            return
+        watch: list[asyncio.Future[Any]] = [waiter.future]
+        if waiter.partials is not None:
+            watch.append(waiter.partials.arrival())
+        await asyncio.wait(watch, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+
     def drop(self, ticket: Ticket) -> None:
-        """Remove the ticket's job from the queue if it still waits (idempotent)."""
+        """Remove the ticket's job from the queue if it still waits, or stop it at its next
+        yield if it streams (idempotent)."""
         if ticket.waiter.future.done():
             return
         with self._work:
             cancelled = self.scheduler.cancel(ticket.job_id)
+            if not cancelled:
+                ticket.waiter.stop.set()
             if cancelled:
                 self._waiters.pop(ticket.job_id, None)
                 self._dispatch_locked()  # a freed place may make another job eligible
@@ -279,9 +404,14 @@ class GpuRunner:
 
         Dispatching at once, not when a GPU thread wakes up, keeps the scheduler's
         counts exact: a job that can start is running, not queued."""
-        while not self._paused and (jobs := self.scheduler.dispatch(self.max_batch)):
+        while not self._paused and (jobs := self.scheduler.dispatch(self._max_batch_of)):
             self._ready.append(jobs)
             self._work.notify()
+
+    def _max_batch_of(self, head: Job) -> int:
+        """How many jobs may join ``head``'s batch: what its workload takes (lock held)."""
+        waiter = self._waiters.get(head.job_id)
+        return waiter.work.workload.max_batch() if waiter is not None else 1
 
     @property
     def paused(self) -> bool:
@@ -321,13 +451,14 @@ class GpuRunner:
     def _hold_window(self, jobs: list[Job]) -> None:
         """Let compatible requests that arrive within the batching window join ``jobs``
         (lock held; waiting releases it, so admissions go on)."""
-        if self.batch_wait_s <= 0 or self.max_batch <= 1:
+        max_batch = self._max_batch_of(jobs[0])
+        if self.batch_wait_s <= 0 or max_batch <= 1:
             return
         deadline = time.monotonic() + self.batch_wait_s
-        while len(jobs) < self.max_batch and not self._stopping:
-            jobs += self.scheduler.extend(jobs, self.max_batch)
+        while len(jobs) < max_batch and not self._stopping:
+            jobs += self.scheduler.extend(jobs, max_batch)
             left = deadline - time.monotonic()
-            if len(jobs) >= self.max_batch or left <= 0:
+            if len(jobs) >= max_batch or left <= 0:
                 break
             self._work.wait(left)
 
@@ -379,27 +510,29 @@ class GpuRunner:
             jobs, waiters = self._take_slots(jobs, waiters)
             if not jobs:
                 return
+        workload = waiters[0].work.workload  # a batch key belongs to one workload: all are of one kind
         started = self._clock()
-        model = self._model_name()  # a model change waits for the GPU to go idle (swap)
+        label = workload.label()
         for job, w in zip(jobs, waiters, strict=True):
-            w.started, w.model = started, model
+            w.started, w.label = started, label
             self._on_event("started", {"tier": job.client.tier, "wait_s": started - w.submitted})
-        requests = [w.request for w in waiters]
-        seeds = [w.request.seed for w in waiters]
+        payloads = [w.work.payload for w in waiters]
         costs = [j.cost for j in jobs]
         t0 = time.perf_counter()
         try:  # in the head job's context, so ZeroGPU sees that caller's request (x-ip-token)
-            outcome = waiters[0].context.run(self._run_batch_fn, requests, seeds, costs)
+            if waiters[0].work.streams:  # alone: a streaming job's key is None
+                output = waiters[0].context.run(workload.run_stream, payloads[0], _Sink(self, jobs[0], waiters[0]))
+                spent = time.perf_counter() - t0
+                outcome = BatchOutcome([output], [spent], spent, False)
+            else:
+                outcome = waiters[0].context.run(workload.run_batch, payloads, costs)
         except BaseException as exc:  # the GPU call itself failed (e.g. ZeroGPU refused it)
             spent = time.perf_counter() - t0
             outcome = BatchOutcome([exc] * len(jobs), split_batch_time(costs, spent), spent, False)
         if outcome.failed:
             log.warning("%d of a batch of %d failed", len(outcome.failed), len(jobs))
         elif not outcome.isolated:  # a real measurement of this batch: calibrate with it
-            first = requests[0]
-            assert first.steps is not None and first.guidance_scale is not None  # resolved at admission
-            self.cost.observe(first.steps, first.width, first.height, first.guidance_scale, len(jobs),
-                              outcome.total_s)
+            workload.observe(payloads, outcome)
         if self.gate is not None:
             # The callers first, then the store's round trip: nobody waits for the settlement.
             # It still comes before this tier's next dispatch (this thread, below), which may
@@ -417,41 +550,52 @@ class GpuRunner:
         if self.gate is None:
             self._deliver_all(jobs, waiters, outcome)
 
+    def accrue(self, job: Job, used_s: float) -> None:
+        """Charge a running job the GPU time it has used so far (a GPU thread, mid-stream)."""
+        with self._lock:
+            self.scheduler.accrue(job.job_id, used_s)
+
     def _deliver_all(self, jobs: list[Job], waiters: list[_Waiter], outcome: BatchOutcome) -> None:
         for job, w, result, share in zip(jobs, waiters, outcome.results, outcome.charges_s, strict=False):
+            if w.partials is not None and (isinstance(result, StreamStopped) or w.stop.is_set()):
+                # the caller left mid-stream: nobody waits for the answer
+                self._on_event("stopped", {"tier": job.client.tier, "gpu_s": share})
+                w.loop.call_soon_threadsafe(w.future.cancel)
+                continue
             self._on_event("finished", {"tier": job.client.tier, "gpu_s": share})
             if isinstance(result, BaseException):
                 w.loop.call_soon_threadsafe(_fail, w.future, result)
             else:
                 w.loop.call_soon_threadsafe(self._deliver, job, w, result, share)
 
-    def _deliver(self, job: Job, w: _Waiter, image: Any, gpu_s: float) -> None:
-        """On the loop: encode the image off the GPU thread, then wake the handler."""
+    def _deliver(self, job: Job, w: _Waiter, output: Any, gpu_s: float) -> None:
+        """On the loop: the workload makes the answer (off the loop when that is work: an
+        image to encode, outputs to postprocess), then the handler wakes."""
         if w.future.done():  # the caller went away while its job ran
             return
-
-        if w.request.pixels <= INLINE_ENCODE_PIXELS:  # small: a thread hop costs more than encoding
-            w.future.set_result(self._result(job, w, encode_png(image), gpu_s, self._clock()))
+        timing = Timing(submitted=w.submitted, started=w.started if w.started is not None else self._clock(),
+                        gpu_s=gpu_s, client=job.client.client_id, label=w.label, clock=self._clock)
+        try:
+            answer = w.work.workload.finish(w.work.payload, output, timing)
+        except Exception as exc:
+            _fail(w.future, exc)
+            return
+        if not inspect.isawaitable(answer):
+            w.future.set_result(answer)
             return
 
         async def finish() -> None:
-            png = await asyncio.to_thread(encode_png, image)
-            if not w.future.done():
-                w.future.set_result(self._result(job, w, png, gpu_s, self._clock()))
+            try:
+                done = await answer
+            except Exception as exc:
+                _fail(w.future, exc)
+            else:
+                if not w.future.done():
+                    w.future.set_result(done)
 
-        w.loop.create_task(finish())
-
-    def _result(self, job: Job, w: _Waiter, png: bytes, gpu_s: float, done: float) -> Result:
-        started = w.started if w.started is not None else done
-        req = w.request
-        assert req.steps is not None and req.guidance_scale is not None  # resolved at admission
-        info = GenerateInfo(
-            seed=req.seed, width=req.width, height=req.height, steps=req.steps,
-            guidance_scale=req.guidance_scale, model=w.model,
-            queue_s=round(started - w.submitted, 4), gpu_s=round(gpu_s, 4),
-            total_s=round(done - w.submitted, 4), client=job.client.client_id,
-        )
-        return Result(png, info)
+        task = w.loop.create_task(finish())
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
 
 
 def _fail(future: asyncio.Future[Any], error: BaseException) -> None:

@@ -120,7 +120,7 @@ O(log n) plus the 64-term sum of the ETA.
 
 *Admission* (:meth:`FairScheduler.submit`) checks, in order: duplicate job id,
 ``requests_per_minute`` (sliding 60 s, per flow), ``max_queued`` (per flow), then
-reserves the estimated GPU-seconds in the :class:`~gpu_backend.stores.usage.UsageStore`, for the
+reserves the estimated GPU-seconds in the :class:`~gpu_backend.stores.usage.UsageLedger`, for the
 client and, for anonymous clients, also for the address's shared ceiling
 ``address_gpu_seconds``. A refusal says which limit and how long until a retry can
 succeed. ``limits(client)`` is asked at every admission and dispatch, so operator
@@ -315,6 +315,8 @@ class _Running:
     job: Job
     weight: float
     unit: int
+    charged: float = 0.0
+    """GPU-seconds counted in its flow's service so far: its cost at dispatch, more as it accrues."""
 
 
 class FairScheduler:
@@ -510,9 +512,11 @@ class FairScheduler:
 
     # -- dispatch --------------------------------------------------------------------
 
-    def dispatch(self, max_batch: int = 1) -> list[Job]:
+    def dispatch(self, max_batch: int | Callable[[Job], int] = 1) -> list[Job]:
         """Start the next dispatch unit: one job, or a batch sharing one slot.
 
+        ``max_batch``: the most jobs one unit holds, or a function of its head job that says
+        it (kinds of work batch differently: the batch key of a job says which it joins).
         Returns the started jobs (empty when no slot is free or nothing eligible waits);
         call again while it returns jobs.
         """
@@ -525,6 +529,8 @@ class FairScheduler:
         unit = next(self._unit_ids)
         batch = [self._start(*head, limits, unit)]
         batch_key = batch[0].batch_key
+        if callable(max_batch):
+            max_batch = max_batch(batch[0])
         if max_batch > 1 and batch_key is not None:
             if self._by_key is None:
                 self._index_batches()
@@ -624,7 +630,7 @@ class FairScheduler:
             self._retag(flow)
         self._list(flow)
         job.started_at = self._clock()
-        self._running[job.job_id] = _Running(job, weight, unit)
+        self._running[job.job_id] = _Running(job, weight, unit, job.cost)
         return job
 
     # -- finish and cancel -----------------------------------------------------------
@@ -641,7 +647,7 @@ class FairScheduler:
         gpu_s = max(0.0, float(gpu_s))
         flow = self._flows[job.client.flow_id]
         member = flow.members[job.client.client_id]
-        correction = (gpu_s - job.cost) / entry.weight
+        correction = (gpu_s - entry.charged) / entry.weight
         if correction:
             self._unlist(flow)
             self._unorder(flow, member)
@@ -661,6 +667,33 @@ class FairScheduler:
         self._went_idle(flow, member)
         self._collect_idle()
 
+    def accrue(self, job_id: str, used_s: float) -> bool:
+        """Charge a running job the GPU time it has used so far, while it still runs (a long
+        stream): its flow's service and its usage grow now rather than at its finish, so a
+        flow whose stream outruns its estimate is behind the others at the next dispatch
+        (with several slots, while the stream still runs) and its standing shows what it
+        used. Only time beyond what is already charged counts; :meth:`finish` settles the
+        rest (a measured time below the charge gives the difference back). False if the job
+        is not running."""
+        entry = self._running.get(job_id)
+        if entry is None:
+            return False
+        job, used = entry.job, max(0.0, float(used_s))
+        if used > entry.charged:
+            flow = self._flows[job.client.flow_id]
+            member = flow.members[job.client.client_id]
+            self._unlist(flow)
+            self._unorder(flow, member)
+            flow.service += (used - entry.charged) / entry.weight
+            member.service += (used - entry.charged) / entry.weight
+            entry.charged = used
+            self._order(flow, member)
+            self._retag(flow)
+            self._list(flow)
+        if used > job.reserved:
+            self._settle(job, used, self._clock())
+        return True
+
     def requeue(self, job_id: str) -> bool:
         """Undo a dispatch: put a running job back at the head of its client's queue, with
         its charge taken back (its running slot was refused elsewhere, so it did not run).
@@ -673,8 +706,8 @@ class FairScheduler:
         member = flow.members[job.client.client_id]
         self._unlist(flow)
         self._unorder(flow, member)
-        flow.service -= job.cost / entry.weight
-        member.service -= job.cost / entry.weight
+        flow.service -= entry.charged / entry.weight
+        member.service -= entry.charged / entry.weight
         flow.running -= 1
         member.running -= 1
         member.queue.appendleft(job)

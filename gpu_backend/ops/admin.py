@@ -3,9 +3,7 @@
 The token travels in ``X-Splitspace-Admin`` (or ``Authorization: Bearer`` where no
 Hub proxy needs that header).
 With no token configured the whole API answers 404: disabled, not open.
-Overrides are written through to the usage store (they survive restarts)
-and kept in memory for the scheduler, which reads limits at every admission
-and dispatch: a change applies to the next dispatch.
+Overrides (``gpu_backend/admission/limits.py``) apply to the next dispatch.
 """
 
 from __future__ import annotations
@@ -16,71 +14,22 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Request
 
+from splitspace.gpu_backend.admission.limits import Overrides
 from splitspace.gpu_backend.admission.scheduler import ClientRef, FairScheduler, address_usage_key
-from splitspace.gpu_backend.stores.usage import OverrideStore, UsageLedger
+from splitspace.gpu_backend.stores.usage import UsageLedger
 from splitspace.shared.contract.headers import ADMIN_HEADER
-from splitspace.shared.contract.quotas import QuotaConfig, QuotaFileError, Tier, validate_overrides
+from splitspace.shared.contract.quotas import QuotaConfig, QuotaFileError, validate_overrides
 
 if TYPE_CHECKING:
     from splitspace.gpu_backend.stores.global_limits import GlobalLimits
-
-
-class Overrides:
-    """Operator overrides per client id: an in-memory view written through to the store."""
-
-    def __init__(self, store: OverrideStore, on_change: Callable[[str | None], None] = lambda client_id: None) -> None:
-        """``on_change``: called after every change (the GPU tier dispatches then: a raised
-        ``max_running`` lets a waiting job start at once, not at the next arrival), with
-        None when :meth:`refresh` found changes made elsewhere."""
-        self._store = store
-        self._version: int | None = None  # read at the first refresh (shared stores only)
-        self._cache: dict[str, dict[str, Any]] = dict(store.all_overrides())
-        self.on_change = on_change
-
-    def refresh(self) -> None:
-        """Re-read every override if another replica changed one (a shared store: its
-        version moved); called about once a second, never under the runner's lock."""
-        version = self._store.overrides_version()
-        if version == self._version:
-            return
-        self._cache = dict(self._store.all_overrides())
-        self._version = version
-        self.on_change(None)
-
-    def get(self, client_id: str) -> dict[str, Any]:
-        return self._cache.get(client_id, {})
-
-    def set(self, client_id: str, values: dict[str, Any]) -> dict[str, Any]:
-        self._store.set_overrides(client_id, values)
-        self._cache[client_id] = {**self._cache.get(client_id, {}), **values}
-        self.on_change(client_id)
-        return self._cache[client_id]
-
-    def clear(self, client_id: str) -> None:
-        self._store.clear_overrides(client_id)
-        self._cache.pop(client_id, None)
-        self.on_change(client_id)
-
-    def all(self) -> dict[str, dict[str, Any]]:
-        return dict(self._cache)
-
-
-def limits_function(
-    config: Callable[[], QuotaConfig], overrides: Overrides
-) -> Callable[[ClientRef], Tier]:
-    """The scheduler's view of limits: the live quota file plus operator overrides."""
-
-    def limits(client: ClientRef) -> Tier:
-        return config().limits_for(client.client_id, client.tier, overrides.get(client.client_id))
-
-    return limits
+    from splitspace.gpu_backend.stores.resilient_store import ResilientStore
 
 
 def admin_router(
     *,
     token: str | None,
     read: Callable[[Callable[[FairScheduler], Any]], Any],
-    store: UsageLedger,
+    store: UsageLedger | ResilientStore,
     overrides: Overrides,
     config: Callable[[], QuotaConfig],
     quota_status: Callable[[], dict[str, Any]],

@@ -48,6 +48,10 @@ class GpuMetrics:
         self.calls = Counter(
             "splitspace_infer_calls", "Calls that reached /infer, before any check", registry=self.registry
         )
+        self.function_calls = Counter(
+            "splitspace_function_calls", "Calls of the app's GPU functions that reached the GPU tier, by function",
+            ["endpoint"], registry=self.registry,
+        )
         self.requests = Counter(
             "splitspace_requests", "Requests by outcome", ["outcome"], registry=self.registry
         )
@@ -55,9 +59,9 @@ class GpuMetrics:
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "started":
             self.wait.labels(data["tier"]).observe(data["wait_s"])
-        elif kind == "finished":
+        elif kind in ("finished", "stopped"):  # stopped: a stream whose caller left, charged what it used
             self.gpu_seconds.labels(data["tier"]).inc(data["gpu_s"])
-            self.requests.labels("finished").inc()
+            self.requests.labels(kind).inc()
         elif kind == "refused":
             self.refusals.labels(data["reason"]).inc()
             self.requests.labels("refused").inc()

@@ -6,6 +6,11 @@ result (``{"status": "done", ...}``) or an error line. Refusals that need no
 waiting (token, validation, admission) are plain HTTP errors: 401, 422, 429
 with ``Retry-After``, each a JSON body with the contract's title and message.
 ``POST /splitspace/v1/standing`` returns the caller's quota standing.
+``POST /splitspace/v1/call`` (a GPU tier serving a developer's app) takes a call of one of
+its ``@splitspace.gpu`` functions (:class:`~shared.contract.calls.Call` as JSON, files as
+base64, so its body may be as large as ``call_body_limit``) and answers the same way, its
+last line the :class:`~shared.contract.calls.CallResult`; a function it does not serve is
+a 404 naming it.
 
 Why it exists beside Gradio's ``/infer`` (which stays, for ``gradio_client``
 and any Gradio client): the scheduler, not Gradio's queue, orders the work,
@@ -33,32 +38,39 @@ from gradio.context import LocalContext
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
+from splitspace.gpu_backend.admission.runner import RunnerUpdate, Ticket
 from splitspace.gpu_backend.serving.service import InferService
+from splitspace.shared.contract.calls import CALL_PATH, Call
 from splitspace.shared.contract.errors import (
     ServiceUnavailable,
     SplitspaceError,
     Throttled,
     Unauthorized,
+    UnknownEndpoint,
     ValidationFailed,
     to_wire,
 )
 from splitspace.shared.contract.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
-from splitspace.shared.contract.hop import Update, error_to_wire
+from splitspace.shared.contract.hop import error_to_wire
 
 log = logging.getLogger("splitspace.gpu")
 
 INFER_PATH = "/splitspace/v1/infer"
 STANDING_PATH = "/splitspace/v1/standing"
 MAX_BODY_BYTES = 64 * 1024
+PARSE_INLINE_BYTES = 256 * 1024
+"""Bodies up to this size are parsed on the event loop; larger ones (a call's files) in a thread."""
 NDJSON = b"application/x-ndjson"
 
 
 class DirectRoutes:
-    """The ASGI app behind both paths (mount each with ``Route(path, app, methods=["POST"])``);
-    a thin adapter: the rules are the service's."""
+    """The ASGI app behind every path (mount each with ``Route(path, app, methods=["POST"])``);
+    a thin adapter: the rules are the service's. ``max_call_bytes``: the largest body of
+    a call (``call_body_limit``)."""
 
-    def __init__(self, service: InferService) -> None:
+    def __init__(self, service: InferService, max_call_bytes: int = MAX_BODY_BYTES) -> None:
         self.service = service
+        self.max_call_bytes = max_call_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
@@ -67,15 +79,24 @@ class DirectRoutes:
             if scope["path"] == STANDING_PATH:
                 await _send_json(send, 200, self.service.standing(token))
                 return
-            claims = self.service.arrive(token)
-            body = await _read_json(request)
             # ZeroGPU's @spaces.GPU reads the caller's x-ip-token from Gradio's request
             # context; the runner runs the GPU function in the context captured at admit().
-            LocalContext.request.set(gr.Request(request=request))
-            ticket = await self.service.enter(claims, body, request.headers.get(IP_TOKEN_HEADER))
+            if scope["path"] == CALL_PATH:
+                claims = self.service.verify(token)
+                call = _call(await _read_json(request, self.max_call_bytes))
+                LocalContext.request.set(gr.Request(request=request))
+                ticket = await self.service.enter_call(claims, call, request.headers.get(IP_TOKEN_HEADER))
+            else:
+                claims = self.service.arrive(token)
+                body = await _read_json(request, MAX_BODY_BYTES)
+                LocalContext.request.set(gr.Request(request=request))
+                ticket = await self.service.enter(claims, body, request.headers.get(IP_TOKEN_HEADER))
         except SplitspaceError as exc:
             await _send_error(send, exc)
             return
+        await self._stream(receive, send, ticket)
+
+    async def _stream(self, receive: Receive, send: Send, ticket: Ticket) -> None:
         updates = self.service.follow(ticket)
         try:
             await send({"type": "http.response.start", "status": 200,
@@ -86,7 +107,7 @@ class DirectRoutes:
             self.service.drop(ticket)
 
 
-async def _relay(send: Send, updates: AsyncIterator[Update]) -> None:
+async def _relay(send: Send, updates: AsyncIterator[RunnerUpdate]) -> None:
     """Each update as a line; an error ends the stream with an error line."""
     while True:
         try:
@@ -124,15 +145,24 @@ async def _until_disconnect(receive: Receive, work: Awaitable[None]) -> None:
                 log.debug("stream ended early: %s", type(exc).__name__)
 
 
-async def _read_json(request: Request) -> dict[str, Any]:
+def _call(body: dict[str, Any]) -> Call:
+    try:
+        return Call.from_wire(body)
+    except ValueError as exc:  # its message starts with the field it names
+        field, _, message = str(exc).partition(" ")
+        raise ValidationFailed(field if field in ("endpoint", "data") else "body", message) from None
+
+
+async def _read_json(request: Request, limit: int) -> dict[str, Any]:
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ValidationFailed("body", f"must be at most {MAX_BODY_BYTES} bytes")
+        if size > limit:
+            raise ValidationFailed("body", f"must be at most {limit} bytes")
         chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
-        body = json.loads(b"".join(chunks))
+        body = json.loads(raw) if len(raw) <= PARSE_INLINE_BYTES else await asyncio.to_thread(json.loads, raw)
     except ValueError:
         raise ValidationFailed("body", "must be a JSON object") from None
     if not isinstance(body, dict):
@@ -158,6 +188,8 @@ async def _send_error(send: Send, exc: SplitspaceError) -> None:
         await _send_json(send, 401, to_wire(exc))
     elif isinstance(exc, ValidationFailed):
         await _send_json(send, 422, to_wire(exc))
+    elif isinstance(exc, UnknownEndpoint):
+        await _send_json(send, 404, to_wire(exc))
     elif isinstance(exc, Throttled):
         await _send_json(send, 429, to_wire(exc), ((b"retry-after", str(exc.retry_after_whole_s).encode()),))
     elif isinstance(exc, ServiceUnavailable):  # the shared store (Redis) is down: nothing was charged

@@ -2,8 +2,9 @@
 
 Two routes reach it, and both are thin adapters over this class: Gradio's
 ``/infer`` (for ``gradio_client`` and any Gradio client, in ``app.py``) and the
-direct route (``direct_route.py``, the frontend's default hop). Each rule is
-written here once, so the two doors cannot drift apart:
+direct route (``direct_route.py``, the frontend's default hop; it also takes the
+calls of a developer's ``@splitspace.gpu`` functions, :meth:`InferService.enter_call`).
+Each rule is written here once, so the doors cannot drift apart:
 
 - the identity token is verified before anything else (a refusal is counted);
 - the request is validated again with the same schema as the frontend's
@@ -12,9 +13,10 @@ written here once, so the two doors cannot drift apart:
   Redis (``SPLITSPACE_REDIS_URL``) the limits every replica shares are checked first,
   in :mod:`gpu_backend.stores.global_limits` (:meth:`InferService.enter`, which both routes
   call), and a store that cannot answer refuses with ServiceUnavailable;
-- whatever goes wrong in the model becomes a ``GpuFailed`` that names only the
-  exception type, logged once here; ZeroGPU's own ``gr.Error`` (e.g. "ZeroGPU
-  quota exceeded") is passed on with its title.
+- whatever goes wrong in the model (or a developer's function) becomes a ``GpuFailed``
+  that names only the exception type, logged once here; a ``gr.Error`` (ZeroGPU's own,
+  e.g. "ZeroGPU quota exceeded", or one a developer's function raised) is passed on
+  with its title.
 
 Everything it raises is a :class:`~shared.contract.errors.SplitspaceError`; the routes
 turn it into their protocol's error (an error line, an HTTP status, a
@@ -23,6 +25,7 @@ turn it into their protocol's error (an error line, an HTTP status, a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Callable, Mapping
@@ -30,10 +33,13 @@ from typing import Any
 
 import gradio as gr
 
-from splitspace.gpu_backend.admission.runner import GpuRunner, Ticket, client_ref
+from splitspace.gpu_backend.admission.runner import GpuRunner, RunnerUpdate, Ticket, client_ref
 from splitspace.gpu_backend.stores.global_limits import GlobalLimits
+from splitspace.gpu_backend.workload.app_functions import AppFunction
+from splitspace.gpu_backend.workload.work import Work
 from splitspace.session.identity import Identity
 from splitspace.session.token import STANDING, Claims, IdentityTokens, infer_purpose
+from splitspace.shared.contract.calls import Call
 from splitspace.shared.contract.errors import (
     GPU_ERROR,
     QUEUE_FULL,
@@ -43,9 +49,10 @@ from splitspace.shared.contract.errors import (
     SplitspaceError,
     Throttled,
     Unauthorized,
+    UnknownEndpoint,
+    ValidationFailed,
 )
-from splitspace.shared.contract.hop import Update
-from splitspace.shared.contract.schema import Limits, request_from_dict
+from splitspace.shared.contract.schema import GenerateRequest, Limits, echo, request_from_dict
 
 log = logging.getLogger("splitspace.gpu")
 
@@ -63,8 +70,15 @@ class InferService:
         on_call: Callable[[], None] = lambda: None,
         on_refused: Callable[[str], None] = lambda reason: None,
         global_limits: GlobalLimits | None = None,
+        functions: Mapping[str, AppFunction] | None = None,
+        on_function_call: Callable[[str], None] = lambda endpoint: None,
     ) -> None:
+        """``functions``: the developer's GPU functions by API name (a GPU tier serving an
+        app; then ``runner`` has no built-in model). ``on_function_call``: a call of one of
+        them arrived (its name), before its inputs are read."""
         self.global_limits = global_limits
+        self.functions = dict(functions or {})
+        self._on_function_call = on_function_call
         self.tokens = tokens
         self.runner = runner
         self.limits = limits
@@ -94,8 +108,7 @@ class InferService:
         issued for another request) or Throttled at once. The ticket must be followed
         (:meth:`follow`) or dropped. ``ip_token``: the visitor's ZeroGPU token (on ZeroGPU a
         batch holds one visitor's requests)."""
-        request = request_from_dict(dict(body), self.limits)
-        identity = self._identity(claims, request)
+        request, identity = self._request(claims, body)
         return self.runner.admit(identity, request, ip_token)
 
     async def enter(self, claims: Claims, body: Mapping[str, Any], ip_token: str | None = None) -> Ticket:
@@ -103,17 +116,38 @@ class InferService:
         (Redis), then the runner's. Raises what :meth:`admit` raises, ServiceUnavailable
         while the shared store cannot check a limit (``closed``), and Unauthorized when
         another replica already admitted this token's call (its nonce, in Redis)."""
+        if self.global_limits is None:
+            return self.admit(claims, body, ip_token)
+        request, identity = self._request(claims, body)
+        # the estimate the gate checks is the one the job keeps
+        return await self._enter(claims, identity, self.runner.prepare(request), ip_token)
+
+    async def enter_call(self, claims: Claims, call: Call, ip_token: str | None = None) -> Ticket:
+        """Admit a call of one of the developer's functions, by the rules of :meth:`enter`:
+        UnknownEndpoint (naming it) for a function this tier does not serve, Unauthorized
+        for a token issued for another call, ValidationFailed naming the input that cannot
+        be read; then the global limits and the one fair queue that every call shares, at
+        the cost the function's ``duration`` gives. Its inputs are read off the event loop."""
+        function = self.functions.get(call.endpoint)
+        if function is None:
+            known = ", ".join(sorted(self.functions)) or "none"
+            raise UnknownEndpoint(f"no function named {echo(call.endpoint)} (functions: {known})")
+        self._on_function_call(call.endpoint)
+        try:
+            digest = await asyncio.to_thread(call.digest)  # the inputs may be megabytes of files
+        except ValueError:  # NaN or infinity: not JSON the frontend could have signed
+            raise ValidationFailed("data", "must be plain JSON (no NaN or infinity)") from None
+        identity = self._identity(claims, digest)
+        work = await asyncio.to_thread(function.prepare, call)
+        return await self._enter(claims, identity, work, ip_token)
+
+    async def _enter(self, claims: Claims, identity: Identity, work: Work[Any], ip_token: str | None) -> Ticket:
         gate = self.global_limits
         if gate is None:
-            return self.admit(claims, body, ip_token)
-        request = request_from_dict(dict(body), self.limits)
-        identity = self._identity(claims, request)
-        request = self.runner.resolve(request)  # the estimate below is the one the job keeps
-        assert request.steps is not None and request.guidance_scale is not None  # resolve() chose them
-        cost = self.runner.cost.estimate(request.steps, request.width, request.height, request.guidance_scale)
+            return self.runner.admit_work(identity, work, ip_token)
         job_id = uuid.uuid4().hex
         try:  # the token's nonce too: a call replayed to another replica is refused there
-            hold = await gate.admit(client_ref(identity), job_id, cost, claims.nonce, self.tokens.replay_window_s)
+            hold = await gate.admit(client_ref(identity), job_id, work.cost, claims.nonce, self.tokens.replay_window_s)
         except Throttled as exc:
             self._on_refused(_REASONS.get(exc.title, "throttled"))
             raise
@@ -124,31 +158,39 @@ class InferService:
             self._on_refused("store_unavailable")
             raise
         try:
-            return self.runner.admit(identity, request, ip_token, job_id=job_id)
+            return self.runner.admit_work(identity, work, ip_token, job_id=job_id)
         except BaseException:
             gate.refused_locally(hold)
             raise
 
-    def _identity(self, claims: Claims, request: Any) -> Identity:
+    def _request(self, claims: Claims, body: Mapping[str, Any]) -> tuple[GenerateRequest, Identity]:
+        """The built-in's request, validated, and the identity its token was issued for."""
+        self.runner.text_to_image()  # UnknownEndpoint on a tier that serves an app instead
+        request = request_from_dict(dict(body), self.limits)
+        return request, self._identity(claims, request.digest())
+
+    def _identity(self, claims: Claims, digest: str) -> Identity:
         try:
-            return claims.require(infer_purpose(request.digest()))
+            return claims.require(infer_purpose(digest))
         except SplitspaceError:
             self._on_refused("unauthorized")
             raise
 
-    async def follow(self, ticket: Ticket) -> AsyncGenerator[Update, None]:
-        """The ticket's updates, ending with its Result; closing this drops a waiting job."""
+    async def follow(self, ticket: Ticket) -> AsyncGenerator[RunnerUpdate, None]:
+        """The ticket's updates, ending with its answer (a Result, or a CallResult for a
+        developer's function); closing this drops a waiting job."""
         updates = self.runner.follow(ticket)
         try:
             async for update in updates:
                 yield update
         except SplitspaceError:
             raise
-        except gr.Error as exc:  # ZeroGPU's own errors, passed on as they are
+        except gr.Error as exc:  # ZeroGPU's own errors, or a function's: passed on as they are
             raise SplitspaceError(str(exc.message), title=exc.title or GPU_ERROR) from None
         except Exception as exc:  # the model failed: say so, without internals
-            log.exception("model failure")
-            raise GpuFailed(f"the model failed ({type(exc).__name__})") from None
+            failed = ticket.waiter.work.workload.failure
+            log.exception("%s failed", failed)
+            raise GpuFailed(f"{failed} failed ({type(exc).__name__})") from None
         finally:
             await updates.aclose()
 

@@ -2,81 +2,43 @@
 
 Why this module exists: each GPU tier's scheduler counts only the jobs it holds, so with
 N replicas every per-client limit is multiplied by N (issue 12). The shared counts live
-in the Redis store (:mod:`gpu_backend.stores.redis_store`, each check-and-change one Lua script
-on Redis' clock); this module is the one place that talks to it on a job's way through
-a tier, and it keeps every store call outside the runner's lock (which the GPU thread
-shares with admission).
-
-Design (what each step does, and where)
----------------------------------------
-
-Three store round trips per job: one at admission, one at dispatch, one at finish (each
-one Lua script on Redis: ``UsageStore.admit``, ``start_job``, ``settle``). ``bench/scaleout.py
---part 1`` counts them (the single calls they replace were 7 to 10 on the job's path, about
-2 ms more per request on a 2-core machine).
+in the Redis store (:mod:`gpu_backend.stores.redis_store`); this module is the one place
+that talks to it on a job's way through a tier, always outside the runner's lock (which
+the GPU thread shares with admission). The design, step by step: docs/scaling.md, "How a
+GPU tier uses Redis". Three store round trips per job (``bench/scaleout.py --part 1``):
 
 *Admission* (:meth:`GlobalLimits.admit`, event loop, before ``GpuRunner.admit``): one
-``admit`` of an :class:`~gpu_backend.stores.usage.AdmitPlan` that checks, in order, the call's
-identity-token nonce (used once on every tier: a captured call replayed to another tier
-is refused, ``Unauthorized``; no extra round trip), ``requests_per_minute`` (per flow,
-sliding 60 s), ``max_queued`` (per flow, a queued lease), the estimate against the
-client's ``gpu_seconds`` and, for anonymous clients, the address'
-``address_gpu_seconds``, and reads the flow's shared service (below). All are taken
-(the nonce whatever the answer), or (refused) none: the same ``Throttled`` titles as the local scheduler, with
-retry seconds. A store that cannot answer in ``closed`` mode raises
-``ServiceUnavailable`` ("Service unavailable", retry time). The whole check is atomic in
-Redis, so concurrent admissions on any number of tiers never exceed a limit.
+``admit`` checks, atomically on every tier, the call's identity-token nonce (a captured
+call replayed to another tier is refused, ``Unauthorized``), ``requests_per_minute``,
+``max_queued`` (a queued lease), ``gpu_seconds`` and, for anonymous clients,
+``address_gpu_seconds``, and reads the flow's shared service. All are taken or none,
+with the same ``Throttled`` titles and retry seconds as one tier alone. The local
+scheduler then orders this tier's jobs with those limits relaxed (:func:`local_limits`:
+nothing counted twice); ``max_running`` and weights stay.
 
-*The local scheduler* then runs as before, for fair order among the jobs this replica
-holds, with the limits the global steps already checked relaxed (:func:`local_limits`:
-no rate, quota or queue limit twice, so nothing is counted twice or goes stale after an
-operator's ``reset``); ``max_running`` and weights stay, so its order and its local
-running count are as today.
+*Dispatch* (:meth:`GlobalLimits.start`, GPU thread, after the scheduler picked a batch):
+``start_job`` turns each queued lease into a running one within ``max_running`` and
+charges the flow's shared service. A refused job goes back to the head of its queue and
+its flow is held back (:meth:`held`) for ``retry_s``, then dispatched again; so a
+``max_running = 1`` client never runs two jobs at once across tiers. A granted job whose
+caller left meanwhile is taken back (:meth:`GlobalLimits.withdraw`).
 
-*Dispatch* (:meth:`GlobalLimits.start`, GPU thread, after the scheduler picked a batch,
-outside the lock): ``start_job`` moves each job's queued lease to a running one within
-``max_running`` and, granted, charges its flow's shared service, in one step. A refused
-job does not run: the runner puts it back at the head of its queue
-(``FairScheduler.requeue``) and the flow is held back (:meth:`held`, read by the
-scheduler under the lock, in memory) for ``retry_s``, after which the runner dispatches
-again. So a ``max_running = 1`` client never runs two jobs at once across tiers; its
-other tier retries every ``retry_s`` while the first job runs. A job whose caller left
-while this was being decided (a hung Redis makes that up to a timeout) does not run:
-refused, it is dropped as a queued job is; granted, :meth:`GlobalLimits.withdraw` takes
-back its slot, its reservation and its flow's service charge.
+*Finish* (:meth:`GlobalLimits.finish`, after the result went to its caller): one
+``settle`` releases the leases, settles the reservations with the measured GPU time and
+corrects the flow's service; a queued job dropped by its caller settles too (:meth:`dropped`).
 
-*Finish* (:meth:`GlobalLimits.finish`, GPU thread, outside the lock, after the result
-went to its caller): one ``settle`` releases the leases, settles the reservations with
-the measured GPU time and corrects the flow's service. It comes before this tier's next
-dispatch. A queued job dropped by its caller releases its queued lease and reservation
-(:meth:`dropped`, from the event loop, on a worker thread).
+*Leases.* One thread renews every lease this replica holds every ``lease_s / 3``, so a
+replica killed mid-job frees its client's slots within ``lease_s`` (30 s); it also sends,
+as soon as Redis answers again, the releases of the settlements Redis missed
+(:mod:`gpu_backend.stores.unsent_releases`), and polls the overrides' version every second.
+(Short leases instead would be lost by any pause longer than them, letting a client past
+``max_running``.)
 
-*Leases.* Every lease this replica holds is renewed every ``lease_s / 3`` by one thread
-(one script for all of them); a replica killed mid-job stops renewing, so its client's
-slots come free within ``lease_s`` (``SPLITSPACE_LEASE_S``, 30 s) without an operator.
-A finish (or drop) whose ``settle`` Redis did not hear is remembered by the store
-(:mod:`gpu_backend.stores.unsent_releases`), and the same thread sends its release as soon as
-Redis answers again (it looks every 0.2 s while any wait): a Redis that comes back with
-its data holds no slot for a job that has ended, so nobody waits out a lease. Why not
-short leases instead: a lease short enough for that (a few seconds) would be lost by any
-pause of a tier or of Redis longer than it, letting a client past ``max_running``; the
-releases are few (one per job that ended during the outage) and idempotent.
+*Fairness across tiers.* A flow that becomes active on a tier starts at that tier's
+virtual time plus the lead its shared service has over the shared virtual time
+(:meth:`service_floor`, read at admission), so a client served on A is not fresh on B.
 
-*Fairness across tiers.* Each start adds the job's virtual service ``cost / weight`` to
-the flow's shared counter and raises a shared virtual time to the job's start tag (in
-``start_job``); a finish adds the correction (in ``settle``). When a flow becomes active on a tier, the
-scheduler asks :meth:`service_floor`: the flow starts at its local virtual time plus the
-lead its shared counter has over the shared virtual time, so a client served on A is as
-far behind the others on B as it is on A, not fresh. The lead is read at admission
-(outside the lock) and cached.
-
-*Overrides.* The same thread polls ``overrides_version()`` every second and reloads the
-overrides when another tier changed them (``Overrides.refresh``).
-
-*Redis down* is :mod:`gpu_backend.stores.resilient_store`'s: ``closed`` refuses admissions and
-fails a job whose dispatch cannot be checked with "Service unavailable"; ``local``
-decides from memory with each limit divided by ``replicas``. Nothing waits longer than
-the store's timeout; recovery is automatic (its circuit breaker).
+*Redis down* is :mod:`gpu_backend.stores.resilient_store`'s (``closed`` or ``local``).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ outage multiplies every limit without anyone noticing. Here the choice is explic
 both choices are bounded in time and in what they let through:
 
 ``closed`` (the default)
-    Admission (``admit``, ``start_job``, ``reserve``, ``acquire_slot``, ``move``, ``admit_rate``) raises
+    Admission (``admit``, ``start_job``) raises
     :class:`~gpu_backend.stores.usage.StoreUnavailable`, a ``ServiceUnavailable`` ("Service
     unavailable", with the seconds until Redis is tried again). Nothing is admitted that
     the global limits have not checked.
@@ -23,41 +23,35 @@ Both modes, whatever is being done:
 * *Nothing hangs.* Redis calls time out after ~0.5 s (the store's client); after a
   failure a circuit breaker (:class:`CircuitBreaker`) sends no call to Redis for
   ``retry_s`` (3 s), then lets one call through as a probe; the first success closes it.
-  Recovery is automatic.
-* *Settlements never raise* (``settle``, ``adjust``, ``release``, ``renew``, ``forget_rate``,
-  ``add_service``): they go to Redis when it answers, else to memory. ``settle``, ``release``
-  and ``renew`` always go to memory too, so slots taken during an outage are given back there.
-  A ``settle`` Redis did not hear is remembered (:mod:`gpu_backend.stores.unsent_releases`,
+* *Settlements never raise* (``settle``, ``renew``): they go to Redis when it answers, else
+  to memory; both always go to memory too, so slots taken during an outage are given back
+  there. A ``settle`` Redis did not hear is remembered (:mod:`gpu_backend.stores.unsent_releases`,
   bounded) and its release sent by :meth:`ResilientStore.send_unsent` once Redis answers
-  again, so a Redis that returns with its data (a hang, a restart with persistence) holds
-  no slot for a finished job; one that is never sent expires by itself within its lease.
-* *Reads* (``usage``, ``count``, ``slot_counts``, ``service``, overrides) fall back to memory: overrides
-  from a mirror refreshed by every successful read from Redis. ``overrides_version`` is
-  negative while served from memory, so a cache that compares versions re-reads both when
-  Redis goes away and when it comes back.
+  again, so a Redis that returns with its data holds no slot for a finished job.
+* *Reads* (``usage``, ``usage_keys``, ``count``, ``slot_counts``, overrides) fall back to
+  memory: overrides from a mirror refreshed by every successful read from Redis.
+  ``overrides_version`` is negative while served from memory, so a cache that compares
+  versions re-reads both when Redis goes away and when it comes back.
 * *Operator writes* (``set_overrides``, ``clear_overrides``, ``reset``) raise
   ``StoreUnavailable`` in both modes: an operator must know that a change did not land.
 
-What happens to the usage spent while Redis was down: it is counted in memory only and
-never replayed into Redis, so nothing is charged twice. A reservation taken in Redis and
-settled during the outage keeps its estimate charged in Redis (its correction is lost,
-not applied twice); one taken in memory and settled after recovery has its correction
-(measured minus estimate, usually small) applied to Redis. Slots held in memory when
-Redis returns are unknown to Redis until those jobs end, so for at most one job time a
-client may run up to its local share on top of its Redis count. The memory state is kept
-(windows, leases) for the next outage; it expires as everywhere else.
+The usage spent while Redis was down is counted in memory only and never replayed into
+Redis, so nothing is charged twice. A reservation taken in Redis and settled during the
+outage keeps its estimate charged in Redis (its correction is lost, not applied twice);
+one taken in memory and settled after recovery has its correction applied to Redis.
+Slots held in memory when Redis returns are unknown to Redis until those jobs end, so for
+at most one job time a client may run up to its local share on top of its Redis count.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import functools
 import logging
-import math
-from collections.abc import Awaitable, Callable, Iterable
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from splitspace.gpu_backend.stores.unsent_releases import UnsentReleases
 from splitspace.gpu_backend.stores.usage import (
@@ -65,30 +59,34 @@ from splitspace.gpu_backend.stores.usage import (
     AdmitPlan,
     Lease,
     MemoryUsageStore,
-    RateGrant,
     Renewal,
     SlotCounts,
     SlotGrant,
     SlotKind,
-    SqliteUsageStore,
     StoreUnavailable,
     UsageStore,
 )
-from splitspace.shared.config.circuit_breaker import DEFAULT_RETRY_S, CircuitBreaker
+from splitspace.gpu_backend.stores.write_behind import SqliteUsageStore, WriteBehindStore
+from splitspace.shared.config.circuit_breaker import (
+    DEFAULT_RETRY_S,
+    CircuitBreaker,
+    FailureMode,
+    check_failure_mode,
+    local_share,
+)
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from splitspace.gpu_backend.stores.redis_store import AsyncRedisStore
 
 __all__ = [
-    "FailureMode",
-    "CircuitBreaker",
-    "ResilientStore",
-    "AsyncResilientStore",
-    "open_store",
-    "open_async_store",
+    "FailureMode", "CircuitBreaker", "ResilientStore", "AsyncResilientStore", "open_store", "open_async_store",
     "DEFAULT_RETRY_S",
 ]
 
 log = logging.getLogger("splitspace.store")
 
-FailureMode = Literal["closed", "local"]
 T = TypeVar("T")
 
 
@@ -105,130 +103,10 @@ def _resend(key: str, job_id: str, primary: UsageStore) -> bool:
     return True
 
 
-class _Failover:
-    """The routing both wrappers share: which side serves, limits shared in local mode."""
-
-    def __init__(
-        self,
-        fallback: MemoryUsageStore | None,
-        mode: FailureMode,
-        replicas: int,
-        breaker: CircuitBreaker | None,
-        unsent: UnsentReleases | None = None,
-    ) -> None:
-        if mode not in ("closed", "local"):
-            raise ValueError(f"mode must be 'closed' or 'local', got {mode!r}")
-        if replicas < 1:
-            raise ValueError(f"replicas must be at least 1, got {replicas!r}")
-        self.mode: FailureMode = mode
-        self.replicas = int(replicas)
-        self.fallback = fallback if fallback is not None else MemoryUsageStore()
-        self.breaker = breaker if breaker is not None else CircuitBreaker()
-        self.unsent = unsent if unsent is not None else UnsentReleases()
-
-    @property
-    def degraded(self) -> bool:
-        """True while the shared store is considered down."""
-        return self.breaker.is_open
-
-    def share(self, limit: float) -> float:
-        """One replica's part of a GPU-second limit."""
-        return limit if math.isinf(limit) else limit / self.replicas
-
-    def share_count(self, limit: float) -> float:
-        """One replica's part of a count limit: rounded down, at least 1 unless it is 0."""
-        if math.isinf(limit) or limit < 1:
-            return limit if math.isinf(limit) else 0
-        return max(1, math.floor(limit / self.replicas))
-
-    def shared_plan(self, plan: AdmitPlan) -> AdmitPlan:
-        """The plan with this replica's share of each limit (``local`` mode)."""
-        return dataclasses.replace(
-            plan,
-            max_queued=self.share_count(plan.max_queued),
-            rate_limit=None if plan.rate_limit is None else self.share_count(plan.rate_limit),
-            reservations=tuple(dataclasses.replace(r, limit=self.share(r.limit)) for r in plan.reservations),
-        )
-
-    def refusal(self) -> StoreUnavailable:
-        retry = max(self.breaker.retry_after(), 1.0)
-        return StoreUnavailable("the shared store (Redis) is unreachable; nothing was charged", retry)
-
-    def on_success(self) -> None:
-        if self.breaker.succeeded():
-            log.warning("shared store (Redis) reachable again: global limits back in force")
-
-    def on_failure(self, exc: StoreUnavailable) -> None:
-        if self.breaker.failed():
-            what = "refusing admissions" if self.mode == "closed" else f"serving with limits / {self.replicas}"
-            log.warning("%s; %s, retrying every %.0f s", exc.reason, what, self.breaker.retry_s)
-
-    # -- one call's routing: ``if allow(): with self: return <primary call>`` then
-    # ``return fall_back(...)``; the wrappers differ only in awaiting the primary call.
-
-    def allow(self) -> bool:
-        """May this call try the shared store (the breaker is closed, or this is its probe)?"""
-        return self.breaker.allow()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
-        """The verdict on one primary call. Redis answered (a result, or an error that is a
-        bug: not an outage): the breaker closes. It did not (``StoreUnavailable``): the
-        breaker opens and the exception is swallowed, so the caller falls back. Cancelled
-        mid-call: no verdict, the next caller may probe."""
-        if exc_type is None:
-            self.on_success()
-            return False
-        if isinstance(exc, StoreUnavailable):
-            self.on_failure(exc)
-            return True
-        if isinstance(exc, Exception):
-            self.on_success()
-        else:
-            self.breaker.abandoned()
-        return False
-
-    def fall_back(self, route: _Route, on_fallback: Callable[[MemoryUsageStore], T]) -> T:
-        """Serve a call the shared store did not: refuse it (operator writes; admissions
-        in ``closed`` mode) or let the memory store answer."""
-        if route is _Route.OPERATOR or (route is _Route.ADMIT and self.mode == "closed"):
-            raise self.refusal()
-        return on_fallback(self.fallback)
-
-    def settle_in_memory(
-        self, key: str, job_id: str, deltas: list[tuple[str, float]], forget_rate: bool, service_delta: float,
-        now: float | None,
-    ) -> None:
-        """A settlement Redis did not hear: counted in memory, its release kept to send
-        when Redis answers again."""
-        self.unsent.add(key, job_id)
-        self.fallback.settle(key, job_id, deltas, forget_rate=forget_rate, service_delta=service_delta, now=now)
-
-    def release_locally(self, key: str, job_id: str) -> None:
-        """A settled job's slots, given back in memory too (as ``release`` does), in case
-        they were taken there during an outage."""
-        self.fallback.release("queued", key, job_id)
-        self.fallback.release("running", key, job_id)
-
-    def mirror_overrides(self, all_values: dict[str, dict[str, Any]]) -> None:
-        for cid in set(self.fallback.all_overrides()) - set(all_values):
-            self.fallback.clear_overrides(cid)
-        for cid, values in all_values.items():
-            if self.fallback.get_overrides(cid) != values:
-                self.fallback.clear_overrides(cid)
-                self.fallback.set_overrides(cid, values)
-
-    def mirror_one(self, client_id: str, values: dict[str, Any]) -> None:
-        if self.fallback.get_overrides(client_id) != values:
-            self.fallback.clear_overrides(client_id)
-            if values:
-                self.fallback.set_overrides(client_id, values)
-
-
 class _Wrapper:
-    """What both wrappers hold: the primary, and the routing over it and the fallback."""
+    """What both wrappers share: the primary, the memory fallback, the breaker, and the
+    routing of one call: ``if allow(): with _verdict(): return <primary call>``, else
+    :meth:`_fall_back`; in ``local`` mode, limits shared among the replicas."""
 
     def __init__(
         self,
@@ -240,161 +118,67 @@ class _Wrapper:
         breaker: CircuitBreaker | None = None,
         unsent: UnsentReleases | None = None,
     ) -> None:
+        check_failure_mode(mode, replicas)
         self.primary = primary
-        self._f = _Failover(fallback, mode, replicas, breaker, unsent)
-        self.fallback = self._f.fallback
-        self.breaker = self._f.breaker
-        self.unsent = self._f.unsent
+        self.mode: FailureMode = mode
+        self.replicas = int(replicas)
+        self.fallback = fallback if fallback is not None else MemoryUsageStore()
+        self.breaker = breaker if breaker is not None else CircuitBreaker()
+        self.unsent = unsent if unsent is not None else UnsentReleases()
 
-    @property
-    def degraded(self) -> bool:
-        return self._f.degraded
+    def _share(self, limit: float) -> float:
+        return local_share(limit, self.replicas)
 
-    @property
-    def mode(self) -> FailureMode:
-        return self._f.mode
+    @contextlib.contextmanager
+    def _verdict(self) -> Iterator[None]:
+        """The verdict on one primary call. Redis answered (a result, or an error that is a
+        bug: not an outage): the breaker closes. It did not (``StoreUnavailable``): the
+        breaker opens and the exception is swallowed, so the caller falls back. Cancelled
+        mid-call: no verdict, the next caller may probe."""
+        try:
+            yield
+        except StoreUnavailable as exc:
+            if self.breaker.failed():
+                what = "refusing admissions" if self.mode == "closed" else f"serving with limits / {self.replicas}"
+                log.warning("%s; %s, retrying every %.0f s", exc.reason, what, self.breaker.retry_s)
+            return
+        except Exception:
+            self._answered()
+            raise
+        except BaseException:
+            self.breaker.abandoned()
+            raise
+        self._answered()
+
+    def _answered(self) -> None:
+        if self.breaker.succeeded():
+            log.warning("shared store (Redis) reachable again: global limits back in force")
+
+    def _fall_back(self, route: _Route, on_fallback: Callable[[UsageStore], T]) -> T:
+        """Serve a call the shared store did not: refuse it (operator writes; admissions
+        in ``closed`` mode) or let the memory store answer."""
+        if route is _Route.OPERATOR or (route is _Route.ADMIT and self.mode == "closed"):
+            retry = max(self.breaker.retry_after(), 1.0)
+            raise StoreUnavailable("the shared store (Redis) is unreachable; nothing was charged", retry)
+        return on_fallback(self.fallback)
 
 
 class ResilientStore(_Wrapper):
-    """A :class:`~gpu_backend.stores.usage.UsageStore` over a shared ``primary`` (a RedisStore)
-    that keeps its promises while the primary is down; see the module docstring."""
+    """A shared ``primary`` (a :class:`~gpu_backend.stores.redis_store.RedisStore`) that keeps
+    its promises while it is down, for threads (the GPU thread, the lease renewer, the
+    operators' reads); see the module docstring."""
 
     primary: UsageStore
 
     def _call(
-        self, route: _Route, on_primary: Callable[[UsageStore], T], on_fallback: Callable[[MemoryUsageStore], T]
+        self, route: _Route, on_primary: Callable[[UsageStore], T], on_fallback: Callable[[UsageStore], T]
     ) -> T:
-        if self._f.allow():
-            with self._f:
+        if self.breaker.allow():
+            with self._verdict():
                 return on_primary(self.primary)
-        return self._f.fall_back(route, on_fallback)
+        return self._fall_back(route, on_fallback)
 
-    # -- usage -----------------------------------------------------------------------
-
-    def reserve(self, key: str, amount: float, limit: float, window_s: float, now: float | None = None) -> float | None:
-        return self._call(
-            _Route.ADMIT,
-            lambda p: p.reserve(key, amount, limit, window_s, now),
-            lambda f: f.reserve(key, amount, self._f.share(limit), window_s, now),
-        )
-
-    def adjust(self, key: str, delta: float, now: float | None = None) -> None:
-        self._call(_Route.SETTLE, lambda p: p.adjust(key, delta, now), lambda f: f.adjust(key, delta, now))
-
-    def usage(self, key: str, now: float | None = None) -> tuple[float, float]:
-        return self._call(_Route.READ, lambda p: p.usage(key, now), lambda f: f.usage(key, now))
-
-    def usage_keys(self, now: float | None = None) -> list[str]:
-        return self._call(_Route.READ, lambda p: p.usage_keys(now), lambda f: f.usage_keys(now))
-
-    def reset(self, key: str) -> None:
-        self.fallback.reset(key)
-        self._call(_Route.OPERATOR, lambda p: p.reset(key), lambda f: None)
-
-    # -- overrides -------------------------------------------------------------------
-
-    def get_overrides(self, client_id: str) -> dict[str, Any]:
-        def primary(p: UsageStore) -> dict[str, Any]:
-            values = p.get_overrides(client_id)
-            self._f.mirror_one(client_id, values)
-            return values
-
-        return self._call(_Route.READ, primary, lambda f: f.get_overrides(client_id))
-
-    def set_overrides(self, client_id: str, values: dict[str, Any]) -> None:
-        self._call(_Route.OPERATOR, lambda p: p.set_overrides(client_id, values), lambda f: None)
-        self.fallback.set_overrides(client_id, values)
-
-    def clear_overrides(self, client_id: str) -> None:
-        self._call(_Route.OPERATOR, lambda p: p.clear_overrides(client_id), lambda f: None)
-        self.fallback.clear_overrides(client_id)
-
-    def all_overrides(self) -> dict[str, dict[str, Any]]:
-        def primary(p: UsageStore) -> dict[str, dict[str, Any]]:
-            values = p.all_overrides()
-            self._f.mirror_overrides(values)
-            return values
-
-        return self._call(_Route.READ, primary, lambda f: f.all_overrides())
-
-    def overrides_version(self) -> int:
-        return self._call(_Route.READ, lambda p: p.overrides_version(), lambda f: -1 - f.overrides_version())
-
-    # -- slots -----------------------------------------------------------------------
-
-    def acquire_slot(
-        self, kind: SlotKind, key: str, job_id: str, limit: float, lease_s: float, now: float | None = None
-    ) -> SlotGrant:
-        return self._call(
-            _Route.ADMIT,
-            lambda p: p.acquire_slot(kind, key, job_id, limit, lease_s, now),
-            lambda f: f.acquire_slot(kind, key, job_id, self._f.share_count(limit), lease_s, now),
-        )
-
-    def renew(self, leases: Iterable[Lease], lease_s: float, now: float | None = None) -> Renewal:
-        wanted = list(leases)
-        local = self.fallback.renew(wanted, lease_s, now)
-        return self._call(_Route.SETTLE, lambda p: p.renew(wanted, lease_s, now), lambda f: local)
-
-    def release(self, kind: SlotKind, key: str, job_id: str) -> bool:
-        local = self.fallback.release(kind, key, job_id)
-        shared = self._call(_Route.SETTLE, lambda p: p.release(kind, key, job_id), lambda f: False)
-        return shared or local
-
-    def move(
-        self,
-        key: str,
-        job_id: str,
-        limit: float,
-        lease_s: float,
-        now: float | None = None,
-        *,
-        source: SlotKind = "queued",
-        target: SlotKind = "running",
-    ) -> SlotGrant:
-        return self._call(
-            _Route.ADMIT,
-            lambda p: p.move(key, job_id, limit, lease_s, now, source=source, target=target),
-            lambda f: f.move(key, job_id, self._f.share_count(limit), lease_s, now, source=source, target=target),
-        )
-
-    def count(self, kind: SlotKind, key: str, now: float | None = None) -> int:
-        return self._call(_Route.READ, lambda p: p.count(kind, key, now), lambda f: f.count(kind, key, now))
-
-    def slot_counts(self, now: float | None = None) -> dict[str, SlotCounts]:
-        return self._call(_Route.READ, lambda p: p.slot_counts(now), lambda f: f.slot_counts(now))
-
-    # -- rate windows ----------------------------------------------------------------
-
-    def admit_rate(self, key: str, job_id: str, limit: float, window_s: float, now: float | None = None) -> RateGrant:
-        return self._call(
-            _Route.ADMIT,
-            lambda p: p.admit_rate(key, job_id, limit, window_s, now),
-            lambda f: f.admit_rate(key, job_id, self._f.share_count(limit), window_s, now),
-        )
-
-    def forget_rate(self, key: str, job_id: str) -> None:
-        self._call(_Route.SETTLE, lambda p: p.forget_rate(key, job_id), lambda f: f.forget_rate(key, job_id))
-
-    # -- service ---------------------------------------------------------------------
-
-    def add_service(self, flow_id: str, delta: float, *, floor: float | None = None, now: float | None = None) -> float:
-        return self._call(
-            _Route.SETTLE,
-            lambda p: p.add_service(flow_id, delta, floor=floor, now=now),
-            lambda f: f.add_service(flow_id, delta, floor=floor, now=now),
-        )
-
-    def service(self, flow_ids: Iterable[str], now: float | None = None) -> dict[str, float]:
-        wanted = list(flow_ids)
-        return self._call(_Route.READ, lambda p: p.service(wanted, now), lambda f: f.service(wanted, now))
-
-    # -- a job's steps in one call ---------------------------------------------------
-
-    def admit(self, plan: AdmitPlan, now: float | None = None) -> AdmitGrant:
-        return self._call(
-            _Route.ADMIT, lambda p: p.admit(plan, now), lambda f: f.admit(self._f.shared_plan(plan), now)
-        )
+    # -- a job's steps ---------------------------------------------------------------
 
     def start_job(
         self, key: str, job_id: str, limit: float, lease_s: float, service_delta: float, vtime_key: str,
@@ -403,20 +187,33 @@ class ResilientStore(_Wrapper):
         return self._call(
             _Route.ADMIT,
             lambda p: p.start_job(key, job_id, limit, lease_s, service_delta, vtime_key, now),
-            lambda f: f.start_job(key, job_id, self._f.share_count(limit), lease_s, service_delta, vtime_key, now),
+            lambda f: f.start_job(key, job_id, self._share(limit), lease_s, service_delta, vtime_key, now),
         )
 
     def settle(
         self, key: str, job_id: str, adjustments: Iterable[tuple[str, float]] = (), *,
         forget_rate: bool = False, service_delta: float = 0.0, now: float | None = None,
     ) -> None:
+        """Never raises. The job's slots are given back in memory too (they may have been
+        taken there during an outage); one Redis did not hear is counted in memory and its
+        release kept to send when Redis answers again."""
         deltas = list(adjustments)
-        self._f.release_locally(key, job_id)
+        self.fallback.settle(key, job_id, now=now)
+
+        def in_memory(f: UsageStore) -> None:
+            self.unsent.add(key, job_id)
+            f.settle(key, job_id, deltas, forget_rate=forget_rate, service_delta=service_delta, now=now)
+
         self._call(
             _Route.SETTLE,
             lambda p: p.settle(key, job_id, deltas, forget_rate=forget_rate, service_delta=service_delta, now=now),
-            lambda f: self._f.settle_in_memory(key, job_id, deltas, forget_rate, service_delta, now),
+            in_memory,
         )
+
+    def renew(self, leases: Iterable[Lease], lease_s: float, now: float | None = None) -> Renewal:
+        wanted = list(leases)
+        local = self.fallback.renew(wanted, lease_s, now)
+        return self._call(_Route.SETTLE, lambda p: p.renew(wanted, lease_s, now), lambda f: local)
 
     def send_unsent(self) -> int:
         """Send the releases of the settlements Redis missed (:attr:`unsent`), oldest first,
@@ -430,166 +227,72 @@ class ResilientStore(_Wrapper):
             sent += 1
         return sent
 
+    # -- reads -----------------------------------------------------------------------
+
+    def usage(self, key: str, now: float | None = None) -> tuple[float, float]:
+        return self._call(_Route.READ, lambda p: p.usage(key, now), lambda f: f.usage(key, now))
+
+    def usage_keys(self, now: float | None = None) -> list[str]:
+        return self._call(_Route.READ, lambda p: p.usage_keys(now), lambda f: f.usage_keys(now))
+
+    def count(self, kind: SlotKind, key: str, now: float | None = None) -> int:
+        return self._call(_Route.READ, lambda p: p.count(kind, key, now), lambda f: f.count(kind, key, now))
+
+    def slot_counts(self, now: float | None = None) -> dict[str, SlotCounts]:
+        return self._call(_Route.READ, lambda p: p.slot_counts(now), lambda f: f.slot_counts(now))
+
+    # -- overrides and operators -----------------------------------------------------
+
+    def all_overrides(self) -> dict[str, dict[str, Any]]:
+        def primary(p: UsageStore) -> dict[str, dict[str, Any]]:
+            values = p.all_overrides()
+            mirror = self.fallback.all_overrides()
+            for cid in mirror.keys() | values.keys():
+                if mirror.get(cid) != values.get(cid):
+                    self.fallback.clear_overrides(cid)
+                    if cid in values:
+                        self.fallback.set_overrides(cid, values[cid])
+            return values
+
+        return self._call(_Route.READ, primary, lambda f: f.all_overrides())
+
+    def overrides_version(self) -> int:
+        return self._call(_Route.READ, lambda p: p.overrides_version(), lambda f: -1 - f.overrides_version())
+
+    def set_overrides(self, client_id: str, values: dict[str, Any]) -> None:
+        self._call(_Route.OPERATOR, lambda p: p.set_overrides(client_id, values), lambda f: None)
+        self.fallback.set_overrides(client_id, values)
+
+    def clear_overrides(self, client_id: str) -> None:
+        self._call(_Route.OPERATOR, lambda p: p.clear_overrides(client_id), lambda f: None)
+        self.fallback.clear_overrides(client_id)
+
+    def reset(self, key: str) -> None:
+        self.fallback.reset(key)
+        self._call(_Route.OPERATOR, lambda p: p.reset(key), lambda f: None)
+
     def close(self) -> None:
         self.primary.close()
         self.fallback.close()
 
 
 class AsyncResilientStore(_Wrapper):
-    """:class:`ResilientStore` for the event loop, over an
-    :class:`~gpu_backend.stores.redis_store.AsyncRedisStore`; the same routing, as coroutines.
-    The memory fallback is called directly (it never blocks)."""
+    """The event loop's wrapper, over an :class:`~gpu_backend.stores.redis_store.AsyncRedisStore`:
+    admission, with the same routing. Give it the sync wrapper's ``fallback``, ``breaker``
+    and ``unsent`` to share one local state and one outage verdict."""
 
-    async def _call(
-        self, route: _Route, on_primary: Callable[[Any], Awaitable[T]], on_fallback: Callable[[MemoryUsageStore], T]
-    ) -> T:
-        if self._f.allow():
-            with self._f:  # a cancellation here is no verdict on Redis
-                return await on_primary(self.primary)
-        return self._f.fall_back(route, on_fallback)
-
-    async def reserve(
-        self, key: str, amount: float, limit: float, window_s: float, now: float | None = None
-    ) -> float | None:
-        return await self._call(
-            _Route.ADMIT,
-            lambda p: p.reserve(key, amount, limit, window_s, now),
-            lambda f: f.reserve(key, amount, self._f.share(limit), window_s, now),
-        )
-
-    async def adjust(self, key: str, delta: float, now: float | None = None) -> None:
-        await self._call(_Route.SETTLE, lambda p: p.adjust(key, delta, now), lambda f: f.adjust(key, delta, now))
-
-    async def usage(self, key: str, now: float | None = None) -> tuple[float, float]:
-        return await self._call(_Route.READ, lambda p: p.usage(key, now), lambda f: f.usage(key, now))
-
-    async def usage_keys(self, now: float | None = None) -> list[str]:
-        return await self._call(_Route.READ, lambda p: p.usage_keys(now), lambda f: f.usage_keys(now))
-
-    async def reset(self, key: str) -> None:
-        self.fallback.reset(key)
-        await self._call(_Route.OPERATOR, lambda p: p.reset(key), lambda f: None)
-
-    async def get_overrides(self, client_id: str) -> dict[str, Any]:
-        async def primary(p: Any) -> dict[str, Any]:
-            values = await p.get_overrides(client_id)
-            self._f.mirror_one(client_id, values)
-            return values
-
-        return await self._call(_Route.READ, primary, lambda f: f.get_overrides(client_id))
-
-    async def set_overrides(self, client_id: str, values: dict[str, Any]) -> None:
-        await self._call(_Route.OPERATOR, lambda p: p.set_overrides(client_id, values), lambda f: None)
-        self.fallback.set_overrides(client_id, values)
-
-    async def clear_overrides(self, client_id: str) -> None:
-        await self._call(_Route.OPERATOR, lambda p: p.clear_overrides(client_id), lambda f: None)
-        self.fallback.clear_overrides(client_id)
-
-    async def all_overrides(self) -> dict[str, dict[str, Any]]:
-        async def primary(p: Any) -> dict[str, dict[str, Any]]:
-            values = await p.all_overrides()
-            self._f.mirror_overrides(values)
-            return values
-
-        return await self._call(_Route.READ, primary, lambda f: f.all_overrides())
-
-    async def overrides_version(self) -> int:
-        return await self._call(_Route.READ, lambda p: p.overrides_version(), lambda f: -1 - f.overrides_version())
-
-    async def acquire_slot(
-        self, kind: SlotKind, key: str, job_id: str, limit: float, lease_s: float, now: float | None = None
-    ) -> SlotGrant:
-        return await self._call(
-            _Route.ADMIT,
-            lambda p: p.acquire_slot(kind, key, job_id, limit, lease_s, now),
-            lambda f: f.acquire_slot(kind, key, job_id, self._f.share_count(limit), lease_s, now),
-        )
-
-    async def renew(self, leases: Iterable[Lease], lease_s: float, now: float | None = None) -> Renewal:
-        wanted = list(leases)
-        local = self.fallback.renew(wanted, lease_s, now)
-        return await self._call(_Route.SETTLE, lambda p: p.renew(wanted, lease_s, now), lambda f: local)
-
-    async def release(self, kind: SlotKind, key: str, job_id: str) -> bool:
-        local = self.fallback.release(kind, key, job_id)
-        shared = await self._call(_Route.SETTLE, lambda p: p.release(kind, key, job_id), lambda f: False)
-        return shared or local
-
-    async def move(
-        self,
-        key: str,
-        job_id: str,
-        limit: float,
-        lease_s: float,
-        now: float | None = None,
-        *,
-        source: SlotKind = "queued",
-        target: SlotKind = "running",
-    ) -> SlotGrant:
-        return await self._call(
-            _Route.ADMIT,
-            lambda p: p.move(key, job_id, limit, lease_s, now, source=source, target=target),
-            lambda f: f.move(key, job_id, self._f.share_count(limit), lease_s, now, source=source, target=target),
-        )
-
-    async def count(self, kind: SlotKind, key: str, now: float | None = None) -> int:
-        return await self._call(_Route.READ, lambda p: p.count(kind, key, now), lambda f: f.count(kind, key, now))
-
-    async def slot_counts(self, now: float | None = None) -> dict[str, SlotCounts]:
-        return await self._call(_Route.READ, lambda p: p.slot_counts(now), lambda f: f.slot_counts(now))
-
-    async def admit_rate(
-        self, key: str, job_id: str, limit: float, window_s: float, now: float | None = None
-    ) -> RateGrant:
-        return await self._call(
-            _Route.ADMIT,
-            lambda p: p.admit_rate(key, job_id, limit, window_s, now),
-            lambda f: f.admit_rate(key, job_id, self._f.share_count(limit), window_s, now),
-        )
-
-    async def forget_rate(self, key: str, job_id: str) -> None:
-        await self._call(_Route.SETTLE, lambda p: p.forget_rate(key, job_id), lambda f: f.forget_rate(key, job_id))
-
-    async def add_service(
-        self, flow_id: str, delta: float, *, floor: float | None = None, now: float | None = None
-    ) -> float:
-        return await self._call(
-            _Route.SETTLE,
-            lambda p: p.add_service(flow_id, delta, floor=floor, now=now),
-            lambda f: f.add_service(flow_id, delta, floor=floor, now=now),
-        )
-
-    async def service(self, flow_ids: Iterable[str], now: float | None = None) -> dict[str, float]:
-        wanted = list(flow_ids)
-        return await self._call(_Route.READ, lambda p: p.service(wanted, now), lambda f: f.service(wanted, now))
+    primary: AsyncRedisStore
 
     async def admit(self, plan: AdmitPlan, now: float | None = None) -> AdmitGrant:
-        return await self._call(
-            _Route.ADMIT, lambda p: p.admit(plan, now), lambda f: f.admit(self._f.shared_plan(plan), now)
+        if self.breaker.allow():
+            with self._verdict():  # a cancellation here is no verdict on Redis
+                return await self.primary.admit(plan, now)
+        shared = dataclasses.replace(  # this replica's share of each limit
+            plan, max_queued=self._share(plan.max_queued),
+            rate_limit=None if plan.rate_limit is None else self._share(plan.rate_limit),
+            reservations=tuple(dataclasses.replace(r, limit=r.limit / self.replicas) for r in plan.reservations),
         )
-
-    async def start_job(
-        self, key: str, job_id: str, limit: float, lease_s: float, service_delta: float, vtime_key: str,
-        now: float | None = None,
-    ) -> SlotGrant:
-        return await self._call(
-            _Route.ADMIT,
-            lambda p: p.start_job(key, job_id, limit, lease_s, service_delta, vtime_key, now),
-            lambda f: f.start_job(key, job_id, self._f.share_count(limit), lease_s, service_delta, vtime_key, now),
-        )
-
-    async def settle(
-        self, key: str, job_id: str, adjustments: Iterable[tuple[str, float]] = (), *,
-        forget_rate: bool = False, service_delta: float = 0.0, now: float | None = None,
-    ) -> None:
-        deltas = list(adjustments)
-        self._f.release_locally(key, job_id)
-        await self._call(
-            _Route.SETTLE,
-            lambda p: p.settle(key, job_id, deltas, forget_rate=forget_rate, service_delta=service_delta, now=now),
-            lambda f: self._f.settle_in_memory(key, job_id, deltas, forget_rate, service_delta, now),
-        )
+        return self._fall_back(_Route.ADMIT, lambda f: f.admit(shared, now))
 
     async def close(self) -> None:
         await self.primary.close()
@@ -603,16 +306,15 @@ def open_store(
     failure: FailureMode = "closed",
     replicas: int = 1,
     retry_s: float = DEFAULT_RETRY_S,
-) -> UsageStore:
+) -> WriteBehindStore | ResilientStore:
     """The store a tier uses, from its settings (called at the edge, e.g. the GPU app):
     SQLite at ``sqlite_path`` without a Redis URL, else Redis with the failure mode."""
     if not redis_url:
-        return SqliteUsageStore(sqlite_path)
+        return WriteBehindStore(SqliteUsageStore(sqlite_path))
     from splitspace.gpu_backend.stores.redis_store import RedisStore
 
-    return ResilientStore(
-        RedisStore.from_url(redis_url), mode=failure, replicas=replicas, breaker=CircuitBreaker(retry_s)
-    )
+    shared: UsageStore = RedisStore.from_url(redis_url)
+    return ResilientStore(shared, mode=failure, replicas=replicas, breaker=CircuitBreaker(retry_s))
 
 
 def open_async_store(
@@ -626,16 +328,11 @@ def open_async_store(
     unsent: UnsentReleases | None = None,
 ) -> AsyncResilientStore:
     """The event-loop twin of :func:`open_store` for Redis. Pass the sync store's
-    ``fallback``, ``breaker`` and ``unsent`` (attributes of the :class:`ResilientStore`) to
-    share one local state, one outage verdict and one list of releases to send between the
-    loop and the GPU thread."""
+    ``fallback``, ``breaker`` and ``unsent`` to share one local state, one outage verdict
+    and one list of releases to send between the loop and the GPU thread."""
     from splitspace.gpu_backend.stores.redis_store import AsyncRedisStore
 
     return AsyncResilientStore(
-        AsyncRedisStore.from_url(redis_url),
-        fallback,
-        mode=failure,
-        replicas=replicas,
-        breaker=breaker or CircuitBreaker(retry_s),
-        unsent=unsent,
+        AsyncRedisStore.from_url(redis_url), fallback, mode=failure, replicas=replicas,
+        breaker=breaker or CircuitBreaker(retry_s), unsent=unsent,
     )

@@ -5,9 +5,11 @@ call, three things must still hold per request, and none of them belongs to
 the fair scheduler (which only decides *which* jobs share a call):
 
 - **isolation**: one bad request (a prompt that makes the model raise, an
-  out-of-memory batch) must not fail the others. :func:`run_batch_isolating_failures`
+  out-of-memory batch) must not fail the others. :func:`run_isolating_failures`
   runs the batch once and, if the call raises, runs each request alone, so each
-  gets its own image or its own error.
+  gets its own result or its own error (for the built-in model:
+  :func:`run_batch_isolating_failures`; for a developer's batch function: its
+  workload, ``app_functions.py``).
 - **charges**: each client is charged its share of the GPU time the call
   measured (:func:`split_batch_time`, in proportion to the cost estimates, summing
   exactly to the measured time); after a failed batch, the failed call's time is
@@ -29,9 +31,11 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from splitspace.shared.contract.schema import GenerateRequest
+
+T = TypeVar("T")
 
 
 class BatchModel(Protocol):
@@ -85,50 +89,73 @@ def run_batch_isolating_failures(
     costs: Sequence[float] | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> BatchOutcome:
-    """Run ``requests`` as one batch; if that call raises, run each alone.
-
-    A single request runs through ``model.generate``, a batch through
-    ``model.generate_batch``. ``costs`` (the requests' estimates; None: equal)
-    split the time of a successful batch. Only ``Exception`` is caught: an
-    interrupt or a ``SystemExit`` still stops everything.
-    """
+    """Run the built-in model's ``requests`` as one batch; if that call raises, run each alone
+    (:func:`run_isolating_failures`): a single request through ``model.generate``, a batch
+    through ``model.generate_batch``."""
     if not requests or len(seeds) != len(requests):
         raise ValueError(f"give one seed per request, got {len(requests)} requests, {len(seeds)} seeds")
-    costs = list(costs) if costs is not None else [1.0] * len(requests)
+    return run_isolating_failures(
+        lambda items: model.generate_batch([r for r, _ in items], [s for _, s in items]),
+        lambda item: model.generate(*item),
+        list(zip(requests, seeds, strict=True)),
+        costs=costs, clock=clock,
+    )
+
+
+def run_isolating_failures(
+    run_many: Callable[[list[T]], Sequence[Any]],
+    run_one: Callable[[T], Any],
+    items: list[T],
+    *,
+    costs: Sequence[float] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> BatchOutcome:
+    """Run ``items`` as one batch (``run_many``: one result per item, in order); if that
+    call raises, run each alone (``run_one``), so each item gets its own result or error.
+
+    Any kind of GPU work batches this way: the built-in model's requests, or the calls of
+    a developer's ``@splitspace.gpu(batch=True)`` function. A single item runs through
+    ``run_one``. ``costs`` (the items' estimates; None: equal) split the time of a
+    successful batch. Only ``Exception`` is caught: an interrupt or a ``SystemExit`` still
+    stops everything.
+    """
+    if not items:
+        raise ValueError("`items` is empty: give at least one")
+    costs = list(costs) if costs is not None else [1.0] * len(items)
     start = clock()
     try:
-        if len(requests) == 1:
-            images = [model.generate(requests[0], seeds[0])]
+        if len(items) == 1:
+            results = [run_one(items[0])]
         else:
-            images = list(model.generate_batch(requests, seeds))
-        if len(images) != len(requests):
-            raise RuntimeError(f"the model returned {len(images)} images for {len(requests)} requests")
+            results = list(run_many(items))
+        if len(results) != len(items):
+            raise RuntimeError(f"the batch returned {len(results)} results for {len(items)} requests")
     except Exception as exc:  # noqa: BLE001 (each request's own error is what callers get)
         batch_error: Exception = exc
     else:
         total = clock() - start
-        return BatchOutcome(images, split_batch_time(costs, total), total, isolated=False)
+        return BatchOutcome(results, split_batch_time(costs, total), total, isolated=False)
 
     batch_s = clock() - start
-    if len(requests) == 1:
+    if len(items) == 1:
         return BatchOutcome([batch_error], [batch_s], batch_s, isolated=False)
-    results: list[Any] = []
+    alone: list[Any] = []
     alone_s: list[float] = []
-    for request, seed in zip(requests, seeds, strict=True):
+    for item in items:
         t0 = clock()
         try:
-            results.append(model.generate(request, seed))
+            alone.append(run_one(item))
         except Exception as exc:  # noqa: BLE001
-            results.append(exc)
+            alone.append(exc)
         alone_s.append(clock() - t0)
     total = batch_s + math.fsum(alone_s)
-    culprits = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
-    payers = culprits or list(range(len(requests)))
+    culprits = [i for i, r in enumerate(alone) if isinstance(r, BaseException)]
+    payers = culprits or list(range(len(items)))
     batch_shares = split_batch_time([costs[i] for i in payers], batch_s)
     charges = list(alone_s)
     for i, share in zip(payers, batch_shares, strict=True):
         charges[i] += share
-    return BatchOutcome(results, _apportion(charges, total), total, isolated=True)
+    return BatchOutcome(alone, _apportion(charges, total), total, isolated=True)
 
 
 def zerogpu_batch_key(

@@ -1,22 +1,44 @@
-"""The circuit breaker every tier puts in front of its shared store (Redis).
+"""The circuit breaker every tier puts in front of its shared store (Redis), and the rules
+of what a tier does while it is open (``SPLITSPACE_REDIS_FAILURE``).
 
 Why it exists: a Redis that is down must cost a caller one timeout, not one per call.
 After a failure no call goes to Redis for ``retry_s``; then one caller probes, and the
-first success closes the breaker (recovery is automatic). It lives in ``shared/`` because
+first success closes the breaker (recovery is automatic). Meanwhile a tier refuses
+(``closed``) or decides alone with its share of each limit (``local``). It lives in ``shared/`` because
 both tiers use it (``gpu_backend/stores/resilient_store.py``, ``cpu_frontend/door/inflight_ledger.py``)
 and the frontend's bundle carries no ``gpu_backend``.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
+from typing import Literal
 
-__all__ = ["CircuitBreaker", "DEFAULT_RETRY_S"]
+__all__ = ["CircuitBreaker", "DEFAULT_RETRY_S", "FailureMode", "check_failure_mode", "local_share"]
 
 DEFAULT_RETRY_S = 3.0
 """After a failure, Redis is tried again this much later (one probe call)."""
+
+FailureMode = Literal["closed", "local"]
+
+
+def check_failure_mode(mode: str, replicas: int) -> None:
+    if mode not in ("closed", "local"):
+        raise ValueError(f"mode must be 'closed' or 'local', got {mode!r}")
+    if replicas < 1:
+        raise ValueError(f"replicas must be at least 1, got {replicas!r}")
+
+
+def local_share(limit: float, replicas: int) -> float:
+    """One replica's part of a count limit while Redis is down (``local``): rounded down,
+    but at least 1 where the limit is (a ``max_running = 1`` client runs one job per
+    replica rather than none); 0 stays 0, unlimited stays unlimited."""
+    if math.isinf(limit) or limit < 1:
+        return limit if math.isinf(limit) else 0
+    return max(1, math.floor(limit / replicas))
 
 
 class CircuitBreaker:

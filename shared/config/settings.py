@@ -11,7 +11,7 @@ import ipaddress
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from splitspace.shared.contract.schema import Limits
@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     backend_url: str = "http://127.0.0.1:7861"
     """GPU tier URL(s), comma separated."""
     model: str = "tiny"
+    app: str | None = None
+    """The developer's app, ``file.py`` (its ``demo``) or ``file.py:NAME`` (``--app``); none: the built-in."""
+    max_file_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
+    """The largest file one input or output of a developer's function may carry across the hop."""
     quotas: Path | None = None
     """Path of the operators' quota file (TOML)."""
     admin_token: SecretStr | None = None
@@ -113,6 +117,19 @@ class Settings(BaseSettings):
     prompt_max_chars: int = 1000
     max_side: int = 1024
     max_steps: int = 50
+    jobs_path: Path = Path(".splitspace/jobs.sqlite3")
+    """Frontend: SQLite file of the durable jobs (``/v1/jobs``) when ``redis_url`` is unset."""
+    job_ttl_s: float = Field(default=86400.0, gt=0)
+    """Frontend: how long a finished job (its outputs, files and webhook attempts) is kept; then 404."""
+    webhook_allow: str = ""
+    """Frontend: comma separated networks that webhook URLs may reach although they are not
+    public (loopback, private, link-local); empty: public addresses only."""
+    webhook_backoff_s: float = Field(default=5.0, gt=0)
+    """Frontend: the first retry of a failed webhook delivery comes after this long; each next
+    one after three times the last (at most an hour), ``webhook_attempts`` in all."""
+    webhook_attempts: int = Field(default=12, ge=1)
+    webhook_workers: int = Field(default=32, ge=1)
+    """Frontend: webhook deliveries in flight at once (a hanging receiver holds one for 5 s)."""
 
     @field_validator("secret", "admin_token", "hf_token", "redis_url", mode="before")
     @classmethod
@@ -139,15 +156,20 @@ class Settings(BaseSettings):
             )
         return SecretStr(token)
 
-    @field_validator("trusted_proxy_cidrs", mode="after")
+    @field_validator("trusted_proxy_cidrs", "webhook_allow", mode="after")
     @classmethod
-    def _cidrs_parse(cls, value: str) -> str:
+    def _cidrs_parse(cls, value: str, info: ValidationInfo) -> str:
         for part in _split(value):
             try:
                 ipaddress.ip_network(part, strict=False)
             except ValueError:
-                raise ValueError(f"SPLITSPACE_TRUSTED_PROXY_CIDRS: not an IP network: {part[:60]!r}") from None
+                name = f"SPLITSPACE_{str(info.field_name).upper()}"
+                raise ValueError(f"{name}: not an IP network: {part[:60]!r}") from None
         return value
+
+    @property
+    def webhook_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(part, strict=False) for part in _split(self.webhook_allow)]
 
     @property
     def secrets(self) -> list[str]:

@@ -16,6 +16,8 @@ BACKEND_UNAVAILABLE = "GPU backend unavailable"
 INVALID_REQUEST = "Invalid request"
 UNAUTHORIZED = "Unauthorized"
 GPU_ERROR = "GPU error"
+NOT_FOUND = "Not found"
+TIME_LIMIT = "Time limit"
 
 
 class SplitspaceError(Exception):
@@ -73,10 +75,27 @@ class BackendUnavailable(SplitspaceError):
     title = BACKEND_UNAVAILABLE
 
 
+class UnknownEndpoint(SplitspaceError):
+    """A call names a function the GPU tier does not serve (the message names it)."""
+
+    title = NOT_FOUND
+
+
 class GpuFailed(SplitspaceError):
     """The model failed on the GPU tier (the message names the exception type, no internals)."""
 
     title = GPU_ERROR
+
+
+class TimeLimitExceeded(SplitspaceError):
+    """A developer's function ran past its time limit (``@splitspace.gpu(time_limit=...)``, or
+    its event's ``time_limit``) and was stopped; the message names the limit."""
+
+    title = TIME_LIMIT
+
+    @classmethod
+    def after(cls, limit_s: float) -> TimeLimitExceeded:
+        return cls(f"the function ran past its time limit of {limit_s:g} s and was stopped")
 
 
 def to_wire(exc: SplitspaceError) -> dict[str, object]:
@@ -106,6 +125,10 @@ def from_wire(doc: dict[str, object]) -> SplitspaceError:
         return BackendUnavailable(message)
     if title == GPU_ERROR:
         return GpuFailed(message)
+    if title == NOT_FOUND:
+        return UnknownEndpoint(message)
+    if title == TIME_LIMIT:
+        return TimeLimitExceeded(message)
     if title == SERVICE_UNAVAILABLE and "retry_after_s" in doc:
         return ServiceUnavailable(message, float(doc["retry_after_s"]))  # type: ignore[arg-type]
     return SplitspaceError(message, title=title)

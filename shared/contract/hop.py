@@ -7,11 +7,14 @@ wire each update is one JSON object (a line of the direct route, a
 ``generating`` value of Gradio's ``/infer``):
 
 - ``{"status": "queued" | "running", "position", "eta_s", "cap"}``
-- ``{"status": "done", "image_png_b64", "info": {...}, "cap"}``
+- ``{"status": "done", "image_png_b64", "info": {...}, "cap"}`` (the built-in text-to-image)
+- ``{"status": "partial", "data"}`` and ``{"status": "done", "data", "info", "cap"}`` (a developer's
+  function: :mod:`splitspace.shared.contract.calls`)
 - ``{"status": "error", "title", "message", ...}`` (``splitspace.shared.contract.errors.to_wire``)
 
 :meth:`Status.to_wire`, :meth:`Result.to_wire` and :func:`error_to_wire`
-write them; :func:`update_from_wire` is the only reader, and turns an error
+write them; :func:`read_update` is the only reader (:func:`update_from_wire` and
+:func:`call_update_from_wire` narrow it to one kind), and turns an error
 line back into the project's own exception (``splitspace.shared.contract.errors.from_wire``).
 Every transport and both GPU routes go through these, so a field added here
 reaches the other side, and nothing is recognised by its English message.
@@ -21,9 +24,10 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Literal
 
+from splitspace.shared.contract.calls import CallInfo, CallResult, Info, Partial
 from splitspace.shared.contract.errors import BackendUnavailable, SplitspaceError, from_wire, to_wire
 
 State = Literal["queued", "running"]
@@ -46,7 +50,7 @@ class Status:
 
 
 @dataclass(frozen=True)
-class GenerateInfo:
+class GenerateInfo(Info):
     """What a caller learns about its image besides the pixels: what ran, and how long it took.
 
     ``steps``, ``guidance_scale`` and ``seed`` are the values the model was called with
@@ -63,17 +67,6 @@ class GenerateInfo:
     total_s: float
     client: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, doc: Any) -> GenerateInfo:
-        if not isinstance(doc, dict):
-            raise ValueError("info is not an object")
-        try:
-            return cls(**{f.name: doc[f.name] for f in fields(cls)})
-        except KeyError as exc:
-            raise ValueError(f"info lacks {exc.args[0]!r}") from None
 
 
 @dataclass(frozen=True)
@@ -94,6 +87,9 @@ class Result:
 
 
 Update = Status | Result
+"""What the built-in text-to-image answers."""
+CallUpdate = Status | CallResult | Partial
+"""What a developer's function answers: CallResult last, Partial while a generator yields."""
 
 
 def error_to_wire(exc: SplitspaceError) -> dict[str, Any]:
@@ -101,15 +97,19 @@ def error_to_wire(exc: SplitspaceError) -> dict[str, Any]:
     return {"status": "error", **to_wire(exc)}
 
 
-def update_from_wire(doc: Any) -> Update:
-    """Read one update. An error update raises its exception; anything that is not an
-    update raises BackendUnavailable (the GPU tier sent something this side cannot use)."""
+def read_update(doc: Any) -> Status | Result | CallResult | Partial:
+    """Read one update of either kind. An error update raises its exception; anything that
+    is not an update raises BackendUnavailable (the GPU tier sent something this side cannot use)."""
     if not isinstance(doc, dict):
         raise BackendUnavailable("the GPU tier sent a malformed update")
     status = doc.get("status")
     try:
         if status in ("queued", "running"):
             return Status(status, int(doc.get("position") or 0), float(doc.get("eta_s") or 0.0), _cap(doc))
+        if status == "partial":
+            return Partial(_payloads(doc))
+        if status == "done" and "data" in doc:
+            return CallResult(_payloads(doc), CallInfo.from_dict(doc.get("info")), _cap(doc))
         if status == "done":
             png = base64.b64decode(doc["image_png_b64"], validate=True)
             return Result(png, GenerateInfo.from_dict(doc.get("info")), _cap(doc))
@@ -118,6 +118,29 @@ def update_from_wire(doc: Any) -> Update:
     if status == "error":
         raise from_wire(doc)
     raise BackendUnavailable(f"the GPU tier sent an update of unknown status {str(status)[:40]!r}")
+
+
+def update_from_wire(doc: Any) -> Update:
+    """Read one update of the built-in text-to-image (:func:`read_update`, narrowed)."""
+    update = read_update(doc)
+    if isinstance(update, Status | Result):
+        return update
+    raise BackendUnavailable("the GPU tier sent a function's output where an image was expected")
+
+
+def call_update_from_wire(doc: Any) -> CallUpdate:
+    """Read one update of a developer's function (:func:`read_update`, narrowed)."""
+    update = read_update(doc)
+    if isinstance(update, Result):
+        raise BackendUnavailable("the GPU tier sent an image where a function's output was expected")
+    return update
+
+
+def _payloads(doc: dict[str, Any]) -> list[Any]:
+    data = doc.get("data")
+    if not isinstance(data, list):
+        raise ValueError("data is not a list")
+    return data
 
 
 def _cap(doc: dict[str, Any]) -> int | None:

@@ -7,6 +7,8 @@ error that names its line, so a typo never silently grants unlimited quota.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -51,11 +53,32 @@ BUILTIN_TIERS: dict[str, Tier] = {
 }
 
 
+WEBHOOK_SECRET_PREFIX = "whsec_"
+WEBHOOK_SECRET_BYTES = (24, 64)
+"""A webhook secret is ``whsec_`` and the base64 of 24 to 64 random bytes (Standard Webhooks)."""
+
+
+def webhook_secret_problem(secret: str) -> str | None:
+    """Why ``secret`` is not a usable Standard Webhooks secret, or None."""
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        return f"must start with {WEBHOOK_SECRET_PREFIX!r} (a Standard Webhooks secret)"
+    try:
+        raw = base64.b64decode(secret[len(WEBHOOK_SECRET_PREFIX):], validate=True)
+    except (binascii.Error, ValueError):
+        return f"must be {WEBHOOK_SECRET_PREFIX!r} and base64"
+    low, high = WEBHOOK_SECRET_BYTES
+    if not low <= len(raw) <= high:
+        return f"must carry {low} to {high} bytes after {WEBHOOK_SECRET_PREFIX!r}, got {len(raw)}"
+    return None
+
+
 @dataclass(frozen=True)
 class ApiKey:
     name: str
     tier: str
     sha256: str
+    webhook_secret: str | None = field(default=None, repr=False)
+    """The key that signs this client's webhooks (``/v1/jobs``): ``whsec_`` + base64."""
 
     @property
     def client_id(self) -> str:
@@ -73,6 +96,10 @@ class QuotaConfig:
 
     def tier(self, name: str) -> Tier:
         return self.tiers.get(name, self.tiers[ANONYMOUS])
+
+    def webhook_secret(self, client_id: str) -> str | None:
+        """The webhook secret of an API key's client (None: no key, or none set)."""
+        return next((k.webhook_secret for k in self.keys if k.client_id == client_id), None)
 
     def key_tier(self, client_id: str) -> str:
         """The tier the quota file gives an API key's client; anonymous for any other id."""
@@ -190,8 +217,8 @@ def parse_quotas(text: str) -> QuotaConfig:
     seen: set[str] = set()
     for n, entry in enumerate(raw_keys):
         for k in entry:
-            if k not in ("name", "tier", "sha256"):
-                raise _fail(text, "keys", k, "unknown key (allowed: name, tier, sha256)", n)
+            if k not in ("name", "tier", "sha256", "webhook_secret"):
+                raise _fail(text, "keys", k, "unknown key (allowed: name, tier, sha256, webhook_secret)", n)
         for k in ("name", "sha256"):
             if not isinstance(entry.get(k), str) or not entry[k]:
                 raise _fail(text, "keys", k, "is required and must be text", n)
@@ -204,7 +231,12 @@ def parse_quotas(text: str) -> QuotaConfig:
         if entry["name"] in seen:
             raise _fail(text, "keys", "name", f"duplicate key name {entry['name']!r}", n)
         seen.add(entry["name"])
-        keys.append(ApiKey(name=entry["name"], tier=tier, sha256=digest))
+        secret = entry.get("webhook_secret")
+        if secret is not None:
+            problem = "must be text" if not isinstance(secret, str) else webhook_secret_problem(secret)
+            if problem:
+                raise _fail(text, "keys", "webhook_secret", problem, n)
+        keys.append(ApiKey(name=entry["name"], tier=tier, sha256=digest, webhook_secret=secret))
     clients: dict[str, dict[str, Any]] = {}
     for client_id, values in data.get("clients", {}).items():
         checked = _check_values(text, f"clients.{client_id}", values, allow_tier=True)

@@ -177,7 +177,7 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _PATH_WORDS = frozenset({
     "gradio_api", "call", "v2", "run", "api", "queue", "join", "data", "upload", "upload_progress",
     "process_recording", "stream", "component_server", "mcp", "info", "config", "health", "metrics",
-    "admin", "splitspace", "v1", "infer", "standing", "file", "heartbeat", "cancel",
+    "admin", "splitspace", "v1", "infer", "standing", "file", "heartbeat", "cancel", "images", "generations", "models",
 })
 
 
@@ -189,7 +189,11 @@ class GradioGuard:
     ``max_body_bytes``: the limit of every request body; ``body_limits``: a larger
     or smaller limit for paths that start with a given prefix (the GPU tier's
     direct route takes 64 KiB). ``body_timeout_s``: the deadline for a whole body.
-    ``json_limits``: the limits of every body's JSON (the defaults of ``shared/http/json_limits.py``).
+    ``json_limits``: the limits of every body's JSON (the defaults of ``shared/http/json_limits.py``);
+    ``json_limits_by_path``: other limits for paths that start with a given prefix (the GPU
+    tier's call route carries files as base64 strings).
+    ``uploads``: Gradio's upload route is open (the app has file inputs: a developer's app);
+    its forms pass unread, and Gradio bounds each file (``max_file_size``).
     ``elsewhere``: path prefixes served by another app than ``blocks`` (the GPU tier's
     operators' dashboard, a second Blocks behind its own login): only the size and JSON
     limits of their bodies are checked (forms pass: its login is one), nothing else.
@@ -204,8 +208,10 @@ class GradioGuard:
         body_limits: Mapping[str, int] | None = None,
         body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
         json_limits: JsonLimits = DEFAULT_LIMITS,
+        json_limits_by_path: Mapping[str, JsonLimits] | None = None,
         elsewhere: tuple[str, ...] = (),
         held_events: Callable[[str], bool] | None = None,
+        uploads: bool = False,
     ) -> None:
         if max_body_bytes < 0 or body_timeout_s <= 0:
             raise ValueError("max_body_bytes must be >= 0 and body_timeout_s > 0")
@@ -221,6 +227,8 @@ class GradioGuard:
         self.body_limits = sorted((body_limits or {}).items(), key=lambda kv: -len(kv[0]))
         self.body_timeout_s = body_timeout_s
         self.json_limits = json_limits
+        self.json_limits_by_path = sorted((json_limits_by_path or {}).items(), key=lambda kv: -len(kv[0]))
+        self.uploads = uploads
 
     # -- the ASGI entry point ------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -230,6 +238,9 @@ class GradioGuard:
         path = _route_path(scope)
         method = scope["method"]
         outside = bool(self.elsewhere) and path.startswith(self.elsewhere)
+        if self.uploads and method == "POST" and _UPLOADS.match(path) and _is_form(scope):
+            await self.app(scope, receive, send)  # Gradio's own upload route bounds each file
+            return
         try:
             if not outside:
                 self._refuse_early(method, path, scope)
@@ -237,7 +248,7 @@ class GradioGuard:
                 body = await self._read_body(scope, receive, self._limit_for(path))
                 if body is None:
                     return  # the client went away while sending
-                self._check_json(body)
+                self._check_json(body, path)
                 if not outside:
                     self._check_call(path, body)
                 receive = _replay(body, receive)
@@ -266,7 +277,7 @@ class GradioGuard:
         return self.max_body_bytes
 
     def _refuse_early(self, method: str, path: str, scope: Scope) -> None:
-        if _UPLOADS.match(path) and method != "OPTIONS":
+        if _UPLOADS.match(path) and method != "OPTIONS" and not self.uploads:
             raise Refusal(403, UPLOADS_REFUSED, "this app takes no file uploads (it has no file input)")
         if _COMPONENT_SERVER.match(path) and not self.table.server_functions:
             raise Refusal(404, UNKNOWN_ENDPOINT, "this app has no component server functions")
@@ -307,9 +318,10 @@ class GradioGuard:
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def _check_json(self, body: bytes) -> None:
+    def _check_json(self, body: bytes, path: str) -> None:
+        limits = next((lim for prefix, lim in self.json_limits_by_path if path.startswith(prefix)), self.json_limits)
         try:
-            self.json_limits.check(body)
+            limits.check(body)
         except JsonLimitExceeded as exc:
             status, title = (400, MALFORMED) if exc.malformed else (413, TOO_LARGE)
             raise Refusal(status, title, f"the body has {exc.message}") from None

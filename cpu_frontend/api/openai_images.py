@@ -1,0 +1,315 @@
+"""OpenAI's images API over the built-in text-to-image: ``POST /v1/images/generations``, ``GET /v1/models``.
+
+Why it exists: the ``openai`` SDK (and every tool built on it) can then use a
+splitspace deployment as it is, with ``base_url=<frontend>/v1`` and an API key of
+the quota file. The route is thin over ``Frontend``, so nothing here is a second
+way in:
+
+- identity: ``Frontend.identity`` (an ``Authorization: Bearer`` key, the session
+  cookie, the address), resolved once before anything is counted;
+- validation: ``request_from_dict`` with the deployment's limits; pydantic only
+  reads the OpenAI body's shape (types, ``n``, ``size`` as ``WxH``, ``response_format``);
+- the door: each of the ``n`` images joins its client's line with
+  ``Frontend.join_door``, as ``n`` separate calls would; if any is refused (the
+  client's cap) every place is given back and the answer is 429. The places are
+  handed to ``Frontend.generate`` with a one-time pass, as the door's middleware
+  hands a held REST call to Gradio, and the ``n`` run concurrently; a caller who
+  goes away cancels them (the GPU tier drops their jobs);
+- errors: the project's errors become OpenAI's ``{"error": {message, type, param,
+  code}}`` in one function, :func:`openai_error`, with the status the SDK maps to
+  its exception classes (400 ``BadRequestError``, 401 ``AuthenticationError``, 429
+  ``RateLimitError`` with ``retry-after``, 5xx ``InternalServerError``).
+
+``response_format="url"`` answers with a capability URL: the PNG where Gradio serves
+the frontend's outputs (``/gradio_api/file=<path>``, under a directory named by the
+image's hash), readable by whoever holds the URL, without credentials, until
+Gradio's cache cleanup removes it.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations.
+import asyncio
+import base64
+import logging
+import re
+import time
+from collections.abc import AsyncGenerator, Awaitable
+from pathlib import Path
+from typing import Annotated, Any, Literal, Protocol
+
+import gradio as gr
+from fastapi import APIRouter
+from gradio.route_utils import get_root_url
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictStr
+from pydantic import ValidationError as PydanticError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from splitspace.cpu_frontend.door.door import FairDoor, Place
+from splitspace.cpu_frontend.door.door_middleware import DOOR_PASS_HEADER
+from splitspace.session.identity import Identity
+from splitspace.shared.config.settings import Settings
+from splitspace.shared.contract.errors import (
+    QUEUE_FULL,
+    QUOTA_EXCEEDED,
+    RATE_LIMITED,
+    BackendUnavailable,
+    GpuFailed,
+    ServiceUnavailable,
+    SplitspaceError,
+    Throttled,
+    Unauthorized,
+    ValidationFailed,
+)
+from splitspace.shared.contract.schema import GenerateRequest, Limits, echo, request_from_dict
+
+log = logging.getLogger("splitspace.openai")
+
+MAX_IMAGES = 10
+"""OpenAI's own bound of ``n``."""
+OWNER = "splitspace"
+_SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
+_PARAM_OF_FIELD = {"width": "size", "height": "size"}
+"""Request fields that the OpenAI body names otherwise."""
+_THROTTLE_CODES = {QUEUE_FULL: "queue_full", RATE_LIMITED: "rate_limit_exceeded", QUOTA_EXCEEDED: "insufficient_quota"}
+_SDK_RETRY_MAX_S = 60
+"""The openai SDK retries a 429 after ``retry-after`` only up to this many seconds (else at
+once, with its own backoff): a longer wait gets ``x-should-retry: false``."""
+
+
+class _Health(Protocol):
+    def health(self) -> dict[str, Any] | None: ...
+
+
+class ImagesFrontend(Protocol):
+    """What the route uses of ``cpu_frontend.app.Frontend``."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def pool(self) -> _Health:
+        """The GPU tiers: the latest health document names the model served."""
+
+    @property
+    def door(self) -> FairDoor: ...
+
+    def identity(self, request: gr.Request | Request | None) -> Identity: ...
+
+    async def join_door(self, identity: Identity, parked: bool = False) -> Place: ...
+
+    def generate(
+        self, values: dict[str, Any], request: gr.Request | None
+    ) -> AsyncGenerator[tuple[dict | None, dict], None]: ...
+
+
+class ImageGeneration(BaseModel):
+    """The body of ``POST /v1/images/generations``: OpenAI's fields, and the request's own
+    (``seed``, ``steps``, ``guidance_scale``, ``negative_prompt``) for ``extra_body``.
+    Other fields are ignored, as OpenAI's servers ignore what they do not know."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: StrictStr
+    model: StrictStr | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_IMAGES)] | None = None
+    size: StrictStr | None = None
+    """``WxH`` (e.g. ``512x512``); ``auto`` or none: the deployment's default."""
+    response_format: Literal["b64_json", "url"] | None = None
+    seed: int | None = None
+    """Image ``i`` of ``n`` gets ``seed + i``; none or -1: random."""
+    steps: int | None = Field(None, validation_alias=AliasChoices("steps", "num_inference_steps"))
+    guidance_scale: float | None = None
+    negative_prompt: StrictStr | None = None
+    quality: StrictStr | None = None
+    style: StrictStr | None = None
+    user: StrictStr | None = None
+    """Accepted and not used: who the caller is comes from its key, cookie or address."""
+
+    def requests(self, limits: Limits) -> list[GenerateRequest]:
+        """The ``n`` requests, each validated by the schema (the one validation of a request)."""
+        values: dict[str, Any] = {"prompt": self.prompt}
+        if self.size is not None and self.size.strip().lower() != "auto":
+            m = _SIZE.match(self.size)
+            if m is None:
+                raise ValidationFailed("size", f"must be WIDTHxHEIGHT, e.g. 512x512, got {echo(self.size)}")
+            values["width"], values["height"] = int(m.group(1)), int(m.group(2))
+        for name in ("steps", "guidance_scale", "negative_prompt"):
+            if getattr(self, name) is not None:
+                values[name] = getattr(self, name)
+        seed = self.seed
+        return [
+            request_from_dict({**values, **({} if seed is None else {"seed": seed + i if seed >= 0 else seed})}, limits)
+            for i in range(self.n or 1)
+        ]
+
+
+class ModelNotFound(ValidationFailed):
+    """A model this server does not serve, asked for by its id (``GET /v1/models/<id>``): 404."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__("model", f"the model {echo(model)} does not exist")
+
+
+def openai_error(exc: BaseException) -> JSONResponse:
+    """The one mapping of this edge: an error as OpenAI's body, status and headers."""
+    status, kind, param, code = 500, "server_error", None, None
+    headers: dict[str, str] = {}
+    message = "the server failed on this request"
+    if isinstance(exc, PydanticError):
+        first = exc.errors(include_url=False)[0]
+        param = str(first["loc"][0]) if first["loc"] else None
+        missing = first["type"] == "missing"
+        got = "" if missing or param is None else f" (got {echo(first['input'])})"
+        status, kind, message = 400, "invalid_request_error", f"Invalid '{param}': {first['msg']}{got}"
+        code = "missing_required_parameter" if missing else "invalid_value"
+        if param is None:
+            message = f"the body must be a JSON object: {first['msg']}"
+    elif isinstance(exc, ValidationFailed):
+        param = _PARAM_OF_FIELD.get(exc.field, exc.field)
+        what = exc.message.partition(": ")[2] or exc.message
+        said = what if param == exc.field else f"{exc.field} {what}"
+        status, kind, message = 400, "invalid_request_error", f"Invalid '{param}': {said}"
+        code = "model_not_found" if param == "model" else "invalid_value"
+        if isinstance(exc, ModelNotFound):
+            status, message = 404, exc.message.partition(": ")[2]
+    elif isinstance(exc, Unauthorized):
+        status, kind, code, message = 401, "invalid_request_error", "invalid_api_key", exc.message
+    elif isinstance(exc, (Throttled, ServiceUnavailable)):
+        status, message = (429, exc.message) if isinstance(exc, Throttled) else (503, exc.message)
+        if isinstance(exc, Throttled):
+            kind = "insufficient_quota" if exc.title == QUOTA_EXCEEDED else "requests"
+            code = _THROTTLE_CODES.get(exc.title, "rate_limit_exceeded")
+        else:
+            code = "service_unavailable"
+        headers["retry-after"] = str(exc.retry_after_whole_s)
+        if exc.retry_after_whole_s > _SDK_RETRY_MAX_S:
+            headers["x-should-retry"] = "false"
+    elif isinstance(exc, BackendUnavailable):
+        status, code, message = 503, "backend_unavailable", exc.user_text()
+    elif isinstance(exc, GpuFailed):
+        status, code, message = 502, "gpu_error", exc.user_text()
+    elif isinstance(exc, SplitspaceError):
+        message = exc.user_text()
+    else:
+        log.error("openai images: %s", echo(exc, 200), exc_info=exc)
+    doc = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(doc, status, headers={"cache-control": "no-store", **headers})
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The project's error under a ``gr.Error`` (``Frontend.generate`` raises it ``from None``:
+    the project's error is its context, as ``Frontend.ui_follow`` reads it)."""
+    if isinstance(exc, gr.Error) and isinstance(exc.__context__, SplitspaceError):
+        return exc.__context__
+    return exc
+
+
+class _Gone(Exception):
+    """The caller closed the connection."""
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    raise _Gone
+
+
+def openai_routes(fe: ImagesFrontend) -> APIRouter:
+    router = APIRouter(prefix="/v1", include_in_schema=False)
+    started = int(time.time())
+
+    def model_name() -> str:
+        return str((fe.pool.health() or {}).get("model") or fe.settings.model)
+
+    def model_doc(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": started, "owned_by": OWNER}
+
+    @router.get("/models")
+    async def models(request: Request) -> Response:
+        try:
+            fe.identity(request)
+        except SplitspaceError as exc:
+            return openai_error(exc)
+        return JSONResponse({"object": "list", "data": [model_doc(model_name())]})
+
+    @router.get("/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> Response:
+        try:
+            fe.identity(request)
+        except SplitspaceError as exc:
+            return openai_error(exc)
+        if model_id != model_name():
+            return openai_error(ModelNotFound(model_id))
+        return JSONResponse(model_doc(model_id))
+
+    @router.post("/images/generations")
+    async def generations(request: Request) -> Response:
+        places: list[tuple[Place, str]] = []
+        try:
+            identity = fe.identity(request)
+            body = ImageGeneration.model_validate_json(await request.body())
+            served = model_name()
+            if body.model is not None and body.model != served:
+                raise ValidationFailed("model", f"this server serves {served!r}, got {echo(body.model)}")
+            reqs = body.requests(fe.settings.limits)
+            for _ in reqs:  # all or none: a refusal of any gives every place back
+                place = await fe.join_door(identity)
+                places.append((place, fe.door.hand_over(place)))
+            paths = await _run_all(request, [_one(fe, request, req, nonce) for req, (_, nonce) in zip(
+                reqs, places, strict=True)])
+            data = await asyncio.to_thread(_answer, paths, body.response_format or "b64_json",
+                                           _root_url(request))
+        except _Gone:
+            return Response(status_code=499)
+        except Exception as exc:  # noqa: BLE001 - every error is answered in OpenAI's shape
+            return openai_error(_cause(exc))
+        finally:
+            for place, nonce in places:  # a pass never taken (the image never started) gives its place back
+                fe.door.take(nonce, place.flow_id)
+                place.leave()
+        return JSONResponse({"created": int(time.time()), "data": data, "output_format": "png"})
+
+    return router
+
+
+async def _one(fe: ImagesFrontend, request: Request, req: GenerateRequest, nonce: str) -> str:
+    """One image through ``Frontend.generate`` with its place's pass; the PNG's path."""
+    scope = {**request.scope, "headers": [*request.scope["headers"], (DOOR_PASS_HEADER.encode(), nonce.encode())]}
+    updates = fe.generate(req.to_wire(), gr.Request(request=Request(scope)))
+    try:
+        async for image, _info in updates:
+            if image is not None:
+                return str(image["path"])
+    finally:
+        await updates.aclose()
+    raise SplitspaceError("the image never came")
+
+
+async def _run_all(request: Request, jobs: list[Awaitable[str]]) -> list[str]:
+    """Run the images concurrently; the first failure (or the caller leaving) cancels the rest."""
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        pending: set[asyncio.Future[Any]] = {*tasks, gone}
+        while any(not t.done() for t in tasks):
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                failed = t.exception()
+                if failed is not None:
+                    raise failed
+        return [t.result() for t in tasks]
+    finally:
+        gone.cancel()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(gone, *tasks, return_exceptions=True)
+
+
+def _root_url(request: Request) -> str:
+    return get_root_url(request, request.url.path, request.scope.get("root_path") or None)
+
+
+def _answer(paths: list[str], response_format: str, root: str) -> list[dict[str, str]]:
+    if response_format == "url":
+        return [{"url": f"{root}/gradio_api/file={path}"} for path in paths]
+    return [{"b64_json": base64.b64encode(Path(path).read_bytes()).decode("ascii")} for path in paths]

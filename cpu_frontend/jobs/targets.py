@@ -1,0 +1,245 @@
+"""What a job can run: the small interface the job runner needs, and its two kinds.
+
+Why it exists: the runner (``runner.py``) keeps jobs, places and webhooks; what a job *is*
+differs between the built-in text-to-image (``/generate``: a ``GenerateRequest`` over
+``Transport.stream``) and a developer's ``@splitspace.gpu`` functions (a ``Call`` over
+``Transport.call``). A :class:`JobTarget` says which endpoints it serves, turns a job's
+inputs into a :class:`~splitspace.shared.contract.calls.Call` (or raises
+``ValidationFailed`` naming the input), and runs one for an identity, streaming
+:class:`~splitspace.shared.contract.hop.Status` updates and then one :class:`Finished`.
+Both implementations go through the Frontend's own Gradio-free pieces: the identity
+tokens, the deployment's limits and validation, the backend pool, the learned caps.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import inspect
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from splitspace.cpu_frontend.jobs.records import FILE_REF, StoredFile
+from splitspace.session.identity import Identity
+from splitspace.session.token import infer_purpose
+from splitspace.shared.contract.calls import FILE_KEY, Call, CallResult
+from splitspace.shared.contract.errors import BackendUnavailable, ValidationFailed
+from splitspace.shared.contract.headers import IDENTITY_HEADER
+from splitspace.shared.contract.hop import CallUpdate, Result, Status, Update
+from splitspace.shared.contract.schema import REQUEST_FIELDS, GenerateRequest, Limits, echo, request_from_dict
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A job's outputs (one payload per output; a file as ``{"$file": INDEX, "name",
+    "mime_type", "size"}``) and the files they refer to."""
+
+    outputs: list[Any]
+    files: list[StoredFile]
+
+
+JobUpdate = Status | Finished
+
+
+class JobTarget(Protocol):
+    def endpoints(self) -> Sequence[str]:
+        """The API names it serves, without the leading slash."""
+
+    def validate(self, endpoint: str, inputs: Mapping[str, Any] | None, data: list[Any] | None) -> Call:
+        """The call these inputs (by name, or positional) make; ValidationFailed naming the input."""
+
+    def run(self, identity: Identity, call: Call) -> AsyncGenerator[JobUpdate, None]:
+        """Status updates, then one Finished; the project's errors raise. Closing it early
+        cancels the call on the GPU tier."""
+
+
+class Tokens(Protocol):
+    def mint(self, identity: Identity, purpose: str) -> str: ...
+
+
+class Stream(Protocol):
+    def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncGenerator[Update, None]: ...
+
+
+class Caller(Protocol):
+    def call(self, call: Call, headers: Mapping[str, str]) -> AsyncGenerator[CallUpdate, None]: ...
+
+
+def file_ref(index: int, f: StoredFile) -> dict[str, Any]:
+    """How a stored output refers to its file (``views.py`` shows it as a URL)."""
+    return {FILE_REF: index, "name": f.name, "mime_type": f.mime_type, "size": len(f.data)}
+
+
+def _positional(names: Sequence[str], inputs: Mapping[str, Any] | None, data: list[Any] | None,
+                defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """Inputs by name, from either form; ValidationFailed naming an unknown or missing one."""
+    if inputs is not None and data is not None:
+        raise ValidationFailed("inputs", "give either inputs (by name) or data (a list), not both")
+    if data is not None:
+        if len(data) > len(names):
+            raise ValidationFailed("data", f"takes at most {len(names)} values ({', '.join(names)}), got {len(data)}")
+        values = dict(zip(names, data, strict=False))
+    else:
+        values = dict(inputs or {})
+        for name in values:
+            if name not in names:
+                shown = name if len(name) <= 40 else name[:37] + "..."
+                raise ValidationFailed(shown, f"is not an input of this endpoint (its inputs: {', '.join(names)})")
+    for name in names:
+        if name not in values:
+            if name not in defaults:
+                raise ValidationFailed(name, "is required")
+            values[name] = defaults[name]
+    return values
+
+
+class GenerateTarget:
+    """The built-in text-to-image: ``/generate`` over the backend pool's ``stream``."""
+
+    ENDPOINT = "generate"
+
+    def __init__(self, pool: Stream, tokens: Tokens, limits: Limits,
+                 learn_cap: Callable[[Identity, int | None], None] = lambda identity, cap: None,
+                 on_gpu_s: Callable[[float], None] = lambda s: None) -> None:
+        self.pool = pool
+        self.tokens = tokens
+        self.limits = limits
+        self.learn_cap = learn_cap
+        self.on_gpu_s = on_gpu_s
+
+    def endpoints(self) -> Sequence[str]:
+        return (self.ENDPOINT,)
+
+    def validate(self, endpoint: str, inputs: Mapping[str, Any] | None, data: list[Any] | None) -> Call:
+        defaults = {name: getattr(GenerateRequest, name) for name in REQUEST_FIELDS if name != "prompt"}
+        values = _positional(REQUEST_FIELDS, inputs, data, defaults)
+        return Call(self.ENDPOINT, request_from_dict(values, self.limits).as_args())
+
+    async def run(self, identity: Identity, call: Call) -> AsyncGenerator[JobUpdate, None]:
+        request = request_from_dict(dict(zip(REQUEST_FIELDS, call.data, strict=True)), self.limits)
+        headers = {IDENTITY_HEADER: self.tokens.mint(identity, infer_purpose(request.digest()))}
+        async for update in self.pool.stream(request, headers):
+            self.learn_cap(identity, update.cap)
+            if isinstance(update, Result):
+                self.on_gpu_s(update.info.gpu_s)
+                image = StoredFile("image.png", "image/png", update.image_png)
+                yield Finished([file_ref(0, image), update.info.to_dict()], [image])
+                return
+            yield update
+        raise BackendUnavailable("the GPU tier ended the call without a result")
+
+
+@dataclass(frozen=True)
+class Function:
+    """One developer function as jobs see it: its API name, its inputs' names and defaults."""
+
+    name: str
+    inputs: tuple[str, ...]
+    defaults: Mapping[str, Any]
+
+
+def describe(endpoint: Any) -> Function:
+    """A :class:`Function` of a ``shared.app.loader.GpuEndpoint``: its inputs are named as
+    the function's parameters (as Gradio's ``/call/v2`` names them), with the function's
+    defaults, else the component's value."""
+    components = endpoint.inputs
+    try:
+        params = list(inspect.signature(endpoint.record.fn).parameters.values())[: len(components)]
+    except (TypeError, ValueError):
+        params = []
+    names = [p.name for p in params] + [f"input_{i}" for i in range(len(params), len(components))]
+    defaults: dict[str, Any] = {}
+    for i, (name, component) in enumerate(zip(names, components, strict=True)):
+        if i < len(params) and params[i].default is not inspect.Parameter.empty:
+            defaults[name] = params[i].default
+        elif getattr(component, "value", None) is not None:
+            defaults[name] = component.value
+    return Function(endpoint.api_name, tuple(names), defaults)
+
+
+def carry_files(value: Any) -> Any:
+    """Inputs as a Call carries them: a file given as ``{"name", "mime_type", "b64"}`` in a
+    ``{"file": ...}`` wrapper becomes the hop's ``{"splitspace_file": ...}``."""
+    if isinstance(value, list):
+        return [carry_files(v) for v in value]
+    if isinstance(value, dict):
+        if set(value) == {"file"} and isinstance(value["file"], dict) and isinstance(value["file"].get("b64"), str):
+            return {FILE_KEY: value["file"]}
+        return {k: carry_files(v) for k, v in value.items()}
+    return value
+
+
+def collect_files(value: Any, files: list[StoredFile]) -> Any:
+    """Outputs with each carried file (``{"splitspace_file": ...}``) moved into ``files``."""
+    if isinstance(value, list):
+        return [collect_files(v, files) for v in value]
+    if isinstance(value, dict):
+        carried = value.get(FILE_KEY)
+        if set(value) == {FILE_KEY} and isinstance(carried, dict):
+            try:
+                data = base64.b64decode(str(carried.get("b64") or ""), validate=True)
+            except (binascii.Error, ValueError):
+                raise BackendUnavailable("the GPU tier sent a file that is not base64") from None
+            f = StoredFile(str(carried.get("name") or "file"), str(carried.get("mime_type") or
+                                                                   "application/octet-stream"), data)
+            files.append(f)
+            return file_ref(len(files) - 1, f)
+        return {k: collect_files(v, files) for k, v in value.items()}
+    return value
+
+
+class FunctionTarget:
+    """A developer's ``@splitspace.gpu`` functions, over the backend pool's ``call``."""
+
+    def __init__(self, functions: Sequence[Function], pool: Caller, tokens: Tokens,
+                 learn_cap: Callable[[Identity, int | None], None] = lambda identity, cap: None) -> None:
+        self.functions = {f.name: f for f in functions}
+        self.pool = pool
+        self.tokens = tokens
+        self.learn_cap = learn_cap
+
+    def endpoints(self) -> Sequence[str]:
+        return tuple(self.functions)
+
+    def validate(self, endpoint: str, inputs: Mapping[str, Any] | None, data: list[Any] | None) -> Call:
+        f = self.functions[endpoint]
+        values = _positional(f.inputs, inputs, data, f.defaults)
+        return Call(endpoint, [carry_files(values[name]) for name in f.inputs])
+
+    async def run(self, identity: Identity, call: Call) -> AsyncGenerator[JobUpdate, None]:
+        headers = {IDENTITY_HEADER: self.tokens.mint(identity, infer_purpose(call.digest()))}
+        async for update in self.pool.call(call, headers):
+            if isinstance(update, Status):
+                self.learn_cap(identity, update.cap)
+                yield update
+            elif isinstance(update, CallResult):
+                self.learn_cap(identity, update.cap)
+                files: list[StoredFile] = []
+                yield Finished(collect_files(update.data, files), files)
+                return
+            # (a Partial, a generator's output so far: a job keeps only the last)
+        raise BackendUnavailable("the GPU tier ended the call without a result")
+
+
+class Targets:
+    """Several targets as one, by endpoint."""
+
+    def __init__(self, targets: Sequence[JobTarget]) -> None:
+        self._by_endpoint = {name: t for t in targets for name in t.endpoints()}
+
+    def endpoints(self) -> Sequence[str]:
+        return tuple(self._by_endpoint)
+
+    def _target(self, endpoint: str) -> JobTarget:
+        target = self._by_endpoint.get(endpoint)
+        if target is None:
+            known = ", ".join(f"/{n}" for n in self._by_endpoint) or "none"
+            raise ValidationFailed("endpoint", f"no endpoint {echo('/' + endpoint)} (this deployment's: {known})")
+        return target
+
+    def validate(self, endpoint: str, inputs: Mapping[str, Any] | None, data: list[Any] | None) -> Call:
+        return self._target(endpoint).validate(endpoint, inputs, data)
+
+    def run(self, identity: Identity, call: Call) -> AsyncGenerator[JobUpdate, None]:
+        return self._target(call.endpoint).run(identity, call)

@@ -1,0 +1,5 @@
+"""The developer's own app: the ``@splitspace.gpu`` decorator and finding its functions in a Blocks.
+
+Both tiers import this: the frontend serves the app's Blocks and forwards each decorated
+function; the GPU tier serves only the decorated functions. May import contract and config.
+"""

@@ -1,0 +1,286 @@
+"""A developer's own Gradio app through both tiers (``SPLITSPACE_APP``), as processes.
+
+The frontend serves the app's Blocks; each ``@splitspace.gpu`` event crosses the hop to
+the GPU tier, which runs it behind the same identity checks, limits and fair queue as
+the built-in model. The apps: ``examples/shout.py`` and ``tests/apps/studio.py`` (an
+image function, several outputs, a batch function, functions that hold the GPU or fail,
+and a function without the decorator).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from splitspace.session.identity import Identity
+from splitspace.session.token import IdentityTokens, infer_purpose
+from splitspace.shared.contract.calls import CALL_PATH, Call
+from splitspace.shared.contract.headers import IDENTITY_HEADER
+from tests.clients import call_rest, error_text
+from tests.support import GPU_TIER_BACKLOG, Deployment, sha256, wait_for
+
+STUDIO = "tests/apps/studio.py"
+KEYS = {"heavy": "burst", "light": "light", "tight": "tight", "chatty": "chatty", "chatty-other": "light",
+        "holder": "light", "batch-a": "light", "batch-b": "light", "tight-other": "light"}
+QUOTAS = """
+[tiers.anonymous]
+weight = 1
+max_running = 1
+max_queued = 8
+gpu_seconds = 3600
+window_s = 3600
+address_gpu_seconds = 3600
+requests_per_minute = 100000
+
+[tiers.burst]
+weight = 1
+max_running = 1
+max_queued = 30
+gpu_seconds = 3600
+window_s = 3600
+
+[tiers.light]
+weight = 1
+max_running = 1
+max_queued = 8
+gpu_seconds = 3600
+window_s = 3600
+
+[tiers.tight]
+weight = 1
+max_running = 1
+max_queued = 1
+gpu_seconds = 3600
+window_s = 3600
+
+[tiers.chatty]
+weight = 1
+max_running = 1
+max_queued = 10
+gpu_seconds = 3600
+window_s = 3600
+requests_per_minute = 2
+""" + "".join(
+    f'\n[[keys]]\nname = "{name}"\ntier = "{tier}"\nsha256 = "{sha256(f"app-{name}-key")}"\n'
+    for name, tier in KEYS.items()
+)
+
+
+def bearer(name: str) -> dict[str, str]:
+    return {"authorization": f"Bearer app-{name}-key"}
+
+
+def deployment(workdir: Path, app: str, **kwargs: Any) -> Deployment:
+    env = {"SPLITSPACE_APP": app}
+    return Deployment(workdir, quotas=QUOTAS, backend_env=dict(env),
+                      frontend_env={**env, **GPU_TIER_BACKLOG}, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def shout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    d = deployment(tmp_path_factory.mktemp("shout"), "examples/shout.py").start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    d = deployment(tmp_path_factory.mktemp("studio"), STUDIO).start()
+    yield d
+    d.stop()
+
+
+def function_calls(d: Deployment) -> dict[str, float]:
+    """The GPU tier's count of calls that reached it, by function."""
+    assert d.backend is not None
+    text = httpx.get(f"{d.backend.url}/metrics", timeout=10).text
+    return {m[0]: float(m[1]) for m in re.findall(r'^splitspace_function_calls_total\{endpoint="([^"]+)"\} (\S+)$',
+                                                   text, re.M)}
+
+
+def health(d: Deployment) -> dict[str, Any]:
+    assert d.backend is not None
+    return httpx.get(f"{d.backend.url}/health", timeout=10).json()
+
+
+def rest(d: Deployment, api: str, data: list[Any], who: str | None = None) -> tuple[str, Any]:
+    """A REST call (the curl flow) through the frontend: ("complete", outputs) or ("error", text)."""
+    assert d.frontend is not None
+    with httpx.Client(timeout=120) as c:
+        final, events = call_rest(c, d.frontend.url, api, data, bearer(who) if who else None)
+    if final == "complete":
+        return final, events[-1][1]
+    return final, error_text(events)
+
+
+def predict(d: Deployment, *args: Any, api_name: str) -> Any:
+    """One call through the frontend with gradio_client, as a developer's users would."""
+    assert d.frontend is not None
+    client = Client(d.frontend.url, verbose=False)
+    try:
+        return client.predict(*args, api_name=api_name)
+    finally:
+        client.close()
+
+
+def in_background(call: Any) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+    thread = threading.Thread(target=lambda: out.append(call()), daemon=True)
+    thread.start()
+    return thread, out
+
+
+# -- the smallest app ----------------------------------------------------------------------
+def test_gradio_client_calls_the_decorated_function_on_the_gpu_tier(shout: Deployment) -> None:
+    before = function_calls(shout).get("shout", 0.0)
+    assert predict(shout, "hi", 3, api_name="/shout") == "HI HI HI"
+    assert function_calls(shout)["shout"] == before + 1
+    assert health(shout)["functions"] == ["shout"]
+
+
+# -- what crosses the hop ------------------------------------------------------------------
+def test_an_image_crosses_both_ways_with_its_pixels_intact(studio: Deployment, tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "in.png")
+    out = predict(studio, handle_file(str(tmp_path / "in.png")), api_name="/mirror")
+    got = np.asarray(Image.open(out).convert("RGB"))
+    assert got.shape == pixels.shape and (got == pixels[:, ::-1]).all()
+
+
+def test_several_outputs_arrive_each_in_its_component(studio: Deployment) -> None:
+    assert predict(studio, "hello", api_name="/stats") == ("HELLO", 5)
+
+
+def test_a_function_without_the_decorator_never_reaches_the_gpu_tier(studio: Deployment) -> None:
+    before = function_calls(studio)
+    assert predict(studio, "one two three", api_name="/count") == 3
+    assert predict(studio, "a", api_name="/stats") == ("A", 1)  # the counter does move for a GPU call
+    after = function_calls(studio)
+    assert "count" not in after
+    assert after.get("stats", 0) == before.get("stats", 0) + 1
+    assert sum(after.values()) == sum(before.values()) + 1
+
+
+def test_a_functions_errors_pass_on_its_message_or_only_the_exception_type(studio: Deployment) -> None:
+    final, text = rest(studio, "fussy", ["bad"])
+    assert final == "error" and "no bad words here" in text, text
+    final, text = rest(studio, "fussy", ["boom"])
+    assert (final, text) == ("error", "GPU error: the function failed (ValueError)")  # no path, no message
+    assert rest(studio, "fussy", ["fine"]) == ("complete", ["fine"])
+
+
+# -- the GPU tier trusts nothing -----------------------------------------------------------
+def test_the_gpu_tier_refuses_a_call_unsigned_or_signed_with_another_secret(studio: Deployment) -> None:
+    assert studio.backend is not None
+    call = Call("stats", ["x"])
+    url = studio.backend.url + CALL_PATH
+    unsigned = httpx.post(url, json=call.to_wire(), timeout=10)
+    forged_token = IdentityTokens(["not-the-secret"]).mint(Identity("key:x", "key", "free", "1.2.3.4"),
+                                                           infer_purpose(call.digest()))
+    forged = httpx.post(url, json=call.to_wire(), headers={IDENTITY_HEADER: forged_token}, timeout=10)
+    other_call = IdentityTokens([studio.secret]).mint(Identity("key:x", "key", "free", "1.2.3.4"),
+                                                      infer_purpose(Call("stats", ["y"]).digest()))
+    rebound = httpx.post(url, json=call.to_wire(), headers={IDENTITY_HEADER: other_call}, timeout=10)
+    assert [r.status_code for r in (unsigned, forged, rebound)] == [401, 401, 401]
+    assert {r.json()["title"] for r in (unsigned, forged, rebound)} == {"Unauthorized"}
+
+
+def test_the_gpu_tier_names_an_unknown_function_and_an_unreadable_input(studio: Deployment) -> None:
+    assert studio.backend is not None
+    tokens = IdentityTokens([studio.secret])
+    me = Identity("key:x", "key", "free", "1.2.3.4")
+
+    def post(call: Call) -> httpx.Response:
+        headers = {IDENTITY_HEADER: tokens.mint(me, infer_purpose(call.digest()))}
+        return httpx.post(studio.backend.url + CALL_PATH, json=call.to_wire(), headers=headers, timeout=10)
+
+    unknown = post(Call("count", ["a b"]))  # the frontend's own function is not served here
+    assert unknown.status_code == 404 and "count" in unknown.json()["message"], unknown.text
+    too_many = post(Call("stats", ["a", "b"]))
+    assert too_many.status_code == 422 and too_many.json()["field"] == "data", too_many.text
+    a_path = post(Call("mirror", [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}]))
+    assert a_path.status_code == 422 and a_path.json()["field"] == "Picture", a_path.text
+
+
+# -- limits and fairness, as for the built-in ------------------------------------------------
+def test_a_clients_calls_are_rate_limited_and_another_clients_are_not(studio: Deployment) -> None:
+    outcomes = [rest(studio, "nap", [1], "chatty") for _ in range(3)]
+    assert [o[0] for o in outcomes[:2]] == ["complete", "complete"], outcomes
+    assert outcomes[2][0] == "error" and outcomes[2][1].startswith("Rate limited"), outcomes
+    assert rest(studio, "nap", [1], "chatty-other") == ("complete", ["rested"])
+
+
+def test_a_client_over_its_queue_is_refused_and_another_is_served(studio: Deployment, tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    held = [in_background(lambda: rest(studio, "hold", [str(release)], "tight")) for _ in range(2)]
+    try:
+        assert wait_for(lambda: health(studio)["running"] + health(studio)["queued"] >= 2, 60), health(studio)
+        final, text = rest(studio, "nap", [1], "tight")
+        assert final == "error" and text.startswith("Queue full"), text
+    finally:
+        release.touch()
+    for thread, out in held:
+        thread.join(60)
+        assert out == [("complete", ["released"])]
+    assert rest(studio, "nap", [1], "tight-other") == ("complete", ["rested"])
+
+
+def test_a_burst_from_one_client_does_not_delay_another(studio: Deployment, tmp_path: Path) -> None:
+    """While the GPU is held, twelve naps of 300 ms queue from one key, then one from
+    another: when the GPU is free, fair queueing serves the second at its next turn,
+    first in first out would serve it after the whole burst."""
+    done: dict[str, list[float]] = {"heavy": [], "light": []}
+    lock = threading.Lock()
+    release = tmp_path / "release"
+
+    def call(who: str) -> None:
+        assert rest(studio, "nap", [300], who) == ("complete", ["rested"])
+        with lock:
+            done[who].append(time.monotonic())
+
+    holder, held = in_background(lambda: rest(studio, "hold", [str(release)], "holder"))
+    try:
+        assert wait_for(lambda: health(studio)["running"] == 1, 60), health(studio)
+        with ThreadPoolExecutor(13) as pool:
+            heavy = [pool.submit(call, "heavy") for _ in range(12)]
+            assert wait_for(lambda: health(studio)["queued"] == 12, 60), health(studio)
+            light = pool.submit(call, "light")
+            assert wait_for(lambda: health(studio)["queued"] == 13, 60), health(studio)
+            release.touch()
+            for f in [*heavy, light]:
+                f.result(timeout=120)
+    finally:
+        release.touch()
+        holder.join(60)
+    assert held == [("complete", ["released"])]
+    heavy_after = sum(t > done["light"][0] for t in done["heavy"])
+    assert heavy_after >= 6, (sorted(done["heavy"]), done["light"])
+
+
+def test_a_batch_function_runs_two_clients_calls_in_one_call(studio: Deployment, tmp_path: Path) -> None:
+    release = tmp_path / "release"
+    holder, held = in_background(lambda: rest(studio, "hold", [str(release)], "holder"))
+    try:
+        assert wait_for(lambda: health(studio)["running"] == 1, 60), health(studio)
+        calls = [in_background(lambda x=x, who=who: rest(studio, "double", [x], who))
+                 for x, who in ((2, "batch-a"), (5, "batch-b"))]
+        assert wait_for(lambda: health(studio)["queued"] == 2, 60), health(studio)
+    finally:
+        release.touch()
+    holder.join(60)
+    assert held == [("complete", ["released"])]
+    for thread, _ in calls:
+        thread.join(60)
+    assert [out for _, out in calls] == [[("complete", [4, 2])], [("complete", [10, 2])]]
