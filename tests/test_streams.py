@@ -17,10 +17,10 @@ from typing import Any
 import gradio as gr
 import pytest
 from gradio import utils as gr_utils
-from tests.fairness_oracle import weighted_max_min
 
 import splitspace
 from splitspace.cpu_frontend.ui.app_events import LIVENESS_S, while_alive
+from splitspace.gpu_backend.admission.fair_share import weighted_max_min
 from splitspace.gpu_backend.admission.runner import PARTIALS_KEPT, GpuRunner, Ticket
 from splitspace.gpu_backend.admission.scheduler import ClientRef, FairScheduler
 from splitspace.gpu_backend.stores.usage import MemoryUsageStore
