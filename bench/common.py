@@ -7,6 +7,7 @@ figures are comparable as ratios (absolute times on these machines are noisy).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import statistics
@@ -18,10 +19,9 @@ from typing import Any
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from splitspace.deploy.processes import Deployment, TierProcess, free_port
 
-from tests.support import Deployment, TierProcess, free_port, sha256  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 BASELINE = REPO / "bench" / "baseline"
 """The plain Gradio two-tier app measured beside splitspace (carried here, so a clone runs it)."""
@@ -52,6 +52,11 @@ def start_baseline(workdir: Path) -> tuple[TierProcess, TierProcess]:
             raise SystemExit(f"baseline {script} did not start")
         procs.append(tier)
     return procs[0], procs[1]
+
+
+def sha256(key: str) -> str:
+    """How a quota file names an API key: the sha256 of the key."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def bench_quotas(keys: dict[str, tuple[str, str]], tiers: str) -> str:
@@ -101,4 +106,5 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-__all__ = ["Deployment", "bench_quotas", "median", "pct", "rest_call", "start_baseline", "free_port"]
+__all__ = ["Deployment", "TierProcess", "bench_quotas", "free_port", "median", "pct", "rest_call", "sha256",
+           "start_baseline"]

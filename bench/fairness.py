@@ -31,9 +31,8 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo: tests.support
 
-from tests.fairness_oracle import weighted_max_min  # noqa: E402
+from splitspace.gpu_backend.admission.fair_share import weighted_max_min  # noqa: E402
 
 from common import Deployment, bench_quotas, median, rest_call, start_baseline  # noqa: E402
 

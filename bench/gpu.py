@@ -6,7 +6,7 @@
    p50/p95 latency per image (an image of a batch waits for the whole call),
    the UNet's time per denoising step (timed apart, with a device sync around
    each UNet call), the GPU's utilisation.
-2. Served: both tiers started as processes on loopback (``tests/support.py``'s
+2. Served: both tiers started as processes on loopback (``splitspace.deploy.processes``'s
    ``Deployment``), the GPU tier batching across clients (``SPLITSPACE_MAX_BATCH``,
    ``SPLITSPACE_BATCH_WAIT_MS``), then 1, 4 and 16 concurrent clients, each with
    its own API key in an equal tier (fair share), each keeping ``IN_FLIGHT``
@@ -50,9 +50,6 @@ from typing import Any
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo: tests.support
-
-from tests.support import start_tier  # noqa: E402
 
 from common import Deployment, bench_quotas, pct, rest_call  # noqa: E402
 
@@ -221,24 +218,6 @@ class ServedRow:
     errors: dict[str, int] = field(default_factory=dict)
 
 
-class BenchDeployment(Deployment):
-    """A Deployment whose GPU tier may take longer to get ready (loading, compiling)."""
-
-    ready_timeout_s: float = 900.0
-
-    def start_backend(self) -> Any:
-        env = {
-            **self.common_env(),
-            "SPLITSPACE_MODEL": self.model,
-            "SPLITSPACE_ADMIN_TOKEN": self.admin_token,
-            "SPLITSPACE_STATE_PATH": str(self.state_path),
-            **self.backend_env,
-        }
-        self.backend = start_tier("backend", self.backend_port, env, self.workdir / "backend.log",
-                                  ready_timeout_s=self.ready_timeout_s)
-        return self.backend
-
-
 def client_quotas(n: int, in_flight: int) -> str:
     tier = (f"\n[tiers.bench]\nweight = 1\nmax_running = 1\nmax_queued = {in_flight + 4}\n"
             "gpu_seconds = 1e9\nwindow_s = 3600\n")
@@ -365,9 +344,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(1)
         backend_env["OMP_NUM_THREADS"] = "1"
     work = Path(tempfile.mkdtemp(prefix="splitspace-gpu-bench-"))
-    deployment = BenchDeployment(
+    deployment = Deployment(  # a GPU tier may take long to get ready (loading, compiling)
         work, model=args.model, quotas=client_quotas(max(c for c, _ in served), max(f for _, f in served)),
-        backend_env=backend_env,
+        backend_env=backend_env, ready_timeout_s=900.0,
     )
     pool = ThreadPoolExecutor(max_workers=1)
     try:

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tests.support import Deployment  # noqa: E402
+from splitspace.deploy.processes import Deployment
 
 
 def main() -> None:

@@ -32,10 +32,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from splitspace.deploy.processes import wait_ready
 
-from tests.support import Deployment, TierProcess, free_port, sha256, wait_ready  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import REPO, Deployment, TierProcess, free_port, sha256  # noqa: E402
 
 KEYS = 100
 JOBS = 10_000

@@ -34,9 +34,7 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tests.support import Deployment
+from splitspace.deploy.processes import Deployment
 
 
 def rss_mb(pid: int | str = "self") -> float:

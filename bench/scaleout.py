@@ -52,16 +52,15 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from splitspace.deploy.processes import Deployment, TierProcess, free_port, start_tier  # noqa: E402
 from splitspace.deploy.redis_local import LocalRedis  # noqa: E402
 from splitspace.gpu_backend.admission.scheduler import ClientRef  # noqa: E402
 from splitspace.gpu_backend.stores.redis_store import AsyncRedisStore, RedisStore  # noqa: E402
 from splitspace.gpu_backend.stores.resilient_store import ResilientStore  # noqa: E402
 from splitspace.gpu_backend.stores.usage import AdmitPlan, MemoryUsageStore, Reservation  # noqa: E402
 from splitspace.shared.contract.quotas import Tier  # noqa: E402
-from tests.support import Deployment, TierProcess, free_port, start_tier  # noqa: E402
 
 from common import bench_quotas, median, pct, rest_call  # noqa: E402
 

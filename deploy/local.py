@@ -46,8 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-import httpx
-
+from splitspace.deploy.processes import tier_command, wait_healthy
 from splitspace.deploy.redis_local import LocalRedis, free_port
 
 DASHBOARD_PATH = "/admin/ui"
@@ -63,24 +62,6 @@ class Tier:
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     env: dict[str, str] = field(default_factory=dict)
     """Variables of this tier alone, over the run's environment."""
-
-
-def tier_command(subcommand: str, *args: str) -> list[str]:
-    return [sys.executable, "-m", "splitspace.deploy.cli", subcommand, *args]
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{url}: the process exited with code {proc.returncode} before it was ready")
-        try:
-            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} was not ready within {timeout_s:.0f} s")
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
@@ -275,7 +256,7 @@ def run_dev(
                 procs.append(tier.proc)
             for tier in group:
                 assert tier.proc is not None  # started just above
-                wait_ready(tier.url, tier.proc, ready_timeout_s)
+                wait_healthy(tier.url, tier.proc, ready_timeout_s)
         print_urls(f"app {app}" if app else f"model {model}", tiers, admin)
         while all(p.poll() is None for p in procs):
             time.sleep(0.3)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -109,3 +112,20 @@ def error_text(events: list[tuple[str, Any]]) -> str:
         if name == "error":
             return payload.get("error") if isinstance(payload, dict) else str(payload)
     return ""
+
+
+def splitspace_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``splitspace ARGS`` as an operator runs it, configured by ``env`` alone (no other
+    ``SPLITSPACE_*`` variable), in this process: typer's CliRunner, since a CLI process costs a
+    second of CPU to start (``tests/test_dev.py`` runs the real command line). An exception the
+    CLI lets out is in ``stderr`` as a process would print it."""
+    from typer.testing import CliRunner
+
+    from splitspace.deploy.cli import app
+
+    unset: dict[str, str | None] = {name: None for name in os.environ if name.startswith("SPLITSPACE_")}
+    result = CliRunner().invoke(app, list(args), env={**unset, **env})
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(["splitspace", *args], result.exit_code, result.stdout, stderr)

@@ -9,7 +9,10 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.support import Deployment, sha256
+from splitspace.deploy.processes import launch_with, pick_ports_with
+from tests.sharing import SharedDeployments, cluster, conftest_fixtures, share_groups
+from tests.support import Deployment, free_port, sha256
+from tests.warm_start import WarmStarter
 
 if TYPE_CHECKING:
     from splitspace.deploy.redis_local import LocalRedis
@@ -17,6 +20,13 @@ if TYPE_CHECKING:
 # One torch thread per process: the tests run several tiers on 2 cores, and torch's own
 # thread pool per tier made the tiny model about 15x slower there. (Tiers inherit this.)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# Every tier a test starts listens on a port of this worker's own (tests/support.py), and is
+# forked from a process that has imported the tiers already (tests/warm_start.py), unless
+# SPLITSPACE_TEST_FORK=0: then each is a new interpreter, as splitspace dev starts them.
+pick_ports_with(free_port)
+WARM = WarmStarter() if os.environ.get("SPLITSPACE_TEST_FORK", "1") != "0" else None
+launch_with(WARM)
 
 # API keys the tests use, as an operator would define them.
 KEYS = {
@@ -69,13 +79,18 @@ def key(name: str) -> str:
     return KEYS[name][0]
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    """Both tiers with the tiny diffusers model, the quota file above, httpx transport."""
-    d = Deployment(tmp_path_factory.mktemp("tiny"), model="tiny", quotas=QUOTAS)
-    d.start()
-    yield d
-    d.stop()
+SHARED = SharedDeployments()
+"""This test process' ``tiny`` and ``direct`` (see the hooks at the end)."""
+CONFTEST_BASEID = "tests"
+"""How pytest names where this file's fixtures are defined."""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
+    """Both tiers with the tiny diffusers model, the quota file above, httpx transport
+    (shared by the modules that use it: tests/sharing.py)."""
+    return SHARED.get(
+        "tiny", lambda: Deployment(tmp_path_factory.mktemp("tiny"), model="tiny", quotas=QUOTAS))
 
 
 @pytest.fixture
@@ -104,14 +119,32 @@ def own_redis(tmp_path: Path) -> Iterator[LocalRedis]:
     server.stop()
 
 
-@pytest.fixture(scope="session")
-def direct(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+@pytest.fixture(scope="module")
+def direct(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     """Both tiers (``sleep:1``) reached directly, as on the open internet: no trusted proxy,
     both logging at INFO (so that each log line a bad request causes shows). For the tests
-    of the public face: malformed calls, logs, addresses."""
+    of the public face: malformed calls, logs, addresses. (Shared, as ``tiny``.)"""
     info = {"SPLITSPACE_LOG_LEVEL": "info"}
-    d = Deployment(tmp_path_factory.mktemp("direct"), model="sleep:1", quotas=QUOTAS, trusted_proxies=0,
-                   backend_env=dict(info), frontend_env=dict(info))
-    d.start()
-    yield d
-    d.stop()
+    return SHARED.get("direct", lambda: Deployment(
+        tmp_path_factory.mktemp("direct"), model="sleep:1", quotas=QUOTAS, trusted_proxies=0,
+        backend_env=dict(info), frontend_env=dict(info)))
+
+
+# -- share groups (tests/sharing.py) ----------------------------------------------------------
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    groups = share_groups(items)
+    for item, group in groups.items():
+        item.add_marker(pytest.mark.xdist_group(group))
+    cluster(items, groups)
+
+
+@pytest.hookimpl(trylast=True)  # after the test's own fixtures are torn down
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    SHARED.keep_only([] if nextitem is None else conftest_fixtures(nextitem, CONFTEST_BASEID))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    SHARED.keep_only([])
+    if WARM is not None:
+        WARM.close()

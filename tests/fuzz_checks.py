@@ -16,13 +16,30 @@ replaced by a number literal of thousands of digits, ``NaN``, ``Infinity``,
 
 from __future__ import annotations
 
+import ast
 import json
+import threading
 from typing import Any
 
 import schemathesis
 from hypothesis import strategies as st
 
 CHECK_NAME = "gradio_stream_ends_cleanly"
+
+# CPython 3.11 as installed here (gh-106905, fixed in later releases): ``ast.parse`` in two
+# threads at once can fail with "SystemError: AST constructor recursion depth mismatch".
+# schemathesis' two workers are threads, and hypothesis parses the source of each lambda it
+# describes; on a busy machine (the suite on several workers) both fuzz runs failed so.
+# One parse at a time:
+_parse, _parsing = ast.parse, threading.Lock()
+
+
+def _one_parse_at_a_time(*args: Any, **kwargs: Any) -> Any:
+    with _parsing:
+        return _parse(*args, **kwargs)
+
+
+ast.parse = _one_parse_at_a_time  # type: ignore[assignment]
 
 
 def parse_events(body: bytes) -> list[tuple[str, str]]:

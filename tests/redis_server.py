@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from splitspace.deploy.redis_local import LocalRedis, RedisNotInstalled
+from tests.support import free_port
 
 
 def start_redis(workdir: Path, port: int | None = None) -> LocalRedis:
     try:
-        return LocalRedis(port=port, workdir=workdir).start()
+        return LocalRedis(port=free_port() if port is None else port, workdir=workdir).start()
     except RedisNotInstalled as exc:
         pytest.fail(f"{exc}; the store tests need a real Redis (scripts/test installs it)", pytrace=False)

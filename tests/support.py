@@ -1,8 +1,10 @@
-"""Start the real tiers as processes on loopback, for the tests and the benchmarks.
+"""What the tests share: tiers started as processes on loopback, servers in this process,
+the ports they listen on, and waiting for a condition instead of sleeping.
 
 Nothing is mocked: each tier is ``python -m splitspace.deploy.cli backend|frontend`` on a
-free port, configured through ``SPLITSPACE_*`` variables, with its output in a
-log file that tests can read (e.g. to check that no secret is ever logged).
+free port (``splitspace.deploy.processes``), configured through ``SPLITSPACE_*``
+variables, with its output in a log file that tests can read (e.g. to check that no secret
+is ever logged).
 """
 
 from __future__ import annotations
@@ -10,77 +12,67 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import secrets
-import signal
+import random
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from splitspace.deploy.processes import Deployment, TierProcess, start_tier, wait_ready
+
+__all__ = ["REPO", "Deployment", "TierProcess", "free_port", "sha256", "start_tier", "wait_ready"]
+"""Starting tiers lives in ``splitspace.deploy.processes`` (the benchmarks use it too);
+re-exported here for the tests."""
+
 REPO = Path(__file__).resolve().parent.parent
 
+PORTS = (15000, 32768)
+"""Where the tests' servers listen: below Linux's ephemeral range (32768-60999), so that no
+client connection of any test takes a port between its pick and its server's bind."""
 
-def free_port() -> int:
+
+class PortPicker:
+    """Free ports of this test process alone: each pytest-xdist worker draws from its own
+    slice of :data:`PORTS` (``PYTEST_XDIST_WORKER``: gw0, gw1, ...), from a random place in
+    it (another run beside this one draws from the same slices), never the same port twice."""
+
+    def __init__(self, worker: str | None, workers: int) -> None:
+        index = int(worker[2:]) if worker and worker.startswith("gw") else 0
+        width = (PORTS[1] - PORTS[0]) // max(1, workers)
+        self.low = PORTS[0] + index * width
+        self.width = width
+        self.next = random.randrange(width)
+        self.lock = threading.Lock()
+
+    def __call__(self) -> int:
+        with self.lock:
+            for _ in range(self.width):
+                port = self.low + self.next
+                self.next = (self.next + 1) % self.width
+                if _bindable(port):
+                    return port
+        raise RuntimeError(f"no free port in {self.low}-{self.low + self.width - 1}")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+free_port = PortPicker(os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+"""A free port for a test's server (the tiers, Redis, in-process servers)."""
 
 
 def sha256(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-@dataclass
-class TierProcess:
-    name: str
-    url: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def start_tier(
-    kind: str, port: int, env: dict[str, str], log_path: Path, *args: str, ready_timeout_s: float = 120
-) -> TierProcess:
-    full_env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", **env}
-    cmd = [sys.executable, "-m", "splitspace.deploy.cli", kind, "--host", "127.0.0.1", "--port", str(port), *args]
-    log = open(log_path, "ab")
-    proc = subprocess.Popen(cmd, env=full_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    return wait_ready(TierProcess(kind, f"http://127.0.0.1:{port}", proc, log_path), ready_timeout_s)
-
-
-def wait_ready(tier: TierProcess, timeout_s: float = 120) -> TierProcess:
-    """Wait until the tier answers /health; its log in the error if it exits or never does."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if tier.proc.poll() is not None:
-            raise RuntimeError(f"{tier.name} exited with {tier.proc.returncode}:\n{tier.log()[-3000:]}")
-        try:
-            if httpx.get(f"{tier.url}/health", timeout=1).status_code == 200:
-                return tier
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    tier.stop()
-    raise RuntimeError(f"{tier.name} not ready in {timeout_s} s:\n{tier.log()[-3000:]}")
 
 
 @contextlib.contextmanager
@@ -191,83 +183,3 @@ def in_threads(n: int, call: Any, timeout_s: float = 120) -> list[Any]:
 # metrics): the frontend's door lets every request through at once here, instead of two per
 # client and 64 in all (cpu_frontend/door/door.py; its own tests are tests/test_door.py, test_crowd.py).
 GPU_TIER_BACKLOG = {"SPLITSPACE_DOOR_PER_FLOW": "1000", "SPLITSPACE_DOOR_TOTAL": "1000"}
-
-
-@dataclass
-class Deployment:
-    """Both tiers, the secrets they share and the operator's files."""
-
-    workdir: Path
-    model: str = "tiny"
-    quotas: str | None = None
-    transport: str = "direct"
-    secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
-    admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
-    backend_env: dict[str, str] = field(default_factory=dict)
-    frontend_env: dict[str, str] = field(default_factory=dict)
-    trusted_proxies: int = 1
-    backend: TierProcess | None = None
-    frontend: TierProcess | None = None
-    backend_port: int = field(default_factory=free_port)
-    frontend_port: int = field(default_factory=free_port)
-
-    @property
-    def quotas_path(self) -> Path:
-        return self.workdir / "quotas.toml"
-
-    @property
-    def state_path(self) -> Path:
-        return self.workdir / "state.sqlite3"
-
-    def common_env(self) -> dict[str, str]:
-        env = {
-            "SPLITSPACE_SECRET": self.secret,
-            "SPLITSPACE_TRUSTED_PROXIES": str(self.trusted_proxies),
-            "SPLITSPACE_BACKEND_TIMEOUT_S": "5",
-        }
-        if self.quotas is not None:
-            env["SPLITSPACE_QUOTAS"] = str(self.quotas_path)
-        return env
-
-    def write_quotas(self, text: str) -> None:
-        self.quotas = text
-        tmp = self.quotas_path.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.quotas_path)
-
-    def start_backend(self) -> TierProcess:
-        env = {
-            **self.common_env(),
-            "SPLITSPACE_MODEL": self.model,
-            "SPLITSPACE_ADMIN_TOKEN": self.admin_token,
-            "SPLITSPACE_STATE_PATH": str(self.state_path),
-            **self.backend_env,
-        }
-        self.backend = start_tier("backend", self.backend_port, env, self.workdir / "backend.log")
-        return self.backend
-
-    def start_frontend(self) -> TierProcess:
-        env = {
-            **self.common_env(),
-            "SPLITSPACE_BACKEND_URL": self.backend_urls(),
-            "SPLITSPACE_TRANSPORT": self.transport,
-            **self.frontend_env,
-        }
-        self.frontend = start_tier("frontend", self.frontend_port, env, self.workdir / "frontend.log")
-        return self.frontend
-
-    def backend_urls(self) -> str:
-        return f"http://127.0.0.1:{self.backend_port}"
-
-    def start(self) -> Deployment:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        if self.quotas is not None:
-            self.write_quotas(self.quotas)
-        self.start_backend()
-        self.start_frontend()
-        return self
-
-    def stop(self) -> None:
-        for tier in (self.frontend, self.backend):
-            if tier is not None:
-                tier.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -47,30 +48,49 @@ def _burst(url: str, n: int, prefix: str) -> list[tuple[str, list]]:
     return results
 
 
-@pytest.fixture
-def two(tmp_path) -> Iterator[tuple[Deployment, TierProcess, int]]:
-    d = Deployment(tmp_path, model="sleep:200")
+@dataclass
+class Two:
+    """Two GPU tiers behind one frontend; ``second`` is whichever process serves the second port."""
+
+    d: Deployment
+    second: TierProcess
+    second_port: int
+
+    def start_second(self, log_name: str) -> TierProcess:
+        env = {**self.d.common_env(), "SPLITSPACE_MODEL": self.d.model,
+               "SPLITSPACE_STATE_PATH": str(self.d.workdir / "b2.sqlite3")}
+        self.second = start_tier("backend", self.second_port, env, self.d.workdir / log_name)
+        return self.second
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Two]:
+    """Shared by the tests below: each leaves both GPU tiers up (the kill test revives its victim)."""
+    d = Deployment(tmp_path_factory.mktemp("two"), model="sleep:200")
     second_port = free_port()
     d.backend_urls = lambda: f"http://127.0.0.1:{d.backend_port},http://127.0.0.1:{second_port}"  # type: ignore[method-assign]
     d.workdir.mkdir(parents=True, exist_ok=True)
     d.start_backend()
-    env = {**d.common_env(), "SPLITSPACE_MODEL": d.model, "SPLITSPACE_STATE_PATH": str(tmp_path / "b2.sqlite3")}
-    second = start_tier("backend", second_port, env, tmp_path / "backend2.log")
-    d.start_frontend()
-    yield d, second, second_port
-    second.stop()
-    d.stop()
+    pair = Two(d, None, second_port)  # type: ignore[arg-type]
+    try:
+        pair.start_second("backend2.log")
+        d.start_frontend()
+        yield pair
+    finally:
+        if pair.second is not None:
+            pair.second.stop()
+        d.stop()
 
 
-def test_requests_spread_over_both(two):
-    d, second, _ = two
+def test_requests_spread_over_both(two: Two) -> None:
+    d, second = two.d, two.second
     results = _burst(d.frontend.url, 8, "10.2.0")
     assert all(final == "complete" for final, _ in results)
     assert _finished(d.backend.url) > 0 and _finished(second.url) > 0
 
 
-def test_one_killed_mid_load_nothing_dropped_survivor_takes_over_and_it_rejoins(two, tmp_path):
-    d, second, second_port = two
+def test_one_killed_mid_load_nothing_dropped_survivor_takes_over_and_it_rejoins(two: Two) -> None:
+    d, second = two.d, two.second
     outcome: list[tuple[str, list]] = []
     runner = threading.Thread(target=lambda: outcome.extend(_burst(d.frontend.url, 16, "10.3.0")))
     runner.start()
@@ -89,14 +109,11 @@ def test_one_killed_mid_load_nothing_dropped_survivor_takes_over_and_it_rejoins(
     health = httpx.get(f"{d.frontend.url}/health").json()
     assert [b["healthy"] for b in health["backends"]] == [True, False]
 
-    env = {**d.common_env(), "SPLITSPACE_MODEL": d.model, "SPLITSPACE_STATE_PATH": str(tmp_path / "b2.sqlite3")}
-    revived = start_tier("backend", second_port, env, tmp_path / "backend2b.log")
-    try:
-        rejoined = wait_for(
-            lambda: all(b["healthy"] for b in httpx.get(f"{d.frontend.url}/health").json()["backends"]), 15, 0.3
-        )
-        assert rejoined, "the revived GPU tier did not rejoin"
-        _burst(d.frontend.url, 8, "10.5.0")
-        assert _finished(revived.url) > 0, "the rejoined GPU tier got no work"
-    finally:
-        revived.stop()
+    second.proc.wait(10)
+    revived = two.start_second("backend2b.log")  # left running for the other tests (the fixture stops it)
+    rejoined = wait_for(
+        lambda: all(b["healthy"] for b in httpx.get(f"{d.frontend.url}/health").json()["backends"]), 15, 0.3
+    )
+    assert rejoined, "the revived GPU tier did not rejoin"
+    _burst(d.frontend.url, 8, "10.5.0")
+    assert _finished(revived.url) > 0, "the rejoined GPU tier got no work"

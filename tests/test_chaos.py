@@ -29,7 +29,7 @@ from tests.conftest import QUOTAS
 from tests.support import Deployment, start_tier, wait_for
 
 CLIENTS = 6
-BACKEND_TIMEOUT_S = 5.0  # tests/support.Deployment sets SPLITSPACE_BACKEND_TIMEOUT_S=5
+BACKEND_TIMEOUT_S = 5.0  # Deployment (splitspace.deploy.processes) sets SPLITSPACE_BACKEND_TIMEOUT_S=5
 JOB_S = 0.2
 IN_FLIGHT_ESTIMATE_S = 1.0
 """More than any estimate of a 64x64 ``sleep:200`` job: the most a killed request may stay charged."""

@@ -11,10 +11,8 @@ exist in a real GPU tier's ``/metrics``.
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +32,7 @@ from splitspace.gpu_backend.ops.dashboard import (
     share_rows,
     store_name,
 )
-from tests.clients import call_rest, gen_args
+from tests.clients import call_rest, gen_args, splitspace_cli
 from tests.conftest import QUOTAS, key
 from tests.support import REPO, Deployment, wait_for
 
@@ -200,9 +198,8 @@ def operator(browser: Any, dep: Deployment) -> Iterator[Any]:
 
 
 def cli(dep: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SPLITSPACE_BACKEND_URL": dep.backend.url, "SPLITSPACE_ADMIN_TOKEN": dep.admin_token}
-    return subprocess.run([sys.executable, "-m", "splitspace.deploy.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
+    return splitspace_cli(*args, env={"SPLITSPACE_BACKEND_URL": dep.backend.url,
+                                      "SPLITSPACE_ADMIN_TOKEN": dep.admin_token})
 
 
 def quota_show(dep: Deployment, client: str) -> dict[str, Any]:

@@ -181,21 +181,6 @@ def test_dev_refuses_a_short_admin_token_in_one_line(tmp_path):
     assert "Traceback" not in done.stderr and "short" not in done.stderr.replace("too short", "")
 
 
-def test_dev_serves_from_a_space_with_its_own_shared_package_and_session_module(tmp_path):
-    """A Space's folder comes first on ``sys.path``; its own ``shared/`` and ``session.py``
-    (common names) must not shadow splitspace's, which live under ``splitspace.``."""
-    (tmp_path / "shared").mkdir()
-    (tmp_path / "shared" / "__init__.py").write_text('"""The Space own helpers."""\nGREETING = "hello"\n')
-    (tmp_path / "session.py").write_text('"""The Space own session helper."""\nUSER = "me"\n')
-    proc, furl, burl = _start_dev(tmp_path, "--model", "sleep:1")
-    try:
-        path, info = Client(furl, verbose=False).predict("a cat", "", 64, 64, 1, 0.0, 3, api_name="/generate")
-        assert Image.open(path).size == (64, 64) and info["seed"] == 3
-    finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=30)
-
-
 def _tier_pids(proc: subprocess.Popen[str]) -> list[int]:
     found = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     return [int(p) for p in found]
@@ -225,13 +210,25 @@ def test_dev_stops_both_on_sigterm_and_sighup(tmp_path, sig):
     assert _down(furl) and _down(burl)
 
 
-def test_dev_stops_on_ctrl_c_when_started_with_sigint_ignored(tmp_path):
-    """As a background job of a script (or under a test runner started that way) a process starts
+def test_dev_serves_from_a_space_and_stops_on_ctrl_c_when_started_with_sigint_ignored(tmp_path):
+    """Two things of one run (each dev run costs two tier starts):
+
+    A Space's folder comes first on ``sys.path``; its own ``shared/`` and ``session.py``
+    (common names) must not shadow splitspace's, which live under ``splitspace.``.
+
+    As a background job of a script (or under a test runner started that way) a process starts
     with SIGINT ignored; the first release then ignored Ctrl-C (the cause of dev "not stopping
     within 30 s of Ctrl-C" in some full test runs)."""
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "__init__.py").write_text('"""The Space own helpers."""\nGREETING = "hello"\n')
+    (tmp_path / "session.py").write_text('"""The Space own session helper."""\nUSER = "me"\n')
     proc, furl, burl = _start_dev(tmp_path, "--model", "sleep:1", sigint_ignored=True)
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    try:
+        path, info = Client(furl, verbose=False).predict("a cat", "", 64, 64, 1, 0.0, 3, api_name="/generate")
+        assert Image.open(path).size == (64, 64) and info["seed"] == 3
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "splitspace dev: stopped" in out, out[-2000:]
     assert _down(furl) and _down(burl)
 

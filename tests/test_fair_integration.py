@@ -230,6 +230,7 @@ def test_weights_one_to_three_share_the_gpu_one_to_three(fair):
     assert 2.2 <= ratio <= 3.8, (ratio, gpu, served)
 
 
+@pytest.mark.serial  # a share measured over 5 s with 55 threads: other workers skewed it (ratio 2.1)
 def test_fifty_fresh_cookies_from_one_address_get_one_share(fair):
     """50 anonymous callers from 10.0.0.1, each with its own fresh cookie, against one browser
     session from 10.0.0.2: minting cookies mints no share, the two addresses split the GPU."""

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from tests.fairness_oracle import weighted_max_min
+from splitspace.gpu_backend.admission.fair_share import weighted_max_min
 
 INF = math.inf
 

@@ -25,15 +25,17 @@ import pytest
 import redis
 
 from splitspace.cpu_frontend.door.inflight_ledger import Hold, NullLedger, RedisLedger, local_share, open_ledger
-from splitspace.deploy.redis_local import free_port
 from splitspace.shared.config.settings import Settings
 from splitspace.shared.contract.errors import QUEUE_FULL, SERVICE_UNAVAILABLE, ServiceUnavailable, Throttled
+from tests.support import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 RETRY_S = 0.5
 """The breaker's retry interval here (the default is 3 s)."""
 CALL_BOUND_S = 1.5
 """Longest one acquire may take while Redis is away (two 0.5 s timeouts and slack)."""
+
+pytestmark = pytest.mark.serial  # bounds of a fraction of a second: run alone (scripts/test)
 
 
 @pytest.fixture

@@ -167,6 +167,7 @@ def test_the_openapi_document_of_v1_is_served(url: str) -> None:
 
 
 # -- restarts and expiry ---------------------------------------------------------------------
+@pytest.mark.serial  # its kill must land within the job's one second: other workers delayed it past
 def test_a_restarted_frontend_loses_no_job(tmp_path: Path) -> None:
     env = {"SPLITSPACE_JOBS_PATH": str(tmp_path / "jobs.sqlite3"), "SPLITSPACE_LEASE_S": "3"}
     d = Deployment(tmp_path, model="sleep:1000", quotas=JOB_QUOTAS, frontend_env=env)

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from splitspace.shared.config.logs import LogCap, route_gradio_tracebacks, uvicorn_log_config
-from tests.support import Deployment
+from tests.support import Deployment, wait_for
 
 MARKER = "zq-marker-"
 """A string inside every bad input: it must never reach a log."""
@@ -38,10 +38,22 @@ def _bad_requests(d: Deployment, tier: str, rounds: int) -> int:
     return sent
 
 
+def _logging_again(d: Deployment, tier: str) -> bool:
+    """Whether one more refused call gets its line in the log now: not while the log cap's
+    window is spent (``direct`` is shared: the tests before may have spent it, e.g. test_guard's)."""
+    proc = d.frontend if tier == "frontend" else d.backend
+    assert proc is not None
+    api = "generate" if tier == "frontend" else "infer"
+    before = proc.log_path.stat().st_size
+    httpx.post(f"{proc.url}/gradio_api/call/v2/{api}", json={"prompt": "probe", "probe": 1}, timeout=30)
+    return wait_for(lambda: "refused POST" in proc.log_path.read_bytes()[before:].decode("utf-8", "replace"), 1, 0.05)
+
+
 @pytest.mark.parametrize("tier", ["frontend", "backend"])
 def test_bad_requests_cost_at_most_one_short_line_each(direct: Deployment, tier: str) -> None:
     proc = direct.frontend if tier == "frontend" else direct.backend
     assert proc is not None
+    assert wait_for(lambda: _logging_again(direct, tier), 30, 0.5), "the log cap never let a line through"
     before = proc.log_path.stat().st_size
     sent = _bad_requests(direct, tier, 75)  # 300 requests
     grown = proc.log_path.stat().st_size - before

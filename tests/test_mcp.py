@@ -288,10 +288,14 @@ class Listener:
 
 
 @pytest.fixture
-def fresh_mcp(tmp_path: Path) -> Iterator[Deployment]:
-    """A frontend whose MCP server has taken no call yet (the first call decided, in the first release)."""
-    d = start_mcp(tmp_path)
+def fresh_mcp(mcp_dep: Deployment, tmp_path: Path) -> Iterator[Deployment]:
+    """A frontend whose MCP server has taken no call yet (the first call decided, in the first
+    release), on ``mcp_dep``'s GPU tier."""
+    d = Deployment(tmp_path, secret=mcp_dep.secret, backend_port=mcp_dep.backend_port, quotas=QUOTAS,
+                   trusted_proxies=0, frontend_env={"SPLITSPACE_MCP": "1"})
+    d.write_quotas(QUOTAS)
     try:
+        d.start_frontend()
         yield d
     finally:
         d.stop()

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -22,8 +21,8 @@ from typer.testing import CliRunner
 
 from splitspace.deploy.cli import app as cli_app
 from splitspace.shared.contract.headers import ADMIN_HEADER
-from tests.clients import call_rest, error_text, gen_args
-from tests.support import GPU_TIER_BACKLOG, REPO, Deployment, free_port, sha256, start_tier, wait_for
+from tests.clients import call_rest, error_text, gen_args, splitspace_cli
+from tests.support import GPU_TIER_BACKLOG, Deployment, free_port, sha256, start_tier, wait_for
 
 JOB_S = 0.3  # sleep:300
 
@@ -109,17 +108,13 @@ def admin(d: Deployment, method: str, path: str, token: str | None = None, **kwa
 
 
 def cli(d: Deployment, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
-    """``splitspace quota ...`` as an operator runs it: a process, configured by environment."""
+    """``splitspace quota ...`` as an operator runs it, configured by environment."""
     env = {
-        **os.environ,
         "SPLITSPACE_BACKEND_URL": d.backend.url,
         "SPLITSPACE_ADMIN_TOKEN": d.admin_token if token is None else token,
         "COLUMNS": "200",
     }
-    return subprocess.run(
-        [sys.executable, "-m", "splitspace.deploy.cli", "quota", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=60,
-    )
+    return splitspace_cli("quota", *args, env=env)
 
 
 def cli_json(d: Deployment, *args: str) -> Any:
@@ -390,6 +385,7 @@ def _try_standing(d: Deployment, name: str) -> dict[str, Any] | None:
 
 
 # -- metrics ------------------------------------------------------------------------------
+@pytest.mark.serial  # it must see the one running job in a window of 1.2 s: run alone (scripts/test)
 def test_metrics_show_depth_waits_gpu_time_and_refusals(ops):
     text = metrics_text(ops)
     for family, kind in (("splitspace_queued", "gauge"), ("splitspace_running", "gauge"),

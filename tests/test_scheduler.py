@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 
+from splitspace.gpu_backend.admission.fair_share import weighted_max_min
 from splitspace.gpu_backend.admission.scheduler import (
     ETA_EXACT_PLACES,
     Admission,
@@ -27,7 +28,6 @@ from splitspace.gpu_backend.admission.scheduler import (
 )
 from splitspace.gpu_backend.stores.usage import MemoryUsageStore
 from splitspace.shared.contract.quotas import Tier
-from tests.fairness_oracle import weighted_max_min
 
 INF = math.inf
 TOLERANCE = 0.02

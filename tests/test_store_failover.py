@@ -41,6 +41,8 @@ RETRY_S = 0.5
 CALL_BOUND_S = 1.5
 """Longest any single call may take while Redis is away (two 0.5 s timeouts and slack)."""
 
+pytestmark = pytest.mark.serial  # bounds of a fraction of a second: run alone (scripts/test)
+
 
 class FakeClock:
     def __init__(self) -> None:
@@ -398,7 +400,7 @@ def test_a_redis_that_never_answers_costs_one_timeout_not_a_hang(silent_port: in
 
 
 def test_the_redis_password_is_never_in_an_error(tmp_path: Path, prefix: str) -> None:
-    from splitspace.deploy.redis_local import free_port
+    from tests.support import free_port
 
     url = f"redis://:hunter2-secret@127.0.0.1:{free_port()}/0"  # nothing listens there
     bare = RedisStore.from_url(url, prefix=prefix)

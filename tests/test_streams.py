@@ -20,6 +20,7 @@ from gradio import utils as gr_utils
 
 import splitspace
 from splitspace.cpu_frontend.ui.app_events import LIVENESS_S, while_alive
+from splitspace.gpu_backend.admission.fair_share import weighted_max_min
 from splitspace.gpu_backend.admission.runner import PARTIALS_KEPT, GpuRunner, Ticket
 from splitspace.gpu_backend.admission.scheduler import ClientRef, FairScheduler
 from splitspace.gpu_backend.stores.usage import MemoryUsageStore
@@ -32,7 +33,6 @@ from splitspace.shared.contract.calls import Call, CallResult, Partial
 from splitspace.shared.contract.errors import TimeLimitExceeded, from_wire, to_wire
 from splitspace.shared.contract.hop import Status, call_update_from_wire
 from splitspace.shared.contract.quotas import Tier
-from tests.fairness_oracle import weighted_max_min
 
 ROOMY = Tier(weight=1, max_running=1, max_queued=20, gpu_seconds=1e6, window_s=3600)
 REPO = Path(__file__).resolve().parent.parent

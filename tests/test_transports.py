@@ -14,7 +14,16 @@ import pytest
 from PIL import Image
 
 from tests.clients import call_rest, error_text, gen_args
-from tests.support import GPU_TIER_BACKLOG, Deployment, TierProcess, free_port, sha256, start_tier, wait_for
+from tests.support import (
+    GPU_TIER_BACKLOG,
+    Deployment,
+    TierProcess,
+    free_port,
+    in_threads,
+    sha256,
+    start_tier,
+    wait_for,
+)
 
 TRANSPORTS = ["direct", "httpx", "gradio_client"]
 KEYS = {f"{name}-{t}": t for name in ("rate", "who", "order", "cancel", "busy") for t in TRANSPORTS}
@@ -227,15 +236,28 @@ def test_cancellation_reaches_the_gpu_tier(tiers, transport):
     assert admin["running"] == 0 and admin["queued"] == 0 and admin["used"] == 0, admin
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_same_error_when_the_backend_is_down(tmp_path, transport):
-    d = Deployment(tmp_path, model="sleep:10", transport=transport).start()
+def test_same_error_when_the_backend_is_down(tmp_path):
+    """A frontend of each transport on one GPU tier, which stops: each caller, right after, gets
+    the same clear error within the bound (the frontends are called at once, as the tier goes)."""
+    d = Deployment(tmp_path, model="sleep:10", transport=TRANSPORTS[0]).start()
+    fronts = {TRANSPORTS[0]: d.frontend}
     try:
+        for t in TRANSPORTS[1:]:
+            env = {**d.common_env(), "SPLITSPACE_BACKEND_URL": d.backend_urls(), "SPLITSPACE_TRANSPORT": t}
+            fronts[t] = start_tier("frontend", free_port(), env, tmp_path / f"frontend-{t}.log")
         d.backend.stop()
-        with httpx.Client(timeout=60) as c:
-            t0 = time.monotonic()
-            final, events = call_rest(c, d.frontend.url, "generate", gen_args())
-        assert final == "error" and error_text(events).startswith("GPU backend unavailable:"), events
-        assert time.monotonic() - t0 < 15
+
+        def call(i: int) -> tuple[str, list, float]:
+            with httpx.Client(timeout=60) as c:
+                t0 = time.monotonic()
+                final, events = call_rest(c, fronts[TRANSPORTS[i]].url, "generate", gen_args())
+            return final, events, time.monotonic() - t0
+
+        for transport, (final, events, took) in zip(TRANSPORTS, in_threads(len(TRANSPORTS), call), strict=True):
+            assert final == "error" and error_text(events).startswith("GPU backend unavailable:"), (transport, events)
+            assert took < 15, (transport, took)
     finally:
+        for t in TRANSPORTS[1:]:
+            if t in fronts:
+                fronts[t].stop()
         d.stop()

@@ -1,4 +1,9 @@
-"""An independent max-min weighted fair share oracle, to check the scheduler against.
+"""Weighted max-min fair shares, computed independently: the yardstick the scheduler is held to.
+
+Why this module exists: the tests (``tests/test_scheduler.py``) and the fairness benchmark
+(``bench/fairness.py``) both measure what the scheduler gives each client against what the
+definition of fairness says it should get; this is that definition, in the installed package
+so that both import it. Nothing in the tiers imports it.
 
 Deliberately shares no code or idea with ``splitspace.gpu_backend.admission.scheduler`` beyond the definition
 of fairness: the capacity is "water-filled" over the clients. Every unsatisfied client's
