@@ -267,9 +267,9 @@ def test_dev_reload_restarts_a_tier_and_the_page_follows(tmp_path):
         assert "location.reload()" in httpx.get(furl + "/").text
         before = httpx.get(f"{furl}/health").json()
         backend_before = httpx.get(f"{burl}/health").json()["boot_id"]
-        with open(work / "splitspace" / "cpu_frontend" / "limits.py", "a") as f:
+        with open(work / "splitspace" / "cpu_frontend" / "door" / "limits.py", "a") as f:
             f.write("\n# edited by test_dev_reload\n")
-        with open(work / "splitspace" / "gpu_backend" / "cost.py", "a") as f:
+        with open(work / "splitspace" / "gpu_backend" / "workload" / "cost.py", "a") as f:
             f.write("\n# edited by test_dev_reload\n")
         deadline = time.monotonic() + 60
         after, backend_after = before, backend_before
