@@ -43,8 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO, Deployment, bench_quotas, free_port, median, rest_call  # noqa: E402
 
-SHOUT, MIRROR, SLEEP, T2I = (REPO / p for p in ("examples/shout.py", "examples/mirror.py", "bench/sleep_app.py",
-                                                "examples/text_to_image.py"))
+SHOUT, MIRROR, SLEEP, T2I = (
+    REPO / p for p in ("examples/shout.py", "examples/mirror.py", "bench/sleep_app.py", "examples/text_to_image.py")
+)
 JOB_S = 0.1
 BURST, LIGHTS = 40, 4
 PLAIN, SPLIT = "plain Gradio (one tier)", "splitspace (two tiers)"
@@ -56,8 +57,12 @@ def start_plain(app: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], str]
     """``python app.py``, as its developer would run it, on a port of ours."""
     port = free_port()
     log = open(workdir / f"plain-{app.stem}.log", "ab")
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_SERVER_PORT": str(port),
-           "GRADIO_SERVER_NAME": "127.0.0.1"}
+    env = {
+        **os.environ,
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "GRADIO_SERVER_PORT": str(port),
+        "GRADIO_SERVER_NAME": "127.0.0.1",
+    }
     proc = subprocess.Popen([sys.executable, str(app)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -82,9 +87,10 @@ def stop_plain(proc: subprocess.Popen[bytes]) -> None:
 
 def quotas(clients: int) -> str:
     names = ["one", "heavy", *(f"light{i}" for i in range(LIGHTS)), *(f"c{i}" for i in range(clients))]
-    return bench_quotas({n: (f"key-{n}", "bulk") for n in names},
-                        "\n[tiers.bulk]\nweight = 1\nmax_running = 1\nmax_queued = 1000\n"
-                        "gpu_seconds = 1e9\nwindow_s = 3600\n")
+    return bench_quotas(
+        {n: (f"key-{n}", "bulk") for n in names},
+        "\n[tiers.bulk]\nweight = 1\nmax_running = 1\nmax_queued = 1000\ngpu_seconds = 1e9\nwindow_s = 3600\n",
+    )
 
 
 def key(name: str) -> dict[str, str]:
@@ -94,8 +100,9 @@ def key(name: str) -> dict[str, str]:
 
 def app_deployment(app: Path, workdir: Path, clients: int, backend_env: dict[str, str] | None = None) -> Deployment:
     env = {"SPLITSPACE_APP": str(app)}
-    return Deployment(workdir, quotas=quotas(clients), backend_env={**env, **(backend_env or {})},
-                      frontend_env=dict(env)).start()
+    return Deployment(
+        workdir, quotas=quotas(clients), backend_env={**env, **(backend_env or {})}, frontend_env=dict(env)
+    ).start()
 
 
 # -- the calls -----------------------------------------------------------------------------
@@ -190,6 +197,7 @@ async def _timed(url: str, who: list[str], delay_s: float, builtin: bool = False
     await asyncio.sleep(delay_s)
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
     async with httpx.AsyncClient(timeout=120, limits=limits) as c:
+
         async def one(w: str) -> tuple[float, bool]:
             t0 = time.perf_counter()
             if builtin:
@@ -211,14 +219,17 @@ def noisy_neighbour(url: str, builtin: bool = False) -> dict[str, float]:
     q_heavy, q_light = ctx.Queue(), ctx.Queue()
     start = time.time() + 1.5  # both processes start up first, then go on the clock
     heavy = ctx.Process(target=_proc, args=(url, ["heavy"] * BURST, start, builtin, q_heavy))
-    light = ctx.Process(target=_proc, args=(url, [f"light{i}" for i in range(LIGHTS)], start + 0.2, builtin,
-                                            q_light))
+    light = ctx.Process(target=_proc, args=(url, [f"light{i}" for i in range(LIGHTS)], start + 0.2, builtin, q_light))
     heavy.start(), light.start()
     heavy_res, light_res = q_heavy.get(timeout=300), q_light.get(timeout=300)
     heavy.join(), light.join()
     lat = [t for t, _ in light_res]
-    return {"p50": median(lat), "worst": max(lat), "heavy": max(t for t, _ in heavy_res),
-            "errors": sum(not ok for _, ok in heavy_res + light_res)}
+    return {
+        "p50": median(lat),
+        "worst": max(lat),
+        "heavy": max(t for t, _ in heavy_res),
+        "errors": sum(not ok for _, ok in heavy_res + light_res),
+    }
 
 
 # -- memory --------------------------------------------------------------------------------
@@ -247,13 +258,18 @@ def memory(workdir: Path) -> dict[str, Any]:
         async def generate() -> tuple[bool, Any]:
             async with httpx.AsyncClient(timeout=300) as c:
                 await rest_call(c, builtin.frontend.url, "generate", ["m", "", 64, 64, 1, 0.0, 1], key("one"))
-                return await rest_call(c, app.frontend.url, "generate", ["a cat", 1, 256, 0], key("one"),
-                                       timeout_s=300)
+                return await rest_call(c, app.frontend.url, "generate", ["a cat", 1, 256, 0], key("one"), timeout_s=300)
 
         ok, out = asyncio.run(generate())
-        return {"builtin": rss_mb(builtin.frontend.proc.pid), "app": rss_mb(app.frontend.proc.pid),
-                "gpu_tier": rss_mb(app.backend.proc.pid), "ok": ok, "out": str(out)[:120],
-                "heavy": heavy_mapped(app.frontend.proc.pid), "gpu_heavy": heavy_mapped(app.backend.proc.pid)}
+        return {
+            "builtin": rss_mb(builtin.frontend.proc.pid),
+            "app": rss_mb(app.frontend.proc.pid),
+            "gpu_tier": rss_mb(app.backend.proc.pid),
+            "ok": ok,
+            "out": str(out)[:120],
+            "heavy": heavy_mapped(app.frontend.proc.pid),
+            "gpu_heavy": heavy_mapped(app.backend.proc.pid),
+        }
     finally:
         app.stop()
         builtin.stop()
@@ -284,8 +300,11 @@ def main() -> None:
     ap.add_argument("--per-client", type=int, default=20)
     ap.add_argument("--image-seq", type=int, default=20, help="sequential image calls per round")
     ap.add_argument("--burst-rounds", type=int, default=2, help="noisy-neighbour rounds per system")
-    ap.add_argument("--skip-builtin", action="store_true",
-                    help="leave out the built-in model's noisy neighbour (the reference for the app's)")
+    ap.add_argument(
+        "--skip-builtin",
+        action="store_true",
+        help="leave out the built-in model's noisy neighbour (the reference for the app's)",
+    )
     ap.add_argument("--skip-memory", action="store_true")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="splitspace-appbench-"))
@@ -299,21 +318,29 @@ def main() -> None:
             for s, url in systems.items():
                 tps[s].append(asyncio.run(throughput(shout_call, url, args.clients, args.per_client)))
         tp = {s: (median([r for r, _ in rs]), sum(f for _, f in rs)) for s, rs in tps.items()}
-        print(f"\n== 1. text (examples/shout.py): sequential p50, median of {args.rounds} rounds of {args.seq}; "
-              f"{args.clients} clients x {args.per_client}, median of {args.rounds} rounds ==")
+        print(
+            f"\n== 1. text (examples/shout.py): sequential p50, median of {args.rounds} rounds of {args.seq}; "
+            f"{args.clients} clients x {args.per_client}, median of {args.rounds} rounds =="
+        )
         print(f"{'system':<26}{'p50 ms':>8}{'+ms':>7}{'calls/s':>9}{'tp x':>7}{'fails':>7}")
         (b50, _), (btp, _) = rows[PLAIN], tp[PLAIN]
         for s in systems:
-            print(f"{s:<26}{rows[s][0]:>8.1f}{rows[s][0] - b50:>+7.1f}{tp[s][0]:>9.1f}{tp[s][0] / btp:>7.2f}"
-                  f"{rows[s][1] + tp[s][1]:>7}")
+            print(
+                f"{s:<26}{rows[s][0]:>8.1f}{rows[s][0] - b50:>+7.1f}{tp[s][0]:>9.1f}{tp[s][0] / btp:>7.2f}"
+                f"{rows[s][1] + tp[s][1]:>7}"
+            )
         added, ratio = rows[SPLIT][0] - b50, tp[SPLIT][0] / btp
-        print(f"goal: p50 added <= 8 ms: {added:+.1f} ms {verdict(added <= 8)}; "
-              f"throughput >= 0.6x: {ratio:.2f}x {verdict(ratio >= 0.6)}")
+        print(
+            f"goal: p50 added <= 8 ms: {added:+.1f} ms {verdict(added <= 8)}; "
+            f"throughput >= 0.6x: {ratio:.2f}x {verdict(ratio >= 0.6)}"
+        )
 
     def image(systems: dict[str, str]) -> None:
         rows = latency_rows(mirror_call, systems, args.image_seq, args.rounds)
-        print(f"\n== 2. image (examples/mirror.py): a {len(PNG) // 1024} KB 512x512 PNG uploaded, mirrored, "
-              f"downloaded (as WebP, gr.Image's default); p50, median of {args.rounds} rounds of {args.image_seq} ==")
+        print(
+            f"\n== 2. image (examples/mirror.py): a {len(PNG) // 1024} KB 512x512 PNG uploaded, mirrored, "
+            f"downloaded (as WebP, gr.Image's default); p50, median of {args.rounds} rounds of {args.image_seq} =="
+        )
         b50 = rows[PLAIN][0]
         for s in systems:
             print(f"{s:<26}{rows[s][0]:>8.1f} ms{rows[s][0] - b50:>+7.1f} ms  fails {rows[s][1]}")
@@ -321,8 +348,11 @@ def main() -> None:
         print(f"goal: p50 added <= 15 ms: {added:+.1f} ms {verdict(added <= 15)}")
 
     def burst(systems: dict[str, str]) -> None:
-        builtin = None if args.skip_builtin else Deployment(work / "builtin-sleep", model="sleep:100",
-                                                            quotas=quotas(args.clients)).start()
+        builtin = (
+            None
+            if args.skip_builtin
+            else Deployment(work / "builtin-sleep", model="sleep:100", quotas=quotas(args.clients)).start()
+        )
         try:
             if builtin is not None:
                 assert builtin.frontend is not None
@@ -337,18 +367,24 @@ def main() -> None:
         finally:
             if builtin is not None:
                 builtin.stop()
-        print(f"\n== 3. noisy neighbour (bench/sleep_app.py, 100 ms @splitspace.gpu): {BURST}-job burst + "
-              f"{LIGHTS} lights 0.2 s later, median of {args.burst_rounds} rounds ==")
+        print(
+            f"\n== 3. noisy neighbour (bench/sleep_app.py, 100 ms @splitspace.gpu): {BURST}-job burst + "
+            f"{LIGHTS} lights 0.2 s later, median of {args.burst_rounds} rounds =="
+        )
         print(f"{'system':<34}{'light p50':>18}{'light worst':>14}{'heavy total':>13}{'errors':>8}")
         summary = {}
         for s, rs in got.items():
             p50, worst, heavy = (median([r[k] for r in rs]) for k in ("p50", "worst", "heavy"))
             summary[s] = (p50, heavy)
-            print(f"{s:<34}{p50:>7.3f} s ({p50 / JOB_S:4.1f} jobs){worst:>7.3f} s ({worst / JOB_S:4.1f})"
-                  f"{heavy:>11.2f} s{sum(r['errors'] for r in rs):>8}")
+            print(
+                f"{s:<34}{p50:>7.3f} s ({p50 / JOB_S:4.1f} jobs){worst:>7.3f} s ({worst / JOB_S:4.1f})"
+                f"{heavy:>11.2f} s{sum(r['errors'] for r in rs):>8}"
+            )
         sp, bp = summary[SPLIT][0], summary[PLAIN][0]
-        print(f"lights' p50 {sp / bp:.3f}x plain Gradio's; heavy total {summary[SPLIT][1] / summary[PLAIN][1]:.2f}x; "
-              f"goal: light p50 <= 4 jobs: {sp / JOB_S:.1f} {verdict(sp <= 4 * JOB_S)}")
+        print(
+            f"lights' p50 {sp / bp:.3f}x plain Gradio's; heavy total {summary[SPLIT][1] / summary[PLAIN][1]:.2f}x; "
+            f"goal: light p50 <= 4 jobs: {sp / JOB_S:.1f} {verdict(sp <= 4 * JOB_S)}"
+        )
 
     PNG = png_512()
     run_pair(SHOUT, work, args.clients, text)
@@ -357,16 +393,21 @@ def main() -> None:
     if not args.skip_memory:
         m = memory(work)
         print("\n== 4. frontend memory: examples/text_to_image.py (MODEL_ID=tiny) after one image vs the built-in ==")
-        print(f"frontend RSS: no app {m['builtin']:.0f} MB, text_to_image {m['app']:.0f} MB "
-              f"({m['app'] - m['builtin']:+.1f} MB); GPU tier with the model {m['gpu_tier']:.0f} MB; "
-              f"call ok: {m['ok']}")
+        print(
+            f"frontend RSS: no app {m['builtin']:.0f} MB, text_to_image {m['app']:.0f} MB "
+            f"({m['app'] - m['builtin']:+.1f} MB); GPU tier with the model {m['gpu_tier']:.0f} MB; "
+            f"call ok: {m['ok']}"
+        )
         print(f"torch/diffusers mapped in the frontend: {m['heavy'] or 'none'} (GPU tier: {m['gpu_heavy'] or 'none'})")
-        print(f"goal: +{m['app'] - m['builtin']:.1f} MB <= 30 MB and nothing heavy: "
-              f"{verdict(m['app'] - m['builtin'] <= 30 and not m['heavy'] and m['ok'])}")
+        print(
+            f"goal: +{m['app'] - m['builtin']:.1f} MB <= 30 MB and nothing heavy: "
+            f"{verdict(m['app'] - m['builtin'] <= 30 and not m['heavy'] and m['ok'])}"
+        )
         if not m["ok"]:
             print(f"the call failed: {m['out']}")
-    print(f"\n(load average {load0:.1f} -> {os.getloadavg()[0]:.1f}; {time.monotonic() - t_start:.0f} s; "
-          f"logs in {work})")
+    print(
+        f"\n(load average {load0:.1f} -> {os.getloadavg()[0]:.1f}; {time.monotonic() - t_start:.0f} s; logs in {work})"
+    )
 
 
 if __name__ == "__main__":

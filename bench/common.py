@@ -35,11 +35,14 @@ def start_baseline(workdir: Path) -> tuple[TierProcess, TierProcess]:
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     procs = []
     bport, fport = free_port(), free_port()
-    for script, args, port in (("backend.py", [str(bport)], bport),
-                               ("frontend.py", [str(fport), f"http://127.0.0.1:{bport}/"], fport)):
+    for script, args, port in (
+        ("backend.py", [str(bport)], bport),
+        ("frontend.py", [str(fport), f"http://127.0.0.1:{bport}/"], fport),
+    ):
         log = open(workdir / f"baseline-{script}.log", "ab")
-        proc = subprocess.Popen([sys.executable, str(BASELINE / script), *args], env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, str(BASELINE / script), *args], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         tier = TierProcess(script, f"http://127.0.0.1:{port}", proc, workdir / f"baseline-{script}.log")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -66,8 +69,9 @@ def bench_quotas(keys: dict[str, tuple[str, str]], tiers: str) -> str:
     )
 
 
-async def rest_call(client: httpx.AsyncClient, url: str, api: str, data: list[Any],
-                    headers: dict[str, str], timeout_s: float = 120.0) -> tuple[bool, Any]:
+async def rest_call(
+    client: httpx.AsyncClient, url: str, api: str, data: list[Any], headers: dict[str, str], timeout_s: float = 120.0
+) -> tuple[bool, Any]:
     """POST /gradio_api/call/<api> then read the stream; (ok, final data or error text).
 
     A call with no final event within ``timeout_s`` counts as failed ("timeout")."""
@@ -77,8 +81,9 @@ async def rest_call(client: httpx.AsyncClient, url: str, api: str, data: list[An
         return False, "timeout"
 
 
-async def _rest_call(client: httpx.AsyncClient, url: str, api: str, data: list[Any],
-                     headers: dict[str, str]) -> tuple[bool, Any]:
+async def _rest_call(
+    client: httpx.AsyncClient, url: str, api: str, data: list[Any], headers: dict[str, str]
+) -> tuple[bool, Any]:
     r = await client.post(f"{url}/gradio_api/call/{api}", json={"data": data}, headers=headers)
     if r.status_code != 200:
         return False, f"HTTP {r.status_code}"
@@ -106,5 +111,14 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-__all__ = ["Deployment", "TierProcess", "bench_quotas", "free_port", "median", "pct", "rest_call", "sha256",
-           "start_baseline"]
+__all__ = [
+    "Deployment",
+    "TierProcess",
+    "bench_quotas",
+    "free_port",
+    "median",
+    "pct",
+    "rest_call",
+    "sha256",
+    "start_baseline",
+]

@@ -145,8 +145,14 @@ class Sampler:
         while not self._stop.wait(0.25):
             for name, pid in self.pids.items():
                 self.peak_fds[name] = max(self.peak_fds[name], _fds(pid))
-                rss = next((int(line.split()[1]) / 1024 for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                            if line.startswith("VmRSS")), 0.0)
+                rss = next(
+                    (
+                        int(line.split()[1]) / 1024
+                        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                        if line.startswith("VmRSS")
+                    ),
+                    0.0,
+                )
                 self.peak_rss_mb[name] = max(self.peak_rss_mb[name], rss)
 
     def __enter__(self) -> Sampler:
@@ -176,8 +182,12 @@ def one_round(system: str, url: str, n: int, pids: dict[str, int]) -> dict[str, 
     lost = [o for _, o, _, _ in crowd_res + light_res if o != "ok"]
     after = {name: _cpu_rss(pid) for name, pid in pids.items()}
     return {
-        "light_s": light_res[0][0], "light_ok": light_res[0][1] == "ok", "light_where": light_res[0][3],
-        "total_s": total, "lost": len(lost), "lost_kinds": sorted(set(lost))[:3],
+        "light_s": light_res[0][0],
+        "light_ok": light_res[0][1] == "ok",
+        "light_where": light_res[0][3],
+        "total_s": total,
+        "lost": len(lost),
+        "lost_kinds": sorted(set(lost))[:3],
         "statuses_per_s": sum(s for _, _, s, _ in crowd_res) / total if total else 0.0,
         "cpu": {name: after[name][0] - before[name] for name in pids},
         "rss_mb": {name: after[name][1] for name in pids},
@@ -192,8 +202,7 @@ def _rss_now(pid: int) -> float:
 
 
 def quotas(n: int) -> str:
-    tier = ("\n[tiers.crowd]\nweight = 1\nmax_running = 1\nmax_queued = 20\n"
-            "gpu_seconds = 1000000\nwindow_s = 3600\n")
+    tier = "\n[tiers.crowd]\nweight = 1\nmax_running = 1\nmax_queued = 20\ngpu_seconds = 1000000\nwindow_s = 3600\n"
     keys = {f"c{i:03d}": (f"key-c{i:03d}", "crowd") for i in range(n)} | {"light": ("key-light", "crowd")}
     return bench_quotas(keys, tier)
 
@@ -203,8 +212,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[20, 200, 500])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--skip-baseline", action="store_true")
-    ap.add_argument("--baseline-at", type=int, nargs="+", help="run plain Gradio only at these N "
-                    "(it needs about 8x the GPU work: 5 min at N = 200)")
+    ap.add_argument(
+        "--baseline-at",
+        type=int,
+        nargs="+",
+        help="run plain Gradio only at these N (it needs about 8x the GPU work: 5 min at N = 200)",
+    )
     ap.add_argument("--where", action="store_true", help="also say where the light client's time went")
     ap.add_argument("--backend-env", default="", help="extra GPU tier settings, e.g. SPLITSPACE_MAX_BATCH=1")
     ap.add_argument("--frontend-env", default="", help="extra frontend settings, e.g. SPLITSPACE_DOOR_PER_FLOW=1")
@@ -212,15 +225,19 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="splitspace-crowd-"))
     seen: dict[tuple[str, int], list[tuple[float, float, int]]] = {}
     job = JOB_MS / 1000
-    print(f"{'system':<11}{'N':>5}{'light':>9}{'ideal':>7}{'x ideal':>8}{'total/GPU':>10}{'lost':>6}"
-          f"{'status/s':>9}  CPU s / peak RSS MB / peak fds / KB per waiting request (frontend, GPU tier)")
+    print(
+        f"{'system':<11}{'N':>5}{'light':>9}{'ideal':>7}{'x ideal':>8}{'total/GPU':>10}{'lost':>6}"
+        f"{'status/s':>9}  CPU s / peak RSS MB / peak fds / KB per waiting request (frontend, GPU tier)"
+    )
     for n in args.clients:
         extra = dict(kv.split("=", 1) for kv in args.backend_env.split() if "=" in kv)
         front = dict(kv.split("=", 1) for kv in args.frontend_env.split() if "=" in kv)
-        split = Deployment(work / f"split-{n}", model=f"sleep:{JOB_MS}", quotas=quotas(n),
-                           backend_env=extra, frontend_env=front).start()
+        split = Deployment(
+            work / f"split-{n}", model=f"sleep:{JOB_MS}", quotas=quotas(n), backend_env=extra, frontend_env=front
+        ).start()
         systems: list[tuple[str, str, dict[str, int]]] = [
-            ("splitspace", split.frontend.url, {"frontend": split.frontend.proc.pid, "gpu": split.backend.proc.pid})]
+            ("splitspace", split.frontend.url, {"frontend": split.frontend.proc.pid, "gpu": split.backend.proc.pid})
+        ]
         base = None
         if not args.skip_baseline and (args.baseline_at is None or n in args.baseline_at):
             base = start_baseline(work)
@@ -236,15 +253,19 @@ def main() -> None:
                     fds = ", ".join(f"{r['fds'][k]}" for k in pids)
                     kb = ", ".join(f"{r['kb_per_request'][k]:.0f}" for k in pids)
                     light = f"{r['light_s']:.2f}s" + ("" if r["light_ok"] else "!")
-                    print(f"{system:<11}{n:>5}{light:>9}{ideal:>6.1f}s{r['light_s'] / ideal:>8.2f}"
-                          f"{r['total_s'] / gpu_work:>10.2f}{r['lost']:>6}{r['statuses_per_s']:>9.0f}  "
-                          f"{cpu} / {rss} / {fds} / {kb}" + (f"  lost: {r['lost_kinds']}" if r["lost"] else ""),
-                          flush=True)
+                    print(
+                        f"{system:<11}{n:>5}{light:>9}{ideal:>6.1f}s{r['light_s'] / ideal:>8.2f}"
+                        f"{r['total_s'] / gpu_work:>10.2f}{r['lost']:>6}{r['statuses_per_s']:>9.0f}  "
+                        f"{cpu} / {rss} / {fds} / {kb}" + (f"  lost: {r['lost_kinds']}" if r["lost"] else ""),
+                        flush=True,
+                    )
                     if args.where:
-                        print("    light: " + ", ".join(f"{k} {v:.2f}" for k, v in r["light_where"].items()),
-                              flush=True)
+                        print(
+                            "    light: " + ", ".join(f"{k} {v:.2f}" for k, v in r["light_where"].items()), flush=True
+                        )
                     seen.setdefault((system, n), []).append(
-                        (r["light_s"] / ideal if r["light_ok"] else float("inf"), r["total_s"] / gpu_work, r["lost"]))
+                        (r["light_s"] / ideal if r["light_ok"] else float("inf"), r["total_s"] / gpu_work, r["lost"])
+                    )
                     time.sleep(1.0)
         finally:
             split.stop()
@@ -258,13 +279,18 @@ def summary(seen: dict[tuple[str, int], list[tuple[float, float, int]]]) -> None
     print("\nover the rounds (median / worst):")
     for (system, n), rows in seen.items():
         light, total, lost = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
-        line = (f"  {system:<11}{n:>5}  light {median(light):.2f} / {max(light):.2f} x ideal, "
-                f"total {median(total):.2f} / {max(total):.2f} x GPU, lost {sum(lost)} in {len(rows)} rounds")
+        line = (
+            f"  {system:<11}{n:>5}  light {median(light):.2f} / {max(light):.2f} x ideal, "
+            f"total {median(total):.2f} / {max(total):.2f} x GPU, lost {sum(lost)} in {len(rows)} rounds"
+        )
         if system == "splitspace" and n in GOALS:
             light_goal, total_goal = GOALS[n]
             ok = max(light) <= light_goal and (total_goal is None or max(total) <= total_goal) and not sum(lost)
-            line += f"  goal (every round: light <= {light_goal}x" + (
-                f", total <= {total_goal}x" if total_goal else "") + f", 0 lost): {'PASS' if ok else 'FAIL'}"
+            line += (
+                f"  goal (every round: light <= {light_goal}x"
+                + (f", total <= {total_goal}x" if total_goal else "")
+                + f", 0 lost): {'PASS' if ok else 'FAIL'}"
+            )
         print(line, flush=True)
 
 

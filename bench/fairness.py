@@ -52,6 +52,7 @@ async def _timed_calls(system: str, url: str, who: list[str], job_ms: int, delay
     await asyncio.sleep(delay_s)
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+
         async def one(w: str) -> tuple[float, bool]:
             u, api, data, headers = call_spec(system, url, w, job_ms)
             t0 = time.perf_counter()
@@ -71,15 +72,20 @@ def noisy_neighbour(system: str, url: str) -> dict[str, float]:
     q_heavy, q_light = ctx.Queue(), ctx.Queue()
     start = time.time() + 1.5  # both processes warm up first, then start on the clock
     heavy = ctx.Process(target=_proc, args=(system, url, ["heavy"] * BURST, JOB_MS, start, q_heavy))
-    light = ctx.Process(target=_proc, args=(system, url, [f"light{i}" for i in range(LIGHTS)], JOB_MS, start + 0.2,
-                                            q_light))
+    light = ctx.Process(
+        target=_proc, args=(system, url, [f"light{i}" for i in range(LIGHTS)], JOB_MS, start + 0.2, q_light)
+    )
     heavy.start(), light.start()
     heavy_res, light_res = q_heavy.get(timeout=300), q_light.get(timeout=300)
     heavy.join(), light.join()
     lat = [t for t, _ in light_res]
     errors = sum(not ok for _, ok in heavy_res + light_res)
-    return {"light_p50_s": median(lat), "light_max_s": max(lat), "heavy_total_s": max(t for t, _ in heavy_res),
-            "errors": errors}
+    return {
+        "light_p50_s": median(lat),
+        "light_max_s": max(lat),
+        "heavy_total_s": max(t for t, _ in heavy_res),
+        "errors": errors,
+    }
 
 
 # -- many clients ------------------------------------------------------------------------------
@@ -98,8 +104,15 @@ def many_clients_plan(seed: int = 7) -> tuple[dict[str, float], dict[str, float]
     return demand, weights
 
 
-async def _open_loop(system: str, url: str, clients: list[str], demand: dict[str, float], seconds: float,
-                     out_gpu: dict[str, float], out_offered: dict[str, float]) -> None:
+async def _open_loop(
+    system: str,
+    url: str,
+    clients: list[str],
+    demand: dict[str, float],
+    seconds: float,
+    out_gpu: dict[str, float],
+    out_offered: dict[str, float],
+) -> None:
     limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
     job_s = MANY_JOB_MS / 1000
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
@@ -128,8 +141,9 @@ async def _open_loop(system: str, url: str, clients: list[str], demand: dict[str
         await asyncio.gather(*(arrivals(c) for c in clients))
 
 
-def _many_proc(system: str, url: str, clients: list[str], demand: dict[str, float], seconds: float,
-               start_at: float, out: Any) -> None:
+def _many_proc(
+    system: str, url: str, clients: list[str], demand: dict[str, float], seconds: float, start_at: float, out: Any
+) -> None:
     gpu = {c: 0.0 for c in clients}
     offered = {c: 0.0 for c in clients}
     time.sleep(max(0.0, start_at - time.time()))
@@ -164,8 +178,7 @@ def many_clients(system: str, url: str, seconds: float) -> dict[str, Any]:
     # The oracle gets the demand each client actually offered and the GPU time actually delivered.
     fair = weighted_max_min({c: offered[c] / seconds for c in clients}, weights, capacity)
     ratios = [served[c] / fair[c] for c in clients if fair[c] > 0]
-    return {"jain": jain(ratios), "capacity_used": capacity,
-            "worst_ratio": min(ratios), "best_ratio": max(ratios)}
+    return {"jain": jain(ratios), "capacity_used": capacity, "worst_ratio": min(ratios), "best_ratio": max(ratios)}
 
 
 WEIGHT_TIERS = "".join(
@@ -203,8 +216,10 @@ def main() -> None:
                     rows[system].append(result)
                 time.sleep(1.0)
         job = JOB_MS / 1000
-        print(f"\n== noisy neighbour: {BURST}-job burst + {LIGHTS} lights, {JOB_MS} ms jobs, through both tiers, "
-              f"median of {args.rounds} rounds ==")
+        print(
+            f"\n== noisy neighbour: {BURST}-job burst + {LIGHTS} lights, {JOB_MS} ms jobs, through both tiers, "
+            f"median of {args.rounds} rounds =="
+        )
         print(f"{'system':<12}{'light p50':>12}{'light worst':>13}{'heavy total':>13}{'errors':>8}")
         summary = {}
         for system, rs in rows.items():
@@ -215,25 +230,34 @@ def main() -> None:
             total = median([x["heavy_total_s"] for x in rs])
             errs = sum(x["errors"] for x in rs)
             summary[system] = (p50, worst, total)
-            print(f"{system:<12}{p50:>8.3f} s ({p50 / job:4.1f} jobs){worst:>7.3f} s ({worst / job:4.1f})"
-                  f"{total:>9.2f} s{errs:>8}")
+            print(
+                f"{system:<12}{p50:>8.3f} s ({p50 / job:4.1f} jobs){worst:>7.3f} s ({worst / job:4.1f})"
+                f"{total:>9.2f} s{errs:>8}"
+            )
         (bp, bw, bt) = summary.get("baseline", (float("nan"),) * 3)
         (sp, sw, st) = summary["splitspace"]
-        print(f"ratios splitspace/baseline: light p50 {sp / bp:.3f}, light worst {sw / bw:.3f}, "
-              f"heavy total {st / bt:.3f}")
-        print(f"goal: light p50 <= 4 jobs: {'MET' if sp <= 4 * job else 'MISSED'}; worst <= 6 jobs: "
-              f"{'MET' if sw <= 6 * job else 'MISSED'}; heavy within 5% of baseline: "
-              f"{'MET' if st <= 1.05 * bt else 'MISSED'}")
+        print(
+            f"ratios splitspace/baseline: light p50 {sp / bp:.3f}, light worst {sw / bw:.3f}, heavy total {st / bt:.3f}"
+        )
+        print(
+            f"goal: light p50 <= 4 jobs: {'MET' if sp <= 4 * job else 'MISSED'}; worst <= 6 jobs: "
+            f"{'MET' if sw <= 6 * job else 'MISSED'}; heavy within 5% of baseline: "
+            f"{'MET' if st <= 1.05 * bt else 'MISSED'}"
+        )
         if not args.skip_many:
             split.stop()
             split_many = Deployment(work / "many", model=f"sleep:{MANY_JOB_MS}", quotas=splitspace_quotas()).start()
             try:
-                print(f"\n== many clients: {N_CLIENTS} clients, Zipf demand (1.5x the GPU), weights {WEIGHTS}, "
-                      f"{MANY_JOB_MS} ms jobs, {args.many_seconds:.0f} s ==")
+                print(
+                    f"\n== many clients: {N_CLIENTS} clients, Zipf demand (1.5x the GPU), weights {WEIGHTS}, "
+                    f"{MANY_JOB_MS} ms jobs, {args.many_seconds:.0f} s =="
+                )
                 for system, url in (("baseline", base_frontend.url), ("splitspace", split_many.frontend.url)):
                     m = many_clients(system, url, args.many_seconds)
-                    print(f"{system:<12} Jain index {m['jain']:.3f}  (share/fair share from {m['worst_ratio']:.2f} "
-                          f"to {m['best_ratio']:.2f}; GPU busy {m['capacity_used'] * 100:.0f}%)")
+                    print(
+                        f"{system:<12} Jain index {m['jain']:.3f}  (share/fair share from {m['worst_ratio']:.2f} "
+                        f"to {m['best_ratio']:.2f}; GPU busy {m['capacity_used'] * 100:.0f}%)"
+                    )
                     time.sleep(2)
             finally:
                 split_many.stop()

@@ -31,19 +31,26 @@ def main() -> None:
     assert d.backend is not None
 
     def at(address: str) -> httpx.Client:
-        return httpx.Client(base_url=d.backend.url, timeout=10,  # type: ignore[union-attr]
-                            transport=httpx.HTTPTransport(local_address=address))
+        return httpx.Client(
+            base_url=d.backend.url,
+            timeout=10,  # type: ignore[union-attr]
+            transport=httpx.HTTPTransport(local_address=address),
+        )
 
     try:
         with at("127.0.0.20") as c:
             t = time.monotonic()
-            codes = collections.Counter(c.post("/admin/ui/login", data={
-                "username": "admin", "password": f"wrong-{i}-abcdefghijk"}).status_code for i in range(n))
+            codes = collections.Counter(
+                c.post("/admin/ui/login", data={"username": "admin", "password": f"wrong-{i}-abcdefghijk"}).status_code
+                for i in range(n)
+            )
             print(f"{n} wrong dashboard passwords: {dict(codes)} in {time.monotonic() - t:.2f} s")
         with at("127.0.0.21") as c:
             t = time.monotonic()
-            codes = collections.Counter(c.get("/admin/clients", headers={
-                "X-Splitspace-Admin": f"wrong-{i}-abcdefghijk"}).status_code for i in range(n))
+            codes = collections.Counter(
+                c.get("/admin/clients", headers={"X-Splitspace-Admin": f"wrong-{i}-abcdefghijk"}).status_code
+                for i in range(n)
+            )
             print(f"{n} wrong admin tokens: {dict(codes)} in {time.monotonic() - t:.2f} s")
         with at("127.0.0.22") as c:
             right = c.get("/admin/clients", headers={"X-Splitspace-Admin": d.admin_token}).status_code

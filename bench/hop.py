@@ -60,8 +60,9 @@ async def sequential(url: str, api: str, data: list[Any], n: int, pid: int) -> d
     return {"p50_ms": median(times) * 1000, "p95_ms": pct(times, 95) * 1000, "cpu_ms": cpu * 1000, "fails": fails}
 
 
-async def throughput(url: str, api: str, data: list[Any], callers: int, per_caller: int,
-                     headers: dict[str, str]) -> dict[str, float]:
+async def throughput(
+    url: str, api: str, data: list[Any], callers: int, per_caller: int, headers: dict[str, str]
+) -> dict[str, float]:
     limits = httpx.Limits(max_connections=callers * 2, max_keepalive_connections=callers * 2)
     async with httpx.AsyncClient(timeout=120, limits=limits) as c:
         await asyncio.gather(*(rest_call(c, url, api, data, headers) for _ in range(callers)))
@@ -83,8 +84,7 @@ async def throughput(url: str, api: str, data: list[Any], callers: int, per_call
         t0 = time.perf_counter()
         await asyncio.gather(*(caller() for _ in range(callers)))
         elapsed = time.perf_counter() - t0
-    return {"calls_s": callers * per_caller / elapsed, "fails": fails, "calls": callers * per_caller,
-            "errors": errors}
+    return {"calls_s": callers * per_caller / elapsed, "fails": fails, "calls": callers * per_caller, "errors": errors}
 
 
 async def waiting_memory(d: Deployment, n: int) -> dict[str, float]:
@@ -119,8 +119,11 @@ def main() -> None:
     ap.add_argument("--per-caller", type=int, default=10)
     ap.add_argument("--waiting", type=int, default=500)
     ap.add_argument("--transports", default="direct,httpx,gradio_client")
-    ap.add_argument("--skip-baseline-client", action="store_true",
-                    help="leave out the baseline through gradio_client (slow; e.g. for --per-caller 80)")
+    ap.add_argument(
+        "--skip-baseline-client",
+        action="store_true",
+        help="leave out the baseline through gradio_client (slow; e.g. for --per-caller 80)",
+    )
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="splitspace-hop-"))
     base_backend, base_frontend = start_baseline(work)
@@ -145,19 +148,27 @@ def main() -> None:
             headers = {"authorization": "Bearer key-hop"} if d is not None else {}
             rows[name]["tp"] = asyncio.run(throughput(url, api, data, args.callers, args.per_caller, headers))
         base = rows["baseline direct"]
-        print(f"\n== hop: sequential raw REST calls (median of {args.rounds} interleaved rounds of {args.seq}) "
-              f"and {args.callers} callers x {args.per_caller} ==")
-        print(f"{'system':<28}{'p50 ms':>8}{'p95 ms':>8}{'+p50 ms':>9}{'cpu/call':>10}{'cpu x':>7}"
-              f"{'calls/s':>9}{'tp x':>6}{'fails':>7}")
+        print(
+            f"\n== hop: sequential raw REST calls (median of {args.rounds} interleaved rounds of {args.seq}) "
+            f"and {args.callers} callers x {args.per_caller} =="
+        )
+        print(
+            f"{'system':<28}{'p50 ms':>8}{'p95 ms':>8}{'+p50 ms':>9}{'cpu/call':>10}{'cpu x':>7}"
+            f"{'calls/s':>9}{'tp x':>6}{'fails':>7}"
+        )
         for name, r in rows.items():
             s, t = r["seq"], r["tp"]
-            print(f"{name:<28}{s['p50_ms']:>8.1f}{s['p95_ms']:>8.1f}{s['p50_ms'] - base['seq']['p50_ms']:>9.1f}"
-                  f"{s['cpu_ms']:>8.1f}ms{s['cpu_ms'] / base['seq']['cpu_ms']:>7.2f}{t['calls_s']:>9.1f}"
-                  f"{t['calls_s'] / base['tp']['calls_s']:>6.2f}{t['fails']:>4}/{t['calls']}")
+            print(
+                f"{name:<28}{s['p50_ms']:>8.1f}{s['p95_ms']:>8.1f}{s['p50_ms'] - base['seq']['p50_ms']:>9.1f}"
+                f"{s['cpu_ms']:>8.1f}ms{s['cpu_ms'] / base['seq']['cpu_ms']:>7.2f}{t['calls_s']:>9.1f}"
+                f"{t['calls_s'] / base['tp']['calls_s']:>6.2f}{t['fails']:>4}/{t['calls']}"
+            )
             if t["errors"]:
                 print(f"{'':<28}errors: {t['errors']}")
-        print("(+p50: added over one plain tier called directly; cpu/call: the CPU of the tier that "
-              "receives the call; cpu x and tp x: ratios to one plain tier)")
+        print(
+            "(+p50: added over one plain tier called directly; cpu/call: the CPU of the tier that "
+            "receives the call; cpu x and tp x: ratios to one plain tier)"
+        )
         if args.waiting:
             for d in deployments:
                 d.stop()
@@ -165,9 +176,11 @@ def main() -> None:
             try:
                 m = asyncio.run(waiting_memory(slow, args.waiting))
                 print(f"\n== {args.waiting} callers waiting on a slow GPU tier (default transport) ==")
-                print(f"frontend RSS {m['rss0_mb']:.0f} -> {m['rss_mb']:.0f} MB "
-                      f"({(m['rss_mb'] - m['rss0_mb']) * 1024 / args.waiting:.0f} KB per waiting call); "
-                      f"threads {m['threads0']} -> {m['threads']}")
+                print(
+                    f"frontend RSS {m['rss0_mb']:.0f} -> {m['rss_mb']:.0f} MB "
+                    f"({(m['rss_mb'] - m['rss0_mb']) * 1024 / args.waiting:.0f} KB per waiting call); "
+                    f"threads {m['threads0']} -> {m['threads']}"
+                )
             finally:
                 slow.stop()
     finally:

@@ -56,8 +56,10 @@ class Run:
 async def attack(url: str, api: str, data: list[Any], address: str, period: float, until: float, run: Run) -> None:
     async with httpx.AsyncClient(timeout=30, transport=httpx.AsyncHTTPTransport(local_address=address)) as c:
         while time.monotonic() < until:
-            answers = await asyncio.gather(*(c.post(f"{url}/gradio_api/call/{api}", json={"data": data})
-                                             for _ in range(CAP)), return_exceptions=True)
+            answers = await asyncio.gather(
+                *(c.post(f"{url}/gradio_api/call/{api}", json={"data": data}) for _ in range(CAP)),
+                return_exceptions=True,
+            )
             for a in answers:
                 run.posted += 1
                 if not isinstance(a, httpx.Response) or a.status_code != 200:
@@ -93,8 +95,16 @@ async def sample(frontend: str, backend: str, until: float, run: Run) -> None:
             await asyncio.sleep(0.5)
 
 
-async def one_run(url: str, api: str, data: list[Any], headers: dict[str, str], attackers: int, seconds: float,
-                  period: float, health: tuple[str, str] | None) -> Run:
+async def one_run(
+    url: str,
+    api: str,
+    data: list[Any],
+    headers: dict[str, str],
+    attackers: int,
+    seconds: float,
+    period: float,
+    health: tuple[str, str] | None,
+) -> Run:
     run = Run()
     run.t0 = time.monotonic()
     until = time.monotonic() + seconds
@@ -108,15 +118,19 @@ async def one_run(url: str, api: str, data: list[Any], headers: dict[str, str], 
 
 def report(name: str, run: Run, job_s: float, where: bool) -> None:
     worst = max(run.jobs, default=float("nan"))
-    line = (f"{name:>11}: well-behaved jobs {len(run.jobs)} (failed {run.failed}), p50 {median(run.jobs):.2f} s, "
-            f"worst {worst:.2f} s ({worst / job_s:.0f} job times); attackers posted {run.posted}, "
-            f"refused {run.refused}")
+    line = (
+        f"{name:>11}: well-behaved jobs {len(run.jobs)} (failed {run.failed}), p50 {median(run.jobs):.2f} s, "
+        f"worst {worst:.2f} s ({worst / job_s:.0f} job times); attackers posted {run.posted}, "
+        f"refused {run.refused}"
+    )
     if run.samples:
         idle = run.idle_while_waiting / run.samples
-        line += (f"; GPU idle while work waited at the door {idle:.1%} of {run.samples} samples (while a "
-                 f"request was inside the door, on its way: {run.idle_while_inside / run.samples:.1%}), door full "
-                 f"{run.door_full / run.samples:.0%}; goals worst < 3 s: {'PASS' if worst < 3 else 'FAIL'}, "
-                 f"idle < 5%: {'PASS' if idle < 0.05 else 'FAIL'}")
+        line += (
+            f"; GPU idle while work waited at the door {idle:.1%} of {run.samples} samples (while a "
+            f"request was inside the door, on its way: {run.idle_while_inside / run.samples:.1%}), door full "
+            f"{run.door_full / run.samples:.0%}; goals worst < 3 s: {'PASS' if worst < 3 else 'FAIL'}, "
+            f"idle < 5%: {'PASS' if idle < 0.05 else 'FAIL'}"
+        )
     print(line, flush=True)
     if where:
         slow = sorted(zip(run.jobs, run.started, strict=True), reverse=True)[:5]
@@ -135,21 +149,43 @@ def main() -> None:
     args = ap.parse_args()
     job_s = args.job_ms / 1000
     with tempfile.TemporaryDirectory() as tmp:
-        d = Deployment(Path(tmp) / "splitspace", model=f"sleep:{args.job_ms}", trusted_proxies=0,
-                       quotas=bench_quotas({"behaved": (BEHAVED, "behaved")}, BEHAVED_TIER)).start()
+        d = Deployment(
+            Path(tmp) / "splitspace",
+            model=f"sleep:{args.job_ms}",
+            trusted_proxies=0,
+            quotas=bench_quotas({"behaved": (BEHAVED, "behaved")}, BEHAVED_TIER),
+        ).start()
         try:
-            run = asyncio.run(one_run(d.frontend.url, "generate", ["a jam", "", 64, 64, 1, 0.0, 1],
-                                      {"authorization": f"Bearer {BEHAVED}"}, args.attackers, args.seconds,
-                                      args.period, (d.frontend.url, d.backend.url)))
+            run = asyncio.run(
+                one_run(
+                    d.frontend.url,
+                    "generate",
+                    ["a jam", "", 64, 64, 1, 0.0, 1],
+                    {"authorization": f"Bearer {BEHAVED}"},
+                    args.attackers,
+                    args.seconds,
+                    args.period,
+                    (d.frontend.url, d.backend.url),
+                )
+            )
         finally:
             d.stop()
         report("splitspace", run, job_s, args.where)
         if not args.skip_baseline:
             backend, frontend = start_baseline(Path(tmp))
             try:
-                run = asyncio.run(one_run(frontend.url, "work", [args.job_ms], {"x-user": "behaved"}, args.attackers,
-                                          args.seconds,
-                                          args.period, None))
+                run = asyncio.run(
+                    one_run(
+                        frontend.url,
+                        "work",
+                        [args.job_ms],
+                        {"x-user": "behaved"},
+                        args.attackers,
+                        args.seconds,
+                        args.period,
+                        None,
+                    )
+                )
             finally:
                 frontend.stop()
                 backend.stop()

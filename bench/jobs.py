@@ -48,8 +48,10 @@ BODY = {"endpoint": "/generate", "inputs": {"prompt": "a red fox", "width": 64, 
 def quotas() -> str:
     text = "[tiers.batch]\nweight = 1\nmax_running = 1\nmax_queued = 400\ngpu_seconds = 1e9\nwindow_s = 3600\n"
     for i in range(KEYS):
-        text += (f'\n[[keys]]\nname = "k{i:03d}"\ntier = "batch"\nsha256 = "{sha256(f"bench-key-{i:03d}")}"\n'
-                 f'webhook_secret = "{SECRET}"\n')
+        text += (
+            f'\n[[keys]]\nname = "k{i:03d}"\ntier = "batch"\nsha256 = "{sha256(f"bench-key-{i:03d}")}"\n'
+            f'webhook_secret = "{SECRET}"\n'
+        )
     return text
 
 
@@ -81,11 +83,21 @@ def serve_frontend(port: int) -> None:
 
 def start_frontend(d: Deployment, env: dict[str, str]) -> TierProcess:
     port = free_port()
-    full = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **d.common_env(),
-            "SPLITSPACE_BACKEND_URL": d.backend_urls(), **env}
+    full = {
+        **os.environ,
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        **d.common_env(),
+        "SPLITSPACE_BACKEND_URL": d.backend_urls(),
+        **env,
+    }
     log = d.workdir / "frontend.log"
-    proc = subprocess.Popen([sys.executable, __file__, "--serve-frontend", str(port)], env=full, cwd=REPO,
-                            stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve-frontend", str(port)],
+        env=full,
+        cwd=REPO,
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+    )
     return wait_ready(TierProcess("frontend", f"http://127.0.0.1:{port}", proc, log))
 
 
@@ -111,13 +123,15 @@ async def probe(url: str) -> int:
         return int((await r.json())["tasks"])
 
 
-async def post_jobs(url: str, n: int, extra: dict[str, Any] | None = None,
-                    hook: Any = None) -> tuple[float, list[str], int]:
+async def post_jobs(
+    url: str, n: int, extra: dict[str, Any] | None = None, hook: Any = None
+) -> tuple[float, list[str], int]:
     """POST n jobs, IN_FLIGHT at once; (seconds, ids, refused)."""
     ids: list[str] = []
     refused = 0
     counter = iter(range(n))
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=IN_FLIGHT)) as s:
+
         async def worker() -> None:
             nonlocal refused
             for i in counter:
@@ -128,6 +142,7 @@ async def post_jobs(url: str, n: int, extra: dict[str, Any] | None = None,
                         ids.append(doc["id"])
                     else:
                         refused += 1
+
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
         return time.perf_counter() - start, ids, refused
@@ -146,12 +161,18 @@ async def queued_phase(work: Path) -> None:
         seconds, ids, refused = await post_jobs(fe.url, JOBS)
         await asyncio.sleep(1.0)  # the client's connections closed
         rss1, tasks1, socks1 = rss_mb(fe.proc.pid), await probe(fe.url), sockets(fe.proc.pid)
-        print(f"POST /v1/jobs: {len(ids)} accepted in {seconds:.2f} s = {len(ids) / seconds:.0f}/s "
-              f"({IN_FLIGHT} in flight, {KEYS} keys; {refused} refused)  goal >= 300/s")
-        print(f"{len(ids) + 200} jobs queued: frontend RSS {rss0:.0f} -> {rss1:.0f} MB = "
-              f"{(rss1 - rss0) * 1024 * 1024 / len(ids):.0f} bytes per job")
-        print(f"  asyncio tasks {tasks0} -> {tasks1}; open sockets {socks0} -> {socks1} "
-              f"(the jobs let in hold one each: at most SPLITSPACE_DOOR_TOTAL = 64)")
+        print(
+            f"POST /v1/jobs: {len(ids)} accepted in {seconds:.2f} s = {len(ids) / seconds:.0f}/s "
+            f"({IN_FLIGHT} in flight, {KEYS} keys; {refused} refused)  goal >= 300/s"
+        )
+        print(
+            f"{len(ids) + 200} jobs queued: frontend RSS {rss0:.0f} -> {rss1:.0f} MB = "
+            f"{(rss1 - rss0) * 1024 * 1024 / len(ids):.0f} bytes per job"
+        )
+        print(
+            f"  asyncio tasks {tasks0} -> {tasks1}; open sockets {socks0} -> {socks1} "
+            f"(the jobs let in hold one each: at most SPLITSPACE_DOOR_TOTAL = 64)"
+        )
     finally:
         fe.stop()
         d.stop()
@@ -192,8 +213,9 @@ async def webhook_phase(work: Path) -> None:
     d.workdir.mkdir(parents=True)
     d.write_quotas(quotas())
     d.start_backend()
-    fe = start_frontend(d, {"SPLITSPACE_JOBS_PATH": str(work / "hooks" / "jobs.sqlite3"),
-                            "SPLITSPACE_WEBHOOK_ALLOW": "127.0.0.0/8"})
+    fe = start_frontend(
+        d, {"SPLITSPACE_JOBS_PATH": str(work / "hooks" / "jobs.sqlite3"), "SPLITSPACE_WEBHOOK_ALLOW": "127.0.0.0/8"}
+    )
     try:
         _, ids, _ = await post_jobs(fe.url, 300, hook=hook)
         expect = len([i for i in range(300) if i % 100 != 0])
@@ -202,8 +224,10 @@ async def webhook_phase(work: Path) -> None:
             await asyncio.sleep(0.2)
         lat = sorted((received[j] - finished[j]) * 1000 for j in received)
         p50, p95 = statistics.median(lat), lat[int(0.95 * (len(lat) - 1))]
-        print(f"webhooks: {len(lat)} of {expect} delivered (100 receivers, one hanging); from the job's end to "
-              f"its receiver: p50 {p50:.0f} ms, p95 {p95:.0f} ms, max {lat[-1]:.0f} ms  goal p50 < 200 ms")
+        print(
+            f"webhooks: {len(lat)} of {expect} delivered (100 receivers, one hanging); from the job's end to "
+            f"its receiver: p50 {p50:.0f} ms, p95 {p95:.0f} ms, max {lat[-1]:.0f} ms  goal p50 < 200 ms"
+        )
     finally:
         fe.stop()
         d.stop()

@@ -70,8 +70,10 @@ def in_process(n: int) -> None:
     before = rss_mb()
     caps, door = asyncio.run(frontend())
     gc.collect()
-    print(f"frontend, {n:,} distinct clients: InflightCaps holds {len(caps._learned):,}, "
-          f"FairDoor {len(door._flows):,} flows; RSS +{rss_mb() - before:.1f} MB")
+    print(
+        f"frontend, {n:,} distinct clients: InflightCaps holds {len(caps._learned):,}, "
+        f"FairDoor {len(door._flows):,} flows; RSS +{rss_mb() - before:.1f} MB"
+    )
 
     now = [0.0]
     store = MemoryUsageStore(clock=lambda: now[0])
@@ -87,9 +89,11 @@ def in_process(n: int) -> None:
             sched.finish(job.job_id, 0.005)
     gc.collect()
     flows = len(sched._flows)
-    print(f"GPU tier, {n:,} distinct clients over {now[0]:,.0f} s: FairScheduler holds {flows:,} flows, "
-          f"{len(sched._seen):,} clients seen; usage store {len(store._windows):,} windows (live: all); "
-          f"RSS +{rss_mb() - before:.1f} MB")
+    print(
+        f"GPU tier, {n:,} distinct clients over {now[0]:,.0f} s: FairScheduler holds {flows:,} flows, "
+        f"{len(sched._seen):,} clients seen; usage store {len(store._windows):,} windows (live: all); "
+        f"RSS +{rss_mb() - before:.1f} MB"
+    )
     now[0] += 3600 + 600
     forget = getattr(sched, "forget_idle", None)
     expire = getattr(store, "forget_expired", None)
@@ -97,9 +101,11 @@ def in_process(n: int) -> None:
         expire()
         forget()
         gc.collect()
-        print(f"  an hour and 10 min later (windows ended, all idle): {len(sched._flows):,} flows, "
-              f"{len(sched._seen):,} clients seen, {len(store._windows):,} windows; "
-              f"RSS +{rss_mb() - before:.1f} MB (freed memory stays with the process)")
+        print(
+            f"  an hour and 10 min later (windows ended, all idle): {len(sched._flows):,} flows, "
+            f"{len(sched._seen):,} clients seen, {len(store._windows):,} windows; "
+            f"RSS +{rss_mb() - before:.1f} MB (freed memory stays with the process)"
+        )
 
 
 # -- 2. through the real frontend -------------------------------------------------------------
@@ -114,8 +120,9 @@ def rest_clients(d: Deployment, n: int) -> None:
             r = await client.post(f"{d.frontend.url}/gradio_api/call/generate", json=data, headers=headers)
             if r.status_code != 200:
                 return False
-            async with client.stream("GET", f"{d.frontend.url}/gradio_api/call/generate/{r.json()['event_id']}",
-                                     headers=headers) as s:
+            async with client.stream(
+                "GET", f"{d.frontend.url}/gradio_api/call/generate/{r.json()['event_id']}", headers=headers
+            ) as s:
                 async for line in s.aiter_lines():
                     if line.startswith("event: complete"):
                         return True
@@ -131,9 +138,11 @@ def rest_clients(d: Deployment, n: int) -> None:
     started = time.monotonic()
     ok = asyncio.run(all_of())
     after = rss_mb(d.frontend.proc.pid), rss_mb(d.backend.proc.pid)
-    print(f"real tiers, {n:,} distinct addresses, one /generate each ({ok:,} complete, "
-          f"{time.monotonic() - started:.0f} s): frontend RSS {before[0]:.0f} -> {after[0]:.0f} MB, "
-          f"GPU tier {before[1]:.0f} -> {after[1]:.0f} MB")
+    print(
+        f"real tiers, {n:,} distinct addresses, one /generate each ({ok:,} complete, "
+        f"{time.monotonic() - started:.0f} s): frontend RSS {before[0]:.0f} -> {after[0]:.0f} MB, "
+        f"GPU tier {before[1]:.0f} -> {after[1]:.0f} MB"
+    )
 
 
 # -- 3. idle heartbeat streams ----------------------------------------------------------------
@@ -142,8 +151,10 @@ async def heartbeat_round(port: int, n: int, first: int) -> tuple[int, list]:  #
     conns = []
     for i in range(first, first + n):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(f"GET /gradio_api/heartbeat/{secrets.token_hex(8)} HTTP/1.1\r\nHost: bench\r\n"
-                     f"X-Forwarded-For: 10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}\r\n\r\n".encode())
+        writer.write(
+            f"GET /gradio_api/heartbeat/{secrets.token_hex(8)} HTTP/1.1\r\nHost: bench\r\n"
+            f"X-Forwarded-For: 10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}\r\n\r\n".encode()
+        )
         conns.append((reader, writer))
     opened = 0
     for reader, _ in conns:
@@ -165,8 +176,10 @@ def heartbeats(d: Deployment, n: int, rounds: int) -> None:
                 writer.close()
             await asyncio.gather(*(writer.wait_closed() for _, writer in conns), return_exceptions=True)
             pages = await asyncio.to_thread(wait_pages_gone, d.frontend.url)
-            print(f"  round {r + 1}: {opened:,} open (RSS {open_rss:.0f} MB); all closed: RSS {rss_mb(pid):.0f} MB, "
-                  f"/health pages {pages}")
+            print(
+                f"  round {r + 1}: {opened:,} open (RSS {open_rss:.0f} MB); all closed: RSS {rss_mb(pid):.0f} MB, "
+                f"/health pages {pages}"
+            )
 
     asyncio.run(go())
 
@@ -202,8 +215,9 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 4 * args.streams + 1024)), hard))
     in_process(args.clients)
     workdir = Path(f"/tmp/splitspace-bench-memory-{secrets.token_hex(4)}")
-    d = Deployment(workdir, model="sleep:1", trusted_proxies=1,
-                   frontend_env={"SPLITSPACE_HEARTBEATS_TOTAL": str(args.streams)})
+    d = Deployment(
+        workdir, model="sleep:1", trusted_proxies=1, frontend_env={"SPLITSPACE_HEARTBEATS_TOTAL": str(args.streams)}
+    )
     d.start()
     try:
         if args.rest:

@@ -66,8 +66,10 @@ async def measure(url: str, n: int) -> dict[str, list[float]]:
             before = commands(url)
             await one(kind)
             after = commands(url)
-            print(f"{kind}: {after[0] - before[0]} round trip(s) (scripts), {after[1] - before[1]} Redis commands"
-                  " per admission")
+            print(
+                f"{kind}: {after[0] - before[0]} round trip(s) (scripts), {after[1] - before[1]} Redis commands"
+                " per admission"
+            )
     finally:
         gate.close()
         await async_store.close()
@@ -88,8 +90,10 @@ def main() -> None:
             local.stop()
     for kind, ts in times.items():
         ts.sort()
-        print(f"{kind}: p50 {statistics.median(ts) * 1000:.3f} ms, p95 {ts[int(len(ts) * 0.95)] * 1000:.3f} ms"
-              f" ({len(ts)} admissions)")
+        print(
+            f"{kind}: p50 {statistics.median(ts) * 1000:.3f} ms, p95 {ts[int(len(ts) * 0.95)] * 1000:.3f} ms"
+            f" ({len(ts)} admissions)"
+        )
     added = statistics.median(times["with nonce"]) - statistics.median(times["without nonce"])
     print(f"added by the nonce at p50: {added * 1e6:+.0f} us per call")
 

@@ -38,8 +38,15 @@ QUOTAS = bench_quotas(
     {"bench": (KEY, "bulk")},
     "\n[tiers.bulk]\nweight = 1\nmax_running = 1\nmax_queued = 1000\ngpu_seconds = 1e9\nwindow_s = 3600\n",
 )
-FIELDS: dict[str, Any] = {"prompt": "bench", "negative_prompt": "", "width": 64, "height": 64, "steps": 1,
-                          "guidance_scale": 0.0, "seed": 1}
+FIELDS: dict[str, Any] = {
+    "prompt": "bench",
+    "negative_prompt": "",
+    "width": 64,
+    "height": 64,
+    "steps": 1,
+    "guidance_scale": 0.0,
+    "seed": 1,
+}
 GRADIO_DATA = list(FIELDS.values())
 OPENAI_BODY = {"prompt": "bench", "n": 1, "size": "64x64", "steps": 1, "guidance_scale": 0.0, "seed": 1}
 
@@ -112,8 +119,10 @@ def main() -> None:
                 times[name] += t
                 p50s[name].append(median(t))
         base = median(p50s["gradio rest"]) * 1000
-        print(f"\n== openai images: sequential calls, {args.rounds} interleaved rounds of {args.seq} "
-              f"(sleep:0, 64x64, one key) ==")
+        print(
+            f"\n== openai images: sequential calls, {args.rounds} interleaved rounds of {args.seq} "
+            f"(sleep:0, 64x64, one key) =="
+        )
         print(f"{'flow':<22}{'p50 ms':>8}{'p95 ms':>8}{'vs gradio rest':>16}")
         for name in calls:
             p50 = median(p50s[name]) * 1000

@@ -71,8 +71,14 @@ most RPM entries, and once a client's is full its admissions are refusals, as in
 
 
 def plan(i: int) -> AdmitPlan:
-    return AdmitPlan(key=f"key:c{i % CLIENTS}", job_id=f"j{i}", max_queued=10**9, lease_s=30.0,
-                     reservations=(Reservation("key:bench", 0.5, float("inf"), 3600.0),), rate_limit=RPM)
+    return AdmitPlan(
+        key=f"key:c{i % CLIENTS}",
+        job_id=f"j{i}",
+        max_queued=10**9,
+        lease_s=30.0,
+        reservations=(Reservation("key:bench", 0.5, float("inf"), 3600.0),),
+        rate_limit=RPM,
+    )
 
 
 def sync_ops(store: Any) -> dict[str, Callable[[int], None]]:
@@ -121,12 +127,17 @@ async def async_rate_of(op: Callable[[int], Awaitable[None]], seconds: float) ->
     return done / elapsed
 
 
-
-
 # -- one job's store work, as a GPU tier does it (GlobalLimits on the failover wrappers) ------
 JOB_TIERS = {
-    "anonymous": Tier(weight=1, max_running=1000, max_queued=1000, gpu_seconds=1e12, window_s=3600,
-                      address_gpu_seconds=1e12, requests_per_minute=10**9),
+    "anonymous": Tier(
+        weight=1,
+        max_running=1000,
+        max_queued=1000,
+        gpu_seconds=1e12,
+        window_s=3600,
+        address_gpu_seconds=1e12,
+        requests_per_minute=10**9,
+    ),
     "api key": Tier(weight=1, max_running=1000, max_queued=1000, gpu_seconds=1e12, window_s=3600),
 }
 JOB_CLIENTS = {
@@ -247,7 +258,8 @@ def part1(seconds: float, redis_url: str | None) -> None:
     rows: list[tuple[str, dict[str, float]]] = []
     try:
         stores: list[tuple[str, Any]] = [
-            ("memory", MemoryUsageStore()), ("redis", RedisStore.from_url(url, prefix=prefix + "a:")),
+            ("memory", MemoryUsageStore()),
+            ("redis", RedisStore.from_url(url, prefix=prefix + "a:")),
         ]
         for name, store in stores:
             rows.append((name, {op: rate_of(fn, seconds) for op, fn in sync_ops(store).items()}))
@@ -272,24 +284,38 @@ def part1(seconds: float, redis_url: str | None) -> None:
     for name, figures in rows:
         print(f"| {name} | " + " | ".join(f"{figures[op]:,.0f}" if op in figures else "-" for op in OPS) + " |")
     print("\nEach cell is one store call as a GPU tier makes it; latency = 1 / rate.")
-    print("\nOne job's store work on Redis as a GPU tier does it (GlobalLimits over the failover wrappers): "
-          "ms per job, and Redis round trips (scripts) of each step:\n")
-    print("| caller | admission (event loop) | dispatch (GPU thread) | finish (GPU thread) | total on the path "
-          "| round trips on the path | off the path (settler) |")
+    print(
+        "\nOne job's store work on Redis as a GPU tier does it (GlobalLimits over the failover wrappers): "
+        "ms per job, and Redis round trips (scripts) of each step:\n"
+    )
+    print(
+        "| caller | admission (event loop) | dispatch (GPU thread) | finish (GPU thread) | total on the path "
+        "| round trips on the path | off the path (settler) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for kind, f in jobs.items():
         total = f["admit"] + f["start"] + f["finish"]
         path = f"{f['admit_calls']:.0f} + {f['start_calls']:.0f} + {f['finish_calls']:.0f}"
-        print(f"| {kind} | {f['admit']:.2f} ms | {f['start']:.2f} ms | {f['finish']:.2f} ms | {total:.2f} ms "
-              f"| {path} | {f['off_path_calls']:.0f} |")
+        print(
+            f"| {kind} | {f['admit']:.2f} ms | {f['start']:.2f} ms | {f['finish']:.2f} ms | {total:.2f} ms "
+            f"| {path} | {f['off_path_calls']:.0f} |"
+        )
 
 
 # -- deployments for parts 2 and 3 -------------------------------------------------------
 class Tiers:
     """One frontend in front of ``n`` GPU tiers (each its own process), on one Redis or none."""
 
-    def __init__(self, workdir: Path, *, n: int, model: str, quotas: str, redis_url: str | None,
-                 frontend_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        n: int,
+        model: str,
+        quotas: str,
+        redis_url: str | None,
+        frontend_env: dict[str, str] | None = None,
+    ) -> None:
         self.d = Deployment(workdir, model=model, quotas=quotas)
         workdir.mkdir(parents=True, exist_ok=True)
         self.d.write_quotas(quotas)
@@ -297,13 +323,21 @@ class Tiers:
         self.frontend: TierProcess | None = None
         try:
             for i in range(n):
-                env = {**self.d.common_env(), "SPLITSPACE_MODEL": model, "SPLITSPACE_ADMIN_TOKEN": self.d.admin_token,
-                       "SPLITSPACE_STATE_PATH": str(workdir / f"gpu{i}.sqlite3")}
+                env = {
+                    **self.d.common_env(),
+                    "SPLITSPACE_MODEL": model,
+                    "SPLITSPACE_ADMIN_TOKEN": self.d.admin_token,
+                    "SPLITSPACE_STATE_PATH": str(workdir / f"gpu{i}.sqlite3"),
+                }
                 if redis_url is not None:
                     env |= {"SPLITSPACE_REDIS_URL": redis_url, "SPLITSPACE_REPLICAS": str(n)}
                 self.backends.append(start_tier("backend", free_port(), env, workdir / f"gpu{i}.log"))
-            env = {**self.d.common_env(), "SPLITSPACE_BACKEND_URL": ",".join(b.url for b in self.backends),
-                   "SPLITSPACE_TRANSPORT": "direct", **(frontend_env or {})}
+            env = {
+                **self.d.common_env(),
+                "SPLITSPACE_BACKEND_URL": ",".join(b.url for b in self.backends),
+                "SPLITSPACE_TRANSPORT": "direct",
+                **(frontend_env or {}),
+            }
             self.frontend = start_tier("frontend", free_port(), env, workdir / "frontend.log")
         except BaseException:
             self.stop()
@@ -356,17 +390,22 @@ def part2(rounds: int, warmup: int, work: Path, with_sqlite: bool) -> bool:
                 res = noisy_neighbour("splitspace", d.url)
                 if r >= warmup:
                     results[name].append(res)
-                    print(f"  round {r - warmup + 1}, {name}: heavy total {res['heavy_total_s']:.2f} s, lights p50 "
-                          f"{res['light_p50_s']:.3f} s, worst {res['light_max_s']:.3f} s, errors "
-                          f"{res['errors']:.0f}", flush=True)
+                    print(
+                        f"  round {r - warmup + 1}, {name}: heavy total {res['heavy_total_s']:.2f} s, lights p50 "
+                        f"{res['light_p50_s']:.3f} s, worst {res['light_max_s']:.3f} s, errors "
+                        f"{res['errors']:.0f}",
+                        flush=True,
+                    )
                 time.sleep(1.0)
     finally:
         for d in deployments.values():
             d.stop()
         local.stop()
     job = JOB_MS / 1000
-    print(f"\n== part 2: noisy neighbour, {BURST}-job burst (max_running = {HEAVY_MAX_RUNNING}) + {LIGHTS} lights "
-          f"0.2 s later, sleep:{JOB_MS}, one frontend, Redis on (but in '{NN_SQLITE}'), median of {rounds} rounds ==")
+    print(
+        f"\n== part 2: noisy neighbour, {BURST}-job burst (max_running = {HEAVY_MAX_RUNNING}) + {LIGHTS} lights "
+        f"0.2 s later, sleep:{JOB_MS}, one frontend, Redis on (but in '{NN_SQLITE}'), median of {rounds} rounds =="
+    )
     print(f"{'GPU tiers':<16}{'heavy total':>13}{'light p50':>22}{'light worst':>22}{'errors':>8}")
     summary: dict[str, tuple[float, float, float]] = {}
     for name, rs in results.items():
@@ -375,9 +414,11 @@ def part2(rounds: int, warmup: int, work: Path, with_sqlite: bool) -> bool:
         worst = median([x["light_max_s"] for x in rs])
         errors = sum(int(x["errors"]) for x in rs)
         summary[name] = (total, p50, worst)
-        print(f"{name:<16}{total:>11.2f} s{p50:>11.3f} s ({p50 / job:4.1f} jobs)"
-              f"{worst:>11.3f} s ({worst / job:4.1f} jobs)"
-              f"{errors:>8}")
+        print(
+            f"{name:<16}{total:>11.2f} s{p50:>11.3f} s ({p50 / job:4.1f} jobs)"
+            f"{worst:>11.3f} s ({worst / job:4.1f} jobs)"
+            f"{errors:>8}"
+        )
     ratio = summary[NN_TWO][0] / summary[NN_ONE][0]
     verdicts = [ratio <= 0.575]
     print(f"heavy total 2 tiers / 1 tier: {ratio:.3f} (goal <= 0.575, half within 15 %): {_pass(verdicts[-1])}")
@@ -444,14 +485,19 @@ def part3(rounds: int, seq: int, model: str, work: Path) -> bool:
             for caller, headers in CALLERS.items():
                 t = asyncio.run(alternating(urls, headers, seq))
                 times[caller].append(t)
-                print(f"  round {r + 1}, {caller}: p50 sqlite {median(t[SQLITE]) * 1000:.1f} ms, "
-                      f"redis {median(t[REDIS]) * 1000:.1f} ms", flush=True)
+                print(
+                    f"  round {r + 1}, {caller}: p50 sqlite {median(t[SQLITE]) * 1000:.1f} ms, "
+                    f"redis {median(t[REDIS]) * 1000:.1f} ms",
+                    flush=True,
+                )
     finally:
         for d in systems.values():
             d.stop()
         local.stop()
-    print(f"\n== part 3: single calls one at a time, frontend -> one GPU tier, {model}, SQLite and Redis "
-          f"alternating, {rounds} rounds of {seq} calls each ==")
+    print(
+        f"\n== part 3: single calls one at a time, frontend -> one GPU tier, {model}, SQLite and Redis "
+        f"alternating, {rounds} rounds of {seq} calls each =="
+    )
     print(f"{'caller':<11}{'store':<18}{'p50 ms':>8}{'p90 ms':>8}  per round p50")
     ok = True
     for caller in CALLERS:
@@ -466,21 +512,27 @@ def part3(rounds: int, seq: int, model: str, work: Path) -> bool:
         paired = median([b - a for r in rs for a, b in zip(r[SQLITE], r[REDIS], strict=True)]) * 1000
         verdict = diff <= 2.0
         ok &= verdict
-        print(f"{caller:<11}redis - sqlite: p50 {diff:+.2f} ms, median of paired differences {paired:+.2f} ms "
-              f"(goal <= 2 ms at p50): {_pass(verdict)}")
+        print(
+            f"{caller:<11}redis - sqlite: p50 {diff:+.2f} ms, median of paired differences {paired:+.2f} ms "
+            f"(goal <= 2 ms at p50): {_pass(verdict)}"
+        )
     return ok
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", type=int, nargs="+", choices=(1, 2, 3), default=[1, 2, 3],
-                        help="which parts to run (default: all)")
+    parser.add_argument(
+        "--part", type=int, nargs="+", choices=(1, 2, 3), default=[1, 2, 3], help="which parts to run (default: all)"
+    )
     parser.add_argument("--seconds", type=float, default=1.0, help="part 1: time per operation and store")
     parser.add_argument("--redis-url", default=None, help="part 1: an existing Redis (default: start one)")
     parser.add_argument("--rounds", type=int, default=3, help="parts 2 and 3: measured rounds, interleaved")
     parser.add_argument("--warmup", type=int, default=1, help="part 2: unmeasured rounds first")
-    parser.add_argument("--with-sqlite", action="store_true",
-                        help="part 2: also one GPU tier without Redis (the SQLite default), for reference")
+    parser.add_argument(
+        "--with-sqlite",
+        action="store_true",
+        help="part 2: also one GPU tier without Redis (the SQLite default), for reference",
+    )
     parser.add_argument("--seq", type=int, default=200, help="part 3: calls per round")
     parser.add_argument("--hop-model", default="sleep:0", help="part 3: the model (sleep:0, sleep:20, tiny)")
     args = parser.parse_args()

@@ -54,6 +54,8 @@ def use_clock(name: str) -> None:
         t0 = _now()
         pairs.append(_now() - t0)
     _OVERHEAD_NS = statistics.median(pairs)
+
+
 SHAPES = ("512x512", "768x768", "512x768", "1024x1024")
 
 
@@ -142,9 +144,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per size; the best is shown, as timeit does")
     parser.add_argument("--sizes", default="100,1000,10000")
     parser.add_argument("--max-batch", type=int, default=1, help="> 1: four batch keys, batches filled up to this")
-    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
-                        help="cpu: the thread's CPU time per call (default; robust on a shared machine); "
-                             "wall: perf_counter")
+    parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="cpu: the thread's CPU time per call (default; robust on a shared machine); wall: perf_counter",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     use_clock(args.clock)
@@ -160,13 +165,16 @@ def main() -> None:
         medians[n] = {op: min(statistics.median(run[op]) for run in runs) for op in OPS}
         print(f"# {n} clients: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     batching = f", batches of up to {args.max_batch} over 4 keys" if args.max_batch > 1 else ""
-    print(f"us per call ({args.clock} time, timer overhead {_OVERHEAD_NS / 1e3:.2f} us taken off), "
-          f"best of {args.repeat} runs of {args.ops} rounds{batching} (mean / median)")
+    print(
+        f"us per call ({args.clock} time, timer overhead {_OVERHEAD_NS / 1e3:.2f} us taken off), "
+        f"best of {args.repeat} runs of {args.ops} rounds{batching} (mean / median)"
+    )
     print(f"{'clients':<10}" + "".join(f"{n:>16,}" for n in sizes) + f"{f'{sizes[-1]}/{sizes[0]}':>16}")
     for op in OPS:
         cells = "".join(f"{means[n][op]:>9.1f} /{medians[n][op]:>5.1f}" for n in sizes)
-        ratio = (f"{means[sizes[-1]][op] / means[sizes[0]][op]:.2f} "
-                 f"/{medians[sizes[-1]][op] / medians[sizes[0]][op]:.2f}")
+        ratio = (
+            f"{means[sizes[-1]][op] / means[sizes[0]][op]:.2f} /{medians[sizes[-1]][op] / medians[sizes[0]][op]:.2f}"
+        )
         print(f"{op:<10}{cells}{ratio:>16}")
 
 

@@ -43,9 +43,19 @@ def main() -> None:
     state = Path(tempfile.mkdtemp(prefix="splitspace-startup-")) / "state.sqlite3"
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "splitspace.deploy.cli", "dev",
-         "--frontend-port", str(fport), "--backend-port", str(bport)],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "splitspace.deploy.cli",
+            "dev",
+            "--frontend-port",
+            str(fport),
+            "--backend-port",
+            str(bport),
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
         env={**os.environ, "SPLITSPACE_STATE_PATH": str(state)},
     )
     url = f"http://127.0.0.1:{fport}"
@@ -61,9 +71,11 @@ def main() -> None:
         first = time.perf_counter() - t0
         runs = asyncio.run(latencies(url))
         print(f"ready after {ready:.1f} s; first 512x512 tiny image {first:.1f} s after `splitspace dev` started")
-        print(f"per request through both tiers (REST, 512x512, 2 steps): median "
-              f"{statistics.median(t for t, _ in runs) * 1000:.0f} ms, of which the model "
-              f"{statistics.median(g for _, g in runs) * 1000:.0f} ms")
+        print(
+            f"per request through both tiers (REST, 512x512, 2 steps): median "
+            f"{statistics.median(t for t, _ in runs) * 1000:.0f} ms, of which the model "
+            f"{statistics.median(g for _, g in runs) * 1000:.0f} ms"
+        )
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)

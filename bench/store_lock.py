@@ -62,8 +62,10 @@ def main() -> None:
     print(f"{'store':34} {'submit p50':>11} {'p99':>9} {'dispatch+finish p50':>20} {'p99':>9}  (us, lock held)")
     for name, s50, s99, f50, f99 in rows:
         print(f"{name:34} {s50:11.1f} {s99:9.1f} {f50:20.1f} {f99:9.1f}")
-    print(f"ratio (write-behind / memory only): submit {rows[1][1] / rows[0][1]:.2f}x, "
-          f"dispatch+finish {rows[1][3] / rows[0][3]:.2f}x")
+    print(
+        f"ratio (write-behind / memory only): submit {rows[1][1] / rows[0][1]:.2f}x, "
+        f"dispatch+finish {rows[1][3] / rows[0][3]:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -47,8 +47,12 @@ def start_plain(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     """The generator in one plain Gradio tier."""
     port = free_port()
     log = open(workdir / "plain.log", "ab")
-    proc = subprocess.Popen([sys.executable, str(APP), str(port)], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+    proc = subprocess.Popen(
+        [sys.executable, str(APP), str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -62,8 +66,15 @@ def start_plain(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise SystemExit("the plain Gradio tier did not start")
 
 
-async def stream(c: httpx.AsyncClient, url: str, api: str, data: list[Any], headers: dict[str, str],
-                 leave: asyncio.Event | None = None, started: asyncio.Event | None = None) -> Events:
+async def stream(
+    c: httpx.AsyncClient,
+    url: str,
+    api: str,
+    data: list[Any],
+    headers: dict[str, str],
+    leave: asyncio.Event | None = None,
+    started: asyncio.Event | None = None,
+) -> Events:
     """One call over the REST event stream: (arrival, event, data) per event. With ``leave``,
     the caller goes away at the first chunk after it is set; ``started`` is set at the first chunk."""
     r = await c.post(f"{url}/gradio_api/call/{api}", json={"data": data}, headers=headers)
@@ -132,8 +143,13 @@ async def crowd(url: str, clients: int, n: int, every_ms: float, key_of: Any, pi
         elapsed = time.perf_counter() - t0
     results = [t.result() if not t.exception() else [] for t in tasks]
     whole = sum(1 for ev in results if integrity(ev, n) == (0, 0, 0, True))
-    return {"whole": whole, "elapsed_s": elapsed, "rss0": rss0, "peak": peak[0],
-            "per_stream_kb": (peak[0] - rss0) * 1024 / clients}
+    return {
+        "whole": whole,
+        "elapsed_s": elapsed,
+        "rss0": rss0,
+        "peak": peak[0],
+        "per_stream_kb": (peak[0] - rss0) * 1024 / clients,
+    }
 
 
 async def abandon(url: str, api: str, every_ms: float, leaver: dict[str, str], waiter: dict[str, str]) -> float:
@@ -156,10 +172,13 @@ async def abandon(url: str, api: str, every_ms: float, leaver: dict[str, str], w
 def quotas(clients: int) -> str:
     keys = {f"c{i}": (f"key-c{i}", "bulk") for i in range(clients)}
     keys.update({"one": ("key-one", "bulk"), "leaver": ("key-leaver", "bulk"), "waiter": ("key-waiter", "bulk")})
-    return bench_quotas(keys, "\n[tiers.bulk]\nweight = 1\nmax_running = 1\nmax_queued = 1000\n"
-                              "gpu_seconds = 1e9\nwindow_s = 3600\n"
-                              "\n[tiers.anonymous]\nmax_queued = 1000\ngpu_seconds = 1e9\naddress_gpu_seconds = 1e9\n"
-                              "requests_per_minute = 1000000\n")
+    return bench_quotas(
+        keys,
+        "\n[tiers.bulk]\nweight = 1\nmax_running = 1\nmax_queued = 1000\n"
+        "gpu_seconds = 1e9\nwindow_s = 3600\n"
+        "\n[tiers.anonymous]\nmax_queued = 1000\ngpu_seconds = 1e9\naddress_gpu_seconds = 1e9\n"
+        "requests_per_minute = 1000000\n",
+    )
 
 
 def main() -> None:
@@ -173,53 +192,69 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="splitspace-stream-"))
     env = {"SPLITSPACE_APP": str(APP)}
-    d = Deployment(work / "splitspace", quotas=quotas(args.crowd), backend_env=dict(env),
-                   frontend_env=dict(env)).start()
+    d = Deployment(
+        work / "splitspace", quotas=quotas(args.crowd), backend_env=dict(env), frontend_env=dict(env)
+    ).start()
     plain, plain_url = start_plain(work)
     assert d.frontend is not None
-    systems = {"plain Gradio (one tier)": (plain_url, plain.pid), "splitspace (two tiers)": (d.frontend.url,
-                                                                                            d.frontend.proc.pid)}
+    systems = {
+        "plain Gradio (one tier)": (plain_url, plain.pid),
+        "splitspace (two tiers)": (d.frontend.url, d.frontend.proc.pid),
+    }
     bearer = {"plain Gradio (one tier)": {}, "splitspace (two tiers)": {"authorization": "Bearer key-one"}}
     try:
         lags: dict[str, list[float]] = {name: [] for name in systems}
         faults: dict[str, list[int]] = {name: [0, 0, 0, 0] for name in systems}
         for _ in range(args.rounds):
             for name, (url, _) in systems.items():
-                got, (lost, dup, disorder, complete) = asyncio.run(one_caller(url, args.chunks, args.every_ms,
-                                                                              bearer[name]))
+                got, (lost, dup, disorder, complete) = asyncio.run(
+                    one_caller(url, args.chunks, args.every_ms, bearer[name])
+                )
                 lags[name] += got
                 for k, v in enumerate((lost, dup, disorder, not complete)):
                     faults[name][k] += int(v)
-        print(f"\n== one caller: {args.chunks} chunks {args.every_ms:g} ms apart, REST event stream, "
-              f"{args.rounds} rounds (latency = arrival - made) ==")
-        print(f"{'system':<26}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}{'lost':>6}{'dup':>5}{'order':>6}"
-              f"{'unfinished':>11}")
+        print(
+            f"\n== one caller: {args.chunks} chunks {args.every_ms:g} ms apart, REST event stream, "
+            f"{args.rounds} rounds (latency = arrival - made) =="
+        )
+        print(
+            f"{'system':<26}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}{'lost':>6}{'dup':>5}{'order':>6}{'unfinished':>11}"
+        )
         for name in systems:
             x = lags[name]
             f = faults[name]
             print(f"{name:<26}{median(x):>8.2f}{pct(x, 99):>8.2f}{max(x):>8.2f}{f[0]:>6}{f[1]:>5}{f[2]:>6}{f[3]:>11}")
         base, ours = lags["plain Gradio (one tier)"], lags["splitspace (two tiers)"]
-        print(f"added by the second tier: p50 {median(ours) - median(base):+.2f} ms (goal 5), "
-              f"p99 {pct(ours, 99) - pct(base, 99):+.2f} ms (goal 20)")
+        print(
+            f"added by the second tier: p50 {median(ours) - median(base):+.2f} ms (goal 5), "
+            f"p99 {pct(ours, 99) - pct(base, 99):+.2f} ms (goal 20)"
+        )
 
-        print(f"\n== {args.crowd} concurrent streams from {args.crowd} clients, {args.crowd_chunks} chunks "
-              f"{args.every_ms:g} ms apart each (one GPU: they run in turn) ==")
+        print(
+            f"\n== {args.crowd} concurrent streams from {args.crowd} clients, {args.crowd_chunks} chunks "
+            f"{args.every_ms:g} ms apart each (one GPU: they run in turn) =="
+        )
         for name, (url, pid) in systems.items():
-            key_of = ((lambda i: {}) if name.startswith("plain") else
-                      (lambda i: {"authorization": f"Bearer key-c{i}"}))
+            key_of = (lambda i: {}) if name.startswith("plain") else (lambda i: {"authorization": f"Bearer key-c{i}"})
             r = asyncio.run(crowd(url, args.crowd, args.crowd_chunks, args.every_ms, key_of, pid))
-            print(f"{name:<26} whole {r['whole']}/{args.crowd} in {r['elapsed_s']:.1f} s; memory of the tier "
-                  f"callers reach {r['rss0']:.0f} -> {r['peak']:.0f} MB ({r['per_stream_kb']:.0f} KB per open stream)")
+            print(
+                f"{name:<26} whole {r['whole']}/{args.crowd} in {r['elapsed_s']:.1f} s; memory of the tier "
+                f"callers reach {r['rss0']:.0f} -> {r['peak']:.0f} MB ({r['per_stream_kb']:.0f} KB per open stream)"
+            )
 
-        print(f"\n== an abandoned stream: from the caller leaving to the GPU busy with the next job "
-              f"({args.leaves} each; goal < 500 ms) ==")
+        print(
+            f"\n== an abandoned stream: from the caller leaving to the GPU busy with the next job "
+            f"({args.leaves} each; goal < 500 ms) =="
+        )
         for api, every_ms in (("chunks", args.every_ms), ("achunks", 500.0)):
             for name, (url, _) in systems.items():
-                heads = ({}, {}) if name.startswith("plain") else (
-                    {"authorization": "Bearer key-leaver"}, {"authorization": "Bearer key-waiter"})
+                heads = (
+                    ({}, {})
+                    if name.startswith("plain")
+                    else ({"authorization": "Bearer key-leaver"}, {"authorization": "Bearer key-waiter"})
+                )
                 waits = [asyncio.run(abandon(url, api, every_ms, *heads)) * 1000 for _ in range(args.leaves)]
-                print(f"{name:<26} {api} {every_ms:g} ms apart: median {median(waits):.0f} ms, "
-                      f"max {max(waits):.0f} ms")
+                print(f"{name:<26} {api} {every_ms:g} ms apart: median {median(waits):.0f} ms, max {max(waits):.0f} ms")
     finally:
         d.stop()
         plain.terminate()

@@ -43,5 +43,10 @@ with gr.Blocks() as demo:
 
 if __name__ == "__main__":
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name="127.0.0.1", server_port=int(sys.argv[1]) if len(sys.argv) > 1 else 7870,
-                quiet=True, show_error=True, ssr_mode=False)
+    demo.launch(
+        server_name="127.0.0.1",
+        server_port=int(sys.argv[1]) if len(sys.argv) > 1 else 7870,
+        quiet=True,
+        show_error=True,
+        ssr_mode=False,
+    )

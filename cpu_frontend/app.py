@@ -149,12 +149,16 @@ class Frontend:
         self.resolver = IdentityResolver(
             cookies=self.cookies,
             keyring=ApiKeyring(self.watcher.current.keys),
-            addresses=AddressPolicy(trusted_proxies=settings.trusted_proxies,
-                                    trusted_networks=settings.trusted_proxy_cidrs, ipv6_prefix=settings.ipv6_prefix),
+            addresses=AddressPolicy(
+                trusted_proxies=settings.trusted_proxies,
+                trusted_networks=settings.trusted_proxy_cidrs,
+                ipv6_prefix=settings.ipv6_prefix,
+            ),
             stamps=self.stamps,
         )
-        self.caps = InflightCaps(lambda: self.watcher.current, idle_s=settings.idle_s,
-                                 max_idle=settings.max_idle_clients)
+        self.caps = InflightCaps(
+            lambda: self.watcher.current, idle_s=settings.idle_s, max_idle=settings.max_idle_clients
+        )
         self.pool = BackendPool(
             transports or build_transports(settings),
             health_headers=lambda: {IDENTITY_HEADER: self.tokens.mint(FRONTEND_IDENTITY, HEALTH)},
@@ -166,8 +170,11 @@ class Frontend:
         self.seconds_per_job = 1.0
         """Measured GPU seconds per job (smoothed), for the ETA of requests waiting at the door."""
         self.model = LiveModel(self.pool.health)
-        self.generate_api = request_handler(self.generate, "generate", "Generate one image; streams its place "
-                                            "in line, then returns the image and its info.")
+        self.generate_api = request_handler(
+            self.generate,
+            "generate",
+            "Generate one image; streams its place in line, then returns the image and its info.",
+        )
         """``/generate`` as Gradio sees it: the request's fields as parameters."""
         self.cache_dir = gr_utils.get_upload_folder()
 
@@ -300,8 +307,9 @@ class Frontend:
                 raise ValidationFailed("data", "must be plain JSON (no NaN, infinity or Python objects)") from None
             result: CallResult | None = None
             last_partial: list[Any] | None = None
-            place = self.door.take(request.headers.get(DOOR_PASS_HEADER), identity.flow_id) or \
-                await self.join_door(identity)
+            place = self.door.take(request.headers.get(DOOR_PASS_HEADER), identity.flow_id) or await self.join_door(
+                identity
+            )
             told = Told(place.told)
             try:
                 async for status in wait_turn(place, told, lambda: self.seconds_per_job):
@@ -433,8 +441,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         task = asyncio.create_task(watch())
         sweep = asyncio.create_task(sweep_finished_sessions(blocks))
         # the Gradio state of finished calls (shared/gradio/gradio_sessions.py)
-        house = asyncio.create_task(
-            every(HOUSEKEEPING_S, lambda: forget_finished_states(blocks, heartbeats.sessions)))
+        house = asyncio.create_task(every(HOUSEKEEPING_S, lambda: forget_finished_states(blocks, heartbeats.sessions)))
         await fe.ledger.start()
         await fe.pool.start()
         await jobs.start()
@@ -473,12 +480,15 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     if settings.app:  # the developer's own Blocks, its GPU events forwarded
         blocks = load_app(settings.app)
         endpoints = gpu_endpoints(blocks)
-        forward_gpu_events(endpoints, fe.follow_call,
-                           validator=lambda endpoint: gradio_validator(endpoint, settings.max_file_bytes))
+        forward_gpu_events(
+            endpoints, fe.follow_call, validator=lambda endpoint: gradio_validator(endpoint, settings.max_file_bytes)
+        )
         blocks.max_threads = settings.max_threads
         queue = getattr(blocks, "_queue", None)  # the developer's queue settings stay
-        blocks.queue(max_size=getattr(queue, "max_size", None),
-                     default_concurrency_limit=getattr(queue, "default_concurrency_limit", "not_set"))
+        blocks.queue(
+            max_size=getattr(queue, "max_size", None),
+            default_concurrency_limit=getattr(queue, "default_concurrency_limit", "not_set"),
+        )
     else:
         app.include_router(openai_routes(fe))  # /v1/images/generations, /v1/models (OpenAI's images API)
         blocks = build_page(fe.model, settings.limits, fe)
@@ -490,8 +500,14 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     bound_analytics(blocks)
     bound_session_states(blocks, settings.heartbeats_total)
     app = gr.mount_gradio_app(
-        app, blocks, path="", ssr_mode=False, show_error=True, mcp_server=settings.mcp,
-        head=DEV_RELOAD_SCRIPT if settings.dev_reload else None, app_kwargs=dict(NO_TELEMETRY),
+        app,
+        blocks,
+        path="",
+        ssr_mode=False,
+        show_error=True,
+        mcp_server=settings.mcp,
+        head=DEV_RELOAD_SCRIPT if settings.dev_reload else None,
+        app_kwargs=dict(NO_TELEMETRY),
         max_file_size=settings.max_file_bytes if settings.app else None,
     )
     app.add_middleware(  # innermost: behind CORS, so a refusal still carries CORS headers
@@ -505,11 +521,18 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         held=held,
     )
     app.add_middleware(
-        HeartbeatCap, blocks=blocks, streams=heartbeats,
+        HeartbeatCap,
+        blocks=blocks,
+        streams=heartbeats,
         address=lambda scope: fe.resolver.address(Request(scope).headers, (scope.get("client") or (None,))[0]),
     )
-    app.add_middleware(GradioGuard, blocks=blocks, body_limits={"/gradio_api/mcp": MCP_MAX_BODY_BYTES},
-                       held_events=held.__contains__, uploads=bool(settings.app))
+    app.add_middleware(
+        GradioGuard,
+        blocks=blocks,
+        body_limits={"/gradio_api/mcp": MCP_MAX_BODY_BYTES},
+        held_events=held.__contains__,
+        uploads=bool(settings.app),
+    )
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origin_list,
@@ -531,4 +554,3 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
 def create_app() -> FastAPI:
     """App factory for uvicorn (``deploy/serve.py``): settings from the environment."""
     return build_app(Settings())
-

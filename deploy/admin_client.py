@@ -87,8 +87,13 @@ def seen(standing: dict[str, Any]) -> bool:
     address = standing.get("address")
     if not isinstance(address, dict):
         address = {}
-    return bool(standing.get("queued") or standing.get("running") or standing.get("overrides")
-                or (standing.get("used") or 0) > 0 or (address.get("used") or 0) > 0)
+    return bool(
+        standing.get("queued")
+        or standing.get("running")
+        or standing.get("overrides")
+        or (standing.get("used") or 0) > 0
+        or (address.get("used") or 0) > 0
+    )
 
 
 def _cell(value: Any) -> str:

@@ -43,8 +43,10 @@ def _checked_settings():  # type: ignore[no-untyped-def]
         raise typer.Exit(2) from None
 
 
-APP_HELP = ("Your Gradio app: file.py (its `demo`) or file.py:NAME, its GPU functions marked @splitspace.gpu; "
-            "none: the built-in text-to-image.")
+APP_HELP = (
+    "Your Gradio app: file.py (its `demo`) or file.py:NAME, its GPU functions marked @splitspace.gpu; "
+    "none: the built-in text-to-image."
+)
 
 
 def _app_spec(app: str | None) -> str | None:
@@ -80,9 +82,13 @@ def dev(
     backends: int = typer.Option(1, "--backends", min=1, help="GPU tiers to start (more than 1: on a local Redis)."),
     frontends: int = typer.Option(1, "--frontends", min=1, help="Frontends to start, each given every GPU tier."),
     admin_token: str | None = typer.Option(
-        None, envvar="SPLITSPACE_ADMIN_TOKEN", show_envvar=True, show_default=False,
+        None,
+        envvar="SPLITSPACE_ADMIN_TOKEN",
+        show_envvar=True,
+        show_default=False,
         help="The operators' token (admin API, `splitspace quota`, the dashboard). "
-             "Default: a fresh one for this run, shown once on this terminal."),
+        "Default: a fresh one for this run, shown once on this terminal.",
+    ),
 ) -> None:
     """Run both tiers on this machine (separate processes, a fresh shared secret).
 
@@ -96,9 +102,19 @@ def dev(
     spec = _app_spec(app_arg)
     _checked_settings()  # a bad value (a short admin token) is one line here, not a tier that dies
     env = {"SPLITSPACE_QUOTAS": quotas} if quotas else {}
-    raise typer.Exit(run_dev(model=model, frontend_port=frontend_port, backend_port=backend_port,
-                             extra_env=env, reload=reload, backends=backends, frontends=frontends,
-                             admin_token=admin_token, app=spec))
+    raise typer.Exit(
+        run_dev(
+            model=model,
+            frontend_port=frontend_port,
+            backend_port=backend_port,
+            extra_env=env,
+            reload=reload,
+            backends=backends,
+            frontends=frontends,
+            admin_token=admin_token,
+            app=spec,
+        )
+    )
 
 
 @app.command()
@@ -115,8 +131,14 @@ def backend(
     settings = _checked_settings()
     from splitspace.deploy.serve import serve
 
-    serve("splitspace.gpu_backend.app:create_app", host, port, reload=reload, log_level=settings.log_level,
-          app_folder=_app_folder(spec))
+    serve(
+        "splitspace.gpu_backend.app:create_app",
+        host,
+        port,
+        reload=reload,
+        log_level=settings.log_level,
+        app_folder=_app_folder(spec),
+    )
 
 
 @app.command()
@@ -133,8 +155,14 @@ def frontend(
     settings = _checked_settings()
     from splitspace.deploy.serve import serve
 
-    serve("splitspace.cpu_frontend.app:create_app", host, port, reload=reload, log_level=settings.log_level,
-          app_folder=_app_folder(spec))
+    serve(
+        "splitspace.cpu_frontend.app:create_app",
+        host,
+        port,
+        reload=reload,
+        log_level=settings.log_level,
+        app_folder=_app_folder(spec),
+    )
 
 
 @app.command("deploy")
@@ -143,15 +171,21 @@ def deploy_cmd(
     frontend_space: str = typer.Option(..., help="OWNER/NAME of the public frontend Space (CPU)."),
     backend_space: str = typer.Option(..., help="OWNER/NAME of the GPU tier's Space (ZeroGPU)."),
     model: str = typer.Option("stabilityai/sd-turbo", help="Model spec the GPU tier serves (SPLITSPACE_MODEL)."),
-    private_backend: bool = typer.Option(True, "--private-backend/--public-backend",
-                                         help="Make the GPU tier's Space private (the frontend then needs a token)."),
+    private_backend: bool = typer.Option(
+        True,
+        "--private-backend/--public-backend",
+        help="Make the GPU tier's Space private (the frontend then needs a token).",
+    ),
     backend_hardware: str | None = typer.Option(
-        None, help="Also request this hardware for the GPU tier, e.g. zero-a10g."),
-    dry_run: Path | None = typer.Option(None, "--dry-run", metavar="DIR",
-                                           help="Only write DIR/frontend and DIR/backend and show the Hub calls."),
+        None, help="Also request this hardware for the GPU tier, e.g. zero-a10g."
+    ),
+    dry_run: Path | None = typer.Option(
+        None, "--dry-run", metavar="DIR", help="Only write DIR/frontend and DIR/backend and show the Hub calls."
+    ),
     token: str | None = typer.Option(None, help="Hub token for the deployment (default: HF_TOKEN or your Hub login)."),
     frontend_token: str | None = typer.Option(
-        None, help="Hub token the frontend uses to reach a private GPU tier (default: SPLITSPACE_FRONTEND_HF_TOKEN)."),
+        None, help="Hub token the frontend uses to reach a private GPU tier (default: SPLITSPACE_FRONTEND_HF_TOKEN)."
+    ),
 ) -> None:
     """Deploy both tiers to Hugging Face Spaces (the same shared secret on both; never printed).
 
@@ -235,11 +269,20 @@ def quota_set(
 
     CLIENT is key:NAME (an API key of the quota file), session:ID or addr:ADDRESS; a
     session or address the GPU tier does not know now is refused without --force."""
-    values = {k: v for k, v in dict(
-        tier=tier, weight=weight, max_running=max_running, max_queued=max_queued,
-        gpu_seconds=gpu_seconds, window_s=window_s, address_gpu_seconds=address_gpu_seconds,
-        requests_per_minute=requests_per_minute,
-    ).items() if v is not None}
+    values = {
+        k: v
+        for k, v in dict(
+            tier=tier,
+            weight=weight,
+            max_running=max_running,
+            max_queued=max_queued,
+            gpu_seconds=gpu_seconds,
+            window_s=window_s,
+            address_gpu_seconds=address_gpu_seconds,
+            requests_per_minute=requests_per_minute,
+        ).items()
+        if v is not None
+    }
     if not values:
         raise typer.BadParameter("give at least one of --tier, --weight, --max-queued, ...")
     admin = _admin()
@@ -247,8 +290,10 @@ def quota_set(
         from splitspace.deploy.admin_client import fail, seen
 
         if not seen(admin.show(client)):
-            fail(f"the GPU tier does not know {client} (nothing queued, running or used in its window, no "
-                 "overrides): check the id with `splitspace quota list`, or pass --force to set it anyway")
+            fail(
+                f"the GPU tier does not know {client} (nothing queued, running or used in its window, no "
+                "overrides): check the id with `splitspace quota list`, or pass --force to set it anyway"
+            )
     _print(admin.set(client, values), as_json)
 
 

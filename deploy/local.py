@@ -137,16 +137,26 @@ def dev_tiers(
     gpu: list[Tier] = []
     for i in range(backends):
         p = port(backend_port, i)
-        gpu.append(Tier("GPU tier", tier_command(
-            "backend", "--host", host, "--port", str(p), "--model", model, *reload_flag),
-            f"http://{host}:{p}", env=shared(backends)))
+        gpu.append(
+            Tier(
+                "GPU tier",
+                tier_command("backend", "--host", host, "--port", str(p), "--model", model, *reload_flag),
+                f"http://{host}:{p}",
+                env=shared(backends),
+            )
+        )
     backend_urls = ",".join(t.url for t in gpu)
     front: list[Tier] = []
     for i in range(frontends):
         p = port(frontend_port, i)
-        front.append(Tier("frontend", tier_command(
-            "frontend", "--host", host, "--port", str(p), "--backend-url", backend_urls, *reload_flag),
-            f"http://{host}:{p}", env=shared(frontends)))
+        front.append(
+            Tier(
+                "frontend",
+                tier_command("frontend", "--host", host, "--port", str(p), "--backend-url", backend_urls, *reload_flag),
+                f"http://{host}:{p}",
+                env=shared(frontends),
+            )
+        )
     return gpu + front
 
 
@@ -178,12 +188,20 @@ def print_operators(admin: DevAdmin, backend_url: str, out: TextIO) -> None:
     elif out.isatty():
         token, note = admin.token, "an admin token made for this run, shown only here"
     else:
-        token, note = "<not shown>", ("an admin token made for this run, not shown: this output is not a "
-                                      "terminal; give one with --admin-token or SPLITSPACE_ADMIN_TOKEN")
+        token, note = (
+            "<not shown>",
+            (
+                "an admin token made for this run, not shown: this output is not a "
+                "terminal; give one with --admin-token or SPLITSPACE_ADMIN_TOKEN"
+            ),
+        )
     print(f"Operators ({note}):", file=out, flush=True)
     print(f"  dashboard {backend_url}{DASHBOARD_PATH}  (log in with the admin token)", file=out, flush=True)
-    print(f"  SPLITSPACE_BACKEND_URL={backend_url} SPLITSPACE_ADMIN_TOKEN={token} splitspace quota list",
-          file=out, flush=True)
+    print(
+        f"  SPLITSPACE_BACKEND_URL={backend_url} SPLITSPACE_ADMIN_TOKEN={token} splitspace quota list",
+        file=out,
+        flush=True,
+    )
 
 
 def print_urls(serving: str, tiers: Sequence[Tier], admin: DevAdmin) -> None:
@@ -200,8 +218,9 @@ def print_urls(serving: str, tiers: Sequence[Tier], admin: DevAdmin) -> None:
     if redis_tier is not None:
         print(f"  Redis     {redis_tier.url}  (shared limits, nothing persisted)", flush=True)
     print_operators(admin, gpu[0].url, sys.stdout)
-    print("Ctrl-C (or SIGTERM) stops both." if redis_tier is None else "Ctrl-C (or SIGTERM) stops them all.",
-          flush=True)
+    print(
+        "Ctrl-C (or SIGTERM) stops both." if redis_tier is None else "Ctrl-C (or SIGTERM) stops them all.", flush=True
+    )
 
 
 def run_dev(
@@ -246,8 +265,16 @@ def run_dev(
             procs.append(redis_tier.proc)  # type: ignore[arg-type]
             tiers.append(redis_tier)
         redis_url = tiers[0].url if tiers else None
-        tiers += dev_tiers(host=host, model=model, frontend_port=frontend_port, backend_port=backend_port,
-                           backends=backends, frontends=frontends, reload=reload, redis_url=redis_url)
+        tiers += dev_tiers(
+            host=host,
+            model=model,
+            frontend_port=frontend_port,
+            backend_port=backend_port,
+            backends=backends,
+            frontends=frontends,
+            reload=reload,
+            redis_url=redis_url,
+        )
         for kind in ("GPU tier", "frontend"):  # GPU tiers first, each kind started together
             group = [t for t in tiers if t.name == kind]
             for tier in group:

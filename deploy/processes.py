@@ -28,8 +28,20 @@ import httpx
 
 from splitspace.deploy import redis_local
 
-__all__ = ["Deployment", "Launcher", "Process", "TierProcess", "free_port", "launch_with", "pick_ports_with",
-           "popen_launcher", "start_tier", "tier_command", "wait_healthy", "wait_ready"]
+__all__ = [
+    "Deployment",
+    "Launcher",
+    "Process",
+    "TierProcess",
+    "free_port",
+    "launch_with",
+    "pick_ports_with",
+    "popen_launcher",
+    "start_tier",
+    "tier_command",
+    "wait_healthy",
+    "wait_ready",
+]
 
 
 class Process(Protocol):
@@ -198,8 +210,9 @@ class Deployment:
             "SPLITSPACE_STATE_PATH": str(self.state_path),
             **self.backend_env,
         }
-        self.backend = start_tier("backend", self.backend_port, env, self.workdir / "backend.log",
-                                  ready_timeout_s=self.ready_timeout_s)
+        self.backend = start_tier(
+            "backend", self.backend_port, env, self.workdir / "backend.log", ready_timeout_s=self.ready_timeout_s
+        )
         return self.backend
 
     def start_frontend(self) -> TierProcess:
@@ -209,8 +222,9 @@ class Deployment:
             "SPLITSPACE_TRANSPORT": self.transport,
             **self.frontend_env,
         }
-        self.frontend = start_tier("frontend", self.frontend_port, env, self.workdir / "frontend.log",
-                                   ready_timeout_s=self.ready_timeout_s)
+        self.frontend = start_tier(
+            "frontend", self.frontend_port, env, self.workdir / "frontend.log", ready_timeout_s=self.ready_timeout_s
+        )
         return self.frontend
 
     def backend_urls(self) -> str:

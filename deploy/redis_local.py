@@ -74,9 +74,26 @@ class LocalRedis:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.workdir / "redis.log", "ab")
         self.proc = subprocess.Popen(
-            [self.executable, "--port", str(self.port), "--bind", self.host, "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--daemonize", "no", "--protected-mode", "no"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [
+                self.executable,
+                "--port",
+                str(self.port),
+                "--bind",
+                self.host,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "no",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
         )
         log.close()
         deadline = time.monotonic() + ready_timeout_s

@@ -30,10 +30,24 @@ from splitspace.shared.http.server import uvicorn_options
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def serve(factory: str, host: str, port: int, *, reload: bool = False, log_level: str = "warning",
-          app_folder: Path | None = None) -> None:
-    config = uvicorn.Config(factory, factory=True, host=host, port=port, reload=reload,
-                            reload_includes=["*.py"] if reload else None, **uvicorn_options(log_level))
+def serve(
+    factory: str,
+    host: str,
+    port: int,
+    *,
+    reload: bool = False,
+    log_level: str = "warning",
+    app_folder: Path | None = None,
+) -> None:
+    config = uvicorn.Config(
+        factory,
+        factory=True,
+        host=host,
+        port=port,
+        reload=reload,
+        reload_includes=["*.py"] if reload else None,
+        **uvicorn_options(log_level),
+    )
     server = uvicorn.Server(config)
     if not reload:
         server.run()
@@ -63,9 +77,20 @@ class FolderReload(WatchFilesReload):
     """uvicorn's WatchFiles reloader (its ``*.py`` filter, its restarts) on a list of
     folders, each watched alone."""
 
-    def __init__(self, config: uvicorn.Config, target: Callable[[list[socket] | None], None],
-                 sockets: list[socket], folders: Iterable[Path]) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        target: Callable[[list[socket] | None], None],
+        sockets: list[socket],
+        folders: Iterable[Path],
+    ) -> None:
         super().__init__(config, target, sockets)
         self.reload_dirs = list(folders)
-        self.watcher = watch(*self.reload_dirs, watch_filter=None, stop_event=self.should_exit,
-                             yield_on_timeout=True, ignore_permission_denied=True, recursive=False)
+        self.watcher = watch(
+            *self.reload_dirs,
+            watch_filter=None,
+            stop_event=self.should_exit,
+            yield_on_timeout=True,
+            ignore_permission_denied=True,
+            recursive=False,
+        )

@@ -53,8 +53,17 @@ PACKAGES = {
 }
 # Distributions pinned in both bundles, then the GPU tier's own (torch is pinned by minor version).
 COMMON_REQUIREMENTS = (
-    "gradio", "gradio_client", "huggingface_hub", "httpx", "itsdangerous", "pydantic-settings",
-    "prometheus-client", "redis", "rich", "typer", "uvicorn",
+    "gradio",
+    "gradio_client",
+    "huggingface_hub",
+    "httpx",
+    "itsdangerous",
+    "pydantic-settings",
+    "prometheus-client",
+    "redis",
+    "rich",
+    "typer",
+    "uvicorn",
 )
 BACKEND_REQUIREMENTS = ("spaces", "diffusers", "transformers", "accelerate", "sortedcontainers")
 FRONTEND_REQUIREMENTS = ("aiohttp",)
@@ -169,8 +178,12 @@ def front_matter(tier: str, app: AppSpec | None = None) -> dict[str, Any]:
         "app_file": "app.py",
         "pinned": False,
         "short_description": (
-            ("Text to image on a shared GPU, fair per client" if app is None
-             else "A Gradio app on a shared GPU, fair per client") if tier == FRONTEND
+            (
+                "Text to image on a shared GPU, fair per client"
+                if app is None
+                else "A Gradio app on a shared GPU, fair per client"
+            )
+            if tier == FRONTEND
             else "GPU tier of splitspace (called by its frontend)"
         ),
     }
@@ -185,20 +198,30 @@ def _yaml_scalar(value: Any) -> str:
     return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a YAML double-quoted scalar
 
 
-def readme_text(tier: str, *, frontend: str | None = None, backend: str | None = None,
-                app: AppSpec | None = None) -> str:
+def readme_text(
+    tier: str, *, frontend: str | None = None, backend: str | None = None, app: AppSpec | None = None
+) -> str:
     meta = "".join(f"{key}: {_yaml_scalar(value)}\n" for key, value in front_matter(tier, app).items())
     if app is not None:
-        where = (f" ([{backend}](https://huggingface.co/spaces/{backend}))" if tier == FRONTEND and backend
-                 else f" ([{frontend}](https://huggingface.co/spaces/{frontend}))" if frontend else "")
+        where = (
+            f" ([{backend}](https://huggingface.co/spaces/{backend}))"
+            if tier == FRONTEND and backend
+            else f" ([{frontend}](https://huggingface.co/spaces/{frontend}))"
+            if frontend
+            else ""
+        )
         body = (
             f"# {app.path.stem}\n\n"
             f"`{APP_FOLDER}/{app.path.name}`, a Gradio app served by splitspace: "
-            + ("this Space is its public CPU tier. It serves the app and forwards each call of a "
-               "`@splitspace.gpu` function, with a signed identity token, to the GPU tier" if tier == FRONTEND
-               else "this Space is its GPU tier, which runs the app's `@splitspace.gpu` functions behind a "
-                    "per-client fair scheduler, called only by its frontend")
-            + where + ".\n\n"
+            + (
+                "this Space is its public CPU tier. It serves the app and forwards each call of a "
+                "`@splitspace.gpu` function, with a signed identity token, to the GPU tier"
+                if tier == FRONTEND
+                else "this Space is its GPU tier, which runs the app's `@splitspace.gpu` functions behind a "
+                "per-client fair scheduler, called only by its frontend"
+            )
+            + where
+            + ".\n\n"
             "Configured by Space variables and secrets (`SPLITSPACE_*`); the secret `SPLITSPACE_SECRET` "
             "is shared by both tiers.\n"
         )
@@ -226,8 +249,9 @@ def readme_text(tier: str, *, frontend: str | None = None, backend: str | None =
             "Configured by Space variables and secrets: `SPLITSPACE_MODEL`, and the secrets "
             "`SPLITSPACE_SECRET` and `SPLITSPACE_ADMIN_TOKEN` (operators' admin API).\n"
         )
-    return (f"---\n{meta}---\n\n{body}\n"
-            "Written by `splitspace deploy`; changes here are overwritten by the next deploy.\n")
+    return (
+        f"---\n{meta}---\n\n{body}\nWritten by `splitspace deploy`; changes here are overwritten by the next deploy.\n"
+    )
 
 
 _APP_HEAD = '''\
@@ -239,7 +263,7 @@ Space's variables and secrets (SPLITSPACE_*); the server is uvicorn on
 """
 '''
 
-_APP_PATH = '''
+_APP_PATH = """
 import os
 import sys
 from pathlib import Path
@@ -249,11 +273,15 @@ if sys.path[:1] != [str(HERE)]:
     sys.path.insert(0, str(HERE))  # this folder's packages, never another installed copy
 
 import uvicorn  # noqa: E402
-'''
+"""
 
-BACKEND_APP = _APP_HEAD.format(what="GPU tier") + '''
+BACKEND_APP = (
+    _APP_HEAD.format(what="GPU tier")
+    + """
 import spaces  # noqa: F401  (first, before torch: on ZeroGPU it must come before anything touches CUDA)
-''' + _APP_PATH + '''
+"""
+    + _APP_PATH
+    + '''
 import splitspace  # noqa: E402
 from splitspace.gpu_backend.app import build_app  # noqa: E402
 from splitspace.shared.http.server import uvicorn_options  # noqa: E402
@@ -291,8 +319,12 @@ def main() -> None:
 if __name__ == "__main__":
     main()
 '''
+)
 
-FRONTEND_APP = _APP_HEAD.format(what="frontend (CPU tier)") + _APP_PATH + '''
+FRONTEND_APP = (
+    _APP_HEAD.format(what="frontend (CPU tier)")
+    + _APP_PATH
+    + """
 import splitspace  # noqa: E402
 from splitspace.cpu_frontend.app import build_app  # noqa: E402
 from splitspace.shared.http.server import uvicorn_options  # noqa: E402
@@ -310,7 +342,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-'''
+"""
+)
 
 
 _UVICORN_IMPORT = "import uvicorn  # noqa: E402\n"
@@ -321,8 +354,10 @@ def entry_text(tier: str, app: AppSpec | None = None) -> str:
     text = BACKEND_APP if tier == BACKEND else FRONTEND_APP
     if app is None:
         return text
-    line = (f'os.environ["SPLITSPACE_APP"] = f"{{HERE / {APP_FOLDER!r} / {app.path.name!r}}}:{app.name}"'
-            "  # the developer's app\n")
+    line = (
+        f'os.environ["SPLITSPACE_APP"] = f"{{HERE / {APP_FOLDER!r} / {app.path.name!r}}}:{app.name}"'
+        "  # the developer's app\n"
+    )
     return text.replace(_UVICORN_IMPORT, line + _UVICORN_IMPORT, 1)
 
 
@@ -366,8 +401,9 @@ def _fresh_dir(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def build_bundle(tier: str, dest: Path, *, frontend: str | None = None, backend: str | None = None,
-                 app: AppSpec | None = None) -> list[Path]:
+def build_bundle(
+    tier: str, dest: Path, *, frontend: str | None = None, backend: str | None = None, app: AppSpec | None = None
+) -> list[Path]:
     """Write one tier's Space folder at ``dest`` (replacing a previous bundle); returns the files.
     With ``app``, the developer's app goes in too, under ``app/``, and ``app.py`` serves it."""
     if tier not in PACKAGES:
@@ -408,8 +444,9 @@ class DeployOptions:
             raise DeployError("--frontend-space and --backend-space must be two different Spaces")
         if not self.model.strip():
             raise DeployError("--model is empty")
-        return DeployOptions(frontend, backend, self.model.strip(), self.private_backend, self.backend_hardware,
-                             self.app)
+        return DeployOptions(
+            frontend, backend, self.model.strip(), self.private_backend, self.backend_hardware, self.app
+        )
 
 
 @dataclass(frozen=True)
@@ -472,15 +509,24 @@ def plan_calls(options: DeployOptions, folders: Mapping[str, Path], keys: Deploy
         return HubCall("add_space_variable", (repo, key, value))
 
     def upload(repo: str, tier: str) -> HubCall:
-        return HubCall("upload_folder", (), dict(
-            repo_id=repo, repo_type="space", folder_path=str(folders[tier]),
-            commit_message=f"splitspace deploy: {tier}",
-            delete_patterns=["*.py"],  # modules gone from this version; the new files are kept
-        ))
+        return HubCall(
+            "upload_folder",
+            (),
+            dict(
+                repo_id=repo,
+                repo_type="space",
+                folder_path=str(folders[tier]),
+                commit_message=f"splitspace deploy: {tier}",
+                delete_patterns=["*.py"],  # modules gone from this version; the new files are kept
+            ),
+        )
 
     calls = [
-        HubCall("create_repo", (be,), dict(repo_type="space", space_sdk="gradio",
-                                           private=options.private_backend, exist_ok=True)),
+        HubCall(
+            "create_repo",
+            (be,),
+            dict(repo_type="space", space_sdk="gradio", private=options.private_backend, exist_ok=True),
+        ),
         HubCall("create_repo", (fe,), dict(repo_type="space", space_sdk="gradio", private=False, exist_ok=True)),
         secret(be, "SPLITSPACE_SECRET", keys.secret),
         secret(be, "SPLITSPACE_ADMIN_TOKEN", keys.admin_token),
@@ -581,11 +627,14 @@ def _count_files(folder: Path) -> int:
 def _echo_summary(options: DeployOptions, keys: DeploySecrets, echo: Callable[[str], None]) -> None:
     echo(f"frontend: https://huggingface.co/spaces/{options.frontend} ({space_url(options.frontend)})")
     serving = f"app {options.app.path.name}:{options.app.name}" if options.app else f"model {options.model}"
-    echo(f"GPU tier: https://huggingface.co/spaces/{options.backend} ({space_url(options.backend)}), "
-         f"{'private' if options.private_backend else 'public'}, {serving}")
+    echo(
+        f"GPU tier: https://huggingface.co/spaces/{options.backend} ({space_url(options.backend)}), "
+        f"{'private' if options.private_backend else 'public'}, {serving}"
+    )
     if keys.generated:
-        echo(f"generated (never shown; set them in the environment before deploying to choose your own): "
-             f"{', '.join(keys.generated)}")
+        echo(
+            f"generated (never shown; set them in the environment before deploying to choose your own): "
+            f"{', '.join(keys.generated)}"
+        )
     if not options.backend_hardware:
         echo(f"hardware: choose ZeroGPU ({ZERO_GPU}) in the GPU tier's settings, or pass --backend-hardware")
-

@@ -44,11 +44,18 @@ def tiny_model() -> tuple[Any, Any]:
     vocab = {"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(words)}}
     core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>",
-                                        pad_token="<eos>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(vocab), n_positions=256, n_layer=2, n_head=2, n_embd=64,
-                        bos_token_id=1, eos_token_id=1, pad_token_id=1)
+    config = GPT2Config(
+        vocab_size=len(vocab),
+        n_positions=256,
+        n_layer=2,
+        n_head=2,
+        n_embd=64,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     return tokenizer, GPT2LMHeadModel(config).eval()
 
 
@@ -74,8 +81,9 @@ def prompt_ids(tokenizer: Any, message: str, history: list[dict[str, Any]]) -> A
     turns = [{"role": m["role"], "content": _text(m["content"])} for m in history]
     turns.append({"role": "user", "content": message})
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(turns, add_generation_prompt=True, return_tensors="pt",
-                                             return_dict=True)["input_ids"]
+        return tokenizer.apply_chat_template(turns, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+            "input_ids"
+        ]
     text = " ".join(t["content"] for t in turns) or "the"
     return tokenizer(text, return_tensors="pt")["input_ids"][:, -200:]
 
@@ -104,10 +112,20 @@ def respond(message: str, history: list[dict[str, Any]]):  # noqa: ANN201 (a gen
 
     ids = prompt_ids(tokenizer, message, history).to(model.device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=60)
-    generation = threading.Thread(target=model.generate, kwargs=dict(
-        input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer, max_new_tokens=MAX_NEW_TOKENS,
-        do_sample=True, top_k=50, pad_token_id=tokenizer.eos_token_id,
-        stopping_criteria=StoppingCriteriaList([StopWhenAsked()])), daemon=True)
+    generation = threading.Thread(
+        target=model.generate,
+        kwargs=dict(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            streamer=streamer,
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=True,
+            top_k=50,
+            pad_token_id=tokenizer.eos_token_id,
+            stopping_criteria=StoppingCriteriaList([StopWhenAsked()]),
+        ),
+        daemon=True,
+    )
     generation.start()
     answer = ""
     try:

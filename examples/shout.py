@@ -1,6 +1,6 @@
 """A text function on the GPU tier: the smallest splitspace app.
 
-    splitspace dev examples/shout.py
+splitspace dev examples/shout.py
 """
 
 import gradio as gr

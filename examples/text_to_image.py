@@ -38,7 +38,8 @@ def pipe():
             from diffusers import AutoPipelineForText2Image
 
             loaded = AutoPipelineForText2Image.from_pretrained(
-                MODEL_ID, torch_dtype=torch.float16 if cuda else torch.float32)
+                MODEL_ID, torch_dtype=torch.float16 if cuda else torch.float32
+            )
         _pipe = loaded.to("cuda" if cuda else "cpu")
     return _pipe
 
@@ -49,8 +50,14 @@ def generate(prompt: str, steps: int, size: int, seed: int):
 
     model = pipe()
     generator = torch.Generator(device=model.device).manual_seed(int(seed))
-    return model(prompt, num_inference_steps=int(steps), guidance_scale=0.0, width=int(size), height=int(size),
-                 generator=generator).images[0]
+    return model(
+        prompt,
+        num_inference_steps=int(steps),
+        guidance_scale=0.0,
+        width=int(size),
+        height=int(size),
+        generator=generator,
+    ).images[0]
 
 
 demo = gr.Interface(

@@ -99,8 +99,9 @@ class GpuTier:
         """With ``settings.app``: the developer's GPU functions (and no built-in model)."""
         if settings.app:
             endpoints = gpu_endpoints(load_app(settings.app))
-            self.functions = app_functions(endpoints, cache_dir=gr.utils.get_upload_folder(),
-                                           max_file_bytes=settings.max_file_bytes)
+            self.functions = app_functions(
+                endpoints, cache_dir=gr.utils.get_upload_folder(), max_file_bytes=settings.max_file_bytes
+            )
             log.info("serving %s: %s", settings.app, ", ".join(self.functions) or "no GPU functions")
         elif executor is not None:
             gpu.set_executor(executor)
@@ -116,41 +117,67 @@ class GpuTier:
             self.overrides = Overrides(self.store)
             limits = limits_function(lambda: self.watcher.current, self.overrides)
             self._memory_stores: list[MemoryUsageStore | WriteBehindStore] = [self.store]
-            self.scheduler = FairScheduler(clock=time.time, limits=limits, store=self.store, capacity=1,
-                                           idle_s=settings.idle_s, max_idle=settings.max_idle_clients)
+            self.scheduler = FairScheduler(
+                clock=time.time,
+                limits=limits,
+                store=self.store,
+                capacity=1,
+                idle_s=settings.idle_s,
+                max_idle=settings.max_idle_clients,
+            )
         else:
             # Every replica's limits in Redis, checked outside the runner's lock
             # (global_limits.py); the local scheduler keeps fair order among this tier's jobs.
             self.store = open_store(
-                redis_url=settings.redis_url.get_secret_value(), sqlite_path=settings.state_path,
-                failure=settings.redis_failure, replicas=settings.replicas,
+                redis_url=settings.redis_url.get_secret_value(),
+                sqlite_path=settings.state_path,
+                failure=settings.redis_failure,
+                replicas=settings.replicas,
             )
             assert isinstance(self.store, ResilientStore)
             async_store = open_async_store(
-                redis_url=settings.redis_url.get_secret_value(), failure=settings.redis_failure,
-                replicas=settings.replicas, fallback=self.store.fallback, breaker=self.store.breaker,
+                redis_url=settings.redis_url.get_secret_value(),
+                failure=settings.redis_failure,
+                replicas=settings.replicas,
+                fallback=self.store.fallback,
+                breaker=self.store.breaker,
                 unsent=self.store.unsent,
             )
             self.overrides = Overrides(self.store)
             limits = limits_function(lambda: self.watcher.current, self.overrides)
             self.global_limits = GlobalLimits(
-                store=self.store, async_store=async_store, limits=limits, lease_s=settings.lease_s,
-                on_retry=lambda: self.runner.dispatch(), on_tick=self.overrides.refresh,
+                store=self.store,
+                async_store=async_store,
+                limits=limits,
+                lease_s=settings.lease_s,
+                on_retry=lambda: self.runner.dispatch(),
+                on_tick=self.overrides.refresh,
             )
             local = MemoryUsageStore()
             self._memory_stores = [self.store.fallback, local]
             self.scheduler = FairScheduler(
-                clock=time.time, limits=local_limits(limits), store=local, capacity=1,
-                held=self.global_limits.held, service_floor=self.global_limits.service_floor,
-                idle_s=settings.idle_s, max_idle=settings.max_idle_clients,
+                clock=time.time,
+                limits=local_limits(limits),
+                store=local,
+                capacity=1,
+                held=self.global_limits.held,
+                service_floor=self.global_limits.service_floor,
+                idle_s=settings.idle_s,
+                max_idle=settings.max_idle_clients,
             )
         self.metrics = GpuMetrics(lambda: self.with_scheduler(FairScheduler.depth_by_tier))
-        builtin: dict[str, Any] = {} if settings.app else dict(  # the built-in text-to-image
-            cost=CostModel(lambda s, w, h, g, b: gpu.current_executor().estimate_seconds(s, w, h, b, guidance_scale=g)),
-            run_batch=gpu.run_batch_on_gpu,
-            resolve=lambda req: gpu.current_executor().resolve(req),
-            model_name=lambda: gpu.current_executor().name,
-            max_batch=gpu.batch_cap(settings.max_batch),
+        builtin: dict[str, Any] = (
+            {}
+            if settings.app
+            else dict(  # the built-in text-to-image
+                cost=CostModel(
+                    lambda s, w, h, g, b: gpu.current_executor().estimate_seconds(s, w, h, b, guidance_scale=g)
+                ),
+                run_batch=gpu.run_batch_on_gpu,
+                resolve=lambda req: gpu.current_executor().resolve(req),
+                model_name=lambda: gpu.current_executor().name,
+                max_batch=gpu.batch_cap(settings.max_batch),
+            )
         )
         self.runner = GpuRunner(
             self.scheduler,
@@ -166,9 +193,14 @@ class GpuTier:
         self.overrides.on_change = self.limits_changed
         self.watcher.on_change = lambda config: self.limits_changed(None)
         self.service = InferService(
-            tokens=self.tokens, runner=self.runner, limits=settings.limits, standing=self.standing,
-            on_call=self.metrics.calls.inc, on_refused=self.metrics.refuse,
-            global_limits=self.global_limits, functions=self.functions,
+            tokens=self.tokens,
+            runner=self.runner,
+            limits=settings.limits,
+            standing=self.standing,
+            on_call=self.metrics.calls.inc,
+            on_refused=self.metrics.refuse,
+            global_limits=self.global_limits,
+            functions=self.functions,
             on_function_call=lambda name: self.metrics.function_calls.labels(name).inc(),
         )
 
@@ -242,8 +274,11 @@ class GpuTier:
             doc["functions"] = sorted(self.functions)
         else:
             ex = gpu.current_executor()
-            doc.update(model=ex.name, placeholder_model=ex.is_placeholder,
-                       defaults={"steps": ex.preset.steps, "guidance_scale": ex.preset.guidance_scale})
+            doc.update(
+                model=ex.name,
+                placeholder_model=ex.is_placeholder,
+                defaults={"steps": ex.preset.steps, "guidance_scale": ex.preset.guidance_scale},
+            )
         doc.update(queued=sum(q for q, _ in depth.values()), running=sum(r for _, r in depth.values()))
         return doc
 
@@ -281,8 +316,16 @@ def build_blocks(tier: GpuTier) -> gr.Blocks:
 
     with gr.Blocks(title="splitspace GPU tier") as blocks:
         gr.Markdown("splitspace GPU tier. Not for the public: the frontend is its only caller.")
-        gr.api(request_handler(infer, "infer", "Generate one image for the identity in X-Splitspace-Identity "
-                               "(frontend only).", AsyncIterator[dict]), api_name="infer", concurrency_limit=None)
+        gr.api(
+            request_handler(
+                infer,
+                "infer",
+                "Generate one image for the identity in X-Splitspace-Identity (frontend only).",
+                AsyncIterator[dict],
+            ),
+            api_name="infer",
+            concurrency_limit=None,
+        )
         gr.api(standing, api_name="standing", concurrency_limit=None)
     return blocks
 
@@ -396,17 +439,28 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
     hold_sessions(blocks, 2 * settings.max_threads)  # every /infer call in flight is a session
     bound_analytics(blocks)
     bound_session_states(blocks, settings.heartbeats_total)
-    app = gr.mount_gradio_app(app, blocks, path="", ssr_mode=False, footer_links=["api"],
-                             app_kwargs=dict(NO_TELEMETRY))
-    addresses = AddressPolicy(trusted_proxies=settings.trusted_proxies, trusted_networks=settings.trusted_proxy_cidrs,
-                              ipv6_prefix=settings.ipv6_prefix)
-    app.add_middleware(HeartbeatCap, blocks=blocks, streams=heartbeats, address=lambda scope: addresses.client_address(
-        (scope.get("client") or (None,))[0], Request(scope).headers.get("x-forwarded-for")))
-    app.add_middleware(GradioGuard, blocks=blocks, body_limits={INFER_PATH: MAX_BODY_BYTES, CALL_PATH: call_limit},
-                       # a call's files cross as base64 strings
-                       json_limits_by_path={CALL_PATH: dataclasses.replace(DEFAULT_LIMITS,
-                                                                           max_string_bytes=call_limit)},
-                       elsewhere=(DASHBOARD_PATH,))  # the dashboard is its own Blocks, behind its login
+    app = gr.mount_gradio_app(app, blocks, path="", ssr_mode=False, footer_links=["api"], app_kwargs=dict(NO_TELEMETRY))
+    addresses = AddressPolicy(
+        trusted_proxies=settings.trusted_proxies,
+        trusted_networks=settings.trusted_proxy_cidrs,
+        ipv6_prefix=settings.ipv6_prefix,
+    )
+    app.add_middleware(
+        HeartbeatCap,
+        blocks=blocks,
+        streams=heartbeats,
+        address=lambda scope: addresses.client_address(
+            (scope.get("client") or (None,))[0], Request(scope).headers.get("x-forwarded-for")
+        ),
+    )
+    app.add_middleware(
+        GradioGuard,
+        blocks=blocks,
+        body_limits={INFER_PATH: MAX_BODY_BYTES, CALL_PATH: call_limit},
+        # a call's files cross as base64 strings
+        json_limits_by_path={CALL_PATH: dataclasses.replace(DEFAULT_LIMITS, max_string_bytes=call_limit)},
+        elsewhere=(DASHBOARD_PATH,),
+    )  # the dashboard is its own Blocks, behind its login
     if admin_token:  # /admin: no cross-site changes, login cookies that end, no guessing
         app.add_middleware(OperatorGuard, dashboard_path=DASHBOARD_PATH, throttle=GuessThrottle(), addresses=addresses)
     # No browser page of another origin reads the GPU tier (its dashboard's results, the
@@ -424,4 +478,3 @@ def create_app() -> FastAPI:
     # switch, so it is set here, where the process is the GPU tier's.
     sys.setswitchinterval(0.001)
     return build_app(Settings())
-

@@ -8,6 +8,12 @@ from splitspace.session.resolve import IdentityResolver
 from splitspace.session.token import IdentityTokens
 
 __all__ = [
-    "ApiKeyring", "Identity", "IdentityResolver", "IdentityTokens",
-    "SessionCookieMiddleware", "SessionCookies", "client_address", "hash_key",
+    "ApiKeyring",
+    "Identity",
+    "IdentityResolver",
+    "IdentityTokens",
+    "SessionCookieMiddleware",
+    "SessionCookies",
+    "client_address",
+    "hash_key",
 ]

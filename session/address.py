@@ -35,8 +35,14 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 PRIVATE_NETWORKS = (
-    "127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
-    "100.64.0.0/10", "fc00::/7", "fe80::/10",
+    "127.0.0.0/8",
+    "::1/128",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "fc00::/7",
+    "fe80::/10",
 )
 """Loopback, RFC 1918, carrier-grade NAT, unique-local and link-local: the default trusted
 networks when a proxy count is set and no networks are."""

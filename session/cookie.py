@@ -111,9 +111,7 @@ class SessionCookieMiddleware:
         if self.cookies.read(_cookie_from_scope(scope, self.cookie_name)) is not None:
             await self.app(scope, receive, send)
             return
-        https = self.secure if self.secure is not None else _request_is_https(
-            scope, self.trust_forwarded_proto
-        )
+        https = self.secure if self.secure is not None else _request_is_https(scope, self.trust_forwarded_proto)
         _, signed = self.cookies.mint()
         header = self._set_cookie_header(signed, https)
 

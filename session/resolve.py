@@ -58,9 +58,7 @@ class IdentityResolver:
                 return stamped
         return self.addresses.client_address(peer, headers.get("x-forwarded-for"))
 
-    def resolve(
-        self, headers: Mapping[str, str], cookies: Mapping[str, str], peer: str | None
-    ) -> Identity:
+    def resolve(self, headers: Mapping[str, str], cookies: Mapping[str, str], peer: str | None) -> Identity:
         address = self.address(headers, peer)
         auth = headers.get("authorization", "").strip()
         if auth:

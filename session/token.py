@@ -107,9 +107,7 @@ class IdentityTokens:
         self._nonces = _SeenNonces(max_age_s)
         self._serializer = (
             # itsdangerous wants the oldest key first; ours come newest first.
-            URLSafeTimedSerializer(
-                list(reversed(self._secrets)), salt=TOKEN_SALT, signer=_clocked_signer(clock)
-            )
+            URLSafeTimedSerializer(list(reversed(self._secrets)), salt=TOKEN_SALT, signer=_clocked_signer(clock))
             if self._secrets
             else None
         )

@@ -70,8 +70,7 @@ gpu_seconds = 600
 window_s = 3600
 requests_per_minute = 2
 """ + "".join(
-    f'\n[[keys]]\nname = "{name}"\ntier = "{tier}"\nsha256 = "{sha256(raw)}"\n'
-    for name, (raw, tier) in KEYS.items()
+    f'\n[[keys]]\nname = "{name}"\ntier = "{tier}"\nsha256 = "{sha256(raw)}"\n' for name, (raw, tier) in KEYS.items()
 )
 
 
@@ -89,8 +88,7 @@ CONFTEST_BASEID = "tests"
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     """Both tiers with the tiny diffusers model, the quota file above, httpx transport
     (shared by the modules that use it: tests/sharing.py)."""
-    return SHARED.get(
-        "tiny", lambda: Deployment(tmp_path_factory.mktemp("tiny"), model="tiny", quotas=QUOTAS))
+    return SHARED.get("tiny", lambda: Deployment(tmp_path_factory.mktemp("tiny"), model="tiny", quotas=QUOTAS))
 
 
 @pytest.fixture
@@ -125,9 +123,17 @@ def direct(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
     both logging at INFO (so that each log line a bad request causes shows). For the tests
     of the public face: malformed calls, logs, addresses. (Shared, as ``tiny``.)"""
     info = {"SPLITSPACE_LOG_LEVEL": "info"}
-    return SHARED.get("direct", lambda: Deployment(
-        tmp_path_factory.mktemp("direct"), model="sleep:1", quotas=QUOTAS, trusted_proxies=0,
-        backend_env=dict(info), frontend_env=dict(info)))
+    return SHARED.get(
+        "direct",
+        lambda: Deployment(
+            tmp_path_factory.mktemp("direct"),
+            model="sleep:1",
+            quotas=QUOTAS,
+            trusted_proxies=0,
+            backend_env=dict(info),
+            frontend_env=dict(info),
+        ),
+    )
 
 
 # -- share groups (tests/sharing.py) ----------------------------------------------------------

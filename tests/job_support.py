@@ -23,17 +23,21 @@ JOB_KEYS = {
     "plain": ("plain-key-0102", "wide", None),
     "narrow": ("narrow-key-0103", "tight", None),
 }
-JOB_QUOTAS = QUOTAS + """
+JOB_QUOTAS = (
+    QUOTAS
+    + """
 [tiers.wide]
 weight = 1
 max_running = 1
 max_queued = 200
 gpu_seconds = 100000
 window_s = 3600
-""" + "".join(
-    f'\n[[keys]]\nname = "{name}"\ntier = "{tier}"\nsha256 = "{sha256(raw)}"\n'
-    + (f'webhook_secret = "{secret}"\n' if secret else "")
-    for name, (raw, tier, secret) in JOB_KEYS.items()
+"""
+    + "".join(
+        f'\n[[keys]]\nname = "{name}"\ntier = "{tier}"\nsha256 = "{sha256(raw)}"\n'
+        + (f'webhook_secret = "{secret}"\n' if secret else "")
+        for name, (raw, tier, secret) in JOB_KEYS.items()
+    )
 )
 
 
@@ -44,8 +48,13 @@ def auth(name: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {raw}"}
 
 
-def wait_job(url: str, job_id: str, headers: dict[str, str], states: tuple[str, ...] = ("succeeded", "failed",
-             "cancelled"), timeout_s: float = 60) -> dict[str, Any]:
+def wait_job(
+    url: str,
+    job_id: str,
+    headers: dict[str, str],
+    states: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+    timeout_s: float = 60,
+) -> dict[str, Any]:
     """Poll a job until its status is one of ``states``; the job."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -95,8 +104,7 @@ def receiver() -> Iterator[Receiver]:
         def do_POST(self) -> None:  # noqa: N802 (http.server's name)
             body = self.rfile.read(int(self.headers.get("content-length") or 0))
             with rec.cond:
-                rec.got.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body,
-                                        time.time()))
+                rec.got.append(Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body, time.time()))
                 rec.cond.notify_all()
                 failing = rec.fail.get(self.path, 0)
                 if failing:

@@ -34,8 +34,13 @@ def whoami(base: str, headers: dict[str, str] | None = None, local_address: str 
 @pytest.fixture(scope="module")
 def behind_proxy(direct: Deployment, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A second frontend on ``direct``'s GPU tier that trusts one proxy, at 127.0.0.2 only."""
-    d = Deployment(Path(tmp_path_factory.mktemp("proxy")), secret=direct.secret, backend_port=direct.backend_port,
-                   trusted_proxies=1, frontend_env={"SPLITSPACE_TRUSTED_PROXY_CIDRS": f"{PROXY}/32"})
+    d = Deployment(
+        Path(tmp_path_factory.mktemp("proxy")),
+        secret=direct.secret,
+        backend_port=direct.backend_port,
+        trusted_proxies=1,
+        frontend_env={"SPLITSPACE_TRUSTED_PROXY_CIDRS": f"{PROXY}/32"},
+    )
     d.write_quotas(QUOTAS)
     d.start_frontend()
     yield d.frontend.url  # type: ignore[union-attr]

@@ -108,8 +108,14 @@ def model() -> ImageModel:
 @pytest.fixture
 def runner(model: ImageModel) -> Iterator[GpuRunner]:
     scheduler = FairScheduler(clock=time.monotonic, limits=lambda ref: ROOMY, store=MemoryUsageStore(), capacity=1)
-    runner = GpuRunner(scheduler, CostModel(lambda s, w, h, g, b: 0.1), run_batch=model.run_batch,
-                       resolve=model.resolve, model_name=lambda: model.name, clock=time.monotonic)
+    runner = GpuRunner(
+        scheduler,
+        CostModel(lambda s, w, h, g, b: 0.1),
+        run_batch=model.run_batch,
+        resolve=model.resolve,
+        model_name=lambda: model.name,
+        clock=time.monotonic,
+    )
     yield runner
     runner.close()
 
@@ -142,14 +148,24 @@ def test_prepare_preprocesses_inputs_and_estimates_with_the_decorators_duration(
     assert functions["double"].max_batch() == 4 and functions["shout"].max_batch() == 1
 
 
-@pytest.mark.parametrize(("data", "field", "says"), [
-    (["a", "b"], "data", "expected 1 values"),
-    ([{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}], "Picture", "carried as its bytes"),
-    ([{FILE_KEY: {"name": "x.png", "b64": "not base64!"}}], "Picture", "not base64"),
-    ([{FILE_KEY: {"name": "x.png", "b64": base64.b64encode(b"not a png").decode()}}], "Picture", "could not be read"),
-    ([carried_png(np.random.default_rng(1).integers(0, 256, (80, 80, 3), dtype=np.uint8))],  # > 10,000 bytes
-     "Picture", "over the limit"),
-])
+@pytest.mark.parametrize(
+    ("data", "field", "says"),
+    [
+        (["a", "b"], "data", "expected 1 values"),
+        ([{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}], "Picture", "carried as its bytes"),
+        ([{FILE_KEY: {"name": "x.png", "b64": "not base64!"}}], "Picture", "not base64"),
+        (
+            [{FILE_KEY: {"name": "x.png", "b64": base64.b64encode(b"not a png").decode()}}],
+            "Picture",
+            "could not be read",
+        ),
+        (
+            [carried_png(np.random.default_rng(1).integers(0, 256, (80, 80, 3), dtype=np.uint8))],  # > 10,000 bytes
+            "Picture",
+            "over the limit",
+        ),
+    ],
+)
 def test_an_input_that_cannot_be_read_is_refused_naming_it(functions, data, field, says) -> None:
     endpoint = "stats" if field == "data" else "mirror"
     with pytest.raises(ValidationFailed, match=says) as refused:
@@ -229,8 +245,13 @@ def test_outputs_are_postprocessed_and_their_files_carried(functions, runner) ->
 
 # -- through the service ---------------------------------------------------------------------
 def test_the_service_names_an_unknown_function_and_binds_the_token_to_the_call(functions, runner) -> None:
-    service = InferService(tokens=IdentityTokens([SECRET]), runner=runner, limits=Limits(),
-                           standing=lambda identity: {}, functions=functions)
+    service = InferService(
+        tokens=IdentityTokens([SECRET]),
+        runner=runner,
+        limits=Limits(),
+        standing=lambda identity: {},
+        functions=functions,
+    )
     tokens = IdentityTokens([SECRET])
 
     def claims(call: Call) -> Any:
@@ -251,8 +272,9 @@ def test_the_service_names_an_unknown_function_and_binds_the_token_to_the_call(f
             async for _ in service.follow(ticket):
                 pass
         with pytest.raises(UnknownEndpoint):  # a tier serving only an app has no built-in
-            InferService(tokens=tokens, runner=GpuRunner(runner.scheduler), limits=Limits(),
-                         standing=lambda identity: {}).admit(claims(Call("x", [])), {"prompt": "a"})
+            InferService(
+                tokens=tokens, runner=GpuRunner(runner.scheduler), limits=Limits(), standing=lambda identity: {}
+            ).admit(claims(Call("x", [])), {"prompt": "a"})
 
     asyncio.run(scenario())
 
@@ -288,4 +310,3 @@ def test_a_frontend_serving_an_app_needs_a_transport_that_carries_calls(fresh_ap
     settings = Settings(secret=SECRET, app=STUDIO, transport="httpx", backend_url="http://127.0.0.1:9")
     with pytest.raises(ValueError, match="SPLITSPACE_TRANSPORT=direct"):
         build_app(settings)
-

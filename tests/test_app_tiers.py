@@ -31,8 +31,17 @@ from tests.clients import call_rest, error_text
 from tests.support import GPU_TIER_BACKLOG, Deployment, sha256, wait_for
 
 STUDIO = "tests/apps/studio.py"
-KEYS = {"heavy": "burst", "light": "light", "tight": "tight", "chatty": "chatty", "chatty-other": "light",
-        "holder": "light", "batch-a": "light", "batch-b": "light", "tight-other": "light"}
+KEYS = {
+    "heavy": "burst",
+    "light": "light",
+    "tight": "tight",
+    "chatty": "chatty",
+    "chatty-other": "light",
+    "holder": "light",
+    "batch-a": "light",
+    "batch-b": "light",
+    "tight-other": "light",
+}
 QUOTAS = """
 [tiers.anonymous]
 weight = 1
@@ -83,8 +92,7 @@ def bearer(name: str) -> dict[str, str]:
 
 def deployment(workdir: Path, app: str, **kwargs: Any) -> Deployment:
     env = {"SPLITSPACE_APP": app}
-    return Deployment(workdir, quotas=QUOTAS, backend_env=dict(env),
-                      frontend_env={**env, **GPU_TIER_BACKLOG}, **kwargs)
+    return Deployment(workdir, quotas=QUOTAS, backend_env=dict(env), frontend_env={**env, **GPU_TIER_BACKLOG}, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -105,8 +113,10 @@ def function_calls(d: Deployment) -> dict[str, float]:
     """The GPU tier's count of calls that reached it, by function."""
     assert d.backend is not None
     text = httpx.get(f"{d.backend.url}/metrics", timeout=10).text
-    return {m[0]: float(m[1]) for m in re.findall(r'^splitspace_function_calls_total\{endpoint="([^"]+)"\} (\S+)$',
-                                                   text, re.M)}
+    return {
+        m[0]: float(m[1])
+        for m in re.findall(r'^splitspace_function_calls_total\{endpoint="([^"]+)"\} (\S+)$', text, re.M)
+    }
 
 
 def health(d: Deployment) -> dict[str, Any]:
@@ -187,11 +197,13 @@ def test_the_gpu_tier_refuses_a_call_unsigned_or_signed_with_another_secret(stud
     call = Call("stats", ["x"])
     url = studio.backend.url + CALL_PATH
     unsigned = httpx.post(url, json=call.to_wire(), timeout=10)
-    forged_token = IdentityTokens(["not-the-secret"]).mint(Identity("key:x", "key", "free", "1.2.3.4"),
-                                                           infer_purpose(call.digest()))
+    forged_token = IdentityTokens(["not-the-secret"]).mint(
+        Identity("key:x", "key", "free", "1.2.3.4"), infer_purpose(call.digest())
+    )
     forged = httpx.post(url, json=call.to_wire(), headers={IDENTITY_HEADER: forged_token}, timeout=10)
-    other_call = IdentityTokens([studio.secret]).mint(Identity("key:x", "key", "free", "1.2.3.4"),
-                                                      infer_purpose(Call("stats", ["y"]).digest()))
+    other_call = IdentityTokens([studio.secret]).mint(
+        Identity("key:x", "key", "free", "1.2.3.4"), infer_purpose(Call("stats", ["y"]).digest())
+    )
     rebound = httpx.post(url, json=call.to_wire(), headers={IDENTITY_HEADER: other_call}, timeout=10)
     assert [r.status_code for r in (unsigned, forged, rebound)] == [401, 401, 401]
     assert {r.json()["title"] for r in (unsigned, forged, rebound)} == {"Unauthorized"}
@@ -274,8 +286,10 @@ def test_a_batch_function_runs_two_clients_calls_in_one_call(studio: Deployment,
     holder, held = in_background(lambda: rest(studio, "hold", [str(release)], "holder"))
     try:
         assert wait_for(lambda: health(studio)["running"] == 1, 60), health(studio)
-        calls = [in_background(lambda x=x, who=who: rest(studio, "double", [x], who))
-                 for x, who in ((2, "batch-a"), (5, "batch-b"))]
+        calls = [
+            in_background(lambda x=x, who=who: rest(studio, "double", [x], who))
+            for x, who in ((2, "batch-a"), (5, "batch-b"))
+        ]
         assert wait_for(lambda: health(studio)["queued"] == 2, 60), health(studio)
     finally:
         release.touch()

@@ -25,8 +25,9 @@ def endpoint(*makers: Callable[[], Any], validator: Callable[..., Any] | None = 
     return endpoint_and_blocks(*makers, validator=validator)[0]
 
 
-def endpoint_and_blocks(*makers: Callable[[], Any], validator: Callable[..., Any] | None = None,
-                        **event: Any) -> tuple[GpuEndpoint, gr.Blocks]:
+def endpoint_and_blocks(
+    *makers: Callable[[], Any], validator: Callable[..., Any] | None = None, **event: Any
+) -> tuple[GpuEndpoint, gr.Blocks]:
     @splitspace.gpu
     def fn(*args: Any, **kwargs: Any) -> str:
         return "ok"
@@ -60,8 +61,13 @@ def passes(ep: GpuEndpoint, *payloads: Any, max_file_bytes: int = LIMIT) -> None
 
 
 def file_data(path: Path, *, mime: str | None = None, orig_name: str | None = None) -> dict[str, Any]:
-    return {"path": str(path), "orig_name": orig_name or path.name, "mime_type": mime,
-            "size": path.stat().st_size if path.exists() else 0, "meta": {"_type": "gradio.FileData"}}
+    return {
+        "path": str(path),
+        "orig_name": orig_name or path.name,
+        "mime_type": mime,
+        "size": path.stat().st_size if path.exists() else 0,
+        "meta": {"_type": "gradio.FileData"},
+    }
 
 
 def a_file(tmp_path: Path, name: str, size: int = 10) -> Path:
@@ -84,8 +90,12 @@ def test_an_unlabeled_input_is_named_by_its_type_and_position():
 
 
 def test_an_empty_input_passes_as_in_gradio():
-    ep = endpoint(lambda: gr.Textbox(label="Text", max_length=3), lambda: gr.Number(label="N", minimum=1),
-                  lambda: gr.Image(label="Picture"), lambda: gr.Dropdown(["a"], label="D"))
+    ep = endpoint(
+        lambda: gr.Textbox(label="Text", max_length=3),
+        lambda: gr.Number(label="N", minimum=1),
+        lambda: gr.Image(label="Picture"),
+        lambda: gr.Dropdown(["a"], label="D"),
+    )
     passes(ep, None, None, None, None)
 
 
@@ -191,7 +201,8 @@ def test_file_types_by_extension(tmp_path):
     ep = endpoint(lambda: gr.File(label="Notes", file_types=[".txt", ".md"]))
     passes(ep, file_data(a_file(tmp_path, "a.TXT")))
     assert refused(ep, file_data(a_file(tmp_path, "a.exe"))) == (
-        "Notes: a.exe is not one of the accepted file types (.txt, .md)")
+        "Notes: a.exe is not one of the accepted file types (.txt, .md)"
+    )
     # the name the caller gave must be accepted too, not only the cached path's
     assert "evil.exe" in refused(ep, file_data(a_file(tmp_path, "b.txt"), orig_name="evil.exe"))
     assert refused(ep, "a.txt") == "Notes: must be a file"
@@ -217,15 +228,19 @@ def test_files_in_a_list(tmp_path):
     ep = endpoint(lambda: gr.File(label="Docs", file_count="multiple", file_types=[".pdf"]))
     passes(ep, [file_data(a_file(tmp_path, "1.pdf")), file_data(a_file(tmp_path, "2.pdf"))])
     assert refused(ep, file_data(a_file(tmp_path, "3.pdf"))) == "Docs: must be a list of files"
-    assert "4.doc is not one of" in refused(ep, [file_data(a_file(tmp_path, "1.pdf")),
-                                                  file_data(a_file(tmp_path, "4.doc"))])
+    assert "4.doc is not one of" in refused(
+        ep, [file_data(a_file(tmp_path, "1.pdf")), file_data(a_file(tmp_path, "4.doc"))]
+    )
 
 
-@pytest.mark.parametrize("component,good,bad", [
-    (lambda: gr.Image(label="Photo"), "p.png", "p.txt"),
-    (lambda: gr.Audio(label="Voice"), "v.wav", "v.png"),
-    (lambda: gr.Video(label="Clip"), "c.mp4", "c.wav"),
-])
+@pytest.mark.parametrize(
+    "component,good,bad",
+    [
+        (lambda: gr.Image(label="Photo"), "p.png", "p.txt"),
+        (lambda: gr.Audio(label="Voice"), "v.wav", "v.png"),
+        (lambda: gr.Video(label="Clip"), "c.mp4", "c.wav"),
+    ],
+)
 def test_image_audio_and_video_take_their_kind(tmp_path, component, good, bad):
     ep = endpoint(component)
     passes(ep, file_data(a_file(tmp_path, good)))
@@ -243,7 +258,8 @@ def test_file_size_limit(tmp_path):
     ep = endpoint(lambda: gr.File(label="Upload"))
     passes(ep, file_data(a_file(tmp_path, "ok.bin", size=100)), max_file_bytes=100)
     assert refused(ep, file_data(a_file(tmp_path, "big.bin", size=101)), max_file_bytes=100) == (
-        "Upload: big.bin is 101 bytes, over the limit of 100 bytes")
+        "Upload: big.bin is 101 bytes, over the limit of 100 bytes"
+    )
     # the size is the file's, not the one the caller declared
     small_claim = {**file_data(a_file(tmp_path, "liar.bin", size=500)), "size": 1}
     assert "500 bytes" in refused(ep, small_claim, max_file_bytes=100)
@@ -271,8 +287,11 @@ def test_the_validator_gets_preprocessed_values(tmp_path):
         seen.append((type(picture), picture.size, steps, type(steps)))
         return [gr.validate(picture.size[0] <= 8, "at most 8 pixels wide"), gr.validate(True, "")]
 
-    ep = endpoint(lambda: gr.Image(type="pil", label="Picture"), lambda: gr.Number(precision=0, label="Steps"),
-                  validator=validator)
+    ep = endpoint(
+        lambda: gr.Image(type="pil", label="Picture"),
+        lambda: gr.Number(precision=0, label="Steps"),
+        validator=validator,
+    )
     small, wide = tmp_path / "small.png", tmp_path / "wide.png"
     Image.new("RGB", (4, 4)).save(small)
     Image.new("RGB", (16, 4)).save(wide)
@@ -306,9 +325,13 @@ def test_an_interfaces_validator():
     def shout(text: str, times: float) -> str:
         return text
 
-    demo = gr.Interface(shout, [gr.Textbox(label="Text"), gr.Slider(1, 5, label="Times")], gr.Textbox(),
-                        api_name="shout",
-                        validator=lambda text, times: [gr.validate(bool(text), "say something"), None])
+    demo = gr.Interface(
+        shout,
+        [gr.Textbox(label="Text"), gr.Slider(1, 5, label="Times")],
+        gr.Textbox(),
+        api_name="shout",
+        validator=lambda text, times: [gr.validate(bool(text), "say something"), None],
+    )
     (ep,) = gpu_endpoints(demo)
     passes(ep, "hi", 2)
     assert refused(ep, "", 2) == "Text: say something"
@@ -339,8 +362,12 @@ def test_the_validator_is_called_as_the_app_defined_the_event_after_the_frontend
     def by_name(text: str, *, times: float) -> list[dict[str, Any]]:
         return [gr.validate(True, ""), gr.validate(times < 3, "three or more is too many")]
 
-    ep, _ = endpoint_and_blocks(lambda: gr.Textbox(label="Text"), lambda: gr.Slider(1, 5, label="Times"),
-                                validator=by_name, inputs_kwargs=["text", "times"])
+    ep, _ = endpoint_and_blocks(
+        lambda: gr.Textbox(label="Text"),
+        lambda: gr.Slider(1, 5, label="Times"),
+        validator=by_name,
+        inputs_kwargs=["text", "times"],
+    )
     rewire_as_the_frontend_does(ep)
     passes(ep, "hi", 2)
     assert refused(ep, "hi", 4) == "Times: three or more is too many"
@@ -359,8 +386,9 @@ def test_gradio_runs_the_frontends_validator_and_marks_the_refused_input():
     def app_validator(text: str, times: float) -> list[dict[str, Any]]:
         return [gr.validate(text != "boo", "not that word"), gr.validate(True, "")]
 
-    ep, demo = endpoint_and_blocks(lambda: gr.Textbox(label="Text"), lambda: gr.Slider(1, 5, step=1, label="Times"),
-                                   validator=app_validator)
+    ep, demo = endpoint_and_blocks(
+        lambda: gr.Textbox(label="Text"), lambda: gr.Slider(1, 5, step=1, label="Times"), validator=app_validator
+    )
     rewire_as_the_frontend_does(ep)
     ep.block_fn.validator = gradio_validator(ep, LIMIT)
 

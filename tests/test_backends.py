@@ -57,8 +57,11 @@ class Two:
     second_port: int
 
     def start_second(self, log_name: str) -> TierProcess:
-        env = {**self.d.common_env(), "SPLITSPACE_MODEL": self.d.model,
-               "SPLITSPACE_STATE_PATH": str(self.d.workdir / "b2.sqlite3")}
+        env = {
+            **self.d.common_env(),
+            "SPLITSPACE_MODEL": self.d.model,
+            "SPLITSPACE_STATE_PATH": str(self.d.workdir / "b2.sqlite3"),
+        }
         self.second = start_tier("backend", self.second_port, env, self.d.workdir / log_name)
         return self.second
 

@@ -69,8 +69,13 @@ def test_batched_and_single_pipeline_outputs_agree_to_float_rounding(arch_tiny):
 
     def run(prompts: list[str], seeds: list[int]) -> np.ndarray:
         return arch_tiny.pipeline(
-            prompt=prompts, width=64, height=64, num_inference_steps=1, guidance_scale=0.0,
-            generator=[torch.Generator().manual_seed(s) for s in seeds], output_type="np",
+            prompt=prompts,
+            width=64,
+            height=64,
+            num_inference_steps=1,
+            guidance_scale=0.0,
+            generator=[torch.Generator().manual_seed(s) for s in seeds],
+            output_type="np",
         ).images
 
     batch = run(PROMPTS, SEEDS)
@@ -102,7 +107,11 @@ class PoisonedPipeline:
 
 def poisoned(tiny: ModelExecutor, fail_first_calls: int = 0) -> ModelExecutor:
     return ModelExecutor(
-        "tiny", tiny.preset, "cpu", is_placeholder=True, cost=tiny.cost,
+        "tiny",
+        tiny.preset,
+        "cpu",
+        is_placeholder=True,
+        cost=tiny.cost,
         pipeline=PoisonedPipeline(tiny.pipeline, fail_first_calls),
     )
 
@@ -205,7 +214,8 @@ def test_split_batch_time_is_proportional_and_exact():
 @given(
     costs=st.lists(
         st.floats(min_value=0, max_value=1e4, allow_nan=False, allow_infinity=False),
-        min_size=1, max_size=40,
+        min_size=1,
+        max_size=40,
     ),
     gpu_s=st.floats(min_value=0, max_value=1e5, allow_nan=False, allow_infinity=False),
 )
@@ -224,8 +234,13 @@ def test_split_batch_time_always_sums_exactly_to_the_measured_time(costs, gpu_s)
 
 @pytest.mark.parametrize(
     ("costs", "gpu_s", "named"),
-    [([], 1.0, "costs"), ([1.0, -1.0], 1.0, "cost"), ([math.nan], 1.0, "cost"),
-     ([1.0], -0.1, "gpu_s"), ([1.0], math.inf, "gpu_s")],
+    [
+        ([], 1.0, "costs"),
+        ([1.0, -1.0], 1.0, "cost"),
+        ([math.nan], 1.0, "cost"),
+        ([1.0], -0.1, "gpu_s"),
+        ([1.0], math.inf, "gpu_s"),
+    ],
 )
 def test_split_batch_time_refuses_bad_input_naming_it(costs, gpu_s, named):
     with pytest.raises(ValueError, match=named):

@@ -34,8 +34,14 @@ from tests.support import REPO, Deployment, wait_for
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
 
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 GENERATED_IMG = 'img[src*="/gradio_api/file="]'
 TIMEOUT_MS = 30_000
@@ -91,11 +97,11 @@ def serve_site(frontend_url: str) -> ThreadingHTTPServer:
     """
     pages = {
         "/iframe": f'<!doctype html><html><body><h1>another site</h1><iframe id="splitspace" '
-                   f'src="{frontend_url}/" width="1200" height="950"></iframe></body></html>',
+        f'src="{frontend_url}/" width="1200" height="950"></iframe></body></html>',
         "/webcomponent": f'<!doctype html><html><head><script type="module" '
-                         f'src="{frontend_url}/{web_component_script()}"></script></head><body>'
-                         f'<h1>another site</h1><gradio-app src="{frontend_url}" eager="true"></gradio-app>'
-                         f'</body></html>',
+        f'src="{frontend_url}/{web_component_script()}"></script></head><body>'
+        f'<h1>another site</h1><gradio-app src="{frontend_url}" eager="true"></gradio-app>'
+        f"</body></html>",
     }
     handler = type("Site", (_Site,), {"pages": {k: v.encode() for k, v in pages.items()}})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -311,8 +317,12 @@ def test_refusal_counts_down_and_the_button_returns_when_a_retry_can_succeed(ui:
     client = session_client_id(session_cookie(context))
     # An operator gives this session 2 GPU-seconds per 8 s window: one image (1.5 s) fits,
     # a second does not until the window ends.
-    r = httpx.put(f"{ui.dep.backend.url}/admin/clients/{client}", json={"gpu_seconds": 2, "window_s": 8},
-                  headers={"X-Splitspace-Admin": ui.dep.admin_token}, timeout=10)
+    r = httpx.put(
+        f"{ui.dep.backend.url}/admin/clients/{client}",
+        json={"gpu_seconds": 2, "window_s": 8},
+        headers={"X-Splitspace-Admin": ui.dep.admin_token},
+        timeout=10,
+    )
     assert r.status_code == 200, r.text
 
     run = page.get_by_role("button", name="Generate")
@@ -369,9 +379,12 @@ def test_a_browser_refused_for_its_address_reads_whose_requests_and_when(ui: UI,
         assert wait_for(lambda: _address_in_flight(ui.url) == cap, 20, 0.05), "the neighbours never filled the cap"
         page.get_by_role("button", name="Generate").click()
         notice = page.locator("#splitspace-notice")
-        notice.get_by_text(re.compile(
-            r"Too many requests at once: \d+ are in flight from your network address "
-            r"\(shared by everyone behind it\)\. You can try again in \d+ s\.")).wait_for()
+        notice.get_by_text(
+            re.compile(
+                r"Too many requests at once: \d+ are in flight from your network address "
+                r"\(shared by everyone behind it\)\. You can try again in \d+ s\."
+            )
+        ).wait_for()
         assert int(notice.locator(".splitspace-countdown").get_attribute("data-seconds")) >= 2
         assert "full" not in notice.inner_text().lower()
         notice.get_by_text("You can try again now.").wait_for(timeout=15_000)
@@ -410,8 +423,11 @@ def test_closing_the_tab_drops_its_place_in_line(ui: UI, context: Any) -> None:
     page.locator("#splitspace-image").get_by_text(WAITING).wait_for(timeout=10_000)
 
     def standing() -> dict[str, Any]:
-        r = httpx.get(f"{ui.dep.backend.url}/admin/clients/{client}",
-                      headers={"X-Splitspace-Admin": ui.dep.admin_token}, timeout=10)
+        r = httpx.get(
+            f"{ui.dep.backend.url}/admin/clients/{client}",
+            headers={"X-Splitspace-Admin": ui.dep.admin_token},
+            timeout=10,
+        )
         return r.json()
 
     assert standing()["queued"] == 1
@@ -524,8 +540,9 @@ def test_recent_images_keep_working_up_to_their_limit_with_noise(tiny: Deploymen
     page = context.new_page()
     joins: list[int] = []  # the size of every body the page sends to Gradio's queue
     failed: list[str] = []
-    page.on("request", lambda r: joins.append(len(r.post_data_buffer or b""))
-            if "/gradio_api/queue/join" in r.url else None)
+    page.on(
+        "request", lambda r: joins.append(len(r.post_data_buffer or b"")) if "/gradio_api/queue/join" in r.url else None
+    )
     page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
     page.goto(tiny.frontend.url + "/")
     thumbs = page.locator(".splitspace-thumb")

@@ -55,8 +55,9 @@ def _load(base: str, i: int, stop: threading.Event, calls: list[Call]) -> None:
         while not stop.is_set():
             call = Call(i, time.monotonic())
             try:
-                call.final, events = call_rest(c, base, "generate", gen_args(seed=1000 * i + n),
-                                               {"x-forwarded-for": _address(i)})
+                call.final, events = call_rest(
+                    c, base, "generate", gen_args(seed=1000 * i + n), {"x-forwarded-for": _address(i)}
+                )
                 if call.final == "complete":
                     call.info = events[-1][1][1]
                 else:
@@ -83,12 +84,17 @@ def test_gpu_tier_killed_and_restarted_under_load(tmp_path) -> None:  # type: ig
         d.backend.proc.send_signal(signal.SIGKILL)
         d.backend.proc.wait()
         assert wait_for(lambda: any(c.started > killed_at and c.final != "complete" for c in calls), timeout_s=30)
-        env = {**d.common_env(), "SPLITSPACE_MODEL": d.model, "SPLITSPACE_ADMIN_TOKEN": d.admin_token,
-               "SPLITSPACE_STATE_PATH": str(d.state_path)}
+        env = {
+            **d.common_env(),
+            "SPLITSPACE_MODEL": d.model,
+            "SPLITSPACE_ADMIN_TOKEN": d.admin_token,
+            "SPLITSPACE_STATE_PATH": str(d.state_path),
+        }
         d.backend = start_tier("backend", d.backend_port, env, tmp_path / "backend2.log")
         back_at = time.monotonic()  # start_tier returned: the new GPU tier answers /health
-        assert wait_for(lambda: sum(c.started > back_at and c.final == "complete" for c in calls) >= 2 * CLIENTS,
-                        timeout_s=60)
+        assert wait_for(
+            lambda: sum(c.started > back_at and c.final == "complete" for c in calls) >= 2 * CLIENTS, timeout_s=60
+        )
         stop.set()
         for t in threads:
             t.join(timeout=BACKEND_TIMEOUT_S + 30)

@@ -23,8 +23,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"
 @pytest.fixture(scope="module")
 def chat(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     env = {"SPLITSPACE_APP": "examples/chat.py"}
-    d = Deployment(tmp_path_factory.mktemp("chat"), backend_env=dict(env),
-                   frontend_env={**env, **GPU_TIER_BACKLOG}).start()
+    d = Deployment(
+        tmp_path_factory.mktemp("chat"), backend_env=dict(env), frontend_env={**env, **GPU_TIER_BACKLOG}
+    ).start()
     yield d
     d.stop()
 
@@ -74,8 +75,10 @@ def test_the_chat_page_answers_token_by_token_in_a_browser(chat: Deployment) -> 
             box.fill("a river runs")
             box.press("Enter")
             page.wait_for_function("() => window.seen.length > 0")
-            page.wait_for_function("() => !document.querySelector('textarea').disabled && "
-                                   "document.querySelectorAll('.generating').length === 0")
+            page.wait_for_function(
+                "() => !document.querySelector('textarea').disabled && "
+                "document.querySelectorAll('.generating').length === 0"
+            )
             seen: list[Any] = page.evaluate("() => window.seen")
         finally:
             browser.close()

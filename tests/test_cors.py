@@ -31,12 +31,15 @@ def allowing_good(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def preflight(url: str, origin: str, method: str = "POST", path: str = "/gradio_api/call/generate") -> httpx.Response:
-    return httpx.options(url + path, headers={
-        **PUBLIC,
-        "Origin": origin,
-        "Access-Control-Request-Method": method,
-        "Access-Control-Request-Headers": "content-type,authorization",
-    })
+    return httpx.options(
+        url + path,
+        headers={
+            **PUBLIC,
+            "Origin": origin,
+            "Access-Control-Request-Method": method,
+            "Access-Control-Request-Headers": "content-type,authorization",
+        },
+    )
 
 
 def call(url: str, origin: str) -> httpx.Response:
@@ -79,8 +82,7 @@ def test_configured_origin_is_allowed_with_credentials(allowing_good: str) -> No
 
 
 def test_other_origins_stay_refused_when_one_is_configured(allowing_good: str) -> None:
-    for origin in (EVIL, "http://good.example.evil.example", "https://good.example", "null",
-                   "http://localhost:3000"):
+    for origin in (EVIL, "http://good.example.evil.example", "https://good.example", "null", "http://localhost:3000"):
         pf = preflight(allowing_good, origin)
         assert acao(pf) is None, origin
         assert acao(call(allowing_good, origin)) is None, origin

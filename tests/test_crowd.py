@@ -99,8 +99,11 @@ def test_a_crowd_is_served_fairly_and_completely(crowd_tiers):
         posted: list[str] = []
         connector = aiohttp.TCPConnector(limit=CLIENTS * PER_CLIENT + 10)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as client:
-            crowd = [asyncio.ensure_future(_one(client, url, f"c{i:03d}", done, posted))
-                     for i in range(CLIENTS) for _ in range(PER_CLIENT)]
+            crowd = [
+                asyncio.ensure_future(_one(client, url, f"c{i:03d}", done, posted))
+                for i in range(CLIENTS)
+                for _ in range(PER_CLIENT)
+            ]
             # the light client comes once the whole crowd is in line: every crowd call has
             # been answered with its event id (it waits at the door, at the GPU tier, or is done)
             while len(posted) < CLIENTS * PER_CLIENT and not all(t.done() for t in crowd):
@@ -132,8 +135,9 @@ def test_over_cap_is_refused_at_the_door_before_gradio(tmp_path):
     try:
         url, headers = d.frontend.url, {"authorization": "Bearer k-tight"}
         with httpx.Client(timeout=60) as c:
-            answered = [c.post(f"{url}/gradio_api/call/generate", json={"data": gen_args()}, headers=headers)
-                        for _ in range(2)]
+            answered = [
+                c.post(f"{url}/gradio_api/call/generate", json={"data": gen_args()}, headers=headers) for _ in range(2)
+            ]
             assert [r.status_code for r in answered] == [200, 200]
             # both are in flight (answered, held at the door until read) before the third comes
             assert c.get(f"{url}/health").json()["door"]["held"] == 2

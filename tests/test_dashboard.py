@@ -42,8 +42,9 @@ TIMEOUT_MS = 30_000
 
 
 # -- the pure parts -------------------------------------------------------------------------
-def sample(t: float, used: dict[str, float], resets: dict[str, float] | None = None,
-           weight: dict[str, float] | None = None) -> Sample:
+def sample(
+    t: float, used: dict[str, float], resets: dict[str, float] | None = None, weight: dict[str, float] | None = None
+) -> Sample:
     return Sample(t, {}, used, resets or {c: 3600.0 - t for c in used}, weight or {c: 1.0 for c in used})
 
 
@@ -81,8 +82,7 @@ def test_samples_keep_a_window_and_add_the_present() -> None:
 
     def read() -> tuple[dict[str, tuple[int, int]], list[dict[str, Any]]]:
         reads["n"] += 1
-        return {"free": (2, 1)}, [{"client": "key:a", "used": clock[0], "resets_in_s": 60.0,
-                                   "limits": {"weight": 2.0}}]
+        return {"free": (2, 1)}, [{"client": "key:a", "used": clock[0], "resets_in_s": 60.0, "limits": {"weight": 2.0}}]
 
     s = Samples(read, clock=lambda: clock[0], every_s=5, keep_s=20)
     for t in range(0, 40, 5):
@@ -198,8 +198,9 @@ def operator(browser: Any, dep: Deployment) -> Iterator[Any]:
 
 
 def cli(dep: Deployment, *args: str) -> subprocess.CompletedProcess[str]:
-    return splitspace_cli(*args, env={"SPLITSPACE_BACKEND_URL": dep.backend.url,
-                                      "SPLITSPACE_ADMIN_TOKEN": dep.admin_token})
+    return splitspace_cli(
+        *args, env={"SPLITSPACE_BACKEND_URL": dep.backend.url, "SPLITSPACE_ADMIN_TOKEN": dep.admin_token}
+    )
 
 
 def quota_show(dep: Deployment, client: str) -> dict[str, Any]:
@@ -228,8 +229,13 @@ def run_clients(dep: Deployment, names: tuple[str, ...]) -> list[str]:
 
     def one(name: str) -> None:
         with httpx.Client(timeout=60) as c:
-            final, _ = call_rest(c, dep.frontend.url, "generate", gen_args(prompt=f"for {name}"),
-                                 {"Authorization": f"Bearer {key(name)}"})
+            final, _ = call_rest(
+                c,
+                dep.frontend.url,
+                "generate",
+                gen_args(prompt=f"for {name}"),
+                {"Authorization": f"Bearer {key(name)}"},
+            )
         finals.append(final)
 
     threads = [threading.Thread(target=one, args=(n,)) for n in names]
@@ -248,6 +254,7 @@ def test_dashboard_shows_a_clients_share_after_a_run(dep: Deployment, operator: 
     cells = [c.strip() for c in row.get_by_role("gridcell").all_inner_texts()]
     assert cells[0] == "key:beta" and float(cells[1]) == 4.0  # the pro tier's weight
     assert float(cells[2]) > 0 and float(cells[3]) > 0  # its GPU time, and its fair share
+
     # The page was open before these clients came: their GPU time is drawn all the same (a
     # line each, named in the legend; the second release kept the first, empty, colours).
     def plotted() -> bool:
@@ -269,15 +276,13 @@ def test_dashboard_shows_a_clients_share_after_a_run(dep: Deployment, operator: 
     operator.screenshot(path=str(SCREENSHOTS / "dashboard.png"), full_page=True)
 
 
-def test_on_a_phone_the_tables_scroll_and_the_time_axis_reads_the_24_hour_clock(dep: Deployment,
-                                                                                browser: Any) -> None:
+def test_on_a_phone_the_tables_scroll_and_the_time_axis_reads_the_24_hour_clock(dep: Deployment, browser: Any) -> None:
     import datetime
 
     # a browser zone where it is now 15:00-15:59, so that a 12-hour axis ("03:..") cannot pass
     offset = (15 - datetime.datetime.now(datetime.UTC).hour + 12) % 24 - 12
     zone = "Etc/GMT" + (f"{-offset:+d}" if offset else "")
-    ctx = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
-                              timezone_id=zone)
+    ctx = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True, timezone_id=zone)
     ctx.set_default_timeout(TIMEOUT_MS)
     page = ctx.new_page()
     try:
@@ -299,7 +304,8 @@ def test_on_a_phone_the_tables_scroll_and_the_time_axis_reads_the_24_hour_clock(
         assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")  # no page overflow
         for table in ("#dashboard-clients", "#dashboard-shares"):
             # every column can be reached: the table scrolls sideways inside its box
-            reach = page.evaluate("""(sel) => {
+            reach = page.evaluate(
+                """(sel) => {
                 const box = document.querySelector(sel).getBoundingClientRect();
                 const view = document.querySelector(sel + ' .virtual-table-viewport');
                 const style = getComputedStyle(view);
@@ -308,7 +314,9 @@ def test_on_a_phone_the_tables_scroll_and_the_time_axis_reads_the_24_hour_clock(
                 const last = heads[heads.length - 1].getBoundingClientRect();
                 return {scrolls: ['auto', 'scroll'].includes(style.overflowX),
                         lastInside: last.right <= box.right + 1 && last.left >= box.left - 1};
-            }""", table)
+            }""",
+                table,
+            )
             assert reach == {"scrolls": True, "lastInside": True}, (table, reach)
         page.screenshot(path=str(SCREENSHOTS / "dashboard-phone.png"), full_page=True)
         page.get_by_text("Log out", exact=True).click()
@@ -376,8 +384,12 @@ def exposed_names(text: str) -> set[str]:
     """Every series name a Prometheus server would store from this exposition."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
-                "gauge": ("",), "summary": ("_count", "_sum", "_created")}
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_count", "_sum", "_created"),
+        "gauge": ("",),
+        "summary": ("_count", "_sum", "_created"),
+    }
     names = set()
     for family in text_string_to_metric_families(text):
         names |= {family.name + s for s in suffixes.get(family.type, ("",))}
@@ -402,6 +414,6 @@ def test_every_metric_the_grafana_dashboard_queries_exists(dep: Deployment) -> N
 
 def test_grafana_metric_check_can_fail() -> None:
     """The check above finds a metric that /metrics does not have (it is not vacuous)."""
-    text = "# HELP splitspace_queued q\n# TYPE splitspace_queued gauge\nsplitspace_queued{tier=\"free\"} 1\n"
+    text = '# HELP splitspace_queued q\n# TYPE splitspace_queued gauge\nsplitspace_queued{tier="free"} 1\n'
     assert "splitspace_queued" in exposed_names(text)
     assert "splitspace_gpu_seconds_total" not in exposed_names(text)

@@ -35,8 +35,7 @@ from splitspace.shared.app.loader import AppSpec
 from tests.support import REPO, TierProcess, free_port, wait_ready
 
 FE, BE = "alice/splitspace", "alice/Splitspace_GPU.v2"
-REQUIRED_KEYS = {"title", "emoji", "colorFrom", "colorTo", "sdk", "sdk_version", "app_file",
-                 "python_version", "pinned"}
+REQUIRED_KEYS = {"title", "emoji", "colorFrom", "colorTo", "sdk", "sdk_version", "app_file", "python_version", "pinned"}
 
 
 def front_matter(readme: Path) -> dict[str, Any]:
@@ -61,10 +60,22 @@ def test_dry_run_writes_both_bundles(tmp_path, monkeypatch):
     secret, admin, fe_token = "s3cret-value-0123456789", "admin-value-0123456789", "hf_frontendtoken0123"
     monkeypatch.setenv("SPLITSPACE_SECRET", secret)
     monkeypatch.setenv("SPLITSPACE_ADMIN_TOKEN", admin)
-    result = CliRunner().invoke(cli_app, [
-        "deploy", "--frontend-space", FE, "--backend-space", BE, "--model", "tiny",
-        "--frontend-token", fe_token, "--dry-run", str(tmp_path / "out"),
-    ])
+    result = CliRunner().invoke(
+        cli_app,
+        [
+            "deploy",
+            "--frontend-space",
+            FE,
+            "--backend-space",
+            BE,
+            "--model",
+            "tiny",
+            "--frontend-token",
+            fe_token,
+            "--dry-run",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     out = tmp_path / "out"
     for tier, package in ((FRONTEND, "cpu_frontend"), (BACKEND, "gpu_backend")):
@@ -95,8 +106,9 @@ def test_dry_run_writes_both_bundles(tmp_path, monkeypatch):
     for heavy in ("torch", "diffusers", "transformers", "spaces"):
         assert not any(line.startswith(heavy + "==") for line in frontend_reqs.splitlines())
     # spaces first in the backend's entry, before anything that could import torch
-    code = [line for line in (out / BACKEND / "app.py").read_text().splitlines()
-            if line.startswith(("import ", "from "))]
+    code = [
+        line for line in (out / BACKEND / "app.py").read_text().splitlines() if line.startswith(("import ", "from "))
+    ]
     assert code[0].startswith("import spaces")
     # never a secret: not in the files, not in what was printed
     for value in (secret, admin, fe_token):
@@ -152,8 +164,9 @@ def start_bundle(bundle: Path, name: str, env: dict[str, str], log_path: Path, t
     isolate.write_text(ISOLATE.format(repo=str(REPO)))
     port = int(env["PORT"])
     log = open(log_path, "ab")
-    proc = subprocess.Popen([sys.executable, str(isolate)], cwd=bundle, env=bundle_env(env),
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, str(isolate)], cwd=bundle, env=bundle_env(env), stdout=log, stderr=subprocess.STDOUT
+    )
     return wait_ready(TierProcess(name, f"http://127.0.0.1:{port}", proc, log_path), timeout_s)
 
 
@@ -164,15 +177,28 @@ def test_bundles_serve_a_generate_call_on_their_own(tmp_path):
     be_port, fe_port = free_port(), free_port()
     tiers: list[TierProcess] = []
     try:
-        backend = start_bundle(out / BACKEND, "backend", {
-            "PORT": str(be_port), "SPLITSPACE_MODEL": "tiny", "SPLITSPACE_SECRET": secret,
-            "SPLITSPACE_STATE_PATH": str(tmp_path / "state.sqlite3"),
-        }, tmp_path / "backend.log")
+        backend = start_bundle(
+            out / BACKEND,
+            "backend",
+            {
+                "PORT": str(be_port),
+                "SPLITSPACE_MODEL": "tiny",
+                "SPLITSPACE_SECRET": secret,
+                "SPLITSPACE_STATE_PATH": str(tmp_path / "state.sqlite3"),
+            },
+            tmp_path / "backend.log",
+        )
         tiers.append(backend)
-        frontend = start_bundle(out / FRONTEND, "frontend", {
-            "PORT": str(fe_port), "SPLITSPACE_SECRET": secret,
-            "SPLITSPACE_BACKEND_URL": f"http://127.0.0.1:{be_port}",
-        }, tmp_path / "frontend.log")
+        frontend = start_bundle(
+            out / FRONTEND,
+            "frontend",
+            {
+                "PORT": str(fe_port),
+                "SPLITSPACE_SECRET": secret,
+                "SPLITSPACE_BACKEND_URL": f"http://127.0.0.1:{be_port}",
+            },
+            tmp_path / "frontend.log",
+        )
         tiers.append(frontend)
         # each tier says where its packages came from: the bundle, not this repository
         assert f"packages from {(out / BACKEND).resolve()}," in backend.log()
@@ -204,8 +230,14 @@ def test_backend_bundle_runs_zero_gpu_startup_only_on_zero_gpu(tmp_path):
         assert calls == ["startup"], calls
         print("ok")
     """)
-    run = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path / BACKEND, env=bundle_env({}),
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path / BACKEND,
+        env=bundle_env({}),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0 and "ok" in run.stdout, run.stdout + run.stderr
 
 
@@ -272,9 +304,7 @@ class UploadCheckingApi(RecordingApi):
 
     def upload_folder(self, **kwargs: Any) -> None:
         folder = Path(kwargs["folder_path"])
-        self.uploaded[kwargs["repo_id"]] = {
-            str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
-        }
+        self.uploaded[kwargs["repo_id"]] = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
         self.uploaded_text += all_text(folder)
         self.calls.append(("upload_folder", (), dict(kwargs)))
 
@@ -283,8 +313,7 @@ def test_deploy_makes_the_hub_calls_and_prints_no_secret(capsys):
     fe_token = "hf_frontend_read_token_0123"
     for _run in range(2):  # the second run repeats the same calls: idempotent on the Hub's side
         api = UploadCheckingApi()
-        deploy(DeployOptions(FE, BE, model="stabilityai/sd-turbo"), api=api, environ={},
-               frontend_token=fe_token)
+        deploy(DeployOptions(FE, BE, model="stabilityai/sd-turbo"), api=api, environ={}, frontend_token=fe_token)
         secret_calls = [c for c in api.calls if c[0] == "add_space_secret" and c[1][1] == "SPLITSPACE_SECRET"]
         assert [c[1][0] for c in secret_calls] == [BE, FE]
         secret = secret_calls[0][1][2]
@@ -292,7 +321,8 @@ def test_deploy_makes_the_hub_calls_and_prints_no_secret(capsys):
         admin = next(c[1][2] for c in api.calls if c[1][1:2] == ("SPLITSPACE_ADMIN_TOKEN",))
         assert admin != secret and len(admin) >= 40
         assert comparable(api.calls, api.uploaded) == expected_calls(
-            secret, admin, fe_token, "stabilityai/sd-turbo", private=True)
+            secret, admin, fe_token, "stabilityai/sd-turbo", private=True
+        )
         assert "app.py" in api.uploaded[BE] and "splitspace/gpu_backend/app.py" in api.uploaded[BE]
         assert "app.py" in api.uploaded[FE] and "splitspace/cpu_frontend/app.py" in api.uploaded[FE]
         printed = capsys.readouterr()
@@ -307,15 +337,20 @@ def test_secrets_from_the_environment_and_a_public_backend(capsys):
     env = {"SPLITSPACE_SECRET": "env-secret-abcdefghijklmnop", "SPLITSPACE_ADMIN_TOKEN": "env-admin-abcdefghij"}
     deploy(DeployOptions(FE, BE, model="tiny", private_backend=False), api=api, environ=env)
     assert comparable(api.calls, api.uploaded) == expected_calls(
-        env["SPLITSPACE_SECRET"], env["SPLITSPACE_ADMIN_TOKEN"], None, "tiny", private=False)
+        env["SPLITSPACE_SECRET"], env["SPLITSPACE_ADMIN_TOKEN"], None, "tiny", private=False
+    )
     printed = capsys.readouterr().out
     assert env["SPLITSPACE_SECRET"] not in printed and env["SPLITSPACE_ADMIN_TOKEN"] not in printed
 
 
 def test_frontend_token_from_the_environment():
     api = UploadCheckingApi()
-    deploy(DeployOptions(FE, BE), api=api, environ={"SPLITSPACE_FRONTEND_HF_TOKEN": "hf_env_token_xyz"},
-           echo=lambda _: None)
+    deploy(
+        DeployOptions(FE, BE),
+        api=api,
+        environ={"SPLITSPACE_FRONTEND_HF_TOKEN": "hf_env_token_xyz"},
+        echo=lambda _: None,
+    )
     assert ("add_space_secret", (FE, "HF_TOKEN", "hf_env_token_xyz"), {}) in api.calls
 
 
@@ -343,8 +378,12 @@ def test_bad_space_ids_fail_before_any_call(fe, be):
 
 def test_backend_hardware_is_requested_when_asked():
     api = UploadCheckingApi()
-    deploy(DeployOptions(FE, BE, private_backend=False, backend_hardware="zero-a10g"), api=api, environ={},
-           echo=lambda _: None)
+    deploy(
+        DeployOptions(FE, BE, private_backend=False, backend_hardware="zero-a10g"),
+        api=api,
+        environ={},
+        echo=lambda _: None,
+    )
     names = [c[0] for c in api.calls]
     assert ("request_space_hardware", (BE, "zero-a10g"), {}) in api.calls
     assert names.index("request_space_hardware") < names.index("upload_folder")
@@ -376,10 +415,20 @@ def test_cli_deploys_through_hfapi_and_a_failing_call_is_one_line_without_secret
     monkeypatch.setattr(huggingface_hub, "HfApi", FailingApi)
     monkeypatch.setenv("SPLITSPACE_SECRET", "cli-secret-abcdefghijklmnop")
     monkeypatch.delenv("SPLITSPACE_ADMIN_TOKEN", raising=False)
-    result = CliRunner().invoke(cli_app, [
-        "deploy", "--frontend-space", FE, "--backend-space", BE, "--token", "hf_deploy_token_abc",
-        "--frontend-token", "hf_frontend_token_abc",
-    ])
+    result = CliRunner().invoke(
+        cli_app,
+        [
+            "deploy",
+            "--frontend-space",
+            FE,
+            "--backend-space",
+            BE,
+            "--token",
+            "hf_deploy_token_abc",
+            "--frontend-token",
+            "hf_frontend_token_abc",
+        ],
+    )
     assert result.exit_code == 1
     assert made and made[0].token == "hf_deploy_token_abc"
     assert "add_space_variable" in result.output and "403 Forbidden" in result.output
@@ -394,7 +443,8 @@ def _an_app(root: Path) -> Path:
     """A developer's folder: the app (named app.py, as on Spaces), a module and a package of
     its own, a requirements.txt, and what must stay home (a virtual environment, data)."""
     root.mkdir(parents=True)
-    (root / "app.py").write_text(textwrap.dedent('''\
+    (root / "app.py").write_text(
+        textwrap.dedent("""\
         import gradio as gr
 
         import splitspace
@@ -408,7 +458,8 @@ def _an_app(root: Path) -> Path:
 
 
         ui = gr.Interface(shout, gr.Textbox(label="Text"), gr.Textbox(), api_name="shout")
-    '''))
+    """)
+    )
     (root / "helpers.py").write_text("def exclaim(text):\n    return text + '!'\n")
     (root / "mypkg").mkdir()
     (root / "mypkg" / "__init__.py").write_text("")
@@ -418,16 +469,27 @@ def _an_app(root: Path) -> Path:
     (root / "data").mkdir()
     (root / "data" / "notebook.py").write_text("")
     (root / "requirements.txt").write_text(
-        "pillow>=10  # images\ngradio>=5.0\nsplitspace\n\n# a comment\n--extra-index-url https://example.org/simple\n")
+        "pillow>=10  # images\ngradio>=5.0\nsplitspace\n\n# a comment\n--extra-index-url https://example.org/simple\n"
+    )
     return root / "app.py"
 
 
 def test_dry_run_bundles_a_developers_app(tmp_path):
     app_file = _an_app(tmp_path / "mine")
-    result = CliRunner().invoke(cli_app, [
-        "deploy", f"{app_file}:ui", "--frontend-space", FE, "--backend-space", BE, "--public-backend",
-        "--dry-run", str(tmp_path / "out"),
-    ])
+    result = CliRunner().invoke(
+        cli_app,
+        [
+            "deploy",
+            f"{app_file}:ui",
+            "--frontend-space",
+            FE,
+            "--backend-space",
+            BE,
+            "--public-backend",
+            "--dry-run",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     for tier in (FRONTEND, BACKEND):
         bundle = tmp_path / "out" / tier
@@ -435,7 +497,7 @@ def test_dry_run_bundles_a_developers_app(tmp_path):
         assert carried == ["app.py", "helpers.py", "mypkg/__init__.py", "mypkg/words.py"]
         assert (bundle / "app" / "app.py").read_text() == app_file.read_text()
         entry = (bundle / "app.py").read_text()
-        assert 'os.environ["SPLITSPACE_APP"] = f"{HERE / \'app\' / \'app.py\'}:ui"' in entry
+        assert "os.environ[\"SPLITSPACE_APP\"] = f\"{HERE / 'app' / 'app.py'}:ui\"" in entry
         assert entry.index("SPLITSPACE_APP") < entry.index("def main")
         reqs = (bundle / "requirements.txt").read_text().splitlines()
         assert f"gradio=={gradio.__version__}" in reqs and "pillow>=10" in reqs
@@ -450,12 +512,16 @@ def test_dry_run_bundles_a_developers_app(tmp_path):
 
 
 def test_deploy_refuses_a_bad_app_before_any_call(tmp_path):
-    result = CliRunner().invoke(cli_app, ["deploy", str(tmp_path / "nope.py"), "--frontend-space", FE,
-                                          "--backend-space", BE, "--public-backend"])
+    result = CliRunner().invoke(
+        cli_app,
+        ["deploy", str(tmp_path / "nope.py"), "--frontend-space", FE, "--backend-space", BE, "--public-backend"],
+    )
     assert result.exit_code == 2 and "error: no such file" in result.output
 
 
-ENTRY_PROBE = ISOLATE.replace('runpy.run_path("app.py", run_name="__main__")', textwrap.dedent('''\
+ENTRY_PROBE = ISOLATE.replace(
+    'runpy.run_path("app.py", run_name="__main__")',
+    textwrap.dedent("""\
     runpy.run_path("app.py")  # not __main__: sets SPLITSPACE_APP, does not serve
     import os
     from splitspace.shared.app.loader import gpu_endpoints, load_app
@@ -466,7 +532,8 @@ ENTRY_PROBE = ISOLATE.replace('runpy.run_path("app.py", run_name="__main__")', t
     print("splitspace", splitspace.__file__)
     print("helpers", helpers.__file__)
     print("answer", load_app(spec).fns[0].fn("hi"))
-'''))
+"""),
+)
 
 
 @pytest.mark.parametrize("tier", [FRONTEND, BACKEND])
@@ -474,12 +541,22 @@ def test_a_bundles_entry_loads_the_app_from_its_own_folder(tmp_path, tier):
     """Each bundle's app.py names the app's file in the bundle, and the app loads from there
     with splitspace from the bundle, the repository out of reach."""
     app_file = _an_app(tmp_path / "mine")
-    deploy(DeployOptions(FE, BE, private_backend=False, app=AppSpec.parse(f"{app_file}:ui")),
-           dry_run=tmp_path / "out", environ={}, echo=lambda _: None)
+    deploy(
+        DeployOptions(FE, BE, private_backend=False, app=AppSpec.parse(f"{app_file}:ui")),
+        dry_run=tmp_path / "out",
+        environ={},
+        echo=lambda _: None,
+    )
     bundle = (tmp_path / "out" / tier).resolve()
     (bundle.parent / "probe.py").write_text(ENTRY_PROBE.format(repo=str(REPO)))
-    run = subprocess.run([sys.executable, str(bundle.parent / "probe.py")], cwd=bundle, env=bundle_env({}),
-                         capture_output=True, text=True, timeout=180)
+    run = subprocess.run(
+        [sys.executable, str(bundle.parent / "probe.py")],
+        cwd=bundle,
+        env=bundle_env({}),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     lines = dict(line.split(" ", 1) for line in run.stdout.splitlines() if " " in line)
     assert lines["app"] == f"{bundle / 'app' / 'app.py'}:ui"
@@ -494,21 +571,37 @@ def test_bundles_of_an_app_serve_its_gpu_function_on_their_own(tmp_path):
     each other. Needs the serving path for the call itself (the frontend serving the app and
     forwarding /shout, the GPU tier running it)."""
     out = tmp_path / "bundles"
-    deploy(DeployOptions(FE, BE, private_backend=False, app=AppSpec.parse(str(REPO / "examples" / "shout.py"))),
-           dry_run=out, environ={}, echo=lambda _: None)
+    deploy(
+        DeployOptions(FE, BE, private_backend=False, app=AppSpec.parse(str(REPO / "examples" / "shout.py"))),
+        dry_run=out,
+        environ={},
+        echo=lambda _: None,
+    )
     secret = "bundle-test-secret-0123456789abcdef"
     be_port, fe_port = free_port(), free_port()
     tiers: list[TierProcess] = []
     try:
-        backend = start_bundle(out / BACKEND, "backend", {
-            "PORT": str(be_port), "SPLITSPACE_SECRET": secret,
-            "SPLITSPACE_STATE_PATH": str(tmp_path / "state.sqlite3"),
-        }, tmp_path / "backend.log")
+        backend = start_bundle(
+            out / BACKEND,
+            "backend",
+            {
+                "PORT": str(be_port),
+                "SPLITSPACE_SECRET": secret,
+                "SPLITSPACE_STATE_PATH": str(tmp_path / "state.sqlite3"),
+            },
+            tmp_path / "backend.log",
+        )
         tiers.append(backend)
-        frontend = start_bundle(out / FRONTEND, "frontend", {
-            "PORT": str(fe_port), "SPLITSPACE_SECRET": secret,
-            "SPLITSPACE_BACKEND_URL": f"http://127.0.0.1:{be_port}",
-        }, tmp_path / "frontend.log")
+        frontend = start_bundle(
+            out / FRONTEND,
+            "frontend",
+            {
+                "PORT": str(fe_port),
+                "SPLITSPACE_SECRET": secret,
+                "SPLITSPACE_BACKEND_URL": f"http://127.0.0.1:{be_port}",
+            },
+            tmp_path / "frontend.log",
+        )
         tiers.append(frontend)
         assert f"packages from {(out / BACKEND).resolve()}," in backend.log()
         assert f"packages from {(out / FRONTEND).resolve()}," in frontend.log()

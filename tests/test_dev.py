@@ -33,9 +33,22 @@ def _start_dev(cwd: Path, *args: str, sigint_ignored: bool = False) -> tuple[sub
     env.pop("SPLITSPACE_SECRET", None)
     env.pop("SPLITSPACE_ADMIN_TOKEN", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "splitspace.deploy.cli", "dev",
-         "--frontend-port", str(fport), "--backend-port", str(bport), *args],
-        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "splitspace.deploy.cli",
+            "dev",
+            "--frontend-port",
+            str(fport),
+            "--backend-port",
+            str(bport),
+            *args,
+        ],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
     )
     furl, burl = f"http://127.0.0.1:{fport}", f"http://127.0.0.1:{bport}"
@@ -91,9 +104,23 @@ class _Terminal:
         run_env = {k: v for k, v in os.environ.items() if k not in ("SPLITSPACE_SECRET", "SPLITSPACE_ADMIN_TOKEN")}
         run_env.update({"GRADIO_ANALYTICS_ENABLED": "False", "SPLITSPACE_STATE_PATH": str(cwd / "state.sqlite3")})
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "splitspace.deploy.cli", "dev", "--frontend-port", str(self.fport),
-             "--backend-port", str(self.bport), *args],
-            cwd=cwd, env=run_env, stdin=slave, stdout=slave, stderr=slave)
+            [
+                sys.executable,
+                "-m",
+                "splitspace.deploy.cli",
+                "dev",
+                "--frontend-port",
+                str(self.fport),
+                "--backend-port",
+                str(self.bport),
+                *args,
+            ],
+            cwd=cwd,
+            env=run_env,
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+        )
         os.close(slave)
         self._chunks: list[bytes] = []
         self._reader = threading.Thread(target=self._read, args=(master,), daemon=True)
@@ -128,10 +155,15 @@ def _quota_list(command_line: str) -> subprocess.CompletedProcess[str]:
     """Run the ``VAR=... splitspace quota list`` line dev printed, as ``python -m splitspace.deploy.cli``."""
     words = shlex.split(command_line)
     assignments = dict(w.split("=", 1) for w in words if "=" in w)
-    assert words[len(assignments):] == ["splitspace", "quota", "list"], command_line
+    assert words[len(assignments) :] == ["splitspace", "quota", "list"], command_line
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPLITSPACE_")}
-    return subprocess.run([sys.executable, "-m", "splitspace.deploy.cli", "quota", "list"], env={**env, **assignments},
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "splitspace.deploy.cli", "quota", "list"],
+        env={**env, **assignments},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_dev_gives_operators_a_token_the_dashboard_and_the_quota_command(tmp_path):
@@ -141,7 +173,8 @@ def test_dev_gives_operators_a_token_the_dashboard_and_the_quota_command(tmp_pat
     dev = _Terminal(tmp_path, "--model", "sleep:1")
     try:
         line = dev.wait_for_line(
-            r"^\s*(SPLITSPACE_BACKEND_URL=\S+ SPLITSPACE_ADMIN_TOKEN=\S+ splitspace quota list)\s*$")[1]
+            r"^\s*(SPLITSPACE_BACKEND_URL=\S+ SPLITSPACE_ADMIN_TOKEN=\S+ splitspace quota list)\s*$"
+        )[1]
         token = re.search(r"SPLITSPACE_ADMIN_TOKEN=(\S+)", line)[1]
         assert len(token) >= 16 and f"SPLITSPACE_BACKEND_URL={dev.burl} " in line
         assert f"dashboard {dev.burl}/admin/ui" in dev.text
@@ -162,8 +195,9 @@ def test_dev_takes_the_operators_token_and_never_prints_it(tmp_path):
     dev = _Terminal(tmp_path, "--model", "sleep:1", "--admin-token", given)
     try:
         line = dev.wait_for_line(r"^\s*(SPLITSPACE_BACKEND_URL=.* splitspace quota list)\s*$")[1]
-        assert line == (f"SPLITSPACE_BACKEND_URL={dev.burl} SPLITSPACE_ADMIN_TOKEN=<your admin token> "
-                        "splitspace quota list")
+        assert line == (
+            f"SPLITSPACE_BACKEND_URL={dev.burl} SPLITSPACE_ADMIN_TOKEN=<your admin token> splitspace quota list"
+        )
         r = httpx.get(f"{dev.burl}/admin/clients", headers={"X-Splitspace-Admin": given}, timeout=10)
         assert r.status_code == 200, r.text
     finally:
@@ -173,9 +207,23 @@ def test_dev_takes_the_operators_token_and_never_prints_it(tmp_path):
 
 def test_dev_refuses_a_short_admin_token_in_one_line(tmp_path):
     env = {**os.environ, "SPLITSPACE_ADMIN_TOKEN": "short"}
-    done = subprocess.run([sys.executable, "-m", "splitspace.deploy.cli", "dev", "--backend-port", str(free_port()),
-                           "--frontend-port", str(free_port())], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "splitspace.deploy.cli",
+            "dev",
+            "--backend-port",
+            str(free_port()),
+            "--frontend-port",
+            str(free_port()),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert "SPLITSPACE_ADMIN_TOKEN is too short (5 characters)" in done.stderr
     assert "Traceback" not in done.stderr and "short" not in done.stderr.replace("too short", "")
@@ -246,8 +294,9 @@ def test_dev_killed_outright_leaves_no_tier_behind(tmp_path):
 def test_dev_stops_both_when_one_dies(tmp_path):
     proc, furl, burl = _start_dev(tmp_path, "--model", "sleep:1")
     port = burl.rsplit(":", 1)[1]
-    pids = subprocess.run(["pgrep", "-f", f"deploy.cli backend --host 127.0.0.1 --port {port}"],
-                          capture_output=True, text=True).stdout.split()
+    pids = subprocess.run(
+        ["pgrep", "-f", f"deploy.cli backend --host 127.0.0.1 --port {port}"], capture_output=True, text=True
+    ).stdout.split()
     assert pids
     for pid in pids:
         os.kill(int(pid), signal.SIGKILL)
@@ -274,7 +323,8 @@ def test_dev_reload_restarts_a_tier_and_the_page_follows(tmp_path):
         deadline = time.monotonic() + 60
         after, backend_after = before, backend_before
         while time.monotonic() < deadline and (
-                after["boot_id"] == before["boot_id"] or backend_after == backend_before):
+            after["boot_id"] == before["boot_id"] or backend_after == backend_before
+        ):
             time.sleep(0.5)
             try:
                 after = httpx.get(f"{furl}/health", timeout=2).json()
@@ -353,7 +403,8 @@ def test_dev_serves_an_app_with_its_own_shared_package_and_session_module(tmp_pa
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "__init__.py").write_text('"""The app own helpers."""\nGREETING = "hello"\n')
     (tmp_path / "session.py").write_text('"""The app own session helper."""\nUSER = "me"\n')
-    (tmp_path / "app.py").write_text(textwrap.dedent('''\
+    (tmp_path / "app.py").write_text(
+        textwrap.dedent("""\
         import gradio as gr
 
         import session
@@ -367,7 +418,8 @@ def test_dev_serves_an_app_with_its_own_shared_package_and_session_module(tmp_pa
 
 
         demo = gr.Interface(greet, gr.Textbox(label="Name"), gr.Textbox(label="Greeting"), api_name="greet")
-    '''))
+    """)
+    )
     proc, furl, burl = _start_dev(tmp_path, "app.py", "--model", "sleep:1")  # APP relative to the working folder
     try:
         assert httpx.get(f"{burl}/health", timeout=10).status_code == 200
@@ -382,13 +434,16 @@ def test_dev_serves_an_app_with_its_own_shared_package_and_session_module(tmp_pa
     assert f"splitspace dev: app {tmp_path / 'app.py'}:demo" in out
 
 
-@pytest.mark.parametrize("args,message", [
-    (["dev", "missing.py"], "error: no such file: missing.py"),
-    (["dev", "app.txt"], "error: APP must be a Python file (file.py or file.py:NAME), not 'app.txt'"),
-    (["dev", "app.py:not-a-name"], "error: 'not-a-name' is not a Python name"),
-    (["frontend", "--app", "missing.py"], "error: no such file: missing.py"),
-    (["backend", "--app", "app.py:2x"], "error: '2x' is not a Python name"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["dev", "missing.py"], "error: no such file: missing.py"),
+        (["dev", "app.txt"], "error: APP must be a Python file (file.py or file.py:NAME), not 'app.txt'"),
+        (["dev", "app.py:not-a-name"], "error: 'not-a-name' is not a Python name"),
+        (["frontend", "--app", "missing.py"], "error: no such file: missing.py"),
+        (["backend", "--app", "app.py:2x"], "error: '2x' is not a Python name"),
+    ],
+)
 def test_a_bad_app_is_one_line_and_exit_2(tmp_path, monkeypatch, args, message):
     from typer.testing import CliRunner
 

@@ -28,9 +28,22 @@ class DevRun:
         base = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "SPLITSPACE_STATE_PATH": str(cwd / "state.sqlite3")}
         base.pop("SPLITSPACE_SECRET", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "splitspace.deploy.cli", "dev", "--frontend-port", str(self.frontend_port),
-             "--backend-port", str(self.backend_port), *args],
-            cwd=cwd, env={**base, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "splitspace.deploy.cli",
+                "dev",
+                "--frontend-port",
+                str(self.frontend_port),
+                "--backend-port",
+                str(self.backend_port),
+                *args,
+            ],
+            cwd=cwd,
+            env={**base, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()

@@ -24,14 +24,20 @@ QUOTAS = """
 max_running = 1
 max_queued = 9
 gpu_seconds = 100000
-""" + "".join(f'\n[[keys]]\nname = "{n}"\ntier = "patient"\nsha256 = "{sha256("door-" + n)}"\n'
-              for n in ("waits", "leaves", "forges", "sync"))
+""" + "".join(
+    f'\n[[keys]]\nname = "{n}"\ntier = "patient"\nsha256 = "{sha256("door-" + n)}"\n'
+    for n in ("waits", "leaves", "forges", "sync")
+)
 
 
 @pytest.fixture(scope="module")
 def tiers(tmp_path_factory):  # type: ignore[no-untyped-def]
-    d = Deployment(tmp_path_factory.mktemp("facade"), model="sleep:400", quotas=QUOTAS,
-                   frontend_env={"SPLITSPACE_DOOR_PER_FLOW": "1", "SPLITSPACE_DOOR_TOTAL": "3"}).start()
+    d = Deployment(
+        tmp_path_factory.mktemp("facade"),
+        model="sleep:400",
+        quotas=QUOTAS,
+        frontend_env={"SPLITSPACE_DOOR_PER_FLOW": "1", "SPLITSPACE_DOOR_TOTAL": "3"},
+    ).start()
     yield d
     d.stop()
 
@@ -77,8 +83,14 @@ def test_a_call_that_must_wait_is_told_its_place_then_served(tiers: Deployment) 
         results = in_threads(4, call)
     assert peak.value >= 2, peak.value
     assert all(final == "complete" for final, _ in results), results
-    places = [[data[1]["position"] for name, data in events if name == "generating" and data[0] is None
-               and data[1]["status"] == "queued"] for _, events in results]
+    places = [
+        [
+            data[1]["position"]
+            for name, data in events
+            if name == "generating" and data[0] is None and data[1]["status"] == "queued"
+        ]
+        for _, events in results
+    ]
     # three of the four waited at the door and heard where they stood, in Gradio's format
     assert sum(1 for p in places if p and max(p) >= 2) >= 2, places
     for _, events in results:
@@ -96,12 +108,14 @@ def test_a_held_call_is_answered_at_once_and_its_caller_may_leave(tiers: Deploym
         assert first.status_code == held.status_code == 200
         assert door(url)["held"] == 2  # both answered at once, neither read yet
         final = []
-        with c2.stream("GET", f"{url}/gradio_api/call/generate/{first.json()['event_id']}",
-                       headers=key("leaves")) as first_stream:
+        with c2.stream(
+            "GET", f"{url}/gradio_api/call/generate/{first.json()['event_id']}", headers=key("leaves")
+        ) as first_stream:
             first_lines = first_stream.iter_lines()  # read: the first goes in (its flow has room for one)
             assert wait_for(lambda: door(url)["inside"] == 1, 10), door(url)
-            with c.stream("GET", f"{url}/gradio_api/call/generate/{held.json()['event_id']}",
-                          headers=key("leaves")) as s:
+            with c.stream(
+                "GET", f"{url}/gradio_api/call/generate/{held.json()['event_id']}", headers=key("leaves")
+            ) as s:
                 lines = s.iter_lines()
                 assert next(lines) == "event: generating"
                 status = json.loads(next(lines)[5:])
@@ -136,8 +150,9 @@ def test_a_synchronous_call_waits_its_turn_before_gradio(tiers: Deployment) -> N
     url = tiers.frontend.url
 
     def call(i: int) -> httpx.Response:
-        return httpx.post(f"{url}/gradio_api/run/generate", json={"data": gen_args(seed=i + 1)},
-                          headers=key("sync"), timeout=60)
+        return httpx.post(
+            f"{url}/gradio_api/run/generate", json={"data": gen_args(seed=i + 1)}, headers=key("sync"), timeout=60
+        )
 
     with PeakHeld(url) as peak:
         answers = in_threads(3, call)

@@ -14,7 +14,9 @@ import pytest
 from tests.support import REPO
 
 EXAMPLES = {
-    "shout.py": ["shout"], "mirror.py": ["mirror"], "text_to_image.py": ["generate"],
+    "shout.py": ["shout"],
+    "mirror.py": ["mirror"],
+    "text_to_image.py": ["generate"],
     # gr.ChatInterface's events that call the chat function (submit, its API, retry, edit)
     "chat.py": ["_submit_fn", "chat", "_submit_fn_1", "_submit_fn_2"],
 }
@@ -22,8 +24,14 @@ HEAVY = ("torch", "diffusers", "transformers")
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **env})
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **env},
+    )
 
 
 def test_every_example_is_tested():
@@ -49,7 +57,8 @@ def test_the_frontend_imports_an_example_without_torch_or_diffusers(name):
 def test_each_example_runs_in_one_process_as_plain_gradio():
     """The decorated functions are ordinary callables (``python examples/x.py`` runs them
     under ``spaces.GPU``, a no-op off ZeroGPU); text_to_image on the ``tiny`` pipeline."""
-    run = _python("""
+    run = _python(
+        """
         import runpy
         from PIL import Image
         assert runpy.run_path("examples/shout.py")["shout"]("hi", 2) == "HI HI"
@@ -63,5 +72,7 @@ def test_each_example_runs_in_one_process_as_plain_gradio():
         assert image.size == (64, 64), image.size
         assert ns["pipe"]() is ns["pipe"]()  # loaded once, at first use
         print("ok")
-    """, MODEL_ID="tiny")
+    """,
+        MODEL_ID="tiny",
+    )
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr

@@ -115,10 +115,21 @@ def test_a_long_but_simple_admin_token_is_refused_at_startup(token: str) -> None
 
 
 def test_the_gpu_tier_does_not_start_with_a_weak_admin_token(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    env = {**os.environ, "SPLITSPACE_ADMIN_TOKEN": "hunter2", "SPLITSPACE_SECRET": "s" * 32,
-           "SPLITSPACE_MODEL": "sleep:1", "SPLITSPACE_STATE_PATH": str(tmp_path / "s.sqlite3")}
-    done = subprocess.run([sys.executable, "-m", "splitspace.deploy.cli", "backend", "--port", str(free_port())],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "SPLITSPACE_ADMIN_TOKEN": "hunter2",
+        "SPLITSPACE_SECRET": "s" * 32,
+        "SPLITSPACE_MODEL": "sleep:1",
+        "SPLITSPACE_STATE_PATH": str(tmp_path / "s.sqlite3"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "splitspace.deploy.cli", "backend", "--port", str(free_port())],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "SPLITSPACE_ADMIN_TOKEN is too short" in done.stderr and "hunter2" not in done.stderr + done.stdout
     assert "Traceback" not in done.stderr

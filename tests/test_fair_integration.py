@@ -99,8 +99,9 @@ def bearer(name: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def fair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    d = Deployment(tmp_path_factory.mktemp("fair"), model="sleep:100", quotas=QUOTAS,
-                   frontend_env=dict(GPU_TIER_BACKLOG))
+    d = Deployment(
+        tmp_path_factory.mktemp("fair"), model="sleep:100", quotas=QUOTAS, frontend_env=dict(GPU_TIER_BACKLOG)
+    )
     d.start()
     yield d
     d.stop()
@@ -298,7 +299,8 @@ def test_waiting_caller_sees_position_and_eta_that_never_go_back(fair):
             hog = [pool.submit(generate, url, bearer("hog"), c) for c in clients[:36]]
             # the whole backlog is in before the waiter asks (a later hog job could go ahead of it)
             assert wait_for(
-                lambda: metric(fair, "splitspace_requests_total", 'outcome="admitted"') - admitted >= 36, 30)
+                lambda: metric(fair, "splitspace_requests_total", 'outcome="admitted"') - admitted >= 36, 30
+            )
             assert backlog_of(fair, "key:hog") >= 20, admin_show(fair, "key:hog")
             waiters = [pool.submit(generate, url, bearer("waiter"), c) for c in clients[36:]]
             results = [f.result(timeout=120) for f in waiters]
@@ -357,9 +359,7 @@ def test_caller_who_goes_away_is_dropped_and_never_charged(fair):
     assert standing["queued"] + standing["running"] <= 3
     # Noticed at the GPU tier's next status yield (about a second per tier).
     assert wait_for(lambda: admin_show(fair, "key:canceller")["queued"] == 0, 15), admin_show(fair, "key:canceller")
-    assert wait_for(
-        lambda: metric(fair, "splitspace_requests_total", 'outcome="cancelled"') - cancelled_before >= 3, 5
-    )
+    assert wait_for(lambda: metric(fair, "splitspace_requests_total", 'outcome="cancelled"') - cancelled_before >= 3, 5)
     standing = admin_show(fair, "key:canceller")
     assert standing["running"] == 0
     assert standing["used"] == pytest.approx(0.0, abs=1e-9), standing

@@ -52,14 +52,29 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
 def run_schemathesis(base_url: str, report_dir: Path, seconds: int) -> dict[str, Any]:
     """Run the CLI for ``seconds``; the counts from its NDJSON report."""
     cmd = [
-        sys.executable, "-c", "from schemathesis.cli import schemathesis; schemathesis()",
-        "run", f"{base_url}/gradio_api/openapi.json", "--max-time", str(seconds),
-        "--checks", f"not_a_server_error,{CHECK_NAME}", "--request-timeout", "15", "--no-shrink",
-        "--workers", "2", "--report", "ndjson", "--report-dir", str(report_dir),
+        sys.executable,
+        "-c",
+        "from schemathesis.cli import schemathesis; schemathesis()",
+        "run",
+        f"{base_url}/gradio_api/openapi.json",
+        "--max-time",
+        str(seconds),
+        "--checks",
+        f"not_a_server_error,{CHECK_NAME}",
+        "--request-timeout",
+        "15",
+        "--no-shrink",
+        "--workers",
+        "2",
+        "--report",
+        "ndjson",
+        "--report-dir",
+        str(report_dir),
     ]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS)}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds + 240,
-                          cwd=report_dir.parent)  # its cache folder (.schemathesis/) goes there, not in the repo
+    done = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=seconds + 240, cwd=report_dir.parent
+    )  # its cache folder (.schemathesis/) goes there, not in the repo
     reports = list(report_dir.glob("*.ndjson"))  # --report-dir is absolute
     assert reports, f"schemathesis wrote no report:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     statuses: collections.Counter[tuple[str, int | None]] = collections.Counter()
@@ -78,10 +93,18 @@ def run_schemathesis(base_url: str, report_dir: Path, seconds: int) -> dict[str,
                 statuses[(recorder["label"], response["status_code"] if response else None)] += 1
                 limit_refusals += _names_a_parser_limit(response)
             for checks in (recorder.get("checks") or {}).values():
-                check_failures += [f"{recorder['label']}: {c['name']}" for c in checks
-                                   if c["status"] == "failure" and c["name"] == CHECK_NAME]
-    return {"statuses": statuses, "network_errors": network_errors, "check_failures": check_failures,
-            "limit_refusals": limit_refusals, "output": done.stdout[-4000:]}
+                check_failures += [
+                    f"{recorder['label']}: {c['name']}"
+                    for c in checks
+                    if c["status"] == "failure" and c["name"] == CHECK_NAME
+                ]
+    return {
+        "statuses": statuses,
+        "network_errors": network_errors,
+        "check_failures": check_failures,
+        "limit_refusals": limit_refusals,
+        "output": done.stdout[-4000:],
+    }
 
 
 def _names_a_parser_limit(response: dict[str, Any] | None) -> bool:
@@ -107,9 +130,11 @@ def test_schemathesis_finds_no_server_error_and_no_broken_reply(fuzzed: Deployme
     statuses = result["statuses"]
     total = sum(statuses.values())
     server_errors = {k: v for k, v in statuses.items() if k[1] is not None and k[1] >= 500}
-    print(f"\n{tier}: {total} requests in {SECONDS} s, {sum(server_errors.values())} server errors, "
-          f"{len(result['network_errors'])} broken replies, {len(result['check_failures'])} unclean streams, "
-          f"{result['limit_refusals']} bodies past a parser limit refused")
+    print(
+        f"\n{tier}: {total} requests in {SECONDS} s, {sum(server_errors.values())} server errors, "
+        f"{len(result['network_errors'])} broken replies, {len(result['check_failures'])} unclean streams, "
+        f"{result['limit_refusals']} bodies past a parser limit refused"
+    )
     for (label, status), count in sorted(statuses.items(), key=str):
         print(f"  {count:5d}  {status}  {label}")
     assert total >= 50, f"too few requests to mean anything:\n{result['output']}"

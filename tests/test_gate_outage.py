@@ -107,21 +107,47 @@ async def gpu_tier(
 ) -> AsyncIterator[Tier1]:
     prefix = f"test:{uuid.uuid4().hex}:"
     breaker = CircuitBreaker(0.5, clock=clock)  # one outage verdict for the loop and the GPU thread
-    store = ResilientStore(RedisStore.from_url(url, prefix=prefix), mode=mode,  # type: ignore[arg-type]
-                           replicas=replicas, breaker=breaker)
-    async_store = AsyncResilientStore(AsyncRedisStore.from_url(url, prefix=prefix), store.fallback,
-                                      mode=mode, replicas=replicas, breaker=breaker)  # type: ignore[arg-type]
+    store = ResilientStore(
+        RedisStore.from_url(url, prefix=prefix),
+        mode=mode,  # type: ignore[arg-type]
+        replicas=replicas,
+        breaker=breaker,
+    )
+    async_store = AsyncResilientStore(
+        AsyncRedisStore.from_url(url, prefix=prefix), store.fallback, mode=mode, replicas=replicas, breaker=breaker
+    )  # type: ignore[arg-type]
     model = FakeModel(gate=threading.Event())
     runner: GpuRunner | None = None
-    gate = GlobalLimits(store=store, async_store=async_store, limits=lambda ref: tier,
-                        on_retry=lambda: runner.dispatch() if runner is not None else None)
-    scheduler = FairScheduler(clock=time.time, limits=local_limits(lambda ref: tier), store=MemoryUsageStore(),
-                              capacity=capacity, held=gate.held, service_floor=gate.service_floor)
-    runner = GpuRunner(scheduler, CostModel(lambda s, w, h, g, b: 0.1), run_batch=model.run_batch,
-                       resolve=model.resolve, model_name=lambda: model.name, clock=time.time)
+    gate = GlobalLimits(
+        store=store,
+        async_store=async_store,
+        limits=lambda ref: tier,
+        on_retry=lambda: runner.dispatch() if runner is not None else None,
+    )
+    scheduler = FairScheduler(
+        clock=time.time,
+        limits=local_limits(lambda ref: tier),
+        store=MemoryUsageStore(),
+        capacity=capacity,
+        held=gate.held,
+        service_floor=gate.service_floor,
+    )
+    runner = GpuRunner(
+        scheduler,
+        CostModel(lambda s, w, h, g, b: 0.1),
+        run_batch=model.run_batch,
+        resolve=model.resolve,
+        model_name=lambda: model.name,
+        clock=time.time,
+    )
     runner.gate = gate
-    service = InferService(tokens=IdentityTokens([SECRET]), runner=runner, limits=Limits(),
-                           standing=lambda identity: {}, global_limits=gate)
+    service = InferService(
+        tokens=IdentityTokens([SECRET]),
+        runner=runner,
+        limits=Limits(),
+        standing=lambda identity: {},
+        global_limits=gate,
+    )
     peer = RedisStore.from_url(url, prefix=prefix)
     try:
         yield Tier1(service, gate, store, async_store, model, peer, prefix, url)
@@ -199,8 +225,9 @@ def test_a_job_left_while_its_refused_start_waits_on_a_hung_redis_is_dropped_not
     tier = Tier(weight=1, max_running=2, max_queued=4, gpu_seconds=1e6, window_s=3600)
 
     async def scenario() -> None:
-        async with gpu_tier(own_redis.url, mode="local", replicas=2, tier=tier, capacity=2,
-                            clock=every_call_probes()) as t:
+        async with gpu_tier(
+            own_redis.url, mode="local", replicas=2, tier=tier, capacity=2, clock=every_call_probes()
+        ) as t:
             own_redis.pause()
             try:
                 first = await t.enter(prompt="runs")
@@ -209,8 +236,9 @@ def test_a_job_left_while_its_refused_start_waits_on_a_hung_redis_is_dropped_not
                 leaver = await t.enter(prompt="left", seed=8)
                 assert t.runner.scheduler.position(leaver.job_id) is None  # on the second slot
                 t.service.drop(leaver)  # while its start waits (memory will refuse: 1 running)
-                assert await until(lambda: leaver.waiter.future.done()
-                                   or t.runner.scheduler.position(leaver.job_id) is not None)
+                assert await until(
+                    lambda: leaver.waiter.future.done() or t.runner.scheduler.position(leaver.job_id) is not None
+                )
                 assert leaver.waiter.future.cancelled()  # dropped, not back in the queue
                 assert t.runner.scheduler.position(leaver.job_id) is None
                 assert len(t.runner.scheduler) == 0 and t.runner.scheduler.running_count == 1  # the first

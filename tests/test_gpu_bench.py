@@ -22,15 +22,16 @@ def test_cpu_smoke_prints_both_tables_with_numeric_figures(tmp_path):
     figures_path = tmp_path / "figures.json"
     out = subprocess.run(
         [sys.executable, "bench/gpu.py", "--cpu-smoke", "--json", str(figures_path)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
 
     assert "== raw diffusers: arch:sd-turbo@tiny, 64x64, 1 step(s), guidance 0, cpu float32 ==" in text
-    raw = re.findall(
-        rf"^\s+(\d+)\s+(\d+)\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})\s+n/a$", text, re.M
-    )
+    raw = re.findall(rf"^\s+(\d+)\s+(\d+)\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})\s+n/a$", text, re.M)
     assert [int(row[0]) for row in raw] == [1, 4], text
     for _batch, calls, images_s, p50, p95, step in raw:
         assert int(calls) >= 2
@@ -41,7 +42,8 @@ def test_cpu_smoke_prints_both_tables_with_numeric_figures(tmp_path):
     served = re.findall(
         rf"^\s+(\d+)\s+(\d+)\s+(\d+)\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})\s+({NUMBER})x b(\d+)\s+"
         rf"(-|{NUMBER}%)\s+(-|{NUMBER}%)\s+({NUMBER})ms\s+n/a\s+(\d+)$",
-        text, re.M,
+        text,
+        re.M,
     )
     assert [(int(r[0]), int(r[1])) for r in served] == [(1, 1), (4, 1)], text
     for clients, _, images, images_s, p50, p95, ratio, batch, shares, counts, gpu_ms, failed in served:

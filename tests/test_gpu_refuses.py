@@ -89,8 +89,11 @@ def test_a_token_is_good_for_its_own_request_once(tiny, route):
 
 
 def test_run_route_that_skips_the_queue_is_closed(tiny):
-    r = httpx.post(f"{tiny.backend.url}/gradio_api/run/infer", json={"data": ["x"]},
-                   headers={"x-splitspace-identity": infer_token(token_for(tiny.secret, WHO), prompt="x")})
+    r = httpx.post(
+        f"{tiny.backend.url}/gradio_api/run/infer",
+        json={"data": ["x"]},
+        headers={"x-splitspace-identity": infer_token(token_for(tiny.secret, WHO), prompt="x")},
+    )
     assert r.status_code >= 400
     assert "image_png_b64" not in r.text
 

@@ -55,8 +55,10 @@ class FakeModel:
     entered: threading.Event = field(default_factory=threading.Event)
 
     def resolve(self, req: GenerateRequest) -> tuple[int, float]:
-        return (req.steps if req.steps is not None else self.preset_steps,
-                req.guidance_scale if req.guidance_scale is not None else 0.0)
+        return (
+            req.steps if req.steps is not None else self.preset_steps,
+            req.guidance_scale if req.guidance_scale is not None else 0.0,
+        )
 
     def generate_batch(self, requests: list[GenerateRequest], seeds: list[int]) -> list[Image.Image]:
         self.calls.append(list(requests))
@@ -65,8 +67,9 @@ class FakeModel:
             assert self.gate.wait(10), "the test never released the model"
         if any(r.prompt == "boom" for r in requests):
             raise RuntimeError("/secret/path/model.py exploded")
-        return [Image.new("RGB", (r.width, r.height), (seed % 256, 0, 0))
-                for r, seed in zip(requests, seeds, strict=True)]
+        return [
+            Image.new("RGB", (r.width, r.height), (seed % 256, 0, 0)) for r, seed in zip(requests, seeds, strict=True)
+        ]
 
     def generate(self, request: GenerateRequest, seed: int) -> Image.Image:
         return self.generate_batch([request], [seed])[0]
@@ -91,12 +94,21 @@ def service(model: FakeModel, batch_wait_s: float) -> Iterator[InferService]:
     clock = FakeClock()
     scheduler = FairScheduler(clock=clock, limits=lambda ref: OPEN, store=MemoryUsageStore(), capacity=1)
     runner = GpuRunner(
-        scheduler, CostModel(lambda s, w, h, g, b: 0.1), run_batch=model.run_batch,
-        resolve=model.resolve, model_name=lambda: model.name, max_batch=4, batch_wait_s=batch_wait_s,
+        scheduler,
+        CostModel(lambda s, w, h, g, b: 0.1),
+        run_batch=model.run_batch,
+        resolve=model.resolve,
+        model_name=lambda: model.name,
+        max_batch=4,
+        batch_wait_s=batch_wait_s,
         clock=clock,
     )
-    yield InferService(tokens=IdentityTokens([SECRET]), runner=runner, limits=Limits(),
-                       standing=lambda identity: {"client": identity.client_id})
+    yield InferService(
+        tokens=IdentityTokens([SECRET]),
+        runner=runner,
+        limits=Limits(),
+        standing=lambda identity: {"client": identity.client_id},
+    )
     if model.gate is not None:
         model.gate.set()
     runner.close()
@@ -218,8 +230,10 @@ def test_a_batch_across_clients_keeps_each_request(service: InferService, model:
     async def scenario() -> list[Update]:
         first = admit(service, "alpha")
         assert await asyncio.to_thread(model.entered.wait, 5)
-        tickets = [admit(service, name, seed=seed, prompt=f"p-{name}") for name, seed in
-                   (("beta", 11), ("gamma", 12), ("delta", 13))]
+        tickets = [
+            admit(service, name, seed=seed, prompt=f"p-{name}")
+            for name, seed in (("beta", 11), ("gamma", 12), ("delta", 13))
+        ]
         model.gate.set()
         await collect(service, first)
         return [(await collect(service, t))[-1] for t in tickets]
@@ -276,8 +290,10 @@ def test_a_bad_request_in_a_batch_fails_alone(service: InferService, model: Fake
     async def scenario() -> list[object]:
         first = admit(service, "alpha")
         assert await asyncio.to_thread(model.entered.wait, 5)
-        tickets = [admit(service, name, prompt=prompt) for name, prompt in
-                   (("beta", "fine"), ("gamma", "boom"), ("delta", "also fine"))]
+        tickets = [
+            admit(service, name, prompt=prompt)
+            for name, prompt in (("beta", "fine"), ("gamma", "boom"), ("delta", "also fine"))
+        ]
         model.gate.set()
         await collect(service, first)
         outcomes: list[object] = []
@@ -299,6 +315,7 @@ def test_the_batching_window_gathers_requests_that_arrive_in_it(service: InferSe
     """With a window, a request alone on an idle GPU waits for compatible ones to join it:
     four requests that arrive one after another run as one call (the window closes as soon
     as the batch is full, long before its 10 s)."""
+
     async def scenario() -> list[Update]:
         tickets = [admit(service, name, seed=i) for i, name in enumerate(("a", "b", "c", "d"))]
         return [(await collect(service, t))[-1] for t in tickets]

@@ -124,6 +124,7 @@ def test_a_closed_pages_session_state_is_given_back():
 
     def page() -> gr.Blocks:
         demo = _blocks()
+
         def on_unload(request: gr.Request) -> None:  # as the frontend's page
             unloads.append(str(request.session_hash))
 

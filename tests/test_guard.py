@@ -75,8 +75,9 @@ def test_wrong_arity_is_422_on_call_run_and_join(direct: Deployment, tier: str) 
     (``/call/``, ``/queue/join``), or HTTP 500 (``/run/`` on the frontend)."""
     base, (main, arity, _) = url(direct, tier), API[tier]
     data = ["a fox", "", 64]
-    assert_problem(httpx.post(f"{base}/gradio_api/call/{main}", json={"data": data}), 422,
-                   f"expected {arity} values, got 3")
+    assert_problem(
+        httpx.post(f"{base}/gradio_api/call/{main}", json={"data": data}), 422, f"expected {arity} values, got 3"
+    )
     fn_index = next(d["id"] for d in httpx.get(f"{base}/config").json()["dependencies"] if d.get("api_name") == main)
     join = {"data": data, "fn_index": fn_index, "session_hash": "s1"}
     assert_problem(httpx.post(f"{base}/gradio_api/queue/join", json=join), 422, f"expected {arity} values, got 3")
@@ -102,7 +103,8 @@ def test_malformed_json_is_4xx_and_echoes_nothing_long(direct: Deployment, tier:
 
 @pytest.mark.parametrize("tier", TIERS)
 @pytest.mark.parametrize(
-    "path", ["call/{api}/no-such-event", "call/v2/{api}/no-such-event", "queue/data?session_hash=nobody"])
+    "path", ["call/{api}/no-such-event", "call/v2/{api}/no-such-event", "queue/data?session_hash=nobody"]
+)
 def test_unknown_event_stream_is_404_not_a_broken_reply(direct: Deployment, tier: str, path: str) -> None:
     """First release: an event stream cut off mid-response (ChunkedEncodingError)."""
     target = f"{url(direct, tier)}/gradio_api/" + path.format(api=API[tier][0])
@@ -127,8 +129,11 @@ def test_uploads_are_refused_on_both_tiers(direct: Deployment, tier: str) -> Non
     base = url(direct, tier)
     r = httpx.post(f"{base}/gradio_api/upload", files={"files": ("a.bin", b"x" * 200_000)})
     assert_problem(r, 403, "no file uploads")
-    malformed = httpx.post(f"{base}/gradio_api/upload", content=b"--zz\r\ngarbage",
-                           headers={"content-type": "multipart/form-data; boundary=zz"})
+    malformed = httpx.post(
+        f"{base}/gradio_api/upload",
+        content=b"--zz\r\ngarbage",
+        headers={"content-type": "multipart/form-data; boundary=zz"},
+    )
     assert_problem(malformed, 403)  # first release: HTTP 500 for some malformed forms
 
 
@@ -147,8 +152,10 @@ def test_a_body_over_the_limit_is_413_before_it_is_read(direct: Deployment, tier
     # Announced as 50 MB, nothing sent: the answer comes from the headers alone.
     port = int(base.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(f"POST /gradio_api/call/{main} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  f"Content-Length: {50 * 2**20}\r\n\r\n".encode())
+        s.sendall(
+            f"POST /gradio_api/call/{main} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {50 * 2**20}\r\n\r\n".encode()
+        )
         head = s.recv(4096).decode("latin-1")
     assert head.startswith("HTTP/1.1 413"), head[:200]
 
@@ -171,8 +178,10 @@ def test_eight_parallel_50_mb_bodies_do_not_grow_the_frontend(direct: Deployment
     def flood() -> None:
         chunk = b"x" * 65536
         with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
-            s.sendall(b"POST /gradio_api/call/generate HTTP/1.1\r\nHost: x\r\n"
-                      b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+            s.sendall(
+                b"POST /gradio_api/call/generate HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
             try:
                 for _ in range(800):  # 50 MB
                     s.sendall(b"10000\r\n" + chunk + b"\r\n")
@@ -207,8 +216,11 @@ def test_prompt_must_be_utf8_text_without_nul(direct: Deployment, prompt: str) -
     and with batching, every other client's request in the batch)."""
     base = direct.frontend.url  # type: ignore[union-attr]
     with httpx.Client(timeout=30) as c:  # json.dumps escapes the surrogate as JSON allows ("\ud800")
-        r = c.post(f"{base}/gradio_api/call/generate", content=json.dumps({"data": gen_args(prompt=prompt)}),
-                   headers={"content-type": "application/json"})
+        r = c.post(
+            f"{base}/gradio_api/call/generate",
+            content=json.dumps({"data": gen_args(prompt=prompt)}),
+            headers={"content-type": "application/json"},
+        )
         body = c.get(f"{base}/gradio_api/call/generate/{r.json()['event_id']}").text
     final, events = "", []
     for block in body.split("\n\n"):
@@ -244,11 +256,15 @@ PARSER_LIMITS = [
     (b'{"data": [' + b"0," * 2000 + b"0]}", 413, "more than 1000 items"),
 ]
 BODY_ROUTES = [
-    ("frontend", "/gradio_api/call/generate"), ("frontend", "/gradio_api/call/v2/generate"),
-    ("frontend", "/gradio_api/run/generate"), ("frontend", "/gradio_api/queue/join"),
+    ("frontend", "/gradio_api/call/generate"),
+    ("frontend", "/gradio_api/call/v2/generate"),
+    ("frontend", "/gradio_api/run/generate"),
+    ("frontend", "/gradio_api/queue/join"),
     ("frontend", "/gradio_api/cancel"),
-    ("backend", "/gradio_api/call/infer"), ("backend", "/gradio_api/call/v2/infer"),
-    ("backend", "/gradio_api/queue/join"), ("backend", "/splitspace/v1/infer"),
+    ("backend", "/gradio_api/call/infer"),
+    ("backend", "/gradio_api/call/v2/infer"),
+    ("backend", "/gradio_api/queue/join"),
+    ("backend", "/splitspace/v1/infer"),
     ("backend", "/admin/ui/gradio_api/queue/join"),  # the operators' dashboard, before its login
 ]
 
@@ -276,7 +292,8 @@ def test_a_body_past_the_parser_limits_is_a_4xx_naming_the_limit_and_the_connect
         from tests.clients import infer_token, token_for
 
         headers["x-splitspace-identity"] = infer_token(
-            token_for(direct.secret, Identity("k", "key", "free", "1.2.3.4")))
+            token_for(direct.secret, Identity("k", "key", "free", "1.2.3.4"))
+        )
     ports = _Ports()
     with httpx.Client(timeout=30, event_hooks={"response": [ports]}) as c:
         for body, status, named in PARSER_LIMITS:
@@ -291,7 +308,9 @@ def test_a_body_past_the_parser_limits_is_a_4xx_naming_the_limit_and_the_connect
 
 def test_a_string_past_its_limit_is_refused_on_the_64_kib_route(direct: Deployment) -> None:
     """A 40 KB string fits the direct route's 64 KiB body but not the 32 KiB string limit."""
-    r = httpx.post(f"{direct.backend.url}/splitspace/v1/infer",  # type: ignore[union-attr]
-                   json={"prompt": "x" * 40_000}, headers={"x-splitspace-identity": "not checked first"})
+    r = httpx.post(
+        f"{direct.backend.url}/splitspace/v1/infer",  # type: ignore[union-attr]
+        json={"prompt": "x" * 40_000},
+        headers={"x-splitspace-identity": "not checked first"},
+    )
     assert_problem(r, 413, "a string longer than 32768 bytes")
-

@@ -96,7 +96,10 @@ def test_a_slow_body_is_refused_with_408() -> None:
 
 # -- the limits of a body's JSON (issue 21: 10 KB of "[" was a 500 and a traceback) ---------------
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**64), 2**64) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**64), 2**64)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(),  # any text: quotes, backslashes, brackets, "NaN", "1e999"
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8), inner, max_size=5),
     max_leaves=40,
@@ -123,8 +126,14 @@ def test_json_limits_measure_depth_and_items_as_a_parser_sees_them(
     exactly when it nests deeper than the limit or has more items, naming one it breaks."""
     limits = JsonLimits(max_depth=3, max_items=12)
     body = json.dumps(value, indent=indent, ensure_ascii=ascii_only).encode()
-    broken = [name for name, over in (("nesting deeper than 3 levels", _depth(value) > 3),
-                                      ("more than 12 items", _items(value) > 12)) if over]
+    broken = [
+        name
+        for name, over in (
+            ("nesting deeper than 3 levels", _depth(value) > 3),
+            ("more than 12 items", _items(value) > 12),
+        )
+        if over
+    ]
     try:
         limits.check(body)
     except JsonLimitExceeded as exc:
@@ -133,20 +142,24 @@ def test_json_limits_measure_depth_and_items_as_a_parser_sees_them(
         assert not broken, (broken, body[:200])
 
 
-@pytest.mark.parametrize(("body", "named"), [
-    (b"[" * 5000 + b"]" * 5000, "nesting deeper than 32 levels"),  # the attack: RecursionError in every parser
-    (b'{"a":' * 33 + b"1" + b"}" * 33, "nesting deeper than 32 levels"),
-    (b"[" * 16000, "nesting deeper than 32 levels"),  # never closed: parsers recurse before they see that
-    (b"[" + b"[[]]," * 400 + b"0]", "more than 1000 items"),  # 401 + 800 containers' own
-    (b"[" + b'"",' * 3000 + b"0]", "more than 1000 items"),
-    (b'{"data": [' + b"9" * 5000 + b"]}", "a number longer than 40 characters"),  # int(): ValueError past 4,300
-    (b'{"data": [-1E+400]}', "a number out of range"),
-    (b'{"data": [1e999]}', "a number out of range"),
-    (b'{"data": [NaN]}', "NaN or Infinity"),
-    (b'{"data": [-Infinity]}', "NaN or Infinity"),
-    (b'["' + b"x" * 40_000 + b'"]', "a string longer than 32768 bytes"),
-    (b"[[[]]]]]", "brackets that do not balance"),
-], ids=lambda v: v[:24].decode() if isinstance(v, bytes) else None)
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (b"[" * 5000 + b"]" * 5000, "nesting deeper than 32 levels"),  # the attack: RecursionError in every parser
+        (b'{"a":' * 33 + b"1" + b"}" * 33, "nesting deeper than 32 levels"),
+        (b"[" * 16000, "nesting deeper than 32 levels"),  # never closed: parsers recurse before they see that
+        (b"[" + b"[[]]," * 400 + b"0]", "more than 1000 items"),  # 401 + 800 containers' own
+        (b"[" + b'"",' * 3000 + b"0]", "more than 1000 items"),
+        (b'{"data": [' + b"9" * 5000 + b"]}", "a number longer than 40 characters"),  # int(): ValueError past 4,300
+        (b'{"data": [-1E+400]}', "a number out of range"),
+        (b'{"data": [1e999]}', "a number out of range"),
+        (b'{"data": [NaN]}', "NaN or Infinity"),
+        (b'{"data": [-Infinity]}', "NaN or Infinity"),
+        (b'["' + b"x" * 40_000 + b'"]', "a string longer than 32768 bytes"),
+        (b"[[[]]]]]", "brackets that do not balance"),
+    ],
+    ids=lambda v: v[:24].decode() if isinstance(v, bytes) else None,
+)
 def test_json_limits_name_what_a_body_breaks(body: bytes, named: str) -> None:
     with pytest.raises(JsonLimitExceeded) as caught:
         JsonLimits().check(body)
@@ -158,17 +171,47 @@ def test_every_call_of_gradio_clients_fits_the_limits() -> None:
     a queue join with a file payload, the page's call with a full history of thumbnails
     (noise images: about 11 KB each), an MCP tool call; and numbers at their extremes."""
     fox = ["a fox " * 166, "", 1024, 1024, 50, 20.0, 2**63 - 1]
-    file_data = {"path": "/tmp/a.png", "url": None, "size": 123, "orig_name": "a.png", "mime_type": "image/png",
-                 "is_stream": False, "meta": {"_type": "gradio.FileData"}}
-    history = [{"prompt": "\U0001F98A" * 1000, "negative_prompt": "", "seed": 2**32, "width": 512, "height": 512,
-                "steps": 4, "guidance_scale": 0.0, "gpu_s": 0.123456789,
-                "thumb": "data:image/jpeg;base64," + "A" * 11_000}] * 12
+    file_data = {
+        "path": "/tmp/a.png",
+        "url": None,
+        "size": 123,
+        "orig_name": "a.png",
+        "mime_type": "image/png",
+        "is_stream": False,
+        "meta": {"_type": "gradio.FileData"},
+    }
+    history = [
+        {
+            "prompt": "\U0001f98a" * 1000,
+            "negative_prompt": "",
+            "seed": 2**32,
+            "width": 512,
+            "height": 512,
+            "steps": 4,
+            "guidance_scale": 0.0,
+            "gpu_s": 0.123456789,
+            "thumb": "data:image/jpeg;base64," + "A" * 11_000,
+        }
+    ] * 12
     bodies = [
         {"data": [*fox, file_data], "fn_index": 3, "session_hash": "abc", "event_data": None, "trigger_id": 12},
-        {"data": [*fox, history], "fn_index": 4, "session_hash": "abc", "event_data": {"index": [1, 2], "value": None},
-         "trigger_id": 7},
-        {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
-            "name": "generate", "arguments": dict(zip("abcdefg", fox, strict=True)), "_meta": {"progressToken": 3}}},
+        {
+            "data": [*fox, history],
+            "fn_index": 4,
+            "session_hash": "abc",
+            "event_data": {"index": [1, 2], "value": None},
+            "trigger_id": 7,
+        },
+        {
+            "jsonrpc": "2.0",
+            "id": 3,
+            "method": "tools/call",
+            "params": {
+                "name": "generate",
+                "arguments": dict(zip("abcdefg", fox, strict=True)),
+                "_meta": {"progressToken": 3},
+            },
+        },
         [1.7976931348623157e308, 5e-324, -0.0, 2**128, -(2**128), "NaN", "1e999", "[[[[[[[["],
     ]
     for doc in bodies:

@@ -35,8 +35,10 @@ class Page:
     def __init__(self, url: str, address: str) -> None:
         host, port = url.removeprefix("http://").split(":")
         self.sock = socket.create_connection((host, int(port)), timeout=30)
-        self.sock.sendall(f"GET /gradio_api/heartbeat/{secrets.token_hex(8)} HTTP/1.1\r\nHost: t\r\n"
-                          f"X-Forwarded-For: {address}\r\n\r\n".encode())
+        self.sock.sendall(
+            f"GET /gradio_api/heartbeat/{secrets.token_hex(8)} HTTP/1.1\r\nHost: t\r\n"
+            f"X-Forwarded-For: {address}\r\n\r\n".encode()
+        )
         reply = b""
         while b"ALIVE" not in reply and not (b"\r\n\r\n" in reply and reply.endswith(b"}")):
             chunk = self.sock.recv(4096)
@@ -45,8 +47,10 @@ class Page:
             reply += chunk
         head, _, self.body = reply.partition(b"\r\n\r\n")
         self.status = int(head.split(b" ")[1])
-        self.headers = {k.strip().lower(): v.strip() for k, _, v in
-                        (line.decode().partition(":") for line in head.split(b"\r\n")[1:])}
+        self.headers = {
+            k.strip().lower(): v.strip()
+            for k, _, v in (line.decode().partition(":") for line in head.split(b"\r\n")[1:])
+        }
 
     def close(self) -> None:
         self.sock.close()

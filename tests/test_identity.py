@@ -84,8 +84,9 @@ def test_caller_with_neither_is_its_address(tiny):
 
 def test_unknown_api_key_is_refused_not_anonymous(tiny):
     with httpx.Client(timeout=60) as c:
-        final, events = call_rest(c, tiny.frontend.url, "generate", gen_args(),
-                                  {"authorization": "Bearer not-a-real-key"})
+        final, events = call_rest(
+            c, tiny.frontend.url, "generate", gen_args(), {"authorization": "Bearer not-a-real-key"}
+        )
     assert final == "error"
     assert "unknown API key" in error_text(events)
 

@@ -13,9 +13,11 @@ import splitspace.gpu_backend as gpu_backend  # noqa: F401  (installs the filter
 from splitspace.gpu_backend.workload.import_notices import NOTICE_LOGGER
 from tests.support import REPO
 
-CLIP = ("`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil` "
-        "for backward compatibility. Install torchvision to use the default backend, or import "
-        "`CLIPImageProcessorPil` directly to silence this warning.")
+CLIP = (
+    "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil` "
+    "for backward compatibility. Install torchvision to use the default backend, or import "
+    "`CLIPImageProcessorPil` directly to silence this warning."
+)
 
 
 class _Heard(logging.Handler):
@@ -49,9 +51,16 @@ def test_only_the_torchvision_fallback_notice_is_dropped() -> None:
 def test_importing_the_pipelines_prints_no_torchvision_notice() -> None:
     """What every start printed: importing diffusers' pipelines through the GPU tier's model code."""
     done = subprocess.run(
-        [sys.executable, "-c", "import splitspace.gpu_backend.workload.tiny; import logging; "
-                               f"logging.getLogger({NOTICE_LOGGER!r}).warning('still heard')"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            "import splitspace.gpu_backend.workload.tiny; import logging; "
+            f"logging.getLogger({NOTICE_LOGGER!r}).warning('still heard')",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "torchvision" not in done.stderr, done.stderr[-2000:]

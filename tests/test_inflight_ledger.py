@@ -216,7 +216,9 @@ def test_a_frontend_killed_mid_request_frees_its_counts_within_the_lease(redis_s
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLDER, redis_server.url, prefix, str(lease_s)],
-        stdout=subprocess.PIPE, env=env, cwd=REPO,
+        stdout=subprocess.PIPE,
+        env=env,
+        cwd=REPO,
     )
 
     async def scenario() -> None:

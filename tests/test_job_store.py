@@ -47,8 +47,16 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Calla
 
 
 def job(owner: Identity = ALICE, *, key: str | None = None, now: float = 1_800_000_000.0) -> Job:
-    return Job(new_id("job_", now), owner.client_id, owner, "generate", ["a fox"], now, idempotency_key=key,
-               webhook=Webhook("https://example.com/hook"))
+    return Job(
+        new_id("job_", now),
+        owner.client_id,
+        owner,
+        "generate",
+        ["a fox"],
+        now,
+        idempotency_key=key,
+        webhook=Webhook("https://example.com/hook"),
+    )
 
 
 def run(coro: Any) -> Any:

@@ -40,8 +40,9 @@ def cancel_all(url: str, who: str) -> None:
 def jobs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     """Both tiers, each image taking 1.5 s (time enough to see places and caps), no webhook allow list."""
     work = tmp_path_factory.mktemp("jobs")
-    d = Deployment(work, model="sleep:1500", quotas=JOB_QUOTAS,
-                   frontend_env={"SPLITSPACE_JOBS_PATH": str(work / "jobs.sqlite3")})
+    d = Deployment(
+        work, model="sleep:1500", quotas=JOB_QUOTAS, frontend_env={"SPLITSPACE_JOBS_PATH": str(work / "jobs.sqlite3")}
+    )
     d.start()
     yield d
     d.stop()
@@ -96,8 +97,9 @@ def test_the_cap_is_the_gradio_apis_and_a_cancel_frees_a_place_at_once(url: str)
     assert first.status_code == second.status_code == 202
     over = post(url, GENERATE, "narrow")
     assert over.status_code == 429 and over.json()["title"] == "Queue full" and int(over.headers["retry-after"]) >= 1
-    gradio = httpx.post(f"{url}/gradio_api/call/generate", headers=auth("narrow"),
-                        json={"data": ["a fox", "", 64, 64, 1, 0.0, 1]})
+    gradio = httpx.post(
+        f"{url}/gradio_api/call/generate", headers=auth("narrow"), json={"data": ["a fox", "", 64, 64, 1, 0.0, 1]}
+    )
     assert gradio.status_code == 429, "one cap for the jobs and the Gradio API"
     cancelled = httpx.post(f"{url}/v1/jobs/{second.json()['id']}/cancel", headers=auth("narrow"))
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
@@ -151,8 +153,14 @@ def test_an_idempotency_key_gives_the_same_job_per_owner(url: str) -> None:
 
 
 def test_webhooks_need_a_secret_and_a_public_target(url: str) -> None:
-    for target in ("http://127.0.0.1:9/hook", "http://169.254.169.254/latest", "http://[::1]:9/",
-                   "http://[fd00:ec2::254]/", "http://10.1.2.3/", "http://localhost:9/"):
+    for target in (
+        "http://127.0.0.1:9/hook",
+        "http://169.254.169.254/latest",
+        "http://[::1]:9/",
+        "http://[fd00:ec2::254]/",
+        "http://10.1.2.3/",
+        "http://localhost:9/",
+    ):
         r = post(url, {**GENERATE, "webhook_url": target}, "hooked")
         assert r.status_code == 400 and r.json()["field"] == "webhook_url", (target, r.text)
     no_secret = post(url, {**GENERATE, "webhook_url": "https://example.com/hook"}, "plain")
@@ -209,8 +217,12 @@ def test_with_redis_any_frontend_answers_and_cancels(tmp_path: Path, redis_serve
     d = Deployment(tmp_path, model="sleep:1500", quotas=JOB_QUOTAS, frontend_env=env)
     d.start()
     assert d.frontend is not None
-    second = start_tier("frontend", free_port(), {
-        **d.common_env(), "SPLITSPACE_BACKEND_URL": d.backend_urls(), **env}, tmp_path / "frontend2.log")
+    second = start_tier(
+        "frontend",
+        free_port(),
+        {**d.common_env(), "SPLITSPACE_BACKEND_URL": d.backend_urls(), **env},
+        tmp_path / "frontend2.log",
+    )
     try:
         a, b = d.frontend.url, second.url
         first = post(a, GENERATE, "narrow").json()
@@ -260,9 +272,14 @@ def test_waiting_jobs_hold_no_task(tmp_path: Path) -> None:
             return door.join(identity.flow_id, 10_000)
 
         deliveries = Deliveries(store, "r1", lambda client: None, Sender(), workers=2)
-        runner = JobRunner(store=store, targets=Targets([target]), join=join,
-                           rejoin=lambda identity: door.join(identity.flow_id, 10_000),
-                           deliveries=deliveries, secret_of=lambda client: None)
+        runner = JobRunner(
+            store=store,
+            targets=Targets([target]),
+            join=join,
+            rejoin=lambda identity: door.join(identity.flow_id, 10_000),
+            deliveries=deliveries,
+            secret_of=lambda client: None,
+        )
         await runner.start()
         before = len(asyncio.all_tasks())
         who = Identity("key:a", "key", "free", "10.0.0.1")

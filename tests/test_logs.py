@@ -118,8 +118,15 @@ def test_records_over_the_burst_are_dropped_and_counted() -> None:
 
 def test_uvicorns_access_records_keep_their_arguments() -> None:
     cap = LogCap(max_chars=60)
-    record = logging.LogRecord("uvicorn.access", logging.INFO, __file__, 1, '%s - "%s %s HTTP/%s" %d',
-                               ("127.0.0.1:1", "GET", "/" + "a" * 500, "1.1", 404), None)
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:1", "GET", "/" + "a" * 500, "1.1", 404),
+        None,
+    )
     assert cap.filter(record)
     assert isinstance(record.args, tuple) and len(record.args) == 5 and record.args[4] == 404
     assert len(record.getMessage()) < 200

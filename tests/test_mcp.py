@@ -37,8 +37,15 @@ except ImportError:  # pragma: no cover - older SDKs only have the (now deprecat
 
 T = TypeVar("T")
 PARAMS = ["prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed"]
-SMALL = {"prompt": "a red fox", "negative_prompt": "", "width": 64, "height": 64, "steps": 1,
-         "guidance_scale": 0.0, "seed": 5}
+SMALL = {
+    "prompt": "a red fox",
+    "negative_prompt": "",
+    "width": 64,
+    "height": 64,
+    "steps": 1,
+    "guidance_scale": 0.0,
+    "seed": 5,
+}
 
 
 def start_mcp(workdir: Path) -> Deployment:
@@ -70,8 +77,9 @@ async def _with_session(
     transport = httpx.AsyncHTTPTransport(local_address=local_address) if local_address else None
     # Like most MCP clients, keep no cookies: a caller is then its address (or its API key).
     no_cookies = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
-    async with httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(30, read=120), transport=transport,
-                                 cookies=no_cookies) as http:
+    async with httpx.AsyncClient(
+        headers=headers, timeout=httpx.Timeout(30, read=120), transport=transport, cookies=no_cookies
+    ) as http:
         if streamable_http_client is not None:
             transport = streamable_http_client(url, http_client=http)
         else:  # pragma: no cover
@@ -83,7 +91,9 @@ async def _with_session(
 
 
 def with_session(
-    d: Deployment, fn: Callable[[ClientSession], Awaitable[T]], headers: dict[str, str] | None = None,
+    d: Deployment,
+    fn: Callable[[ClientSession], Awaitable[T]],
+    headers: dict[str, str] | None = None,
     local_address: str | None = None,
 ) -> T:
     """One MCP session; ``local_address``: call from this loopback address (127.0.0.x) instead of 127.0.0.1."""
@@ -220,14 +230,20 @@ def test_mcp_is_off_by_default(tiny: Deployment) -> None:
     assert r.status_code in (404, 405)
 
 
-
-@pytest.mark.parametrize(("body", "named"), [
-    (b"[" * 5000 + b"]" * 5000, "nesting deeper than 32 levels"),
-    (b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "generate", "arguments": '
-     b'{"prompt": ' + b"[" * 40 + b"]" * 40 + b"}}}", "nesting deeper than 32 levels"),
-    (b'{"jsonrpc": "2.0", "id": 1' + b"0" * 5000 + b', "method": "tools/list"}', "a number longer than 40"),
-    (b'{"jsonrpc": "2.0", "id": NaN, "method": "tools/list"}', "NaN or Infinity"),
-], ids=["deep", "deep-arguments", "long-id", "nan-id"])
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        (b"[" * 5000 + b"]" * 5000, "nesting deeper than 32 levels"),
+        (
+            b'{"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "generate", "arguments": '
+            b'{"prompt": ' + b"[" * 40 + b"]" * 40 + b"}}}",
+            "nesting deeper than 32 levels",
+        ),
+        (b'{"jsonrpc": "2.0", "id": 1' + b"0" * 5000 + b', "method": "tools/list"}', "a number longer than 40"),
+        (b'{"jsonrpc": "2.0", "id": NaN, "method": "tools/list"}', "NaN or Infinity"),
+    ],
+    ids=["deep", "deep-arguments", "long-id", "nan-id"],
+)
 def test_mcp_body_past_the_parser_limits_is_a_4xx_and_the_connection_keeps_serving(
     mcp_dep: Deployment, body: bytes, named: str
 ) -> None:
@@ -236,8 +252,11 @@ def test_mcp_body_past_the_parser_limits_is_a_4xx_and_the_connection_keeps_servi
     assert fe is not None
     log_before = fe.log_path.stat().st_size
     with httpx.Client(timeout=30) as c:
-        r = c.post(mcp_url(mcp_dep), content=body, headers={
-            "content-type": "application/json", "accept": "application/json, text/event-stream"})
+        r = c.post(
+            mcp_url(mcp_dep),
+            content=body,
+            headers={"content-type": "application/json", "accept": "application/json, text/event-stream"},
+        )
         assert r.status_code in (400, 413), (r.status_code, r.text[:300])
         doc = r.json()
         assert doc["title"] and named in doc["message"], doc
@@ -291,8 +310,14 @@ class Listener:
 def fresh_mcp(mcp_dep: Deployment, tmp_path: Path) -> Iterator[Deployment]:
     """A frontend whose MCP server has taken no call yet (the first call decided, in the first
     release), on ``mcp_dep``'s GPU tier."""
-    d = Deployment(tmp_path, secret=mcp_dep.secret, backend_port=mcp_dep.backend_port, quotas=QUOTAS,
-                   trusted_proxies=0, frontend_env={"SPLITSPACE_MCP": "1"})
+    d = Deployment(
+        tmp_path,
+        secret=mcp_dep.secret,
+        backend_port=mcp_dep.backend_port,
+        quotas=QUOTAS,
+        trusted_proxies=0,
+        frontend_env={"SPLITSPACE_MCP": "1"},
+    )
     d.write_quotas(QUOTAS)
     try:
         d.start_frontend()

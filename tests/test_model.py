@@ -221,9 +221,7 @@ def test_sleep_spec_does_not_import_torch():
         "ModelExecutor.from_spec('sleep:1').generate(req, 1)\n"
         "print('torch' in sys.modules, 'diffusers' in sys.modules)\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
-    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 
 
@@ -284,7 +282,6 @@ def test_estimate_seconds_grows_with_work(tiny):
     assert tiny.estimate_seconds(2, 512, 512, guidance_scale=1.0) == base
 
 
-
 # -- arch: real architectures, random weights ------------------------------------------
 
 
@@ -302,10 +299,14 @@ def sd_turbo_tiny() -> ModelExecutor:
 def test_arch_parameter_counts_are_the_published_ones():
     # Stable Diffusion 2.1 / sd-turbo and 1.5, as their published checkpoints count them.
     assert parameter_counts("arch:sd-turbo") == {
-        "unet": 865_910_724, "vae": 83_653_863, "text_encoder": 340_387_840,
+        "unet": 865_910_724,
+        "vae": 83_653_863,
+        "text_encoder": 340_387_840,
     }
     assert parameter_counts("arch:sd15") == {
-        "unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480,
+        "unet": 859_520_964,
+        "vae": 83_653_863,
+        "text_encoder": 123_060_480,
     }
 
 
@@ -348,9 +349,7 @@ def test_arch_builds_the_same_weights_every_time(sd_turbo_tiny):
         assert mine.keys() == theirs.keys()
         for key in mine:
             assert mine[key].equal(theirs[key]), f"{name}.{key} differs between builds"
-    assert np.array_equal(
-        pixels(sd_turbo_tiny.generate(request(), seed=9)), pixels(again.generate(request(), seed=9))
-    )
+    assert np.array_equal(pixels(sd_turbo_tiny.generate(request(), seed=9)), pixels(again.generate(request(), seed=9)))
 
 
 def test_arch_sd15_tiny_has_its_preset_and_runs_with_guidance():
@@ -388,8 +387,13 @@ def test_max_batch_defaults_per_device_and_spec(tiny):
 
 def test_a_batch_over_max_batch_runs_as_several_calls_of_at_most_max_batch(tiny):
     capped = ModelExecutor(
-        "tiny", TINY_PRESET, "cpu", is_placeholder=True,
-        pipeline=CountingPipeline(tiny.pipeline), cost=tiny.cost, max_batch=2,
+        "tiny",
+        TINY_PRESET,
+        "cpu",
+        is_placeholder=True,
+        pipeline=CountingPipeline(tiny.pipeline),
+        cost=tiny.cost,
+        max_batch=2,
     )
     seeds = [1, 2, 3, 4, 5]
     images = capped.generate_batch([request(prompt=f"p{s}") for s in seeds], seeds)
@@ -401,8 +405,14 @@ def test_a_batch_over_max_batch_runs_as_several_calls_of_at_most_max_batch(tiny)
 
 def test_fixed_batch_sizes_pad_a_batch_and_drop_the_padding(tiny):
     padded = ModelExecutor(
-        "tiny", TINY_PRESET, "cpu", is_placeholder=True,
-        pipeline=CountingPipeline(tiny.pipeline), cost=tiny.cost, max_batch=4, batch_sizes=(1, 2, 4),
+        "tiny",
+        TINY_PRESET,
+        "cpu",
+        is_placeholder=True,
+        pipeline=CountingPipeline(tiny.pipeline),
+        cost=tiny.cost,
+        max_batch=4,
+        batch_sizes=(1, 2, 4),
     )
     seeds = [7, 8, 9]
     images = padded.generate_batch([request(prompt=f"p{s}") for s in seeds], seeds)
@@ -411,8 +421,16 @@ def test_fixed_batch_sizes_pad_a_batch_and_drop_the_padding(tiny):
     alone = pixels(tiny.generate(request(prompt="p9"), seed=9))
     assert np.abs(pixels(images[2]) - alone).max() <= 1
     with pytest.raises(ValueError, match="batch_sizes"):
-        ModelExecutor("tiny", TINY_PRESET, "cpu", is_placeholder=True, pipeline=tiny.pipeline,
-                      cost=tiny.cost, max_batch=4, batch_sizes=(1, 2))
+        ModelExecutor(
+            "tiny",
+            TINY_PRESET,
+            "cpu",
+            is_placeholder=True,
+            pipeline=tiny.pipeline,
+            cost=tiny.cost,
+            max_batch=4,
+            batch_sizes=(1, 2),
+        )
 
 
 # -- compiled UNet -----------------------------------------------------------------------

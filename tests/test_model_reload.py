@@ -22,15 +22,22 @@ from tests.support import REPO, free_port, gpu_depth, held_model, serve_gpu_tier
 
 def cli(backend_url: str, admin_token: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SPLITSPACE_BACKEND_URL": backend_url, "SPLITSPACE_ADMIN_TOKEN": admin_token}
-    return subprocess.run([sys.executable, "-m", "splitspace.deploy.cli", "model", *args], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "splitspace.deploy.cli", "model", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_model_changes_without_restart_and_nothing_is_refused(tmp_path):
     secret, admin_token = secrets.token_urlsafe(32), secrets.token_urlsafe(24)
     release = threading.Event()  # the old model's jobs wait for it
-    settings = Settings(secret=secret, admin_token=admin_token, model="sleep:400",
-                        state_path=tmp_path / "state.sqlite3")
+    settings = Settings(
+        secret=secret, admin_token=admin_token, model="sleep:400", state_path=tmp_path / "state.sqlite3"
+    )
     with serve_gpu_tier_with(settings, held_model("sleep:400", release)) as (gpu_url, tier):
         env = {"SPLITSPACE_SECRET": secret, "SPLITSPACE_BACKEND_URL": gpu_url, "SPLITSPACE_TRUSTED_PROXIES": "1"}
         frontend = start_tier("frontend", free_port(), env, tmp_path / "frontend.log")

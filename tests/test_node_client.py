@@ -32,13 +32,15 @@ def node_client() -> Path:
     if not (NODE_DIR / "node_modules" / "@gradio" / "client").is_dir():
         npm = shutil.which("npm")
         assert npm, "npm is needed to install tests/node's dependencies (npm ci)"
-        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=300,
-                       capture_output=True)
+        subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=300, capture_output=True
+        )
     return SCRIPT
 
 
-def run_node(script: Path, url: str, params: dict[str, Any] | None = None,
-             api_key: str | None = None) -> subprocess.CompletedProcess[str]:
+def run_node(
+    script: Path, url: str, params: dict[str, Any] | None = None, api_key: str | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "SPLITSPACE_API_KEY"}
     if api_key:
         env["SPLITSPACE_API_KEY"] = api_key

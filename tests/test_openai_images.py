@@ -47,8 +47,12 @@ def png(data: bytes) -> Image.Image:
 
 
 def test_generate_returns_n_pngs_of_the_requested_size(direct: Deployment) -> None:
-    result = client(direct).images.generate(prompt="a red fox", n=3, size="64x128",  # type: ignore[arg-type]
-                                            extra_body={"seed": 7, "num_inference_steps": 1})
+    result = client(direct).images.generate(
+        prompt="a red fox",
+        n=3,
+        size="64x128",  # type: ignore[arg-type]
+        extra_body={"seed": 7, "num_inference_steps": 1},
+    )
     assert len(result.data) == 3
     images = [png(base64.b64decode(item.b64_json or "")) for item in result.data]
     assert [image.size for image in images] == [(64, 128)] * 3
@@ -59,8 +63,12 @@ def test_generate_returns_n_pngs_of_the_requested_size(direct: Deployment) -> No
 
 def test_seed_minus_one_is_random_for_each_image(direct: Deployment) -> None:
     def second_image() -> bytes:
-        result = client(direct).images.generate(prompt="random", n=2, size="64x64",  # type: ignore[arg-type]
-                                                extra_body={"seed": -1})
+        result = client(direct).images.generate(
+            prompt="random",
+            n=2,
+            size="64x64",  # type: ignore[arg-type]
+            extra_body={"seed": -1},
+        )
         return base64.b64decode(result.data[1].b64_json or "")
 
     # (seed + i would make the second image seed 0's every time)
@@ -116,8 +124,14 @@ def test_missing_prompt_is_400(direct: Deployment) -> None:
 
 
 def test_unknown_fields_are_ignored_and_openai_fields_accepted(direct: Deployment) -> None:
-    result = client(direct).images.generate(prompt="a fox", size="64x64", quality="hd", style="vivid",  # type: ignore[arg-type]
-                                            user="someone", extra_body={"not_a_field": 1})
+    result = client(direct).images.generate(
+        prompt="a fox",
+        size="64x64",
+        quality="hd",
+        style="vivid",  # type: ignore[arg-type]
+        user="someone",
+        extra_body={"not_a_field": 1},
+    )
     assert len(result.data) == 1
 
 
@@ -209,8 +223,9 @@ def _mapped(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
         (RuntimeError("a bug"), 500, "server_error", None, None),
     ],
 )
-def test_each_error_maps_to_openai_shape(exc: BaseException, status: int, kind: str, param: str | None,
-                                         code: str | None) -> None:
+def test_each_error_maps_to_openai_shape(
+    exc: BaseException, status: int, kind: str, param: str | None, code: str | None
+) -> None:
     got_status, error, headers = _mapped(exc)
     assert (got_status, error["type"], error["param"], error["code"]) == (status, kind, param, code)
     assert error["message"]

@@ -42,19 +42,24 @@ def gpu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
 def client(d: Deployment, address: str = "127.0.0.1") -> httpx.Client:
     """A browser (or a guesser) on ``address``, talking to the tier by its public name."""
     assert d.backend is not None
-    return httpx.Client(base_url=d.backend.url, headers={"Host": HOST}, timeout=10,
-                        transport=httpx.HTTPTransport(local_address=address))
+    return httpx.Client(
+        base_url=d.backend.url, headers={"Host": HOST}, timeout=10, transport=httpx.HTTPTransport(local_address=address)
+    )
 
 
 def log_in(c: httpx.Client, password: str) -> httpx.Response:
-    return c.post("/admin/ui/login", data={"username": "admin", "password": password},
-                  headers={"Origin": OWN, "Sec-Fetch-Site": "same-origin"})
+    return c.post(
+        "/admin/ui/login",
+        data={"username": "admin", "password": password},
+        headers={"Origin": OWN, "Sec-Fetch-Site": "same-origin"},
+    )
 
 
 def admin(d: Deployment, method: str, path: str, **kwargs: Any) -> httpx.Response:
     assert d.backend is not None
-    return httpx.request(method, f"{d.backend.url}/admin{path}", headers={ADMIN_HEADER: d.admin_token},
-                         timeout=10, **kwargs)
+    return httpx.request(
+        method, f"{d.backend.url}/admin{path}", headers={ADMIN_HEADER: d.admin_token}, timeout=10, **kwargs
+    )
 
 
 def overrides(d: Deployment, client_id: str) -> dict[str, Any]:
@@ -67,8 +72,11 @@ def set_override_event(c: httpx.Client) -> tuple[int, int]:
     """The "Set override" button's event (fn_index) and how many inputs it takes, from the
     page's own config, as the page's script finds them."""
     config = c.get("/admin/ui/config").json()
-    button = next(comp["id"] for comp in config["components"]
-                  if comp["type"] == "button" and comp["props"].get("value") == "Set override")
+    button = next(
+        comp["id"]
+        for comp in config["components"]
+        if comp["type"] == "button" and comp["props"].get("value") == "Set override"
+    )
     index, dep = next((i, dep) for i, dep in enumerate(config["dependencies"]) if [button, "click"] in dep["targets"])
     return dep.get("id", index), len(dep["inputs"])
 
@@ -76,9 +84,11 @@ def set_override_event(c: httpx.Client) -> tuple[int, int]:
 def join_set_override(c: httpx.Client, headers: dict[str, str], fn_index: int, n_inputs: int) -> httpx.Response:
     # the form: client id, then tier, weight, max_running, max_queued, ... (gpu_backend/ops/dashboard.py)
     data = [VICTIM, "", "", "", "0", *[""] * (n_inputs - 5)]
-    return c.post("/admin/ui/gradio_api/queue/join", headers=headers,
-                  json={"data": data, "fn_index": fn_index, "session_hash": "xsite", "event_data": None,
-                        "trigger_id": None})
+    return c.post(
+        "/admin/ui/gradio_api/queue/join",
+        headers=headers,
+        json={"data": data, "fn_index": fn_index, "session_hash": "xsite", "event_data": None, "trigger_id": None},
+    )
 
 
 def test_no_cross_origin_reads_for_a_public_host(gpu: Deployment) -> None:
@@ -89,19 +99,29 @@ def test_no_cross_origin_reads_for_a_public_host(gpu: Deployment) -> None:
             assert r.status_code == 200, path
             assert r.headers.get("access-control-allow-origin") is None, path
             assert r.headers.get("access-control-allow-credentials") is None, path
-        pre = c.options("/admin/ui/gradio_api/queue/join", headers={
-            "Origin": EVIL, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"})
+        pre = c.options(
+            "/admin/ui/gradio_api/queue/join",
+            headers={
+                "Origin": EVIL,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type",
+            },
+        )
         assert pre.headers.get("access-control-allow-origin") is None
         r = c.get("/admin/clients", headers={"Origin": EVIL, ADMIN_HEADER: gpu.admin_token})
         assert r.status_code == 200 and r.headers.get("access-control-allow-origin") is None
 
 
-@pytest.mark.parametrize("headers", [
-    {"Origin": EVIL, "Sec-Fetch-Site": "cross-site"},  # a current browser
-    {"Origin": EVIL},  # a browser too old for Sec-Fetch-Site
-    {"Origin": "null"},  # a sandboxed frame, a data: page
-    {"Origin": f"http://sub.{HOST}", "Sec-Fetch-Site": "same-site"},  # a sibling site is another origin
-], ids=["fetch-metadata", "origin-only", "null-origin", "same-site"])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": EVIL, "Sec-Fetch-Site": "cross-site"},  # a current browser
+        {"Origin": EVIL},  # a browser too old for Sec-Fetch-Site
+        {"Origin": "null"},  # a sandboxed frame, a data: page
+        {"Origin": f"http://sub.{HOST}", "Sec-Fetch-Site": "same-site"},  # a sibling site is another origin
+    ],
+    ids=["fetch-metadata", "origin-only", "null-origin", "same-site"],
+)
 def test_a_cross_site_set_override_is_refused_and_changes_nothing(gpu: Deployment, headers: dict[str, str]) -> None:
     admin(gpu, "DELETE", f"/clients/{VICTIM}")
     with client(gpu) as c:
@@ -111,12 +131,21 @@ def test_a_cross_site_set_override_is_refused_and_changes_nothing(gpu: Deploymen
         assert r.status_code == 403, r.text
         assert r.json()["title"] == "Cross-site request refused"
         # Every other state-changing way in, the dashboard's and the admin API's, the same.
-        for method, path in (("POST", "/admin/ui/gradio_api/run/predict"), ("POST", "/admin/ui/gradio_api/call/run"),
-                             ("POST", "/admin/ui/login"), ("PUT", f"/admin/clients/{VICTIM}"),
-                             ("DELETE", f"/admin/clients/{VICTIM}"), ("POST", f"/admin/reset/{VICTIM}"),
-                             ("PUT", "/admin/model")):
-            r = c.request(method, path, headers={**headers, ADMIN_HEADER: gpu.admin_token},
-                          json={"max_queued": 0, "data": [], "model": "sleep:2"})
+        for method, path in (
+            ("POST", "/admin/ui/gradio_api/run/predict"),
+            ("POST", "/admin/ui/gradio_api/call/run"),
+            ("POST", "/admin/ui/login"),
+            ("PUT", f"/admin/clients/{VICTIM}"),
+            ("DELETE", f"/admin/clients/{VICTIM}"),
+            ("POST", f"/admin/reset/{VICTIM}"),
+            ("PUT", "/admin/model"),
+        ):
+            r = c.request(
+                method,
+                path,
+                headers={**headers, ADMIN_HEADER: gpu.admin_token},
+                json={"max_queued": 0, "data": [], "model": "sleep:2"},
+            )
             assert r.status_code == 403, (method, path, r.status_code)
     assert overrides(gpu, VICTIM) == {}
     assert admin(gpu, "GET", "/model").json()["model"] == "sleep:1"
@@ -180,11 +209,14 @@ def test_guessing_the_dashboard_password_is_refused_per_address(gpu: Deployment)
 
 def test_guessing_the_admin_token_is_refused_per_address(gpu: Deployment) -> None:
     with client(gpu, "127.0.0.4") as guesser:
-        wrong = [guesser.get("/admin/clients", headers={ADMIN_HEADER: f"guess-{i}-abcdefghijklmnop"}).status_code
-                 for i in range(5)]
+        wrong = [
+            guesser.get("/admin/clients", headers={ADMIN_HEADER: f"guess-{i}-abcdefghijklmnop"}).status_code
+            for i in range(5)
+        ]
         assert wrong == [401] * 5
-        refused = guesser.put(f"/admin/clients/{VICTIM}", json={"max_queued": 0},
-                              headers={ADMIN_HEADER: gpu.admin_token})
+        refused = guesser.put(
+            f"/admin/clients/{VICTIM}", json={"max_queued": 0}, headers={ADMIN_HEADER: gpu.admin_token}
+        )
         assert refused.status_code == 429 and 1 <= int(refused.headers["retry-after"]) <= 60
         # the dashboard's login shares the address's count
         assert log_in(guesser, gpu.admin_token).status_code == 429

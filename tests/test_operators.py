@@ -81,8 +81,9 @@ def bearer(name: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    d = Deployment(tmp_path_factory.mktemp("ops"), model="sleep:300", quotas=quotas(),
-                   frontend_env=dict(GPU_TIER_BACKLOG))
+    d = Deployment(
+        tmp_path_factory.mktemp("ops"), model="sleep:300", quotas=quotas(), frontend_env=dict(GPU_TIER_BACKLOG)
+    )
     d.start()
     yield d
     d.stop()
@@ -147,8 +148,10 @@ def sample(text: str, name: str, labels: str = "") -> float | None:
 def mtier_depth(d: Deployment) -> tuple[float, float]:
     """(queued, running) of tier "mtier", as /metrics shows them."""
     text = metrics_text(d)
-    return (sample(text, "splitspace_queued", 'tier="mtier"') or 0.0,
-            sample(text, "splitspace_running", 'tier="mtier"') or 0.0)
+    return (
+        sample(text, "splitspace_queued", 'tier="mtier"') or 0.0,
+        sample(text, "splitspace_running", 'tier="mtier"') or 0.0,
+    )
 
 
 _probes = itertools.count(1)
@@ -314,8 +317,12 @@ def test_admin_api_is_404_without_a_token_configured(ops, tmp_path):
         for headers in ({}, {ADMIN_HEADER: ops.admin_token}, {"authorization": f"Bearer {ops.admin_token}"}):
             for path in ("/admin/clients", "/admin/quotas", "/admin/clients/key:cli"):
                 assert httpx.get(bare.url + path, headers=headers, timeout=10).status_code == 404
-            assert httpx.put(bare.url + "/admin/clients/key:cli", json={"max_queued": 100}, headers=headers,
-                             timeout=10).status_code == 404
+            assert (
+                httpx.put(
+                    bare.url + "/admin/clients/key:cli", json={"max_queued": 100}, headers=headers, timeout=10
+                ).status_code
+                == 404
+            )
     finally:
         bare.stop()
 
@@ -388,9 +395,13 @@ def _try_standing(d: Deployment, name: str) -> dict[str, Any] | None:
 @pytest.mark.serial  # it must see the one running job in a window of 1.2 s: run alone (scripts/test)
 def test_metrics_show_depth_waits_gpu_time_and_refusals(ops):
     text = metrics_text(ops)
-    for family, kind in (("splitspace_queued", "gauge"), ("splitspace_running", "gauge"),
-                         ("splitspace_wait_seconds", "histogram"), ("splitspace_gpu_seconds_total", "counter"),
-                         ("splitspace_refusals_total", "counter")):
+    for family, kind in (
+        ("splitspace_queued", "gauge"),
+        ("splitspace_running", "gauge"),
+        ("splitspace_wait_seconds", "histogram"),
+        ("splitspace_gpu_seconds_total", "counter"),
+        ("splitspace_refusals_total", "counter"),
+    ):
         assert f"# TYPE {family} {kind}" in text, family
     refusals_before = sample(text, "splitspace_refusals_total", 'reason="queue_full"') or 0.0
 

@@ -82,7 +82,11 @@ def test_a_keys_webhook_secret_is_checked() -> None:
     config = parse_quotas(second_key(webhook_secret=f'"{good}"'))
     assert config.webhook_secret("key:two") == good and config.webhook_secret("key:one") is None
     assert good not in repr(config.keys[1]), "never in a repr"
-    for bad, reason in (('"nope"', "whsec_"), ('"whsec_!!"', "base64"), ('"whsec_YWJj"', "24 to 64 bytes"),
-                        ("3", "text")):
+    for bad, reason in (
+        ('"nope"', "whsec_"),
+        ('"whsec_!!"', "base64"),
+        ('"whsec_YWJj"', "24 to 64 bytes"),
+        ("3", "text"),
+    ):
         message = error_of(second_key(webhook_secret=bad))
         assert "webhook_secret" in message and reason in message and "line 13" in message, message

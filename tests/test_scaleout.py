@@ -37,9 +37,18 @@ from tests.support import Deployment, TierProcess, free_port, in_threads, sha256
 
 JOB_S = 0.6
 KEYS = {
-    "serial": "serial", "serial-f": "serial", "metered": "metered", "metered-f": "metered",
-    "chatty": "chatty", "chatty-f": "chatty", "override": "roomy", "killed": "serial",
-    "filed": "filed", "listed": "roomy", "recovered": "serial", "replayed": "roomy",
+    "serial": "serial",
+    "serial-f": "serial",
+    "metered": "metered",
+    "metered-f": "metered",
+    "chatty": "chatty",
+    "chatty-f": "chatty",
+    "override": "roomy",
+    "killed": "serial",
+    "filed": "filed",
+    "listed": "roomy",
+    "recovered": "serial",
+    "replayed": "roomy",
 }
 VIA = ["gpu tiers", "frontends"]
 
@@ -90,18 +99,26 @@ class Tiers:
 
     def start_backend(self, name: str, model: str | None = None, **env: str) -> TierProcess:
         full = {
-            **self.d.common_env(), "SPLITSPACE_MODEL": model or self.d.model,
+            **self.d.common_env(),
+            "SPLITSPACE_MODEL": model or self.d.model,
             "SPLITSPACE_ADMIN_TOKEN": self.d.admin_token,
             "SPLITSPACE_STATE_PATH": str(self.d.workdir / f"{name}.sqlite3"),
-            "SPLITSPACE_REDIS_URL": self.redis_url, "SPLITSPACE_REPLICAS": "2", **self.env, **env,
+            "SPLITSPACE_REDIS_URL": self.redis_url,
+            "SPLITSPACE_REPLICAS": "2",
+            **self.env,
+            **env,
         }
         tier = start_tier("backend", free_port(), full, self.d.workdir / f"{name}.log")
         self.tiers.append(tier)
         return tier
 
     def start_frontend(self, name: str, backends: list[str]) -> TierProcess:
-        env = {**self.d.common_env(), "SPLITSPACE_BACKEND_URL": ",".join(backends),
-               "SPLITSPACE_TRANSPORT": "direct", "SPLITSPACE_REDIS_URL": self.redis_url}
+        env = {
+            **self.d.common_env(),
+            "SPLITSPACE_BACKEND_URL": ",".join(backends),
+            "SPLITSPACE_TRANSPORT": "direct",
+            "SPLITSPACE_REDIS_URL": self.redis_url,
+        }
         front = start_tier("frontend", free_port(), env, self.d.workdir / f"{name}.log")
         self.frontends.append(front)
         return front
@@ -124,8 +141,13 @@ def infer(url: str, secret: str, name: str, seed: int = 1, token: str | None = N
         with c.stream("POST", f"{url}/splitspace/v1/infer", json=body, headers={IDENTITY_HEADER: token}) as r:
             if r.status_code != 200:
                 doc = json.loads(r.read())
-                return {"ok": False, "status": r.status_code, "title": doc.get("title"),
-                        "retry_after": r.headers.get("retry-after"), "message": doc.get("message")}
+                return {
+                    "ok": False,
+                    "status": r.status_code,
+                    "title": doc.get("title"),
+                    "retry_after": r.headers.get("retry-after"),
+                    "message": doc.get("message"),
+                }
             for line in r.iter_lines():
                 update = json.loads(line)
                 if update["status"] == "done":
@@ -138,8 +160,9 @@ def infer(url: str, secret: str, name: str, seed: int = 1, token: str | None = N
 def generate(front: str, name: str, seed: int = 1) -> dict[str, Any]:
     """One REST call on a frontend with the key ``name``, in :func:`infer`'s terms."""
     with httpx.Client(timeout=60) as c:
-        final, events = call_rest(c, front, "generate", gen_args(seed=seed),
-                                  {"authorization": f"Bearer scaleout-{name}"})
+        final, events = call_rest(
+            c, front, "generate", gen_args(seed=seed), {"authorization": f"Bearer scaleout-{name}"}
+        )
     if final == "complete":
         return {"ok": True, "status": 200, "info": events[-1][1][1], "end": time.time()}
     text = error_text(events)
@@ -246,14 +269,20 @@ def test_the_client_list_of_each_tier_shows_usage_spent_on_another(pair: Tiers) 
 def test_a_quota_file_change_reaches_both_gpu_tiers(pair: Tiers) -> None:
     a, b = urls(pair)
     assert infer(a, pair.d.secret, "filed")["ok"]
-    edited = QUOTAS.replace("[tiers.filed]\nmax_running = 2\nmax_queued = 20\ngpu_seconds = 600",
-                            "[tiers.filed]\nmax_running = 2\nmax_queued = 20\ngpu_seconds = 0")
+    edited = QUOTAS.replace(
+        "[tiers.filed]\nmax_running = 2\nmax_queued = 20\ngpu_seconds = 600",
+        "[tiers.filed]\nmax_running = 2\nmax_queued = 20\ngpu_seconds = 0",
+    )
     assert edited != QUOTAS
     pair.d.write_quotas(edited)
     try:
         for url in (a, b):
-            assert wait_for(lambda url=url: admin(url, pair.d.admin_token, "GET", "clients/key:filed").json()["limits"]
-                            ["gpu_seconds"] == 0, 10)
+            assert wait_for(
+                lambda url=url: (
+                    admin(url, pair.d.admin_token, "GET", "clients/key:filed").json()["limits"]["gpu_seconds"] == 0
+                ),
+                10,
+            )
             assert infer(url, pair.d.secret, "filed")["title"] == "Quota exceeded"
     finally:
         pair.d.write_quotas(QUOTAS)
@@ -262,6 +291,7 @@ def test_a_quota_file_change_reaches_both_gpu_tiers(pair: Tiers) -> None:
 def test_a_gpu_tier_killed_mid_job_frees_the_slot_within_the_lease(pair: Tiers) -> None:
     lease_s = 3.0
     doomed = pair.start_backend("doomed", model="sleep:60000", SPLITSPACE_LEASE_S=str(lease_s))
+
     def hold() -> None:
         with contextlib.suppress(httpx.HTTPError):  # the tier dies under this call
             infer(doomed.url, pair.d.secret, "killed")

@@ -231,12 +231,13 @@ def assert_fair_shares(sim: Sim, since: Counter[str], seconds: float, group: dic
             [Load("light", every=10.0), Load("h1", backlog=2, weight=1), Load("h3", backlog=2, weight=3)],
             id="light-among-weighted-heavies",
         ),
+        pytest.param([Load("short", backlog=2, cost=0.5), Load("long", backlog=2, cost=2.0)], id="unequal-costs"),
         pytest.param(
-            [Load("short", backlog=2, cost=0.5), Load("long", backlog=2, cost=2.0)], id="unequal-costs"
-        ),
-        pytest.param(
-            [Load("small", backlog=2, cost=0.3, weight=2), Load("big", backlog=3, cost=1.7, weight=1),
-             Load("mid", every=2.0, cost=0.4)],
+            [
+                Load("small", backlog=2, cost=0.3, weight=2),
+                Load("big", backlog=3, cost=1.7, weight=1),
+                Load("mid", every=2.0, cost=0.4),
+            ],
             id="mixed",
         ),
     ],
@@ -493,15 +494,16 @@ def test_position_and_eta_predict_the_dispatch_order() -> None:
     for name, jobs in costs.items():
         for i, cost in enumerate(jobs):
             assert sched.submit(f"{name}{i}", key(name), cost).ok
-    predicted = {job_id: sched.position(job_id)
-                 for name in costs for job_id in (f"{name}{i}" for i in range(len(costs[name])))}
+    predicted = {
+        job_id: sched.position(job_id) for name in costs for job_id in (f"{name}{i}" for i in range(len(costs[name])))
+    }
     assert sorted(place for place, _ in predicted.values()) == list(range(1, 9))
     assert sched.position("r") is None
 
     clock.now = 2.0
     sched.finish("r", 2.0)
     order = []
-    while (batch := sched.dispatch()):
+    while batch := sched.dispatch():
         [job] = batch
         order.append(job.job_id)
         place, eta = predicted[job.job_id]
@@ -563,6 +565,7 @@ def test_positions_follow_every_kind_of_change() -> None:
             [job] = s.dispatch()
             clock.advance(job.cost * factor)
             s.finish(job.job_id, job.cost * factor)
+
         return step
 
     def cancel(job_id: str):
@@ -572,31 +575,47 @@ def test_positions_follow_every_kind_of_change() -> None:
         def step(s: FairScheduler, clock: FakeClock, weights: dict[str, float]) -> None:
             weights[client_id] = weight
             s.refresh_limits(client_id)  # what the admin API does after an override
+
         return step
 
     steps = [
         weigh("key:b", 2.0),
-        sub("a0", key("a"), 1.0), sub("a1", key("a"), 0.5), sub("a2", key("a"), 0.8),
-        sub("b0", key("b"), 2.0), sub("b1", key("b"), 1.0), sub("c0", key("c"), 0.3),
-        sub("s0", session("s0"), 0.7), sub("s1", session("s1"), 1.2), sub("s2", session("s0"), 0.4),
-        serve(1.5), serve(0.2),
+        sub("a0", key("a"), 1.0),
+        sub("a1", key("a"), 0.5),
+        sub("a2", key("a"), 0.8),
+        sub("b0", key("b"), 2.0),
+        sub("b1", key("b"), 1.0),
+        sub("c0", key("c"), 0.3),
+        sub("s0", session("s0"), 0.7),
+        sub("s1", session("s1"), 1.2),
+        sub("s2", session("s0"), 0.4),
+        serve(1.5),
+        serve(0.2),
         cancel("a1"),  # a's head
         cancel("s1"),  # one session inside the address's flow
         sub("t0", session("t0"), 0.9),  # a new session joins the address's flow
-        weigh("key:c", 5.0), sub("c1", key("c"), 0.3), sub("c2", key("c"), 0.3),
+        weigh("key:c", 5.0),
+        sub("c1", key("c"), 0.3),
+        sub("c2", key("c"), 0.3),
         serve(1.0),
         cancel("b1"),  # b's last job
         weigh("key:a", 0.5),
-        serve(3.0), serve(0.5),
-        sub("a3", key("a"), 1.0), sub("d0", key("d"), 0.1), sub("d1", key("d"), 0.2), sub("d2", key("d"), 0.3),
+        serve(3.0),
+        serve(0.5),
+        sub("a3", key("a"), 1.0),
+        sub("d0", key("d"), 0.1),
+        sub("d1", key("d"), 0.2),
+        sub("d2", key("d"), 0.3),
         cancel("d1"),  # behind d's head
         serve(1.0),
     ]
     for upto in range(1, len(steps) + 1):
         clock, weights = FakeClock(), {}
-        sched = FairScheduler(clock=clock,
-                              limits=lambda c, weights=weights: replace(OPEN, weight=weights.get(c.client_id, 1.0)),
-                              store=MemoryUsageStore())
+        sched = FairScheduler(
+            clock=clock,
+            limits=lambda c, weights=weights: replace(OPEN, weight=weights.get(c.client_id, 1.0)),
+            store=MemoryUsageStore(),
+        )
         for step in steps[:upto]:
             step(sched, clock, weights)
         sched._check_invariants()
@@ -681,9 +700,11 @@ class Crowd:
         self.rng = random.Random(seed)
         self.clock = FakeClock()
         self.weights = weights  # client id -> weight, read live by the scheduler
-        self.sched = FairScheduler(clock=self.clock,
-                                   limits=lambda c: replace(OPEN, weight=self.weights.get(c.client_id, 1.0)),
-                                   store=MemoryUsageStore())
+        self.sched = FairScheduler(
+            clock=self.clock,
+            limits=lambda c: replace(OPEN, weight=self.weights.get(c.client_id, 1.0)),
+            store=MemoryUsageStore(),
+        )
         self.actual: dict[str, float] = {}
         self.owner: dict[str, str] = {}  # queued job id -> client id
         self.ids = itertools.count()
@@ -782,8 +803,9 @@ def test_positions_at_10000_flows_match_the_dispatch_order() -> None:
     rng = random.Random(6)
     clock = FakeClock()
     weights: dict[str, float] = {}
-    sched = FairScheduler(clock=clock, limits=lambda c: replace(OPEN, weight=weights.get(c.client_id, 1.0)),
-                          store=MemoryUsageStore())
+    sched = FairScheduler(
+        clock=clock, limits=lambda c: replace(OPEN, weight=weights.get(c.client_id, 1.0)), store=MemoryUsageStore()
+    )
     refs = [key(f"k{i}") for i in range(9000)]
     for ref in refs:
         weights[ref.client_id] = float(rng.choice([1, 2, 3]))
@@ -825,8 +847,12 @@ def test_no_idle_slot_while_eligible_work_waits_at_10000_flows() -> None:
     rng = random.Random(4)
     clock = FakeClock()
     max_running = {f"key:k{i}": 0 if i < 20 else 1 + i % 2 for i in range(CROWD)}
-    sched = FairScheduler(clock=clock, limits=lambda c: replace(OPEN, max_running=max_running[c.client_id]),
-                          store=MemoryUsageStore(), capacity=8)
+    sched = FairScheduler(
+        clock=clock,
+        limits=lambda c: replace(OPEN, max_running=max_running[c.client_id]),
+        store=MemoryUsageStore(),
+        capacity=8,
+    )
     queued: Counter[str] = Counter()
     running: Counter[str] = Counter()
     eligible: set[str] = set()
@@ -890,7 +916,7 @@ def test_no_idle_slot_while_eligible_work_waits_at_10000_flows() -> None:
             next_arrival += rng.expovariate(8 / 1.2)  # about what 8 slots serve without batching
         dispatch_all()
         if n == 10_000 + 500:
-            unblocked = {job.client.client_id for batch in started[before:before + 20] for job in batch}
+            unblocked = {job.client.client_id for batch in started[before : before + 20] for job in batch}
             assert set(clients[:20]) <= unblocked
     while ends:  # no more arrivals: everything drains, each job started once
         finish_next()

@@ -122,12 +122,27 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0, every_s: fl
     return time.monotonic() - start
 
 
-def plan(job: str, key: str = "f", *, queued: float = math.inf, lease_s: float = 30.0, rate: float | None = None,
-         rate_window_s: float = 60.0, reserve: Iterable[tuple[str, float, float, float]] = (),
-         service: tuple[str, ...] = ()) -> AdmitPlan:
-    return AdmitPlan(key=key, job_id=job, max_queued=queued, lease_s=lease_s, rate_limit=rate,
-                     rate_window_s=rate_window_s, reservations=tuple(Reservation(*r) for r in reserve),
-                     service=service)
+def plan(
+    job: str,
+    key: str = "f",
+    *,
+    queued: float = math.inf,
+    lease_s: float = 30.0,
+    rate: float | None = None,
+    rate_window_s: float = 60.0,
+    reserve: Iterable[tuple[str, float, float, float]] = (),
+    service: tuple[str, ...] = (),
+) -> AdmitPlan:
+    return AdmitPlan(
+        key=key,
+        job_id=job,
+        max_queued=queued,
+        lease_s=lease_s,
+        rate_limit=rate,
+        rate_window_s=rate_window_s,
+        reservations=tuple(Reservation(*r) for r in reserve),
+        service=service,
+    )
 
 
 def reserve(store: UsageStore, key: str, amount: float, limit: float, window_s: float) -> AdmitGrant:
@@ -392,13 +407,28 @@ def test_service_of_an_idle_flow_is_forgotten(make_store: Factory) -> None:
 # -- a job's steps in one call: admit, start_job, settle --------------------------------
 
 
-def _plan(job: str, *, queued: float = 2, rate: float | None = 3, quota: float = 1.0, address: float | None = 5.0,
-          window_s: float = 100.0) -> AdmitPlan:
+def _plan(
+    job: str,
+    *,
+    queued: float = 2,
+    rate: float | None = 3,
+    quota: float = 1.0,
+    address: float | None = 5.0,
+    window_s: float = 100.0,
+) -> AdmitPlan:
     reservations = [Reservation("c", 0.5, quota, window_s)]
     if address is not None:
         reservations.append(Reservation("addr-usage:1.2.3.4", 0.5, address, window_s))
-    return AdmitPlan(key="f", job_id=job, max_queued=queued, lease_s=30.0, reservations=tuple(reservations),
-                     rate_limit=rate, rate_window_s=60.0, service=("f", "__v__"))
+    return AdmitPlan(
+        key="f",
+        job_id=job,
+        max_queued=queued,
+        lease_s=30.0,
+        reservations=tuple(reservations),
+        rate_limit=rate,
+        rate_window_s=60.0,
+        service=("f", "__v__"),
+    )
 
 
 def test_admit_takes_every_check_or_none(store: UsageStore) -> None:
@@ -498,9 +528,15 @@ def test_racing_dispatchers_never_exceed_max_running(make_store: Factory) -> Non
 
 def test_racing_admissions_never_exceed_the_rate_the_queue_or_the_quota(make_store: Factory) -> None:
     def admit(s: Any, n: int, queued: float, quota: float, rate: float = 1000) -> bool:
-        wanted = AdmitPlan(key=f"hot{rate}", job_id=f"j{n}", max_queued=queued, lease_s=30.0,
-                           reservations=(Reservation(f"q{queued}-{rate}", 0.5, quota, 100.0),), rate_limit=rate,
-                           rate_window_s=60.0)
+        wanted = AdmitPlan(
+            key=f"hot{rate}",
+            job_id=f"j{n}",
+            max_queued=queued,
+            lease_s=30.0,
+            reservations=(Reservation(f"q{queued}-{rate}", 0.5, quota, 100.0),),
+            rate_limit=rate,
+            rate_window_s=60.0,
+        )
         return bool(s.admit(wanted).granted)
 
     assert _race(make_store, 8, lambda s, n: admit(s, n, 1000, math.inf, rate=7)) == 7

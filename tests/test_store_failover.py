@@ -81,13 +81,20 @@ class Tier:
 
     def __init__(self, url: str, prefix: str, mode: str, replicas: int = 2) -> None:
         self.sync = ResilientStore(
-            RedisStore.from_url(url, prefix=prefix), mode=mode, replicas=replicas,  # type: ignore[arg-type]
+            RedisStore.from_url(url, prefix=prefix),
+            mode=mode,
+            replicas=replicas,  # type: ignore[arg-type]
             breaker=CircuitBreaker(RETRY_S),
         )
         self._loop = LoopThread()
-        self._async = AsyncResilientStore(AsyncRedisStore.from_url(url, prefix=prefix), self.sync.fallback,
-                                          mode=mode, replicas=replicas, breaker=self.sync.breaker,  # type: ignore[arg-type]
-                                          unsent=self.sync.unsent)
+        self._async = AsyncResilientStore(
+            AsyncRedisStore.from_url(url, prefix=prefix),
+            self.sync.fallback,
+            mode=mode,
+            replicas=replicas,
+            breaker=self.sync.breaker,  # type: ignore[arg-type]
+            unsent=self.sync.unsent,
+        )
 
     def admit(self, plan: AdmitPlan) -> AdmitGrant:
         return self._loop.run(self._async.admit(plan))  # type: ignore[no-any-return]
@@ -259,7 +266,8 @@ def test_local_mode_serves_with_limits_divided_by_the_replicas(own_redis: Any, p
         assert (by_queue.granted, by_queue.refused_by) == (False, "queued")  # max_queued 3 // 2
         store.settle("p", "a", [("pc", -2.0)])
         by_quota = store.admit(
-            dataclasses.replace(plan, job_id="c", reservations=(Reservation("pc", 2.5, 4.0, 100.0),)))
+            dataclasses.replace(plan, job_id="c", reservations=(Reservation("pc", 2.5, 4.0, 100.0),))
+        )
         assert by_quota.refused_by == "quota"  # gpu_seconds 4.0 / 2
         assert store.overrides_version() < 0  # served from memory: caches re-read
         store.settle("c", "a")
@@ -322,8 +330,10 @@ def test_overrides_are_served_from_a_mirror_while_redis_is_away(own_redis: Any, 
 def test_async_admission_fails_over_and_recovers_in_both_modes(own_redis: Any, prefix: str) -> None:
     async def scenario(mode: str) -> None:
         store = AsyncResilientStore(
-            AsyncRedisStore.from_url(own_redis.url, prefix=f"{prefix}{mode}:"), mode=mode,  # type: ignore[arg-type]
-            replicas=2, breaker=CircuitBreaker(RETRY_S),
+            AsyncRedisStore.from_url(own_redis.url, prefix=f"{prefix}{mode}:"),
+            mode=mode,  # type: ignore[arg-type]
+            replicas=2,
+            breaker=CircuitBreaker(RETRY_S),
         )
         try:
             assert (await store.admit(AdmitPlan("c", "a", 4, 30.0))).granted
@@ -416,8 +426,9 @@ def test_open_store_keeps_sqlite_without_a_redis_url(tmp_path: Path, redis_serve
     default = open_store(redis_url=None, sqlite_path=tmp_path / "state.sqlite3")
     assert isinstance(default, WriteBehindStore)
     default.close()
-    shared = open_store(redis_url=redis_server.url, sqlite_path=tmp_path / "unused.sqlite3", failure="local",
-                        replicas=3)
+    shared = open_store(
+        redis_url=redis_server.url, sqlite_path=tmp_path / "unused.sqlite3", failure="local", replicas=3
+    )
     assert isinstance(shared, ResilientStore) and shared.mode == "local"
     assert shared.usage(f"open-store:{uuid.uuid4().hex}") == (0.0, 0.0) and not shared.breaker.is_open
     assert not (tmp_path / "unused.sqlite3").exists()

@@ -56,8 +56,12 @@ def bearer(name: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def tiers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     env = {"SPLITSPACE_APP": STREAMS}
-    d = Deployment(tmp_path_factory.mktemp("streams"), quotas=QUOTAS, backend_env=dict(env),
-                   frontend_env={**env, **GPU_TIER_BACKLOG}).start()
+    d = Deployment(
+        tmp_path_factory.mktemp("streams"),
+        quotas=QUOTAS,
+        backend_env=dict(env),
+        frontend_env={**env, **GPU_TIER_BACKLOG},
+    ).start()
     yield d
     d.stop()
 
@@ -80,8 +84,9 @@ def health(d: Deployment) -> dict[str, Any]:
 def used(d: Deployment, name: str) -> float:
     """GPU seconds the GPU tier has charged the key so far."""
     assert d.backend is not None
-    doc = httpx.get(f"{d.backend.url}/admin/clients/key:{name}", headers={ADMIN_HEADER: d.admin_token},
-                    timeout=10).json()
+    doc = httpx.get(
+        f"{d.backend.url}/admin/clients/key:{name}", headers={ADMIN_HEADER: d.admin_token}, timeout=10
+    ).json()
     return float(doc["used"])
 
 
@@ -93,8 +98,9 @@ def metric(d: Deployment, name: str) -> float:
     return 0.0
 
 
-def rest_events(d: Deployment, api: str, data: list[Any], who: str | None = None,
-                leave: threading.Event | None = None) -> list[tuple[float, str, Any]]:
+def rest_events(
+    d: Deployment, api: str, data: list[Any], who: str | None = None, leave: threading.Event | None = None
+) -> list[tuple[float, str, Any]]:
     """A REST call's event stream through the frontend: (arrival time, event, data) for each
     event; with ``leave``, the caller goes away (closes the stream) at the first chunk after it is set."""
     assert d.frontend is not None
@@ -170,12 +176,18 @@ def test_the_node_client_gets_each_chunk_as_it_is_made(tiers: Deployment) -> Non
     if not (NODE_DIR / "node_modules" / "@gradio" / "client").is_dir():
         npm = shutil.which("npm")
         assert npm, "npm is needed to install tests/node's dependencies (npm ci)"
-        subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=300,
-                       capture_output=True)
+        subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund"], cwd=NODE_DIR, check=True, timeout=300, capture_output=True
+        )
     assert tiers.frontend is not None
     env = {k: v for k, v in os.environ.items() if k != "SPLITSPACE_API_KEY"}
-    proc = subprocess.run(["node", str(NODE_DIR / "stream.mjs"), tiers.frontend.url, "/ticks",
-                           json.dumps([20, 50, ""])], env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        ["node", str(NODE_DIR / "stream.mjs"), tiers.frontend.url, "/ticks", json.dumps([20, 50, ""])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert lines[-1]["stage"] == "complete", lines[-3:]
@@ -234,8 +246,9 @@ def test_a_long_stream_is_charged_while_it_runs(tiers: Deployment, tmp_path: Pat
     log = tmp_path / "long.log"
     before = used(tiers, "payer")
     done: list[Any] = []
-    caller = threading.Thread(target=lambda: done.append(rest_events(tiers, "aticks", [100, 30, str(log)], "payer")),
-                              daemon=True)
+    caller = threading.Thread(
+        target=lambda: done.append(rest_events(tiers, "aticks", [100, 30, str(log)], "payer")), daemon=True
+    )
     caller.start()
     assert wait_for(lambda: used(tiers, "payer") - before >= 1.0, 30), used(tiers, "payer") - before
     assert "closed" not in log_of(log) and not done  # still streaming

@@ -341,8 +341,11 @@ def test_a_generators_admission_estimate_is_its_duration() -> None:
 
     sys.modules.pop("streams", None)
     try:
-        functions = app_functions(gpu_endpoints(load_app(str(REPO / "tests/apps/streams.py"))),
-                                  cache_dir=gr_utils.get_upload_folder(), max_file_bytes=10_000)
+        functions = app_functions(
+            gpu_endpoints(load_app(str(REPO / "tests/apps/streams.py"))),
+            cache_dir=gr_utils.get_upload_folder(),
+            max_file_bytes=10_000,
+        )
     finally:
         sys.modules.pop("streams", None)
     work = functions["ticks"].prepare(Call("ticks", [20, 50, ""]))
@@ -356,15 +359,24 @@ def test_partials_and_the_time_limit_cross_the_hop() -> None:
 
 
 # -- fair shares with streams of mixed lengths (the scheduler, in virtual time) ---------------
-def simulate(lengths: dict[str, float], *, accrue: bool, window_s: float, capacity: int = 2,
-             estimate_s: float = 1.0, every_s: float = 0.5, dt: float = 0.05) -> dict[str, float]:
+def simulate(
+    lengths: dict[str, float],
+    *,
+    accrue: bool,
+    window_s: float,
+    capacity: int = 2,
+    estimate_s: float = 1.0,
+    every_s: float = 0.5,
+    dt: float = 0.05,
+) -> dict[str, float]:
     """Clients always backlogged with streams of their own length (each estimated at
     ``estimate_s``), ``capacity`` slots, each client up to two at once. Returns the GPU
     seconds each got within ``window_s``. A running stream accrues its time every ``every_s``."""
     now = [0.0]
     tier = Tier(weight=1, max_running=2, max_queued=100, gpu_seconds=1e12, window_s=1e9)
-    scheduler = FairScheduler(clock=lambda: now[0], limits=lambda ref: tier, store=MemoryUsageStore(),
-                              capacity=capacity)
+    scheduler = FairScheduler(
+        clock=lambda: now[0], limits=lambda ref: tier, store=MemoryUsageStore(), capacity=capacity
+    )
     refs = {name: ClientRef(f"key:{name}", "key", "t", "127.0.0.1") for name in lengths}
     got = dict.fromkeys(lengths, 0.0)
     running: dict[str, list[Any]] = {}  # job id -> [client, elapsed, last accrued]

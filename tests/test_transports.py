@@ -64,13 +64,22 @@ def bearer(name: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tiers(tmp_path_factory) -> Iterator[dict[str, object]]:
-    d = Deployment(tmp_path_factory.mktemp("transports"), model="sleep:300", quotas=QUOTAS, transport="direct",
-                   frontend_env=dict(GPU_TIER_BACKLOG))
+    d = Deployment(
+        tmp_path_factory.mktemp("transports"),
+        model="sleep:300",
+        quotas=QUOTAS,
+        transport="direct",
+        frontend_env=dict(GPU_TIER_BACKLOG),
+    )
     d.start()
     others = {}
     for t in TRANSPORTS[1:]:
-        env = {**d.common_env(), **GPU_TIER_BACKLOG, "SPLITSPACE_BACKEND_URL": d.backend_urls(),
-               "SPLITSPACE_TRANSPORT": t}
+        env = {
+            **d.common_env(),
+            **GPU_TIER_BACKLOG,
+            "SPLITSPACE_BACKEND_URL": d.backend_urls(),
+            "SPLITSPACE_TRANSPORT": t,
+        }
         others[t] = start_tier("frontend", free_port(), env, d.workdir / f"frontend-{t}.log")
     yield {"d": d, "direct": d.frontend, **others}
     for tier in others.values():
@@ -98,8 +107,9 @@ def test_same_results(tiers):
     for t in TRANSPORTS[1:]:
         img_b, info_b = outs[t]
         assert np.array_equal(img_a, img_b), t
-        assert {k: info_a[k] for k in ("seed", "width", "height", "steps", "model")} == \
-               {k: info_b[k] for k in ("seed", "width", "height", "steps", "model")}, t
+        assert {k: info_a[k] for k in ("seed", "width", "height", "steps", "model")} == {
+            k: info_b[k] for k in ("seed", "width", "height", "steps", "model")
+        }, t
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -140,8 +150,13 @@ def _backlog(url: str, key: str, n: int) -> list[threading.Thread]:
 
 
 def _admin(d: Deployment, method: str, client: str, **kwargs) -> dict:
-    r = httpx.request(method, f"{d.backend.url}/admin/clients/{client}",
-                      headers={"x-splitspace-admin": d.admin_token}, timeout=10, **kwargs)
+    r = httpx.request(
+        method,
+        f"{d.backend.url}/admin/clients/{client}",
+        headers={"x-splitspace-admin": d.admin_token},
+        timeout=10,
+        **kwargs,
+    )
     r.raise_for_status()
     return r.json()
 

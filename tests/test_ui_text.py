@@ -22,8 +22,19 @@ RAW_KEYS = ("eta_s", "queue_s", "gpu_s", "resets_in_s", "client_id", "position",
 
 @pytest.mark.parametrize(
     ("n", "text"),
-    [(1, "1st"), (2, "2nd"), (3, "3rd"), (4, "4th"), (11, "11th"), (12, "12th"), (13, "13th"),
-     (21, "21st"), (22, "22nd"), (101, "101st"), (111, "111th")],
+    [
+        (1, "1st"),
+        (2, "2nd"),
+        (3, "3rd"),
+        (4, "4th"),
+        (11, "11th"),
+        (12, "12th"),
+        (13, "13th"),
+        (21, "21st"),
+        (22, "22nd"),
+        (101, "101st"),
+        (111, "111th"),
+    ],
 )
 def test_ordinal(n: int, text: str) -> None:
     assert ui_text.ordinal(n) == text
@@ -31,8 +42,18 @@ def test_ordinal(n: int, text: str) -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0.2, "1 s"), (3, "3 s"), (9.7, "10 s"), (89, "89 s"), (90, "2 min"), (3480, "58 min"),
-     (7100, "119 min"), (7199, "2 h"), (7200, "2 h"), (7500, "2 h 5 min")],
+    [
+        (0.2, "1 s"),
+        (3, "3 s"),
+        (9.7, "10 s"),
+        (89, "89 s"),
+        (90, "2 min"),
+        (3480, "58 min"),
+        (7100, "119 min"),
+        (7199, "2 h"),
+        (7200, "2 h"),
+        (7500, "2 h 5 min"),
+    ],
 )
 def test_duration_rounds_up_in_units_people_use(seconds: float, text: str) -> None:
     assert ui_text.duration(seconds) == text
@@ -54,8 +75,18 @@ def test_wait_fraction_is_the_part_of_the_wait_behind() -> None:
 
 
 def test_caption_has_seed_size_steps_and_times_and_no_raw_keys() -> None:
-    info = {"seed": 1234, "width": 512, "height": 768, "steps": 4, "guidance_scale": 0.0, "model": "m",
-            "queue_s": 3.04, "gpu_s": 1.52, "total_s": 4.6, "client": "session:abc"}
+    info = {
+        "seed": 1234,
+        "width": 512,
+        "height": 768,
+        "steps": 4,
+        "guidance_scale": 0.0,
+        "model": "m",
+        "queue_s": 3.04,
+        "gpu_s": 1.52,
+        "total_s": 4.6,
+        "client": "session:abc",
+    }
     text = ui_text.caption(info)
     assert text == "Seed 1234 · 512×768 · 4 steps · 1.5 s on the GPU · waited 3.0 s"
     assert not any(k in text for k in RAW_KEYS)
@@ -64,9 +95,18 @@ def test_caption_has_seed_size_steps_and_times_and_no_raw_keys() -> None:
 
 def standing(**kw: object) -> dict:
     """A /quota answer, as gpu_backend.admission.scheduler.client_stats makes it."""
-    doc = {"client": "session:s", "client_id": "session:s", "kind": "session", "tier": "anonymous",
-           "limits": {"gpu_seconds": 300.0, "window_s": 3600.0, "address_gpu_seconds": 900.0},
-           "queued": 0, "running": 0, "used": 16.2, "remaining": 283.8, "resets_in_s": 3480.0}
+    doc = {
+        "client": "session:s",
+        "client_id": "session:s",
+        "kind": "session",
+        "tier": "anonymous",
+        "limits": {"gpu_seconds": 300.0, "window_s": 3600.0, "address_gpu_seconds": 900.0},
+        "queued": 0,
+        "running": 0,
+        "used": 16.2,
+        "remaining": 283.8,
+        "resets_in_s": 3480.0,
+    }
     doc.update(kw)
     return doc
 
@@ -81,8 +121,7 @@ def test_quota_line_with_own_limit_binding() -> None:
 
 def test_quota_line_says_when_the_address_binds() -> None:
     # The session used 16 of 300, but its address (all its sessions) used 880 of 900.
-    doc = standing(address={"used": 880.0, "remaining": 20.0, "resets_in_s": 600.0},
-                   remaining=20.0, resets_in_s=600.0)
+    doc = standing(address={"used": 880.0, "remaining": 20.0, "resets_in_s": 600.0}, remaining=20.0, resets_in_s=600.0)
     line = ui_text.quota_line(doc)
     assert line.text == "880 of 900 GPU-s used by your address · resets in 10 min"
     assert line.scope == "address"

@@ -61,9 +61,15 @@ def test_text_must_be_valid_utf8_without_nul(field, bad, words):
     assert caught.value.field == field and words in caught.value.message
 
 
-@pytest.mark.parametrize("field, value", [("width", "9" * 1_000_000), ("seed", 10**1000),
-                                          ("guidance_scale", ["x"] * 10_000),
-                                          ("steps", {"a": "b" * 100_000})])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("width", "9" * 1_000_000),
+        ("seed", 10**1000),
+        ("guidance_scale", ["x"] * 10_000),
+        ("steps", {"a": "b" * 100_000}),
+    ],
+)
 def test_an_error_echoes_at_most_a_short_value(field, value):
     """First release: a 1 MB ``width`` gave a 1 MB error."""
     from splitspace.shared.contract.errors import ValidationFailed

@@ -23,11 +23,32 @@ LOOPBACK = [ipaddress.ip_network("127.0.0.0/8")]
 
 
 # -- in-process -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("address", [
-    "127.0.0.1", "127.9.9.9", "::1", "10.0.0.1", "172.16.5.4", "192.168.1.1", "169.254.169.254", "169.254.1.1",
-    "fd00:ec2::254", "fe80::1", "100.64.0.1", "0.0.0.0", "::", "224.0.0.1", "ff02::1", "::ffff:127.0.0.1",
-    "::ffff:169.254.169.254", "2002:7f00:1::", "64:ff9b::a9fe:a9fe", "240.0.0.1", "100.100.100.200",
-])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "127.9.9.9",
+        "::1",
+        "10.0.0.1",
+        "172.16.5.4",
+        "192.168.1.1",
+        "169.254.169.254",
+        "169.254.1.1",
+        "fd00:ec2::254",
+        "fe80::1",
+        "100.64.0.1",
+        "0.0.0.0",
+        "::",
+        "224.0.0.1",
+        "ff02::1",
+        "::ffff:127.0.0.1",
+        "::ffff:169.254.169.254",
+        "2002:7f00:1::",
+        "64:ff9b::a9fe:a9fe",
+        "240.0.0.1",
+        "100.100.100.200",
+    ],
+)
 def test_private_and_metadata_addresses_are_refused(address: str) -> None:
     assert address_problem(ipaddress.ip_address(address)) is not None
 
@@ -45,8 +66,16 @@ def test_the_allow_list_opens_its_networks_only() -> None:
 
 def test_urls_are_checked_on_what_they_resolve_to() -> None:
     async def scenario() -> None:
-        for url in ("http://localhost:8080/x", "http://127.0.0.1/", "http://2130706433/", "http://127.1/",
-                    "http://[::ffff:7f00:1]/", "ftp://example.com/", "http:///nohost", "http://exa mple.com/"):
+        for url in (
+            "http://localhost:8080/x",
+            "http://127.0.0.1/",
+            "http://2130706433/",
+            "http://127.1/",
+            "http://[::ffff:7f00:1]/",
+            "ftp://example.com/",
+            "http:///nohost",
+            "http://exa mple.com/",
+        ):
             with pytest.raises(ValueError):
                 await check_url(url)
         await check_url("http://127.0.0.1:9/hook", LOOPBACK)
@@ -95,8 +124,12 @@ def test_signatures_are_standard_webhooks() -> None:
 def hooks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     """Both tiers (100 ms images); webhooks may reach loopback; retries 0.2 s apart."""
     work = tmp_path_factory.mktemp("hooks")
-    env = {"SPLITSPACE_JOBS_PATH": str(work / "jobs.sqlite3"), "SPLITSPACE_WEBHOOK_ALLOW": "127.0.0.0/8",
-           "SPLITSPACE_WEBHOOK_BACKOFF_S": "0.2", "SPLITSPACE_WEBHOOK_ATTEMPTS": "4"}
+    env = {
+        "SPLITSPACE_JOBS_PATH": str(work / "jobs.sqlite3"),
+        "SPLITSPACE_WEBHOOK_ALLOW": "127.0.0.0/8",
+        "SPLITSPACE_WEBHOOK_BACKOFF_S": "0.2",
+        "SPLITSPACE_WEBHOOK_ATTEMPTS": "4",
+    }
     d = Deployment(work, model="sleep:100", quotas=JOB_QUOTAS, frontend_env=env)
     d.start()
     yield d
@@ -111,8 +144,9 @@ def rec() -> Iterator[Receiver]:
 
 def submit(d: Deployment, url: str, **extra: object) -> dict:
     assert d.frontend is not None
-    r = httpx.post(f"{d.frontend.url}/v1/jobs", json={**GENERATE, "webhook_url": url, **extra},
-                   headers=auth("hooked"), timeout=10)
+    r = httpx.post(
+        f"{d.frontend.url}/v1/jobs", json={**GENERATE, "webhook_url": url, **extra}, headers=auth("hooked"), timeout=10
+    )
     assert r.status_code == 202, r.text
     return r.json()
 
@@ -154,8 +188,11 @@ def test_a_failing_receiver_gets_the_same_message_again(hooks: Deployment, rec: 
 
     wait_for(lambda: len(attempts()) == 3, 10)
     seen = attempts()
-    assert [(a["attempt"], a["ok"], a["status_code"]) for a in seen] == [(1, False, 500), (2, False, 500),
-                                                                          (3, True, 200)]
+    assert [(a["attempt"], a["ok"], a["status_code"]) for a in seen] == [
+        (1, False, 500),
+        (2, False, 500),
+        (3, True, 200),
+    ]
     assert seen[0]["next_attempt_at"] is not None and seen[2]["next_attempt_at"] is None
 
 

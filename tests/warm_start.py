@@ -97,8 +97,11 @@ class WarmStarter:
         if self._zygote is None or self._zygote.poll() is not None:
             with open(self._status_dir / "zygote.log", "ab") as log:
                 self._zygote = subprocess.Popen(
-                    [sys.executable, __file__, str(self._status_dir)], stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE, stderr=log, text=True,
+                    [sys.executable, __file__, str(self._status_dir)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    text=True,
                     env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"},
                 )
         return self._zygote

@@ -11,6 +11,7 @@ headers win over per-call ones on key collision -- gradio_client's client.py).
 
 usage: python frontend.py PORT BACKEND_URL
 """
+
 import os
 import sys
 

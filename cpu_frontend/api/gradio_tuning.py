@@ -141,7 +141,8 @@ def _lazy_session_state() -> bool:
             original._update_value_in_config(self, key, value)
 
     state_holder.SessionState = type(  # type: ignore[misc,assignment]  # a patch: a subclass made at run time
-        "SessionState", (original,),
+        "SessionState",
+        (original,),
         {"__init__": init, "_update_value_in_config": update_value_in_config, "_splitspace_lazy": True},
     )
     return True

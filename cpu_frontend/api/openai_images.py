@@ -255,10 +255,10 @@ def openai_routes(fe: ImagesFrontend) -> APIRouter:
             for _ in reqs:  # all or none: a refusal of any gives every place back
                 place = await fe.join_door(identity)
                 places.append((place, fe.door.hand_over(place)))
-            paths = await _run_all(request, [_one(fe, request, req, nonce) for req, (_, nonce) in zip(
-                reqs, places, strict=True)])
-            data = await asyncio.to_thread(_answer, paths, body.response_format or "b64_json",
-                                           _root_url(request))
+            paths = await _run_all(
+                request, [_one(fe, request, req, nonce) for req, (_, nonce) in zip(reqs, places, strict=True)]
+            )
+            data = await asyncio.to_thread(_answer, paths, body.response_format or "b64_json", _root_url(request))
         except _Gone:
             return Response(status_code=499)
         except Exception as exc:  # noqa: BLE001 - every error is answered in OpenAI's shape

@@ -268,8 +268,10 @@ def validator_problem(endpoint: GpuEndpoint, payloads: list[Any]) -> Problem | N
     if validator is None:
         return None
     inputs = endpoint.inputs
-    values = [_preprocessed(component, payload, position) if endpoint.preprocess else payload
-              for position, (component, payload) in enumerate(zip(inputs, payloads, strict=True), start=1)]
+    values = [
+        _preprocessed(component, payload, position) if endpoint.preprocess else payload
+        for position, (component, payload) in enumerate(zip(inputs, payloads, strict=True), start=1)
+    ]
     if any(isinstance(value, Problem) for value in values):
         return next(value for value in values if isinstance(value, Problem))
     if endpoint.record.batch:
@@ -320,8 +322,9 @@ def _preprocessed(component: Component, payload: Any, position: int) -> Any:
         value = model.model_validate(payload, context={"validate_meta": True}) if model else payload
         return component.preprocess(value)
     except Exception as exc:
-        return Problem(input_name(component, position),
-                       str(getattr(exc, "message", None) or exc) or type(exc).__name__, position)
+        return Problem(
+            input_name(component, position), str(getattr(exc, "message", None) or exc) or type(exc).__name__, position
+        )
 
 
 def _call(fn: Callable[..., Any], args: list[Any], kwargs: dict[str, Any]) -> Any:
@@ -344,6 +347,7 @@ def _verdicts(result: Any, count: int) -> list[tuple[int | None, dict[str, Any]]
     """``(position, gr.validate(...))`` for each input the validator answered for: a list
     (tuple) of them, one per input, or one alone: for the only input, or for the whole call
     (position None). Anything else passes."""
+
     def verdict(item: Any) -> dict[str, Any] | None:
         if isinstance(item, list) and len(item) == 1:  # a batch event answers per call
             item = item[0]

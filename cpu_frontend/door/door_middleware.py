@@ -214,8 +214,16 @@ class DoorMiddleware:
         gone = asyncio.ensure_future(_disconnected(receive))
         counted = True
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": [
-                (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/event-stream; charset=utf-8"),
+                        (b"cache-control", b"no-cache"),
+                    ],
+                }
+            )
             told = Told(place.told)
             statuses = wait_turn(place, told, self.seconds_per_job, gone)
             try:
@@ -318,8 +326,11 @@ def _with_pass(scope: Scope, nonce: str) -> Scope:
 
 def _event(name: str, data: Any, more: bool = True) -> Message:
     # the form of Gradio's /call event stream
-    return {"type": "http.response.body", "body": f"event: {name}\ndata: {json.dumps(data)}\n\n".encode(),
-            "more_body": more}
+    return {
+        "type": "http.response.body",
+        "body": f"event: {name}\ndata: {json.dumps(data)}\n\n".encode(),
+        "more_body": more,
+    }
 
 
 def _detail(body: bytes) -> Any:
@@ -332,13 +343,22 @@ def _detail(body: bytes) -> Any:
 
 async def _send_json(send: Send, status: int, doc: Any, headers: Collection[tuple[bytes, bytes]] = ()) -> None:
     body = json.dumps(doc).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
 async def _refuse(send: Send, exc: Throttled | ServiceUnavailable) -> None:
     # The message in full ("... Retry in 1 s."), as REST callers read errors elsewhere.
     status = 429 if isinstance(exc, Throttled) else 503
-    await _send_json(send, status, {**to_wire(exc), "message": exc.message},
-                     [(b"retry-after", str(exc.retry_after_whole_s).encode())])
+    await _send_json(
+        send,
+        status,
+        {**to_wire(exc), "message": exc.message},
+        [(b"retry-after", str(exc.retry_after_whole_s).encode())],
+    )

@@ -218,8 +218,9 @@ class RedisLedger:
             lease, drops = f"{self.frontend_id}:{token}", sorted(self._pending.get(flow, ()))
             self._busy += 1
             self._idle.clear()
-            call = asyncio.ensure_future(self._scripts["acquire"](
-                keys=[self._key(flow)], args=[self._lease_ms, str(cap), lease, *drops]))
+            call = asyncio.ensure_future(
+                self._scripts["acquire"](keys=[self._key(flow)], args=[self._lease_ms, str(cap), lease, *drops])
+            )
             call.add_done_callback(self._not_busy)
             try:
                 reply: Any = await asyncio.shield(call)
@@ -331,8 +332,9 @@ class RedisLedger:
     def _lost(self, exc: BaseException) -> None:
         if self.breaker.failed():
             what = "refusing requests" if self.mode == "closed" else f"each frontend caps at cap / {self.replicas}"
-            log.warning("%s; in-flight caps: %s, retrying every %g s",
-                        unreachable_reason(exc), what, self.breaker.retry_s)
+            log.warning(
+                "%s; in-flight caps: %s, retrying every %g s", unreachable_reason(exc), what, self.breaker.retry_s
+            )
 
     def _answered(self) -> None:
         if self.breaker.succeeded():

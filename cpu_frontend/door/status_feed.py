@@ -73,5 +73,6 @@ async def wait_turn(
         status = told.next(Status("queued", position, eta_s(position, seconds_per_job())))
         if status is not None:
             yield status
-        await asyncio.wait([place.turn, *also], timeout=status_pace.interval_s(position),
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            [place.turn, *also], timeout=status_pace.interval_s(position), return_when=asyncio.FIRST_COMPLETED
+        )

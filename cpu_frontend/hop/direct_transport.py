@@ -68,8 +68,9 @@ class DirectTransport(Transport):
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=None),
                 # keep-alive shorter than the GPU tier's (uvicorn: 5 s), so a pooled connection
                 # is not reused just as the server closes it
-                connector=aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=self.max_connections,
-                                               keepalive_timeout=KEEPALIVE_S),
+                connector=aiohttp.TCPConnector(
+                    limit=self.max_connections, limit_per_host=self.max_connections, keepalive_timeout=KEEPALIVE_S
+                ),
                 headers=self._auth_headers,
                 raise_for_status=False,
             )
@@ -106,9 +107,13 @@ class DirectTransport(Transport):
         used up its one-call token, and the second try is refused."""
         for attempt in (1, 2):
             try:
-                post = (self._pool().post(self.base_url + path, json=body, headers=headers) if isinstance(body, dict)
-                        else self._pool().post(self.base_url + path, data=body,
-                                               headers={**headers, "content-type": "application/json"}))
+                post = (
+                    self._pool().post(self.base_url + path, json=body, headers=headers)
+                    if isinstance(body, dict)
+                    else self._pool().post(
+                        self.base_url + path, data=body, headers={**headers, "content-type": "application/json"}
+                    )
+                )
                 return await asyncio.wait_for(post, self.timeout_s)
             except (TimeoutError, aiohttp.ClientConnectionError) as exc:
                 if attempt == 2 or isinstance(exc, asyncio.TimeoutError):
@@ -210,9 +215,14 @@ async def _refusal(resp: aiohttp.ClientResponse) -> Exception:
         doc = json.loads(await resp.read())
     except ValueError:
         doc = None
-    if isinstance(doc, dict) and "title" in doc and (
-        resp.status in (401, 422, 429) or (resp.status == 503 and doc["title"] == SERVICE_UNAVAILABLE)
-        or (resp.status == 404 and doc["title"] == NOT_FOUND)
+    if (
+        isinstance(doc, dict)
+        and "title" in doc
+        and (
+            resp.status in (401, 422, 429)
+            or (resp.status == 503 and doc["title"] == SERVICE_UNAVAILABLE)
+            or (resp.status == 404 and doc["title"] == NOT_FOUND)
+        )
     ):
         return from_wire(doc)  # the GPU tier's own refusal (503: its shared state is down; 404: no such function)
     # Anything else (a proxy's 502, a Space still starting) means the call was not taken.

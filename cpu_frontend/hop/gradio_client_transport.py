@@ -39,6 +39,8 @@ def _result_of(job: Any, timeout_s: float) -> Any:
         return job.result(timeout_s)
     except concurrent.futures.CancelledError:
         return _CANCELLED
+
+
 log = logging.getLogger("splitspace.frontend")
 
 
@@ -58,8 +60,11 @@ class GradioClientTransport(GradioEndpointTransport):
             if self._client is None:
                 try:
                     self._client = Client(
-                        self.base_url + "/", verbose=False, download_files=False,
-                        analytics_enabled=False, httpx_kwargs={"timeout": self.timeout_s},
+                        self.base_url + "/",
+                        verbose=False,
+                        download_files=False,
+                        analytics_enabled=False,
+                        httpx_kwargs={"timeout": self.timeout_s},
                         headers=self._auth_headers,  # same for every call: the frontend's Hub token
                     )
                 except Exception as exc:  # connection refused, bad config ...

@@ -72,8 +72,12 @@ class MockTransport(Transport):
         self.function_calls: list[tuple[Call, dict[str, str]]] = []
         """Every call of a developer's function and its headers, in order."""
         self._standing = standing or (lambda headers: {"tier": "anonymous", "queued": 0, "running": 0})
-        self._health = health or {"status": "ok", "model": "mock", "placeholder_model": True,
-                                  "defaults": {"steps": 1, "guidance_scale": 0.0}}
+        self._health = health or {
+            "status": "ok",
+            "model": "mock",
+            "placeholder_model": True,
+            "defaults": {"steps": 1, "guidance_scale": 0.0},
+        }
         self.calls: list[tuple[GenerateRequest, dict[str, str]]] = []
         """Every call's request and headers, in order."""
 
@@ -105,8 +109,9 @@ class MockTransport(Transport):
             raise UnknownEndpoint(f"no function named {call.endpoint!r} (functions: {', '.join(self._functions)})")
         t0 = time.monotonic()
         try:
-            args = await asyncio.to_thread(event.preprocess, call.data, cache_dir=gr_utils.get_upload_folder(),
-                                           max_file_bytes=self._max_file_bytes)
+            args = await asyncio.to_thread(
+                event.preprocess, call.data, cache_dir=gr_utils.get_upload_folder(), max_file_bytes=self._max_file_bytes
+            )
             data: list[Any] | None = None
             if event.streams:
                 async for item in self._stream(event, args):
@@ -125,8 +130,7 @@ class MockTransport(Transport):
         except Exception as exc:
             raise GpuFailed(f"the function failed ({type(exc).__name__})") from None
         spent = round(time.monotonic() - t0, 4)
-        yield CallResult(data, CallInfo(endpoint=call.endpoint, queue_s=0.0, gpu_s=spent, total_s=spent,
-                                        client="mock"))
+        yield CallResult(data, CallInfo(endpoint=call.endpoint, queue_s=0.0, gpu_s=spent, total_s=spent, client="mock"))
 
     async def _stream(self, event: EventProcessing, args: list[Any]) -> AsyncIterator[Partial | list[Any]]:
         """A generator's yields as Partials, then its last yield's payloads; run in a thread,

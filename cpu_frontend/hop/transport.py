@@ -102,9 +102,7 @@ class GradioEndpointTransport(Transport):
         return result
 
 
-async def fetch_health(
-    client: httpx.AsyncClient, base_url: str, headers: Mapping[str, str] | None
-) -> dict[str, Any]:
+async def fetch_health(client: httpx.AsyncClient, base_url: str, headers: Mapping[str, str] | None) -> dict[str, Any]:
     """GET a GPU tier's /health with ``client``; BackendUnavailable when it does not answer."""
     try:
         r = await client.get(f"{base_url}/health", headers=dict(headers or {}))

@@ -75,8 +75,9 @@ class Job:
     def to_dict(self) -> dict[str, Any]:
         doc = asdict(self)
         doc["identity"] = self.identity.to_dict()
-        doc["webhook"] = None if self.webhook is None else {"url": self.webhook.url,
-                                                             "events": list(self.webhook.events)}
+        doc["webhook"] = (
+            None if self.webhook is None else {"url": self.webhook.url, "events": list(self.webhook.events)}
+        )
         return doc
 
     @classmethod

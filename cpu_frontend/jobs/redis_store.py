@@ -56,7 +56,8 @@ redis.call('SADD', KEYS[5], ARGV[4])
 return false
 """,
     # KEYS job; ARGV status, doc, ended, ttl_ms, prefix, id
-    "save": _OPEN + """
+    "save": _OPEN
+    + """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur or not open(cur) then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1], 'doc', ARGV[2])
@@ -72,7 +73,8 @@ end
 return 1
 """,
     # KEYS job; ARGV position, eta
-    "position": _OPEN + """
+    "position": _OPEN
+    + """
 if open(redis.call('HGET', KEYS[1], 'status')) then
   redis.call('HSET', KEYS[1], 'position', ARGV[1], 'eta_s', ARGV[2])
 end
@@ -102,7 +104,8 @@ redis.call('SADD', KEYS[2], ARGV[1])
 return 1
 """,
     # KEYS runners, known; ARGV me, prefix
-    "adopt": _OPEN + """
+    "adopt": _OPEN
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local P, ME = ARGV[2], ARGV[1]
@@ -149,8 +152,14 @@ def _job(doc: str | None) -> Job | None:
 class RedisJobStore:
     shared = True
 
-    def __init__(self, url: str, *, prefix: str = DEFAULT_PREFIX + "jobs:", timeout_s: float = 2.0,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = DEFAULT_PREFIX + "jobs:",
+        timeout_s: float = 2.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._url = url
         self.prefix = prefix
         self._clock = clock
@@ -207,9 +216,15 @@ class RedisJobStore:
         idem = "" if job.idempotency_key is None else self._idem_key(job.owner, job.idempotency_key)
         have = await self._script(
             "create",
-            [self._key("job", job.id), self._key("owner", job.owner), idem, self._key("held", runner),
-             self._key("known")],
-            [job.id, job.status, json.dumps(job.to_dict()), runner, job.owner])
+            [
+                self._key("job", job.id),
+                self._key("owner", job.owner),
+                idem,
+                self._key("held", runner),
+                self._key("known"),
+            ],
+            [job.id, job.status, json.dumps(job.to_dict()), runner, job.owner],
+        )
         if have is None:
             return job
         found = await self.get(str(have))
@@ -233,9 +248,11 @@ class RedisJobStore:
 
     async def save(self, job: Job) -> bool:
         ttl_ms = 0 if job.expires_at is None else int((job.expires_at - self._clock()) * 1000)
-        done = await self._script("save", [self._key("job", job.id)],
-                                  [job.status, json.dumps(job.to_dict()), "1" if job.ended else "0", ttl_ms,
-                                   self.prefix, job.id])
+        done = await self._script(
+            "save",
+            [self._key("job", job.id)],
+            [job.status, json.dumps(job.to_dict()), "1" if job.ended else "0", ttl_ms, self.prefix, job.id],
+        )
         return bool(done)
 
     async def note_positions(self, positions: dict[str, tuple[int, float]]) -> None:
@@ -254,8 +271,9 @@ class RedisJobStore:
         out: list[Job] = []
         top = f"({before}" if before else "+"
         while len(out) < limit:
-            ids = [str(_text(i)) for i in await self._redis.zrevrangebylex(index, top, "-", start=0,
-                                                                           num=limit - len(out))]
+            ids = [
+                str(_text(i)) for i in await self._redis.zrevrangebylex(index, top, "-", start=0, num=limit - len(out))
+            ]
             if not ids:
                 break
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -281,8 +299,10 @@ class RedisJobStore:
         async with self._redis.pipeline(transaction=False) as pipe:
             for i, f in enumerate(files):
                 key = self._key("file", job_id, str(i))
-                pipe.hset(key, mapping={"name": f.name, "mime_type": f.mime_type,
-                                        "b64": base64.b64encode(f.data).decode("ascii")})
+                pipe.hset(
+                    key,
+                    mapping={"name": f.name, "mime_type": f.mime_type, "b64": base64.b64encode(f.data).decode("ascii")},
+                )
                 pipe.pexpire(key, max(1, int(ttl_s * 1000)))
             await pipe.execute()
 
@@ -305,8 +325,11 @@ class RedisJobStore:
 
     # -- deliveries -------------------------------------------------------------------------
     async def put_delivery(self, delivery: Delivery, runner: str) -> None:
-        await self._script("put_delivery", [self._key("delivery", delivery.id), self._key("known")],
-                           [json.dumps(delivery.to_dict()), runner, self.prefix, delivery.id])
+        await self._script(
+            "put_delivery",
+            [self._key("delivery", delivery.id), self._key("known")],
+            [json.dumps(delivery.to_dict()), runner, self.prefix, delivery.id],
+        )
 
     async def drop_delivery(self, delivery_id: str) -> None:
         await self._script("drop_delivery", [self._key("delivery", delivery_id)], [self.prefix, delivery_id])
@@ -319,8 +342,9 @@ class RedisJobStore:
         await self._redis.zrem(self._key("runners"), runner)
 
     async def adopt(self, runner: str) -> tuple[list[Job], list[Delivery]]:
-        job_ids, delivery_ids = await self._script("adopt", [self._key("runners"), self._key("known")],
-                                                   [runner, self.prefix])
+        job_ids, delivery_ids = await self._script(
+            "adopt", [self._key("runners"), self._key("known")], [runner, self.prefix]
+        )
         jobs: list[Job] = []
         deliveries: list[Delivery] = []
         if job_ids:

@@ -125,8 +125,14 @@ class Problem(BaseModel):
     retry_after_s: float | None = None
 
 
-_STATUS = ((ValidationFailed, 400), (Unauthorized, 401), (JobNotFound, 404), (JobConflict, 409), (Throttled, 429),
-           (ServiceUnavailable, 503))
+_STATUS = (
+    (ValidationFailed, 400),
+    (Unauthorized, 401),
+    (JobNotFound, 404),
+    (JobConflict, 409),
+    (Throttled, 429),
+    (ServiceUnavailable, 503),
+)
 
 
 def problem(exc: SplitspaceError, seconds_per_job: float = 1.0) -> JSONResponse:
@@ -142,34 +148,62 @@ def problem(exc: SplitspaceError, seconds_per_job: float = 1.0) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": Problem} for code in (400, 401, 404, 409, 429, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": Problem} for code in (400, 401, 404, 409, 429, 503)}
 
 
-def job_routes(runner: JobRunner, store: JobStore, identify: Callable[[Request], Identity],
-               seconds_per_job: Callable[[], float] = lambda: 1.0) -> APIRouter:
+def job_routes(
+    runner: JobRunner,
+    store: JobStore,
+    identify: Callable[[Request], Identity],
+    seconds_per_job: Callable[[], float] = lambda: 1.0,
+) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["jobs"])
 
     def base_of(request: Request) -> str:
         return str(request.base_url).rstrip("/")
 
     @router.post(
-        "/jobs", status_code=202, response_model=None, summary="Submit a job",
-        responses={202: {"model": JobView, "description": "Accepted (or, with a retried Idempotency-Key, the same "
-                                                             "job again: header Idempotent-Replayed)"}, **_ERRORS},
-        openapi_extra={"requestBody": {"required": True, "content": {
-            "application/json": {"schema": JobCreate.model_json_schema()}}},
-            "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
-                            "schema": {"type": "string", "maxLength": 255}}]},
+        "/jobs",
+        status_code=202,
+        response_model=None,
+        summary="Submit a job",
+        responses={
+            202: {
+                "model": JobView,
+                "description": "Accepted (or, with a retried Idempotency-Key, the same "
+                "job again: header Idempotent-Replayed)",
+            },
+            **_ERRORS,
+        },
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": JobCreate.model_json_schema()}},
+            },
+            "parameters": [
+                {
+                    "name": "Idempotency-Key",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string", "maxLength": 255},
+                }
+            ],
+        },
     )
     async def create_job(request: Request) -> Response:
         try:
             identity = identify(request)
             spec = _body(await request.body())
             job, replayed = await runner.submit(
-                identity, spec.endpoint, inputs=spec.inputs, data=spec.data, webhook_url=spec.webhook_url,
+                identity,
+                spec.endpoint,
+                inputs=spec.inputs,
+                data=spec.data,
+                webhook_url=spec.webhook_url,
                 webhook_events=list(spec.webhook_events) if spec.webhook_events is not None else None,
-                idempotency_key=request.headers.get("idempotency-key"), base_url=base_of(request))
+                idempotency_key=request.headers.get("idempotency-key"),
+                base_url=base_of(request),
+            )
         except SplitspaceError as exc:
             return problem(exc, seconds_per_job())
         view = job_view(job, base_of(request))
@@ -179,8 +213,9 @@ def job_routes(runner: JobRunner, store: JobStore, identify: Callable[[Request],
         return JSONResponse(view, status_code=202, headers=headers)
 
     @router.get("/jobs", response_model=JobList, responses=_ERRORS, summary="List your jobs, newest first")
-    async def list_jobs(request: Request, limit: int = Query(20, ge=1, le=MAX_PAGE),
-                        cursor: str | None = Query(None, max_length=64)) -> Response:
+    async def list_jobs(
+        request: Request, limit: int = Query(20, ge=1, le=MAX_PAGE), cursor: str | None = Query(None, max_length=64)
+    ) -> Response:
         try:
             owner = identify(request).client_id
             jobs = await runner.page(owner, limit + 1, cursor)
@@ -188,12 +223,18 @@ def job_routes(runner: JobRunner, store: JobStore, identify: Callable[[Request],
             return problem(exc)
         more = len(jobs) > limit
         data = [job_view(job, base_of(request)) for job in jobs[:limit]]
-        return JSONResponse({"object": "list", "data": data, "has_more": more,
-                             "next_cursor": data[-1]["id"] if more else None})
+        return JSONResponse(
+            {"object": "list", "data": data, "has_more": more, "next_cursor": data[-1]["id"] if more else None}
+        )
 
     @router.get("/jobs/{job_id}", response_model=JobView, responses=_ERRORS, summary="A job, with its outputs")
-    async def get_job(request: Request, job_id: str, include: str | None = Query(
-            None, description="`b64`: each output file's bytes inline, base64", pattern="^b64$")) -> Response:
+    async def get_job(
+        request: Request,
+        job_id: str,
+        include: str | None = Query(
+            None, description="`b64`: each output file's bytes inline, base64", pattern="^b64$"
+        ),
+    ) -> Response:
         try:
             job = await runner.get(identify(request).client_id, job_id)
         except SplitspaceError as exc:
@@ -215,8 +256,9 @@ def job_routes(runner: JobRunner, store: JobStore, identify: Callable[[Request],
             return problem(exc)
         return JSONResponse(job_view(job, base_of(request), await store.attempts(job.id)))
 
-    @router.get("/jobs/{job_id}/files/{index}", response_class=Response, responses=_ERRORS,
-                summary="One output file of a job")
+    @router.get(
+        "/jobs/{job_id}/files/{index}", response_class=Response, responses=_ERRORS, summary="One output file of a job"
+    )
     async def job_file(request: Request, job_id: str, index: int) -> Response:
         try:
             job = await runner.get(identify(request).client_id, job_id)
@@ -226,16 +268,25 @@ def job_routes(runner: JobRunner, store: JobStore, identify: Callable[[Request],
         except SplitspaceError as exc:
             return problem(exc)
         name = json.dumps(f.name)  # quoted and escaped
-        return Response(f.data, media_type=f.mime_type, headers={
-            "content-disposition": f"inline; filename={name}", "cache-control": "private, max-age=3600",
-            "x-content-type-options": "nosniff"})
+        return Response(
+            f.data,
+            media_type=f.mime_type,
+            headers={
+                "content-disposition": f"inline; filename={name}",
+                "cache-control": "private, max-age=3600",
+                "x-content-type-options": "nosniff",
+            },
+        )
 
     @router.get("/openapi.json", include_in_schema=False)
     async def openapi(request: Request) -> JSONResponse:
         full = request.app.openapi()  # FastAPI's own document of the whole app, cut to /v1
         paths = {path: item for path, item in full.get("paths", {}).items() if path.startswith("/v1/")}
-        info = {"title": "splitspace /v1", "version": "1",
-                "description": "Durable jobs with signed webhooks (docs/jobs.md), and what else lives under /v1."}
+        info = {
+            "title": "splitspace /v1",
+            "version": "1",
+            "description": "Durable jobs with signed webhooks (docs/jobs.md), and what else lives under /v1.",
+        }
         return JSONResponse({**full, "info": info, "paths": paths})
 
     return router
@@ -318,14 +369,28 @@ class JobsService:
 
         runner_id = JobRunner.new_runner_id()
         self.deliveries = Deliveries(
-            self.store, runner_id, secret_of, Sender(settings.webhook_networks, connections=settings.webhook_workers),
-            first_s=settings.webhook_backoff_s, max_attempts=settings.webhook_attempts,
-            workers=settings.webhook_workers, ttl_s=settings.job_ttl_s)
+            self.store,
+            runner_id,
+            secret_of,
+            Sender(settings.webhook_networks, connections=settings.webhook_workers),
+            first_s=settings.webhook_backoff_s,
+            max_attempts=settings.webhook_attempts,
+            workers=settings.webhook_workers,
+            ttl_s=settings.job_ttl_s,
+        )
         self.runner = JobRunner(
-            store=self.store, targets=Targets([target]), join=fe.join_door, rejoin=rejoin,
-            deliveries=self.deliveries, secret_of=secret_of, seconds_per_job=lambda: fe.seconds_per_job,
-            refresh=refresh, webhook_allow=settings.webhook_networks, ttl_s=settings.job_ttl_s,
-            lease_s=settings.lease_s)
+            store=self.store,
+            targets=Targets([target]),
+            join=fe.join_door,
+            rejoin=rejoin,
+            deliveries=self.deliveries,
+            secret_of=secret_of,
+            seconds_per_job=lambda: fe.seconds_per_job,
+            refresh=refresh,
+            webhook_allow=settings.webhook_networks,
+            ttl_s=settings.job_ttl_s,
+            lease_s=settings.lease_s,
+        )
         self.router = job_routes(self.runner, self.store, fe.identity, lambda: fe.seconds_per_job)
 
     async def start(self) -> None:

@@ -61,8 +61,10 @@ log = logging.getLogger("splitspace.jobs")
 
 NOT_FOUND = "Not found"
 CONFLICT = "Conflict"
-INTERRUPTED = {"title": "Job interrupted",
-               "message": "the frontend running this job stopped before it finished; submit it again"}
+INTERRUPTED = {
+    "title": "Job interrupted",
+    "message": "the frontend running this job stopped before it finished; submit it again",
+}
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 
@@ -170,9 +172,15 @@ class JobRunner:
         hook = await self._webhook(identity, webhook_url, webhook_events)
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
             raise ValidationFailed("Idempotency-Key", f"must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")
-        fingerprint = hashlib.sha256(canonical_json({
-            "endpoint": call.endpoint, "data": call.data,
-            "webhook": None if hook is None else [hook.url, list(hook.events)]})).hexdigest()
+        fingerprint = hashlib.sha256(
+            canonical_json(
+                {
+                    "endpoint": call.endpoint,
+                    "data": call.data,
+                    "webhook": None if hook is None else [hook.url, list(hook.events)],
+                }
+            )
+        ).hexdigest()
         owner = identity.client_id
         if idempotency_key is not None:
             existing = await self.store.by_idempotency_key(owner, idempotency_key)
@@ -180,8 +188,18 @@ class JobRunner:
                 return self._replayed(existing, fingerprint), True
         place = await self.join(identity)
         now = self._clock()
-        job = Job(new_id("job_", now), owner, identity, call.endpoint, call.data, now, webhook=hook,
-                  idempotency_key=idempotency_key, fingerprint=fingerprint, base_url=base_url)
+        job = Job(
+            new_id("job_", now),
+            owner,
+            identity,
+            call.endpoint,
+            call.data,
+            now,
+            webhook=hook,
+            idempotency_key=idempotency_key,
+            fingerprint=fingerprint,
+            base_url=base_url,
+        )
         try:
             stored = await self.store.create(job, self.runner_id)
         except BaseException:
@@ -210,8 +228,10 @@ class JobRunner:
         if not chosen:
             raise ValidationFailed("webhook_events", f"must name at least one of {', '.join(EVENTS)}")
         if self.secret_of(identity.client_id) is None:
-            raise ValidationFailed("webhook_url", "webhooks are signed with the caller's API key's webhook_secret "
-                                                  "(quota file); this caller has none")
+            raise ValidationFailed(
+                "webhook_url",
+                "webhooks are signed with the caller's API key's webhook_secret (quota file); this caller has none",
+            )
         try:
             await check_url(url, self.webhook_allow)
         except ValueError as exc:
@@ -261,8 +281,9 @@ class JobRunner:
                         if job.status == "queued":  # too quick for a "running" word: started, then ended
                             await self._announce(job.copy(status="running", started_at=began), "started")
                         await self.store.put_files(job.id, update.files, self.ttl_s)
-                        await self._end(job.copy(started_at=job.started_at or began), "succeeded",
-                                        outputs=update.outputs)
+                        await self._end(
+                            job.copy(started_at=job.started_at or began), "succeeded", outputs=update.outputs
+                        )
                         return
                     self._news[job_id] = update
                     if update.state == "running" and job.status == "queued":
@@ -281,15 +302,24 @@ class JobRunner:
         except Exception as exc:
             log.exception("job %s failed inside the frontend", job_id)
             if job is not None:
-                await self._end(job, "failed", error={"title": "Error", "message": f"{type(exc).__name__} in the "
-                                                                                   "frontend"})
+                await self._end(
+                    job, "failed", error={"title": "Error", "message": f"{type(exc).__name__} in the frontend"}
+                )
 
-    async def _end(self, job: Job, status: JobStatus, *, outputs: list[Any] | None = None,
-                   error: dict[str, Any] | None = None) -> Job | None:
+    async def _end(
+        self, job: Job, status: JobStatus, *, outputs: list[Any] | None = None, error: dict[str, Any] | None = None
+    ) -> Job | None:
         """End the job (if nobody has); announce it. None: it had already ended."""
         now = self._clock()
-        ended = job.copy(status=status, finished_at=now, expires_at=now + self.ttl_s, outputs=outputs, error=error,
-                         position=None, eta_s=None)
+        ended = job.copy(
+            status=status,
+            finished_at=now,
+            expires_at=now + self.ttl_s,
+            outputs=outputs,
+            error=error,
+            position=None,
+            eta_s=None,
+        )
         if not await self.store.save(ended):
             return None
         await self._announce(ended, EVENT_OF_STATUS[status])

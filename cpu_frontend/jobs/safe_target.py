@@ -36,8 +36,9 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 Networks = Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
 
-METADATA: frozenset[IP] = frozenset(ipaddress.ip_address(a) for a in (
-    "169.254.169.254", "fd00:ec2::254", "100.100.100.200", "169.254.170.2"))
+METADATA: frozenset[IP] = frozenset(
+    ipaddress.ip_address(a) for a in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200", "169.254.170.2")
+)
 """Cloud metadata and credential services (AWS, GCP, Azure; AWS IPv6; Alibaba; ECS task credentials)."""
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 MAX_URL_CHARS = 2048
@@ -70,9 +71,14 @@ def address_problem(ip: IP, allow: Networks = ()) -> str | None:
     for a in _embedded(ip):
         if a in METADATA:
             return f"{ip} is a cloud metadata address"
-        for bad, word in ((a.is_loopback, "loopback"), (a.is_link_local, "link-local"),
-                          (a.is_multicast, "multicast"), (a.is_unspecified, "unspecified"),
-                          (a.is_private, "private"), (a.is_reserved, "reserved")):
+        for bad, word in (
+            (a.is_loopback, "loopback"),
+            (a.is_link_local, "link-local"),
+            (a.is_multicast, "multicast"),
+            (a.is_unspecified, "unspecified"),
+            (a.is_private, "private"),
+            (a.is_reserved, "reserved"),
+        ):
             if bad:
                 return f"{ip} is a {word} address"
         if not a.is_global:
@@ -111,7 +117,8 @@ async def resolve(host: str, port: int, family: int = socket.AF_UNSPEC) -> list[
     loop = asyncio.get_running_loop()
     try:
         infos = await asyncio.wait_for(
-            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, family=family), RESOLVE_TIMEOUT_S)
+            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, family=family), RESOLVE_TIMEOUT_S
+        )
     except (OSError, TimeoutError) as exc:
         raise TargetRefused(f"{host} does not resolve ({type(exc).__name__})") from None
     return [(fam, str(addr[0]).split("%", 1)[0], int(addr[1])) for fam, _, _, _, addr in infos]
@@ -138,15 +145,24 @@ class SafeResolver(AbstractResolver):
     def __init__(self, allow: Networks = ()) -> None:
         self.allow = list(allow)
 
-    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-                      ) -> list[ResolveResult]:
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
         out: list[ResolveResult] = []
         for fam, address, p in await resolve(host, port, family):
             problem = address_problem(ipaddress.ip_address(address), self.allow)
             if problem:
                 raise TargetRefused(f"refused: {problem}")
-            out.append(ResolveResult(hostname=host, host=address, port=p, family=fam, proto=0,
-                                     flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV))
+            out.append(
+                ResolveResult(
+                    hostname=host,
+                    host=address,
+                    port=p,
+                    family=fam,
+                    proto=0,
+                    flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+                )
+            )
         if not out:
             raise TargetRefused(f"{host} does not resolve")
         return out

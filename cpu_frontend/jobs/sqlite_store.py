@@ -87,8 +87,10 @@ class SqliteJobStore:
 
         def create(db: sqlite3.Connection) -> Job:
             try:
-                db.execute("INSERT INTO jobs (id, owner, status, runner, idem, doc) VALUES (?, ?, ?, ?, ?, ?)",
-                           (job.id, job.owner, job.status, runner, job.idempotency_key, doc))
+                db.execute(
+                    "INSERT INTO jobs (id, owner, status, runner, idem, doc) VALUES (?, ?, ?, ?, ?, ?)",
+                    (job.id, job.owner, job.status, runner, job.idempotency_key, doc),
+                )
                 return job
             except sqlite3.IntegrityError:
                 found = self._by_key(db, job.owner, job.idempotency_key)
@@ -109,7 +111,8 @@ class SqliteJobStore:
 
     async def get(self, job_id: str) -> Job | None:
         return await self._run(
-            lambda db: self._live(db.execute("SELECT doc, expires_at FROM jobs WHERE id = ?", (job_id,)).fetchone()))
+            lambda db: self._live(db.execute("SELECT doc, expires_at FROM jobs WHERE id = ?", (job_id,)).fetchone())
+        )
 
     async def by_idempotency_key(self, owner: str, key: str) -> Job | None:
         return await self._run(lambda db: self._by_key(db, owner, key))
@@ -122,7 +125,8 @@ class SqliteJobStore:
             cur = db.execute(
                 f"UPDATE jobs SET status = ?, doc = ?, expires_at = ?, runner = CASE WHEN ? THEN NULL ELSE runner END "
                 f"WHERE id = ? AND status IN {_OPEN_SQL}",
-                (job.status, doc, job.expires_at, ended, job.id))
+                (job.status, doc, job.expires_at, ended, job.id),
+            )
             return cur.rowcount == 1
 
         return await self._run(save)
@@ -137,7 +141,9 @@ class SqliteJobStore:
         def page(db: sqlite3.Connection) -> list[Job]:
             rows = db.execute(
                 "SELECT doc FROM jobs WHERE owner = ? AND id < ? AND (expires_at IS NULL OR expires_at > ?) "
-                "ORDER BY id DESC LIMIT ?", (owner, before or "\U0010ffff", self._clock(), limit)).fetchall()
+                "ORDER BY id DESC LIMIT ?",
+                (owner, before or "\U0010ffff", self._clock(), limit),
+            ).fetchall()
             return [_job(doc) for (doc,) in rows]
 
         return await self._run(page)
@@ -154,8 +160,9 @@ class SqliteJobStore:
 
     async def file(self, job_id: str, index: int) -> StoredFile | None:
         def get(db: sqlite3.Connection) -> StoredFile | None:
-            row = db.execute("SELECT name, mime_type, data FROM files WHERE job_id = ? AND idx = ?",
-                             (job_id, index)).fetchone()
+            row = db.execute(
+                "SELECT name, mime_type, data FROM files WHERE job_id = ? AND idx = ?", (job_id, index)
+            ).fetchone()
             return None if row is None else StoredFile(row[0], row[1], bytes(row[2]))
 
         return await self._run(get)
@@ -166,14 +173,16 @@ class SqliteJobStore:
 
     async def attempts(self, job_id: str) -> list[Attempt]:
         rows = await self._run(
-            lambda db: db.execute("SELECT doc FROM attempts WHERE job_id = ? ORDER BY seq", (job_id,)).fetchall())
+            lambda db: db.execute("SELECT doc FROM attempts WHERE job_id = ? ORDER BY seq", (job_id,)).fetchall()
+        )
         return [Attempt.from_dict(json.loads(doc)) for (doc,) in rows]
 
     # -- deliveries -------------------------------------------------------------------------
     async def put_delivery(self, delivery: Delivery, runner: str) -> None:
         doc = json.dumps(delivery.to_dict())
-        await self._run(lambda db: db.execute("INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?)",
-                                              (delivery.id, runner, doc)))
+        await self._run(
+            lambda db: db.execute("INSERT OR REPLACE INTO deliveries VALUES (?, ?, ?)", (delivery.id, runner, doc))
+        )
 
     async def drop_delivery(self, delivery_id: str) -> None:
         await self._run(lambda db: db.execute("DELETE FROM deliveries WHERE id = ?", (delivery_id,)))
@@ -195,21 +204,29 @@ class SqliteJobStore:
             try:
                 jobs = db.execute(
                     f"SELECT doc FROM jobs WHERE status IN {_OPEN_SQL} AND runner IS NOT ? "
-                    f"AND (runner IS NULL OR runner NOT IN {live}) ORDER BY id", (runner, now)).fetchall()
-                db.execute(f"UPDATE jobs SET runner = ? WHERE status IN {_OPEN_SQL} AND runner IS NOT ? "
-                           f"AND (runner IS NULL OR runner NOT IN {live})", (runner, runner, now))
+                    f"AND (runner IS NULL OR runner NOT IN {live}) ORDER BY id",
+                    (runner, now),
+                ).fetchall()
+                db.execute(
+                    f"UPDATE jobs SET runner = ? WHERE status IN {_OPEN_SQL} AND runner IS NOT ? "
+                    f"AND (runner IS NULL OR runner NOT IN {live})",
+                    (runner, runner, now),
+                )
                 deliveries = db.execute(
                     f"SELECT doc FROM deliveries WHERE runner IS NOT ? AND (runner IS NULL OR runner NOT IN {live})",
-                    (runner, now)).fetchall()
-                db.execute(f"UPDATE deliveries SET runner = ? WHERE runner IS NOT ? "
-                           f"AND (runner IS NULL OR runner NOT IN {live})", (runner, runner, now))
+                    (runner, now),
+                ).fetchall()
+                db.execute(
+                    f"UPDATE deliveries SET runner = ? WHERE runner IS NOT ? "
+                    f"AND (runner IS NULL OR runner NOT IN {live})",
+                    (runner, runner, now),
+                )
                 db.execute("DELETE FROM runners WHERE lease_until <= ?", (now,))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
-            return ([_job(doc) for (doc,) in jobs],
-                    [Delivery.from_dict(json.loads(doc)) for (doc,) in deliveries])
+            return ([_job(doc) for (doc,) in jobs], [Delivery.from_dict(json.loads(doc)) for (doc,) in deliveries])
 
         return await self._run(adopt)
 
@@ -228,4 +245,3 @@ class SqliteJobStore:
             return int(n)
 
         return await self._run(purge)
-

@@ -71,8 +71,9 @@ def file_ref(index: int, f: StoredFile) -> dict[str, Any]:
     return {FILE_REF: index, "name": f.name, "mime_type": f.mime_type, "size": len(f.data)}
 
 
-def _positional(names: Sequence[str], inputs: Mapping[str, Any] | None, data: list[Any] | None,
-                defaults: Mapping[str, Any]) -> dict[str, Any]:
+def _positional(
+    names: Sequence[str], inputs: Mapping[str, Any] | None, data: list[Any] | None, defaults: Mapping[str, Any]
+) -> dict[str, Any]:
     """Inputs by name, from either form; ValidationFailed naming an unknown or missing one."""
     if inputs is not None and data is not None:
         raise ValidationFailed("inputs", "give either inputs (by name) or data (a list), not both")
@@ -99,9 +100,14 @@ class GenerateTarget:
 
     ENDPOINT = "generate"
 
-    def __init__(self, pool: Stream, tokens: Tokens, limits: Limits,
-                 learn_cap: Callable[[Identity, int | None], None] = lambda identity, cap: None,
-                 on_gpu_s: Callable[[float], None] = lambda s: None) -> None:
+    def __init__(
+        self,
+        pool: Stream,
+        tokens: Tokens,
+        limits: Limits,
+        learn_cap: Callable[[Identity, int | None], None] = lambda identity, cap: None,
+        on_gpu_s: Callable[[float], None] = lambda s: None,
+    ) -> None:
         self.pool = pool
         self.tokens = tokens
         self.limits = limits
@@ -181,8 +187,9 @@ def collect_files(value: Any, files: list[StoredFile]) -> Any:
                 data = base64.b64decode(str(carried.get("b64") or ""), validate=True)
             except (binascii.Error, ValueError):
                 raise BackendUnavailable("the GPU tier sent a file that is not base64") from None
-            f = StoredFile(str(carried.get("name") or "file"), str(carried.get("mime_type") or
-                                                                   "application/octet-stream"), data)
+            f = StoredFile(
+                str(carried.get("name") or "file"), str(carried.get("mime_type") or "application/octet-stream"), data
+            )
             files.append(f)
             return file_ref(len(files) - 1, f)
         return {k: collect_files(v, files) for k, v in value.items()}
@@ -192,8 +199,13 @@ def collect_files(value: Any, files: list[StoredFile]) -> Any:
 class FunctionTarget:
     """A developer's ``@splitspace.gpu`` functions, over the backend pool's ``call``."""
 
-    def __init__(self, functions: Sequence[Function], pool: Caller, tokens: Tokens,
-                 learn_cap: Callable[[Identity, int | None], None] = lambda identity, cap: None) -> None:
+    def __init__(
+        self,
+        functions: Sequence[Function],
+        pool: Caller,
+        tokens: Tokens,
+        learn_cap: Callable[[Identity, int | None], None] = lambda identity, cap: None,
+    ) -> None:
         self.functions = {f.name: f for f in functions}
         self.pool = pool
         self.tokens = tokens

@@ -19,8 +19,13 @@ def _files(value: Any, url: str, b64: Mapping[int, str] | None) -> Any:
     if isinstance(value, dict):
         index = value.get(FILE_REF)
         if isinstance(index, int):
-            out = {"type": "file", "url": f"{url}/files/{index}", "name": value.get("name"),
-                   "mime_type": value.get("mime_type"), "size": value.get("size")}
+            out = {
+                "type": "file",
+                "url": f"{url}/files/{index}",
+                "name": value.get("name"),
+                "mime_type": value.get("mime_type"),
+                "size": value.get("size"),
+            }
             if b64 is not None and index in b64:
                 out["b64"] = b64[index]
             return out
@@ -40,8 +45,9 @@ def file_indexes(value: Any) -> list[int]:
     return []
 
 
-def job_view(job: Job, base_url: str, attempts: list[Attempt] | None = None,
-             b64: Mapping[int, str] | None = None) -> dict[str, Any]:
+def job_view(
+    job: Job, base_url: str, attempts: list[Attempt] | None = None, b64: Mapping[int, str] | None = None
+) -> dict[str, Any]:
     url = f"{base_url.rstrip('/')}/v1/jobs/{job.id}"
     doc: dict[str, Any] = {
         "id": job.id,

@@ -72,10 +72,17 @@ def schedule(first_s: float, attempts: int) -> list[float]:
 
 def event_body(event: str, job: dict[str, Any], now: float) -> str:
     """The message for ``job.<event>``; ``job`` as the API shows it."""
-    return json.dumps({
-        "id": new_id("evt_", now), "object": "event", "type": f"job.{event}", "created_at": int(now),
-        "timestamp": datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z"), "data": job,
-    }, separators=(",", ":"))
+    return json.dumps(
+        {
+            "id": new_id("evt_", now),
+            "object": "event",
+            "type": f"job.{event}",
+            "created_at": int(now),
+            "timestamp": datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z"),
+            "data": job,
+        },
+        separators=(",", ":"),
+    )
 
 
 def signed_headers(secret: str, webhook_id: str, timestamp: float, body: str) -> dict[str, str]:
@@ -93,8 +100,14 @@ def signed_headers(secret: str, webhook_id: str, timestamp: float, body: str) ->
 class Sender:
     """POSTs one message: to checked addresses only, no redirects, short timeouts."""
 
-    def __init__(self, allow: Networks = (), *, connections: int = 32,
-                 connect_s: float = CONNECT_TIMEOUT_S, total_s: float = TOTAL_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        allow: Networks = (),
+        *,
+        connections: int = 32,
+        connect_s: float = CONNECT_TIMEOUT_S,
+        total_s: float = TOTAL_TIMEOUT_S,
+    ) -> None:
         self.allow = list(allow)
         self._connections = connections
         self._timeout = aiohttp.ClientTimeout(total=total_s, sock_connect=connect_s, connect=connect_s)
@@ -102,10 +115,12 @@ class Sender:
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(resolver=SafeResolver(self.allow), use_dns_cache=False,
-                                             limit=self._connections, limit_per_host=0)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout, trust_env=False,
-                                                  auto_decompress=False)
+            connector = aiohttp.TCPConnector(
+                resolver=SafeResolver(self.allow), use_dns_cache=False, limit=self._connections, limit_per_host=0
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self._timeout, trust_env=False, auto_decompress=False
+            )
         return self._session
 
     async def send(self, url: str, headers: dict[str, str], body: str) -> tuple[int | None, str | None]:
@@ -224,13 +239,15 @@ class Deliveries:
             status, error = None, "no webhook_secret for this client in the quota file"
         else:
             status, error = await self.sender.send(
-                delivery.url, signed_headers(secret, delivery.id, at, delivery.body), delivery.body)
+                delivery.url, signed_headers(secret, delivery.id, at, delivery.body), delivery.body
+            )
         ok = status is not None and 200 <= status < 300
         if status is not None and not ok:
             error = f"HTTP {status}" + (" (redirects are not followed)" if 300 <= status < 400 else "")
         next_at = None if ok or attempt >= self.max_attempts else self._clock() + backoff_s(attempt, self.first_s)
-        await self.store.add_attempt(delivery.job_id, Attempt(delivery.id, delivery.event, attempt, at, ok, status,
-                                                              error, next_at), self.ttl_s)
+        await self.store.add_attempt(
+            delivery.job_id, Attempt(delivery.id, delivery.event, attempt, at, ok, status, error, next_at), self.ttl_s
+        )
         self.pending.discard(delivery.id)
         if next_at is None:
             await self.store.drop_delivery(delivery.id)

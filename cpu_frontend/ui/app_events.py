@@ -92,11 +92,13 @@ def forwarding_handler(endpoint: GpuEndpoint, follow: Follow) -> Callable[..., A
                 else:
                     yield update[0] if n_out == 1 else tuple(update)
 
-    signature = inspect.Signature([
-        *_input_parameters(endpoint),
-        inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request, default=None),
-        inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()),
-    ])
+    signature = inspect.Signature(
+        [
+            *_input_parameters(endpoint),
+            inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request, default=None),
+            inspect.Parameter("progress", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=gr.Progress()),
+        ]
+    )
     handler.__signature__ = signature  # type: ignore[attr-defined]
     handler.__annotations__ = {"request": gr.Request}  # what Gradio reads to pass the request
     original = endpoint.record.fn

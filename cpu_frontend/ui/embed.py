@@ -107,9 +107,7 @@ def _webcomponent_page(base: str, script: str, app_src: str | None) -> str:
         f"<pre>{snippet}</pre>\n{element}\n{set_src}"
     )
     head = f'<script type="module" crossorigin src="{html.escape(script)}"></script>'
-    return _PAGE.format(
-        base=html.escape(base), title="splitspace: embedded as a web component", head=head, body=body
-    )
+    return _PAGE.format(base=html.escape(base), title="splitspace: embedded as a web component", head=head, body=body)
 
 
 def _iframe_page(base: str, app_src: str | None) -> str:

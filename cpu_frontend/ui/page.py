@@ -262,37 +262,55 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
         heading = gr.Markdown("# splitspace\nText to image on a shared GPU, scheduled fairly per client.")
         with gr.Row():
             with gr.Column():
-                prompt = gr.Textbox(label="Prompt", max_length=limits.prompt_max_chars, lines=2,
-                                    placeholder=PROMPT_PLACEHOLDER)
+                prompt = gr.Textbox(
+                    label="Prompt", max_length=limits.prompt_max_chars, lines=2, placeholder=PROMPT_PLACEHOLDER
+                )
                 with gr.Accordion("Advanced settings", open=False) as advanced:
                     negative = gr.Textbox("", label="Negative prompt", max_length=limits.negative_prompt_max_chars)
                     with gr.Row():
-                        width = gr.Slider(limits.min_side, limits.max_side, 512, step=limits.side_multiple,
-                                          label="Width")
-                        height = gr.Slider(limits.min_side, limits.max_side, 512, step=limits.side_multiple,
-                                           label="Height")
-                    steps = gr.Slider(limits.min_steps, limits.max_steps, FALLBACK_DEFAULTS["steps"],
-                                      step=1, label="Steps")
-                    guidance = gr.Slider(limits.min_guidance, limits.max_guidance, FALLBACK_DEFAULTS["guidance_scale"],
-                                         step=0.5, label="Guidance scale")
+                        width = gr.Slider(
+                            limits.min_side, limits.max_side, 512, step=limits.side_multiple, label="Width"
+                        )
+                        height = gr.Slider(
+                            limits.min_side, limits.max_side, 512, step=limits.side_multiple, label="Height"
+                        )
+                    steps = gr.Slider(
+                        limits.min_steps, limits.max_steps, FALLBACK_DEFAULTS["steps"], step=1, label="Steps"
+                    )
+                    guidance = gr.Slider(
+                        limits.min_guidance,
+                        limits.max_guidance,
+                        FALLBACK_DEFAULTS["guidance_scale"],
+                        step=0.5,
+                        label="Guidance scale",
+                    )
                     seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
                 run = gr.Button("Generate", variant="primary")
-                notice = gr.HTML("", js_on_load=COUNTDOWN_JS + STATUS_WORDS_JS, css_template=NOTICE_CSS,
-                                 elem_id="splitspace-notice")
-                quota_box = gr.HTML(ui_text.quota_html(None), js_on_load=None, css_template=QUOTA_CSS,
-                                    elem_id="splitspace-quota")
+                notice = gr.HTML(
+                    "", js_on_load=COUNTDOWN_JS + STATUS_WORDS_JS, css_template=NOTICE_CSS, elem_id="splitspace-notice"
+                )
+                quota_box = gr.HTML(
+                    ui_text.quota_html(None), js_on_load=None, css_template=QUOTA_CSS, elem_id="splitspace-quota"
+                )
             with gr.Column():
-                image = gr.Image(label="Image", type="filepath", format="png", interactive=False,
-                                 elem_id="splitspace-image")
+                image = gr.Image(
+                    label="Image", type="filepath", format="png", interactive=False, elem_id="splitspace-image"
+                )
                 caption = gr.Markdown(elem_id="splitspace-caption")
                 with gr.Accordion("Details", open=False):
                     info_box = gr.JSON(label="Info")
-                recent = gr.HTML([], html_template=ui_text.recent_template(), js_on_load=RECENT_JS,
-                                 css_template=RECENT_CSS, elem_id="splitspace-recent")
+                recent = gr.HTML(
+                    [],
+                    html_template=ui_text.recent_template(),
+                    js_on_load=RECENT_JS,
+                    css_template=RECENT_CSS,
+                    elem_id="splitspace-recent",
+                )
         # Below both columns: on a phone the image comes right after the button, examples after it.
         gr.Markdown("**Try one of these.**")
-        gr.Examples([[p] for p in EXAMPLES], inputs=[prompt], label="Examples", cache_examples=False,
-                    api_visibility="private")
+        gr.Examples(
+            [[p] for p in EXAMPLES], inputs=[prompt], label="Examples", cache_examples=False, api_visibility="private"
+        )
         history = gr.BrowserState([], storage_key=RECENT_KEY, secret=frontend.browser_secret)
         fresh = gr.JSON(None, visible=False)  # the new image's entry, on its way into the history
         quota_api_box = gr.JSON(label="Quota", visible=False)
@@ -301,17 +319,33 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
         # The API, as ever: no trigger on the page. preprocess=False: our validation (one
         # definition, errors that name the field) sees the raw values first, instead of the
         # components' own range checks. postprocess=False: the handler returns final outputs.
-        gr.on([], frontend.generate_api, inputs, [image, info_box], api_name="generate", concurrency_limit=None,
-              preprocess=False, postprocess=False)
+        gr.on(
+            [],
+            frontend.generate_api,
+            inputs,
+            [image, info_box],
+            api_name="generate",
+            concurrency_limit=None,
+            preprocess=False,
+            postprocess=False,
+        )
         gr.on([], frontend.quota, None, quota_api_box, api_name="quota", concurrency_limit=None)
 
         async def on_generate(
-            prompt: str, negative_prompt: str, width: Any, height: Any, steps: Any, guidance_scale: Any,
-            seed: Any, last_gpu: Any,
-            request: gr.Request, progress: gr.Progress = gr.Progress(),
+            prompt: str,
+            negative_prompt: str,
+            width: Any,
+            height: Any,
+            steps: Any,
+            guidance_scale: Any,
+            seed: Any,
+            last_gpu: Any,
+            request: gr.Request,
+            progress: gr.Progress = gr.Progress(),
         ) -> tuple[Any, ...]:
-            values = dict(zip(REQUEST_FIELDS, (prompt, negative_prompt, width, height, steps, guidance_scale, seed),
-                              strict=True))
+            values = dict(
+                zip(REQUEST_FIELDS, (prompt, negative_prompt, width, height, steps, guidance_scale, seed), strict=True)
+            )
             clicked = time.monotonic()
             started: list[float] = []  # when the GPU began (the first "running" status)
             # The last image's GPU time (LAST_GPU_JS): the browser's to say, a guess only.
@@ -339,8 +373,14 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
                 return (gr.skip(),) * 6
             if isinstance(outcome, Refusal):
                 can_retry_now = outcome.retry_s is None
-                return (gr.skip(), gr.skip(), gr.skip(), ui_text.refusal_html(outcome),
-                        gr.Button(interactive=can_retry_now), None)
+                return (
+                    gr.skip(),
+                    gr.skip(),
+                    gr.skip(),
+                    ui_text.refusal_html(outcome),
+                    gr.Button(interactive=can_retry_now),
+                    None,
+                )
             image_out, info = outcome
             entry = await asyncio.to_thread(recent_entry, image_out["path"], info, prompt, negative_prompt)
             return image_out, ui_text.caption(info), info, "", gr.Button(interactive=True), entry
@@ -368,12 +408,21 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
         private: dict[str, Any] = {"api_visibility": "private", "concurrency_limit": None}
         for trigger in (run.click, prompt.submit):
             # js=LAST_GPU_JS: of the history, only the last image's GPU time goes up.
-            trigger(on_generate, [*inputs, history], page_outputs, js=LAST_GPU_JS, preprocess=False,
-                    postprocess=False, show_progress_on=[image], **private
-                    ).then(None, [fresh, history], [history, recent, fresh], js=ADD_RECENT_JS, **private
-                           ).then(on_quota, None, quota_box, show_progress="hidden", **private)
-        notice.end(lambda: gr.Button(interactive=True), None, run, show_progress="hidden", **private
-                   ).then(on_quota, None, quota_box, show_progress="hidden", **private)
+            trigger(
+                on_generate,
+                [*inputs, history],
+                page_outputs,
+                js=LAST_GPU_JS,
+                preprocess=False,
+                postprocess=False,
+                show_progress_on=[image],
+                **private,
+            ).then(None, [fresh, history], [history, recent, fresh], js=ADD_RECENT_JS, **private).then(
+                on_quota, None, quota_box, show_progress="hidden", **private
+            )
+        notice.end(lambda: gr.Button(interactive=True), None, run, show_progress="hidden", **private).then(
+            on_quota, None, quota_box, show_progress="hidden", **private
+        )
         recent.select(on_reuse, None, [*inputs, advanced], show_progress="hidden", **private)
         blocks.load(None, history, recent, js=f"(items) => [({KEPT_JS})(items)]", **private)  # in the browser
         blocks.load(on_load, None, [heading, steps, guidance], show_progress="hidden", **private)

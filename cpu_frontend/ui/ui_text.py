@@ -233,5 +233,6 @@ def recent_template() -> str:
     return (
         '<div class="splitspace-recent">{{#if value.length}}<p>' + RECENT_HEADING + "</p>"
         '<div class="splitspace-recent-grid"></div>{{else}}<p class="splitspace-recent-empty">'
-        + RECENT_EMPTY + "</p>{{/if}}</div>"
+        + RECENT_EMPTY
+        + "</p>{{/if}}</div>"
     )

@@ -55,9 +55,7 @@ class Overrides:
         return dict(self._cache)
 
 
-def limits_function(
-    config: Callable[[], QuotaConfig], overrides: Overrides
-) -> Callable[[ClientRef], Tier]:
+def limits_function(config: Callable[[], QuotaConfig], overrides: Overrides) -> Callable[[ClientRef], Tier]:
     """The scheduler's view of limits: the live quota file plus operator overrides."""
 
     def limits(client: ClientRef) -> Tier:

@@ -84,9 +84,7 @@ ACCRUE_EVERY_S = 0.5
 
 
 def client_ref(identity: Identity) -> ClientRef:
-    return ClientRef(
-        client_id=identity.client_id, kind=identity.kind, tier=identity.tier, address=identity.address
-    )
+    return ClientRef(client_id=identity.client_id, kind=identity.kind, tier=identity.tier, address=identity.address)
 
 
 @dataclass
@@ -193,8 +191,9 @@ class GpuRunner:
         if run_batch is not None:
             if cost is None or resolve is None or model_name is None:
                 raise ValueError("the built-in model needs cost, run_batch, resolve and model_name")
-            self.builtin = TextToImage(cost, run_batch=run_batch, resolve=resolve, model_name=model_name,
-                                       max_batch=max_batch)
+            self.builtin = TextToImage(
+                cost, run_batch=run_batch, resolve=resolve, model_name=model_name, max_batch=max_batch
+            )
         self.batch_wait_s = batch_wait_s
         """The batching window: a batch smaller than its ``max_batch`` waits this long for
         compatible requests to join it before it starts (0: only what already waits)."""
@@ -216,8 +215,7 @@ class GpuRunner:
         self._stopping = False
         self._paused = False
         self._threads = [
-            threading.Thread(target=self._gpu_loop, name=f"gpu-{i}", daemon=True)
-            for i in range(scheduler.capacity)
+            threading.Thread(target=self._gpu_loop, name=f"gpu-{i}", daemon=True) for i in range(scheduler.capacity)
         ]
         for t in self._threads:
             t.start()
@@ -226,8 +224,9 @@ class GpuRunner:
     def text_to_image(self) -> TextToImage:
         """The built-in workload; UnknownEndpoint on a GPU tier that serves an app instead."""
         if self.builtin is None:
-            raise UnknownEndpoint("infer: this GPU tier serves an app's functions (call them by name), "
-                                  "not the built-in model")
+            raise UnknownEndpoint(
+                "infer: this GPU tier serves an app's functions (call them by name), not the built-in model"
+            )
         return self.builtin
 
     @property
@@ -296,11 +295,22 @@ class GpuRunner:
         job_id = job_id or uuid.uuid4().hex
         loop = asyncio.get_running_loop()
         waiter = _Waiter(
-            work=work, submitted=self._clock(), context=contextvars.copy_context(),
-            future=loop.create_future(), loop=loop, partials=_Partials(loop) if work.streams else None,
+            work=work,
+            submitted=self._clock(),
+            context=contextvars.copy_context(),
+            future=loop.create_future(),
+            loop=loop,
+            partials=_Partials(loop) if work.streams else None,
         )
-        batch_key = None if work.batch_key is None else zerogpu_batch_key(
-            work.batch_key, client_id=identity.client_id, ip_token=ip_token, on_zerogpu=self.on_zerogpu,
+        batch_key = (
+            None
+            if work.batch_key is None
+            else zerogpu_batch_key(
+                work.batch_key,
+                client_id=identity.client_id,
+                ip_token=ip_token,
+                on_zerogpu=self.on_zerogpu,
+            )
         )
         ref = client_ref(identity)
         with self._work:
@@ -490,8 +500,11 @@ class GpuRunner:
             self._dispatch_locked()
             self._work.notify_all()
             lost = [(self._waiters.pop(job_id), error) for job_id, error in failed.items() if job_id in self._waiters]
-            gone = [(job, self._waiters.pop(job.job_id)) for job in jobs
-                    if job.job_id in left and job.job_id not in failed and job.job_id in self._waiters]
+            gone = [
+                (job, self._waiters.pop(job.job_id))
+                for job in jobs
+                if job.job_id in left and job.job_id not in failed and job.job_id in self._waiters
+            ]
         for w, error in lost:
             w.loop.call_soon_threadsafe(_fail, w.future, error)
         for job in refused:
@@ -502,8 +515,10 @@ class GpuRunner:
         for job, w in gone:
             w.loop.call_soon_threadsafe(w.future.cancel)
             self._on_event("cancelled", {"tier": job.client.tier})
-        return ([job for job in run if job.job_id in keep],
-                [w for job, w in zip(jobs, waiters, strict=True) if job.job_id in keep])
+        return (
+            [job for job in run if job.job_id in keep],
+            [w for job, w in zip(jobs, waiters, strict=True) if job.job_id in keep],
+        )
 
     def _run_batch(self, jobs: list[Job], waiters: list[_Waiter]) -> None:
         if self.gate is not None:
@@ -573,8 +588,14 @@ class GpuRunner:
         image to encode, outputs to postprocess), then the handler wakes."""
         if w.future.done():  # the caller went away while its job ran
             return
-        timing = Timing(submitted=w.submitted, started=w.started if w.started is not None else self._clock(),
-                        gpu_s=gpu_s, client=job.client.client_id, label=w.label, clock=self._clock)
+        timing = Timing(
+            submitted=w.submitted,
+            started=w.started if w.started is not None else self._clock(),
+            gpu_s=gpu_s,
+            client=job.client.client_id,
+            label=w.label,
+            clock=self._clock,
+        )
         try:
             answer = w.work.workload.finish(w.work.payload, output, timing)
         except Exception as exc:

@@ -408,8 +408,9 @@ class FairScheduler:
         refused = self._check_rate(flow, tier, now) or self._check_queue(flow, tier)
         if refused is not None:
             return refused
-        job = Job(job_id=job_id, client=client, cost=cost, batch_key=batch_key, submitted_at=now,
-                  seq=next(self._job_seq))
+        job = Job(
+            job_id=job_id, client=client, cost=cost, batch_key=batch_key, submitted_at=now, seq=next(self._job_seq)
+        )
         refused = self._reserve(job, tier, now)
         if refused is not None:
             return refused

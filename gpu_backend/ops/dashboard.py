@@ -90,7 +90,8 @@ class AdminCalls:
     def __init__(self, app: FastAPI, token: str) -> None:
         self._http = httpx.AsyncClient(
             # its own caller address: the guess throttle (operator_guard.py) never counts it as loopback's
-            transport=httpx.ASGITransport(app=app, client=(IN_PROCESS, 0)), base_url="http://gpu-tier",
+            transport=httpx.ASGITransport(app=app, client=(IN_PROCESS, 0)),
+            base_url="http://gpu-tier",
             headers={ADMIN_HEADER: token},
             timeout=None,
         )
@@ -332,8 +333,16 @@ def _client_table(clients: list[dict[str, Any]]) -> list[list[Any]]:
         return ", ".join(f"{k}={v}" for k, v in (o or {}).items())
 
     return [
-        [c["client"], c["tier"], c["queued"], c["running"], round(float(c["used"]), 2),
-         round(float(c["remaining"]), 2), round(float(c["resets_in_s"])), overrides(c.get("overrides"))]
+        [
+            c["client"],
+            c["tier"],
+            c["queued"],
+            c["running"],
+            round(float(c["used"]), 2),
+            round(float(c["remaining"]), 2),
+            round(float(c["resets_in_s"])),
+            overrides(c.get("overrides")),
+        ]
         for c in clients
     ]
 
@@ -344,27 +353,55 @@ def build_dashboard(calls: AdminCalls, samples: Samples, store: str) -> gr.Block
         with gr.Row():
             gr.Markdown("# splitspace · operators\nThe GPU tier's queue, clients and model, live.")
             # Gradio's logout, for this browser's session only (the token is forgotten at once)
-            gr.Button("Log out", link=f"{DASHBOARD_PATH}/logout?all_session=false", size="sm", scale=0,
-                      min_width=100, elem_id="dashboard-logout")
+            gr.Button(
+                "Log out",
+                link=f"{DASHBOARD_PATH}/logout?all_session=false",
+                size="sm",
+                scale=0,
+                min_width=100,
+                elem_id="dashboard-logout",
+            )
         with gr.Row():
             model_box = gr.Textbox(label="Model in use", interactive=False, scale=2)
             gr.Textbox(store, label="Usage store", interactive=False, scale=2)
         with gr.Row():
-            depth_plot = gr.LinePlot(x="time", y="jobs", color="series",
-                                     title="Queued and running by tier, last 10 min",
-                                     y_title="jobs", height=260, **TIME_AXIS)
-            gpu_plot = gr.LinePlot(x="time", y="GPU-s", color="client", title="GPU-seconds per client, last 10 min",
-                                   y_title="GPU-s", height=260, elem_id="dashboard-gpu", **TIME_AXIS)
-        share_table = gr.Dataframe(headers=SHARE_COLUMNS, label="GPU time against weighted fair share, last 10 min",
-                                   interactive=False, elem_id="dashboard-shares")
-        clients_table = gr.Dataframe(headers=CLIENT_COLUMNS,
-                                     label="Clients (splitspace quota list); click a row to edit",
-                                     interactive=False, elem_id="dashboard-clients")
+            depth_plot = gr.LinePlot(
+                x="time",
+                y="jobs",
+                color="series",
+                title="Queued and running by tier, last 10 min",
+                y_title="jobs",
+                height=260,
+                **TIME_AXIS,
+            )
+            gpu_plot = gr.LinePlot(
+                x="time",
+                y="GPU-s",
+                color="client",
+                title="GPU-seconds per client, last 10 min",
+                y_title="GPU-s",
+                height=260,
+                elem_id="dashboard-gpu",
+                **TIME_AXIS,
+            )
+        share_table = gr.Dataframe(
+            headers=SHARE_COLUMNS,
+            label="GPU time against weighted fair share, last 10 min",
+            interactive=False,
+            elem_id="dashboard-shares",
+        )
+        clients_table = gr.Dataframe(
+            headers=CLIENT_COLUMNS,
+            label="Clients (splitspace quota list); click a row to edit",
+            interactive=False,
+            elem_id="dashboard-clients",
+        )
         with gr.Accordion("Override, clear or reset a client", open=True):
             client_box = gr.Textbox(label="Client id", placeholder="key:NAME, session:ID or addr:ADDRESS")
             with gr.Row():
-                fields = {name: gr.Textbox(label=name, placeholder="unchanged", min_width=110)
-                          for name in OVERRIDE_FIELDS}
+                fields = {
+                    name: gr.Textbox(label=name, placeholder="unchanged", min_width=110) for name in OVERRIDE_FIELDS
+                }
             with gr.Row():
                 set_btn = gr.Button("Set override", variant="primary")
                 clear_btn = gr.Button("Clear override")
@@ -392,9 +429,13 @@ def build_dashboard(calls: AdminCalls, samples: Samples, store: str) -> gr.Block
             # The clients as legend: Gradio redraws a plot's colours only when such a property
             # changes (a value alone keeps the first one's, so clients that came later had no line).
             seen = sorted(set(gpu_s["client"])) or None
-            return (gr.LinePlot(depth, y_lim=[0, max(2, peak)]),
-                    gr.LinePlot(gpu_s, y_lim=[0, max(1.0, most * 1.2)], colors_in_legend=seen),
-                    share_rows(window), clients, model)
+            return (
+                gr.LinePlot(depth, y_lim=[0, max(2, peak)]),
+                gr.LinePlot(gpu_s, y_lim=[0, max(1.0, most * 1.2)], colors_in_legend=seen),
+                share_rows(window),
+                clients,
+                model,
+            )
 
         def pick(evt: gr.SelectData) -> Any:
             row = evt.row_value or []
@@ -421,8 +462,10 @@ def build_dashboard(calls: AdminCalls, samples: Samples, store: str) -> gr.Block
                 except AdminCallFailed as exc:
                     return f"**Refused:** {exc}"
                 overrides = ", ".join(f"{k}={v}" for k, v in doc["overrides"].items()) or "none"
-                return (f"**{doc['client']}** · tier {doc['tier']} · {float(doc['used']):.2f} GPU-s used · "
-                        f"overrides: {overrides}")
+                return (
+                    f"**{doc['client']}** · tier {doc['tier']} · {float(doc['used']):.2f} GPU-s used · "
+                    f"overrides: {overrides}"
+                )
 
             return run
 
@@ -463,7 +506,12 @@ def mount_dashboard(app: FastAPI, tier: Any, token: str, sessions: OperatorSessi
         return hmac.compare_digest(password.encode(), token.encode()) and user_ok
 
     app = gr.mount_gradio_app(
-        app, dash, path=DASHBOARD_PATH, auth=login, ssr_mode=False, footer_links=[],
+        app,
+        dash,
+        path=DASHBOARD_PATH,
+        auth=login,
+        ssr_mode=False,
+        footer_links=[],
         auth_message="Operators only. User name: admin. Password: the GPU tier's admin token (SPLITSPACE_ADMIN_TOKEN).",
     )
     # Gradio keeps its login tokens in App.tokens, a dict nothing empties but a logout:

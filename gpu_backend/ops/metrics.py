@@ -35,13 +35,13 @@ class GpuMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(_DepthCollector(depth_by_tier))
         self.wait = Histogram(
-            "splitspace_wait_seconds", "Time from admission to the GPU", ["tier"],
+            "splitspace_wait_seconds",
+            "Time from admission to the GPU",
+            ["tier"],
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
             registry=self.registry,
         )
-        self.gpu_seconds = Counter(
-            "splitspace_gpu_seconds", "GPU time used, by tier", ["tier"], registry=self.registry
-        )
+        self.gpu_seconds = Counter("splitspace_gpu_seconds", "GPU time used, by tier", ["tier"], registry=self.registry)
         self.refusals = Counter(
             "splitspace_refusals", "Requests refused, by reason", ["reason"], registry=self.registry
         )
@@ -49,12 +49,12 @@ class GpuMetrics:
             "splitspace_infer_calls", "Calls that reached /infer, before any check", registry=self.registry
         )
         self.function_calls = Counter(
-            "splitspace_function_calls", "Calls of the app's GPU functions that reached the GPU tier, by function",
-            ["endpoint"], registry=self.registry,
+            "splitspace_function_calls",
+            "Calls of the app's GPU functions that reached the GPU tier, by function",
+            ["endpoint"],
+            registry=self.registry,
         )
-        self.requests = Counter(
-            "splitspace_requests", "Requests by outcome", ["outcome"], registry=self.registry
-        )
+        self.requests = Counter("splitspace_requests", "Requests by outcome", ["outcome"], registry=self.registry)
 
     def on_event(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "started":

@@ -66,8 +66,15 @@ def strict_cookie(value: str, max_age_s: int) -> str:
 class OperatorGuard:
     """Cross-site refusals, login cookies that end, and the guess throttle for ``/admin``."""
 
-    def __init__(self, app: ASGIApp, *, dashboard_path: str, throttle: GuessThrottle, addresses: AddressPolicy,
-                 session_s: float = SESSION_S) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        dashboard_path: str,
+        throttle: GuessThrottle,
+        addresses: AddressPolicy,
+        session_s: float = SESSION_S,
+    ) -> None:
         self.app = app
         self.dashboard_path = dashboard_path.rstrip("/")
         self.logins = (f"{self.dashboard_path}/login", f"{self.dashboard_path}/login/")
@@ -87,22 +94,33 @@ class OperatorGuard:
         headers = Headers(scope=scope)
         method = scope["method"]
         if method not in SAFE_METHODS and cross_site(headers):
-            await JSONResponse({"title": CROSS_SITE, "message": (
-                "the dashboard and the admin API answer only their own page; this request came "
-                "from another site")}, 403)(scope, receive, send)
+            await JSONResponse(
+                {
+                    "title": CROSS_SITE,
+                    "message": (
+                        "the dashboard and the admin API answer only their own page; this request came "
+                        "from another site"
+                    ),
+                },
+                403,
+            )(scope, receive, send)
             return
         on_dashboard = path.startswith(self.dashboard_path + "/")
         login = method == "POST" and path in self.logins
         if not login and on_dashboard:  # the page itself: its login cookie is Gradio's to check
             await self.app(scope, receive, send)
             return
-        address = self.addresses.client_address((scope.get("client") or ("", 0))[0],
-                                                headers.get("x-forwarded-for"))
+        address = self.addresses.client_address((scope.get("client") or ("", 0))[0], headers.get("x-forwarded-for"))
         if self.throttle.retry_after(address) > 0:
             wait = self.throttle.retry_after_whole_s(address)
-            await JSONResponse({"title": RATE_LIMITED, "message": (
-                f"too many wrong admin tokens or passwords from this address. Retry in {wait} s.")}, 429,
-                headers={"Retry-After": str(wait)})(scope, receive, send)
+            await JSONResponse(
+                {
+                    "title": RATE_LIMITED,
+                    "message": (f"too many wrong admin tokens or passwords from this address. Retry in {wait} s."),
+                },
+                429,
+                headers={"Retry-After": str(wait)},
+            )(scope, receive, send)
             return
         wrong = 400 if login else 401  # what Gradio's /login and the admin API answer a wrong secret
 

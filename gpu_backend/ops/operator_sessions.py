@@ -38,8 +38,13 @@ class OperatorSessions(MutableMapping[str, str]):
     """Gradio's ``App.tokens`` (session token -> user name), with an end: a token is
     forgotten ``lifetime_s`` after it was issued, and at most ``max_sessions`` are held."""
 
-    def __init__(self, *, lifetime_s: float = SESSION_S, max_sessions: int = MAX_SESSIONS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        lifetime_s: float = SESSION_S,
+        max_sessions: int = MAX_SESSIONS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if lifetime_s <= 0 or max_sessions < 1:
             raise ValueError("lifetime_s must be > 0 and max_sessions >= 1")
         self.lifetime_s = lifetime_s
@@ -80,8 +85,14 @@ class OperatorSessions(MutableMapping[str, str]):
 class GuessThrottle:
     """Wrong tokens and passwords per address; see the module docstring."""
 
-    def __init__(self, *, max_failures: int = MAX_FAILURES, window_s: float = WINDOW_S,
-                 max_addresses: int = MAX_ADDRESSES, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        max_failures: int = MAX_FAILURES,
+        window_s: float = WINDOW_S,
+        max_addresses: int = MAX_ADDRESSES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if max_failures < 1 or window_s <= 0 or max_addresses < 1:
             raise ValueError("max_failures and max_addresses must be >= 1, window_s > 0")
         self.max_failures = max_failures

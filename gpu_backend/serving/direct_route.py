@@ -99,8 +99,13 @@ class DirectRoutes:
     async def _stream(self, receive: Receive, send: Send, ticket: Ticket) -> None:
         updates = self.service.follow(ticket)
         try:
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", NDJSON), (b"cache-control", b"no-store")]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", NDJSON), (b"cache-control", b"no-store")],
+                }
+            )
             await _until_disconnect(receive, _relay(send, updates))
         finally:
             await updates.aclose()
@@ -178,8 +183,13 @@ async def _send_json(
     send: Send, status: int, doc: dict[str, Any], headers: tuple[tuple[bytes, bytes], ...] = ()
 ) -> None:
     body = json.dumps(doc).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 

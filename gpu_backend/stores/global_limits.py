@@ -79,8 +79,11 @@ def local_limits(limits: Callable[[ClientRef], Tier]) -> Callable[[ClientRef], T
 
     def relaxed(client: ClientRef) -> Tier:
         return dataclasses.replace(
-            limits(client), gpu_seconds=math.inf, address_gpu_seconds=None,
-            requests_per_minute=None, max_queued=UNLIMITED_QUEUE,
+            limits(client),
+            gpu_seconds=math.inf,
+            address_gpu_seconds=None,
+            requests_per_minute=None,
+            max_queued=UNLIMITED_QUEUE,
         )
 
     return relaxed
@@ -153,12 +156,20 @@ class GlobalLimits:
         reservations = [Reservation(client.client_id, cost, tier.gpu_seconds, tier.window_s)]
         if on_address:
             assert tier.address_gpu_seconds is not None
-            reservations.append(Reservation(address_usage_key(client.address), cost, tier.address_gpu_seconds,
-                                            tier.window_s))
+            reservations.append(
+                Reservation(address_usage_key(client.address), cost, tier.address_gpu_seconds, tier.window_s)
+            )
         plan = AdmitPlan(
-            key=flow, job_id=job_id, max_queued=tier.max_queued, lease_s=self.lease_s,
-            reservations=tuple(reservations), rate_limit=tier.requests_per_minute, rate_window_s=RATE_WINDOW_S,
-            service=(flow, VTIME_KEY), nonce=nonce, nonce_ttl_s=nonce_ttl_s,
+            key=flow,
+            job_id=job_id,
+            max_queued=tier.max_queued,
+            lease_s=self.lease_s,
+            reservations=tuple(reservations),
+            rate_limit=tier.requests_per_minute,
+            rate_window_s=RATE_WINDOW_S,
+            service=(flow, VTIME_KEY),
+            nonce=nonce,
+            nonce_ttl_s=nonce_ttl_s,
         )
         grant = await self.async_store.admit(plan)
         if grant.refused_by == "replay":
@@ -177,11 +188,16 @@ class GlobalLimits:
         """The same titles, reasons and retry seconds as one tier alone."""
         who = "from this address " if by_address else ""
         if grant.refused_by == "rate":
-            return Throttled(RATE_LIMITED, f"{grant.held} requests {who}in the last {RATE_WINDOW_S:g} s "
-                             f"(requests_per_minute={tier.requests_per_minute})", grant.retry_after_s)
+            return Throttled(
+                RATE_LIMITED,
+                f"{grant.held} requests {who}in the last {RATE_WINDOW_S:g} s "
+                f"(requests_per_minute={tier.requests_per_minute})",
+                grant.retry_after_s,
+            )
         if grant.refused_by == "queued":
-            return Throttled(QUEUE_FULL, f"{grant.held} requests {who}already queued "
-                             f"(max_queued={tier.max_queued})", cost)
+            return Throttled(
+                QUEUE_FULL, f"{grant.held} requests {who}already queued (max_queued={tier.max_queued})", cost
+            )
         name = "gpu_seconds" if grant.quota == 0 else "address_gpu_seconds"
         limit = plan.reservations[grant.quota].limit
         scope = "by this address " if name == "address_gpu_seconds" else ""
@@ -227,8 +243,14 @@ class GlobalLimits:
         for job in jobs:
             tier = self._limits(job.client)
             try:  # the running slot and the flow's shared service, in one store call
-                grant = self.store.start_job(job.client.flow_id, job.job_id, tier.max_running, self.lease_s,
-                                             job.cost / max(tier.weight, 1e-9), VTIME_KEY)
+                grant = self.store.start_job(
+                    job.client.flow_id,
+                    job.job_id,
+                    tier.max_running,
+                    self.lease_s,
+                    job.cost / max(tier.weight, 1e-9),
+                    VTIME_KEY,
+                )
             except StoreUnavailable as exc:
                 failed[job.job_id] = exc
                 continue
@@ -282,8 +304,9 @@ class GlobalLimits:
         if hold.reserved_address:
             adjustments.append((address_usage_key(hold.client.address), delta))
         try:
-            self.store.settle(hold.client.flow_id, hold.job_id, adjustments, forget_rate=rate,
-                              service_delta=service_delta)
+            self.store.settle(
+                hold.client.flow_id, hold.job_id, adjustments, forget_rate=rate, service_delta=service_delta
+            )
         except Exception:  # a settlement must never break the GPU thread
             log.warning("could not settle job %s (%s) in the store", hold.job_id[:8], kind, exc_info=True)
 

@@ -331,8 +331,9 @@ def _admit_grant(wanted: list[str]) -> Callable[[Any], AdmitGrant]:
     def parse(reply: Any) -> AdmitGrant:
         tag = _text(reply[0])
         if tag == "ok":
-            return AdmitGrant(True, service={f: float(v) for f, v in zip(wanted, reply[1], strict=False)
-                                             if v is not None})
+            return AdmitGrant(
+                True, service={f: float(v) for f, v in zip(wanted, reply[1], strict=False) if v is not None}
+            )
         if tag == "rate":
             return AdmitGrant(False, "rate", held=int(reply[1]), retry_after_s=float(reply[2]))
         if tag == "queued":
@@ -382,39 +383,76 @@ class _Commands:
         check_plan(plan)
         wanted = list(dict.fromkeys(plan.service))
         keys = (
-            f"{self.prefix}rate:{plan.key}", self._slot("queued", plan.key),
-            *(self._usage(r.key) for r in plan.reservations), *map(self._svc, wanted),
-            f"{self.prefix}nonce:{plan.nonce}", self._usage_index, self._slot_index,
+            f"{self.prefix}rate:{plan.key}",
+            self._slot("queued", plan.key),
+            *(self._usage(r.key) for r in plan.reservations),
+            *map(self._svc, wanted),
+            f"{self.prefix}nonce:{plan.nonce}",
+            self._usage_index,
+            self._slot_index,
         )
         args = (
-            plan.job_id, "" if plan.rate_limit is None else _num(plan.rate_limit), _float(plan.rate_window_s),
-            _num(plan.max_queued), _float(plan.lease_s), str(len(plan.reservations)), repr(_SLACK),
+            plan.job_id,
+            "" if plan.rate_limit is None else _num(plan.rate_limit),
+            _float(plan.rate_window_s),
+            _num(plan.max_queued),
+            _float(plan.lease_s),
+            str(len(plan.reservations)),
+            repr(_SLACK),
             *(x for r in plan.reservations for x in (_float(r.amount), _num(r.limit), _float(r.window_s))),
-            plan.nonce, _ms(plan.nonce_ttl_s),
+            plan.nonce,
+            _ms(plan.nonce_ttl_s),
         )
         return _Call("admit", keys, args, _admit_grant(wanted))
 
     def start_job(
-        self, key: str, job_id: str, limit: float, lease_s: float, service_delta: float, vtime_key: str,
+        self,
+        key: str,
+        job_id: str,
+        limit: float,
+        lease_s: float,
+        service_delta: float,
+        vtime_key: str,
         now: float | None = None,
     ) -> _Call[SlotGrant]:
         check_slot("running", limit, lease_s)
         check_service(service_delta)
-        keys = (self._slot("queued", key), self._slot("running", key), self._svc(key), self._svc(vtime_key),
-                self._slot_index)
+        keys = (
+            self._slot("queued", key),
+            self._slot("running", key),
+            self._svc(key),
+            self._svc(vtime_key),
+            self._slot_index,
+        )
         args = (job_id, _num(limit), _float(lease_s), _float(service_delta), self.service_ttl_ms)
         return _Call("start_job", keys, args, lambda r: SlotGrant(bool(int(r[0])), int(r[1])))
 
     def settle(
-        self, key: str, job_id: str, adjustments: Iterable[tuple[str, float]] = (), *,
-        forget_rate: bool = False, service_delta: float = 0.0, now: float | None = None,
+        self,
+        key: str,
+        job_id: str,
+        adjustments: Iterable[tuple[str, float]] = (),
+        *,
+        forget_rate: bool = False,
+        service_delta: float = 0.0,
+        now: float | None = None,
     ) -> _Call[None]:
         check_service(service_delta)
         deltas = [(k, d) for k, d in adjustments if d]
-        keys = (self._slot("queued", key), self._slot("running", key), f"{self.prefix}rate:{key}",
-                self._svc(key), *(self._usage(k) for k, _ in deltas))
-        args = (job_id, "1" if forget_rate else "", _float(service_delta) if service_delta else "",
-                self.service_ttl_ms, *(_float(d) for _, d in deltas))
+        keys = (
+            self._slot("queued", key),
+            self._slot("running", key),
+            f"{self.prefix}rate:{key}",
+            self._svc(key),
+            *(self._usage(k) for k, _ in deltas),
+        )
+        args = (
+            job_id,
+            "1" if forget_rate else "",
+            _float(service_delta) if service_delta else "",
+            self.service_ttl_ms,
+            *(_float(d) for _, d in deltas),
+        )
         return _Call("settle", keys, args, _none)
 
     def renew(self, leases: Iterable[Lease], lease_s: float, now: float | None = None) -> _Call[Renewal]:
@@ -424,8 +462,10 @@ class _Commands:
 
         def parse(reply: Any) -> Renewal:
             flags = [bool(int(x)) for x in reply or ()]
-            return Renewal(tuple(lease for lease, ok in zip(wanted, flags, strict=True) if ok),
-                           tuple(lease for lease, ok in zip(wanted, flags, strict=True) if not ok))
+            return Renewal(
+                tuple(lease for lease, ok in zip(wanted, flags, strict=True) if ok),
+                tuple(lease for lease, ok in zip(wanted, flags, strict=True) if not ok),
+            )
 
         keys = (*(self._slot(lease.kind, lease.key) for lease in wanted), self._slot_index)
         return _Call("slot_renew" if wanted else "", keys, (_float(lease_s), *(le.job_id for le in wanted)), parse)
@@ -557,7 +597,11 @@ class _Face:
 
     @classmethod
     def from_url(
-        cls, url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S, prefix: str = DEFAULT_PREFIX,
+        cls,
+        url: str,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        prefix: str = DEFAULT_PREFIX,
         service_ttl_s: float = DEFAULT_SERVICE_TTL_S,
     ) -> Self:
         """A store on a new client for ``url`` (``redis://``, ``rediss://``, ``unix://``).

@@ -81,7 +81,12 @@ if TYPE_CHECKING:
     from splitspace.gpu_backend.stores.redis_store import AsyncRedisStore
 
 __all__ = [
-    "FailureMode", "CircuitBreaker", "ResilientStore", "AsyncResilientStore", "open_store", "open_async_store",
+    "FailureMode",
+    "CircuitBreaker",
+    "ResilientStore",
+    "AsyncResilientStore",
+    "open_store",
+    "open_async_store",
     "DEFAULT_RETRY_S",
 ]
 
@@ -170,9 +175,7 @@ class ResilientStore(_Wrapper):
 
     primary: UsageStore
 
-    def _call(
-        self, route: _Route, on_primary: Callable[[UsageStore], T], on_fallback: Callable[[UsageStore], T]
-    ) -> T:
+    def _call(self, route: _Route, on_primary: Callable[[UsageStore], T], on_fallback: Callable[[UsageStore], T]) -> T:
         if self.breaker.allow():
             with self._verdict():
                 return on_primary(self.primary)
@@ -181,7 +184,13 @@ class ResilientStore(_Wrapper):
     # -- a job's steps ---------------------------------------------------------------
 
     def start_job(
-        self, key: str, job_id: str, limit: float, lease_s: float, service_delta: float, vtime_key: str,
+        self,
+        key: str,
+        job_id: str,
+        limit: float,
+        lease_s: float,
+        service_delta: float,
+        vtime_key: str,
         now: float | None = None,
     ) -> SlotGrant:
         return self._call(
@@ -191,8 +200,14 @@ class ResilientStore(_Wrapper):
         )
 
     def settle(
-        self, key: str, job_id: str, adjustments: Iterable[tuple[str, float]] = (), *,
-        forget_rate: bool = False, service_delta: float = 0.0, now: float | None = None,
+        self,
+        key: str,
+        job_id: str,
+        adjustments: Iterable[tuple[str, float]] = (),
+        *,
+        forget_rate: bool = False,
+        service_delta: float = 0.0,
+        now: float | None = None,
     ) -> None:
         """Never raises. The job's slots are given back in memory too (they may have been
         taken there during an outage); one Redis did not hear is counted in memory and its
@@ -288,7 +303,8 @@ class AsyncResilientStore(_Wrapper):
             with self._verdict():  # a cancellation here is no verdict on Redis
                 return await self.primary.admit(plan, now)
         shared = dataclasses.replace(  # this replica's share of each limit
-            plan, max_queued=self._share(plan.max_queued),
+            plan,
+            max_queued=self._share(plan.max_queued),
             rate_limit=None if plan.rate_limit is None else self._share(plan.rate_limit),
             reservations=tuple(dataclasses.replace(r, limit=r.limit / self.replicas) for r in plan.reservations),
         )
@@ -333,6 +349,10 @@ def open_async_store(
     from splitspace.gpu_backend.stores.redis_store import AsyncRedisStore
 
     return AsyncResilientStore(
-        AsyncRedisStore.from_url(redis_url), fallback, mode=failure, replicas=replicas,
-        breaker=breaker or CircuitBreaker(retry_s), unsent=unsent,
+        AsyncRedisStore.from_url(redis_url),
+        fallback,
+        mode=failure,
+        replicas=replicas,
+        breaker=breaker or CircuitBreaker(retry_s),
+        unsent=unsent,
     )

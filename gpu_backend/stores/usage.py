@@ -43,9 +43,22 @@ from typing import Any, Literal, Protocol
 from splitspace.shared.contract.errors import ServiceUnavailable
 
 __all__ = [
-    "UsageStore", "UsageLedger", "OverrideStore", "StoreUnavailable", "MemoryUsageStore",
-    "SlotKind", "SLOT_KINDS", "Lease", "SlotGrant", "SlotCounts", "Renewal", "Reservation", "AdmitPlan", "AdmitGrant",
-    "DEFAULT_LEASE_S", "DEFAULT_SERVICE_TTL_S",
+    "UsageStore",
+    "UsageLedger",
+    "OverrideStore",
+    "StoreUnavailable",
+    "MemoryUsageStore",
+    "SlotKind",
+    "SLOT_KINDS",
+    "Lease",
+    "SlotGrant",
+    "SlotCounts",
+    "Renewal",
+    "Reservation",
+    "AdmitPlan",
+    "AdmitGrant",
+    "DEFAULT_LEASE_S",
+    "DEFAULT_SERVICE_TTL_S",
 ]
 
 _SLACK = 1e-9
@@ -212,7 +225,13 @@ class UsageStore(OverrideStore, Protocol):
         ...
 
     def start_job(
-        self, key: str, job_id: str, limit: float, lease_s: float, service_delta: float, vtime_key: str,
+        self,
+        key: str,
+        job_id: str,
+        limit: float,
+        lease_s: float,
+        service_delta: float,
+        vtime_key: str,
         now: float | None = None,
     ) -> SlotGrant:
         """Dispatch and charge: turn the job's queued lease of ``key`` into a running one if
@@ -223,8 +242,14 @@ class UsageStore(OverrideStore, Protocol):
         ...
 
     def settle(
-        self, key: str, job_id: str, adjustments: Iterable[tuple[str, float]] = (), *,
-        forget_rate: bool = False, service_delta: float = 0.0, now: float | None = None,
+        self,
+        key: str,
+        job_id: str,
+        adjustments: Iterable[tuple[str, float]] = (),
+        *,
+        forget_rate: bool = False,
+        service_delta: float = 0.0,
+        now: float | None = None,
     ) -> None:
         """A job is done (ran, or left): give back its queued and running leases of ``key``,
         add each delta to its usage key's live window (clamped at 0), add ``service_delta``
@@ -444,7 +469,13 @@ class MemoryUsageStore:
             return AdmitGrant(True, service=self.service(plan.service, now))
 
     def start_job(
-        self, key: str, job_id: str, limit: float, lease_s: float, service_delta: float, vtime_key: str,
+        self,
+        key: str,
+        job_id: str,
+        limit: float,
+        lease_s: float,
+        service_delta: float,
+        vtime_key: str,
         now: float | None = None,
     ) -> SlotGrant:
         check_slot("running", limit, lease_s)
@@ -463,8 +494,14 @@ class MemoryUsageStore:
             return SlotGrant(True, len(running))
 
     def settle(
-        self, key: str, job_id: str, adjustments: Iterable[tuple[str, float]] = (), *,
-        forget_rate: bool = False, service_delta: float = 0.0, now: float | None = None,
+        self,
+        key: str,
+        job_id: str,
+        adjustments: Iterable[tuple[str, float]] = (),
+        *,
+        forget_rate: bool = False,
+        service_delta: float = 0.0,
+        now: float | None = None,
     ) -> None:
         check_service(service_delta)
         now = self._now(now)

@@ -84,8 +84,10 @@ class SqliteUsageStore:
                 if w is None:
                     db.execute("DELETE FROM usage WHERE key = ?", (key,))
                 else:
-                    db.execute("INSERT OR REPLACE INTO usage (key, used, window_start, window_s) VALUES (?, ?, ?, ?)",
-                               (key, w.used, w.start, w.window_s))
+                    db.execute(
+                        "INSERT OR REPLACE INTO usage (key, used, window_start, window_s) VALUES (?, ?, ?, ?)",
+                        (key, w.used, w.start, w.window_s),
+                    )
 
     def _change_overrides(self, client_id: str, values: dict[str, Any] | None) -> None:
         """Merge ``values`` into the client's overrides (None: drop them) and bump the version."""
@@ -95,10 +97,14 @@ class SqliteUsageStore:
             if values is None:
                 db.execute("DELETE FROM overrides WHERE client_id = ?", (client_id,))
             else:
-                db.execute("INSERT OR REPLACE INTO overrides (client_id, data) VALUES (?, ?)",
-                           (client_id, json.dumps(merged, sort_keys=True)))
-            db.execute("INSERT INTO meta (name, value) VALUES ('overrides_version', 1) "
-                       "ON CONFLICT (name) DO UPDATE SET value = value + 1")
+                db.execute(
+                    "INSERT OR REPLACE INTO overrides (client_id, data) VALUES (?, ?)",
+                    (client_id, json.dumps(merged, sort_keys=True)),
+                )
+            db.execute(
+                "INSERT INTO meta (name, value) VALUES ('overrides_version', 1) "
+                "ON CONFLICT (name) DO UPDATE SET value = value + 1"
+            )
 
     def set_overrides(self, client_id: str, values: dict[str, Any]) -> None:
         self._change_overrides(client_id, values)

@@ -81,8 +81,12 @@ class AppFunction(Workload[Prepared]):
         return self.api_name
 
     def run_batch(self, payloads: list[Prepared], costs: list[float]) -> BatchOutcome:
-        return run_isolating_failures(lambda items: self.event.call_batch([p.args for p in items]),
-                                      lambda p: self.event.call(p.args), payloads, costs=costs)
+        return run_isolating_failures(
+            lambda items: self.event.call_batch([p.args for p in items]),
+            lambda p: self.event.call(p.args),
+            payloads,
+            costs=costs,
+        )
 
     def run_stream(self, payload: Prepared, sink: StreamSink) -> Streamed:
         def emit(data: list[Any]) -> None:
@@ -90,8 +94,11 @@ class AppFunction(Workload[Prepared]):
             sink.progress()
 
         try:
-            return Streamed(self.event.call_streaming(payload.args, emit, should_stop=sink.stopped,
-                                                      max_file_bytes=self.max_file_bytes))
+            return Streamed(
+                self.event.call_streaming(
+                    payload.args, emit, should_stop=sink.stopped, max_file_bytes=self.max_file_bytes
+                )
+            )
         except Stopped:
             raise StreamStopped from None
 
@@ -105,8 +112,13 @@ class AppFunction(Workload[Prepared]):
         return CallResult(data, self._info(timing))
 
     def _info(self, timing: Timing) -> CallInfo:
-        return CallInfo(endpoint=self.api_name, queue_s=timing.queue_s, gpu_s=round(timing.gpu_s, 4),
-                        total_s=timing.total_s(), client=timing.client)
+        return CallInfo(
+            endpoint=self.api_name,
+            queue_s=timing.queue_s,
+            gpu_s=round(timing.gpu_s, 4),
+            total_s=timing.total_s(),
+            client=timing.client,
+        )
 
 
 def app_functions(endpoints: Iterable[GpuEndpoint], *, cache_dir: str, max_file_bytes: int) -> dict[str, AppFunction]:

@@ -106,10 +106,7 @@ ARCHS: dict[str, Arch] = {
     ),
 }
 
-_HELP = (
-    f"expected 'arch:NAME' or 'arch:NAME@SIZE' with NAME one of {sorted(ARCHS)} "
-    f"and SIZE one of {sorted(SIZES)}"
-)
+_HELP = f"expected 'arch:NAME' or 'arch:NAME@SIZE' with NAME one of {sorted(ARCHS)} and SIZE one of {sorted(SIZES)}"
 
 
 def parse_arch_spec(spec: str) -> tuple[str, str]:
@@ -187,10 +184,7 @@ def build_arch_pipeline(spec: str, device: str = "cpu", *, seed: int = SEED) -> 
 def parameter_counts(spec: str) -> dict[str, int]:
     """Parameters of each network of an ``arch:`` spec, counted on the meta device."""
     pipe = build_arch_pipeline(spec, "meta")
-    return {
-        name: sum(p.numel() for p in getattr(pipe, name).parameters())
-        for name in ("unet", "vae", "text_encoder")
-    }
+    return {name: sum(p.numel() for p in getattr(pipe, name).parameters()) for name in ("unet", "vae", "text_encoder")}
 
 
 # -- the components -----------------------------------------------------------
@@ -255,9 +249,7 @@ def _text_encoder(arch: Arch, tokenizer: Any, max_tokens: int) -> Any:
 
 
 def _scheduler(kind: str) -> Any:
-    common = dict(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
-    )
+    common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     if kind == "euler-trailing":
         from diffusers import EulerDiscreteScheduler
 

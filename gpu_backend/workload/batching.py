@@ -98,7 +98,8 @@ def run_batch_isolating_failures(
         lambda items: model.generate_batch([r for r, _ in items], [s for _, s in items]),
         lambda item: model.generate(*item),
         list(zip(requests, seeds, strict=True)),
-        costs=costs, clock=clock,
+        costs=costs,
+        clock=clock,
     )
 
 
@@ -158,9 +159,7 @@ def run_isolating_failures(
     return BatchOutcome(alone, _apportion(charges, total), total, isolated=True)
 
 
-def zerogpu_batch_key(
-    batch_key: Hashable, *, client_id: str, ip_token: str | None, on_zerogpu: bool
-) -> Hashable:
+def zerogpu_batch_key(batch_key: Hashable, *, client_id: str, ip_token: str | None, on_zerogpu: bool) -> Hashable:
     """The scheduler's batch key, narrowed on ZeroGPU to one visitor.
 
     ZeroGPU charges a ``@spaces.GPU`` call to the ``x-ip-token`` of the request it

@@ -12,9 +12,7 @@ from collections.abc import Callable
 
 
 class CostModel:
-    def __init__(
-        self, base_estimate: Callable[[int, int, int, float, int], float], *, smoothing: float = 0.2
-    ) -> None:
+    def __init__(self, base_estimate: Callable[[int, int, int, float, int], float], *, smoothing: float = 0.2) -> None:
         """``base_estimate(steps, width, height, guidance_scale, batch)`` in seconds, usually
         ``ModelExecutor.estimate_seconds`` (guidance above 1 doubles the UNet's work)."""
         self._base = base_estimate

@@ -29,9 +29,7 @@ MIN_DURATION_S = 5
 DURATION_MARGIN = 3.0
 
 
-def load_model(
-    spec: str, *, max_batch: int | None = None, compile_unet: CompileConfig | None = None
-) -> ModelExecutor:
+def load_model(spec: str, *, max_batch: int | None = None, compile_unet: CompileConfig | None = None) -> ModelExecutor:
     """Load ``spec`` once and make it the model the GPU function uses (see
     :meth:`ModelExecutor.from_spec` for ``max_batch`` and ``compile_unet``)."""
     global _executor
@@ -61,9 +59,7 @@ def gpu_duration(requests: list[GenerateRequest], seeds: list[int], costs: list[
     executor = current_executor()
     first = requests[0]
     steps, guidance = executor.resolve(first)
-    estimate = executor.estimate_seconds(
-        steps, first.width, first.height, len(requests), guidance_scale=guidance
-    )
+    estimate = executor.estimate_seconds(steps, first.width, first.height, len(requests), guidance_scale=guidance)
     return max(MIN_DURATION_S, int(estimate * DURATION_MARGIN) + 1)
 
 

@@ -249,7 +249,11 @@ class ModelExecutor:
             sleep_ms = _parse_sleep_ms(spec)
             log.warning(PLACEHOLDER_LOG, spec, "it only waits; its images are flat")
             return cls(
-                spec, SLEEP_PRESET, device or "cpu", is_placeholder=True, sleep_ms=sleep_ms,
+                spec,
+                SLEEP_PRESET,
+                device or "cpu",
+                is_placeholder=True,
+                sleep_ms=sleep_ms,
                 max_batch=max_batch,
             )
 
@@ -286,8 +290,14 @@ class ModelExecutor:
             batch_sizes = padded_batch_sizes(max_batch)
             _compile_unet(pipeline, device, compile_unet)
         executor = cls(
-            spec, preset, device, is_placeholder=placeholder, pipeline=pipeline, cost=cost,
-            max_batch=max_batch, batch_sizes=batch_sizes,
+            spec,
+            preset,
+            device,
+            is_placeholder=placeholder,
+            pipeline=pipeline,
+            cost=cost,
+            max_batch=max_batch,
+            batch_sizes=batch_sizes,
         )
         if compile_unet is not None:
             executor.warm_up(compile_unet.width, compile_unet.height)
@@ -302,8 +312,13 @@ class ModelExecutor:
             start = time.perf_counter()
             self.generate_batch([req] * size, list(range(size)))
             took[size] = time.perf_counter() - start
-        log.info("%s warmed up at %dx%d: %s", self.name, width, height,
-                 ", ".join(f"batch {b} {s:.1f} s" for b, s in took.items()))
+        log.info(
+            "%s warmed up at %dx%d: %s",
+            self.name,
+            width,
+            height,
+            ", ".join(f"batch {b} {s:.1f} s" for b, s in took.items()),
+        )
         return took
 
     # -- requests -------------------------------------------------------------
@@ -409,8 +424,7 @@ class ModelExecutor:
             other = (req.width, req.height, *self.resolve(req))
             if other != first:
                 raise ValueError(
-                    "requests in one batch must share width, height, steps and guidance_scale, "
-                    f"got {first} and {other}"
+                    f"requests in one batch must share width, height, steps and guidance_scale, got {first} and {other}"
                 )
 
 
@@ -436,9 +450,7 @@ def padded_batch_sizes(max_batch: int) -> tuple[int, ...]:
 def _compile_unet(pipeline: Any, device: str, config: CompileConfig) -> None:
     import torch
 
-    pipeline.unet = torch.compile(
-        pipeline.unet, mode=config.mode_for(device), backend=config.backend, dynamic=False
-    )
+    pipeline.unet = torch.compile(pipeline.unet, mode=config.mode_for(device), backend=config.backend, dynamic=False)
 
 
 def _default_device() -> str:
@@ -450,9 +462,7 @@ def _default_device() -> str:
 def _parse_sleep_ms(spec: str) -> int:
     text = spec[len(SLEEP_PREFIX) :].strip()
     if not re.fullmatch(r"[0-9]+", text):  # refuses "abc", "-5", "1.5" and ""
-        raise ValueError(
-            f"model spec {spec!r}: MS must be a whole number of milliseconds, 0 or more"
-        )
+        raise ValueError(f"model spec {spec!r}: MS must be a whole number of milliseconds, 0 or more")
     return int(text)
 
 
@@ -465,10 +475,7 @@ def _flat_image(width: int, height: int, seed: int) -> Image.Image:
 
 def _looks_like_path(spec: str) -> bool:
     return (
-        os.path.isabs(spec)
-        or spec.startswith(("./", "../", "~", ".\\", "..\\"))
-        or spec.count("/") > 1
-        or "\\" in spec
+        os.path.isabs(spec) or spec.startswith(("./", "../", "~", ".\\", "..\\")) or spec.count("/") > 1 or "\\" in spec
     )
 
 
@@ -492,8 +499,7 @@ def _load_pretrained(spec: str, device: str) -> Any:
         pipeline = AutoPipelineForText2Image.from_pretrained(source, torch_dtype=dtype)
     except Exception as exc:
         raise ValueError(
-            f"model spec {spec!r}: could not load it with AutoPipelineForText2Image "
-            f"({type(exc).__name__}: {exc})"
+            f"model spec {spec!r}: could not load it with AutoPipelineForText2Image ({type(exc).__name__}: {exc})"
         ) from exc
     pipeline = pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)

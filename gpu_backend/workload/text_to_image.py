@@ -84,8 +84,7 @@ class TextToImage(Workload[GenerateRequest]):
             return
         first = payloads[0]
         assert first.steps is not None and first.guidance_scale is not None  # resolved at admission
-        self.cost.observe(first.steps, first.width, first.height, first.guidance_scale, len(payloads),
-                          outcome.total_s)
+        self.cost.observe(first.steps, first.width, first.height, first.guidance_scale, len(payloads), outcome.total_s)
 
     def finish(self, payload: GenerateRequest, output: Any, timing: Timing) -> Result | Awaitable[Result]:
         if payload.pixels <= INLINE_ENCODE_PIXELS:  # small: a thread hop costs more than encoding
@@ -101,9 +100,15 @@ class TextToImage(Workload[GenerateRequest]):
     def _result(req: GenerateRequest, png: bytes, timing: Timing) -> Result:
         assert req.steps is not None and req.guidance_scale is not None  # resolved at admission
         info = GenerateInfo(
-            seed=req.seed, width=req.width, height=req.height, steps=req.steps,
-            guidance_scale=req.guidance_scale, model=timing.label,
-            queue_s=timing.queue_s, gpu_s=round(timing.gpu_s, 4),
-            total_s=timing.total_s(), client=timing.client,
+            seed=req.seed,
+            width=req.width,
+            height=req.height,
+            steps=req.steps,
+            guidance_scale=req.guidance_scale,
+            model=timing.label,
+            queue_s=timing.queue_s,
+            gpu_s=round(timing.gpu_s, 4),
+            total_s=timing.total_s(),
+            client=timing.client,
         )
         return Result(png, info)

@@ -46,9 +46,7 @@ TEXT_HIDDEN_SIZE = 32
 def _byte_symbols() -> list[str]:
     """The 256 printable stand-ins for bytes used by byte-level BPE (GPT-2, CLIP)."""
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     codes = printable[:]
     extra = 0

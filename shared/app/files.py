@@ -68,8 +68,13 @@ def outline_files(payload: Any, cache_dir: str, *, max_bytes: int = DEFAULT_MAX_
         name = Path(str(carried.get("name") or "file")).name or "file"
         path = processing_utils.save_bytes_to_cache(data, name, cache_dir)
         mime = carried.get("mime_type") if isinstance(carried.get("mime_type"), str) else None
-        return {"path": path, "orig_name": name, "mime_type": mime or mimetypes.guess_type(name)[0],
-                "size": len(data), "meta": {"_type": "gradio.FileData"}}
+        return {
+            "path": path,
+            "orig_name": name,
+            "mime_type": mime or mimetypes.guess_type(name)[0],
+            "size": len(data),
+            "meta": {"_type": "gradio.FileData"},
+        }
 
     return client_utils.traverse(payload, land, is_carried_file)
 

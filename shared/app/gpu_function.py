@@ -77,7 +77,12 @@ class GpuFunction:
 def gpu(fn: F, /) -> F: ...
 @overload
 def gpu(
-    fn: None = None, /, *, duration: Duration = DEFAULT_DURATION_S, batch: bool = False, max_batch_size: int = 4,
+    fn: None = None,
+    /,
+    *,
+    duration: Duration = DEFAULT_DURATION_S,
+    batch: bool = False,
+    max_batch_size: int = 4,
     time_limit: float | None = None,
 ) -> Callable[[F], F]: ...
 def gpu(
@@ -94,14 +99,16 @@ def gpu(
         raise ValueError("duration must be a positive number of seconds or a function of the inputs")
     if batch and (not isinstance(max_batch_size, int) or max_batch_size < 1):
         raise ValueError("max_batch_size must be a positive integer")
-    if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, int | float)
-                                   or not 0 < time_limit < float("inf")):
+    if time_limit is not None and (
+        isinstance(time_limit, bool) or not isinstance(time_limit, int | float) or not 0 < time_limit < float("inf")
+    ):
         raise ValueError("time_limit must be a positive number of seconds")
 
     def mark(f: Callable[..., Any]) -> Callable[..., Any]:
         inner = gpu_function(f)  # decorated twice: the developer's function is the inner one
-        record = GpuFunction(inner.fn if inner else f, duration, batch, max_batch_size,
-                             None if time_limit is None else float(time_limit))
+        record = GpuFunction(
+            inner.fn if inner else f, duration, batch, max_batch_size, None if time_limit is None else float(time_limit)
+        )
         wrapped = _plain_call(record)
         setattr(wrapped, ATTRIBUTE, record)
         return wrapped
@@ -115,25 +122,32 @@ def _plain_call(record: GpuFunction) -> Callable[..., Any]:
     ZeroGPU), as the ZeroGPU app would."""
     target = _on_zerogpu(record)
     if inspect.isasyncgenfunction(record.fn):
+
         @functools.wraps(record.fn)
         async def agen(*args: Any, **kwargs: Any) -> Any:
             async for item in target(*args, **kwargs):
                 yield item
+
         return agen
     if inspect.isgeneratorfunction(record.fn):
+
         @functools.wraps(record.fn)
         def gen(*args: Any, **kwargs: Any) -> Any:
             yield from target(*args, **kwargs)
+
         return gen
     if inspect.iscoroutinefunction(record.fn):
+
         @functools.wraps(record.fn)
         async def coro(*args: Any, **kwargs: Any) -> Any:
             return await target(*args, **kwargs)
+
         return coro
 
     @functools.wraps(record.fn)
     def call(*args: Any, **kwargs: Any) -> Any:
         return target(*args, **kwargs)
+
     return call
 
 

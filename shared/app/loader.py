@@ -96,14 +96,18 @@ def load_app(spec: AppSpec | str) -> gr.Blocks:
         sys.path.insert(0, folder)
     loaded = sys.modules.get(module_name)
     if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() != spec.path:
-        raise AppError(f"{spec.path.name}: a module named {module_name!r} is already imported from elsewhere; "
-                       "rename the app's file")
+        raise AppError(
+            f"{spec.path.name}: a module named {module_name!r} is already imported from elsewhere; "
+            "rename the app's file"
+        )
     module = loaded or importlib.import_module(module_name)
     blocks = getattr(module, spec.name, None)
     if not isinstance(blocks, gr.Blocks):
         found = "nothing" if blocks is None else type(blocks).__name__
-        raise AppError(f"{spec.path.name} has no Gradio Blocks named {spec.name!r} ({found} there); "
-                       f"name yours {DEFAULT_NAME!r} or pass {spec.path.name}:NAME")
+        raise AppError(
+            f"{spec.path.name} has no Gradio Blocks named {spec.name!r} ({found} there); "
+            f"name yours {DEFAULT_NAME!r} or pass {spec.path.name}:NAME"
+        )
     return blocks
 
 
@@ -119,17 +123,31 @@ def gpu_endpoints(blocks: gr.Blocks) -> list[GpuEndpoint]:
             continue
         api_name = str(block_fn.api_name or "").lstrip("/")
         if not api_name:
-            raise AppError(f"the event of {record.name!r} has no API name; give it api_name=... "
-                           "(the GPU tier calls each function by its API name)")
+            raise AppError(
+                f"the event of {record.name!r} has no API name; give it api_name=... "
+                "(the GPU tier calls each function by its API name)"
+            )
         if api_name in names:
             raise AppError(f"two GPU events are both named {api_name!r}")
         names.add(api_name)
         generator = inspect.isgeneratorfunction(block_fn.fn) or inspect.isasyncgenfunction(block_fn.fn)
         event_limit = getattr(block_fn, "time_limit", None)
-        found.append(GpuEndpoint(
-            api_name, record, block_fn, validator=getattr(block_fn, "validator", None),
-            preprocess=bool(block_fn.preprocess), inputs_as_dict=bool(block_fn.inputs_as_dict),
-            keyword_names=tuple(block_fn.input_keyword_names or ()), streams=generator and not record.batch,
-            time_limit=record.time_limit or (float(event_limit) if isinstance(event_limit, int | float)
-                                             and not isinstance(event_limit, bool) and event_limit > 0 else None)))
+        found.append(
+            GpuEndpoint(
+                api_name,
+                record,
+                block_fn,
+                validator=getattr(block_fn, "validator", None),
+                preprocess=bool(block_fn.preprocess),
+                inputs_as_dict=bool(block_fn.inputs_as_dict),
+                keyword_names=tuple(block_fn.input_keyword_names or ()),
+                streams=generator and not record.batch,
+                time_limit=record.time_limit
+                or (
+                    float(event_limit)
+                    if isinstance(event_limit, int | float) and not isinstance(event_limit, bool) and event_limit > 0
+                    else None
+                ),
+            )
+        )
     return found

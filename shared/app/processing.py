@@ -78,11 +78,17 @@ class EventProcessing:
         block_fn = endpoint.block_fn
         assert block_fn.fn is not None  # (the loader found the decorator's record on it)
         return cls(  # the call's shape as the loader read it (the endpoint keeps it), the rest as it is now
-            api_name=endpoint.api_name, fn=block_fn.fn, inputs=tuple(block_fn.inputs),
-            outputs=tuple(block_fn.outputs), preprocess_inputs=endpoint.preprocess,
-            postprocess_outputs=bool(block_fn.postprocess), inputs_as_dict=endpoint.inputs_as_dict,
-            keyword_names=endpoint.keyword_names, batch=endpoint.record.batch,
-            streams=endpoint.streams, time_limit=endpoint.time_limit,
+            api_name=endpoint.api_name,
+            fn=block_fn.fn,
+            inputs=tuple(block_fn.inputs),
+            outputs=tuple(block_fn.outputs),
+            preprocess_inputs=endpoint.preprocess,
+            postprocess_outputs=bool(block_fn.postprocess),
+            inputs_as_dict=endpoint.inputs_as_dict,
+            keyword_names=endpoint.keyword_names,
+            batch=endpoint.record.batch,
+            streams=endpoint.streams,
+            time_limit=endpoint.time_limit,
         )
 
     # -- inputs (blocking: run off the event loop) -------------------------------------------
@@ -90,8 +96,10 @@ class EventProcessing:
         """The function's inputs (one value per input component) from a call's payloads."""
         if len(data) != len(self.inputs):
             raise ValidationFailed("data", f"expected {len(self.inputs)} values, got {len(data)}")
-        return [self._preprocess_one(i, block, value, cache_dir, max_file_bytes)
-                for i, (block, value) in enumerate(zip(self.inputs, data, strict=True))]
+        return [
+            self._preprocess_one(i, block, value, cache_dir, max_file_bytes)
+            for i, (block, value) in enumerate(zip(self.inputs, data, strict=True))
+        ]
 
     def _preprocess_one(self, index: int, block: Any, value: Any, cache_dir: str, max_file_bytes: int) -> Any:
         label = input_label(block, index)
@@ -145,8 +153,14 @@ class EventProcessing:
         """The function called as Gradio calls it; a generator consumed to its last yield."""
         return _last(self._called(values))
 
-    def call_streaming(self, values: list[Any], emit: Callable[[list[Any]], None], *,
-                       should_stop: Callable[[], bool] = lambda: False, max_file_bytes: int) -> list[Any]:
+    def call_streaming(
+        self,
+        values: list[Any],
+        emit: Callable[[list[Any]], None],
+        *,
+        should_stop: Callable[[], bool] = lambda: False,
+        max_file_bytes: int,
+    ) -> list[Any]:
         """A generator's call, blocking (a GPU thread): each yield read as outputs,
         postprocessed (files carried as bytes) and given to ``emit`` as it comes; returns the
         last one's payloads (the result). Between yields, ``should_stop()`` stops it with

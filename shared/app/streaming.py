@@ -44,8 +44,14 @@ _END = object()
 class Yields(Iterator[Any]):
     """The items of ``result`` (a generator, an async generator, or one plain value)."""
 
-    def __init__(self, result: Any, *, should_stop: Callable[[], bool] = lambda: False,
-                 deadline: float | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        result: Any,
+        *,
+        should_stop: Callable[[], bool] = lambda: False,
+        deadline: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         """``deadline``: on ``clock``'s scale (monotonic seconds), None for none."""
         self._should_stop = should_stop
         self._deadline = deadline

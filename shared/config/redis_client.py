@@ -23,8 +23,13 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 __all__ = [
-    "DEFAULT_PREFIX", "DEFAULT_TIMEOUT_S", "UNAVAILABLE_ERRORS",
-    "client_options", "sync_client", "async_client", "unreachable_reason",
+    "DEFAULT_PREFIX",
+    "DEFAULT_TIMEOUT_S",
+    "UNAVAILABLE_ERRORS",
+    "client_options",
+    "sync_client",
+    "async_client",
+    "unreachable_reason",
 ]
 
 DEFAULT_PREFIX = "splitspace:"

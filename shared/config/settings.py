@@ -185,6 +185,4 @@ class Settings(BaseSettings):
 
     @property
     def limits(self) -> Limits:
-        return Limits(
-            prompt_max_chars=self.prompt_max_chars, max_side=self.max_side, max_steps=self.max_steps
-        )
+        return Limits(prompt_max_chars=self.prompt_max_chars, max_side=self.max_side, max_steps=self.max_steps)

@@ -92,7 +92,6 @@ class CallInfo(Info):
     client: str
 
 
-
 @dataclass(frozen=True)
 class CallResult:
     """The outputs of a finished call (one payload per output component), its info, the client's cap."""

@@ -68,7 +68,6 @@ class GenerateInfo(Info):
     client: str
 
 
-
 @dataclass(frozen=True)
 class Result:
     """The finished image (PNG bytes), its info, and the client's cap."""

@@ -45,8 +45,13 @@ TIER_FIELDS = {f.name for f in fields(Tier)}
 
 BUILTIN_TIERS: dict[str, Tier] = {
     ANONYMOUS: Tier(
-        weight=1, max_running=1, max_queued=4, gpu_seconds=120, window_s=3600,
-        address_gpu_seconds=300, requests_per_minute=60,
+        weight=1,
+        max_running=1,
+        max_queued=4,
+        gpu_seconds=120,
+        window_s=3600,
+        address_gpu_seconds=300,
+        requests_per_minute=60,
     ),
     "free": Tier(weight=2, max_running=1, max_queued=8, gpu_seconds=300, window_s=3600),
     "pro": Tier(weight=4, max_running=2, max_queued=32, gpu_seconds=1800, window_s=3600),
@@ -63,7 +68,7 @@ def webhook_secret_problem(secret: str) -> str | None:
     if not secret.startswith(WEBHOOK_SECRET_PREFIX):
         return f"must start with {WEBHOOK_SECRET_PREFIX!r} (a Standard Webhooks secret)"
     try:
-        raw = base64.b64decode(secret[len(WEBHOOK_SECRET_PREFIX):], validate=True)
+        raw = base64.b64decode(secret[len(WEBHOOK_SECRET_PREFIX) :], validate=True)
     except (binascii.Error, ValueError):
         return f"must be {WEBHOOK_SECRET_PREFIX!r} and base64"
     low, high = WEBHOOK_SECRET_BYTES
@@ -165,9 +170,7 @@ def _line_of(text: str, section: str | None, key: str, occurrence: int = 0) -> i
             if section is not None and current == section.replace('"', ""):
                 seen += 1
             continue
-        if key_re.match(line) and (
-            section is None or (current == section.replace('"', "") and seen == occurrence)
-        ):
+        if key_re.match(line) and (section is None or (current == section.replace('"', "") and seen == occurrence)):
             return no
     return None
 

@@ -117,9 +117,7 @@ def _text(name: str, value: str) -> None:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise ValidationFailed(
-            name, f"must be valid UTF-8 text: a lone surrogate at character {exc.start}"
-        ) from None
+        raise ValidationFailed(name, f"must be valid UTF-8 text: a lone surrogate at character {exc.start}") from None
     if "\x00" in value:
         raise ValidationFailed(name, f"must not contain NUL characters (one at character {value.index(chr(0))})")
 

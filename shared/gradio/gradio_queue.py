@@ -62,8 +62,11 @@ def bound_analytics(blocks: Any, events: int = ANALYTICS_EVENTS, every: int = AN
     True when applied."""
     queue = getattr(blocks, "_queue", None)
     counters = ("ANALYTICS_MAX_EVENTS", "ANAYLTICS_CACHE_FREQUENCY")
-    if queue is None or not all(isinstance(getattr(queue, a, None), int) for a in counters) \
-            or not isinstance(getattr(queue, "event_analytics", None), dict):
+    if (
+        queue is None
+        or not all(isinstance(getattr(queue, a, None), int) for a in counters)
+        or not isinstance(getattr(queue, "event_analytics", None), dict)
+    ):
         log.warning("Gradio's queue changed shape; its analytics are left as they are")
         return False
     queue.ANALYTICS_MAX_EVENTS = min(queue.ANALYTICS_MAX_EVENTS, events)

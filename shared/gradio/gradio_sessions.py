@@ -166,7 +166,7 @@ class HeartbeatCap:
         if refusal is not None:
             await _refuse(send, refusal)
             return
-        session = path[len(self.route):].strip("/")
+        session = path[len(self.route) :].strip("/")
         self.streams.opened(address, session)
         try:
             await self.app(scope, receive, send)
@@ -178,6 +178,11 @@ class HeartbeatCap:
 
 async def _refuse(send: Send, why: str) -> None:
     message = f"{why}; close one, or retry in {RETRY_S} s"
-    await send_problem(send, 429, TOO_MANY_PAGES, message,
-                       {"title": TOO_MANY_PAGES, "message": message, "retry_after_s": RETRY_S},
-                       headers=((b"retry-after", str(RETRY_S).encode()),))
+    await send_problem(
+        send,
+        429,
+        TOO_MANY_PAGES,
+        message,
+        {"title": TOO_MANY_PAGES, "message": message, "retry_after_s": RETRY_S},
+        headers=((b"retry-after", str(RETRY_S).encode()),),
+    )

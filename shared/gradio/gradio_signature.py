@@ -28,8 +28,12 @@ def request_parameters() -> list[inspect.Parameter]:
     """One parameter per request field, in order, with the dataclass's defaults and types."""
     hints = typing.get_type_hints(GenerateRequest)
     return [
-        inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[f.name],
-                          default=f.default if f.default is not dataclasses.MISSING else inspect.Parameter.empty)
+        inspect.Parameter(
+            f.name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            annotation=hints[f.name],
+            default=f.default if f.default is not dataclasses.MISSING else inspect.Parameter.empty,
+        )
         for f in dataclasses.fields(GenerateRequest)
     ]
 
@@ -47,10 +51,13 @@ def request_handler(
         async for out in handler(values, bound.arguments["request"]):
             yield out
 
-    signature = inspect.Signature([
-        *request_parameters(),
-        inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request, default=None),
-    ], return_annotation=returns)
+    signature = inspect.Signature(
+        [
+            *request_parameters(),
+            inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=gr.Request, default=None),
+        ],
+        return_annotation=returns,
+    )
     endpoint.__signature__ = signature  # type: ignore[attr-defined]
     # what Gradio's type checks read (``gr.api`` wants every parameter and the result typed)
     endpoint.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()} | {"return": returns}

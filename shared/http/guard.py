@@ -174,11 +174,39 @@ _QUEUE_DATA = re.compile(rf"^{API_PREFIX}/queue/data/?$")
 _UPLOADS = re.compile(rf"^{API_PREFIX}/(?:upload|upload_progress|process_recording|stream/{_NAME})/?$")
 _COMPONENT_SERVER = re.compile(rf"^{API_PREFIX}/component_server/?$")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-_PATH_WORDS = frozenset({
-    "gradio_api", "call", "v2", "run", "api", "queue", "join", "data", "upload", "upload_progress",
-    "process_recording", "stream", "component_server", "mcp", "info", "config", "health", "metrics",
-    "admin", "splitspace", "v1", "infer", "standing", "file", "heartbeat", "cancel", "images", "generations", "models",
-})
+_PATH_WORDS = frozenset(
+    {
+        "gradio_api",
+        "call",
+        "v2",
+        "run",
+        "api",
+        "queue",
+        "join",
+        "data",
+        "upload",
+        "upload_progress",
+        "process_recording",
+        "stream",
+        "component_server",
+        "mcp",
+        "info",
+        "config",
+        "health",
+        "metrics",
+        "admin",
+        "splitspace",
+        "v1",
+        "infer",
+        "standing",
+        "file",
+        "heartbeat",
+        "cancel",
+        "images",
+        "generations",
+        "models",
+    }
+)
 
 
 class GradioGuard:
@@ -369,8 +397,9 @@ class GradioGuard:
         names = [n for n, _ in endpoint.parameters]
         for key in doc:
             if key not in names and key != "oauth_token":
-                raise Refusal(422, INVALID_REQUEST,
-                              f"{short(key)}: unknown parameter (parameters: {', '.join(names) or 'none'})")
+                raise Refusal(
+                    422, INVALID_REQUEST, f"{short(key)}: unknown parameter (parameters: {', '.join(names) or 'none'})"
+                )
         for name, has_default in endpoint.parameters:
             if not has_default and name not in doc:
                 raise Refusal(422, INVALID_REQUEST, f"{name}: is required")
@@ -497,8 +526,9 @@ class _Forward:
             await send_problem(self.send, 500, SERVER_ERROR, "the server failed on this request")
         elif self.event_stream:
             data = json.dumps({"error": "the stream ended unexpectedly", "title": STREAM_ERROR})
-            await self.send({"type": "http.response.body", "body": f"event: error\ndata: {data}\n\n".encode(),
-                             "more_body": True})
+            await self.send(
+                {"type": "http.response.body", "body": f"event: error\ndata: {data}\n\n".encode(), "more_body": True}
+            )
             await self.send({"type": "http.response.body", "body": b"", "more_body": False})
         else:
             await self.send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -539,15 +569,28 @@ def titled_error_events(chunk: bytes) -> bytes:
 
 
 async def send_problem(
-    send: Send, status: int, title: str, message: str, body: dict[str, Any] | None = None,
+    send: Send,
+    status: int,
+    title: str,
+    message: str,
+    body: dict[str, Any] | None = None,
     headers: tuple[tuple[bytes, bytes], ...] = (),
 ) -> None:
     """A JSON error reply ``{"title", "message"}`` (plus ``body``'s other keys, if given),
     with ``headers`` besides its own (``Retry-After``, say)."""
     payload = json.dumps(body if body is not None else {"title": title, "message": message}).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-        (b"cache-control", b"no-store"), *headers]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                (b"cache-control", b"no-store"),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": payload})
 
 
@@ -555,7 +598,7 @@ def _route_path(scope: Scope) -> str:
     path: str = scope.get("path", "")
     root = scope.get("root_path", "")
     if root and path.startswith(root):
-        path = path[len(root):] or "/"
+        path = path[len(root) :] or "/"
     return path
 
 
@@ -607,8 +650,13 @@ def _json_object(body: bytes) -> dict[str, Any]:
 
 
 _OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {
-    "session_hash": (str,), "event_id": (str,), "oauth_token": (str,), "fn_index": (int,),
-    "trigger_id": (int,), "simple_format": (bool,), "batched": (bool,),
+    "session_hash": (str,),
+    "event_id": (str,),
+    "oauth_token": (str,),
+    "fn_index": (int,),
+    "trigger_id": (int,),
+    "simple_format": (bool,),
+    "batched": (bool,),
 }
 
 

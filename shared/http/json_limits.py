@@ -87,8 +87,10 @@ class JsonLimits:
             raise self._too_many_items()
         rest = _STRING.sub(b'""', body)
         # Only when the strings together are longer than the limit can one of them be.
-        if (len(body) - len(rest) > self.max_string_bytes
-                and max(map(len, _STRING.findall(body))) - 2 > self.max_string_bytes):
+        if (
+            len(body) - len(rest) > self.max_string_bytes
+            and max(map(len, _STRING.findall(body))) - 2 > self.max_string_bytes
+        ):
             raise JsonLimitExceeded(f"a string longer than {self.max_string_bytes} bytes")
         self._check_structure(rest.translate(None, _NOT_STRUCTURE))
         self._check_numbers(rest)

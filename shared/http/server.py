@@ -147,15 +147,21 @@ class HeaderTimeoutProtocol(HttpToolsProtocol or object):  # type: ignore[misc]
 def uvicorn_options(log_level: str = "warning") -> dict[str, Any]:
     """Keyword arguments for ``uvicorn.run`` / ``uvicorn.Config`` (see the module docstring)."""
     return dict(
-        log_level=log_level, log_config=uvicorn_log_config(log_level), timeout_graceful_shutdown=2,
-        proxy_headers=False, timeout_keep_alive=KEEP_ALIVE_S, http=PROTOCOL, server_header=False,
+        log_level=log_level,
+        log_config=uvicorn_log_config(log_level),
+        timeout_graceful_shutdown=2,
+        proxy_headers=False,
+        timeout_keep_alive=KEEP_ALIVE_S,
+        http=PROTOCOL,
+        server_header=False,
         access_log=False,  # one line per refused request is the guard's (shared/http/guard.py); a proxy logs requests
     )
 
 
 NO_TELEMETRY: dict[str, Any] = (
     {"telemetry": {"tracing": False, "metrics": False, "logs": False}}
-    if "telemetry" in inspect.signature(FastAPI.__init__).parameters else {}
+    if "telemetry" in inspect.signature(FastAPI.__init__).parameters
+    else {}
 )
 """Keyword arguments for both tiers' FastAPI apps and the Gradio apps they mount.
 
