@@ -200,6 +200,9 @@ def _key(name: str, via: str) -> str:
     return f"{name}-f" if via == "frontends" else name
 
 
+# run alone (scripts/test): under four workers' load one call of its burst was once answered 503
+# (a deadline missed on a busy machine), which this test of bounds cannot tell from a refusal
+@pytest.mark.serial
 @pytest.mark.parametrize("via", VIA)
 def test_max_running_one_and_max_queued_hold_across_two_gpu_tiers(pair: Tiers, via: str) -> None:
     results = burst(pair, via, _key("serial", via), 16)
