@@ -119,7 +119,8 @@ def test_waiting_jobs_have_places_and_cancelling_drops_them_on_the_gpu_tier(url:
     wait_for(lambda: gpu_depth(jobs.backend_urls())[0] >= 1, 10)
     for n, i in reversed(list(enumerate(ids))):  # the waiting first, so that none moves up meanwhile
         r = httpx.post(f"{url}/v1/jobs/{i}/cancel", headers=auth("plain"))
-        assert r.status_code == 200 or (n == 0 and r.status_code == 409), r.text  # (the first may have finished)
+        # the two the door passed on may have finished by now (1.5 s each, on a loaded machine)
+        assert r.status_code == 200 or (n < 2 and r.status_code == 409 and "succeeded" in r.text), r.text
     assert wait_for(lambda: gpu_depth(jobs.backend_urls()) == (0, 0), 10), "the GPU tier dropped them"
     ended = httpx.post(f"{url}/v1/jobs/{post(url, GENERATE, 'plain').json()['id']}/cancel", headers=auth("plain"))
     assert ended.status_code == 200
