@@ -57,9 +57,12 @@ from splitspace.session import (
 from splitspace.session.address import AddressPolicy
 from splitspace.session.caller import CallerStamps
 from splitspace.session.token import HEALTH, STANDING, infer_purpose
+from splitspace.shared.app import services as app_services
 from splitspace.shared.app.files import BadFile, FileTooLarge, carries_files, inline_files, outline_files
+from splitspace.shared.app.gpu_function import gpu_function
 from splitspace.shared.app.loader import GpuEndpoint, gpu_endpoints, load_app
 from splitspace.shared.app.processing import input_label
+from splitspace.shared.app.services import DoorView
 from splitspace.shared.config.quota_watch import QuotaWatcher
 from splitspace.shared.config.settings import Settings
 from splitspace.shared.contract.calls import Call, CallResult, Partial
@@ -177,6 +180,8 @@ class Frontend:
         )
         """``/generate`` as Gradio sees it: the request's fields as parameters."""
         self.cache_dir = gr_utils.get_upload_folder()
+        self.endpoints: list[GpuEndpoint] = []
+        """The app's GPU events (``SPLITSPACE_APP``), which ``follow`` finds by their function."""
 
     def _on_quotas(self, config: Any) -> None:
         self.resolver.keyring = ApiKeyring(config.keys)
@@ -412,6 +417,41 @@ class Frontend:
         return None
 
 
+class AppFrontend:
+    """The frontend as an app's CPU events see it (``shared/app/services.py``)."""
+
+    def __init__(self, fe: Frontend) -> None:
+        self.fe = fe
+
+    @property
+    def browser_secret(self) -> str:
+        return self.fe.browser_secret
+
+    def follow(
+        self, fn: Callable[..., Any], payloads: list[Any], request: gr.Request | None
+    ) -> AsyncGenerator[Status | list[Any], None]:
+        """A CPU event's call of the app's GPU function ``fn``: its GPU event's own path."""
+        record = gpu_function(fn)
+        endpoint = next((e for e in self.fe.endpoints if e.record is record), None)
+        if endpoint is None:
+            raise ValueError(f"{getattr(fn, '__name__', fn)!r} is no @splitspace.gpu event of this app")
+        return self.fe.follow_call(endpoint, payloads, request)
+
+    async def standing(self, request: gr.Request | None) -> dict[str, Any]:
+        return await self.fe.quota(request)  # type: ignore[arg-type]
+
+    def gpu_health(self) -> dict[str, Any] | None:
+        return self.fe.pool.health()
+
+    def door(self, request: gr.Request | None) -> DoorView:
+        fe = self.fe
+        try:
+            identity = fe.identity(request)
+        except SplitspaceError:
+            return DoorView(seconds_per_job=fe.seconds_per_job)
+        return DoorView(fe.door.count(identity.flow_id), identity.kind != "key", fe.seconds_per_job)
+
+
 def _carried(endpoint: GpuEndpoint, payloads: list[Any], max_bytes: int) -> list[Any]:
     """The payloads with their files as bytes (Gradio has moved each upload into this tier's
     cache and checked it); a file over the limit is refused naming its input."""
@@ -478,8 +518,9 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     app.include_router(embed_routes())  # before the mount at "/", which catches everything after it
     endpoints: list[GpuEndpoint] = []
     if settings.app:  # the developer's own Blocks, its GPU events forwarded
+        app_services.register(AppFrontend(fe))  # the app's CPU events reach this frontend
         blocks = load_app(settings.app)
-        endpoints = gpu_endpoints(blocks)
+        endpoints = fe.endpoints = gpu_endpoints(blocks)
         forward_gpu_events(
             endpoints, fe.follow_call, validator=lambda endpoint: gradio_validator(endpoint, settings.max_file_bytes)
         )
@@ -491,7 +532,24 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         )
     else:
         app.include_router(openai_routes(fe))  # /v1/images/generations, /v1/models (OpenAI's images API)
-        blocks = build_page(fe.model, settings.limits, fe)
+        # The API, as ever. preprocess=False: our validation (one definition, errors that
+        # name the field) sees the raw values first, instead of the components' own range
+        # checks. postprocess=False: the handler returns final outputs.
+        blocks = build_page(
+            fe.model,
+            settings.limits,
+            fe,
+            lambda inputs, outputs: gr.on(
+                [],
+                fe.generate_api,
+                inputs,
+                outputs,
+                api_name="generate",
+                concurrency_limit=None,
+                preprocess=False,
+                postprocess=False,
+            ),
+        )
         blocks.max_threads = settings.max_threads
         blocks.queue(default_concurrency_limit=None)
     jobs = JobsService(fe, endpoints)

@@ -48,8 +48,8 @@ FRONTEND_TOKEN_ENV = "SPLITSPACE_FRONTEND_HF_TOKEN"
 # The subpackages of ``splitspace`` each tier imports (checked by running each bundle with the
 # repo out of reach); a bundle carries them as ``splitspace/<name>/``, beside ``splitspace/__init__.py``.
 PACKAGES = {
-    FRONTEND: ("shared", "session", "cpu_frontend"),
-    BACKEND: ("shared", "session", "gpu_backend"),
+    FRONTEND: ("shared", "session", "cpu_frontend", "builtin"),
+    BACKEND: ("shared", "session", "gpu_backend", "builtin"),
 }
 # Distributions pinned in both bundles, then the GPU tier's own (torch is pinned by minor version).
 COMMON_REQUIREMENTS = (

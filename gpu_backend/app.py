@@ -31,6 +31,7 @@ from fastapi.responses import Response
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
+from splitspace.builtin import is_builtin
 from splitspace.gpu_backend.admission.limits import Overrides, limits_function
 from splitspace.gpu_backend.admission.runner import GpuRunner, client_ref
 from splitspace.gpu_backend.admission.scheduler import FairScheduler
@@ -97,16 +98,19 @@ class GpuTier:
         self.compile = CompileConfig(settings.compile_width, settings.compile_height) if settings.compile else None
         self.functions: dict[str, AppFunction] = {}
         """With ``settings.app``: the developer's GPU functions (and no built-in model)."""
+        self.holds_model = not settings.app or is_builtin(settings.app)
+        """The tier holds the project's model (``gpu.py``): the built-in's, changed live by operators."""
+        if self.holds_model:
+            if executor is not None:
+                gpu.set_executor(executor)
+            else:
+                gpu.load_model(settings.model, compile_unet=self.compile)
         if settings.app:
             endpoints = gpu_endpoints(load_app(settings.app))
             self.functions = app_functions(
                 endpoints, cache_dir=gr.utils.get_upload_folder(), max_file_bytes=settings.max_file_bytes
             )
             log.info("serving %s: %s", settings.app, ", ".join(self.functions) or "no GPU functions")
-        elif executor is not None:
-            gpu.set_executor(executor)
-        else:
-            gpu.load_model(settings.model, compile_unet=self.compile)
         self._model_lock = asyncio.Lock()
         self.watcher = QuotaWatcher(settings.quotas)
         self.global_limits: GlobalLimits | None = None
@@ -215,7 +219,7 @@ class GpuTier:
         """Load another model without a restart: requests in flight finish on the old one,
         new ones queue (none is refused) and run on the new one. A spec that fails to
         load leaves the old model in place and raises ValueError."""
-        if self.settings.app:
+        if not self.holds_model:
             raise ValueError(f"this GPU tier serves {self.settings.app}, not a model")
         async with self._model_lock:
             previous = gpu.current_executor().name
@@ -223,8 +227,9 @@ class GpuTier:
             def change() -> None:
                 executor = ModelExecutor.from_spec(spec, compile_unet=self.compile)
                 gpu.set_executor(executor)
-                self.runner.max_batch = gpu.batch_cap(self.settings.max_batch)
-                self.runner.cost.factor = 1.0  # the calibration was the old model's
+                if self.runner.builtin is not None:  # (the built-in app reads the model at each call)
+                    self.runner.max_batch = gpu.batch_cap(self.settings.max_batch)
+                    self.runner.cost.factor = 1.0  # the calibration was the old model's
 
             await asyncio.to_thread(self.runner.swap, change)
             log.info("model changed from %s to %s", previous, spec)
@@ -272,7 +277,7 @@ class GpuTier:
         doc: dict[str, Any] = {"status": "ok", "boot_id": BOOT_ID}
         if self.settings.app:
             doc["functions"] = sorted(self.functions)
-        else:
+        if self.holds_model:
             ex = gpu.current_executor()
             doc.update(
                 model=ex.name,
@@ -339,7 +344,7 @@ def model_routes(router: APIRouter, tier: GpuTier) -> None:
 
     @router.get("/model")
     async def show_model() -> dict[str, Any]:
-        if tier.settings.app:
+        if not tier.holds_model:
             return {"model": None, "app": tier.settings.app, "functions": sorted(tier.functions)}
         return {"model": gpu.current_executor().name}
 

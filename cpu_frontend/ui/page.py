@@ -26,6 +26,7 @@ started after the frontend shows the right defaults without a restart.
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import io
@@ -37,8 +38,12 @@ from typing import Any, Protocol
 
 import gradio as gr
 
+from splitspace.cpu_frontend.door.status_feed import status_for_api
 from splitspace.cpu_frontend.ui import ui_text
 from splitspace.cpu_frontend.ui.ui_text import Refusal
+from splitspace.shared.app.services import DoorView, services
+from splitspace.shared.contract.errors import QUEUE_FULL, SplitspaceError, Throttled
+from splitspace.shared.contract.hop import Status
 from splitspace.shared.contract.schema import REQUEST_FIELDS, Limits
 
 FALLBACK_DEFAULTS = {"steps": 4, "guidance_scale": 0.0}
@@ -167,13 +172,56 @@ class PageBackend(Protocol):
     @property
     def browser_secret(self) -> str: ...
 
-    generate_api: Callable[..., Any]
-
     async def quota(self, request: gr.Request = None) -> dict: ...  # type: ignore[assignment]
 
     async def ui_follow(
         self, values: dict[str, Any], request: gr.Request, on_status: Callable[[dict[str, Any]], bool]
     ) -> tuple[dict[str, Any], dict[str, Any]] | Refusal | None: ...
+
+
+class AppPage:
+    """The page's backend in an app (the built-in's, ``builtin/text_to_image_app.py``): the
+    GPU function ``generate`` followed through the serving tier's services
+    (``shared/app/services.py``; the frontend's, or one process's), as any app's CPU event
+    would follow it. The refusal a call meets becomes data for the page to word."""
+
+    def __init__(self, generate: Callable[..., Any], browser_secret: str) -> None:
+        self.generate = generate
+        self.browser_secret = browser_secret
+
+    async def quota(self, request: gr.Request = None) -> dict:  # type: ignore[assignment]
+        return await services().standing(request)
+
+    async def ui_follow(
+        self, values: dict[str, Any], request: gr.Request, on_status: Callable[[dict[str, Any]], bool]
+    ) -> tuple[dict[str, Any], dict[str, Any]] | Refusal | None:
+        tier = services()
+        try:
+            updates = tier.follow(self.generate, [values[name] for name in REQUEST_FIELDS], request)
+            async with contextlib.aclosing(updates):
+                async for update in updates:
+                    if isinstance(update, Status):
+                        if not on_status(status_for_api(update)):
+                            return None
+                    else:
+                        return update[0], update[1]
+        except gr.Error as exc:
+            return refusal_of(exc, tier.door(request))
+        return None
+
+
+def refusal_of(exc: gr.Error, door: DoorView) -> Refusal:
+    """What the page says of an error: the project's own (the ``gr.Error``'s context, as the
+    frontend raises it), else its title and message."""
+    cause = exc.__context__
+    if not isinstance(cause, SplitspaceError):
+        cause = SplitspaceError(str(exc.message), title=exc.title or "Error")
+    if isinstance(cause, Throttled):
+        retry = cause.retry_after_s
+        if cause.title == QUEUE_FULL:  # a retry needs one of those to finish: about a job's time
+            retry = max(retry, door.seconds_per_job)
+        return Refusal(cause.title, cause.reason, retry, door.in_flight, door.shared_address)
+    return Refusal(cause.title, cause.message, None, door.in_flight, door.shared_address)
 
 
 class LiveModel:
@@ -256,7 +304,11 @@ class GoneTabs:
         return session in self._gone
 
 
-def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Blocks:
+ApiEvent = Callable[[list[Any], list[Any]], Any]
+"""Registers ``/generate`` given its input and output components (no trigger on the page)."""
+
+
+def build_page(model: LiveModel, limits: Limits, frontend: PageBackend, generate_api: ApiEvent) -> gr.Blocks:
     tabs = GoneTabs()
     with gr.Blocks(title="splitspace", delete_cache=(3600, 3600)) as blocks:
         heading = gr.Markdown("# splitspace\nText to image on a shared GPU, scheduled fairly per client.")
@@ -316,19 +368,7 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend) -> gr.Bl
         quota_api_box = gr.JSON(label="Quota", visible=False)
 
         inputs = [prompt, negative, width, height, steps, guidance, seed]
-        # The API, as ever: no trigger on the page. preprocess=False: our validation (one
-        # definition, errors that name the field) sees the raw values first, instead of the
-        # components' own range checks. postprocess=False: the handler returns final outputs.
-        gr.on(
-            [],
-            frontend.generate_api,
-            inputs,
-            [image, info_box],
-            api_name="generate",
-            concurrency_limit=None,
-            preprocess=False,
-            postprocess=False,
-        )
+        generate_api(inputs, [image, info_box])  # the API, as ever: no trigger on the page
         gr.on([], frontend.quota, None, quota_api_box, api_name="quota", concurrency_limit=None)
 
         async def on_generate(

@@ -16,25 +16,27 @@ where the runner needs it:
   outputs, postprocessed there (files carried as bytes) and handed to the runner's sink,
   which sends it as a :class:`~shared.contract.calls.Partial`; stopped between yields when
   the caller leaves or the time limit passes (``TimeLimitExceeded``, naming it);
-- :meth:`AppFunction.finish` (the event loop): the outputs postprocessed and carried into
+- :meth:`AppFunction.finish` (the event loop): the outputs given to the decorator's
+  ``report`` with the call's measured info (if it has one), postprocessed and carried into
   a :class:`~shared.contract.calls.CallResult` (a stream's last yield, already postprocessed).
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from splitspace.gpu_backend.workload.batching import BatchOutcome, run_isolating_failures
 from splitspace.gpu_backend.workload.work import StreamSink, StreamStopped, Timing, Work, Workload
+from splitspace.shared.app.gpu_function import tier_reports
 from splitspace.shared.app.loader import GpuEndpoint
 from splitspace.shared.app.processing import EventProcessing
 from splitspace.shared.app.streaming import Stopped
 from splitspace.shared.contract.calls import Call, CallInfo, CallResult
 
 BATCH_KEY = "splitspace.call"
-"""The first part of a batch function's batch key (the second is its API name)."""
+"""The first part of a batch function's batch key (then its API name, then its ``batch_key``'s, if any)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class AppFunction(Workload[Prepared]):
     def __init__(self, endpoint: GpuEndpoint, *, cache_dir: str, max_file_bytes: int) -> None:
         self.endpoint = endpoint
         self.event = EventProcessing.of(endpoint)
+        tier_reports()  # the function's report runs in finish(), with what the runner measured
         self.cache_dir = cache_dir
         self.max_file_bytes = max_file_bytes
 
@@ -70,12 +73,17 @@ class AppFunction(Workload[Prepared]):
         args = self.event.preprocess(call.data, cache_dir=self.cache_dir, max_file_bytes=self.max_file_bytes)
         record = self.endpoint.record
         estimate = record.estimate_s(*([a] for a in args)) if record.batch else record.estimate_s(*args)
-        key = (BATCH_KEY, self.api_name) if record.batch else None
+        key: Hashable = None
+        if record.batch:
+            key = (
+                (BATCH_KEY, self.api_name)
+                if record.batch_key is None
+                else (BATCH_KEY, self.api_name, record.key_of(*args))
+            )
         return Work(self, Prepared(args), estimate, key, streams=self.event.streams)
 
     def max_batch(self) -> int:
-        record = self.endpoint.record
-        return record.max_batch_size if record.batch else 1
+        return self.endpoint.record.batch_cap()
 
     def label(self) -> str:
         return self.api_name
@@ -108,8 +116,11 @@ class AppFunction(Workload[Prepared]):
         return self._answer(output, timing)
 
     async def _answer(self, values: list[Any], timing: Timing) -> CallResult:
-        data = await self.event.postprocess(values, max_file_bytes=self.max_file_bytes)
-        return CallResult(data, self._info(timing))
+        info = self._info(timing)
+        data = await self.event.postprocess(
+            self.endpoint.record.reported(values, info), max_file_bytes=self.max_file_bytes
+        )
+        return CallResult(data, info)
 
     def _info(self, timing: Timing) -> CallInfo:
         return CallInfo(

@@ -18,7 +18,7 @@ charge, and one bad request never fails or charges another client's.
 
 from __future__ import annotations
 
-import spaces  # noqa: F401  (import before torch/CUDA: ZeroGPU requires it)
+import spaces  # (import before torch/CUDA: ZeroGPU requires it)
 
 from splitspace.gpu_backend.workload.batching import BatchOutcome, run_batch_isolating_failures
 from splitspace.gpu_backend.workload.model import CompileConfig, ModelExecutor
@@ -51,6 +51,14 @@ def current_executor() -> ModelExecutor:
 def batch_cap(setting: int) -> int:
     """The most requests one call may take: the tier's setting, capped by the model's own."""
     return max(1, min(setting, current_executor().max_batch))
+
+
+def zerogpu_duration(estimate_s: float) -> float:
+    """Seconds to ask for a GPU call estimated at ``estimate_s``: on ZeroGPU, with the safety
+    margin (a call past its duration is killed); elsewhere the estimate itself (admission's)."""
+    if not spaces.config.Config.zero_gpu:
+        return estimate_s
+    return max(MIN_DURATION_S, int(estimate_s * DURATION_MARGIN) + 1)
 
 
 def gpu_duration(requests: list[GenerateRequest], seeds: list[int], costs: list[float] | None = None) -> int:

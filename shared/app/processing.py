@@ -38,7 +38,6 @@ import pydantic
 from gradio import processing_utils
 from gradio import utils as gr_utils
 from gradio.blocks import Block
-from gradio.data_classes import GradioModel, GradioRootModel
 from gradio.exceptions import Error as GradioError
 from gradio_client import utils as client_utils
 
@@ -119,7 +118,7 @@ class EventProcessing:
                 errors = exc.errors()
                 raise ValidationFailed(label, str(errors[0]["msg"]) if errors else "is not valid") from None
         if not self.preprocess_inputs:
-            return value.model_dump() if isinstance(value, GradioModel | GradioRootModel) else value
+            return value.model_dump() if isinstance(value, pydantic.BaseModel) else value
         try:
             return block.preprocess(value)
         except GradioError as exc:
@@ -234,7 +233,7 @@ class EventProcessing:
             return update
         if self.postprocess_outputs:
             value = block.postprocess(value)
-            if isinstance(value, GradioModel | GradioRootModel):
+            if isinstance(value, pydantic.BaseModel):
                 value = value.model_dump()
         return processing_utils.move_files_to_cache(value, block, postprocess=True)
 
@@ -250,7 +249,7 @@ class EventProcessing:
             return update
         if self.postprocess_outputs:
             value = await asyncio.to_thread(block.postprocess, value)
-            if isinstance(value, GradioModel | GradioRootModel):
+            if isinstance(value, pydantic.BaseModel):
                 value = value.model_dump()
         # as Gradio does: a file the function named must be one it may serve, copied into the cache
         return await processing_utils.async_move_files_to_cache(value, block, postprocess=True)
