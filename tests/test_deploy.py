@@ -8,10 +8,12 @@ are made against a recording stand-in for ``HfApi``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,49 +172,41 @@ def start_bundle(bundle: Path, name: str, env: dict[str, str], log_path: Path, t
     return wait_ready(TierProcess(name, f"http://127.0.0.1:{port}", proc, log_path), timeout_s)
 
 
-def test_bundles_serve_a_generate_call_on_their_own(tmp_path):
-    out = tmp_path / "bundles"
-    deploy(DeployOptions(FE, BE, "tiny", private_backend=False), dry_run=out, environ={}, echo=lambda _: None)
-    secret = "bundle-test-secret-0123456789abcdef"
+BUNDLE_SECRET = "bundle-test-secret-0123456789abcdef"
+
+
+@contextlib.contextmanager
+def serving_bundles(out: Path, logs: Path, backend_env: dict[str, str]) -> Iterator[tuple[TierProcess, TierProcess]]:
+    """Both bundles in ``out`` started from their own folders, the frontend pointed at the GPU
+    tier, sharing ``BUNDLE_SECRET`` (which neither may log); stopped on leaving."""
     be_port, fe_port = free_port(), free_port()
     tiers: list[TierProcess] = []
     try:
-        backend = start_bundle(
-            out / BACKEND,
-            "backend",
-            {
-                "PORT": str(be_port),
-                "SPLITSPACE_MODEL": "tiny",
-                "SPLITSPACE_SECRET": secret,
-                "SPLITSPACE_STATE_PATH": str(tmp_path / "state.sqlite3"),
-            },
-            tmp_path / "backend.log",
-        )
-        tiers.append(backend)
-        frontend = start_bundle(
-            out / FRONTEND,
-            "frontend",
-            {
-                "PORT": str(fe_port),
-                "SPLITSPACE_SECRET": secret,
-                "SPLITSPACE_BACKEND_URL": f"http://127.0.0.1:{be_port}",
-            },
-            tmp_path / "frontend.log",
-        )
-        tiers.append(frontend)
+        env = {"PORT": str(be_port), "SPLITSPACE_SECRET": BUNDLE_SECRET, **backend_env}
+        tiers.append(start_bundle(out / BACKEND, "backend", env, logs / "backend.log"))
+        env = {"PORT": str(fe_port), "SPLITSPACE_SECRET": BUNDLE_SECRET, "SPLITSPACE_BACKEND_URL": tiers[0].url}
+        tiers.append(start_bundle(out / FRONTEND, "frontend", env, logs / "frontend.log"))
+        backend, frontend = tiers
         # each tier says where its packages came from: the bundle, not this repository
         assert f"packages from {(out / BACKEND).resolve()}," in backend.log()
         assert f"packages from {(out / FRONTEND).resolve()}," in frontend.log()
-        assert httpx.get(f"{backend.url}/health").json()["model"] == "tiny"
+        yield backend, frontend
+        assert BUNDLE_SECRET not in backend.log() + frontend.log()
+    finally:
+        for tier in reversed(tiers):
+            tier.stop()
 
+
+def test_bundles_serve_a_generate_call_on_their_own(tmp_path):
+    out = tmp_path / "bundles"
+    deploy(DeployOptions(FE, BE, "tiny", private_backend=False), dry_run=out, environ={}, echo=lambda _: None)
+    backend_env = {"SPLITSPACE_MODEL": "tiny", "SPLITSPACE_STATE_PATH": str(tmp_path / "state.sqlite3")}
+    with serving_bundles(out, tmp_path, backend_env) as (backend, frontend):
+        assert httpx.get(f"{backend.url}/health").json()["model"] == "tiny"
         client = Client(frontend.url, verbose=False)
         path, info = client.predict("a cat", "", 64, 64, 1, 0.0, 1, api_name="/generate")
         assert Image.open(path).size == (64, 64)
         assert info["model"] == "tiny" and info["width"] == 64
-        assert secret not in backend.log() + frontend.log()
-    finally:
-        for tier in reversed(tiers):
-            tier.stop()
 
 
 def test_backend_bundle_runs_zero_gpu_startup_only_on_zero_gpu(tmp_path):
@@ -577,37 +571,6 @@ def test_bundles_of_an_app_serve_its_gpu_function_on_their_own(tmp_path):
         environ={},
         echo=lambda _: None,
     )
-    secret = "bundle-test-secret-0123456789abcdef"
-    be_port, fe_port = free_port(), free_port()
-    tiers: list[TierProcess] = []
-    try:
-        backend = start_bundle(
-            out / BACKEND,
-            "backend",
-            {
-                "PORT": str(be_port),
-                "SPLITSPACE_SECRET": secret,
-                "SPLITSPACE_STATE_PATH": str(tmp_path / "state.sqlite3"),
-            },
-            tmp_path / "backend.log",
-        )
-        tiers.append(backend)
-        frontend = start_bundle(
-            out / FRONTEND,
-            "frontend",
-            {
-                "PORT": str(fe_port),
-                "SPLITSPACE_SECRET": secret,
-                "SPLITSPACE_BACKEND_URL": f"http://127.0.0.1:{be_port}",
-            },
-            tmp_path / "frontend.log",
-        )
-        tiers.append(frontend)
-        assert f"packages from {(out / BACKEND).resolve()}," in backend.log()
-        assert f"packages from {(out / FRONTEND).resolve()}," in frontend.log()
+    with serving_bundles(out, tmp_path, {"SPLITSPACE_STATE_PATH": str(tmp_path / "state.sqlite3")}) as (_, frontend):
         # needs the serving path: the app's function, called through the frontend, runs on the GPU tier
         assert Client(frontend.url, verbose=False).predict("hi", 2, api_name="/shout") == "HI HI"
-        assert secret not in backend.log() + frontend.log()
-    finally:
-        for tier in reversed(tiers):
-            tier.stop()
