@@ -280,7 +280,7 @@ def comparable(calls, uploaded: dict[str, set[str]]):
     out = []
     for name, args, kwargs in calls:
         if name == "upload_folder":
-            assert kwargs.pop("delete_patterns") == ["*.py"]
+            assert kwargs.pop("delete_patterns") == ["*.py", "app/**"]
             kwargs.pop("commit_message")
             assert Path(kwargs.pop("folder_path")).name in (FRONTEND, BACKEND)
             assert kwargs["repo_id"] in uploaded
@@ -462,6 +462,14 @@ def _an_app(root: Path) -> Path:
     (root / ".venv" / "lib" / "big.py").write_text("")
     (root / "data").mkdir()
     (root / "data" / "notebook.py").write_text("")
+    (root / "examples").mkdir()
+    (root / "examples" / "cat.png").write_bytes(b"\x89PNG not really")
+    (root / "__pycache__").mkdir()
+    (root / "__pycache__" / "app.cpython-311.pyc").write_bytes(b"")
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (root / "env").mkdir()
+    (root / "env" / "pyvenv.cfg").write_text("home = /usr/bin\n")
     (root / "requirements.txt").write_text(
         "pillow>=10  # images\ngradio>=5.0\nsplitspace\n\n# a comment\n--extra-index-url https://example.org/simple\n"
     )
@@ -481,14 +489,23 @@ def test_dry_run_bundles_a_developers_app(tmp_path):
             BE,
             "--public-backend",
             "--dry-run",
-            str(tmp_path / "out"),
+            str(app_file.parent / "out"),
         ],
     )
     assert result.exit_code == 0, result.output
     for tier in (FRONTEND, BACKEND):
-        bundle = tmp_path / "out" / tier
+        bundle = app_file.parent / "out" / tier
         carried = sorted(str(p.relative_to(bundle / "app")) for p in (bundle / "app").rglob("*") if p.is_file())
-        assert carried == ["app.py", "helpers.py", "mypkg/__init__.py", "mypkg/words.py"]
+        # the app's files as its Space would hold them; no environment, cache or git folder,
+        # nor the bundles themselves (this dry run writes inside the app's folder)
+        assert carried == [
+            "app.py",
+            "data/notebook.py",
+            "examples/cat.png",
+            "helpers.py",
+            "mypkg/__init__.py",
+            "mypkg/words.py",
+        ]
         assert (bundle / "app" / "app.py").read_text() == app_file.read_text()
         entry = (bundle / "app.py").read_text()
         assert "os.environ[\"SPLITSPACE_APP\"] = f\"{HERE / 'app' / 'app.py'}:ui\"" in entry
