@@ -28,7 +28,7 @@ from splitspace.session.token import IdentityTokens, infer_purpose
 from splitspace.shared.contract.calls import CALL_PATH, Call
 from splitspace.shared.contract.headers import IDENTITY_HEADER
 from tests.clients import call_rest, error_text
-from tests.support import GPU_TIER_BACKLOG, Deployment, sha256, wait_for
+from tests.support import GPU_TIER_BACKLOG, OPEN_ANONYMOUS, TIER, Deployment, keys_toml, tiers_toml, wait_for
 
 STUDIO = "tests/apps/studio.py"
 KEYS = {
@@ -42,48 +42,13 @@ KEYS = {
     "batch-b": "light",
     "tight-other": "light",
 }
-QUOTAS = """
-[tiers.anonymous]
-weight = 1
-max_running = 1
-max_queued = 8
-gpu_seconds = 3600
-window_s = 3600
-address_gpu_seconds = 3600
-requests_per_minute = 100000
-
-[tiers.burst]
-weight = 1
-max_running = 1
-max_queued = 30
-gpu_seconds = 3600
-window_s = 3600
-
-[tiers.light]
-weight = 1
-max_running = 1
-max_queued = 8
-gpu_seconds = 3600
-window_s = 3600
-
-[tiers.tight]
-weight = 1
-max_running = 1
-max_queued = 1
-gpu_seconds = 3600
-window_s = 3600
-
-[tiers.chatty]
-weight = 1
-max_running = 1
-max_queued = 10
-gpu_seconds = 3600
-window_s = 3600
-requests_per_minute = 2
-""" + "".join(
-    f'\n[[keys]]\nname = "{name}"\ntier = "{tier}"\nsha256 = "{sha256(f"app-{name}-key")}"\n'
-    for name, tier in KEYS.items()
-)
+QUOTAS = tiers_toml(
+    anonymous=OPEN_ANONYMOUS,
+    burst={**TIER, "max_queued": 30},
+    light=TIER,
+    tight={**TIER, "max_queued": 1},
+    chatty={**TIER, "max_queued": 10, "requests_per_minute": 2},
+) + keys_toml(KEYS, lambda name: f"app-{name}-key")
 
 
 def bearer(name: str) -> dict[str, str]:
