@@ -156,13 +156,14 @@ def generate(
 
 
 def check(*values: Any) -> Any:
-    """The event's ``validator=``: the request's own checks, naming the field they refuse."""
+    """The event's ``validator=``: the request's own checks, naming the field they refuse. A
+    batch event's validator answers in the batch form (one list per input: one call's verdict)."""
     try:
         request_of(*values)
     except ValidationFailed as exc:
         said = str(exc).removeprefix(f"{exc.field}: ")  # the input's label names it
-        return [gr.validate(name != exc.field, said if name == exc.field else "") for name in REQUEST_FIELDS]
-    return [gr.validate(True, "") for _ in REQUEST_FIELDS]
+        return [[gr.validate(name != exc.field, said if name == exc.field else "")] for name in REQUEST_FIELDS]
+    return [[gr.validate(True, "")] for _ in REQUEST_FIELDS]
 
 
 def _api(inputs: list[Any], outputs: list[Any]) -> Any:
