@@ -529,7 +529,8 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     app.add_middleware(
         GradioGuard,
         blocks=blocks,
-        body_limits={"/gradio_api/mcp": MCP_MAX_BODY_BYTES},
+        body_limits={"/gradio_api/mcp": MCP_MAX_BODY_BYTES, **jobs.body_limits},
+        json_limits_by_path=jobs.json_limits,
         held_events=held.__contains__,
         uploads=bool(settings.app),
     )
