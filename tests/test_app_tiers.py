@@ -9,7 +9,10 @@ and a function without the decorator).
 
 from __future__ import annotations
 
+import base64
+import io
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -25,9 +28,10 @@ from PIL import Image
 
 from splitspace.session.identity import Identity
 from splitspace.session.token import IdentityTokens, infer_purpose
-from splitspace.shared.contract.calls import CALL_PATH, Call
+from splitspace.shared.contract.calls import CALL_PATH, Call, call_body_limit
 from splitspace.shared.contract.headers import IDENTITY_HEADER
 from tests.clients import call_rest, error_text
+from tests.job_support import wait_job
 from tests.support import GPU_TIER_BACKLOG, Deployment, sha256, wait_for
 
 STUDIO = "tests/apps/studio.py"
@@ -41,6 +45,7 @@ KEYS = {
     "batch-a": "light",
     "batch-b": "light",
     "tight-other": "light",
+    "jobs": "light",
 }
 QUOTAS = """
 [tiers.anonymous]
@@ -92,7 +97,10 @@ def bearer(name: str) -> dict[str, str]:
 
 def deployment(workdir: Path, app: str, **kwargs: Any) -> Deployment:
     env = {"SPLITSPACE_APP": app}
-    return Deployment(workdir, quotas=QUOTAS, backend_env=dict(env), frontend_env={**env, **GPU_TIER_BACKLOG}, **kwargs)
+    jobs = {"SPLITSPACE_JOBS_PATH": str(workdir / "jobs.sqlite3")}
+    return Deployment(
+        workdir, quotas=QUOTAS, backend_env=dict(env), frontend_env={**env, **GPU_TIER_BACKLOG, **jobs}, **kwargs
+    )
 
 
 @pytest.fixture(scope="module")
@@ -298,3 +306,78 @@ def test_a_batch_function_runs_two_clients_calls_in_one_call(studio: Deployment,
     for thread, _ in calls:
         thread.join(60)
     assert [out for _, out in calls] == [[("complete", [4, 2])], [("complete", [10, 2])]]
+
+
+# -- jobs (/v1/jobs) of the app's functions ------------------------------------------------------
+def post_job(d: Deployment, body: dict[str, Any]) -> httpx.Response:
+    assert d.frontend is not None
+    return httpx.post(f"{d.frontend.url}/v1/jobs", json=body, headers=bearer("jobs"), timeout=30)
+
+
+def finished_job(d: Deployment, body: dict[str, Any]) -> dict[str, Any]:
+    assert d.frontend is not None
+    r = post_job(d, body)
+    assert r.status_code == 202, r.text
+    return wait_job(d.frontend.url, r.json()["id"], bearer("jobs"))
+
+
+def test_a_job_runs_a_decorated_function_and_a_bad_input_is_refused_as_by_gradio(shout: Deployment) -> None:
+    job = finished_job(shout, {"endpoint": "/shout", "inputs": {"text": "hey", "times": 3}})
+    assert (job["status"], job["outputs"]) == ("succeeded", ["HEY HEY HEY"]), job
+    assert finished_job(shout, {"endpoint": "/shout", "data": ["ho"]})["outputs"] == ["HO HO"]  # the default
+    for inputs, field, message in (
+        ({"text": "hey", "times": 9}, "times", "Times: must be at most 5"),
+        ({"text": "x" * 201}, "text", "Text: at most 200 characters"),
+        ({"text": "hey", "times": 2.5}, "times", "Times: must be in steps of 1 from 1"),
+        ({"text": "hey", "loud": True}, "loud", "is not an input of this endpoint (its inputs: text, times)"),
+    ):
+        r = post_job(shout, {"endpoint": "/shout", "inputs": inputs})
+        assert r.status_code == 400 and (r.json()["field"], r.json()["message"]) == (field, message), r.text
+    # the Gradio API path refuses the same input, named and said the same way
+    assert shout.frontend is not None
+    r = httpx.post(f"{shout.frontend.url}/gradio_api/call/shout", json={"data": ["hey", 9]}, headers=bearer("jobs"))
+    refused = [v for v in r.json()["detail"] if not v["is_valid"]]
+    assert r.status_code == 422 and refused == [
+        {"__type__": "validate", "is_valid": False, "message": "Times: must be at most 5", "parameter_name": "times"}
+    ]
+
+
+def test_a_job_takes_a_picture_as_base64_and_answers_with_its_mirror_image(studio: Deployment) -> None:
+    assert studio.frontend is not None
+    pixels = np.random.default_rng(3).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    assert len(b64) > 16 * 1024  # over the guard's default body limit: /v1/jobs takes files' bodies
+    job = finished_job(studio, {"endpoint": "/mirror", "inputs": {"picture": {"b64": b64, "name": "in.png"}}})
+    assert job["status"] == "succeeded", job
+    (out,) = job["outputs"]
+    png = httpx.get(out["url"], headers=bearer("jobs"), timeout=30)
+    assert png.status_code == 200 and out["mime_type"] == "image/png"
+    got = np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB"))
+    assert got.shape == pixels.shape and (got == pixels[:, ::-1]).all()
+    # a file that is not a picture, as the component's file types say
+    text = {"b64": base64.b64encode(b"hello").decode(), "name": "notes.txt"}
+    r = post_job(studio, {"endpoint": "/mirror", "inputs": {"picture": text}})
+    assert r.status_code == 400 and r.json()["field"] == "picture", r.text
+    assert r.json()["message"] == "Picture: notes.txt is not one of the accepted file types (image)"
+    # a function without the decorator runs on the frontend, in Gradio alone: no job for it
+    r = post_job(studio, {"endpoint": "/count", "inputs": {"text": "one two"}})
+    assert r.status_code == 400 and r.json()["field"] == "endpoint" and "no endpoint '/count'" in r.text, r.text
+
+
+def test_a_job_body_over_the_file_limit_is_a_413_naming_it(studio: Deployment) -> None:
+    assert studio.frontend is not None
+    limit = call_body_limit(50 * 1024 * 1024)  # SPLITSPACE_MAX_FILE_BYTES's default, as base64, and the call
+    host, port = studio.frontend.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:  # the headers alone: refused before the body
+        s.sendall(
+            f"POST /v1/jobs HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {limit + 1}\r\nConnection: close\r\n\r\n".encode()
+        )
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), reply[:300]
+    assert f"at most {limit} bytes" in body.decode(), body
