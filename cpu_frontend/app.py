@@ -32,7 +32,7 @@ from starlette.requests import Request
 
 from splitspace.cpu_frontend.api import gradio_tuning
 from splitspace.cpu_frontend.api.mcp_loopback import McpLoopback
-from splitspace.cpu_frontend.api.openai_images import openai_routes
+from splitspace.cpu_frontend.api.openai_images import OPENAI_PATHS, openai_refusal, openai_routes
 from splitspace.cpu_frontend.api.validation import gradio_validator, validate_call
 from splitspace.cpu_frontend.door.door import FairDoor, Place
 from splitspace.cpu_frontend.door.door_middleware import DOOR_PASS_HEADER, DoorMiddleware, HeldCalls
@@ -531,6 +531,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         blocks=blocks,
         body_limits={"/gradio_api/mcp": MCP_MAX_BODY_BYTES, **jobs.body_limits},
         json_limits_by_path=jobs.json_limits,
+        refusal_bodies={} if settings.app else dict.fromkeys(OPENAI_PATHS, openai_refusal),
         held_events=held.__contains__,
         uploads=bool(settings.app),
     )
