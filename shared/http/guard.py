@@ -294,8 +294,8 @@ class GradioGuard:
         except Refusal as refusal:
             log.info("refused %s %s: %d %s", method, self._label(path), refusal.status, refusal.title)
             shape = next((make for prefix, make in self.refusal_bodies if path.startswith(prefix)), None)
-            body = None if shape is None else shape(refusal.status, refusal.title, refusal.message)
-            await send_problem(send, refusal.status, refusal.title, refusal.message, body)
+            shaped = None if shape is None else shape(refusal.status, refusal.title, refusal.message)
+            await send_problem(send, refusal.status, refusal.title, refusal.message, shaped)
             return
         if outside:
             await self.app(scope, receive, send)
