@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import time
 from pathlib import Path
 
@@ -88,6 +89,24 @@ def test_response_format_url_is_a_capability_url(direct: Deployment) -> None:
     r = httpx.get(url, timeout=30)  # no credentials: whoever holds the URL may read it
     assert r.status_code == 200
     assert png(r.content).size == (64, 64)
+
+
+def test_images_handed_out_by_url_expire_with_the_jobs_ttl(tmp_path: Path) -> None:
+    """What a URL points at is deleted ``SPLITSPACE_JOB_TTL_S`` after it was written (in
+    process: the sweep's rule; the lifespan runs it every minute)."""
+    from splitspace.cpu_frontend.app import IMAGE_NAME, expire_images
+
+    now = time.time()
+    for name, age in (("old", 100.0), ("new", 10.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / IMAGE_NAME).write_bytes(b"PNG")
+        os.utime(tmp_path / name / IMAGE_NAME, (now - age, now - age))
+    (tmp_path / "upload").mkdir()
+    (tmp_path / "upload" / "other.png").write_bytes(b"PNG")  # not an image the frontend wrote
+    os.utime(tmp_path / "upload" / "other.png", (now - 1000, now - 1000))
+    assert expire_images(str(tmp_path), 60.0, now) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "upload"]
+    assert expire_images(str(tmp_path), 60.0, now) == 0
 
 
 @pytest.mark.parametrize(

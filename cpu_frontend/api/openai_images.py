@@ -22,8 +22,9 @@ way in:
 
 ``response_format="url"`` answers with a capability URL: the PNG where Gradio serves
 the frontend's outputs (``/gradio_api/file=<path>``, under a directory named by the
-image's hash), readable by whoever holds the URL, without credentials, until
-Gradio's cache cleanup removes it.
+image's hash), readable by whoever holds the URL, without credentials, for
+``SPLITSPACE_JOB_TTL_S`` after the image was written, as a job's results
+(``cpu_frontend.app.expire_images`` deletes it then).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations.
