@@ -3,8 +3,9 @@
 - ``POST /v1/jobs`` ``{"endpoint", "inputs" | "data", "webhook_url"?, "webhook_events"?}``
   (``Idempotency-Key`` header optional): 202 with the job (``Location`` its URL); 400
   naming the input (a developer's function: checked as Gradio's API checks it, files
-  given inline: ``file_inputs.py``); 413 over the body limit (the guard's); 429 with ``Retry-After`` over the client's in-flight cap (the same
-  cap, line and fair share as the Gradio API: ``runner.py``).
+  given inline: ``file_inputs.py``); 413 over the body limit (the guard's); 429 with
+  ``Retry-After`` over the client's in-flight cap (the same cap, line and fair share as
+  the Gradio API: ``runner.py``).
 - ``GET /v1/jobs/{id}`` (``?include=b64``: files' bytes inline), ``GET /v1/jobs`` (the
   caller's own, newest first, ``limit`` and ``cursor``), ``POST /v1/jobs/{id}/cancel``,
   ``GET /v1/jobs/{id}/files/{n}``: only the job's owner (same API key, session cookie or
