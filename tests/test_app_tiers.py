@@ -2,9 +2,10 @@
 
 The frontend serves the app's Blocks; each ``@splitspace.gpu`` event crosses the hop to
 the GPU tier, which runs it behind the same identity checks, limits and fair queue as
-the built-in model. The apps: ``examples/shout.py`` and ``tests/apps/studio.py`` (an
-image function, several outputs, a batch function, functions that hold the GPU or fail,
-and a function without the decorator).
+the built-in model. The apps: ``examples/shout.py``, ``examples/mirror.py`` (jobs with a
+picture) and ``tests/apps/studio.py`` (an image function, several outputs, a batch
+function, functions that hold the GPU or fail, and a function without the decorator).
+Jobs (``/v1/jobs``) of the apps' functions go through the same tiers.
 """
 
 from __future__ import annotations
@@ -106,6 +107,13 @@ def deployment(workdir: Path, app: str, **kwargs: Any) -> Deployment:
 @pytest.fixture(scope="module")
 def shout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     d = deployment(tmp_path_factory.mktemp("shout"), "examples/shout.py").start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    d = deployment(tmp_path_factory.mktemp("mirror"), "examples/mirror.py").start()
     yield d
     d.stop()
 
@@ -342,34 +350,44 @@ def test_a_job_runs_a_decorated_function_and_a_bad_input_is_refused_as_by_gradio
     ]
 
 
-def test_a_job_takes_a_picture_as_base64_and_answers_with_its_mirror_image(studio: Deployment) -> None:
-    assert studio.frontend is not None
-    pixels = np.random.default_rng(3).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+def test_a_job_takes_a_picture_as_base64_and_answers_with_its_mirror_image(mirror: Deployment) -> None:
+    """``examples/mirror.py``: a PNG (over the guard's default 16 KiB as base64) in, its mirror
+    image out (as a lossy WebP, ``gr.Image(type="pil")``'s format: compared within a margin)."""
+    pixels = np.full((120, 160, 3), 20, dtype=np.int16)
+    pixels[:60, :50], pixels[60:, 50:] = 220, 120  # unlike itself flipped either way
+    pixels += np.random.default_rng(3).integers(-8, 9, pixels.shape, dtype=np.int16)  # (size)
+    pixels = pixels.astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "PNG")
     b64 = base64.b64encode(buf.getvalue()).decode()
     assert len(b64) > 16 * 1024  # over the guard's default body limit: /v1/jobs takes files' bodies
-    job = finished_job(studio, {"endpoint": "/mirror", "inputs": {"picture": {"b64": b64, "name": "in.png"}}})
-    assert job["status"] == "succeeded", job
-    (out,) = job["outputs"]
-    png = httpx.get(out["url"], headers=bearer("jobs"), timeout=30)
-    assert png.status_code == 200 and out["mime_type"] == "image/png"
-    got = np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB"))
-    assert got.shape == pixels.shape and (got == pixels[:, ::-1]).all()
+    for given, upside_down in (({"b64": b64, "name": "in.png"}, False), (f"data:image/png;base64,{b64}", True)):
+        job = finished_job(mirror, {"endpoint": "/mirror", "inputs": {"picture": given, "upside_down": upside_down}})
+        assert job["status"] == "succeeded", job
+        (out,) = job["outputs"]
+        image = httpx.get(out["url"], headers=bearer("jobs"), timeout=30)
+        assert image.status_code == 200 and out["mime_type"] == "image/webp"
+        got = np.asarray(Image.open(io.BytesIO(image.content)).convert("RGB")).astype(np.int16)
+        want = (pixels[::-1] if upside_down else pixels[:, ::-1]).astype(np.int16)
+        assert got.shape == want.shape and np.abs(got - want).mean() < 10
+        assert np.abs(got - pixels.astype(np.int16)).mean() > 40  # (not the picture as it was)
     # a file that is not a picture, as the component's file types say
     text = {"b64": base64.b64encode(b"hello").decode(), "name": "notes.txt"}
-    r = post_job(studio, {"endpoint": "/mirror", "inputs": {"picture": text}})
+    r = post_job(mirror, {"endpoint": "/mirror", "inputs": {"picture": text}})
     assert r.status_code == 400 and r.json()["field"] == "picture", r.text
     assert r.json()["message"] == "Picture: notes.txt is not one of the accepted file types (image)"
-    # a function without the decorator runs on the frontend, in Gradio alone: no job for it
+
+
+def test_a_function_without_the_decorator_has_no_job(studio: Deployment) -> None:
+    """It runs on the frontend, in Gradio alone (as the Gradio API calls it): a job for it is refused."""
     r = post_job(studio, {"endpoint": "/count", "inputs": {"text": "one two"}})
     assert r.status_code == 400 and r.json()["field"] == "endpoint" and "no endpoint '/count'" in r.text, r.text
 
 
-def test_a_job_body_over_the_file_limit_is_a_413_naming_it(studio: Deployment) -> None:
-    assert studio.frontend is not None
+def test_a_job_body_over_the_file_limit_is_a_413_naming_it(mirror: Deployment) -> None:
+    assert mirror.frontend is not None
     limit = call_body_limit(50 * 1024 * 1024)  # SPLITSPACE_MAX_FILE_BYTES's default, as base64, and the call
-    host, port = studio.frontend.url.removeprefix("http://").split(":")
+    host, port = mirror.frontend.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as s:  # the headers alone: refused before the body
         s.sendall(
             f"POST /v1/jobs HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
