@@ -24,25 +24,6 @@ from splitspace.shared.contract.errors import ServiceUnavailable
 if TYPE_CHECKING:
     from splitspace.gpu_backend.stores.redis_store import RedisStore
 
-__all__ = [
-    "UsageStore",
-    "UsageLedger",
-    "OverrideStore",
-    "StoreUnavailable",
-    "MemoryUsageStore",
-    "SlotKind",
-    "SLOT_KINDS",
-    "Lease",
-    "SlotGrant",
-    "SlotCounts",
-    "Renewal",
-    "Reservation",
-    "AdmitPlan",
-    "AdmitGrant",
-    "DEFAULT_LEASE_S",
-    "DEFAULT_SERVICE_TTL_S",
-]
-
 _SLACK = 1e-9
 """Float slack so that three reservations of 0.1 fit a limit of 0.3."""
 
