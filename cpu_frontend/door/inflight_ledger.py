@@ -102,19 +102,12 @@ class InflightLedger(Protocol):
 
 
 class NullLedger:
-    """No Redis: the door's own count is the cap."""
+    """No Redis: the door's own count is the cap, and every call here does nothing."""
 
-    async def acquire(self, flow: str, cap: int, local_count: int) -> Hold | None:
-        return None
-
-    def release(self, hold: Hold | None) -> None:
-        return None
-
-    async def start(self) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
+    async def acquire(self, flow: str, cap: int, local_count: int) -> Hold | None: ...
+    def release(self, hold: Hold | None) -> None: ...
+    async def start(self) -> None: ...
+    async def aclose(self) -> None: ...
 
 
 class RedisLedger:

@@ -70,11 +70,7 @@ local function live(k)  -- a usage hash's live window, or nil
   local w = {tonumber(h[1]), tonumber(h[2]), tonumber(h[3])}
   if w[2] and w[2] + w[3] > NOW then return w end
 end
-local function add(k, delta, ttl)  -- a service counter
-  local v = tonumber(redis.call('GET', k) or '0') + delta
-  redis.call('SET', k, fmt(v), 'PX', ttl)
-  return v
-end
+local function get(k) return tonumber(redis.call('GET', k) or '0') end
 if ARGV[1] ~= '' and NOW > tonumber(ARGV[1]) then return {'__expired__', fmt(NOW)} end
 local ARG = {}
 for i = 2, #ARGV do ARG[i - 1] = ARGV[i] end
@@ -109,22 +105,18 @@ return redis.call('INCR', KEYS[3])
     "overrides_all": """
 local out = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  out[#out + 1] = id
-  out[#out + 1] = redis.call('HGETALL', ARG[1] .. id)
+  out[#out + 1] = id; out[#out + 1] = redis.call('HGETALL', ARG[1] .. id)
 end
 return out
 """,
-    "overrides_version": "return tonumber(redis.call('GET', KEYS[1]) or '0')",
+    "overrides_version": "return get(KEYS[1])",
     # KEYS one slot set per lease, then the index; ARG lease_s, then the job of each
     "slot_renew": """
 local out = {}
 for i = 1, #KEYS - 1 do
   redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', fmt(NOW))
-  out[i] = 0
-  if redis.call('ZSCORE', KEYS[i], ARG[i + 1]) then
-    redis.call('ZADD', KEYS[i], 'XX', fmt(NOW + tonumber(ARG[1])), ARG[i + 1]); touch(KEYS[i])
-    out[i] = 1
-  end
+  out[i] = redis.call('ZSCORE', KEYS[i], ARG[i + 1]) and 1 or 0
+  if out[i] == 1 then redis.call('ZADD', KEYS[i], 'XX', fmt(NOW + tonumber(ARG[1])), ARG[i + 1]); touch(KEYS[i]) end
 end
 return out
 """,
@@ -152,14 +144,10 @@ local new_rate = false
 if ARG[2] ~= '' then
   local w = tonumber(ARG[3])
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', fmt(NOW - w))
-  local held = redis.call('ZCARD', KEYS[1])
-  if not redis.call('ZSCORE', KEYS[1], job) then
-    if held >= num(ARG[2]) then
-      if held == 0 then return {'rate', 0, fmt(w)} end
-      local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-      return {'rate', held, fmt(math.max(0, tonumber(oldest[2]) + w - NOW))}
-    end
-    new_rate = true
+  local held, oldest = redis.call('ZCARD', KEYS[1]), redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  new_rate = not redis.call('ZSCORE', KEYS[1], job)
+  if new_rate and held >= num(ARG[2]) then
+    return {'rate', held, fmt(held == 0 and w or math.max(0, tonumber(oldest[2]) + w - NOW))}
   end
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', fmt(NOW))
@@ -170,15 +158,10 @@ for i = 1, nres do
   local k, a = KEYS[2 + i], 7 + 3 * (i - 1)
   local amount, limit = tonumber(ARG[a + 1]), num(ARG[a + 2])
   local w = windows[k] or live(k) or {0, NOW, tonumber(ARG[a + 3])}
-  if w[1] + amount > limit + slack then
-    return {'quota', i, fmt(math.max(0, w[2] + w[3] - NOW)), fmt(w[1])}
-  end
+  if w[1] + amount > limit + slack then return {'quota', i, fmt(math.max(0, w[2] + w[3] - NOW)), fmt(w[1])} end
   windows[k] = {w[1] + amount, w[2], w[3]}
 end
-if new_rate then
-  redis.call('ZADD', KEYS[1], fmt(NOW), job)
-  redis.call('PEXPIRE', KEYS[1], ms(tonumber(ARG[3])))
-end
+if new_rate then redis.call('ZADD', KEYS[1], fmt(NOW), job); redis.call('PEXPIRE', KEYS[1], ms(tonumber(ARG[3]))) end
 redis.call('ZADD', KEYS[2], fmt(NOW + tonumber(ARG[5])), job); touch(KEYS[2])
 for k, w in pairs(windows) do
   redis.call('HSET', k, 'used', fmt(w[1]), 'start', fmt(w[2]), 'window_s', fmt(w[3]))
@@ -195,7 +178,7 @@ return {'ok', svc}
 redis.call('ZREM', KEYS[1], ARG[1])
 redis.call('ZREM', KEYS[2], ARG[1])
 if ARG[2] == '1' then redis.call('ZREM', KEYS[3], ARG[1]) end
-if ARG[3] ~= '' then add(KEYS[4], tonumber(ARG[3]), ARG[4]) end
+if ARG[3] ~= '' then redis.call('SET', KEYS[4], fmt(get(KEYS[4]) + tonumber(ARG[3])), 'PX', ARG[4]) end
 for i = 5, #KEYS do
   local w = live(KEYS[i])
   if w then redis.call('HSET', KEYS[i], 'used', fmt(math.max(0, w[1] + tonumber(ARG[i])))) end
@@ -214,9 +197,8 @@ if not already and held >= num(ARG[2]) then return {0, held} end
 redis.call('ZADD', KEYS[2], fmt(NOW + tonumber(ARG[3])), job); touch(KEYS[2])
 redis.call('ZREM', KEYS[1], job)
 if not already then held = held + 1 end
-local delta = tonumber(ARG[4])
-local v = tonumber(redis.call('GET', KEYS[4]) or '0')
-local s = math.max(tonumber(redis.call('GET', KEYS[3]) or '0'), v) + delta
+local delta, v = tonumber(ARG[4]), get(KEYS[4])
+local s = math.max(get(KEYS[3]), v) + delta
 redis.call('SET', KEYS[3], fmt(s), 'PX', ARG[5])
 redis.call('SET', KEYS[4], fmt(math.max(v, s - delta)), 'PX', ARG[5])
 return {1, held}
@@ -269,147 +251,6 @@ class _Call(Generic[T]):
     parse: Callable[[Any], T]
 
 
-class _Commands:
-    """Each store operation, with the contract's signature, as a :class:`_Call` (no I/O)."""
-
-    def __init__(self, prefix: str, service_ttl_s: float) -> None:
-        if not service_ttl_s > 0:
-            raise ValueError(f"service_ttl_s must be positive, got {service_ttl_s!r}")
-        self.prefix = prefix
-        self.ttl_ms = _ms(service_ttl_s)
-        self._overrides = (f"{prefix}overrides:index", f"{prefix}overrides:version")
-        self._slot_index = f"{prefix}slot-index"
-
-    def _usage(self, key: str) -> str:
-        return f"{self.prefix}usage:{key}"
-
-    def _slot(self, kind: str, key: str) -> str:
-        return f"{self.prefix}slot:{kind}:{key}"
-
-    def _svc(self, flow_id: str) -> str:
-        return f"{self.prefix}svc:{flow_id}"
-
-    def admit(self, plan: AdmitPlan, now: float | None = None) -> _Call[AdmitGrant]:
-        check_plan(plan)
-        wanted = list(dict.fromkeys(plan.service))
-        keys = (
-            f"{self.prefix}rate:{plan.key}",
-            self._slot("queued", plan.key),
-            *(self._usage(r.key) for r in plan.reservations),
-            *map(self._svc, wanted),
-            f"{self.prefix}nonce:{plan.nonce}",
-            f"{self.prefix}usage-index",
-            self._slot_index,
-        )
-        args = (
-            plan.job_id,
-            "" if plan.rate_limit is None else _num(plan.rate_limit),
-            repr(float(plan.rate_window_s)),
-            _num(plan.max_queued),
-            repr(float(plan.lease_s)),
-            str(len(plan.reservations)),
-            repr(_SLACK),
-            *(x for r in plan.reservations for x in (repr(float(r.amount)), _num(r.limit), repr(float(r.window_s)))),
-            plan.nonce,
-            _ms(plan.nonce_ttl_s),
-        )
-        return _Call("admit", keys, args, _admit_grant(wanted))
-
-    def start_job(
-        self,
-        key: str,
-        job_id: str,
-        limit: float,
-        lease_s: float,
-        service_delta: float,
-        vtime_key: str,
-        now: float | None = None,
-    ) -> _Call[SlotGrant]:
-        check_slot("running", limit, lease_s)
-        check_service(service_delta)
-        slots = (self._slot("queued", key), self._slot("running", key))
-        keys = (*slots, self._svc(key), self._svc(vtime_key), self._slot_index)
-        args = (job_id, _num(limit), repr(float(lease_s)), repr(float(service_delta)), self.ttl_ms)
-        return _Call("start_job", keys, args, lambda r: SlotGrant(bool(int(r[0])), int(r[1])))
-
-    def settle(
-        self,
-        key: str,
-        job_id: str,
-        adjustments: Iterable[tuple[str, float]] = (),
-        *,
-        forget_rate: bool = False,
-        service_delta: float = 0.0,
-        now: float | None = None,
-    ) -> _Call[None]:
-        check_service(service_delta)
-        deltas = [(k, d) for k, d in adjustments if d]
-        slots = (self._slot("queued", key), self._slot("running", key), f"{self.prefix}rate:{key}")
-        keys = (*slots, self._svc(key), *(self._usage(k) for k, _ in deltas))
-        svc = repr(float(service_delta)) if service_delta else ""
-        args = (job_id, "1" if forget_rate else "", svc, self.ttl_ms, *(repr(float(d)) for _, d in deltas))
-        return _Call("settle", keys, args, _none)
-
-    def renew(self, leases: Iterable[Lease], lease_s: float, now: float | None = None) -> _Call[Renewal]:
-        wanted = list(leases)
-        for lease in wanted:
-            check_slot(lease.kind, 0, lease_s)
-
-        def parse(reply: Any) -> Renewal:
-            flags = [bool(int(x)) for x in reply or ()]
-            pairs = list(zip(wanted, flags, strict=True))
-            return Renewal(tuple(le for le, ok in pairs if ok), tuple(le for le, ok in pairs if not ok))
-
-        keys = (*(self._slot(lease.kind, lease.key) for lease in wanted), self._slot_index)
-        args = (repr(float(lease_s)), *(le.job_id for le in wanted))
-        return _Call("slot_renew" if wanted else "", keys, args, parse)
-
-    def usage(self, key: str, now: float | None = None) -> _Call[tuple[float, float]]:
-        return _Call("usage", (self._usage(key),), (), lambda r: (float(r[0]), float(r[1])))
-
-    def usage_keys(self, now: float | None = None) -> _Call[list[str]]:
-        head = self._usage("")
-        parse: Callable[[Any], list[str]] = lambda r: sorted(_text(k).removeprefix(head) for k in r)  # noqa: E731
-        return _Call("usage_keys", (f"{self.prefix}usage-index",), (), parse)
-
-    def reset(self, key: str) -> _Call[None]:
-        return _Call("delete", (self._usage(key),), (), _none)
-
-    def count(self, kind: SlotKind, key: str, now: float | None = None) -> _Call[int]:
-        check_slot(kind, 0, 1.0)
-        return _Call("slot_count", (self._slot(kind, key),), (), int)
-
-    def slot_counts(self, now: float | None = None) -> _Call[dict[str, SlotCounts]]:
-        head = f"{self.prefix}slot:"
-
-        def parse(reply: Any) -> dict[str, SlotCounts]:
-            counts: dict[str, dict[str, int]] = {}
-            for name, n in zip(reply[0::2], reply[1::2], strict=False):
-                kind, _, key = _text(name).removeprefix(head).partition(":")
-                counts.setdefault(key, {})[kind] = int(n)
-            return {key: SlotCounts(**c) for key, c in counts.items()}
-
-        return _Call("slot_counts", (self._slot_index,), (), parse)
-
-    def set_overrides(self, client_id: str, values: dict[str, Any]) -> _Call[None]:
-        pairs = [part for name, value in values.items() for part in (str(name), json.dumps(value))]
-        keys = (f"{self.prefix}overrides:c:{client_id}", *self._overrides)
-        return _Call("overrides_set", keys, (client_id, *pairs), _none)
-
-    def clear_overrides(self, client_id: str) -> _Call[None]:
-        keys = (f"{self.prefix}overrides:c:{client_id}", *self._overrides)
-        return _Call("overrides_clear", keys, (client_id,), _none)
-
-    def all_overrides(self) -> _Call[dict[str, dict[str, Any]]]:
-        def parse(reply: Any) -> dict[str, dict[str, Any]]:
-            return {_text(cid): _hash(values) for cid, values in zip(reply[0::2], reply[1::2], strict=False)}
-
-        return _Call("overrides_all", self._overrides[:1], (f"{self.prefix}overrides:c:",), parse)
-
-    def overrides_version(self) -> _Call[int]:
-        return _Call("overrides_version", self._overrides[1:], (), int)
-
-
 class _ServerClock:
     """Redis' ``TIME`` estimated from the monotonic clock (learnt from a ``TIME`` round
     trip every ``RESYNC_S``), to stamp each call with when its caller gives up."""
@@ -451,9 +292,9 @@ def _boundary() -> Iterator[None]:
         raise StoreUnavailable(unreachable_reason(exc)) from exc
 
 
-def _sync(build: Callable[Concatenate[_Commands, P], _Call[T]]) -> Callable[Concatenate[RedisStore, P], T]:
+def _sync(build: Callable[Concatenate[RedisStore, P], _Call[T]]) -> Callable[Concatenate[RedisStore, P], T]:
     def run(self: RedisStore, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        steps, reply = self._exchange(build(self._cmd, *args, **kwargs)), None
+        steps, reply = self._exchange(build(self, *args, **kwargs)), None
         with _boundary():
             while not isinstance(ask := steps.send(reply), _Done):
                 reply = self._client.time() if ask is None else self._scripts[ask[0]](keys=list(ask[1]), args=ask[2])
@@ -463,10 +304,10 @@ def _sync(build: Callable[Concatenate[_Commands, P], _Call[T]]) -> Callable[Conc
 
 
 def _async(
-    build: Callable[Concatenate[_Commands, P], _Call[T]],
+    build: Callable[Concatenate[RedisStore, P], _Call[T]],
 ) -> Callable[Concatenate[RedisStore, P], Awaitable[T]]:
     async def run(self: RedisStore, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        steps, reply = self._exchange(build(self._cmd, *args, **kwargs)), None
+        steps, reply = self._exchange(build(self, *args, **kwargs)), None
         with _boundary():
             while not isinstance(ask := steps.send(reply), _Done):
                 client, scripts = self._async_client, self._async_scripts
@@ -490,7 +331,11 @@ class RedisStore:
         timeout_s: float | None = None,
     ) -> None:
         self._client, self._async_client = client, async_client
-        self._cmd = _Commands(prefix, service_ttl_s)
+        if not service_ttl_s > 0:
+            raise ValueError(f"service_ttl_s must be positive, got {service_ttl_s!r}")
+        self.prefix, self.ttl_ms = prefix, _ms(service_ttl_s)
+        self._overrides = (f"{prefix}overrides:index", f"{prefix}overrides:version")
+        self._slot_index = f"{prefix}slot-index"
         self._scripts = {name: client.register_script(_LUA_COMMON + src) for name, src in _SCRIPTS.items()}
         self._async_scripts = {name: async_client.register_script(_LUA_COMMON + src) for name, src in _SCRIPTS.items()}
         if timeout_s is None:  # a caller gives up at 80 % of its socket timeout, the rest a margin
@@ -529,12 +374,148 @@ class RedisStore:
             self._clock.learn(float(reply[1]), sent, time.monotonic())
         raise StoreUnavailable("the shared store (Redis) answered too late twice (its clock jumped?)")
 
-    admit, start_job, settle = _sync(_Commands.admit), _sync(_Commands.start_job), _sync(_Commands.settle)
-    renew, count, slot_counts = _sync(_Commands.renew), _sync(_Commands.count), _sync(_Commands.slot_counts)
-    usage, usage_keys, reset = _sync(_Commands.usage), _sync(_Commands.usage_keys), _sync(_Commands.reset)
-    set_overrides, clear_overrides = _sync(_Commands.set_overrides), _sync(_Commands.clear_overrides)
-    all_overrides, overrides_version = _sync(_Commands.all_overrides), _sync(_Commands.overrides_version)
-    admit_async = _async(_Commands.admit)
+    def _usage(self, key: str) -> str:
+        return f"{self.prefix}usage:{key}"
+
+    def _slot(self, kind: str, key: str) -> str:
+        return f"{self.prefix}slot:{kind}:{key}"
+
+    def _svc(self, flow_id: str) -> str:
+        return f"{self.prefix}svc:{flow_id}"
+
+    def _admit(self, plan: AdmitPlan, now: float | None = None) -> _Call[AdmitGrant]:
+        check_plan(plan)
+        wanted = list(dict.fromkeys(plan.service))
+        keys = (
+            f"{self.prefix}rate:{plan.key}",
+            self._slot("queued", plan.key),
+            *(self._usage(r.key) for r in plan.reservations),
+            *map(self._svc, wanted),
+            f"{self.prefix}nonce:{plan.nonce}",
+            f"{self.prefix}usage-index",
+            self._slot_index,
+        )
+        args = (
+            plan.job_id,
+            "" if plan.rate_limit is None else _num(plan.rate_limit),
+            repr(float(plan.rate_window_s)),
+            _num(plan.max_queued),
+            repr(float(plan.lease_s)),
+            str(len(plan.reservations)),
+            repr(_SLACK),
+            *(x for r in plan.reservations for x in (repr(float(r.amount)), _num(r.limit), repr(float(r.window_s)))),
+            plan.nonce,
+            _ms(plan.nonce_ttl_s),
+        )
+        return _Call("admit", keys, args, _admit_grant(wanted))
+
+    admit, admit_async = _sync(_admit), _async(_admit)
+
+    @_sync
+    def start_job(
+        self,
+        key: str,
+        job_id: str,
+        limit: float,
+        lease_s: float,
+        service_delta: float,
+        vtime_key: str,
+        now: float | None = None,
+    ) -> _Call[SlotGrant]:
+        check_slot("running", limit, lease_s)
+        check_service(service_delta)
+        slots = (self._slot("queued", key), self._slot("running", key))
+        keys = (*slots, self._svc(key), self._svc(vtime_key), self._slot_index)
+        args = (job_id, _num(limit), repr(float(lease_s)), repr(float(service_delta)), self.ttl_ms)
+        return _Call("start_job", keys, args, lambda r: SlotGrant(bool(int(r[0])), int(r[1])))
+
+    @_sync
+    def settle(
+        self,
+        key: str,
+        job_id: str,
+        adjustments: Iterable[tuple[str, float]] = (),
+        *,
+        forget_rate: bool = False,
+        service_delta: float = 0.0,
+        now: float | None = None,
+    ) -> _Call[None]:
+        check_service(service_delta)
+        deltas = [(k, d) for k, d in adjustments if d]
+        slots = (self._slot("queued", key), self._slot("running", key), f"{self.prefix}rate:{key}")
+        keys = (*slots, self._svc(key), *(self._usage(k) for k, _ in deltas))
+        svc = repr(float(service_delta)) if service_delta else ""
+        args = (job_id, "1" if forget_rate else "", svc, self.ttl_ms, *(repr(float(d)) for _, d in deltas))
+        return _Call("settle", keys, args, _none)
+
+    @_sync
+    def renew(self, leases: Iterable[Lease], lease_s: float, now: float | None = None) -> _Call[Renewal]:
+        wanted = list(leases)
+        for lease in wanted:
+            check_slot(lease.kind, 0, lease_s)
+
+        def parse(reply: Any) -> Renewal:
+            flags = [bool(int(x)) for x in reply or ()]
+            pairs = list(zip(wanted, flags, strict=True))
+            return Renewal(tuple(le for le, ok in pairs if ok), tuple(le for le, ok in pairs if not ok))
+
+        keys = (*(self._slot(lease.kind, lease.key) for lease in wanted), self._slot_index)
+        args = (repr(float(lease_s)), *(le.job_id for le in wanted))
+        return _Call("slot_renew" if wanted else "", keys, args, parse)
+
+    @_sync
+    def usage(self, key: str, now: float | None = None) -> _Call[tuple[float, float]]:
+        return _Call("usage", (self._usage(key),), (), lambda r: (float(r[0]), float(r[1])))
+
+    @_sync
+    def usage_keys(self, now: float | None = None) -> _Call[list[str]]:
+        head = self._usage("")
+        parse: Callable[[Any], list[str]] = lambda r: sorted(_text(k).removeprefix(head) for k in r)  # noqa: E731
+        return _Call("usage_keys", (f"{self.prefix}usage-index",), (), parse)
+
+    @_sync
+    def reset(self, key: str) -> _Call[None]:
+        return _Call("delete", (self._usage(key),), (), _none)
+
+    @_sync
+    def count(self, kind: SlotKind, key: str, now: float | None = None) -> _Call[int]:
+        check_slot(kind, 0, 1.0)
+        return _Call("slot_count", (self._slot(kind, key),), (), int)
+
+    @_sync
+    def slot_counts(self, now: float | None = None) -> _Call[dict[str, SlotCounts]]:
+        head = f"{self.prefix}slot:"
+
+        def parse(reply: Any) -> dict[str, SlotCounts]:
+            counts: dict[str, dict[str, int]] = {}
+            for name, n in zip(reply[0::2], reply[1::2], strict=False):
+                kind, _, key = _text(name).removeprefix(head).partition(":")
+                counts.setdefault(key, {})[kind] = int(n)
+            return {key: SlotCounts(**c) for key, c in counts.items()}
+
+        return _Call("slot_counts", (self._slot_index,), (), parse)
+
+    @_sync
+    def set_overrides(self, client_id: str, values: dict[str, Any]) -> _Call[None]:
+        pairs = [part for name, value in values.items() for part in (str(name), json.dumps(value))]
+        keys = (f"{self.prefix}overrides:c:{client_id}", *self._overrides)
+        return _Call("overrides_set", keys, (client_id, *pairs), _none)
+
+    @_sync
+    def clear_overrides(self, client_id: str) -> _Call[None]:
+        keys = (f"{self.prefix}overrides:c:{client_id}", *self._overrides)
+        return _Call("overrides_clear", keys, (client_id,), _none)
+
+    @_sync
+    def all_overrides(self) -> _Call[dict[str, dict[str, Any]]]:
+        def parse(reply: Any) -> dict[str, dict[str, Any]]:
+            return {_text(cid): _hash(values) for cid, values in zip(reply[0::2], reply[1::2], strict=False)}
+
+        return _Call("overrides_all", self._overrides[:1], (f"{self.prefix}overrides:c:",), parse)
+
+    @_sync
+    def overrides_version(self) -> _Call[int]:
+        return _Call("overrides_version", self._overrides[1:], (), int)
 
     def close(self) -> None:
         self._client.close()

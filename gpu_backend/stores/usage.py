@@ -196,11 +196,6 @@ class MemoryUsageStore:
     def _changed(self, key: str) -> None:
         """A usage window changed (``write_behind`` persists it)."""
 
-    def window(self, key: str) -> _Window | None:
-        with self._lock:
-            w = self._windows.get(key)
-            return None if w is None else _Window(w.used, w.start, w.window_s)
-
     def _live(self, key: str, now: float) -> _Window | None:
         window = self._windows.get(key)
         return window if window is not None and window.live(now) else None

@@ -12,6 +12,7 @@ outside the lock, and go straight to the file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -147,7 +148,9 @@ class WriteBehindStore(MemoryUsageStore):
         if not keys:
             return
         try:
-            self.backing.write_windows({key: self.window(key) for key in keys})
+            with self._lock:  # copies: the lock-held code changes them meanwhile
+                windows = {k: (w := self._windows.get(k)) and dataclasses.replace(w) for k in keys}
+            self.backing.write_windows(windows)
         except Exception as exc:  # a full or locked disk: keep counting, retry later
             log.warning("could not persist usage (%s); retrying", type(exc).__name__)
             with self._cond:
