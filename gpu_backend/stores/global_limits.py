@@ -22,7 +22,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from splitspace.gpu_backend.admission.scheduler import RATE_WINDOW_S, ClientRef, Job, address_usage_key
+from splitspace.gpu_backend.admission.scheduler import (
+    RATE_WINDOW_S,
+    ClientRef,
+    Job,
+    address_usage_key,
+    queue_reason,
+    quota_reason,
+    rate_reason,
+)
 from splitspace.gpu_backend.stores.resilient_store import RETRY_EVERY_S, ResilientStore
 from splitspace.gpu_backend.stores.usage import AdmitGrant, AdmitPlan, Lease, Reservation, SlotKind, StoreUnavailable
 from splitspace.session.token import TOKEN_REUSED
@@ -59,6 +67,13 @@ class Hold:
     cost: float
     reserved_address: bool
     kind: SlotKind = "queued"  # until its start, then "running"
+
+
+def _safely(call: Callable[[], object], what: str) -> None:
+    try:
+        call()
+    except Exception:  # the renewer thread must go on
+        log.warning("could not %s", what, exc_info=True)
 
 
 class GlobalLimits:
@@ -129,23 +144,11 @@ class GlobalLimits:
         """The same titles, reasons and retry seconds as one tier alone."""
         who = "from this address " if by_address else ""
         if grant.refused_by == "rate":
-            return Throttled(
-                RATE_LIMITED,
-                f"{grant.held} requests {who}in the last {RATE_WINDOW_S:g} s "
-                f"(requests_per_minute={tier.requests_per_minute})",
-                grant.retry_after_s,
-            )
+            return Throttled(RATE_LIMITED, rate_reason(grant.held, tier.requests_per_minute, who), grant.retry_after_s)
         if grant.refused_by == "queued":
-            return Throttled(
-                QUEUE_FULL, f"{grant.held} requests {who}already queued (max_queued={tier.max_queued})", cost
-            )
+            return Throttled(QUEUE_FULL, queue_reason(grant.held, tier.max_queued, who), cost)
         name = "gpu_seconds" if grant.quota == 0 else "address_gpu_seconds"
-        limit = plan.reservations[grant.quota].limit
-        scope = "by this address " if name == "address_gpu_seconds" else ""
-        if cost > limit:
-            reason = f"this request needs {cost:.1f} GPU-seconds, more than the whole quota ({name}={limit:g})"
-        else:
-            reason = f"{grant.used:.1f} of {limit:g} GPU-seconds used {scope}in this window ({name}={limit:g})"
+        reason = quota_reason(grant.used, cost, plan.reservations[grant.quota].limit, name)
         return Throttled(QUOTA_EXCEEDED, reason, grant.retry_after_s)
 
     def refused_locally(self, hold: Hold) -> None:
@@ -237,27 +240,19 @@ class GlobalLimits:
         tick = min(1.0, every)
         next_renew, next_tick = time.monotonic() + every, time.monotonic() + tick
         while not self._stop.wait(RETRY_EVERY_S if len(self.store.unsent) else tick):
-            try:  # the releases Redis missed, as soon as it answers (no I/O while it is away)
-                self.store.send_unsent()
-            except Exception:
-                log.warning("could not send the releases Redis missed", exc_info=True)
+            _safely(self.store.send_unsent, "send the releases Redis missed")  # no I/O while it is away
             if time.monotonic() < next_tick - 0.01:  # woken early to send releases
                 continue
             next_tick = time.monotonic() + tick
             if time.monotonic() >= next_renew:
                 next_renew = time.monotonic() + every
-                leases = self.leases()
-                if leases:
-                    try:
-                        lost = self.store.renew(leases, self.lease_s).lost
-                        if lost:
-                            log.warning("%d slot leases expired before renewal (a paused process?)", len(lost))
-                    except Exception:
-                        log.warning("could not renew slot leases", exc_info=True)
-            try:
-                self._on_tick()
-            except Exception:
-                log.warning("periodic store task failed", exc_info=True)
+                _safely(self._renew, "renew slot leases")
+            _safely(self._on_tick, "run the periodic store task")
+
+    def _renew(self) -> None:
+        leases = self.leases()
+        if leases and (lost := self.store.renew(leases, self.lease_s).lost):
+            log.warning("%d slot leases expired before renewal (a paused process?)", len(lost))
 
     def global_stats(self, stats: dict[str, Any], client: ClientRef) -> dict[str, Any]:
         """A client's standing with usage, queued and running across every replica."""

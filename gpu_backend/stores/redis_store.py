@@ -289,7 +289,7 @@ def _boundary() -> Iterator[None]:
     try:
         yield
     except UNAVAILABLE_ERRORS as exc:
-        raise StoreUnavailable(unreachable_reason(exc)) from exc
+        raise StoreUnavailable(unreachable_reason(exc), 1.0) from exc
 
 
 def _sync(build: Callable[Concatenate[RedisStore, P], _Call[T]]) -> Callable[Concatenate[RedisStore, P], T]:
@@ -372,7 +372,7 @@ class RedisStore:
                 yield _Done(call.parse(reply))
                 return
             self._clock.learn(float(reply[1]), sent, time.monotonic())
-        raise StoreUnavailable("the shared store (Redis) answered too late twice (its clock jumped?)")
+        raise StoreUnavailable("the shared store (Redis) answered too late twice (its clock jumped?)", 1.0)
 
     def _usage(self, key: str) -> str:
         return f"{self.prefix}usage:{key}"

@@ -115,9 +115,6 @@ class AdmitGrant:
 class StoreUnavailable(ServiceUnavailable):
     """A shared store (Redis) cannot serve now: nothing was checked or changed."""
 
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message, retry_after_s)
-
 
 class OverrideStore(Protocol):
     """Operator overrides per client id, with a version every change increases."""
