@@ -1,17 +1,12 @@
 """The frontends' in-flight cap per client, counted once for every frontend on one Redis.
 
-Why: the door refuses a client with ``max_running + max_queued`` requests in flight, but
-counts in its own process, so M frontends let M times the cap through (issue 12). With
-``SPLITSPACE_REDIS_URL`` set, each request in flight also holds a lease
-``{frontend}:{token}`` in the flow's sorted set ``{p}inflight-leases:{flow}``, scored by
-its expiry on Redis' clock: *acquire* is one script (drop the expired, count, refuse at
-the cap, else add). *Release* does no I/O (it runs in ``finally`` blocks): it queues the
-drop, which one background task sends while renewing every lease of this frontend every
-``lease_s / 3`` and putting back those Redis lost; an acquire of the flow sends its queued
-drops first. A call of unknown outcome queues its lease to be dropped. A frontend that
-dies stops renewing: its leases expire within ``lease_s``. Redis down: ``closed`` refuses,
-``local`` admits within this frontend's share of the cap, without touching Redis later.
-Design: docs/scaling.md.
+Why: the door counts in its own process, so M frontends would let M times the cap through
+(issue 12). With ``SPLITSPACE_REDIS_URL``, each request in flight also holds a lease in its
+flow's sorted set, scored by its expiry on Redis' clock; *acquire* is one script (drop the
+expired, count, refuse at the cap, else add). *Release* does no I/O: one background task
+sends the queued drops and renews (or puts back) this frontend's leases every ``lease_s /
+3``, so a dead frontend's leases expire within ``lease_s``. Redis down: ``closed`` refuses,
+``local`` admits within this frontend's share of the cap. Design: docs/scaling.md.
 """
 
 from __future__ import annotations

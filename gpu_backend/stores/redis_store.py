@@ -51,6 +51,7 @@ from splitspace.shared.config.redis_client import (
 
 T = TypeVar("T")
 P = ParamSpec("P")
+_RESYNC_S = 30.0
 
 _LUA_COMMON = """
 local t = redis.call('TIME')
@@ -231,7 +232,8 @@ def _admit_grant(wanted: list[str]) -> Callable[[Any], AdmitGrant]:
     def parse(reply: Any) -> AdmitGrant:
         tag = _text(reply[0])
         if tag == "ok":
-            return AdmitGrant(True, service={f: float(v) for f, v in zip(wanted, reply[1], strict=False) if v})
+            read = zip(wanted, reply[1], strict=False)
+            return AdmitGrant(True, service={flow: float(v) for flow, v in read if v is not None})
         if tag in ("queued", "replay"):
             return AdmitGrant(False, tag, held=int(reply[1]) if tag == "queued" else 0)
         if tag == "rate":
@@ -249,29 +251,6 @@ class _Call(Generic[T]):
     keys: tuple[str, ...]
     args: tuple[str, ...]
     parse: Callable[[Any], T]
-
-
-class _ServerClock:
-    """Redis' ``TIME`` estimated from the monotonic clock (learnt from a ``TIME`` round
-    trip every ``RESYNC_S``), to stamp each call with when its caller gives up."""
-
-    RESYNC_S = 30.0
-
-    def __init__(self, give_up_s: float | None) -> None:
-        self.give_up_s = give_up_s
-        self._offset = 0.0
-        self._synced_at = -math.inf
-
-    @property
-    def stale(self) -> bool:
-        return self.give_up_s is not None and time.monotonic() - self._synced_at > self.RESYNC_S
-
-    def learn(self, server_s: float, sent: float, received: float) -> None:
-        self._offset = server_s - (sent + received) / 2
-        self._synced_at = received
-
-    def deadline(self) -> str:
-        return "" if self.give_up_s is None else repr(time.monotonic() + self._offset + self.give_up_s)
 
 
 @dataclass(frozen=True)
@@ -340,7 +319,12 @@ class RedisStore:
         self._async_scripts = {name: async_client.register_script(_LUA_COMMON + src) for name, src in _SCRIPTS.items()}
         if timeout_s is None:  # a caller gives up at 80 % of its socket timeout, the rest a margin
             timeout_s = client.connection_pool.connection_kwargs.get("socket_timeout")
-        self._clock = _ServerClock(None if timeout_s is None else 0.8 * float(timeout_s))
+        self._give_up_s = None if timeout_s is None else 0.8 * float(timeout_s)
+        self._offset, self._synced_at = 0.0, -math.inf  # Redis' TIME - time.monotonic(), learnt then
+
+    def _learn(self, server_s: float, sent: float) -> None:
+        received = time.monotonic()
+        self._offset, self._synced_at = server_s - (sent + received) / 2, received
 
     @classmethod
     def from_url(
@@ -356,22 +340,25 @@ class RedisStore:
         return cls(*clients, prefix=prefix, service_ttl_s=service_ttl_s, timeout_s=timeout_s)
 
     def _exchange(self, call: _Call[T]) -> Generator[_Ask | _Done[T], Any, None]:
-        """Yields what to send and is sent each reply, :class:`_Done` last; tries again once
-        after learning the clock from an "expired" reply."""
+        """Yields what to send and is sent each reply, :class:`_Done` last. The call carries
+        the server time its caller gives up at, on Redis' clock as estimated from a ``TIME``
+        round trip every 30 s; it tries again once after learning the clock from an
+        "expired" reply."""
         if not call.script:
             yield _Done(call.parse(None))
             return
         for _ in range(2):
-            if self._clock.stale:
+            if self._give_up_s is not None and time.monotonic() - self._synced_at > _RESYNC_S:
                 sent = time.monotonic()
                 seconds, micros = yield None
-                self._clock.learn(seconds + micros / 1e6, sent, time.monotonic())
+                self._learn(seconds + micros / 1e6, sent)
             sent = time.monotonic()
-            reply = yield call.script, call.keys, [self._clock.deadline(), *call.args]
+            deadline = "" if self._give_up_s is None else repr(sent + self._offset + self._give_up_s)
+            reply = yield call.script, call.keys, [deadline, *call.args]
             if not (isinstance(reply, list) and len(reply) == 2 and _text(reply[0]) == "__expired__"):
                 yield _Done(call.parse(reply))
                 return
-            self._clock.learn(float(reply[1]), sent, time.monotonic())
+            self._learn(float(reply[1]), sent)
         raise StoreUnavailable("the shared store (Redis) answered too late twice (its clock jumped?)", 1.0)
 
     def _usage(self, key: str) -> str:

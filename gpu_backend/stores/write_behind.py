@@ -70,7 +70,7 @@ class SqliteUsageStore:
                 else:
                     db.execute("INSERT OR REPLACE INTO usage VALUES (?, ?, ?, ?)", (key, w.used, w.start, w.window_s))
 
-    def _change_overrides(self, client_id: str, values: dict[str, Any] | None) -> None:
+    def set_overrides(self, client_id: str, values: dict[str, Any] | None) -> None:
         """Merge ``values`` into the client's overrides (None: drop them); bump the version."""
         with self._transaction() as db:
             row = db.execute("SELECT data FROM overrides WHERE client_id = ?", (client_id,)).fetchone()
@@ -81,11 +81,8 @@ class SqliteUsageStore:
                 db.execute("INSERT OR REPLACE INTO overrides VALUES (?, ?)", (client_id, merged))
             db.execute(_BUMP_VERSION)
 
-    def set_overrides(self, client_id: str, values: dict[str, Any]) -> None:
-        self._change_overrides(client_id, values)
-
     def clear_overrides(self, client_id: str) -> None:
-        self._change_overrides(client_id, None)
+        self.set_overrides(client_id, None)
 
     def all_overrides(self) -> dict[str, dict[str, Any]]:
         return {cid: dict(json.loads(data)) for cid, data in self._read("SELECT client_id, data FROM overrides")}
