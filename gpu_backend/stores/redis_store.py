@@ -145,9 +145,10 @@ local new_rate = false
 if ARG[2] ~= '' then
   local w = tonumber(ARG[3])
   redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', fmt(NOW - w))
-  local held, oldest = redis.call('ZCARD', KEYS[1]), redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  local held = redis.call('ZCARD', KEYS[1])
   new_rate = not redis.call('ZSCORE', KEYS[1], job)
   if new_rate and held >= num(ARG[2]) then
+    local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
     return {'rate', held, fmt(held == 0 and w or math.max(0, tonumber(oldest[2]) + w - NOW))}
   end
 end
