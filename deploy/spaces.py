@@ -35,9 +35,12 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from splitspace.shared.app.loader import AppSpec
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 REPO = Path(__file__).resolve().parent.parent
 FRONTEND, BACKEND = "frontend", "backend"
@@ -165,10 +168,10 @@ def python_version() -> str:
     return f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
-def front_matter(tier: str, app: AppSpec | None = None) -> dict[str, Any]:
+def front_matter(tier: str, app: AppSpec | None = None) -> dict[str, str | bool]:
     """The Space's configuration (README front matter), in the Spaces config reference's keys."""
     name = "splitspace" if app is None else app.path.stem
-    meta: dict[str, Any] = {
+    meta: dict[str, str | bool] = {
         "title": name if tier == FRONTEND else f"{name} GPU tier",
         "emoji": "🖼️" if tier == FRONTEND else "⚙️",
         "colorFrom": "indigo" if tier == FRONTEND else "gray",
@@ -193,7 +196,7 @@ def front_matter(tier: str, app: AppSpec | None = None) -> dict[str, Any]:
     return meta
 
 
-def _yaml_scalar(value: Any) -> str:
+def _yaml_scalar(value: str | bool) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a YAML double-quoted scalar
@@ -504,8 +507,8 @@ class HubCall:
     """One ``HfApi`` method call; ``secret`` marks a call whose value must never be shown."""
 
     method: str
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    args: tuple[str, ...] = ()
+    kwargs: dict[str, str | bool | list[str]] = field(default_factory=dict)
     secret: bool = False
 
     def describe(self) -> str:
@@ -517,7 +520,7 @@ class HubCall:
 
     __repr__ = describe  # a HubCall in a traceback or a log shows no secret either
 
-    def apply(self, api: Any) -> Any:
+    def apply(self, api: HfApi) -> object:
         return getattr(api, self.method)(*self.args, **self.kwargs)
 
 
@@ -595,7 +598,7 @@ def _missing_token_message(backend: str) -> str:
 def deploy(
     options: DeployOptions,
     *,
-    api: Any = None,
+    api: HfApi | None = None,
     dry_run: Path | None = None,
     frontend_token: str | None = None,
     environ: Mapping[str, str] | None = None,

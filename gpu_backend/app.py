@@ -43,7 +43,7 @@ from splitspace.gpu_backend.ops.operator_sessions import GuessThrottle
 from splitspace.gpu_backend.serving.direct_route import INFER_PATH, MAX_BODY_BYTES, STANDING_PATH, DirectRoutes
 from splitspace.gpu_backend.serving.service import InferService
 from splitspace.gpu_backend.stores.global_limits import GlobalLimits, local_limits
-from splitspace.gpu_backend.stores.resilient_store import ResilientStore, open_async_store, open_store
+from splitspace.gpu_backend.stores.resilient_store import ResilientStore, open_store
 from splitspace.gpu_backend.stores.usage import MemoryUsageStore
 from splitspace.gpu_backend.stores.write_behind import SqliteUsageStore, WriteBehindStore
 from splitspace.gpu_backend.workload import gpu
@@ -139,19 +139,10 @@ class GpuTier:
                 replicas=settings.replicas,
             )
             assert isinstance(self.store, ResilientStore)
-            async_store = open_async_store(
-                redis_url=settings.redis_url.get_secret_value(),
-                failure=settings.redis_failure,
-                replicas=settings.replicas,
-                fallback=self.store.fallback,
-                breaker=self.store.breaker,
-                unsent=self.store.unsent,
-            )
             self.overrides = Overrides(self.store)
             limits = limits_function(lambda: self.watcher.current, self.overrides)
             self.global_limits = GlobalLimits(
                 store=self.store,
-                async_store=async_store,
                 limits=limits,
                 lease_s=settings.lease_s,
                 on_retry=lambda: self.runner.dispatch(),
@@ -388,7 +379,7 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
             tier.runner.close()
             if tier.global_limits is not None:
                 tier.global_limits.close()
-                await tier.global_limits.async_store.close()
+                await tier.global_limits.store.aclose()
             tier.store.close()
 
     app = FastAPI(lifespan=lifespan, **NO_TELEMETRY)
