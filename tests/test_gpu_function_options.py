@@ -79,3 +79,38 @@ def test_in_one_process_the_function_reports_the_time_measured_there(monkeypatch
     (out,) = upper(["ab", "c"])
     assert [o.split(" (")[0] for o in out] == ["AB", "C"]
     assert all(f"({LOCAL_CLIENT}, " in o for o in out)
+
+
+# -- the page's backend in an app (cpu_frontend/ui/page.py: AppPage, refusal_of) -----------------
+def test_a_refusal_is_worded_from_the_projects_error_and_the_callers_door() -> None:
+    from splitspace.cpu_frontend.ui.page import refusal_of
+    from splitspace.shared.app.services import DoorView
+    from splitspace.shared.contract.errors import QUEUE_FULL, Throttled, ValidationFailed
+
+    def raised(exc: Exception) -> gr.Error:
+        try:
+            try:
+                raise exc
+            except Exception as inner:
+                raise gr.Error(str(inner), title="x") from None
+        except gr.Error as outer:
+            return outer
+
+    door = DoorView(in_flight=3, shared_address=True, seconds_per_job=4.0)
+    full = refusal_of(raised(Throttled(QUEUE_FULL, "you have 3 requests in flight", 0.5)), door)
+    assert (full.title, full.retry_s, full.in_flight, full.shared_address) == (QUEUE_FULL, 4.0, 3, True)
+    bad = refusal_of(raised(ValidationFailed("width", "must be a multiple of 8")), door)
+    assert bad.retry_s is None and bad.message == "width: must be a multiple of 8"
+    plain = refusal_of(gr.Error("something else", title="Odd"), DoorView())
+    assert (plain.title, plain.message, plain.retry_s) == ("Odd", "something else", None)
+
+
+def test_in_one_process_a_cpu_event_cannot_follow_a_function_that_is_no_gpu_event() -> None:
+    from splitspace.shared.app.services import services
+
+    async def follow() -> None:
+        async for _ in services().follow(lambda text: text, ["x"], None):
+            pass
+
+    with pytest.raises(ValueError, match="no @splitspace.gpu event"):
+        asyncio.run(follow())

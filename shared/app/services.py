@@ -98,7 +98,7 @@ class LocalServices:
         from splitspace.shared.app.loader import gpu_endpoints
         from splitspace.shared.app.processing import EventProcessing
 
-        blocks = LocalContext.blocks.get()
+        blocks = LocalContext.blocks.get(None)  # (the Blocks whose event this is)
         record = gpu_function(fn)
         endpoint = next((e for e in gpu_endpoints(blocks) if e.record is record), None) if blocks else None
         if endpoint is None:
