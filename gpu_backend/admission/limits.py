@@ -38,8 +38,7 @@ class Overrides:
         """Set checked overrides (:func:`~shared.contract.quotas.validate_overrides`) over
         those in force; the values now in force."""
         self._store.set_overrides(client_id, values)
-        merged: OverrideValues = {**self._cache.get(client_id, {}), **values}
-        self._cache[client_id] = merged
+        self._cache[client_id] = {**self._cache.get(client_id, {}), **values}
         self.on_change(client_id)
         return self._cache[client_id]
 
