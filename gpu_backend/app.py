@@ -56,6 +56,7 @@ from splitspace.session.token import HEALTH, IdentityTokens
 from splitspace.shared.app.loader import gpu_endpoints, load_app
 from splitspace.shared.config.quota_watch import QuotaWatcher
 from splitspace.shared.config.settings import Settings
+from splitspace.shared.contract.admin_api import ClientStats
 from splitspace.shared.contract.calls import CALL_PATH, call_body_limit
 from splitspace.shared.contract.errors import SplitspaceError
 from splitspace.shared.contract.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
@@ -241,14 +242,14 @@ class GpuTier:
     def standing(self, identity: Identity) -> dict[str, Any]:
         """The caller's own quota standing."""
         ref = client_ref(identity)
-        stats = dict(self.with_scheduler(lambda s: s.client_stats(ref)))
+        stats: ClientStats = self.with_scheduler(lambda s: s.client_stats(ref))
         if self.global_limits is not None:
             stats = self.global_limits.global_stats(stats, ref)
         stats["tier"] = self.watcher.current.tier_name(
             identity.client_id, identity.tier, self.overrides.get(identity.client_id)
         )
         stats["client"] = identity.client_id
-        return stats
+        return dict(stats)
 
     def live_caps(self) -> dict[str, int]:
         """max_running + max_queued of every client with an override, as the frontend

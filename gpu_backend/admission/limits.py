@@ -6,11 +6,10 @@ Overrides are written through to the usage store (they survive restarts) and rea
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from splitspace.gpu_backend.admission.scheduler import ClientRef
 from splitspace.gpu_backend.stores.usage import OverrideStore
-from splitspace.shared.contract.quotas import QuotaConfig, Tier
+from splitspace.shared.contract.quotas import OverrideValues, QuotaConfig, Tier
 
 
 class Overrides:
@@ -20,7 +19,7 @@ class Overrides:
         """``on_change``: called after every change (with None for changes made elsewhere)."""
         self._store = store
         self._version: int | None = None  # read at the first refresh (shared stores only)
-        self._cache: dict[str, dict[str, Any]] = dict(store.all_overrides())
+        self._cache: dict[str, OverrideValues] = dict(store.all_overrides())
         self.on_change = on_change
 
     def refresh(self) -> None:
@@ -32,10 +31,12 @@ class Overrides:
         self._version = version
         self.on_change(None)
 
-    def get(self, client_id: str) -> dict[str, Any]:
+    def get(self, client_id: str) -> OverrideValues:
         return self._cache.get(client_id, {})
 
-    def set(self, client_id: str, values: dict[str, Any]) -> dict[str, Any]:
+    def set(self, client_id: str, values: OverrideValues) -> OverrideValues:
+        """Set checked overrides (:func:`~shared.contract.quotas.validate_overrides`) over
+        those in force; the values now in force."""
         self._store.set_overrides(client_id, values)
         self._cache[client_id] = {**self._cache.get(client_id, {}), **values}
         self.on_change(client_id)
@@ -46,7 +47,7 @@ class Overrides:
         self._cache.pop(client_id, None)
         self.on_change(client_id)
 
-    def all(self) -> dict[str, dict[str, Any]]:
+    def all(self) -> dict[str, OverrideValues]:
         return dict(self._cache)
 
 

@@ -136,11 +136,12 @@ import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sortedcontainers import SortedList
 
 from splitspace.session.identity import flow_of
+from splitspace.shared.contract.admin_api import AddressStanding, ClientStats
 from splitspace.shared.contract.quotas import Tier
 
 if TYPE_CHECKING:
@@ -980,7 +981,7 @@ class FairScheduler:
             if changed:
                 self._retag(flow)
 
-    def client_stats(self, client: ClientRef | str) -> dict[str, Any]:
+    def client_stats(self, client: ClientRef | str) -> ClientStats:
         """One client's standing: queued, running, used, remaining, resets_in_s, limits, tier.
 
         Pass the :class:`ClientRef` for a client this process may not have seen yet; a
@@ -995,7 +996,7 @@ class FairScheduler:
         flow = self._flows.get(ref.flow_id)
         if flow is not None:
             member = flow.members.get(ref.client_id)
-        stats: dict[str, Any] = {
+        stats: ClientStats = {
             "client": ref.client_id,
             "client_id": ref.client_id,
             "kind": ref.kind,
@@ -1010,14 +1011,14 @@ class FairScheduler:
         if ref.is_anonymous and tier.address_gpu_seconds is not None:
             a_used, a_resets = self._store.usage(address_usage_key(ref.address), now)
             a_remaining = max(0.0, tier.address_gpu_seconds - a_used)
-            stats["address"] = {"used": a_used, "remaining": a_remaining, "resets_in_s": a_resets}
+            stats["address"] = AddressStanding(used=a_used, remaining=a_remaining, resets_in_s=a_resets)
             if a_remaining < remaining:
                 stats["remaining"], stats["resets_in_s"] = a_remaining, a_resets
         return stats
 
-    def clients(self) -> list[dict[str, Any]]:
+    def clients(self) -> list[ClientStats]:
         """Stats of every client queued, running, or with usage in its live window."""
-        out = []
+        out: list[ClientStats] = []
         now = self._clock()
         for cid, ref in list(self._seen.items()):
             flow = self._flows.get(ref.flow_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Request
 
@@ -73,15 +73,14 @@ def admin_router(
 
     def describe(client_id: str) -> ClientStanding:
         ref = ref_for(client_id)
-        stats: dict[str, Any] = dict(read(lambda s: s.client_stats(ref)))
+        stats = read(lambda s: s.client_stats(ref))
         if global_limits is not None:  # usage and slots of every replica, from the store
             kind = stats["kind"]
             address = client_id.removeprefix("addr:") if kind == "address" else ""
             stats = global_limits.global_stats(stats, ClientRef(client_id, kind, stats["tier"], address))
-        stats["client"] = client_id
-        stats["overrides"] = overrides.get(client_id)
-        stats["tier"] = config().tier_name(client_id, stats["tier"], stats["overrides"])
-        return cast(ClientStanding, stats)  # the scheduler's standing (a plain dict), and what this added
+        values = overrides.get(client_id)
+        tier = config().tier_name(client_id, stats["tier"], values)
+        return {**stats, "client": client_id, "overrides": values, "tier": tier}
 
     @router.get("/clients", response_model=None)
     async def list_clients() -> list[ClientStanding]:
@@ -103,7 +102,7 @@ def admin_router(
             raise HTTPException(422, str(exc)) from None
         if unknown := config().unknown_client(client_id):  # a typo must not create a client
             raise HTTPException(404, unknown)
-        overrides.set(client_id, dict(checked))
+        overrides.set(client_id, checked)
         return describe(client_id)
 
     @router.delete("/clients/{client_id:path}", response_model=None)

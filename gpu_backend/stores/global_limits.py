@@ -20,7 +20,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 from splitspace.gpu_backend.admission.scheduler import (
     RATE_WINDOW_S,
@@ -34,6 +33,7 @@ from splitspace.gpu_backend.admission.scheduler import (
 from splitspace.gpu_backend.stores.resilient_store import RETRY_EVERY_S, ResilientStore
 from splitspace.gpu_backend.stores.usage import AdmitGrant, AdmitPlan, Lease, Reservation, SlotKind, StoreUnavailable
 from splitspace.session.token import TOKEN_REUSED
+from splitspace.shared.contract.admin_api import AddressStanding, ClientStats
 from splitspace.shared.contract.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled, Unauthorized
 from splitspace.shared.contract.quotas import Tier
 
@@ -48,14 +48,19 @@ CLIENT_PREFIXES = ("key:", "session:", "addr:")
 """How client ids start (``ClientRef.client_id``); other usage keys are address ceilings."""
 
 
-_RELAXED: dict[str, Any] = dict(
-    gpu_seconds=math.inf, address_gpu_seconds=None, requests_per_minute=None, max_queued=UNLIMITED_QUEUE
-)
-
-
 def local_limits(limits: Callable[[ClientRef], Tier]) -> Callable[[ClientRef], Tier]:
     """The local scheduler's limits: weights and ``max_running``; the rest is checked globally."""
-    return lambda client: dataclasses.replace(limits(client), **_RELAXED)
+
+    def relaxed(client: ClientRef) -> Tier:
+        return dataclasses.replace(
+            limits(client),
+            gpu_seconds=math.inf,
+            address_gpu_seconds=None,
+            requests_per_minute=None,
+            max_queued=UNLIMITED_QUEUE,
+        )
+
+    return relaxed
 
 
 @dataclass
@@ -254,16 +259,16 @@ class GlobalLimits:
         if leases and (lost := self.store.renew(leases, self.lease_s).lost):
             log.warning("%d slot leases expired before renewal (a paused process?)", len(lost))
 
-    def global_stats(self, stats: dict[str, Any], client: ClientRef) -> dict[str, Any]:
+    def global_stats(self, stats: ClientStats, client: ClientRef) -> ClientStats:
         """A client's standing with usage, queued and running across every replica."""
         tier = self._limits(client)
         used, resets_in = self.store.usage(client.client_id)
-        out = {**stats, "limits": tier.to_dict(), "used": used, "resets_in_s": resets_in}
+        out: ClientStats = {**stats, "limits": tier.to_dict(), "used": used, "resets_in_s": resets_in}
         out["remaining"] = max(0.0, tier.gpu_seconds - used)
         if client.is_anonymous and tier.address_gpu_seconds is not None:
             a_used, a_resets = self.store.usage(address_usage_key(client.address))
             a_remaining = max(0.0, tier.address_gpu_seconds - a_used)
-            out["address"] = {"used": a_used, "remaining": a_remaining, "resets_in_s": a_resets}
+            out["address"] = AddressStanding(used=a_used, remaining=a_remaining, resets_in_s=a_resets)
             if a_remaining < out["remaining"]:
                 out["remaining"], out["resets_in_s"] = a_remaining, a_resets
         if not client.is_anonymous:  # an address's slots are its flow's, not one session's

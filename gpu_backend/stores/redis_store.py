@@ -20,7 +20,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, cast
 
 import redis
 import redis.asyncio
@@ -48,6 +48,7 @@ from splitspace.shared.config.redis_client import (
     sync_client,
     unreachable_reason,
 )
+from splitspace.shared.contract.quotas import OverrideValues
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -484,7 +485,7 @@ class RedisStore:
         return _Call("slot_counts", (self._slot_index,), (), parse)
 
     @_sync
-    def set_overrides(self, client_id: str, values: dict[str, Any]) -> _Call[None]:
+    def set_overrides(self, client_id: str, values: OverrideValues) -> _Call[None]:
         pairs = [part for name, value in values.items() for part in (str(name), json.dumps(value))]
         keys = (f"{self.prefix}overrides:c:{client_id}", *self._overrides)
         return _Call("overrides_set", keys, (client_id, *pairs), _none)
@@ -495,9 +496,11 @@ class RedisStore:
         return _Call("overrides_clear", keys, (client_id,), _none)
 
     @_sync
-    def all_overrides(self) -> _Call[dict[str, dict[str, Any]]]:
-        def parse(reply: Any) -> dict[str, dict[str, Any]]:
-            return {_text(cid): _hash(values) for cid, values in zip(reply[0::2], reply[1::2], strict=False)}
+    def all_overrides(self) -> _Call[dict[str, OverrideValues]]:
+        def parse(reply: Any) -> dict[str, OverrideValues]:
+            # each hash holds what set_overrides wrote: checked values, one JSON text a field
+            pairs = zip(reply[0::2], reply[1::2], strict=False)
+            return {_text(cid): cast(OverrideValues, _hash(values)) for cid, values in pairs}
 
         return _Call("overrides_all", self._overrides[:1], (f"{self.prefix}overrides:c:",), parse)
 

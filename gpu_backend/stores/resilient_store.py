@@ -21,7 +21,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import NoReturn, TypeVar
 
 from splitspace.gpu_backend.stores.redis_store import RedisStore
 from splitspace.gpu_backend.stores.usage import (
@@ -43,6 +43,7 @@ from splitspace.shared.config.circuit_breaker import (
     check_failure_mode,
     local_share,
 )
+from splitspace.shared.contract.quotas import OverrideValues
 
 log = logging.getLogger("splitspace.store")
 T = TypeVar("T")
@@ -150,7 +151,7 @@ class ResilientStore:
     ) -> None:
         """Never raises. The slots go back in memory too (taken there during an outage?);
         one Redis did not hear is counted in memory and its release kept for later."""
-        deltas, options = list(adjustments), dict[str, Any](forget_rate=forget_rate, service_delta=service_delta)
+        deltas = list(adjustments)
         self.fallback.settle(key, job_id)
 
         def in_memory(f: MemoryUsageStore) -> None:
@@ -158,9 +159,11 @@ class ResilientStore:
                 self.unsent[(key, job_id)] = None
                 while len(self.unsent) > self._unsent_limit:
                     self.unsent.popitem(last=False)
-            f.settle(key, job_id, deltas, **options)
+            f.settle(key, job_id, deltas, forget_rate=forget_rate, service_delta=service_delta)
 
-        self._call(lambda p: p.settle(key, job_id, deltas, **options), in_memory)
+        self._call(
+            lambda p: p.settle(key, job_id, deltas, forget_rate=forget_rate, service_delta=service_delta), in_memory
+        )
 
     def renew(self, leases: Iterable[Lease], lease_s: float) -> Renewal:
         wanted = list(leases)
@@ -190,8 +193,8 @@ class ResilientStore:
     def slot_counts(self) -> dict[str, SlotCounts]:
         return self._call(lambda p: p.slot_counts(), lambda f: f.slot_counts())
 
-    def all_overrides(self) -> dict[str, dict[str, Any]]:
-        def primary(p: RedisStore) -> dict[str, dict[str, Any]]:
+    def all_overrides(self) -> dict[str, OverrideValues]:
+        def primary(p: RedisStore) -> dict[str, OverrideValues]:
             values = p.all_overrides()
             mirror = self.fallback.all_overrides()
             for cid in mirror.keys() | values.keys():
@@ -206,7 +209,7 @@ class ResilientStore:
     def overrides_version(self) -> int:
         return self._call(lambda p: p.overrides_version(), lambda f: -1 - f.overrides_version())
 
-    def set_overrides(self, client_id: str, values: dict[str, Any]) -> None:
+    def set_overrides(self, client_id: str, values: OverrideValues) -> None:
         self._call(lambda p: p.set_overrides(client_id, values), self._refuse)
         self.fallback.set_overrides(client_id, values)
 

@@ -17,9 +17,10 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
 
 from splitspace.shared.contract.errors import ServiceUnavailable
+from splitspace.shared.contract.quotas import OverrideValues
 
 if TYPE_CHECKING:
     from splitspace.gpu_backend.stores.redis_store import RedisStore
@@ -119,8 +120,8 @@ class StoreUnavailable(ServiceUnavailable):
 class OverrideStore(Protocol):
     """Operator overrides per client id, with a version every change increases."""
 
-    def all_overrides(self) -> dict[str, dict[str, Any]]: ...
-    def set_overrides(self, client_id: str, values: dict[str, Any]) -> None: ...
+    def all_overrides(self) -> dict[str, OverrideValues]: ...
+    def set_overrides(self, client_id: str, values: OverrideValues) -> None: ...
     def clear_overrides(self, client_id: str) -> None: ...
     def overrides_version(self) -> int: ...
 
@@ -181,7 +182,7 @@ class MemoryUsageStore:
         self._service_ttl_s = service_ttl_s
         self._lock = threading.RLock()
         self._windows: dict[str, _Window] = dict(windows or {})
-        self._overrides: dict[str, dict[str, Any]] = {}
+        self._overrides: dict[str, OverrideValues] = {}
         self._version = 0
         self._slots: dict[tuple[str, str], dict[str, float]] = {}  # (kind, key) -> job -> expires
         self._rates: dict[str, dict[str, float]] = {}  # key -> job -> admitted at, oldest first
@@ -248,7 +249,7 @@ class MemoryUsageStore:
                 del self._slots[slot]
             return len(self._windows) + len(self._service) + len(self._slots) + len(self._rates)
 
-    def set_overrides(self, client_id: str, values: dict[str, Any]) -> None:
+    def set_overrides(self, client_id: str, values: OverrideValues) -> None:
         with self._lock:
             self._overrides.setdefault(client_id, {}).update(values)
             self._version += 1
@@ -258,9 +259,9 @@ class MemoryUsageStore:
             self._overrides.pop(client_id, None)
             self._version += 1
 
-    def all_overrides(self) -> dict[str, dict[str, Any]]:
+    def all_overrides(self) -> dict[str, OverrideValues]:
         with self._lock:
-            return {cid: dict(values) for cid, values in self._overrides.items()}
+            return {cid: values.copy() for cid, values in self._overrides.items()}
 
     def overrides_version(self) -> int:
         with self._lock:

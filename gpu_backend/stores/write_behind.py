@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from splitspace.gpu_backend.stores.usage import MemoryUsageStore, _Window
+from splitspace.shared.contract.quotas import OverrideValues
 
 log = logging.getLogger("splitspace.gpu")
 
@@ -70,7 +71,7 @@ class SqliteUsageStore:
                 else:
                     db.execute("INSERT OR REPLACE INTO usage VALUES (?, ?, ?, ?)", (key, w.used, w.start, w.window_s))
 
-    def set_overrides(self, client_id: str, values: dict[str, Any] | None) -> None:
+    def set_overrides(self, client_id: str, values: OverrideValues | None) -> None:
         """Merge ``values`` into the client's overrides (None: drop them); bump the version."""
         with self._transaction() as db:
             row = db.execute("SELECT data FROM overrides WHERE client_id = ?", (client_id,)).fetchone()
@@ -84,8 +85,9 @@ class SqliteUsageStore:
     def clear_overrides(self, client_id: str) -> None:
         self.set_overrides(client_id, None)
 
-    def all_overrides(self) -> dict[str, dict[str, Any]]:
-        return {cid: dict(json.loads(data)) for cid, data in self._read("SELECT client_id, data FROM overrides")}
+    def all_overrides(self) -> dict[str, OverrideValues]:
+        # each row holds what set_overrides wrote: checked values as a JSON object
+        return {cid: json.loads(data) for cid, data in self._read("SELECT client_id, data FROM overrides")}
 
     def overrides_version(self) -> int:
         rows = self._read("SELECT value FROM meta WHERE name = 'overrides_version'")
@@ -110,13 +112,13 @@ class WriteBehindStore(MemoryUsageStore):
         self._writer = threading.Thread(target=self._write_loop, name="usage-writer", daemon=True)
         self._writer.start()
 
-    def set_overrides(self, client_id: str, values: dict[str, Any]) -> None:
+    def set_overrides(self, client_id: str, values: OverrideValues) -> None:
         self.backing.set_overrides(client_id, values)
 
     def clear_overrides(self, client_id: str) -> None:
         self.backing.clear_overrides(client_id)
 
-    def all_overrides(self) -> dict[str, dict[str, Any]]:
+    def all_overrides(self) -> dict[str, OverrideValues]:
         return self.backing.all_overrides()
 
     def overrides_version(self) -> int:

@@ -11,10 +11,9 @@ import base64
 import binascii
 import re
 import tomllib
-from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, TypedDict, cast
+from typing import TypedDict, cast
 
 ANONYMOUS = "anonymous"
 CLIENT_KINDS = ("key", "session", "addr")
@@ -35,11 +34,10 @@ class TierLimits(TypedDict):
     requests_per_minute: int | None
 
 
-class OverrideValues(TypedDict, total=False):
-    """What an override sets, in the quota file's ``[clients]`` or through the admin API:
-    another tier, or any of a tier's limits (those left out keep their tier's)."""
+class LimitOverrides(TypedDict, total=False):
+    """The limits an override sets (those left out keep their tier's): the
+    :class:`OverrideValues` that are a :class:`Tier`'s fields."""
 
-    tier: str
     weight: float
     max_running: int
     max_queued: int
@@ -47,6 +45,13 @@ class OverrideValues(TypedDict, total=False):
     window_s: float
     address_gpu_seconds: float
     requests_per_minute: int
+
+
+class OverrideValues(LimitOverrides, total=False):
+    """What an override sets, in the quota file's ``[clients]`` or through the admin API:
+    another tier, or any of a tier's limits (those left out keep their tier's)."""
+
+    tier: str
 
 
 @dataclass(frozen=True)
@@ -61,14 +66,24 @@ class Tier:
     address_gpu_seconds: float | None = None
     requests_per_minute: int | None = None
 
-    def with_overrides(self, overrides: Mapping[str, object]) -> Tier:
+    def with_overrides(self, overrides: OverrideValues) -> Tier:
         """These limits with ``overrides`` (checked values, :func:`validate_overrides`) set;
         a ``tier`` among them is not a limit and is left out."""
-        # (checked: each value has its field's type)
-        return replace(self, **cast("dict[str, Any]", {k: v for k, v in overrides.items() if k in TIER_FIELDS}))
+        changes = overrides.copy()
+        changes.pop("tier", None)
+        limits: LimitOverrides = changes
+        return replace(self, **limits)
 
     def to_dict(self) -> TierLimits:
-        return cast(TierLimits, {f.name: getattr(self, f.name) for f in fields(self)})
+        return TierLimits(
+            weight=self.weight,
+            max_running=self.max_running,
+            max_queued=self.max_queued,
+            gpu_seconds=self.gpu_seconds,
+            window_s=self.window_s,
+            address_gpu_seconds=self.address_gpu_seconds,
+            requests_per_minute=self.requests_per_minute,
+        )
 
 
 TIER_FIELDS = {f.name for f in fields(Tier)}
@@ -155,19 +170,18 @@ class QuotaConfig:
             return f"no API key named {name[:80]!r} in the quota file (its keys: {known})"
         return None
 
-    def tier_name(self, client_id: str, tier: str, extra: Mapping[str, object] | None = None) -> str:
+    def tier_name(self, client_id: str, tier: str, extra: OverrideValues | None = None) -> str:
         """The tier a client is in after overrides (``extra``, checked :class:`OverrideValues`,
         wins over the file)."""
         named = (extra or {}).get("tier") or self.clients.get(client_id, {}).get("tier")
-        return named if isinstance(named, str) else tier
+        return tier if named is None else named
 
-    def limits_for(self, client_id: str, tier: str, extra: Mapping[str, object] | None = None) -> Tier:
+    def limits_for(self, client_id: str, tier: str, extra: OverrideValues | None = None) -> Tier:
         """The effective limits of one client: its tier, then file overrides, then ``extra``
         (operator overrides made through the admin API, checked :class:`OverrideValues`).
         ``extra`` may name another tier."""
-        overrides: dict[str, object] = dict(self.clients.get(client_id, {}))
-        overrides.update(extra or {})
-        base = self.tier(str(overrides.pop("tier", tier)))
+        overrides: OverrideValues = {**self.clients.get(client_id, {}), **(extra or {})}
+        base = self.tier(overrides.pop("tier", tier))
         return base.with_overrides(overrides)
 
 
