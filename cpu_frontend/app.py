@@ -109,7 +109,8 @@ def http_request(request: gr.Request | None) -> Request | None:
     inner = request.request
     if isinstance(inner, Request):
         return inner
-    headers = [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in dict(request.headers).items()]
+    given = dict(getattr(request, "headers", None) or {})
+    headers = [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in given.items()]
     client = getattr(request, "client", None)
     host = getattr(client, "host", None)
     return Request({"type": "http", "headers": headers, "client": (host, 0) if host else None})
@@ -216,17 +217,11 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async def watch() -> None:
-            while True:
-                await asyncio.sleep(1.0)
-                core.watcher.check()
-
-        task = asyncio.create_task(watch())
+        task = asyncio.create_task(core.watch_quotas())
         sweep = asyncio.create_task(sweep_finished_sessions(blocks))
         # the Gradio state of finished calls (shared/gradio/gradio_sessions.py)
         house = asyncio.create_task(every(HOUSEKEEPING_S, lambda: forget_finished_states(blocks, heartbeats.sessions)))
-        await core.ledger.start()
-        await core.pool.start()
+        await core.start()
         await jobs.start()
         try:
             yield
@@ -235,8 +230,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
             sweep.cancel()
             house.cancel()
             await jobs.aclose()
-            await core.pool.aclose()
-            await core.ledger.aclose()
+            await core.aclose()
 
     app = FastAPI(lifespan=lifespan, **NO_TELEMETRY)
     app.state.frontend = fe

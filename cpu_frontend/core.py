@@ -130,6 +130,21 @@ class FrontendCore:
     def _on_quotas(self, config: QuotaConfig) -> None:
         self.resolver.keyring = ApiKeyring(config.keys)
 
+    async def start(self) -> None:
+        """Connect the shared in-flight counts and start watching the GPU tiers' health."""
+        await self.ledger.start()
+        await self.pool.start()
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+        await self.ledger.aclose()
+
+    async def watch_quotas(self) -> None:
+        """Reload the quota file when it changes (runs for the app's lifetime)."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.watcher.check()
+
     def identity(self, request: HTTPConnection | None) -> Identity:
         """Who a caller is, by its headers, cookies and peer address (the same for a Gradio
         handler's request, the door's middleware's and the HTTP APIs')."""
