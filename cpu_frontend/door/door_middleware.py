@@ -93,7 +93,7 @@ class DoorMiddleware:
         door: FairDoor,
         identify: Callable[[Request], Identity],
         join: Callable[[Identity, bool], Awaitable[Place]],
-        is_request: Callable[[Any], bool],
+        is_request: Callable[[object], bool],
         seconds_per_job: Callable[[], float],
         api_names: Collection[str],
         held: HeldCalls | None = None,
