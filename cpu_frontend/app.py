@@ -28,9 +28,9 @@ from starlette.requests import Request
 
 from splitspace.cpu_frontend.api import gradio_tuning
 from splitspace.cpu_frontend.api.mcp_loopback import McpLoopback
-from splitspace.cpu_frontend.api.openai_images import openai_routes
+from splitspace.cpu_frontend.api.openai_images import OPENAI_PATHS, openai_refusal, openai_routes
 from splitspace.cpu_frontend.api.validation import gradio_validator
-from splitspace.cpu_frontend.core import FrontendCore, SavedImage
+from splitspace.cpu_frontend.core import FrontendCore, SavedImage, expire_images_every
 from splitspace.cpu_frontend.door.door_middleware import DoorMiddleware, HeldCalls
 from splitspace.cpu_frontend.door.status_feed import status_for_api
 from splitspace.cpu_frontend.hop.transport import CALLS_NEED_DIRECT, Transport
@@ -221,6 +221,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         sweep = asyncio.create_task(sweep_finished_sessions(blocks))
         # the Gradio state of finished calls (shared/gradio/gradio_sessions.py)
         house = asyncio.create_task(every(HOUSEKEEPING_S, lambda: forget_finished_states(blocks, heartbeats.sessions)))
+        images = None if settings.app else asyncio.create_task(expire_images_every(core.cache_dir, settings.job_ttl_s))
         await core.start()
         await jobs.start()
         try:
@@ -229,6 +230,8 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
             task.cancel()
             sweep.cancel()
             house.cancel()
+            if images is not None:
+                images.cancel()
             await jobs.aclose()
             await core.aclose()
 
@@ -306,7 +309,9 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     app.add_middleware(
         GradioGuard,
         blocks=blocks,
-        body_limits={"/gradio_api/mcp": MCP_MAX_BODY_BYTES},
+        body_limits={"/gradio_api/mcp": MCP_MAX_BODY_BYTES, **jobs.body_limits},
+        json_limits_by_path=jobs.json_limits,
+        refusal_bodies={} if settings.app else dict.fromkeys(OPENAI_PATHS, openai_refusal),
         held_events=held.__contains__,
         uploads=bool(settings.app),
     )

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,10 @@ log = logging.getLogger("splitspace.frontend")
 
 FRONTEND_IDENTITY = Identity("frontend", "address", "anonymous", "frontend")
 """Who the frontend is when it asks a GPU tier for its live caps (health checks)."""
+IMAGE_NAME = "image.png"
+"""The file name of each image :meth:`FrontendCore.save_image` writes."""
+IMAGE_SWEEP_S = 60.0
+"""How often images older than ``SPLITSPACE_JOB_TTL_S`` are deleted (:func:`expire_images`)."""
 
 
 @dataclass(frozen=True)
@@ -201,7 +206,7 @@ class FrontendCore:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, suffix=".part", delete=False) as tmp:
             tmp.write(png)
-        path = folder / "image.png"
+        path = folder / IMAGE_NAME
         os.replace(tmp.name, path)
         return str(path.resolve())
 
@@ -315,6 +320,35 @@ class FrontendCore:
         assert request is not None  # (identity() refuses a call without one)
         result = await self.pool.standing(self.forward_headers(identity, request, STANDING))
         return {**result, "in_flight_here": self.door.count(identity.flow_id)}
+
+
+def expire_images(cache_dir: str, age_s: float, now: float | None = None) -> int:
+    """Delete the images :meth:`FrontendCore.save_image` wrote (``<cache>/<hash>/image.png``)
+    more than ``age_s`` ago (the same image saved again is written again), and their
+    folders; how many. The OpenAI API's ``response_format="url"`` hands out their URLs:
+    they live as long as a job's results (``SPLITSPACE_JOB_TTL_S``), not forever."""
+    cutoff = (time.time() if now is None else now) - age_s
+    gone = 0
+    for path in Path(cache_dir).glob(f"*/{IMAGE_NAME}"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                gone += 1
+                with contextlib.suppress(OSError):  # (not empty: an identical image being written)
+                    path.parent.rmdir()
+        except OSError:  # deleted meanwhile
+            continue
+    return gone
+
+
+async def expire_images_every(cache_dir: str, age_s: float) -> None:
+    """:func:`expire_images` now and then (from the lifespan), off the event loop."""
+    while True:
+        await asyncio.sleep(min(IMAGE_SWEEP_S, age_s / 2))
+        try:
+            await asyncio.to_thread(expire_images, cache_dir, age_s)
+        except Exception:  # housekeeping must not stop for good
+            log.exception("expiring images failed; trying again later")
 
 
 def _carried(endpoint: GpuEndpoint, payloads: list[Any], max_bytes: int) -> list[Any]:

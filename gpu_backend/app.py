@@ -42,7 +42,7 @@ from splitspace.gpu_backend.ops.operator_sessions import GuessThrottle
 from splitspace.gpu_backend.serving.direct_route import INFER_PATH, MAX_BODY_BYTES, STANDING_PATH, DirectRoutes
 from splitspace.gpu_backend.serving.service import InferService
 from splitspace.gpu_backend.stores.global_limits import GlobalLimits, local_limits
-from splitspace.gpu_backend.stores.resilient_store import ResilientStore, open_async_store, open_store
+from splitspace.gpu_backend.stores.resilient_store import ResilientStore, open_store
 from splitspace.gpu_backend.stores.usage import MemoryUsageStore
 from splitspace.gpu_backend.stores.write_behind import SqliteUsageStore, WriteBehindStore
 from splitspace.gpu_backend.workload import gpu
@@ -55,6 +55,7 @@ from splitspace.session.token import HEALTH, IdentityTokens
 from splitspace.shared.app.loader import gpu_endpoints, load_app
 from splitspace.shared.config.quota_watch import QuotaWatcher
 from splitspace.shared.config.settings import Settings
+from splitspace.shared.contract.admin_api import ModelChange, QuotaStatus
 from splitspace.shared.contract.calls import CALL_PATH, call_body_limit
 from splitspace.shared.contract.errors import SplitspaceError
 from splitspace.shared.contract.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
@@ -140,19 +141,10 @@ class GpuTier:
                 replicas=settings.replicas,
             )
             assert isinstance(self.store, ResilientStore)
-            async_store = open_async_store(
-                redis_url=settings.redis_url.get_secret_value(),
-                failure=settings.redis_failure,
-                replicas=settings.replicas,
-                fallback=self.store.fallback,
-                breaker=self.store.breaker,
-                unsent=self.store.unsent,
-            )
             self.overrides = Overrides(self.store, on_change=self.limits_changed)
             limits = limits_function(self.quota_config, self.overrides)
             self.global_limits = GlobalLimits(
                 store=self.store,
-                async_store=async_store,
                 limits=limits,
                 lease_s=settings.lease_s,
                 on_retry=self.dispatch,
@@ -228,7 +220,7 @@ class GpuTier:
             scheduler.refresh_limits(client_id)
         self.runner.dispatch()
 
-    async def change_model(self, spec: str) -> dict[str, str]:
+    async def change_model(self, spec: str) -> ModelChange:
         """Load another model without a restart: requests in flight finish on the old one,
         new ones queue (none is refused) and run on the new one. A spec that fails to
         load leaves the old model in place and raises ValueError."""
@@ -265,7 +257,7 @@ class GpuTier:
             await asyncio.sleep(1.0)
             self.watcher.check()
 
-    def quota_status(self) -> dict[str, str | None]:
+    def quota_status(self) -> QuotaStatus:
         """The quota file and its last refusal, for operators."""
         return {
             "path": str(self.watcher.path) if self.watcher.path else None,
@@ -277,7 +269,7 @@ class GpuTier:
         self.runner.close()
         if self.global_limits is not None:
             self.global_limits.close()
-            await self.global_limits.async_store.close()
+            await self.global_limits.store.aclose()
         self.store.close()
 
     def with_scheduler(self, read: Callable[[FairScheduler], T]) -> T:
@@ -394,8 +386,8 @@ def model_routes(router: APIRouter, tier: GpuTier) -> None:
             return {"model": None, "app": tier.settings.app, "functions": sorted(tier.functions)}
         return {"model": gpu.current_executor().name}
 
-    @router.put("/model")
-    async def set_model(body: dict[str, Any] = Body(...)) -> dict[str, Any]:
+    @router.put("/model", response_model=None)
+    async def set_model(body: dict[str, Any] = Body(...)) -> ModelChange:
         spec = body.get("model")
         if not isinstance(spec, str) or not spec.strip():
             raise HTTPException(422, "model: give a model spec (tiny, sleep:MS, or a diffusers id or path)")

@@ -1,8 +1,6 @@
 """Each client's limits as the scheduler reads them: the live quota file plus operators' overrides.
 
-Beside the scheduler, which reads them at every admission and dispatch; the admin API
-(``gpu_backend/ops/admin.py``) changes the overrides, and the change applies to the next dispatch.
-Overrides are written through to the usage store (they survive restarts) and kept in memory.
+Overrides are written through to the usage store (they survive restarts) and read from memory.
 """
 
 from __future__ import annotations
@@ -19,17 +17,14 @@ class Overrides:
     """Operator overrides per client id: an in-memory view written through to the store."""
 
     def __init__(self, store: OverrideStore, on_change: Callable[[str | None], None] = lambda client_id: None) -> None:
-        """``on_change``: called after every change (the GPU tier dispatches then: a raised
-        ``max_running`` lets a waiting job start at once, not at the next arrival), with
-        None when :meth:`refresh` found changes made elsewhere."""
+        """``on_change``: called after every change (with None for changes made elsewhere)."""
         self._store = store
         self._version: int | None = None  # read at the first refresh (shared stores only)
         self._cache: dict[str, dict[str, Any]] = dict(store.all_overrides())
         self.on_change = on_change
 
     def refresh(self) -> None:
-        """Re-read every override if another replica changed one (a shared store: its
-        version moved); called about once a second, never under the runner's lock."""
+        """Re-read every override if another replica changed one (about once a second)."""
         version = self._store.overrides_version()
         if version == self._version:
             return

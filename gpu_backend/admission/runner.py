@@ -483,7 +483,7 @@ class GpuRunner:
         could not be checked (the store down, ``closed``) fails with that error, and a job
         whose caller left meanwhile (:meth:`drop`) does not run: refused, it is cancelled
         as if it had still been queued; granted, its dispatch is undone (here and in the
-        store: ``GlobalLimits.withdraw``)."""
+        store: ``GlobalLimits.finish`` with 0 s)."""
         gate = self.gate
         assert gate is not None  # (called only with one)
         run, refused, failed = gate.start(jobs)
@@ -518,7 +518,7 @@ class GpuRunner:
             if job.job_id in left:
                 gate.dropped(job.job_id)
         for job in withdrawn:
-            gate.withdraw(job)
+            gate.finish(job, 0.0)  # withdrawn: its reservation and charge taken back
         for job, w in gone:
             w.loop.call_soon_threadsafe(w.future.cancel)
             self._on_event("cancelled", {"tier": job.client.tier})

@@ -171,6 +171,22 @@ _SWEEP_PER_CALL = 4
 """Idle flows or clients looked at by each dispatch, finish and cancel."""
 
 
+def rate_reason(held: int, rpm: float | None, who: str) -> str:
+    """Why a refusal, in the same words on one tier and across tiers (``global_limits``)."""
+    return f"{held} requests {who}in the last {RATE_WINDOW_S:g} s (requests_per_minute={rpm})"
+
+
+def queue_reason(held: int, max_queued: float, who: str) -> str:
+    return f"{held} requests {who}already queued (max_queued={max_queued})"
+
+
+def quota_reason(used: float, cost: float, limit: float, name: str) -> str:
+    scope = "by this address " if name == "address_gpu_seconds" else ""
+    if cost > limit:
+        return f"this request needs {cost:.1f} GPU-seconds, more than the whole quota ({name}={limit:g})"
+    return f"{used:.1f} of {limit:g} GPU-seconds used {scope}in this window ({name}={limit:g})"
+
+
 def address_usage_key(address: str) -> str:
     """The usage-store key of an address's shared ceiling (``address_gpu_seconds``).
 
@@ -464,11 +480,7 @@ class FairScheduler:
             return None
         retry = times[0] + RATE_WINDOW_S - now if times else RATE_WINDOW_S
         who = "from this address " if flow.flow_id.startswith("addr:") else ""
-        return Admission(
-            Outcome.RATE_LIMITED,
-            max(0.0, retry),
-            f"{len(times)} requests {who}in the last {RATE_WINDOW_S:g} s (requests_per_minute={rpm})",
-        )
+        return Admission(Outcome.RATE_LIMITED, max(0.0, retry), rate_reason(len(times), rpm, who))
 
     def _check_queue(self, flow: _Flow, tier: Tier) -> Admission | None:
         if flow.queued < tier.max_queued:
@@ -479,11 +491,7 @@ class FairScheduler:
             place = self.position(first.job_id)
             retry = max(place[1] if place else 0.0, first.cost)
         who = "from this address " if flow.flow_id.startswith("addr:") else ""
-        return Admission(
-            Outcome.QUEUE_FULL,
-            retry,
-            f"{flow.queued} requests {who}already queued (max_queued={tier.max_queued})",
-        )
+        return Admission(Outcome.QUEUE_FULL, retry, queue_reason(flow.queued, tier.max_queued, who))
 
     def _reserve(self, job: Job, tier: Tier, now: float) -> Admission | None:
         """Reserve ``job.cost`` for the client (and its address); a refusal if over quota."""
@@ -503,12 +511,7 @@ class FairScheduler:
         return None
 
     def _quota_refusal(self, key: str, cost: float, limit: float, name: str, retry: float, now: float) -> Admission:
-        used, _ = self._store.usage(key, now)
-        scope = "by this address " if name == "address_gpu_seconds" else ""
-        if cost > limit:
-            reason = f"this request needs {cost:.1f} GPU-seconds, more than the whole quota ({name}={limit:g})"
-        else:
-            reason = f"{used:.1f} of {limit:g} GPU-seconds used {scope}in this window ({name}={limit:g})"
+        reason = quota_reason(self._store.usage(key, now)[0], cost, limit, name)
         return Admission(Outcome.QUOTA_EXCEEDED, max(0.0, retry), reason)
 
     # -- dispatch --------------------------------------------------------------------
