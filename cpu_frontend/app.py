@@ -1,14 +1,14 @@
-"""The CPU tier: the public Gradio UI and API, thin wiring over session/ and the transport.
+"""The CPU tier's Gradio edge: the public UI and API, thin over ``core.py``, and the app's wiring.
 
-Every request is resolved to an identity (API key, session cookie, address),
-validated, checked against the client's in-flight cap, and forwarded with a
-freshly minted identity token and the caller's ``x-ip-token``, as per-call
-headers. With ``SPLITSPACE_APP`` the page and API are the developer's own Blocks
-instead of the built-in page; each ``@splitspace.gpu`` event is forwarded the same
-way (``ui/app_events.py``, :meth:`Frontend.follow_call`), every other runs here.
-The handlers are async generators with no concurrency limit, so the
-frontend has no first-in-first-out stage, and a caller who goes away closes
-the stream to the GPU tier, which drops the queued job.
+The handlers (``/generate``, ``/quota``, the page's, each ``@splitspace.gpu`` event's
+with ``SPLITSPACE_APP``: ``ui/app_events.py``) hand the Starlette request under their
+``gr.Request`` to :class:`~cpu_frontend.core.FrontendCore`, which holds identity,
+validation, the fair door and the hop, and turn its errors into ``gr.Error`` in one
+place (:func:`gradio_errors`). With ``SPLITSPACE_APP`` the page and API are the
+developer's own Blocks instead of the built-in page; every event without the
+decorator runs here. The handlers are async generators with no concurrency limit, so
+the frontend has no first-in-first-out stage, and a caller who goes away closes the
+stream to the GPU tier, which drops the queued job.
 """
 
 # No `from __future__ import annotations` here: Gradio evaluates the handlers' type hints
@@ -16,17 +16,12 @@ the stream to the GPU tier, which drops the queued job.
 import asyncio
 import contextlib
 import logging
-import os
-import tempfile
-import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
 from fastapi import FastAPI
-from gradio import processing_utils
 from gradio import utils as gr_utils
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -34,43 +29,23 @@ from starlette.requests import Request
 from splitspace.cpu_frontend.api import gradio_tuning
 from splitspace.cpu_frontend.api.mcp_loopback import McpLoopback
 from splitspace.cpu_frontend.api.openai_images import OPENAI_PATHS, openai_refusal, openai_routes
-from splitspace.cpu_frontend.api.validation import gradio_validator, validate_call
-from splitspace.cpu_frontend.door.door import FairDoor, Place
-from splitspace.cpu_frontend.door.door_middleware import DOOR_PASS_HEADER, DoorMiddleware, HeldCalls
-from splitspace.cpu_frontend.door.inflight_ledger import open_ledger
-from splitspace.cpu_frontend.door.limits import InflightCaps
-from splitspace.cpu_frontend.door.status_feed import Told, status_for_api, wait_turn
-from splitspace.cpu_frontend.hop.backends import BackendPool
-from splitspace.cpu_frontend.hop.hub_auth import backend_auth_headers
+from splitspace.cpu_frontend.api.validation import gradio_validator
+from splitspace.cpu_frontend.core import FrontendCore, SavedImage, expire_images_every
+from splitspace.cpu_frontend.door.door_middleware import DoorMiddleware, HeldCalls
+from splitspace.cpu_frontend.door.status_feed import status_for_api
 from splitspace.cpu_frontend.hop.transport import CALLS_NEED_DIRECT, Transport
 from splitspace.cpu_frontend.jobs.routes import JobsService
 from splitspace.cpu_frontend.ui.app_events import forward_gpu_events
 from splitspace.cpu_frontend.ui.embed import embed_routes
 from splitspace.cpu_frontend.ui.page import LiveModel, build_page
-from splitspace.session import (
-    ApiKeyring,
-    Identity,
-    IdentityResolver,
-    IdentityTokens,
-    SessionCookieMiddleware,
-    SessionCookies,
-)
-from splitspace.session.address import AddressPolicy
-from splitspace.session.caller import CallerStamps
-from splitspace.session.token import HEALTH, STANDING, infer_purpose
+from splitspace.session import SessionCookieMiddleware
 from splitspace.shared.app import services as app_services
-from splitspace.shared.app.files import BadFile, FileTooLarge, carries_files, inline_files, outline_files
 from splitspace.shared.app.gpu_function import gpu_function
 from splitspace.shared.app.loader import GpuEndpoint, gpu_endpoints, load_app
-from splitspace.shared.app.processing import input_label
 from splitspace.shared.app.services import DoorView
-from splitspace.shared.config.quota_watch import QuotaWatcher
 from splitspace.shared.config.settings import Settings
-from splitspace.shared.contract.calls import Call, CallResult, Partial
-from splitspace.shared.contract.errors import GpuFailed, SplitspaceError, ValidationFailed
-from splitspace.shared.contract.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
-from splitspace.shared.contract.hop import Result, Status
-from splitspace.shared.contract.schema import REQUEST_FIELDS, request_from_dict, validate_request
+from splitspace.shared.contract.errors import SplitspaceError
+from splitspace.shared.contract.hop import Status
 from splitspace.shared.gradio.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
 from splitspace.shared.gradio.gradio_sessions import (
     HOUSEKEEPING_S,
@@ -105,13 +80,7 @@ DEV_RELOAD_SCRIPT = """<script>
   }, 1000);
 })();
 </script>"""
-FRONTEND_IDENTITY = Identity("frontend", "address", "anonymous", "frontend")
-"""Who the frontend is when it asks a GPU tier for its live caps (health checks)."""
 MCP_MAX_BODY_BYTES = 64 * 1024
-IMAGE_NAME = "image.png"
-"""The file name of each image :meth:`Frontend.save_image` writes."""
-IMAGE_SWEEP_S = 60.0
-"""How often images older than ``SPLITSPACE_JOB_TTL_S`` are deleted (:func:`expire_images`)."""
 
 
 def image_output(path: str) -> dict[str, Any]:
@@ -126,254 +95,78 @@ def to_gradio_error(exc: SplitspaceError) -> gr.Error:
     return gr.Error(exc.user_text(), title=exc.title, print_exception=False)
 
 
-def build_transports(settings: Settings) -> list[Transport]:
-    """One transport per GPU tier URL, of the configured kind (settings read here, at the edge)."""
-    auth = backend_auth_headers(settings.hf_token.get_secret_value() if settings.hf_token else None)
-    kw: dict[str, Any] = {"timeout_s": settings.backend_timeout_s, "auth_headers": auth}
-    if settings.transport == "gradio_client":
-        from splitspace.cpu_frontend.hop.gradio_client_transport import GradioClientTransport
+@contextlib.contextmanager
+def gradio_errors() -> Iterator[None]:
+    """The one place where the Gradio handlers turn the project's errors into ``gr.Error``."""
+    try:
+        yield
+    except SplitspaceError as exc:
+        raise to_gradio_error(exc) from None
 
-        return [GradioClientTransport(u, **kw) for u in settings.backend_urls]
-    if settings.transport == "httpx":
-        from splitspace.cpu_frontend.hop.httpx_transport import HttpxTransport
 
-        return [HttpxTransport(u, **kw) for u in settings.backend_urls]
-    from splitspace.cpu_frontend.hop.direct_transport import DirectTransport
-
-    return [DirectTransport(u, **kw) for u in settings.backend_urls]
+def http_request(request: gr.Request | None) -> Request | None:
+    """The Starlette request under a handler's ``gr.Request`` (what the core reads);
+    one Gradio made of its attributes alone is rebuilt from its headers and peer."""
+    if request is None:
+        return None
+    inner = request.request
+    if isinstance(inner, Request):
+        return inner
+    given = dict(getattr(request, "headers", None) or {})
+    headers = [(k.lower().encode("latin-1"), str(v).encode("latin-1")) for k, v in given.items()]
+    client = getattr(request, "client", None)
+    host = getattr(client, "host", None)
+    return Request({"type": "http", "headers": headers, "client": (host, 0) if host else None})
 
 
 class Frontend:
-    """Everything the CPU tier holds, built once from settings, and its two handlers."""
+    """The Gradio edge of the CPU tier: its handlers, thin over :class:`FrontendCore`."""
 
     def __init__(self, settings: Settings, transports: list[Transport] | None = None) -> None:
-        if not settings.secrets:
-            raise ValueError("SPLITSPACE_SECRET is required (the tiers' shared secret)")
+        self.core = FrontendCore(settings, gr_utils.get_upload_folder(), transports)
         self.settings = settings
-        self.tokens = IdentityTokens(settings.secrets)
-        self.cookies = SessionCookies(settings.secrets)
-        self.watcher = QuotaWatcher(settings.quotas, on_change=self._on_quotas)
-        self.stamps = CallerStamps(settings.secrets)
-        self.resolver = IdentityResolver(
-            cookies=self.cookies,
-            keyring=ApiKeyring(self.watcher.current.keys),
-            addresses=AddressPolicy(
-                trusted_proxies=settings.trusted_proxies,
-                trusted_networks=settings.trusted_proxy_cidrs,
-                ipv6_prefix=settings.ipv6_prefix,
-            ),
-            stamps=self.stamps,
-        )
-        self.caps = InflightCaps(
-            lambda: self.watcher.current, idle_s=settings.idle_s, max_idle=settings.max_idle_clients
-        )
-        self.pool = BackendPool(
-            transports or build_transports(settings),
-            health_headers=lambda: {IDENTITY_HEADER: self.tokens.mint(FRONTEND_IDENTITY, HEALTH)},
-            on_health=lambda doc: self.caps.learn_all(doc.get("caps") or {}),
-        )
-        self.door = FairDoor(per_flow=settings.door_per_flow, total=settings.door_total)
-        self.ledger = open_ledger(settings)
-        """The in-flight counts shared by every frontend (a no-op without Redis)."""
-        self.seconds_per_job = 1.0
-        """Measured GPU seconds per job (smoothed), for the ETA of requests waiting at the door."""
-        self.model = LiveModel(self.pool.health)
+        self.model = LiveModel(self.core.pool.health)
         self.generate_api = request_handler(
             self.generate,
             "generate",
             "Generate one image; streams its place in line, then returns the image and its info.",
         )
         """``/generate`` as Gradio sees it: the request's fields as parameters."""
-        self.cache_dir = gr_utils.get_upload_folder()
         self.endpoints: list[GpuEndpoint] = []
         """The app's GPU events (``SPLITSPACE_APP``), which ``follow`` finds by their function."""
-
-    def _on_quotas(self, config: Any) -> None:
-        self.resolver.keyring = ApiKeyring(config.keys)
-
-    def identity(self, request: gr.Request | Request | None) -> Identity:
-        """Who a caller is: a handler's (a ``gr.Request``) or the door's middleware's (a
-        Starlette ``Request``), by the same headers, cookies and peer address."""
-        if request is None:
-            raise SplitspaceError("no request context", title="Error")
-        peer = request.client.host if request.client else None
-        return self.resolver.resolve(request.headers, request.cookies, peer)
-
-    def forward_headers(self, identity: Identity, request: gr.Request, purpose: str) -> dict[str, str]:
-        """A fresh identity token for this one call, and the visitor's ZeroGPU token."""
-        headers = {IDENTITY_HEADER: self.tokens.mint(identity, purpose)}
-        ip_token = request.headers.get(IP_TOKEN_HEADER)
-        if ip_token:
-            headers[IP_TOKEN_HEADER] = ip_token
-        return headers
-
-    async def join_door(self, identity: Identity, parked: bool = False) -> Place:
-        """Join the client's line at the door, within its in-flight cap counted here and,
-        with Redis, across every frontend (``inflight_ledger.py``); raises Queue full (or
-        Service unavailable, Redis down in ``closed`` mode). The one way in, for the
-        door's middleware and the handler. ``parked``: counted, not yet in line
-        (``FairDoor.join``)."""
-        flow, terms = identity.flow_id, self.caps.terms(identity)
-        self.door.check_cap(flow, terms.cap)
-        hold = await self.ledger.acquire(flow, terms.cap, self.door.count(flow))
-        try:  # again: others may have joined meanwhile
-            place = self.door.join(flow, terms.cap, terms.weight, room=terms.running, parked=parked)
-        except BaseException:
-            self.ledger.release(hold)
-            raise
-        if hold is not None:
-            place.on_leave = lambda: self.ledger.release(hold)
-        return place
-
-    def is_request(self, values: Any) -> bool:
-        """Whether a REST call's fields (a list in ``REQUEST_FIELDS`` order, or by name) make
-        a valid request: the door's middleware holds only those, and passes anything else
-        on to the handler, which names what is wrong."""
-        if isinstance(values, list) and len(values) == len(REQUEST_FIELDS):
-            values = dict(zip(REQUEST_FIELDS, values, strict=True))
-        if not isinstance(values, dict):
-            return False
-        try:
-            request_from_dict(values, self.settings.limits)
-        except SplitspaceError:
-            return False
-        return True
-
-    def save_image(self, png: bytes) -> str:
-        """The PNG in Gradio's cache, at a path named by its hash (as ``save_bytes_to_cache``),
-        written whole: a temporary file renamed, so that an identical image (same seed) saved
-        meanwhile never lets a reader of this path see a truncated file."""
-        folder = Path(self.cache_dir) / processing_utils.hash_bytes(png)
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, suffix=".part", delete=False) as tmp:
-            tmp.write(png)
-        path = folder / IMAGE_NAME
-        os.replace(tmp.name, path)
-        return str(path.resolve())
 
     async def generate(
         self, values: dict[str, Any], request: gr.Request | None
     ) -> AsyncGenerator[tuple[dict | None, dict], None]:
-        """``/generate``: validate, cap, forward; stream status, then the image and its info."""
-        try:
-            identity = self.identity(request)
-            assert request is not None  # (identity() refuses a call without one)
-            req = validate_request(**values, limits=self.settings.limits)
-            flow = identity.flow_id
-            result: Result | None = None
-            # A REST call held by the door's middleware arrives with its place; any other
-            # joins its flow's line here.
-            place = self.door.take(request.headers.get(DOOR_PASS_HEADER), flow) or await self.join_door(identity)
-            told = Told(place.told)
-            try:
-                # Gradio closes this generator at its next yield when the caller goes
-                # away: a request waiting at the door then leaves its line at once.
-                async for status in wait_turn(place, told, lambda: self.seconds_per_job):
-                    yield None, status_for_api(status)
-                # aclosing: the stream to the GPU tier must close when this generator
-                # does (the GPU tier then drops the queued job), not at GC.
-                updates = self.pool.stream(req, self.forward_headers(identity, request, infer_purpose(req.digest())))
-                async with contextlib.aclosing(updates):
-                    async for update in updates:
-                        self.caps.learn(identity, update.cap)
-                        if isinstance(update, Result):
-                            result = update
-                            break
-                        # news, or the last place again now and then: a yield is how Gradio
-                        # notices a caller who left (the GPU tier then drops the job)
-                        news = told.next(update)
-                        if news is not None:
-                            yield None, status_for_api(news)
-            finally:
-                # The door's place is given back as soon as the GPU tier has answered: what
-                # is left (saving the image, Gradio sending it) no longer holds up the
-                # client's next.
-                place.leave()
-            if result is not None:
-                self.seconds_per_job += 0.1 * (result.info.gpu_s - self.seconds_per_job)
-                # on a worker thread: a file write on the event loop held up every other caller
-                path = await asyncio.to_thread(self.save_image, result.image_png)
-                yield image_output(path), result.info.to_dict()
-        except SplitspaceError as exc:
-            raise to_gradio_error(exc) from None
+        """``/generate``: the core's statuses as dicts, then the image and its info."""
+        with gradio_errors():
+            updates = self.core.generate(values, http_request(request))
+            async with contextlib.aclosing(updates):
+                async for update in updates:
+                    if isinstance(update, SavedImage):
+                        yield image_output(update.path), update.info.to_dict()
+                    else:
+                        yield None, status_for_api(update)
 
     async def follow_call(
         self, endpoint: GpuEndpoint, payloads: list[Any], request: gr.Request | None
     ) -> AsyncGenerator[Status | list[Any], None]:
-        """A call of the developer's GPU function (``ui/app_events.py``): validate, join the
-        door, forward; its statuses (its place at the door, then at the GPU tier), then its
-        outputs (one payload per output component, files in this tier's cache): a
-        generator's each yield as it arrives (a Partial), its last as the result (not twice)."""
-        try:
-            identity = self.identity(request)
-            assert request is not None  # (identity() refuses a call without one)
-            max_bytes = self.settings.max_file_bytes
-            # off the loop: with a validator= it preprocesses the inputs (an image decoded) and runs it
-            await asyncio.to_thread(validate_call, endpoint, payloads, max_bytes)
-            call = Call(endpoint.api_name, await asyncio.to_thread(_carried, endpoint, payloads, max_bytes))
-            try:
-                digest = await asyncio.to_thread(call.digest)
-            except (TypeError, ValueError):  # NaN, or a gr.State holding what JSON cannot say
-                raise ValidationFailed("data", "must be plain JSON (no NaN, infinity or Python objects)") from None
-            result: CallResult | None = None
-            last_partial: list[Any] | None = None
-            place = self.door.take(request.headers.get(DOOR_PASS_HEADER), identity.flow_id) or await self.join_door(
-                identity
-            )
-            told = Told(place.told)
-            try:
-                async for status in wait_turn(place, told, lambda: self.seconds_per_job):
-                    yield status
-                # aclosing: the call to the GPU tier closes when this generator does (the
-                # caller left: the GPU tier drops the queued job, or stops its stream), not at GC.
-                updates = self.pool.call(call, self.forward_headers(identity, request, infer_purpose(digest)))
-                async with contextlib.aclosing(updates):
-                    async for update in updates:
-                        if isinstance(update, CallResult):
-                            self.caps.learn(identity, update.cap)
-                            result = update
-                            break
-                        if isinstance(update, Partial):  # a generator's yield: it replaces the outputs
-                            last_partial = update.data
-                            yield await self._landed(update.data, max_bytes)
-                        elif isinstance(update, Status):
-                            self.caps.learn(identity, update.cap)
-                            news = told.next(update)
-                            if news is not None and last_partial is None:  # (a stream's heartbeats say nothing)
-                                yield news
-            finally:
-                place.leave()  # the GPU tier has answered: the client's next may go
-            if result is not None:
-                self.seconds_per_job += 0.1 * (result.info.gpu_s - self.seconds_per_job)
-                if result.data != last_partial:  # a stream's last yield came as a Partial already
-                    yield await self._landed(result.data, max_bytes)
-        except SplitspaceError as exc:
-            raise to_gradio_error(exc) from None
-
-    async def _landed(self, data: list[Any], max_bytes: int) -> list[Any]:
-        """Payloads from the GPU tier with their files written into this tier's cache (in a
-        thread: they may be megabytes; text needs no trip there)."""
-        if not carries_files(data):
-            return data
-        try:
-            landed: list[Any] = await asyncio.to_thread(outline_files, data, self.cache_dir, max_bytes=max_bytes)
-        except (FileTooLarge, BadFile) as exc:  # (the tiers disagree on SPLITSPACE_MAX_FILE_BYTES)
-            raise GpuFailed(f"an output could not be received: {exc}") from None
-        return landed
+        """A call of the developer's GPU function (``ui/app_events.py``): :meth:`FrontendCore.follow_call`."""
+        with gradio_errors():
+            updates = self.core.follow_call(endpoint, payloads, http_request(request))
+            async with contextlib.aclosing(updates):
+                async for update in updates:
+                    yield update
 
     async def quota(self, request: gr.Request = None) -> dict:  # type: ignore[assignment]
         """``/quota``: the caller's own standing, as the GPU tier counts it."""
-        try:
-            identity = self.identity(request)
-            result = await self.pool.standing(self.forward_headers(identity, request, STANDING))
-            return {**result, "in_flight_here": self.door.count(identity.flow_id)}
-        except SplitspaceError as exc:
-            raise to_gradio_error(exc) from None
+        with gradio_errors():
+            return await self.core.quota(http_request(request))
 
     # -- UI only: what the page (page.py) needs beyond the API handlers above ----------------
-    # The page's Generate button does not call /generate: it follows `generate` through
-    # `ui_follow`, so validation, caps and forwarding stay in one place, and it words the
-    # statuses and refusals itself (ui_text.py), while API clients keep their dicts.
+    # The page's Generate button does not call /generate: it follows the core's `generate`
+    # through `ui_follow`, so validation, caps and forwarding stay in one place, and it words
+    # the statuses and refusals itself (ui_text.py), while API clients keep their dicts.
     @property
     def browser_secret(self) -> str:
         """The key of the page's BrowserState (recent images, kept in the browser)."""
@@ -396,27 +189,24 @@ class Frontend:
             Throttled,
         )
 
+        core, http = self.core, http_request(request)
         try:
-            updates = self.generate(values, request)
+            updates = core.generate(values, http)
             async with contextlib.aclosing(updates):
-                async for image, info in updates:
-                    if image is not None:
-                        return image, info
-                    if not on_status(info):
+                async for update in updates:
+                    if isinstance(update, SavedImage):
+                        return image_output(update.path), update.info.to_dict()
+                    if not on_status(status_for_api(update)):
                         return None
-        except gr.Error as exc:
-            # generate raises gr.Error "from None": the project's own error is its context.
-            cause = exc.__context__
-            if not isinstance(cause, SplitspaceError):
-                cause = SplitspaceError(str(exc.message), title=exc.title or "Error")
+        except SplitspaceError as cause:
             in_flight, shared = 0, False
             with contextlib.suppress(SplitspaceError):
-                identity = self.identity(request)
-                in_flight, shared = self.door.count(identity.flow_id), identity.kind != "key"
+                identity = core.identity(http)
+                in_flight, shared = core.door.count(identity.flow_id), identity.kind != "key"
             if isinstance(cause, Throttled):
                 retry = cause.retry_after_s
                 if cause.title == QUEUE_FULL:  # a retry needs one of those to finish: about a job's time
-                    retry = max(retry, self.seconds_per_job)
+                    retry = max(retry, core.seconds_per_job)
                 return Refusal(cause.title, cause.reason, retry, in_flight, shared)
             return Refusal(cause.title, cause.message, None, in_flight, shared)
         return None
@@ -446,79 +236,33 @@ class AppFrontend:
         return await self.fe.quota(request)  # type: ignore[arg-type]
 
     def gpu_health(self) -> dict[str, Any] | None:
-        return self.fe.pool.health()
+        return self.fe.core.pool.health()
 
     def door(self, request: gr.Request | None) -> DoorView:
-        fe = self.fe
+        core = self.fe.core
         try:
-            identity = fe.identity(request)
+            identity = core.identity(http_request(request))
         except SplitspaceError:
-            return DoorView(seconds_per_job=fe.seconds_per_job)
-        return DoorView(fe.door.count(identity.flow_id), identity.kind != "key", fe.seconds_per_job)
-
-
-def expire_images(cache_dir: str, age_s: float, now: float | None = None) -> int:
-    """Delete the images :meth:`Frontend.save_image` wrote (``<cache>/<hash>/image.png``)
-    more than ``age_s`` ago (the same image saved again is written again), and their
-    folders; how many. The OpenAI API's ``response_format="url"`` hands out their URLs:
-    they live as long as a job's results (``SPLITSPACE_JOB_TTL_S``), not forever."""
-    cutoff = (time.time() if now is None else now) - age_s
-    gone = 0
-    for path in Path(cache_dir).glob(f"*/{IMAGE_NAME}"):
-        try:
-            if path.stat().st_mtime < cutoff:
-                path.unlink()
-                gone += 1
-                with contextlib.suppress(OSError):  # (not empty: an identical image being written)
-                    path.parent.rmdir()
-        except OSError:  # deleted meanwhile
-            continue
-    return gone
-
-
-async def expire_images_every(cache_dir: str, age_s: float) -> None:
-    """:func:`expire_images` now and then (from the lifespan), off the event loop."""
-    while True:
-        await asyncio.sleep(min(IMAGE_SWEEP_S, age_s / 2))
-        try:
-            await asyncio.to_thread(expire_images, cache_dir, age_s)
-        except Exception:  # housekeeping must not stop for good
-            log.exception("expiring images failed; trying again later")
-
-
-def _carried(endpoint: GpuEndpoint, payloads: list[Any], max_bytes: int) -> list[Any]:
-    """The payloads with their files as bytes (Gradio has moved each upload into this tier's
-    cache and checked it); a file over the limit is refused naming its input."""
-    carried = []
-    for i, (block, payload) in enumerate(zip(endpoint.inputs, payloads, strict=True)):
-        try:
-            carried.append(inline_files(payload, max_bytes=max_bytes))
-        except FileTooLarge as exc:
-            raise ValidationFailed(input_label(block, i), str(exc)) from None
-    return carried
+            return DoorView(seconds_per_job=core.seconds_per_job)
+        return DoorView(core.door.count(identity.flow_id), identity.kind != "key", core.seconds_per_job)
 
 
 def build_app(settings: Settings | None = None, transports: list[Transport] | None = None) -> FastAPI:
     settings = settings or Settings()
     gradio_tuning.apply()
     fe = Frontend(settings, transports)
-    if settings.app and not all(b.transport.carries_calls for b in fe.pool.backends):
+    core = fe.core
+    if settings.app and not all(b.transport.carries_calls for b in core.pool.backends):
         raise ValueError(CALLS_NEED_DIRECT)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async def watch() -> None:
-            while True:
-                await asyncio.sleep(1.0)
-                fe.watcher.check()
-
-        task = asyncio.create_task(watch())
+        task = asyncio.create_task(core.watch_quotas())
         sweep = asyncio.create_task(sweep_finished_sessions(blocks))
         # the Gradio state of finished calls (shared/gradio/gradio_sessions.py)
         house = asyncio.create_task(every(HOUSEKEEPING_S, lambda: forget_finished_states(blocks, heartbeats.sessions)))
-        images = None if settings.app else asyncio.create_task(expire_images_every(fe.cache_dir, settings.job_ttl_s))
-        await fe.ledger.start()
-        await fe.pool.start()
+        images = None if settings.app else asyncio.create_task(expire_images_every(core.cache_dir, settings.job_ttl_s))
+        await core.start()
         await jobs.start()
         try:
             yield
@@ -529,8 +273,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
             if images is not None:
                 images.cancel()
             await jobs.aclose()
-            await fe.pool.aclose()
-            await fe.ledger.aclose()
+            await core.aclose()
 
     app = FastAPI(lifespan=lifespan, **NO_TELEMETRY)
     app.state.frontend = fe
@@ -540,14 +283,14 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {
-            "status": "ok" if any(b.healthy for b in fe.pool.backends) else "no GPU backend",
+            "status": "ok" if any(b.healthy for b in core.pool.backends) else "no GPU backend",
             "boot_id": BOOT_ID,
-            "backend_boot_ids": [(b.last_health or {}).get("boot_id") for b in fe.pool.backends],
+            "backend_boot_ids": [(b.last_health or {}).get("boot_id") for b in core.pool.backends],
             # No URLs: this page is public, and the GPU tiers' addresses are not.
-            "backends": [{"healthy": b.healthy, "outstanding": b.outstanding} for b in fe.pool.backends],
+            "backends": [{"healthy": b.healthy, "outstanding": b.outstanding} for b in core.pool.backends],
             # requests in flight here: on their way to a GPU tier, or waiting at the door
             # (held: of those waiting, the REST calls held before Gradio, by the door's middleware)
-            "door": {"inside": fe.door.inside, "waiting": fe.door.waiting, "held": held.waiting},
+            "door": {"inside": core.door.inside, "waiting": core.door.waiting, "held": held.waiting},
             # open pages (Gradio heartbeat streams) and the sessions whose Gradio state is kept
             "pages": {"open": heartbeats.open, "sessions": session_count(blocks)},
         }
@@ -568,7 +311,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
             default_concurrency_limit=getattr(queue, "default_concurrency_limit", "not_set"),
         )
     else:
-        app.include_router(openai_routes(fe))  # /v1/images/generations, /v1/models (OpenAI's images API)
+        app.include_router(openai_routes(core))  # /v1/images/generations, /v1/models (OpenAI's images API)
         # The API, as ever. preprocess=False: our validation (one definition, errors that
         # name the field) sees the raw values first, instead of the components' own range
         # checks. postprocess=False: the handler returns final outputs.
@@ -589,7 +332,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         )
         blocks.max_threads = settings.max_threads
         blocks.queue(default_concurrency_limit=None)
-    jobs = JobsService(fe, endpoints)
+    jobs = JobsService(core, endpoints)
     app.include_router(jobs.router)  # /v1/jobs (durable jobs, webhooks) and /v1/openapi.json
     hold_sessions(blocks, 2 * settings.max_threads)  # every request in flight is a session
     bound_analytics(blocks)
@@ -607,11 +350,11 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     )
     app.add_middleware(  # innermost: behind CORS, so a refusal still carries CORS headers
         DoorMiddleware,
-        door=fe.door,
-        identify=fe.identity,
-        join=fe.join_door,
-        is_request=fe.is_request,
-        seconds_per_job=lambda: fe.seconds_per_job,
+        door=core.door,
+        identify=core.identity,
+        join=core.join_door,
+        is_request=core.is_request,
+        seconds_per_job=lambda: core.seconds_per_job,
         api_names=[] if settings.app else ["generate"],  # a GPU event of an app joins the door in its handler
         held=held,
     )
@@ -619,7 +362,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         HeartbeatCap,
         blocks=blocks,
         streams=heartbeats,
-        address=lambda scope: fe.resolver.address(Request(scope).headers, (scope.get("client") or (None,))[0]),
+        address=lambda scope: core.resolver.address(Request(scope).headers, (scope.get("client") or (None,))[0]),
     )
     app.add_middleware(
         GradioGuard,
@@ -639,12 +382,12 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     )
     app.add_middleware(
         SessionCookieMiddleware,
-        cookies=fe.cookies,
+        cookies=core.cookies,
         secure=settings.cookie_secure,
         trust_forwarded_proto=settings.trusted_proxies > 0,
     )
     if settings.mcp:  # the outermost: it must see the cookie middleware's Set-Cookie
-        app.add_middleware(McpLoopback, blocks=blocks, resolver=fe.resolver, stamps=fe.stamps)
+        app.add_middleware(McpLoopback, blocks=blocks, resolver=core.resolver, stamps=core.stamps)
     return app
 
 

@@ -22,7 +22,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import gradio as gr
 import spaces
@@ -56,11 +56,12 @@ from splitspace.session.token import HEALTH, IdentityTokens
 from splitspace.shared.app.loader import gpu_endpoints, load_app
 from splitspace.shared.config.quota_watch import QuotaWatcher
 from splitspace.shared.config.settings import Settings
-from splitspace.shared.contract.admin_api import ClientStats
+from splitspace.shared.contract.admin_api import ClientStats, ModelChange, QuotaStatus
 from splitspace.shared.contract.calls import CALL_PATH, call_body_limit
 from splitspace.shared.contract.errors import SplitspaceError
 from splitspace.shared.contract.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from splitspace.shared.contract.hop import error_to_wire
+from splitspace.shared.contract.quotas import QuotaConfig
 from splitspace.shared.gradio.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
 from splitspace.shared.gradio.gradio_sessions import (
     HOUSEKEEPING_S,
@@ -77,6 +78,7 @@ from splitspace.shared.http.json_limits import DEFAULT_LIMITS
 from splitspace.shared.http.server import NO_TELEMETRY
 
 log = logging.getLogger("splitspace.gpu")
+T = TypeVar("T")
 
 
 BOOT_ID = uuid.uuid4().hex
@@ -88,7 +90,8 @@ def to_gradio_error(exc: SplitspaceError) -> gr.Error:
 
 
 class GpuTier:
-    """Everything the GPU tier holds, built once from settings."""
+    """Everything the GPU tier holds, built once from settings, each part given what it
+    calls at construction (nothing is wired in afterwards)."""
 
     def __init__(self, settings: Settings, executor: ModelExecutor | None = None) -> None:
         self.settings = settings
@@ -113,14 +116,16 @@ class GpuTier:
             )
             log.info("serving %s: %s", settings.app, ", ".join(self.functions) or "no GPU functions")
         self._model_lock = asyncio.Lock()
-        self.watcher = QuotaWatcher(settings.quotas)
+        # A change of limits (an operator's override, a quota file edit) may let a waiting job
+        # start now: dispatch then, not at the next arrival.
+        self.watcher = QuotaWatcher(settings.quotas, on_change=self._quotas_changed)
         self.global_limits: GlobalLimits | None = None
         if settings.redis_url is None:
             # Usage in memory, written to the file soon after: no disk I/O under the lock
             # that the GPU thread shares with admission (write_behind.py).
             self.store: WriteBehindStore | ResilientStore = WriteBehindStore(SqliteUsageStore(settings.state_path))
-            self.overrides = Overrides(self.store)
-            limits = limits_function(lambda: self.watcher.current, self.overrides)
+            self.overrides = Overrides(self.store, on_change=self.limits_changed)
+            limits = limits_function(self.quota_config, self.overrides)
             self._memory_stores: list[MemoryUsageStore | WriteBehindStore] = [self.store]
             self.scheduler = FairScheduler(
                 clock=time.time,
@@ -140,13 +145,13 @@ class GpuTier:
                 replicas=settings.replicas,
             )
             assert isinstance(self.store, ResilientStore)
-            self.overrides = Overrides(self.store)
-            limits = limits_function(lambda: self.watcher.current, self.overrides)
+            self.overrides = Overrides(self.store, on_change=self.limits_changed)
+            limits = limits_function(self.quota_config, self.overrides)
             self.global_limits = GlobalLimits(
                 store=self.store,
                 limits=limits,
                 lease_s=settings.lease_s,
-                on_retry=lambda: self.runner.dispatch(),
+                on_retry=self.dispatch,
                 on_tick=self.overrides.refresh,
             )
             local = MemoryUsageStore()
@@ -161,17 +166,15 @@ class GpuTier:
                 idle_s=settings.idle_s,
                 max_idle=settings.max_idle_clients,
             )
-        self.metrics = GpuMetrics(lambda: self.with_scheduler(FairScheduler.depth_by_tier))
+        self.metrics = GpuMetrics(self.depth_by_tier)
         builtin: dict[str, Any] = (
             {}
             if settings.app
-            else dict(  # the built-in text-to-image
-                cost=CostModel(
-                    lambda s, w, h, g, b: gpu.current_executor().estimate_seconds(s, w, h, b, guidance_scale=g)
-                ),
+            else dict(  # the built-in text-to-image: the model as gpu.py holds it
+                cost=CostModel(gpu.estimate_seconds),
                 run_batch=gpu.run_batch_on_gpu,
-                resolve=lambda req: gpu.current_executor().resolve(req),
-                model_name=lambda: gpu.current_executor().name,
+                resolve=gpu.resolve,
+                model_name=gpu.model_name,
                 max_batch=gpu.batch_cap(settings.max_batch),
             )
         )
@@ -182,12 +185,8 @@ class GpuTier:
             on_zerogpu=bool(spaces.config.Config.zero_gpu),
             clock=time.time,
             on_event=self.metrics.on_event,
+            gate=self.global_limits,
         )
-        self.runner.gate = self.global_limits
-        # A change of limits (an operator's override, a quota file edit) may let a waiting job
-        # start now: dispatch then, not at the next arrival.
-        self.overrides.on_change = self.limits_changed
-        self.watcher.on_change = lambda config: self.limits_changed(None)
         self.service = InferService(
             tokens=self.tokens,
             runner=self.runner,
@@ -197,8 +196,26 @@ class GpuTier:
             on_refused=self.metrics.refuse,
             global_limits=self.global_limits,
             functions=self.functions,
-            on_function_call=lambda name: self.metrics.function_calls.labels(name).inc(),
+            on_function_call=self._function_called,
         )
+
+    def quota_config(self) -> QuotaConfig:
+        """The quota file in force."""
+        return self.watcher.current
+
+    def _quotas_changed(self, config: QuotaConfig) -> None:
+        self.limits_changed(None)
+
+    def _function_called(self, name: str) -> None:
+        self.metrics.function_calls.labels(name).inc()
+
+    def dispatch(self) -> None:
+        """Start what may start now (the global limits retry a refused start through this)."""
+        self.runner.dispatch()
+
+    def depth_by_tier(self) -> dict[str, tuple[int, int]]:
+        """Queued and running jobs per tier (the metrics' gauges)."""
+        return self.with_scheduler(FairScheduler.depth_by_tier)
 
     def limits_changed(self, client_id: str | None) -> None:
         """One client's limits (or everyone's, ``None``) changed: positions follow the new
@@ -207,7 +224,7 @@ class GpuTier:
             scheduler.refresh_limits(client_id)
         self.runner.dispatch()
 
-    async def change_model(self, spec: str) -> dict[str, Any]:
+    async def change_model(self, spec: str) -> ModelChange:
         """Load another model without a restart: requests in flight finish on the old one,
         new ones queue (none is refused) and run on the new one. A spec that fails to
         load leaves the old model in place and raises ValueError."""
@@ -234,7 +251,33 @@ class GpuTier:
         for store in self._memory_stores:
             store.forget_expired(now)
 
-    def with_scheduler(self, read: Callable[[FairScheduler], Any]) -> Any:
+    def keep_house(self) -> None:
+        """What idle clients and ended windows left behind (scheduler.py, the stores)."""
+        self.with_scheduler(FairScheduler.forget_idle)
+        self.store_forget_expired()
+
+    async def watch_quotas(self) -> None:
+        """Reload the quota file when it changes (runs for the app's lifetime)."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.watcher.check()
+
+    def quota_status(self) -> QuotaStatus:
+        """The quota file and its last refusal, for operators."""
+        return {
+            "path": str(self.watcher.path) if self.watcher.path else None,
+            "last_error": self.watcher.last_error,
+        }
+
+    async def aclose(self) -> None:
+        """Stop the GPU threads, then the global limits and the stores."""
+        self.runner.close()
+        if self.global_limits is not None:
+            self.global_limits.close()
+            await self.global_limits.store.aclose()
+        self.store.close()
+
+    def with_scheduler(self, read: Callable[[FairScheduler], T]) -> T:
         """Read the scheduler under the runner's lock (the GPU threads change it too)."""
         with self.runner.locked() as scheduler:
             return read(scheduler)
@@ -264,8 +307,10 @@ class GpuTier:
             caps[client_id] = limits.max_running + limits.max_queued
         return caps
 
-    def health(self) -> dict[str, Any]:
-        depth = self.with_scheduler(FairScheduler.depth_by_tier)
+    def health(self, token: str | None = None) -> dict[str, Any]:
+        """The health document; with a frontend's identity token (it holds the secret), the
+        live in-flight caps too."""
+        depth = self.depth_by_tier()
         doc: dict[str, Any] = {"status": "ok", "boot_id": BOOT_ID}
         if self.settings.app:
             doc["functions"] = sorted(self.functions)
@@ -277,6 +322,12 @@ class GpuTier:
                 defaults={"steps": ex.preset.steps, "guidance_scale": ex.preset.guidance_scale},
             )
         doc.update(queued=sum(q for q, _ in depth.values()), running=sum(r for _, r in depth.values()))
+        if token:
+            try:
+                self.tokens.verify(token).require(HEALTH)
+            except SplitspaceError:
+                return doc
+            doc["caps"] = self.live_caps()
         return doc
 
 
@@ -340,8 +391,8 @@ def model_routes(router: APIRouter, tier: GpuTier) -> None:
             return {"model": None, "app": tier.settings.app, "functions": sorted(tier.functions)}
         return {"model": gpu.current_executor().name}
 
-    @router.put("/model")
-    async def set_model(body: dict[str, Any] = Body(...)) -> dict[str, Any]:
+    @router.put("/model", response_model=None)
+    async def set_model(body: dict[str, Any] = Body(...)) -> ModelChange:
         spec = body.get("model")
         if not isinstance(spec, str) or not spec.strip():
             raise HTTPException(422, "model: give a model spec (tiny, sleep:MS, or a diffusers id or path)")
@@ -355,20 +406,14 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
     settings = settings or Settings()
     tier = GpuTier(settings, executor)
 
-    async def watch_quotas() -> None:
-        while True:
-            await asyncio.sleep(1.0)
-            tier.watcher.check()
-
     def keep_house() -> None:
-        """What finished calls and idle clients left behind (gradio_sessions.py, scheduler.py)."""
+        """What finished calls and idle clients left behind (gradio_sessions.py, the tier)."""
         forget_finished_states(blocks, heartbeats.sessions)
-        tier.with_scheduler(FairScheduler.forget_idle)
-        tier.store_forget_expired()
+        tier.keep_house()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(watch_quotas())
+        task = asyncio.create_task(tier.watch_quotas())
         sweep = asyncio.create_task(sweep_finished_sessions(blocks))
         house = asyncio.create_task(every(HOUSEKEEPING_S, keep_house))
         try:
@@ -377,11 +422,7 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
             task.cancel()
             sweep.cancel()
             house.cancel()
-            tier.runner.close()
-            if tier.global_limits is not None:
-                tier.global_limits.close()
-                await tier.global_limits.store.aclose()
-            tier.store.close()
+            await tier.aclose()
 
     app = FastAPI(lifespan=lifespan, **NO_TELEMETRY)
     app.state.tier = tier
@@ -389,15 +430,9 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:
-        doc = {**tier.health(), "pages": {"open": heartbeats.open, "sessions": session_count(blocks)}}
-        token = request.headers.get(IDENTITY_HEADER)
-        if token:  # a frontend (it holds the secret) also learns the live in-flight caps
-            try:
-                tier.tokens.verify(token).require(HEALTH)
-            except SplitspaceError:
-                return doc
-            doc["caps"] = tier.live_caps()
-        return doc
+        # a frontend (it holds the secret) also learns the live in-flight caps
+        doc = tier.health(request.headers.get(IDENTITY_HEADER))
+        return {**doc, "pages": {"open": heartbeats.open, "sessions": session_count(blocks)}}
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -410,12 +445,9 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
             read=tier.with_scheduler,
             store=tier.store,
             overrides=tier.overrides,
-            config=lambda: tier.watcher.current,
+            config=tier.quota_config,
             global_limits=tier.global_limits,
-            quota_status=lambda: {
-                "path": str(tier.watcher.path) if tier.watcher.path else None,
-                "last_error": tier.watcher.last_error,
-            },
+            quota_status=tier.quota_status,
             extra_routes=lambda router: model_routes(router, tier),
         )
     )

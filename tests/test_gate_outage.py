@@ -134,8 +134,8 @@ async def gpu_tier(
         resolve=model.resolve,
         model_name=lambda: model.name,
         clock=time.time,
+        gate=gate,
     )
-    runner.gate = gate
     service = InferService(
         tokens=IdentityTokens([SECRET]),
         runner=runner,

@@ -94,7 +94,7 @@ def test_response_format_url_is_a_capability_url(direct: Deployment) -> None:
 def test_images_handed_out_by_url_expire_with_the_jobs_ttl(tmp_path: Path) -> None:
     """What a URL points at is deleted ``SPLITSPACE_JOB_TTL_S`` after it was written (in
     process: the sweep's rule; the lifespan runs it every minute)."""
-    from splitspace.cpu_frontend.app import IMAGE_NAME, expire_images
+    from splitspace.cpu_frontend.core import IMAGE_NAME, expire_images
 
     now = time.time()
     for name, age in (("old", 100.0), ("new", 10.0)):

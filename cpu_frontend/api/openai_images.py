@@ -2,17 +2,17 @@
 
 Why it exists: the ``openai`` SDK (and every tool built on it) can then use a
 splitspace deployment as it is, with ``base_url=<frontend>/v1`` and an API key of
-the quota file. The route is thin over ``Frontend``, so nothing here is a second
-way in:
+the quota file. The route is thin over ``FrontendCore`` (``cpu_frontend/core.py``),
+so nothing here is a second way in:
 
-- identity: ``Frontend.identity`` (an ``Authorization: Bearer`` key, the session
+- identity: ``FrontendCore.identity`` (an ``Authorization: Bearer`` key, the session
   cookie, the address), resolved once before anything is counted;
 - validation: ``request_from_dict`` with the deployment's limits; pydantic only
   reads the OpenAI body's shape (types, ``n``, ``size`` as ``WxH``, ``response_format``);
 - the door: each of the ``n`` images joins its client's line with
-  ``Frontend.join_door``, as ``n`` separate calls would; if any is refused (the
+  ``FrontendCore.join_door``, as ``n`` separate calls would; if any is refused (the
   client's cap) every place is given back and the answer is 429. The places are
-  handed to ``Frontend.generate`` with a one-time pass, as the door's middleware
+  handed to ``FrontendCore.generate`` with a one-time pass, as the door's middleware
   hands a held REST call to Gradio, and the ``n`` run concurrently; a caller who
   goes away cancels them (the GPU tier drops their jobs);
 - errors: the project's errors become OpenAI's ``{"error": {message, type, param,
@@ -24,7 +24,7 @@ way in:
 the frontend's outputs (``/gradio_api/file=<path>``, under a directory named by the
 image's hash), readable by whoever holds the URL, without credentials, for
 ``SPLITSPACE_JOB_TTL_S`` after the image was written, as a job's results
-(``cpu_frontend.app.expire_images`` deletes it then).
+(``cpu_frontend.core.expire_images`` deletes it then).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations.
@@ -37,14 +37,14 @@ from collections.abc import AsyncGenerator, Awaitable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
-import gradio as gr
 from fastapi import APIRouter
 from gradio.route_utils import get_root_url
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictStr
 from pydantic import ValidationError as PydanticError
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 
+from splitspace.cpu_frontend.core import SavedImage
 from splitspace.cpu_frontend.door.door import FairDoor, Place
 from splitspace.cpu_frontend.door.door_middleware import DOOR_PASS_HEADER
 from splitspace.session.identity import Identity
@@ -61,6 +61,7 @@ from splitspace.shared.contract.errors import (
     Unauthorized,
     ValidationFailed,
 )
+from splitspace.shared.contract.hop import Status
 from splitspace.shared.contract.schema import GenerateRequest, Limits, echo, request_from_dict
 from splitspace.shared.http import guard
 
@@ -92,7 +93,7 @@ class _Health(Protocol):
 
 
 class ImagesFrontend(Protocol):
-    """What the route uses of ``cpu_frontend.app.Frontend``."""
+    """What the route uses of ``cpu_frontend.core.FrontendCore``."""
 
     @property
     def settings(self) -> Settings: ...
@@ -104,13 +105,13 @@ class ImagesFrontend(Protocol):
     @property
     def door(self) -> FairDoor: ...
 
-    def identity(self, request: gr.Request | Request | None) -> Identity: ...
+    def identity(self, request: HTTPConnection | None) -> Identity: ...
 
     async def join_door(self, identity: Identity, parked: bool = False) -> Place: ...
 
     def generate(
-        self, values: dict[str, Any], request: gr.Request | None
-    ) -> AsyncGenerator[tuple[dict | None, dict], None]: ...
+        self, values: dict[str, Any], request: HTTPConnection | None
+    ) -> AsyncGenerator[Status | SavedImage, None]: ...
 
 
 class ImageGeneration(BaseModel):
@@ -220,14 +221,6 @@ def _error_doc(message: str, kind: str, param: str | None, code: str | None) -> 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def _cause(exc: BaseException) -> BaseException:
-    """The project's error under a ``gr.Error`` (``Frontend.generate`` raises it ``from None``:
-    the project's error is its context, as ``Frontend.ui_follow`` reads it)."""
-    if isinstance(exc, gr.Error) and isinstance(exc.__context__, SplitspaceError):
-        return exc.__context__
-    return exc
-
-
 class _Gone(Exception):
     """The caller closed the connection."""
 
@@ -286,7 +279,7 @@ def openai_routes(fe: ImagesFrontend) -> APIRouter:
         except _Gone:
             return Response(status_code=499)
         except Exception as exc:  # noqa: BLE001 - every error is answered in OpenAI's shape
-            return openai_error(_cause(exc))
+            return openai_error(exc)
         finally:
             for place, nonce in places:  # a pass never taken (the image never started) gives its place back
                 fe.door.take(nonce, place.flow_id)
@@ -297,13 +290,13 @@ def openai_routes(fe: ImagesFrontend) -> APIRouter:
 
 
 async def _one(fe: ImagesFrontend, request: Request, req: GenerateRequest, nonce: str) -> str:
-    """One image through ``Frontend.generate`` with its place's pass; the PNG's path."""
+    """One image through ``FrontendCore.generate`` with its place's pass; the PNG's path."""
     scope = {**request.scope, "headers": [*request.scope["headers"], (DOOR_PASS_HEADER.encode(), nonce.encode())]}
-    updates = fe.generate(req.to_wire(), gr.Request(request=Request(scope)))
+    updates = fe.generate(req.to_wire(), Request(scope))
     try:
-        async for image, _info in updates:
-            if image is not None:
-                return str(image["path"])
+        async for update in updates:
+            if isinstance(update, SavedImage):
+                return update.path
     finally:
         await updates.aclose()
     raise SplitspaceError("the image never came")

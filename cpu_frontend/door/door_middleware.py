@@ -12,7 +12,7 @@ that start a ``/generate`` job (curl, httpx, any HTTP client):
 1. It resolves the caller's identity from the headers and cookies and reads the body
    (already size-capped by the guard). A body that is not a valid request goes on to
    Gradio unchanged, whose handler answers with the error naming the field.
-2. It joins the client's line at the door (``Frontend.join_door``): a client over its
+2. It joins the client's line at the door (``FrontendCore.join_door``): a client over its
    in-flight cap gets HTTP 429 with ``Retry-After`` and ``{"title": "Queue full",
    "message", "retry_after_s"}`` (503 "Service unavailable" when the shared count on
    Redis cannot be reached in ``closed`` mode), and Gradio never sees the request.
@@ -93,7 +93,7 @@ class DoorMiddleware:
         door: FairDoor,
         identify: Callable[[Request], Identity],
         join: Callable[[Identity, bool], Awaitable[Place]],
-        is_request: Callable[[Any], bool],
+        is_request: Callable[[object], bool],
         seconds_per_job: Callable[[], float],
         api_names: Collection[str],
         held: HeldCalls | None = None,

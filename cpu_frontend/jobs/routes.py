@@ -1,4 +1,4 @@
-"""``/v1/jobs``: durable jobs over HTTP, and the wiring that builds them from the Frontend.
+"""``/v1/jobs``: durable jobs over HTTP, and the wiring that builds them from the frontend's core.
 
 - ``POST /v1/jobs`` ``{"endpoint", "inputs" | "data", "webhook_url"?, "webhook_events"?}``
   (``Idempotency-Key`` header optional): 202 with the job (``Location`` its URL); 400
@@ -27,7 +27,7 @@ from typing import Any, Literal, Protocol
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import ValidationError as PydanticError
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 
 from splitspace.cpu_frontend.door.door import FairDoor, Place
@@ -315,7 +315,7 @@ def _body(raw: bytes) -> JobCreate:
 
 # -- wiring -----------------------------------------------------------------------------------
 class FrontendParts(Protocol):
-    """What jobs use of the Frontend (``cpu_frontend/app.py``): its Gradio-free pieces."""
+    """What jobs use of the frontend's core (``cpu_frontend/core.py``)."""
 
     settings: Settings
     pool: BackendPool
@@ -326,7 +326,7 @@ class FrontendParts(Protocol):
     seconds_per_job: float
     cache_dir: str
 
-    def identity(self, request: Any) -> Identity: ...
+    def identity(self, request: HTTPConnection | None) -> Identity: ...
 
     async def join_door(self, identity: Identity, parked: bool = False) -> Place: ...
 
@@ -349,7 +349,7 @@ class JobsService:
         def learn(identity: Identity, cap: int | None) -> None:
             fe.caps.learn(identity, cap)
 
-        def gpu_s(seconds: float) -> None:  # the ETA of those waiting at the door, as Frontend.generate learns it
+        def gpu_s(seconds: float) -> None:  # the ETA of those waiting at the door, as FrontendCore.generate learns it
             fe.seconds_per_job += 0.1 * (seconds - fe.seconds_per_job)
 
         target: JobTarget

@@ -2,7 +2,7 @@
 
 Gradio serves the app's page and API as its own (the page, View API, ``gradio_client``,
 the queue); only the function behind each GPU event changes, in place, to a handler that
-follows the call through the frontend (``Frontend.follow_call``: identity, validation, the
+follows the call through the frontend (``FrontendCore.follow_call``: identity, validation, the
 fair door, the hop) and the GPU tier. For that event:
 
 - ``preprocess=False``: the handler gets Gradio's API payloads (Gradio has still checked

@@ -52,7 +52,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, NotRequired, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict, TypeVar
 
 from splitspace.gpu_backend.admission.scheduler import ClientRef, FairScheduler, Job, Outcome
 from splitspace.gpu_backend.workload.batching import BatchOutcome, split_batch_time, zerogpu_batch_key
@@ -65,6 +65,9 @@ from splitspace.shared.contract.calls import Partial
 from splitspace.shared.contract.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled, UnknownEndpoint
 from splitspace.shared.contract.hop import Status
 from splitspace.shared.contract.schema import GenerateRequest
+
+if TYPE_CHECKING:
+    from splitspace.gpu_backend.stores.global_limits import GlobalLimits
 
 log = logging.getLogger("splitspace.gpu")
 
@@ -204,10 +207,12 @@ class GpuRunner:
         on_zerogpu: bool = False,
         clock: Callable[[], float] = time.monotonic,
         on_event: OnEvent | None = None,
+        gate: GlobalLimits | None = None,
     ) -> None:
         """``cost``, ``run_batch``, ``resolve``, ``model_name`` and ``max_batch``: the built-in
         text-to-image (``text_to_image.py``); without ``run_batch`` there is none (a GPU
-        tier serving a developer's app), and only :meth:`admit_work` admits."""
+        tier serving a developer's app), and only :meth:`admit_work` admits. ``gate``: the
+        global limits (Redis), or None."""
         self.scheduler = scheduler
         self.builtin: TextToImage | None = None
         if run_batch is not None:
@@ -223,7 +228,7 @@ class GpuRunner:
         """On ZeroGPU one GPU call is charged to one visitor: batches hold one visitor's requests."""
         self._clock = clock
         self._on_event: OnEvent = on_event or (lambda kind, data: None)
-        self.gate: Any = None
+        self.gate = gate
         """With global limits (Redis): a :class:`~gpu_backend.stores.global_limits.GlobalLimits`
         that takes each job's running slot before it runs and settles it after, outside
         the lock; None: nothing but the local scheduler."""
@@ -501,7 +506,9 @@ class GpuRunner:
         whose caller left meanwhile (:meth:`drop`) does not run: refused, it is cancelled
         as if it had still been queued; granted, its dispatch is undone (here and in the
         store: ``GlobalLimits.finish`` with 0 s)."""
-        run, refused, failed = self.gate.start(jobs)
+        gate = self.gate
+        assert gate is not None  # (called only with one)
+        run, refused, failed = gate.start(jobs)
         with self._work:
             left = {job.job_id for job in jobs} & self._left
             self._left -= left
@@ -531,9 +538,9 @@ class GpuRunner:
             w.loop.call_soon_threadsafe(_fail, w.future, error)
         for job in refused:
             if job.job_id in left:
-                self.gate.dropped(job.job_id)
+                gate.dropped(job.job_id)
         for job in withdrawn:
-            self.gate.finish(job, 0.0)  # withdrawn: its reservation and charge taken back
+            gate.finish(job, 0.0)  # withdrawn: its reservation and charge taken back
         for job, w in gone:
             w.loop.call_soon_threadsafe(w.future.cancel)
             self._on_event("cancelled", {"tier": job.client.tier})

@@ -48,6 +48,21 @@ def current_executor() -> ModelExecutor:
     return _executor
 
 
+def estimate_seconds(steps: int, width: int, height: int, guidance_scale: float, batch: int) -> float:
+    """The loaded model's first guess of a batch's GPU seconds (``CostModel``'s base)."""
+    return current_executor().estimate_seconds(steps, width, height, batch, guidance_scale=guidance_scale)
+
+
+def resolve(request: GenerateRequest) -> tuple[int, float]:
+    """The steps and guidance the loaded model runs ``request`` with (its preset for those unset)."""
+    return current_executor().resolve(request)
+
+
+def model_name() -> str:
+    """The loaded model's name (what a job's info says it ran on)."""
+    return current_executor().name
+
+
 def batch_cap(setting: int) -> int:
     """The most requests one call may take: the tier's setting, capped by the model's own."""
     return max(1, min(setting, current_executor().max_batch))

@@ -33,6 +33,12 @@ class BadFile(ValueError):
     """A carried file that cannot be read back (not base64, no name)."""
 
 
+def content_hash(data: bytes) -> str:
+    """The name Gradio's cache gives a folder for ``data`` (its seeded sha256: a path
+    nobody guesses without the bytes)."""
+    return str(processing_utils.hash_bytes(data))
+
+
 def inline_files(payload: Any, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> Any:
     """``payload`` with each FileData replaced by its bytes (read from its path). The paths
     must be this tier's own: Gradio has moved an input into its cache and checked it, or a

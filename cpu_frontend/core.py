@@ -1,0 +1,363 @@
+"""The CPU tier's core: who a caller is, validation, the fair door, the hop; no Gradio.
+
+Why it exists: every way in (the Gradio handlers of ``app.py``, the durable jobs of
+``jobs/routes.py``, OpenAI's images API of ``api/openai_images.py``, the door's
+middleware) goes through this one class, so identity, validation, the in-flight caps
+and forwarding are decided once. It takes a Starlette ``Request`` and raises the
+project's errors (``shared/contract/errors.py``); each edge maps them once, in its own
+shape (``gr.Error`` for Gradio, ``{"title", "message"}`` for ``/v1/jobs``, OpenAI's
+error body for ``/v1/images``).
+
+A request is resolved to an identity (API key, session cookie, address), validated,
+checked against the client's in-flight cap, and forwarded with a freshly minted
+identity token and the caller's ``x-ip-token``, as per-call headers. A caller who
+goes away closes the stream to the GPU tier, which drops the queued job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from starlette.requests import HTTPConnection
+
+from splitspace.cpu_frontend.api.validation import validate_call
+from splitspace.cpu_frontend.door.door import FairDoor, Place
+from splitspace.cpu_frontend.door.door_middleware import DOOR_PASS_HEADER
+from splitspace.cpu_frontend.door.inflight_ledger import open_ledger
+from splitspace.cpu_frontend.door.limits import InflightCaps
+from splitspace.cpu_frontend.door.status_feed import Told, wait_turn
+from splitspace.cpu_frontend.hop.backends import BackendPool
+from splitspace.cpu_frontend.hop.hub_auth import backend_auth_headers
+from splitspace.cpu_frontend.hop.transport import Transport
+from splitspace.session import (
+    ApiKeyring,
+    Identity,
+    IdentityResolver,
+    IdentityTokens,
+    SessionCookies,
+)
+from splitspace.session.address import AddressPolicy
+from splitspace.session.caller import CallerStamps
+from splitspace.session.token import HEALTH, STANDING, infer_purpose
+from splitspace.shared.app.files import BadFile, FileTooLarge, carries_files, content_hash, inline_files, outline_files
+from splitspace.shared.app.loader import GpuEndpoint
+from splitspace.shared.app.processing import input_label
+from splitspace.shared.config.quota_watch import QuotaWatcher
+from splitspace.shared.config.settings import Settings
+from splitspace.shared.contract.calls import Call, CallResult, Partial
+from splitspace.shared.contract.errors import GpuFailed, SplitspaceError, ValidationFailed
+from splitspace.shared.contract.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
+from splitspace.shared.contract.hop import GenerateInfo, Result, Status
+from splitspace.shared.contract.quotas import QuotaConfig
+from splitspace.shared.contract.schema import REQUEST_FIELDS, request_from_dict, validate_request
+
+log = logging.getLogger("splitspace.frontend")
+
+FRONTEND_IDENTITY = Identity("frontend", "address", "anonymous", "frontend")
+"""Who the frontend is when it asks a GPU tier for its live caps (health checks)."""
+IMAGE_NAME = "image.png"
+"""The file name of each image :meth:`FrontendCore.save_image` writes."""
+IMAGE_SWEEP_S = 60.0
+"""How often images older than ``SPLITSPACE_JOB_TTL_S`` are deleted (:func:`expire_images`)."""
+
+
+@dataclass(frozen=True)
+class SavedImage:
+    """``FrontendCore.generate``'s result: the PNG, in the frontend's file cache, and its info."""
+
+    path: str
+    info: GenerateInfo
+
+
+def build_transports(settings: Settings) -> list[Transport]:
+    """One transport per GPU tier URL, of the configured kind (settings read here, at the edge)."""
+    auth = backend_auth_headers(settings.hf_token.get_secret_value() if settings.hf_token else None)
+    kw: dict[str, Any] = {"timeout_s": settings.backend_timeout_s, "auth_headers": auth}
+    if settings.transport == "gradio_client":
+        from splitspace.cpu_frontend.hop.gradio_client_transport import GradioClientTransport
+
+        return [GradioClientTransport(u, **kw) for u in settings.backend_urls]
+    if settings.transport == "httpx":
+        from splitspace.cpu_frontend.hop.httpx_transport import HttpxTransport
+
+        return [HttpxTransport(u, **kw) for u in settings.backend_urls]
+    from splitspace.cpu_frontend.hop.direct_transport import DirectTransport
+
+    return [DirectTransport(u, **kw) for u in settings.backend_urls]
+
+
+class FrontendCore:
+    """Everything the CPU tier holds, built once from settings, and its ways through."""
+
+    def __init__(self, settings: Settings, cache_dir: str, transports: list[Transport] | None = None) -> None:
+        """``cache_dir``: where outputs land as files (Gradio's cache: it serves them)."""
+        if not settings.secrets:
+            raise ValueError("SPLITSPACE_SECRET is required (the tiers' shared secret)")
+        self.settings = settings
+        self.tokens = IdentityTokens(settings.secrets)
+        self.cookies = SessionCookies(settings.secrets)
+        self.watcher = QuotaWatcher(settings.quotas, on_change=self._on_quotas)
+        self.stamps = CallerStamps(settings.secrets)
+        self.resolver = IdentityResolver(
+            cookies=self.cookies,
+            keyring=ApiKeyring(self.watcher.current.keys),
+            addresses=AddressPolicy(
+                trusted_proxies=settings.trusted_proxies,
+                trusted_networks=settings.trusted_proxy_cidrs,
+                ipv6_prefix=settings.ipv6_prefix,
+            ),
+            stamps=self.stamps,
+        )
+        self.caps = InflightCaps(
+            lambda: self.watcher.current, idle_s=settings.idle_s, max_idle=settings.max_idle_clients
+        )
+        self.pool = BackendPool(
+            transports or build_transports(settings),
+            health_headers=lambda: {IDENTITY_HEADER: self.tokens.mint(FRONTEND_IDENTITY, HEALTH)},
+            on_health=lambda doc: self.caps.learn_all(doc.get("caps") or {}),
+        )
+        self.door = FairDoor(per_flow=settings.door_per_flow, total=settings.door_total)
+        self.ledger = open_ledger(settings)
+        """The in-flight counts shared by every frontend (a no-op without Redis)."""
+        self.seconds_per_job = 1.0
+        """Measured GPU seconds per job (smoothed), for the ETA of requests waiting at the door."""
+        self.cache_dir = cache_dir
+
+    def _on_quotas(self, config: QuotaConfig) -> None:
+        self.resolver.keyring = ApiKeyring(config.keys)
+
+    async def start(self) -> None:
+        """Connect the shared in-flight counts and start watching the GPU tiers' health."""
+        await self.ledger.start()
+        await self.pool.start()
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+        await self.ledger.aclose()
+
+    async def watch_quotas(self) -> None:
+        """Reload the quota file when it changes (runs for the app's lifetime)."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.watcher.check()
+
+    def identity(self, request: HTTPConnection | None) -> Identity:
+        """Who a caller is, by its headers, cookies and peer address (the same for a Gradio
+        handler's request, the door's middleware's and the HTTP APIs')."""
+        if request is None:
+            raise SplitspaceError("no request context", title="Error")
+        peer = request.client.host if request.client else None
+        return self.resolver.resolve(request.headers, request.cookies, peer)
+
+    def forward_headers(self, identity: Identity, request: HTTPConnection, purpose: str) -> dict[str, str]:
+        """A fresh identity token for this one call, and the visitor's ZeroGPU token."""
+        headers = {IDENTITY_HEADER: self.tokens.mint(identity, purpose)}
+        ip_token = request.headers.get(IP_TOKEN_HEADER)
+        if ip_token:
+            headers[IP_TOKEN_HEADER] = ip_token
+        return headers
+
+    async def join_door(self, identity: Identity, parked: bool = False) -> Place:
+        """Join the client's line at the door, within its in-flight cap counted here and,
+        with Redis, across every frontend (``inflight_ledger.py``); raises Queue full (or
+        Service unavailable, Redis down in ``closed`` mode). The one way in, for the
+        door's middleware and the handler. ``parked``: counted, not yet in line
+        (``FairDoor.join``)."""
+        flow, terms = identity.flow_id, self.caps.terms(identity)
+        self.door.check_cap(flow, terms.cap)
+        hold = await self.ledger.acquire(flow, terms.cap, self.door.count(flow))
+        try:  # again: others may have joined meanwhile
+            place = self.door.join(flow, terms.cap, terms.weight, room=terms.running, parked=parked)
+        except BaseException:
+            self.ledger.release(hold)
+            raise
+        if hold is not None:
+            place.on_leave = lambda: self.ledger.release(hold)
+        return place
+
+    def is_request(self, values: object) -> bool:
+        """Whether a REST call's fields (a list in ``REQUEST_FIELDS`` order, or by name) make
+        a valid request: the door's middleware holds only those, and passes anything else
+        on to the handler, which names what is wrong."""
+        if isinstance(values, list) and len(values) == len(REQUEST_FIELDS):
+            values = dict(zip(REQUEST_FIELDS, values, strict=True))
+        if not isinstance(values, dict):
+            return False
+        try:
+            request_from_dict(values, self.settings.limits)
+        except SplitspaceError:
+            return False
+        return True
+
+    def save_image(self, png: bytes) -> str:
+        """The PNG in the cache, at a path named by its hash (as Gradio's ``save_bytes_to_cache``),
+        written whole: a temporary file renamed, so that an identical image (same seed) saved
+        meanwhile never lets a reader of this path see a truncated file."""
+        folder = Path(self.cache_dir) / content_hash(png)
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=".part", delete=False) as tmp:
+            tmp.write(png)
+        path = folder / IMAGE_NAME
+        os.replace(tmp.name, path)
+        return str(path.resolve())
+
+    async def generate(
+        self, values: dict[str, Any], request: HTTPConnection | None
+    ) -> AsyncGenerator[Status | SavedImage, None]:
+        """The built-in ``/generate``: validate, cap, forward; its statuses (its place at the
+        door, then at the GPU tier), then the image and its info."""
+        identity = self.identity(request)
+        assert request is not None  # (identity() refuses a call without one)
+        req = validate_request(**values, limits=self.settings.limits)
+        flow = identity.flow_id
+        result: Result | None = None
+        # A REST call held by the door's middleware arrives with its place; any other
+        # joins its flow's line here.
+        place = self.door.take(request.headers.get(DOOR_PASS_HEADER), flow) or await self.join_door(identity)
+        told = Told(place.told)
+        try:
+            # Gradio closes the handler at its next yield when the caller goes away: a
+            # request waiting at the door then leaves its line at once.
+            async for status in wait_turn(place, told, lambda: self.seconds_per_job):
+                yield status
+            # aclosing: the stream to the GPU tier must close when this generator
+            # does (the GPU tier then drops the queued job), not at GC.
+            updates = self.pool.stream(req, self.forward_headers(identity, request, infer_purpose(req.digest())))
+            async with contextlib.aclosing(updates):
+                async for update in updates:
+                    self.caps.learn(identity, update.cap)
+                    if isinstance(update, Result):
+                        result = update
+                        break
+                    # news, or the last place again now and then: a yield is how Gradio
+                    # notices a caller who left (the GPU tier then drops the job)
+                    news = told.next(update)
+                    if news is not None:
+                        yield news
+        finally:
+            # The door's place is given back as soon as the GPU tier has answered: what
+            # is left (saving the image, sending it) no longer holds up the client's next.
+            place.leave()
+        if result is not None:
+            self.seconds_per_job += 0.1 * (result.info.gpu_s - self.seconds_per_job)
+            # on a worker thread: a file write on the event loop held up every other caller
+            path = await asyncio.to_thread(self.save_image, result.image_png)
+            yield SavedImage(path, result.info)
+
+    async def follow_call(
+        self, endpoint: GpuEndpoint, payloads: list[Any], request: HTTPConnection | None
+    ) -> AsyncGenerator[Status | list[Any], None]:
+        """A call of the developer's GPU function (``ui/app_events.py``): validate, join the
+        door, forward; its statuses (its place at the door, then at the GPU tier), then its
+        outputs (one payload per output component, files in this tier's cache): a
+        generator's each yield as it arrives (a Partial), its last as the result (not twice)."""
+        identity = self.identity(request)
+        assert request is not None  # (identity() refuses a call without one)
+        max_bytes = self.settings.max_file_bytes
+        # off the loop: with a validator= it preprocesses the inputs (an image decoded) and runs it
+        await asyncio.to_thread(validate_call, endpoint, payloads, max_bytes)
+        call = Call(endpoint.api_name, await asyncio.to_thread(_carried, endpoint, payloads, max_bytes))
+        try:
+            digest = await asyncio.to_thread(call.digest)
+        except (TypeError, ValueError):  # NaN, or a gr.State holding what JSON cannot say
+            raise ValidationFailed("data", "must be plain JSON (no NaN, infinity or Python objects)") from None
+        result: CallResult | None = None
+        last_partial: list[Any] | None = None
+        place = self.door.take(request.headers.get(DOOR_PASS_HEADER), identity.flow_id) or await self.join_door(
+            identity
+        )
+        told = Told(place.told)
+        try:
+            async for status in wait_turn(place, told, lambda: self.seconds_per_job):
+                yield status
+            # aclosing: the call to the GPU tier closes when this generator does (the
+            # caller left: the GPU tier drops the queued job, or stops its stream), not at GC.
+            updates = self.pool.call(call, self.forward_headers(identity, request, infer_purpose(digest)))
+            async with contextlib.aclosing(updates):
+                async for update in updates:
+                    if isinstance(update, CallResult):
+                        self.caps.learn(identity, update.cap)
+                        result = update
+                        break
+                    if isinstance(update, Partial):  # a generator's yield: it replaces the outputs
+                        last_partial = update.data
+                        yield await self._landed(update.data, max_bytes)
+                    elif isinstance(update, Status):
+                        self.caps.learn(identity, update.cap)
+                        news = told.next(update)
+                        if news is not None and last_partial is None:  # (a stream's heartbeats say nothing)
+                            yield news
+        finally:
+            place.leave()  # the GPU tier has answered: the client's next may go
+        if result is not None:
+            self.seconds_per_job += 0.1 * (result.info.gpu_s - self.seconds_per_job)
+            if result.data != last_partial:  # a stream's last yield came as a Partial already
+                yield await self._landed(result.data, max_bytes)
+
+    async def _landed(self, data: list[Any], max_bytes: int) -> list[Any]:
+        """Payloads from the GPU tier with their files written into this tier's cache (in a
+        thread: they may be megabytes; text needs no trip there)."""
+        if not carries_files(data):
+            return data
+        try:
+            landed: list[Any] = await asyncio.to_thread(outline_files, data, self.cache_dir, max_bytes=max_bytes)
+        except (FileTooLarge, BadFile) as exc:  # (the tiers disagree on SPLITSPACE_MAX_FILE_BYTES)
+            raise GpuFailed(f"an output could not be received: {exc}") from None
+        return landed
+
+    async def quota(self, request: HTTPConnection | None) -> dict[str, Any]:
+        """``/quota``: the caller's own standing, as the GPU tier counts it."""
+        identity = self.identity(request)
+        assert request is not None  # (identity() refuses a call without one)
+        result = await self.pool.standing(self.forward_headers(identity, request, STANDING))
+        return {**result, "in_flight_here": self.door.count(identity.flow_id)}
+
+
+def expire_images(cache_dir: str, age_s: float, now: float | None = None) -> int:
+    """Delete the images :meth:`FrontendCore.save_image` wrote (``<cache>/<hash>/image.png``)
+    more than ``age_s`` ago (the same image saved again is written again), and their
+    folders; how many. The OpenAI API's ``response_format="url"`` hands out their URLs:
+    they live as long as a job's results (``SPLITSPACE_JOB_TTL_S``), not forever."""
+    cutoff = (time.time() if now is None else now) - age_s
+    gone = 0
+    for path in Path(cache_dir).glob(f"*/{IMAGE_NAME}"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                gone += 1
+                with contextlib.suppress(OSError):  # (not empty: an identical image being written)
+                    path.parent.rmdir()
+        except OSError:  # deleted meanwhile
+            continue
+    return gone
+
+
+async def expire_images_every(cache_dir: str, age_s: float) -> None:
+    """:func:`expire_images` now and then (from the lifespan), off the event loop."""
+    while True:
+        await asyncio.sleep(min(IMAGE_SWEEP_S, age_s / 2))
+        try:
+            await asyncio.to_thread(expire_images, cache_dir, age_s)
+        except Exception:  # housekeeping must not stop for good
+            log.exception("expiring images failed; trying again later")
+
+
+def _carried(endpoint: GpuEndpoint, payloads: list[Any], max_bytes: int) -> list[Any]:
+    """The payloads with their files as bytes (Gradio has moved each upload into this tier's
+    cache and checked it); a file over the limit is refused naming its input."""
+    carried = []
+    for i, (block, payload) in enumerate(zip(endpoint.inputs, payloads, strict=True)):
+        try:
+            carried.append(inline_files(payload, max_bytes=max_bytes))
+        except FileTooLarge as exc:
+            raise ValidationFailed(input_label(block, i), str(exc)) from None
+    return carried
