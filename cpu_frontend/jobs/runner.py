@@ -3,7 +3,7 @@
 Why it exists: a batch client wants to submit thousands of calls and hear of each when it
 ends, without a connection (or a Gradio event, or a coroutine) per waiting call. A job
 goes in exactly as a Gradio API call does (the caller's identity, its in-flight cap, its
-line at the fair door: ``Frontend.join_door``), but nobody reads it:
+line at the fair door: ``FrontendCore.join_door``), but nobody reads it:
 
 - **Waiting** is a row in the store and a :class:`~splitspace.cpu_frontend.door.door.Place`
   in its client's line, with a callback on the place's ``turn`` (a future): no task, no
