@@ -9,6 +9,7 @@ and a function without the decorator).
 
 from __future__ import annotations
 
+import io
 import re
 import threading
 import time
@@ -25,7 +26,8 @@ from PIL import Image
 
 from splitspace.session.identity import Identity
 from splitspace.session.token import IdentityTokens, infer_purpose
-from splitspace.shared.contract.calls import CALL_PATH, Call
+from splitspace.shared.contract import frames
+from splitspace.shared.contract.calls import CALL_PATH, Call, CarriedFile
 from splitspace.shared.contract.headers import IDENTITY_HEADER
 from tests.clients import call_rest, error_text
 from tests.support import GPU_TIER_BACKLOG, Deployment, sha256, wait_for
@@ -224,6 +226,34 @@ def test_the_gpu_tier_names_an_unknown_function_and_an_unreadable_input(studio: 
     assert too_many.status_code == 422 and too_many.json()["field"] == "data", too_many.text
     a_path = post(Call("mirror", [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}]))
     assert a_path.status_code == 422 and a_path.json()["field"] == "Picture", a_path.text
+
+
+def test_the_gpu_tier_takes_a_calls_file_as_bytes_after_its_json_and_checks_them(studio: Deployment) -> None:
+    """A call is a frame (``shared/contract/frames.py``): the file's bytes follow the JSON line,
+    bound to the token by their sha256; bytes swapped after signing are refused."""
+    assert studio.backend is not None
+    buf = io.BytesIO()
+    pixels = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    Image.fromarray(pixels).save(buf, format="PNG")
+    call = Call("mirror", [CarriedFile("in.png", "image/png", buf.getvalue())])
+    me = Identity("key:x", "key", "free", "1.2.3.4")
+
+    def headers() -> dict[str, str]:  # a token is good for one call
+        token = IdentityTokens([studio.secret]).mint(me, infer_purpose(call.digest()))
+        return {IDENTITY_HEADER: token, "content-type": frames.FRAME_TYPE}
+
+    body, url = frames.encode(call.to_wire()), studio.backend.url + CALL_PATH
+    with httpx.stream("POST", url, content=body, headers=headers(), timeout=10) as r:
+        splitter = frames.FrameSplitter()
+        docs = [frames.decode(f) for chunk in r.iter_bytes() for f in splitter.feed(chunk)]
+    assert r.status_code == 200 and docs[-1]["status"] == "done", docs
+    mirrored = docs[-1]["data"][0]
+    assert isinstance(mirrored, CarriedFile) and mirrored.name.endswith(".png")
+    got = np.asarray(Image.open(io.BytesIO(mirrored.data)).convert("RGB"))
+    assert (got == pixels[:, ::-1]).all()
+    swapped = body[:-1] + bytes([body[-1] ^ 1])
+    refused = httpx.post(url, content=swapped, headers=headers(), timeout=10)
+    assert refused.status_code == 422 and "sha256" in refused.json()["message"], refused.text
 
 
 # -- limits and fairness, as for the built-in ------------------------------------------------

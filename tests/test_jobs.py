@@ -305,7 +305,7 @@ def test_a_developer_function_runs_as_a_job_through_transport_call(tmp_path: Pat
     from splitspace.cpu_frontend.hop.mock_transport import MockTransport
     from splitspace.cpu_frontend.jobs.targets import Function, FunctionTarget
     from splitspace.session.token import IdentityTokens
-    from splitspace.shared.contract.calls import FILE_KEY, CallInfo, CallResult, Partial
+    from splitspace.shared.contract.calls import CallInfo, CallResult, CarriedFile, Partial
     from splitspace.shared.contract.errors import ValidationFailed
 
     seen: list[Call] = []
@@ -315,7 +315,7 @@ def test_a_developer_function_runs_as_a_job_through_transport_call(tmp_path: Pat
         yield Status("queued", 2, 1.0)
         yield Partial(["SO"])
         text = " ".join([str(call.data[0]).upper()] * int(call.data[1]))
-        png = {FILE_KEY: {"name": "x.png", "mime_type": "image/png", "b64": base64.b64encode(b"PNG!").decode()}}
+        png = CarriedFile("x.png", "image/png", b"PNG!")
         yield CallResult([text, png], CallInfo("shout", 0.0, 0.1, 0.1, "key:a"))
 
     pool = BackendPool([MockTransport(lambda r, h: iter(()), call_handler=handler)])

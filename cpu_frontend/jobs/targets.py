@@ -13,8 +13,6 @@ tokens, the deployment's limits and validation, the backend pool, the learned ca
 
 from __future__ import annotations
 
-import base64
-import binascii
 import inspect
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ from typing import Any, Protocol
 from splitspace.cpu_frontend.jobs.records import FILE_REF, StoredFile
 from splitspace.session.identity import Identity
 from splitspace.session.token import infer_purpose
-from splitspace.shared.contract.calls import FILE_KEY, Call, CallResult
+from splitspace.shared.contract.calls import FILE_KEY, Call, CallResult, CarriedFile, payloads_from_json
 from splitspace.shared.contract.errors import BackendUnavailable, ValidationFailed
 from splitspace.shared.contract.headers import IDENTITY_HEADER
 from splitspace.shared.contract.hop import CallUpdate, Result, Status, Update
@@ -166,32 +164,25 @@ def describe(endpoint: Any) -> Function:
 
 def carry_files(value: Any) -> Any:
     """Inputs as a Call carries them: a file given as ``{"name", "mime_type", "b64"}`` in a
-    ``{"file": ...}`` wrapper becomes the hop's ``{"splitspace_file": ...}``."""
+    ``{"file": ...}`` wrapper becomes a CarriedFile; ValueError when its bytes are not base64."""
     if isinstance(value, list):
         return [carry_files(v) for v in value]
     if isinstance(value, dict):
         if set(value) == {"file"} and isinstance(value["file"], dict) and isinstance(value["file"].get("b64"), str):
-            return {FILE_KEY: value["file"]}
+            return payloads_from_json({FILE_KEY: value["file"]})
         return {k: carry_files(v) for k, v in value.items()}
     return value
 
 
 def collect_files(value: Any, files: list[StoredFile]) -> Any:
-    """Outputs with each carried file (``{"splitspace_file": ...}``) moved into ``files``."""
+    """Outputs with each carried file (a CarriedFile) moved into ``files``."""
+    if isinstance(value, CarriedFile):
+        f = StoredFile(value.name, value.mime_type or "application/octet-stream", value.data)
+        files.append(f)
+        return file_ref(len(files) - 1, f)
     if isinstance(value, list):
         return [collect_files(v, files) for v in value]
     if isinstance(value, dict):
-        carried = value.get(FILE_KEY)
-        if set(value) == {FILE_KEY} and isinstance(carried, dict):
-            try:
-                data = base64.b64decode(str(carried.get("b64") or ""), validate=True)
-            except (binascii.Error, ValueError):
-                raise BackendUnavailable("the GPU tier sent a file that is not base64") from None
-            f = StoredFile(
-                str(carried.get("name") or "file"), str(carried.get("mime_type") or "application/octet-stream"), data
-            )
-            files.append(f)
-            return file_ref(len(files) - 1, f)
         return {k: collect_files(v, files) for k, v in value.items()}
     return value
 
@@ -217,7 +208,13 @@ class FunctionTarget:
     def validate(self, endpoint: str, inputs: Mapping[str, Any] | None, data: list[Any] | None) -> Call:
         f = self.functions[endpoint]
         values = _positional(f.inputs, inputs, data, f.defaults)
-        return Call(endpoint, [carry_files(values[name]) for name in f.inputs])
+        carried = []
+        for name in f.inputs:
+            try:
+                carried.append(carry_files(values[name]))
+            except ValueError as exc:
+                raise ValidationFailed(name, str(exc)) from None
+        return Call(endpoint, carried)
 
     async def run(self, identity: Identity, call: Call) -> AsyncGenerator[JobUpdate, None]:
         headers = {IDENTITY_HEADER: self.tokens.mint(identity, infer_purpose(call.digest()))}
