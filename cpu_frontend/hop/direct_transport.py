@@ -35,8 +35,6 @@ from splitspace.shared.contract.hop import CallUpdate, Update, call_update_from_
 from splitspace.shared.contract.schema import GenerateRequest
 
 KEEPALIVE_S = 4.0
-INLINE_JSON_BYTES = 256 * 1024
-"""A frame up to this size is read on the event loop; larger (a call's files) in a thread."""
 INFER_PATH = "/splitspace/v1/infer"
 STANDING_PATH = "/splitspace/v1/standing"
 
@@ -180,7 +178,7 @@ async def _documents(resp: aiohttp.ClientResponse, silence_s: float) -> AsyncIte
 
 
 async def _decoded(frame: frames.RawFrame) -> Any:
-    if frame.size <= INLINE_JSON_BYTES:
+    if frame.small:
         return frames.decode(frame)
     return await asyncio.to_thread(frames.decode, frame)
 

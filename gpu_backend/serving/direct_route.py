@@ -118,7 +118,7 @@ class DirectRoutes:
         try:
             frame = frames.split_body(body, max_file_bytes=self.max_file_bytes)
             self.call_limits.check(frame.line)
-            if frame.size <= PARSE_INLINE_BYTES:
+            if frame.small:
                 return frames.decode(frame, max_file_bytes=self.max_file_bytes)
             return await asyncio.to_thread(frames.decode, frame, max_file_bytes=self.max_file_bytes)
         except JsonLimitExceeded as exc:

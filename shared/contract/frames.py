@@ -39,6 +39,12 @@ class BadFrame(ValueError):
     """A frame that cannot be read; the message says what is wrong with it (no input echoed)."""
 
 
+INLINE_LINE_BYTES = 256 * 1024
+INLINE_BLOB_BYTES = 1024 * 1024
+"""A frame within both is decoded on the event loop (its JSON parsed, its files hashed: well
+under a millisecond); a larger one in a thread (:meth:`RawFrame.small`)."""
+
+
 @dataclass(frozen=True)
 class RawFrame:
     """One frame as it arrived: its JSON line, and its blobs (each file's bytes)."""
@@ -49,6 +55,11 @@ class RawFrame:
     @property
     def size(self) -> int:
         return len(self.line) + sum(len(b) for b in self.blobs)
+
+    @property
+    def small(self) -> bool:
+        """Cheap enough to decode on an event loop."""
+        return len(self.line) <= INLINE_LINE_BYTES and sum(len(b) for b in self.blobs) <= INLINE_BLOB_BYTES
 
 
 def encode(doc: dict[str, Any]) -> bytes:
