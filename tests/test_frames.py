@@ -108,3 +108,17 @@ def test_a_jobs_record_keeps_its_files_as_base64_json_and_reads_them_back() -> N
     assert kept[0][FILE_KEY]["b64"] and from_json(kept) == data
     with pytest.raises(ValueError, match="not base64"):
         from_json([{FILE_KEY: {"name": "x", "b64": "not base64!"}}])
+
+
+def test_a_landed_file_is_named_by_its_sha256_kept_in_its_folder_and_written_once(tmp_path) -> None:
+    from splitspace.shared.app.files import FileTooLarge, inline_files, outline_files
+
+    landed = outline_files([PICTURE, {"x": CarriedFile("../../etc/passwd", None, b"hi")}], str(tmp_path))
+    path = tmp_path / PICTURE.sha256 / "in.png"
+    assert landed[0]["path"] == str(path.resolve()) and path.read_bytes() == PNG
+    assert landed[1]["x"]["path"].startswith(str(tmp_path.resolve())) and landed[1]["x"]["orig_name"] == "passwd"
+    before = path.stat().st_ino
+    assert outline_files([PICTURE], str(tmp_path))[0]["path"] == landed[0]["path"] and path.stat().st_ino == before
+    assert inline_files(landed) == [PICTURE, {"x": CarriedFile("passwd", None, b"hi")}]  # back as they came
+    with pytest.raises(FileTooLarge, match=f"over the limit of {len(PNG) - 1} bytes"):
+        outline_files([PICTURE], str(tmp_path), max_bytes=len(PNG) - 1)

@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from gradio import processing_utils
 from gradio_client import utils as client_utils
 
 from splitspace.shared.contract.calls import FILE_KEY, CarriedFile
@@ -83,9 +84,11 @@ def land_bytes(file: CarriedFile, name: str, cache_dir: str) -> str:
     """The file's path in ``cache_dir/<sha256>/<name>``, written unless it is there already
     (then touched: Gradio's ``delete_cache`` ages files by their ctime). Written under a
     temporary name and renamed, so a concurrent call never reads half a file."""
+    if not Path(name).suffix:  # as Gradio's save_bytes_to_cache: a recording's type from its header
+        name += processing_utils.detect_audio_format(file.data)
     folder = Path(cache_dir) / file.sha256
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / client_utils.strip_invalid_filename_characters(name)
+    path = folder / (client_utils.strip_invalid_filename_characters(name) or "file")
     try:
         if path.stat().st_size == len(file.data):
             os.utime(path)
