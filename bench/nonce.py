@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from splitspace.deploy.redis_local import LocalRedis  # noqa: E402
 from splitspace.gpu_backend.admission.scheduler import ClientRef  # noqa: E402
 from splitspace.gpu_backend.stores.global_limits import GlobalLimits  # noqa: E402
-from splitspace.gpu_backend.stores.resilient_store import ResilientStore, open_async_store, open_store  # noqa: E402
+from splitspace.gpu_backend.stores.resilient_store import ResilientStore, open_store  # noqa: E402
 from splitspace.shared.contract.quotas import Tier  # noqa: E402
 
 TIER = Tier(weight=1, max_running=10**6, max_queued=10**6, gpu_seconds=1e12, window_s=3600)
@@ -44,8 +44,7 @@ def commands(url: str) -> tuple[int, int]:
 async def measure(url: str, n: int) -> dict[str, list[float]]:
     store = open_store(redis_url=url, sqlite_path=Path("unused"))
     assert isinstance(store, ResilientStore)
-    async_store = open_async_store(redis_url=url, fallback=store.fallback, breaker=store.breaker)
-    gate = GlobalLimits(store=store, async_store=async_store, limits=lambda c: TIER)
+    gate = GlobalLimits(store=store, limits=lambda c: TIER)
     client = ClientRef("key:bench", "key", "bench", "127.0.0.1")
     times: dict[str, list[float]] = {"without nonce": [], "with nonce": []}
 
@@ -72,7 +71,7 @@ async def measure(url: str, n: int) -> dict[str, list[float]]:
             )
     finally:
         gate.close()
-        await async_store.close()
+        await store.aclose()
         store.close()
     return times
 

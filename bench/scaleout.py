@@ -57,7 +57,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from splitspace.deploy.processes import Deployment, TierProcess, free_port, start_tier  # noqa: E402
 from splitspace.deploy.redis_local import LocalRedis  # noqa: E402
 from splitspace.gpu_backend.admission.scheduler import ClientRef  # noqa: E402
-from splitspace.gpu_backend.stores.redis_store import AsyncRedisStore, RedisStore  # noqa: E402
+from splitspace.gpu_backend.stores.redis_store import RedisStore  # noqa: E402
 from splitspace.gpu_backend.stores.resilient_store import ResilientStore  # noqa: E402
 from splitspace.gpu_backend.stores.usage import AdmitPlan, MemoryUsageStore, Reservation  # noqa: E402
 from splitspace.shared.contract.quotas import Tier  # noqa: E402
@@ -94,9 +94,9 @@ def sync_ops(store: Any) -> dict[str, Callable[[int], None]]:
     return dict(zip(OPS, (admit, start, settle), strict=True))
 
 
-def async_ops(store: AsyncRedisStore) -> dict[str, Callable[[int], Awaitable[None]]]:
+def async_ops(store: RedisStore) -> dict[str, Callable[[int], Awaitable[None]]]:
     async def admit(i: int) -> None:
-        await store.admit(plan(i))
+        await store.admit_async(plan(i))
 
     return {"admit": admit}
 
@@ -189,7 +189,7 @@ def job_store_work(url: str, seconds: float) -> dict[str, dict[str, float]]:
     (the settler thread's fairness counters)."""
     from splitspace.gpu_backend.admission.scheduler import Job
     from splitspace.gpu_backend.stores.global_limits import GlobalLimits
-    from splitspace.gpu_backend.stores.resilient_store import open_async_store, open_store
+    from splitspace.gpu_backend.stores.resilient_store import open_store
 
     out: dict[str, dict[str, float]] = {}
     for kind, tier in JOB_TIERS.items():
@@ -199,8 +199,7 @@ def job_store_work(url: str, seconds: float) -> dict[str, dict[str, float]]:
 
         # (run in this iteration; the loop's values are passed, not closed over)
         async def measure(store: ResilientStore, tier: Tier, client: ClientRef) -> dict[str, float]:
-            async_store = open_async_store(redis_url=url, fallback=store.fallback, breaker=store.breaker)
-            gl = GlobalLimits(store=store, async_store=async_store, limits=lambda c: tier)
+            gl = GlobalLimits(store=store, limits=lambda c: tier)
             ms = {"admit": 0.0, "start": 0.0, "finish": 0.0}
             jobs = 0
 
@@ -239,7 +238,7 @@ def job_store_work(url: str, seconds: float) -> dict[str, dict[str, float]]:
                 gl._settler = settler
             finally:
                 gl.close()
-                await async_store.close()
+                await store.aclose()
             trips = {f"{phase}_calls": calls[i + 1] - calls[i] for i, phase in enumerate(ms)}
             return {k: v / jobs * 1000 for k, v in ms.items()} | trips | {"off_path_calls": calls[4] - calls[3]}
 
@@ -266,11 +265,12 @@ def part1(seconds: float, redis_url: str | None) -> None:
             store.close()
 
         async def run_async() -> dict[str, float]:
-            store = AsyncRedisStore.from_url(url, prefix=prefix + "c:")
+            store = RedisStore.from_url(url, prefix=prefix + "c:")
             try:
                 return {op: await async_rate_of(fn, seconds) for op, fn in async_ops(store).items()}
             finally:
-                await store.close()
+                await store.aclose()
+                store.close()
 
         rows.append(("redis (asyncio)", asyncio.run(run_async())))
         jobs = job_store_work(url, seconds)

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
@@ -32,7 +33,7 @@ from starlette.requests import Request
 
 from splitspace.cpu_frontend.api import gradio_tuning
 from splitspace.cpu_frontend.api.mcp_loopback import McpLoopback
-from splitspace.cpu_frontend.api.openai_images import openai_routes
+from splitspace.cpu_frontend.api.openai_images import OPENAI_PATHS, openai_refusal, openai_routes
 from splitspace.cpu_frontend.api.validation import gradio_validator, validate_call
 from splitspace.cpu_frontend.door.door import FairDoor, Place
 from splitspace.cpu_frontend.door.door_middleware import DOOR_PASS_HEADER, DoorMiddleware, HeldCalls
@@ -104,6 +105,10 @@ DEV_RELOAD_SCRIPT = """<script>
 FRONTEND_IDENTITY = Identity("frontend", "address", "anonymous", "frontend")
 """Who the frontend is when it asks a GPU tier for its live caps (health checks)."""
 MCP_MAX_BODY_BYTES = 64 * 1024
+IMAGE_NAME = "image.png"
+"""The file name of each image :meth:`Frontend.save_image` writes."""
+IMAGE_SWEEP_S = 60.0
+"""How often images older than ``SPLITSPACE_JOB_TTL_S`` are deleted (:func:`expire_images`)."""
 
 
 def image_output(path: str) -> dict[str, Any]:
@@ -237,7 +242,7 @@ class Frontend:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, suffix=".part", delete=False) as tmp:
             tmp.write(png)
-        path = folder / "image.png"
+        path = folder / IMAGE_NAME
         os.replace(tmp.name, path)
         return str(path.resolve())
 
@@ -418,6 +423,35 @@ def _checked_call(endpoint: GpuEndpoint, payloads: list[Any], max_bytes: int) ->
         raise ValidationFailed("data", "must be plain JSON (no NaN, infinity or Python objects)") from None
 
 
+def expire_images(cache_dir: str, age_s: float, now: float | None = None) -> int:
+    """Delete the images :meth:`Frontend.save_image` wrote (``<cache>/<hash>/image.png``)
+    more than ``age_s`` ago (the same image saved again is written again), and their
+    folders; how many. The OpenAI API's ``response_format="url"`` hands out their URLs:
+    they live as long as a job's results (``SPLITSPACE_JOB_TTL_S``), not forever."""
+    cutoff = (time.time() if now is None else now) - age_s
+    gone = 0
+    for path in Path(cache_dir).glob(f"*/{IMAGE_NAME}"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                gone += 1
+                with contextlib.suppress(OSError):  # (not empty: an identical image being written)
+                    path.parent.rmdir()
+        except OSError:  # deleted meanwhile
+            continue
+    return gone
+
+
+async def expire_images_every(cache_dir: str, age_s: float) -> None:
+    """:func:`expire_images` now and then (from the lifespan), off the event loop."""
+    while True:
+        await asyncio.sleep(min(IMAGE_SWEEP_S, age_s / 2))
+        try:
+            await asyncio.to_thread(expire_images, cache_dir, age_s)
+        except Exception:  # housekeeping must not stop for good
+            log.exception("expiring images failed; trying again later")
+
+
 def _carried(endpoint: GpuEndpoint, payloads: list[Any], max_bytes: int) -> list[Any]:
     """The payloads with their files as bytes (Gradio has moved each upload into this tier's
     cache and checked it); a file over the limit is refused naming its input."""
@@ -448,6 +482,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         sweep = asyncio.create_task(sweep_finished_sessions(blocks))
         # the Gradio state of finished calls (shared/gradio/gradio_sessions.py)
         house = asyncio.create_task(every(HOUSEKEEPING_S, lambda: forget_finished_states(blocks, heartbeats.sessions)))
+        images = None if settings.app else asyncio.create_task(expire_images_every(fe.cache_dir, settings.job_ttl_s))
         await fe.ledger.start()
         await fe.pool.start()
         await jobs.start()
@@ -457,6 +492,8 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
             task.cancel()
             sweep.cancel()
             house.cancel()
+            if images is not None:
+                images.cancel()
             await jobs.aclose()
             await fe.pool.aclose()
             await fe.ledger.aclose()
@@ -535,7 +572,9 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     app.add_middleware(
         GradioGuard,
         blocks=blocks,
-        body_limits={"/gradio_api/mcp": MCP_MAX_BODY_BYTES},
+        body_limits={"/gradio_api/mcp": MCP_MAX_BODY_BYTES, **jobs.body_limits},
+        json_limits_by_path=jobs.json_limits,
+        refusal_bodies={} if settings.app else dict.fromkeys(OPENAI_PATHS, openai_refusal),
         held_events=held.__contains__,
         uploads=bool(settings.app),
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn, cast
 from urllib.parse import quote
 
 import httpx
@@ -17,7 +17,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from splitspace.shared.contract.admin_api import ClientStanding, ModelChange, ModelInfo
 from splitspace.shared.contract.headers import ADMIN_HEADER
+from splitspace.shared.contract.quotas import OverrideValues
+
+if TYPE_CHECKING:
+    from httpx._client import UseClientDefault
 
 
 def fail(message: str) -> NoReturn:
@@ -46,9 +51,16 @@ class AdminClient:
             fail("set SPLITSPACE_ADMIN_TOKEN to the GPU tier's admin token")
         return cls(url, token)
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        json: OverrideValues | dict[str, str] | None = None,
+        timeout: float | None | UseClientDefault = httpx.USE_CLIENT_DEFAULT,
+    ) -> object:
+        """The decoded JSON of the API's answer (its shape: ``shared/contract/admin_api.py``)."""
         try:
-            r = self._http.request(method, f"{self.base_url}/admin{path}", **kwargs)
+            r = self._http.request(method, f"{self.base_url}/admin{path}", json=json, timeout=timeout)
         except httpx.HTTPError as exc:
             fail(f"cannot reach the GPU tier at {self.base_url}: {type(exc).__name__}")
         if r.status_code >= 400:
@@ -59,44 +71,43 @@ class AdminClient:
             fail(f"HTTP {r.status_code}: {detail}")
         return r.json()
 
-    def list(self) -> list[dict[str, Any]]:
-        return self._call("GET", "/clients")
+    def list(self) -> list[ClientStanding]:
+        return cast(list[ClientStanding], self._call("GET", "/clients"))
 
-    def show(self, client: str) -> dict[str, Any]:
-        return self._call("GET", f"/clients/{quote(client, safe=':')}")
+    def show(self, client: str) -> ClientStanding:
+        return cast(ClientStanding, self._call("GET", f"/clients/{quote(client, safe=':')}"))
 
-    def set(self, client: str, values: dict[str, Any]) -> dict[str, Any]:
-        return self._call("PUT", f"/clients/{quote(client, safe=':')}", json=values)
+    def set(self, client: str, values: OverrideValues) -> ClientStanding:
+        return cast(ClientStanding, self._call("PUT", f"/clients/{quote(client, safe=':')}", json=values))
 
-    def clear(self, client: str) -> dict[str, Any]:
-        return self._call("DELETE", f"/clients/{quote(client, safe=':')}")
+    def clear(self, client: str) -> ClientStanding:
+        return cast(ClientStanding, self._call("DELETE", f"/clients/{quote(client, safe=':')}"))
 
-    def model(self) -> dict[str, Any]:
-        return self._call("GET", "/model")
+    def model(self) -> ModelInfo:
+        return cast(ModelInfo, self._call("GET", "/model"))
 
-    def set_model(self, spec: str) -> dict[str, Any]:
-        return self._call("PUT", "/model", json={"model": spec}, timeout=None)
+    def set_model(self, spec: str) -> ModelChange:
+        return cast(ModelChange, self._call("PUT", "/model", json={"model": spec}, timeout=None))
 
-    def reset(self, client: str) -> dict[str, Any]:
-        return self._call("POST", f"/reset/{quote(client, safe=':')}")
+    def reset(self, client: str) -> ClientStanding:
+        return cast(ClientStanding, self._call("POST", f"/reset/{quote(client, safe=':')}"))
 
 
-def seen(standing: dict[str, Any]) -> bool:
+def seen(standing: ClientStanding) -> bool:
     """Whether the GPU tier knows a client now, from its ``show`` answer: something queued,
     running or used in its window (for an address, by its sessions too), or overrides."""
     address = standing.get("address")
-    if not isinstance(address, dict):
-        address = {}
+    address_used = address.get("used") if isinstance(address, dict) else None
     return bool(
         standing.get("queued")
         or standing.get("running")
         or standing.get("overrides")
         or (standing.get("used") or 0) > 0
-        or (address.get("used") or 0) > 0
+        or (address_used or 0) > 0
     )
 
 
-def _cell(value: Any) -> str:
+def _cell(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.2f}"
     if isinstance(value, dict):
@@ -104,11 +115,11 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def render(data: Any) -> str:
+def render(data: ClientStanding | list[ClientStanding]) -> str:
     rows = data if isinstance(data, list) else [data]
     table = Table(*COLUMNS)
     for row in rows:
-        table.add_row(*(_cell(row.get(c)) for c in COLUMNS))
+        table.add_row(*(_cell(cast(dict[str, object], row).get(c)) for c in COLUMNS))
     out = io.StringIO()
     Console(file=out, width=160).print(table)
     if not isinstance(data, list) and data.get("limits"):

@@ -9,9 +9,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 import typer
+
+if TYPE_CHECKING:
+    from splitspace.deploy.admin_client import AdminClient
+    from splitspace.shared.config.settings import Settings
+    from splitspace.shared.contract.admin_api import ClientStanding
+    from splitspace.shared.contract.quotas import OverrideValues
 
 app = typer.Typer(help="splitspace: serve one GPU fairly to many clients through Gradio.", no_args_is_help=True)
 quota_app = typer.Typer(help="Operators: per-client quotas on a running GPU tier (admin API).", no_args_is_help=True)
@@ -20,13 +26,13 @@ model_app = typer.Typer(help="Operators: the GPU tier's model, changed live (adm
 app.add_typer(model_app, name="model")
 
 
-def _set_env(**values: Any) -> None:
+def _set_env(**values: str | None) -> None:
     for name, value in values.items():
         if value is not None:
             os.environ[f"SPLITSPACE_{name.upper()}"] = str(value)
 
 
-def _checked_settings():  # type: ignore[no-untyped-def]
+def _checked_settings() -> Settings:
     """The settings from the environment, or a clear message and exit 2 (never a traceback:
     it would show the values, secrets among them)."""
     from pydantic import ValidationError
@@ -227,13 +233,13 @@ def hash_key_cmd(key: str) -> None:
 
 
 # -- operators ------------------------------------------------------------------------------
-def _admin():  # type: ignore[no-untyped-def]
+def _admin() -> AdminClient:
     from splitspace.deploy.admin_client import AdminClient
 
     return AdminClient.from_env()
 
 
-def _print(data: Any, as_json: bool) -> None:
+def _print(data: ClientStanding | list[ClientStanding], as_json: bool) -> None:
     from splitspace.deploy.admin_client import render
 
     typer.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else render(data))
@@ -269,7 +275,7 @@ def quota_set(
 
     CLIENT is key:NAME (an API key of the quota file), session:ID or addr:ADDRESS; a
     session or address the GPU tier does not know now is refused without --force."""
-    values = {
+    values = {  # (typer checked each option's type: an OverrideValues)
         k: v
         for k, v in dict(
             tier=tier,
@@ -294,7 +300,7 @@ def quota_set(
                 f"the GPU tier does not know {client} (nothing queued, running or used in its window, no "
                 "overrides): check the id with `splitspace quota list`, or pass --force to set it anyway"
             )
-    _print(admin.set(client, values), as_json)
+    _print(admin.set(client, cast("OverrideValues", values)), as_json)
 
 
 @quota_app.command("clear")

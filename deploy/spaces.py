@@ -11,10 +11,11 @@ tier, then the bundles uploaded. Running it again repeats the same calls, which
 update in place (``exist_ok``, uploads overwrite), so it is idempotent.
 
 A developer's app (``splitspace deploy APP``) goes into both bundles, under ``app/``: the
-app's folder's ``*.py`` files and its packages (folders with an ``__init__.py``), and its
-``requirements.txt`` merged with splitspace's pins (:func:`merged_requirements`). Each
-bundle's ``app.py`` points ``SPLITSPACE_APP`` at the developer's file there; the file keeps
-its name, so an app that is itself called ``app.py`` does not collide with the entry.
+app's folder as a Space repo would hold it (modules, packages, examples and assets; no hidden
+files, caches or virtual environments: :func:`_copy_app`), and its ``requirements.txt``
+merged with splitspace's pins (:func:`merged_requirements`). Each bundle's ``app.py`` points
+``SPLITSPACE_APP`` at the developer's file there; the file keeps its name, so an app that is
+itself called ``app.py`` does not collide with the entry.
 
 Nothing here prints a secret: a :class:`HubCall` describes itself with secret
 values masked, and only descriptions are ever shown. The Hub client is passed
@@ -34,9 +35,12 @@ import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from splitspace.shared.app.loader import AppSpec
+
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
 
 REPO = Path(__file__).resolve().parent.parent
 FRONTEND, BACKEND = "frontend", "backend"
@@ -164,10 +168,10 @@ def python_version() -> str:
     return f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
-def front_matter(tier: str, app: AppSpec | None = None) -> dict[str, Any]:
+def front_matter(tier: str, app: AppSpec | None = None) -> dict[str, str | bool]:
     """The Space's configuration (README front matter), in the Spaces config reference's keys."""
     name = "splitspace" if app is None else app.path.stem
-    meta: dict[str, Any] = {
+    meta: dict[str, str | bool] = {
         "title": name if tier == FRONTEND else f"{name} GPU tier",
         "emoji": "🖼️" if tier == FRONTEND else "⚙️",
         "colorFrom": "indigo" if tier == FRONTEND else "gray",
@@ -192,7 +196,7 @@ def front_matter(tier: str, app: AppSpec | None = None) -> dict[str, Any]:
     return meta
 
 
-def _yaml_scalar(value: Any) -> str:
+def _yaml_scalar(value: str | bool) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a YAML double-quoted scalar
@@ -361,18 +365,43 @@ def entry_text(tier: str, app: AppSpec | None = None) -> str:
     return text.replace(_UVICORN_IMPORT, line + _UVICORN_IMPORT, 1)
 
 
+APP_SKIPPED = {"__pycache__", "node_modules", "venv", "env", "requirements.txt", "README.md", "flagged"}
+"""Never carried from an app's folder: caches, environments, and the two files the bundle writes
+itself (its ``README.md``, and ``requirements.txt`` merged with splitspace's pins)."""
+
+
 def _copy_app(app: AppSpec, dest: Path) -> list[Path]:
-    """The app's folder's ``*.py`` files and its packages (never a virtual environment,
-    data or anything else beside them)."""
+    """The app's folder as a Space repo would hold it: its modules, packages and the files they
+    read (examples, assets, configs), but no hidden entry, cache, virtual environment (a folder
+    with ``pyvenv.cfg``), ``*.pyc``, nor the bundles being written (a dry run's folder may be inside)."""
+    bundles = dest.parent.parent.resolve()
     folder = app.path.parent
     written = []
     dest.mkdir(parents=True, exist_ok=True)
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix == ".py":
-            shutil.copyfile(path, dest / path.name)
-            written.append(dest / path.name)
-        elif path.is_dir() and not path.name.startswith(".") and (path / "__init__.py").is_file():
-            written += _copy_package(path, dest / path.name)
+
+    def carried(path: Path) -> bool:
+        return not (
+            path.name.startswith(".")
+            or path.name in APP_SKIPPED
+            or path.suffix == ".pyc"
+            or (path.is_dir() and (path / "pyvenv.cfg").is_file())
+            or path.resolve() == bundles
+            or dest.resolve().is_relative_to(path.resolve())
+        )
+
+    def walk(src: Path) -> None:
+        for path in sorted(src.iterdir()):
+            if not carried(path):
+                continue
+            if path.is_dir():
+                walk(path)
+            elif path.is_file():
+                target = dest / path.relative_to(folder)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+                written.append(target)
+
+    walk(folder)
     return written
 
 
@@ -478,8 +507,8 @@ class HubCall:
     """One ``HfApi`` method call; ``secret`` marks a call whose value must never be shown."""
 
     method: str
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    args: tuple[str, ...] = ()
+    kwargs: dict[str, str | bool | list[str]] = field(default_factory=dict)
     secret: bool = False
 
     def describe(self) -> str:
@@ -491,7 +520,7 @@ class HubCall:
 
     __repr__ = describe  # a HubCall in a traceback or a log shows no secret either
 
-    def apply(self, api: Any) -> Any:
+    def apply(self, api: HfApi) -> object:
         return getattr(api, self.method)(*self.args, **self.kwargs)
 
 
@@ -517,7 +546,7 @@ def plan_calls(options: DeployOptions, folders: Mapping[str, Path], keys: Deploy
                 repo_type="space",
                 folder_path=str(folders[tier]),
                 commit_message=f"splitspace deploy: {tier}",
-                delete_patterns=["*.py"],  # modules gone from this version; the new files are kept
+                delete_patterns=["*.py", f"{APP_FOLDER}/**"],  # files gone from this version; new ones kept
             ),
         )
 
@@ -569,7 +598,7 @@ def _missing_token_message(backend: str) -> str:
 def deploy(
     options: DeployOptions,
     *,
-    api: Any = None,
+    api: HfApi | None = None,
     dry_run: Path | None = None,
     frontend_token: str | None = None,
     environ: Mapping[str, str] | None = None,

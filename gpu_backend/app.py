@@ -42,7 +42,7 @@ from splitspace.gpu_backend.ops.operator_sessions import GuessThrottle
 from splitspace.gpu_backend.serving.direct_route import INFER_PATH, MAX_BODY_BYTES, STANDING_PATH, DirectRoutes
 from splitspace.gpu_backend.serving.service import InferService
 from splitspace.gpu_backend.stores.global_limits import GlobalLimits, local_limits
-from splitspace.gpu_backend.stores.resilient_store import ResilientStore, open_async_store, open_store
+from splitspace.gpu_backend.stores.resilient_store import ResilientStore, open_store
 from splitspace.gpu_backend.stores.usage import MemoryUsageStore
 from splitspace.gpu_backend.stores.write_behind import SqliteUsageStore, WriteBehindStore
 from splitspace.gpu_backend.workload import gpu
@@ -55,6 +55,7 @@ from splitspace.session.token import HEALTH, IdentityTokens
 from splitspace.shared.app.loader import gpu_endpoints, load_app
 from splitspace.shared.config.quota_watch import QuotaWatcher
 from splitspace.shared.config.settings import Settings
+from splitspace.shared.contract.admin_api import ClientStats
 from splitspace.shared.contract.calls import CALL_PATH, call_body_limit
 from splitspace.shared.contract.errors import SplitspaceError
 from splitspace.shared.contract.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
@@ -135,19 +136,10 @@ class GpuTier:
                 replicas=settings.replicas,
             )
             assert isinstance(self.store, ResilientStore)
-            async_store = open_async_store(
-                redis_url=settings.redis_url.get_secret_value(),
-                failure=settings.redis_failure,
-                replicas=settings.replicas,
-                fallback=self.store.fallback,
-                breaker=self.store.breaker,
-                unsent=self.store.unsent,
-            )
             self.overrides = Overrides(self.store)
             limits = limits_function(lambda: self.watcher.current, self.overrides)
             self.global_limits = GlobalLimits(
                 store=self.store,
-                async_store=async_store,
                 limits=limits,
                 lease_s=settings.lease_s,
                 on_retry=lambda: self.runner.dispatch(),
@@ -245,14 +237,14 @@ class GpuTier:
     def standing(self, identity: Identity) -> dict[str, Any]:
         """The caller's own quota standing."""
         ref = client_ref(identity)
-        stats = dict(self.with_scheduler(lambda s: s.client_stats(ref)))
+        stats: ClientStats = self.with_scheduler(lambda s: s.client_stats(ref))
         if self.global_limits is not None:
             stats = self.global_limits.global_stats(stats, ref)
         stats["tier"] = self.watcher.current.tier_name(
             identity.client_id, identity.tier, self.overrides.get(identity.client_id)
         )
         stats["client"] = identity.client_id
-        return stats
+        return dict(stats)
 
     def live_caps(self) -> dict[str, int]:
         """max_running + max_queued of every client with an override, as the frontend
@@ -383,7 +375,7 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
             tier.runner.close()
             if tier.global_limits is not None:
                 tier.global_limits.close()
-                await tier.global_limits.async_store.close()
+                await tier.global_limits.store.aclose()
             tier.store.close()
 
     app = FastAPI(lifespan=lifespan, **NO_TELEMETRY)

@@ -8,10 +8,19 @@ schedules by it. Client ids are what operators see: ``key:NAME``,
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, TypedDict
 
 Kind = Literal["key", "session", "address"]
+
+
+class IdentityDict(TypedDict):
+    """An :class:`Identity` as JSON (inside the signed token, and in a job's record)."""
+
+    client_id: str
+    kind: Kind
+    tier: str
+    address: str
 
 
 def flow_of(client_id: str, kind: str, address: str) -> str:
@@ -33,8 +42,8 @@ class Identity:
     def flow_id(self) -> str:
         return flow_of(self.client_id, self.kind, self.address)
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def to_dict(self) -> IdentityDict:
+        return {"client_id": self.client_id, "kind": self.kind, "tier": self.tier, "address": self.address}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Identity:

@@ -11,7 +11,7 @@ import pytest
 
 from splitspace.deploy.processes import launch_with, pick_ports_with
 from tests.sharing import SharedDeployments, cluster, conftest_fixtures, share_groups
-from tests.support import Deployment, free_port, sha256
+from tests.support import TIER, Deployment, free_port, keys_toml, tiers_toml
 from tests.warm_start import WarmStarter
 
 if TYPE_CHECKING:
@@ -38,44 +38,17 @@ KEYS = {
     "chatty": ("chatty-key-0006", "chatty"),
 }
 
-QUOTAS = """
-[tiers.anonymous]
-weight = 1
-max_running = 1
-max_queued = 8
-gpu_seconds = 600
-window_s = 3600
-address_gpu_seconds = 900
-requests_per_minute = 1000
-
-[tiers.tight]
-weight = 1
-max_running = 1
-max_queued = 1
-gpu_seconds = 600
-window_s = 3600
-
-[tiers.metered]
-weight = 1
-max_running = 1
-max_queued = 4
-gpu_seconds = 0.5
-window_s = 120
-
-[tiers.chatty]
-weight = 1
-max_running = 1
-max_queued = 10
-gpu_seconds = 600
-window_s = 3600
-requests_per_minute = 2
-""" + "".join(
-    f'\n[[keys]]\nname = "{name}"\ntier = "{tier}"\nsha256 = "{sha256(raw)}"\n' for name, (raw, tier) in KEYS.items()
-)
-
 
 def key(name: str) -> str:
     return KEYS[name][0]
+
+
+QUOTAS = tiers_toml(
+    anonymous={**TIER, "gpu_seconds": 600, "address_gpu_seconds": 900, "requests_per_minute": 1000},
+    tight={**TIER, "max_queued": 1, "gpu_seconds": 600},
+    metered={**TIER, "max_queued": 4, "gpu_seconds": 0.5, "window_s": 120},
+    chatty={**TIER, "max_queued": 10, "gpu_seconds": 600, "requests_per_minute": 2},
+) + keys_toml({name: tier for name, (_, tier) in KEYS.items()}, key)
 
 
 SHARED = SharedDeployments()

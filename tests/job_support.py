@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from tests.conftest import QUOTAS
-from tests.support import sha256
+from tests.support import TIER, keys_toml, tiers_toml
 
 SECRET = "whsec_" + base64.b64encode(b"splitspace-webhook-test-secret-32b").decode()
 JOB_KEYS = {
@@ -25,18 +25,11 @@ JOB_KEYS = {
 }
 JOB_QUOTAS = (
     QUOTAS
-    + """
-[tiers.wide]
-weight = 1
-max_running = 1
-max_queued = 200
-gpu_seconds = 100000
-window_s = 3600
-"""
-    + "".join(
-        f'\n[[keys]]\nname = "{name}"\ntier = "{tier}"\nsha256 = "{sha256(raw)}"\n'
-        + (f'webhook_secret = "{secret}"\n' if secret else "")
-        for name, (raw, tier, secret) in JOB_KEYS.items()
+    + tiers_toml(wide={**TIER, "max_queued": 200, "gpu_seconds": 100000})
+    + keys_toml(
+        {name: tier for name, (_, tier, _) in JOB_KEYS.items()},
+        lambda name: JOB_KEYS[name][0],
+        {name: secret for name, (_, _, secret) in JOB_KEYS.items() if secret},
     )
 )
 

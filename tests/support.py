@@ -16,7 +16,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -183,3 +183,31 @@ def in_threads(n: int, call: Any, timeout_s: float = 120) -> list[Any]:
 # metrics): the frontend's door lets every request through at once here, instead of two per
 # client and 64 in all (cpu_frontend/door/door.py; its own tests are tests/test_door.py, test_crowd.py).
 GPU_TIER_BACKLOG = {"SPLITSPACE_DOOR_PER_FLOW": "1000", "SPLITSPACE_DOOR_TOTAL": "1000"}
+
+
+# -- quota files ---------------------------------------------------------------------------
+Settings = dict[str, float]
+
+TIER: Settings = {"weight": 1, "max_running": 1, "max_queued": 8, "gpu_seconds": 3600, "window_s": 3600}
+"""A tier with room for a test's calls: one running, eight waiting, an hour of GPU time."""
+
+OPEN_ANONYMOUS: Settings = {**TIER, "address_gpu_seconds": 3600, "requests_per_minute": 100000}
+"""Anonymous callers (a test's gradio_client without a key) never limited by their address."""
+
+
+def tiers_toml(**tiers: Settings) -> str:
+    """``[tiers.NAME]`` tables of a quota file, one per keyword, its settings in order."""
+    return "".join(
+        f"\n[tiers.{name}]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()) for name, settings in tiers.items()
+    )
+
+
+def keys_toml(keys: dict[str, str], raw: Callable[[str], str], secrets: dict[str, str] | None = None) -> str:
+    """``[[keys]]`` tables of a quota file: each name's tier (``keys``), the digest of its raw
+    key ``raw(name)`` and, where ``secrets`` has one, its webhook secret."""
+    secrets = secrets or {}
+    return "".join(
+        f'\n[[keys]]\nname = "{name}"\ntier = "{tier}"\nsha256 = "{sha256(raw(name))}"\n'
+        + (f'webhook_secret = "{secrets[name]}"\n' if name in secrets else "")
+        for name, tier in keys.items()
+    )

@@ -2,15 +2,18 @@
 
 The frontend serves the app's Blocks; each ``@splitspace.gpu`` event crosses the hop to
 the GPU tier, which runs it behind the same identity checks, limits and fair queue as
-the built-in model. The apps: ``examples/shout.py`` and ``tests/apps/studio.py`` (an
-image function, several outputs, a batch function, functions that hold the GPU or fail,
-and a function without the decorator).
+the built-in model. The apps: ``examples/shout.py``, ``examples/mirror.py`` (jobs with a
+picture) and ``tests/apps/studio.py`` (an image function, several outputs, a batch
+function, functions that hold the GPU or fail, and a function without the decorator).
+Jobs (``/v1/jobs``) of the apps' functions go through the same tiers.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -27,10 +30,11 @@ from PIL import Image
 from splitspace.session.identity import Identity
 from splitspace.session.token import IdentityTokens, infer_purpose
 from splitspace.shared.contract import frames
-from splitspace.shared.contract.calls import CALL_PATH, Call, CarriedFile
+from splitspace.shared.contract.calls import CALL_PATH, Call, CarriedFile, base64_body_limit
 from splitspace.shared.contract.headers import IDENTITY_HEADER
 from tests.clients import call_rest, error_text
-from tests.support import GPU_TIER_BACKLOG, Deployment, sha256, wait_for
+from tests.job_support import wait_job
+from tests.support import GPU_TIER_BACKLOG, OPEN_ANONYMOUS, TIER, Deployment, keys_toml, tiers_toml, wait_for
 
 STUDIO = "tests/apps/studio.py"
 KEYS = {
@@ -43,49 +47,15 @@ KEYS = {
     "batch-a": "light",
     "batch-b": "light",
     "tight-other": "light",
+    "jobs": "light",
 }
-QUOTAS = """
-[tiers.anonymous]
-weight = 1
-max_running = 1
-max_queued = 8
-gpu_seconds = 3600
-window_s = 3600
-address_gpu_seconds = 3600
-requests_per_minute = 100000
-
-[tiers.burst]
-weight = 1
-max_running = 1
-max_queued = 30
-gpu_seconds = 3600
-window_s = 3600
-
-[tiers.light]
-weight = 1
-max_running = 1
-max_queued = 8
-gpu_seconds = 3600
-window_s = 3600
-
-[tiers.tight]
-weight = 1
-max_running = 1
-max_queued = 1
-gpu_seconds = 3600
-window_s = 3600
-
-[tiers.chatty]
-weight = 1
-max_running = 1
-max_queued = 10
-gpu_seconds = 3600
-window_s = 3600
-requests_per_minute = 2
-""" + "".join(
-    f'\n[[keys]]\nname = "{name}"\ntier = "{tier}"\nsha256 = "{sha256(f"app-{name}-key")}"\n'
-    for name, tier in KEYS.items()
-)
+QUOTAS = tiers_toml(
+    anonymous=OPEN_ANONYMOUS,
+    burst={**TIER, "max_queued": 30},
+    light=TIER,
+    tight={**TIER, "max_queued": 1},
+    chatty={**TIER, "max_queued": 10, "requests_per_minute": 2},
+) + keys_toml(KEYS, lambda name: f"app-{name}-key")
 
 
 def bearer(name: str) -> dict[str, str]:
@@ -94,12 +64,22 @@ def bearer(name: str) -> dict[str, str]:
 
 def deployment(workdir: Path, app: str, **kwargs: Any) -> Deployment:
     env = {"SPLITSPACE_APP": app}
-    return Deployment(workdir, quotas=QUOTAS, backend_env=dict(env), frontend_env={**env, **GPU_TIER_BACKLOG}, **kwargs)
+    jobs = {"SPLITSPACE_JOBS_PATH": str(workdir / "jobs.sqlite3")}
+    return Deployment(
+        workdir, quotas=QUOTAS, backend_env=dict(env), frontend_env={**env, **GPU_TIER_BACKLOG, **jobs}, **kwargs
+    )
 
 
 @pytest.fixture(scope="module")
 def shout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     d = deployment(tmp_path_factory.mktemp("shout"), "examples/shout.py").start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    d = deployment(tmp_path_factory.mktemp("mirror"), "examples/mirror.py").start()
     yield d
     d.stop()
 
@@ -328,3 +308,88 @@ def test_a_batch_function_runs_two_clients_calls_in_one_call(studio: Deployment,
     for thread, _ in calls:
         thread.join(60)
     assert [out for _, out in calls] == [[("complete", [4, 2])], [("complete", [10, 2])]]
+
+
+# -- jobs (/v1/jobs) of the app's functions ------------------------------------------------------
+def post_job(d: Deployment, body: dict[str, Any]) -> httpx.Response:
+    assert d.frontend is not None
+    return httpx.post(f"{d.frontend.url}/v1/jobs", json=body, headers=bearer("jobs"), timeout=30)
+
+
+def finished_job(d: Deployment, body: dict[str, Any]) -> dict[str, Any]:
+    assert d.frontend is not None
+    r = post_job(d, body)
+    assert r.status_code == 202, r.text
+    return wait_job(d.frontend.url, r.json()["id"], bearer("jobs"))
+
+
+def test_a_job_runs_a_decorated_function_and_a_bad_input_is_refused_as_by_gradio(shout: Deployment) -> None:
+    job = finished_job(shout, {"endpoint": "/shout", "inputs": {"text": "hey", "times": 3}})
+    assert (job["status"], job["outputs"]) == ("succeeded", ["HEY HEY HEY"]), job
+    assert finished_job(shout, {"endpoint": "/shout", "data": ["ho"]})["outputs"] == ["HO HO"]  # the default
+    for inputs, field, message in (
+        ({"text": "hey", "times": 9}, "times", "Times: must be at most 5"),
+        ({"text": "x" * 201}, "text", "Text: at most 200 characters"),
+        ({"text": "hey", "times": 2.5}, "times", "Times: must be in steps of 1 from 1"),
+        ({"text": "hey", "loud": True}, "loud", "is not an input of this endpoint (its inputs: text, times)"),
+    ):
+        r = post_job(shout, {"endpoint": "/shout", "inputs": inputs})
+        assert r.status_code == 400 and (r.json()["field"], r.json()["message"]) == (field, message), r.text
+    # the Gradio API path refuses the same input, named and said the same way
+    assert shout.frontend is not None
+    r = httpx.post(f"{shout.frontend.url}/gradio_api/call/shout", json={"data": ["hey", 9]}, headers=bearer("jobs"))
+    refused = [v for v in r.json()["detail"] if not v["is_valid"]]
+    assert r.status_code == 422 and refused == [
+        {"__type__": "validate", "is_valid": False, "message": "Times: must be at most 5", "parameter_name": "times"}
+    ]
+
+
+def test_a_job_takes_a_picture_as_base64_and_answers_with_its_mirror_image(mirror: Deployment) -> None:
+    """``examples/mirror.py``: a PNG (over the guard's default 16 KiB as base64) in, its mirror
+    image out (as a lossy WebP, ``gr.Image(type="pil")``'s format: compared within a margin)."""
+    pixels = np.full((120, 160, 3), 20, dtype=np.int16)
+    pixels[:60, :50], pixels[60:, 50:] = 220, 120  # unlike itself flipped either way
+    pixels += np.random.default_rng(3).integers(-8, 9, pixels.shape, dtype=np.int16)  # (size)
+    pixels = pixels.astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    assert len(b64) > 16 * 1024  # over the guard's default body limit: /v1/jobs takes files' bodies
+    for given, upside_down in (({"b64": b64, "name": "in.png"}, False), (f"data:image/png;base64,{b64}", True)):
+        job = finished_job(mirror, {"endpoint": "/mirror", "inputs": {"picture": given, "upside_down": upside_down}})
+        assert job["status"] == "succeeded", job
+        (out,) = job["outputs"]
+        image = httpx.get(out["url"], headers=bearer("jobs"), timeout=30)
+        assert image.status_code == 200 and out["mime_type"] == "image/webp"
+        got = np.asarray(Image.open(io.BytesIO(image.content)).convert("RGB")).astype(np.int16)
+        want = (pixels[::-1] if upside_down else pixels[:, ::-1]).astype(np.int16)
+        assert got.shape == want.shape and np.abs(got - want).mean() < 10
+        assert np.abs(got - pixels.astype(np.int16)).mean() > 40  # (not the picture as it was)
+    # a file that is not a picture, as the component's file types say
+    text = {"b64": base64.b64encode(b"hello").decode(), "name": "notes.txt"}
+    r = post_job(mirror, {"endpoint": "/mirror", "inputs": {"picture": text}})
+    assert r.status_code == 400 and r.json()["field"] == "picture", r.text
+    assert r.json()["message"] == "Picture: notes.txt is not one of the accepted file types (image)"
+
+
+def test_a_function_without_the_decorator_has_no_job(studio: Deployment) -> None:
+    """It runs on the frontend, in Gradio alone (as the Gradio API calls it): a job for it is refused."""
+    r = post_job(studio, {"endpoint": "/count", "inputs": {"text": "one two"}})
+    assert r.status_code == 400 and r.json()["field"] == "endpoint" and "no endpoint '/count'" in r.text, r.text
+
+
+def test_a_job_body_over_the_file_limit_is_a_413_naming_it(mirror: Deployment) -> None:
+    assert mirror.frontend is not None
+    limit = base64_body_limit(50 * 1024 * 1024)  # SPLITSPACE_MAX_FILE_BYTES's default, as base64, and the call
+    host, port = mirror.frontend.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:  # the headers alone: refused before the body
+        s.sendall(
+            f"POST /v1/jobs HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {limit + 1}\r\nConnection: close\r\n\r\n".encode()
+        )
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), reply[:300]
+    assert f"at most {limit} bytes" in body.decode(), body

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from tests.clients import call_rest, gen_args
-from tests.support import Deployment, sha256
+from tests.support import Deployment, keys_toml
 
 CLIENTS = 100
 PER_CLIENT = 10
@@ -42,7 +42,7 @@ window_s = 3600
 
 def quotas() -> str:
     keys = [(f"c{i:03d}", "crowd") for i in range(CLIENTS)] + [("light", "crowd"), ("tight", "tight")]
-    return TIER + "".join(f'\n[[keys]]\nname = "{n}"\ntier = "{t}"\nsha256 = "{sha256("k-" + n)}"\n' for n, t in keys)
+    return TIER + keys_toml(dict(keys), lambda n: "k-" + n)
 
 
 def rss_kb(pid: int) -> int:

@@ -8,10 +8,12 @@ are made against a recording stand-in for ``HfApi``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,49 +172,41 @@ def start_bundle(bundle: Path, name: str, env: dict[str, str], log_path: Path, t
     return wait_ready(TierProcess(name, f"http://127.0.0.1:{port}", proc, log_path), timeout_s)
 
 
-def test_bundles_serve_a_generate_call_on_their_own(tmp_path):
-    out = tmp_path / "bundles"
-    deploy(DeployOptions(FE, BE, "tiny", private_backend=False), dry_run=out, environ={}, echo=lambda _: None)
-    secret = "bundle-test-secret-0123456789abcdef"
+BUNDLE_SECRET = "bundle-test-secret-0123456789abcdef"
+
+
+@contextlib.contextmanager
+def serving_bundles(out: Path, logs: Path, backend_env: dict[str, str]) -> Iterator[tuple[TierProcess, TierProcess]]:
+    """Both bundles in ``out`` started from their own folders, the frontend pointed at the GPU
+    tier, sharing ``BUNDLE_SECRET`` (which neither may log); stopped on leaving."""
     be_port, fe_port = free_port(), free_port()
     tiers: list[TierProcess] = []
     try:
-        backend = start_bundle(
-            out / BACKEND,
-            "backend",
-            {
-                "PORT": str(be_port),
-                "SPLITSPACE_MODEL": "tiny",
-                "SPLITSPACE_SECRET": secret,
-                "SPLITSPACE_STATE_PATH": str(tmp_path / "state.sqlite3"),
-            },
-            tmp_path / "backend.log",
-        )
-        tiers.append(backend)
-        frontend = start_bundle(
-            out / FRONTEND,
-            "frontend",
-            {
-                "PORT": str(fe_port),
-                "SPLITSPACE_SECRET": secret,
-                "SPLITSPACE_BACKEND_URL": f"http://127.0.0.1:{be_port}",
-            },
-            tmp_path / "frontend.log",
-        )
-        tiers.append(frontend)
+        env = {"PORT": str(be_port), "SPLITSPACE_SECRET": BUNDLE_SECRET, **backend_env}
+        tiers.append(start_bundle(out / BACKEND, "backend", env, logs / "backend.log"))
+        env = {"PORT": str(fe_port), "SPLITSPACE_SECRET": BUNDLE_SECRET, "SPLITSPACE_BACKEND_URL": tiers[0].url}
+        tiers.append(start_bundle(out / FRONTEND, "frontend", env, logs / "frontend.log"))
+        backend, frontend = tiers
         # each tier says where its packages came from: the bundle, not this repository
         assert f"packages from {(out / BACKEND).resolve()}," in backend.log()
         assert f"packages from {(out / FRONTEND).resolve()}," in frontend.log()
-        assert httpx.get(f"{backend.url}/health").json()["model"] == "tiny"
+        yield backend, frontend
+        assert BUNDLE_SECRET not in backend.log() + frontend.log()
+    finally:
+        for tier in reversed(tiers):
+            tier.stop()
 
+
+def test_bundles_serve_a_generate_call_on_their_own(tmp_path):
+    out = tmp_path / "bundles"
+    deploy(DeployOptions(FE, BE, "tiny", private_backend=False), dry_run=out, environ={}, echo=lambda _: None)
+    backend_env = {"SPLITSPACE_MODEL": "tiny", "SPLITSPACE_STATE_PATH": str(tmp_path / "state.sqlite3")}
+    with serving_bundles(out, tmp_path, backend_env) as (backend, frontend):
+        assert httpx.get(f"{backend.url}/health").json()["model"] == "tiny"
         client = Client(frontend.url, verbose=False)
         path, info = client.predict("a cat", "", 64, 64, 1, 0.0, 1, api_name="/generate")
         assert Image.open(path).size == (64, 64)
         assert info["model"] == "tiny" and info["width"] == 64
-        assert secret not in backend.log() + frontend.log()
-    finally:
-        for tier in reversed(tiers):
-            tier.stop()
 
 
 def test_backend_bundle_runs_zero_gpu_startup_only_on_zero_gpu(tmp_path):
@@ -286,7 +280,7 @@ def comparable(calls, uploaded: dict[str, set[str]]):
     out = []
     for name, args, kwargs in calls:
         if name == "upload_folder":
-            assert kwargs.pop("delete_patterns") == ["*.py"]
+            assert kwargs.pop("delete_patterns") == ["*.py", "app/**"]
             kwargs.pop("commit_message")
             assert Path(kwargs.pop("folder_path")).name in (FRONTEND, BACKEND)
             assert kwargs["repo_id"] in uploaded
@@ -468,6 +462,14 @@ def _an_app(root: Path) -> Path:
     (root / ".venv" / "lib" / "big.py").write_text("")
     (root / "data").mkdir()
     (root / "data" / "notebook.py").write_text("")
+    (root / "examples").mkdir()
+    (root / "examples" / "cat.png").write_bytes(b"\x89PNG not really")
+    (root / "__pycache__").mkdir()
+    (root / "__pycache__" / "app.cpython-311.pyc").write_bytes(b"")
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (root / "env").mkdir()
+    (root / "env" / "pyvenv.cfg").write_text("home = /usr/bin\n")
     (root / "requirements.txt").write_text(
         "pillow>=10  # images\ngradio>=5.0\nsplitspace\n\n# a comment\n--extra-index-url https://example.org/simple\n"
     )
@@ -487,14 +489,23 @@ def test_dry_run_bundles_a_developers_app(tmp_path):
             BE,
             "--public-backend",
             "--dry-run",
-            str(tmp_path / "out"),
+            str(app_file.parent / "out"),
         ],
     )
     assert result.exit_code == 0, result.output
     for tier in (FRONTEND, BACKEND):
-        bundle = tmp_path / "out" / tier
+        bundle = app_file.parent / "out" / tier
         carried = sorted(str(p.relative_to(bundle / "app")) for p in (bundle / "app").rglob("*") if p.is_file())
-        assert carried == ["app.py", "helpers.py", "mypkg/__init__.py", "mypkg/words.py"]
+        # the app's files as its Space would hold them; no environment, cache or git folder,
+        # nor the bundles themselves (this dry run writes inside the app's folder)
+        assert carried == [
+            "app.py",
+            "data/notebook.py",
+            "examples/cat.png",
+            "helpers.py",
+            "mypkg/__init__.py",
+            "mypkg/words.py",
+        ]
         assert (bundle / "app" / "app.py").read_text() == app_file.read_text()
         entry = (bundle / "app.py").read_text()
         assert "os.environ[\"SPLITSPACE_APP\"] = f\"{HERE / 'app' / 'app.py'}:ui\"" in entry
@@ -577,37 +588,6 @@ def test_bundles_of_an_app_serve_its_gpu_function_on_their_own(tmp_path):
         environ={},
         echo=lambda _: None,
     )
-    secret = "bundle-test-secret-0123456789abcdef"
-    be_port, fe_port = free_port(), free_port()
-    tiers: list[TierProcess] = []
-    try:
-        backend = start_bundle(
-            out / BACKEND,
-            "backend",
-            {
-                "PORT": str(be_port),
-                "SPLITSPACE_SECRET": secret,
-                "SPLITSPACE_STATE_PATH": str(tmp_path / "state.sqlite3"),
-            },
-            tmp_path / "backend.log",
-        )
-        tiers.append(backend)
-        frontend = start_bundle(
-            out / FRONTEND,
-            "frontend",
-            {
-                "PORT": str(fe_port),
-                "SPLITSPACE_SECRET": secret,
-                "SPLITSPACE_BACKEND_URL": f"http://127.0.0.1:{be_port}",
-            },
-            tmp_path / "frontend.log",
-        )
-        tiers.append(frontend)
-        assert f"packages from {(out / BACKEND).resolve()}," in backend.log()
-        assert f"packages from {(out / FRONTEND).resolve()}," in frontend.log()
+    with serving_bundles(out, tmp_path, {"SPLITSPACE_STATE_PATH": str(tmp_path / "state.sqlite3")}) as (_, frontend):
         # needs the serving path: the app's function, called through the frontend, runs on the GPU tier
         assert Client(frontend.url, verbose=False).predict("hi", 2, api_name="/shout") == "HI HI"
-        assert secret not in backend.log() + frontend.log()
-    finally:
-        for tier in reversed(tiers):
-            tier.stop()

@@ -17,17 +17,14 @@ import httpx
 import pytest
 
 from tests.clients import call_rest, gen_args
-from tests.support import Deployment, in_threads, sha256, wait_for
+from tests.support import Deployment, in_threads, keys_toml, wait_for
 
 QUOTAS = """
 [tiers.patient]
 max_running = 1
 max_queued = 9
 gpu_seconds = 100000
-""" + "".join(
-    f'\n[[keys]]\nname = "{n}"\ntier = "patient"\nsha256 = "{sha256("door-" + n)}"\n'
-    for n in ("waits", "leaves", "forges", "sync")
-)
+""" + keys_toml(dict.fromkeys(("waits", "leaves", "forges", "sync"), "patient"), lambda n: "door-" + n)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from gradio_client import Client
 
 from splitspace.shared.contract.headers import ADMIN_HEADER
 from tests.clients import call_rest, error_text, gen_args
-from tests.support import GPU_TIER_BACKLOG, Deployment, sha256, wait_for
+from tests.support import GPU_TIER_BACKLOG, OPEN_ANONYMOUS, TIER, Deployment, keys_toml, tiers_toml, wait_for
 
 KEYS = {
     "heavy": "burst",
@@ -34,63 +34,15 @@ KEYS = {
     "canceller": "paused",
 }
 
-QUOTAS = """
-[tiers.anonymous]
-weight = 1
-max_running = 1
-max_queued = 16
-gpu_seconds = 3600
-window_s = 3600
-address_gpu_seconds = 3600
-requests_per_minute = 100000
-
-[tiers.burst]
-weight = 1
-max_running = 1
-max_queued = 30
-gpu_seconds = 3600
-window_s = 3600
-
-[tiers.light]
-weight = 1
-max_running = 1
-max_queued = 8
-gpu_seconds = 3600
-window_s = 3600
-
-[tiers.w1]
-weight = 1
-max_running = 1
-max_queued = 8
-gpu_seconds = 3600
-window_s = 3600
-
-[tiers.w3]
-weight = 3
-max_running = 1
-max_queued = 8
-gpu_seconds = 3600
-window_s = 3600
-
-[tiers.hog]
-weight = 8
-max_running = 1
-max_queued = 40
-gpu_seconds = 3600
-window_s = 3600
-
-# An operator's pause: admitted and queued, never dispatched (max_running = 0).
-[tiers.paused]
-weight = 1
-max_running = 0
-max_queued = 3
-gpu_seconds = 3600
-window_s = 3600
-""" + "".join(
-    f'\n[[keys]]\nname = "{name}"\ntier = "{tier}"\nsha256 = "{sha256(_raw)}"\n'
-    for name, tier in KEYS.items()
-    for _raw in [f"fair-{name}-key"]
-)
+QUOTAS = tiers_toml(
+    anonymous={**OPEN_ANONYMOUS, "max_queued": 16},
+    burst={**TIER, "max_queued": 30},
+    light=TIER,
+    w1=TIER,
+    w3={**TIER, "weight": 3},
+    hog={**TIER, "weight": 8, "max_queued": 40},
+    paused={**TIER, "max_running": 0, "max_queued": 3},  # an operator's pause: admitted, never dispatched
+) + keys_toml(KEYS, lambda name: f"fair-{name}-key")
 
 
 def bearer(name: str) -> dict[str, str]:

@@ -32,8 +32,8 @@ from splitspace.gpu_backend.admission.runner import GpuRunner, Ticket
 from splitspace.gpu_backend.admission.scheduler import FairScheduler
 from splitspace.gpu_backend.serving.service import InferService
 from splitspace.gpu_backend.stores.global_limits import VTIME_KEY, GlobalLimits, local_limits
-from splitspace.gpu_backend.stores.redis_store import AsyncRedisStore, RedisStore
-from splitspace.gpu_backend.stores.resilient_store import AsyncResilientStore, CircuitBreaker, ResilientStore
+from splitspace.gpu_backend.stores.redis_store import RedisStore
+from splitspace.gpu_backend.stores.resilient_store import CircuitBreaker, ResilientStore
 from splitspace.gpu_backend.stores.usage import MemoryUsageStore, StoreUnavailable
 from splitspace.gpu_backend.workload.cost import CostModel
 from splitspace.session.token import IdentityTokens
@@ -63,7 +63,6 @@ class Tier1:
     service: InferService
     gate: GlobalLimits
     store: ResilientStore
-    async_store: AsyncResilientStore
     model: FakeModel
     peer: RedisStore  # Redis as another replica sees it
     prefix: str
@@ -113,14 +112,10 @@ async def gpu_tier(
         replicas=replicas,
         breaker=breaker,
     )
-    async_store = AsyncResilientStore(
-        AsyncRedisStore.from_url(url, prefix=prefix), store.fallback, mode=mode, replicas=replicas, breaker=breaker
-    )  # type: ignore[arg-type]
     model = FakeModel(gate=threading.Event())
     runner: GpuRunner | None = None
     gate = GlobalLimits(
         store=store,
-        async_store=async_store,
         limits=lambda ref: tier,
         on_retry=lambda: runner.dispatch() if runner is not None else None,
     )
@@ -150,14 +145,14 @@ async def gpu_tier(
     )
     peer = RedisStore.from_url(url, prefix=prefix)
     try:
-        yield Tier1(service, gate, store, async_store, model, peer, prefix, url)
+        yield Tier1(service, gate, store, model, peer, prefix, url)
     finally:
         assert model.gate is not None
         model.gate.set()
         runner.close()
         gate.close()
         store.close()
-        await async_store.close()
+        await store.aclose()
         peer.close()
 
 

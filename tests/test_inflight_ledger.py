@@ -111,7 +111,7 @@ def can_take(led: RedisLedger, flow: str, cap: int, taken: list[Hold]) -> Callab
 async def drained(led: RedisLedger) -> bool:
     """The ledger is synced, no acquire is at Redis (a cancelled caller's call runs on)
     and no decrement is left to send."""
-    return led.synced and led._idle.is_set() and not led._pending  # noqa: SLF001 (a test looks inside)
+    return led.synced and not led._calls and not led._pending  # noqa: SLF001 (a test looks inside)
 
 
 # -- two frontends, one cap ----------------------------------------------------------------

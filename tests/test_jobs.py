@@ -300,13 +300,15 @@ def test_waiting_jobs_hold_no_task(tmp_path: Path) -> None:
 
 
 def test_a_developer_function_runs_as_a_job_through_transport_call(tmp_path: Path) -> None:
-    """``FunctionTarget``: inputs by name with the function's defaults, ``Transport.call``, files kept."""
+    """``FunctionTarget``: inputs by name with the function's defaults, checked by the Gradio
+    path's validation (named as in ``inputs``, the message by the label), ``Transport.call``, files kept."""
     from splitspace.cpu_frontend.hop.backends import BackendPool
     from splitspace.cpu_frontend.hop.mock_transport import MockTransport
-    from splitspace.cpu_frontend.jobs.targets import Function, FunctionTarget
+    from splitspace.cpu_frontend.jobs.targets import FunctionTarget
     from splitspace.session.token import IdentityTokens
+    from splitspace.shared.app.loader import gpu_endpoints, load_app
     from splitspace.shared.contract.calls import CallInfo, CallResult, CarriedFile, Partial
-    from splitspace.shared.contract.errors import ValidationFailed
+    from splitspace.shared.contract.errors import ValidationFailed, to_wire
 
     seen: list[Call] = []
 
@@ -319,12 +321,22 @@ def test_a_developer_function_runs_as_a_job_through_transport_call(tmp_path: Pat
         yield CallResult([text, png], CallInfo("shout", 0.0, 0.1, 0.1, "key:a"))
 
     pool = BackendPool([MockTransport(lambda r, h: iter(()), call_handler=handler)])
-    target = FunctionTarget([Function("shout", ("text", "times"), {"times": 2})], pool, IdentityTokens(["s" * 32]))
+    endpoints = gpu_endpoints(load_app("examples/shout.py"))
+    target = FunctionTarget(
+        endpoints, pool, IdentityTokens(["s" * 32]), max_file_bytes=1000, cache_dir=str(tmp_path / "cache")
+    )
     call = target.validate("shout", {"text": "so"}, None)
     assert call == Call("shout", ["so", 2])
-    with pytest.raises(ValidationFailed) as missing:
-        target.validate("shout", {}, None)
-    assert missing.value.field == "text"
+    for inputs, field, message in (
+        ({}, "text", "is required"),
+        ({"text": "so", "times": 9}, "times", "Times: must be at most 5"),
+        ({"text": "x" * 201}, "text", "Text: at most 200 characters"),
+        ({"text": "so", "times": 1.5}, "times", "Times: must be in steps of 1 from 1"),
+    ):
+        with pytest.raises(ValidationFailed) as refused:
+            target.validate("shout", inputs, None)
+        wire = to_wire(refused.value)  # (as a 400 says it)
+        assert (wire["field"], wire["message"]) == (field, message)
 
     async def scenario() -> list[Any]:
         updates = [u async for u in target.run(Identity("key:a", "key", "free", "1.2.3.4"), call)]
@@ -334,3 +346,51 @@ def test_a_developer_function_runs_as_a_job_through_transport_call(tmp_path: Pat
     assert isinstance(updates[0], Status) and isinstance(updates[-1], Finished)
     assert updates[-1].outputs[0] == "SO SO" and updates[-1].files[0].data == b"PNG!"
     assert updates[-1].outputs[1]["$file"] == 0 and seen == [call]
+
+
+def test_a_functions_file_inputs_are_given_inline_and_checked_by_the_gradio_rules(tmp_path: Path) -> None:
+    """A file input as ``{"b64", "name"}`` or a ``data:`` URL is carried as the hop carries
+    it; the component's type and the size limit refuse it as on the Gradio path; a path is refused."""
+    import io
+
+    from PIL import Image
+
+    from splitspace.cpu_frontend.hop.backends import BackendPool
+    from splitspace.cpu_frontend.hop.mock_transport import MockTransport
+    from splitspace.cpu_frontend.jobs.targets import FunctionTarget
+    from splitspace.session.token import IdentityTokens
+    from splitspace.shared.app.loader import gpu_endpoints, load_app
+    from splitspace.shared.contract.calls import FILE_KEY
+    from splitspace.shared.contract.errors import ValidationFailed, to_wire
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 2), (200, 10, 10)).save(buf, "PNG")
+    png = base64.b64encode(buf.getvalue()).decode()
+    pool = BackendPool([MockTransport(lambda r, h: iter(()), call_handler=lambda c, h: iter(()))])
+    cache = tmp_path / "cache"
+    target = FunctionTarget(
+        gpu_endpoints(load_app("examples/mirror.py")),
+        pool,
+        IdentityTokens(["s" * 32]),
+        max_file_bytes=len(buf.getvalue()) + 10,
+        cache_dir=str(cache),
+    )
+    forms = ({"b64": png, "name": "red.png"}, f"data:image/png;base64,{png}", {"b64": png, "mime_type": "image/png"})
+    for given in forms:
+        call = target.validate("mirror", {"picture": given, "upside_down": False}, None)
+        carried = call.data[0][FILE_KEY]
+        assert (carried["b64"], carried["mime_type"], call.data[1]) == (png, "image/png", False)
+    assert list(cache.iterdir()) == []  # what was landed for the check is gone
+    text = base64.b64encode(b"hello").decode()
+    big = base64.b64encode(buf.getvalue() + b"\0" * 11).decode()
+    for given, message in (
+        ({"b64": text, "name": "notes.txt"}, "Picture: notes.txt is not one of the accepted file types (image)"),
+        ({"b64": big, "name": "big.png"}, f"Picture: big.png is {len(buf.getvalue()) + 11} bytes, over the limit"),
+        ({"b64": "%%%", "name": "x.png"}, "the file's bytes are not base64"),
+        ({"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "names a file by its path"),
+        ("data:image/png,abc", "is a data: URL that is not base64"),
+    ):
+        with pytest.raises(ValidationFailed) as refused:
+            target.validate("mirror", {"picture": given}, None)
+        wire = to_wire(refused.value)
+        assert wire["field"] == "picture" and str(wire["message"]).startswith(message), wire

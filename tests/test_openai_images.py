@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import time
 from pathlib import Path
 
@@ -90,6 +91,24 @@ def test_response_format_url_is_a_capability_url(direct: Deployment) -> None:
     assert png(r.content).size == (64, 64)
 
 
+def test_images_handed_out_by_url_expire_with_the_jobs_ttl(tmp_path: Path) -> None:
+    """What a URL points at is deleted ``SPLITSPACE_JOB_TTL_S`` after it was written (in
+    process: the sweep's rule; the lifespan runs it every minute)."""
+    from splitspace.cpu_frontend.app import IMAGE_NAME, expire_images
+
+    now = time.time()
+    for name, age in (("old", 100.0), ("new", 10.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / IMAGE_NAME).write_bytes(b"PNG")
+        os.utime(tmp_path / name / IMAGE_NAME, (now - age, now - age))
+    (tmp_path / "upload").mkdir()
+    (tmp_path / "upload" / "other.png").write_bytes(b"PNG")  # not an image the frontend wrote
+    os.utime(tmp_path / "upload" / "other.png", (now - 1000, now - 1000))
+    assert expire_images(str(tmp_path), 60.0, now) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "upload"]
+    assert expire_images(str(tmp_path), 60.0, now) == 0
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [
@@ -121,6 +140,37 @@ def test_missing_prompt_is_400(direct: Deployment) -> None:
     r = httpx.post(f"{direct.frontend.url}/v1/images/generations", json={"n": 1}, timeout=30)
     assert r.status_code == 400
     assert r.json()["error"]["param"] == "prompt"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "code"),
+    [
+        (b"a red fox", "application/json", 400, "invalid_json"),  # the route's pydantic reads it
+        (b'{"prompt": "a red fox"', "application/json", 400, "invalid_json"),  # the guard's JSON limits
+        (json.dumps({"prompt": "x" * 20_000}).encode(), "application/json", 413, "request_too_large"),
+        (b"prompt=a+red+fox", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
+    ],
+)
+def test_bodies_refused_before_the_route_are_in_openai_shape(
+    direct: Deployment, body: bytes, content_type: str, status: int, code: str
+) -> None:
+    """Not JSON, over the size limit, a form: refused by the frontend's guard or the route,
+    always as OpenAI's ``{"error": {...}}`` (the SDK reads its message from there)."""
+    assert direct.frontend is not None
+    url = f"{direct.frontend.url}/v1/images/generations"
+    r = httpx.post(url, content=body, headers={"content-type": content_type}, timeout=30)
+    assert r.status_code == status, r.text
+    assert set(r.json()) == {"error"} and r.json()["error"]["code"] == code, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error" and r.json()["error"]["param"] is None
+    if status == 413:
+        assert "at most 16384 bytes" in r.json()["error"]["message"]  # the limit, named
+
+
+def test_an_oversized_prompt_through_the_sdk_is_its_413_with_openais_message(direct: Deployment) -> None:
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(direct).images.generate(prompt="x" * 20_000, size="64x64")  # type: ignore[arg-type]
+    assert caught.value.status_code == 413
+    assert caught.value.code == "request_too_large" and "at most 16384 bytes" in caught.value.message
 
 
 def test_unknown_fields_are_ignored_and_openai_fields_accepted(direct: Deployment) -> None:

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from splitspace.deploy.cli import app as cli_app
 from splitspace.shared.contract.headers import ADMIN_HEADER
 from tests.clients import call_rest, error_text, gen_args, splitspace_cli
-from tests.support import GPU_TIER_BACKLOG, Deployment, free_port, sha256, start_tier, wait_for
+from tests.support import GPU_TIER_BACKLOG, Deployment, free_port, keys_toml, start_tier, wait_for
 
 JOB_S = 0.3  # sleep:300
 
@@ -69,10 +69,7 @@ window_s = 3600
 
 [clients."key:busy"]
 max_queued = 12
-""" + "".join(
-        f'\n[[keys]]\nname = "{name}"\ntier = "{tier}"\nsha256 = "{sha256(f"ops-{name}-key")}"\n'
-        for name, tier in KEYS.items()
-    )
+""" + keys_toml(KEYS, lambda name: f"ops-{name}-key")
 
 
 def bearer(name: str) -> dict[str, str]:

@@ -33,7 +33,7 @@ from tests.clients import (
     infer_token,
     token_for,
 )
-from tests.support import Deployment, TierProcess, free_port, in_threads, sha256, start_tier, wait_for
+from tests.support import Deployment, TierProcess, free_port, in_threads, keys_toml, start_tier, wait_for
 
 JOB_S = 0.6
 KEYS = {
@@ -79,10 +79,7 @@ gpu_seconds = 600
 max_running = 2
 max_queued = 20
 gpu_seconds = 600
-""" + "".join(
-    f'\n[[keys]]\nname = "{name}"\ntier = "{tier}"\nsha256 = "{sha256(f"scaleout-{name}")}"\n'
-    for name, tier in KEYS.items()
-)
+""" + keys_toml(KEYS, lambda name: f"scaleout-{name}")
 
 
 class Tiers:

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from splitspace.gpu_backend.stores.redis_store import AsyncRedisStore, RedisStore
+from splitspace.gpu_backend.stores.redis_store import RedisStore
 from splitspace.gpu_backend.stores.usage import (
     AdmitGrant,
     AdmitPlan,
@@ -55,20 +55,20 @@ class LoopThread:
 
 
 class AsyncAdmission:
-    """The blocking store with ``admit`` sent through the event loop's face, as a tier does."""
+    """The store with ``admit`` sent through the event loop's client, as a tier does."""
 
-    def __init__(self, store: RedisStore, face: AsyncRedisStore, loop: LoopThread) -> None:
-        self._store, self._face, self._loop = store, face, loop
+    def __init__(self, store: RedisStore, loop: LoopThread) -> None:
+        self._store, self._loop = store, loop
 
     def admit(self, plan: AdmitPlan, now: float | None = None) -> AdmitGrant:
-        return self._loop.run(self._face.admit(plan, now))  # type: ignore[no-any-return]
+        return self._loop.run(self._store.admit_async(plan, now))  # type: ignore[no-any-return]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
     def close(self) -> None:
         self._store.close()
-        self._loop.run(self._face.close())
+        self._loop.run(self._store.aclose())
 
 
 Factory = Callable[..., Any]
@@ -92,7 +92,7 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Facto
         store: Any = RedisStore.from_url(url, prefix=prefix, service_ttl_s=service_ttl_s)
         if kind == "redis-async":
             loop = loop or LoopThread()
-            store = AsyncAdmission(store, loop.run(_async_store(url, prefix, service_ttl_s)), loop)
+            store = AsyncAdmission(store, loop)
         opened.append(store)
         return store
 
@@ -101,10 +101,6 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Facto
         store.close()
     if loop is not None:
         loop.close()
-
-
-async def _async_store(url: str, prefix: str, ttl: float) -> AsyncRedisStore:
-    return AsyncRedisStore.from_url(url, prefix=prefix, service_ttl_s=ttl)
 
 
 @pytest.fixture

@@ -23,14 +23,8 @@ from typing import Any
 
 import pytest
 
-from splitspace.gpu_backend.stores.redis_store import AsyncRedisStore, RedisStore
-from splitspace.gpu_backend.stores.resilient_store import (
-    AsyncResilientStore,
-    CircuitBreaker,
-    ResilientStore,
-    open_store,
-)
-from splitspace.gpu_backend.stores.unsent_releases import UnsentReleases
+from splitspace.gpu_backend.stores.redis_store import RedisStore
+from splitspace.gpu_backend.stores.resilient_store import CircuitBreaker, ResilientStore, open_store
 from splitspace.gpu_backend.stores.usage import AdmitGrant, AdmitPlan, Lease, Reservation, StoreUnavailable
 from splitspace.gpu_backend.stores.write_behind import WriteBehindStore
 from splitspace.shared.contract.errors import SERVICE_UNAVAILABLE, ServiceUnavailable
@@ -76,35 +70,27 @@ def prefix() -> str:
 
 
 class Tier:
-    """A GPU tier's two wrappers over one Redis: ``admit`` on an event loop (its own
-    thread here), every other call on the sync wrapper, which this stands for."""
+    """A GPU tier's store over one Redis: ``admit`` on an event loop (its own thread
+    here), every other call on threads, as a tier makes them."""
 
     def __init__(self, url: str, prefix: str, mode: str, replicas: int = 2) -> None:
         self.sync = ResilientStore(
             RedisStore.from_url(url, prefix=prefix),
-            mode=mode,
-            replicas=replicas,  # type: ignore[arg-type]
+            mode=mode,  # type: ignore[arg-type]
+            replicas=replicas,
             breaker=CircuitBreaker(RETRY_S),
         )
         self._loop = LoopThread()
-        self._async = AsyncResilientStore(
-            AsyncRedisStore.from_url(url, prefix=prefix),
-            self.sync.fallback,
-            mode=mode,
-            replicas=replicas,
-            breaker=self.sync.breaker,  # type: ignore[arg-type]
-            unsent=self.sync.unsent,
-        )
 
     def admit(self, plan: AdmitPlan) -> AdmitGrant:
-        return self._loop.run(self._async.admit(plan))  # type: ignore[no-any-return]
+        return self._loop.run(self.sync.admit_async(plan))  # type: ignore[no-any-return]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.sync, name)
 
     def close(self) -> None:
         self.sync.close()
-        self._loop.run(self._async.close())
+        self._loop.run(self.sync.aclose())
         self._loop.close()
 
 
@@ -232,13 +218,14 @@ def test_a_settlement_redis_missed_is_released_there_once_it_answers(own_redis: 
         store.close()
 
 
-def test_unsent_releases_are_bounded_oldest_dropped_first() -> None:
-    unsent = UnsentReleases(limit=3)
-    for i in range(5):
-        unsent.add("c", f"j{i}")
-    assert unsent.pending() == [("c", "j2"), ("c", "j3"), ("c", "j4")]
-    unsent.sent("c", "j3")
-    assert unsent.pending() == [("c", "j2"), ("c", "j4")] and len(unsent) == 2
+def test_unsent_releases_are_bounded_oldest_dropped_first(prefix: str) -> None:
+    from tests.support import free_port
+
+    store = ResilientStore(RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", prefix=prefix), unsent_limit=3)
+    for i in range(5):  # nothing listens there: every release is kept for later
+        store.settle("c", f"j{i}")
+    assert list(store.unsent) == [("c", "j2"), ("c", "j3"), ("c", "j4")]
+    store.close()
 
 
 # -- local: serve, with each replica's share of every limit ----------------------------------
@@ -329,19 +316,19 @@ def test_overrides_are_served_from_a_mirror_while_redis_is_away(own_redis: Any, 
 
 def test_async_admission_fails_over_and_recovers_in_both_modes(own_redis: Any, prefix: str) -> None:
     async def scenario(mode: str) -> None:
-        store = AsyncResilientStore(
-            AsyncRedisStore.from_url(own_redis.url, prefix=f"{prefix}{mode}:"),
+        store = ResilientStore(
+            RedisStore.from_url(own_redis.url, prefix=f"{prefix}{mode}:"),
             mode=mode,  # type: ignore[arg-type]
             replicas=2,
             breaker=CircuitBreaker(RETRY_S),
         )
         try:
-            assert (await store.admit(AdmitPlan("c", "a", 4, 30.0))).granted
+            assert (await store.admit_async(AdmitPlan("c", "a", 4, 30.0))).granted
             own_redis.pause()
             start = time.monotonic()
             for job in ("b", "c", "d"):
                 try:
-                    grant = await store.admit(AdmitPlan("c", job, 4, 30.0))
+                    grant = await store.admit_async(AdmitPlan("c", job, 4, 30.0))
                 except StoreUnavailable:
                     assert mode == "closed"
                 else:  # 4 // 2 = 2 in memory, which never saw "a"
@@ -349,7 +336,7 @@ def test_async_admission_fails_over_and_recovers_in_both_modes(own_redis: Any, p
             assert time.monotonic() - start < CALL_BOUND_S
             plan = AdmitPlan("d", "x", 4, 30.0, (Reservation("d", 1.0, 1.0, 100.0),))
             try:
-                got = await store.admit(plan)
+                got = await store.admit_async(plan)
             except StoreUnavailable:
                 assert mode == "closed"
             else:
@@ -358,7 +345,7 @@ def test_async_admission_fails_over_and_recovers_in_both_modes(own_redis: Any, p
             deadline = time.monotonic() + 10
             while True:
                 try:
-                    if (await store.admit(AdmitPlan("c", "a", 4, 30.0))).granted and not store.breaker.is_open:
+                    if (await store.admit_async(AdmitPlan("c", "a", 4, 30.0))).granted and not store.breaker.is_open:
                         break
                 except StoreUnavailable:
                     pass
@@ -366,7 +353,8 @@ def test_async_admission_fails_over_and_recovers_in_both_modes(own_redis: Any, p
                 await asyncio.sleep(0.05)
         finally:
             own_redis.resume()
-            await store.close()
+            await store.aclose()
+            store.close()
 
     for mode in ("closed", "local"):
         asyncio.run(scenario(mode))

@@ -25,28 +25,14 @@ import pytest
 from gradio_client import Client
 
 from splitspace.shared.contract.headers import ADMIN_HEADER
-from tests.support import GPU_TIER_BACKLOG, Deployment, sha256, wait_for
+from tests.support import GPU_TIER_BACKLOG, OPEN_ANONYMOUS, TIER, Deployment, keys_toml, tiers_toml, wait_for
 
 STREAMS = "tests/apps/streams.py"
 NODE_DIR = Path(__file__).resolve().parent / "node"
 NAMES = ("leaver", "next", "payer", "slow", "ordinary")
-QUOTAS = """
-[tiers.anonymous]
-weight = 1
-max_running = 1
-max_queued = 8
-gpu_seconds = 3600
-window_s = 3600
-address_gpu_seconds = 3600
-requests_per_minute = 100000
-
-[tiers.light]
-weight = 1
-max_running = 1
-max_queued = 8
-gpu_seconds = 3600
-window_s = 3600
-""" + "".join(f'\n[[keys]]\nname = "{n}"\ntier = "light"\nsha256 = "{sha256(f"stream-{n}-key")}"\n' for n in NAMES)
+QUOTAS = tiers_toml(anonymous=OPEN_ANONYMOUS, light=TIER) + keys_toml(
+    dict.fromkeys(NAMES, "light"), lambda n: f"stream-{n}-key"
+)
 
 
 def bearer(name: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.clients import call_rest, error_text, gen_args
-from tests.support import Deployment, sha256
+from tests.support import TIER, Deployment, keys_toml, tiers_toml
 
 # key name -> tier; each test uses only its own keys
 KEYS = {
@@ -27,32 +27,11 @@ KEYS = {
     "standing": "metered",
 }
 
-QUOTAS = """
-[tiers.tight]
-weight = 1
-max_running = 1
-max_queued = 1
-gpu_seconds = 600
-window_s = 3600
-
-[tiers.metered]
-weight = 1
-max_running = 1
-max_queued = 4
-gpu_seconds = 0.5
-window_s = 120
-
-[tiers.chatty]
-weight = 1
-max_running = 1
-max_queued = 10
-gpu_seconds = 600
-window_s = 3600
-requests_per_minute = 2
-""" + "".join(
-    f'\n[[keys]]\nname = "{name}"\ntier = "{tier}"\nsha256 = "{sha256(f"throttle-{name}-key")}"\n'
-    for name, tier in KEYS.items()
-)
+QUOTAS = tiers_toml(
+    tight={**TIER, "max_queued": 1, "gpu_seconds": 600},
+    metered={**TIER, "max_queued": 4, "gpu_seconds": 0.5, "window_s": 120},
+    chatty={**TIER, "max_queued": 10, "gpu_seconds": 600, "requests_per_minute": 2},
+) + keys_toml(KEYS, lambda name: f"throttle-{name}-key")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from tests.support import (
     TierProcess,
     free_port,
     in_threads,
-    sha256,
+    keys_toml,
     start_tier,
     wait_for,
 )
@@ -50,11 +50,9 @@ max_queued = 20
 gpu_seconds = 1000
 window_s = 3600
 requests_per_minute = 1
-""" + "".join(
-    f'\n[[keys]]\nname = "{k}"\n'
-    f'tier = "{"rate" if k.startswith("rate") else "paused" if k.startswith("cancel") else "std"}"\n'
-    f'sha256 = "{sha256("k-" + k)}"\n'
-    for k in KEYS
+""" + keys_toml(
+    {k: "rate" if k.startswith("rate") else "paused" if k.startswith("cancel") else "std" for k in KEYS},
+    lambda k: "k-" + k,
 )
 
 

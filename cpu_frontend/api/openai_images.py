@@ -22,8 +22,9 @@ way in:
 
 ``response_format="url"`` answers with a capability URL: the PNG where Gradio serves
 the frontend's outputs (``/gradio_api/file=<path>``, under a directory named by the
-image's hash), readable by whoever holds the URL, without credentials, until
-Gradio's cache cleanup removes it.
+image's hash), readable by whoever holds the URL, without credentials, for
+``SPLITSPACE_JOB_TTL_S`` after the image was written, as a job's results
+(``cpu_frontend.app.expire_images`` deletes it then).
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations.
@@ -61,6 +62,7 @@ from splitspace.shared.contract.errors import (
     ValidationFailed,
 )
 from splitspace.shared.contract.schema import GenerateRequest, Limits, echo, request_from_dict
+from splitspace.shared.http import guard
 
 log = logging.getLogger("splitspace.openai")
 
@@ -71,6 +73,15 @@ _SIZE = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 _PARAM_OF_FIELD = {"width": "size", "height": "size"}
 """Request fields that the OpenAI body names otherwise."""
 _THROTTLE_CODES = {QUEUE_FULL: "queue_full", RATE_LIMITED: "rate_limit_exceeded", QUOTA_EXCEEDED: "insufficient_quota"}
+_REFUSAL_CODES = {
+    guard.MALFORMED: "invalid_json",
+    guard.TOO_LARGE: "request_too_large",
+    guard.FORMS_REFUSED: "unsupported_media_type",
+    guard.TOO_SLOW: "request_timeout",
+}
+"""The codes of the guard's refusals, by their title (:func:`openai_refusal`)."""
+OPENAI_PATHS = ("/v1/images/", "/v1/models")
+"""Where this module's routes are: the guard answers their refusals in OpenAI's shape."""
 _SDK_RETRY_MAX_S = 60
 """The openai SDK retries a 429 after ``retry-after`` only up to this many seconds (else at
 once, with its own backoff): a longer wait gets ``x-should-retry: false``."""
@@ -164,6 +175,7 @@ def openai_error(exc: BaseException) -> JSONResponse:
         code = "missing_required_parameter" if missing else "invalid_value"
         if param is None:
             message = f"the body must be a JSON object: {first['msg']}"
+            code = "invalid_json" if first["type"] == "json_invalid" else code
     elif isinstance(exc, ValidationFailed):
         param = _PARAM_OF_FIELD.get(exc.field, exc.field)
         what = exc.message.partition(": ")[2] or exc.message
@@ -192,8 +204,20 @@ def openai_error(exc: BaseException) -> JSONResponse:
         message = exc.user_text()
     else:
         log.error("openai images: %s", echo(exc, 200), exc_info=exc)
-    doc = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(doc, status, headers={"cache-control": "no-store", **headers})
+    headers["cache-control"] = "no-store"
+    return JSONResponse(_error_doc(message, kind, param, code), status, headers=headers)
+
+
+def openai_refusal(status: int, title: str, message: str) -> dict[str, Any]:
+    """A body the frontend's guard refuses before the route reads it (not JSON, over the
+    size or JSON limits, a form: ``shared/http/guard.py``), in OpenAI's shape; the guard
+    keeps its status (400, 413, 415, 408)."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return _error_doc(f"{title}: {message}", kind, None, _REFUSAL_CODES.get(title, "invalid_request"))
+
+
+def _error_doc(message: str, kind: str, param: str | None, code: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def _cause(exc: BaseException) -> BaseException:

@@ -89,6 +89,11 @@ def check_for(component: Any) -> Check | None:
     return next((CHECKS[cls] for cls in type(component).__mro__ if cls in CHECKS), None)
 
 
+def takes_files(component: Any) -> bool:
+    """Whether the component's payload is a file, or files (what :func:`_files` checks)."""
+    return check_for(component) is _files
+
+
 # -- numbers ---------------------------------------------------------------------------------------
 def _number(component: Any, value: Any, _: int) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int | float):

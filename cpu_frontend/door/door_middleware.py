@@ -259,7 +259,7 @@ class DoorMiddleware:
         start = next((m for m in answer if m["type"] == "http.response.start"), None)
         body = b"".join(m.get("body", b"") for m in answer if m["type"] == "http.response.body")
         if start is None or start["status"] != 200:
-            detail: Any = _detail(body)
+            detail = _detail(body)
             await send(_event("error", detail, more=False))
             return
         event_id = json.loads(body)["event_id"]
@@ -324,7 +324,7 @@ def _with_pass(scope: Scope, nonce: str) -> Scope:
     return {**scope, "headers": [*scope["headers"], (_PASS, nonce.encode())]}
 
 
-def _event(name: str, data: Any, more: bool = True) -> Message:
+def _event(name: str, data: object, more: bool = True) -> Message:
     # the form of Gradio's /call event stream
     return {
         "type": "http.response.body",
@@ -333,7 +333,7 @@ def _event(name: str, data: Any, more: bool = True) -> Message:
     }
 
 
-def _detail(body: bytes) -> Any:
+def _detail(body: bytes) -> object:
     try:
         doc = json.loads(body)
     except ValueError:
@@ -341,7 +341,7 @@ def _detail(body: bytes) -> Any:
     return doc.get("detail", doc) if isinstance(doc, dict) else doc
 
 
-async def _send_json(send: Send, status: int, doc: Any, headers: Collection[tuple[bytes, bytes]] = ()) -> None:
+async def _send_json(send: Send, status: int, doc: object, headers: Collection[tuple[bytes, bytes]] = ()) -> None:
     body = json.dumps(doc).encode()
     await send(
         {

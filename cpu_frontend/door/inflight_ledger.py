@@ -1,38 +1,12 @@
 """The frontends' in-flight cap per client, counted once for every frontend on one Redis.
 
-Why it exists: the door (``cpu_frontend/door/door.py``) refuses a client with ``max_running +
-max_queued`` requests in flight, but it counts in its own process, so M frontends let M
-times the cap through (issue 12). With ``SPLITSPACE_REDIS_URL`` set, the door also asks
-this ledger, which counts each flow's requests across all frontends; without it,
-:func:`open_ledger` gives a :class:`NullLedger` and the door's own count is the whole story.
-
-Design: the GPU tier's slot sets (``gpu_backend/stores/redis_store.py``), for requests.
-``{p}inflight-leases:{flow}`` is a sorted set with one *lease* per request in flight,
-``{frontend id}:{token}``, scored by when it expires (Redis ``TIME`` in ms: no replica
-clock). *Acquire* is one Lua script: drop the expired leases, count the rest, refuse with
-``Queue full`` at the cap, else add ours. No race lets two frontends take the last place.
-Every change is idempotent per lease, so nothing needs repairing by counting again:
-
-* *Release* is synchronous and does no I/O (it runs in ``finally`` blocks): the lease is
-  queued to be dropped. One background task sends the queued drops and renews every lease
-  this frontend holds (one script for all of them) every ``lease_s / 3``, putting back any
-  that Redis lost (it restarted empty, or the lease ran out during a partition). The drops
-  queued for a flow also ride on this frontend's next acquire of it (and stay queued until
-  a renewal has sent them: one in flight may have put them back), so a client calling
-  again through the same frontend is never refused by its own unsent release.
-* A call whose outcome is unknown (it failed, timed out, or its caller was cancelled and it
-  took a place nobody will use) queues its lease to be dropped; until the next renewal has
-  gone through, acquires send it first.
-* *A frontend that dies* (kill -9) stops renewing: within ``lease_s`` its leases expire.
-
-*Redis down* (``SPLITSPACE_REDIS_FAILURE``; the shared :class:`CircuitBreaker` sends no call
-for ``retry_s`` after a failure, then one probes): ``closed`` refuses with ``Service
-unavailable`` and the retry seconds; ``local`` admits while this frontend's own count of the
-flow (the door's, ``local_count``) is under its share of the cap (``cap // replicas``, at
-least 1, 0 stays 0). A hold taken then is not in Redis (``in_redis`` False) and its release
-never touches Redis, so nothing is counted twice when Redis returns; holds taken in Redis
-before the outage are put back by the first renewal after it. Right after recovery a client
-may have up to its local share on top of its global cap, for at most one request's time.
+Why: the door counts in its own process, so M frontends would let M times the cap through
+(issue 12). With ``SPLITSPACE_REDIS_URL``, each request in flight also holds a lease in its
+flow's sorted set, scored by its expiry on Redis' clock; *acquire* is one script (drop the
+expired, count, refuse at the cap, else add). *Release* does no I/O: one background task
+sends the queued drops and renews (or puts back) this frontend's leases every ``lease_s /
+3``, so a dead frontend's leases expire within ``lease_s``. Redis down: ``closed`` refuses,
+``local`` admits within this frontend's share of the cap. Design: docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -65,8 +39,6 @@ from splitspace.shared.config.redis_client import (
 from splitspace.shared.config.settings import Settings
 from splitspace.shared.contract.errors import QUEUE_FULL, ServiceUnavailable, Throttled
 
-__all__ = ["Hold", "InflightLedger", "NullLedger", "RedisLedger", "open_ledger", "local_share"]
-
 log = logging.getLogger("splitspace.inflight")
 
 _LUA_HEAD = """
@@ -80,7 +52,7 @@ end
 """
 
 _SCRIPTS = {
-    # KEYS[1] the flow's set; ARGV lease_ms, cap, our new lease, then our leases to drop first
+    # ARGV lease_ms, cap, our new lease, then our leases to drop first
     "acquire": """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', NOW)
 for i = 4, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
@@ -89,8 +61,7 @@ if n >= tonumber(ARGV[2]) then return {0, n} end
 redis.call('ZADD', KEYS[1], NOW + LEASE, ARGV[3]); touch(KEYS[1])
 return {1, n + 1}
 """,
-    # KEYS the flows' sets; ARGV lease_ms, then for each key: how many leases to drop, those,
-    # how many to keep, those (renewed, or put back where Redis lost them)
+    # ARGV lease_ms, then for each key: the count of leases to drop, those, of leases to keep, those
     "sync": """
 local a = 2
 for _, k in ipairs(KEYS) do
@@ -105,59 +76,37 @@ return 1
 }
 
 
-def _cap_refusal(in_flight: int, cap: int) -> Throttled:
-    return Throttled(QUEUE_FULL, f"{in_flight} requests already in flight (max_running + max_queued = {cap})", 1.0)
-
-
 @dataclass(frozen=True)
 class Hold:
     """One admitted request's place in the ledger; give it back with ``release``."""
 
     flow: str
-    in_redis: bool
-    """Counted in Redis (False: admitted from the local count while Redis was down)."""
+    in_redis: bool  # False: admitted from the local count while Redis was down
     token: int
 
 
 class InflightLedger(Protocol):
-    async def acquire(self, flow: str, cap: int, local_count: int) -> Hold | None:
-        """Count one more request of ``flow``, or raise ``Throttled`` (Queue full) when its
-        requests in flight on all frontends reach ``cap``, or ``ServiceUnavailable`` while
-        Redis is down in ``closed`` mode. ``local_count``: this frontend's own in-flight
-        count of the flow (used in ``local`` mode). None: nothing to release (no Redis)."""
-        ...
+    """``acquire`` counts one more request of a flow (None: nothing to release) or raises
+    Throttled at the cap, ServiceUnavailable while Redis is down in ``closed`` mode;
+    ``release`` never raises nor blocks, and twice is once."""
 
-    def release(self, hold: Hold | None) -> None:
-        """Give the place back: synchronous, never raises, never blocks; twice is once."""
-        ...
-
+    async def acquire(self, flow: str, cap: int, local_count: int) -> Hold | None: ...
+    def release(self, hold: Hold | None) -> None: ...
     async def start(self) -> None: ...
-
     async def aclose(self) -> None: ...
 
 
 class NullLedger:
-    """No Redis: the door's own count is the cap."""
+    """No Redis: the door's own count is the cap, and every call here does nothing."""
 
-    async def acquire(self, flow: str, cap: int, local_count: int) -> Hold | None:
-        return None
-
-    def release(self, hold: Hold | None) -> None:
-        return None
-
-    async def start(self) -> None:
-        return None
-
-    async def aclose(self) -> None:
-        return None
+    async def acquire(self, flow: str, cap: int, local_count: int) -> Hold | None: ...
+    def release(self, hold: Hold | None) -> None: ...
+    async def start(self) -> None: ...
+    async def aclose(self) -> None: ...
 
 
 class RedisLedger:
-    """The in-flight leases of every frontend on one Redis; see the module docstring.
-
-    Use it on one event loop: ``await start()`` there, ``acquire`` and ``release`` from it,
-    ``await aclose()`` at shutdown. ``client`` connects lazily (a frontend starts while
-    Redis is down)."""
+    """The in-flight leases of every frontend on one Redis, used on one event loop."""
 
     def __init__(
         self,
@@ -173,13 +122,10 @@ class RedisLedger:
         check_failure_mode(mode, replicas)
         if not lease_s > 0:
             raise ValueError(f"lease_s must be positive, got {lease_s!r}")
-        self.mode: FailureMode = mode
-        self.replicas = int(replicas)
-        self.lease_s = float(lease_s)
+        self.mode, self.replicas, self.lease_s = mode, int(replicas), float(lease_s)
         self.breaker = breaker if breaker is not None else CircuitBreaker(DEFAULT_RETRY_S)
         self.frontend_id = uuid.uuid4().hex
-        self._client = client
-        self._prefix = prefix
+        self._client, self._prefix = client, prefix
         self._lease_ms = str(max(1, round(self.lease_s * 1000)))
         self._wait_s = 3 * timeout_s  # longest aclose waits for the background task
         self._scripts = {name: client.register_script(_LUA_HEAD + src) for name, src in _SCRIPTS.items()}
@@ -191,9 +137,7 @@ class RedisLedger:
         self._tokens = itertools.count(1)
         self._sync_lock = asyncio.Lock()
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()  # set: no acquire is at Redis
-        self._idle.set()
-        self._busy = 0
+        self._calls: set[asyncio.Future[Any]] = set()  # acquires at Redis
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -208,20 +152,17 @@ class RedisLedger:
     def _key(self, flow: str) -> str:
         return f"{self._prefix}inflight-leases:{flow}"
 
-    # -- the door's calls ------------------------------------------------------------------
-
     async def acquire(self, flow: str, cap: int, local_count: int) -> Hold | None:
         if self._task is None:
             raise RuntimeError("RedisLedger.acquire before start()")
         if self.breaker.allow() and (self.synced or await self._sync()):
             token = next(self._tokens)  # the drops stay queued: a renewal in flight may put them back
             lease, drops = f"{self.frontend_id}:{token}", sorted(self._pending.get(flow, ()))
-            self._busy += 1
-            self._idle.clear()
             call = asyncio.ensure_future(
                 self._scripts["acquire"](keys=[self._key(flow)], args=[self._lease_ms, str(cap), lease, *drops])
             )
-            call.add_done_callback(self._not_busy)
+            self._calls.add(call)
+            call.add_done_callback(self._calls.discard)
             try:
                 reply: Any = await asyncio.shield(call)
             except UNAVAILABLE_ERRORS as exc:
@@ -236,7 +177,8 @@ class RedisLedger:
             else:
                 self._answered()
                 if int(reply[0]) != 1:
-                    raise _cap_refusal(int(reply[1]), cap)
+                    in_flight = f"{reply[1]} requests already in flight (max_running + max_queued = {cap})"
+                    raise Throttled(QUEUE_FULL, in_flight, 1.0)
                 self._held.setdefault(flow, set()).add(lease)
                 return self._hold(flow, True, token)
         return self._without_redis(flow, cap, local_count)
@@ -249,12 +191,10 @@ class RedisLedger:
             if not hold.in_redis:
                 return  # never counted in Redis: nothing to take back there
             lease = f"{self.frontend_id}:{hold.token}"
-            held = self._held.get(hold.flow, set())
-            held.discard(lease)
-            if not held:
-                self._held.pop(hold.flow, None)
-            self._pending.setdefault(hold.flow, set()).add(lease)
-            self._wake.set()
+            self._held[hold.flow] = self._held.get(hold.flow, set()) - {lease}
+            if not self._held[hold.flow]:
+                del self._held[hold.flow]
+            self._queue_drop(hold.flow, lease)
         except Exception:  # a finally block must not fail because of us
             log.exception("in-flight ledger: release failed")
 
@@ -263,8 +203,7 @@ class RedisLedger:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="inflight-ledger")
 
     async def aclose(self) -> None:
-        """Stop the background task; take this frontend's leases out of Redis (best effort,
-        bounded by the client's timeout); close the client."""
+        """Stop the background task, take our leases out of Redis (best effort), close the client."""
         task, self._task = self._task, None
         if task is not None:
             self._closing = True
@@ -279,8 +218,6 @@ class RedisLedger:
         with contextlib.suppress(Exception):
             await self._sync()
         await self._client.aclose()
-
-    # -- decisions without Redis -------------------------------------------------------------
 
     def _hold(self, flow: str, in_redis: bool, token: int | None = None) -> Hold:
         hold = Hold(flow, in_redis, next(self._tokens) if token is None else token)
@@ -301,13 +238,6 @@ class RedisLedger:
             )
         return self._hold(flow, False)
 
-    # -- state -----------------------------------------------------------------------------
-
-    def _not_busy(self, _: asyncio.Future[Any]) -> None:
-        self._busy -= 1
-        if not self._busy:
-            self._idle.set()
-
     def _abandoned(self, flow: str, lease: str, call: asyncio.Future[Any]) -> None:
         """An acquire whose caller was cancelled finished: give back what it took."""
         exc = None if call.cancelled() else call.exception()
@@ -320,14 +250,16 @@ class RedisLedger:
             return
         self._answered()
         if int(call.result()[0]) == 1:  # counted in Redis, never handed out: drop it
-            self._pending.setdefault(flow, set()).add(lease)
-            self._wake.set()
+            self._queue_drop(flow, lease)
+
+    def _queue_drop(self, flow: str, lease: str) -> None:
+        self._pending.setdefault(flow, set()).add(lease)
+        self._wake.set()
 
     def _unsure(self, flow: str, lease: str) -> None:
         """This lease may or may not be in Redis: drop it, and renew all ours first."""
-        self._pending.setdefault(flow, set()).add(lease)
         self._lost_count += 1
-        self._wake.set()
+        self._queue_drop(flow, lease)
 
     def _lost(self, exc: BaseException) -> None:
         if self.breaker.failed():
@@ -340,8 +272,6 @@ class RedisLedger:
         if self.breaker.succeeded():
             log.warning("shared store (Redis) reachable again: in-flight caps global again")
 
-    # -- the background task -----------------------------------------------------------------
-
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         beat_at = loop.time() + self.lease_s / 3
@@ -353,11 +283,15 @@ class RedisLedger:
                     beat_at = loop.time() + self.lease_s / 3
                 continue
             wait = self.breaker.retry_after() if self.breaker.is_open else beat_at - loop.time()
-            await _wait(self._wake, max(0.05, wait))
+            waiter = asyncio.ensure_future(self._wake.wait())  # not wait_for: on 3.11 it can eat a cancel
+            try:
+                await asyncio.wait([waiter], timeout=max(0.05, wait))
+            finally:
+                waiter.cancel()
 
     async def _sync(self) -> bool:
-        """Drop the queued leases and renew (or put back) every lease we hold, in one
-        script; False when Redis did not answer."""
+        """Drop the queued leases and renew (or put back) every lease we hold, in one script;
+        False when Redis did not answer."""
         async with self._sync_lock:
             covers = self._lost_count
             drops = {flow: set(leases) for flow, leases in self._pending.items()}
@@ -375,34 +309,17 @@ class RedisLedger:
                     self._lost(exc)
                     return False
                 raise
-            for flow, leases in drops.items():  # sent: no longer pending (leases are never reused)
-                left = self._pending.get(flow, set()) - leases
-                if left:
-                    self._pending[flow] = left
-                else:
-                    self._pending.pop(flow, None)
+            pending = ((flow, leases - drops.get(flow, set())) for flow, leases in self._pending.items())
+            self._pending = {flow: left for flow, left in pending if left}  # sent: leases are never reused
             self._renewed_at = max(self._renewed_at, covers)
             self._answered()
             return True
 
 
-async def _wait(event: asyncio.Event, timeout_s: float) -> bool:
-    """Wait until ``event`` is set or ``timeout_s`` passed; whether it is set. (Not
-    ``asyncio.wait_for``: on Python 3.11 it can swallow a cancellation.)"""
-    waiter = asyncio.ensure_future(event.wait())
-    try:
-        await asyncio.wait([waiter], timeout=max(0.0, timeout_s))
-    finally:
-        waiter.cancel()
-    return event.is_set()
-
-
 def open_ledger(
     settings: Settings, *, retry_s: float = DEFAULT_RETRY_S, prefix: str = DEFAULT_PREFIX
 ) -> InflightLedger:
-    """The ledger a frontend uses, from its settings (at the edge): a :class:`NullLedger`
-    without ``SPLITSPACE_REDIS_URL``, else a :class:`RedisLedger` with the failure mode,
-    the replica count and the lease of the settings. Call ``start()`` on the event loop."""
+    """The ledger a frontend uses, from its settings; call ``start()`` on the event loop."""
     if settings.redis_url is None:
         return NullLedger()
     return RedisLedger(

@@ -2,8 +2,10 @@
 
 - ``POST /v1/jobs`` ``{"endpoint", "inputs" | "data", "webhook_url"?, "webhook_events"?}``
   (``Idempotency-Key`` header optional): 202 with the job (``Location`` its URL); 400
-  naming the input; 429 with ``Retry-After`` over the client's in-flight cap (the same
-  cap, line and fair share as the Gradio API: ``runner.py``).
+  naming the input (a developer's function: checked as Gradio's API checks it, files
+  given inline: ``file_inputs.py``); 413 over the body limit (the guard's); 429 with
+  ``Retry-After`` over the client's in-flight cap (the same cap, line and fair share as
+  the Gradio API: ``runner.py``).
 - ``GET /v1/jobs/{id}`` (``?include=b64``: files' bytes inline), ``GET /v1/jobs`` (the
   caller's own, newest first, ``limit`` and ``cursor``), ``POST /v1/jobs/{id}/cancel``,
   ``GET /v1/jobs/{id}/files/{n}``: only the job's owner (same API key, session cookie or
@@ -16,6 +18,7 @@ in splitspace (``shared/contract/errors.py``).
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations.
 import base64
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -35,7 +38,7 @@ from splitspace.cpu_frontend.jobs.redis_store import RedisJobStore
 from splitspace.cpu_frontend.jobs.runner import JobConflict, JobNotFound, JobRunner
 from splitspace.cpu_frontend.jobs.sqlite_store import SqliteJobStore
 from splitspace.cpu_frontend.jobs.store import JobStore
-from splitspace.cpu_frontend.jobs.targets import FunctionTarget, GenerateTarget, JobTarget, Targets, describe
+from splitspace.cpu_frontend.jobs.targets import FunctionTarget, GenerateTarget, JobTarget, Targets
 from splitspace.cpu_frontend.jobs.views import file_indexes, job_view
 from splitspace.cpu_frontend.jobs.webhooks import Deliveries, Sender
 from splitspace.session.identity import Identity
@@ -43,6 +46,7 @@ from splitspace.session.token import IdentityTokens
 from splitspace.shared.app.loader import GpuEndpoint
 from splitspace.shared.config.quota_watch import QuotaWatcher
 from splitspace.shared.config.settings import Settings
+from splitspace.shared.contract.calls import base64_body_limit
 from splitspace.shared.contract.errors import (
     QUEUE_FULL,
     ServiceUnavailable,
@@ -52,8 +56,10 @@ from splitspace.shared.contract.errors import (
     ValidationFailed,
     to_wire,
 )
+from splitspace.shared.http.json_limits import DEFAULT_LIMITS, JsonLimits
 
 MAX_PAGE = 100
+JOBS_PATH = "/v1/jobs"
 
 
 class JobCreate(BaseModel):
@@ -318,6 +324,7 @@ class FrontendParts(Protocol):
     door: FairDoor
     watcher: QuotaWatcher
     seconds_per_job: float
+    cache_dir: str
 
     def identity(self, request: Any) -> Identity: ...
 
@@ -347,7 +354,14 @@ class JobsService:
 
         target: JobTarget
         if settings.app:
-            target = FunctionTarget([describe(endpoint) for endpoint in endpoints], fe.pool, fe.tokens, learn)
+            target = FunctionTarget(
+                endpoints,
+                fe.pool,
+                fe.tokens,
+                max_file_bytes=settings.max_file_bytes,
+                cache_dir=fe.cache_dir,
+                learn_cap=learn,
+            )
         else:
             target = GenerateTarget(fe.pool, fe.tokens, settings.limits, learn, gpu_s)
 
@@ -392,6 +406,15 @@ class JobsService:
             lease_s=settings.lease_s,
         )
         self.router = job_routes(self.runner, self.store, fe.identity, lambda: fe.seconds_per_job)
+        self.body_limits: dict[str, int] = {}
+        """For the frontend's guard: a developer's function may take files, given inside the
+        job's body as base64: ``POST /v1/jobs`` takes a file of ``max_file_bytes`` and the
+        rest of the call, as the GPU tier's call route does (more: a 413 naming the limit)."""
+        self.json_limits: dict[str, JsonLimits] = {}
+        if settings.app:
+            limit = base64_body_limit(settings.max_file_bytes)
+            self.body_limits[JOBS_PATH] = limit
+            self.json_limits[JOBS_PATH] = dataclasses.replace(DEFAULT_LIMITS, max_string_bytes=limit)
 
     async def start(self) -> None:
         await self.runner.start()

@@ -168,7 +168,8 @@ class JobRunner:
         """Accept a job (its row written before this returns); (job, replayed): replayed when
         the owner's Idempotency-Key had already made it. Raises ValidationFailed (naming the
         input), Throttled (the client's cap), ServiceUnavailable, JobConflict."""
-        call = self.targets.validate(endpoint.lstrip("/"), inputs, data)
+        # off the loop: a developer's function's inputs may be files to write, a validator= to run
+        call = await asyncio.to_thread(self.targets.validate, endpoint.lstrip("/"), inputs, data)
         hook = await self._webhook(identity, webhook_url, webhook_events)
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS:
             raise ValidationFailed("Idempotency-Key", f"must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")

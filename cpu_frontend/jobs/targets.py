@@ -14,14 +14,20 @@ tokens, the deployment's limits and validation, the backend pool, the learned ca
 from __future__ import annotations
 
 import inspect
+import tempfile
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
+from splitspace.cpu_frontend.api.validation import first_problem
+from splitspace.cpu_frontend.jobs.file_inputs import land_files
 from splitspace.cpu_frontend.jobs.records import FILE_REF, StoredFile
 from splitspace.session.identity import Identity
 from splitspace.session.token import infer_purpose
-from splitspace.shared.contract.calls import FILE_KEY, Call, CallResult, CarriedFile, payloads_from_json
+from splitspace.shared.app.files import inline_files
+from splitspace.shared.app.loader import GpuEndpoint
+from splitspace.shared.contract.calls import Call, CallResult, CarriedFile
 from splitspace.shared.contract.errors import BackendUnavailable, ValidationFailed
 from splitspace.shared.contract.headers import IDENTITY_HEADER
 from splitspace.shared.contract.hop import CallUpdate, Result, Status, Update
@@ -143,7 +149,7 @@ class Function:
     defaults: Mapping[str, Any]
 
 
-def describe(endpoint: Any) -> Function:
+def describe(endpoint: GpuEndpoint) -> Function:
     """A :class:`Function` of a ``shared.app.loader.GpuEndpoint``: its inputs are named as
     the function's parameters (as Gradio's ``/call/v2`` names them), with the function's
     defaults, else the component's value."""
@@ -162,18 +168,6 @@ def describe(endpoint: Any) -> Function:
     return Function(endpoint.api_name, tuple(names), defaults)
 
 
-def carry_files(value: Any) -> Any:
-    """Inputs as a Call carries them: a file given as ``{"name", "mime_type", "b64"}`` in a
-    ``{"file": ...}`` wrapper becomes a CarriedFile; ValueError when its bytes are not base64."""
-    if isinstance(value, list):
-        return [carry_files(v) for v in value]
-    if isinstance(value, dict):
-        if set(value) == {"file"} and isinstance(value["file"], dict) and isinstance(value["file"].get("b64"), str):
-            return payloads_from_json({FILE_KEY: value["file"]})
-        return {k: carry_files(v) for k, v in value.items()}
-    return value
-
-
 def collect_files(value: Any, files: list[StoredFile]) -> Any:
     """Outputs with each carried file (a CarriedFile) moved into ``files``."""
     if isinstance(value, CarriedFile):
@@ -188,33 +182,53 @@ def collect_files(value: Any, files: list[StoredFile]) -> Any:
 
 
 class FunctionTarget:
-    """A developer's ``@splitspace.gpu`` functions, over the backend pool's ``call``."""
+    """A developer's ``@splitspace.gpu`` functions, over the backend pool's ``call``. A job's
+    inputs are checked by the Gradio API path's one validation (``validate_call``'s rules:
+    ``cpu_frontend/api/validation.py``), its files landed for it first (``file_inputs.py``)."""
 
     def __init__(
         self,
-        functions: Sequence[Function],
+        endpoints: Sequence[GpuEndpoint],
         pool: Caller,
         tokens: Tokens,
+        *,
+        max_file_bytes: int,
+        cache_dir: str,
         learn_cap: Callable[[Identity, int | None], None] = lambda identity, cap: None,
     ) -> None:
-        self.functions = {f.name: f for f in functions}
+        self.endpoints_by_name = {e.api_name: e for e in endpoints}
+        self.functions = {e.api_name: describe(e) for e in endpoints}
         self.pool = pool
         self.tokens = tokens
+        self.max_file_bytes = max_file_bytes
+        self.cache_dir = cache_dir
         self.learn_cap = learn_cap
 
     def endpoints(self) -> Sequence[str]:
         return tuple(self.functions)
 
     def validate(self, endpoint: str, inputs: Mapping[str, Any] | None, data: list[Any] | None) -> Call:
-        f = self.functions[endpoint]
+        """Blocking (files written, the event's validator run): call it off the event loop.
+        A refused input is named as in ``inputs``, the message names it by its label."""
+        f, gpu = self.functions[endpoint], self.endpoints_by_name[endpoint]
         values = _positional(f.inputs, inputs, data, f.defaults)
-        carried = []
-        for name in f.inputs:
-            try:
-                carried.append(carry_files(values[name]))
-            except ValueError as exc:
-                raise ValidationFailed(name, str(exc)) from None
-        return Call(endpoint, carried)
+        Path(self.cache_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="job-inputs-", dir=self.cache_dir) as folder:
+            payloads = [
+                land_files(component, values[name], Path(folder), name)
+                for component, name in zip(gpu.inputs, f.inputs, strict=True)
+            ]
+            problem = first_problem(gpu, payloads, self.max_file_bytes)
+            if problem is not None:
+                field = problem.field if problem.position is None else f.inputs[problem.position - 1]
+                raise ValidationFailed(field, f"{problem.field}: {problem.message}")
+            carried = inline_files(payloads, max_bytes=self.max_file_bytes)
+        call = Call(endpoint, carried)
+        try:
+            call.digest()
+        except (TypeError, ValueError):  # NaN, or what JSON cannot say (as Frontend.follow_call says it)
+            raise ValidationFailed("data", "must be plain JSON (no NaN, infinity or Python objects)") from None
+        return call
 
     async def run(self, identity: Identity, call: Call) -> AsyncGenerator[JobUpdate, None]:
         headers = {IDENTITY_HEADER: self.tokens.mint(identity, infer_purpose(call.digest()))}

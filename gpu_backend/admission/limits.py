@@ -1,35 +1,29 @@
 """Each client's limits as the scheduler reads them: the live quota file plus operators' overrides.
 
-Beside the scheduler, which reads them at every admission and dispatch; the admin API
-(``gpu_backend/ops/admin.py``) changes the overrides, and the change applies to the next dispatch.
-Overrides are written through to the usage store (they survive restarts) and kept in memory.
+Overrides are written through to the usage store (they survive restarts) and read from memory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from splitspace.gpu_backend.admission.scheduler import ClientRef
 from splitspace.gpu_backend.stores.usage import OverrideStore
-from splitspace.shared.contract.quotas import QuotaConfig, Tier
+from splitspace.shared.contract.quotas import OverrideValues, QuotaConfig, Tier
 
 
 class Overrides:
     """Operator overrides per client id: an in-memory view written through to the store."""
 
     def __init__(self, store: OverrideStore, on_change: Callable[[str | None], None] = lambda client_id: None) -> None:
-        """``on_change``: called after every change (the GPU tier dispatches then: a raised
-        ``max_running`` lets a waiting job start at once, not at the next arrival), with
-        None when :meth:`refresh` found changes made elsewhere."""
+        """``on_change``: called after every change (with None for changes made elsewhere)."""
         self._store = store
         self._version: int | None = None  # read at the first refresh (shared stores only)
-        self._cache: dict[str, dict[str, Any]] = dict(store.all_overrides())
+        self._cache: dict[str, OverrideValues] = dict(store.all_overrides())
         self.on_change = on_change
 
     def refresh(self) -> None:
-        """Re-read every override if another replica changed one (a shared store: its
-        version moved); called about once a second, never under the runner's lock."""
+        """Re-read every override if another replica changed one (about once a second)."""
         version = self._store.overrides_version()
         if version == self._version:
             return
@@ -37,10 +31,12 @@ class Overrides:
         self._version = version
         self.on_change(None)
 
-    def get(self, client_id: str) -> dict[str, Any]:
+    def get(self, client_id: str) -> OverrideValues:
         return self._cache.get(client_id, {})
 
-    def set(self, client_id: str, values: dict[str, Any]) -> dict[str, Any]:
+    def set(self, client_id: str, values: OverrideValues) -> OverrideValues:
+        """Set checked overrides (:func:`~shared.contract.quotas.validate_overrides`) over
+        those in force; the values now in force."""
         self._store.set_overrides(client_id, values)
         self._cache[client_id] = {**self._cache.get(client_id, {}), **values}
         self.on_change(client_id)
@@ -51,7 +47,7 @@ class Overrides:
         self._cache.pop(client_id, None)
         self.on_change(client_id)
 
-    def all(self) -> dict[str, dict[str, Any]]:
+    def all(self) -> dict[str, OverrideValues]:
         return dict(self._cache)
 
 

@@ -52,7 +52,7 @@ import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, NotRequired, TypedDict, TypeVar
 
 from splitspace.gpu_backend.admission.scheduler import ClientRef, FairScheduler, Job, Outcome
 from splitspace.gpu_backend.workload.batching import BatchOutcome, split_batch_time, zerogpu_batch_key
@@ -73,6 +73,28 @@ _TITLES = {
     Outcome.QUOTA_EXCEEDED: QUOTA_EXCEEDED,
     Outcome.RATE_LIMITED: RATE_LIMITED,
 }
+
+T = TypeVar("T")
+
+RunEventKind = Literal["admitted", "refused", "cancelled", "started", "stopped", "finished"]
+"""What happened to a request: admitted or refused at the door, cancelled (its caller left
+before it ran), started on the GPU, then finished (or stopped: a stream whose caller left)."""
+
+
+class RunEvent(TypedDict):
+    """What the runner reports with each :data:`RunEventKind` (to the metrics, ``ops/metrics.py``)."""
+
+    tier: str
+    reason: NotRequired[str]
+    """``refused``: the limit that refused it (``queue_full``, ``quota_exceeded``, ``rate_limited``...)."""
+    wait_s: NotRequired[float]
+    """``started``: seconds from admission to the GPU."""
+    gpu_s: NotRequired[float]
+    """``finished`` and ``stopped``: the GPU-seconds charged."""
+
+
+OnEvent = Callable[[RunEventKind, RunEvent], None]
+"""``GpuRunner``'s ``on_event``."""
 
 RunnerUpdate = Status | Partial | Answer
 """What following a ticket yields: statuses (and a stream's partial outputs), then the job's answer."""
@@ -181,7 +203,7 @@ class GpuRunner:
         batch_wait_s: float = 0.0,
         on_zerogpu: bool = False,
         clock: Callable[[], float] = time.monotonic,
-        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        on_event: OnEvent | None = None,
     ) -> None:
         """``cost``, ``run_batch``, ``resolve``, ``model_name`` and ``max_batch``: the built-in
         text-to-image (``text_to_image.py``); without ``run_batch`` there is none (a GPU
@@ -200,7 +222,7 @@ class GpuRunner:
         self.on_zerogpu = on_zerogpu
         """On ZeroGPU one GPU call is charged to one visitor: batches hold one visitor's requests."""
         self._clock = clock
-        self._on_event = on_event or (lambda kind, data: None)
+        self._on_event: OnEvent = on_event or (lambda kind, data: None)
         self.gate: Any = None
         """With global limits (Redis): a :class:`~gpu_backend.stores.global_limits.GlobalLimits`
         that takes each job's running slot before it runs and settles it after, outside
@@ -285,7 +307,7 @@ class GpuRunner:
         return self.text_to_image().prepare(request)
 
     def admit_work(
-        self, identity: Identity, work: Work[Any], ip_token: str | None = None, job_id: str | None = None
+        self, identity: Identity, work: Work[T], ip_token: str | None = None, job_id: str | None = None
     ) -> Ticket:
         """Queue ``work`` for a fair turn, or raise Throttled at once (on the event loop).
 
@@ -478,7 +500,7 @@ class GpuRunner:
         could not be checked (the store down, ``closed``) fails with that error, and a job
         whose caller left meanwhile (:meth:`drop`) does not run: refused, it is cancelled
         as if it had still been queued; granted, its dispatch is undone (here and in the
-        store: ``GlobalLimits.withdraw``)."""
+        store: ``GlobalLimits.finish`` with 0 s)."""
         run, refused, failed = self.gate.start(jobs)
         with self._work:
             left = {job.job_id for job in jobs} & self._left
@@ -511,7 +533,7 @@ class GpuRunner:
             if job.job_id in left:
                 self.gate.dropped(job.job_id)
         for job in withdrawn:
-            self.gate.withdraw(job)
+            self.gate.finish(job, 0.0)  # withdrawn: its reservation and charge taken back
         for job, w in gone:
             w.loop.call_soon_threadsafe(w.future.cancel)
             self._on_event("cancelled", {"tier": job.client.tier})
@@ -619,6 +641,6 @@ class GpuRunner:
         task.add_done_callback(self._finishing.discard)
 
 
-def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+def _fail(future: asyncio.Future[T], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error if isinstance(error, Exception) else RuntimeError(str(error)))

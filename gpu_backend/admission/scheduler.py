@@ -136,11 +136,12 @@ import itertools
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sortedcontainers import SortedList
 
 from splitspace.session.identity import flow_of
+from splitspace.shared.contract.admin_api import AddressStanding, ClientStats
 from splitspace.shared.contract.quotas import Tier
 
 if TYPE_CHECKING:
@@ -169,6 +170,22 @@ ETA_EXACT_PLACES = 64
 
 _SWEEP_PER_CALL = 4
 """Idle flows or clients looked at by each dispatch, finish and cancel."""
+
+
+def rate_reason(held: int, rpm: float | None, who: str) -> str:
+    """Why a refusal, in the same words on one tier and across tiers (``global_limits``)."""
+    return f"{held} requests {who}in the last {RATE_WINDOW_S:g} s (requests_per_minute={rpm})"
+
+
+def queue_reason(held: int, max_queued: float, who: str) -> str:
+    return f"{held} requests {who}already queued (max_queued={max_queued})"
+
+
+def quota_reason(used: float, cost: float, limit: float, name: str) -> str:
+    scope = "by this address " if name == "address_gpu_seconds" else ""
+    if cost > limit:
+        return f"this request needs {cost:.1f} GPU-seconds, more than the whole quota ({name}={limit:g})"
+    return f"{used:.1f} of {limit:g} GPU-seconds used {scope}in this window ({name}={limit:g})"
 
 
 def address_usage_key(address: str) -> str:
@@ -464,11 +481,7 @@ class FairScheduler:
             return None
         retry = times[0] + RATE_WINDOW_S - now if times else RATE_WINDOW_S
         who = "from this address " if flow.flow_id.startswith("addr:") else ""
-        return Admission(
-            Outcome.RATE_LIMITED,
-            max(0.0, retry),
-            f"{len(times)} requests {who}in the last {RATE_WINDOW_S:g} s (requests_per_minute={rpm})",
-        )
+        return Admission(Outcome.RATE_LIMITED, max(0.0, retry), rate_reason(len(times), rpm, who))
 
     def _check_queue(self, flow: _Flow, tier: Tier) -> Admission | None:
         if flow.queued < tier.max_queued:
@@ -479,11 +492,7 @@ class FairScheduler:
             place = self.position(first.job_id)
             retry = max(place[1] if place else 0.0, first.cost)
         who = "from this address " if flow.flow_id.startswith("addr:") else ""
-        return Admission(
-            Outcome.QUEUE_FULL,
-            retry,
-            f"{flow.queued} requests {who}already queued (max_queued={tier.max_queued})",
-        )
+        return Admission(Outcome.QUEUE_FULL, retry, queue_reason(flow.queued, tier.max_queued, who))
 
     def _reserve(self, job: Job, tier: Tier, now: float) -> Admission | None:
         """Reserve ``job.cost`` for the client (and its address); a refusal if over quota."""
@@ -503,12 +512,7 @@ class FairScheduler:
         return None
 
     def _quota_refusal(self, key: str, cost: float, limit: float, name: str, retry: float, now: float) -> Admission:
-        used, _ = self._store.usage(key, now)
-        scope = "by this address " if name == "address_gpu_seconds" else ""
-        if cost > limit:
-            reason = f"this request needs {cost:.1f} GPU-seconds, more than the whole quota ({name}={limit:g})"
-        else:
-            reason = f"{used:.1f} of {limit:g} GPU-seconds used {scope}in this window ({name}={limit:g})"
+        reason = quota_reason(self._store.usage(key, now)[0], cost, limit, name)
         return Admission(Outcome.QUOTA_EXCEEDED, max(0.0, retry), reason)
 
     # -- dispatch --------------------------------------------------------------------
@@ -977,7 +981,7 @@ class FairScheduler:
             if changed:
                 self._retag(flow)
 
-    def client_stats(self, client: ClientRef | str) -> dict[str, Any]:
+    def client_stats(self, client: ClientRef | str) -> ClientStats:
         """One client's standing: queued, running, used, remaining, resets_in_s, limits, tier.
 
         Pass the :class:`ClientRef` for a client this process may not have seen yet; a
@@ -992,7 +996,7 @@ class FairScheduler:
         flow = self._flows.get(ref.flow_id)
         if flow is not None:
             member = flow.members.get(ref.client_id)
-        stats: dict[str, Any] = {
+        stats: ClientStats = {
             "client": ref.client_id,
             "client_id": ref.client_id,
             "kind": ref.kind,
@@ -1007,14 +1011,14 @@ class FairScheduler:
         if ref.is_anonymous and tier.address_gpu_seconds is not None:
             a_used, a_resets = self._store.usage(address_usage_key(ref.address), now)
             a_remaining = max(0.0, tier.address_gpu_seconds - a_used)
-            stats["address"] = {"used": a_used, "remaining": a_remaining, "resets_in_s": a_resets}
+            stats["address"] = AddressStanding(used=a_used, remaining=a_remaining, resets_in_s=a_resets)
             if a_remaining < remaining:
                 stats["remaining"], stats["resets_in_s"] = a_remaining, a_resets
         return stats
 
-    def clients(self) -> list[dict[str, Any]]:
+    def clients(self) -> list[ClientStats]:
         """Stats of every client queued, running, or with usage in its live window."""
-        out = []
+        out: list[ClientStats] = []
         now = self._clock()
         for cid, ref in list(self._seen.items()):
             flow = self._flows.get(ref.flow_id)

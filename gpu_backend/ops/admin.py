@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Request
 
 from splitspace.gpu_backend.admission.limits import Overrides
 from splitspace.gpu_backend.admission.scheduler import ClientRef, FairScheduler, address_usage_key
 from splitspace.gpu_backend.stores.usage import UsageLedger
+from splitspace.shared.contract.admin_api import ClientStanding, QuotaStatus
 from splitspace.shared.contract.headers import ADMIN_HEADER
 from splitspace.shared.contract.quotas import QuotaConfig, QuotaFileError, validate_overrides
 
@@ -24,15 +25,23 @@ if TYPE_CHECKING:
     from splitspace.gpu_backend.stores.global_limits import GlobalLimits
     from splitspace.gpu_backend.stores.resilient_store import ResilientStore
 
+T = TypeVar("T")
+
+
+class SchedulerRead(Protocol):
+    """Runs a read of the scheduler under the runner's lock (``GpuTier.with_scheduler``)."""
+
+    def __call__(self, read: Callable[[FairScheduler], T], /) -> T: ...
+
 
 def admin_router(
     *,
     token: str | None,
-    read: Callable[[Callable[[FairScheduler], Any]], Any],
+    read: SchedulerRead,
     store: UsageLedger | ResilientStore,
     overrides: Overrides,
     config: Callable[[], QuotaConfig],
-    quota_status: Callable[[], dict[str, Any]],
+    quota_status: Callable[[], QuotaStatus],
     global_limits: GlobalLimits | None = None,
     extra_routes: Callable[[APIRouter], None] | None = None,
 ) -> APIRouter:
@@ -47,6 +56,9 @@ def admin_router(
         if not value or not hmac.compare_digest(value.strip().encode(), token.encode()):
             raise HTTPException(401, "admin token missing or wrong")
 
+    # Every route has response_model=None: it answers its TypedDict (shared/contract/admin_api.py)
+    # as returned. As a response model FastAPI would convert it (a ``used`` of 0 would go out
+    # as 0.0) and drop the keys it does not name.
     router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 
     def ref_for(client_id: str) -> ClientRef | str:
@@ -59,32 +71,31 @@ def admin_router(
                     return ClientRef(client_id=client_id, kind="key", tier=key.tier, address="")
         return client_id
 
-    def describe(client_id: str) -> dict[str, Any]:
+    def describe(client_id: str) -> ClientStanding:
         ref = ref_for(client_id)
-        stats = dict(read(lambda s: s.client_stats(ref)))
+        stats = read(lambda s: s.client_stats(ref))
         if global_limits is not None:  # usage and slots of every replica, from the store
             kind = stats["kind"]
             address = client_id.removeprefix("addr:") if kind == "address" else ""
             stats = global_limits.global_stats(stats, ClientRef(client_id, kind, stats["tier"], address))
-        stats["client"] = client_id
-        stats["overrides"] = overrides.get(client_id)
-        stats["tier"] = config().tier_name(client_id, stats["tier"], stats["overrides"])
-        return stats
+        values = overrides.get(client_id)
+        tier = config().tier_name(client_id, stats["tier"], values)
+        return {**stats, "client": client_id, "overrides": values, "tier": tier}
 
-    @router.get("/clients")
-    async def list_clients() -> list[dict[str, Any]]:
+    @router.get("/clients", response_model=None)
+    async def list_clients() -> list[ClientStanding]:
         ids = {c["client"] for c in read(FairScheduler.clients)} | set(overrides.all())
         if global_limits is not None:  # clients queued, running or with usage on any replica
             ids |= {key for key in global_limits.slot_keys() if key.startswith(("key:", "addr:"))}
             ids |= global_limits.used_keys()
         return [describe(cid) for cid in sorted(ids)]
 
-    @router.get("/clients/{client_id:path}")
-    async def show_client(client_id: str) -> dict[str, Any]:
+    @router.get("/clients/{client_id:path}", response_model=None)
+    async def show_client(client_id: str) -> ClientStanding:
         return describe(client_id)
 
-    @router.put("/clients/{client_id:path}")
-    async def set_client(client_id: str, values: dict[str, Any] = Body(...)) -> dict[str, Any]:
+    @router.put("/clients/{client_id:path}", response_model=None)
+    async def set_client(client_id: str, values: dict[str, Any] = Body(...)) -> ClientStanding:
         try:
             checked = validate_overrides(values, config())
         except QuotaFileError as exc:
@@ -94,20 +105,20 @@ def admin_router(
         overrides.set(client_id, checked)
         return describe(client_id)
 
-    @router.delete("/clients/{client_id:path}")
-    async def clear_client(client_id: str) -> dict[str, Any]:
+    @router.delete("/clients/{client_id:path}", response_model=None)
+    async def clear_client(client_id: str) -> ClientStanding:
         overrides.clear(client_id)
         return describe(client_id)
 
-    @router.post("/reset/{client_id:path}")
-    async def reset_client(client_id: str) -> dict[str, Any]:
+    @router.post("/reset/{client_id:path}", response_model=None)
+    async def reset_client(client_id: str) -> ClientStanding:
         store.reset(client_id)
         if client_id.startswith("addr:"):  # an address also resets the ceiling its sessions share
             store.reset(address_usage_key(client_id.removeprefix("addr:")))
         return describe(client_id)
 
-    @router.get("/quotas")
-    async def quotas() -> dict[str, Any]:
+    @router.get("/quotas", response_model=None)
+    async def quotas() -> QuotaStatus:
         return quota_status()
 
     if extra_routes is not None:

@@ -27,10 +27,10 @@ import hmac
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote
 
 import gradio as gr
@@ -41,8 +41,14 @@ from gradio.routes import App
 from starlette.routing import Mount
 
 from splitspace.gpu_backend.ops.operator_sessions import OperatorSessions
+from splitspace.shared.contract.admin_api import ClientStanding, ClientStats, ModelChange, ModelInfo
 from splitspace.shared.contract.headers import ADMIN_HEADER
-from splitspace.shared.contract.quotas import Tier
+from splitspace.shared.contract.quotas import OverrideValues, Tier
+
+if TYPE_CHECKING:
+    from splitspace.gpu_backend.app import GpuTier
+    from splitspace.gpu_backend.stores.resilient_store import ResilientStore
+    from splitspace.gpu_backend.stores.usage import UsageLedger
 
 __all__ = [
     "DASHBOARD_PATH",
@@ -96,8 +102,9 @@ class AdminCalls:
             timeout=None,
         )
 
-    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        r = await self._http.request(method, f"/admin{path}", **kwargs)
+    async def _call(self, method: str, path: str, json: OverrideValues | dict[str, str] | None = None) -> object:
+        """The decoded JSON of the API's answer (its shape: ``shared/contract/admin_api.py``)."""
+        r = await self._http.request(method, f"/admin{path}", json=json)
         if r.status_code >= 400:
             try:
                 detail = r.json().get("detail", r.text)
@@ -106,26 +113,26 @@ class AdminCalls:
             raise AdminCallFailed(f"HTTP {r.status_code}: {detail}")
         return r.json()
 
-    async def clients(self) -> list[dict[str, Any]]:
-        return await self._call("GET", "/clients")
+    async def clients(self) -> list[ClientStanding]:
+        return cast(list[ClientStanding], await self._call("GET", "/clients"))
 
-    async def show(self, client: str) -> dict[str, Any]:
-        return await self._call("GET", f"/clients/{quote(client, safe=':')}")
+    async def show(self, client: str) -> ClientStanding:
+        return cast(ClientStanding, await self._call("GET", f"/clients/{quote(client, safe=':')}"))
 
-    async def set(self, client: str, values: dict[str, Any]) -> dict[str, Any]:
-        return await self._call("PUT", f"/clients/{quote(client, safe=':')}", json=values)
+    async def set(self, client: str, values: OverrideValues) -> ClientStanding:
+        return cast(ClientStanding, await self._call("PUT", f"/clients/{quote(client, safe=':')}", json=values))
 
-    async def clear(self, client: str) -> dict[str, Any]:
-        return await self._call("DELETE", f"/clients/{quote(client, safe=':')}")
+    async def clear(self, client: str) -> ClientStanding:
+        return cast(ClientStanding, await self._call("DELETE", f"/clients/{quote(client, safe=':')}"))
 
-    async def reset(self, client: str) -> dict[str, Any]:
-        return await self._call("POST", f"/reset/{quote(client, safe=':')}")
+    async def reset(self, client: str) -> ClientStanding:
+        return cast(ClientStanding, await self._call("POST", f"/reset/{quote(client, safe=':')}"))
 
-    async def model(self) -> dict[str, Any]:
-        return await self._call("GET", "/model")
+    async def model(self) -> ModelInfo:
+        return cast(ModelInfo, await self._call("GET", "/model"))
 
-    async def set_model(self, spec: str) -> dict[str, Any]:
-        return await self._call("PUT", "/model", json={"model": spec})
+    async def set_model(self, spec: str) -> ModelChange:
+        return cast(ModelChange, await self._call("PUT", "/model", json={"model": spec}))
 
 
 # -- samples for the plots -------------------------------------------------------------------
@@ -142,7 +149,7 @@ class Sample:
     weight: dict[str, float]
 
     @classmethod
-    def of(cls, t: float, depth: dict[str, tuple[int, int]], clients: list[dict[str, Any]]) -> Sample:
+    def of(cls, t: float, depth: dict[str, tuple[int, int]], clients: list[ClientStats]) -> Sample:
         return cls(
             t=t,
             depth=dict(depth),
@@ -158,7 +165,7 @@ class Samples:
 
     def __init__(
         self,
-        read: Callable[[], tuple[dict[str, tuple[int, int]], list[dict[str, Any]]]],
+        read: Callable[[], tuple[dict[str, tuple[int, int]], list[ClientStats]]],
         *,
         clock: Callable[[], float] = time.time,
         every_s: float = SAMPLE_EVERY_S,
@@ -218,7 +225,7 @@ def _when(t: float) -> datetime:
 _TIME = "datetime64[ms, UTC]"
 
 
-def _frame(rows: list[dict[str, Any]], types: dict[str, str]) -> pd.DataFrame:
+def _frame(rows: list[dict[str, object]], types: dict[str, str]) -> pd.DataFrame:
     """A plot's rows with their column types even when there are none yet: a plot whose first
     value had no rows (so no types: "nominal" for all) stayed blank after rows came (the
     GPU-seconds plot did)."""
@@ -228,7 +235,7 @@ def _frame(rows: list[dict[str, Any]], types: dict[str, str]) -> pd.DataFrame:
 def depth_rows(samples: list[Sample]) -> pd.DataFrame:
     """Queued and running jobs over time: in all, and by tier (the tiers seen in the window)."""
     tiers = sorted({tier for s in samples for tier in s.depth})
-    rows = []
+    rows: list[dict[str, object]] = []
     for s in samples:
         when = _when(s.t)
         rows.append({"time": when, "series": "all queued", "jobs": sum(q for q, _ in s.depth.values())})
@@ -262,7 +269,7 @@ def gpu_by_client(samples: list[Sample]) -> list[tuple[float, dict[str, float]]]
 
 def gpu_rows(samples: list[Sample]) -> pd.DataFrame:
     """GPU-seconds per client over the window, as lines (one per client)."""
-    rows = [
+    rows: list[dict[str, object]] = [
         {"time": _when(t), "client": client, "GPU-s": round(value, 3)}
         for t, totals in gpu_by_client(samples)
         for client, value in totals.items()
@@ -270,7 +277,7 @@ def gpu_rows(samples: list[Sample]) -> pd.DataFrame:
     return _frame(rows, {"time": _TIME, "client": "str", "GPU-s": "float64"})
 
 
-def share_rows(samples: list[Sample]) -> list[list[Any]]:
+def share_rows(samples: list[Sample]) -> list[list[str | float | None]]:
     """Each client's GPU time in the window against its weighted fair share: the total
     used, split in proportion to the weights of the clients that used any."""
     series = gpu_by_client(samples)
@@ -279,7 +286,7 @@ def share_rows(samples: list[Sample]) -> list[list[Any]]:
     active = {c: v for c, v in totals.items() if v > 0}
     weight_sum = sum(weights.get(c, 1.0) for c in active)
     grand = sum(active.values())
-    rows = []
+    rows: list[list[str | float | None]] = []
     for client, used in sorted(active.items(), key=lambda kv: -kv[1]):
         w = weights.get(client, 1.0)
         fair = grand * w / weight_sum if weight_sum else 0.0
@@ -287,7 +294,7 @@ def share_rows(samples: list[Sample]) -> list[list[Any]]:
     return rows
 
 
-def store_name(store: Any) -> str:
+def store_name(store: UsageLedger | ResilientStore) -> str:
     """The usage store in force, in an operator's words: "SQLite (write-behind)", "Redis
     (refuses while it is down)", "memory (lost at restart)"; never a class name unless
     the store is of a kind this does not know."""
@@ -307,12 +314,12 @@ def store_name(store: Any) -> str:
     return kind
 
 
-def override_values(form: dict[str, Any]) -> dict[str, Any]:
+def override_values(form: dict[str, object]) -> OverrideValues:
     """The form's filled-in fields as an override: empty ones left out, numbers read as
     whole numbers where the quota file wants integers; the admin API's own checks
     (``validate_overrides``) judge the rest. Raises ValueError naming a field that is
     not a number."""
-    values: dict[str, Any] = {}
+    values: dict[str, str | float] = {}
     for name in OVERRIDE_FIELDS:
         text = str(form.get(name) or "").strip()
         if not text:
@@ -325,11 +332,11 @@ def override_values(form: dict[str, Any]) -> dict[str, Any]:
         except ValueError:
             raise ValueError(f"{name}: not a number: {text[:40]!r}") from None
         values[name] = int(number) if name in _INT_FIELDS and number.is_integer() else number
-    return values
+    return cast(OverrideValues, values)  # each a field of OVERRIDE_FIELDS, its value text or a number
 
 
-def _client_table(clients: list[dict[str, Any]]) -> list[list[Any]]:
-    def overrides(o: dict[str, Any] | None) -> str:
+def _client_table(clients: list[ClientStanding]) -> list[list[str | int | float]]:
+    def overrides(o: OverrideValues | None) -> str:
         return ", ".join(f"{k}={v}" for k, v in (o or {}).items())
 
     return [
@@ -441,8 +448,8 @@ def build_dashboard(calls: AdminCalls, samples: Samples, store: str) -> gr.Block
             row = evt.row_value or []
             return row[0] if row else gr.skip()
 
-        def change(action: str) -> Callable[..., Any]:
-            async def run(client: str, *form: Any) -> str:
+        def change(action: str) -> Callable[..., Awaitable[str]]:
+            async def run(client: str, *form: object) -> str:
                 client = (client or "").strip()
                 if not client:
                     return "**Client id:** give one (pick a row of the table)."
@@ -488,7 +495,7 @@ def build_dashboard(calls: AdminCalls, samples: Samples, store: str) -> gr.Block
     return dash
 
 
-def mount_dashboard(app: FastAPI, tier: Any, token: str, sessions: OperatorSessions | None = None) -> FastAPI:
+def mount_dashboard(app: FastAPI, tier: GpuTier, token: str, sessions: OperatorSessions | None = None) -> FastAPI:
     """Mount the dashboard at ``/admin/ui`` behind a login with the admin token
     (call before the main mount at ``/``, which catches every path after it). Its logins
     are kept in ``sessions`` (``app.state.operator_sessions``): they end after a while."""

@@ -8,10 +8,13 @@ are never stale.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from splitspace.gpu_backend.admission.runner import RunEvent, RunEventKind
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -56,7 +59,8 @@ class GpuMetrics:
         )
         self.requests = Counter("splitspace_requests", "Requests by outcome", ["outcome"], registry=self.registry)
 
-    def on_event(self, kind: str, data: dict[str, Any]) -> None:
+    def on_event(self, kind: RunEventKind, data: RunEvent) -> None:
+        """The runner's ``on_event``: counts each request's outcome, its wait and GPU time."""
         if kind == "started":
             self.wait.labels(data["tier"]).observe(data["wait_s"])
         elif kind in ("finished", "stopped"):  # stopped: a stream whose caller left, charged what it used

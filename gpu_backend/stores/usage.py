@@ -1,34 +1,13 @@
-"""Per-client state that admission checks and changes: the one protocol, its values, the memory store.
+"""Per-client state that admission checks and changes: its values, the rules, the memory store.
 
-Why this module exists: quotas are counted in GPU-seconds over a window (an hour by
-default). If that count lived only in the scheduler's memory, restarting the GPU tier
-would hand every client a fresh quota, and an operator's emergency override ("cap
-key:nightly-bench at 2 queued") would vanish with it. And once several replicas serve one
-client, every count a limit reads must live in one place that all of them share, or each
-limit is multiplied by the replica count. So that state lives behind :class:`UsageStore`,
-and each step of a job is one atomic call (check every limit and take, or take nothing),
-so that two replicas can never both squeeze into the last GPU-second or the last slot:
-
-* **usage windows** (``gpu_seconds``, ``address_gpu_seconds``): reserved at admission,
-  settled with the GPU time measured. Windows are fixed and start at a key's first use:
-  the window opened at ``t`` with length ``w`` counts everything until ``t + w``, and its
-  length is the one of the reservation that opened it;
-* **operator overrides** per client id, with a version counter replicas poll;
-* **slots** (``max_queued``, ``max_running``): a set of *leases* per key, one per job, each
-  expiring ``lease_s`` after it was taken or renewed, so that a replica that dies mid-job
-  frees its client's slots within one lease, without an operator;
-* **rate windows** (``requests_per_minute``): a sliding window of admission times per key;
-* **fair-queueing service** per flow (the scheduler's virtual service counter), so that a
-  client served on one GPU tier is not fresh on another.
-
-Time: every method takes ``now`` (seconds, wall clock) or, given None, reads the store's
-clock. The Redis store ignores it and reads Redis' ``TIME`` inside each script, so that
-replicas whose clocks disagree still agree on every window and lease.
-
-The stores, each written once: :class:`MemoryUsageStore` here (the local scheduler's
-ledger, Redis' stand-in during an outage); :mod:`gpu_backend.stores.write_behind` (one
-tier, SQLite); :mod:`gpu_backend.stores.redis_store` (any number of tiers).
-``tests/test_store_contract.py`` runs one contract suite on memory and Redis.
+Why: quotas (GPU-seconds over a window), operator overrides, slots (leases per job, so a
+dead replica frees its client's slots within ``lease_s``), rate windows and fair service
+must outlive a restart and, with several replicas, live in one place they all share, each
+step of a job one atomic call. The stores: :class:`MemoryUsageStore` here (the local
+ledger, and Redis' stand-in during an outage), ``write_behind`` (one tier, SQLite) and
+``redis_store`` (any number of tiers); ``tests/test_store_contract.py`` holds them to one
+contract. Design: docs/scaling.md. ``now`` is wall-clock seconds, or None for the store's
+clock (Redis reads its ``TIME`` and ignores it).
 """
 
 from __future__ import annotations
@@ -38,46 +17,28 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, TypeAlias
 
 from splitspace.shared.contract.errors import ServiceUnavailable
+from splitspace.shared.contract.quotas import OverrideValues
 
-__all__ = [
-    "UsageStore",
-    "UsageLedger",
-    "OverrideStore",
-    "StoreUnavailable",
-    "MemoryUsageStore",
-    "SlotKind",
-    "SLOT_KINDS",
-    "Lease",
-    "SlotGrant",
-    "SlotCounts",
-    "Renewal",
-    "Reservation",
-    "AdmitPlan",
-    "AdmitGrant",
-    "DEFAULT_LEASE_S",
-    "DEFAULT_SERVICE_TTL_S",
-]
+if TYPE_CHECKING:
+    from splitspace.gpu_backend.stores.redis_store import RedisStore
 
 _SLACK = 1e-9
 """Float slack so that three reservations of 0.1 fit a limit of 0.3."""
 
 SlotKind = Literal["queued", "running"]
 SLOT_KINDS: tuple[SlotKind, ...] = ("queued", "running")
-
 DEFAULT_LEASE_S = 30.0
 """How long a slot outlives a replica that stopped renewing it (a crash, a kill -9)."""
-
 DEFAULT_SERVICE_TTL_S = 86400.0
-"""A flow's shared service counter is forgotten after this long without a change (it would
-restart at the virtual time anyway); bounds the state kept for clients seen once."""
+"""A flow's shared service is forgotten after this long without a change."""
 
 
 @dataclass(frozen=True)
 class Lease:
-    """One job's slot: ``kind`` (queued or running) in the set of ``key`` (a flow id)."""
+    """One job's slot: ``kind`` in the set of ``key`` (a flow id)."""
 
     kind: SlotKind
     key: str
@@ -86,8 +47,7 @@ class Lease:
 
 @dataclass(frozen=True)
 class SlotGrant:
-    """What :meth:`UsageStore.start_job` decided: ``held`` counts the live running leases
-    after the call, this job's included when granted."""
+    """``start_job``'s answer; ``held``: live running leases after it."""
 
     granted: bool
     held: int
@@ -95,7 +55,7 @@ class SlotGrant:
 
 @dataclass(frozen=True)
 class SlotCounts:
-    """Live leases of one key, as :meth:`UsageStore.slot_counts` lists them."""
+    """Live leases of one key."""
 
     queued: int = 0
     running: int = 0
@@ -103,8 +63,7 @@ class SlotCounts:
 
 @dataclass(frozen=True)
 class Renewal:
-    """What :meth:`UsageStore.renew` did: leases extended, and leases that had already
-    expired (or were released) and were not brought back."""
+    """Leases extended, and leases already expired or released (not brought back)."""
 
     renewed: tuple[Lease, ...]
     lost: tuple[Lease, ...]
@@ -122,15 +81,10 @@ class Reservation:
 
 @dataclass(frozen=True)
 class AdmitPlan:
-    """Every shared check of one job's admission, for one :meth:`UsageStore.admit`: in
-    order, the rate window of ``key`` (when ``rate_limit`` is set), a queued slot of
-    ``key`` within ``max_queued``, then each reservation; once all pass, the service
-    counters named in ``service`` are read (the fairness lead of the flow).
-
-    ``nonce``: the call's identity-token nonce (``session/token.py``). A store that several
-    GPU tiers share (Redis) checks it first: one it has seen within ``nonce_ttl_s``, for
-    another job id, is refused as ``"replay"``; it is kept whatever the answer. A store of
-    one process ignores it: that tier's own set has checked it already."""
+    """Every shared check of one admission, in order: the rate window of ``key`` (when
+    ``rate_limit`` is set), a queued slot within ``max_queued``, each reservation; then the
+    ``service`` counters are read. A shared store refuses a ``nonce`` seen within
+    ``nonce_ttl_s`` for another job (``"replay"``); one process's store ignores it."""
 
     key: str
     job_id: str
@@ -146,12 +100,9 @@ class AdmitPlan:
 
 @dataclass(frozen=True)
 class AdmitGrant:
-    """What :meth:`UsageStore.admit` decided. Refused, nothing is left taken, and
-    ``refused_by`` says which check: ``"rate"`` (``held`` admissions in the window,
-    ``retry_after_s`` until the oldest leaves it), ``"queued"`` (``held`` leases),
-    ``"quota"`` (reservation number ``quota`` of the plan: ``used`` in its window,
-    ``retry_after_s`` until it resets) or ``"replay"`` (its ``nonce`` was admitted before,
-    on any tier). Granted: ``service`` holds the counters read."""
+    """``admit``'s answer. Refused, nothing is taken; ``refused_by`` is ``"rate"``,
+    ``"queued"``, ``"quota"`` (reservation number ``quota``, ``used`` in its window) or
+    ``"replay"``. Granted, ``service`` holds the counters read."""
 
     granted: bool
     refused_by: str = ""
@@ -163,130 +114,16 @@ class AdmitGrant:
 
 
 class StoreUnavailable(ServiceUnavailable):
-    """A shared store (Redis) cannot serve now: nothing was checked or changed.
-
-    Raised by the Redis store at its boundary, and by :mod:`gpu_backend.stores.resilient_store`
-    in ``closed`` mode with the time until it tries Redis again as ``retry_after_s``."""
-
-    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
-        super().__init__(message, retry_after_s)
-
-
-class UsageLedger(Protocol):
-    """The GPU-second windows the local scheduler reserves and settles under the runner's
-    lock (a :class:`MemoryUsageStore`, or the single tier's ``WriteBehindStore``)."""
-
-    def reserve(self, key: str, amount: float, limit: float, window_s: float, now: float) -> float | None:
-        """Add ``amount`` to ``key``'s window if the total stays within ``limit`` (may be
-        ``math.inf``): None when reserved, else the seconds until the window resets."""
-        ...
-
-    def adjust(self, key: str, delta: float, now: float) -> None:
-        """Add ``delta`` (clamped at 0) to the live window; nothing if it expired."""
-        ...
-
-    def usage(self, key: str, now: float) -> tuple[float, float]:
-        """``(used, resets_in_s)`` of the live window; ``(0.0, 0.0)`` when there is none."""
-        ...
-
-    def reset(self, key: str) -> None:
-        """Forget ``key``'s usage."""
-        ...
+    """A shared store (Redis) cannot serve now: nothing was checked or changed."""
 
 
 class OverrideStore(Protocol):
-    """The operator overrides per client id (:class:`~gpu_backend.admission.limits.Overrides`)."""
+    """Operator overrides per client id, with a version every change increases."""
 
-    def all_overrides(self) -> dict[str, dict[str, Any]]:
-        """Every client's overrides, by client id."""
-        ...
-
-    def set_overrides(self, client_id: str, values: dict[str, Any]) -> None:
-        """Merge ``values`` into the client's overrides."""
-        ...
-
-    def clear_overrides(self, client_id: str) -> None:
-        """Drop all overrides of one client."""
-        ...
-
-    def overrides_version(self) -> int:
-        """A counter every override change increases: a replica re-reads them when it moved."""
-        ...
-
-
-class UsageStore(OverrideStore, Protocol):
-    """The state GPU tiers share, a job's three steps each one atomic call (one script on
-    Redis). ``now``: wall-clock seconds, or None for the store's own clock (Redis: its
-    ``TIME``). A shared store that cannot be reached raises :class:`StoreUnavailable`."""
-
-    def admit(self, plan: AdmitPlan, now: float | None = None) -> AdmitGrant:
-        """Every check of ``plan`` and its changes, or none of them: the rate entry, the
-        queued lease (a job that holds it already is granted again) and the reservations."""
-        ...
-
-    def start_job(
-        self,
-        key: str,
-        job_id: str,
-        limit: float,
-        lease_s: float,
-        service_delta: float,
-        vtime_key: str,
-        now: float | None = None,
-    ) -> SlotGrant:
-        """Dispatch and charge: turn the job's queued lease of ``key`` into a running one if
-        fewer than ``limit`` are live (its queued lease may have expired: it is admitted);
-        granted, charge the flow ``key``'s service, ``S = max(S, V) + service_delta``, and
-        raise the shared virtual time ``vtime_key`` to the job's start tag,
-        ``V = max(V, S - service_delta)``. Refused, nothing changes."""
-        ...
-
-    def settle(
-        self,
-        key: str,
-        job_id: str,
-        adjustments: Iterable[tuple[str, float]] = (),
-        *,
-        forget_rate: bool = False,
-        service_delta: float = 0.0,
-        now: float | None = None,
-    ) -> None:
-        """A job is done (ran, or left): give back its queued and running leases of ``key``,
-        add each delta to its usage key's live window (clamped at 0), add ``service_delta``
-        to the flow's service and with ``forget_rate`` take it out of the rate window."""
-        ...
-
-    def renew(self, leases: Iterable[Lease], lease_s: float, now: float | None = None) -> Renewal:
-        """Extend each live lease to ``lease_s`` from now. A lease that expired is lost:
-        another job may hold its place, so it is reported, not brought back."""
-        ...
-
-    def usage(self, key: str, now: float | None = None) -> tuple[float, float]:
-        """``(used, resets_in_s)`` of the live window; ``(0.0, 0.0)`` when there is none."""
-        ...
-
-    def usage_keys(self, now: float | None = None) -> list[str]:
-        """Every key with a live usage window, sorted, whichever replica spent it."""
-        ...
-
-    def reset(self, key: str) -> None:
-        """Forget ``key``'s usage."""
-        ...
-
-    def count(self, kind: SlotKind, key: str, now: float | None = None) -> int:
-        """Live ``kind`` leases of ``key``."""
-        ...
-
-    def slot_counts(self, now: float | None = None) -> dict[str, SlotCounts]:
-        """Every key that holds live leases, with its counts, across all replicas."""
-        ...
-
-    def close(self) -> None:
-        """Release connections and files."""
-        ...
-
-
-# -- shared rules -----------------------------------------------------------------------
+    def all_overrides(self) -> dict[str, OverrideValues]: ...
+    def set_overrides(self, client_id: str, values: OverrideValues) -> None: ...
+    def clear_overrides(self, client_id: str) -> None: ...
+    def overrides_version(self) -> int: ...
 
 
 @dataclass(slots=True)
@@ -314,9 +151,9 @@ def check_slot(kind: str, limit: float, lease_s: float) -> None:
         raise ValueError(f"bad slot: limit={limit!r} lease_s={lease_s!r}")
 
 
-def check_service(delta: float, floor: float | None = None) -> None:
-    if not math.isfinite(delta) or (floor is not None and not math.isfinite(floor)):
-        raise ValueError(f"bad service change: delta={delta!r} floor={floor!r}")
+def check_service(delta: float) -> None:
+    if not math.isfinite(delta):
+        raise ValueError(f"bad service change: delta={delta!r}")
 
 
 def check_plan(plan: AdmitPlan) -> None:
@@ -331,9 +168,8 @@ def check_plan(plan: AdmitPlan) -> None:
 
 
 class MemoryUsageStore:
-    """A :class:`UsageStore` and :class:`UsageLedger` in dicts; thread-safe, lost when the
-    process ends. Expired entries are dropped when next looked at, and by
-    :meth:`forget_expired` (a tier's housekeeping)."""
+    """The store in dicts, thread-safe, lost with the process; the reference for every
+    store's contract. Expired entries go when next looked at and by :meth:`forget_expired`."""
 
     def __init__(
         self,
@@ -346,7 +182,7 @@ class MemoryUsageStore:
         self._service_ttl_s = service_ttl_s
         self._lock = threading.RLock()
         self._windows: dict[str, _Window] = dict(windows or {})
-        self._overrides: dict[str, dict[str, Any]] = {}
+        self._overrides: dict[str, OverrideValues] = {}
         self._version = 0
         self._slots: dict[tuple[str, str], dict[str, float]] = {}  # (kind, key) -> job -> expires
         self._rates: dict[str, dict[str, float]] = {}  # key -> job -> admitted at, oldest first
@@ -355,19 +191,15 @@ class MemoryUsageStore:
     def _now(self, now: float | None) -> float:
         return self._clock() if now is None else now
 
-    def window(self, key: str) -> _Window | None:
-        """A copy of ``key``'s window (for ``write_behind.py``, which persists it)."""
-        with self._lock:
-            w = self._windows.get(key)
-            return None if w is None else _Window(w.used, w.start, w.window_s)
-
-    # -- usage windows -----------------------------------------------------------------
+    def _changed(self, key: str) -> None:
+        """A usage window changed (``write_behind`` persists it)."""
 
     def _live(self, key: str, now: float) -> _Window | None:
         window = self._windows.get(key)
         return window if window is not None and window.live(now) else None
 
     def reserve(self, key: str, amount: float, limit: float, window_s: float, now: float | None = None) -> float | None:
+        """Add ``amount`` if the window stays within ``limit``: None, else seconds to its reset."""
         check_reservation(amount, limit, window_s)
         now = self._now(now)
         with self._lock:
@@ -376,16 +208,20 @@ class MemoryUsageStore:
                 return window.resets_in(now)
             window.used += amount
             self._windows[key] = window
+            self._changed(key)
             return None
 
     def adjust(self, key: str, delta: float, now: float | None = None) -> None:
+        """Add ``delta`` (clamped at 0) to the live window; nothing if it expired."""
         now = self._now(now)
         with self._lock:
             window = self._live(key, now)
             if window is not None:
                 window.used = max(0.0, window.used + delta)
+            self._changed(key)
 
     def usage(self, key: str, now: float | None = None) -> tuple[float, float]:
+        """``(used, resets_in_s)`` of the live window; ``(0.0, 0.0)`` when there is none."""
         now = self._now(now)
         with self._lock:
             window = self._live(key, now)
@@ -399,11 +235,10 @@ class MemoryUsageStore:
     def reset(self, key: str) -> None:
         with self._lock:
             self._windows.pop(key, None)
+            self._changed(key)
 
     def forget_expired(self, now: float | None = None) -> int:
-        """Drop what no longer counts: usage windows that ended, fair service that expired,
-        slots whose leases all ended. Nothing a client is owed (a live window reads the
-        same after); O(keys), for a tier's periodic housekeeping. How many keys are left."""
+        """Drop ended windows, service and slots (a tier's housekeeping); how many keys are left."""
         now = self._now(now)
         with self._lock:
             for key in [k for k, w in self._windows.items() if not w.live(now)]:
@@ -414,9 +249,7 @@ class MemoryUsageStore:
                 del self._slots[slot]
             return len(self._windows) + len(self._service) + len(self._slots) + len(self._rates)
 
-    # -- overrides ---------------------------------------------------------------------
-
-    def set_overrides(self, client_id: str, values: dict[str, Any]) -> None:
+    def set_overrides(self, client_id: str, values: OverrideValues) -> None:
         with self._lock:
             self._overrides.setdefault(client_id, {}).update(values)
             self._version += 1
@@ -426,24 +259,23 @@ class MemoryUsageStore:
             self._overrides.pop(client_id, None)
             self._version += 1
 
-    def all_overrides(self) -> dict[str, dict[str, Any]]:
+    def all_overrides(self) -> dict[str, OverrideValues]:
         with self._lock:
-            return {cid: dict(values) for cid, values in self._overrides.items()}
+            return {cid: values.copy() for cid, values in self._overrides.items()}
 
     def overrides_version(self) -> int:
         with self._lock:
             return self._version
 
-    # -- a job's steps -----------------------------------------------------------------
-
     def _leases(self, kind: str, key: str, now: float) -> dict[str, float]:
-        """The live leases of one set (lock held); expired ones dropped."""
         leases = self._slots.setdefault((kind, key), {})
         for job_id in [j for j, expires in leases.items() if expires <= now]:
             del leases[job_id]
         return leases
 
     def admit(self, plan: AdmitPlan, now: float | None = None) -> AdmitGrant:
+        """Every check of ``plan`` and its changes, or none: the rate entry, the queued
+        lease (a job that holds it is granted again) and the reservations."""
         check_plan(plan)
         now = self._now(now)
         with self._lock:
@@ -466,6 +298,8 @@ class MemoryUsageStore:
                 self._rates.setdefault(plan.key, rates).setdefault(plan.job_id, now)
             queued[plan.job_id] = now + plan.lease_s
             self._windows.update(taken)
+            for key in taken:
+                self._changed(key)
             return AdmitGrant(True, service=self.service(plan.service, now))
 
     def start_job(
@@ -478,6 +312,9 @@ class MemoryUsageStore:
         vtime_key: str,
         now: float | None = None,
     ) -> SlotGrant:
+        """Turn the job's queued lease into a running one if fewer than ``limit`` are live;
+        granted, charge the flow ``S = max(S, V) + delta`` and raise the virtual time
+        ``V = max(V, S - delta)``. Refused, nothing changes."""
         check_slot("running", limit, lease_s)
         check_service(service_delta)
         now = self._now(now)
@@ -503,6 +340,8 @@ class MemoryUsageStore:
         service_delta: float = 0.0,
         now: float | None = None,
     ) -> None:
+        """A job is done: give back its leases, adjust each usage key's live window, add
+        ``service_delta`` to the flow and, with ``forget_rate``, drop its rate entry."""
         check_service(service_delta)
         now = self._now(now)
         with self._lock:
@@ -517,6 +356,7 @@ class MemoryUsageStore:
                 self._rates.get(key, {}).pop(job_id, None)
 
     def renew(self, leases: Iterable[Lease], lease_s: float, now: float | None = None) -> Renewal:
+        """Extend each live lease to ``lease_s`` from now; an expired one is lost, not brought back."""
         now = self._now(now)
         renewed: list[Lease] = []
         lost: list[Lease] = []
@@ -546,11 +386,16 @@ class MemoryUsageStore:
         return {key: SlotCounts(**c) for key, c in counts.items()}
 
     def service(self, flow_ids: Iterable[str], now: float | None = None) -> dict[str, float]:
-        """The service of each known flow among ``flow_ids`` (what :meth:`admit` reads)."""
         now = self._now(now)
         with self._lock:
             found = {f: self._service.get(f) for f in flow_ids}
             return {f: v[0] for f, v in found.items() if v is not None and v[1] > now}
 
     def close(self) -> None:
-        """Nothing to release; here so every store can be closed alike."""
+        """Nothing to release."""
+
+
+UsageLedger: TypeAlias = MemoryUsageStore
+"""What the local scheduler reserves and settles under the runner's lock (memory or write-behind)."""
+UsageStore: TypeAlias = "MemoryUsageStore | RedisStore"
+"""A store that keeps the whole contract: memory (one process) or Redis (shared)."""

@@ -38,8 +38,23 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, TypeVar, cast
+
+if TYPE_CHECKING:  # (torch, diffusers and transformers are imported when a pipeline is built)
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+M = TypeVar("M")
 
 ARCH_PREFIX = "arch:"
 SIZES = {"full": 1, "tiny": 8}
@@ -133,7 +148,7 @@ def scaled(arch: Arch, divisor: int) -> Arch:
     )
 
 
-def build_arch_pipeline(spec: str, device: str = "cpu", *, seed: int = SEED) -> Any:
+def build_arch_pipeline(spec: str, device: str = "cpu", *, seed: int = SEED) -> StableDiffusionPipeline:
     """The ``StableDiffusionPipeline`` of an ``arch:`` spec on ``device``, random weights.
 
     float16 on CUDA, float32 elsewhere. On ``device="meta"`` the networks have
@@ -153,14 +168,16 @@ def build_arch_pipeline(spec: str, device: str = "cpu", *, seed: int = SEED) -> 
     generator = None if meta else torch.Generator(device=device).manual_seed(seed)
     tokenizer = build_tiny_tokenizer()
 
-    def made(build: Any) -> Any:
+    def made(build: Callable[[], M]) -> M:
         with _no_init(), torch.device(device):
-            module = build()
+            built = build()
+        # diffusers' models are torch modules too (mypy cannot see it through their mixins)
+        module = cast(torch.nn.Module, built)
         if not meta:
             _fill(module, generator)
         if dtype != torch.float32:  # (diffusers warns about any cast, even a no-op one)
             module = module.to(dtype=dtype)
-        return module.eval()
+        return cast(M, module.eval())  # (to() and eval() return the module itself)
 
     text_encoder = made(lambda: _text_encoder(arch, tokenizer, MAX_TOKENS))
     unet = made(lambda: _unet(arch))
@@ -190,7 +207,7 @@ def parameter_counts(spec: str) -> dict[str, int]:
 # -- the components -----------------------------------------------------------
 
 
-def _unet(arch: Arch) -> Any:
+def _unet(arch: Arch) -> UNet2DConditionModel:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
@@ -210,7 +227,7 @@ def _unet(arch: Arch) -> Any:
     )
 
 
-def _vae(arch: Arch) -> Any:
+def _vae(arch: Arch) -> AutoencoderKL:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -227,7 +244,7 @@ def _vae(arch: Arch) -> Any:
     )
 
 
-def _text_encoder(arch: Arch, tokenizer: Any, max_tokens: int) -> Any:
+def _text_encoder(arch: Arch, tokenizer: CLIPTokenizer, max_tokens: int) -> CLIPTextModel:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     return CLIPTextModel(
@@ -248,7 +265,7 @@ def _text_encoder(arch: Arch, tokenizer: Any, max_tokens: int) -> Any:
     )
 
 
-def _scheduler(kind: str) -> Any:
+def _scheduler(kind: str) -> EulerDiscreteScheduler | PNDMScheduler:
     common = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     if kind == "euler-trailing":
         from diffusers import EulerDiscreteScheduler
@@ -262,7 +279,7 @@ def _scheduler(kind: str) -> Any:
 # -- weights ------------------------------------------------------------------
 
 
-def _no_init() -> Any:
+def _no_init() -> AbstractContextManager[object]:
     """A context in which building a module leaves its parameters uninitialised."""
     try:
         from transformers.initialization import no_init_weights  # transformers 5
@@ -271,7 +288,7 @@ def _no_init() -> Any:
     return no_init_weights()
 
 
-def _fill(module: Any, generator: Any) -> None:
+def _fill(module: torch.nn.Module, generator: torch.Generator | None) -> None:
     """Every parameter, once, in a fixed order: matrices and kernels uniform in
     +-1/sqrt(fan_in), 1-D weights (norm scales) 1, everything else (biases) 0."""
     import torch

@@ -31,7 +31,10 @@ import time
 import traceback
 import types
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite
 
 MAX_CHARS = 2000
 MAX_TRACEBACK_CHARS = 4000
@@ -143,7 +146,9 @@ def route_gradio_tracebacks(modules: tuple[str, ...] = _GRADIO_MODULES) -> None:
     Gradio is absent)."""
     logger = logging.getLogger("gradio.traceback")
 
-    def print_exc(limit: int | None = None, file: Any = None, chain: bool = True) -> None:  # noqa: ARG001
+    def print_exc(  # noqa: ARG001 - traceback.print_exc's signature; it logs instead
+        limit: int | None = None, file: SupportsWrite[str] | None = None, chain: bool = True
+    ) -> None:
         logger.error("Gradio caught an exception", exc_info=sys.exc_info())
 
     for name in modules:

@@ -1,9 +1,5 @@
-"""Hot reload of the operators' quota file.
-
-Both tiers poll the file (a stat per second costs nothing and works on every
-filesystem, unlike inotify on network mounts). A changed file is parsed; a
-bad edit is refused with its line and reason, logged, and the last good
-version stays in force.
+"""Hot reload of the operators' quota file: both tiers poll it (a stat per second works on
+every filesystem, unlike inotify); a bad edit is logged and the last good version stays.
 """
 
 from __future__ import annotations
@@ -18,6 +14,8 @@ log = logging.getLogger("splitspace.quotas")
 
 
 class QuotaWatcher:
+    """The quota file in force, reloaded by :meth:`check` when it changed."""
+
     def __init__(self, path: str | Path | None, on_change: Callable[[QuotaConfig], None] | None = None) -> None:
         self.path = Path(path) if path else None
         self.on_change = on_change
@@ -26,13 +24,11 @@ class QuotaWatcher:
         self.current: QuotaConfig = load_quotas(self.path)  # a bad file at start is fatal
 
     def _stat(self) -> tuple[float, int] | None:
-        if self.path is None:
-            return None
         try:
-            st = self.path.stat()
+            st = self.path.stat() if self.path is not None else None
         except OSError:
             return None
-        return (st.st_mtime, st.st_size)
+        return None if st is None else (st.st_mtime, st.st_size)
 
     def check(self) -> bool:
         """Reload if the file changed; True when a new version came into force."""

@@ -14,7 +14,7 @@ messages name host and port, never the password).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict
 
 import redis
 import redis.asyncio
@@ -49,7 +49,17 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 """Errors that mean "Redis cannot serve now", not "this call is wrong"."""
 
 
-def client_options(timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+class ClientOptions(TypedDict):
+    """The keyword arguments of ``redis.Redis.from_url`` this module sets."""
+
+    decode_responses: bool
+    socket_timeout: float
+    socket_connect_timeout: float
+    retry: Retry | redis.asyncio.retry.Retry
+    health_check_interval: int
+
+
+def client_options(timeout_s: float = DEFAULT_TIMEOUT_S) -> ClientOptions:
     """The keyword arguments of a blocking ``redis.Redis`` (see the module docstring)."""
     return {
         "decode_responses": True,

@@ -120,7 +120,8 @@ class Settings(BaseSettings):
     jobs_path: Path = Path(".splitspace/jobs.sqlite3")
     """Frontend: SQLite file of the durable jobs (``/v1/jobs``) when ``redis_url`` is unset."""
     job_ttl_s: float = Field(default=86400.0, gt=0)
-    """Frontend: how long a finished job (its outputs, files and webhook attempts) is kept; then 404."""
+    """Frontend: how long a finished job (its outputs, files and webhook attempts) is kept; then 404.
+    Also how long an image of the OpenAI API's ``response_format="url"`` is kept after it was written."""
     webhook_allow: str = ""
     """Frontend: comma separated networks that webhook URLs may reach although they are not
     public (loopback, private, link-local); empty: public addresses only."""

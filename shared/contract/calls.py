@@ -71,6 +71,12 @@ def call_body_limit(max_file_bytes: int) -> int:
     return max_file_bytes + CALL_SLACK_BYTES
 
 
+def base64_body_limit(max_file_bytes: int) -> int:
+    """The largest JSON body that gives a call's files inside it as base64 (a job's, ``POST
+    /v1/jobs``): files of ``max_file_bytes`` as base64 (4/3 of it), and the rest of the call."""
+    return max_file_bytes * 4 // 3 + 4 + CALL_SLACK_BYTES
+
+
 def payloads_to_json(value: Any) -> Any:
     """Payloads as JSON that holds its files (``{"splitspace_file": {"name", "mime_type",
     "b64"}}``): for a record kept as JSON (a job's inputs), never for the hop."""

@@ -13,13 +13,45 @@ import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TypedDict, cast
 
 ANONYMOUS = "anonymous"
 CLIENT_KINDS = ("key", "session", "addr")
 """The kinds of client id operators name: ``key:NAME``, ``session:ID``, ``addr:ADDRESS``."""
 KNOWN_SHOWN = 20
 """Key names listed at most in a refusal of an unknown one."""
+
+
+class TierLimits(TypedDict):
+    """A :class:`Tier` as JSON (:meth:`Tier.to_dict`): the ``limits`` of a client's standing."""
+
+    weight: float
+    max_running: int
+    max_queued: int
+    gpu_seconds: float
+    window_s: float
+    address_gpu_seconds: float | None
+    requests_per_minute: int | None
+
+
+class LimitOverrides(TypedDict, total=False):
+    """The limits an override sets (those left out keep their tier's): the
+    :class:`OverrideValues` that are a :class:`Tier`'s fields."""
+
+    weight: float
+    max_running: int
+    max_queued: int
+    gpu_seconds: float
+    window_s: float
+    address_gpu_seconds: float
+    requests_per_minute: int
+
+
+class OverrideValues(LimitOverrides, total=False):
+    """What an override sets, in the quota file's ``[clients]`` or through the admin API:
+    another tier, or any of a tier's limits (those left out keep their tier's)."""
+
+    tier: str
 
 
 @dataclass(frozen=True)
@@ -34,11 +66,24 @@ class Tier:
     address_gpu_seconds: float | None = None
     requests_per_minute: int | None = None
 
-    def with_overrides(self, overrides: dict[str, Any]) -> Tier:
-        return replace(self, **{k: v for k, v in overrides.items() if k in TIER_FIELDS})
+    def with_overrides(self, overrides: OverrideValues) -> Tier:
+        """These limits with ``overrides`` (checked values, :func:`validate_overrides`) set;
+        a ``tier`` among them is not a limit and is left out."""
+        changes = overrides.copy()
+        changes.pop("tier", None)
+        limits: LimitOverrides = changes
+        return replace(self, **limits)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    def to_dict(self) -> TierLimits:
+        return TierLimits(
+            weight=self.weight,
+            max_running=self.max_running,
+            max_queued=self.max_queued,
+            gpu_seconds=self.gpu_seconds,
+            window_s=self.window_s,
+            address_gpu_seconds=self.address_gpu_seconds,
+            requests_per_minute=self.requests_per_minute,
+        )
 
 
 TIER_FIELDS = {f.name for f in fields(Tier)}
@@ -97,7 +142,7 @@ class QuotaConfig:
 
     tiers: dict[str, Tier] = field(default_factory=lambda: dict(BUILTIN_TIERS))
     keys: tuple[ApiKey, ...] = ()
-    clients: dict[str, dict[str, Any]] = field(default_factory=dict)
+    clients: dict[str, OverrideValues] = field(default_factory=dict)
 
     def tier(self, name: str) -> Tier:
         return self.tiers.get(name, self.tiers[ANONYMOUS])
@@ -125,15 +170,17 @@ class QuotaConfig:
             return f"no API key named {name[:80]!r} in the quota file (its keys: {known})"
         return None
 
-    def tier_name(self, client_id: str, tier: str, extra: dict[str, Any] | None = None) -> str:
-        """The tier a client is in after overrides (``extra`` wins over the file)."""
-        return (extra or {}).get("tier") or self.clients.get(client_id, {}).get("tier") or tier
+    def tier_name(self, client_id: str, tier: str, extra: OverrideValues | None = None) -> str:
+        """The tier a client is in after overrides (``extra``, checked :class:`OverrideValues`,
+        wins over the file)."""
+        named = (extra or {}).get("tier") or self.clients.get(client_id, {}).get("tier")
+        return tier if named is None else named
 
-    def limits_for(self, client_id: str, tier: str, extra: dict[str, Any] | None = None) -> Tier:
+    def limits_for(self, client_id: str, tier: str, extra: OverrideValues | None = None) -> Tier:
         """The effective limits of one client: its tier, then file overrides, then ``extra``
-        (operator overrides made through the admin API). ``extra`` may name another tier."""
-        overrides = dict(self.clients.get(client_id, {}))
-        overrides.update(extra or {})
+        (operator overrides made through the admin API, checked :class:`OverrideValues`).
+        ``extra`` may name another tier."""
+        overrides: OverrideValues = {**self.clients.get(client_id, {}), **(extra or {})}
         base = self.tier(overrides.pop("tier", tier))
         return base.with_overrides(overrides)
 
@@ -181,10 +228,10 @@ def _fail(text: str, section: str | None, key: str, reason: str, occurrence: int
     return QuotaFileError(f"{where}: {key}: {reason}")
 
 
-def _check_values(text: str, section: str, values: Any, allow_tier: bool) -> dict[str, Any]:
+def _check_values(text: str, section: str, values: object, allow_tier: bool) -> OverrideValues:
     if not isinstance(values, dict):
         raise _fail(text, None, section.split(".")[-1], "must be a table")
-    out: dict[str, Any] = {}
+    out: dict[str, float | int | str] = {}
     for key, value in values.items():
         allowed = TIER_FIELDS | ({"tier"} if allow_tier else set())
         if key not in allowed:
@@ -197,7 +244,7 @@ def _check_values(text: str, section: str, values: Any, allow_tier: bool) -> dic
         if key in ("weight", "window_s") and value == 0:
             raise _fail(text, section, key, "must be greater than 0")
         out[key] = float(value) if key in ("weight", "gpu_seconds", "window_s", "address_gpu_seconds") else value
-    return out
+    return cast(OverrideValues, out)  # each key allowed, each value of its key's type
 
 
 def parse_quotas(text: str) -> QuotaConfig:
@@ -240,7 +287,7 @@ def parse_quotas(text: str) -> QuotaConfig:
             if problem:
                 raise _fail(text, "keys", "webhook_secret", problem, n)
         keys.append(ApiKey(name=entry["name"], tier=tier, sha256=digest, webhook_secret=secret))
-    clients: dict[str, dict[str, Any]] = {}
+    clients: dict[str, OverrideValues] = {}
     for client_id, values in data.get("clients", {}).items():
         checked = _check_values(text, f"clients.{client_id}", values, allow_tier=True)
         if "tier" in checked and checked["tier"] not in tiers:
@@ -249,7 +296,7 @@ def parse_quotas(text: str) -> QuotaConfig:
     return QuotaConfig(tiers=tiers, keys=tuple(keys), clients=clients)
 
 
-def validate_overrides(values: dict[str, Any], config: QuotaConfig) -> dict[str, Any]:
+def validate_overrides(values: dict[str, object], config: QuotaConfig) -> OverrideValues:
     """Check operator overrides (admin API) with the quota file's rules."""
     checked = _check_values("", "override", values, allow_tier=True)
     if "tier" in checked and checked["tier"] not in config.tiers:

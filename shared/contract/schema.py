@@ -20,7 +20,7 @@ ECHO_CHARS = 40
 not become a 1 MB error, or a 1 MB log line)."""
 
 
-def echo(value: Any, limit: int = ECHO_CHARS) -> str:
+def echo(value: object, limit: int = ECHO_CHARS) -> str:
     """``repr(value)`` cut to ``limit`` characters: what an error may show of an input."""
     if isinstance(value, (str, bytes)) and len(value) > limit * 4:
         value = value[: limit * 4]
@@ -63,7 +63,7 @@ class GenerateRequest:
         """The request as a JSON object (the direct route's body)."""
         return asdict(self)
 
-    def as_args(self) -> list[Any]:
+    def as_args(self) -> list[str | int | float | None]:
         """The request as positional values, in :data:`REQUEST_FIELDS` order (Gradio's ``/infer``)."""
         return [getattr(self, name) for name in REQUEST_FIELDS]
 
@@ -82,7 +82,7 @@ REQUEST_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(GenerateRequest))
 """The request's fields in order: the GPU tier's ``/infer`` takes them positionally."""
 
 
-def _as_int(name: str, value: Any) -> int:
+def _as_int(name: str, value: object) -> int:
     if isinstance(value, bool):
         raise ValidationFailed(name, f"must be an integer, got {echo(value)}")
     if isinstance(value, float):
@@ -122,7 +122,7 @@ def _text(name: str, value: str) -> None:
         raise ValidationFailed(name, f"must not contain NUL characters (one at character {value.index(chr(0))})")
 
 
-def _side(name: str, value: Any, limits: Limits) -> int:
+def _side(name: str, value: object, limits: Limits) -> int:
     v = _as_int(name, value)
     lo, hi, m = limits.min_side, limits.max_side, limits.side_multiple
     if not lo <= v <= hi or v % m:

@@ -37,12 +37,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import gradio as gr
 
 log = logging.getLogger("splitspace")
 
 
-def hold_sessions(blocks: Any, sessions: int) -> bool:
+def hold_sessions(blocks: gr.Blocks, sessions: int) -> bool:
     """Let the queue of ``blocks`` (after ``blocks.queue()``) hold ``sessions`` sessions'
     messages at once. True when applied."""
     cache = getattr(getattr(blocks, "_queue", None), "pending_messages_per_session", None)
@@ -57,7 +60,7 @@ ANALYTICS_EVENTS = 256
 ANALYTICS_EVERY = 256
 
 
-def bound_analytics(blocks: Any, events: int = ANALYTICS_EVENTS, every: int = ANALYTICS_EVERY) -> bool:
+def bound_analytics(blocks: gr.Blocks, events: int = ANALYTICS_EVENTS, every: int = ANALYTICS_EVERY) -> bool:
     """Keep at most ``events`` event records and summarise them every ``every`` events.
     True when applied."""
     queue = getattr(blocks, "_queue", None)
@@ -74,7 +77,7 @@ def bound_analytics(blocks: Any, events: int = ANALYTICS_EVENTS, every: int = AN
     return True
 
 
-def forget_finished_sessions(blocks: Any) -> int:
+def forget_finished_sessions(blocks: gr.Blocks) -> int:
     """Drop the sessions with no event pending and no message waiting; how many. (A
     synchronous sweep: no event can join a session half-way through it.)"""
     queue = getattr(blocks, "_queue", None)
@@ -93,7 +96,7 @@ def forget_finished_sessions(blocks: Any) -> int:
     return dropped
 
 
-async def sweep_finished_sessions(blocks: Any, every_s: float = 30.0) -> None:
+async def sweep_finished_sessions(blocks: gr.Blocks, every_s: float = 30.0) -> None:
     """Run :func:`forget_finished_sessions` every ``every_s`` seconds (a tier's lifespan task)."""
     while True:
         await asyncio.sleep(every_s)

@@ -33,11 +33,14 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable, Container
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from splitspace.shared.http.guard import send_problem
+
+if TYPE_CHECKING:
+    import gradio as gr
 
 log = logging.getLogger("splitspace")
 
@@ -48,7 +51,7 @@ HOUSEKEEPING_S = 30.0
 """How often each tier drops what finished calls and idle clients left behind."""
 
 
-def bound_session_states(blocks: Any, sessions: int) -> bool:
+def bound_session_states(blocks: gr.Blocks, sessions: int) -> bool:
     """Keep at most ``sessions`` sessions' state in Gradio's ``StateHolder`` (call before
     the app is mounted: the holder reads it then). True when applied."""
     if not isinstance(getattr(blocks, "state_session_capacity", None), int):
@@ -58,7 +61,7 @@ def bound_session_states(blocks: Any, sessions: int) -> bool:
     return True
 
 
-def forget_session_state(blocks: Any, session_hash: str) -> bool:
+def forget_session_state(blocks: gr.Blocks, session_hash: str) -> bool:
     """Drop a session's ``SessionState`` unless one of its events is still pending; True
     when it was dropped."""
     holder: Any = getattr(blocks, "state_holder", None)
@@ -85,13 +88,13 @@ async def every(seconds: float, work: Callable[[], object]) -> None:
             log.exception("housekeeping failed; trying again in %g s", seconds)
 
 
-def session_count(blocks: Any) -> int:
+def session_count(blocks: gr.Blocks) -> int:
     """Sessions whose state Gradio keeps now (for ``/health``)."""
     data = getattr(getattr(blocks, "state_holder", None), "session_data", None)
     return len(data) if isinstance(data, dict) else 0
 
 
-def forget_finished_states(blocks: Any, open_pages: Container[str]) -> int:
+def forget_finished_states(blocks: gr.Blocks, open_pages: Container[str]) -> int:
     """Drop the state of the sessions with no event pending and no page open (O(sessions
     kept), at most the capacity); how many are left."""
     data = getattr(getattr(blocks, "state_holder", None), "session_data", None)
@@ -145,7 +148,7 @@ class HeartbeatCap:
         self,
         app: ASGIApp,
         *,
-        blocks: Any,
+        blocks: gr.Blocks,
         address: Callable[[Scope], str],
         streams: OpenHeartbeats,
         prefix: str = "/gradio_api",

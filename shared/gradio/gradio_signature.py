@@ -39,7 +39,7 @@ def request_parameters() -> list[inspect.Parameter]:
 
 
 def request_handler(
-    handler: Handler, name: str, doc: str, returns: Any = AsyncIterator[Any]
+    handler: Handler, name: str, doc: str, returns: object = AsyncIterator[Any]
 ) -> Callable[..., AsyncIterator[Any]]:
     """A Gradio handler with the request's fields as parameters (then ``request: gr.Request``)
     that calls ``handler({field: value}, request)`` and yields what it yields."""

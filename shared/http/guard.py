@@ -95,6 +95,10 @@ _TITLE_STATUS = {
 """The status a titled ``gr.Error`` means, where Gradio answers every one with 500."""
 
 
+RefusalBody = Callable[[int, str, str], dict[str, Any]]
+"""``(status, title, message)`` -> the JSON body of a refusal, in a route's own error shape."""
+
+
 class Refusal(Exception):
     """A request this layer answers itself: status, title, message."""
 
@@ -226,6 +230,9 @@ class GradioGuard:
     ``elsewhere``: path prefixes served by another app than ``blocks`` (the GPU tier's
     operators' dashboard, a second Blocks behind its own login): only the size and JSON
     limits of their bodies are checked (forms pass: its login is one), nothing else.
+    ``refusal_bodies``: for paths that start with a given prefix, the body of a refusal
+    made from its ``(status, title, message)`` instead of ``{"title", "message"}``: a route
+    that speaks another API's error shape (OpenAI's, on the frontend's ``/v1/images``).
     """
 
     def __init__(
@@ -241,6 +248,7 @@ class GradioGuard:
         elsewhere: tuple[str, ...] = (),
         held_events: Callable[[str], bool] | None = None,
         uploads: bool = False,
+        refusal_bodies: Mapping[str, RefusalBody] | None = None,
     ) -> None:
         if max_body_bytes < 0 or body_timeout_s <= 0:
             raise ValueError("max_body_bytes must be >= 0 and body_timeout_s > 0")
@@ -258,6 +266,7 @@ class GradioGuard:
         self.json_limits = json_limits
         self.json_limits_by_path = sorted((json_limits_by_path or {}).items(), key=lambda kv: -len(kv[0]))
         self.uploads = uploads
+        self.refusal_bodies = sorted((refusal_bodies or {}).items(), key=lambda kv: -len(kv[0]))
 
     # -- the ASGI entry point ------------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -285,7 +294,9 @@ class GradioGuard:
                 self._check_stream(path, scope)
         except Refusal as refusal:
             log.info("refused %s %s: %d %s", method, self._label(path), refusal.status, refusal.title)
-            await send_problem(send, refusal.status, refusal.title, refusal.message)
+            shape = next((make for prefix, make in self.refusal_bodies if path.startswith(prefix)), None)
+            shaped = None if shape is None else shape(refusal.status, refusal.title, refusal.message)
+            await send_problem(send, refusal.status, refusal.title, refusal.message, shaped)
             return
         if outside:
             await self.app(scope, receive, send)
