@@ -19,7 +19,7 @@ POST /gradio_api/call, then its event stream):
 Rounds alternate between the systems, so that the machine's drift hits both alike; medians.
 
 Run: python bench/app.py [--seq 40] [--rounds 3] [--clients 8] [--per-client 20] [--image-seq 20]
-     [--burst-rounds 2] [--skip-builtin] [--skip-memory]
+     [--burst-rounds 2] [--skip-builtin] [--skip-memory] [--only text|image|burst|memory ...]
 """
 
 from __future__ import annotations
@@ -306,6 +306,8 @@ def main() -> None:
         help="leave out the built-in model's noisy neighbour (the reference for the app's)",
     )
     ap.add_argument("--skip-memory", action="store_true")
+    sections = ("text", "image", "burst", "memory")
+    ap.add_argument("--only", nargs="+", choices=sections, default=list(sections), help="run only these sections")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="splitspace-appbench-"))
     load0 = os.getloadavg()[0]
@@ -387,10 +389,13 @@ def main() -> None:
         )
 
     PNG = png_512()
-    run_pair(SHOUT, work, args.clients, text)
-    run_pair(MIRROR, work, args.clients, image)
-    run_pair(SLEEP, work, args.clients, burst)
-    if not args.skip_memory:
+    if "text" in args.only:
+        run_pair(SHOUT, work, args.clients, text)
+    if "image" in args.only:
+        run_pair(MIRROR, work, args.clients, image)
+    if "burst" in args.only:
+        run_pair(SLEEP, work, args.clients, burst)
+    if "memory" in args.only and not args.skip_memory:
         m = memory(work)
         print("\n== 4. frontend memory: examples/text_to_image.py (MODEL_ID=tiny) after one image vs the built-in ==")
         print(

@@ -263,13 +263,8 @@ class FrontendCore:
         identity = self.identity(request)
         assert request is not None  # (identity() refuses a call without one)
         max_bytes = self.settings.max_file_bytes
-        # off the loop: with a validator= it preprocesses the inputs (an image decoded) and runs it
-        await asyncio.to_thread(validate_call, endpoint, payloads, max_bytes)
-        call = Call(endpoint.api_name, await asyncio.to_thread(_carried, endpoint, payloads, max_bytes))
-        try:
-            digest = await asyncio.to_thread(call.digest)
-        except (TypeError, ValueError):  # NaN, or a gr.State holding what JSON cannot say
-            raise ValidationFailed("data", "must be plain JSON (no NaN, infinity or Python objects)") from None
+        # one trip off the loop: the checks (with a validator=, an image decoded), each file read and hashed
+        call, digest = await asyncio.to_thread(_checked_call, endpoint, payloads, max_bytes)
         result: CallResult | None = None
         last_partial: list[Any] | None = None
         place = self.door.take(request.headers.get(DOOR_PASS_HEADER), identity.flow_id) or await self.join_door(
@@ -349,6 +344,17 @@ async def expire_images_every(cache_dir: str, age_s: float) -> None:
             await asyncio.to_thread(expire_images, cache_dir, age_s)
         except Exception:  # housekeeping must not stop for good
             log.exception("expiring images failed; trying again later")
+
+
+def _checked_call(endpoint: GpuEndpoint, payloads: list[Any], max_bytes: int) -> tuple[Call, str]:
+    """The call these payloads make, checked (``validate_call``), its files carried, and its
+    digest (blocking: for a thread)."""
+    validate_call(endpoint, payloads, max_bytes)
+    call = Call(endpoint.api_name, _carried(endpoint, payloads, max_bytes))
+    try:
+        return call, call.digest()
+    except (TypeError, ValueError):  # NaN, or a gr.State holding what JSON cannot say
+        raise ValidationFailed("data", "must be plain JSON (no NaN, infinity or Python objects)") from None
 
 
 def _carried(endpoint: GpuEndpoint, payloads: list[Any], max_bytes: int) -> list[Any]:

@@ -458,7 +458,13 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
         app = mount_dashboard(app, tier, admin_token)
 
     call_limit = call_body_limit(settings.max_file_bytes)
-    direct = DirectRoutes(tier.service, max_call_bytes=call_limit)
+    direct = DirectRoutes(
+        tier.service,
+        max_call_bytes=call_limit,
+        max_file_bytes=settings.max_file_bytes,
+        # a call's text inputs may be as long as its files (as when files crossed inside the JSON)
+        call_limits=dataclasses.replace(DEFAULT_LIMITS, max_string_bytes=call_limit),
+    )
     for path in (INFER_PATH, STANDING_PATH, CALL_PATH):  # before the mount at "/", which catches everything after
         app.router.routes.append(Route(path, direct, methods=["POST"]))
 
@@ -486,8 +492,8 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
         GradioGuard,
         blocks=blocks,
         body_limits={INFER_PATH: MAX_BODY_BYTES, CALL_PATH: call_limit},
-        # a call's files cross as base64 strings
-        json_limits_by_path={CALL_PATH: dataclasses.replace(DEFAULT_LIMITS, max_string_bytes=call_limit)},
+        # a call is a frame (its JSON line, then its files' bytes): the route checks its line
+        json_limits_by_path={CALL_PATH: None},
         elsewhere=(DASHBOARD_PATH,),
     )  # the dashboard is its own Blocks, behind its login
     if admin_token:  # /admin: no cross-site changes, login cookies that end, no guessing

@@ -10,7 +10,6 @@ paths through real processes: ``test_app_tiers.py``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
 import io
 import sys
@@ -34,7 +33,7 @@ from splitspace.gpu_backend.workload.cost import CostModel
 from splitspace.session.identity import Identity
 from splitspace.session.token import IdentityTokens, infer_purpose
 from splitspace.shared.app.loader import gpu_endpoints, load_app
-from splitspace.shared.contract.calls import FILE_KEY, Call, CallResult
+from splitspace.shared.contract.calls import FILE_KEY, Call, CallResult, CarriedFile
 from splitspace.shared.contract.errors import (
     GpuFailed,
     SplitspaceError,
@@ -72,10 +71,10 @@ def functions(fresh_apps: None) -> dict[str, AppFunction]:
     return app_functions(endpoints, cache_dir=gr_utils.get_upload_folder(), max_file_bytes=10_000)
 
 
-def carried_png(pixels: np.ndarray, name: str = "in.png") -> dict[str, Any]:
+def carried_png(pixels: np.ndarray, name: str = "in.png") -> CarriedFile:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
-    return {FILE_KEY: {"name": name, "mime_type": "image/png", "b64": base64.b64encode(buf.getvalue()).decode()}}
+    return CarriedFile(name, "image/png", buf.getvalue())
 
 
 class ImageModel:
@@ -153,9 +152,9 @@ def test_prepare_preprocesses_inputs_and_estimates_with_the_decorators_duration(
     [
         (["a", "b"], "data", "expected 1 values"),
         ([{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}], "Picture", "carried as its bytes"),
-        ([{FILE_KEY: {"name": "x.png", "b64": "not base64!"}}], "Picture", "not base64"),
+        ([{FILE_KEY: {"name": "x.png", "size": 3, "sha256": "00"}}], "Picture", "without its bytes"),
         (
-            [{FILE_KEY: {"name": "x.png", "b64": base64.b64encode(b"not a png").decode()}}],
+            [CarriedFile("x.png", "image/png", b"not a png")],
             "Picture",
             "could not be read",
         ),
@@ -238,9 +237,10 @@ def test_outputs_are_postprocessed_and_their_files_carried(functions, runner) ->
         return await answer(runner, runner.admit_work(who("a"), work))
 
     result = asyncio.run(scenario())
-    carried = result.data[0][FILE_KEY]
-    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(carried["b64"]))).convert("RGB"))
-    assert carried["mime_type"] == "image/png" and (got == pixels[:, ::-1]).all()
+    carried = result.data[0]
+    assert isinstance(carried, CarriedFile)
+    got = np.asarray(Image.open(io.BytesIO(carried.data)).convert("RGB"))
+    assert carried.mime_type == "image/png" and (got == pixels[:, ::-1]).all()
 
 
 # -- through the service ---------------------------------------------------------------------

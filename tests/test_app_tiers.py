@@ -29,7 +29,8 @@ from PIL import Image
 
 from splitspace.session.identity import Identity
 from splitspace.session.token import IdentityTokens, infer_purpose
-from splitspace.shared.contract.calls import CALL_PATH, Call, call_body_limit
+from splitspace.shared.contract import frames
+from splitspace.shared.contract.calls import CALL_PATH, Call, CarriedFile, base64_body_limit
 from splitspace.shared.contract.headers import IDENTITY_HEADER
 from tests.clients import call_rest, error_text
 from tests.job_support import wait_job
@@ -207,6 +208,34 @@ def test_the_gpu_tier_names_an_unknown_function_and_an_unreadable_input(studio: 
     assert a_path.status_code == 422 and a_path.json()["field"] == "Picture", a_path.text
 
 
+def test_the_gpu_tier_takes_a_calls_file_as_bytes_after_its_json_and_checks_them(studio: Deployment) -> None:
+    """A call is a frame (``shared/contract/frames.py``): the file's bytes follow the JSON line,
+    bound to the token by their sha256; bytes swapped after signing are refused."""
+    assert studio.backend is not None
+    buf = io.BytesIO()
+    pixels = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    Image.fromarray(pixels).save(buf, format="PNG")
+    call = Call("mirror", [CarriedFile("in.png", "image/png", buf.getvalue())])
+    me = Identity("key:x", "key", "free", "1.2.3.4")
+
+    def headers() -> dict[str, str]:  # a token is good for one call
+        token = IdentityTokens([studio.secret]).mint(me, infer_purpose(call.digest()))
+        return {IDENTITY_HEADER: token, "content-type": frames.FRAME_TYPE}
+
+    body, url = frames.encode(call.to_wire()), studio.backend.url + CALL_PATH
+    with httpx.stream("POST", url, content=body, headers=headers(), timeout=10) as r:
+        splitter = frames.FrameSplitter()
+        docs = [frames.decode(f) for chunk in r.iter_bytes() for f in splitter.feed(chunk)]
+    assert r.status_code == 200 and docs[-1]["status"] == "done", docs
+    mirrored = docs[-1]["data"][0]
+    assert isinstance(mirrored, CarriedFile) and mirrored.name.endswith(".png")
+    got = np.asarray(Image.open(io.BytesIO(mirrored.data)).convert("RGB"))
+    assert (got == pixels[:, ::-1]).all()
+    swapped = body[:-1] + bytes([body[-1] ^ 1])
+    refused = httpx.post(url, content=swapped, headers=headers(), timeout=10)
+    assert refused.status_code == 422 and "sha256" in refused.json()["message"], refused.text
+
+
 # -- limits and fairness, as for the built-in ------------------------------------------------
 def test_a_clients_calls_are_rate_limited_and_another_clients_are_not(studio: Deployment) -> None:
     outcomes = [rest(studio, "nap", [1], "chatty") for _ in range(3)]
@@ -351,7 +380,7 @@ def test_a_function_without_the_decorator_has_no_job(studio: Deployment) -> None
 
 def test_a_job_body_over_the_file_limit_is_a_413_naming_it(mirror: Deployment) -> None:
     assert mirror.frontend is not None
-    limit = call_body_limit(50 * 1024 * 1024)  # SPLITSPACE_MAX_FILE_BYTES's default, as base64, and the call
+    limit = base64_body_limit(50 * 1024 * 1024)  # SPLITSPACE_MAX_FILE_BYTES's default, as base64, and the call
     host, port = mirror.frontend.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as s:  # the headers alone: refused before the body
         s.sendall(

@@ -307,7 +307,7 @@ def test_a_developer_function_runs_as_a_job_through_transport_call(tmp_path: Pat
     from splitspace.cpu_frontend.jobs.targets import FunctionTarget
     from splitspace.session.token import IdentityTokens
     from splitspace.shared.app.loader import gpu_endpoints, load_app
-    from splitspace.shared.contract.calls import FILE_KEY, CallInfo, CallResult, Partial
+    from splitspace.shared.contract.calls import CallInfo, CallResult, CarriedFile, Partial
     from splitspace.shared.contract.errors import ValidationFailed, to_wire
 
     seen: list[Call] = []
@@ -317,7 +317,7 @@ def test_a_developer_function_runs_as_a_job_through_transport_call(tmp_path: Pat
         yield Status("queued", 2, 1.0)
         yield Partial(["SO"])
         text = " ".join([str(call.data[0]).upper()] * int(call.data[1]))
-        png = {FILE_KEY: {"name": "x.png", "mime_type": "image/png", "b64": base64.b64encode(b"PNG!").decode()}}
+        png = CarriedFile("x.png", "image/png", b"PNG!")
         yield CallResult([text, png], CallInfo("shout", 0.0, 0.1, 0.1, "key:a"))
 
     pool = BackendPool([MockTransport(lambda r, h: iter(()), call_handler=handler)])
@@ -360,7 +360,7 @@ def test_a_functions_file_inputs_are_given_inline_and_checked_by_the_gradio_rule
     from splitspace.cpu_frontend.jobs.targets import FunctionTarget
     from splitspace.session.token import IdentityTokens
     from splitspace.shared.app.loader import gpu_endpoints, load_app
-    from splitspace.shared.contract.calls import FILE_KEY
+    from splitspace.shared.contract.calls import CarriedFile
     from splitspace.shared.contract.errors import ValidationFailed, to_wire
 
     buf = io.BytesIO()
@@ -378,8 +378,9 @@ def test_a_functions_file_inputs_are_given_inline_and_checked_by_the_gradio_rule
     forms = ({"b64": png, "name": "red.png"}, f"data:image/png;base64,{png}", {"b64": png, "mime_type": "image/png"})
     for given in forms:
         call = target.validate("mirror", {"picture": given, "upside_down": False}, None)
-        carried = call.data[0][FILE_KEY]
-        assert (carried["b64"], carried["mime_type"], call.data[1]) == (png, "image/png", False)
+        carried = call.data[0]
+        assert isinstance(carried, CarriedFile)
+        assert (carried.data, carried.mime_type, call.data[1]) == (buf.getvalue(), "image/png", False)
     assert list(cache.iterdir()) == []  # what was landed for the check is gone
     text = base64.b64encode(b"hello").decode()
     big = base64.b64encode(buf.getvalue() + b"\0" * 11).decode()

@@ -2,7 +2,9 @@
 
 ``POST /splitspace/v1/infer`` with the request as JSON, answered with one JSON
 line per status update and a last line with the result
-(``gpu_backend/serving/direct_route.py``). Compared with Gradio's queue protocol
+(``gpu_backend/serving/direct_route.py``); ``POST /splitspace/v1/call`` with a call of a
+developer's function as a frame (its files' bytes after its JSON,
+``shared/contract/frames.py``), answered with frames the same way. Compared with Gradio's queue protocol
 (``httpx_transport.py``: a join request, then an event stream, then a cancel
 request when the caller leaves) this is one request per call, and leaving is
 closing it: the GPU tier drops the queued job the moment the connection
@@ -26,14 +28,13 @@ from typing import Any
 import aiohttp
 
 from splitspace.cpu_frontend.hop.transport import NotStarted, Transport
+from splitspace.shared.contract import frames
 from splitspace.shared.contract.calls import CALL_PATH, Call
 from splitspace.shared.contract.errors import NOT_FOUND, SERVICE_UNAVAILABLE, BackendUnavailable, from_wire
 from splitspace.shared.contract.hop import CallUpdate, Update, call_update_from_wire, update_from_wire
 from splitspace.shared.contract.schema import GenerateRequest
 
 KEEPALIVE_S = 4.0
-INLINE_JSON_BYTES = 256 * 1024
-"""JSON up to this size is written and read on the event loop; larger (a call's files) in a thread."""
 INFER_PATH = "/splitspace/v1/infer"
 STANDING_PATH = "/splitspace/v1/standing"
 
@@ -111,7 +112,7 @@ class DirectTransport(Transport):
                     self._pool().post(self.base_url + path, json=body, headers=headers)
                     if isinstance(body, dict)
                     else self._pool().post(
-                        self.base_url + path, data=body, headers={**headers, "content-type": "application/json"}
+                        self.base_url + path, data=body, headers={**headers, "content-type": frames.FRAME_TYPE}
                     )
                 )
                 return await asyncio.wait_for(post, self.timeout_s)
@@ -127,7 +128,7 @@ class DirectTransport(Transport):
                 yield update_from_wire(doc)  # the Result last, or the error line's error raised
 
     async def call(self, call: Call, headers: Mapping[str, str]) -> AsyncGenerator[CallUpdate, None]:
-        body = await asyncio.to_thread(_dumps, call.to_wire())  # the call's files: megabytes, maybe
+        body = await asyncio.to_thread(frames.encode, call.to_wire())  # the call's files: megabytes, maybe
         docs = self._docs(CALL_PATH, body, headers)
         async with contextlib.aclosing(docs):
             async for doc in docs:
@@ -142,7 +143,7 @@ class DirectTransport(Transport):
         try:
             if resp.status != 200:
                 raise await _refusal(resp)
-            async for doc in _json_lines(resp, self.timeout_s):
+            async for doc in _documents(resp, self.timeout_s):
                 if isinstance(doc, dict) and doc.get("status") in ("done", "error"):
                     # The body ends right after this line; reading on to its end gives
                     # the connection back to the pool instead of closing it.
@@ -151,7 +152,7 @@ class DirectTransport(Transport):
                     yield doc
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise BackendUnavailable(f"lost the GPU tier mid-request: {type(exc).__name__}") from exc
-        except ValueError as exc:
+        except ValueError as exc:  # (frames.BadFrame too)
             raise BackendUnavailable("the GPU tier sent a malformed answer") from exc
         finally:
             if final is None:
@@ -163,30 +164,23 @@ class DirectTransport(Transport):
         yield final
 
 
-def _dumps(doc: Any) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-async def _loads(line: bytes) -> Any:
-    return json.loads(line) if len(line) <= INLINE_JSON_BYTES else await asyncio.to_thread(json.loads, line)
-
-
-async def _json_lines(resp: aiohttp.ClientResponse, silence_s: float) -> AsyncIterator[dict[str, Any]]:
-    """Each line of the body as JSON. Split here, not with aiohttp's line reader, whose
-    line length is capped (a result line carries the whole PNG, or a function's files)."""
-    chunks: list[bytes] = []
+async def _documents(resp: aiohttp.ClientResponse, silence_s: float) -> AsyncIterator[Any]:
+    """Each frame of the body as its document, files in place (``frames.decode``). Cut here,
+    not with aiohttp's line reader, whose line length is capped (the built-in's result line
+    carries the whole PNG) and which knows nothing of a frame's blobs."""
+    splitter = frames.FrameSplitter()
     async for chunk in _chunks(resp, silence_s):
-        if b"\n" not in chunk:  # a long line arriving: join its pieces once, at its end
-            chunks.append(chunk)
-            continue
-        *lines, rest = (b"".join(chunks) + chunk).split(b"\n")
-        chunks = [rest] if rest else []
-        for line in lines:
-            if line:
-                yield await _loads(line)
-    buffer = b"".join(chunks)
-    if buffer.strip():
-        yield await _loads(buffer)
+        for frame in splitter.feed(chunk):
+            yield await _decoded(frame)
+    last = splitter.end()
+    if last is not None:
+        yield await _decoded(last)
+
+
+async def _decoded(frame: frames.RawFrame) -> Any:
+    if frame.small:
+        return frames.decode(frame)
+    return await asyncio.to_thread(frames.decode, frame)
 
 
 async def _chunks(resp: aiohttp.ClientResponse, silence_s: float) -> AsyncIterator[bytes]:

@@ -46,7 +46,7 @@ from splitspace.session.token import IdentityTokens
 from splitspace.shared.app.loader import GpuEndpoint
 from splitspace.shared.config.quota_watch import QuotaWatcher
 from splitspace.shared.config.settings import Settings
-from splitspace.shared.contract.calls import call_body_limit
+from splitspace.shared.contract.calls import base64_body_limit
 from splitspace.shared.contract.errors import (
     QUEUE_FULL,
     ServiceUnavailable,
@@ -412,7 +412,7 @@ class JobsService:
         rest of the call, as the GPU tier's call route does (more: a 413 naming the limit)."""
         self.json_limits: dict[str, JsonLimits] = {}
         if settings.app:
-            limit = call_body_limit(settings.max_file_bytes)
+            limit = base64_body_limit(settings.max_file_bytes)
             self.body_limits[JOBS_PATH] = limit
             self.json_limits[JOBS_PATH] = dataclasses.replace(DEFAULT_LIMITS, max_string_bytes=limit)
 

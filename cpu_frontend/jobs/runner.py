@@ -52,7 +52,7 @@ from splitspace.cpu_frontend.jobs.targets import Finished, Targets
 from splitspace.cpu_frontend.jobs.views import job_view
 from splitspace.cpu_frontend.jobs.webhooks import Deliveries, event_body
 from splitspace.session.identity import Identity
-from splitspace.shared.contract.calls import Call, canonical_json
+from splitspace.shared.contract.calls import Call, canonical_json, payloads_from_json, payloads_to_json
 from splitspace.shared.contract.errors import SplitspaceError, ValidationFailed
 from splitspace.shared.contract.hop import Status
 from splitspace.shared.contract.schema import echo
@@ -194,7 +194,7 @@ class JobRunner:
             owner,
             identity,
             call.endpoint,
-            call.data,
+            payloads_to_json(call.data),  # (kept as JSON: its files as base64)
             now,
             webhook=hook,
             idempotency_key=idempotency_key,
@@ -275,7 +275,7 @@ class JobRunner:
             job = await self.store.get(job_id)
             if job is None or job.ended:  # cancelled (or expired) while it waited
                 return
-            updates = self.targets.run(self.refresh(job.identity), Call(job.endpoint, job.data))
+            updates = self.targets.run(self.refresh(job.identity), Call(job.endpoint, payloads_from_json(job.data)))
             async with contextlib.aclosing(updates):
                 async for update in updates:
                     if isinstance(update, Finished):

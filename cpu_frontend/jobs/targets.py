@@ -13,8 +13,6 @@ tokens, the deployment's limits and validation, the backend pool, the learned ca
 
 from __future__ import annotations
 
-import base64
-import binascii
 import inspect
 import tempfile
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
@@ -29,7 +27,7 @@ from splitspace.session.identity import Identity
 from splitspace.session.token import infer_purpose
 from splitspace.shared.app.files import inline_files
 from splitspace.shared.app.loader import GpuEndpoint
-from splitspace.shared.contract.calls import FILE_KEY, Call, CallResult
+from splitspace.shared.contract.calls import Call, CallResult, CarriedFile
 from splitspace.shared.contract.errors import BackendUnavailable, ValidationFailed
 from splitspace.shared.contract.headers import IDENTITY_HEADER
 from splitspace.shared.contract.hop import CallUpdate, Result, Status, Update
@@ -171,21 +169,14 @@ def describe(endpoint: GpuEndpoint) -> Function:
 
 
 def collect_files(value: Any, files: list[StoredFile]) -> Any:
-    """Outputs with each carried file (``{"splitspace_file": ...}``) moved into ``files``."""
+    """Outputs with each carried file (a CarriedFile) moved into ``files``."""
+    if isinstance(value, CarriedFile):
+        f = StoredFile(value.name, value.mime_type or "application/octet-stream", value.data)
+        files.append(f)
+        return file_ref(len(files) - 1, f)
     if isinstance(value, list):
         return [collect_files(v, files) for v in value]
     if isinstance(value, dict):
-        carried = value.get(FILE_KEY)
-        if set(value) == {FILE_KEY} and isinstance(carried, dict):
-            try:
-                data = base64.b64decode(str(carried.get("b64") or ""), validate=True)
-            except (binascii.Error, ValueError):
-                raise BackendUnavailable("the GPU tier sent a file that is not base64") from None
-            f = StoredFile(
-                str(carried.get("name") or "file"), str(carried.get("mime_type") or "application/octet-stream"), data
-            )
-            files.append(f)
-            return file_ref(len(files) - 1, f)
         return {k: collect_files(v, files) for k, v in value.items()}
     return value
 

@@ -7,10 +7,13 @@ waiting (token, validation, admission) are plain HTTP errors: 401, 422, 429
 with ``Retry-After``, each a JSON body with the contract's title and message.
 ``POST /splitspace/v1/standing`` returns the caller's quota standing.
 ``POST /splitspace/v1/call`` (a GPU tier serving a developer's app) takes a call of one of
-its ``@splitspace.gpu`` functions (:class:`~shared.contract.calls.Call` as JSON, files as
-base64, so its body may be as large as ``call_body_limit``) and answers the same way, its
-last line the :class:`~shared.contract.calls.CallResult`; a function it does not serve is
-a 404 naming it.
+its ``@splitspace.gpu`` functions (:class:`~shared.contract.calls.Call` as one frame: its
+JSON line, then its files' bytes, ``shared/contract/frames.py``; so its body may be as
+large as ``call_body_limit``; a JSON body without files is such a frame) and answers the
+same way, each update a frame (a function's output files after its line), the last the
+:class:`~shared.contract.calls.CallResult`; a function it does not serve is a 404 naming
+it. The guard in front passes that body unread as JSON (it is not); its JSON line is held
+to the call's limits here (``JsonLimits``), before it is parsed.
 
 Why it exists beside Gradio's ``/infer`` (which stays, for ``gradio_client``
 and any Gradio client): the scheduler, not Gradio's queue, orders the work,
@@ -40,6 +43,7 @@ from starlette.types import Receive, Scope, Send
 
 from splitspace.gpu_backend.admission.runner import RunnerUpdate, Ticket
 from splitspace.gpu_backend.serving.service import InferService
+from splitspace.shared.contract import frames
 from splitspace.shared.contract.calls import CALL_PATH, Call
 from splitspace.shared.contract.errors import (
     ServiceUnavailable,
@@ -52,6 +56,7 @@ from splitspace.shared.contract.errors import (
 )
 from splitspace.shared.contract.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from splitspace.shared.contract.hop import error_to_wire
+from splitspace.shared.http.json_limits import DEFAULT_LIMITS, JsonLimitExceeded, JsonLimits
 
 log = logging.getLogger("splitspace.gpu")
 
@@ -66,11 +71,21 @@ NDJSON = b"application/x-ndjson"
 class DirectRoutes:
     """The ASGI app behind every path (mount each with ``Route(path, app, methods=["POST"])``);
     a thin adapter: the rules are the service's. ``max_call_bytes``: the largest body of
-    a call (``call_body_limit``)."""
+    a call (``call_body_limit``); ``max_file_bytes``: the largest file in it;
+    ``call_limits``: the limits of its JSON line."""
 
-    def __init__(self, service: InferService, max_call_bytes: int = MAX_BODY_BYTES) -> None:
+    def __init__(
+        self,
+        service: InferService,
+        max_call_bytes: int = MAX_BODY_BYTES,
+        *,
+        max_file_bytes: int | None = None,
+        call_limits: JsonLimits = DEFAULT_LIMITS,
+    ) -> None:
         self.service = service
         self.max_call_bytes = max_call_bytes
+        self.max_file_bytes = max_file_bytes if max_file_bytes is not None else max_call_bytes
+        self.call_limits = call_limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
@@ -83,7 +98,7 @@ class DirectRoutes:
             # context; the runner runs the GPU function in the context captured at admit().
             if scope["path"] == CALL_PATH:
                 claims = self.service.verify(token)
-                call = _call(await _read_json(request, self.max_call_bytes))
+                call = _call(await self._read_frame(request))
                 LocalContext.request.set(gr.Request(request=request))
                 ticket = await self.service.enter_call(claims, call, request.headers.get(IP_TOKEN_HEADER))
             else:
@@ -94,16 +109,31 @@ class DirectRoutes:
         except SplitspaceError as exc:
             await _send_error(send, exc)
             return
-        await self._stream(receive, send, ticket)
+        await self._stream(receive, send, ticket, frames.FRAME_TYPE.encode() if scope["path"] == CALL_PATH else NDJSON)
 
-    async def _stream(self, receive: Receive, send: Send, ticket: Ticket) -> None:
+    async def _read_frame(self, request: Request) -> Any:
+        """A call's body: one frame, its JSON line within the call's limits, each file
+        within ``max_file_bytes`` and matching its sha256 (in a thread when it is large)."""
+        body = await _read_body(request, self.max_call_bytes)
+        try:
+            frame = frames.split_body(body, max_file_bytes=self.max_file_bytes)
+            self.call_limits.check(frame.line)
+            if frame.small:
+                return frames.decode(frame, max_file_bytes=self.max_file_bytes)
+            return await asyncio.to_thread(frames.decode, frame, max_file_bytes=self.max_file_bytes)
+        except JsonLimitExceeded as exc:
+            raise ValidationFailed("body", f"has {exc.message}") from None
+        except frames.BadFrame as exc:
+            raise ValidationFailed("body", str(exc)) from None
+
+    async def _stream(self, receive: Receive, send: Send, ticket: Ticket, content_type: bytes) -> None:
         updates = self.service.follow(ticket)
         try:
             await send(
                 {
                     "type": "http.response.start",
                     "status": 200,
-                    "headers": [(b"content-type", NDJSON), (b"cache-control", b"no-store")],
+                    "headers": [(b"content-type", content_type), (b"cache-control", b"no-store")],
                 }
             )
             await _until_disconnect(receive, _relay(send, updates))
@@ -121,7 +151,7 @@ async def _relay(send: Send, updates: AsyncIterator[RunnerUpdate]) -> None:
             break
         except SplitspaceError as exc:
             doc = error_to_wire(exc)
-        await send({"type": "http.response.body", "body": _line(doc), "more_body": True})
+        await send({"type": "http.response.body", "body": frames.encode(doc), "more_body": True})
         if doc["status"] in ("done", "error"):
             break
     await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -150,7 +180,7 @@ async def _until_disconnect(receive: Receive, work: Awaitable[None]) -> None:
                 log.debug("stream ended early: %s", type(exc).__name__)
 
 
-def _call(body: dict[str, Any]) -> Call:
+def _call(body: Any) -> Call:
     try:
         return Call.from_wire(body)
     except ValueError as exc:  # its message starts with the field it names
@@ -158,14 +188,18 @@ def _call(body: dict[str, Any]) -> Call:
         raise ValidationFailed(field if field in ("endpoint", "data") else "body", message) from None
 
 
-async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+async def _read_body(request: Request, limit: int) -> bytes:
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise ValidationFailed("body", f"must be at most {limit} bytes")
         chunks.append(chunk)
-    raw = b"".join(chunks)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+    raw = await _read_body(request, limit)
     try:
         body = json.loads(raw) if len(raw) <= PARSE_INLINE_BYTES else await asyncio.to_thread(json.loads, raw)
     except ValueError:
@@ -173,10 +207,6 @@ async def _read_json(request: Request, limit: int) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ValidationFailed("body", "must be a JSON object")
     return body
-
-
-def _line(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
 
 
 async def _send_json(

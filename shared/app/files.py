@@ -1,26 +1,32 @@
 """Files across the hop: carried as their bytes, never as a path on the other tier.
 
 A payload's ``FileData`` (Gradio's file reference: a path in this tier's cache) is
-replaced by ``{"splitspace_file": {"name", "mime_type", "b64"}}`` before it crosses
-(:func:`inline_files`), and written into the receiving tier's Gradio cache as a
-``FileData`` again when it arrives (:func:`outline_files`). Gradio's own helpers walk the
-payload and write the cache, so nested values (a Gallery, a Chatbot message with an image)
-work as a top-level file does. A file over ``max_bytes`` is refused with
-:class:`FileTooLarge`, which names the limit.
+replaced by a :class:`~shared.contract.calls.CarriedFile` (its name, type and bytes)
+before it crosses (:func:`inline_files`), and written into the receiving tier's Gradio
+cache as a ``FileData`` again when it arrives (:func:`outline_files`); on the wire its
+bytes follow the JSON unencoded (``shared/contract/frames.py``). Gradio's own helper walks
+the payload, so nested values (a Gallery, a Chatbot message with an image) work as a
+top-level file does. A file over ``max_bytes`` is refused with :class:`FileTooLarge`,
+which names the limit.
+
+A landed file's folder in the cache is named by its sha256, which the file carries (the
+sending tier hashed it once, the frame's reader checked it): no second hash of its bytes
+(Gradio's ``save_bytes_to_cache`` would hash them again), and a file already landed is
+not written again.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import mimetypes
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 from gradio import processing_utils
 from gradio_client import utils as client_utils
 
-from splitspace.shared.contract.calls import FILE_KEY
+from splitspace.shared.contract.calls import FILE_KEY, CarriedFile
 
 DEFAULT_MAX_FILE_BYTES = 50 * 1024 * 1024
 
@@ -30,7 +36,7 @@ class FileTooLarge(ValueError):
 
 
 class BadFile(ValueError):
-    """A carried file that cannot be read back (not base64, no name)."""
+    """A file reference that came without its bytes."""
 
 
 def content_hash(data: bytes) -> str:
@@ -45,14 +51,16 @@ def inline_files(payload: Any, *, max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> An
     component's postprocess wrote an output there; never call this on a payload as a
     client sent it."""
 
-    def carry(file: dict[str, Any]) -> dict[str, Any]:
+    def carry(file: dict[str, Any]) -> CarriedFile:
         path = Path(str(file.get("path") or ""))
         size = path.stat().st_size
         if size > max_bytes:
             raise FileTooLarge(f"a file of {size} bytes is over the limit of {max_bytes} bytes")
+        data = path.read_bytes()
+        if len(data) > max_bytes:  # (it grew since)
+            raise FileTooLarge(f"a file of {len(data)} bytes is over the limit of {max_bytes} bytes")
         name = file.get("orig_name") or path.name
-        mime = file.get("mime_type") or mimetypes.guess_type(name)[0]
-        return {FILE_KEY: {"name": name, "mime_type": mime, "b64": base64.b64encode(path.read_bytes()).decode()}}
+        return CarriedFile(name, file.get("mime_type") or mimetypes.guess_type(name)[0], data)
 
     return client_utils.traverse(payload, carry, client_utils.is_file_obj_with_meta)
 
@@ -61,32 +69,52 @@ def outline_files(payload: Any, cache_dir: str, *, max_bytes: int = DEFAULT_MAX_
     """``payload`` with each carried file written to ``cache_dir`` and referred to by a
     FileData (the form a component's ``preprocess`` and Gradio's outputs take)."""
 
-    def land(doc: dict[str, Any]) -> dict[str, Any]:
-        carried = doc[FILE_KEY]
-        if not isinstance(carried, dict) or not isinstance(carried.get("b64"), str):
+    def land(value: Any) -> dict[str, Any]:
+        if not isinstance(value, CarriedFile):
             raise BadFile("a file carried without its bytes")
-        if len(carried["b64"]) * 3 // 4 > max_bytes + 2:
-            raise FileTooLarge(f"a file is over the limit of {max_bytes} bytes")
-        try:
-            data = base64.b64decode(carried["b64"], validate=True)
-        except (binascii.Error, ValueError):
-            raise BadFile("a file's bytes are not base64") from None
-        name = Path(str(carried.get("name") or "file")).name or "file"
-        path = processing_utils.save_bytes_to_cache(data, name, cache_dir)
-        mime = carried.get("mime_type") if isinstance(carried.get("mime_type"), str) else None
+        if len(value.data) > max_bytes:
+            raise FileTooLarge(f"a file of {len(value.data)} bytes is over the limit of {max_bytes} bytes")
+        name = Path(value.name).name or "file"
         return {
-            "path": path,
+            "path": land_bytes(value, name, cache_dir),
             "orig_name": name,
-            "mime_type": mime or mimetypes.guess_type(name)[0],
-            "size": len(data),
+            "mime_type": value.mime_type or mimetypes.guess_type(name)[0],
+            "size": len(value.data),
             "meta": {"_type": "gradio.FileData"},
         }
 
     return client_utils.traverse(payload, land, is_carried_file)
 
 
+def land_bytes(file: CarriedFile, name: str, cache_dir: str) -> str:
+    """The file's path in ``cache_dir/<sha256>/<name>``, written unless it is there already
+    (then touched: Gradio's ``delete_cache`` ages files by their ctime). Written under a
+    temporary name and renamed, so a concurrent call never reads half a file."""
+    if not Path(name).suffix:  # as Gradio's save_bytes_to_cache: a recording's type from its header
+        name += processing_utils.detect_audio_format(file.data)
+    folder = Path(cache_dir) / file.sha256
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (client_utils.strip_invalid_filename_characters(name) or "file")
+    try:
+        if path.stat().st_size == len(file.data):
+            os.utime(path)
+            return str(path.resolve())
+    except OSError:
+        pass
+    fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(file.data)
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return str(path.resolve())
+
+
 def is_carried_file(value: Any) -> bool:
-    return isinstance(value, dict) and set(value) == {FILE_KEY}
+    """A file carried as its bytes, or a reference to one that came without them."""
+    return isinstance(value, CarriedFile) or (isinstance(value, dict) and set(value) == {FILE_KEY})
 
 
 def carries_files(payload: Any) -> bool:

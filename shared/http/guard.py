@@ -222,8 +222,9 @@ class GradioGuard:
     or smaller limit for paths that start with a given prefix (the GPU tier's
     direct route takes 64 KiB). ``body_timeout_s``: the deadline for a whole body.
     ``json_limits``: the limits of every body's JSON (the defaults of ``shared/http/json_limits.py``);
-    ``json_limits_by_path``: other limits for paths that start with a given prefix (the GPU
-    tier's call route carries files as base64 strings).
+    ``json_limits_by_path``: other limits for paths that start with a given prefix; None: the
+    body there is not JSON, and its route checks it (the GPU tier's call route takes a frame:
+    a JSON line, then files' bytes, ``shared/contract/frames.py``).
     ``uploads``: Gradio's upload route is open (the app has file inputs: a developer's app);
     its forms pass unread, and Gradio bounds each file (``max_file_size``).
     ``elsewhere``: path prefixes served by another app than ``blocks`` (the GPU tier's
@@ -243,7 +244,7 @@ class GradioGuard:
         body_limits: Mapping[str, int] | None = None,
         body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
         json_limits: JsonLimits = DEFAULT_LIMITS,
-        json_limits_by_path: Mapping[str, JsonLimits] | None = None,
+        json_limits_by_path: Mapping[str, JsonLimits | None] | None = None,
         elsewhere: tuple[str, ...] = (),
         held_events: Callable[[str], bool] | None = None,
         uploads: bool = False,
@@ -359,6 +360,8 @@ class GradioGuard:
 
     def _check_json(self, body: bytes, path: str) -> None:
         limits = next((lim for prefix, lim in self.json_limits_by_path if path.startswith(prefix)), self.json_limits)
+        if limits is None:  # not JSON: its route checks it
+            return
         try:
             limits.check(body)
         except JsonLimitExceeded as exc:
