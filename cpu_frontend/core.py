@@ -21,8 +21,7 @@ import contextlib
 import logging
 import os
 import tempfile
-import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,16 @@ from splitspace.session import (
 from splitspace.session.address import AddressPolicy
 from splitspace.session.caller import CallerStamps
 from splitspace.session.token import HEALTH, STANDING, infer_purpose
-from splitspace.shared.app.files import BadFile, FileTooLarge, carries_files, content_hash, inline_files, outline_files
+from splitspace.shared.app.files import (
+    BadFile,
+    FileTooLarge,
+    carries_files,
+    content_hash,
+    expire_files,
+    expire_files_every,
+    inline_files,
+    outline_files,
+)
 from splitspace.shared.app.loader import GpuEndpoint
 from splitspace.shared.app.processing import input_label
 from splitspace.shared.config.quota_watch import QuotaWatcher
@@ -319,31 +327,15 @@ class FrontendCore:
 
 def expire_images(cache_dir: str, age_s: float, now: float | None = None) -> int:
     """Delete the images :meth:`FrontendCore.save_image` wrote (``<cache>/<hash>/image.png``)
-    more than ``age_s`` ago (the same image saved again is written again), and their
-    folders; how many. The OpenAI API's ``response_format="url"`` hands out their URLs:
-    they live as long as a job's results (``SPLITSPACE_JOB_TTL_S``), not forever."""
-    cutoff = (time.time() if now is None else now) - age_s
-    gone = 0
-    for path in Path(cache_dir).glob(f"*/{IMAGE_NAME}"):
-        try:
-            if path.stat().st_mtime < cutoff:
-                path.unlink()
-                gone += 1
-                with contextlib.suppress(OSError):  # (not empty: an identical image being written)
-                    path.parent.rmdir()
-        except OSError:  # deleted meanwhile
-            continue
-    return gone
+    more than ``age_s`` ago (the same image saved again is written again); how many. The
+    OpenAI API's ``response_format="url"`` hands out their URLs: they live as long as a
+    job's results (``SPLITSPACE_JOB_TTL_S``), not forever."""
+    return expire_files(cache_dir, f"*/{IMAGE_NAME}", age_s, now)
 
 
-async def expire_images_every(cache_dir: str, age_s: float) -> None:
+def expire_images_every(cache_dir: str, age_s: float) -> Coroutine[None, None, None]:
     """:func:`expire_images` now and then (from the lifespan), off the event loop."""
-    while True:
-        await asyncio.sleep(min(IMAGE_SWEEP_S, age_s / 2))
-        try:
-            await asyncio.to_thread(expire_images, cache_dir, age_s)
-        except Exception:  # housekeeping must not stop for good
-            log.exception("expiring images failed; trying again later")
+    return expire_files_every(cache_dir, f"*/{IMAGE_NAME}", age_s, IMAGE_SWEEP_S)
 
 
 def _checked_call(endpoint: GpuEndpoint, payloads: list[Any], max_bytes: int) -> tuple[Call, str]:

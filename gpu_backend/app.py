@@ -18,10 +18,13 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import gradio as gr
@@ -53,6 +56,7 @@ from splitspace.gpu_backend.workload.model import CompileConfig, ModelExecutor
 from splitspace.session.address import AddressPolicy
 from splitspace.session.identity import Identity
 from splitspace.session.token import HEALTH, IdentityTokens
+from splitspace.shared.app.files import expire_files_every
 from splitspace.shared.app.loader import gpu_endpoints, load_app
 from splitspace.shared.config.quota_watch import QuotaWatcher
 from splitspace.shared.config.settings import Settings
@@ -109,11 +113,11 @@ class GpuTier:
                 gpu.set_executor(executor)
             else:
                 gpu.load_model(settings.model, compile_unet=self.compile)
+        self.cache_dir = gr.utils.get_upload_folder()
+        """Where the calls' files land and their outputs are written (Gradio's cache), for the call alone."""
         if settings.app:
             endpoints = gpu_endpoints(load_app(settings.app))
-            self.functions = app_functions(
-                endpoints, cache_dir=gr.utils.get_upload_folder(), max_file_bytes=settings.max_file_bytes
-            )
+            self.functions = app_functions(endpoints, cache_dir=self.cache_dir, max_file_bytes=settings.max_file_bytes)
             log.info("serving %s: %s", settings.app, ", ".join(self.functions) or "no GPU functions")
         self._model_lock = asyncio.Lock()
         # A change of limits (an operator's override, a quota file edit) may let a waiting job
@@ -416,12 +420,13 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
         task = asyncio.create_task(tier.watch_quotas())
         sweep = asyncio.create_task(sweep_finished_sessions(blocks))
         house = asyncio.create_task(every(HOUSEKEEPING_S, keep_house))
+        # the files of finished calls (landed inputs, outputs once carried back as bytes)
+        files = asyncio.create_task(expire_files_every(tier.cache_dir, "*/*", settings.gpu_files_ttl_s))
         try:
             yield
         finally:
-            task.cancel()
-            sweep.cancel()
-            house.cancel()
+            for background in (task, sweep, house, files):
+                background.cancel()
             await tier.aclose()
 
     app = FastAPI(lifespan=lifespan, **NO_TELEMETRY)
@@ -512,4 +517,7 @@ def create_app() -> FastAPI:
     # while the event loop runs Python (default switch interval: 5 ms). A process-wide
     # switch, so it is set here, where the process is the GPU tier's.
     sys.setswitchinterval(0.001)
+    # The tier's Gradio cache is its own, never a frontend's on the same machine (splitspace
+    # dev): it holds only files in transit, which it deletes after SPLITSPACE_GPU_FILES_TTL_S.
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(tempfile.gettempdir()) / "splitspace-gpu"))
     return build_app(Settings())

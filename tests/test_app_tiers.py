@@ -62,11 +62,15 @@ def bearer(name: str) -> dict[str, str]:
     return {"authorization": f"Bearer app-{name}-key"}
 
 
-def deployment(workdir: Path, app: str, **kwargs: Any) -> Deployment:
+def deployment(workdir: Path, app: str, gpu_env: dict[str, str] | None = None, **kwargs: Any) -> Deployment:
     env = {"SPLITSPACE_APP": app}
     jobs = {"SPLITSPACE_JOBS_PATH": str(workdir / "jobs.sqlite3")}
     return Deployment(
-        workdir, quotas=QUOTAS, backend_env=dict(env), frontend_env={**env, **GPU_TIER_BACKLOG, **jobs}, **kwargs
+        workdir,
+        quotas=QUOTAS,
+        backend_env={**env, **(gpu_env or {})},
+        frontend_env={**env, **GPU_TIER_BACKLOG, **jobs},
+        **kwargs,
     )
 
 
@@ -79,7 +83,10 @@ def shout(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
 
 @pytest.fixture(scope="module")
 def mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    d = deployment(tmp_path_factory.mktemp("mirror"), "examples/mirror.py").start()
+    """The GPU tier's cache in the work folder, its files kept 5 s after their last use."""
+    work = tmp_path_factory.mktemp("mirror")
+    gpu_env = {"GRADIO_TEMP_DIR": str(work / "gpu-cache"), "SPLITSPACE_GPU_FILES_TTL_S": "5"}
+    d = deployment(work, "examples/mirror.py", gpu_env).start()
     yield d
     d.stop()
 
@@ -370,6 +377,19 @@ def test_a_job_takes_a_picture_as_base64_and_answers_with_its_mirror_image(mirro
     r = post_job(mirror, {"endpoint": "/mirror", "inputs": {"picture": text}})
     assert r.status_code == 400 and r.json()["field"] == "picture", r.text
     assert r.json()["message"] == "Picture: notes.txt is not one of the accepted file types (image)"
+
+
+def test_the_gpu_tier_deletes_a_calls_files_once_they_are_old(mirror: Deployment, tmp_path: Path) -> None:
+    """It serves no file to anyone (each crosses the hop as bytes): the picture a call brought
+    and the one it made are gone from its cache SPLITSPACE_GPU_FILES_TTL_S after, not kept forever."""
+    cache = mirror.workdir / "gpu-cache"
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "in.png")
+    before = time.time()
+    out = predict(mirror, handle_file(str(tmp_path / "in.png")), False, api_name="/mirror")
+    assert Image.open(out).size == (40, 30)
+    files = [p for p in cache.rglob("*") if p.is_file()]
+    assert files and time.time() - before < 5, "the call's files were in the GPU tier's cache"
+    assert wait_for(lambda: not any(p.is_file() for p in cache.rglob("*")), 30), "and are gone after 5 s"
 
 
 def test_a_function_without_the_decorator_has_no_job(studio: Deployment) -> None:

@@ -17,9 +17,13 @@ not written again.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import mimetypes
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -127,3 +131,34 @@ def carries_files(payload: Any) -> bool:
     if isinstance(payload, list | tuple):
         return any(carries_files(v) for v in payload)
     return False
+
+
+log = logging.getLogger("splitspace.files")
+
+
+def expire_files(folder: str, pattern: str, age_s: float, now: float | None = None) -> int:
+    """Delete the files in ``folder`` matching ``pattern`` (a cache's ``*/<name>``: one file a
+    folder) last written or touched more than ``age_s`` ago, and their folders once empty;
+    how many. A cache that nobody cleans grows with every file ever seen."""
+    cutoff = (time.time() if now is None else now) - age_s
+    gone = 0
+    for path in Path(folder).glob(pattern):
+        try:
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                gone += 1
+                with contextlib.suppress(OSError):  # (not empty: another file, or one being written)
+                    path.parent.rmdir()
+        except OSError:  # deleted meanwhile
+            continue
+    return gone
+
+
+async def expire_files_every(folder: str, pattern: str, age_s: float, every_s: float = 60.0) -> None:
+    """:func:`expire_files` now and then (from a tier's lifespan), off the event loop."""
+    while True:
+        await asyncio.sleep(min(every_s, age_s / 2))
+        try:
+            await asyncio.to_thread(expire_files, folder, pattern, age_s)
+        except Exception:  # housekeeping must not stop for good
+            log.exception("expiring files in %s failed; trying again later", folder)

@@ -39,6 +39,9 @@ class Settings(BaseSettings):
     """The developer's app, ``file.py`` (its ``demo``) or ``file.py:NAME`` (``--app``); none: the built-in."""
     max_file_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
     """The largest file one input or output of a developer's function may carry across the hop."""
+    gpu_files_ttl_s: float = Field(default=3600.0, gt=0)
+    """GPU tier: how long a file a call brought or made stays in the tier's cache after its last
+    use (it serves no file to anyone: each crosses the hop as bytes). Longer than your longest call."""
     quotas: Path | None = None
     """Path of the operators' quota file (TOML)."""
     admin_token: SecretStr | None = None
