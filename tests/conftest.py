@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis import settings
 
 from splitspace.deploy.processes import launch_with, pick_ports_with
 from tests.sharing import SharedDeployments, cluster, conftest_fixtures, share_groups
@@ -16,6 +17,11 @@ from tests.warm_start import WarmStarter
 
 if TYPE_CHECKING:
     from splitspace.deploy.redis_local import LocalRedis
+
+# Property tests check what holds, not how fast: no per-example deadline (on a loaded 2-core
+# machine one example once took 338 ms against Hypothesis' default 200 ms).
+settings.register_profile("splitspace", deadline=None)
+settings.load_profile("splitspace")
 
 # One torch thread per process: the tests run several tiers on 2 cores, and torch's own
 # thread pool per tier made the tiny model about 15x slower there. (Tiers inherit this.)
