@@ -138,7 +138,13 @@ def generate(
     for i, request in enumerate(requests):  # one pipeline pass per shape (the tiers send one)
         passes.setdefault(shape(request), []).append(i)
     for indices in passes.values():
-        made = executor.generate_batch([requests[i] for i in indices], [requests[i].seed for i in indices])
+        batch = [requests[i] for i in indices]
+        # one alone: the model's single call, as the tier's own batching makes it
+        made = (
+            [executor.generate(batch[0], batch[0].seed)]
+            if len(batch) == 1
+            else executor.generate_batch(batch, [r.seed for r in batch])
+        )
         for i, image in zip(indices, made, strict=True):
             images[i] = image
     infos = [
