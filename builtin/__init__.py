@@ -1,12 +1,13 @@
 """The built-in app: text-to-image written on the developer API, as any app would be.
 
 ``splitspace dev`` with no APP serves :data:`APP`, exactly as ``splitspace dev`` with that
-file would. Its page is the project's (``cpu_frontend/ui/page.py``), its model the GPU
+file would. Its page is the project's (``builtin/page.py``), its model the GPU
 tier's (``gpu_backend/workload``, loaded from ``SPLITSPACE_MODEL`` and changed live by the
 operators' ``splitspace model``).
 
-May import splitspace.shared, cpu_frontend.ui (its page) and gpu_backend.workload (its
-model, at first use only: the frontend imports this app too).
+May import splitspace.shared and gpu_backend.workload (its model, at first use only: the
+frontend imports this app too); never cpu_frontend: the GPU tier loads this app whole, page
+(``page.py``) included, and its bundle carries no frontend.
 """
 
 from __future__ import annotations

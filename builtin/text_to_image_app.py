@@ -9,7 +9,7 @@ would; ``python text_to_image_app.py`` runs it in one process. Nothing here is t
 - its ``/generate`` API takes what it always took (prompt, negative prompt, width,
   height, steps, guidance scale, seed) and answers the image and its info; the info's
   timings and client are the call's, as the tier measured them (``report``);
-- the page (``cpu_frontend/ui/page.py``) follows ``generate`` through the serving tier's
+- the page (``builtin/page.py``) follows ``generate`` through the serving tier's
   services (``shared/app/services.py``), as any app's CPU event may: its place in line in
   words, a refusal explained with a countdown, the quota bar, examples, recent images;
 - the model is the GPU tier's (``SPLITSPACE_MODEL``, loaded when the tier starts; here, at
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 import splitspace
-from splitspace.cpu_frontend.ui.page import AppPage, LiveModel, browser_state_secret, build_page
+from splitspace.builtin.page import AppPage, LiveModel, browser_state_secret, build_page
 from splitspace.shared.app.services import services
 from splitspace.shared.config.settings import Settings
 from splitspace.shared.contract.calls import CallInfo
@@ -138,7 +138,13 @@ def generate(
     for i, request in enumerate(requests):  # one pipeline pass per shape (the tiers send one)
         passes.setdefault(shape(request), []).append(i)
     for indices in passes.values():
-        made = executor.generate_batch([requests[i] for i in indices], [requests[i].seed for i in indices])
+        batch = [requests[i] for i in indices]
+        # one alone: the model's single call, as the tier's own batching makes it
+        made = (
+            [executor.generate(batch[0], batch[0].seed)]
+            if len(batch) == 1
+            else executor.generate_batch(batch, [r.seed for r in batch])
+        )
         for i, image in zip(indices, made, strict=True):
             images[i] = image
     infos = [

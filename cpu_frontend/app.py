@@ -26,18 +26,19 @@ from gradio import utils as gr_utils
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 
+from splitspace.builtin import APP as BUILTIN_APP
+from splitspace.builtin import is_builtin
+from splitspace.builtin.page import LiveModel, build_page
 from splitspace.cpu_frontend.api import gradio_tuning
 from splitspace.cpu_frontend.api.mcp_loopback import McpLoopback
 from splitspace.cpu_frontend.api.openai_images import OPENAI_PATHS, openai_refusal, openai_routes
-from splitspace.cpu_frontend.api.validation import gradio_validator
+from splitspace.cpu_frontend.api.validation import gradio_validator, is_valid_call
 from splitspace.cpu_frontend.core import FrontendCore, SavedImage, expire_images_every
 from splitspace.cpu_frontend.door.door_middleware import DoorMiddleware, HeldCalls
-from splitspace.cpu_frontend.door.status_feed import status_for_api
 from splitspace.cpu_frontend.hop.transport import CALLS_NEED_DIRECT, Transport
 from splitspace.cpu_frontend.jobs.routes import JobsService
 from splitspace.cpu_frontend.ui.app_events import forward_gpu_events
 from splitspace.cpu_frontend.ui.embed import embed_routes
-from splitspace.cpu_frontend.ui.page import LiveModel, build_page
 from splitspace.session import SessionCookieMiddleware
 from splitspace.shared.app import services as app_services
 from splitspace.shared.app.gpu_function import gpu_function
@@ -45,7 +46,7 @@ from splitspace.shared.app.loader import GpuEndpoint, gpu_endpoints, load_app
 from splitspace.shared.app.services import DoorView
 from splitspace.shared.config.settings import Settings
 from splitspace.shared.contract.errors import SplitspaceError
-from splitspace.shared.contract.hop import Status
+from splitspace.shared.contract.hop import Status, status_for_api
 from splitspace.shared.gradio.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
 from splitspace.shared.gradio.gradio_sessions import (
     HOUSEKEEPING_S,
@@ -61,7 +62,7 @@ from splitspace.shared.http.guard import GradioGuard
 from splitspace.shared.http.server import NO_TELEMETRY
 
 if TYPE_CHECKING:
-    from splitspace.cpu_frontend.ui.ui_text import Refusal
+    from splitspace.shared.app.ui_text import Refusal
 
 log = logging.getLogger("splitspace.frontend")
 
@@ -170,7 +171,7 @@ class Frontend:
     @property
     def browser_secret(self) -> str:
         """The key of the page's BrowserState (recent images, kept in the browser)."""
-        from splitspace.cpu_frontend.ui.page import browser_state_secret
+        from splitspace.builtin.page import browser_state_secret
 
         return browser_state_secret(self.settings.secrets)
 
@@ -183,7 +184,7 @@ class Frontend:
         """Run ``generate`` for the page: each status dict goes to ``on_status`` (which
         answers False when the tab has gone: the stream to the GPU tier is closed then);
         returns ``(image, info)``, or the refusal as data for the page to word, or None."""
-        from splitspace.cpu_frontend.ui.ui_text import Refusal
+        from splitspace.shared.app.ui_text import Refusal
         from splitspace.shared.contract.errors import (  # (imported here: this block is the page's, kept apart)
             QUEUE_FULL,
             Throttled,
@@ -252,8 +253,17 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     gradio_tuning.apply()
     fe = Frontend(settings, transports)
     core = fe.core
-    if settings.app and not all(b.transport.carries_calls for b in core.pool.backends):
+    carries_calls = all(b.transport.carries_calls for b in core.pool.backends)
+    if settings.app and not carries_calls:
         raise ValueError(CALLS_NEED_DIRECT)
+    # No app: the built-in one (builtin/text_to_image_app.py), served as any app is; over a
+    # transport that carries no calls (httpx, gradio_client), the built-in's own page still.
+    served = settings.app or (BUILTIN_APP if carries_calls else None)
+    builtin = not settings.app or is_builtin(settings.app)
+
+    def tells_status(api_name: str) -> bool:
+        """The built-in's /generate tells REST clients each status as its info output, as ever."""
+        return builtin and api_name == "generate"
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -297,12 +307,17 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
 
     app.include_router(embed_routes())  # before the mount at "/", which catches everything after it
     endpoints: list[GpuEndpoint] = []
-    if settings.app:  # the developer's own Blocks, its GPU events forwarded
+    if not settings.app:
+        app.include_router(openai_routes(core))  # /v1/images/generations, /v1/models (OpenAI's images API)
+    if served:  # the app's own Blocks, its GPU events forwarded
         app_services.register(AppFrontend(fe))  # the app's CPU events reach this frontend
-        blocks = load_app(settings.app)
+        blocks = load_app(served)
         endpoints = fe.endpoints = gpu_endpoints(blocks)
         forward_gpu_events(
-            endpoints, fe.follow_call, validator=lambda endpoint: gradio_validator(endpoint, settings.max_file_bytes)
+            endpoints,
+            fe.follow_call,
+            validator=lambda endpoint: gradio_validator(endpoint, settings.max_file_bytes),
+            tells_status=lambda endpoint: tells_status(endpoint.api_name),
         )
         blocks.max_threads = settings.max_threads
         queue = getattr(blocks, "_queue", None)  # the developer's queue settings stay
@@ -311,7 +326,6 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
             default_concurrency_limit=getattr(queue, "default_concurrency_limit", "not_set"),
         )
     else:
-        app.include_router(openai_routes(core))  # /v1/images/generations, /v1/models (OpenAI's images API)
         # The API, as ever. preprocess=False: our validation (one definition, errors that
         # name the field) sees the raw values first, instead of the components' own range
         # checks. postprocess=False: the handler returns final outputs.
@@ -332,6 +346,15 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         )
         blocks.max_threads = settings.max_threads
         blocks.queue(default_concurrency_limit=None)
+    by_name = {e.api_name: e for e in endpoints}
+
+    def is_request(api_name: str, values: object) -> bool:
+        """Whether a REST call is a valid one, which the door's middleware holds before Gradio:
+        by the app's own validation (``api/validation.py``), else the built-in's fields."""
+        if not served:
+            return core.is_request(values)
+        return is_valid_call(by_name[api_name], values, settings.max_file_bytes)
+
     jobs = JobsService(core, endpoints)
     app.include_router(jobs.router)  # /v1/jobs (durable jobs, webhooks) and /v1/openapi.json
     hold_sessions(blocks, 2 * settings.max_threads)  # every request in flight is a session
@@ -353,10 +376,11 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         door=core.door,
         identify=core.identity,
         join=core.join_door,
-        is_request=core.is_request,
+        is_request=is_request,
         seconds_per_job=lambda: core.seconds_per_job,
-        api_names=[] if settings.app else ["generate"],  # a GPU event of an app joins the door in its handler
+        api_names=list(by_name) if served else ["generate"],  # the app's GPU events, else the built-in's page
         held=held,
+        tells_status=tells_status,
     )
     app.add_middleware(
         HeartbeatCap,

@@ -51,6 +51,8 @@ FRONTEND_TOKEN_ENV = "SPLITSPACE_FRONTEND_HF_TOKEN"
 
 # The subpackages of ``splitspace`` each tier imports (checked by running each bundle with the
 # repo out of reach); a bundle carries them as ``splitspace/<name>/``, beside ``splitspace/__init__.py``.
+# Given no app, the GPU tier loads the built-in one (``builtin/text_to_image_app.py``) whole, as
+# any app, page included: so its page lives in ``builtin/``, its words in ``shared/app/``.
 PACKAGES = {
     FRONTEND: ("shared", "session", "cpu_frontend", "builtin"),
     BACKEND: ("shared", "session", "gpu_backend", "builtin"),

@@ -34,6 +34,7 @@ from fastapi.responses import Response
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import Route
 
+from splitspace.builtin import APP as BUILTIN_APP
 from splitspace.builtin import is_builtin
 from splitspace.gpu_backend.admission.limits import Overrides, limits_function
 from splitspace.gpu_backend.admission.runner import GpuRunner, client_ref
@@ -105,7 +106,7 @@ class GpuTier:
         # The loaded model lives in gpu.py (a ZeroGPU worker reaches it there), nowhere else.
         self.compile = CompileConfig(settings.compile_width, settings.compile_height) if settings.compile else None
         self.functions: dict[str, AppFunction] = {}
-        """With ``settings.app``: the developer's GPU functions (and no built-in model)."""
+        """The app's GPU functions: the developer's (``settings.app``), else the built-in app's."""
         self.holds_model = not settings.app or is_builtin(settings.app)
         """The tier holds the project's model (``gpu.py``): the built-in's, changed live by operators."""
         if self.holds_model:
@@ -115,10 +116,10 @@ class GpuTier:
                 gpu.load_model(settings.model, compile_unet=self.compile)
         self.cache_dir = gr.utils.get_upload_folder()
         """Where the calls' files land and their outputs are written (Gradio's cache), for the call alone."""
-        if settings.app:
-            endpoints = gpu_endpoints(load_app(settings.app))
-            self.functions = app_functions(endpoints, cache_dir=self.cache_dir, max_file_bytes=settings.max_file_bytes)
-            log.info("serving %s: %s", settings.app, ", ".join(self.functions) or "no GPU functions")
+        served = settings.app or BUILTIN_APP  # no app: the built-in one
+        endpoints = gpu_endpoints(load_app(served))
+        self.functions = app_functions(endpoints, cache_dir=self.cache_dir, max_file_bytes=settings.max_file_bytes)
+        log.info("serving %s: %s", served, ", ".join(self.functions) or "no GPU functions")
         self._model_lock = asyncio.Lock()
         # A change of limits (an operator's override, a quota file edit) may let a waiting job
         # start now: dispatch then, not at the next arrival.
@@ -315,9 +316,7 @@ class GpuTier:
         """The health document; with a frontend's identity token (it holds the secret), the
         live in-flight caps too."""
         depth = self.depth_by_tier()
-        doc: dict[str, Any] = {"status": "ok", "boot_id": BOOT_ID}
-        if self.settings.app:
-            doc["functions"] = sorted(self.functions)
+        doc: dict[str, Any] = {"status": "ok", "boot_id": BOOT_ID, "functions": sorted(self.functions)}
         if self.holds_model:
             ex = gpu.current_executor()
             doc.update(

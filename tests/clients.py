@@ -37,6 +37,10 @@ def call_rest(
     if r.status_code in (401, 422, 429) and "title" in r.json():  # refused at the door, before Gradio
         doc = r.json()
         return "error", [("refused", doc), ("error", f"{doc['title']}: {doc['message']}")]
+    if r.status_code == 422 and isinstance(r.json().get("detail"), list):  # by the event's validator
+        doc = r.json()
+        said = "; ".join(v["message"] for v in doc["detail"] if v.get("is_valid") is False)
+        return "error", [("refused", doc), ("error", said)]
     r.raise_for_status()
     event_id = r.json()["event_id"]
     events: list[tuple[str, Any]] = []

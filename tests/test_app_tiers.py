@@ -47,6 +47,7 @@ KEYS = {
     "batch-a": "light",
     "batch-b": "light",
     "tight-other": "light",
+    "tight-rest": "tight",
     "jobs": "light",
 }
 QUOTAS = tiers_toml(
@@ -264,6 +265,29 @@ def test_a_client_over_its_queue_is_refused_and_another_is_served(studio: Deploy
         thread.join(60)
         assert out == [("complete", ["released"])]
     assert rest(studio, "nap", [1], "tight-other") == ("complete", ["rested"])
+
+
+def test_a_rest_call_over_the_cap_is_a_429_at_the_post(studio: Deployment, tmp_path: Path) -> None:
+    """The door's middleware holds an app's GPU events' REST calls before Gradio, as the
+    built-in's: over its client's cap (one running, one waiting), ``POST /call/<api>`` is
+    refused at once with 429 and Retry-After, and nothing is queued."""
+    assert studio.frontend is not None
+    release = tmp_path / "release"
+    held = [in_background(lambda: rest(studio, "hold", [str(release)], "tight-rest")) for _ in range(2)]
+    try:
+        assert wait_for(lambda: health(studio)["running"] + health(studio)["queued"] >= 2, 60), health(studio)
+        over = httpx.post(
+            f"{studio.frontend.url}/gradio_api/call/nap", json={"data": [1]}, headers=bearer("tight-rest"), timeout=30
+        )
+        assert over.status_code == 429, over.text
+        assert over.json()["title"] == "Queue full" and int(over.headers["retry-after"]) >= 1, over.text
+        assert "event_id" not in over.json()
+    finally:
+        release.touch()
+    for thread, out in held:
+        thread.join(60)
+        assert out == [("complete", ["released"])]
+    assert rest(studio, "nap", [1], "tight-rest") == ("complete", ["rested"]), "its place is free again"
 
 
 def test_a_burst_from_one_client_does_not_delay_another(studio: Deployment, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ on real Gradio components: each rule with a call it lets through and one it refu
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 from PIL import Image
 
 import splitspace
-from splitspace.cpu_frontend.api.validation import validate_call
+from splitspace.cpu_frontend.api.validation import is_valid_call, validate_call
 from splitspace.shared.app.loader import GpuEndpoint, gpu_endpoints
 from splitspace.shared.contract.errors import ValidationFailed
 
@@ -400,3 +401,23 @@ def test_gradio_runs_the_frontends_validator_and_marks_the_refused_input():
     assert verdicts("hi", 2) == (True, ["", ""])
     assert verdicts("hi", 9) == (False, ["", "Times: must be at most 5"])
     assert verdicts("boo", 2) == (False, ["Text: not that word", ""])
+
+
+# -- which REST calls the door's middleware holds (is_valid_call) ---------------------------------
+def test_the_door_holds_only_calls_these_checks_pass_by_position_or_by_name():
+    from splitspace.cpu_frontend.ui.app_events import forward_gpu_events
+
+    ep = endpoint(lambda: gr.Slider(1, 5, step=1, label="Times"), lambda: gr.Textbox(label="Text"))
+
+    async def follow(*_: Any) -> Any:
+        yield []
+
+    forward_gpu_events([ep], follow)  # the handler's parameters name /call/v2's values
+    names = [p for p in inspect.signature(ep.block_fn.fn).parameters if p not in ("request", "progress")]
+    assert is_valid_call(ep, [3, "hi"], LIMIT)
+    assert not is_valid_call(ep, [6, "hi"], LIMIT) and not is_valid_call(ep, [3], LIMIT)
+    assert not is_valid_call(ep, "3, hi", LIMIT) and not is_valid_call(ep, None, LIMIT)
+    assert is_valid_call(ep, dict(zip(names, [3, "hi"], strict=True)), LIMIT)
+    assert not is_valid_call(ep, dict(zip(names, [6, "hi"], strict=True)), LIMIT)
+    assert not is_valid_call(ep, {names[0]: 3}, LIMIT), "a value missing, with no default"
+    assert not is_valid_call(ep, {**dict(zip(names, [3, "hi"], strict=True)), "other": 1}, LIMIT)

@@ -270,7 +270,7 @@ def test_waiting_reads_as_words_then_caption_quota_and_recent_image(ui: UI, cont
 
 
 def test_an_example_fills_the_form(ui: UI, context: Any) -> None:
-    from splitspace.cpu_frontend.ui.page import EXAMPLES
+    from splitspace.builtin.page import EXAMPLES
 
     page = context.new_page()
     page.goto(ui.url + "/")
@@ -532,7 +532,7 @@ def test_recent_images_keep_working_up_to_their_limit_with_noise(tiny: Deploymen
     images kept, the next Generate was refused (413, a 20,860-byte body), and so was the
     page's load. Now the history stays in the browser: what a click sends does not grow
     with it, up to RECENT_MAX images and beyond, whatever the images and prompts."""
-    from splitspace.cpu_frontend.ui.page import RECENT_MAX
+    from splitspace.builtin.page import RECENT_MAX
 
     def prompt_of(i: int) -> str:  # the newest one carries markup and a template literal: text only
         return f"noise {i}" + (' <img src=x onerror="window.pwned=1"> ${window.pwned=2}' if i == RECENT_MAX else "")

@@ -81,9 +81,9 @@ def test_in_one_process_the_function_reports_the_time_measured_there(monkeypatch
     assert all(f"({LOCAL_CLIENT}, " in o for o in out)
 
 
-# -- the page's backend in an app (cpu_frontend/ui/page.py: AppPage, refusal_of) -----------------
+# -- the page's backend in an app (builtin/page.py: AppPage, refusal_of) -----------------
 def test_a_refusal_is_worded_from_the_projects_error_and_the_callers_door() -> None:
-    from splitspace.cpu_frontend.ui.page import refusal_of
+    from splitspace.builtin.page import refusal_of
     from splitspace.shared.app.services import DoorView
     from splitspace.shared.contract.errors import QUEUE_FULL, Throttled, ValidationFailed
 

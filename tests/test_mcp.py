@@ -210,7 +210,7 @@ def test_mcp_invalid_request_is_a_tool_error_naming_the_field(mcp_dep: Deploymen
     result = with_session(mcp_dep, call)
     assert result.isError
     text = " ".join(c.text for c in result.content if c.type == "text")
-    assert "width" in text and "multiple of 8" in text
+    assert "Width: must be in steps of 8" in text, text  # the input by its label, as for every client
 
 
 def test_mcp_unknown_api_key_is_refused(mcp_dep: Deployment) -> None:

@@ -131,9 +131,14 @@ def test_same_throttling_error_from_the_gpu_tier(tiers, transport):
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_same_validation_error(tiers, transport):
+    """Refused naming the field. Over the direct hop the frontend serves the built-in app as any
+    app: refused at the POST (422) naming the input by its label; the httpx and gradio_client
+    transports carry no app's calls and keep the built-in's page: an error event."""
     with httpx.Client(timeout=60) as c:
         final, events = call_rest(c, frontend(tiers, transport).url, "generate", gen_args(steps=99))
-    assert final == "error" and error_text(events).startswith("Invalid request: steps:")
+    said = "Steps: must be at most 50" if transport == "direct" else "Invalid request: steps: "
+    assert final == "error" and error_text(events).startswith(said), events
+    assert (events[0][0] == "refused") == (transport == "direct"), events
 
 
 def _backlog(url: str, key: str, n: int) -> list[threading.Thread]:

@@ -1,4 +1,4 @@
-"""The page's words (``cpu_frontend/ui/ui_text.py``): statuses, captions, the quota line, refusals."""
+"""The page's words (``shared/app/ui_text.py``): statuses, captions, the quota line, refusals."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from splitspace.cpu_frontend.ui import ui_text
-from splitspace.cpu_frontend.ui.ui_text import Refusal
+from splitspace.shared.app import ui_text
+from splitspace.shared.app.ui_text import Refusal
 from splitspace.shared.contract.errors import (
     BACKEND_UNAVAILABLE,
     INVALID_REQUEST,
@@ -206,7 +206,7 @@ def test_markup_escapes_what_people_typed() -> None:
 
 def test_the_page_tells_visitors_of_a_placeholder_model_once_and_no_operator_setting() -> None:
     """Issue 21: the page told visitors about `SPLITSPACE_MODEL` and `sleep:MS`, twice."""
-    from splitspace.cpu_frontend.ui.page import LiveModel
+    from splitspace.builtin.page import LiveModel
 
     for spec in ("tiny", "sleep:1500"):
         heading = LiveModel(lambda spec=spec: {"model": spec, "placeholder_model": True}).heading()
@@ -224,7 +224,7 @@ def test_gradios_status_tracker_still_has_what_the_waiting_words_hook_blanks() -
 
     import gradio
 
-    from splitspace.cpu_frontend.ui.page import STATUS_WORDS_JS
+    from splitspace.builtin.page import STATUS_WORDS_JS
 
     assets = Path(gradio.__file__).parent / "templates" / "frontend" / "assets"
     trackers = [p.read_text() for p in assets.glob("statustracker-*.js")]

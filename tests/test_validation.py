@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tests.clients import call_rest, error_text, gen_args
+from tests.clients import gen_args
 
 
 def _calls(url: str) -> float:
@@ -35,16 +35,48 @@ CASES = [
 ]
 
 
+LABELS = {
+    "prompt": "Prompt",
+    "negative_prompt": "Negative prompt",
+    "width": "Width",
+    "height": "Height",
+    "steps": "Steps",
+    "guidance_scale": "Guidance scale",
+    "seed": "Seed (-1 = random)",
+}
+"""Each field's input, by its label on the page (which the message names)."""
+
+
 @pytest.mark.parametrize("overrides, field", CASES, ids=[f"{f}-{i}" for i, (_, f) in enumerate(CASES)])
 def test_invalid_field_refused_on_cpu_tier(tiny, overrides, field):
+    """The curl flow: refused at the POST, with 422 naming the input by its label (Gradio's
+    validator, fed by the app's own checks), before anything is queued."""
     before = _calls(tiny.backend.url)
     with httpx.Client(timeout=30) as c:
-        final, events = call_rest(c, tiny.frontend.url, "generate", gen_args(**overrides))
-    text = error_text(events)
-    assert final == "error"
-    assert text.startswith("Invalid request: " + field + ":"), text
-    assert any(ch.isdigit() for ch in text), "the message names the allowed range"
-    assert "Traceback" not in text
+        r = c.post(f"{tiny.frontend.url}/gradio_api/call/generate", json={"data": gen_args(**overrides)})
+    assert r.status_code == 422, r.text[:300]
+    assert "event_id" not in r.text and "Traceback" not in r.text
+    refused = [v for v in r.json()["detail"] if v.get("is_valid") is False]
+    assert [v["parameter_name"] for v in refused] == [field], refused
+    message = refused[0]["message"]
+    assert message.startswith(LABELS[field] + ": "), message
+    assert any(ch.isdigit() for ch in message), "the message names the allowed range"
+    assert _calls(tiny.backend.url) == before, "an invalid request reached the GPU tier"
+
+
+@pytest.mark.parametrize("overrides, field", [({"width": 100}, "width"), ({"prompt": ""}, "prompt")])
+def test_gradio_client_raises_naming_the_input(tiny, overrides, field):
+    """gradio_client: the same refusal, raised before the call is queued."""
+    from gradio_client import Client
+    from gradio_client.exceptions import ValidationError
+
+    before = _calls(tiny.backend.url)
+    client = Client(tiny.frontend.url, verbose=False)
+    with pytest.raises(ValidationError) as caught:
+        client.predict(*gen_args(**overrides), api_name="/generate")
+    said = str(caught.value).splitlines()
+    assert len(said) == 2, said
+    assert said[1].startswith(f"- {field}: {LABELS[field]}: "), said
     assert _calls(tiny.backend.url) == before, "an invalid request reached the GPU tier"
 
 

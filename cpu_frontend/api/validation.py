@@ -56,6 +56,35 @@ def validate_call(endpoint: GpuEndpoint, payloads: list[Any], max_file_bytes: in
         raise ValidationFailed(problem.field, problem.message)
 
 
+def is_valid_call(endpoint: GpuEndpoint, values: object, max_file_bytes: int) -> bool:
+    """Whether a REST call's values (a list in input order, or ``/call/v2``'s values by the
+    handler's parameter names) make a call these checks pass: the door's middleware holds
+    only those before Gradio, and passes anything else on, where Gradio's validator refuses
+    it naming the input. A file not yet in this tier's cache (Gradio moves uploads there
+    after the door) is no valid call here: it goes on, and joins the door in the handler."""
+    if isinstance(values, dict):
+        values = _in_order(endpoint, values)
+    if not isinstance(values, list):
+        return False
+    return first_problem(endpoint, values, max_file_bytes) is None
+
+
+def _in_order(endpoint: GpuEndpoint, named: dict[str, Any]) -> list[Any] | None:
+    """``/call/v2``'s named values in input order (defaults filled in), or None: a name that
+    is not a parameter, or a parameter with no value and no default."""
+    fn = endpoint.block_fn.fn
+    if fn is None:
+        return None
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())[: len(endpoint.inputs)]
+    except (TypeError, ValueError):
+        return None
+    if set(named) - {p.name for p in parameters}:
+        return None
+    values = [named.get(p.name, p.default) for p in parameters]
+    return None if any(v is inspect.Parameter.empty for v in values) else values
+
+
 @dataclass(frozen=True)
 class Problem:
     """What is wrong with a call: the input it names (``position``, from 1; None: the call)."""

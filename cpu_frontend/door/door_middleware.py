@@ -7,21 +7,24 @@ later waiting for the crowd to be taken in, before the fair door (``door.py``) o
 GPU tier's fair scheduler could put it first (issue 10). Kubernetes' API Priority and
 Fairness holds a flood in the HTTP filter chain, before the expensive handler; this
 pure ASGI middleware (in the manner of Starlette's) does the same for the REST calls
-that start a ``/generate`` job (curl, httpx, any HTTP client):
+of each GPU event (curl, httpx, any HTTP client): every ``@splitspace.gpu`` event of the
+app served (the built-in's ``/generate`` among them), or the built-in page's ``/generate``:
 
 1. It resolves the caller's identity from the headers and cookies and reads the body
-   (already size-capped by the guard). A body that is not a valid request goes on to
-   Gradio unchanged, whose handler answers with the error naming the field.
+   (already size-capped by the guard). A body that is not a valid call (``is_request``:
+   the app's own validation, ``api/validation.py``) goes on to Gradio unchanged, which
+   refuses it naming the input (422 at the ``POST``, from the event's validator).
 2. It joins the client's line at the door (``FrontendCore.join_door``): a client over its
    in-flight cap gets HTTP 429 with ``Retry-After`` and ``{"title": "Queue full",
    "message", "retry_after_s"}`` (503 "Service unavailable" when the shared count on
    Redis cannot be reached in ``closed`` mode), and Gradio never sees the request.
-3. ``POST /call/generate`` (and ``/call/v2``) is answered at once with an event id of
+3. ``POST /call/<api>`` (and ``/call/v2``) is answered at once with an event id of
    the door's own, as Gradio answers it, and the call is *parked*: counted in its
    client's cap, not in line. When its caller opens the event stream (``GET
    /call/generate/<id>``) it joins the line; the stream tells the caller its place at
    the door, in the events Gradio sends (``event: generating``, the handler's status
-   dict), and when the turn comes the call is made to Gradio from here, with a one-time
+   dict, for the built-in's ``/generate``; an app's outputs are its own, so its stream
+   says ``event: heartbeat`` meanwhile), and when the turn comes the call is made to Gradio from here, with a one-time
    pass for its place (``DOOR_PASS_HEADER``) that the handler takes instead of joining
    again, and Gradio's own stream continues the reply. A place inside is for work
    someone waits for: calls let in before anyone read them kept the door full for free
@@ -50,9 +53,10 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from splitspace.cpu_frontend.door.door import FairDoor, Place
-from splitspace.cpu_frontend.door.status_feed import Told, status_for_api, wait_turn
+from splitspace.cpu_frontend.door.status_feed import Told, wait_turn
 from splitspace.session.identity import Identity
 from splitspace.shared.contract.errors import ServiceUnavailable, SplitspaceError, Throttled, to_wire
+from splitspace.shared.contract.hop import status_for_api
 
 DOOR_PASS_HEADER = "x-splitspace-door-pass"
 """The one-time pass of a place the middleware holds (set here, stripped from callers)."""
@@ -69,6 +73,9 @@ class _Held:
     scope: Scope
     body: bytes
     place: Place
+    tells_status: bool
+    """Whether its stream tells its place in ``generating`` events (the built-in's
+    ``/generate``, whose second output is the status dict); else heartbeats only."""
     expiry: asyncio.TimerHandle | None = field(default=None)
 
 
@@ -93,11 +100,12 @@ class DoorMiddleware:
         door: FairDoor,
         identify: Callable[[Request], Identity],
         join: Callable[[Identity, bool], Awaitable[Place]],
-        is_request: Callable[[object], bool],
+        is_request: Callable[[str, object], bool],
         seconds_per_job: Callable[[], float],
         api_names: Collection[str],
         held: HeldCalls | None = None,
         prefix: str = "/gradio_api",
+        tells_status: Callable[[str], bool] = lambda api_name: True,
     ) -> None:
         self.app = app
         self.door = door
@@ -105,15 +113,17 @@ class DoorMiddleware:
         self.join = join
         self.is_request = is_request
         self.seconds_per_job = seconds_per_job
+        self.tells_status = tells_status
         self.prefix = prefix
-        # route -> how its body carries the fields: "list" ({"data": [...]}) or "named" ({field: value})
-        self.posts: dict[str, tuple[str, bool]] = {}
+        # route -> its API name, how its body carries the fields ("list": {"data": [...]},
+        # "named": {field: value}) and whether it is streamed
+        self.posts: dict[str, tuple[str, str, bool]] = {}
         for name in api_names:
             for slash in ("", "/"):
-                self.posts[f"{prefix}/call/{name}{slash}"] = ("list", True)
-                self.posts[f"{prefix}/call/v2/{name}{slash}"] = ("named", True)
+                self.posts[f"{prefix}/call/{name}{slash}"] = (name, "list", True)
+                self.posts[f"{prefix}/call/v2/{name}{slash}"] = (name, "named", True)
                 for sync in ("run", "api"):
-                    self.posts[f"{prefix}/{sync}/{name}{slash}"] = ("list", False)
+                    self.posts[f"{prefix}/{sync}/{name}{slash}"] = (name, "list", False)
         self.streams = tuple(f"{prefix}/call/{route}{name}/" for name in api_names for route in ("", "v2/"))
         self._held = HeldCalls() if held is None else held
 
@@ -132,14 +142,16 @@ class DoorMiddleware:
         await self.app(scope, receive, send)
 
     # -- the POST -----------------------------------------------------------------------
-    async def _post(self, scope: Scope, receive: Receive, send: Send, shape: str, streamed: bool) -> None:
+    async def _post(
+        self, scope: Scope, receive: Receive, send: Send, api_name: str, shape: str, streamed: bool
+    ) -> None:
         body, last = await _read_body(receive)
         replay = _replay(body, last, receive)
         try:
             identity = self.identify(Request(scope))
             payload = json.loads(body)
             values = payload if shape == "named" else payload["data"]
-            if not self.is_request(values):
+            if not self.is_request(api_name, values):
                 raise ValueError("not a valid request: the handler says why")
         except (SplitspaceError, ValueError, KeyError, TypeError):  # an unknown key, a bad body
             await self.app(scope, replay, send)
@@ -151,7 +163,7 @@ class DoorMiddleware:
             return
         if streamed:
             event_id = uuid.uuid4().hex
-            held = _Held(scope, body, place)
+            held = _Held(scope, body, place, self.tells_status(api_name))
             held.expiry = asyncio.get_running_loop().call_later(UNCLAIMED_S, self._expire, event_id)
             self._held.by_id[event_id] = held
             self._held.waiting += 1
@@ -230,7 +242,10 @@ class DoorMiddleware:
                 async for status in statuses:
                     if gone.done():
                         return
-                    await send(_event("generating", [None, status_for_api(status)]))
+                    if held.tells_status:
+                        await send(_event("generating", [None, status_for_api(status)]))
+                    else:  # an app's outputs are its own: the wait shows as Gradio's heartbeats
+                        await send(_event("heartbeat", None))
                     if gone.done():
                         return
             finally:

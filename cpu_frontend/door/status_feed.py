@@ -20,17 +20,6 @@ from splitspace.shared.config import status_pace
 from splitspace.shared.contract.hop import Status
 
 
-def status_for_api(status: Status) -> dict[str, Any]:
-    """A status update as API clients receive it, with a line for people ("position 3,
-    about 2 s") beside the numbers. (Not gr.Progress: REST callers never see it, and
-    tracking it costs the queue CPU.)"""
-    if status.state == "queued":
-        text = f"position {status.position}, about {max(1, round(status.eta_s))} s"
-    else:
-        text = "generating"
-    return {"status": status.state, "position": status.position, "eta_s": status.eta_s, "message": text}
-
-
 def is_news(told: Status | None, status: Status) -> bool:
     """Whether a caller should hear this status: its first, the start of its run, or a
     better place in line. A place never goes back on screen (the door's estimate and the

@@ -35,10 +35,9 @@ from typing import Any, TypeVar
 
 import gradio as gr
 
-from splitspace.cpu_frontend.door.status_feed import status_for_api
-from splitspace.cpu_frontend.ui import ui_text
+from splitspace.shared.app import ui_text
 from splitspace.shared.app.loader import GpuEndpoint
-from splitspace.shared.contract.hop import Status
+from splitspace.shared.contract.hop import Status, status_for_api
 from splitspace.shared.gradio.gradio_events import event_liveness
 
 T = TypeVar("T")
@@ -50,15 +49,20 @@ Follow = Callable[[GpuEndpoint, list[Any], "gr.Request | None"], AsyncGenerator[
 
 
 def forward_gpu_events(
-    endpoints: list[GpuEndpoint], follow: Follow, validator: Callable[[GpuEndpoint], Callable[..., Any]] | None = None
+    endpoints: list[GpuEndpoint],
+    follow: Follow,
+    validator: Callable[[GpuEndpoint], Callable[..., Any]] | None = None,
+    tells_status: Callable[[GpuEndpoint], bool] = lambda endpoint: False,
 ) -> None:
     """Rewire each GPU event of the app to forward its calls through ``follow``. ``validator``:
     what Gradio's own ``validator=`` of the rewired event becomes, given the endpoint (the
     frontend's checks, ``api/validation.gradio_validator``: Gradio would otherwise run the
-    app's validator on raw payloads); None: the event keeps none."""
+    app's validator on raw payloads); None: the event keeps none. ``tells_status``: whether
+    the event's API tells each status as its last output (the built-in's ``/generate``: its
+    info output, as API clients always read it), else only through Gradio's progress."""
     for endpoint in endpoints:
         block_fn = endpoint.block_fn
-        block_fn.fn = forwarding_handler(endpoint, follow)
+        block_fn.fn = forwarding_handler(endpoint, follow, tells_status(endpoint))
         block_fn.validator = validator(endpoint) if validator is not None else None
         block_fn.preprocess = False
         block_fn.postprocess = False
@@ -69,10 +73,13 @@ def forward_gpu_events(
         block_fn.tracks_progress = True
 
 
-def forwarding_handler(endpoint: GpuEndpoint, follow: Follow) -> Callable[..., AsyncIterator[Any]]:
+def forwarding_handler(
+    endpoint: GpuEndpoint, follow: Follow, tells_status: bool = False
+) -> Callable[..., AsyncIterator[Any]]:
     """A Gradio handler for the event: its inputs' payloads, then ``request`` and ``progress``
     (Gradio fills those in by the signature), telling its progress while the call waits, then
-    yielding its outputs (each of a stream's as it comes)."""
+    yielding its outputs (each of a stream's as it comes). ``tells_status``: each status is
+    yielded too, as the last output (the others empty), for REST clients, who see no progress."""
     n_out = len(endpoint.outputs)
     waiting: Any = None if n_out == 0 else gr.skip() if n_out == 1 else tuple(gr.skip() for _ in range(n_out))
 
@@ -87,7 +94,9 @@ def forwarding_handler(endpoint: GpuEndpoint, follow: Follow) -> Callable[..., A
                     status = status_for_api(update)
                     waited = time.monotonic() - clicked
                     progress(ui_text.wait_fraction(waited, update.eta_s), desc=ui_text.waiting(status))
-                    if alive is None:  # no way to look: a yield is how Gradio notices a caller who left
+                    if tells_status:
+                        yield status if n_out == 1 else (*([None] * (n_out - 1)), status)
+                    elif alive is None:  # no way to look: a yield is how Gradio notices a caller who left
                         yield waiting
                 else:
                     yield update[0] if n_out == 1 else tuple(update)

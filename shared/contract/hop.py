@@ -145,3 +145,14 @@ def _payloads(doc: dict[str, Any]) -> list[Any]:
 def _cap(doc: dict[str, Any]) -> int | None:
     cap = doc.get("cap")
     return cap if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0 else None
+
+
+def status_for_api(status: Status) -> dict[str, Any]:
+    """A status update as API clients receive it, with a line for people ("position 3,
+    about 2 s") beside the numbers. (Not gr.Progress: REST callers never see it, and
+    tracking it costs the queue CPU.)"""
+    if status.state == "queued":
+        text = f"position {status.position}, about {max(1, round(status.eta_s))} s"
+    else:
+        text = "generating"
+    return {"status": status.state, "position": status.position, "eta_s": status.eta_s, "message": text}

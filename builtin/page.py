@@ -1,4 +1,4 @@
-"""The public page: the Gradio Blocks that people see, and the API endpoints they expose.
+"""The built-in's page: the Gradio Blocks that people see, and the API endpoints they expose.
 
 Layout and wiring only; every sentence comes from ``ui_text.py``. Two kinds of
 events live here:
@@ -38,12 +38,11 @@ from typing import Any, Protocol
 
 import gradio as gr
 
-from splitspace.cpu_frontend.door.status_feed import status_for_api
-from splitspace.cpu_frontend.ui import ui_text
-from splitspace.cpu_frontend.ui.ui_text import Refusal
+from splitspace.shared.app import ui_text
 from splitspace.shared.app.services import DoorView, services
+from splitspace.shared.app.ui_text import Refusal
 from splitspace.shared.contract.errors import QUEUE_FULL, SplitspaceError, Throttled
-from splitspace.shared.contract.hop import Status
+from splitspace.shared.contract.hop import Status, status_for_api
 from splitspace.shared.contract.schema import REQUEST_FIELDS, Limits
 
 FALLBACK_DEFAULTS = {"steps": 4, "guidance_scale": 0.0}
