@@ -185,6 +185,18 @@ def in_threads(n: int, call: Any, timeout_s: float = 120) -> list[Any]:
 GPU_TIER_BACKLOG = {"SPLITSPACE_DOOR_PER_FLOW": "1000", "SPLITSPACE_DOOR_TOTAL": "1000"}
 
 
+def app_deployment(
+    workdir: Path, app: str, quotas: str, *, env: dict[str, str] | None = None, gpu_env: dict[str, str] | None = None
+) -> Deployment:
+    """Both tiers serving ``app`` (``SPLITSPACE_APP``) with ``quotas``, the frontend's door
+    letting every call through to the GPU tier's backlog (:data:`GPU_TIER_BACKLOG`); ``env``
+    for both tiers, ``gpu_env`` for the GPU tier alone."""
+    both = {"SPLITSPACE_APP": app, **(env or {})}
+    return Deployment(
+        workdir, quotas=quotas, backend_env={**both, **(gpu_env or {})}, frontend_env={**both, **GPU_TIER_BACKLOG}
+    )
+
+
 # -- quota files ---------------------------------------------------------------------------
 Settings = dict[str, float]
 

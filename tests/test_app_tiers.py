@@ -34,7 +34,7 @@ from splitspace.shared.contract.calls import CALL_PATH, Call, CarriedFile, base6
 from splitspace.shared.contract.headers import IDENTITY_HEADER
 from tests.clients import call_rest, error_text
 from tests.job_support import wait_job
-from tests.support import GPU_TIER_BACKLOG, OPEN_ANONYMOUS, TIER, Deployment, keys_toml, tiers_toml, wait_for
+from tests.support import OPEN_ANONYMOUS, TIER, Deployment, app_deployment, keys_toml, tiers_toml, wait_for
 
 STUDIO = "tests/apps/studio.py"
 KEYS = {
@@ -63,16 +63,9 @@ def bearer(name: str) -> dict[str, str]:
     return {"authorization": f"Bearer app-{name}-key"}
 
 
-def deployment(workdir: Path, app: str, gpu_env: dict[str, str] | None = None, **kwargs: Any) -> Deployment:
-    env = {"SPLITSPACE_APP": app}
+def deployment(workdir: Path, app: str, gpu_env: dict[str, str] | None = None) -> Deployment:
     jobs = {"SPLITSPACE_JOBS_PATH": str(workdir / "jobs.sqlite3")}
-    return Deployment(
-        workdir,
-        quotas=QUOTAS,
-        backend_env={**env, **(gpu_env or {})},
-        frontend_env={**env, **GPU_TIER_BACKLOG, **jobs},
-        **kwargs,
-    )
+    return app_deployment(workdir, app, QUOTAS, env=jobs, gpu_env=gpu_env)
 
 
 @pytest.fixture(scope="module")

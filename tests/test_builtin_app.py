@@ -22,7 +22,7 @@ from PIL import Image
 from splitspace.builtin import APP, is_builtin
 from tests.clients import call_rest, gen_args
 from tests.conftest import QUOTAS, key
-from tests.support import GPU_TIER_BACKLOG, Deployment, in_threads, wait_for
+from tests.support import Deployment, app_deployment, in_threads, wait_for
 
 INFO_KEYS = ["seed", "width", "height", "steps", "guidance_scale", "model", "queue_s", "gpu_s", "total_s", "client"]
 BATCH_KEYS = ("alpha", "beta", "other", "chatty")
@@ -30,13 +30,8 @@ BATCH_KEYS = ("alpha", "beta", "other", "chatty")
 
 @pytest.fixture(scope="module")
 def builtin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    env = {"SPLITSPACE_APP": APP, "SPLITSPACE_MAX_BATCH": "4", "SPLITSPACE_BATCH_WAIT_MS": "300"}
-    d = Deployment(
-        tmp_path_factory.mktemp("builtin"),
-        quotas=QUOTAS,
-        backend_env=dict(env),
-        frontend_env={**env, **GPU_TIER_BACKLOG},
-    ).start()
+    batching = {"SPLITSPACE_MAX_BATCH": "4", "SPLITSPACE_BATCH_WAIT_MS": "300"}
+    d = app_deployment(tmp_path_factory.mktemp("builtin"), APP, QUOTAS, env=batching).start()
     yield d
     d.stop()
 

@@ -25,7 +25,7 @@ import pytest
 from gradio_client import Client
 
 from splitspace.shared.contract.headers import ADMIN_HEADER
-from tests.support import GPU_TIER_BACKLOG, OPEN_ANONYMOUS, TIER, Deployment, keys_toml, tiers_toml, wait_for
+from tests.support import OPEN_ANONYMOUS, TIER, Deployment, app_deployment, keys_toml, tiers_toml, wait_for
 
 STREAMS = "tests/apps/streams.py"
 NODE_DIR = Path(__file__).resolve().parent / "node"
@@ -41,13 +41,7 @@ def bearer(name: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def tiers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    env = {"SPLITSPACE_APP": STREAMS}
-    d = Deployment(
-        tmp_path_factory.mktemp("streams"),
-        quotas=QUOTAS,
-        backend_env=dict(env),
-        frontend_env={**env, **GPU_TIER_BACKLOG},
-    ).start()
+    d = app_deployment(tmp_path_factory.mktemp("streams"), STREAMS, QUOTAS).start()
     yield d
     d.stop()
 
