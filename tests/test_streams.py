@@ -238,7 +238,10 @@ def test_a_reader_slower_than_its_generator_gets_the_newest_yields(runner: GpuRu
         return updates
 
     updates = asyncio.run(scenario())
-    partials = [int(u.data[0]) for u in updates if isinstance(u, Partial)]
+    yields = [u.data[0] for u in updates if isinstance(u, Partial)]
+    if yields and yields[-1] == "end":  # the last yield may come as a partial too, before the end is known
+        yields.pop()  # (the frontend never sends the result twice: core.follow_call)
+    partials = [int(y) for y in yields]
     assert partials and len(partials) <= PARTIALS_KEPT and len(partials) + collapsed[0] >= 5 * PARTIALS_KEPT
     assert partials == sorted(partials) and partials[-1] == 5 * PARTIALS_KEPT - 1  # the newest, in order
     assert updates[-1].data == ["end"]

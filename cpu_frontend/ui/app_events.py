@@ -38,7 +38,7 @@ import gradio as gr
 from splitspace.shared.app import ui_text
 from splitspace.shared.app.loader import GpuEndpoint
 from splitspace.shared.contract.hop import Status, status_for_api
-from splitspace.shared.gradio.gradio_events import event_liveness
+from splitspace.shared.gradio.gradio_events import event_liveness, in_queue
 
 T = TypeVar("T")
 LIVENESS_S = 0.1
@@ -87,6 +87,7 @@ def forwarding_handler(
         *payloads, request, progress = args
         clicked = time.monotonic()
         alive = event_liveness()
+        queued = in_queue()  # a direct call (POST /run/...) gets the first yield alone: its outputs
         updates = follow(endpoint, list(payloads), request)
         async with contextlib.aclosing(updates):
             async for update in while_alive(updates, alive or (lambda: True)):
@@ -94,6 +95,8 @@ def forwarding_handler(
                     status = status_for_api(update)
                     waited = time.monotonic() - clicked
                     progress(ui_text.wait_fraction(waited, update.eta_s), desc=ui_text.waiting(status))
+                    if not queued:
+                        continue
                     if tells_status:
                         yield status if n_out == 1 else (*([None] * (n_out - 1)), status)
                     elif alive is None:  # no way to look: a yield is how Gradio notices a caller who left

@@ -29,3 +29,13 @@ def event_liveness() -> Callable[[], bool] | None:
     if event is None or not isinstance(getattr(event, "alive", None), bool):
         return None
     return lambda: bool(event.alive)
+
+
+def in_queue() -> bool:
+    """Whether the handler serves an event of Gradio's queue (it has an event id). A direct
+    call (``POST /run/<api>``, ``/api/<api>``) has none, and Gradio answers it with the
+    handler's first yield alone ("only the queue continues a generator"): such a handler
+    must yield nothing before its outputs. Call it in the handler's body."""
+    from gradio.context import LocalContext
+
+    return LocalContext.event_id.get(None) is not None
