@@ -41,7 +41,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, Deployment, bench_quotas, free_port, median, rest_call  # noqa: E402
+from common import REPO, Deployment, bench_quotas, free_port, median, rest_call, start_plain_gradio  # noqa: E402
 
 SHOUT, MIRROR, SLEEP, T2I = (
     REPO / p for p in ("examples/shout.py", "examples/mirror.py", "bench/sleep_app.py", "examples/text_to_image.py")
@@ -56,25 +56,9 @@ BUILTIN = "splitspace built-in sleep:100 (ref)"
 def start_plain(app: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     """``python app.py``, as its developer would run it, on a port of ours."""
     port = free_port()
-    log = open(workdir / f"plain-{app.stem}.log", "ab")
-    env = {
-        **os.environ,
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "GRADIO_SERVER_PORT": str(port),
-        "GRADIO_SERVER_NAME": "127.0.0.1",
-    }
-    proc = subprocess.Popen([sys.executable, str(app)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/gradio_api/info", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f"plain Gradio did not start {app}; see {workdir}")
+    env = {"GRADIO_SERVER_PORT": str(port), "GRADIO_SERVER_NAME": "127.0.0.1"}
+    proc = start_plain_gradio([str(app)], port, workdir / f"plain-{app.stem}.log", env)
+    return proc, f"http://127.0.0.1:{port}"
 
 
 def stop_plain(proc: subprocess.Popen[bytes]) -> None:

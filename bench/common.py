@@ -27,33 +27,45 @@ BASELINE = REPO / "bench" / "baseline"
 """The plain Gradio two-tier app measured beside splitspace (carried here, so a clone runs it)."""
 
 
+def start_plain_gradio(
+    args: list[str], port: int, log_path: Path, env: dict[str, str] | None = None, timeout_s: float = 90
+) -> subprocess.Popen[bytes]:
+    """``python ARGS`` (a plain Gradio app listening on ``port``), returned once it answers
+    ``/gradio_api/info``; the run ends with the log's path if it never does."""
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/gradio_api/info", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"plain Gradio ({' '.join(args)}) did not start; see {log_path}")
+
+
 def start_baseline(workdir: Path) -> tuple[TierProcess, TierProcess]:
     """The plain Gradio two-tier baseline (``bench/baseline``): one shared ``gradio_client``
     hop, FIFO queues, one "GPU" slot."""
     if not BASELINE.exists():
         raise SystemExit(f"baseline not found at {BASELINE}")
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
     procs = []
     bport, fport = free_port(), free_port()
     for script, args, port in (
         ("backend.py", [str(bport)], bport),
         ("frontend.py", [str(fport), f"http://127.0.0.1:{bport}/"], fport),
     ):
-        log = open(workdir / f"baseline-{script}.log", "ab")
-        proc = subprocess.Popen(
-            [sys.executable, str(BASELINE / script), *args], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        tier = TierProcess(script, f"http://127.0.0.1:{port}", proc, workdir / f"baseline-{script}.log")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{tier.url}/gradio_api/info", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        else:
-            raise SystemExit(f"baseline {script} did not start")
-        procs.append(tier)
+        log_path = workdir / f"baseline-{script}.log"
+        proc = start_plain_gradio([str(BASELINE / script), *args], port, log_path, timeout_s=60)
+        procs.append(TierProcess(script, f"http://127.0.0.1:{port}", proc, log_path))
     return procs[0], procs[1]
 
 

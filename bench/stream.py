@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, Deployment, bench_quotas, free_port, median, pct  # noqa: E402
+from common import REPO, Deployment, bench_quotas, free_port, median, pct, start_plain_gradio  # noqa: E402
 
 APP = REPO / "bench" / "stream_app.py"
 Events = list[tuple[float, str, Any]]
@@ -46,24 +45,7 @@ def rss_mb(pid: int) -> float:
 def start_plain(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     """The generator in one plain Gradio tier."""
     port = free_port()
-    log = open(workdir / "plain.log", "ab")
-    proc = subprocess.Popen(
-        [sys.executable, str(APP), str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/gradio_api/info", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the plain Gradio tier did not start")
+    return start_plain_gradio([str(APP), str(port)], port, workdir / "plain.log"), f"http://127.0.0.1:{port}"
 
 
 async def stream(
