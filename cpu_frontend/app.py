@@ -41,6 +41,7 @@ from splitspace.cpu_frontend.ui.app_events import forward_gpu_events
 from splitspace.cpu_frontend.ui.embed import embed_routes
 from splitspace.session import SessionCookieMiddleware
 from splitspace.shared.app import services as app_services
+from splitspace.shared.app.files import use_own_cache
 from splitspace.shared.app.gpu_function import gpu_function
 from splitspace.shared.app.loader import GpuEndpoint, gpu_endpoints, load_app
 from splitspace.shared.app.services import DoorView
@@ -417,4 +418,6 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
 
 def create_app() -> FastAPI:
     """App factory for uvicorn (``deploy/serve.py``): settings from the environment."""
+    # The images it saves (and deletes after SPLITSPACE_JOB_TTL_S) are in a cache of its own.
+    use_own_cache("frontend")
     return build_app(Settings())

@@ -159,7 +159,9 @@ def wait_ready(tier: TierProcess, timeout_s: float = 120) -> TierProcess:
 
 @dataclass
 class Deployment:
-    """Both tiers, the secrets they share and the operator's files, in ``workdir``."""
+    """Both tiers, the secrets they share and the operator's files, in ``workdir``; each
+    tier's Gradio cache too (``frontend-files/``, ``gpu-files/``): what one deployment's tiers
+    delete after their time-to-live is never another's."""
 
     workdir: Path
     model: str = "tiny"
@@ -208,6 +210,7 @@ class Deployment:
             "SPLITSPACE_MODEL": self.model,
             "SPLITSPACE_ADMIN_TOKEN": self.admin_token,
             "SPLITSPACE_STATE_PATH": str(self.state_path),
+            "GRADIO_TEMP_DIR": str(self.workdir / "gpu-files"),
             **self.backend_env,
         }
         self.backend = start_tier(
@@ -220,6 +223,7 @@ class Deployment:
             **self.common_env(),
             "SPLITSPACE_BACKEND_URL": self.backend_urls(),
             "SPLITSPACE_TRANSPORT": self.transport,
+            "GRADIO_TEMP_DIR": str(self.workdir / "frontend-files"),
             **self.frontend_env,
         }
         self.frontend = start_tier(

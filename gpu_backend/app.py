@@ -18,13 +18,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import gradio as gr
@@ -57,7 +54,7 @@ from splitspace.gpu_backend.workload.model import CompileConfig, ModelExecutor
 from splitspace.session.address import AddressPolicy
 from splitspace.session.identity import Identity
 from splitspace.session.token import HEALTH, IdentityTokens
-from splitspace.shared.app.files import expire_files_every
+from splitspace.shared.app.files import expire_files_every, use_own_cache
 from splitspace.shared.app.loader import gpu_endpoints, load_app
 from splitspace.shared.config.quota_watch import QuotaWatcher
 from splitspace.shared.config.settings import Settings
@@ -518,5 +515,5 @@ def create_app() -> FastAPI:
     sys.setswitchinterval(0.001)
     # The tier's Gradio cache is its own, never a frontend's on the same machine (splitspace
     # dev): it holds only files in transit, which it deletes after SPLITSPACE_GPU_FILES_TTL_S.
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(tempfile.gettempdir()) / "splitspace-gpu"))
+    use_own_cache("gpu")
     return build_app(Settings())

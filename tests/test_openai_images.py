@@ -109,6 +109,23 @@ def test_images_handed_out_by_url_expire_with_the_jobs_ttl(tmp_path: Path) -> No
     assert expire_images(str(tmp_path), 60.0, now) == 0
 
 
+def test_the_sweep_never_reaches_another_apps_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each tier's Gradio cache is its own (the sweep above deletes every old ``image.png``
+    in it): not Gradio's shared ``$TMPDIR/gradio``, unless the operator names one."""
+    from gradio import utils as gr_utils
+
+    from splitspace.shared.app.files import use_own_cache
+
+    monkeypatch.delenv("GRADIO_TEMP_DIR", raising=False)
+    shared_default = gr_utils.get_upload_folder()
+    use_own_cache("frontend")
+    assert gr_utils.get_upload_folder() != shared_default
+    assert Path(gr_utils.get_upload_folder()).name == "splitspace-frontend"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", "/srv/cache")
+    use_own_cache("frontend")
+    assert gr_utils.get_upload_folder() == "/srv/cache"
+
+
 @pytest.mark.parametrize(
     ("fields", "param"),
     [

@@ -116,6 +116,14 @@ def land_bytes(file: CarriedFile, name: str, cache_dir: str) -> str:
     return str(path.resolve())
 
 
+def use_own_cache(tier: str) -> None:
+    """Make this process' Gradio cache a folder of its tier's own (``$TMPDIR/splitspace-<tier>``)
+    unless ``GRADIO_TEMP_DIR`` names one: each tier deletes what it wrote there after a while
+    (``expire_files_every``), which must never reach another app's files in Gradio's shared
+    default (``$TMPDIR/gradio``). Called before the app is built (Gradio reads it per call)."""
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(Path(tempfile.gettempdir()) / f"splitspace-{tier}"))
+
+
 def is_carried_file(value: Any) -> bool:
     """A file carried as its bytes, or a reference to one that came without them."""
     return isinstance(value, CarriedFile) or (isinstance(value, dict) and set(value) == {FILE_KEY})
