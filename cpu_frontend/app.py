@@ -308,8 +308,6 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
 
     app.include_router(embed_routes())  # before the mount at "/", which catches everything after it
     endpoints: list[GpuEndpoint] = []
-    if not settings.app:
-        app.include_router(openai_routes(core))  # /v1/images/generations, /v1/models (OpenAI's images API)
     if served:  # the app's own Blocks, its GPU events forwarded
         app_services.register(AppFrontend(fe))  # the app's CPU events reach this frontend
         blocks = load_app(served)
@@ -348,6 +346,8 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         blocks.max_threads = settings.max_threads
         blocks.queue(default_concurrency_limit=None)
     by_name = {e.api_name: e for e in endpoints}
+    if not settings.app and "generate" in by_name:  # the built-in app's: OpenAI's images API over its generate
+        app.include_router(openai_routes(core, by_name["generate"]))  # /v1/images/generations, /v1/models
 
     def is_request(api_name: str, values: object) -> bool:
         """Whether a REST call is a valid one, which the door's middleware holds before Gradio:

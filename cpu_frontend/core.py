@@ -73,7 +73,11 @@ log = logging.getLogger("splitspace.frontend")
 FRONTEND_IDENTITY = Identity("frontend", "address", "anonymous", "frontend")
 """Who the frontend is when it asks a GPU tier for its live caps (health checks)."""
 IMAGE_NAME = "image.png"
-"""The file name of each image :meth:`FrontendCore.save_image` writes."""
+"""The file name of an image output in this tier's cache: the built-in's ``generate`` answers
+a ``gr.Image(format="png")``, which Gradio writes as ``image.png`` on the GPU tier, and its
+file lands here under that name (``<cache>/<sha256>/image.png``: ``shared/app/files.py``
+``land_bytes``), as :meth:`FrontendCore.save_image` names what it writes. The sweep of
+:func:`expire_images` looks for this name."""
 IMAGE_SWEEP_S = 60.0
 """How often images older than ``SPLITSPACE_JOB_TTL_S`` are deleted (:func:`expire_images`)."""
 
@@ -139,6 +143,11 @@ class FrontendCore:
         self.seconds_per_job = 1.0
         """Measured GPU seconds per job (smoothed), for the ETA of requests waiting at the door."""
         self.cache_dir = cache_dir
+
+    def learn_gpu_s(self, gpu_s: float) -> None:
+        """A finished call's measured GPU seconds into :attr:`seconds_per_job` (smoothed): the
+        one rule, for the Gradio path and jobs alike (``jobs/targets.py``)."""
+        self.seconds_per_job += 0.1 * (gpu_s - self.seconds_per_job)
 
     def _on_quotas(self, config: QuotaConfig) -> None:
         self.resolver.keyring = ApiKeyring(config.keys)
@@ -256,7 +265,7 @@ class FrontendCore:
             # is left (saving the image, sending it) no longer holds up the client's next.
             place.leave()
         if result is not None:
-            self.seconds_per_job += 0.1 * (result.info.gpu_s - self.seconds_per_job)
+            self.learn_gpu_s(result.info.gpu_s)
             # on a worker thread: a file write on the event loop held up every other caller
             path = await asyncio.to_thread(self.save_image, result.image_png)
             yield SavedImage(path, result.info)
@@ -302,7 +311,7 @@ class FrontendCore:
         finally:
             place.leave()  # the GPU tier has answered: the client's next may go
         if result is not None:
-            self.seconds_per_job += 0.1 * (result.info.gpu_s - self.seconds_per_job)
+            self.learn_gpu_s(result.info.gpu_s)
             if result.data != last_partial:  # a stream's last yield came as a Partial already
                 yield await self._landed(result.data, max_bytes)
 
@@ -326,10 +335,10 @@ class FrontendCore:
 
 
 def expire_images(cache_dir: str, age_s: float, now: float | None = None) -> int:
-    """Delete the images :meth:`FrontendCore.save_image` wrote (``<cache>/<hash>/image.png``)
-    more than ``age_s`` ago (the same image saved again is written again); how many. The
-    OpenAI API's ``response_format="url"`` hands out their URLs: they live as long as a
-    job's results (``SPLITSPACE_JOB_TTL_S``), not forever."""
+    """Delete the images in the cache (``<cache>/<hash>/image.png``: :data:`IMAGE_NAME`)
+    written or landed more than ``age_s`` ago (the same image landed again is touched
+    again); how many. The OpenAI API's ``response_format="url"`` hands out their URLs: they
+    live as long as a job's results (``SPLITSPACE_JOB_TTL_S``), not forever."""
     return expire_files(cache_dir, f"*/{IMAGE_NAME}", age_s, now)
 
 

@@ -322,8 +322,14 @@ def test_a_developer_function_runs_as_a_job_through_transport_call(tmp_path: Pat
 
     pool = BackendPool([MockTransport(lambda r, h: iter(()), call_handler=handler)])
     endpoints = gpu_endpoints(load_app("examples/shout.py"))
+    gpu_seconds: list[float] = []
     target = FunctionTarget(
-        endpoints, pool, IdentityTokens(["s" * 32]), max_file_bytes=1000, cache_dir=str(tmp_path / "cache")
+        endpoints,
+        pool,
+        IdentityTokens(["s" * 32]),
+        max_file_bytes=1000,
+        cache_dir=str(tmp_path / "cache"),
+        on_gpu_s=gpu_seconds.append,
     )
     call = target.validate("shout", {"text": "so"}, None)
     assert call == Call("shout", ["so", 2])
@@ -346,6 +352,39 @@ def test_a_developer_function_runs_as_a_job_through_transport_call(tmp_path: Pat
     assert isinstance(updates[0], Status) and isinstance(updates[-1], Finished)
     assert updates[-1].outputs[0] == "SO SO" and updates[-1].files[0].data == b"PNG!"
     assert updates[-1].outputs[1]["$file"] == 0 and seen == [call]
+    assert gpu_seconds == [0.1], "the call's GPU seconds feed the door's ETA, as on the Gradio path"
+
+
+def test_the_builtin_generate_is_a_function_as_any_apps(tmp_path: Path) -> None:
+    """With no ``SPLITSPACE_APP`` a job of ``/generate`` is a call of the built-in app's GPU
+    function: its inputs are the names clients always gave, checked by the app path's rules
+    (the sliders' ranges, then the app's own ``validator=``), null steps: the model's preset."""
+    from splitspace.builtin import APP
+    from splitspace.cpu_frontend.hop.backends import BackendPool
+    from splitspace.cpu_frontend.hop.mock_transport import MockTransport
+    from splitspace.cpu_frontend.jobs.targets import FunctionTarget
+    from splitspace.session.token import IdentityTokens
+    from splitspace.shared.app.loader import gpu_endpoints, load_app
+    from splitspace.shared.contract.errors import ValidationFailed, to_wire
+
+    pool = BackendPool([MockTransport(lambda r, h: iter(()), call_handler=lambda c, h: iter(()))])
+    target = FunctionTarget(
+        gpu_endpoints(load_app(APP)), pool, IdentityTokens(["s" * 32]), max_file_bytes=1000, cache_dir=str(tmp_path)
+    )
+    assert target.endpoints() == ("generate",)
+    inputs = {"prompt": "a fox", "negative_prompt": "", "width": 64, "height": 128, "steps": None}
+    call = target.validate("generate", {**inputs, "guidance_scale": None, "seed": 7}, None)
+    assert call == Call("generate", ["a fox", "", 64, 128, None, None, 7])
+    for given, field, message in (
+        ({}, "prompt", "is required"),
+        ({"prompt": "   "}, "prompt", "Prompt: must be 1 to"),
+        ({"prompt": "x", "width": 72.5}, "width", "Width: must be in steps of 8"),
+        ({"prompt": "x", "seed": -5}, "seed", "Seed (-1 = random): must be -1 (random)"),
+    ):
+        with pytest.raises(ValidationFailed) as refused:
+            target.validate("generate", given, None)
+        wire = to_wire(refused.value)
+        assert wire["field"] == field and str(wire["message"]).startswith(message), wire
 
 
 def test_a_functions_file_inputs_are_given_inline_and_checked_by_the_gradio_rules(tmp_path: Path) -> None:

@@ -83,9 +83,12 @@ def test_ten_images_each_its_own_request(direct: Deployment) -> None:
 
 
 def test_response_format_url_is_a_capability_url(direct: Deployment) -> None:
+    from splitspace.cpu_frontend.core import IMAGE_NAME
+
     result = client(direct).images.generate(prompt="a url", size="64x64", response_format="url")  # type: ignore[arg-type]
     url = result.data[0].url
     assert url is not None and "/gradio_api/file=" in url
+    assert url.endswith(f"/{IMAGE_NAME}"), "a file the sweep below deletes after SPLITSPACE_JOB_TTL_S"
     r = httpx.get(url, timeout=30)  # no credentials: whoever holds the URL may read it
     assert r.status_code == 200
     assert png(r.content).size == (64, 64)

@@ -2,17 +2,24 @@
 
 Why it exists: the ``openai`` SDK (and every tool built on it) can then use a
 splitspace deployment as it is, with ``base_url=<frontend>/v1`` and an API key of
-the quota file. The route is thin over ``FrontendCore`` (``cpu_frontend/core.py``),
-so nothing here is a second way in:
+the quota file. Each image is a call of the built-in app's ``generate`` event
+(``builtin/text_to_image_app.py``) through ``FrontendCore.follow_call``
+(``cpu_frontend/core.py``), the path of every app's GPU events, so nothing here is a
+second way in:
 
 - identity: ``FrontendCore.identity`` (an ``Authorization: Bearer`` key, the session
   cookie, the address), resolved once before anything is counted;
-- validation: ``request_from_dict`` with the deployment's limits; pydantic only
-  reads the OpenAI body's shape (types, ``n``, ``size`` as ``WxH``, ``response_format``);
+- inputs: the body's fields by the ``generate`` inputs' names (``size`` as ``width``
+  and ``height``; ``steps`` and ``guidance_scale`` unset: the model's preset; the
+  rest unset: the event's defaults); pydantic only reads the OpenAI body's shape
+  (types, ``n``, ``size`` as ``WxH``, ``response_format``);
+- validation: the app path's one validation (``validate_call`` in ``follow_call``:
+  the components' ranges, then the built-in's ``validator=``); a refused input is
+  named by the body's parameter (``size`` for ``width`` or ``height``);
 - the door: each of the ``n`` images joins its client's line with
   ``FrontendCore.join_door``, as ``n`` separate calls would; if any is refused (the
   client's cap) every place is given back and the answer is 429. The places are
-  handed to ``FrontendCore.generate`` with a one-time pass, as the door's middleware
+  handed to ``FrontendCore.follow_call`` with a one-time pass, as the door's middleware
   hands a held REST call to Gradio, and the ``n`` run concurrently; a caller who
   goes away cancels them (the GPU tier drops their jobs);
 - errors: the project's errors become OpenAI's ``{"error": {message, type, param,
@@ -20,10 +27,10 @@ so nothing here is a second way in:
   its exception classes (400 ``BadRequestError``, 401 ``AuthenticationError``, 429
   ``RateLimitError`` with ``retry-after``, 5xx ``InternalServerError``).
 
-``response_format="url"`` answers with a capability URL: the PNG where Gradio serves
-the frontend's outputs (``/gradio_api/file=<path>``, under a directory named by the
-image's hash), readable by whoever holds the URL, without credentials, for
-``SPLITSPACE_JOB_TTL_S`` after the image was written, as a job's results
+``response_format="url"`` answers with a capability URL: the PNG where it landed in the
+frontend's Gradio cache, which Gradio serves (``/gradio_api/file=<path>``, under a
+directory named by the image's sha256), readable by whoever holds the URL, without
+credentials, for ``SPLITSPACE_JOB_TTL_S`` after the image landed, as a job's results
 (``cpu_frontend.core.expire_images`` deletes it then).
 """
 
@@ -33,7 +40,7 @@ import base64
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
@@ -44,10 +51,12 @@ from pydantic import ValidationError as PydanticError
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 
-from splitspace.cpu_frontend.core import SavedImage
+from splitspace.cpu_frontend.api.input_names import Function, describe
+from splitspace.cpu_frontend.api.validation import InputRefused
 from splitspace.cpu_frontend.door.door import FairDoor, Place
 from splitspace.cpu_frontend.door.door_middleware import DOOR_PASS_HEADER
 from splitspace.session.identity import Identity
+from splitspace.shared.app.loader import GpuEndpoint
 from splitspace.shared.config.settings import Settings
 from splitspace.shared.contract.errors import (
     QUEUE_FULL,
@@ -62,7 +71,7 @@ from splitspace.shared.contract.errors import (
     ValidationFailed,
 )
 from splitspace.shared.contract.hop import Status
-from splitspace.shared.contract.schema import GenerateRequest, Limits, echo, request_from_dict
+from splitspace.shared.contract.schema import echo
 from splitspace.shared.http import guard
 
 log = logging.getLogger("splitspace.openai")
@@ -109,14 +118,14 @@ class ImagesFrontend(Protocol):
 
     async def join_door(self, identity: Identity, parked: bool = False) -> Place: ...
 
-    def generate(
-        self, values: dict[str, Any], request: HTTPConnection | None
-    ) -> AsyncGenerator[Status | SavedImage, None]: ...
+    def follow_call(
+        self, endpoint: GpuEndpoint, payloads: list[Any], request: HTTPConnection | None
+    ) -> AsyncGenerator[Status | list[Any], None]: ...
 
 
 class ImageGeneration(BaseModel):
-    """The body of ``POST /v1/images/generations``: OpenAI's fields, and the request's own
-    (``seed``, ``steps``, ``guidance_scale``, ``negative_prompt``) for ``extra_body``.
+    """The body of ``POST /v1/images/generations``: OpenAI's fields, and the built-in's own
+    inputs (``seed``, ``steps``, ``guidance_scale``, ``negative_prompt``) for ``extra_body``.
     Other fields are ignored, as OpenAI's servers ignore what they do not know."""
 
     model_config = ConfigDict(extra="ignore")
@@ -137,22 +146,29 @@ class ImageGeneration(BaseModel):
     user: StrictStr | None = None
     """Accepted and not used: who the caller is comes from its key, cookie or address."""
 
-    def requests(self, limits: Limits) -> list[GenerateRequest]:
-        """The ``n`` requests, each validated by the schema (the one validation of a request)."""
-        values: dict[str, Any] = {"prompt": self.prompt}
+    def payloads(self, generate: Function) -> list[list[Any]]:
+        """The ``n`` calls' inputs, in the order of ``generate``'s: the body's fields by the
+        inputs' names, the others the event's defaults (``steps`` and ``guidance_scale``
+        unset: None, the model's preset). Checked on the app path, not here."""
+        values: dict[str, Any] = {
+            **generate.defaults,
+            "prompt": self.prompt,
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+        }
         if self.size is not None and self.size.strip().lower() != "auto":
             m = _SIZE.match(self.size)
             if m is None:
                 raise ValidationFailed("size", f"must be WIDTHxHEIGHT, e.g. 512x512, got {echo(self.size)}")
             values["width"], values["height"] = int(m.group(1)), int(m.group(2))
-        for name in ("steps", "guidance_scale", "negative_prompt"):
-            if getattr(self, name) is not None:
-                values[name] = getattr(self, name)
-        seed = self.seed
-        return [
-            request_from_dict({**values, **({} if seed is None else {"seed": seed + i if seed >= 0 else seed})}, limits)
-            for i in range(self.n or 1)
-        ]
+        if self.negative_prompt is not None:
+            values["negative_prompt"] = self.negative_prompt
+        calls = []
+        for i in range(self.n or 1):
+            if self.seed is not None:
+                values["seed"] = self.seed + i if self.seed >= 0 else self.seed
+            calls.append([values[name] for name in generate.inputs])
+        return calls
 
 
 class ModelNotFound(ValidationFailed):
@@ -231,9 +247,11 @@ async def _disconnected(request: Request) -> None:
     raise _Gone
 
 
-def openai_routes(fe: ImagesFrontend) -> APIRouter:
+def openai_routes(fe: ImagesFrontend, endpoint: GpuEndpoint) -> APIRouter:
+    """The routes; ``endpoint``: the built-in app's ``generate`` event, as the frontend serves it."""
     router = APIRouter(prefix="/v1", include_in_schema=False)
     started = int(time.time())
+    generate = describe(endpoint)
 
     def model_name() -> str:
         return str((fe.pool.health() or {}).get("model") or fe.settings.model)
@@ -268,13 +286,15 @@ def openai_routes(fe: ImagesFrontend) -> APIRouter:
             served = model_name()
             if body.model is not None and body.model != served:
                 raise ValidationFailed("model", f"this server serves {served!r}, got {echo(body.model)}")
-            reqs = body.requests(fe.settings.limits)
-            for _ in reqs:  # all or none: a refusal of any gives every place back
+            calls = body.payloads(generate)
+            for _ in calls:  # all or none: a refusal of any gives every place back
                 place = await fe.join_door(identity)
                 places.append((place, fe.door.hand_over(place)))
-            paths = await _run_all(
-                request, [_one(fe, request, req, nonce) for req, (_, nonce) in zip(reqs, places, strict=True)]
-            )
+            images = [
+                _one(fe, request, endpoint, generate, payloads, nonce)
+                for payloads, (_, nonce) in zip(calls, places, strict=True)
+            ]
+            paths = await _run_all(request, images)
             data = await asyncio.to_thread(_answer, paths, body.response_format or "b64_json", _root_url(request))
         except _Gone:
             return Response(status_code=499)
@@ -289,20 +309,32 @@ def openai_routes(fe: ImagesFrontend) -> APIRouter:
     return router
 
 
-async def _one(fe: ImagesFrontend, request: Request, req: GenerateRequest, nonce: str) -> str:
-    """One image through ``FrontendCore.generate`` with its place's pass; the PNG's path."""
+async def _one(
+    fe: ImagesFrontend, request: Request, endpoint: GpuEndpoint, generate: Function, payloads: list[Any], nonce: str
+) -> str:
+    """One image through ``FrontendCore.follow_call`` with its place's pass; the PNG's path
+    in the frontend's cache (the first output, a FileData). A refused input is named as
+    the body names it (its input's name, not its label)."""
     scope = {**request.scope, "headers": [*request.scope["headers"], (DOOR_PASS_HEADER.encode(), nonce.encode())]}
-    updates = fe.generate(req.to_wire(), Request(scope))
+    updates = fe.follow_call(endpoint, payloads, Request(scope))
     try:
         async for update in updates:
-            if isinstance(update, SavedImage):
-                return update.path
+            if isinstance(update, list):
+                image = update[0] if update else None
+                if isinstance(image, dict) and isinstance(image.get("path"), str):
+                    return image["path"]
+                break
+    except InputRefused as exc:
+        if exc.position is None:
+            raise
+        said = exc.message.removeprefix(f"{exc.field}: ")
+        raise ValidationFailed(generate.inputs[exc.position - 1], said) from None
     finally:
         await updates.aclose()
-    raise SplitspaceError("the image never came")
+    raise GpuFailed("the model answered no image")
 
 
-async def _run_all(request: Request, jobs: list[Awaitable[str]]) -> list[str]:
+async def _run_all(request: Request, jobs: Sequence[Awaitable[str]]) -> list[str]:
     """Run the images concurrently; the first failure (or the caller leaving) cancels the rest."""
     tasks = [asyncio.ensure_future(job) for job in jobs]
     gone = asyncio.ensure_future(_disconnected(request))

@@ -48,12 +48,22 @@ Check = Callable[[Any, Any, int], "str | None"]
 """``(component, payload, max_file_bytes)`` -> what is wrong with the payload, or None."""
 
 
+class InputRefused(ValidationFailed):
+    """A call refused for one of its inputs, named by its label; ``position`` (from 1; None:
+    the call as a whole) says which, for an edge that names inputs otherwise (OpenAI's
+    images API names the body's parameter)."""
+
+    def __init__(self, field: str, message: str, position: int | None) -> None:
+        super().__init__(field, message)
+        self.position = position
+
+
 def validate_call(endpoint: GpuEndpoint, payloads: list[Any], max_file_bytes: int) -> None:
-    """Raise :class:`ValidationFailed` naming the first input that its component refuses,
+    """Raise :class:`InputRefused` naming the first input that its component refuses,
     or that the event's ``validator`` marks invalid."""
     problem = first_problem(endpoint, payloads, max_file_bytes)
     if problem is not None:
-        raise ValidationFailed(problem.field, problem.message)
+        raise InputRefused(problem.field, problem.message, problem.position)
 
 
 def is_valid_call(endpoint: GpuEndpoint, values: object, max_file_bytes: int) -> bool:

@@ -2,7 +2,7 @@
 
 - ``POST /v1/jobs`` ``{"endpoint", "inputs" | "data", "webhook_url"?, "webhook_events"?}``
   (``Idempotency-Key`` header optional): 202 with the job (``Location`` its URL); 400
-  naming the input (a developer's function: checked as Gradio's API checks it, files
+  naming the input (a GPU function of the served app: checked as Gradio's API checks it, files
   given inline: ``file_inputs.py``); 413 over the body limit (the guard's); 429 with
   ``Retry-After`` over the client's in-flight cap (the same cap, line and fair share as
   the Gradio API: ``runner.py``).
@@ -38,7 +38,7 @@ from splitspace.cpu_frontend.jobs.redis_store import RedisJobStore
 from splitspace.cpu_frontend.jobs.runner import JobConflict, JobNotFound, JobRunner
 from splitspace.cpu_frontend.jobs.sqlite_store import SqliteJobStore
 from splitspace.cpu_frontend.jobs.store import JobStore
-from splitspace.cpu_frontend.jobs.targets import FunctionTarget, GenerateTarget, JobTarget, Targets
+from splitspace.cpu_frontend.jobs.targets import FunctionTarget, Targets
 from splitspace.cpu_frontend.jobs.views import file_indexes, job_view
 from splitspace.cpu_frontend.jobs.webhooks import Deliveries, Sender
 from splitspace.session.identity import Identity
@@ -328,6 +328,8 @@ class FrontendParts(Protocol):
 
     def identity(self, request: HTTPConnection | None) -> Identity: ...
 
+    def learn_gpu_s(self, gpu_s: float) -> None: ...
+
     async def join_door(self, identity: Identity, parked: bool = False) -> Place: ...
 
 
@@ -341,29 +343,23 @@ class JobsService:
     """The jobs of one frontend: its runner, its routes, started and stopped with the app."""
 
     def __init__(self, fe: FrontendParts, endpoints: Sequence[GpuEndpoint] = (), store: JobStore | None = None) -> None:
-        """``endpoints``: the developer's GPU functions (``SPLITSPACE_APP``), found once by the
-        frontend before it rewires them; none: the built-in ``/generate``."""
+        """``endpoints``: the served app's GPU functions (``SPLITSPACE_APP``, else the built-in
+        app's ``generate``), found once by the frontend before it rewires them."""
         settings = fe.settings
         self.store = store or open_store(settings)
 
         def learn(identity: Identity, cap: int | None) -> None:
             fe.caps.learn(identity, cap)
 
-        def gpu_s(seconds: float) -> None:  # the ETA of those waiting at the door, as FrontendCore.generate learns it
-            fe.seconds_per_job += 0.1 * (seconds - fe.seconds_per_job)
-
-        target: JobTarget
-        if settings.app:
-            target = FunctionTarget(
-                endpoints,
-                fe.pool,
-                fe.tokens,
-                max_file_bytes=settings.max_file_bytes,
-                cache_dir=fe.cache_dir,
-                learn_cap=learn,
-            )
-        else:
-            target = GenerateTarget(fe.pool, fe.tokens, settings.limits, learn, gpu_s)
+        target = FunctionTarget(
+            endpoints,
+            fe.pool,
+            fe.tokens,
+            max_file_bytes=settings.max_file_bytes,
+            cache_dir=fe.cache_dir,
+            learn_cap=learn,
+            on_gpu_s=fe.learn_gpu_s,  # the ETA of those waiting at the door, as the Gradio path learns it
+        )
 
         def rejoin(identity: Identity) -> Place:
             terms = fe.caps.terms(identity)  # accepted before: no cap refuses it now

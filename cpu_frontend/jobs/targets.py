@@ -1,25 +1,26 @@
-"""What a job can run: the small interface the job runner needs, and its two kinds.
+"""What a job can run: the small interface the job runner needs, and the app's GPU functions as one.
 
 Why it exists: the runner (``runner.py``) keeps jobs, places and webhooks; what a job *is*
-differs between the built-in text-to-image (``/generate``: a ``GenerateRequest`` over
-``Transport.stream``) and a developer's ``@splitspace.gpu`` functions (a ``Call`` over
-``Transport.call``). A :class:`JobTarget` says which endpoints it serves, turns a job's
-inputs into a :class:`~splitspace.shared.contract.calls.Call` (or raises
-``ValidationFailed`` naming the input), and runs one for an identity, streaming
+is a call of one of the served app's ``@splitspace.gpu`` functions (with no
+``SPLITSPACE_APP``, the built-in text-to-image app's ``generate``, served as any app is).
+A :class:`JobTarget` says which endpoints it serves, turns a job's inputs into a
+:class:`~splitspace.shared.contract.calls.Call` (or raises ``ValidationFailed`` naming
+the input), and runs one for an identity, streaming
 :class:`~splitspace.shared.contract.hop.Status` updates and then one :class:`Finished`.
-Both implementations go through the Frontend's own Gradio-free pieces: the identity
-tokens, the deployment's limits and validation, the backend pool, the learned caps.
+:class:`FunctionTarget` goes through the Frontend's own Gradio-free pieces, as the Gradio
+API path of the same function does (``FrontendCore.follow_call``): the identity tokens,
+the app path's validation, the backend pool's ``call``, the learned caps and ETA.
 """
 
 from __future__ import annotations
 
-import inspect
 import tempfile
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from splitspace.cpu_frontend.api.input_names import describe
 from splitspace.cpu_frontend.api.validation import first_problem
 from splitspace.cpu_frontend.jobs.file_inputs import land_files
 from splitspace.cpu_frontend.jobs.records import FILE_REF, StoredFile
@@ -30,8 +31,8 @@ from splitspace.shared.app.loader import GpuEndpoint
 from splitspace.shared.contract.calls import Call, CallResult, CarriedFile
 from splitspace.shared.contract.errors import BackendUnavailable, ValidationFailed
 from splitspace.shared.contract.headers import IDENTITY_HEADER
-from splitspace.shared.contract.hop import CallUpdate, Result, Status, Update
-from splitspace.shared.contract.schema import REQUEST_FIELDS, GenerateRequest, Limits, echo, request_from_dict
+from splitspace.shared.contract.hop import CallUpdate, Status
+from splitspace.shared.contract.schema import echo
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,6 @@ class JobTarget(Protocol):
 
 class Tokens(Protocol):
     def mint(self, identity: Identity, purpose: str) -> str: ...
-
-
-class Stream(Protocol):
-    def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncGenerator[Update, None]: ...
 
 
 class Caller(Protocol):
@@ -99,75 +96,6 @@ def _positional(
     return values
 
 
-class GenerateTarget:
-    """The built-in text-to-image: ``/generate`` over the backend pool's ``stream``."""
-
-    ENDPOINT = "generate"
-
-    def __init__(
-        self,
-        pool: Stream,
-        tokens: Tokens,
-        limits: Limits,
-        learn_cap: Callable[[Identity, int | None], None] = lambda identity, cap: None,
-        on_gpu_s: Callable[[float], None] = lambda s: None,
-    ) -> None:
-        self.pool = pool
-        self.tokens = tokens
-        self.limits = limits
-        self.learn_cap = learn_cap
-        self.on_gpu_s = on_gpu_s
-
-    def endpoints(self) -> Sequence[str]:
-        return (self.ENDPOINT,)
-
-    def validate(self, endpoint: str, inputs: Mapping[str, Any] | None, data: list[Any] | None) -> Call:
-        defaults = {name: getattr(GenerateRequest, name) for name in REQUEST_FIELDS if name != "prompt"}
-        values = _positional(REQUEST_FIELDS, inputs, data, defaults)
-        return Call(self.ENDPOINT, request_from_dict(values, self.limits).as_args())
-
-    async def run(self, identity: Identity, call: Call) -> AsyncGenerator[JobUpdate, None]:
-        request = request_from_dict(dict(zip(REQUEST_FIELDS, call.data, strict=True)), self.limits)
-        headers = {IDENTITY_HEADER: self.tokens.mint(identity, infer_purpose(request.digest()))}
-        async for update in self.pool.stream(request, headers):
-            self.learn_cap(identity, update.cap)
-            if isinstance(update, Result):
-                self.on_gpu_s(update.info.gpu_s)
-                image = StoredFile("image.png", "image/png", update.image_png)
-                yield Finished([file_ref(0, image), update.info.to_dict()], [image])
-                return
-            yield update
-        raise BackendUnavailable("the GPU tier ended the call without a result")
-
-
-@dataclass(frozen=True)
-class Function:
-    """One developer function as jobs see it: its API name, its inputs' names and defaults."""
-
-    name: str
-    inputs: tuple[str, ...]
-    defaults: Mapping[str, Any]
-
-
-def describe(endpoint: GpuEndpoint) -> Function:
-    """A :class:`Function` of a ``shared.app.loader.GpuEndpoint``: its inputs are named as
-    the function's parameters (as Gradio's ``/call/v2`` names them), with the function's
-    defaults, else the component's value."""
-    components = endpoint.inputs
-    try:
-        params = list(inspect.signature(endpoint.record.fn).parameters.values())[: len(components)]
-    except (TypeError, ValueError):
-        params = []
-    names = [p.name for p in params] + [f"input_{i}" for i in range(len(params), len(components))]
-    defaults: dict[str, Any] = {}
-    for i, (name, component) in enumerate(zip(names, components, strict=True)):
-        if i < len(params) and params[i].default is not inspect.Parameter.empty:
-            defaults[name] = params[i].default
-        elif getattr(component, "value", None) is not None:
-            defaults[name] = component.value
-    return Function(endpoint.api_name, tuple(names), defaults)
-
-
 def collect_files(value: Any, files: list[StoredFile]) -> Any:
     """Outputs with each carried file (a CarriedFile) moved into ``files``."""
     if isinstance(value, CarriedFile):
@@ -182,9 +110,11 @@ def collect_files(value: Any, files: list[StoredFile]) -> Any:
 
 
 class FunctionTarget:
-    """A developer's ``@splitspace.gpu`` functions, over the backend pool's ``call``. A job's
-    inputs are checked by the Gradio API path's one validation (``validate_call``'s rules:
-    ``cpu_frontend/api/validation.py``), its files landed for it first (``file_inputs.py``)."""
+    """The served app's ``@splitspace.gpu`` functions (the built-in's ``generate`` too), over
+    the backend pool's ``call``. A job's inputs are checked by the Gradio API path's one
+    validation (``validate_call``'s rules: ``cpu_frontend/api/validation.py``), its files
+    landed for it first (``file_inputs.py``). ``on_gpu_s``: each finished call's measured
+    GPU seconds (the ETA of those waiting at the door: ``FrontendCore.learn_gpu_s``)."""
 
     def __init__(
         self,
@@ -195,6 +125,7 @@ class FunctionTarget:
         max_file_bytes: int,
         cache_dir: str,
         learn_cap: Callable[[Identity, int | None], None] = lambda identity, cap: None,
+        on_gpu_s: Callable[[float], None] = lambda s: None,
     ) -> None:
         self.endpoints_by_name = {e.api_name: e for e in endpoints}
         self.functions = {e.api_name: describe(e) for e in endpoints}
@@ -203,6 +134,7 @@ class FunctionTarget:
         self.max_file_bytes = max_file_bytes
         self.cache_dir = cache_dir
         self.learn_cap = learn_cap
+        self.on_gpu_s = on_gpu_s
 
     def endpoints(self) -> Sequence[str]:
         return tuple(self.functions)
@@ -238,6 +170,7 @@ class FunctionTarget:
                 yield update
             elif isinstance(update, CallResult):
                 self.learn_cap(identity, update.cap)
+                self.on_gpu_s(update.info.gpu_s)
                 files: list[StoredFile] = []
                 yield Finished(collect_files(update.data, files), files)
                 return
