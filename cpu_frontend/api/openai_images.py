@@ -134,7 +134,7 @@ class ImageGeneration(BaseModel):
     model: StrictStr | None = None
     n: Annotated[int, Field(ge=1, le=MAX_IMAGES)] | None = None
     size: StrictStr | None = None
-    """``WxH`` (e.g. ``512x512``); ``auto`` or none: the deployment's default."""
+    """``WxH`` (e.g. ``512x512``); ``auto`` or none: ``generate``'s default width and height."""
     response_format: Literal["b64_json", "url"] | None = None
     seed: int | None = None
     """Image ``i`` of ``n`` gets ``seed + i``; none or -1: random."""
