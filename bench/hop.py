@@ -1,18 +1,16 @@
-"""Hop benchmark: what the second tier costs, splitspace (each transport) vs plain Gradio.
+"""Hop benchmark: what the second tier costs, splitspace vs plain Gradio.
 
 Measured in one run, on this machine, against bench/baseline/:
 - sequential latency of raw REST calls (POST /gradio_api/call, then its event stream):
   the baseline's /echo direct (one plain tier), the baseline's /echo through its
-  gradio_client frontend, and splitspace's /generate with `sleep:0` through both tiers
-  with each transport;
+  gradio_client frontend, and splitspace's /generate with `sleep:0` through both tiers;
 - CPU per call of the tier that forwards (and of one plain tier, for the ratio);
 - throughput with 64 concurrent callers, and failed calls;
 - frontend memory and threads with N callers waiting on a slow GPU tier.
 
 Run: python bench/hop.py [--seq 200] [--rounds 3] [--callers 64] [--per-caller 10] [--waiting 500]
-     [--transports direct,httpx,gradio_client] [--skip-baseline-client]
-Zero failures in 5,000 calls: python bench/hop.py --transports direct --per-caller 80 --waiting 0
-     --skip-baseline-client
+     [--skip-baseline-client]
+Zero failures in 5,000 calls: python bench/hop.py --per-caller 80 --waiting 0 --skip-baseline-client
 """
 
 from __future__ import annotations
@@ -118,7 +116,6 @@ def main() -> None:
     ap.add_argument("--callers", type=int, default=64)
     ap.add_argument("--per-caller", type=int, default=10)
     ap.add_argument("--waiting", type=int, default=500)
-    ap.add_argument("--transports", default="direct,httpx,gradio_client")
     ap.add_argument(
         "--skip-baseline-client",
         action="store_true",
@@ -131,11 +128,8 @@ def main() -> None:
         ("baseline direct", base_backend.url, "echo", ["x"], base_backend.proc.pid, None),
         ("baseline via gradio_client", base_frontend.url, "echo", ["x"], base_frontend.proc.pid, None),
     ][: 1 if args.skip_baseline_client else 2]
-    deployments = []
-    for transport in args.transports.split(","):
-        d = Deployment(work / transport, model="sleep:0", quotas=QUOTAS, transport=transport).start()
-        deployments.append(d)
-        systems.append((f"splitspace {transport}", d.frontend.url, "generate", GEN, d.frontend.proc.pid, d))
+    splitspace = Deployment(work / "splitspace", model="sleep:0", quotas=QUOTAS).start()
+    systems.append(("splitspace", splitspace.frontend.url, "generate", GEN, splitspace.frontend.proc.pid, splitspace))
     try:
         rows: dict[str, dict[str, Any]] = {}
         rounds: dict[str, list[dict[str, float]]] = {name: [] for name, *_ in systems}
@@ -170,12 +164,11 @@ def main() -> None:
             "receives the call; cpu x and tp x: ratios to one plain tier)"
         )
         if args.waiting:
-            for d in deployments:
-                d.stop()
+            splitspace.stop()
             slow = Deployment(work / "slow", model="sleep:60000", quotas=QUOTAS).start()
             try:
                 m = asyncio.run(waiting_memory(slow, args.waiting))
-                print(f"\n== {args.waiting} callers waiting on a slow GPU tier (default transport) ==")
+                print(f"\n== {args.waiting} callers waiting on a slow GPU tier ==")
                 print(
                     f"frontend RSS {m['rss0_mb']:.0f} -> {m['rss_mb']:.0f} MB "
                     f"({(m['rss_mb'] - m['rss0_mb']) * 1024 / args.waiting:.0f} KB per waiting call); "
@@ -184,8 +177,7 @@ def main() -> None:
             finally:
                 slow.stop()
     finally:
-        for d in deployments:
-            d.stop()
+        splitspace.stop()
         base_frontend.stop()
         base_backend.stop()
 

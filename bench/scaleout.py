@@ -335,7 +335,6 @@ class Tiers:
             env = {
                 **self.d.common_env(),
                 "SPLITSPACE_BACKEND_URL": ",".join(b.url for b in self.backends),
-                "SPLITSPACE_TRANSPORT": "direct",
                 **(frontend_env or {}),
             }
             self.frontend = start_tier("frontend", free_port(), env, workdir / "frontend.log")

@@ -3,15 +3,17 @@
 Layout and wiring only; every sentence comes from ``ui_text.py``. Two kinds of
 events live here:
 
-- the API (``/generate``, ``/quota``): the handlers of ``app.py``, unchanged for API
-  clients, registered with no trigger on the page (``gr.on(triggers=[])``) and the
-  same input and output components as ever, so their schema does not move;
+- the API (``/generate``, ``/quota``): ``/generate`` is the app's GPU event
+  (``text_to_image_app.py`` registers it, given the components), ``/quota`` the caller's
+  standing; both with no trigger on the page (``gr.on(triggers=[])``) and the same input
+  and output components as ever, so their schema does not move;
 - the page's own (private) events: the Generate button runs ``on_generate``, which
-  follows ``Frontend.ui_follow`` (``generate`` underneath) and turns each status into
-  words in Gradio's status display over the image (``gr.Progress``); a refusal
-  becomes guidance with a countdown, during which the button is off; the quota line
-  is refreshed after every generation and on load; recent images stay in this
-  browser (``gr.BrowserState``, thumbnails in localStorage), each one re-usable.
+  follows the app's GPU function through the serving tier's services (:class:`AppPage`,
+  ``shared/app/services.py``) and turns each status into words in Gradio's status
+  display over the image (``gr.Progress``); a refusal becomes guidance with a
+  countdown, during which the button is off; the quota line is refreshed after every
+  generation and on load; recent images stay in this browser (``gr.BrowserState``,
+  thumbnails in localStorage), each one re-usable.
 
 The history never goes to the server: a noise image's thumbnail alone is most of the
 frontend's 16 KiB body limit, and it would ride along with every click. The server
@@ -34,7 +36,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import gradio as gr
 
@@ -165,22 +167,9 @@ QUOTA_CSS = """
 NOTICE_CSS = ".splitspace-refusal { color: var(--error-text-color, #b91c1c); margin: 0; }"
 
 
-class PageBackend(Protocol):
-    """What the page needs from the frontend (``app.Frontend``)."""
-
-    @property
-    def browser_secret(self) -> str: ...
-
-    async def quota(self, request: gr.Request = None) -> dict: ...  # type: ignore[assignment]
-
-    async def ui_follow(
-        self, values: dict[str, Any], request: gr.Request, on_status: Callable[[dict[str, Any]], bool]
-    ) -> tuple[dict[str, Any], dict[str, Any]] | Refusal | None: ...
-
-
 class AppPage:
-    """The page's backend in an app (the built-in's, ``builtin/text_to_image_app.py``): the
-    GPU function ``generate`` followed through the serving tier's services
+    """The page's backend: the built-in app's GPU function ``generate``
+    (``builtin/text_to_image_app.py``) followed through the serving tier's services
     (``shared/app/services.py``; the frontend's, or one process's), as any app's CPU event
     would follow it. The refusal a call meets becomes data for the page to word."""
 
@@ -307,7 +296,10 @@ ApiEvent = Callable[[list[Any], list[Any]], Any]
 """Registers ``/generate`` given its input and output components (no trigger on the page)."""
 
 
-def build_page(model: LiveModel, limits: Limits, frontend: PageBackend, generate_api: ApiEvent) -> gr.Blocks:
+def build_page(limits: Limits, page: AppPage, generate_api: ApiEvent) -> gr.Blocks:
+    """The page of the app whose GPU function ``page`` follows; ``generate_api`` registers
+    ``/generate`` on the request's input components and the image and info outputs."""
+    model = LiveModel(lambda: services().gpu_health())
     tabs = GoneTabs()
     with gr.Blocks(title="splitspace", delete_cache=(3600, 3600)) as blocks:
         heading = gr.Markdown("# splitspace\nText to image on a shared GPU, scheduled fairly per client.")
@@ -362,13 +354,13 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend, generate
         gr.Examples(
             [[p] for p in EXAMPLES], inputs=[prompt], label="Examples", cache_examples=False, api_visibility="private"
         )
-        history = gr.BrowserState([], storage_key=RECENT_KEY, secret=frontend.browser_secret)
+        history = gr.BrowserState([], storage_key=RECENT_KEY, secret=page.browser_secret)
         fresh = gr.JSON(None, visible=False)  # the new image's entry, on its way into the history
         quota_api_box = gr.JSON(label="Quota", visible=False)
 
         inputs = [prompt, negative, width, height, steps, guidance, seed]
         generate_api(inputs, [image, info_box])  # the API, as ever: no trigger on the page
-        gr.on([], frontend.quota, None, quota_api_box, api_name="quota", concurrency_limit=None)
+        gr.on([], page.quota, None, quota_api_box, api_name="quota", concurrency_limit=None)
 
         async def on_generate(
             prompt: str,
@@ -405,7 +397,7 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend, generate
 
             tabs.follow(session)
             try:
-                outcome = await frontend.ui_follow(values, request, on_status)
+                outcome = await page.ui_follow(values, request, on_status)
             finally:
                 tabs.done(session)
             if outcome is None:  # the tab went away
@@ -426,7 +418,7 @@ def build_page(model: LiveModel, limits: Limits, frontend: PageBackend, generate
 
         async def on_quota(request: gr.Request) -> str:
             try:
-                standing = await frontend.quota(request)
+                standing = await page.quota(request)
             except gr.Error as exc:
                 return ui_text.quota_html(None, problem=exc.message)
             return ui_text.quota_html(ui_text.quota_line(standing))

@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 import splitspace
-from splitspace.builtin.page import AppPage, LiveModel, browser_state_secret, build_page
-from splitspace.shared.app.services import services
+from splitspace.builtin.page import AppPage, browser_state_secret, build_page
 from splitspace.shared.config.settings import Settings
 from splitspace.shared.contract.calls import CallInfo
 from splitspace.shared.contract.errors import ValidationFailed
@@ -190,7 +189,7 @@ def _api(inputs: list[Any], outputs: list[Any]) -> Any:
 
 
 _secret = browser_state_secret(SETTINGS.secrets) if SETTINGS.secrets else secrets.token_hex(32)
-demo = build_page(LiveModel(lambda: services().gpu_health()), LIMITS, AppPage(generate, browser_secret=_secret), _api)
+demo = build_page(LIMITS, AppPage(generate, browser_secret=_secret), _api)
 
 if __name__ == "__main__":
     demo.launch()

@@ -1,14 +1,14 @@
 """The CPU tier's Gradio edge: the public UI and API, thin over ``core.py``, and the app's wiring.
 
-The handlers (``/generate``, ``/quota``, the page's, each ``@splitspace.gpu`` event's
-with ``SPLITSPACE_APP``: ``ui/app_events.py``) hand the Starlette request under their
-``gr.Request`` to :class:`~cpu_frontend.core.FrontendCore`, which holds identity,
-validation, the fair door and the hop, and turn its errors into ``gr.Error`` in one
-place (:func:`gradio_errors`). With ``SPLITSPACE_APP`` the page and API are the
-developer's own Blocks instead of the built-in page; every event without the
-decorator runs here. The handlers are async generators with no concurrency limit, so
-the frontend has no first-in-first-out stage, and a caller who goes away closes the
-stream to the GPU tier, which drops the queued job.
+The frontend always serves an app: the developer's (``SPLITSPACE_APP``) or, given none,
+the built-in text-to-image (``builtin/text_to_image_app.py``), loaded as any app is. The
+handler of each ``@splitspace.gpu`` event (``ui/app_events.py``), and ``/quota``, hand
+the Starlette request under their ``gr.Request`` to
+:class:`~cpu_frontend.core.FrontendCore`, which holds identity, validation, the fair door
+and the hop, and turn its errors into ``gr.Error`` in one place (:func:`gradio_errors`);
+every event without the decorator runs here. The handlers are async generators with no
+concurrency limit, so the frontend has no first-in-first-out stage, and a caller who goes
+away closes the stream to the GPU tier, which drops the queued job.
 """
 
 # No `from __future__ import annotations` here: Gradio evaluates the handlers' type hints
@@ -18,7 +18,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gradio as gr
 from fastapi import FastAPI
@@ -28,14 +28,14 @@ from starlette.requests import Request
 
 from splitspace.builtin import APP as BUILTIN_APP
 from splitspace.builtin import is_builtin
-from splitspace.builtin.page import LiveModel, build_page
+from splitspace.builtin.page import browser_state_secret
 from splitspace.cpu_frontend.api import gradio_tuning
 from splitspace.cpu_frontend.api.mcp_loopback import McpLoopback
 from splitspace.cpu_frontend.api.openai_images import OPENAI_PATHS, openai_refusal, openai_routes
 from splitspace.cpu_frontend.api.validation import gradio_validator, is_valid_call
-from splitspace.cpu_frontend.core import FrontendCore, SavedImage, expire_images_every
+from splitspace.cpu_frontend.core import FrontendCore, expire_images_every
 from splitspace.cpu_frontend.door.door_middleware import DoorMiddleware, HeldCalls
-from splitspace.cpu_frontend.hop.transport import CALLS_NEED_DIRECT, Transport
+from splitspace.cpu_frontend.hop.transport import Transport
 from splitspace.cpu_frontend.jobs.routes import JobsService
 from splitspace.cpu_frontend.ui.app_events import forward_gpu_events
 from splitspace.cpu_frontend.ui.embed import embed_routes
@@ -47,7 +47,7 @@ from splitspace.shared.app.loader import GpuEndpoint, gpu_endpoints, load_app
 from splitspace.shared.app.services import DoorView
 from splitspace.shared.config.settings import Settings
 from splitspace.shared.contract.errors import SplitspaceError
-from splitspace.shared.contract.hop import Status, status_for_api
+from splitspace.shared.contract.hop import Status
 from splitspace.shared.gradio.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
 from splitspace.shared.gradio.gradio_sessions import (
     HOUSEKEEPING_S,
@@ -58,12 +58,8 @@ from splitspace.shared.gradio.gradio_sessions import (
     forget_finished_states,
     session_count,
 )
-from splitspace.shared.gradio.gradio_signature import request_handler
 from splitspace.shared.http.guard import GradioGuard
 from splitspace.shared.http.server import NO_TELEMETRY
-
-if TYPE_CHECKING:
-    from splitspace.shared.app.ui_text import Refusal
 
 log = logging.getLogger("splitspace.frontend")
 
@@ -83,14 +79,6 @@ DEV_RELOAD_SCRIPT = """<script>
 })();
 </script>"""
 MCP_MAX_BODY_BYTES = 64 * 1024
-
-
-def image_output(path: str) -> dict[str, Any]:
-    """The Image output as Gradio sends it (what ``gr.Image.postprocess`` makes of a PNG
-    path). The events run with ``postprocess=False``: for outputs that are already
-    final (a PNG file and a dict), Gradio's postprocess would only add two thread hops
-    and a second pass over the file per call."""
-    return {"path": path, "orig_name": "image.png", "mime_type": "image/png", "meta": {"_type": "gradio.FileData"}}
 
 
 def to_gradio_error(exc: SplitspaceError) -> gr.Error:
@@ -127,28 +115,8 @@ class Frontend:
     def __init__(self, settings: Settings, transports: list[Transport] | None = None) -> None:
         self.core = FrontendCore(settings, gr_utils.get_upload_folder(), transports)
         self.settings = settings
-        self.model = LiveModel(self.core.pool.health)
-        self.generate_api = request_handler(
-            self.generate,
-            "generate",
-            "Generate one image; streams its place in line, then returns the image and its info.",
-        )
-        """``/generate`` as Gradio sees it: the request's fields as parameters."""
         self.endpoints: list[GpuEndpoint] = []
-        """The app's GPU events (``SPLITSPACE_APP``), which ``follow`` finds by their function."""
-
-    async def generate(
-        self, values: dict[str, Any], request: gr.Request | None
-    ) -> AsyncGenerator[tuple[dict | None, dict], None]:
-        """``/generate``: the core's statuses as dicts, then the image and its info."""
-        with gradio_errors():
-            updates = self.core.generate(values, http_request(request))
-            async with contextlib.aclosing(updates):
-                async for update in updates:
-                    if isinstance(update, SavedImage):
-                        yield image_output(update.path), update.info.to_dict()
-                    else:
-                        yield None, status_for_api(update)
+        """The app's GPU events, which ``follow`` finds by their function."""
 
     async def follow_call(
         self, endpoint: GpuEndpoint, payloads: list[Any], request: gr.Request | None
@@ -165,54 +133,6 @@ class Frontend:
         with gradio_errors():
             return await self.core.quota(http_request(request))
 
-    # -- UI only: what the page (page.py) needs beyond the API handlers above ----------------
-    # The page's Generate button does not call /generate: it follows the core's `generate`
-    # through `ui_follow`, so validation, caps and forwarding stay in one place, and it words
-    # the statuses and refusals itself (ui_text.py), while API clients keep their dicts.
-    @property
-    def browser_secret(self) -> str:
-        """The key of the page's BrowserState (recent images, kept in the browser)."""
-        from splitspace.builtin.page import browser_state_secret
-
-        return browser_state_secret(self.settings.secrets)
-
-    async def ui_follow(
-        self,
-        values: dict[str, Any],
-        request: gr.Request,
-        on_status: "Callable[[dict[str, Any]], bool]",
-    ) -> "tuple[dict[str, Any], dict[str, Any]] | Refusal | None":
-        """Run ``generate`` for the page: each status dict goes to ``on_status`` (which
-        answers False when the tab has gone: the stream to the GPU tier is closed then);
-        returns ``(image, info)``, or the refusal as data for the page to word, or None."""
-        from splitspace.shared.app.ui_text import Refusal
-        from splitspace.shared.contract.errors import (  # (imported here: this block is the page's, kept apart)
-            QUEUE_FULL,
-            Throttled,
-        )
-
-        core, http = self.core, http_request(request)
-        try:
-            updates = core.generate(values, http)
-            async with contextlib.aclosing(updates):
-                async for update in updates:
-                    if isinstance(update, SavedImage):
-                        return image_output(update.path), update.info.to_dict()
-                    if not on_status(status_for_api(update)):
-                        return None
-        except SplitspaceError as cause:
-            in_flight, shared = 0, False
-            with contextlib.suppress(SplitspaceError):
-                identity = core.identity(http)
-                in_flight, shared = core.door.count(identity.flow_id), identity.kind != "key"
-            if isinstance(cause, Throttled):
-                retry = cause.retry_after_s
-                if cause.title == QUEUE_FULL:  # a retry needs one of those to finish: about a job's time
-                    retry = max(retry, core.seconds_per_job)
-                return Refusal(cause.title, cause.reason, retry, in_flight, shared)
-            return Refusal(cause.title, cause.message, None, in_flight, shared)
-        return None
-
 
 class AppFrontend:
     """The frontend as an app's CPU events see it (``shared/app/services.py``)."""
@@ -222,7 +142,7 @@ class AppFrontend:
 
     @property
     def browser_secret(self) -> str:
-        return self.fe.browser_secret
+        return browser_state_secret(self.fe.settings.secrets)
 
     def follow(
         self, fn: Callable[..., Any], payloads: list[Any], request: gr.Request | None
@@ -254,12 +174,8 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
     gradio_tuning.apply()
     fe = Frontend(settings, transports)
     core = fe.core
-    carries_calls = all(b.transport.carries_calls for b in core.pool.backends)
-    if settings.app and not carries_calls:
-        raise ValueError(CALLS_NEED_DIRECT)
-    # No app: the built-in one (builtin/text_to_image_app.py), served as any app is; over a
-    # transport that carries no calls (httpx, gradio_client), the built-in's own page still.
-    served = settings.app or (BUILTIN_APP if carries_calls else None)
+    # No app: the built-in one (builtin/text_to_image_app.py), served as any app is.
+    served = settings.app or BUILTIN_APP
     builtin = not settings.app or is_builtin(settings.app)
 
     def tells_status(api_name: str) -> bool:
@@ -307,53 +223,29 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         }
 
     app.include_router(embed_routes())  # before the mount at "/", which catches everything after it
-    endpoints: list[GpuEndpoint] = []
-    if served:  # the app's own Blocks, its GPU events forwarded
-        app_services.register(AppFrontend(fe))  # the app's CPU events reach this frontend
-        blocks = load_app(served)
-        endpoints = fe.endpoints = gpu_endpoints(blocks)
-        forward_gpu_events(
-            endpoints,
-            fe.follow_call,
-            validator=lambda endpoint: gradio_validator(endpoint, settings.max_file_bytes),
-            tells_status=lambda endpoint: tells_status(endpoint.api_name),
-        )
-        blocks.max_threads = settings.max_threads
-        queue = getattr(blocks, "_queue", None)  # the developer's queue settings stay
-        blocks.queue(
-            max_size=getattr(queue, "max_size", None),
-            default_concurrency_limit=getattr(queue, "default_concurrency_limit", "not_set"),
-        )
-    else:
-        # The API, as ever. preprocess=False: our validation (one definition, errors that
-        # name the field) sees the raw values first, instead of the components' own range
-        # checks. postprocess=False: the handler returns final outputs.
-        blocks = build_page(
-            fe.model,
-            settings.limits,
-            fe,
-            lambda inputs, outputs: gr.on(
-                [],
-                fe.generate_api,
-                inputs,
-                outputs,
-                api_name="generate",
-                concurrency_limit=None,
-                preprocess=False,
-                postprocess=False,
-            ),
-        )
-        blocks.max_threads = settings.max_threads
-        blocks.queue(default_concurrency_limit=None)
+    # the app's own Blocks, its GPU events forwarded
+    app_services.register(AppFrontend(fe))  # the app's CPU events reach this frontend
+    blocks = load_app(served)
+    endpoints = fe.endpoints = gpu_endpoints(blocks)
+    forward_gpu_events(
+        endpoints,
+        fe.follow_call,
+        validator=lambda endpoint: gradio_validator(endpoint, settings.max_file_bytes),
+        tells_status=lambda endpoint: tells_status(endpoint.api_name),
+    )
+    blocks.max_threads = settings.max_threads
+    queue = getattr(blocks, "_queue", None)  # the developer's queue settings stay
+    blocks.queue(
+        max_size=getattr(queue, "max_size", None),
+        default_concurrency_limit=getattr(queue, "default_concurrency_limit", "not_set"),
+    )
     by_name = {e.api_name: e for e in endpoints}
     if not settings.app and "generate" in by_name:  # the built-in app's: OpenAI's images API over its generate
         app.include_router(openai_routes(core, by_name["generate"]))  # /v1/images/generations, /v1/models
 
     def is_request(api_name: str, values: object) -> bool:
         """Whether a REST call is a valid one, which the door's middleware holds before Gradio:
-        by the app's own validation (``api/validation.py``), else the built-in's fields."""
-        if not served:
-            return core.is_request(values)
+        by the app's own validation (``api/validation.py``)."""
         return is_valid_call(by_name[api_name], values, settings.max_file_bytes)
 
     jobs = JobsService(core, endpoints)
@@ -379,7 +271,7 @@ def build_app(settings: Settings | None = None, transports: list[Transport] | No
         join=core.join_door,
         is_request=is_request,
         seconds_per_job=lambda: core.seconds_per_job,
-        api_names=list(by_name) if served else ["generate"],  # the app's GPU events, else the built-in's page
+        api_names=list(by_name),  # the app's GPU events
         held=held,
         tells_status=tells_status,
     )

@@ -35,6 +35,7 @@ from splitspace.cpu_frontend.door.inflight_ledger import open_ledger
 from splitspace.cpu_frontend.door.limits import InflightCaps
 from splitspace.cpu_frontend.door.status_feed import Told, wait_turn
 from splitspace.cpu_frontend.hop.backends import BackendPool
+from splitspace.cpu_frontend.hop.direct_transport import DirectTransport
 from splitspace.cpu_frontend.hop.hub_auth import backend_auth_headers
 from splitspace.cpu_frontend.hop.transport import Transport
 from splitspace.session import (
@@ -66,7 +67,7 @@ from splitspace.shared.contract.errors import GpuFailed, SplitspaceError, Valida
 from splitspace.shared.contract.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
 from splitspace.shared.contract.hop import GenerateInfo, Result, Status
 from splitspace.shared.contract.quotas import QuotaConfig
-from splitspace.shared.contract.schema import REQUEST_FIELDS, request_from_dict, validate_request
+from splitspace.shared.contract.schema import validate_request
 
 log = logging.getLogger("splitspace.frontend")
 
@@ -91,20 +92,9 @@ class SavedImage:
 
 
 def build_transports(settings: Settings) -> list[Transport]:
-    """One transport per GPU tier URL, of the configured kind (settings read here, at the edge)."""
+    """One direct transport per GPU tier URL (settings read here, at the edge)."""
     auth = backend_auth_headers(settings.hf_token.get_secret_value() if settings.hf_token else None)
-    kw: dict[str, Any] = {"timeout_s": settings.backend_timeout_s, "auth_headers": auth}
-    if settings.transport == "gradio_client":
-        from splitspace.cpu_frontend.hop.gradio_client_transport import GradioClientTransport
-
-        return [GradioClientTransport(u, **kw) for u in settings.backend_urls]
-    if settings.transport == "httpx":
-        from splitspace.cpu_frontend.hop.httpx_transport import HttpxTransport
-
-        return [HttpxTransport(u, **kw) for u in settings.backend_urls]
-    from splitspace.cpu_frontend.hop.direct_transport import DirectTransport
-
-    return [DirectTransport(u, **kw) for u in settings.backend_urls]
+    return [DirectTransport(u, timeout_s=settings.backend_timeout_s, auth_headers=auth) for u in settings.backend_urls]
 
 
 class FrontendCore:
@@ -200,20 +190,6 @@ class FrontendCore:
         if hold is not None:
             place.on_leave = lambda: self.ledger.release(hold)
         return place
-
-    def is_request(self, values: object) -> bool:
-        """Whether a REST call's fields (a list in ``REQUEST_FIELDS`` order, or by name) make
-        a valid request: the door's middleware holds only those, and passes anything else
-        on to the handler, which names what is wrong."""
-        if isinstance(values, list) and len(values) == len(REQUEST_FIELDS):
-            values = dict(zip(REQUEST_FIELDS, values, strict=True))
-        if not isinstance(values, dict):
-            return False
-        try:
-            request_from_dict(values, self.settings.limits)
-        except SplitspaceError:
-            return False
-        return True
 
     def save_image(self, png: bytes) -> str:
         """The PNG in the cache, at a path named by its hash (as Gradio's ``save_bytes_to_cache``),

@@ -166,7 +166,6 @@ class Deployment:
     workdir: Path
     model: str = "tiny"
     quotas: str | None = None
-    transport: str = "direct"
     secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
     admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     backend_env: dict[str, str] = field(default_factory=dict)
@@ -222,7 +221,6 @@ class Deployment:
         env = {
             **self.common_env(),
             "SPLITSPACE_BACKEND_URL": self.backend_urls(),
-            "SPLITSPACE_TRANSPORT": self.transport,
             "GRADIO_TEMP_DIR": str(self.workdir / "frontend-files"),
             **self.frontend_env,
         }

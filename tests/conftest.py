@@ -65,7 +65,7 @@ CONFTEST_BASEID = "tests"
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Deployment:
-    """Both tiers with the tiny diffusers model, the quota file above, httpx transport
+    """Both tiers with the tiny diffusers model and the quota file above
     (shared by the modules that use it: tests/sharing.py)."""
     return SHARED.get("tiny", lambda: Deployment(tmp_path_factory.mktemp("tiny"), model="tiny", quotas=QUOTAS))
 

@@ -301,12 +301,3 @@ def test_the_frontend_forwards_a_gpu_event_through_the_mock_transport(fresh_apps
     headers = mock.function_calls[0][1]
     claims = IdentityTokens([SECRET]).verify(headers["x-splitspace-identity"])
     assert claims.purpose == infer_purpose(Call("stats", ["hello"]).digest())
-
-
-def test_a_frontend_serving_an_app_needs_a_transport_that_carries_calls(fresh_apps: None, tmp_path: Path) -> None:
-    from splitspace.cpu_frontend.app import build_app
-    from splitspace.shared.config.settings import Settings
-
-    settings = Settings(secret=SECRET, app=STUDIO, transport="httpx", backend_url="http://127.0.0.1:9")
-    with pytest.raises(ValueError, match="SPLITSPACE_TRANSPORT=direct"):
-        build_app(settings)

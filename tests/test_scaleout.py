@@ -113,7 +113,6 @@ class Tiers:
         env = {
             **self.d.common_env(),
             "SPLITSPACE_BACKEND_URL": ",".join(backends),
-            "SPLITSPACE_TRANSPORT": "direct",
             "SPLITSPACE_REDIS_URL": self.redis_url,
         }
         front = start_tier("frontend", free_port(), env, self.d.workdir / f"{name}.log")

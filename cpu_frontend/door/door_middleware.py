@@ -8,7 +8,7 @@ GPU tier's fair scheduler could put it first (issue 10). Kubernetes' API Priorit
 Fairness holds a flood in the HTTP filter chain, before the expensive handler; this
 pure ASGI middleware (in the manner of Starlette's) does the same for the REST calls
 of each GPU event (curl, httpx, any HTTP client): every ``@splitspace.gpu`` event of the
-app served (the built-in's ``/generate`` among them), or the built-in page's ``/generate``:
+app served (the built-in's ``/generate`` among them):
 
 1. It resolves the caller's identity from the headers and cookies and reads the body
    (already size-capped by the guard). A body that is not a valid call (``is_request``:

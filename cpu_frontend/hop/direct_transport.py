@@ -1,20 +1,18 @@
-"""The default transport: one pooled aiohttp request per call to the GPU tier's direct route.
+"""The frontend's transport: one pooled aiohttp request per call to the GPU tier's direct route.
 
 ``POST /splitspace/v1/infer`` with the request as JSON, answered with one JSON
 line per status update and a last line with the result
 (``gpu_backend/serving/direct_route.py``); ``POST /splitspace/v1/call`` with a call of a
 developer's function as a frame (its files' bytes after its JSON,
-``shared/contract/frames.py``), answered with frames the same way. Compared with Gradio's queue protocol
-(``httpx_transport.py``: a join request, then an event stream, then a cancel
-request when the caller leaves) this is one request per call, and leaving is
-closing it: the GPU tier drops the queued job the moment the connection
-closes.
+``shared/contract/frames.py``), answered with frames the same way. Compared with Gradio's
+queue protocol (a join request, then an event stream, then a cancel request when the
+caller leaves) this is one request per call, and leaving is closing it: the GPU tier
+drops the queued job the moment the connection closes.
 
-aiohttp rather than httpx (which the other transports use): this hop is the
-frontend's main cost per call, and aiohttp's client spends about a third of
-httpx's CPU on a streamed request (0.23 against 0.68 ms on this project's
-2-core machine, uvloop, keep-alive; ``bench/hop.py`` shows the effect on the
-whole frontend).
+aiohttp rather than httpx: this hop is the frontend's main cost per call, and
+aiohttp's client spends about a third of httpx's CPU on a streamed request (0.23
+against 0.68 ms on this project's 2-core machine, uvloop, keep-alive; ``bench/hop.py``
+shows the effect on the whole frontend).
 """
 
 from __future__ import annotations
@@ -40,8 +38,6 @@ STANDING_PATH = "/splitspace/v1/standing"
 
 
 class DirectTransport(Transport):
-    carries_calls = True
-
     def __init__(
         self,
         base_url: str,

@@ -51,8 +51,6 @@ Handler = Callable[[GenerateRequest, Mapping[str, str]], "Iterable[Update] | Asy
 
 
 class MockTransport(Transport):
-    carries_calls = True
-
     def __init__(
         self,
         handler: Handler | None = None,

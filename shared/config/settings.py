@@ -69,9 +69,6 @@ class Settings(BaseSettings):
     lease_s: float = Field(default=30.0, gt=0)
     """With Redis: how long a queued or running slot outlives a replica that stopped renewing
     it (a crash, a kill -9); each replica renews its own every third of it."""
-    transport: Literal["direct", "httpx", "gradio_client"] = "direct"
-    """Frontend: how requests reach the GPU tier: ``direct`` (one request per call to its
-    direct route), ``httpx`` (Gradio's queue protocol, pooled) or ``gradio_client`` (stock)."""
     backend_timeout_s: float = Field(default=10.0, gt=0)
     """Frontend: bound on connecting to / hearing from the GPU tier before "GPU backend unavailable"."""
     max_threads: int = Field(default=10000, ge=1)
