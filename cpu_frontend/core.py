@@ -19,11 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import tempfile
 from collections.abc import AsyncGenerator, Coroutine
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from starlette.requests import HTTPConnection
@@ -52,7 +48,6 @@ from splitspace.shared.app.files import (
     BadFile,
     FileTooLarge,
     carries_files,
-    content_hash,
     expire_files,
     expire_files_every,
     inline_files,
@@ -65,9 +60,8 @@ from splitspace.shared.config.settings import Settings
 from splitspace.shared.contract.calls import Call, CallResult, Partial
 from splitspace.shared.contract.errors import GpuFailed, SplitspaceError, ValidationFailed
 from splitspace.shared.contract.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
-from splitspace.shared.contract.hop import GenerateInfo, Result, Status
+from splitspace.shared.contract.hop import Status
 from splitspace.shared.contract.quotas import QuotaConfig
-from splitspace.shared.contract.schema import validate_request
 
 log = logging.getLogger("splitspace.frontend")
 
@@ -77,18 +71,9 @@ IMAGE_NAME = "image.png"
 """The file name of an image output in this tier's cache: the built-in's ``generate`` answers
 a ``gr.Image(format="png")``, which Gradio writes as ``image.png`` on the GPU tier, and its
 file lands here under that name (``<cache>/<sha256>/image.png``: ``shared/app/files.py``
-``land_bytes``), as :meth:`FrontendCore.save_image` names what it writes. The sweep of
-:func:`expire_images` looks for this name."""
+``land_bytes``). The sweep of :func:`expire_images` looks for this name."""
 IMAGE_SWEEP_S = 60.0
 """How often images older than ``SPLITSPACE_JOB_TTL_S`` are deleted (:func:`expire_images`)."""
-
-
-@dataclass(frozen=True)
-class SavedImage:
-    """``FrontendCore.generate``'s result: the PNG, in the frontend's file cache, and its info."""
-
-    path: str
-    info: GenerateInfo
 
 
 def build_transports(settings: Settings) -> list[Transport]:
@@ -190,61 +175,6 @@ class FrontendCore:
         if hold is not None:
             place.on_leave = lambda: self.ledger.release(hold)
         return place
-
-    def save_image(self, png: bytes) -> str:
-        """The PNG in the cache, at a path named by its hash (as Gradio's ``save_bytes_to_cache``),
-        written whole: a temporary file renamed, so that an identical image (same seed) saved
-        meanwhile never lets a reader of this path see a truncated file."""
-        folder = Path(self.cache_dir) / content_hash(png)
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, suffix=".part", delete=False) as tmp:
-            tmp.write(png)
-        path = folder / IMAGE_NAME
-        os.replace(tmp.name, path)
-        return str(path.resolve())
-
-    async def generate(
-        self, values: dict[str, Any], request: HTTPConnection | None
-    ) -> AsyncGenerator[Status | SavedImage, None]:
-        """The built-in ``/generate``: validate, cap, forward; its statuses (its place at the
-        door, then at the GPU tier), then the image and its info."""
-        identity = self.identity(request)
-        assert request is not None  # (identity() refuses a call without one)
-        req = validate_request(**values, limits=self.settings.limits)
-        flow = identity.flow_id
-        result: Result | None = None
-        # A REST call held by the door's middleware arrives with its place; any other
-        # joins its flow's line here.
-        place = self.door.take(request.headers.get(DOOR_PASS_HEADER), flow) or await self.join_door(identity)
-        told = Told(place.told)
-        try:
-            # Gradio closes the handler at its next yield when the caller goes away: a
-            # request waiting at the door then leaves its line at once.
-            async for status in wait_turn(place, told, lambda: self.seconds_per_job):
-                yield status
-            # aclosing: the stream to the GPU tier must close when this generator
-            # does (the GPU tier then drops the queued job), not at GC.
-            updates = self.pool.stream(req, self.forward_headers(identity, request, infer_purpose(req.digest())))
-            async with contextlib.aclosing(updates):
-                async for update in updates:
-                    self.caps.learn(identity, update.cap)
-                    if isinstance(update, Result):
-                        result = update
-                        break
-                    # news, or the last place again now and then: a yield is how Gradio
-                    # notices a caller who left (the GPU tier then drops the job)
-                    news = told.next(update)
-                    if news is not None:
-                        yield news
-        finally:
-            # The door's place is given back as soon as the GPU tier has answered: what
-            # is left (saving the image, sending it) no longer holds up the client's next.
-            place.leave()
-        if result is not None:
-            self.learn_gpu_s(result.info.gpu_s)
-            # on a worker thread: a file write on the event loop held up every other caller
-            path = await asyncio.to_thread(self.save_image, result.image_png)
-            yield SavedImage(path, result.info)
 
     async def follow_call(
         self, endpoint: GpuEndpoint, payloads: list[Any], request: HTTPConnection | None

@@ -297,7 +297,7 @@ def test_the_frontend_forwards_a_gpu_event_through_the_mock_transport(fresh_apps
             assert client.predict("a b", api_name="/count") == 2
         finally:
             client.close()
-    assert [call.endpoint for call, _ in mock.function_calls] == ["stats"]
-    headers = mock.function_calls[0][1]
+    assert [call.endpoint for call, _ in mock.calls] == ["stats"]
+    headers = mock.calls[0][1]
     claims = IdentityTokens([SECRET]).verify(headers["x-splitspace-identity"])
     assert claims.purpose == infer_purpose(Call("stats", ["hello"]).digest())

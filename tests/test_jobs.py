@@ -320,7 +320,7 @@ def test_a_developer_function_runs_as_a_job_through_transport_call(tmp_path: Pat
         png = CarriedFile("x.png", "image/png", b"PNG!")
         yield CallResult([text, png], CallInfo("shout", 0.0, 0.1, 0.1, "key:a"))
 
-    pool = BackendPool([MockTransport(lambda r, h: iter(()), call_handler=handler)])
+    pool = BackendPool([MockTransport(call_handler=handler)])
     endpoints = gpu_endpoints(load_app("examples/shout.py"))
     gpu_seconds: list[float] = []
     target = FunctionTarget(
@@ -367,7 +367,7 @@ def test_the_builtin_generate_is_a_function_as_any_apps(tmp_path: Path) -> None:
     from splitspace.shared.app.loader import gpu_endpoints, load_app
     from splitspace.shared.contract.errors import ValidationFailed, to_wire
 
-    pool = BackendPool([MockTransport(lambda r, h: iter(()), call_handler=lambda c, h: iter(()))])
+    pool = BackendPool([MockTransport(call_handler=lambda c, h: iter(()))])
     target = FunctionTarget(
         gpu_endpoints(load_app(APP)), pool, IdentityTokens(["s" * 32]), max_file_bytes=1000, cache_dir=str(tmp_path)
     )
@@ -405,7 +405,7 @@ def test_a_functions_file_inputs_are_given_inline_and_checked_by_the_gradio_rule
     buf = io.BytesIO()
     Image.new("RGB", (4, 2), (200, 10, 10)).save(buf, "PNG")
     png = base64.b64encode(buf.getvalue()).decode()
-    pool = BackendPool([MockTransport(lambda r, h: iter(()), call_handler=lambda c, h: iter(()))])
+    pool = BackendPool([MockTransport(call_handler=lambda c, h: iter(()))])
     cache = tmp_path / "cache"
     target = FunctionTarget(
         gpu_endpoints(load_app("examples/mirror.py")),

@@ -19,8 +19,7 @@ from typing import Any, TypeVar
 from splitspace.cpu_frontend.hop.transport import NotStarted, Transport
 from splitspace.shared.contract.calls import Call
 from splitspace.shared.contract.errors import BackendUnavailable
-from splitspace.shared.contract.hop import CallUpdate, Update
-from splitspace.shared.contract.schema import GenerateRequest
+from splitspace.shared.contract.hop import CallUpdate
 
 U = TypeVar("U")
 
@@ -97,10 +96,6 @@ class BackendPool:
         healthy = [b for b in candidates if b.healthy]
         pool = healthy or candidates  # none healthy: try anyway, it may just have come back
         return min(pool, key=lambda b: b.outstanding) if pool else None
-
-    def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncGenerator[Update, None]:
-        """The call's updates from the first backend that takes it."""
-        return self._first_taker(lambda t: t.stream(request, headers))
 
     def call(self, call: Call, headers: Mapping[str, str]) -> AsyncGenerator[CallUpdate, None]:
         """A call of a developer's function: its updates from the first backend that takes it."""

@@ -1,10 +1,8 @@
 """The frontend's transport: one pooled aiohttp request per call to the GPU tier's direct route.
 
-``POST /splitspace/v1/infer`` with the request as JSON, answered with one JSON
-line per status update and a last line with the result
-(``gpu_backend/serving/direct_route.py``); ``POST /splitspace/v1/call`` with a call of a
-developer's function as a frame (its files' bytes after its JSON,
-``shared/contract/frames.py``), answered with frames the same way. Compared with Gradio's
+``POST /splitspace/v1/call`` with a call of a developer's function as a frame (its files'
+bytes after its JSON, ``shared/contract/frames.py``), answered with one frame per status
+update and a last one with the result (``gpu_backend/serving/direct_route.py``). Compared with Gradio's
 queue protocol (a join request, then an event stream, then a cancel request when the
 caller leaves) this is one request per call, and leaving is closing it: the GPU tier
 drops the queued job the moment the connection closes.
@@ -29,11 +27,9 @@ from splitspace.cpu_frontend.hop.transport import NotStarted, Transport
 from splitspace.shared.contract import frames
 from splitspace.shared.contract.calls import CALL_PATH, Call
 from splitspace.shared.contract.errors import NOT_FOUND, SERVICE_UNAVAILABLE, BackendUnavailable, from_wire
-from splitspace.shared.contract.hop import CallUpdate, Update, call_update_from_wire, update_from_wire
-from splitspace.shared.contract.schema import GenerateRequest
+from splitspace.shared.contract.hop import CallUpdate, call_update_from_wire
 
 KEEPALIVE_S = 4.0
-INFER_PATH = "/splitspace/v1/infer"
 STANDING_PATH = "/splitspace/v1/standing"
 
 
@@ -116,12 +112,6 @@ class DirectTransport(Transport):
                 if attempt == 2 or isinstance(exc, asyncio.TimeoutError):
                     raise NotStarted(f"cannot reach the GPU tier: {type(exc).__name__}") from exc
         raise AssertionError("unreachable")
-
-    async def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncGenerator[Update, None]:
-        docs = self._docs(INFER_PATH, request.to_wire(), headers)
-        async with contextlib.aclosing(docs):
-            async for doc in docs:
-                yield update_from_wire(doc)  # the Result last, or the error line's error raised
 
     async def call(self, call: Call, headers: Mapping[str, str]) -> AsyncGenerator[CallUpdate, None]:
         body = await asyncio.to_thread(frames.encode, call.to_wire())  # the call's files: megabytes, maybe

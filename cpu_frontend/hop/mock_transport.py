@@ -1,24 +1,17 @@
-"""A transport that calls a Python function instead of a GPU tier (as httpx ships ``MockTransport``).
+"""A transport that calls Python functions instead of a GPU tier (as httpx ships ``MockTransport``).
 
-For tests of the frontend and for trying it without a GPU tier: the handler
-receives the validated request and the call's headers and returns (or
-yields) the updates the GPU tier would send, or raises the project's errors,
-which reach the caller exactly as a real transport's would::
-
-    async def handler(request, headers):
-        yield Status("queued", position=1, eta_s=0.5)
-        yield Result(png_bytes, info)
-
-    frontend = build_app(settings, transports=[MockTransport(handler)])
-
-A frontend serving a developer's app calls its ``@splitspace.gpu`` functions through
-:meth:`MockTransport.call`: given the app's GPU events (``functions=gpu_endpoints(blocks)``,
-read before the frontend rewires them), it runs each call in-process as the GPU tier
-would (``shared/app/processing.py``: preprocess, the function, postprocess, files carried
-as bytes; a generator's each yield as a Partial, stopped when the call is closed), with
-no token check, queue or fairness; a function's error arrives as the GPU tier would send it::
+For tests of the frontend and for trying it without a GPU tier. Given the app's GPU events
+(``functions=gpu_endpoints(blocks)``, read before the frontend rewires them), it runs each
+call of a ``@splitspace.gpu`` function in-process as the GPU tier would
+(``shared/app/processing.py``: preprocess, the function, postprocess, files carried as
+bytes; a generator's each yield as a Partial, stopped when the call is closed), with no
+token check, queue or fairness; a function's error arrives as the GPU tier would send it::
 
     frontend = build_app(settings, transports=[MockTransport(functions=gpu_endpoints(load_app(spec)))])
+
+Or a ``call_handler`` answers each call itself (a scripted GPU tier: statuses, partials, a
+result, or the project's errors raised), which reach the caller exactly as a real
+transport's would.
 """
 
 from __future__ import annotations
@@ -41,19 +34,15 @@ from splitspace.shared.app.processing import EventProcessing
 from splitspace.shared.app.streaming import Stopped
 from splitspace.shared.contract.calls import Call, CallInfo, CallResult, Partial
 from splitspace.shared.contract.errors import GPU_ERROR, GpuFailed, SplitspaceError, UnknownEndpoint
-from splitspace.shared.contract.hop import CallUpdate, Update
-from splitspace.shared.contract.schema import GenerateRequest
+from splitspace.shared.contract.hop import CallUpdate
 
 CallHandler = Callable[[Call, Mapping[str, str]], "Iterable[CallUpdate] | AsyncIterator[CallUpdate]"]
 """Answers a developer function's call itself: a scripted GPU tier (statuses, partials, a result)."""
-
-Handler = Callable[[GenerateRequest, Mapping[str, str]], "Iterable[Update] | AsyncIterator[Update]"]
 
 
 class MockTransport(Transport):
     def __init__(
         self,
-        handler: Handler | None = None,
         *,
         base_url: str = "mock://gpu-tier",
         standing: Callable[[Mapping[str, str]], dict[str, Any]] | None = None,
@@ -63,12 +52,11 @@ class MockTransport(Transport):
         call_handler: CallHandler | None = None,
     ) -> None:
         self.base_url = base_url
-        self._handler = handler
         self._functions = {e.api_name: EventProcessing.of(e) for e in functions}
         self._max_file_bytes = max_file_bytes
         self._call_handler = call_handler
-        self.function_calls: list[tuple[Call, dict[str, str]]] = []
-        """Every call of a developer's function and its headers, in order."""
+        self.calls: list[tuple[Call, dict[str, str]]] = []
+        """Every call and its headers, in order."""
         self._standing = standing or (lambda headers: {"tier": "anonymous", "queued": 0, "running": 0})
         self._health = health or {
             "status": "ok",
@@ -76,23 +64,9 @@ class MockTransport(Transport):
             "placeholder_model": True,
             "defaults": {"steps": 1, "guidance_scale": 0.0},
         }
-        self.calls: list[tuple[GenerateRequest, dict[str, str]]] = []
-        """Every call's request and headers, in order."""
-
-    async def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncGenerator[Update, None]:
-        self.calls.append((request, dict(headers)))
-        if self._handler is None:
-            raise NotImplementedError("this MockTransport was given no handler for the built-in's requests")
-        updates = self._handler(request, headers)
-        if inspect.isasyncgen(updates):
-            async for update in cast(AsyncIterator[Update], updates):
-                yield update
-        else:
-            for update in cast(Iterable[Update], updates):  # not an async generator: the handler's other kind
-                yield update
 
     async def call(self, call: Call, headers: Mapping[str, str]) -> AsyncGenerator[CallUpdate, None]:
-        self.function_calls.append((call, dict(headers)))
+        self.calls.append((call, dict(headers)))
         if self._call_handler is not None:  # a scripted GPU tier: its updates as they are
             scripted = self._call_handler(call, headers)
             if inspect.isasyncgen(scripted):

@@ -4,11 +4,10 @@ A transport carries a call of a developer's ``@splitspace.gpu`` function
 (:class:`~shared.contract.calls.Call`) and the call's identity headers to the GPU tier
 (:meth:`Transport.call`): every :class:`~shared.contract.hop.Status` the GPU tier sends
 (queue position, ETA) as it arrives, then the :class:`~shared.contract.calls.CallResult`,
-read with :func:`~shared.contract.hop.call_update_from_wire`. :meth:`Transport.stream`
-does the same for a built-in :class:`~shared.contract.schema.GenerateRequest`. Library
-errors are mapped to the project's own at this boundary (``BackendUnavailable``,
-``Throttled``, ``Unauthorized``, ``SplitspaceError``), in the manner of httpx's
-``map_httpcore_exceptions``, so no HTTP type and no English message crosses it.
+read with :func:`~shared.contract.hop.call_update_from_wire`. Library errors are mapped
+to the project's own at this boundary (``BackendUnavailable``, ``Throttled``,
+``Unauthorized``, ``SplitspaceError``), in the manner of httpx's ``map_httpcore_exceptions``,
+so no HTTP type and no English message crosses it.
 
 The package's transports: ``DirectTransport`` (``direct_transport.py``: every call of a
 deployment) and ``MockTransport`` (``mock_transport.py``: in process, for tests and for
@@ -22,8 +21,7 @@ from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 from splitspace.shared.contract.calls import Call
-from splitspace.shared.contract.hop import CallUpdate, Update
-from splitspace.shared.contract.schema import GenerateRequest
+from splitspace.shared.contract.hop import CallUpdate
 
 
 class NotStarted(Exception):
@@ -34,11 +32,6 @@ class Transport(ABC):
     """Carries calls to one GPU tier."""
 
     base_url: str
-
-    @abstractmethod
-    def stream(self, request: GenerateRequest, headers: Mapping[str, str]) -> AsyncGenerator[Update, None]:
-        """Yield each Status of the call, then its Result. Closing the iterator early
-        cancels the call on the GPU tier."""
 
     @abstractmethod
     def call(self, call: Call, headers: Mapping[str, str]) -> AsyncGenerator[CallUpdate, None]:
