@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.requests import HTTPConnection
@@ -74,6 +75,16 @@ file lands here under that name (``<cache>/<sha256>/image.png``: ``shared/app/fi
 ``land_bytes``). The sweep of :func:`expire_images` looks for this name."""
 IMAGE_SWEEP_S = 60.0
 """How often images older than ``SPLITSPACE_JOB_TTL_S`` are deleted (:func:`expire_images`)."""
+
+
+@dataclass(frozen=True)
+class CheckedCall:
+    """A call validated (``validate_call``), its files carried as bytes, and its digest: what
+    :meth:`FrontendCore.follow_call` forwards. An edge that must answer a refused input
+    before it takes places at the door checks first (:meth:`FrontendCore.check_call`)."""
+
+    call: Call
+    digest: str
 
 
 def build_transports(settings: Settings) -> list[Transport]:
@@ -176,18 +187,24 @@ class FrontendCore:
             place.on_leave = lambda: self.ledger.release(hold)
         return place
 
+    async def check_call(self, endpoint: GpuEndpoint, payloads: list[Any]) -> CheckedCall:
+        """The call these payloads make, checked; ``ValidationFailed`` (``InputRefused``)
+        naming the input. One trip off the loop: the checks (with a ``validator=``, an image
+        decoded), each file read and hashed."""
+        return await asyncio.to_thread(_checked_call, endpoint, payloads, self.settings.max_file_bytes)
+
     async def follow_call(
-        self, endpoint: GpuEndpoint, payloads: list[Any], request: HTTPConnection | None
+        self, endpoint: GpuEndpoint, payloads: list[Any] | CheckedCall, request: HTTPConnection | None
     ) -> AsyncGenerator[Status | list[Any], None]:
-        """A call of the developer's GPU function (``ui/app_events.py``): validate, join the
-        door, forward; its statuses (its place at the door, then at the GPU tier), then its
-        outputs (one payload per output component, files in this tier's cache): a
-        generator's each yield as it arrives (a Partial), its last as the result (not twice)."""
+        """A call of the developer's GPU function (``ui/app_events.py``): validate (unless
+        checked already), join the door, forward; its statuses (its place at the door, then at
+        the GPU tier), then its outputs (one payload per output component, files in this tier's
+        cache): a generator's each yield as it arrives (a Partial), its last as the result (not twice)."""
         identity = self.identity(request)
         assert request is not None  # (identity() refuses a call without one)
         max_bytes = self.settings.max_file_bytes
-        # one trip off the loop: the checks (with a validator=, an image decoded), each file read and hashed
-        call, digest = await asyncio.to_thread(_checked_call, endpoint, payloads, max_bytes)
+        checked = payloads if isinstance(payloads, CheckedCall) else await self.check_call(endpoint, payloads)
+        call, digest = checked.call, checked.digest
         result: CallResult | None = None
         last_partial: list[Any] | None = None
         place = self.door.take(request.headers.get(DOOR_PASS_HEADER), identity.flow_id) or await self.join_door(
@@ -253,13 +270,13 @@ def expire_images_every(cache_dir: str, age_s: float) -> Coroutine[None, None, N
     return expire_files_every(cache_dir, f"*/{IMAGE_NAME}", age_s, IMAGE_SWEEP_S)
 
 
-def _checked_call(endpoint: GpuEndpoint, payloads: list[Any], max_bytes: int) -> tuple[Call, str]:
+def _checked_call(endpoint: GpuEndpoint, payloads: list[Any], max_bytes: int) -> CheckedCall:
     """The call these payloads make, checked (``validate_call``), its files carried, and its
     digest (blocking: for a thread)."""
     validate_call(endpoint, payloads, max_bytes)
     call = Call(endpoint.api_name, _carried(endpoint, payloads, max_bytes))
     try:
-        return call, call.digest()
+        return CheckedCall(call, call.digest())
     except (TypeError, ValueError):  # NaN, or a gr.State holding what JSON cannot say
         raise ValidationFailed("data", "must be plain JSON (no NaN, infinity or Python objects)") from None
 

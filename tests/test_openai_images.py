@@ -235,6 +235,10 @@ def test_n_images_count_against_the_cap_like_n_calls(direct: Deployment) -> None
     assert err.status_code == 429
     assert int(err.response.headers["retry-after"]) >= 1
     assert err.code == "queue_full"
+    # a bad body is checked before any place is taken: its 400, not the cap's 429
+    with pytest.raises(openai.BadRequestError) as bad:
+        c.images.generate(prompt="three, too small", n=3, size="8x8")  # type: ignore[arg-type]
+    assert bad.value.param == "size", bad.value.body
     # all or none: the refused call gave its places back, so the client's next call runs
     assert len(c.images.generate(prompt="again", n=2, size="64x64").data) == 2  # type: ignore[arg-type]
 

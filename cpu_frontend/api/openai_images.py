@@ -13,9 +13,10 @@ second way in:
   and ``height``; ``steps`` and ``guidance_scale`` unset: the model's preset; the
   rest unset: the event's defaults); pydantic only reads the OpenAI body's shape
   (types, ``n``, ``size`` as ``WxH``, ``response_format``);
-- validation: the app path's one validation (``validate_call`` in ``follow_call``:
-  the components' ranges, then the built-in's ``validator=``); a refused input is
-  named by the body's parameter (``size`` for ``width`` or ``height``);
+- validation: the app path's one validation (``FrontendCore.check_call``: the
+  components' ranges, then the built-in's ``validator=``), before any place is taken
+  (a bad body is a 400, from a client at its cap too); a refused input is named by the
+  body's parameter (``size`` for ``width`` or ``height``);
 - the door: each of the ``n`` images joins its client's line with
   ``FrontendCore.join_door``, as ``n`` separate calls would; if any is refused (the
   client's cap) every place is given back and the answer is 429. The places are
@@ -53,6 +54,7 @@ from starlette.responses import JSONResponse, Response
 
 from splitspace.cpu_frontend.api.input_names import Function, describe
 from splitspace.cpu_frontend.api.validation import InputRefused
+from splitspace.cpu_frontend.core import CheckedCall
 from splitspace.cpu_frontend.door.door import FairDoor, Place
 from splitspace.cpu_frontend.door.door_middleware import DOOR_PASS_HEADER
 from splitspace.session.identity import Identity
@@ -118,8 +120,10 @@ class ImagesFrontend(Protocol):
 
     async def join_door(self, identity: Identity, parked: bool = False) -> Place: ...
 
+    async def check_call(self, endpoint: GpuEndpoint, payloads: list[Any]) -> CheckedCall: ...
+
     def follow_call(
-        self, endpoint: GpuEndpoint, payloads: list[Any], request: HTTPConnection | None
+        self, endpoint: GpuEndpoint, payloads: list[Any] | CheckedCall, request: HTTPConnection | None
     ) -> AsyncGenerator[Status | list[Any], None]: ...
 
 
@@ -286,14 +290,12 @@ def openai_routes(fe: ImagesFrontend, endpoint: GpuEndpoint) -> APIRouter:
             served = model_name()
             if body.model is not None and body.model != served:
                 raise ValidationFailed("model", f"this server serves {served!r}, got {echo(body.model)}")
-            calls = body.payloads(generate)
+            # checked before any place is taken: a bad body is a 400 even for a client at its cap
+            calls = [await _checked(fe, endpoint, generate, payloads) for payloads in body.payloads(generate)]
             for _ in calls:  # all or none: a refusal of any gives every place back
                 place = await fe.join_door(identity)
                 places.append((place, fe.door.hand_over(place)))
-            images = [
-                _one(fe, request, endpoint, generate, payloads, nonce)
-                for payloads, (_, nonce) in zip(calls, places, strict=True)
-            ]
+            images = [_one(fe, request, endpoint, call, nonce) for call, (_, nonce) in zip(calls, places, strict=True)]
             paths = await _run_all(request, images)
             data = await asyncio.to_thread(_answer, paths, body.response_format or "b64_json", _root_url(request))
         except _Gone:
@@ -309,14 +311,23 @@ def openai_routes(fe: ImagesFrontend, endpoint: GpuEndpoint) -> APIRouter:
     return router
 
 
-async def _one(
-    fe: ImagesFrontend, request: Request, endpoint: GpuEndpoint, generate: Function, payloads: list[Any], nonce: str
-) -> str:
+async def _checked(fe: ImagesFrontend, endpoint: GpuEndpoint, generate: Function, payloads: list[Any]) -> CheckedCall:
+    """One image's call, checked on the app path (``FrontendCore.check_call``); a refused
+    input is named as the body names it (its input's name, not its label)."""
+    try:
+        return await fe.check_call(endpoint, payloads)
+    except InputRefused as exc:
+        if exc.position is None:
+            raise
+        said = exc.message.removeprefix(f"{exc.field}: ")
+        raise ValidationFailed(generate.inputs[exc.position - 1], said) from None
+
+
+async def _one(fe: ImagesFrontend, request: Request, endpoint: GpuEndpoint, call: CheckedCall, nonce: str) -> str:
     """One image through ``FrontendCore.follow_call`` with its place's pass; the PNG's path
-    in the frontend's cache (the first output, a FileData). A refused input is named as
-    the body names it (its input's name, not its label)."""
+    in the frontend's cache (the first output, a FileData)."""
     scope = {**request.scope, "headers": [*request.scope["headers"], (DOOR_PASS_HEADER.encode(), nonce.encode())]}
-    updates = fe.follow_call(endpoint, payloads, Request(scope))
+    updates = fe.follow_call(endpoint, call, Request(scope))
     try:
         async for update in updates:
             if isinstance(update, list):
@@ -324,11 +335,6 @@ async def _one(
                 if isinstance(image, dict) and isinstance(image.get("path"), str):
                     return image["path"]
                 break
-    except InputRefused as exc:
-        if exc.position is None:
-            raise
-        said = exc.message.removeprefix(f"{exc.field}: ")
-        raise ValidationFailed(generate.inputs[exc.position - 1], said) from None
     finally:
         await updates.aclose()
     raise GpuFailed("the model answered no image")
