@@ -100,7 +100,7 @@ def preset_for(spec: str) -> Preset:
 
 @dataclass(frozen=True)
 class CostCurve:
-    """The shape of a model's cost (``splitspace.gpu_backend.workload.cost.CostModel`` calibrates it at run time).
+    """The shape of a model's cost (the built-in app's ``duration``: its admission estimate).
 
     Seconds for one pipeline call of ``batch`` images of ``pixels`` each::
 

@@ -1,10 +1,10 @@
-"""The request's fields as a Gradio handler's parameters, written once for both tiers.
+"""The request's fields as a Gradio handler's parameters, written once.
 
 Gradio learns an endpoint's parameters (their names, defaults and types, as the
 "View API" page, ``gradio_client`` and MCP show them) from the handler's
-signature. The frontend's ``/generate`` and the GPU tier's ``/infer`` take the
-same fields as :class:`~shared.contract.schema.GenerateRequest`; instead of a copy of
-the field list in each signature, :func:`request_handler` gives a handler of
+signature. The frontend's ``/generate`` takes the same fields as
+:class:`~shared.contract.schema.GenerateRequest`; instead of a copy of
+the field list in its signature, :func:`request_handler` gives a handler of
 the form ``handler(values: dict, request)`` the signature Gradio reads,
 derived from the dataclass.
 """
