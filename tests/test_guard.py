@@ -16,12 +16,16 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.clients import call_rest, error_text, gen_args
+from splitspace.session.identity import Identity
+from splitspace.shared.contract.calls import CALL_PATH
+from tests.clients import call_rest, error_text, gen_args, generate_token, token_for
 from tests.support import Deployment
 
 TIERS = ["frontend", "backend"]
-API = {"frontend": ("generate", 7, "quota"), "backend": ("infer", 7, "standing")}
-"""Each tier's main endpoint, its number of inputs, and its endpoint without inputs."""
+WHO = Identity("k", "key", "free", "1.2.3.4")
+API = {"frontend": ("generate", 7, "quota"), "backend": ("standing", 0, "standing")}
+"""Each tier's main Gradio endpoint, its number of inputs, and its endpoint without inputs (the
+GPU tier's Gradio app has only ``/standing``: calls come through its call route)."""
 
 
 def url(d: Deployment, tier: str) -> str:
@@ -43,10 +47,11 @@ def assert_problem(r: httpx.Response, status: int, *words: str) -> dict[str, Any
 def test_call_v2_missing_or_unknown_parameter_is_422_naming_it(direct: Deployment, tier: str) -> None:
     """First release: HTTP 500 (construct_args raised TypeError)."""
     base, (main, _, bare) = url(direct, tier), API[tier]
-    r = httpx.post(f"{base}/gradio_api/call/v2/{main}", json={"prompt": "a fox", "colour": "red"})
-    doc = assert_problem(r, 422, "'colour'", "unknown parameter")
-    assert doc["title"] == "Invalid request"
-    assert_problem(httpx.post(f"{base}/gradio_api/call/v2/{main}", json={"width": 64}), 422, "prompt", "required")
+    if tier == "frontend":  # (the GPU tier's only Gradio endpoint takes no inputs)
+        r = httpx.post(f"{base}/gradio_api/call/v2/{main}", json={"prompt": "a fox", "colour": "red"})
+        doc = assert_problem(r, 422, "'colour'", "unknown parameter")
+        assert doc["title"] == "Invalid request"
+        assert_problem(httpx.post(f"{base}/gradio_api/call/v2/{main}", json={"width": 64}), 422, "prompt", "required")
     assert_problem(httpx.post(f"{base}/gradio_api/call/v2/{bare}", json={"x": 1}), 422, "'x'", "unknown parameter")
 
 
@@ -255,10 +260,10 @@ BODY_ROUTES = [
     ("frontend", "/gradio_api/run/generate"),
     ("frontend", "/gradio_api/queue/join"),
     ("frontend", "/gradio_api/cancel"),
-    ("backend", "/gradio_api/call/infer"),
-    ("backend", "/gradio_api/call/v2/infer"),
+    ("backend", "/gradio_api/call/standing"),
+    ("backend", "/gradio_api/call/v2/standing"),
     ("backend", "/gradio_api/queue/join"),
-    ("backend", "/splitspace/v1/infer"),
+    ("backend", CALL_PATH),
     ("backend", "/admin/ui/gradio_api/queue/join"),  # the operators' dashboard, before its login
 ]
 
@@ -281,30 +286,18 @@ def test_a_body_past_the_parser_limits_is_a_4xx_naming_the_limit_and_the_connect
     assert proc is not None
     log_before = proc.log_path.stat().st_size
     headers = {"content-type": "application/json"}
-    if path.startswith("/splitspace/"):  # a valid identity token: the route reads the body after it
-        from splitspace.session.identity import Identity
-        from tests.clients import infer_token, token_for
-
-        headers["x-splitspace-identity"] = infer_token(
-            token_for(direct.secret, Identity("k", "key", "free", "1.2.3.4"))
-        )
+    call_route = path == CALL_PATH
     ports = _Ports()
     with httpx.Client(timeout=30, event_hooks={"response": [ports]}) as c:
         for body, status, named in PARSER_LIMITS:
-            assert_problem(c.post(f"{proc.url}{path}", content=body, headers=headers), status, named)
+            if call_route:  # a valid identity token (one a call): the route reads the body after it
+                headers["x-splitspace-identity"] = generate_token(token_for(direct.secret, WHO))
+            # the call route holds a call's JSON line to its limits itself: a 422 naming its body
+            expected = 422 if call_route else status
+            assert_problem(c.post(f"{proc.url}{path}", content=body, headers=headers), expected, named)
             assert c.get(f"{proc.url}/health").status_code == 200
     assert len(set(ports.ports)) == 1, f"the pooled connection was not kept: local ports {ports.ports}"
     with open(proc.log_path, "rb") as f:
         f.seek(log_before)
         grown = f.read().decode(errors="replace")
     assert "Traceback" not in grown, grown[-3000:]
-
-
-def test_a_string_past_its_limit_is_refused_on_the_64_kib_route(direct: Deployment) -> None:
-    """A 40 KB string fits the direct route's 64 KiB body but not the 32 KiB string limit."""
-    r = httpx.post(
-        f"{direct.backend.url}/splitspace/v1/infer",  # type: ignore[union-attr]
-        json={"prompt": "x" * 40_000},
-        headers={"x-splitspace-identity": "not checked first"},
-    )
-    assert_problem(r, 413, "a string longer than 32768 bytes")
