@@ -503,8 +503,6 @@ class GpuRunner:
             outcome = BatchOutcome([exc] * len(jobs), split_batch_time(costs, spent), spent, False)
         if outcome.failed:
             log.warning("%d of a batch of %d failed", len(outcome.failed), len(jobs))
-        elif not outcome.isolated:  # a real measurement of this batch: calibrate with it
-            workload.observe(payloads, outcome)
         if self.gate is not None:
             # The callers first, then the store's round trip: nobody waits for the settlement.
             # It still comes before this tier's next dispatch (this thread, below), which may

@@ -42,7 +42,7 @@ class BatchOutcome:
     the GPU seconds to charge it. The charges sum exactly to ``total_s``, all the
     time spent on the batch (its call and any retries). ``isolated`` says the batch
     call failed and its requests were run one by one (so ``total_s`` is no
-    measurement of a batch: do not calibrate a cost model with it).
+    measurement of a batch).
     """
 
     results: list[Any]

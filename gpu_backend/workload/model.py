@@ -400,7 +400,7 @@ class ModelExecutor:
         *,
         guidance_scale: float | None = None,
     ) -> float:
-        """Expected seconds for one call of ``batch`` images (a rough model, calibrate at run time).
+        """Expected seconds for one call of ``batch`` images (a rough model: admission's estimate).
 
         ``guidance_scale`` None means the preset's; above 1 it doubles the UNet's work.
         """

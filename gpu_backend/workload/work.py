@@ -86,10 +86,6 @@ class Workload(ABC, Generic[P]):
     def run_batch(self, payloads: list[P], costs: list[float]) -> BatchOutcome:
         """On a GPU thread: one result (an output or an exception) and one charge per payload."""
 
-    def observe(self, payloads: list[P], outcome: BatchOutcome) -> None:
-        """A batch that ran without failing, measured (calibrate an estimate with it)."""
-        return None
-
     def run_stream(self, payload: P, sink: StreamSink) -> Any:
         """On a GPU thread, for work that ``streams``: run it, each yield to ``sink``; return
         the output that :meth:`finish` takes; raise StreamStopped when ``sink`` stopped it."""
