@@ -7,12 +7,11 @@ reads the model this tier holds), through one fair queue. The route is a thin ad
 over :class:`~gpu_backend.serving.service.InferService` (verify, validate, admit,
 follow, map failures); admission, fair order and execution are the runner's.
 
-The Gradio app itself holds only ``/standing`` (the caller's quota standing, for the
-frontend's Gradio transports, ``httpx`` and ``gradio_client``; the direct transport
-reads ``/splitspace/v1/standing`` and ``/health``) and a page saying the tier is not for
-the public. Gradio's own queue must not hold up what the scheduler decides, so the
-endpoint has no concurrency limit, and ``queue(api_open=False)`` closes the
-queue-skipping ``/gradio_api/run/`` route.
+The Gradio app itself is a page saying the tier is not for the public, with no endpoint:
+the frontend's transport reads the caller's standing from the direct route too
+(``/splitspace/v1/standing``) and the tier's state from ``/health``. Gradio's own routes
+stay behind the guard (``shared/http/guard.py``), and ``queue(api_open=False)`` closes
+the queue-skipping ``/gradio_api/run/`` route.
 """
 
 # No `from __future__ import annotations` here: Gradio evaluates the handlers' type hints
@@ -64,9 +63,8 @@ from splitspace.shared.contract.admin_api import ClientStats, ModelChange, Quota
 from splitspace.shared.contract.calls import CALL_PATH, call_body_limit
 from splitspace.shared.contract.errors import SplitspaceError
 from splitspace.shared.contract.headers import IDENTITY_HEADER
-from splitspace.shared.contract.hop import error_to_wire
 from splitspace.shared.contract.quotas import QuotaConfig
-from splitspace.shared.gradio.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
+from splitspace.shared.gradio.gradio_queue import bound_analytics, sweep_finished_sessions
 from splitspace.shared.gradio.gradio_sessions import (
     HOUSEKEEPING_S,
     HeartbeatCap,
@@ -86,10 +84,6 @@ T = TypeVar("T")
 
 BOOT_ID = uuid.uuid4().hex
 """Changes whenever this process (re)starts (``splitspace dev --reload`` reloads the page then)."""
-
-
-def to_gradio_error(exc: SplitspaceError) -> gr.Error:
-    return gr.Error(exc.user_text(), title=exc.title, print_exception=False)
 
 
 class GpuTier:
@@ -317,31 +311,12 @@ class GpuTier:
         return doc
 
 
-def build_blocks(tier: GpuTier) -> gr.Blocks:
-    """Gradio's ``/standing`` (for the frontend's Gradio transports), a thin adapter over the
-    tier's InferService, and a page saying who the tier is for.
-
-    It yields the standing document; an error is yielded as a last document, which the
-    transports decode, and then raised as a ``gr.Error``, which any other Gradio client
-    sees as a plain error with its title."""
-    service = tier.service
-
-    async def standing(request: gr.Request = None) -> AsyncIterator[dict]:  # type: ignore[assignment]
-        """The caller's own quota standing (frontend only)."""
-        try:
-            yield service.standing(_token(request))
-        except SplitspaceError as exc:
-            yield error_to_wire(exc)
-            raise to_gradio_error(exc) from None
-
+def build_blocks() -> gr.Blocks:
+    """The GPU tier's Gradio app: a page saying who the tier is for, and no endpoint (calls
+    and the caller's standing come through the direct route, ``direct_route.py``)."""
     with gr.Blocks(title="splitspace GPU tier") as blocks:
         gr.Markdown("splitspace GPU tier. Not for the public: the frontend is its only caller.")
-        gr.api(standing, api_name="standing", concurrency_limit=None)
     return blocks
-
-
-def _token(request: gr.Request | None) -> str | None:
-    return request.headers.get(IDENTITY_HEADER) if request is not None else None
 
 
 def model_routes(router: APIRouter, tier: GpuTier) -> None:
@@ -431,10 +406,8 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
     for path in (STANDING_PATH, CALL_PATH):  # before the mount at "/", which catches everything after
         app.router.routes.append(Route(path, direct, methods=["POST"]))
 
-    blocks = build_blocks(tier)
-    blocks.max_threads = settings.max_threads  # before queue(): the queue sizes its workers from it
+    blocks = build_blocks()
     blocks.queue(api_open=False, max_size=settings.queue_max_size, default_concurrency_limit=None)
-    hold_sessions(blocks, 2 * settings.max_threads)  # every /standing call in flight is a session
     bound_analytics(blocks)
     bound_session_states(blocks, settings.heartbeats_total)
     app = gr.mount_gradio_app(app, blocks, path="", ssr_mode=False, footer_links=["api"], app_kwargs=dict(NO_TELEMETRY))

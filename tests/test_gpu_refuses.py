@@ -9,7 +9,7 @@ import pytest
 
 from splitspace.session.identity import Identity
 from splitspace.shared.contract.calls import CALL_PATH
-from tests.clients import generate_on_gpu_tier, generate_token, token_for
+from tests.clients import gen_args, generate_on_gpu_tier, generate_token, token_for
 from tests.support import free_port, start_tier
 
 WHO = Identity("key:alpha", "key", "free", "127.0.0.1")
@@ -83,14 +83,14 @@ def test_a_token_is_good_for_its_own_request_once(tiny):
     assert final == "error" and "already used" in text, text
 
 
-def test_run_route_that_skips_the_queue_is_closed(tiny):
-    r = httpx.post(
-        f"{tiny.backend.url}/gradio_api/run/standing",
-        json={"data": []},
-        headers={"x-splitspace-identity": token_for(tiny.secret, WHO)("standing")},
-    )
-    assert r.status_code >= 400
-    assert "client" not in r.text
+def test_gradio_routes_that_skip_the_call_route_run_nothing(tiny):
+    """The GPU tier's Gradio app has no endpoint: a signed call sent to Gradio's routes, not
+    the call route, is refused and runs nothing."""
+    headers = {"x-splitspace-identity": generate_token(token_for(tiny.secret, WHO))}
+    for route in ("run", "call"):
+        r = httpx.post(f"{tiny.backend.url}/gradio_api/{route}/generate", json={"data": gen_args()}, headers=headers)
+        assert r.status_code == 404, r.text
+        assert "seed" not in r.text
 
 
 def test_refused_calls_spend_no_model_time(tiny):

@@ -23,9 +23,13 @@ from tests.support import Deployment
 
 TIERS = ["frontend", "backend"]
 WHO = Identity("k", "key", "free", "1.2.3.4")
-API = {"frontend": ("generate", 7, "quota"), "backend": ("standing", 0, "standing")}
-"""Each tier's main Gradio endpoint, its number of inputs, and its endpoint without inputs (the
-GPU tier's Gradio app has only ``/standing``: calls come through its call route)."""
+WITH_ENDPOINTS = ["frontend"]
+"""The tiers whose Gradio app has endpoints (the GPU tier's has none: its calls and the
+callers' standing come through its direct route)."""
+API = {"frontend": ("generate", 7, "quota")}
+"""Each such tier's main endpoint, its number of inputs, and its endpoint without inputs."""
+BODY_PATH = {"frontend": "/gradio_api/call/generate", "backend": "/gradio_api/queue/join"}
+"""A Gradio route of each tier that takes a JSON body."""
 
 
 def url(d: Deployment, tier: str) -> str:
@@ -43,16 +47,26 @@ def assert_problem(r: httpx.Response, status: int, *words: str) -> dict[str, Any
     return doc
 
 
-@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("tier", WITH_ENDPOINTS)
 def test_call_v2_missing_or_unknown_parameter_is_422_naming_it(direct: Deployment, tier: str) -> None:
     """First release: HTTP 500 (construct_args raised TypeError)."""
     base, (main, _, bare) = url(direct, tier), API[tier]
-    if tier == "frontend":  # (the GPU tier's only Gradio endpoint takes no inputs)
-        r = httpx.post(f"{base}/gradio_api/call/v2/{main}", json={"prompt": "a fox", "colour": "red"})
-        doc = assert_problem(r, 422, "'colour'", "unknown parameter")
-        assert doc["title"] == "Invalid request"
-        assert_problem(httpx.post(f"{base}/gradio_api/call/v2/{main}", json={"width": 64}), 422, "prompt", "required")
+    r = httpx.post(f"{base}/gradio_api/call/v2/{main}", json={"prompt": "a fox", "colour": "red"})
+    doc = assert_problem(r, 422, "'colour'", "unknown parameter")
+    assert doc["title"] == "Invalid request"
+    assert_problem(httpx.post(f"{base}/gradio_api/call/v2/{main}", json={"width": 64}), 422, "prompt", "required")
     assert_problem(httpx.post(f"{base}/gradio_api/call/v2/{bare}", json={"x": 1}), 422, "'x'", "unknown parameter")
+
+
+@pytest.mark.parametrize("route", ["call", "call/v2", "run"])
+def test_the_gpu_tiers_gradio_app_has_no_endpoint(direct: Deployment, route: str) -> None:
+    """Its calls come through the call route (``/splitspace/v1/call``), its callers' standing
+    through ``/splitspace/v1/standing``: Gradio's API serves nothing there."""
+    base = url(direct, "backend")
+    body: Any = {} if route == "call/v2" else {"data": []}
+    for api in ("standing", "infer", "generate"):
+        assert_problem(httpx.post(f"{base}/gradio_api/{route}/{api}", json=body), 404, f"'{api}'")
+    assert [d["api_name"] for d in httpx.get(f"{base}/config").json()["dependencies"] if d.get("api_name")] == []
 
 
 def test_call_v2_with_valid_parameters_still_runs(direct: Deployment) -> None:
@@ -74,7 +88,7 @@ def test_unknown_endpoint_is_404(direct: Deployment, tier: str, route: str) -> N
     assert doc["title"] == "Unknown endpoint"
 
 
-@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("tier", WITH_ENDPOINTS)
 def test_wrong_arity_is_422_on_call_run_and_join(direct: Deployment, tier: str) -> None:
     """First release: the call was queued and failed with a traceback listing every input
     (``/call/``, ``/queue/join``), or HTTP 500 (``/run/`` on the frontend)."""
@@ -86,8 +100,7 @@ def test_wrong_arity_is_422_on_call_run_and_join(direct: Deployment, tier: str) 
     fn_index = next(d["id"] for d in httpx.get(f"{base}/config").json()["dependencies"] if d.get("api_name") == main)
     join = {"data": data, "fn_index": fn_index, "session_hash": "s1"}
     assert_problem(httpx.post(f"{base}/gradio_api/queue/join", json=join), 422, f"expected {arity} values, got 3")
-    if tier == "frontend":  # the GPU tier closes /run/ (api_open=False): 404 there
-        assert_problem(httpx.post(f"{base}/gradio_api/run/{main}", json={"data": data}), 422, "got 3")
+    assert_problem(httpx.post(f"{base}/gradio_api/run/{main}", json={"data": data}), 422, "got 3")
 
 
 @pytest.mark.parametrize("tier", TIERS)
@@ -97,7 +110,7 @@ def test_unknown_fn_index_is_404(direct: Deployment, tier: str) -> None:
     assert_problem(r, 404, "fn_index", "99")
 
 
-@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("tier", WITH_ENDPOINTS)
 @pytest.mark.parametrize("body", [b"not json", b'{"data": "x"}', b"[1, 2]", b'{"data": [], "session_hash": 5}'])
 def test_malformed_json_is_4xx_and_echoes_nothing_long(direct: Deployment, tier: str, body: bytes) -> None:
     base, (main, _, _) = url(direct, tier), API[tier]
@@ -106,7 +119,7 @@ def test_malformed_json_is_4xx_and_echoes_nothing_long(direct: Deployment, tier:
     assert_problem(r, r.status_code)
 
 
-@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("tier", WITH_ENDPOINTS)
 @pytest.mark.parametrize(
     "path", ["call/{api}/no-such-event", "call/v2/{api}/no-such-event", "queue/data?session_hash=nobody"]
 )
@@ -142,7 +155,7 @@ def test_uploads_are_refused_on_both_tiers(direct: Deployment, tier: str) -> Non
     assert_problem(malformed, 403)  # first release: HTTP 500 for some malformed forms
 
 
-@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("tier", WITH_ENDPOINTS)
 def test_forms_are_refused(direct: Deployment, tier: str) -> None:
     r = httpx.post(f"{url(direct, tier)}/gradio_api/call/{API[tier][0]}", data={"data": "x"})
     assert_problem(r, 415, "JSON")
@@ -151,14 +164,14 @@ def test_forms_are_refused(direct: Deployment, tier: str) -> None:
 @pytest.mark.parametrize("tier", TIERS)
 def test_a_body_over_the_limit_is_413_before_it_is_read(direct: Deployment, tier: str) -> None:
     """First release: a 50 MB JSON body was read and parsed (8 in parallel: +1.1 GB RSS)."""
-    base, (main, arity, _) = url(direct, tier), API[tier]
-    big = {"data": ["x" * 1_000_000] + [""] * (arity - 1)}
-    assert_problem(httpx.post(f"{base}/gradio_api/call/{main}", json=big), 413, "at most")
+    base, path = url(direct, tier), BODY_PATH[tier]
+    big = {"data": ["x" * 1_000_000] + [""] * 6, "fn_index": 0, "session_hash": "s"}
+    assert_problem(httpx.post(f"{base}{path}", json=big), 413, "at most")
     # Announced as 50 MB, nothing sent: the answer comes from the headers alone.
     port = int(base.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(
-            f"POST /gradio_api/call/{main} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             f"Content-Length: {50 * 2**20}\r\n\r\n".encode()
         )
         head = s.recv(4096).decode("latin-1")
@@ -260,8 +273,6 @@ BODY_ROUTES = [
     ("frontend", "/gradio_api/run/generate"),
     ("frontend", "/gradio_api/queue/join"),
     ("frontend", "/gradio_api/cancel"),
-    ("backend", "/gradio_api/call/standing"),
-    ("backend", "/gradio_api/call/v2/standing"),
     ("backend", "/gradio_api/queue/join"),
     ("backend", CALL_PATH),
     ("backend", "/admin/ui/gradio_api/queue/join"),  # the operators' dashboard, before its login

@@ -13,7 +13,7 @@ message. The guard in front passes the call's body unread as JSON (it is not); i
 line is held to the call's limits here (``JsonLimits``), before it is parsed.
 ``POST /splitspace/v1/standing`` returns the caller's quota standing.
 
-Why it exists beside Gradio: the scheduler, not Gradio's queue, orders the work, so
+Why it is not a Gradio endpoint: the scheduler, not Gradio's queue, orders the work, so
 the queue's join-then-stream protocol, session state and event bookkeeping are pure
 overhead on this hop. Measured on a 2-core machine they cost the GPU tier about 10 ms of
 CPU per call (this route: a few ms) and the frontend a second request per call

@@ -2,8 +2,8 @@
 
 The direct route's call path (``direct_route.py``, ``POST /splitspace/v1/call``: a call of
 one of the app's ``@splitspace.gpu`` functions, the built-in app's ``generate`` included)
-is a thin adapter over this class, as is the caller's standing (the direct route's and
-Gradio's ``/standing``, ``app.py``). Each rule is written here once:
+is a thin adapter over this class, as is the caller's standing (``/splitspace/v1/standing``).
+Each rule is written here once:
 
 - the identity token is verified before anything else (a refusal is counted), and
   bound to the call it came with (:func:`~session.token.infer_purpose` of its digest);
