@@ -1,15 +1,17 @@
 """The GPU tier: a thin Gradio app over the runner, the scheduler and the model.
 
-Wiring only. Two ways in, one set of rules: Gradio's ``/infer`` (for
-``gradio_client`` and any Gradio client) and the direct route
-(``direct_route.py``, the frontend's default hop; with ``SPLITSPACE_APP`` it serves the
-developer's ``@splitspace.gpu`` functions instead of the built-in model, each through
-``/splitspace/v1/call`` and the same fair queue) are both thin adapters over
-:class:`~gpu_backend.serving.service.InferService` (verify, validate, admit, follow,
-map failures); admission, fair order and execution are the runner's. Gradio's own queue must not
-reorder what the scheduler decides, so the endpoints have no concurrency limit,
-``max_threads`` is raised well above what admission lets in, and
-``queue(api_open=False)`` closes the queue-skipping ``/gradio_api/run/`` route.
+Wiring only. Calls come in through the direct route (``direct_route.py``,
+``/splitspace/v1/call``): a call of one of the app's ``@splitspace.gpu`` functions (the
+developer's ``SPLITSPACE_APP``, else the built-in text-to-image app, whose ``generate``
+reads the model this tier holds), through one fair queue. The route is a thin adapter
+over :class:`~gpu_backend.serving.service.InferService` (verify, validate, admit,
+follow, map failures); admission, fair order and execution are the runner's.
+
+The Gradio app itself is a page saying the tier is not for the public, with no endpoint:
+the frontend's transport reads the caller's standing from the direct route too
+(``/splitspace/v1/standing``) and the tier's state from ``/health``. Gradio's own routes
+stay behind the guard (``shared/http/guard.py``), and ``queue(api_open=False)`` closes
+the queue-skipping ``/gradio_api/run/`` route.
 """
 
 # No `from __future__ import annotations` here: Gradio evaluates the handlers' type hints
@@ -41,7 +43,7 @@ from splitspace.gpu_backend.ops.dashboard import DASHBOARD_PATH
 from splitspace.gpu_backend.ops.metrics import CONTENT_TYPE, GpuMetrics
 from splitspace.gpu_backend.ops.operator_guard import OperatorGuard
 from splitspace.gpu_backend.ops.operator_sessions import GuessThrottle
-from splitspace.gpu_backend.serving.direct_route import INFER_PATH, MAX_BODY_BYTES, STANDING_PATH, DirectRoutes
+from splitspace.gpu_backend.serving.direct_route import STANDING_PATH, DirectRoutes
 from splitspace.gpu_backend.serving.service import InferService
 from splitspace.gpu_backend.stores.global_limits import GlobalLimits, local_limits
 from splitspace.gpu_backend.stores.resilient_store import ResilientStore, open_store
@@ -49,7 +51,6 @@ from splitspace.gpu_backend.stores.usage import MemoryUsageStore
 from splitspace.gpu_backend.stores.write_behind import SqliteUsageStore, WriteBehindStore
 from splitspace.gpu_backend.workload import gpu
 from splitspace.gpu_backend.workload.app_functions import AppFunction, app_functions
-from splitspace.gpu_backend.workload.cost import CostModel
 from splitspace.gpu_backend.workload.model import CompileConfig, ModelExecutor
 from splitspace.session.address import AddressPolicy
 from splitspace.session.identity import Identity
@@ -61,10 +62,9 @@ from splitspace.shared.config.settings import Settings
 from splitspace.shared.contract.admin_api import ClientStats, ModelChange, QuotaStatus
 from splitspace.shared.contract.calls import CALL_PATH, call_body_limit
 from splitspace.shared.contract.errors import SplitspaceError
-from splitspace.shared.contract.headers import IDENTITY_HEADER, IP_TOKEN_HEADER
-from splitspace.shared.contract.hop import error_to_wire
+from splitspace.shared.contract.headers import IDENTITY_HEADER
 from splitspace.shared.contract.quotas import QuotaConfig
-from splitspace.shared.gradio.gradio_queue import bound_analytics, hold_sessions, sweep_finished_sessions
+from splitspace.shared.gradio.gradio_queue import bound_analytics, sweep_finished_sessions
 from splitspace.shared.gradio.gradio_sessions import (
     HOUSEKEEPING_S,
     HeartbeatCap,
@@ -74,7 +74,6 @@ from splitspace.shared.gradio.gradio_sessions import (
     forget_finished_states,
     session_count,
 )
-from splitspace.shared.gradio.gradio_signature import request_handler
 from splitspace.shared.http.guard import GradioGuard
 from splitspace.shared.http.json_limits import DEFAULT_LIMITS
 from splitspace.shared.http.server import NO_TELEMETRY
@@ -85,10 +84,6 @@ T = TypeVar("T")
 
 BOOT_ID = uuid.uuid4().hex
 """Changes whenever this process (re)starts (``splitspace dev --reload`` reloads the page then)."""
-
-
-def to_gradio_error(exc: SplitspaceError) -> gr.Error:
-    return gr.Error(exc.user_text(), title=exc.title, print_exception=False)
 
 
 class GpuTier:
@@ -169,20 +164,8 @@ class GpuTier:
                 max_idle=settings.max_idle_clients,
             )
         self.metrics = GpuMetrics(self.depth_by_tier)
-        builtin: dict[str, Any] = (
-            {}
-            if settings.app
-            else dict(  # the built-in text-to-image: the model as gpu.py holds it
-                cost=CostModel(gpu.estimate_seconds),
-                run_batch=gpu.run_batch_on_gpu,
-                resolve=gpu.resolve,
-                model_name=gpu.model_name,
-                max_batch=gpu.batch_cap(settings.max_batch),
-            )
-        )
         self.runner = GpuRunner(
             self.scheduler,
-            **builtin,
             batch_wait_s=settings.batch_wait_ms / 1000,
             on_zerogpu=bool(spaces.config.Config.zero_gpu),
             clock=time.time,
@@ -192,7 +175,6 @@ class GpuTier:
         self.service = InferService(
             tokens=self.tokens,
             runner=self.runner,
-            limits=settings.limits,
             standing=self.standing,
             on_call=self.metrics.calls.inc,
             on_refused=self.metrics.refuse,
@@ -227,20 +209,18 @@ class GpuTier:
         self.runner.dispatch()
 
     async def change_model(self, spec: str) -> ModelChange:
-        """Load another model without a restart: requests in flight finish on the old one,
-        new ones queue (none is refused) and run on the new one. A spec that fails to
-        load leaves the old model in place and raises ValueError."""
+        """Load another model without a restart: calls in flight finish on the old one,
+        new ones queue (none is refused) and run on the new one; the built-in app reads
+        the model, its presets and its batch cap at each call (``gpu.current_executor``,
+        ``gpu.batch_cap``). A spec that fails to load leaves the old model in place and
+        raises ValueError."""
         if not self.holds_model:
             raise ValueError(f"this GPU tier serves {self.settings.app}, not a model")
         async with self._model_lock:
             previous = gpu.current_executor().name
 
             def change() -> None:
-                executor = ModelExecutor.from_spec(spec, compile_unet=self.compile)
-                gpu.set_executor(executor)
-                if self.runner.builtin is not None:  # (the built-in app reads the model at each call)
-                    self.runner.max_batch = gpu.batch_cap(self.settings.max_batch)
-                    self.runner.cost.factor = 1.0  # the calibration was the old model's
+                gpu.set_executor(ModelExecutor.from_spec(spec, compile_unet=self.compile))
 
             await asyncio.to_thread(self.runner.swap, change)
             log.info("model changed from %s to %s", previous, spec)
@@ -331,55 +311,12 @@ class GpuTier:
         return doc
 
 
-def build_blocks(tier: GpuTier) -> gr.Blocks:
-    """Gradio's ``/infer`` and ``/standing``: thin adapters over the tier's InferService.
-
-    Each yields the hop's wire documents (``shared/contract/hop.py``); an error is yielded as a
-    last document, which the transports decode, and then raised as a ``gr.Error``, which
-    any other Gradio client sees as a plain error with its title."""
-    service = tier.service
-
-    async def infer(values: dict[str, Any], request: gr.Request | None) -> AsyncIterator[dict]:
-        try:
-            claims = service.arrive(_token(request))
-            ip_token = request.headers.get(IP_TOKEN_HEADER) if request is not None else None
-            ticket = await service.enter(claims, values, ip_token)
-            # aclosing: when the frontend goes away, Gradio closes this generator at its
-            # next yield; the runner must drop the queued job then, not at GC.
-            updates = service.follow(ticket)
-            async with contextlib.aclosing(updates):
-                async for update in updates:
-                    yield update.to_wire()
-        except SplitspaceError as exc:
-            yield error_to_wire(exc)
-            raise to_gradio_error(exc) from None
-
-    async def standing(request: gr.Request = None) -> AsyncIterator[dict]:  # type: ignore[assignment]
-        """The caller's own quota standing (frontend only)."""
-        try:
-            yield service.standing(_token(request))
-        except SplitspaceError as exc:
-            yield error_to_wire(exc)
-            raise to_gradio_error(exc) from None
-
+def build_blocks() -> gr.Blocks:
+    """The GPU tier's Gradio app: a page saying who the tier is for, and no endpoint (calls
+    and the caller's standing come through the direct route, ``direct_route.py``)."""
     with gr.Blocks(title="splitspace GPU tier") as blocks:
         gr.Markdown("splitspace GPU tier. Not for the public: the frontend is its only caller.")
-        gr.api(
-            request_handler(
-                infer,
-                "infer",
-                "Generate one image for the identity in X-Splitspace-Identity (frontend only).",
-                AsyncIterator[dict],
-            ),
-            api_name="infer",
-            concurrency_limit=None,
-        )
-        gr.api(standing, api_name="standing", concurrency_limit=None)
     return blocks
-
-
-def _token(request: gr.Request | None) -> str | None:
-    return request.headers.get(IDENTITY_HEADER) if request is not None else None
 
 
 def model_routes(router: APIRouter, tier: GpuTier) -> None:
@@ -466,13 +403,11 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
         # a call's text inputs may be as long as its files (as when files crossed inside the JSON)
         call_limits=dataclasses.replace(DEFAULT_LIMITS, max_string_bytes=call_limit),
     )
-    for path in (INFER_PATH, STANDING_PATH, CALL_PATH):  # before the mount at "/", which catches everything after
+    for path in (STANDING_PATH, CALL_PATH):  # before the mount at "/", which catches everything after
         app.router.routes.append(Route(path, direct, methods=["POST"]))
 
-    blocks = build_blocks(tier)
-    blocks.max_threads = settings.max_threads  # before queue(): the queue sizes its workers from it
+    blocks = build_blocks()
     blocks.queue(api_open=False, max_size=settings.queue_max_size, default_concurrency_limit=None)
-    hold_sessions(blocks, 2 * settings.max_threads)  # every /infer call in flight is a session
     bound_analytics(blocks)
     bound_session_states(blocks, settings.heartbeats_total)
     app = gr.mount_gradio_app(app, blocks, path="", ssr_mode=False, footer_links=["api"], app_kwargs=dict(NO_TELEMETRY))
@@ -492,7 +427,7 @@ def build_app(settings: Settings | None = None, executor: ModelExecutor | None =
     app.add_middleware(
         GradioGuard,
         blocks=blocks,
-        body_limits={INFER_PATH: MAX_BODY_BYTES, CALL_PATH: call_limit},
+        body_limits={CALL_PATH: call_limit},
         # a call is a frame (its JSON line, then its files' bytes): the route checks its line
         json_limits_by_path={CALL_PATH: None},
         elsewhere=(DASHBOARD_PATH,),

@@ -6,14 +6,15 @@ downtime. A salt keeps these tokens apart from session cookies signed with
 the same secret. Tokens carry their issue time and expire within a minute.
 
 A token is good for one call only: it names its purpose (``infer:<sha256 of
-the validated request>``, ``standing`` or ``health``) and carries a random
-nonce. The GPU tier refuses a token whose purpose is not the call it came
-with (a captured token cannot be used for another prompt) and one whose
+the call>``, :func:`infer_purpose` of ``Call.digest()``: the function it calls and
+its inputs; ``standing`` or ``health``) and carries a random nonce. The GPU tier
+refuses a token whose purpose is not the call it came with (a captured token
+cannot be used for another prompt) and one whose
 nonce it has already seen within the token's lifetime (nor twice for the same
 prompt). The nonces seen are kept per process (the fast path, and the whole check
 without Redis); with ``SPLITSPACE_REDIS_URL`` a GPU tier also has its admission
 check the nonce in Redis (``gpu_backend/stores/global_limits.py``: one more command in the
-admission's one script), so a captured ``/infer`` call is refused on every replica.
+admission's one script), so a captured call is refused on every replica.
 Without Redis, a token replayed to another replica within its lifetime runs there
 once (docs/security.md).
 """
@@ -41,7 +42,8 @@ TOKEN_REUSED = "identity token already used (each token is good for one call)"
 
 
 def infer_purpose(request_digest: str) -> str:
-    """The purpose of a token for one ``/infer`` call (``splitspace.shared.contract.schema.request_digest``)."""
+    """The purpose of a token for one call of a GPU function, given the call's digest
+    (``splitspace.shared.contract.calls.Call.digest``)."""
     return f"infer:{request_digest}"
 
 

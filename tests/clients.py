@@ -13,9 +13,11 @@ import httpx
 
 from splitspace.session.identity import Identity
 from splitspace.session.token import IdentityTokens, infer_purpose
-from splitspace.shared.contract.errors import ValidationFailed, from_wire
+from splitspace.shared.contract import frames
+from splitspace.shared.contract.calls import CALL_PATH, Call
+from splitspace.shared.contract.errors import from_wire
 from splitspace.shared.contract.headers import IDENTITY_HEADER
-from splitspace.shared.contract.schema import REQUEST_FIELDS, validate_request
+from splitspace.shared.contract.schema import REQUEST_FIELDS
 
 GENERATE_DEFAULTS: dict[str, Any] = dict(
     prompt="a red fox", negative_prompt="", width=64, height=64, steps=1, guidance_scale=0.0, seed=1
@@ -70,44 +72,39 @@ def token_for(secret: str, identity: Identity, **kwargs: Any) -> Minter:
     return lambda purpose: tokens.mint(identity, purpose)
 
 
-def infer_token(minter: Minter, **overrides: Any) -> str:
-    """A token bound to the ``/infer`` call with these request fields."""
-    request = validate_request(**{**GENERATE_DEFAULTS, **overrides})
-    return minter(infer_purpose(request.digest()))
+def generate_call(**overrides: Any) -> Call:
+    """A call of the built-in app's ``generate`` with these fields (the defaults for the rest)."""
+    return Call("generate", gen_args(**overrides))
 
 
-GPU_ROUTES = ["gradio", "direct"]
-"""The GPU tier's two ways in: Gradio's /infer (gradio_client, httpx transports) and the direct route."""
+def generate_token(minter: Minter, **overrides: Any) -> str:
+    """A token bound to the call of ``generate`` with these fields, as the frontend mints it."""
+    return minter(infer_purpose(generate_call(**overrides).digest()))
 
 
-def infer_on_gpu_tier(
-    base_url: str, token: str | Minter | None, route: str = "gradio", **overrides: Any
-) -> tuple[str, Any]:
-    """Call the GPU tier as a frontend would: ("complete", result dict) or ("error", "Title: message").
+def generate_on_gpu_tier(base_url: str, token: str | Minter | None, **overrides: Any) -> tuple[str, Any]:
+    """Call the built-in app's ``generate`` on the GPU tier's call route as a frontend does:
+    ("complete", the CallResult's document: ``data`` [the image, its info], ``info`` the
+    call's) or ("error", "Title: message").
 
     ``token``: a minter (a fresh token bound to this call, as the frontend sends), or a
     token as it is (garbage, a replay, one bound to another call)."""
     if callable(token):
-        try:
-            token = infer_token(token, **overrides)
-        except ValidationFailed:  # an invalid request: bind the token to anything, the tier refuses first
-            token = token(infer_purpose("invalid"))
-    headers = {IDENTITY_HEADER: token} if token else {}
+        token = generate_token(token, **overrides)
+    headers = {IDENTITY_HEADER: token, "content-type": frames.FRAME_TYPE} if token else {}
+    body = frames.encode(generate_call(**overrides).to_wire())
     with httpx.Client(timeout=30) as c:
-        if route == "gradio":
-            final, events = call_rest(c, base_url, "infer", gen_args(**overrides), headers)
-            return (final, events[-1][1][0]) if final == "complete" else (final, error_text(events))
-        body = {**GENERATE_DEFAULTS, **overrides}
-        with c.stream("POST", f"{base_url}/splitspace/v1/infer", json=body, headers=headers) as r:
+        with c.stream("POST", base_url + CALL_PATH, content=body, headers=headers) as r:
             if r.status_code != 200:
-                doc = json.loads(r.read())
-                return "error", from_wire(doc).user_text()
-            for line in r.iter_lines():
-                update = json.loads(line)
-                if update["status"] == "done":
-                    return "complete", update
-                if update["status"] == "error":
-                    return "error", from_wire(update).user_text()
+                return "error", from_wire(json.loads(r.read())).user_text()
+            splitter = frames.FrameSplitter()
+            for chunk in r.iter_bytes():
+                for frame in splitter.feed(chunk):
+                    update = frames.decode(frame)
+                    if update["status"] == "done":
+                        return "complete", update
+                    if update["status"] == "error":
+                        return "error", from_wire(update).user_text()
     return "closed", None
 
 

@@ -3,7 +3,7 @@
 The app is ``tests/apps/studio.py`` (and ``examples/shout.py``), loaded fresh for each
 test. What is checked here is logic: a call's preprocessing and its refusals, its
 estimate, batches with their isolation and charges, one fair queue shared by the
-built-in model and the app's functions, and the frontend's mock transport. The same
+built-in app's ``generate`` and another app's functions, and the frontend's mock transport. The same
 paths through real processes: ``test_app_tiers.py``.
 """
 
@@ -28,8 +28,6 @@ from splitspace.gpu_backend.admission.scheduler import FairScheduler
 from splitspace.gpu_backend.serving.service import InferService
 from splitspace.gpu_backend.stores.usage import MemoryUsageStore
 from splitspace.gpu_backend.workload.app_functions import AppFunction, Prepared, app_functions
-from splitspace.gpu_backend.workload.batching import run_batch_isolating_failures
-from splitspace.gpu_backend.workload.cost import CostModel
 from splitspace.session.identity import Identity
 from splitspace.session.token import IdentityTokens, infer_purpose
 from splitspace.shared.app.loader import gpu_endpoints, load_app
@@ -42,7 +40,9 @@ from splitspace.shared.contract.errors import (
     ValidationFailed,
 )
 from splitspace.shared.contract.quotas import Tier
-from splitspace.shared.contract.schema import GenerateRequest, Limits
+from splitspace.shared.contract.schema import GenerateRequest
+from tests.builtin_functions import StandInModel, builtin_functions
+from tests.clients import generate_call
 
 REPO = Path(__file__).resolve().parent.parent
 STUDIO = str(REPO / "tests/apps/studio.py")
@@ -77,26 +77,16 @@ def carried_png(pixels: np.ndarray, name: str = "in.png") -> CarriedFile:
     return CarriedFile(name, "image/png", buf.getvalue())
 
 
-class ImageModel:
-    """The built-in's stand-in: an image per request; ``ran`` says when a batch ran."""
-
-    name = "stand-in"
+class ImageModel(StandInModel):
+    """The built-in's model: an image per request; ``ran`` says when a batch ran."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.ran: list[str] = []
 
-    def resolve(self, req: GenerateRequest) -> tuple[int, float]:
-        return req.steps or 1, req.guidance_scale or 0.0
-
-    def generate(self, req: GenerateRequest, seed: int) -> Image.Image:
-        return Image.new("RGB", (req.width, req.height), (seed % 256, 0, 0))
-
-    def generate_batch(self, reqs: list[GenerateRequest], seeds: list[int]) -> list[Image.Image]:
-        return [self.generate(r, s) for r, s in zip(reqs, seeds, strict=True)]
-
-    def run_batch(self, reqs: list[GenerateRequest], seeds: list[int], costs: list[float]) -> Any:
+    def generate_batch(self, requests: list[GenerateRequest], seeds: list[int]) -> list[Image.Image]:
         self.ran.append("image")
-        return run_batch_isolating_failures(self, reqs, seeds, costs=costs)
+        return super().generate_batch(requests, seeds)
 
 
 @pytest.fixture
@@ -105,16 +95,9 @@ def model() -> ImageModel:
 
 
 @pytest.fixture
-def runner(model: ImageModel) -> Iterator[GpuRunner]:
+def runner() -> Iterator[GpuRunner]:
     scheduler = FairScheduler(clock=time.monotonic, limits=lambda ref: ROOMY, store=MemoryUsageStore(), capacity=1)
-    runner = GpuRunner(
-        scheduler,
-        CostModel(lambda s, w, h, g, b: 0.1),
-        run_batch=model.run_batch,
-        resolve=model.resolve,
-        model_name=lambda: model.name,
-        clock=time.monotonic,
-    )
+    runner = GpuRunner(scheduler, clock=time.monotonic)
     yield runner
     runner.close()
 
@@ -193,7 +176,7 @@ def test_a_generator_gives_its_last_yield(functions) -> None:
 # -- through the runner ----------------------------------------------------------------------
 def test_built_in_and_app_work_share_one_fair_queue(functions, runner, model, tmp_path: Path) -> None:
     """While the GPU is held, one client queues three calls of a function, then another a
-    built-in image: fair order runs the image after the first call, not after all three."""
+    built-in app's image: fair order runs the image after the first call, not after all three."""
     release = tmp_path / "release"
     ran = model.ran  # in the order the GPU thread runs them
     for name in ("hold", "nap"):
@@ -205,21 +188,22 @@ def test_built_in_and_app_work_share_one_fair_queue(functions, runner, model, tm
 
         functions[name].event = dataclasses.replace(event, fn=recorded)
 
-    async def scenario() -> None:
-        tickets = [runner.admit_work(who("c"), functions["hold"].prepare(Call("hold", [str(release)])))]
+    async def scenario(generate: AppFunction) -> None:
+        tickets = [runner.admit(who("c"), functions["hold"].prepare(Call("hold", [str(release)])))]
         assert await until(lambda: runner.scheduler.running_count == 1)
-        tickets += [runner.admit_work(who("a"), functions["nap"].prepare(Call("nap", [1]))) for _ in range(3)]
-        tickets.append(runner.admit(who("b"), GenerateRequest(prompt="a fox", width=64, height=64, seed=3)))
+        tickets += [runner.admit(who("a"), functions["nap"].prepare(Call("nap", [1]))) for _ in range(3)]
+        tickets.append(runner.admit(who("b"), generate.prepare(generate_call(seed=3))))
         release.touch()
         await asyncio.gather(*(answer(runner, t) for t in tickets))
 
-    asyncio.run(scenario())
+    with builtin_functions(model) as builtin:
+        asyncio.run(scenario(builtin["generate"]))
     assert ran == ["hold", "nap", "image", "nap", "nap"]
 
 
 def test_a_call_is_charged_its_measured_gpu_time_and_answers_with_its_outputs(functions, runner) -> None:
     async def scenario() -> CallResult:
-        ticket = runner.admit_work(who("a"), functions["nap"].prepare(Call("nap", [300])))
+        ticket = runner.admit(who("a"), functions["nap"].prepare(Call("nap", [300])))
         return await answer(runner, ticket)
 
     result = asyncio.run(scenario())
@@ -234,7 +218,7 @@ def test_outputs_are_postprocessed_and_their_files_carried(functions, runner) ->
 
     async def scenario() -> CallResult:
         work = await asyncio.to_thread(functions["mirror"].prepare, Call("mirror", [carried_png(pixels)]))
-        return await answer(runner, runner.admit_work(who("a"), work))
+        return await answer(runner, runner.admit(who("a"), work))
 
     result = asyncio.run(scenario())
     carried = result.data[0]
@@ -248,7 +232,6 @@ def test_the_service_names_an_unknown_function_and_binds_the_token_to_the_call(f
     service = InferService(
         tokens=IdentityTokens([SECRET]),
         runner=runner,
-        limits=Limits(),
         standing=lambda identity: {},
         functions=functions,
     )
@@ -271,10 +254,6 @@ def test_the_service_names_an_unknown_function_and_binds_the_token_to_the_call(f
             ticket = await service.enter_call(claims(Call("fussy", ["boom"])), Call("fussy", ["boom"]))
             async for _ in service.follow(ticket):
                 pass
-        with pytest.raises(UnknownEndpoint):  # a tier serving only an app has no built-in
-            InferService(
-                tokens=tokens, runner=GpuRunner(runner.scheduler), limits=Limits(), standing=lambda identity: {}
-            ).admit(claims(Call("x", [])), {"prompt": "a"})
 
     asyncio.run(scenario())
 

@@ -14,12 +14,14 @@ from hypothesis import strategies as st
 from splitspace.gpu_backend.workload import gpu
 from splitspace.gpu_backend.workload.batching import (
     BatchOutcome,
-    run_batch_isolating_failures,
+    run_isolating_failures,
     split_batch_time,
     zerogpu_batch_key,
 )
 from splitspace.gpu_backend.workload.model import ModelExecutor
 from splitspace.shared.contract.schema import GenerateRequest
+from tests.builtin_functions import builtin_functions
+from tests.clients import generate_call
 
 PROMPTS = ["a red fox in snow", "a lighthouse at dusk, oil painting", "cow"]
 SEEDS = [11, 2**31 + 5, 0]
@@ -116,6 +118,19 @@ def poisoned(tiny: ModelExecutor, fail_first_calls: int = 0) -> ModelExecutor:
     )
 
 
+def run_batch_isolating_failures(model, requests, seeds, *, costs=None, clock=None) -> BatchOutcome:  # type: ignore[no-untyped-def]
+    """The model's requests as one batch, each alone if that fails (``run_isolating_failures``,
+    as the built-in app's ``generate`` runs on the GPU tier): a batch through
+    ``model.generate_batch``, one request through ``model.generate``."""
+    return run_isolating_failures(
+        lambda items: model.generate_batch([r for r, _ in items], [s for _, s in items]),
+        lambda item: model.generate(*item),
+        list(zip(requests, seeds, strict=True)),
+        costs=costs,
+        **({"clock": clock} if clock is not None else {}),
+    )
+
+
 def ticking_clock(step: float = 1.0):
     """A clock that moves ``step`` seconds each time it is read."""
     counter = itertools.count()
@@ -186,18 +201,21 @@ def test_an_interrupt_is_not_caught():
         run_batch_isolating_failures(Interrupted(), [req(), req()], [1, 2])
 
 
-def test_the_gpu_function_returns_an_outcome_per_request(tiny):
-    previous = gpu._executor
-    gpu.set_executor(poisoned(tiny))
-    try:
-        outcome = gpu.run_batch_on_gpu([req(PROMPTS[0]), req("poison")], [1, 2])
+def test_the_builtin_apps_gpu_function_returns_an_outcome_per_request(tiny):
+    """The built-in app's ``generate`` as the GPU tier runs a batch of it: the batch fails,
+    each call runs alone, and only the bad one gets its error."""
+    executor = poisoned(tiny)
+    with builtin_functions(executor, max_batch=16) as functions:
+        generate = functions["generate"]
+        calls = [generate_call(prompt=PROMPTS[0], seed=1), generate_call(prompt="poison", seed=2)]
+        outcome = generate.run_batch([generate.prepare(call).payload for call in calls], [0.1, 0.1])
         assert isinstance(outcome, BatchOutcome)
-        assert outcome.failed == [1]
-        assert outcome.results[0].size == (64, 64)
-        assert gpu.batch_cap(16) == 4  # the CPU executor's own cap wins over a larger setting
+        assert outcome.failed == [1] and outcome.isolated
+        image, info = outcome.results[0]
+        assert image.size == (64, 64) and info["seed"] == 1
+        assert executor.pipeline.calls == [[PROMPTS[0], "poison"], [PROMPTS[0]], ["poison"]]
+        assert gpu.batch_cap(16) == 4 == generate.max_batch()  # the CPU executor's own cap wins
         assert gpu.batch_cap(2) == 2
-    finally:
-        gpu._executor = previous
 
 
 # -- the charges add up ------------------------------------------------------------------------

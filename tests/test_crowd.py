@@ -147,7 +147,7 @@ def test_over_cap_is_refused_at_the_door_before_gradio(tmp_path):
             assert body["title"] == "Queue full" and "event_id" not in body
             assert body["message"].endswith(" s.") and "max_running + max_queued = 2" in body["message"]
             assert int(refused.headers["retry-after"]) >= 1
-            assert metric(d.backend.url, "splitspace_infer_calls_total") == 0  # none went on, none read yet
+            assert metric(d.backend.url, "splitspace_calls_total") == 0  # none went on, none read yet
             # another client is not affected, and nothing was lost for this one: its two run when
             # read, and it is served again after them
             assert call_rest(c, url, "generate", gen_args(), {"authorization": "Bearer k-light"})[0] == "complete"

@@ -318,7 +318,7 @@ def test_dev_reload_restarts_a_tier_and_the_page_follows(tmp_path):
         backend_before = httpx.get(f"{burl}/health").json()["boot_id"]
         with open(work / "splitspace" / "cpu_frontend" / "door" / "limits.py", "a") as f:
             f.write("\n# edited by test_dev_reload\n")
-        with open(work / "splitspace" / "gpu_backend" / "workload" / "cost.py", "a") as f:
+        with open(work / "splitspace" / "gpu_backend" / "workload" / "work.py", "a") as f:
             f.write("\n# edited by test_dev_reload\n")
         deadline = time.monotonic() + 60
         after, backend_after = before, backend_before

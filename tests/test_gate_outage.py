@@ -3,10 +3,11 @@
 A flow's fair-share service is charged when its job starts (``start_job``: in Redis, or
 in the tier's memory while Redis is down). These tests follow jobs that are refused or
 whose caller leaves before they run, through a GPU tier's real parts in this process
-(``InferService.enter``, the runner, the fair scheduler, ``GlobalLimits`` over the
-resilient stores, wired as ``gpu_backend/app.py`` wires them) on a real ``redis-server``
-that is stopped or hung (SIGSTOP), and check the service counters in memory and, once
-Redis is back, in Redis: nothing charged for such a job, nothing charged twice.
+(``InferService.enter_call`` with the built-in app's ``generate``, the runner, the fair
+scheduler, ``GlobalLimits`` over the resilient stores, wired as ``gpu_backend/app.py``
+wires them) on a real ``redis-server`` that is stopped or hung (SIGSTOP), and check the
+service counters in memory and, once Redis is back, in Redis: nothing charged for such a
+job, nothing charged twice.
 
 The model is ``tests/test_gpu_service.py``'s stand-in, held on a gate, so that "has it
 run?" is a fact (its calls), not a timing.
@@ -35,14 +36,15 @@ from splitspace.gpu_backend.stores.global_limits import VTIME_KEY, GlobalLimits,
 from splitspace.gpu_backend.stores.redis_store import RedisStore
 from splitspace.gpu_backend.stores.resilient_store import CircuitBreaker, ResilientStore
 from splitspace.gpu_backend.stores.usage import MemoryUsageStore, StoreUnavailable
-from splitspace.gpu_backend.workload.cost import CostModel
+from splitspace.gpu_backend.workload.app_functions import AppFunction
 from splitspace.session.token import IdentityTokens
+from splitspace.shared.contract.calls import CallResult
 from splitspace.shared.contract.errors import QUEUE_FULL, ServiceUnavailable, Throttled
-from splitspace.shared.contract.hop import Result
 from splitspace.shared.contract.quotas import Tier
-from splitspace.shared.contract.schema import Limits
+from tests.builtin_functions import builtin_functions
+from tests.clients import generate_call
 from tests.support import wait_for
-from tests.test_gpu_service import SECRET, FakeModel, body, token
+from tests.test_gpu_service import FIELDS, SECRET, FakeModel, token
 
 CLIENT = "key:outage"  # token("outage") is this client; its flow has the same name
 BOUND_S = 10.0
@@ -67,6 +69,7 @@ class Tier1:
     peer: RedisStore  # Redis as another replica sees it
     prefix: str
     url: str
+    generate: AppFunction
 
     def shared_service(self, flows: list[str]) -> dict[str, float]:
         """The flows' service counters in Redis (``{prefix}svc:{flow}``), read directly."""
@@ -86,11 +89,12 @@ class Tier1:
         return self.service.runner
 
     async def enter(self, **fields: object) -> Ticket:
-        return await self.service.enter(self.service.arrive(token("outage", **fields)), body(**fields))
+        call = generate_call(**{**FIELDS, **fields})
+        return await self.service.enter_call(self.service.arrive(token("outage", **fields)), call)
 
     def estimate(self) -> float:
         """One job's cost estimate, as admission and dispatch charge it (before any run)."""
-        return self.runner.cost.estimate(self.model.preset_steps, 64, 64, 0.0)
+        return self.generate.prepare(generate_call(**FIELDS)).cost
 
     def serves_from_redis(self) -> bool:
         try:
@@ -105,6 +109,7 @@ async def gpu_tier(
     url: str, *, mode: str, replicas: int, tier: Tier, capacity: int = 1, clock: Callable[[], float] = time.monotonic
 ) -> AsyncIterator[Tier1]:
     prefix = f"test:{uuid.uuid4().hex}:"
+    stack = contextlib.ExitStack()
     breaker = CircuitBreaker(0.5, clock=clock)  # one outage verdict for the loop and the GPU thread
     store = ResilientStore(
         RedisStore.from_url(url, prefix=prefix),
@@ -127,25 +132,18 @@ async def gpu_tier(
         held=gate.held,
         service_floor=gate.service_floor,
     )
-    runner = GpuRunner(
-        scheduler,
-        CostModel(lambda s, w, h, g, b: 0.1),
-        run_batch=model.run_batch,
-        resolve=model.resolve,
-        model_name=lambda: model.name,
-        clock=time.time,
-        gate=gate,
-    )
+    runner = GpuRunner(scheduler, clock=time.time, gate=gate)
+    functions = stack.enter_context(builtin_functions(model))
     service = InferService(
         tokens=IdentityTokens([SECRET]),
         runner=runner,
-        limits=Limits(),
         standing=lambda identity: {},
         global_limits=gate,
+        functions=functions,
     )
     peer = RedisStore.from_url(url, prefix=prefix)
     try:
-        yield Tier1(service, gate, store, model, peer, prefix, url)
+        yield Tier1(service, gate, store, model, peer, prefix, url, functions["generate"])
     finally:
         assert model.gate is not None
         model.gate.set()
@@ -154,6 +152,7 @@ async def gpu_tier(
         store.close()
         await store.aclose()
         peer.close()
+        stack.close()
 
 
 async def until(condition: Callable[[], Any]) -> Any:
@@ -209,7 +208,7 @@ def test_a_job_left_while_its_start_waits_on_a_hung_redis_never_runs_and_is_not_
             again = await t.enter(prompt="after")  # and the tier serves on
             assert t.model.gate is not None
             t.model.gate.set()
-            assert isinstance(await result_of(t, again), Result)
+            assert isinstance(await result_of(t, again), CallResult)
             assert ran(t) == ["after"]
 
     asyncio.run(scenario())
@@ -242,7 +241,7 @@ def test_a_job_left_while_its_refused_start_waits_on_a_hung_redis_is_dropped_not
                 assert t.memory.service([CLIENT]) == {CLIENT: pytest.approx(cost / tier.weight)}  # the first only
                 assert t.model.gate is not None
                 t.model.gate.set()
-                assert isinstance(await result_of(t, first), Result)
+                assert isinstance(await result_of(t, first), CallResult)
                 assert await until(lambda: settled(t, cost / tier.weight))
                 assert ran(t) == ["runs"]  # the leaver never ran, not even later
             finally:
@@ -279,7 +278,7 @@ def test_jobs_refused_or_dropped_while_queued_during_an_outage_charge_nothing(ow
             assert t.memory.service([CLIENT]) == {CLIENT: pytest.approx(cost / tier.weight)}
             assert t.model.gate is not None
             t.model.gate.set()
-            assert isinstance(await result_of(t, running), Result)
+            assert isinstance(await result_of(t, running), CallResult)
             assert await until(lambda: settled(t, cost / tier.weight))
             assert ran(t) == ["runs"]
 
@@ -306,7 +305,7 @@ def test_closed_mode_a_queued_job_that_cannot_start_is_not_charged(own_redis: An
                     await t.enter(prompt="refused", seed=9)  # refused: nothing checked, nothing taken
                 assert t.model.gate is not None
                 t.model.gate.set()  # the first finishes; the queued one's start cannot be checked
-                assert isinstance(await result_of(t, running), Result)
+                assert isinstance(await result_of(t, running), CallResult)
                 with pytest.raises(ServiceUnavailable):
                     await result_of(t, queued)
                 assert ran(t) == ["runs"] and len(t.runner.scheduler) == 0

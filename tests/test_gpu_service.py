@@ -1,11 +1,12 @@
 """The GPU tier's service and runner in process, with a fake clock and a fake model.
 
-What a frontend sees through either GPU route, without HTTP: admission and its
-refusals, the order of status updates, a caller who leaves, a model that fails,
-a batch across clients, and a live model change, after which ``info`` must still
-say exactly what the model was called with. The model is a stand-in that records
-its calls and can be held on a gate, so every scenario is driven by conditions,
-not by sleeping.
+What a frontend sees through the GPU tier's call route, without HTTP, for the built-in
+app's ``generate`` (``builtin/text_to_image_app.py``, an app like any other): admission and
+its refusals, the order of status updates, a caller who leaves, a model that fails, a
+batch across clients, and a live model change, after which the image's info must still
+say exactly what the model was called with. The model is a stand-in that records its
+calls and can be held on a gate, so every scenario is driven by conditions, not by
+sleeping.
 """
 
 from __future__ import annotations
@@ -15,22 +16,24 @@ import io
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from PIL import Image
 
-from splitspace.gpu_backend.admission.runner import GpuRunner
+from splitspace.gpu_backend.admission.runner import GpuRunner, RunnerUpdate, Ticket
 from splitspace.gpu_backend.admission.scheduler import FairScheduler
 from splitspace.gpu_backend.serving.service import InferService
 from splitspace.gpu_backend.stores.usage import MemoryUsageStore
-from splitspace.gpu_backend.workload.batching import BatchOutcome, run_batch_isolating_failures
-from splitspace.gpu_backend.workload.cost import CostModel
 from splitspace.session.identity import Identity
 from splitspace.session.token import IdentityTokens, infer_purpose
+from splitspace.shared.contract.calls import Call, CallResult, CarriedFile
 from splitspace.shared.contract.errors import QUEUE_FULL, GpuFailed, Throttled, Unauthorized, ValidationFailed
-from splitspace.shared.contract.hop import Result, Status, Update
+from splitspace.shared.contract.hop import Status
 from splitspace.shared.contract.quotas import Tier
-from splitspace.shared.contract.schema import GenerateRequest, Limits, request_from_dict
+from splitspace.shared.contract.schema import GenerateRequest
+from tests.builtin_functions import StandInModel, builtin_functions
+from tests.clients import generate_call
 
 SECRET = "test-secret"
 OPEN = Tier(weight=1, max_running=1, max_queued=3, gpu_seconds=1e6, window_s=3600)
@@ -45,38 +48,22 @@ class FakeClock:
 
 
 @dataclass
-class FakeModel:
-    """Records each pipeline call; ``gate`` (when set) holds the GPU thread until released."""
+class FakeModel(StandInModel):
+    """Records each pipeline call; ``gate`` (when set) holds the GPU thread until released;
+    a prompt "boom" makes the call raise."""
 
     name: str = "model-a"
-    preset_steps: int = 2
-    calls: list[list[GenerateRequest]] = field(default_factory=list)
     gate: threading.Event | None = None
     entered: threading.Event = field(default_factory=threading.Event)
 
-    def resolve(self, req: GenerateRequest) -> tuple[int, float]:
-        return (
-            req.steps if req.steps is not None else self.preset_steps,
-            req.guidance_scale if req.guidance_scale is not None else 0.0,
-        )
-
     def generate_batch(self, requests: list[GenerateRequest], seeds: list[int]) -> list[Image.Image]:
-        self.calls.append(list(requests))
+        images = super().generate_batch(requests, seeds)
         self.entered.set()
         if self.gate is not None:
             assert self.gate.wait(10), "the test never released the model"
         if any(r.prompt == "boom" for r in requests):
             raise RuntimeError("/secret/path/model.py exploded")
-        return [
-            Image.new("RGB", (r.width, r.height), (seed % 256, 0, 0)) for r, seed in zip(requests, seeds, strict=True)
-        ]
-
-    def generate(self, request: GenerateRequest, seed: int) -> Image.Image:
-        return self.generate_batch([request], [seed])[0]
-
-    def run_batch(self, requests: list[GenerateRequest], seeds: list[int], costs: list[float]) -> BatchOutcome:
-        """What gpu.run_batch_on_gpu does around the model."""
-        return run_batch_isolating_failures(self, requests, seeds, costs=costs)
+        return images
 
 
 @pytest.fixture
@@ -93,41 +80,43 @@ def batch_wait_s() -> float:
 def service(model: FakeModel, batch_wait_s: float) -> Iterator[InferService]:
     clock = FakeClock()
     scheduler = FairScheduler(clock=clock, limits=lambda ref: OPEN, store=MemoryUsageStore(), capacity=1)
-    runner = GpuRunner(
-        scheduler,
-        CostModel(lambda s, w, h, g, b: 0.1),
-        run_batch=model.run_batch,
-        resolve=model.resolve,
-        model_name=lambda: model.name,
-        max_batch=4,
-        batch_wait_s=batch_wait_s,
-        clock=clock,
-    )
-    yield InferService(
-        tokens=IdentityTokens([SECRET]),
-        runner=runner,
-        limits=Limits(),
-        standing=lambda identity: {"client": identity.client_id},
-    )
-    if model.gate is not None:
-        model.gate.set()
-    runner.close()
+    runner = GpuRunner(scheduler, batch_wait_s=batch_wait_s, clock=clock)
+    with builtin_functions(model, max_batch=4) as functions:
+        yield InferService(
+            tokens=IdentityTokens([SECRET]),
+            runner=runner,
+            standing=lambda identity: {"client": identity.client_id},
+            functions=functions,
+        )
+        if model.gate is not None:
+            model.gate.set()
+        runner.close()
 
 
-def body(**fields: object) -> dict[str, object]:
-    return {"prompt": "a fox", "width": 64, "height": 64, "seed": 7, **fields}
+FIELDS: dict[str, Any] = {
+    "prompt": "a fox",
+    "width": 64,
+    "height": 64,
+    "steps": None,
+    "guidance_scale": None,
+    "seed": 7,
+}
+"""A call's fields unless a test says otherwise (steps and guidance unset: the model's preset)."""
+
+
+def mint(name: str, call: Call) -> str:
+    """A token for ``call``, as the frontend mints it."""
+    return IdentityTokens([SECRET]).mint(
+        Identity(f"key:{name}", "key", "free", "127.0.0.1"), infer_purpose(call.digest())
+    )
 
 
 def token(name: str, **fields: object) -> str:
-    """A token for one /infer call with these fields, as the frontend mints it."""
-    try:
-        purpose = infer_purpose(request_from_dict(body(**fields)).digest())
-    except ValidationFailed:
-        purpose = infer_purpose("invalid")
-    return IdentityTokens([SECRET]).mint(Identity(f"key:{name}", "key", "free", "127.0.0.1"), purpose)
+    """A token for one call of ``generate`` with these fields."""
+    return mint(name, generate_call(**{**FIELDS, **fields}))
 
 
-async def collect(service: InferService, ticket) -> list[Update]:  # type: ignore[no-untyped-def]
+async def collect(service: InferService, ticket: Ticket) -> list[RunnerUpdate]:
     updates = service.follow(ticket)
     try:
         return [u async for u in updates]
@@ -135,8 +124,25 @@ async def collect(service: InferService, ticket) -> list[Update]:  # type: ignor
         await updates.aclose()
 
 
-def admit(service: InferService, name: str, **fields: object):  # type: ignore[no-untyped-def]
-    return service.admit(service.arrive(token(name, **fields)), body(**fields))
+async def enter(service: InferService, name: str, token_fields: dict[str, Any] | None = None, **fields: Any) -> Ticket:
+    """A call of ``generate`` with ``fields``, by ``name``'s key (its token bound to
+    ``token_fields``, if given, else to the call)."""
+    minted = token(name, **(fields if token_fields is None else token_fields))
+    return await service.enter_call(service.arrive(minted), generate_call(**{**FIELDS, **fields}))
+
+
+def info(update: RunnerUpdate) -> dict[str, Any]:
+    """The image's info, as the built-in app reports it (its seed, size, steps, model; the
+    call's timings and client)."""
+    assert isinstance(update, CallResult), update
+    return update.data[1]
+
+
+def image(update: RunnerUpdate) -> Image.Image:
+    assert isinstance(update, CallResult), update
+    carried = update.data[0]
+    assert isinstance(carried, CarriedFile), carried
+    return Image.open(io.BytesIO(carried.data))
 
 
 def test_refusals_are_the_projects_errors(service: InferService, model: FakeModel) -> None:
@@ -148,23 +154,24 @@ def test_refusals_are_the_projects_errors(service: InferService, model: FakeMode
         with pytest.raises(Unauthorized, match="not valid"):
             service.arrive(IdentityTokens(["other"]).mint(Identity("key:x", "key", "free", "1.2.3.4"), "x"))
         with pytest.raises(ValidationFailed, match="width"):
-            service.admit(service.arrive(token("alpha")), body(width=100))
-        with pytest.raises(ValidationFailed, match="colour"):
-            service.admit(service.arrive(token("alpha")), body(colour="red"))
+            await enter(service, "alpha", width=100)
+        with pytest.raises(ValidationFailed, match="expected 7 values"):
+            short = Call("generate", generate_call(**FIELDS).data[:3])
+            await service.enter_call(service.arrive(mint("alpha", short)), short)
         with pytest.raises(Unauthorized, match="another request"):
-            service.admit(service.arrive(token("alpha", prompt="a cat")), body(prompt="a dog"))
+            await enter(service, "alpha", token_fields={"prompt": "a cat"}, prompt="a dog")
         replayed = token("alpha")
-        tickets = [service.admit(service.arrive(replayed), body())]  # running, held by the gate
+        tickets = [await service.enter_call(service.arrive(replayed), generate_call(**FIELDS))]  # running, held
         with pytest.raises(Unauthorized, match="already used"):
             service.arrive(replayed)
-        tickets += [admit(service, "alpha") for _ in range(3)]  # + 3 queued: max_queued
+        tickets += [await enter(service, "alpha") for _ in range(3)]  # + 3 queued: max_queued
         with pytest.raises(Throttled) as refused:
-            admit(service, "alpha")
+            await enter(service, "alpha")
         assert refused.value.title == QUEUE_FULL and refused.value.retry_after_s >= 0
         for t in tickets[1:]:
             service.drop(t)
         model.gate.set()
-        assert isinstance((await collect(service, tickets[0]))[-1], Result)
+        assert isinstance((await collect(service, tickets[0]))[-1], CallResult)
 
     asyncio.run(scenario())
 
@@ -172,10 +179,10 @@ def test_refusals_are_the_projects_errors(service: InferService, model: FakeMode
 def test_status_then_result_in_order(service: InferService, model: FakeModel) -> None:
     model.gate = threading.Event()
 
-    async def scenario() -> list[Update]:
-        first = admit(service, "alpha")
+    async def scenario() -> list[RunnerUpdate]:
+        first = await enter(service, "alpha")
         assert await asyncio.to_thread(model.entered.wait, 5)
-        second = admit(service, "beta")
+        second = await enter(service, "beta")
         updates = service.follow(second)
         try:
             told = await anext(updates)  # the waiter hears its place while the GPU is held
@@ -187,26 +194,32 @@ def test_status_then_result_in_order(service: InferService, model: FakeModel) ->
 
     updates = asyncio.run(scenario())
     statuses = [u for u in updates if isinstance(u, Status)]
-    assert isinstance(updates[-1], Result) and all(isinstance(u, Status) for u in updates[:-1])
+    assert isinstance(updates[-1], CallResult) and all(isinstance(u, Status) for u in updates[:-1])
     assert statuses and statuses[0].state == "queued" and statuses[0].position == 1
     assert statuses[0].cap == OPEN.max_running + OPEN.max_queued
-    info = updates[-1].info
-    assert (info.client, info.seed, info.width, info.steps, info.model) == ("key:beta", 7, 64, 2, "model-a")
-    assert Image.open(io.BytesIO(updates[-1].image_png)).size == (64, 64)
+    said = info(updates[-1])
+    assert (said["client"], said["seed"], said["width"], said["steps"], said["model"]) == (
+        "key:beta",
+        7,
+        64,
+        2,
+        "model-a",
+    )
+    assert image(updates[-1]).size == (64, 64)
 
 
 def test_a_caller_who_leaves_never_runs(service: InferService, model: FakeModel) -> None:
     model.gate = threading.Event()
 
     async def scenario() -> None:
-        first = admit(service, "alpha")
+        first = await enter(service, "alpha")
         assert await asyncio.to_thread(model.entered.wait, 5)
-        leaver = admit(service, "beta", prompt="never runs")
+        leaver = await enter(service, "beta", prompt="never runs")
         updates = service.follow(leaver)
         await updates.aclose()  # the frontend closed the stream before the job started
         service.drop(leaver)
         model.gate.set()
-        assert isinstance((await collect(service, first))[-1], Result)
+        assert isinstance((await collect(service, first))[-1], CallResult)
 
     asyncio.run(scenario())
     assert [r.prompt for call in model.calls for r in call] == ["a fox"]
@@ -214,24 +227,25 @@ def test_a_caller_who_leaves_never_runs(service: InferService, model: FakeModel)
 
 
 def test_a_failing_model_is_a_gpu_error_without_internals(service: InferService, model: FakeModel) -> None:
-    async def scenario() -> Update:
+    async def scenario() -> RunnerUpdate:
         with pytest.raises(GpuFailed) as failed:
-            await collect(service, admit(service, "alpha", prompt="boom"))
-        assert failed.value.user_text() == "GPU error: the model failed (RuntimeError)"
+            await collect(service, await enter(service, "alpha", prompt="boom"))
+        # the built-in is an app: its failure is worded as any app function's (the type only)
+        assert failed.value.user_text() == "GPU error: the function failed (RuntimeError)"
         assert "secret" not in failed.value.user_text()
-        return (await collect(service, admit(service, "alpha")))[-1]
+        return (await collect(service, await enter(service, "alpha")))[-1]
 
-    assert isinstance(asyncio.run(scenario()), Result)  # and the next call runs
+    assert isinstance(asyncio.run(scenario()), CallResult)  # and the next call runs
 
 
 def test_a_batch_across_clients_keeps_each_request(service: InferService, model: FakeModel) -> None:
     model.gate = threading.Event()
 
-    async def scenario() -> list[Update]:
-        first = admit(service, "alpha")
+    async def scenario() -> list[RunnerUpdate]:
+        first = await enter(service, "alpha")
         assert await asyncio.to_thread(model.entered.wait, 5)
         tickets = [
-            admit(service, name, seed=seed, prompt=f"p-{name}")
+            await enter(service, name, seed=seed, prompt=f"p-{name}")
             for name, seed in (("beta", 11), ("gamma", 12), ("delta", 13))
         ]
         model.gate.set()
@@ -240,19 +254,24 @@ def test_a_batch_across_clients_keeps_each_request(service: InferService, model:
 
     results = asyncio.run(scenario())
     assert [len(call) for call in model.calls] == [1, 3]  # the three waiting jobs ran as one batch
-    assert [(r.info.client, r.info.seed) for r in results] == [("key:beta", 11), ("key:gamma", 12), ("key:delta", 13)]
+    assert [(info(r)["client"], info(r)["seed"]) for r in results] == [
+        ("key:beta", 11),
+        ("key:gamma", 12),
+        ("key:delta", 13),
+    ]
+    assert [image(r).getpixel((0, 0)) for r in results] == [(11, 0, 0), (12, 0, 0), (13, 0, 0)]  # each its own
     assert [r.prompt for r in model.calls[1]] == ["p-beta", "p-gamma", "p-delta"]
 
 
 def test_info_tells_the_truth_across_a_live_model_change(service: InferService, model: FakeModel) -> None:
-    """A job admitted before a model change keeps the steps it was admitted (and charged)
-    with, and runs on the new model; its info says both, as the model was called."""
+    """A job queued before a model change runs on the new model, with its preset (the
+    built-in app reads the model at each call); its info says so, as the model was called."""
     model.gate = threading.Event()
 
-    async def scenario() -> tuple[Update, Update]:
-        first = admit(service, "alpha")
+    async def scenario() -> tuple[RunnerUpdate, RunnerUpdate]:
+        first = await enter(service, "alpha")
         assert await asyncio.to_thread(model.entered.wait, 5)
-        before = admit(service, "beta")  # steps unset: model-a's preset, 2
+        before = await enter(service, "beta")  # steps unset
 
         def change() -> None:
             model.name, model.preset_steps = "model-b", 1
@@ -263,23 +282,22 @@ def test_info_tells_the_truth_across_a_live_model_change(service: InferService, 
         model.gate.set()
         await collect(service, first)
         await swap
-        after = admit(service, "gamma")  # steps unset: model-b's preset, 1
+        after = await enter(service, "gamma")  # steps unset: model-b's preset, 1
         return (await collect(service, before))[-1], (await collect(service, after))[-1]
 
     before, after = asyncio.run(scenario())
-    assert isinstance(before, Result) and isinstance(after, Result)
-    assert (before.info.model, before.info.steps) == ("model-b", 2)
-    assert (after.info.model, after.info.steps) == ("model-b", 1)
-    assert [r.steps for call in model.calls for r in call] == [2, 2, 1]  # what the model was called with
+    assert (info(before)["model"], info(before)["steps"]) == ("model-b", 1)
+    assert (info(after)["model"], info(after)["steps"]) == ("model-b", 1)
+    assert [r.steps for call in model.calls for r in call] == [2, 1, 1]  # what the model was called with
 
 
 def test_a_random_seed_is_chosen_once(service: InferService, model: FakeModel) -> None:
-    async def scenario() -> list[Update]:
-        return await collect(service, admit(service, "alpha", seed=-1))
+    async def scenario() -> list[RunnerUpdate]:
+        return await collect(service, await enter(service, "alpha", seed=-1))
 
     result = asyncio.run(scenario())[-1]
-    assert isinstance(result, Result)
-    assert model.calls[0][0].seed == result.info.seed >= 0
+    assert model.calls[0][0].seed == info(result)["seed"] >= 0
+    assert image(result).getpixel((0, 0)) == (info(result)["seed"] % 256, 0, 0)
 
 
 def test_a_bad_request_in_a_batch_fails_alone(service: InferService, model: FakeModel) -> None:
@@ -288,10 +306,10 @@ def test_a_bad_request_in_a_batch_fails_alone(service: InferService, model: Fake
     model.gate = threading.Event()
 
     async def scenario() -> list[object]:
-        first = admit(service, "alpha")
+        first = await enter(service, "alpha")
         assert await asyncio.to_thread(model.entered.wait, 5)
         tickets = [
-            admit(service, name, prompt=prompt)
+            await enter(service, name, prompt=prompt)
             for name, prompt in (("beta", "fine"), ("gamma", "boom"), ("delta", "also fine"))
         ]
         model.gate.set()
@@ -305,9 +323,9 @@ def test_a_bad_request_in_a_batch_fails_alone(service: InferService, model: Fake
         return outcomes
 
     beta, gamma, delta = asyncio.run(scenario())
-    assert isinstance(beta, Result) and isinstance(delta, Result) and isinstance(gamma, GpuFailed)
+    assert isinstance(beta, CallResult) and isinstance(delta, CallResult) and isinstance(gamma, GpuFailed)
     assert [len(call) for call in model.calls] == [1, 3, 1, 1, 1]  # the batch, then each alone
-    assert beta.info.gpu_s >= 0 and delta.info.gpu_s >= 0
+    assert info(beta)["gpu_s"] >= 0 and info(delta)["gpu_s"] >= 0
 
 
 @pytest.mark.parametrize("batch_wait_s", [10.0])
@@ -316,10 +334,10 @@ def test_the_batching_window_gathers_requests_that_arrive_in_it(service: InferSe
     four requests that arrive one after another run as one call (the window closes as soon
     as the batch is full, long before its 10 s)."""
 
-    async def scenario() -> list[Update]:
-        tickets = [admit(service, name, seed=i) for i, name in enumerate(("a", "b", "c", "d"))]
+    async def scenario() -> list[RunnerUpdate]:
+        tickets = [await enter(service, name, seed=i) for i, name in enumerate(("a", "b", "c", "d"))]
         return [(await collect(service, t))[-1] for t in tickets]
 
     results = asyncio.run(scenario())
     assert [len(call) for call in model.calls] == [4]
-    assert [r.info.seed for r in results] == [0, 1, 2, 3]
+    assert [info(r)["seed"] for r in results] == [0, 1, 2, 3]

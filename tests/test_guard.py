@@ -16,12 +16,20 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.clients import call_rest, error_text, gen_args
+from splitspace.session.identity import Identity
+from splitspace.shared.contract.calls import CALL_PATH
+from tests.clients import call_rest, error_text, gen_args, generate_token, token_for
 from tests.support import Deployment
 
 TIERS = ["frontend", "backend"]
-API = {"frontend": ("generate", 7, "quota"), "backend": ("infer", 7, "standing")}
-"""Each tier's main endpoint, its number of inputs, and its endpoint without inputs."""
+WHO = Identity("k", "key", "free", "1.2.3.4")
+WITH_ENDPOINTS = ["frontend"]
+"""The tiers whose Gradio app has endpoints (the GPU tier's has none: its calls and the
+callers' standing come through its direct route)."""
+API = {"frontend": ("generate", 7, "quota")}
+"""Each such tier's main endpoint, its number of inputs, and its endpoint without inputs."""
+BODY_PATH = {"frontend": "/gradio_api/call/generate", "backend": "/gradio_api/queue/join"}
+"""A Gradio route of each tier that takes a JSON body."""
 
 
 def url(d: Deployment, tier: str) -> str:
@@ -39,7 +47,7 @@ def assert_problem(r: httpx.Response, status: int, *words: str) -> dict[str, Any
     return doc
 
 
-@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("tier", WITH_ENDPOINTS)
 def test_call_v2_missing_or_unknown_parameter_is_422_naming_it(direct: Deployment, tier: str) -> None:
     """First release: HTTP 500 (construct_args raised TypeError)."""
     base, (main, _, bare) = url(direct, tier), API[tier]
@@ -48,6 +56,17 @@ def test_call_v2_missing_or_unknown_parameter_is_422_naming_it(direct: Deploymen
     assert doc["title"] == "Invalid request"
     assert_problem(httpx.post(f"{base}/gradio_api/call/v2/{main}", json={"width": 64}), 422, "prompt", "required")
     assert_problem(httpx.post(f"{base}/gradio_api/call/v2/{bare}", json={"x": 1}), 422, "'x'", "unknown parameter")
+
+
+@pytest.mark.parametrize("route", ["call", "call/v2", "run"])
+def test_the_gpu_tiers_gradio_app_has_no_endpoint(direct: Deployment, route: str) -> None:
+    """Its calls come through the call route (``/splitspace/v1/call``), its callers' standing
+    through ``/splitspace/v1/standing``: Gradio's API serves nothing there."""
+    base = url(direct, "backend")
+    body: Any = {} if route == "call/v2" else {"data": []}
+    for api in ("standing", "infer", "generate"):
+        assert_problem(httpx.post(f"{base}/gradio_api/{route}/{api}", json=body), 404, f"'{api}'")
+    assert [d["api_name"] for d in httpx.get(f"{base}/config").json()["dependencies"] if d.get("api_name")] == []
 
 
 def test_call_v2_with_valid_parameters_still_runs(direct: Deployment) -> None:
@@ -69,7 +88,7 @@ def test_unknown_endpoint_is_404(direct: Deployment, tier: str, route: str) -> N
     assert doc["title"] == "Unknown endpoint"
 
 
-@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("tier", WITH_ENDPOINTS)
 def test_wrong_arity_is_422_on_call_run_and_join(direct: Deployment, tier: str) -> None:
     """First release: the call was queued and failed with a traceback listing every input
     (``/call/``, ``/queue/join``), or HTTP 500 (``/run/`` on the frontend)."""
@@ -81,8 +100,7 @@ def test_wrong_arity_is_422_on_call_run_and_join(direct: Deployment, tier: str) 
     fn_index = next(d["id"] for d in httpx.get(f"{base}/config").json()["dependencies"] if d.get("api_name") == main)
     join = {"data": data, "fn_index": fn_index, "session_hash": "s1"}
     assert_problem(httpx.post(f"{base}/gradio_api/queue/join", json=join), 422, f"expected {arity} values, got 3")
-    if tier == "frontend":  # the GPU tier closes /run/ (api_open=False): 404 there
-        assert_problem(httpx.post(f"{base}/gradio_api/run/{main}", json={"data": data}), 422, "got 3")
+    assert_problem(httpx.post(f"{base}/gradio_api/run/{main}", json={"data": data}), 422, "got 3")
 
 
 @pytest.mark.parametrize("tier", TIERS)
@@ -92,7 +110,7 @@ def test_unknown_fn_index_is_404(direct: Deployment, tier: str) -> None:
     assert_problem(r, 404, "fn_index", "99")
 
 
-@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("tier", WITH_ENDPOINTS)
 @pytest.mark.parametrize("body", [b"not json", b'{"data": "x"}', b"[1, 2]", b'{"data": [], "session_hash": 5}'])
 def test_malformed_json_is_4xx_and_echoes_nothing_long(direct: Deployment, tier: str, body: bytes) -> None:
     base, (main, _, _) = url(direct, tier), API[tier]
@@ -101,7 +119,7 @@ def test_malformed_json_is_4xx_and_echoes_nothing_long(direct: Deployment, tier:
     assert_problem(r, r.status_code)
 
 
-@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("tier", WITH_ENDPOINTS)
 @pytest.mark.parametrize(
     "path", ["call/{api}/no-such-event", "call/v2/{api}/no-such-event", "queue/data?session_hash=nobody"]
 )
@@ -137,7 +155,7 @@ def test_uploads_are_refused_on_both_tiers(direct: Deployment, tier: str) -> Non
     assert_problem(malformed, 403)  # first release: HTTP 500 for some malformed forms
 
 
-@pytest.mark.parametrize("tier", TIERS)
+@pytest.mark.parametrize("tier", WITH_ENDPOINTS)
 def test_forms_are_refused(direct: Deployment, tier: str) -> None:
     r = httpx.post(f"{url(direct, tier)}/gradio_api/call/{API[tier][0]}", data={"data": "x"})
     assert_problem(r, 415, "JSON")
@@ -146,14 +164,14 @@ def test_forms_are_refused(direct: Deployment, tier: str) -> None:
 @pytest.mark.parametrize("tier", TIERS)
 def test_a_body_over_the_limit_is_413_before_it_is_read(direct: Deployment, tier: str) -> None:
     """First release: a 50 MB JSON body was read and parsed (8 in parallel: +1.1 GB RSS)."""
-    base, (main, arity, _) = url(direct, tier), API[tier]
-    big = {"data": ["x" * 1_000_000] + [""] * (arity - 1)}
-    assert_problem(httpx.post(f"{base}/gradio_api/call/{main}", json=big), 413, "at most")
+    base, path = url(direct, tier), BODY_PATH[tier]
+    big = {"data": ["x" * 1_000_000] + [""] * 6, "fn_index": 0, "session_hash": "s"}
+    assert_problem(httpx.post(f"{base}{path}", json=big), 413, "at most")
     # Announced as 50 MB, nothing sent: the answer comes from the headers alone.
     port = int(base.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(
-            f"POST /gradio_api/call/{main} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
             f"Content-Length: {50 * 2**20}\r\n\r\n".encode()
         )
         head = s.recv(4096).decode("latin-1")
@@ -255,10 +273,8 @@ BODY_ROUTES = [
     ("frontend", "/gradio_api/run/generate"),
     ("frontend", "/gradio_api/queue/join"),
     ("frontend", "/gradio_api/cancel"),
-    ("backend", "/gradio_api/call/infer"),
-    ("backend", "/gradio_api/call/v2/infer"),
     ("backend", "/gradio_api/queue/join"),
-    ("backend", "/splitspace/v1/infer"),
+    ("backend", CALL_PATH),
     ("backend", "/admin/ui/gradio_api/queue/join"),  # the operators' dashboard, before its login
 ]
 
@@ -281,30 +297,18 @@ def test_a_body_past_the_parser_limits_is_a_4xx_naming_the_limit_and_the_connect
     assert proc is not None
     log_before = proc.log_path.stat().st_size
     headers = {"content-type": "application/json"}
-    if path.startswith("/splitspace/"):  # a valid identity token: the route reads the body after it
-        from splitspace.session.identity import Identity
-        from tests.clients import infer_token, token_for
-
-        headers["x-splitspace-identity"] = infer_token(
-            token_for(direct.secret, Identity("k", "key", "free", "1.2.3.4"))
-        )
+    call_route = path == CALL_PATH
     ports = _Ports()
     with httpx.Client(timeout=30, event_hooks={"response": [ports]}) as c:
         for body, status, named in PARSER_LIMITS:
-            assert_problem(c.post(f"{proc.url}{path}", content=body, headers=headers), status, named)
+            if call_route:  # a valid identity token (one a call): the route reads the body after it
+                headers["x-splitspace-identity"] = generate_token(token_for(direct.secret, WHO))
+            # the call route holds a call's JSON line to its limits itself: a 422 naming its body
+            expected = 422 if call_route else status
+            assert_problem(c.post(f"{proc.url}{path}", content=body, headers=headers), expected, named)
             assert c.get(f"{proc.url}/health").status_code == 200
     assert len(set(ports.ports)) == 1, f"the pooled connection was not kept: local ports {ports.ports}"
     with open(proc.log_path, "rb") as f:
         f.seek(log_before)
         grown = f.read().decode(errors="replace")
     assert "Traceback" not in grown, grown[-3000:]
-
-
-def test_a_string_past_its_limit_is_refused_on_the_64_kib_route(direct: Deployment) -> None:
-    """A 40 KB string fits the direct route's 64 KiB body but not the 32 KiB string limit."""
-    r = httpx.post(
-        f"{direct.backend.url}/splitspace/v1/infer",  # type: ignore[union-attr]
-        json={"prompt": "x" * 40_000},
-        headers={"x-splitspace-identity": "not checked first"},
-    )
-    assert_problem(r, 413, "a string longer than 32768 bytes")

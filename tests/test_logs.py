@@ -25,7 +25,7 @@ BYTES_PER_REQUEST = 200
 
 def _bad_requests(d: Deployment, tier: str, rounds: int) -> int:
     base = (d.frontend if tier == "frontend" else d.backend).url  # type: ignore[union-attr]
-    api = "generate" if tier == "frontend" else "infer"
+    api = "generate" if tier == "frontend" else "no_such_api"
     sent = 0
     with httpx.Client(timeout=30) as c:
         for i in range(rounds):
@@ -43,7 +43,7 @@ def _logging_again(d: Deployment, tier: str) -> bool:
     window is spent (``direct`` is shared: the tests before may have spent it, e.g. test_guard's)."""
     proc = d.frontend if tier == "frontend" else d.backend
     assert proc is not None
-    api = "generate" if tier == "frontend" else "infer"
+    api = "generate" if tier == "frontend" else "no_such_api"
     before = proc.log_path.stat().st_size
     httpx.post(f"{proc.url}/gradio_api/call/v2/{api}", json={"prompt": "probe", "probe": 1}, timeout=30)
     return wait_for(lambda: "refused POST" in proc.log_path.read_bytes()[before:].decode("utf-8", "replace"), 1, 0.05)

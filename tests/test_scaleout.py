@@ -3,7 +3,7 @@
 Two real GPU tiers (``sleep:600``: each image holds the GPU 0.6 s) and two real
 frontends, each forwarding to both tiers, share one real ``redis-server``. Requests go
 either through the frontends (REST, an API key; the pools spread them) or straight to
-the GPU tiers' direct route, alternating between the two, with tokens minted as a
+the GPU tiers' call route (the built-in app's ``generate``), alternating between the two, with tokens minted as a
 frontend mints them. Every test has keys of its own, so each passes alone and in any order.
 """
 
@@ -23,14 +23,16 @@ import httpx
 import pytest
 
 from splitspace.session.identity import Identity
+from splitspace.shared.contract import frames
+from splitspace.shared.contract.calls import CALL_PATH
 from splitspace.shared.contract.headers import ADMIN_HEADER, IDENTITY_HEADER
 from tests.clients import (
-    GENERATE_DEFAULTS,
     call_rest,
     error_text,
     gen_args,
-    infer_on_gpu_tier,
-    infer_token,
+    generate_call,
+    generate_on_gpu_tier,
+    generate_token,
     token_for,
 )
 from tests.support import Deployment, TierProcess, free_port, in_threads, keys_toml, start_tier, wait_for
@@ -129,12 +131,13 @@ def who(name: str) -> Identity:
 
 
 def infer(url: str, secret: str, name: str, seed: int = 1, token: str | None = None) -> dict[str, Any]:
-    """One call on a GPU tier's direct route: {"ok", "status", "title", "retry_after", "info", "end"};
-    with a fresh token, or ``token`` as it is (a replay)."""
-    token = token or infer_token(token_for(secret, who(name)), seed=seed)
-    body = {**GENERATE_DEFAULTS, "seed": seed}
+    """One call of ``generate`` on a GPU tier's call route: {"ok", "status", "title", "retry_after",
+    "info", "end"}; with a fresh token, or ``token`` as it is (a replay)."""
+    token = token or generate_token(token_for(secret, who(name)), seed=seed)
+    body = frames.encode(generate_call(seed=seed).to_wire())
+    headers = {IDENTITY_HEADER: token, "content-type": frames.FRAME_TYPE}
     with httpx.Client(timeout=60) as c:
-        with c.stream("POST", f"{url}/splitspace/v1/infer", json=body, headers={IDENTITY_HEADER: token}) as r:
+        with c.stream("POST", url + CALL_PATH, content=body, headers=headers) as r:
             if r.status_code != 200:
                 doc = json.loads(r.read())
                 return {
@@ -144,8 +147,8 @@ def infer(url: str, secret: str, name: str, seed: int = 1, token: str | None = N
                     "retry_after": r.headers.get("retry-after"),
                     "message": doc.get("message"),
                 }
-            for line in r.iter_lines():
-                update = json.loads(line)
+            splitter = frames.FrameSplitter()
+            for update in (frames.decode(f) for chunk in r.iter_bytes() for f in splitter.feed(chunk)):
                 if update["status"] == "done":
                     return {"ok": True, "status": 200, "info": update["info"], "end": time.time()}
                 if update["status"] == "error":
@@ -313,8 +316,8 @@ def test_a_captured_call_runs_once_on_every_gpu_tier(pair: Tiers) -> None:
     """Issue 21, 5: the same token (a captured call) sent again, to the other GPU tier and
     to the same one, is refused with a clear 401, and its client is charged once."""
     a, b = urls(pair)
-    captured = infer_token(token_for(pair.d.secret, who("replayed")), seed=7)
-    final, first = infer_on_gpu_tier(a, captured, route="gradio", seed=7)  # Gradio's /infer on A
+    captured = generate_token(token_for(pair.d.secret, who("replayed")), seed=7)
+    final, first = generate_on_gpu_tier(a, captured, seed=7)  # on A
     assert final == "complete", first
     used = lambda: admin(b, pair.d.admin_token, "GET", "clients/key:replayed").json()["used"]  # noqa: E731
     once = first["info"]["gpu_s"]

@@ -186,7 +186,7 @@ def runner(events: list[tuple[str, dict[str, Any]]]) -> Iterator[GpuRunner]:
 
 
 def admit(runner: GpuRunner, functions: dict[str, AppFunction], name: str, *args: Any, client: str = "a") -> Ticket:
-    return runner.admit_work(who(client), functions[name].prepare(Call(name, list(args))))
+    return runner.admit(who(client), functions[name].prepare(Call(name, list(args))))
 
 
 async def until(check: Callable[[], Any], timeout_s: float = 30) -> bool:

@@ -10,7 +10,7 @@ from tests.clients import gen_args
 
 def _calls(url: str) -> float:
     for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith("splitspace_infer_calls_total"):
+        if line.startswith("splitspace_calls_total"):
             return float(line.split()[-1])
     raise AssertionError("no call counter in /metrics")
 

@@ -2,9 +2,9 @@
 
 The scheduler core is pure; this module runs it. Handlers (on the event loop)
 submit jobs and wait on a future, streaming status (position, ETA) meanwhile.
-A job carries a typed :class:`~gpu_backend.workload.work.Work` (the built-in's request,
-or a call of one of the developer's ``@splitspace.gpu`` functions): admission, fair
-order, batching, charging and cancellation are one path for every kind; only running
+A job carries a typed :class:`~gpu_backend.workload.work.Work` (a call of one of the
+app's ``@splitspace.gpu`` functions, the built-in app's included): admission, fair
+order, batching, charging and cancellation are one path for every call; only running
 a batch and making its answer are the workload's.
 The GPU side is a dedicated worker thread per capacity slot that takes its
 next batch straight from the scheduler the moment the previous one ends, so
@@ -56,15 +56,12 @@ from typing import TYPE_CHECKING, Any, Literal, NotRequired, TypedDict, TypeVar
 
 from splitspace.gpu_backend.admission.scheduler import ClientRef, FairScheduler, Job, Outcome
 from splitspace.gpu_backend.workload.batching import BatchOutcome, split_batch_time, zerogpu_batch_key
-from splitspace.gpu_backend.workload.cost import CostModel
-from splitspace.gpu_backend.workload.text_to_image import BatchFn, TextToImage
 from splitspace.gpu_backend.workload.work import Answer, StreamStopped, Timing, Work
 from splitspace.session.identity import Identity
 from splitspace.shared.config import status_pace
 from splitspace.shared.contract.calls import Partial
-from splitspace.shared.contract.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled, UnknownEndpoint
+from splitspace.shared.contract.errors import QUEUE_FULL, QUOTA_EXCEEDED, RATE_LIMITED, Throttled
 from splitspace.shared.contract.hop import Status
-from splitspace.shared.contract.schema import GenerateRequest
 
 if TYPE_CHECKING:
     from splitspace.gpu_backend.stores.global_limits import GlobalLimits
@@ -115,14 +112,14 @@ def client_ref(identity: Identity) -> ClientRef:
 @dataclass
 class _Waiter:
     work: Work[Any]
-    """What the job runs, decided at admission (the built-in's request fully resolved)."""
+    """What the job runs, decided at admission (its inputs preprocessed, its estimate)."""
     submitted: float
     context: contextvars.Context
     future: asyncio.Future[Answer]
     loop: asyncio.AbstractEventLoop
     started: float | None = None
     label: str = ""
-    """What the job ran on (the built-in: its model; set on the GPU thread)."""
+    """What the job ran on (its function's name; set on the GPU thread)."""
     past_gate: bool = False
     """With a gate: its running slot was decided and it runs (set under the lock); a drop
     before that is kept in ``GpuRunner._left``."""
@@ -197,30 +194,15 @@ class GpuRunner:
     def __init__(
         self,
         scheduler: FairScheduler,
-        cost: CostModel | None = None,
         *,
-        run_batch: BatchFn | None = None,
-        resolve: Callable[[GenerateRequest], tuple[int, float]] | None = None,
-        model_name: Callable[[], str] | None = None,
-        max_batch: int = 1,
         batch_wait_s: float = 0.0,
         on_zerogpu: bool = False,
         clock: Callable[[], float] = time.monotonic,
         on_event: OnEvent | None = None,
         gate: GlobalLimits | None = None,
     ) -> None:
-        """``cost``, ``run_batch``, ``resolve``, ``model_name`` and ``max_batch``: the built-in
-        text-to-image (``text_to_image.py``); without ``run_batch`` there is none (a GPU
-        tier serving a developer's app), and only :meth:`admit_work` admits. ``gate``: the
-        global limits (Redis), or None."""
+        """``gate``: the global limits (Redis), or None."""
         self.scheduler = scheduler
-        self.builtin: TextToImage | None = None
-        if run_batch is not None:
-            if cost is None or resolve is None or model_name is None:
-                raise ValueError("the built-in model needs cost, run_batch, resolve and model_name")
-            self.builtin = TextToImage(
-                cost, run_batch=run_batch, resolve=resolve, model_name=model_name, max_batch=max_batch
-            )
         self.batch_wait_s = batch_wait_s
         """The batching window: a batch smaller than its ``max_batch`` waits this long for
         compatible requests to join it before it starts (0: only what already waits)."""
@@ -247,29 +229,6 @@ class GpuRunner:
         for t in self._threads:
             t.start()
 
-    # -- the built-in text-to-image ---------------------------------------------------------
-    def text_to_image(self) -> TextToImage:
-        """The built-in workload; UnknownEndpoint on a GPU tier that serves an app instead."""
-        if self.builtin is None:
-            raise UnknownEndpoint(
-                "infer: this GPU tier serves an app's functions (call them by name), not the built-in model"
-            )
-        return self.builtin
-
-    @property
-    def cost(self) -> CostModel:
-        """The built-in's cost model."""
-        return self.text_to_image().cost
-
-    @property
-    def max_batch(self) -> int:
-        """The most requests of the built-in one pipeline call takes."""
-        return self.builtin.batch_cap if self.builtin is not None else 1
-
-    @max_batch.setter
-    def max_batch(self, value: int) -> None:
-        self.text_to_image().batch_cap = value
-
     @contextlib.contextmanager
     def locked(self) -> Iterator[FairScheduler]:
         """The scheduler, for readers outside this module (admin API, metrics)."""
@@ -284,34 +243,7 @@ class GpuRunner:
             t.join(timeout=30)
 
     # -- the handler side (event loop) ------------------------------------------------
-    async def generate(self, identity: Identity, request: GenerateRequest) -> AsyncGenerator[RunnerUpdate, None]:
-        """Admit, wait for a fair turn (yielding status), run, and yield the final result.
-
-        Raises Throttled when a limit refuses the request. Closing the generator
-        while it waits removes the job from the queue.
-        """
-        ticket = self.admit(identity, request)
-        updates = self.follow(ticket)
-        async with contextlib.aclosing(updates):
-            async for update in updates:
-                yield update
-
     def admit(
-        self, identity: Identity, request: GenerateRequest, ip_token: str | None = None, job_id: str | None = None
-    ) -> Ticket:
-        """Queue a request of the built-in for a fair turn (:meth:`admit_work`).
-
-        The request's seed, steps and guidance are decided here, once (the model's preset
-        for those left unset): the cost estimate, ZeroGPU's duration, the model call and
-        the reported info all use these. A job admitted before a live model change keeps
-        them and runs on the new model; its info names the model it ran on."""
-        return self.admit_work(identity, self.prepare(request), ip_token, job_id)
-
-    def prepare(self, request: GenerateRequest) -> Work[GenerateRequest]:
-        """The built-in's job for ``request`` (resolved, estimated); UnknownEndpoint without one."""
-        return self.text_to_image().prepare(request)
-
-    def admit_work(
         self, identity: Identity, work: Work[T], ip_token: str | None = None, job_id: str | None = None
     ) -> Ticket:
         """Queue ``work`` for a fair turn, or raise Throttled at once (on the event loop).
@@ -358,10 +290,6 @@ class GpuRunner:
         if self.gate is not None:
             limits = self.gate.limits_for(ref)
         return Ticket(job_id, identity.tier, limits.max_running + limits.max_queued, waiter)
-
-    def resolve(self, request: GenerateRequest) -> GenerateRequest:
-        """The built-in's request with every choice made (``TextToImage.resolve``)."""
-        return self.text_to_image().resolve(request)
 
     async def follow(self, ticket: Ticket) -> AsyncGenerator[RunnerUpdate, None]:
         """Yield the ticket's status while it waits, a stream's partial outputs as they come,
@@ -575,8 +503,6 @@ class GpuRunner:
             outcome = BatchOutcome([exc] * len(jobs), split_batch_time(costs, spent), spent, False)
         if outcome.failed:
             log.warning("%d of a batch of %d failed", len(outcome.failed), len(jobs))
-        elif not outcome.isolated:  # a real measurement of this batch: calibrate with it
-            workload.observe(payloads, outcome)
         if self.gate is not None:
             # The callers first, then the store's round trip: nobody waits for the settlement.
             # It still comes before this tier's next dispatch (this thread, below), which may

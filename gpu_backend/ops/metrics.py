@@ -49,7 +49,7 @@ class GpuMetrics:
             "splitspace_refusals", "Requests refused, by reason", ["reason"], registry=self.registry
         )
         self.calls = Counter(
-            "splitspace_infer_calls", "Calls that reached /infer, before any check", registry=self.registry
+            "splitspace_calls", "Calls that reached the GPU tier's call route, before any check", registry=self.registry
         )
         self.function_calls = Counter(
             "splitspace_function_calls",

@@ -1,27 +1,24 @@
 """The direct route: one HTTP request per call from the frontend, outside Gradio's queue.
 
-``POST /splitspace/v1/infer`` takes the request as a JSON object and answers
-with newline-delimited JSON: status lines while the job waits, then the
-result (``{"status": "done", ...}``) or an error line. Refusals that need no
-waiting (token, validation, admission) are plain HTTP errors: 401, 422, 429
-with ``Retry-After``, each a JSON body with the contract's title and message.
+``POST /splitspace/v1/call`` takes a call of one of the app's ``@splitspace.gpu`` functions
+(the built-in app's ``generate`` included; :class:`~shared.contract.calls.Call` as one
+frame: its JSON line, then its files' bytes, ``shared/contract/frames.py``; so its body
+may be as large as ``call_body_limit``; a JSON body without files is such a frame) and
+answers with frames: status lines while the job waits (a stream's partial outputs as they
+come), then the :class:`~shared.contract.calls.CallResult` (a function's output files
+after its line) or an error line. Refusals that need no waiting (token, an unknown
+function: a 404 naming it, an input that cannot be read, admission) are plain HTTP errors:
+401, 404, 422, 429 with ``Retry-After``, each a JSON body with the contract's title and
+message. The guard in front passes the call's body unread as JSON (it is not); its JSON
+line is held to the call's limits here (``JsonLimits``), before it is parsed.
 ``POST /splitspace/v1/standing`` returns the caller's quota standing.
-``POST /splitspace/v1/call`` (a GPU tier serving a developer's app) takes a call of one of
-its ``@splitspace.gpu`` functions (:class:`~shared.contract.calls.Call` as one frame: its
-JSON line, then its files' bytes, ``shared/contract/frames.py``; so its body may be as
-large as ``call_body_limit``; a JSON body without files is such a frame) and answers the
-same way, each update a frame (a function's output files after its line), the last the
-:class:`~shared.contract.calls.CallResult`; a function it does not serve is a 404 naming
-it. The guard in front passes that body unread as JSON (it is not); its JSON line is held
-to the call's limits here (``JsonLimits``), before it is parsed.
 
-Why it exists beside Gradio's ``/infer`` (which stays, for ``gradio_client``
-and any Gradio client): the scheduler, not Gradio's queue, orders the work,
-so the queue's join-then-stream protocol, session state and event bookkeeping
-are pure overhead on this hop. Measured on a 2-core machine they cost the GPU
-tier about 10 ms of CPU per call (this route: a few ms) and the frontend a
-second request per call (``bench/hop.py``). A caller that goes away closes the
-connection, and the job leaves the queue at that moment.
+Why it is not a Gradio endpoint: the scheduler, not Gradio's queue, orders the work, so
+the queue's join-then-stream protocol, session state and event bookkeeping are pure
+overhead on this hop. Measured on a 2-core machine they cost the GPU tier about 10 ms of
+CPU per call (this route: a few ms) and the frontend a second request per call
+(``bench/hop.py``). A caller that goes away closes the connection, and the job leaves
+the queue at that moment.
 
 A pure ASGI app (the manner of Starlette's own middleware): it watches
 ``receive`` for the disconnect while it streams, which a plain
@@ -44,7 +41,7 @@ from starlette.types import Receive, Scope, Send
 from splitspace.gpu_backend.admission.runner import RunnerUpdate, Ticket
 from splitspace.gpu_backend.serving.service import InferService
 from splitspace.shared.contract import frames
-from splitspace.shared.contract.calls import CALL_PATH, Call
+from splitspace.shared.contract.calls import Call
 from splitspace.shared.contract.errors import (
     ServiceUnavailable,
     SplitspaceError,
@@ -60,16 +57,11 @@ from splitspace.shared.http.json_limits import DEFAULT_LIMITS, JsonLimitExceeded
 
 log = logging.getLogger("splitspace.gpu")
 
-INFER_PATH = "/splitspace/v1/infer"
 STANDING_PATH = "/splitspace/v1/standing"
-MAX_BODY_BYTES = 64 * 1024
-PARSE_INLINE_BYTES = 256 * 1024
-"""Bodies up to this size are parsed on the event loop; larger ones (a call's files) in a thread."""
-NDJSON = b"application/x-ndjson"
 
 
 class DirectRoutes:
-    """The ASGI app behind every path (mount each with ``Route(path, app, methods=["POST"])``);
+    """The ASGI app behind both paths (mount each with ``Route(path, app, methods=["POST"])``);
     a thin adapter: the rules are the service's. ``max_call_bytes``: the largest body of
     a call (``call_body_limit``); ``max_file_bytes``: the largest file in it;
     ``call_limits``: the limits of its JSON line."""
@@ -77,7 +69,7 @@ class DirectRoutes:
     def __init__(
         self,
         service: InferService,
-        max_call_bytes: int = MAX_BODY_BYTES,
+        max_call_bytes: int,
         *,
         max_file_bytes: int | None = None,
         call_limits: JsonLimits = DEFAULT_LIMITS,
@@ -94,22 +86,17 @@ class DirectRoutes:
             if scope["path"] == STANDING_PATH:
                 await _send_json(send, 200, self.service.standing(token))
                 return
+            # CALL_PATH, the only other path this app is mounted at
+            claims = self.service.arrive(token)
+            call = _call(await self._read_frame(request))
             # ZeroGPU's @spaces.GPU reads the caller's x-ip-token from Gradio's request
             # context; the runner runs the GPU function in the context captured at admit().
-            if scope["path"] == CALL_PATH:
-                claims = self.service.verify(token)
-                call = _call(await self._read_frame(request))
-                LocalContext.request.set(gr.Request(request=request))
-                ticket = await self.service.enter_call(claims, call, request.headers.get(IP_TOKEN_HEADER))
-            else:
-                claims = self.service.arrive(token)
-                body = await _read_json(request, MAX_BODY_BYTES)
-                LocalContext.request.set(gr.Request(request=request))
-                ticket = await self.service.enter(claims, body, request.headers.get(IP_TOKEN_HEADER))
+            LocalContext.request.set(gr.Request(request=request))
+            ticket = await self.service.enter_call(claims, call, request.headers.get(IP_TOKEN_HEADER))
         except SplitspaceError as exc:
             await _send_error(send, exc)
             return
-        await self._stream(receive, send, ticket, frames.FRAME_TYPE.encode() if scope["path"] == CALL_PATH else NDJSON)
+        await self._stream(receive, send, ticket)
 
     async def _read_frame(self, request: Request) -> Any:
         """A call's body: one frame, its JSON line within the call's limits, each file
@@ -126,14 +113,14 @@ class DirectRoutes:
         except frames.BadFrame as exc:
             raise ValidationFailed("body", str(exc)) from None
 
-    async def _stream(self, receive: Receive, send: Send, ticket: Ticket, content_type: bytes) -> None:
+    async def _stream(self, receive: Receive, send: Send, ticket: Ticket) -> None:
         updates = self.service.follow(ticket)
         try:
             await send(
                 {
                     "type": "http.response.start",
                     "status": 200,
-                    "headers": [(b"content-type", content_type), (b"cache-control", b"no-store")],
+                    "headers": [(b"content-type", frames.FRAME_TYPE.encode()), (b"cache-control", b"no-store")],
                 }
             )
             await _until_disconnect(receive, _relay(send, updates))
@@ -196,17 +183,6 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise ValidationFailed("body", f"must be at most {limit} bytes")
         chunks.append(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-async def _read_json(request: Request, limit: int) -> dict[str, Any]:
-    raw = await _read_body(request, limit)
-    try:
-        body = json.loads(raw) if len(raw) <= PARSE_INLINE_BYTES else await asyncio.to_thread(json.loads, raw)
-    except ValueError:
-        raise ValidationFailed("body", "must be a JSON object") from None
-    if not isinstance(body, dict):
-        raise ValidationFailed("body", "must be a JSON object")
-    return body
 
 
 async def _send_json(

@@ -54,8 +54,6 @@ class Streamed:
 
 
 class AppFunction(Workload[Prepared]):
-    failure = "the function"
-
     def __init__(self, endpoint: GpuEndpoint, *, cache_dir: str, max_file_bytes: int) -> None:
         self.endpoint = endpoint
         self.event = EventProcessing.of(endpoint)

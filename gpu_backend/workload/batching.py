@@ -7,9 +7,8 @@ the fair scheduler (which only decides *which* jobs share a call):
 - **isolation**: one bad request (a prompt that makes the model raise, an
   out-of-memory batch) must not fail the others. :func:`run_isolating_failures`
   runs the batch once and, if the call raises, runs each request alone, so each
-  gets its own result or its own error (for the built-in model:
-  :func:`run_batch_isolating_failures`; for a developer's batch function: its
-  workload, ``app_functions.py``).
+  gets its own result or its own error (a batch function's workload,
+  ``app_functions.py``, the built-in app's included).
 - **charges**: each client is charged its share of the GPU time the call
   measured (:func:`split_batch_time`, in proportion to the cost estimates, summing
   exactly to the measured time); after a failed batch, the failed call's time is
@@ -20,8 +19,7 @@ the fair scheduler (which only decides *which* jobs share a call):
   visitor's requests: :func:`zerogpu_batch_key` makes that part of the
   scheduler's batch key.
 
-Nothing here imports torch; the executor is anything with ``generate`` and
-``generate_batch`` (:class:`splitspace.gpu_backend.workload.model.ModelExecutor`).
+Nothing here imports torch or knows what a batch computes.
 """
 
 from __future__ import annotations
@@ -31,17 +29,9 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Protocol, TypeVar
-
-from splitspace.shared.contract.schema import GenerateRequest
+from typing import Any, TypeVar
 
 T = TypeVar("T")
-
-
-class BatchModel(Protocol):
-    def generate(self, req: GenerateRequest, seed: int) -> Any: ...
-
-    def generate_batch(self, reqs: list[GenerateRequest], seeds: list[int]) -> list[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -52,7 +42,7 @@ class BatchOutcome:
     the GPU seconds to charge it. The charges sum exactly to ``total_s``, all the
     time spent on the batch (its call and any retries). ``isolated`` says the batch
     call failed and its requests were run one by one (so ``total_s`` is no
-    measurement of a batch: do not calibrate a cost model with it).
+    measurement of a batch).
     """
 
     results: list[Any]
@@ -81,28 +71,6 @@ def split_batch_time(costs: Sequence[float], gpu_s: float) -> list[float]:
     return _apportion(costs, gpu_s)
 
 
-def run_batch_isolating_failures(
-    model: BatchModel,
-    requests: list[GenerateRequest],
-    seeds: list[int],
-    *,
-    costs: Sequence[float] | None = None,
-    clock: Callable[[], float] = time.perf_counter,
-) -> BatchOutcome:
-    """Run the built-in model's ``requests`` as one batch; if that call raises, run each alone
-    (:func:`run_isolating_failures`): a single request through ``model.generate``, a batch
-    through ``model.generate_batch``."""
-    if not requests or len(seeds) != len(requests):
-        raise ValueError(f"give one seed per request, got {len(requests)} requests, {len(seeds)} seeds")
-    return run_isolating_failures(
-        lambda items: model.generate_batch([r for r, _ in items], [s for _, s in items]),
-        lambda item: model.generate(*item),
-        list(zip(requests, seeds, strict=True)),
-        costs=costs,
-        clock=clock,
-    )
-
-
 def run_isolating_failures(
     run_many: Callable[[list[T]], Sequence[Any]],
     run_one: Callable[[T], Any],
@@ -114,8 +82,8 @@ def run_isolating_failures(
     """Run ``items`` as one batch (``run_many``: one result per item, in order); if that
     call raises, run each alone (``run_one``), so each item gets its own result or error.
 
-    Any kind of GPU work batches this way: the built-in model's requests, or the calls of
-    a developer's ``@splitspace.gpu(batch=True)`` function. A single item runs through
+    The calls of a ``@splitspace.gpu(batch=True)`` function batch this way (the built-in
+    app's ``generate`` too). A single item runs through
     ``run_one``. ``costs`` (the items' estimates; None: equal) split the time of a
     successful batch. Only ``Exception`` is caught: an interrupt or a ``SystemExit`` still
     stops everything.

@@ -100,7 +100,7 @@ def preset_for(spec: str) -> Preset:
 
 @dataclass(frozen=True)
 class CostCurve:
-    """The shape of a model's cost (``splitspace.gpu_backend.workload.cost.CostModel`` calibrates it at run time).
+    """The shape of a model's cost (the built-in app's ``duration``: its admission estimate).
 
     Seconds for one pipeline call of ``batch`` images of ``pixels`` each::
 
@@ -400,7 +400,7 @@ class ModelExecutor:
         *,
         guidance_scale: float | None = None,
     ) -> float:
-        """Expected seconds for one call of ``batch`` images (a rough model, calibrate at run time).
+        """Expected seconds for one call of ``batch`` images (a rough model: admission's estimate).
 
         ``guidance_scale`` None means the preset's; above 1 it doubles the UNet's work.
         """

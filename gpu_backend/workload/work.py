@@ -4,10 +4,10 @@ goes through one path for admission, fair order, charging and cancellation.
 The runner (``admission/runner.py``) knows nothing of images or of a developer's
 functions. A job holds a :class:`Work`: its payload, its cost estimate, its batch key,
 and the :class:`Workload` that runs a batch of such payloads on the GPU thread and turns
-one output into the hop's answer on the event loop. Two kinds exist: the built-in
-text-to-image (``text_to_image.py``) and one per ``@splitspace.gpu`` function of the
-developer's app (``app_functions.py``). Jobs batch together only when their batch keys
-match, and a key belongs to one workload, so a batch is always of one kind.
+one output into the hop's answer on the event loop: one per ``@splitspace.gpu`` function
+of the app the tier serves (``app_functions.py``; the built-in text-to-image is such an
+app). Jobs batch together only when their batch keys match, and a key belongs to one
+workload, so a batch is always of one kind.
 
 A job whose work ``streams`` (a developer's generator) runs alone through
 :meth:`Workload.run_stream` instead: the workload hands each yield, postprocessed, to a
@@ -24,11 +24,10 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from splitspace.gpu_backend.workload.batching import BatchOutcome
 from splitspace.shared.contract.calls import CallResult
-from splitspace.shared.contract.hop import Result
 
 P = TypeVar("P")
-Answer = Result | CallResult
-"""The last update of a job: the built-in's image, or a developer's function's outputs."""
+Answer = CallResult
+"""The last update of a job: its function's outputs."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class Timing:
     gpu_s: float
     client: str
     label: str
-    """What the batch ran on, read as it started (the built-in: the model's name)."""
+    """What the batch ran on, read as it started (its function's name)."""
     clock: Callable[[], float]
 
     @property
@@ -72,24 +71,20 @@ class StreamStopped(Exception):
 class Workload(ABC, Generic[P]):
     """One kind of GPU work: how a batch of its payloads runs, and what one output becomes."""
 
-    failure = "the model"
-    """What an error names as having failed: "the model failed (RuntimeError)"."""
+    failure = "the function"
+    """What an error names as having failed: "the function failed (RuntimeError)"."""
 
     def max_batch(self) -> int:
         """The most jobs of this kind one call runs."""
         return 1
 
     def label(self) -> str:
-        """Read on the GPU thread as a batch starts (the built-in: its model's name)."""
+        """Read on the GPU thread as a batch starts (a function's: its name)."""
         return ""
 
     @abstractmethod
     def run_batch(self, payloads: list[P], costs: list[float]) -> BatchOutcome:
         """On a GPU thread: one result (an output or an exception) and one charge per payload."""
-
-    def observe(self, payloads: list[P], outcome: BatchOutcome) -> None:
-        """A batch that ran without failing, measured (calibrate an estimate with it)."""
-        return None
 
     def run_stream(self, payload: P, sink: StreamSink) -> Any:
         """On a GPU thread, for work that ``streams``: run it, each yield to ``sink``; return
@@ -99,7 +94,7 @@ class Workload(ABC, Generic[P]):
     @abstractmethod
     def finish(self, payload: P, output: Any, timing: Timing) -> Answer | Awaitable[Answer]:
         """On the event loop: the answer for one output, or an awaitable of it when making it
-        takes work that must leave the loop (encoding an image, a component's postprocess)."""
+        takes work that must leave the loop (a component's postprocess)."""
 
 
 @dataclass(frozen=True)

@@ -201,7 +201,6 @@ _PATH_WORDS = frozenset(
         "admin",
         "splitspace",
         "v1",
-        "infer",
         "standing",
         "file",
         "heartbeat",
