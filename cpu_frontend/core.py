@@ -44,7 +44,7 @@ from splitspace.session import (
 )
 from splitspace.session.address import AddressPolicy
 from splitspace.session.caller import CallerStamps
-from splitspace.session.token import HEALTH, STANDING, infer_purpose
+from splitspace.session.token import HEALTH, STANDING, call_purpose
 from splitspace.shared.app.files import (
     BadFile,
     FileTooLarge,
@@ -216,7 +216,7 @@ class FrontendCore:
                 yield status
             # aclosing: the call to the GPU tier closes when this generator does (the
             # caller left: the GPU tier drops the queued job, or stops its stream), not at GC.
-            updates = self.pool.call(call, self.forward_headers(identity, request, infer_purpose(digest)))
+            updates = self.pool.call(call, self.forward_headers(identity, request, call_purpose(digest)))
             async with contextlib.aclosing(updates):
                 async for update in updates:
                     if isinstance(update, CallResult):

@@ -4,7 +4,7 @@ Wiring only. Calls come in through the direct route (``direct_route.py``,
 ``/splitspace/v1/call``): a call of one of the app's ``@splitspace.gpu`` functions (the
 developer's ``SPLITSPACE_APP``, else the built-in text-to-image app, whose ``generate``
 reads the model this tier holds), through one fair queue. The route is a thin adapter
-over :class:`~gpu_backend.serving.service.InferService` (verify, validate, admit,
+over :class:`~gpu_backend.serving.service.CallService` (verify, validate, admit,
 follow, map failures); admission, fair order and execution are the runner's.
 
 The Gradio app itself is a page saying the tier is not for the public, with no endpoint:
@@ -44,7 +44,7 @@ from splitspace.gpu_backend.ops.metrics import CONTENT_TYPE, GpuMetrics
 from splitspace.gpu_backend.ops.operator_guard import OperatorGuard
 from splitspace.gpu_backend.ops.operator_sessions import GuessThrottle
 from splitspace.gpu_backend.serving.direct_route import STANDING_PATH, DirectRoutes
-from splitspace.gpu_backend.serving.service import InferService
+from splitspace.gpu_backend.serving.service import CallService
 from splitspace.gpu_backend.stores.global_limits import GlobalLimits, local_limits
 from splitspace.gpu_backend.stores.resilient_store import ResilientStore, open_store
 from splitspace.gpu_backend.stores.usage import MemoryUsageStore
@@ -172,7 +172,7 @@ class GpuTier:
             on_event=self.metrics.on_event,
             gate=self.global_limits,
         )
-        self.service = InferService(
+        self.service = CallService(
             tokens=self.tokens,
             runner=self.runner,
             standing=self.standing,

@@ -5,8 +5,8 @@ secret signs, every listed secret verifies, so secrets rotate without
 downtime. A salt keeps these tokens apart from session cookies signed with
 the same secret. Tokens carry their issue time and expire within a minute.
 
-A token is good for one call only: it names its purpose (``infer:<sha256 of
-the call>``, :func:`infer_purpose` of ``Call.digest()``: the function it calls and
+A token is good for one call only: it names its purpose (``call:<sha256 of
+the call>``, :func:`call_purpose` of ``Call.digest()``: the function it calls and
 its inputs; ``standing`` or ``health``) and carries a random nonce. The GPU tier
 refuses a token whose purpose is not the call it came with (a captured token
 cannot be used for another prompt) and one whose
@@ -41,10 +41,10 @@ HEALTH = "health"
 TOKEN_REUSED = "identity token already used (each token is good for one call)"
 
 
-def infer_purpose(request_digest: str) -> str:
+def call_purpose(call_digest: str) -> str:
     """The purpose of a token for one call of a GPU function, given the call's digest
     (``splitspace.shared.contract.calls.Call.digest``)."""
-    return f"infer:{request_digest}"
+    return f"call:{call_digest}"
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ class IdentityTokens:
         return 2 * self._max_age_s
 
     def mint(self, identity: Identity, purpose: str) -> str:
-        """A token for one call of ``purpose`` (``infer_purpose(...)``, STANDING, HEALTH)."""
+        """A token for one call of ``purpose`` (``call_purpose(...)``, STANDING, HEALTH)."""
         if self._serializer is None:
             raise Unauthorized("no SPLITSPACE_SECRET configured; cannot sign identity tokens")
         return self._serializer.dumps({**identity.to_dict(), "purpose": purpose, "nonce": secrets.token_urlsafe(12)})

@@ -16,7 +16,7 @@ from splitspace.shared.contract.errors import (
     ValidationFailed,
 )
 from splitspace.shared.contract.headers import IDENTITY_HEADER, IP_TOKEN_HEADER, SESSION_COOKIE
-from splitspace.shared.contract.hop import GenerateInfo, Result, Status, Update, error_to_wire, update_from_wire
+from splitspace.shared.contract.hop import CallUpdate, Status, call_update_from_wire, error_to_wire
 from splitspace.shared.contract.quotas import QuotaConfig, QuotaFileError, Tier, load_quotas, parse_quotas
 from splitspace.shared.contract.schema import (
     REQUEST_FIELDS,
@@ -41,12 +41,10 @@ __all__ = [
     "IDENTITY_HEADER",
     "IP_TOKEN_HEADER",
     "SESSION_COOKIE",
-    "GenerateInfo",
-    "Result",
+    "CallUpdate",
     "Status",
-    "Update",
+    "call_update_from_wire",
     "error_to_wire",
-    "update_from_wire",
     "QuotaConfig",
     "QuotaFileError",
     "Tier",

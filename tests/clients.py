@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from splitspace.session.identity import Identity
-from splitspace.session.token import IdentityTokens, infer_purpose
+from splitspace.session.token import IdentityTokens, call_purpose
 from splitspace.shared.contract import frames
 from splitspace.shared.contract.calls import CALL_PATH, Call
 from splitspace.shared.contract.errors import from_wire
@@ -79,7 +79,7 @@ def generate_call(**overrides: Any) -> Call:
 
 def generate_token(minter: Minter, **overrides: Any) -> str:
     """A token bound to the call of ``generate`` with these fields, as the frontend mints it."""
-    return minter(infer_purpose(generate_call(**overrides).digest()))
+    return minter(call_purpose(generate_call(**overrides).digest()))
 
 
 def generate_on_gpu_tier(base_url: str, token: str | Minter | None, **overrides: Any) -> tuple[str, Any]:

@@ -25,11 +25,11 @@ from PIL import Image
 
 from splitspace.gpu_backend.admission.runner import GpuRunner, Ticket
 from splitspace.gpu_backend.admission.scheduler import FairScheduler
-from splitspace.gpu_backend.serving.service import InferService
+from splitspace.gpu_backend.serving.service import CallService
 from splitspace.gpu_backend.stores.usage import MemoryUsageStore
 from splitspace.gpu_backend.workload.app_functions import AppFunction, Prepared, app_functions
 from splitspace.session.identity import Identity
-from splitspace.session.token import IdentityTokens, infer_purpose
+from splitspace.session.token import IdentityTokens, call_purpose
 from splitspace.shared.app.loader import gpu_endpoints, load_app
 from splitspace.shared.contract.calls import FILE_KEY, Call, CallResult, CarriedFile
 from splitspace.shared.contract.errors import (
@@ -229,7 +229,7 @@ def test_outputs_are_postprocessed_and_their_files_carried(functions, runner) ->
 
 # -- through the service ---------------------------------------------------------------------
 def test_the_service_names_an_unknown_function_and_binds_the_token_to_the_call(functions, runner) -> None:
-    service = InferService(
+    service = CallService(
         tokens=IdentityTokens([SECRET]),
         runner=runner,
         standing=lambda identity: {},
@@ -238,7 +238,7 @@ def test_the_service_names_an_unknown_function_and_binds_the_token_to_the_call(f
     tokens = IdentityTokens([SECRET])
 
     def claims(call: Call) -> Any:
-        return service.verify(tokens.mint(who("a"), infer_purpose(call.digest())))
+        return service.verify(tokens.mint(who("a"), call_purpose(call.digest())))
 
     async def scenario() -> None:
         with pytest.raises(UnknownEndpoint, match="'count'.*functions: countdown, double"):
@@ -279,4 +279,4 @@ def test_the_frontend_forwards_a_gpu_event_through_the_mock_transport(fresh_apps
     assert [call.endpoint for call, _ in mock.calls] == ["stats"]
     headers = mock.calls[0][1]
     claims = IdentityTokens([SECRET]).verify(headers["x-splitspace-identity"])
-    assert claims.purpose == infer_purpose(Call("stats", ["hello"]).digest())
+    assert claims.purpose == call_purpose(Call("stats", ["hello"]).digest())

@@ -28,7 +28,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from splitspace.session.identity import Identity
-from splitspace.session.token import IdentityTokens, infer_purpose
+from splitspace.session.token import IdentityTokens, call_purpose
 from splitspace.shared.contract import frames
 from splitspace.shared.contract.calls import CALL_PATH, Call, CarriedFile, base64_body_limit
 from splitspace.shared.contract.headers import IDENTITY_HEADER
@@ -181,11 +181,11 @@ def test_the_gpu_tier_refuses_a_call_unsigned_or_signed_with_another_secret(stud
     url = studio.backend.url + CALL_PATH
     unsigned = httpx.post(url, json=call.to_wire(), timeout=10)
     forged_token = IdentityTokens(["not-the-secret"]).mint(
-        Identity("key:x", "key", "free", "1.2.3.4"), infer_purpose(call.digest())
+        Identity("key:x", "key", "free", "1.2.3.4"), call_purpose(call.digest())
     )
     forged = httpx.post(url, json=call.to_wire(), headers={IDENTITY_HEADER: forged_token}, timeout=10)
     other_call = IdentityTokens([studio.secret]).mint(
-        Identity("key:x", "key", "free", "1.2.3.4"), infer_purpose(Call("stats", ["y"]).digest())
+        Identity("key:x", "key", "free", "1.2.3.4"), call_purpose(Call("stats", ["y"]).digest())
     )
     rebound = httpx.post(url, json=call.to_wire(), headers={IDENTITY_HEADER: other_call}, timeout=10)
     assert [r.status_code for r in (unsigned, forged, rebound)] == [401, 401, 401]
@@ -198,7 +198,7 @@ def test_the_gpu_tier_names_an_unknown_function_and_an_unreadable_input(studio: 
     me = Identity("key:x", "key", "free", "1.2.3.4")
 
     def post(call: Call) -> httpx.Response:
-        headers = {IDENTITY_HEADER: tokens.mint(me, infer_purpose(call.digest()))}
+        headers = {IDENTITY_HEADER: tokens.mint(me, call_purpose(call.digest()))}
         return httpx.post(studio.backend.url + CALL_PATH, json=call.to_wire(), headers=headers, timeout=10)
 
     unknown = post(Call("count", ["a b"]))  # the frontend's own function is not served here
@@ -220,7 +220,7 @@ def test_the_gpu_tier_takes_a_calls_file_as_bytes_after_its_json_and_checks_them
     me = Identity("key:x", "key", "free", "1.2.3.4")
 
     def headers() -> dict[str, str]:  # a token is good for one call
-        token = IdentityTokens([studio.secret]).mint(me, infer_purpose(call.digest()))
+        token = IdentityTokens([studio.secret]).mint(me, call_purpose(call.digest()))
         return {IDENTITY_HEADER: token, "content-type": frames.FRAME_TYPE}
 
     body, url = frames.encode(call.to_wire()), studio.backend.url + CALL_PATH

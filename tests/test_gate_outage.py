@@ -3,7 +3,7 @@
 A flow's fair-share service is charged when its job starts (``start_job``: in Redis, or
 in the tier's memory while Redis is down). These tests follow jobs that are refused or
 whose caller leaves before they run, through a GPU tier's real parts in this process
-(``InferService.enter_call`` with the built-in app's ``generate``, the runner, the fair
+(``CallService.enter_call`` with the built-in app's ``generate``, the runner, the fair
 scheduler, ``GlobalLimits`` over the resilient stores, wired as ``gpu_backend/app.py``
 wires them) on a real ``redis-server`` that is stopped or hung (SIGSTOP), and check the
 service counters in memory and, once Redis is back, in Redis: nothing charged for such a
@@ -31,7 +31,7 @@ import redis
 
 from splitspace.gpu_backend.admission.runner import GpuRunner, Ticket
 from splitspace.gpu_backend.admission.scheduler import FairScheduler
-from splitspace.gpu_backend.serving.service import InferService
+from splitspace.gpu_backend.serving.service import CallService
 from splitspace.gpu_backend.stores.global_limits import VTIME_KEY, GlobalLimits, local_limits
 from splitspace.gpu_backend.stores.redis_store import RedisStore
 from splitspace.gpu_backend.stores.resilient_store import CircuitBreaker, ResilientStore
@@ -62,7 +62,7 @@ def every_call_probes() -> Callable[[], float]:
 class Tier1:
     """One GPU tier in this process and what the tests look at."""
 
-    service: InferService
+    service: CallService
     gate: GlobalLimits
     store: ResilientStore
     model: FakeModel
@@ -134,7 +134,7 @@ async def gpu_tier(
     )
     runner = GpuRunner(scheduler, clock=time.time, gate=gate)
     functions = stack.enter_context(builtin_functions(model))
-    service = InferService(
+    service = CallService(
         tokens=IdentityTokens([SECRET]),
         runner=runner,
         standing=lambda identity: {},

@@ -23,10 +23,10 @@ from PIL import Image
 
 from splitspace.gpu_backend.admission.runner import GpuRunner, RunnerUpdate, Ticket
 from splitspace.gpu_backend.admission.scheduler import FairScheduler
-from splitspace.gpu_backend.serving.service import InferService
+from splitspace.gpu_backend.serving.service import CallService
 from splitspace.gpu_backend.stores.usage import MemoryUsageStore
 from splitspace.session.identity import Identity
-from splitspace.session.token import IdentityTokens, infer_purpose
+from splitspace.session.token import IdentityTokens, call_purpose
 from splitspace.shared.contract.calls import Call, CallResult, CarriedFile
 from splitspace.shared.contract.errors import QUEUE_FULL, GpuFailed, Throttled, Unauthorized, ValidationFailed
 from splitspace.shared.contract.hop import Status
@@ -77,12 +77,12 @@ def batch_wait_s() -> float:
 
 
 @pytest.fixture
-def service(model: FakeModel, batch_wait_s: float) -> Iterator[InferService]:
+def service(model: FakeModel, batch_wait_s: float) -> Iterator[CallService]:
     clock = FakeClock()
     scheduler = FairScheduler(clock=clock, limits=lambda ref: OPEN, store=MemoryUsageStore(), capacity=1)
     runner = GpuRunner(scheduler, batch_wait_s=batch_wait_s, clock=clock)
     with builtin_functions(model, max_batch=4) as functions:
-        yield InferService(
+        yield CallService(
             tokens=IdentityTokens([SECRET]),
             runner=runner,
             standing=lambda identity: {"client": identity.client_id},
@@ -107,7 +107,7 @@ FIELDS: dict[str, Any] = {
 def mint(name: str, call: Call) -> str:
     """A token for ``call``, as the frontend mints it."""
     return IdentityTokens([SECRET]).mint(
-        Identity(f"key:{name}", "key", "free", "127.0.0.1"), infer_purpose(call.digest())
+        Identity(f"key:{name}", "key", "free", "127.0.0.1"), call_purpose(call.digest())
     )
 
 
@@ -116,7 +116,7 @@ def token(name: str, **fields: object) -> str:
     return mint(name, generate_call(**{**FIELDS, **fields}))
 
 
-async def collect(service: InferService, ticket: Ticket) -> list[RunnerUpdate]:
+async def collect(service: CallService, ticket: Ticket) -> list[RunnerUpdate]:
     updates = service.follow(ticket)
     try:
         return [u async for u in updates]
@@ -124,7 +124,7 @@ async def collect(service: InferService, ticket: Ticket) -> list[RunnerUpdate]:
         await updates.aclose()
 
 
-async def enter(service: InferService, name: str, token_fields: dict[str, Any] | None = None, **fields: Any) -> Ticket:
+async def enter(service: CallService, name: str, token_fields: dict[str, Any] | None = None, **fields: Any) -> Ticket:
     """A call of ``generate`` with ``fields``, by ``name``'s key (its token bound to
     ``token_fields``, if given, else to the call)."""
     minted = token(name, **(fields if token_fields is None else token_fields))
@@ -145,7 +145,7 @@ def image(update: RunnerUpdate) -> Image.Image:
     return Image.open(io.BytesIO(carried.data))
 
 
-def test_refusals_are_the_projects_errors(service: InferService, model: FakeModel) -> None:
+def test_refusals_are_the_projects_errors(service: CallService, model: FakeModel) -> None:
     model.gate = threading.Event()  # what is admitted stays running or queued
 
     async def scenario() -> None:
@@ -176,7 +176,7 @@ def test_refusals_are_the_projects_errors(service: InferService, model: FakeMode
     asyncio.run(scenario())
 
 
-def test_status_then_result_in_order(service: InferService, model: FakeModel) -> None:
+def test_status_then_result_in_order(service: CallService, model: FakeModel) -> None:
     model.gate = threading.Event()
 
     async def scenario() -> list[RunnerUpdate]:
@@ -208,7 +208,7 @@ def test_status_then_result_in_order(service: InferService, model: FakeModel) ->
     assert image(updates[-1]).size == (64, 64)
 
 
-def test_a_caller_who_leaves_never_runs(service: InferService, model: FakeModel) -> None:
+def test_a_caller_who_leaves_never_runs(service: CallService, model: FakeModel) -> None:
     model.gate = threading.Event()
 
     async def scenario() -> None:
@@ -226,7 +226,7 @@ def test_a_caller_who_leaves_never_runs(service: InferService, model: FakeModel)
     assert len(service.runner.scheduler) == 0
 
 
-def test_a_failing_model_is_a_gpu_error_without_internals(service: InferService, model: FakeModel) -> None:
+def test_a_failing_model_is_a_gpu_error_without_internals(service: CallService, model: FakeModel) -> None:
     async def scenario() -> RunnerUpdate:
         with pytest.raises(GpuFailed) as failed:
             await collect(service, await enter(service, "alpha", prompt="boom"))
@@ -238,7 +238,7 @@ def test_a_failing_model_is_a_gpu_error_without_internals(service: InferService,
     assert isinstance(asyncio.run(scenario()), CallResult)  # and the next call runs
 
 
-def test_a_batch_across_clients_keeps_each_request(service: InferService, model: FakeModel) -> None:
+def test_a_batch_across_clients_keeps_each_request(service: CallService, model: FakeModel) -> None:
     model.gate = threading.Event()
 
     async def scenario() -> list[RunnerUpdate]:
@@ -263,7 +263,7 @@ def test_a_batch_across_clients_keeps_each_request(service: InferService, model:
     assert [r.prompt for r in model.calls[1]] == ["p-beta", "p-gamma", "p-delta"]
 
 
-def test_info_tells_the_truth_across_a_live_model_change(service: InferService, model: FakeModel) -> None:
+def test_info_tells_the_truth_across_a_live_model_change(service: CallService, model: FakeModel) -> None:
     """A job queued before a model change runs on the new model, with its preset (the
     built-in app reads the model at each call); its info says so, as the model was called."""
     model.gate = threading.Event()
@@ -291,7 +291,7 @@ def test_info_tells_the_truth_across_a_live_model_change(service: InferService, 
     assert [r.steps for call in model.calls for r in call] == [2, 1, 1]  # what the model was called with
 
 
-def test_a_random_seed_is_chosen_once(service: InferService, model: FakeModel) -> None:
+def test_a_random_seed_is_chosen_once(service: CallService, model: FakeModel) -> None:
     async def scenario() -> list[RunnerUpdate]:
         return await collect(service, await enter(service, "alpha", seed=-1))
 
@@ -300,7 +300,7 @@ def test_a_random_seed_is_chosen_once(service: InferService, model: FakeModel) -
     assert image(result).getpixel((0, 0)) == (info(result)["seed"] % 256, 0, 0)
 
 
-def test_a_bad_request_in_a_batch_fails_alone(service: InferService, model: FakeModel) -> None:
+def test_a_bad_request_in_a_batch_fails_alone(service: CallService, model: FakeModel) -> None:
     """The batch call fails; each request is run alone: the others get their images, and
     only the bad one gets the error."""
     model.gate = threading.Event()
@@ -329,7 +329,7 @@ def test_a_bad_request_in_a_batch_fails_alone(service: InferService, model: Fake
 
 
 @pytest.mark.parametrize("batch_wait_s", [10.0])
-def test_the_batching_window_gathers_requests_that_arrive_in_it(service: InferService, model: FakeModel) -> None:
+def test_the_batching_window_gathers_requests_that_arrive_in_it(service: CallService, model: FakeModel) -> None:
     """With a window, a request alone on an idle GPU waits for compatible ones to join it:
     four requests that arrive one after another run as one call (the window closes as soon
     as the batch is full, long before its 10 s)."""

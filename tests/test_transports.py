@@ -31,7 +31,7 @@ from splitspace.cpu_frontend.hop.direct_transport import DirectTransport
 from splitspace.cpu_frontend.hop.mock_transport import MockTransport
 from splitspace.cpu_frontend.hop.transport import Transport
 from splitspace.session.identity import Identity
-from splitspace.session.token import IdentityTokens, infer_purpose
+from splitspace.session.token import IdentityTokens, call_purpose
 from splitspace.shared.app.loader import gpu_endpoints, load_app
 from splitspace.shared.contract.calls import Call, CallResult, Partial
 from splitspace.shared.contract.errors import GpuFailed, SplitspaceError, UnknownEndpoint
@@ -66,7 +66,7 @@ class Hop:
         """Every update of one call, sent as the frontend sends it: with a token bound to the call."""
 
         async def run() -> list[CallUpdate]:
-            token = IdentityTokens([self.secret]).mint(CALLER, infer_purpose(call.digest()))
+            token = IdentityTokens([self.secret]).mint(CALLER, call_purpose(call.digest()))
             try:
                 return [update async for update in self.transport.call(call, {IDENTITY_HEADER: token})]
             finally:

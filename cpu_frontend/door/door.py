@@ -45,7 +45,7 @@ only bounds how far ahead a flow's requests travel (its lookahead), so the
 GPU tier always has each active flow's next job at hand.
 
 The class is a plain data structure over asyncio futures (no Gradio, no I/O);
-``FrontendCore.generate`` drives it.
+``FrontendCore.follow_call`` drives it.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from splitspace.cpu_frontend.api.validation import first_problem
 from splitspace.cpu_frontend.jobs.file_inputs import land_files
 from splitspace.cpu_frontend.jobs.records import FILE_REF, StoredFile
 from splitspace.session.identity import Identity
-from splitspace.session.token import infer_purpose
+from splitspace.session.token import call_purpose
 from splitspace.shared.app.files import inline_files
 from splitspace.shared.app.loader import GpuEndpoint
 from splitspace.shared.contract.calls import Call, CallResult, CarriedFile
@@ -163,7 +163,7 @@ class FunctionTarget:
         return call
 
     async def run(self, identity: Identity, call: Call) -> AsyncGenerator[JobUpdate, None]:
-        headers = {IDENTITY_HEADER: self.tokens.mint(identity, infer_purpose(call.digest()))}
+        headers = {IDENTITY_HEADER: self.tokens.mint(identity, call_purpose(call.digest()))}
         async for update in self.pool.call(call, headers):
             if isinstance(update, Status):
                 self.learn_cap(identity, update.cap)

@@ -39,7 +39,7 @@ from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from splitspace.gpu_backend.admission.runner import RunnerUpdate, Ticket
-from splitspace.gpu_backend.serving.service import InferService
+from splitspace.gpu_backend.serving.service import CallService
 from splitspace.shared.contract import frames
 from splitspace.shared.contract.calls import Call
 from splitspace.shared.contract.errors import (
@@ -68,7 +68,7 @@ class DirectRoutes:
 
     def __init__(
         self,
-        service: InferService,
+        service: CallService,
         max_call_bytes: int,
         *,
         max_file_bytes: int | None = None,

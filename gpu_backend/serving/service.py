@@ -6,7 +6,7 @@ is a thin adapter over this class, as is the caller's standing (``/splitspace/v1
 Each rule is written here once:
 
 - the identity token is verified before anything else (a refusal is counted), and
-  bound to the call it came with (:func:`~session.token.infer_purpose` of its digest);
+  bound to the call it came with (:func:`~session.token.call_purpose` of its digest);
 - the call's inputs are read again as the function's components read them (the GPU
   tier trusts nothing): an input that cannot be read is a ValidationFailed naming it;
 - admission (limits, fair queue) is the runner's, and refuses with Throttled; with
@@ -37,7 +37,7 @@ from splitspace.gpu_backend.stores.global_limits import GlobalLimits
 from splitspace.gpu_backend.workload.app_functions import AppFunction
 from splitspace.gpu_backend.workload.work import Work
 from splitspace.session.identity import Identity
-from splitspace.session.token import STANDING, Claims, IdentityTokens, infer_purpose
+from splitspace.session.token import STANDING, Claims, IdentityTokens, call_purpose
 from splitspace.shared.contract.calls import Call
 from splitspace.shared.contract.errors import (
     GPU_ERROR,
@@ -58,7 +58,7 @@ log = logging.getLogger("splitspace.gpu")
 _REASONS = {QUEUE_FULL: "queue_full", QUOTA_EXCEEDED: "quota_exceeded", RATE_LIMITED: "rate_limited"}
 
 
-class InferService:
+class CallService:
     def __init__(
         self,
         *,
@@ -148,7 +148,7 @@ class InferService:
 
     def _identity(self, claims: Claims, digest: str) -> Identity:
         try:
-            return claims.require(infer_purpose(digest))
+            return claims.require(call_purpose(digest))
         except SplitspaceError:
             self._on_refused("unauthorized")
             raise

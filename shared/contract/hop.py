@@ -1,33 +1,30 @@
 """What crosses the hop between the tiers, and its one encoder and decoder.
 
-A call is a validated :class:`~shared.contract.schema.GenerateRequest` plus identity
-headers. The GPU tier answers with a stream of updates: a :class:`Status`
-while the job waits or runs, then one :class:`Result`, or an error. On the
-wire each update is one JSON object (a line of the direct route, a
-``generating`` value of Gradio's ``/infer``):
+A call is a :class:`~shared.contract.calls.Call` (a developer's function, its inputs, files
+as bytes) plus identity headers. The GPU tier answers with a stream of updates: a
+:class:`Status` while the call waits or runs, a :class:`~shared.contract.calls.Partial`
+for each yield of a generator, then one :class:`~shared.contract.calls.CallResult`, or an
+error. On the wire each update is one JSON object (a frame of the call route,
+``shared/contract/frames.py``):
 
 - ``{"status": "queued" | "running", "position", "eta_s", "cap"}``
-- ``{"status": "done", "image_png_b64", "info": {...}, "cap"}`` (the built-in text-to-image)
-- ``{"status": "partial", "data"}`` and ``{"status": "done", "data", "info", "cap"}`` (a developer's
-  function: :mod:`splitspace.shared.contract.calls`)
+- ``{"status": "partial", "data"}`` and ``{"status": "done", "data", "info", "cap"}``
+  (:mod:`splitspace.shared.contract.calls`)
 - ``{"status": "error", "title", "message", ...}`` (``splitspace.shared.contract.errors.to_wire``)
 
-:meth:`Status.to_wire`, :meth:`Result.to_wire` and :func:`error_to_wire`
-write them; :func:`read_update` is the only reader (:func:`update_from_wire` and
-:func:`call_update_from_wire` narrow it to one kind), and turns an error
-line back into the project's own exception (``splitspace.shared.contract.errors.from_wire``).
-Every transport and both GPU routes go through these, so a field added here
-reaches the other side, and nothing is recognised by its English message.
+:meth:`Status.to_wire`, the calls' own ``to_wire`` and :func:`error_to_wire` write them;
+:func:`call_update_from_wire` is the only reader, and turns an error line back into the
+project's own exception (``splitspace.shared.contract.errors.from_wire``). Every transport
+and the GPU tier's call route go through these, so a field added here reaches the other
+side, and nothing is recognised by its English message.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from splitspace.shared.contract.calls import CallInfo, CallResult, Info, Partial
+from splitspace.shared.contract.calls import CallInfo, CallResult, Partial
 from splitspace.shared.contract.errors import BackendUnavailable, SplitspaceError, from_wire, to_wire
 
 State = Literal["queued", "running"]
@@ -49,44 +46,6 @@ class Status:
         return {"status": self.state, "position": self.position, "eta_s": self.eta_s, "cap": self.cap}
 
 
-@dataclass(frozen=True)
-class GenerateInfo(Info):
-    """What a caller learns about its image besides the pixels: what ran, and how long it took.
-
-    ``steps``, ``guidance_scale`` and ``seed`` are the values the model was called with
-    (decided once, at admission); ``model`` is the model that made the image."""
-
-    seed: int
-    width: int
-    height: int
-    steps: int
-    guidance_scale: float
-    model: str
-    queue_s: float
-    gpu_s: float
-    total_s: float
-    client: str
-
-
-@dataclass(frozen=True)
-class Result:
-    """The finished image (PNG bytes), its info, and the client's cap."""
-
-    image_png: bytes
-    info: GenerateInfo
-    cap: int | None = None
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "status": "done",
-            "image_png_b64": base64.b64encode(self.image_png).decode("ascii"),
-            "info": self.info.to_dict(),
-            "cap": self.cap,
-        }
-
-
-Update = Status | Result
-"""What the built-in text-to-image answers."""
 CallUpdate = Status | CallResult | Partial
 """What a developer's function answers: CallResult last, Partial while a generator yields."""
 
@@ -96,9 +55,9 @@ def error_to_wire(exc: SplitspaceError) -> dict[str, Any]:
     return {"status": "error", **to_wire(exc)}
 
 
-def read_update(doc: Any) -> Status | Result | CallResult | Partial:
-    """Read one update of either kind. An error update raises its exception; anything that
-    is not an update raises BackendUnavailable (the GPU tier sent something this side cannot use)."""
+def call_update_from_wire(doc: Any) -> CallUpdate:
+    """Read one update. An error update raises its exception; anything that is not an
+    update raises BackendUnavailable (the GPU tier sent something this side cannot use)."""
     if not isinstance(doc, dict):
         raise BackendUnavailable("the GPU tier sent a malformed update")
     status = doc.get("status")
@@ -107,32 +66,13 @@ def read_update(doc: Any) -> Status | Result | CallResult | Partial:
             return Status(status, int(doc.get("position") or 0), float(doc.get("eta_s") or 0.0), _cap(doc))
         if status == "partial":
             return Partial(_payloads(doc))
-        if status == "done" and "data" in doc:
-            return CallResult(_payloads(doc), CallInfo.from_dict(doc.get("info")), _cap(doc))
         if status == "done":
-            png = base64.b64decode(doc["image_png_b64"], validate=True)
-            return Result(png, GenerateInfo.from_dict(doc.get("info")), _cap(doc))
-    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            return CallResult(_payloads(doc), CallInfo.from_dict(doc.get("info")), _cap(doc))
+    except (KeyError, TypeError, ValueError) as exc:
         raise BackendUnavailable(f"the GPU tier sent a malformed {status} update") from exc
     if status == "error":
         raise from_wire(doc)
     raise BackendUnavailable(f"the GPU tier sent an update of unknown status {str(status)[:40]!r}")
-
-
-def update_from_wire(doc: Any) -> Update:
-    """Read one update of the built-in text-to-image (:func:`read_update`, narrowed)."""
-    update = read_update(doc)
-    if isinstance(update, Status | Result):
-        return update
-    raise BackendUnavailable("the GPU tier sent a function's output where an image was expected")
-
-
-def call_update_from_wire(doc: Any) -> CallUpdate:
-    """Read one update of a developer's function (:func:`read_update`, narrowed)."""
-    update = read_update(doc)
-    if isinstance(update, Result):
-        raise BackendUnavailable("the GPU tier sent an image where a function's output was expected")
-    return update
 
 
 def _payloads(doc: dict[str, Any]) -> list[Any]:

@@ -7,9 +7,7 @@ the field and the allowed values, in the manner of diffusers' ``check_inputs``.
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 from splitspace.shared.contract.errors import ValidationFailed
@@ -59,27 +57,13 @@ class GenerateRequest:
     guidance_scale: float | None = None
     seed: int = -1
 
-    def to_wire(self) -> dict[str, Any]:
-        """The request as a JSON object (the direct route's body)."""
-        return asdict(self)
-
-    def as_args(self) -> list[str | int | float | None]:
-        """The request as positional values, in :data:`REQUEST_FIELDS` order (Gradio's ``/infer``)."""
-        return [getattr(self, name) for name in REQUEST_FIELDS]
-
-    def digest(self) -> str:
-        """sha256 of the request's canonical JSON: what an identity token is bound to. The
-        same on both tiers, because both validate the same fields to the same values."""
-        canonical = json.dumps(self.to_wire(), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-        return hashlib.sha256(canonical.encode()).hexdigest()
-
     @property
     def pixels(self) -> int:
         return self.width * self.height
 
 
 REQUEST_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(GenerateRequest))
-"""The request's fields in order: the GPU tier's ``/infer`` takes them positionally."""
+"""The request's fields in order: the built-in's ``generate`` takes them positionally."""
 
 
 def _as_int(name: str, value: object) -> int:
