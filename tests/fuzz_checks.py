@@ -6,6 +6,12 @@ must end cleanly, with a last ``complete`` or ``error`` event, and every
 tell what went wrong. (Broken-off replies never reach a check: schemathesis
 reports them as network errors, which the test counts from the report.)
 
+One header beside what schemathesis sends, for the GPU tier's own routes
+(``fuzz_gpu_tier.json``): with ``SPLITSPACE_FUZZ_SECRET`` set, each request carries a fresh
+signed identity token, bound to the call in its body when the body is one (else to nothing
+it could be), so fuzzed bodies reach the call route's reader, the validation and the
+runner, not only the token check.
+
 One body generator beside schemathesis' own (issue 21): about one body in
 :data:`ODD_SHARE` is sent past a parser limit, as raw bytes (schemathesis sends
 bytes as they are), since a JSON encoder cannot write most of them: the body nested
@@ -17,7 +23,9 @@ replaced by a number literal of thousands of digits, ``NaN``, ``Infinity``,
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
+import os
 import threading
 from typing import Any
 
@@ -78,6 +86,26 @@ def gradio_stream_ends_cleanly(ctx, response, case):  # type: ignore[no-untyped-
         if not (isinstance(doc, dict) and isinstance(doc.get("title"), str) and doc["title"]):
             raise AssertionError(f"an error event without a title: {data[:80]!r}")
     return None
+
+
+@schemathesis.hook
+def before_call(ctx, case, **kwargs):  # type: ignore[no-untyped-def]
+    """A fresh identity token for the GPU tier (with ``SPLITSPACE_FUZZ_SECRET``)."""
+    secret = os.environ.get("SPLITSPACE_FUZZ_SECRET")
+    if not secret:
+        return
+    from splitspace.session.identity import Identity
+    from splitspace.session.token import STANDING, IdentityTokens, call_purpose
+    from splitspace.shared.contract.calls import Call
+    from splitspace.shared.contract.headers import IDENTITY_HEADER
+
+    purpose = STANDING if case.path.endswith("/standing") else call_purpose("none")
+    body = case.body
+    if isinstance(body, dict) and isinstance(body.get("endpoint"), str) and isinstance(body.get("data"), list):
+        with contextlib.suppress(TypeError, ValueError):
+            purpose = call_purpose(Call(body["endpoint"], body["data"]).digest())
+    token = IdentityTokens([secret]).mint(Identity("fuzz", "key", "fuzz", "127.0.0.1"), purpose)
+    case.headers = {**(case.headers or {}), IDENTITY_HEADER: token}
 
 
 ODD_SHARE = 4

@@ -1,4 +1,8 @@
-"""schemathesis over each tier's ``/gradio_api/openapi.json``: 0 server errors, 0 broken replies.
+"""schemathesis over each tier: 0 server errors, 0 broken replies.
+
+The frontend through its ``/gradio_api/openapi.json`` (the app's API); the GPU tier, whose
+Gradio app has no endpoint, through its routes for the frontend (``fuzz_gpu_tier.json``),
+each request signed with a fresh identity token as the frontend signs them.
 
 First release (schemathesis 4.32.5, 60 s): 364 HTTP 5xx and 15 broken-off replies on the
 frontend, 215 and 10 on the GPU tier in 40 s, and 55,000 lines of log.
@@ -35,6 +39,8 @@ pytest.importorskip("schemathesis")
 
 SECONDS = int(os.environ.get("SPLITSPACE_FUZZ_SECONDS", "20"))
 HOOKS = Path(__file__).with_name("fuzz_checks.py")
+GPU_TIER_ROUTES = Path(__file__).with_name("fuzz_gpu_tier.json")
+"""The GPU tier's routes for the frontend (the call route, standing, health) as OpenAPI."""
 LOG_BYTES_PER_REQUEST = 200
 
 GENEROUS = QUOTAS.replace("requests_per_minute = 1000", "requests_per_minute = 100000")
@@ -49,14 +55,18 @@ def fuzzed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     d.stop()
 
 
-def run_schemathesis(base_url: str, report_dir: Path, seconds: int) -> dict[str, Any]:
-    """Run the CLI for ``seconds``; the counts from its NDJSON report."""
+def run_schemathesis(
+    base_url: str, report_dir: Path, seconds: int, *, schema: Path | None = None, secret: str | None = None
+) -> dict[str, Any]:
+    """Run the CLI for ``seconds`` over ``schema`` (default: the tier's Gradio API); the
+    counts from its NDJSON report. ``secret``: sign each request as the frontend would."""
+    where = [str(schema), "--url", base_url] if schema is not None else [f"{base_url}/gradio_api/openapi.json"]
     cmd = [
         sys.executable,
         "-c",
         "from schemathesis.cli import schemathesis; schemathesis()",
         "run",
-        f"{base_url}/gradio_api/openapi.json",
+        *where,
         "--max-time",
         str(seconds),
         "--checks",
@@ -71,7 +81,7 @@ def run_schemathesis(base_url: str, report_dir: Path, seconds: int) -> dict[str,
         "--report-dir",
         str(report_dir),
     ]
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS)}
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS), **({"SPLITSPACE_FUZZ_SECRET": secret} if secret else {})}
     done = subprocess.run(
         cmd, env=env, capture_output=True, text=True, timeout=seconds + 240, cwd=report_dir.parent
     )  # its cache folder (.schemathesis/) goes there, not in the repo
@@ -126,7 +136,10 @@ def test_schemathesis_finds_no_server_error_and_no_broken_reply(fuzzed: Deployme
     proc = fuzzed.frontend if tier == "frontend" else fuzzed.backend
     assert proc is not None
     log_before = proc.log_path.stat().st_size
-    result = run_schemathesis(proc.url, tmp_path / "report", SECONDS)
+    if tier == "frontend":  # its public face: the app's Gradio API
+        result = run_schemathesis(proc.url, tmp_path / "report", SECONDS)
+    else:  # the GPU tier's Gradio app has no endpoint: its routes for the frontend, signed as it signs
+        result = run_schemathesis(proc.url, tmp_path / "report", SECONDS, schema=GPU_TIER_ROUTES, secret=fuzzed.secret)
     statuses = result["statuses"]
     total = sum(statuses.values())
     server_errors = {k: v for k, v in statuses.items() if k[1] is not None and k[1] >= 500}

@@ -109,7 +109,7 @@ class DirectRoutes:
                 return frames.decode(frame, max_file_bytes=self.max_file_bytes)
             return await asyncio.to_thread(frames.decode, frame, max_file_bytes=self.max_file_bytes)
         except JsonLimitExceeded as exc:
-            raise ValidationFailed("body", f"has {exc.message}") from None
+            raise ValidationFailed("body", f"the body has {exc.message}") from None  # (as the guard says it)
         except frames.BadFrame as exc:
             raise ValidationFailed("body", str(exc)) from None
 
