@@ -17,7 +17,7 @@ from standardwebhooks import Webhook
 from splitspace.cpu_frontend.jobs.safe_target import SafeResolver, TargetRefused, address_problem, check_url
 from splitspace.cpu_frontend.jobs.webhooks import Sender, backoff_s, schedule, signed_headers
 from tests.job_support import GENERATE, JOB_QUOTAS, SECRET, Receiver, auth, body_json, receiver, wait_job
-from tests.support import Deployment, wait_for
+from tests.support import Deployment, in_threads, wait_for
 
 LOOPBACK = [ipaddress.ip_network("127.0.0.0/8")]
 
@@ -198,8 +198,9 @@ def test_a_failing_receiver_gets_the_same_message_again(hooks: Deployment, rec: 
 
 def test_a_cancelled_job_announces_it(hooks: Deployment, rec: Receiver) -> None:
     assert hooks.frontend is not None
-    for _ in range(8):  # ahead of it: 0.8 s of images
-        submit(hooks, f"{rec.url}/busy")
+    # ahead of it: 3 s of images (submitted at once: one by one, a loaded machine let them
+    # finish before the last was in)
+    in_threads(30, lambda i: submit(hooks, f"{rec.url}/busy"))
     last = submit(hooks, f"{rec.url}/cancel")
     r = httpx.post(f"{hooks.frontend.url}/v1/jobs/{last['id']}/cancel", headers=auth("hooked"))
     assert r.json()["status"] == "cancelled"
