@@ -119,11 +119,11 @@ class Frontend:
         """The app's GPU events, which ``follow`` finds by their function."""
 
     async def follow_call(
-        self, endpoint: GpuEndpoint, payloads: list[Any], request: gr.Request | None
+        self, endpoint: GpuEndpoint, payloads: list[Any], request: gr.Request | None, *, validated: bool = False
     ) -> AsyncGenerator[Status | list[Any], None]:
         """A call of the developer's GPU function (``ui/app_events.py``): :meth:`FrontendCore.follow_call`."""
         with gradio_errors():
-            updates = self.core.follow_call(endpoint, payloads, http_request(request))
+            updates = self.core.follow_call(endpoint, payloads, http_request(request), validated=validated)
             async with contextlib.aclosing(updates):
                 async for update in updates:
                     yield update

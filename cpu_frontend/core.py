@@ -187,14 +187,21 @@ class FrontendCore:
             place.on_leave = lambda: self.ledger.release(hold)
         return place
 
-    async def check_call(self, endpoint: GpuEndpoint, payloads: list[Any]) -> CheckedCall:
+    async def check_call(self, endpoint: GpuEndpoint, payloads: list[Any], *, validated: bool = False) -> CheckedCall:
         """The call these payloads make, checked; ``ValidationFailed`` (``InputRefused``)
         naming the input. One trip off the loop: the checks (with a ``validator=``, an image
-        decoded), each file read and hashed."""
-        return await asyncio.to_thread(_checked_call, endpoint, payloads, self.settings.max_file_bytes)
+        decoded), each file read and hashed. ``validated``: the checks ran already (Gradio
+        ran the event's validator, the frontend's, when it queued the call): only the files
+        and the digest are left."""
+        return await asyncio.to_thread(_checked_call, endpoint, payloads, self.settings.max_file_bytes, validated)
 
     async def follow_call(
-        self, endpoint: GpuEndpoint, payloads: list[Any] | CheckedCall, request: HTTPConnection | None
+        self,
+        endpoint: GpuEndpoint,
+        payloads: list[Any] | CheckedCall,
+        request: HTTPConnection | None,
+        *,
+        validated: bool = False,
     ) -> AsyncGenerator[Status | list[Any], None]:
         """A call of the developer's GPU function (``ui/app_events.py``): validate (unless
         checked already), join the door, forward; its statuses (its place at the door, then at
@@ -203,7 +210,11 @@ class FrontendCore:
         identity = self.identity(request)
         assert request is not None  # (identity() refuses a call without one)
         max_bytes = self.settings.max_file_bytes
-        checked = payloads if isinstance(payloads, CheckedCall) else await self.check_call(endpoint, payloads)
+        checked = (
+            payloads
+            if isinstance(payloads, CheckedCall)
+            else await self.check_call(endpoint, payloads, validated=validated)
+        )
         call, digest = checked.call, checked.digest
         result: CallResult | None = None
         last_partial: list[Any] | None = None
@@ -270,10 +281,11 @@ def expire_images_every(cache_dir: str, age_s: float) -> Coroutine[None, None, N
     return expire_files_every(cache_dir, f"*/{IMAGE_NAME}", age_s, IMAGE_SWEEP_S)
 
 
-def _checked_call(endpoint: GpuEndpoint, payloads: list[Any], max_bytes: int) -> CheckedCall:
-    """The call these payloads make, checked (``validate_call``), its files carried, and its
-    digest (blocking: for a thread)."""
-    validate_call(endpoint, payloads, max_bytes)
+def _checked_call(endpoint: GpuEndpoint, payloads: list[Any], max_bytes: int, validated: bool) -> CheckedCall:
+    """The call these payloads make, checked (``validate_call``, unless ``validated``), its
+    files carried, and its digest (blocking: for a thread)."""
+    if not validated:
+        validate_call(endpoint, payloads, max_bytes)
     call = Call(endpoint.api_name, _carried(endpoint, payloads, max_bytes))
     try:
         return CheckedCall(call, call.digest())

@@ -366,6 +366,9 @@ def test_a_job_runs_a_decorated_function_and_a_bad_input_is_refused_as_by_gradio
     assert r.status_code == 422 and refused == [
         {"__type__": "validate", "is_valid": False, "message": "Times: must be at most 5", "parameter_name": "times"}
     ]
+    # a direct call (Gradio runs no validator for it): refused by the frontend's handler, named the same way
+    r = httpx.post(f"{shout.frontend.url}/gradio_api/run/shout", json={"data": ["hey", 9]}, headers=bearer("jobs"))
+    assert 400 <= r.status_code < 500 and "Times: must be at most 5" in r.text, r.text
 
 
 def test_a_job_takes_a_picture_as_base64_and_answers_with_its_mirror_image(mirror: Deployment) -> None:

@@ -341,8 +341,9 @@ def gradio_validator(endpoint: GpuEndpoint, max_file_bytes: int) -> Callable[...
     rewired to forward its calls (``preprocess=False``, every input positional): Gradio runs
     it before queueing a call (``Queue.push``) and the page marks the input it refuses, as
     plain Gradio does for a validator. Gradio would otherwise run the app's validator there
-    on the raw payloads (``FileData`` dicts, not images). :func:`validate_call` still runs in
-    the handler, for the routes that skip Gradio's validator (``/run``)."""
+    on the raw payloads (``FileData`` dicts, not images). The handler runs :func:`validate_call`
+    only for a call Gradio did not queue (``/run`` skips its validator), so each call is
+    checked once (``ui/app_events.py``)."""
     count = len(endpoint.inputs)
 
     def validate(*payloads: Any) -> Any:

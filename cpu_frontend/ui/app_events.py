@@ -31,7 +31,7 @@ import contextlib
 import inspect
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import gradio as gr
 
@@ -44,8 +44,14 @@ T = TypeVar("T")
 LIVENESS_S = 0.1
 """How often a handler waiting for the GPU tier's next update looks whether its caller is still there."""
 
-Follow = Callable[[GpuEndpoint, list[Any], "gr.Request | None"], AsyncGenerator["Status | list[Any]", None]]
-"""A call's statuses, then its outputs (one payload per output component)."""
+
+class Follow(Protocol):
+    """A call's statuses, then its outputs (one payload per output component). ``validated``:
+    Gradio ran the frontend's checks on these payloads already (the event's validator)."""
+
+    def __call__(
+        self, endpoint: GpuEndpoint, payloads: list[Any], request: gr.Request | None, *, validated: bool = False
+    ) -> AsyncGenerator[Status | list[Any], None]: ...
 
 
 def forward_gpu_events(
@@ -62,7 +68,7 @@ def forward_gpu_events(
     info output, as API clients always read it), else only through Gradio's progress."""
     for endpoint in endpoints:
         block_fn = endpoint.block_fn
-        block_fn.fn = forwarding_handler(endpoint, follow, tells_status(endpoint))
+        block_fn.fn = forwarding_handler(endpoint, follow, tells_status(endpoint), validator is not None)
         block_fn.validator = validator(endpoint) if validator is not None else None
         block_fn.preprocess = False
         block_fn.postprocess = False
@@ -74,12 +80,15 @@ def forward_gpu_events(
 
 
 def forwarding_handler(
-    endpoint: GpuEndpoint, follow: Follow, tells_status: bool = False
+    endpoint: GpuEndpoint, follow: Follow, tells_status: bool = False, validates: bool = False
 ) -> Callable[..., AsyncIterator[Any]]:
     """A Gradio handler for the event: its inputs' payloads, then ``request`` and ``progress``
     (Gradio fills those in by the signature), telling its progress while the call waits, then
     yielding its outputs (each of a stream's as it comes). ``tells_status``: each status is
-    yielded too, as the last output (the others empty), for REST clients, who see no progress."""
+    yielded too, as the last output (the others empty), for REST clients, who see no progress.
+    ``validates``: the event's validator is the frontend's checks, which Gradio runs when it
+    queues a call (and only then: a direct ``/run`` call is checked by ``follow``), so a
+    queued call is not checked twice."""
     n_out = len(endpoint.outputs)
     waiting: Any = None if n_out == 0 else gr.skip() if n_out == 1 else tuple(gr.skip() for _ in range(n_out))
 
@@ -88,7 +97,7 @@ def forwarding_handler(
         clicked = time.monotonic()
         alive = event_liveness()
         queued = in_queue()  # a direct call (POST /run/...) gets the first yield alone: its outputs
-        updates = follow(endpoint, list(payloads), request)
+        updates = follow(endpoint, list(payloads), request, validated=validates and queued)
         async with contextlib.aclosing(updates):
             async for update in while_alive(updates, alive or (lambda: True)):
                 if isinstance(update, Status):
