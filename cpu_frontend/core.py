@@ -193,7 +193,7 @@ class FrontendCore:
         decoded), each file read and hashed. ``validated``: the checks ran already (Gradio
         ran the event's validator, the frontend's, when it queued the call): only the files
         and the digest are left."""
-        return await asyncio.to_thread(_checked_call, endpoint, payloads, self.settings.max_file_bytes, validated)
+        return await asyncio.to_thread(checked_call, endpoint, payloads, self.settings.max_file_bytes, validated)
 
     async def follow_call(
         self,
@@ -281,9 +281,10 @@ def expire_images_every(cache_dir: str, age_s: float) -> Coroutine[None, None, N
     return expire_files_every(cache_dir, f"*/{IMAGE_NAME}", age_s, IMAGE_SWEEP_S)
 
 
-def _checked_call(endpoint: GpuEndpoint, payloads: list[Any], max_bytes: int, validated: bool) -> CheckedCall:
+def checked_call(endpoint: GpuEndpoint, payloads: list[Any], max_bytes: int, validated: bool = False) -> CheckedCall:
     """The call these payloads make, checked (``validate_call``, unless ``validated``), its
-    files carried, and its digest (blocking: for a thread)."""
+    files carried, and its digest (blocking: for a thread). The one check of a call, for
+    Gradio's API, OpenAI's images API and durable jobs alike."""
     if not validated:
         validate_call(endpoint, payloads, max_bytes)
     call = Call(endpoint.api_name, _carried(endpoint, payloads, max_bytes))

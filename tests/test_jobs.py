@@ -17,7 +17,7 @@ import pytest
 from splitspace.cpu_frontend.door.door import FairDoor
 from splitspace.cpu_frontend.jobs.runner import JobRunner
 from splitspace.cpu_frontend.jobs.sqlite_store import SqliteJobStore
-from splitspace.cpu_frontend.jobs.targets import Finished, JobUpdate, Targets
+from splitspace.cpu_frontend.jobs.targets import Finished, JobUpdate
 from splitspace.cpu_frontend.jobs.webhooks import Deliveries, Sender
 from splitspace.session.identity import Identity
 from splitspace.shared.contract.calls import Call
@@ -277,7 +277,7 @@ def test_waiting_jobs_hold_no_task(tmp_path: Path) -> None:
         deliveries = Deliveries(store, "r1", lambda client: None, Sender(), workers=2)
         runner = JobRunner(
             store=store,
-            targets=Targets([target]),
+            targets=target,
             join=join,
             rejoin=lambda identity: door.join(identity.flow_id, 10_000),
             deliveries=deliveries,

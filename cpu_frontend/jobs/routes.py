@@ -38,7 +38,7 @@ from splitspace.cpu_frontend.jobs.redis_store import RedisJobStore
 from splitspace.cpu_frontend.jobs.runner import JobConflict, JobNotFound, JobRunner
 from splitspace.cpu_frontend.jobs.sqlite_store import SqliteJobStore
 from splitspace.cpu_frontend.jobs.store import JobStore
-from splitspace.cpu_frontend.jobs.targets import FunctionTarget, Targets
+from splitspace.cpu_frontend.jobs.targets import FunctionTarget
 from splitspace.cpu_frontend.jobs.views import file_indexes, job_view
 from splitspace.cpu_frontend.jobs.webhooks import Deliveries, Sender
 from splitspace.session.identity import Identity
@@ -390,7 +390,7 @@ class JobsService:
         )
         self.runner = JobRunner(
             store=self.store,
-            targets=Targets([target]),
+            targets=target,
             join=fe.join_door,
             rejoin=rejoin,
             deliveries=self.deliveries,

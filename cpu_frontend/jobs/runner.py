@@ -48,7 +48,7 @@ from splitspace.cpu_frontend.jobs.records import (
 )
 from splitspace.cpu_frontend.jobs.safe_target import Networks, check_url
 from splitspace.cpu_frontend.jobs.store import JobStore
-from splitspace.cpu_frontend.jobs.targets import Finished, Targets
+from splitspace.cpu_frontend.jobs.targets import Finished, JobTarget
 from splitspace.cpu_frontend.jobs.views import job_view
 from splitspace.cpu_frontend.jobs.webhooks import Deliveries, event_body
 from splitspace.session.identity import Identity
@@ -81,7 +81,7 @@ class JobRunner:
         self,
         *,
         store: JobStore,
-        targets: Targets,
+        targets: JobTarget,
         join: Callable[[Identity], Awaitable[Place]],
         rejoin: Callable[[Identity], Place],
         deliveries: Deliveries,

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from splitspace.cpu_frontend.api.input_names import describe
-from splitspace.cpu_frontend.api.validation import first_problem
+from splitspace.cpu_frontend.api.input_names import Function, describe
+from splitspace.cpu_frontend.api.validation import InputRefused
+from splitspace.cpu_frontend.core import checked_call
 from splitspace.cpu_frontend.jobs.file_inputs import land_files
 from splitspace.cpu_frontend.jobs.records import FILE_REF, StoredFile
 from splitspace.session.identity import Identity
 from splitspace.session.token import call_purpose
-from splitspace.shared.app.files import inline_files
 from splitspace.shared.app.loader import GpuEndpoint
 from splitspace.shared.contract.calls import Call, CallResult, CarriedFile
 from splitspace.shared.contract.errors import BackendUnavailable, ValidationFailed
@@ -141,8 +141,9 @@ class FunctionTarget:
 
     def validate(self, endpoint: str, inputs: Mapping[str, Any] | None, data: list[Any] | None) -> Call:
         """Blocking (files written, the event's validator run): call it off the event loop.
-        A refused input is named as in ``inputs``, the message names it by its label."""
-        f, gpu = self.functions[endpoint], self.endpoints_by_name[endpoint]
+        The checks are the Gradio API path's (``FrontendCore.check_call``); a refused input
+        is named as in ``inputs``, the message names it by its label, as Gradio's does."""
+        f, gpu = self._function(endpoint), self.endpoints_by_name[endpoint]
         values = _positional(f.inputs, inputs, data, f.defaults)
         Path(self.cache_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="job-inputs-", dir=self.cache_dir) as folder:
@@ -150,17 +151,19 @@ class FunctionTarget:
                 land_files(component, values[name], Path(folder), name)
                 for component, name in zip(gpu.inputs, f.inputs, strict=True)
             ]
-            problem = first_problem(gpu, payloads, self.max_file_bytes)
-            if problem is not None:
-                field = problem.field if problem.position is None else f.inputs[problem.position - 1]
-                raise ValidationFailed(field, f"{problem.field}: {problem.message}")
-            carried = inline_files(payloads, max_bytes=self.max_file_bytes)
-        call = Call(endpoint, carried)
-        try:
-            call.digest()
-        except (TypeError, ValueError):  # NaN, or what JSON cannot say (as Frontend.follow_call says it)
-            raise ValidationFailed("data", "must be plain JSON (no NaN, infinity or Python objects)") from None
-        return call
+            try:
+                return checked_call(gpu, payloads, self.max_file_bytes).call
+            except InputRefused as refused:
+                if refused.position is None:
+                    raise
+                raise ValidationFailed(f.inputs[refused.position - 1], refused.message) from None
+
+    def _function(self, endpoint: str) -> Function:
+        f = self.functions.get(endpoint)
+        if f is None:
+            known = ", ".join(f"/{n}" for n in self.functions) or "none"
+            raise ValidationFailed("endpoint", f"no endpoint {echo('/' + endpoint)} (this deployment's: {known})")
+        return f
 
     async def run(self, identity: Identity, call: Call) -> AsyncGenerator[JobUpdate, None]:
         headers = {IDENTITY_HEADER: self.tokens.mint(identity, call_purpose(call.digest()))}
@@ -176,26 +179,3 @@ class FunctionTarget:
                 return
             # (a Partial, a generator's output so far: a job keeps only the last)
         raise BackendUnavailable("the GPU tier ended the call without a result")
-
-
-class Targets:
-    """Several targets as one, by endpoint."""
-
-    def __init__(self, targets: Sequence[JobTarget]) -> None:
-        self._by_endpoint = {name: t for t in targets for name in t.endpoints()}
-
-    def endpoints(self) -> Sequence[str]:
-        return tuple(self._by_endpoint)
-
-    def _target(self, endpoint: str) -> JobTarget:
-        target = self._by_endpoint.get(endpoint)
-        if target is None:
-            known = ", ".join(f"/{n}" for n in self._by_endpoint) or "none"
-            raise ValidationFailed("endpoint", f"no endpoint {echo('/' + endpoint)} (this deployment's: {known})")
-        return target
-
-    def validate(self, endpoint: str, inputs: Mapping[str, Any] | None, data: list[Any] | None) -> Call:
-        return self._target(endpoint).validate(endpoint, inputs, data)
-
-    def run(self, identity: Identity, call: Call) -> AsyncGenerator[JobUpdate, None]:
-        return self._target(call.endpoint).run(identity, call)
