@@ -253,9 +253,6 @@ class HeldTarget:
     def __init__(self) -> None:
         self.release = asyncio.Event()
 
-    def endpoints(self) -> list[str]:
-        return ["hold"]
-
     def validate(self, endpoint: str, inputs: Any, data: Any) -> Call:
         return Call(endpoint, list(data or []))
 
@@ -373,7 +370,7 @@ def test_the_builtin_generate_is_a_function_as_any_apps(tmp_path: Path) -> None:
     target = FunctionTarget(
         gpu_endpoints(load_app(APP)), pool, IdentityTokens(["s" * 32]), max_file_bytes=1000, cache_dir=str(tmp_path)
     )
-    assert target.endpoints() == ("generate",)
+    assert list(target.functions) == ["generate"]
     inputs = {"prompt": "a fox", "negative_prompt": "", "width": 64, "height": 128, "steps": None}
     call = target.validate("generate", {**inputs, "guidance_scale": None, "seed": 7}, None)
     assert call == Call("generate", ["a fox", "", 64, 128, None, None, 7])

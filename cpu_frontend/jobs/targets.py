@@ -3,7 +3,7 @@
 Why it exists: the runner (``runner.py``) keeps jobs, places and webhooks; what a job *is*
 is a call of one of the served app's ``@splitspace.gpu`` functions (with no
 ``SPLITSPACE_APP``, the built-in text-to-image app's ``generate``, served as any app is).
-A :class:`JobTarget` says which endpoints it serves, turns a job's inputs into a
+A :class:`JobTarget` turns a job's inputs into a
 :class:`~splitspace.shared.contract.calls.Call` (or raises ``ValidationFailed`` naming
 the input), and runs one for an identity, streaming
 :class:`~splitspace.shared.contract.hop.Status` updates and then one :class:`Finished`.
@@ -48,9 +48,6 @@ JobUpdate = Status | Finished
 
 
 class JobTarget(Protocol):
-    def endpoints(self) -> Sequence[str]:
-        """The API names it serves, without the leading slash."""
-
     def validate(self, endpoint: str, inputs: Mapping[str, Any] | None, data: list[Any] | None) -> Call:
         """The call these inputs (by name, or positional) make; ValidationFailed naming the input."""
 
@@ -135,9 +132,6 @@ class FunctionTarget:
         self.cache_dir = cache_dir
         self.learn_cap = learn_cap
         self.on_gpu_s = on_gpu_s
-
-    def endpoints(self) -> Sequence[str]:
-        return tuple(self.functions)
 
     def validate(self, endpoint: str, inputs: Mapping[str, Any] | None, data: list[Any] | None) -> Call:
         """Blocking (files written, the event's validator run): call it off the event loop.
